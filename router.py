@@ -1,0 +1,2569 @@
+#!/usr/bin/env python3
+"""Sage Router: one local endpoint for every model.
+
+A self-hosted gateway, standard library only. Point any OpenAI- or Anthropic-dialect client at
+http://127.0.0.1:8790 and the router translates the request for whichever provider serves the
+model, streams the answer back in the client's own dialect, and fails over to the next candidate
+when a provider is down, slow, rate-limited or out of quota.
+
+Run:    python3 router.py [--host 127.0.0.1] [--port 8790] [--config providers.json]
+                          [--env-file .env] [--data-dir DIR]
+Test:   python3 -m unittest test_router -v          (benchmark: python3 test_router.py bench)
+
+A request travels one straight line (see DESIGN.md of the project):
+    front (HTTP, auth, limits) -> decode (client dialect -> neutral request)
+    -> plan (model name -> ordered candidates) -> dispatch (encode, send, first event?, failover,
+    pipe) -> record.
+
+Contents (each section uses only the sections above it):
+    1. Settings and config ........ .env parsing, ${VAR} expansion, providers.json validation
+    2. Neutral form and codecs .... the neutral request/event form; SSE framing; one codec per
+                                    dialect: OpenAI Chat Completions, Anthropic Messages
+    3. Catalogue .................. providers, keys, models
+    4. Routing .................... model names -> candidates; health and cooldowns
+    5. Transport and dispatch ..... upstream connection pool, timeouts, failover, stream piping
+    6. HTTP front ................. handler, endpoints, auth, limits, error replies
+    7. Observability .............. logging, /health
+    8. Command line and main
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("sage-router")
+
+
+# =================================================================================================
+# 1. Settings and config
+# =================================================================================================
+
+DEFAULT_PORT = 8790
+
+#: Tunables under "settings" in providers.json; every one can be overridden there.
+DEFAULT_SETTINGS = {
+    "connect_timeout": 10.0,         # seconds to open a TCP/TLS connection to a provider
+    "first_byte_timeout": 120.0,     # seconds from sending a request to the response headers
+    "idle_timeout": 300.0,           # longest silence allowed inside a provider's stream
+    "client_header_timeout": 30.0,   # a client must send its request headers within this
+    "client_body_timeout": 60.0,     # ... and its body with no gap longer than this
+    "max_body_bytes": 32 * 1024 * 1024,
+    "cooldown_seconds": 30.0,        # first cooldown of a failed candidate (doubles, capped)
+    "max_cooldown_seconds": 600.0,
+    "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
+    "verify_tls": True,
+}
+
+#: Keys a provider entry may carry (anything else is a config error: typos must not pass).
+PROVIDER_KEYS = {
+    "api", "base_url", "api_key", "models", "enabled", "headers", "verify_tls", "ca_file",
+    "connect_timeout", "first_byte_timeout", "idle_timeout", "max_tokens_field", "anthropic_version",
+    "discover", "description",
+}
+PROVIDER_APIS = ("openai", "anthropic")
+
+
+class ConfigError(Exception):
+    """An invalid config: names the file, the key and the expected form."""
+
+    def __init__(self, file, key, expected):
+        self.file, self.key, self.expected = file, key, expected
+        super().__init__(f"{file}: {key}: {expected}")
+
+
+class MissingVar(Exception):
+    """A ${VAR} without default whose variable is not set."""
+
+
+def parse_dotenv(text):
+    """Parse a .env file: `KEY=value` lines, `export KEY=value`, `#` comments, single quotes
+    (literal), double quotes (with \\n, \\t, \\" and \\\\ escapes) and ` # inline comments` after
+    unquoted values. Returns a dict; malformed lines are skipped."""
+    out = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            continue
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            end = value.find(quote, 1)
+            while quote == '"' and end > 0 and value[end - 1] == "\\":
+                end = value.find(quote, end + 1)
+            body = value[1:end] if end > 0 else value[1:]
+            if quote == '"':
+                body = re.sub(r'\\([nt"\\])',
+                              lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), body)
+            value = body
+        else:
+            value = re.split(r"\s+#", value, 1)[0].strip()
+        out[key] = value
+    return out
+
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(value, env, used=None):
+    """Expand ${VAR} and ${VAR:-default} in a string. An unset VAR without default raises
+    MissingVar; an empty one with `:-` takes the default. `used` collects the names seen."""
+    def sub(m):
+        name, default = m.group(1), m.group(2)
+        if used is not None:
+            used.append(name)
+        val = env.get(name)
+        if val is None or (val == "" and default is not None):
+            if default is None:
+                raise MissingVar(name)
+            return default
+        return val
+    return _VAR_RE.sub(sub, value)
+
+
+def default_data_dir():
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "sage-router")
+
+
+def _check(cond, file, key, expected):
+    if not cond:
+        raise ConfigError(file, key, expected)
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_config(cfg, file):
+    """Check the shape of a parsed providers.json. Raises ConfigError naming the first problem."""
+    _check(isinstance(cfg, dict), file, "(top level)", "a JSON object with \"providers\" and \"routes\"")
+    known = {"providers", "routes", "settings", "description", "$schema", "_comment"}
+    for k in cfg:
+        _check(k in known, file, k, f"unknown top-level key; expected one of {sorted(known)}")
+    providers = cfg.get("providers", {})
+    _check(isinstance(providers, dict), file, "providers", "an object mapping NAME to a provider")
+    for name, p in providers.items():
+        at = f"providers.{name}"
+        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None, file, at,
+               "a provider name of letters, digits, '_', '.' or '-'")
+        _check(isinstance(p, dict), file, at, "an object with api, base_url, api_key, models")
+        for k in p:
+            _check(k in PROVIDER_KEYS, file, f"{at}.{k}", f"unknown key; expected one of {sorted(PROVIDER_KEYS)}")
+        _check(p.get("api") in PROVIDER_APIS, file, f"{at}.api", f"one of {list(PROVIDER_APIS)}")
+        _check(isinstance(p.get("base_url"), str) and p["base_url"], file, f"{at}.base_url",
+               "a URL string such as \"https://api.openai.com/v1\"")
+        key = p.get("api_key")
+        _check(key is None or isinstance(key, str) or
+               (isinstance(key, list) and all(isinstance(x, str) for x in key)),
+               file, f"{at}.api_key", "a string like \"${OPENAI_API_KEY}\" or a list of strings")
+        models = p.get("models", {})
+        if isinstance(models, list):
+            _check(all(isinstance(m, str) for m in models), file, f"{at}.models", "model id strings")
+        else:
+            _check(isinstance(models, dict), file, f"{at}.models", "an object mapping MODEL_ID to its metadata")
+            for mid, meta in models.items():
+                _check(isinstance(meta, dict), file, f"{at}.models.{mid}", "an object (may be empty: {})")
+                for f in ("context_window", "max_output"):
+                    _check(f not in meta or (isinstance(meta[f], int) and meta[f] > 0), file,
+                           f"{at}.models.{mid}.{f}", "a positive integer")
+        _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers", "an object of header: value")
+        for f in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+            _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}", "a positive number of seconds")
+        _check(p.get("enabled", True) in (True, False) or isinstance(p.get("enabled"), str), file,
+               f"{at}.enabled", "true, false or a string like \"${OLLAMA_ENABLED:-false}\"")
+        _check(p.get("max_tokens_field", "max_tokens") in ("max_tokens", "max_completion_tokens"),
+               file, f"{at}.max_tokens_field", "\"max_tokens\" or \"max_completion_tokens\"")
+    routes = cfg.get("routes", {})
+    _check(isinstance(routes, dict), file, "routes", "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
+    for name, lst in routes.items():
+        _check(isinstance(lst, list) and all(isinstance(x, str) and x for x in lst), file,
+               f"routes.{name}", "a list of \"PROVIDER/MODEL\" strings")
+        for entry in lst:
+            prov = entry.split("/", 1)[0]
+            _check("/" in entry and prov in providers, file, f"routes.{name}",
+                   f"\"{entry}\" must be PROVIDER/MODEL with PROVIDER one of {sorted(providers)}")
+    settings = cfg.get("settings", {})
+    _check(isinstance(settings, dict), file, "settings", "an object of tunables")
+    for k, v in settings.items():
+        _check(k in DEFAULT_SETTINGS, file, f"settings.{k}", f"unknown setting; expected one of {sorted(DEFAULT_SETTINGS)}")
+        want = DEFAULT_SETTINGS[k]
+        if isinstance(want, bool):
+            _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
+        else:
+            _check(_num(v) and v > 0, file, f"settings.{k}", "a positive number")
+    return cfg
+
+
+def _here(name):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def load_env(env_file, explicit):
+    """Environment for config expansion: the .env file under the real environment (which wins)."""
+    env = {}
+    path = env_file
+    if not explicit and not os.path.exists(path) and os.path.exists(_here(".env")):
+        path = _here(".env")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                env.update(parse_dotenv(f.read()))
+        except OSError as e:
+            raise ConfigError(path, "(file)", f"a readable .env file ({e.strerror})")
+    elif explicit:
+        raise ConfigError(path, "(file)", "an existing .env file (given with --env-file)")
+    env.update(os.environ)
+    return env
+
+
+def load_config(config_file, explicit):
+    """Read and validate providers.json. Without --config: ./providers.json, else the one beside
+    router.py, else an empty config (the router still starts and explains how to add providers)."""
+    path = config_file
+    if not explicit and not os.path.exists(path):
+        path = _here("providers.json") if os.path.exists(_here("providers.json")) else None
+    if path is None:
+        return {"providers": {}, "routes": {}}, "(built-in empty config)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, "(file)", f"a readable JSON file ({e.strerror or e})")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, f"line {e.lineno} column {e.colno}", f"valid JSON ({e.msg})")
+    return validate_config(cfg, path), path
+
+
+# =================================================================================================
+# 2. Neutral form and codecs
+# =================================================================================================
+#
+# Neutral request (a dict):
+#   model, system: [text parts], messages: [{"role": "user"|"assistant"|"system", "content": [parts]}],
+#   tools: [{"name", "description", "parameters"}], tool_choice: None | {"type": "auto"|"none"|
+#   "any"|"tool", "name"?}, parallel_tool_calls, max_tokens, temperature, top_p, top_k, stop: [..],
+#   stream, include_usage, reasoning: None | {"effort"?, "budget_tokens"?, "enabled": bool},
+#   user, extra: {dialect-only fields}.
+# Parts:
+#   {"type": "text", "text"}
+#   {"type": "image", "media_type", "data"} (base64) or {"type": "image", "url"}
+#   {"type": "tool_call", "id", "name", "arguments": dict}
+#   {"type": "tool_result", "id", "content": [text/image parts], "is_error": bool}
+#   {"type": "thinking", "text", "signature"?}   {"type": "redacted_thinking", "data"}
+# Neutral stream events (tuples; the first item names the event):
+#   ("start", {"id", "model", "usage"?})     ("text", str)      ("thinking", str)
+#   ("signature", str)   ("redacted_thinking", data)   ("tool", id, name)   ("args", json_fragment)
+#   ("end", stop_reason, usage, stop_sequence)   ("error", ApiError)
+# Stop reasons are Anthropic's words: end_turn, max_tokens, tool_use, stop_sequence, refusal,
+# pause_turn. Usage: {"input" (prompt incl. cache), "output", "cache_read", "cache_write",
+# "reasoning"}. A neutral response is the folded stream: {"id", "model", "content": [parts],
+# "stop_reason", "stop_sequence", "usage"}.
+
+CONTENT_EVENTS = frozenset(("text", "thinking", "tool", "redacted_thinking", "signature"))
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a neutral type, rendered in each dialect by its codec.
+    Neutral types: invalid_request, authentication, permission, not_found, request_too_large,
+    rate_limit, billing, api_error, overloaded, timeout."""
+
+    def __init__(self, status, etype, message, param=None, headers=None):
+        super().__init__(message)
+        self.status, self.etype, self.message, self.param = status, etype, message, param
+        self.headers = headers or {}
+
+
+def bad_request(field, problem):
+    return ApiError(400, "invalid_request", f"{field}: {problem}", param=field)
+
+
+STATUS_ERROR_TYPE = {400: "invalid_request", 401: "authentication", 402: "billing", 403: "permission",
+                     404: "not_found", 408: "timeout", 413: "request_too_large", 422: "invalid_request",
+                     429: "rate_limit", 500: "api_error", 502: "api_error", 503: "overloaded",
+                     504: "timeout", 529: "overloaded"}
+
+
+def dumps(obj):
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def new_id(prefix):
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def empty_usage():
+    return {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0, "reasoning": 0}
+
+
+_DATA_URL_RE = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[^,;]*)*?;base64,(.*)", re.S)
+_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+          (b"RIFF", "image/webp"))
+
+
+def sniff_mime(b64):
+    try:
+        head = base64.b64decode(b64[:24] + "=" * (-len(b64[:24]) % 4))
+    except (binascii.Error, ValueError):
+        return "image/png"
+    for magic, mime in _MAGIC:
+        if head.startswith(magic):
+            return mime
+    return "image/png"
+
+
+def image_part_from_url(url):
+    """An image part from an OpenAI-style URL: data URLs become base64 parts."""
+    m = _DATA_URL_RE.match(url)
+    if m:
+        data = m.group(2)
+        return {"type": "image", "media_type": m.group(1) or sniff_mime(data), "data": data}
+    return {"type": "image", "url": url}
+
+
+def image_url_of(part):
+    if "data" in part:
+        return f"data:{part['media_type']};base64,{part['data']}"
+    return part["url"]
+
+
+def parse_args_json(s):
+    """Tool-call arguments string -> dict ('' is {}; a truncated object gets a light repair)."""
+    if isinstance(s, dict):
+        return s
+    if not s or not s.strip():
+        return {}
+    try:
+        v = json.loads(s)
+    except ValueError:
+        v = None
+        for tail in ("}", "\"}", "]}", "\"]}"):
+            try:
+                v = json.loads(s + tail)
+                break
+            except ValueError:
+                continue
+        if v is None:
+            log.warning("tool-call arguments are not valid JSON; passing them as {\"_raw\": ...}")
+            return {"_raw": s}
+    return v if isinstance(v, dict) else {"value": v}
+
+
+def text_of(parts):
+    return "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+
+
+# ---------------------------------------------------------------------------------------- SSE --
+
+class SSEParser:
+    """Incremental Server-Sent Events parser: feed bytes, get (event, data) pairs. Accepts \\n and
+    \\r\\n, joins multi-line data, ignores comments. `pending` is true while a partial event is held."""
+
+    __slots__ = ("buf", "event", "data")
+
+    def __init__(self):
+        self.buf = b""
+        self.event = None
+        self.data = []
+
+    @property
+    def pending(self):
+        return bool(self.buf or self.data or self.event)
+
+    def feed(self, chunk):
+        buf = self.buf + chunk if self.buf else chunk
+        out = []
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self.data or self.event:
+                    out.append((self.event, "\n".join(self.data)))
+                    self.event, self.data = None, []
+                continue
+            if line[:1] == b":":
+                continue
+            field, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if field == b"data":
+                self.data.append(value.decode("utf-8", "replace"))
+            elif field == b"event":
+                self.event = value.decode("utf-8", "replace")
+        self.buf = buf[start:]
+        return out
+
+    def close(self):
+        """End of stream: a final event without its blank line still counts."""
+        out = self.feed(b"\n\n") if self.buf else []
+        if self.data:
+            out.append((self.event, "\n".join(self.data)))
+        self.event, self.data, self.buf = None, [], b""
+        return out
+
+
+def fold_events(events, resp=None):
+    """Fold neutral stream events into a neutral response (the one code path for both shapes)."""
+    resp = resp or {"id": None, "model": None, "content": [], "stop_reason": None,
+                    "stop_sequence": None, "usage": empty_usage()}
+    content = resp["content"]
+    for ev in events:
+        kind = ev[0]
+        if kind == "text":
+            if content and content[-1]["type"] == "text":
+                content[-1]["text"] += ev[1]
+            else:
+                content.append({"type": "text", "text": ev[1]})
+        elif kind == "thinking":
+            if content and content[-1]["type"] == "thinking" and not content[-1].get("signature"):
+                content[-1]["text"] += ev[1]
+            else:
+                content.append({"type": "thinking", "text": ev[1]})
+        elif kind == "signature":
+            if content and content[-1]["type"] == "thinking":
+                content[-1]["signature"] = content[-1].get("signature", "") + ev[1]
+            else:
+                content.append({"type": "thinking", "text": "", "signature": ev[1]})
+        elif kind == "redacted_thinking":
+            content.append({"type": "redacted_thinking", "data": ev[1]})
+        elif kind == "tool":
+            content.append({"type": "tool_call", "id": ev[1], "name": ev[2], "_args": []})
+        elif kind == "args":
+            if content and content[-1]["type"] == "tool_call":
+                content[-1]["_args"].append(ev[1])
+        elif kind == "start":
+            meta = ev[1]
+            resp["id"] = resp["id"] or meta.get("id")
+            resp["model"] = resp["model"] or meta.get("model")
+            if meta.get("usage"):
+                resp["usage"].update(meta["usage"])
+        elif kind == "end":
+            resp["stop_reason"], resp["stop_sequence"] = ev[1], ev[3]
+            if ev[2]:
+                resp["usage"].update({k: v for k, v in ev[2].items() if v})
+    for p in content:
+        if p["type"] == "tool_call" and "_args" in p:
+            p["arguments"] = parse_args_json("".join(p.pop("_args")))
+    return resp
+
+
+def response_events(resp):
+    """The events of a whole neutral response, in stream order (the inverse of fold_events)."""
+    yield ("start", {"id": resp.get("id"), "model": resp.get("model"), "usage": None})
+    for p in resp["content"]:
+        t = p["type"]
+        if t == "text":
+            yield ("text", p["text"])
+        elif t == "thinking":
+            yield ("thinking", p["text"])
+            if p.get("signature"):
+                yield ("signature", p["signature"])
+        elif t == "redacted_thinking":
+            yield ("redacted_thinking", p["data"])
+        elif t == "tool_call":
+            yield ("tool", p["id"], p["name"])
+            yield ("args", dumps(p["arguments"]))
+    yield ("end", resp["stop_reason"], resp["usage"], resp.get("stop_sequence"))
+
+
+def estimate_tokens(req):
+    """Rough local token estimate of a neutral request: about 4 characters a token for text and
+    JSON, a flat 1,600 per image (Anthropic's figure for a ~1.15 MP image)."""
+    chars = sum(len(p.get("text", "")) for p in req.get("system") or [])
+    images = 0
+    for m in req.get("messages", []):
+        chars += 8
+        for p in m["content"]:
+            t = p["type"]
+            if t in ("text", "thinking"):
+                chars += len(p.get("text", ""))
+            elif t == "image":
+                images += 1
+            elif t == "tool_call":
+                chars += len(p["name"]) + len(dumps(p["arguments"]))
+            elif t == "tool_result":
+                for q in p["content"]:
+                    if q["type"] == "image":
+                        images += 1
+                    else:
+                        chars += len(q.get("text", ""))
+    for t in req.get("tools") or []:
+        chars += len(t["name"]) + len(t.get("description") or "") + len(dumps(t.get("parameters") or {}))
+    return max(1, chars // 4 + images * 1600)
+
+
+def _need(cond, field, problem):
+    if not cond:
+        raise bad_request(field, problem)
+
+
+def _opt_num(body, field, lo=None, hi=None):
+    v = body.get(field)
+    if v is None:
+        return None
+    _need(_num(v), field, "must be a number")
+    _need((lo is None or v >= lo) and (hi is None or v <= hi), field, f"must be between {lo} and {hi}")
+    return v
+
+
+def _opt_int(body, field, lo=1):
+    v = body.get(field)
+    if v is None:
+        return None
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, field, f"must be an integer >= {lo}")
+    return v
+
+
+def _merge_roles(messages):
+    """Merge consecutive messages of one role (Anthropic and many chat templates want turns that
+    alternate); drops messages left empty."""
+    out = []
+    for m in messages:
+        if not m["content"]:
+            continue
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + m["content"]}
+        else:
+            out.append(m)
+    return out
+
+
+# ------------------------------------------------------------------ OpenAI Chat Completions --
+
+OPENAI_FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                         "function_call": "tool_use", "content_filter": "refusal"}
+STOP_TO_OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                         "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
+                         "model_context_window_exceeded": "length"}
+OPENAI_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                     "permission": "permission_error", "not_found": "not_found_error",
+                     "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
+                     "billing": "insufficient_quota", "api_error": "server_error",
+                     "overloaded": "server_error", "timeout": "timeout"}
+OPENAI_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
+
+
+def _openai_content(content, field):
+    """OpenAI message content (string, null or parts) -> neutral parts."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    _need(isinstance(content, list), field, "must be a string or an array of content parts")
+    parts = []
+    for i, p in enumerate(content):
+        _need(isinstance(p, dict), f"{field}[{i}]", "must be an object")
+        t = p.get("type")
+        if t in ("text", "input_text", "output_text"):
+            _need(isinstance(p.get("text"), str), f"{field}[{i}].text", "must be a string")
+            if p["text"]:
+                parts.append({"type": "text", "text": p["text"]})
+        elif t == "refusal":
+            parts.append({"type": "text", "text": str(p.get("refusal", ""))})
+        elif t == "image_url":
+            iu = p.get("image_url")
+            url = iu.get("url") if isinstance(iu, dict) else iu
+            _need(isinstance(url, str) and url, f"{field}[{i}].image_url.url", "must be a URL or data URL string")
+            parts.append(image_part_from_url(url))
+        # Other part kinds (input_audio, file) have no neutral form yet; they survive only on the
+        # same-dialect passthrough path.
+    return parts
+
+
+def openai_decode_request(body):
+    """OpenAI Chat Completions request body -> neutral request (raises ApiError 400 on bad input)."""
+    _need(isinstance(body, dict), "body", "must be a JSON object")
+    model = body.get("model")
+    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    msgs = body.get("messages")
+    _need(isinstance(msgs, list) and msgs, "messages", "is required and must be a non-empty array")
+    system, messages = [], []
+    for i, m in enumerate(msgs):
+        f = f"messages[{i}]"
+        _need(isinstance(m, dict), f, "must be an object")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            parts = _openai_content(m.get("content"), f + ".content")
+            if not messages:
+                system.extend(parts)
+            else:
+                messages.append({"role": "system", "content": parts})
+        elif role == "user":
+            messages.append({"role": "user", "content": _openai_content(m.get("content"), f + ".content")})
+        elif role == "assistant":
+            parts = []
+            reasoning = m.get("reasoning_content") or m.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                parts.append({"type": "thinking", "text": reasoning})
+            parts += _openai_content(m.get("content"), f + ".content")
+            calls = m.get("tool_calls") or []
+            _need(isinstance(calls, list), f + ".tool_calls", "must be an array")
+            for j, c in enumerate(calls):
+                fn = c.get("function") if isinstance(c, dict) else None
+                _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+                      f"{f}.tool_calls[{j}].function.name", "must be a string")
+                args = fn.get("arguments", "")
+                _need(isinstance(args, (str, dict)), f"{f}.tool_calls[{j}].function.arguments", "must be a JSON string")
+                parts.append({"type": "tool_call", "id": c.get("id") or f"call_{i}_{j}", "name": fn["name"],
+                              "arguments": parse_args_json(args)})
+            messages.append({"role": "assistant", "content": parts})
+        elif role in ("tool", "function"):
+            tid = m.get("tool_call_id") or m.get("name")
+            _need(isinstance(tid, str) and tid, f + ".tool_call_id", "is required for role \"tool\"")
+            result = {"type": "tool_result", "id": tid, "is_error": False,
+                      "content": _openai_content(m.get("content"), f + ".content")}
+            if messages and messages[-1]["role"] == "user" and messages[-1].get("_tool_results"):
+                messages[-1]["content"].append(result)
+            else:
+                messages.append({"role": "user", "content": [result], "_tool_results": True})
+        else:
+            raise bad_request(f + ".role", "must be one of system, developer, user, assistant, tool")
+    for m in messages:
+        m.pop("_tool_results", None)
+    tools = []
+    raw_tools = body.get("tools") or []
+    _need(isinstance(raw_tools, list), "tools", "must be an array")
+    for i, t in enumerate(raw_tools):
+        _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
+        if t.get("type", "function") != "function":
+            continue
+        fn = t.get("function")
+        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"],
+              f"tools[{i}].function.name", "is required and must be a string")
+        tools.append({"name": fn["name"], "description": fn.get("description") or "",
+                      "parameters": fn.get("parameters") or {"type": "object", "properties": {}}})
+    tc = body.get("tool_choice")
+    if tc is None:
+        tool_choice = None
+    elif isinstance(tc, str):
+        _need(tc in OPENAI_TOOL_CHOICE, "tool_choice", "must be none, auto, required or {\"type\":\"function\",...}")
+        tool_choice = dict(OPENAI_TOOL_CHOICE[tc])
+    else:
+        name = (tc.get("function") or {}).get("name") if isinstance(tc, dict) else None
+        _need(isinstance(name, str), "tool_choice.function.name", "must be a string")
+        tool_choice = {"type": "tool", "name": name}
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    _need(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+          "stop", "must be a string or an array of strings")
+    stream = body.get("stream", False)
+    _need(isinstance(stream, bool), "stream", "must be true or false")
+    max_tokens = _opt_int(body, "max_completion_tokens") or _opt_int(body, "max_tokens")
+    effort = body.get("reasoning_effort")
+    if not effort and isinstance(body.get("reasoning"), dict):
+        effort = body["reasoning"].get("effort")
+    so = body.get("stream_options")
+    return {
+        "model": model, "system": system, "messages": messages, "tools": tools,
+        "tool_choice": tool_choice, "parallel_tool_calls": body.get("parallel_tool_calls"),
+        "max_tokens": max_tokens, "temperature": _opt_num(body, "temperature", 0, 2),
+        "top_p": _opt_num(body, "top_p", 0, 1), "top_k": None, "stop": stop or None, "stream": stream,
+        "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
+        "reasoning": {"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
+        "user": body.get("user") if isinstance(body.get("user"), str) else None,
+    }
+
+
+def _openai_usage(u):
+    if not u:
+        return None
+    details = u.get("prompt_tokens_details") or {}
+    cdetails = u.get("completion_tokens_details") or {}
+    return {"input": u.get("prompt_tokens") or 0, "output": u.get("completion_tokens") or 0,
+            "cache_read": details.get("cached_tokens") or 0, "cache_write": 0,
+            "reasoning": cdetails.get("reasoning_tokens") or 0}
+
+
+def _to_openai_usage(u):
+    return {"prompt_tokens": u["input"], "completion_tokens": u["output"],
+            "total_tokens": u["input"] + u["output"],
+            "prompt_tokens_details": {"cached_tokens": u["cache_read"]},
+            "completion_tokens_details": {"reasoning_tokens": u["reasoning"]}}
+
+
+def openai_encode_response(resp, model):
+    """Neutral response -> chat.completion object."""
+    msg = {"role": "assistant", "content": None}
+    text = text_of(resp["content"])
+    thinking = "".join(p["text"] for p in resp["content"] if p["type"] == "thinking")
+    calls = [{"id": p["id"], "type": "function",
+              "function": {"name": p["name"], "arguments": dumps(p["arguments"])}}
+             for p in resp["content"] if p["type"] == "tool_call"]
+    msg["content"] = text if text or not calls else None
+    if thinking:
+        msg["reasoning_content"] = thinking
+    if calls:
+        msg["tool_calls"] = calls
+    finish = "tool_calls" if calls else STOP_TO_OPENAI_FINISH.get(resp["stop_reason"], "stop")
+    return {"id": resp.get("id") or new_id("chatcmpl-"), "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+            "usage": _to_openai_usage(resp["usage"])}
+
+
+def openai_encode_error(err):
+    body = {"error": {"message": err.message, "type": OPENAI_ERROR_TYPE.get(err.etype, "server_error"),
+                      "param": err.param, "code": getattr(err, "code", None)}}
+    return dumps(body).encode()
+
+
+class OpenAIStreamEncoder:
+    """Neutral events -> OpenAI chat.completion.chunk SSE bytes, one event at a time."""
+
+    def __init__(self, model, include_usage):
+        self.model, self.include_usage = model, include_usage
+        self.id = new_id("chatcmpl-")
+        self.created = int(time.time())
+        self.tool_index = -1
+        self.saw_tool = False
+
+    def _chunk(self, delta, finish=None):
+        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                  "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                  "logprobs": None, "finish_reason": finish}]}).encode() + b"\n\n"
+
+    def encode(self, ev):
+        kind = ev[0]
+        if kind == "text":
+            return self._chunk({"content": ev[1]})
+        if kind == "thinking":
+            return self._chunk({"reasoning_content": ev[1]})
+        if kind == "tool":
+            self.tool_index += 1
+            self.saw_tool = True
+            return self._chunk({"tool_calls": [{"index": self.tool_index, "id": ev[1], "type": "function",
+                                                "function": {"name": ev[2], "arguments": ""}}]})
+        if kind == "args":
+            return self._chunk({"tool_calls": [{"index": self.tool_index, "function": {"arguments": ev[1]}}]})
+        if kind == "start":
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "end":
+            finish = "tool_calls" if self.saw_tool else STOP_TO_OPENAI_FINISH.get(ev[1], "stop")
+            out = self._chunk({}, finish)
+            if self.include_usage:
+                usage = ev[2] or empty_usage()
+                out += b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
+                                          "created": self.created, "model": self.model, "choices": [],
+                                          "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
+            return out + b"data: [DONE]\n\n"
+        if kind == "error":
+            return b"data: " + openai_encode_error(ev[1]) + b"\n\ndata: [DONE]\n\n"
+        return b""
+
+
+def openai_encode_request(req, model_id, provider, model_meta):
+    """Neutral request -> OpenAI Chat Completions body for an OpenAI-compatible provider."""
+    out = []
+    sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+    if sys_text:
+        out.append({"role": "system", "content": sys_text})
+    for m in req["messages"]:
+        role, parts = m["role"], m["content"]
+        if role == "system":
+            out.append({"role": "system", "content": text_of(parts)})
+        elif role == "assistant":
+            msg = {"role": "assistant", "content": text_of(parts) or None}
+            calls = [{"id": p["id"], "type": "function",
+                      "function": {"name": p["name"], "arguments": dumps(p["arguments"])}}
+                     for p in parts if p["type"] == "tool_call"]
+            if calls:
+                msg["tool_calls"] = calls
+            if msg["content"] is None and not calls:
+                continue
+            out.append(msg)
+        else:
+            rest, moved_images = [], []
+            for p in parts:
+                if p["type"] == "tool_result":
+                    out.append({"role": "tool", "tool_call_id": p["id"],
+                                "content": ("Error: " if p.get("is_error") else "") + text_of(p["content"])})
+                    moved_images += [q for q in p["content"] if q["type"] == "image"]
+                elif p["type"] in ("text", "image"):
+                    rest.append(p)
+            rest = moved_images + rest
+            if rest:
+                if all(p["type"] == "text" for p in rest):
+                    out.append({"role": "user", "content": text_of(rest)})
+                else:
+                    out.append({"role": "user", "content": [
+                        {"type": "text", "text": p["text"]} if p["type"] == "text"
+                        else {"type": "image_url", "image_url": {"url": image_url_of(p)}} for p in rest]})
+    body = {"model": model_id, "messages": out}
+    mt = req.get("max_tokens")
+    cap = model_meta.get("max_output")
+    if mt and cap:
+        mt = min(mt, cap)
+    if mt:
+        body[provider.max_tokens_field] = mt
+    for k in ("temperature", "top_p"):
+        if req.get(k) is not None:
+            body[k] = req[k]
+    if req.get("stop"):
+        body["stop"] = req["stop"][:4]
+    if req["tools"]:
+        body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                           "parameters": t["parameters"]}} for t in req["tools"]]
+        tc = req.get("tool_choice")
+        if tc:
+            body["tool_choice"] = ({"type": "function", "function": {"name": tc["name"]}} if tc["type"] == "tool"
+                                   else {"any": "required"}.get(tc["type"], tc["type"]))
+        if req.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
+    r = req.get("reasoning")
+    if r and r.get("effort") and r["effort"] in ("minimal", "low", "medium", "high"):
+        body["reasoning_effort"] = r["effort"]
+    if req.get("user"):
+        body["user"] = req["user"][:256]
+    if req["stream"]:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _openai_message_parts(msg):
+    parts = []
+    reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+    content = msg.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not reasoning and isinstance(content, str) and content.startswith("<think>") and "</think>" in content:
+        reasoning, _, content = content[7:].partition("</think>")
+        content = content.lstrip()
+    if isinstance(reasoning, str) and reasoning:
+        parts.append({"type": "thinking", "text": reasoning})
+    if content:
+        parts.append({"type": "text", "text": content})
+    for i, c in enumerate(msg.get("tool_calls") or []):
+        fn = c.get("function") or {}
+        parts.append({"type": "tool_call", "id": c.get("id") or new_id("call_"), "name": fn.get("name", ""),
+                      "arguments": parse_args_json(fn.get("arguments") or "")})
+    return parts
+
+
+def openai_decode_response(body):
+    choices = body.get("choices") or [{}]
+    c = choices[0]
+    parts = _openai_message_parts(c.get("message") or {})
+    finish = c.get("finish_reason")
+    stop = "tool_use" if any(p["type"] == "tool_call" for p in parts) else OPENAI_FINISH_TO_STOP.get(finish, "end_turn")
+    return {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_reason": stop,
+            "stop_sequence": None, "usage": _openai_usage(body.get("usage")) or empty_usage()}
+
+
+class OpenAIStreamDecoder:
+    """OpenAI chat.completion.chunk SSE bytes -> neutral events. Tool-call fragments are tracked by
+    `index` (a new `id` on a reused index starts a new call); `end` is emitted at [DONE] or at a clean
+    end of stream after a finish_reason, because usage arrives after finish_reason."""
+
+    def __init__(self):
+        self.sse = SSEParser()
+        self.started = False
+        self.finish = None
+        self.usage = None
+        self.ended = False
+        self.tools = {}          # upstream index -> our call id
+        self.current = None      # upstream index of the tool call whose args are streaming
+        self.saw_tool = False
+        self.think = None        # "<think>" tag state for servers that inline reasoning
+
+    @property
+    def pending(self):
+        return self.sse.pending
+
+    def feed(self, chunk):
+        out = []
+        for _event, data in self.sse.feed(chunk):
+            self._data(data, out)
+        return out
+
+    def close(self):
+        out = []
+        for _event, data in self.sse.close():
+            self._data(data, out)
+        if not self.ended:
+            if self.finish is not None:
+                out.append(self._end())
+            else:
+                out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+        return out
+
+    def _end(self):
+        self.ended = True
+        stop = "tool_use" if self.saw_tool else OPENAI_FINISH_TO_STOP.get(self.finish, "end_turn")
+        return ("end", stop, self.usage, None)
+
+    def _data(self, data, out):
+        if self.ended or not data:
+            return
+        if data.startswith("[DONE]"):
+            out.append(self._end())
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("error"):
+            e = obj["error"]
+            msg = e.get("message") if isinstance(e, dict) else str(e)
+            self.ended = True
+            out.append(("error", ApiError(502, "api_error", msg or "provider error in stream")))
+            return
+        if not self.started:
+            self.started = True
+            out.append(("start", {"id": obj.get("id"), "model": obj.get("model")}))
+        if obj.get("usage"):
+            self.usage = _openai_usage(obj["usage"])
+        for c in obj.get("choices") or ():
+            if c.get("index", 0) != 0:
+                continue
+            d = c.get("delta") or {}
+            r = d.get("reasoning_content") or d.get("reasoning")
+            if isinstance(r, str) and r:
+                out.append(("thinking", r))
+            t = d.get("content")
+            if t:
+                self._text(t, out)
+            for tc in d.get("tool_calls") or ():
+                idx = tc.get("index", self.current if self.current is not None else 0)
+                fn = tc.get("function") or {}
+                tid = tc.get("id")
+                if idx not in self.tools or (tid and tid != self.tools[idx]):
+                    self.tools[idx] = tid or new_id("call_")
+                    self.current = idx
+                    self.saw_tool = True
+                    out.append(("tool", self.tools[idx], fn.get("name") or ""))
+                args = fn.get("arguments")
+                if args:
+                    out.append(("args", args if isinstance(args, str) else dumps(args)))
+            if c.get("finish_reason"):
+                self.finish = c["finish_reason"]
+
+    def _text(self, t, out):
+        # Some hosts of reasoning models inline "<think>...</think>" at the start of content.
+        if self.think is None:
+            if t.startswith("<think>"):
+                self.think = True
+                t = t[7:]
+            else:
+                self.think = False
+        if self.think:
+            head, sep, tail = t.partition("</think>")
+            if head:
+                out.append(("thinking", head))
+            if not sep:
+                return
+            self.think = False
+            t = tail.lstrip("\n")
+            if not t:
+                return
+        out.append(("text", t))
+
+
+def openai_parse_error(status, body):
+    """Message and code of an OpenAI-compatible error body (also NVIDIA's problem JSON)."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    if isinstance(obj, dict):
+        e = obj.get("error")
+        if isinstance(e, dict):
+            return str(e.get("message") or e)[:1000], e.get("code") or e.get("type")
+        if isinstance(e, str):
+            return e[:1000], None
+        if obj.get("detail") or obj.get("title"):
+            return str(obj.get("detail") or obj.get("title"))[:1000], None
+        if isinstance(obj.get("message"), str):
+            return obj["message"][:1000], obj.get("code")
+    return str(obj)[:300], None
+
+
+# ----------------------------------------------------------------------- Anthropic Messages --
+
+ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                        "permission": "permission_error", "not_found": "not_found_error",
+                        "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
+                        "billing": "billing_error", "api_error": "api_error", "overloaded": "overloaded_error",
+                        "timeout": "timeout_error"}
+ANTHROPIC_TOOL_CHOICE = ("auto", "any", "tool", "none")
+ANTHROPIC_EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32000, "max": 32000}
+
+
+def _anthropic_blocks(content, field, allow_tools=True):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    _need(isinstance(content, list), field, "must be a string or an array of content blocks")
+    parts = []
+    for i, b in enumerate(content):
+        f = f"{field}[{i}]"
+        _need(isinstance(b, dict), f, "must be an object")
+        t = b.get("type")
+        if t == "text":
+            _need(isinstance(b.get("text"), str), f + ".text", "must be a string")
+            if b["text"]:
+                parts.append({"type": "text", "text": b["text"]})
+        elif t == "image":
+            src = b.get("source")
+            _need(isinstance(src, dict), f + ".source", "must be an object")
+            if src.get("type") == "url":
+                _need(isinstance(src.get("url"), str), f + ".source.url", "must be a string")
+                parts.append({"type": "image", "url": src["url"]})
+            else:
+                _need(isinstance(src.get("data"), str), f + ".source.data", "must be a base64 string")
+                parts.append({"type": "image", "media_type": src.get("media_type") or sniff_mime(src["data"]),
+                              "data": src["data"]})
+        elif t == "tool_use" and allow_tools:
+            _need(isinstance(b.get("name"), str), f + ".name", "must be a string")
+            _need(isinstance(b.get("id"), str), f + ".id", "must be a string")
+            inp = b.get("input", {})
+            _need(isinstance(inp, dict), f + ".input", "must be an object")
+            parts.append({"type": "tool_call", "id": b["id"], "name": b["name"], "arguments": inp})
+        elif t == "tool_result" and allow_tools:
+            _need(isinstance(b.get("tool_use_id"), str), f + ".tool_use_id", "must be a string")
+            parts.append({"type": "tool_result", "id": b["tool_use_id"], "is_error": bool(b.get("is_error")),
+                          "content": _anthropic_blocks(b.get("content") or [], f + ".content", False)})
+        elif t == "thinking":
+            parts.append({"type": "thinking", "text": str(b.get("thinking", "")),
+                          "signature": b.get("signature") or ""})
+        elif t == "redacted_thinking":
+            parts.append({"type": "redacted_thinking", "data": str(b.get("data", ""))})
+        # document, search_result, server tool blocks: no neutral form; passthrough only.
+    return parts
+
+
+def anthropic_decode_request(body, count_only=False):
+    """Anthropic Messages request body -> neutral request."""
+    _need(isinstance(body, dict), "body", "must be a JSON object")
+    model = body.get("model")
+    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    msgs = body.get("messages")
+    _need(isinstance(msgs, list) and (msgs or count_only), "messages", "is required and must be a non-empty array")
+    system = body.get("system")
+    if system is None:
+        system = []
+    else:
+        system = _anthropic_blocks(system, "system", False)
+    messages = []
+    for i, m in enumerate(msgs):
+        f = f"messages[{i}]"
+        _need(isinstance(m, dict), f, "must be an object")
+        role = m.get("role")
+        _need(role in ("user", "assistant", "system"), f + ".role", "must be \"user\" or \"assistant\"")
+        messages.append({"role": role, "content": _anthropic_blocks(m.get("content"), f + ".content")})
+    tools = []
+    raw_tools = body.get("tools") or []
+    _need(isinstance(raw_tools, list), "tools", "must be an array")
+    for i, t in enumerate(raw_tools):
+        _need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tools[{i}].name", "must be a string")
+        if t.get("type") not in (None, "custom"):
+            continue  # server tools (web_search, bash_2025...) only exist at Anthropic
+        tools.append({"name": t["name"], "description": t.get("description") or "",
+                      "parameters": t.get("input_schema") or {"type": "object", "properties": {}}})
+    tc = body.get("tool_choice")
+    tool_choice, parallel = None, None
+    if tc is not None:
+        _need(isinstance(tc, dict) and tc.get("type") in ANTHROPIC_TOOL_CHOICE, "tool_choice.type",
+              "must be one of auto, any, tool, none")
+        tool_choice = {"type": tc["type"]}
+        if tc["type"] == "tool":
+            _need(isinstance(tc.get("name"), str), "tool_choice.name", "must be a string")
+            tool_choice["name"] = tc["name"]
+        if tc.get("disable_parallel_tool_use"):
+            parallel = False
+    stop = body.get("stop_sequences")
+    _need(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+          "stop_sequences", "must be an array of strings")
+    stream = body.get("stream", False)
+    _need(isinstance(stream, bool), "stream", "must be true or false")
+    reasoning = None
+    th = body.get("thinking")
+    if isinstance(th, dict) and th.get("type") in ("enabled", "adaptive"):
+        reasoning = {"enabled": True, "budget_tokens": th.get("budget_tokens"),
+                     "effort": (body.get("output_config") or {}).get("effort") if isinstance(body.get("output_config"), dict) else None}
+    meta = body.get("metadata")
+    user = meta.get("user_id") if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) else None
+    return {
+        "model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel, "max_tokens": None if count_only else _opt_int(body, "max_tokens"),
+        "temperature": _opt_num(body, "temperature", 0, 2), "top_p": _opt_num(body, "top_p", 0, 1),
+        "top_k": _opt_int(body, "top_k", 0), "stop": stop or None, "stream": stream, "include_usage": True,
+        "reasoning": reasoning, "user": user,
+    }
+
+
+def _anthropic_usage(u):
+    if not u:
+        return None
+    cr = u.get("cache_read_input_tokens") or 0
+    cw = u.get("cache_creation_input_tokens") or 0
+    out = {"output": u.get("output_tokens") or 0, "cache_read": cr, "cache_write": cw, "reasoning": 0}
+    if u.get("input_tokens") is not None:
+        out["input"] = (u.get("input_tokens") or 0) + cr + cw
+    return out
+
+
+def _to_anthropic_usage(u):
+    u = u or empty_usage()
+    return {"input_tokens": max(0, u["input"] - u["cache_read"] - u["cache_write"]),
+            "output_tokens": u["output"], "cache_creation_input_tokens": u["cache_write"],
+            "cache_read_input_tokens": u["cache_read"]}
+
+
+def _anthropic_block(p):
+    t = p["type"]
+    if t == "text":
+        return {"type": "text", "text": p["text"]}
+    if t == "thinking":
+        return {"type": "thinking", "thinking": p["text"], "signature": p.get("signature") or ""}
+    if t == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": p["data"]}
+    if t == "tool_call":
+        return {"type": "tool_use", "id": anthropic_tool_id(p["id"]), "name": p["name"], "input": p["arguments"]}
+    if t == "image":
+        if "data" in p:
+            return {"type": "image", "source": {"type": "base64", "media_type": p["media_type"], "data": p["data"]}}
+        return {"type": "image", "source": {"type": "url", "url": p["url"]}}
+    if t == "tool_result":
+        return {"type": "tool_result", "tool_use_id": anthropic_tool_id(p["id"]),
+                "content": [_anthropic_block(q) for q in p["content"]] or "(empty)",
+                **({"is_error": True} if p.get("is_error") else {})}
+    return None
+
+
+_BAD_ID_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def anthropic_tool_id(tid):
+    """Anthropic tool ids must match ^[a-zA-Z0-9_-]+$; other dialects' ids are mapped stably."""
+    if tid and not _BAD_ID_CHARS.search(tid):
+        return tid
+    return "toolu_" + hashlib.sha1((tid or "").encode()).hexdigest()[:24]
+
+
+def anthropic_encode_response(resp, model):
+    content = [_anthropic_block(p) for p in resp["content"] if p["type"] != "thinking" or p.get("signature") or p["text"]]
+    has_tool = any(p["type"] == "tool_call" for p in resp["content"])
+    stop = "tool_use" if has_tool else (resp["stop_reason"] or "end_turn")
+    return {"id": resp.get("id") if (resp.get("id") or "").startswith("msg_") else new_id("msg_"),
+            "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop, "stop_sequence": resp.get("stop_sequence"),
+            "usage": _to_anthropic_usage(resp["usage"])}
+
+
+def anthropic_encode_error(err):
+    return dumps({"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPE.get(err.etype, "api_error"),
+                                             "message": err.message}}).encode()
+
+
+def _sse(event, obj):
+    return b"event: " + event.encode() + b"\ndata: " + dumps(obj).encode() + b"\n\n"
+
+
+#: Marks thinking signatures the router made for reasoning from non-Anthropic providers, so the
+#: block can be recognised (and not sent to Anthropic) when the client echoes it back.
+ROUTER_SIGNATURE_PREFIX = "sage-router:"
+
+
+class AnthropicStreamEncoder:
+    """Neutral events -> Anthropic Messages SSE bytes. Opens and closes content blocks as the
+    event kinds change; thinking from non-Anthropic providers gets a router-made signature."""
+
+    def __init__(self, model, input_estimate=0):
+        self.model = model
+        self.input_estimate = input_estimate
+        self.index = -1
+        self.open = None          # kind of the open block: "text" | "thinking" | "tool"
+        self.signed = False
+        self.usage_in = None
+
+    def _close(self):
+        if self.open is None:
+            return b""
+        out = b""
+        if self.open == "thinking" and not self.signed:
+            out += _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                        "delta": {"type": "signature_delta", "signature": ROUTER_SIGNATURE_PREFIX + "none"}})
+        self.open = None
+        return out + _sse("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+    def _open(self, kind, block):
+        out = self._close()
+        self.index += 1
+        self.open = kind
+        self.signed = False
+        return out + _sse("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                  "content_block": block})
+
+    def encode(self, ev):
+        kind = ev[0]
+        if kind == "text":
+            out = b"" if self.open == "text" else self._open("text", {"type": "text", "text": ""})
+            return out + _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                      "delta": {"type": "text_delta", "text": ev[1]}})
+        if kind == "thinking":
+            out = b"" if self.open == "thinking" and not self.signed else \
+                self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            return out + _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                      "delta": {"type": "thinking_delta", "thinking": ev[1]}})
+        if kind == "signature":
+            out = b"" if self.open == "thinking" else \
+                self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.signed = True
+            return out + _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                      "delta": {"type": "signature_delta", "signature": ev[1]}})
+        if kind == "tool":
+            return self._open("tool", {"type": "tool_use", "id": anthropic_tool_id(ev[1]), "name": ev[2], "input": {}})
+        if kind == "args":
+            return _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                "delta": {"type": "input_json_delta", "partial_json": ev[1]}})
+        if kind == "redacted_thinking":
+            out = self._open("redacted", {"type": "redacted_thinking", "data": ev[1]})
+            return out + self._close()
+        if kind == "start":
+            meta = ev[1]
+            usage = _to_anthropic_usage(meta.get("usage") if meta.get("usage") and "input" in meta["usage"]
+                                        else dict(empty_usage(), input=self.input_estimate))
+            usage["output_tokens"] = 1
+            mid = meta.get("id") or ""
+            return _sse("message_start", {"type": "message_start", "message": {
+                "id": mid if mid.startswith("msg_") else new_id("msg_"), "type": "message", "role": "assistant",
+                "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+        if kind == "end":
+            was_tool = self.open == "tool" or ev[1] == "tool_use"
+            out = self._close()
+            stop = "tool_use" if was_tool else (ev[1] or "end_turn")
+            usage = _to_anthropic_usage(ev[2]) if ev[2] else {"output_tokens": 0}
+            return out + _sse("message_delta", {"type": "message_delta", "delta": {
+                "stop_reason": stop, "stop_sequence": ev[3]}, "usage": usage}) + \
+                _sse("message_stop", {"type": "message_stop"})
+        if kind == "error":
+            return self._close() + _sse("error", {"type": "error", "error": {
+                "type": ANTHROPIC_ERROR_TYPE.get(ev[1].etype, "api_error"), "message": ev[1].message}})
+        return b""
+
+
+def anthropic_encode_request(req, model_id, provider, model_meta, settings):
+    """Neutral request -> Anthropic Messages body. Enforces the API's conversation rules: tool
+    results first in their user turn, every tool_use answered, no empty blocks, alternating roles,
+    a user turn first; thinking blocks whose signature Anthropic did not make are dropped."""
+    messages = []
+    for m in req["messages"]:
+        role = m["role"]
+        blocks = []
+        parts = m["content"]
+        if role == "system":
+            role = "user"
+            parts = [{"type": "text", "text": "[system] " + text_of(parts)}] if text_of(parts) else []
+        if role == "user":
+            parts = [p for p in parts if p["type"] == "tool_result"] + [p for p in parts if p["type"] != "tool_result"]
+        for p in parts:
+            if p["type"] == "thinking" and (not p.get("signature") or p["signature"].startswith(ROUTER_SIGNATURE_PREFIX)):
+                continue
+            if p["type"] in ("thinking", "redacted_thinking") and role != "assistant":
+                continue
+            if p["type"] == "tool_call" and role != "assistant":
+                continue
+            b = _anthropic_block(p)
+            if b is not None:
+                blocks.append(b)
+        messages.append({"role": role, "content": blocks})
+    messages = _merge_roles(messages)
+    # Pair tool_use with tool_result: orphans on either side would be rejected.
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        ids = [b["id"] for b in m["content"] if b["type"] == "tool_use"]
+        if not ids:
+            continue
+        nxt = messages[i + 1] if i + 1 < len(messages) else None
+        if nxt is None:
+            continue  # final assistant turn: a prefill
+        if nxt["role"] != "user":
+            nxt = {"role": "user", "content": []}
+            messages.insert(i + 1, nxt)
+        have = {b["tool_use_id"] for b in nxt["content"] if b["type"] == "tool_result"}
+        missing = [{"type": "tool_result", "tool_use_id": t, "content": "(no result)", "is_error": True}
+                   for t in ids if t not in have]
+        nxt["content"][0:0] = missing
+    known = set()
+    for m in messages:
+        if m["role"] == "assistant":
+            known = {b["id"] for b in m["content"] if b["type"] == "tool_use"}
+        else:
+            fixed = []
+            for b in m["content"]:
+                if b["type"] == "tool_result" and b["tool_use_id"] not in known:
+                    b = {"type": "text", "text": "[tool result] " + dumps(b.get("content"))}
+                fixed.append(b)
+            m["content"] = fixed
+            known = set()
+    if not messages or messages[0]["role"] != "user":
+        messages.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
+    cap = model_meta.get("max_output")
+    mt = req.get("max_tokens") or min(cap or settings["default_max_tokens"], settings["default_max_tokens"])
+    if cap:
+        mt = min(mt, cap)
+    body = {"model": model_id, "messages": messages, "max_tokens": mt}
+    if req["system"]:
+        body["system"] = [{"type": "text", "text": p["text"]} for p in req["system"] if p.get("text")]
+    r = req.get("reasoning")
+    thinking = False
+    if r and r.get("enabled") and model_meta.get("reasoning", True):
+        budget = r.get("budget_tokens") or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)
+        budget = max(1024, budget)
+        if budget < mt:
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            thinking = True
+    if req.get("temperature") is not None and not thinking:
+        body["temperature"] = min(1.0, req["temperature"])
+    if req.get("top_p") is not None and not thinking:
+        body["top_p"] = req["top_p"]
+    if req.get("top_k") is not None and not thinking:
+        body["top_k"] = req["top_k"]
+    if req.get("stop"):
+        body["stop_sequences"] = req["stop"]
+    if req["tools"]:
+        body["tools"] = [{"name": t["name"], "description": t["description"],
+                          "input_schema": t["parameters"] if t["parameters"].get("type") == "object"
+                          else {"type": "object", "properties": {}}} for t in req["tools"]]
+        tc = req.get("tool_choice")
+        if tc or req.get("parallel_tool_calls") is False:
+            tc = dict(tc or {"type": "auto"})
+            if thinking and tc["type"] in ("any", "tool"):
+                tc = {"type": "auto"}
+            if req.get("parallel_tool_calls") is False and tc["type"] != "none":
+                tc["disable_parallel_tool_use"] = True
+            body["tool_choice"] = tc
+    if req.get("user"):
+        body["metadata"] = {"user_id": req["user"][:256]}
+    if req["stream"]:
+        body["stream"] = True
+    return body
+
+
+def anthropic_decode_response(body):
+    parts = []
+    for b in body.get("content") or []:
+        t = b.get("type")
+        if t == "text":
+            parts.append({"type": "text", "text": b.get("text", "")})
+        elif t == "thinking":
+            parts.append({"type": "thinking", "text": b.get("thinking", ""), "signature": b.get("signature", "")})
+        elif t == "redacted_thinking":
+            parts.append({"type": "redacted_thinking", "data": b.get("data", "")})
+        elif t == "tool_use":
+            parts.append({"type": "tool_call", "id": b.get("id") or new_id("toolu_"), "name": b.get("name", ""),
+                          "arguments": b.get("input") or {}})
+    usage = empty_usage()
+    usage.update(_anthropic_usage(body.get("usage")) or {})
+    return {"id": body.get("id"), "model": body.get("model"), "content": parts,
+            "stop_reason": body.get("stop_reason") or "end_turn", "stop_sequence": body.get("stop_sequence"),
+            "usage": usage}
+
+
+class AnthropicStreamDecoder:
+    """Anthropic Messages SSE bytes -> neutral events (dispatching on data.type)."""
+
+    def __init__(self):
+        self.sse = SSEParser()
+        self.usage = empty_usage()
+        self.stop = None
+        self.stop_seq = None
+        self.ended = False
+        self.block = None
+
+    @property
+    def pending(self):
+        return self.sse.pending
+
+    def feed(self, chunk):
+        out = []
+        for _event, data in self.sse.feed(chunk):
+            self._data(data, out)
+        return out
+
+    def close(self):
+        out = []
+        for _event, data in self.sse.close():
+            self._data(data, out)
+        if not self.ended:
+            if self.stop:
+                self.ended = True
+                out.append(("end", self.stop, self.usage, self.stop_seq))
+            else:
+                out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+        return out
+
+    def _data(self, data, out):
+        if self.ended or not data:
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        t = obj.get("type") if isinstance(obj, dict) else None
+        if t == "content_block_delta":
+            d = obj.get("delta") or {}
+            dt = d.get("type")
+            if dt == "text_delta":
+                out.append(("text", d.get("text", "")))
+            elif dt == "input_json_delta":
+                if d.get("partial_json"):
+                    out.append(("args", d["partial_json"]))
+            elif dt == "thinking_delta":
+                out.append(("thinking", d.get("thinking", "")))
+            elif dt == "signature_delta":
+                out.append(("signature", d.get("signature", "")))
+        elif t == "content_block_start":
+            b = obj.get("content_block") or {}
+            bt = b.get("type")
+            if bt == "tool_use":
+                out.append(("tool", b.get("id") or new_id("toolu_"), b.get("name", "")))
+                if b.get("input"):
+                    out.append(("args", dumps(b["input"])))
+            elif bt == "text" and b.get("text"):
+                out.append(("text", b["text"]))
+            elif bt == "thinking" and b.get("thinking"):
+                out.append(("thinking", b["thinking"]))
+            elif bt == "redacted_thinking":
+                out.append(("redacted_thinking", b.get("data", "")))
+        elif t == "message_start":
+            msg = obj.get("message") or {}
+            self.usage.update(_anthropic_usage(msg.get("usage")) or {})
+            out.append(("start", {"id": msg.get("id"), "model": msg.get("model"), "usage": dict(self.usage)}))
+        elif t == "message_delta":
+            d = obj.get("delta") or {}
+            self.stop = d.get("stop_reason") or self.stop
+            self.stop_seq = d.get("stop_sequence") or self.stop_seq
+            u = _anthropic_usage(obj.get("usage"))
+            if u:
+                self.usage["output"] = u["output"] or self.usage["output"]
+                if "input" in u and u["input"]:
+                    self.usage.update(input=u["input"], cache_read=u["cache_read"], cache_write=u["cache_write"])
+        elif t == "message_stop":
+            self.ended = True
+            out.append(("end", self.stop or "end_turn", self.usage, self.stop_seq))
+        elif t == "error":
+            e = obj.get("error") or {}
+            etype = {v: k for k, v in ANTHROPIC_ERROR_TYPE.items()}.get(e.get("type"), "api_error")
+            self.ended = True
+            out.append(("error", ApiError(529 if etype == "overloaded" else 502, etype,
+                                          e.get("message") or "provider error in stream")))
+
+
+def anthropic_parse_error(status, body):
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    e = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(e, dict):
+        return str(e.get("message") or e)[:1000], e.get("type")
+    return str(obj)[:300], None
+
+
+# ------------------------------------------------------------------------------- codec table --
+
+class Codec:
+    """One dialect's functions (see the table in DESIGN.md). Client side: decode_request,
+    encode_response, stream_encoder, encode_error. Provider side: encode_request, decode_response,
+    stream_decoder, parse_error."""
+
+    def __init__(self, name, **fns):
+        self.name = name
+        self.__dict__.update(fns)
+
+
+CODECS = {
+    "openai": Codec(
+        "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
+        stream_encoder=lambda model, req, est: OpenAIStreamEncoder(model, req.get("include_usage")),
+        encode_error=openai_encode_error,
+        encode_request=lambda req, mid, prov, meta, settings: openai_encode_request(req, mid, prov, meta),
+        decode_response=openai_decode_response, stream_decoder=OpenAIStreamDecoder,
+        parse_error=openai_parse_error, path="/chat/completions"),
+    "anthropic": Codec(
+        "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
+        stream_encoder=lambda model, req, est: AnthropicStreamEncoder(model, est),
+        encode_error=anthropic_encode_error, encode_request=anthropic_encode_request,
+        decode_response=anthropic_decode_response, stream_decoder=AnthropicStreamDecoder,
+        parse_error=anthropic_parse_error, path="/v1/messages"),
+}
+
+
+# =================================================================================================
+# 3. Catalogue
+# =================================================================================================
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class Provider:
+    """One configured provider: where it is, how to authenticate, which models it serves."""
+
+    def __init__(self, name, cfg, env, settings):
+        self.name = name
+        self.api = cfg["api"]
+        self.enabled = True
+        self.disabled_reason = None
+        self.keys = []
+        self.key_vars = []
+        self.headers = {}
+        self.models = {}
+        models = cfg.get("models") or {}
+        for mid in models:
+            self.models[mid] = dict(models[mid]) if isinstance(models, dict) else {}
+        try:
+            enabled, used = cfg.get("enabled", True), []
+            if isinstance(enabled, str):
+                enabled = expand_vars(enabled, env, used).strip().lower() in _TRUE
+            if not enabled:
+                self._disable("turned off" + (f" (set {used[0]}=1 to turn it on)" if used else
+                                              " (\"enabled\": false in the config)"))
+            self.base_url = expand_vars(cfg["base_url"], env).rstrip("/")
+            for h, v in (cfg.get("headers") or {}).items():
+                self.headers[h] = expand_vars(str(v), env)
+        except MissingVar as e:
+            self.base_url = cfg["base_url"]
+            self._disable(f"{e.args[0]} is not set")
+        self.keyless = cfg.get("api_key") is None
+        if not self.keyless:
+            self._collect_keys(cfg["api_key"], env)
+            if not self.keys:
+                want = self.key_vars[0] if self.key_vars else f"{self.env_prefix}_API_KEY"
+                self._disable(f"no API key (set {want} in the environment or .env)")
+        url = urllib.parse.urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError("providers.json", f"providers.{name}.base_url",
+                              f"an http:// or https:// URL (got {self.base_url!r})")
+        self.scheme, self.host = url.scheme, url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        path = url.path.rstrip("/")
+        if self.api == "anthropic" and path.endswith("/v1"):
+            path = path[:-3]   # tolerate the OpenAI habit; Anthropic's SDK base has no /v1
+        self.base_path = path
+        self.verify_tls = cfg.get("verify_tls", settings["verify_tls"])
+        self.ca_file = cfg.get("ca_file")
+        self.connect_timeout = cfg.get("connect_timeout", settings["connect_timeout"])
+        self.first_byte_timeout = cfg.get("first_byte_timeout", settings["first_byte_timeout"])
+        self.idle_timeout = cfg.get("idle_timeout", settings["idle_timeout"])
+        self.max_tokens_field = cfg.get("max_tokens_field", "max_tokens")
+        self.anthropic_version = cfg.get("anthropic_version", "2023-06-01")
+        self.ssl_context = None
+        if self.scheme == "https":
+            self.ssl_context = ssl.create_default_context(cafile=self.ca_file)
+            if not self.verify_tls:
+                self.ssl_context.check_hostname = False
+                self.ssl_context.verify_mode = ssl.CERT_NONE
+
+    @property
+    def env_prefix(self):
+        return re.sub(r"[^A-Z0-9]", "_", self.name.upper())
+
+    def _disable(self, reason):
+        if self.enabled:
+            self.enabled, self.disabled_reason = False, reason
+
+    def _collect_keys(self, raw, env):
+        """Keys from api_key (a string or list, ${VAR}-expanded) plus key-pool variables:
+        NAME_API_KEYS=k1,k2 for the provider, and VAR_KEYS / VARS for each VAR referenced."""
+        used = []
+        for item in raw if isinstance(raw, list) else [raw]:
+            try:
+                val = expand_vars(item, env, used)
+            except MissingVar:
+                continue
+            self.keys += [k.strip() for k in val.split(",") if k.strip()]
+        self.key_vars = used
+        pools = [f"{self.env_prefix}_API_KEYS"] + [v + "S" for v in used if v.endswith("_KEY")]
+        for var in pools:
+            self.keys += [k.strip() for k in env.get(var, "").split(",") if k.strip()]
+        self.keys = list(dict.fromkeys(self.keys))
+
+    def auth_headers(self, key):
+        h = {"Content-Type": "application/json", "User-Agent": f"sage-router/{__version__}"}
+        if self.api == "anthropic":
+            h["anthropic-version"] = self.anthropic_version
+            if key:
+                h["x-api-key"] = key
+        elif key:
+            h["Authorization"] = "Bearer " + key
+        h.update(self.headers)
+        return h
+
+    def public(self):
+        """What /health may show: never a key."""
+        return {"name": self.name, "api": self.api, "base_url": self.base_url, "enabled": self.enabled,
+                "disabled_reason": self.disabled_reason, "keys": len(self.keys), "models": sorted(self.models)}
+
+
+class Catalogue:
+    """Providers, their models, and the routes of a config. Built once per (re)load."""
+
+    def __init__(self, cfg, env, source="providers.json"):
+        self.source = source
+        self.settings = dict(DEFAULT_SETTINGS, **cfg.get("settings", {}))
+        self.providers = {}
+        for name, pcfg in cfg.get("providers", {}).items():
+            try:
+                self.providers[name] = Provider(name, pcfg, env, self.settings)
+            except ConfigError as e:
+                raise ConfigError(source, e.key, e.expected)
+        self.routes = {}
+        for rname, entries in cfg.get("routes", {}).items():
+            cands = []
+            for entry in entries:
+                pname, mid = entry.split("/", 1)
+                prov = self.providers[pname]
+                prov.models.setdefault(mid, {})
+                if prov.enabled:
+                    cands.append((pname, mid))
+            self.routes[rname] = cands
+        self.bare = {}
+        for prov in self.providers.values():
+            if prov.enabled:
+                for mid in prov.models:
+                    self.bare.setdefault(mid, []).append((prov.name, mid))
+
+    @property
+    def enabled(self):
+        return [p for p in self.providers.values() if p.enabled]
+
+    def meta(self, pname, mid):
+        return self.providers[pname].models.get(mid) or {}
+
+    def model_names(self):
+        """Every name a client may ask for: routes, provider/model, and bare ids."""
+        names = [r for r, c in self.routes.items() if c]
+        for p in self.enabled:
+            names += [f"{p.name}/{m}" for m in p.models]
+        names += [m for m in self.bare if m not in self.routes]
+        return list(dict.fromkeys(names))
+
+
+NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside router.py (for example "
+                    "OPENAI_API_KEY=sk-... or ANTHROPIC_API_KEY=sk-ant-...), or add a provider to "
+                    "providers.json, then restart the router.")
+
+
+# =================================================================================================
+# 4. Routing
+# =================================================================================================
+
+class Health:
+    """Cooldowns of candidates (provider/model) and keys, guarded by one lock (never held during
+    I/O). A failure starts a cooldown that doubles with each consecutive failure up to a cap;
+    Retry-After sets it exactly; a success clears it. Keys answered with 401/403 are disabled
+    until the next restart or reload."""
+
+    def __init__(self, settings):
+        self.lock = threading.Lock()
+        self.base = settings["cooldown_seconds"]
+        self.cap = settings["max_cooldown_seconds"]
+        self.state = {}            # key -> [consecutive_failures, until]
+        self.dead_keys = set()     # (provider, key_index)
+
+    def left(self, key, now):
+        st = self.state.get(key)
+        return max(0.0, st[1] - now) if st else 0.0
+
+    def fail(self, key, retry_after=None):
+        with self.lock:
+            st = self.state.setdefault(key, [0, 0.0])
+            st[0] += 1
+            wait = retry_after if retry_after is not None else min(self.cap, self.base * 2 ** (st[0] - 1))
+            st[1] = time.monotonic() + wait
+
+    def ok(self, key):
+        if key in self.state:
+            with self.lock:
+                self.state.pop(key, None)
+
+    def kill_key(self, pname, idx):
+        with self.lock:
+            self.dead_keys.add((pname, idx))
+
+    def usable_keys(self, prov, now):
+        """Indexes of the provider's keys to try in order: live ones, cooled-down ones first."""
+        if prov.keyless:
+            return [None]
+        idx = [i for i in range(len(prov.keys)) if (prov.name, i) not in self.dead_keys]
+        return sorted(idx, key=lambda i: self.left(("key", prov.name, i), now))
+
+
+class Plan:
+    __slots__ = ("route", "candidates")
+
+    def __init__(self, route, candidates):
+        self.route, self.candidates = route, candidates
+
+
+def plan_request(cat, health, model, route_header=None):
+    """Requested model name -> ordered candidates (no I/O). A route name gives its list; an exact
+    PROVIDER/MODEL or a bare model id gives that model, then the route "default". Candidates
+    cooling down after a failure go last, the one that recovers soonest first."""
+    if route_header:
+        if route_header not in cat.routes:
+            raise ApiError(404, "not_found", f"X-Router-Route: unknown route {route_header!r}; "
+                           f"routes: {', '.join(sorted(cat.routes)) or '(none)'}")
+        route, cands = route_header, list(cat.routes[route_header])
+    elif model in cat.routes:
+        route, cands = model, list(cat.routes[model])
+    else:
+        route, cands = None, []
+        pname, _, rest = model.partition("/")
+        prov = cat.providers.get(pname) if rest else None
+        if prov is not None:
+            if not prov.enabled:
+                raise ApiError(404, "not_found", f"model {model!r}: provider {pname!r} is disabled: "
+                               f"{prov.disabled_reason}")
+            cands = [(pname, rest)]
+        elif model in cat.bare:
+            cands = list(cat.bare[model])
+        if not cands:
+            avail = cat.model_names()
+            hint = ", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "") if avail else NO_PROVIDER_HELP
+            raise ApiError(404, "not_found", f"model {model!r} is not available. Available: {hint}",
+                           param="model")
+        cands += cat.routes.get("default", [])
+    seen = set()
+    cands = [c for c in cands if not (c in seen or seen.add(c))]
+    if not cands:
+        raise ApiError(503, "overloaded", f"route {route!r} has no enabled provider. {NO_PROVIDER_HELP}")
+    now = time.monotonic()
+    healthy = [c for c in cands if health.left(c, now) == 0]
+    cooling = sorted((c for c in cands if health.left(c, now) > 0), key=lambda c: health.left(c, now))
+    return Plan(route, healthy + cooling)
+
+
+# =================================================================================================
+# 5. Transport and dispatch
+# =================================================================================================
+
+class Failover(Exception):
+    """A candidate (or one key of it) failed in a way worth trying the next one.
+    kind: connect, timeout, status, stream, empty, context, auth."""
+
+    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None):
+        super().__init__(reason)
+        self.kind, self.reason, self.status = kind, reason, status
+        self.retry_after, self.next_key, self.fallback = retry_after, next_key, fallback
+
+
+class Pool:
+    """Upstream keep-alive connections, per provider origin. A connection goes back to the pool
+    only after its response was read to the end and the provider did not ask to close it."""
+
+    def __init__(self, max_idle=32):
+        self.lock = threading.Lock()
+        self.idle = {}
+        self.max_idle = max_idle
+        self.opened = 0
+
+    @staticmethod
+    def _origin(prov):
+        return (prov.name, prov.scheme, prov.host, prov.port, prov.verify_tls)
+
+    def get(self, prov, fresh=False):
+        if not fresh:
+            with self.lock:
+                lst = self.idle.get(self._origin(prov))
+                if lst:
+                    return lst.pop(), True
+        if prov.scheme == "https":
+            conn = http.client.HTTPSConnection(prov.host, prov.port, timeout=prov.connect_timeout,
+                                               context=prov.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(prov.host, prov.port, timeout=prov.connect_timeout)
+        with self.lock:
+            self.opened += 1
+        return conn, False
+
+    def put(self, prov, conn):
+        with self.lock:
+            lst = self.idle.setdefault(self._origin(prov), [])
+            if len(lst) < self.max_idle:
+                lst.append(conn)
+                return
+        conn.close()
+
+    def close_all(self):
+        with self.lock:
+            conns = [c for lst in self.idle.values() for c in lst]
+            self.idle.clear()
+        for c in conns:
+            c.close()
+
+
+def retry_after_seconds(headers):
+    """Seconds from Retry-After (seconds or an HTTP date) or retry-after-ms; None when absent."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        pass
+    try:
+        from email.utils import parsedate_to_datetime
+        return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+_CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
+                         r"input is too long|reduce the length|token limit", re.I)
+
+
+class Context:
+    """One inbound generation request on its way through decode, plan and dispatch."""
+
+    __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
+                 "attempts", "provider", "upstream_model", "usage", "route", "started")
+
+    def __init__(self, dialect, body, req, headers, writer):
+        self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
+        self.stream = req["stream"]
+        self.model = req["model"]
+        self.estimate = 0
+        self.attempts = []
+        self.provider = self.upstream_model = self.usage = self.route = None
+        self.started = time.monotonic()
+
+
+def _event_boundary(data):
+    """Length of the prefix of `data` made of complete SSE events."""
+    a = data.rfind(b"\n\n")
+    b = data.rfind(b"\r\n\r\n")
+    return max(a + 2 if a >= 0 else 0, b + 4 if b >= 0 else 0)
+
+
+class Dispatcher:
+    """Sends a planned request to its candidates in order and pipes the first good answer to the
+    client. It decides nothing about which candidates: that is plan_request's job."""
+
+    def __init__(self, pool, health):
+        self.pool, self.health = pool, health
+
+    # -- sending --------------------------------------------------------------------------------
+    def _send(self, prov, path, headers, payload):
+        for fresh in (False, True):
+            conn, reused = self.pool.get(prov, fresh)
+            try:
+                if conn.sock is None:
+                    conn.connect()
+            except (TimeoutError, socket.timeout):
+                conn.close()
+                raise Failover("connect", f"no connection within {prov.connect_timeout:g} s", next_key=False)
+            except OSError as e:
+                conn.close()
+                raise Failover("connect", f"cannot connect to {prov.host}:{prov.port} ({e.strerror or e})",
+                               next_key=False)
+            conn.sock.settimeout(prov.first_byte_timeout)
+            try:
+                conn.request("POST", path, payload, headers)
+                return conn, conn.getresponse()
+            except (TimeoutError, socket.timeout):
+                conn.close()
+                raise Failover("timeout", f"no response within {prov.first_byte_timeout:g} s", next_key=False)
+            except (http.client.HTTPException, OSError) as e:
+                conn.close()
+                if reused:
+                    continue   # a pooled connection the provider had closed: retry once, fresh
+                raise Failover("connect", f"connection failed ({type(e).__name__}: {e})", next_key=False)
+        raise AssertionError("unreachable")
+
+    def _release(self, prov, conn, resp):
+        if resp.isclosed() and not resp.will_close:
+            self.pool.put(prov, conn)
+        else:
+            conn.close()
+
+    def _classify(self, ctx, prov, status, headers, body, same):
+        """An upstream error reply -> Failover, or the client's own error (returned as it is)."""
+        message, code = CODECS[prov.api].parse_error(status, body)
+        reason = f"HTTP {status}: {message}"[:300]
+        ra = retry_after_seconds(headers)
+        if status in (401, 403):
+            return Failover("auth", reason, status)
+        if status in (408, 409, 429, 529) or status >= 500:
+            return Failover("status", reason, status, retry_after=ra)
+        if status == 402 or "insufficient_quota" in str(code):
+            return Failover("status", reason, status, retry_after=ra)
+        if status == 404:
+            return Failover("status", reason, status, next_key=False)
+        if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(message)):
+            return Failover("context", reason, status, next_key=False)
+        if same:
+            ctx.writer.send(status, {"Content-Type": "application/json", **self._route_headers(ctx, prov)}, body)
+            return None
+        return ApiError(status, STATUS_ERROR_TYPE.get(status, "invalid_request"), f"provider {prov.name}: {message}")
+
+    @staticmethod
+    def _route_headers(ctx, prov):
+        tried = {a[0] for a in ctx.attempts} | {(prov.name, ctx.upstream_model)}
+        h = {"X-Router-Provider": prov.name, "X-Router-Model": ctx.upstream_model,
+             "X-Router-Attempts": str(len(tried))}
+        if ctx.route:
+            h["X-Router-Route"] = ctx.route
+        return h
+
+    # -- one attempt ----------------------------------------------------------------------------
+    def attempt(self, ctx, cat, prov, mid, key_idx):
+        """Try one candidate with one key. Returns when the client has its answer; raises Failover
+        (nothing was sent to the client yet) or ApiError (the client's own fault, translated)."""
+        same = ctx.dialect == prov.api
+        pc = CODECS[prov.api]
+        meta = cat.meta(prov.name, mid)
+        if same:
+            body = dict(ctx.body)
+            body["model"] = mid
+        else:
+            body = pc.encode_request(ctx.req, mid, prov, meta, cat.settings)
+        headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
+        if same and prov.api == "anthropic" and ctx.headers.get("anthropic-beta"):
+            headers["anthropic-beta"] = ctx.headers["anthropic-beta"]
+        ctx.upstream_model = mid
+        conn, resp = self._send(prov, prov.base_path + pc.path, headers, dumps(body).encode())
+        if resp.status >= 300:
+            try:
+                data = resp.read(1 << 20)
+            except (OSError, http.client.HTTPException):
+                data = b""
+            conn.close()
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            outcome = self._classify(ctx, prov, resp.status, hdrs, data, same)
+            if outcome is None:
+                return
+            raise outcome
+        try:
+            self._pipe(ctx, prov, conn, resp, same)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _source(self, prov, conn, resp, pc):
+        """Upstream reply -> (raw bytes, neutral events) as they arrive; SSE or a whole JSON body.
+        Read errors and stalls become an error event, so the caller decides what they mean."""
+        if "text/event-stream" not in (resp.getheader("content-type") or ""):
+            try:
+                data = resp.read()
+                obj = json.loads(data)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                yield b"", [("error", ApiError(502, "api_error", f"unreadable reply from the provider ({e})"))]
+                return
+            yield data, list(response_events(pc.decode_response(obj)))
+            return
+        decoder = pc.stream_decoder()
+        while True:
+            try:
+                chunk = resp.read1(65536)
+            except (TimeoutError, socket.timeout):
+                yield b"", [("error", ApiError(504, "timeout", f"the provider sent nothing for "
+                                               f"{conn.sock.gettimeout() if conn.sock else 0:g} s"))]
+                return
+            except (OSError, http.client.HTTPException) as e:
+                yield b"", [("error", ApiError(502, "api_error", f"connection to the provider was lost ({type(e).__name__})"))]
+                return
+            if not chunk:
+                yield b"", decoder.close()
+                return
+            yield chunk, decoder.feed(chunk)
+
+    def _pipe(self, ctx, prov, conn, resp, same):
+        pc = CODECS[prov.api]
+        source = self._source(prov, conn, resp, pc)
+        held_raw, held = [], []
+        committed = False
+        for raw, evs in source:
+            held_raw.append(raw)
+            for ev in evs:
+                k = ev[0]
+                if k == "error":
+                    raise Failover("stream", f"error before any content: {ev[1].message}", ev[1].status)
+                held.append(ev)
+                if k == "end":
+                    if not any(e[0] in CONTENT_EVENTS for e in held):
+                        raise Failover("empty", "empty reply", fallback=(prov, same, b"".join(held_raw), held))
+                    committed = True
+                elif k in CONTENT_EVENTS and ctx.stream:
+                    committed = True
+            if committed:
+                break
+        if not committed:
+            raise Failover("empty", "the provider closed the stream without an answer")
+        if conn.sock:
+            conn.sock.settimeout(prov.idle_timeout)
+        self._deliver(ctx, prov, same, b"".join(held_raw), held, source)
+        self._release(prov, conn, resp)
+
+    def _deliver(self, ctx, prov, same, raw, events, source=()):
+        """Write the committed answer: held bytes/events first, then the rest of the source."""
+        cc = CODECS[ctx.dialect]
+        w = ctx.writer
+        hdrs = self._route_headers(ctx, prov)
+        if not ctx.stream:
+            for raw_more, evs in source:
+                raw += raw_more
+                events += evs
+            err = next((e[1] for e in events if e[0] == "error"), None)
+            if err is not None:
+                raise Failover("stream", err.message, err.status)
+            resp = fold_events(events)
+            ctx.usage = resp["usage"]
+            if same:
+                w.send(200, {"Content-Type": "application/json", **hdrs}, raw)
+            else:
+                w.send(200, {"Content-Type": "application/json", **hdrs},
+                       dumps(cc.encode_response(resp, ctx.model)).encode())
+            return
+        w.start(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                      "X-Accel-Buffering": "no", **hdrs})
+        enc = None if same else cc.stream_encoder(ctx.model, ctx.req, ctx.estimate)
+        tail = b""
+
+        def emit(raw_chunk, evs):
+            nonlocal tail
+            for ev in evs:
+                if ev[0] == "end":
+                    ctx.usage = ev[2]
+            if same:
+                if not raw_chunk and evs and evs[-1][0] == "error":
+                    # The provider's stream broke: drop its partial event, send ours.
+                    tail = b""
+                    w.write(cc.stream_encoder(ctx.model, ctx.req, 0).encode(evs[-1]))
+                    return
+                data = tail + raw_chunk
+                cut = _event_boundary(data)
+                if cut:
+                    w.write(data[:cut])
+                tail = data[cut:]
+            else:
+                out = b"".join(enc.encode(ev) for ev in evs)
+                if out:
+                    w.write(out)
+
+        emit(raw, events)
+        for raw_chunk, evs in source:
+            emit(raw_chunk, evs)
+        if same and tail:
+            w.write(tail)
+        w.finish_stream()
+
+    def deliver_fallback(self, ctx, fallback):
+        prov, same, raw, events = fallback
+        ctx.provider = prov.name
+        self._deliver(ctx, prov, same, raw, events)
+
+
+class ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+
+class Router:
+    """The composition root: config and catalogue, health table, connection pool, dispatcher.
+    Everything mutable lives here (never in module globals), so tests can run several routers."""
+
+    def __init__(self, cfg, env, source="providers.json", data_dir=None):
+        self.catalogue = Catalogue(cfg, env, source)
+        self.settings = self.catalogue.settings
+        self.health = Health(self.settings)
+        self.pool = Pool()
+        self.dispatcher = Dispatcher(self.pool, self.health)
+        self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
+        self.data_dir = data_dir or default_data_dir()
+
+    def generate(self, ctx):
+        """Plan the request and try its candidates in order until one answers."""
+        cat = self.catalogue
+        plan = plan_request(cat, self.health, ctx.model, ctx.headers.get("x-router-route"))
+        ctx.route = plan.route
+        ctx.estimate = estimate_tokens(ctx.req)
+        fallback = None
+        for cand in plan.candidates:
+            pname, mid = cand
+            prov = cat.providers[pname]
+            keys = self.health.usable_keys(prov, time.monotonic())
+            if not keys:
+                ctx.attempts.append((cand, "auth", "every key was rejected (401/403)", None, None))
+                continue
+            failed = None
+            ctx.provider = pname
+            for idx in keys:
+                try:
+                    self.dispatcher.attempt(ctx, cat, prov, mid, idx)
+                except Failover as f:
+                    ctx.attempts.append((cand, f.kind, f.reason, f.status, f.retry_after))
+                    failed = f
+                    if f.fallback and fallback is None:
+                        fallback = f.fallback
+                    if f.kind == "auth":
+                        self.health.kill_key(pname, idx)
+                        log.warning("provider %s: key #%d rejected (%s); disabled until reload", pname,
+                                    (idx or 0) + 1, f.reason)
+                    elif f.status in (402, 429) and idx is not None:
+                        self.health.fail(("key", pname, idx), f.retry_after)
+                    if not f.next_key:
+                        break
+                    continue
+                self.health.ok(cand)
+                if idx is not None:
+                    self.health.ok(("key", pname, idx))
+                return
+            if failed is not None and failed.kind not in ("context", "auth"):
+                self.health.fail(cand, failed.retry_after)
+        if fallback is not None:
+            self.dispatcher.deliver_fallback(ctx, fallback)
+            return
+        raise self._all_failed(ctx)
+
+    @staticmethod
+    def _all_failed(ctx):
+        atts = ctx.attempts
+        lines = "; ".join(f"{p}/{m}: {reason}" for (p, m), _k, reason, _s, _r in atts)
+        msg = f"every candidate failed ({len(atts)} attempt{'s' if len(atts) != 1 else ''}): {lines}"
+        if atts and all(s == 429 for _c, _k, _r, s, _ra in atts):
+            ras = [ra for *_x, ra in atts if ra is not None]
+            wait = max(1, int(min(ras) + 0.999)) if ras else 30
+            return ApiError(429, "rate_limit", msg, headers={"Retry-After": str(wait)})
+        if atts and all(k in ("connect", "timeout") or s in (503, 529) for _c, k, _r, s, _ra in atts):
+            return ApiError(503, "overloaded", msg)
+        return ApiError(502, "api_error", msg)
+
+    def count_tokens(self, body, headers):
+        """Anthropic count_tokens: asked of the provider when the target is an Anthropic model,
+        estimated locally otherwise (or when the provider cannot answer)."""
+        req = anthropic_decode_request(body, count_only=True)
+        try:
+            plan = plan_request(self.catalogue, self.health, req["model"], headers.get("x-router-route"))
+        except ApiError:
+            plan = None
+        if plan and plan.candidates:
+            pname, mid = plan.candidates[0]
+            prov = self.catalogue.providers[pname]
+            keys = self.health.usable_keys(prov, time.monotonic())
+            if prov.api == "anthropic" and keys:
+                hdrs = prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None)
+                if headers.get("anthropic-beta"):
+                    hdrs["anthropic-beta"] = headers["anthropic-beta"]
+                fwd = dict(body, model=mid)
+                try:
+                    conn, resp = self.dispatcher._send(prov, prov.base_path + "/v1/messages/count_tokens",
+                                                       hdrs, dumps(fwd).encode())
+                    data = resp.read()
+                    self.dispatcher._release(prov, conn, resp)
+                    if resp.status == 200:
+                        obj = json.loads(data)
+                        if isinstance(obj.get("input_tokens"), int):
+                            return obj
+                except (Failover, OSError, http.client.HTTPException, ValueError):
+                    pass
+        return {"input_tokens": estimate_tokens(req)}
+
+    def models(self, anthropic_shape):
+        cat = self.catalogue
+        entries = []
+        for name, cands in cat.routes.items():
+            if cands:
+                entries.append((name, "sage-router", {"route": [f"{p}/{m}" for p, m in cands]}))
+        for p in cat.enabled:
+            for mid, meta in p.models.items():
+                entries.append((f"{p.name}/{mid}", p.name, meta))
+        for mid, where in cat.bare.items():
+            if mid not in cat.routes and len(where) == 1:
+                entries.append((mid, where[0][0], cat.meta(*where[0])))
+        if anthropic_shape:
+            data = [{"type": "model", "id": i, "display_name": i, "created_at": "2025-01-01T00:00:00Z"}
+                    for i, _o, _m in entries]
+            out = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                   "last_id": data[-1]["id"] if data else None}
+        else:
+            out = {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": o}
+                                              for i, o, _m in entries]}
+        if not cat.enabled:
+            out["message"] = NO_PROVIDER_HELP
+        return out
+
+    def close(self):
+        self.pool.close_all()
+
+
+# =================================================================================================
+# 6. HTTP front
+# =================================================================================================
+
+_REASONS = {s.value: s.phrase for s in __import__("http").HTTPStatus}
+_REASONS[529] = "Overloaded"
+
+#: POST paths -> (dialect, action). Paths are also accepted without the /v1 prefix.
+POST_ROUTES = {
+    "/v1/chat/completions": ("openai", "generate"),
+    "/v1/messages": ("anthropic", "generate"),
+    "/v1/messages/count_tokens": ("anthropic", "count_tokens"),
+}
+
+
+def client_dialect(path, headers):
+    """The dialect to answer in, from the path (and, for shared paths, the headers)."""
+    if path.startswith(("/v1/messages", "/messages")):
+        return "anthropic"
+    if "anthropic-version" in headers or ("x-api-key" in headers and "authorization" not in headers):
+        return "anthropic"
+    return "openai"
+
+
+def make_handler(router):
+    class Handler(RouterHandler):
+        pass
+    Handler.router = router
+    return Handler
+
+
+class RouterHandler(BaseHTTPRequestHandler):
+    """One client connection (HTTP/1.1 keep-alive). Parses, authenticates and limits requests,
+    then hands generation to the Router. Also the writer the dispatcher answers through."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "sage-router/" + __version__
+    router = None
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connection.settimeout(self.router.settings["client_header_timeout"])
+
+    def log_message(self, fmt, *args):   # no per-request stderr line on the hot path
+        pass
+
+    # -- writer used by the dispatcher ---------------------------------------------------------
+    def _head(self, status, headers, length=None):
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+        for k, v in headers.items():
+            lines.append(f"{k}: {v}")
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        elif self.chunked:
+            lines.append("Transfer-Encoding: chunked")
+        else:
+            self.close_connection = True
+        if self.close_connection:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _raw(self, data):
+        try:
+            self.wfile.write(data)
+        except OSError as e:
+            self.close_connection = True
+            raise ClientGone(str(e))
+
+    def send(self, status, headers, body):
+        self.status = status
+        head = self._head(status, headers, len(body))
+        self._raw(head if self.command == "HEAD" else head + body)
+        self.sent = True
+
+    def start(self, status, headers):
+        self.status = status
+        self._raw(self._head(status, headers))
+        self.sent = True
+
+    def write(self, data):
+        if not data:
+            return
+        self._raw(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def finish_stream(self):
+        if self.chunked:
+            self._raw(b"0\r\n\r\n")
+
+    # -- request handling ----------------------------------------------------------------------
+    def _reset(self):
+        self.sent = False
+        self.chunked = self.request_version != "HTTP/1.0"
+
+    def _error(self, dialect, err):
+        if self.sent:
+            return
+        body = CODECS[dialect].encode_error(err)
+        self.send(err.status, {"Content-Type": "application/json", **err.headers}, body)
+
+    def _json(self, status, obj):
+        self.send(status, {"Content-Type": "application/json"}, dumps(obj).encode())
+
+    def _authorized(self):
+        key = self.router.router_key
+        if not key:
+            return True
+        given = self.headers.get("x-api-key") or ""
+        auth = self.headers.get("authorization") or ""
+        if auth[:7].lower() == "bearer ":
+            given = given or auth[7:].strip()
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    def _read_body(self, dialect):
+        limit = self.router.settings["max_body_bytes"]
+        self.connection.settimeout(self.router.settings["client_body_timeout"])
+        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            parts, total = [], 0
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    size = int(line.split(b";")[0].strip() or b"x", 16)
+                except ValueError:
+                    raise ApiError(400, "invalid_request", "body: malformed chunked encoding")
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                total += size
+                if total > limit:
+                    self.close_connection = True
+                    raise ApiError(413, "request_too_large", f"body: larger than the limit of {limit} bytes")
+                parts.append(self.rfile.read(size))
+                self.rfile.readline(8)
+            return b"".join(parts)
+        length = self.headers.get("content-length")
+        if length is None:
+            return b""
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "invalid_request", "Content-Length: not a number")
+        if n > limit:
+            self.close_connection = True
+            raise ApiError(413, "request_too_large", f"body: {n} bytes is larger than the limit of {limit} bytes")
+        data = self.rfile.read(n)
+        if len(data) < n:
+            self.close_connection = True
+            raise ClientGone("body cut short")
+        return data
+
+    def _dispatch(self):
+        self._reset()
+        path = urllib.parse.urlsplit(self.path).path
+        if len(path) > 1:
+            path = path.rstrip("/")
+        hdrs = {k.lower(): v for k, v in self.headers.items()}
+        dialect = client_dialect(path, hdrs)
+        try:
+            try:
+                self._route(path, hdrs, dialect)
+            finally:
+                self.connection.settimeout(self.router.settings["client_header_timeout"])
+        except ApiError as e:
+            self._error(dialect, e)
+        except ClientGone:
+            self.close_connection = True
+        except (TimeoutError, socket.timeout):
+            self.close_connection = True
+            self._error(dialect, ApiError(408, "timeout", "the request body did not arrive in time"))
+        except Exception:
+            log.exception("internal error on %s %s", self.command, path)
+            self.close_connection = True
+            self._error(dialect, ApiError(500, "api_error", "internal error in the router (see its log)"))
+
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def _route(self, path, hdrs, dialect):
+        method = self.command
+        if not path.startswith("/v1/") and "/v1" + path in POST_ROUTES:
+            path = "/v1" + path
+        if path == "/health" and method in ("GET", "HEAD"):
+            return self._json(200, health_report(self.router))
+        if path == "/" and method in ("GET", "HEAD"):
+            return self.send(200, {"Content-Type": "text/plain; charset=utf-8"},
+                             b"Sage Router is running. Try GET /health or GET /v1/models.\n")
+        if not self._authorized():
+            raise ApiError(401, "authentication", "missing or wrong router key: send it as "
+                           "'Authorization: Bearer KEY' or 'x-api-key: KEY' (SAGE_ROUTER_API_KEY)")
+        if method == "GET" and path in ("/v1/models", "/models"):
+            return self._json(200, self.router.models("anthropic-version" in hdrs))
+        if method == "GET" and path.startswith(("/v1/models/", "/models/")):
+            mid = urllib.parse.unquote(path.split("/models/", 1)[1])
+            lst = self.router.models("anthropic-version" in hdrs)["data"]
+            hit = next((m for m in lst if m["id"] == mid), None)
+            if hit is None:
+                raise ApiError(404, "not_found", f"model {mid!r} is not available", param="model")
+            return self._json(200, hit)
+        target = POST_ROUTES.get(path)
+        if target is None or method != "POST":
+            if target is not None:
+                raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
+            raise ApiError(404, "not_found", f"no such endpoint: {method} {path}. Endpoints: "
+                           "POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
+                           "GET /v1/models, GET /health")
+        dialect, action = target
+        raw = self._read_body(dialect)
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, "invalid_request", f"body: not valid JSON ({e})" if raw else "body: empty; expected a JSON object")
+        if action == "count_tokens":
+            return self._json(200, self.router.count_tokens(body, hdrs))
+        req = CODECS[dialect].decode_request(body)
+        ctx = Context(dialect, body, req, hdrs, self)
+        self.router.generate(ctx)
+        record_request(ctx)
+
+
+class RouterServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+    allow_reuse_address = True
+    block_on_close = False
+
+
+# =================================================================================================
+# 7. Observability
+# =================================================================================================
+
+def record_request(ctx):
+    """One debug line per routed request (kept off stderr at the default level)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s -> %s/%s attempts=%d %.1f ms usage=%s", ctx.dialect, ctx.model, ctx.provider,
+                  ctx.upstream_model, len(ctx.attempts) + 1, (time.monotonic() - ctx.started) * 1000, ctx.usage)
+
+
+def health_report(router):
+    """GET /health: providers (never their keys), routes, and what is cooling down."""
+    cat = router.catalogue
+    now = time.monotonic()
+    cooling = {f"{k[0]}/{k[1]}": round(router.health.left(k, now), 1)
+               for k in list(router.health.state) if k[0] != "key" and router.health.left(k, now) > 0}
+    out = {"status": "ok", "version": __version__,
+           "providers": [p.public() for p in cat.providers.values()],
+           "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
+           "cooling_down": cooling}
+    if not cat.enabled:
+        out["message"] = NO_PROVIDER_HELP
+    return out
+
+
+# =================================================================================================
+# 8. Command line and main
+# =================================================================================================
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="router.py", description="Sage Router: one local endpoint for every model.")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    ap.add_argument("--config", default=None, help="providers.json (default ./providers.json, else beside router.py)")
+    ap.add_argument("--env-file", default=None, help=".env file (default ./.env, else beside router.py)")
+    ap.add_argument("--data-dir", default=None, help="state directory (default $XDG_STATE_HOME/sage-router "
+                    "or ~/.local/state/sage-router)")
+    ap.add_argument("--allow-no-auth", action="store_true",
+                    help="allow a non-loopback --host without SAGE_ROUTER_API_KEY")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return ap
+
+
+def load_router(args):
+    """Environment + config -> Router. Raises ConfigError."""
+    env = load_env(args.env_file or ".env", args.env_file is not None)
+    cfg, source = load_config(args.config or "providers.json", args.config is not None)
+    return Router(cfg, env, source, args.data_dir), env
+
+
+def serve(router, host, port):
+    """Bind and return the server (not yet serving): tests call this, then serve_forever."""
+    server = RouterServer((host, port), make_handler(router))
+    server.router = router
+    return server
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        router, _env = load_router(args)
+    except ConfigError as e:
+        print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}", file=sys.stderr)
+        return 2
+    if args.host not in LOOPBACK and not router.router_key and not args.allow_no_auth:
+        print(f"sage-router: refusing to listen on {args.host} without a router key: set SAGE_ROUTER_API_KEY "
+              "(clients then send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'), "
+              "or pass --allow-no-auth if the network is trusted", file=sys.stderr)
+        return 2
+    cat = router.catalogue
+    log.info("config: %s", cat.source)
+    for p in cat.providers.values():
+        if p.enabled:
+            log.info("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api, p.base_url, len(p.keys), len(p.models))
+        else:
+            log.info("provider %s: disabled: %s", p.name, p.disabled_reason)
+    if not cat.enabled:
+        log.warning(NO_PROVIDER_HELP)
+    try:
+        server = serve(router, args.host, args.port)
+    except OSError as e:
+        print(f"sage-router: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+    def stop(_sig, _frm):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    log.info("Sage Router %s listening on http://%s:%d", __version__, args.host, server.server_address[1])
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    server.server_close()
+    router.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1022,6 +1022,11 @@ ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authenticat
                         "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
                         "billing": "billing_error", "api_error": "api_error", "overloaded": "overloaded_error",
                         "timeout": "timeout_error"}
+#: Marks thinking signatures the router made for reasoning from non-Anthropic providers, so the
+#: block can be recognised (and not sent to Anthropic) when the client echoes it back.
+ROUTER_SIGNATURE_PREFIX = "sage-router:"
+
+
 ANTHROPIC_TOOL_CHOICE = ("auto", "any", "tool", "none")
 ANTHROPIC_EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32000, "max": 32000}
 
@@ -1151,7 +1156,7 @@ def _anthropic_block(p):
     if t == "text":
         return {"type": "text", "text": p["text"]}
     if t == "thinking":
-        return {"type": "thinking", "thinking": p["text"], "signature": p.get("signature") or ""}
+        return {"type": "thinking", "thinking": p["text"], "signature": p.get("signature") or ROUTER_SIGNATURE_PREFIX + "none"}
     if t == "redacted_thinking":
         return {"type": "redacted_thinking", "data": p["data"]}
     if t == "tool_call":
@@ -1194,11 +1199,6 @@ def anthropic_encode_error(err):
 
 def _sse(event, obj):
     return b"event: " + event.encode() + b"\ndata: " + dumps(obj).encode() + b"\n\n"
-
-
-#: Marks thinking signatures the router made for reasoning from non-Anthropic providers, so the
-#: block can be recognised (and not sent to Anthropic) when the client echoes it back.
-ROUTER_SIGNATURE_PREFIX = "sage-router:"
 
 
 class AnthropicStreamEncoder:
@@ -1885,8 +1885,8 @@ class Dispatcher:
     """Sends a planned request to its candidates in order and pipes the first good answer to the
     client. It decides nothing about which candidates: that is plan_request's job."""
 
-    def __init__(self, pool, health):
-        self.pool, self.health = pool, health
+    def __init__(self, pool):
+        self.pool = pool
 
     # -- sending --------------------------------------------------------------------------------
     def _send(self, prov, path, headers, payload):
@@ -2114,7 +2114,7 @@ class Router:
         self.settings = self.catalogue.settings
         self.health = Health(self.settings)
         self.pool = Pool()
-        self.dispatcher = Dispatcher(self.pool, self.health)
+        self.dispatcher = Dispatcher(self.pool)
         self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         self.data_dir = data_dir or default_data_dir()
 

@@ -30,6 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import router as R  # noqa: E402
 
+R.log.addHandler(logging.NullHandler())   # keep expected warnings out of the test output
+
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
 
 
@@ -202,7 +204,7 @@ class FakeProvider:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def base_url(self):
@@ -478,7 +480,7 @@ class Harness:
         self.router = R.Router(cfg, env or {}, "test-config")
         self.server = R.serve(self.router, "127.0.0.1", 0)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def call(self, method, path, body=None, headers=None, timeout=20):
@@ -1004,3 +1006,402 @@ class DecoderUnitTests(unittest.TestCase):
                   b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
         resp = R.fold_events(sum((dec.feed(c) for c in chunks), []) + dec.close())
         self.assertEqual(resp["content"], [{"type": "thinking", "text": "ab"}, {"type": "text", "text": "Answer"}])
+
+
+# =================================================================================================
+# Model names and failover
+# =================================================================================================
+
+class ModelNameTests(RouterCase):
+    def test_route_provider_model_and_bare_id(self):
+        for model, fake, prov in (("chat", "oa", "oa"), ("oa/gpt-test", "oa", "oa"), ("gpt-test", "oa", "oa"),
+                                  ("claude-test", "an", "an"), ("gpt-backup", "oa2", "oa2")):
+            with self.subTest(model=model):
+                self.setUp()
+                r, _ = self.ask("openai", client_body("openai", model, False))
+                self.assertEqual(r.headers["x-router-provider"], prov)
+                self.assertEqual(len(getattr(self, fake).requests), 1)
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-route"], "chat")
+
+    def test_unknown_model_is_404_in_client_dialect_listing_models(self):
+        r = self.post("openai", client_body("openai", "no-such-model", False))
+        self.assertEqual(r.status, 404)
+        err = r.json()["error"]
+        self.assertEqual(err["type"], "not_found_error")
+        self.assertIn("no-such-model", err["message"])
+        self.assertIn("oa/gpt-test", err["message"])
+        self.assertIn("chat", err["message"])
+        r = self.post("anthropic", client_body("anthropic", "no-such-model", False))
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.json()["type"], "error")
+        self.assertEqual(r.json()["error"]["type"], "not_found_error")
+
+    def test_disabled_provider_model_says_why(self):
+        r = self.post("openai", client_body("openai", "nokey/locked", False))
+        self.assertEqual(r.status, 404)
+        self.assertIn("NOT_SET_ANYWHERE", r.json()["error"]["message"])
+
+    def test_explicit_model_fails_over_to_default_route(self):
+        self.oa.push(Reply(status=503))
+        r, got = self.ask("openai", client_body("openai", "oa/gpt-test", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        self.assertEqual(r.headers["x-router-attempts"], "2")
+
+    def test_route_header_picks_a_route(self):
+        r, _ = self.ask("openai", client_body("openai", "whatever-name", False), {"X-Router-Route": "claude-first"})
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+
+FAILOVER_STATUSES = (408, 409, 429, 500, 502, 503, 529)
+
+
+class FailoverTests(RouterCase):
+    def test_failover_statuses_reach_next_candidate(self):
+        for status in FAILOVER_STATUSES:
+            for stream in (False, True):
+                with self.subTest(status=status, stream=stream):
+                    self.setUp()
+                    self.oa.push(Reply(status=status, body={"error": {"message": f"status {status}"}}))
+                    self.an.push(Reply(text="from anthropic"))
+                    r, got = self.ask("openai", client_body("openai", "chat", stream))
+                    self.assertEqual(got["text"], "from anthropic")
+                    self.assertEqual(r.headers["x-router-provider"], "an")
+                    self.assertEqual(r.headers["x-router-attempts"], "2")
+
+    def test_connect_error_fails_over(self):
+        r, got = self.ask("anthropic", client_body("anthropic", "deadfirst", True))
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        self.assertTrue(got["done"])
+
+    def test_first_byte_timeout_fails_over(self):
+        self.oa.push(Reply(stall="headers"))
+        r, got = self.ask("openai", client_body("openai", "slowfirst", True))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_stall_before_first_event_fails_over(self):
+        self.oa.push(Reply(stall="body"))
+        r, got = self.ask("openai", client_body("openai", "slowfirst", True))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_in_stream_error_before_content_fails_over(self):
+        for client in ("openai", "anthropic"):
+            with self.subTest(client=client):
+                self.setUp()
+                self.an.push(Reply(error_first=True))
+                r, got = self.ask(client, client_body(client, "claude-first", True))
+                self.assertEqual(r.headers["x-router-provider"], "oa")
+                self.assertIsNone(got["error"])
+
+    def test_empty_reply_fails_over_and_is_the_last_resort(self):
+        self.oa.push(Reply(empty=True))
+        r, got = self.ask("openai", client_body("openai", "chat", True))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        # Every candidate empty: the client gets the (empty) answer, not an error.
+        self.setUp()
+        for f in (self.oa, self.an, self.oa2):
+            f.push(Reply(empty=True))
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                for f in (self.oa, self.an, self.oa2):
+                    f.push(Reply(empty=True))
+                r, got = self.ask("openai", client_body("openai", "chat", stream))
+                self.assertEqual(got["text"], "")
+                self.assertEqual(got["finish"], "stop")
+
+    def test_next_key_is_tried_before_next_candidate(self):
+        self.oa.push(Reply(status=429, headers={"Retry-After": "20"}), Reply(text="second key"))
+        r, got = self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(got["text"], "second key")
+        self.assertEqual([q["headers"]["authorization"] for q in self.oa.requests],
+                         ["Bearer sk-pool-A", "Bearer sk-pool-B"])
+        self.assertEqual(r.headers["x-router-attempts"], "1")
+        # The rate-limited key now cools down: the next request starts with key B.
+        self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer sk-pool-B")
+
+    def test_401_disables_the_key_until_reload(self):
+        self.oa.push(Reply(status=401, body={"error": {"message": "bad key"}}))
+        self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual([q["headers"]["authorization"] for q in self.oa.requests],
+                         ["Bearer sk-pool-A", "Bearer sk-pool-B", "Bearer sk-pool-B"])
+
+    def test_403_on_every_key_moves_to_next_candidate(self):
+        self.oa.push(Reply(status=403), Reply(status=403))
+        r, _ = self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+
+    def test_context_length_error_moves_on(self):
+        self.oa.push(Reply(status=400, body={"error": {"message": "This model's maximum context length is 8192 tokens",
+                                                       "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.an.push(Reply(status=400, body={"type": "error", "error": {"type": "invalid_request_error",
+                                                                        "message": "prompt is too long: 300000 tokens > 200000 maximum"}}))
+        r, _ = self.ask("openai", client_body("openai", "claude-first", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+
+    def test_other_4xx_is_returned_as_is(self):
+        bad = {"error": {"message": "temperature: bad", "type": "invalid_request_error", "param": "temperature", "code": None}}
+        self.oa.push(Reply(status=400, body=bad))
+        r = self.post("openai", client_body("openai", "chat", True))
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.body, self.oa.sent[-1], "same dialect: the provider's bytes")
+        self.assertEqual(len(self.an.requests), 0)
+        self.oa.push(Reply(status=422, body=bad))
+        r = self.post("anthropic", client_body("anthropic", "chat", False))
+        self.assertEqual(r.status, 422)
+        self.assertEqual(r.json()["error"]["type"], "invalid_request_error")
+        self.assertIn("temperature: bad", r.json()["error"]["message"])
+
+    def test_retry_after_sets_the_cooldown_and_cooling_candidates_are_skipped(self):
+        self.oa.push(Reply(status=429, headers={"Retry-After": "7"}))
+        self.ask("openai", client_body("openai", "chat", False))
+        left = self.h.router.health.left(("oa", "gpt-test"), time.monotonic())
+        self.assertTrue(6 < left <= 7, left)
+        n = len(self.oa.requests)
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.assertEqual(len(self.oa.requests), n, "a cooling candidate is not tried while others are healthy")
+        health = call(self.h.port, "GET", "/health").json()
+        self.assertIn("oa/gpt-test", health["cooling_down"])
+
+    def test_cooldown_grows_and_success_resets(self):
+        hl = self.h.router.health
+        for _ in range(3):
+            hl.fail(("x", "y"))
+        self.assertGreater(hl.left(("x", "y"), time.monotonic()), 100)
+        hl.ok(("x", "y"))
+        self.assertEqual(hl.left(("x", "y"), time.monotonic()), 0)
+
+    def test_all_cooling_still_tries_the_soonest(self):
+        hl = self.h.router.health
+        hl.fail(("oa", "gpt-test"), 50)
+        hl.fail(("an", "claude-test"), 5)
+        hl.fail(("oa2", "gpt-backup"), 100)
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_all_rate_limited_is_429_with_retry_after(self):
+        for f, ra in ((self.oa, "9"), (self.an, "4"), (self.oa2, "12")):
+            f.push(Reply(status=429, headers={"Retry-After": ra}, body={"error": {"message": "slow down"}}))
+        for dialect in ("openai", "anthropic"):
+            with self.subTest(dialect=dialect):
+                if dialect == "anthropic":
+                    self.setUp()
+                    for f, ra in ((self.oa, "9"), (self.an, "4"), (self.oa2, "12")):
+                        f.push(Reply(status=429, headers={"Retry-After": ra}, body={"error": {"message": "slow down"}}))
+                r = self.post(dialect, client_body(dialect, "chat", True))
+                self.assertEqual(r.status, 429)
+                self.assertEqual(r.headers["retry-after"], "4")
+                msg = r.json()["error"]["message"]
+                for name in ("oa/gpt-test", "an/claude-test", "oa2/gpt-backup"):
+                    self.assertIn(name, msg)
+
+    def test_all_failed_mixed_is_502_listing_attempts(self):
+        self.oa.push(Reply(status=500, body={"error": {"message": "kaput"}}))
+        self.an.push(Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+        self.oa2.push(Reply(status=502))
+        r = self.post("anthropic", client_body("anthropic", "chat", False))
+        self.assertEqual(r.status, 502)
+        err = r.json()["error"]
+        self.assertEqual(err["type"], "api_error")
+        self.assertIn("oa/gpt-test: HTTP 500: kaput", err["message"])
+        self.assertIn("an/claude-test: HTTP 529: Overloaded", err["message"])
+
+    def test_failure_after_first_byte_is_an_error_event(self):
+        for client, model, fake in (("openai", "oa/gpt-test", "oa"), ("anthropic", "oa/gpt-test", "oa"),
+                                    ("anthropic", "an/claude-test", "an"), ("openai", "an/claude-test", "an")):
+            for how in ("cut", "stall"):
+                with self.subTest(client=client, model=model, how=how):
+                    self.setUp()
+                    kw = {"cut_after": 3} if how == "cut" else {"stall_after": 3}
+                    if how == "stall":
+                        model = model.replace("oa/gpt-test", "slow/sloth")
+                        if "slow" not in model:
+                            continue
+                    getattr(self, fake).push(Reply(text="a long answer that will break", **kw))
+                    r = self.post(client, client_body(client, model, True))
+                    self.assertEqual(r.status, 200)
+                    got = READERS[client](r, True)
+                    self.assertTrue(got["text"], "some content arrived before the failure")
+                    self.assertIsNotNone(got["error"], r.body)
+                    if client == "openai":
+                        self.assertTrue(r.body.endswith(b"data: [DONE]\n\n"))
+                    else:
+                        self.assertFalse(got["done"], "no message_stop after an error")
+
+
+class FrontTests(RouterCase):
+    def test_health_head_and_unknown_paths(self):
+        self.assertEqual(self.h.call("HEAD", "/").status, 200)
+        self.assertEqual(self.h.call("GET", "/health").json()["status"], "ok")
+        r = self.h.call("GET", "/v1/nothing")
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.json()["error"]["type"], "not_found_error")
+        r = self.h.call("POST", "/v1/messages/nothing", {}, {"anthropic-version": "2023-06-01"})
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.json()["type"], "error")
+        r = self.h.call("GET", "/v1/chat/completions")
+        self.assertEqual(r.status, 405)
+
+    def test_query_strings_and_unprefixed_paths(self):
+        r, _ = self.ask("anthropic", client_body("anthropic", "an/claude-test", True), None)
+        r = self.h.call("POST", "/v1/messages?beta=true", client_body("anthropic", "an/claude-test", False))
+        self.assertEqual(r.status, 200)
+        r = self.h.call("POST", "/chat/completions", client_body("openai", "oa/gpt-test", False))
+        self.assertEqual(r.status, 200)
+
+    def test_models_list_in_both_shapes(self):
+        oa = self.h.call("GET", "/v1/models").json()
+        ids = {m["id"] for m in oa["data"]}
+        self.assertEqual(oa["object"], "list")
+        self.assertTrue({"chat", "oa/gpt-test", "an/claude-test", "gpt-test", "claude-test"} <= ids)
+        self.assertNotIn("shared-model", ids, "a bare id served by two providers is ambiguous")
+        self.assertNotIn("nokey/locked", ids)
+        an = self.h.call("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
+        self.assertEqual(an["data"][0]["type"], "model")
+        self.assertFalse(an["has_more"])
+        one = self.h.call("GET", "/v1/models/oa/gpt-test").json()
+        self.assertEqual(one["id"], "oa/gpt-test")
+
+    def test_count_tokens_forwarded_or_estimated(self):
+        self.an.push(Reply(count=4242))
+        body = {"model": "an/claude-test", "messages": [{"role": "user", "content": "hello there"}]}
+        r = self.h.call("POST", "/v1/messages/count_tokens?beta=true", body, {"anthropic-beta": "b1"})
+        self.assertEqual(r.json(), {"input_tokens": 4242})
+        self.assertEqual(self.an.requests[-1]["path"], "/v1/messages/count_tokens")
+        self.assertEqual(self.an.requests[-1]["body"]["model"], "claude-test")
+        body = {"model": "oa/gpt-test", "system": "s" * 400, "messages": [{"role": "user", "content": "x" * 4000}]}
+        n = self.h.call("POST", "/v1/messages/count_tokens", body).json()["input_tokens"]
+        self.assertTrue(900 < n < 1300, n)
+        self.assertEqual(len(self.oa.requests), 0)
+
+    def test_bad_input_names_the_field_in_the_clients_dialect(self):
+        cases = [
+            ("openai", b"{not json", "body"),
+            ("openai", b"", "body"),
+            ("openai", {"model": "chat"}, "messages"),
+            ("openai", {"model": 5, "messages": []}, "model"),
+            ("openai", {"model": "chat", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+            ("anthropic", {"model": "chat", "max_tokens": "lots", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+            ("anthropic", {"model": "chat", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+             "messages[0].content[0].source.data"),
+            ("anthropic", {"model": "chat", "max_tokens": 5, "messages": "hi"}, "messages"),
+            ("anthropic", [1, 2], "body"),
+        ]
+        for dialect, body, field in cases:
+            with self.subTest(body=str(body)[:60]):
+                r = self.post(dialect, body)
+                self.assertEqual(r.status, 400, r)
+                obj = r.json()
+                if dialect == "openai":
+                    self.assertEqual(obj["error"]["type"], "invalid_request_error")
+                else:
+                    self.assertEqual(obj["type"], "error")
+                    self.assertEqual(obj["error"]["type"], "invalid_request_error")
+                self.assertTrue(obj["error"]["message"].startswith(field), obj["error"]["message"])
+        self.assertEqual(len(self.oa.requests) + len(self.an.requests) + len(self.oa2.requests), 0)
+
+    def test_keep_alive_and_chunked_request_bodies(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.h.port, timeout=10)
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", json.dumps(client_body("openai", "oa/gpt-test", True)),
+                         {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            self.assertEqual(r.status, 200)
+            self.assertIn(b"[DONE]", r.read())
+        body = json.dumps(client_body("openai", "oa/gpt-test", False)).encode()
+        conn.request("POST", "/v1/chat/completions", iter([body[:10], body[10:]]),
+                     {"Content-Type": "application/json"}, encode_chunked=True)
+        r = conn.getresponse()
+        self.assertEqual(r.status, 200, r.read())
+        r.read()
+        conn.close()
+
+    def test_upstream_connections_are_pooled_and_stale_ones_retried(self):
+        before = self.oa.connections
+        for _ in range(20):
+            self.ask("openai", client_body("openai", "oa/gpt-test", False))
+        self.assertLessEqual(self.oa.connections - before, 2)
+        # The provider drops each connection after answering, without saying so: no request fails.
+        for _ in range(5):
+            self.oa.push(Reply(close=True))
+        for _ in range(5):
+            self.ask("openai", client_body("openai", "oa/gpt-test", False))
+
+    def test_keys_never_appear_in_replies_or_logs(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        R.log.addHandler(handler)
+        old = R.log.level
+        R.log.setLevel(logging.DEBUG)
+        try:
+            self.oa.push(Reply(status=401), Reply(status=401))
+            self.an.push(Reply(status=500))
+            self.oa2.push(Reply(status=500))
+            bodies = [self.post("openai", client_body("openai", "pool/pooled", False)).body,
+                      self.post("openai", client_body("openai", "chat", False)).body,
+                      self.h.call("GET", "/health").body, self.h.call("GET", "/v1/models").body,
+                      self.post("openai", client_body("openai", "nope", False)).body]
+        finally:
+            R.log.removeHandler(handler)
+            R.log.setLevel(old)
+        text = b"".join(bodies).decode() + stream.getvalue()
+        self.assertIn("rejected", stream.getvalue())
+        for secret in ("SECRET", "sk-pool-A", "sk-pool-B"):
+            self.assertNotIn(secret, text)
+
+
+class AuthTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.oa = FakeProvider("openai")
+        cfg = {"providers": {"oa": {"api": "openai", "base_url": cls.oa.base_url, "api_key": "k", "models": {"m": {}}}},
+               "routes": {}, "settings": {"max_body_bytes": 2000, "client_header_timeout": 0.5,
+                                                "client_body_timeout": 0.5}}
+        cls.h = Harness(cfg, {"SAGE_ROUTER_API_KEY": "router-key-123"})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.h.close()
+        cls.oa.close()
+
+    def test_router_key_is_required_and_accepted_both_ways(self):
+        body = client_body("openai", "m", False)
+        r = self.h.call("POST", "/v1/chat/completions", body)
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        r = self.h.call("POST", "/v1/messages", client_body("anthropic", "m", False), {"x-api-key": "wrong"})
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        self.assertEqual(self.h.call("POST", "/v1/chat/completions", body, {"Authorization": "Bearer router-key-123"}).status, 200)
+        self.assertEqual(self.h.call("POST", "/v1/messages", client_body("anthropic", "m", False),
+                                     {"x-api-key": "router-key-123"}).status, 200)
+        self.assertEqual(self.h.call("GET", "/v1/models").status, 401)
+        self.assertEqual(self.h.call("GET", "/health").status, 200)
+        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer k", "the router key is not forwarded")
+
+    def test_body_limit_is_413(self):
+        body = client_body("openai", "m", False, text="x" * 5000)
+        r = self.h.call("POST", "/v1/chat/completions", body, {"Authorization": "Bearer router-key-123"})
+        self.assertEqual(r.status, 413)
+        self.assertIn("limit", r.json()["error"]["message"])
+
+    def test_slow_client_is_cut_off(self):
+        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")   # ... and never finishes
+        self.assertEqual(s.recv(100), b"", "the router closes a connection that stalls in its headers")
+        s.close()
+        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                  b"Authorization: Bearer router-key-123\r\n\r\n{\"mod")
+        data = s.recv(1000)
+        self.assertTrue(data == b"" or data.startswith(b"HTTP/1.1 408"), data)
+        s.close()

@@ -1405,3 +1405,120 @@ class AuthTests(unittest.TestCase):
         data = s.recv(1000)
         self.assertTrue(data == b"" or data.startswith(b"HTTP/1.1 408"), data)
         s.close()
+
+
+# =================================================================================================
+# SDK conformance (skipped when the SDKs are absent; CI installs them)
+# =================================================================================================
+
+try:
+    import openai
+except ImportError:
+    openai = None
+try:
+    import anthropic
+except ImportError:
+    anthropic = None
+
+
+@unittest.skipIf(openai is None, "the openai SDK is not installed")
+class OpenAISDKTests(RouterCase):
+    def client(self):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
+
+    def test_chat_whole_and_streamed_with_tools_against_both_providers(self):
+        c = self.client()
+        tools = [WEATHER_OA]
+        for model, fake in (("oa/gpt-test", self.oa), ("an/claude-test", self.an)):
+            with self.subTest(model=model, stream=False):
+                fake.push(Reply(text="Sure.", tools=[("toolu_7", "get_weather", {"city": "Paris"})]))
+                r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather?"}], tools=tools)
+                m = r.choices[0].message
+                self.assertEqual(r.choices[0].finish_reason, "tool_calls")
+                self.assertEqual(m.tool_calls[0].function.name, "get_weather")
+                self.assertEqual(json.loads(m.tool_calls[0].function.arguments), {"city": "Paris"})
+                self.assertEqual(r.usage.prompt_tokens, 11)
+                # Second turn with the tool result.
+                fake.push(Reply(text="It is sunny in Paris."))
+                r2 = c.chat.completions.create(model=model, tools=tools, messages=[
+                    {"role": "user", "content": "Weather?"}, m.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "sunny"}])
+                self.assertEqual(r2.choices[0].message.content, "It is sunny in Paris.")
+            with self.subTest(model=model, stream=True):
+                fake.push(Reply(text="Streaming!", tools=[("toolu_8", "get_weather", {"city": "Rome"})]))
+                text, args, finish, usage = "", "", None, None
+                with c.chat.completions.create(model=model, stream=True, stream_options={"include_usage": True},
+                                               messages=[{"role": "user", "content": "Weather?"}], tools=tools) as s:
+                    for chunk in s:
+                        if chunk.usage:
+                            usage = chunk.usage
+                        for ch in chunk.choices:
+                            text += ch.delta.content or ""
+                            for tc in ch.delta.tool_calls or []:
+                                args += tc.function.arguments or ""
+                            finish = ch.finish_reason or finish
+                self.assertEqual(text, "Streaming!")
+                self.assertEqual(json.loads(args), {"city": "Rome"})
+                self.assertEqual(finish, "tool_calls")
+                self.assertEqual(usage.completion_tokens, 7)
+
+    def test_sdk_errors_and_models(self):
+        c = self.client()
+        with self.assertRaises(openai.NotFoundError):
+            c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+        for f in (self.oa, self.an, self.oa2):
+            f.push(Reply(status=429, headers={"Retry-After": "3"}))
+        with self.assertRaises(openai.RateLimitError):
+            c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+        self.an.push(Reply(cut_after=4, text="abcdefghijklmnop"))
+        with self.assertRaises(openai.APIError):
+            for _ in c.chat.completions.create(model="an/claude-test", stream=True,
+                                               messages=[{"role": "user", "content": "x"}]):
+                pass
+        self.assertIn("chat", [m.id for m in c.models.list()])
+
+
+@unittest.skipIf(anthropic is None, "the anthropic SDK is not installed")
+class AnthropicSDKTests(RouterCase):
+    def client(self):
+        return anthropic.Anthropic(base_url=f"http://127.0.0.1:{self.h.port}", api_key="unused", max_retries=0)
+
+    def test_messages_whole_and_streamed_with_tools_against_both_providers(self):
+        c = self.client()
+        for model, fake in (("an/claude-test", self.an), ("oa/gpt-test", self.oa)):
+            with self.subTest(model=model, stream=False):
+                fake.push(Reply(text="Let me check.", thinking="need weather", tools=[("call_5", "get_weather", {"city": "Oslo"})]))
+                m = c.messages.create(model=model, max_tokens=200, tools=[WEATHER_AN],
+                                      messages=[{"role": "user", "content": "Weather?"}])
+                self.assertEqual(m.stop_reason, "tool_use")
+                tu = [b for b in m.content if b.type == "tool_use"][0]
+                self.assertEqual((tu.name, tu.input), ("get_weather", {"city": "Oslo"}))
+                fake.push(Reply(text="Cold."))
+                m2 = c.messages.create(model=model, max_tokens=200, tools=[WEATHER_AN], messages=[
+                    {"role": "user", "content": "Weather?"},
+                    {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tu.id, "content": "-3C"}]}])
+                self.assertEqual(m2.content[0].text, "Cold.")
+            with self.subTest(model=model, stream=True):
+                fake.push(Reply(text="Streamed reply.", thinking="hmm", tools=[("call_6", "get_weather", {"city": "Lima"})]))
+                with c.messages.stream(model=model, max_tokens=200, tools=[WEATHER_AN],
+                                       messages=[{"role": "user", "content": "Weather?"}]) as s:
+                    final = s.get_final_message()
+                kinds = [b.type for b in final.content]
+                self.assertEqual(kinds, ["thinking", "text", "tool_use"])
+                self.assertEqual(final.content[1].text, "Streamed reply.")
+                self.assertEqual(final.content[2].input, {"city": "Lima"})
+                self.assertEqual(final.stop_reason, "tool_use")
+                self.assertEqual(final.usage.output_tokens, 7)
+
+    def test_sdk_errors_count_tokens_and_models(self):
+        c = self.client()
+        with self.assertRaises(anthropic.NotFoundError):
+            c.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        n = c.messages.count_tokens(model="oa/gpt-test", messages=[{"role": "user", "content": "hello " * 100}])
+        self.assertGreater(n.input_tokens, 50)
+        self.oa.push(Reply(cut_after=4, text="abcdefghijklmnop"))
+        with self.assertRaises(anthropic.APIStatusError):
+            with c.messages.stream(model="oa/gpt-test", max_tokens=20, messages=[{"role": "user", "content": "x"}]) as s:
+                s.get_final_message()
+        self.assertIn("chat", [m.id for m in c.models.list()])

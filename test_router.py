@@ -1173,6 +1173,9 @@ class FailoverTests(RouterCase):
         for _ in range(3):
             hl.fail(("x", "y"))
         self.assertGreater(hl.left(("x", "y"), time.monotonic()), 100)
+        for _ in range(5000):   # a provider down for days: capped, never an overflow
+            hl.fail(("x", "y"))
+        self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), R.DEFAULT_SETTINGS["max_cooldown_seconds"])
         hl.ok(("x", "y"))
         self.assertEqual(hl.left(("x", "y"), time.monotonic()), 0)
 
@@ -1522,3 +1525,185 @@ class AnthropicSDKTests(RouterCase):
             with c.messages.stream(model="oa/gpt-test", max_tokens=20, messages=[{"role": "user", "content": "x"}]) as s:
                 s.get_final_message()
         self.assertIn("chat", [m.id for m in c.models.list()])
+
+
+# =================================================================================================
+# Benchmark (not a test): python3 test_router.py bench
+# =================================================================================================
+
+BENCH_REPLY = json.dumps(openai_json(Reply(text="Hello from the fast fake."), "m")).encode()
+BENCH_STREAM = b"".join(openai_events(Reply(text="Hello from the fast fake, streamed."), "m", True))
+
+
+def fast_fake_main(port_q):
+    """A minimal asyncio HTTP/1.1 OpenAI-compatible provider (one process, no http.server
+    parsing), so that the provider is never the bottleneck. GET /connections tells how many TCP
+    connections it has accepted."""
+    import asyncio
+    state = {"conns": 0}
+
+    async def handle(reader, writer):
+        state["conns"] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length) if length else b""
+                if head.startswith(b"GET /connections"):
+                    data = str(state["conns"]).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+                elif b'"stream":true' in body or b'"stream": true' in body:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(BENCH_STREAM), BENCH_STREAM))
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(BENCH_REPLY), BENCH_REPLY))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        writer.close()
+
+    async def main():
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+        port_q.put(srv.sockets[0].getsockname()[1])
+        await srv.serve_forever()
+    asyncio.run(main())
+
+
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wrk(url, body, conc, seconds):
+    """Run wrk (Debian package) and return (requests/s, p50 ms, p99 ms, requests)."""
+    import re
+    import shutil
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = {json.dumps(body.decode())}\n")
+        script = f.name
+    threads = max(1, min(conc, 2))
+    out = subprocess.run([shutil.which("wrk"), f"-t{threads}", f"-c{conc}", f"-d{seconds}s", "--latency", "-s", script, url],
+                         capture_output=True, text=True).stdout
+    os.unlink(script)
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+        v = float(m.group(1))
+        return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        print("   wrk reported errors:", errors.group(0))
+    return rps, ms("50"), ms("99"), reqs
+
+
+def _py_latencies(port, path, body, n, stream=False):
+    """Sequential requests on one keep-alive connection; per-request wall times (and time to the
+    first body byte when streaming)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if stream:
+            r.read1(1)
+            times.append(time.perf_counter() - t0)
+            r.read()
+        else:
+            r.read()
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    times.sort()
+    return times
+
+
+def bench():
+    import multiprocessing
+    import shutil
+    q = multiprocessing.Queue()
+    fake = multiprocessing.Process(target=fast_fake_main, args=(q,), daemon=True)
+    fake.start()
+    fport = q.get(timeout=10)
+    tmp = tempfile.mkdtemp()
+    cfg = {"providers": {"fast": {"api": "openai", "base_url": f"http://127.0.0.1:{fport}/v1", "api_key": "k",
+                                  "models": {"m": {}}}}, "routes": {"default": ["fast/m"]}}
+    with open(os.path.join(tmp, "providers.json"), "w") as f:
+        json.dump(cfg, f)
+    rport = closed_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(rport), "--config",
+                             os.path.join(tmp, "providers.json"), "--env-file", "/dev/null", "--data-dir", tmp,
+                             "--log-level", "warning"], cwd=tmp)
+    while True:
+        try:
+            call(rport, "GET", "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.002)
+    startup = time.perf_counter() - t0
+    time.sleep(0.5)
+    rss_idle = _rss_kb(proc.pid)
+    body = json.dumps({"model": "fast/m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 20}).encode()
+    sbody = json.dumps({"model": "fast/m", "messages": [{"role": "user", "content": "Say hello."}], "stream": True}).encode()
+    abody = json.dumps({"model": "fast/m", "max_tokens": 20, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+    direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
+    routed = f"http://127.0.0.1:{rport}/v1/chat/completions"
+    print(f"Sage Router benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, fake provider: asyncio "
+          f"process; load: {'wrk' if shutil.which('wrk') else 'python client processes'}")
+    print(f"start-up (spawn to first /health answer): {startup * 1000:.0f} ms")
+    print(f"RSS idle: {rss_idle / 1024:.1f} MB")
+    # Warm up, and count upstream connections over 1,000 sequential requests.
+    _py_latencies(rport, "/v1/chat/completions", body, 200)
+    c0 = int(call(fport, "GET", "/connections").body)
+    _py_latencies(rport, "/v1/chat/completions", body, 1000)
+    c1 = int(call(fport, "GET", "/connections").body)
+    print(f"upstream connections opened per 1,000 sequential requests: {c1 - c0}")
+    # Latency at concurrency 1 (python client, keep-alive) and streaming first byte.
+    d = _py_latencies(fport, "/v1/chat/completions", body, 2000)
+    r = _py_latencies(rport, "/v1/chat/completions", body, 2000)
+    p = lambda xs, q: xs[int(len(xs) * q)] * 1000  # noqa: E731
+    print(f"concurrency 1: direct p50 {p(d, .5):.3f} ms p99 {p(d, .99):.3f} ms | via router p50 {p(r, .5):.3f} ms "
+          f"p99 {p(r, .99):.3f} ms | added p50 {p(r, .5) - p(d, .5):.3f} ms, p99 {p(r, .99) - p(d, .99):.3f} ms")
+    ds = _py_latencies(fport, "/v1/chat/completions", sbody, 1000, stream=True)
+    rs = _py_latencies(rport, "/v1/chat/completions", sbody, 1000, stream=True)
+    print(f"streaming time to first byte: direct p50 {p(ds, .5):.3f} ms, via router {p(rs, .5):.3f} ms, "
+          f"overhead {p(rs, .5) - p(ds, .5):.3f} ms")
+    ta = _py_latencies(rport, "/v1/messages", abody, 1000)
+    print(f"translated (Anthropic client -> OpenAI provider) p50 {p(ta, .5):.3f} ms, added {p(ta, .5) - p(d, .5):.3f} ms")
+    if shutil.which("wrk"):
+        for conc in (1, 10, 64):
+            drps, dp50, dp99, _ = _wrk(direct, body, conc, 4)
+            cpu0 = _cpu_s(proc.pid)
+            rrps, rp50, rp99, n = _wrk(routed, body, conc, 4)
+            cpu = (_cpu_s(proc.pid) - cpu0) / max(1, n) * 1000
+            print(f"wrk concurrency {conc:>2}: direct {drps:8.0f} req/s p50 {dp50:.3f} ms p99 {dp99:.3f} ms | router "
+                  f"{rrps:7.0f} req/s p50 {rp50:.3f} ms p99 {rp99:.3f} ms | added p50 {rp50 - dp50:.3f} ms "
+                  f"p99 {rp99 - dp99:.3f} ms | router CPU {cpu:.3f} ms/request")
+            if conc == 64:
+                print(f"RSS under load (after c=64): {_rss_kb(proc.pid) / 1024:.1f} MB")
+    proc.terminate()
+    proc.wait(10)
+    fake.terminate()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+        bench()
+    else:
+        unittest.main()

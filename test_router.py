@@ -31,6 +31,8 @@ sys.path.insert(0, HERE)
 import router as R  # noqa: E402
 
 R.log.addHandler(logging.NullHandler())   # keep expected warnings out of the test output
+_STDLIB_PARSE_HEADERS = http.client.parse_headers
+R.install_fast_header_parser()              # as router.py's main() does: the suite runs what ships
 
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
 
@@ -649,6 +651,31 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(cat.providers["anthropic"].base_path, "")
         self.assertEqual(cat.providers["openai"].base_path, "/v1")
         self.assertTrue(R.Catalogue(cfg, {"OLLAMA_ENABLED": "1"}).providers["ollama"].enabled)
+
+
+class HeaderParserTests(unittest.TestCase):
+    def test_fast_parser_matches_the_stdlib(self):
+        blocks = [
+            b"Host: x\r\nContent-Length: 12\r\nX-Dup: a\r\nx-dup: b\r\n\r\nBODY",
+            b"Content-Type:application/json\nTransfer-Encoding:  chunked \n\n",
+            b"A: 1\r\nFolded: one\r\n  two\r\nAnthropic-Beta: a,b\r\n\r\n",
+            b"Empty:\r\nUTF: caf\xc3\xa9\r\n\r\n",
+            b"\r\n",
+        ]
+        for raw in blocks:
+            with self.subTest(raw=raw):
+                fast = R.fast_parse_headers(io.BytesIO(raw))
+                std = _STDLIB_PARSE_HEADERS(io.BytesIO(raw))
+                self.assertEqual([(k.lower(), " ".join(v.split())) for k, v in fast.items()],
+                                 [(k.lower(), " ".join(v.split())) for k, v in std.items()])
+                for name in ("content-length", "HOST", "x-dup", "folded", "missing"):
+                    self.assertEqual(fast.get(name) and " ".join(fast.get(name).split()),
+                                     std.get(name) and " ".join(std.get(name).split()))
+                self.assertEqual(fast.get_all("X-Dup"), std.get_all("X-Dup"))
+        with self.assertRaises(http.client.HTTPException):
+            R.fast_parse_headers(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n"))
+        with self.assertRaises(http.client.LineTooLong):
+            R.fast_parse_headers(io.BytesIO(b"H: " + b"v" * 70000 + b"\r\n\r\n"))
 
 
 class ProcessTests(unittest.TestCase):

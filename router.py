@@ -844,8 +844,10 @@ def openai_encode_request(req, model_id, provider, model_meta):
         if req.get("parallel_tool_calls") is not None:
             body["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
     r = req.get("reasoning")
-    if r and r.get("effort") and r["effort"] in ("minimal", "low", "medium", "high"):
-        body["reasoning_effort"] = r["effort"]
+    if r and r.get("enabled") and model_meta.get("reasoning"):
+        # Only for models marked "reasoning": true; others reject the parameter with a 400.
+        effort = r.get("effort") or ("high" if (r.get("budget_tokens") or 0) >= 16000 else "medium")
+        body["reasoning_effort"] = effort if effort in ("minimal", "low", "medium", "high") else "high"
     if req.get("user"):
         body["user"] = req["user"][:256]
     if req["stream"]:

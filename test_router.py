@@ -515,7 +515,7 @@ class RouterCase(unittest.TestCase):
         cls.cfg = {
             "providers": {
                 "oa": {"api": "openai", "base_url": cls.oa.base_url, "api_key": "sk-oa-SECRET-1",
-                       "models": {"gpt-test": {}, "shared-model": {}}},
+                       "models": {"gpt-test": {}, "shared-model": {}, "o-think": {"reasoning": True}}},
                 "an": {"api": "anthropic", "base_url": cls.an.base_url, "api_key": "sk-ant-SECRET-1",
                        "models": {"claude-test": {"max_output": 8192}, "shared-model": {}}},
                 "oa2": {"api": "openai", "base_url": cls.oa2.base_url, "api_key": "sk-oa2-SECRET",
@@ -913,6 +913,16 @@ class TranslationTests(RouterCase):
                 self.an.push(Reply(text="42", thinking="six times seven", signature="EqRealSig"))
                 _r, got = self.ask("anthropic", client_body("anthropic", "an/claude-test", stream))
                 self.assertEqual(got["signatures"], ["EqRealSig"])
+
+    def test_reasoning_effort_only_for_reasoning_models(self):
+        body = client_body("anthropic", "oa/gpt-test", False)
+        body["thinking"] = {"type": "enabled", "budget_tokens": 2048}
+        self.ask("anthropic", body)
+        self.assertNotIn("reasoning_effort", self.oa.requests[-1]["body"], "plain models reject it")
+        body["model"] = "oa/o-think"
+        body["output_config"] = {"effort": "low"}
+        self.ask("anthropic", body)
+        self.assertEqual(self.oa.requests[-1]["body"]["reasoning_effort"], "low")
 
     def test_router_signed_thinking_is_not_sent_to_anthropic(self):
         body = client_body("anthropic", "an/claude-test", False)

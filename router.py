@@ -785,7 +785,7 @@ class OpenAIStreamEncoder:
         return b""
 
 
-def openai_encode_request(req, model_id, provider, model_meta):
+def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     """Neutral request -> OpenAI Chat Completions body for an OpenAI-compatible provider."""
     out = []
     sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
@@ -1517,7 +1517,7 @@ CODECS = {
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
         stream_encoder=lambda model, req, est: OpenAIStreamEncoder(model, req.get("include_usage")),
         encode_error=openai_encode_error,
-        encode_request=lambda req, mid, prov, meta, settings: openai_encode_request(req, mid, prov, meta),
+        encode_request=openai_encode_request,
         decode_response=openai_decode_response, stream_decoder=OpenAIStreamDecoder,
         parse_error=openai_parse_error, path="/chat/completions"),
     "anthropic": Codec(
@@ -2072,7 +2072,8 @@ class Dispatcher:
                 held.append(ev)
                 if k == "end":
                     if not any(e[0] in CONTENT_EVENTS for e in held):
-                        raise Failover("empty", "empty reply", fallback=(prov, same, b"".join(held_raw), held))
+                        raise Failover("empty", "empty reply", fallback=(prov, ctx.upstream_model, same,
+                                                                        b"".join(held_raw), held))
                     committed = True
                 elif k in CONTENT_EVENTS and ctx.stream:
                     committed = True
@@ -2139,8 +2140,9 @@ class Dispatcher:
         w.finish_stream()
 
     def deliver_fallback(self, ctx, fallback):
-        prov, same, raw, events = fallback
-        ctx.provider = prov.name
+        """Every candidate failed, but one gave an empty answer: that answer is the best we have."""
+        prov, mid, same, raw, events = fallback
+        ctx.provider, ctx.upstream_model = prov.name, mid
         self._deliver(ctx, prov, same, raw, events)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import fnmatch
 import hashlib
 import hmac
 import http.client
@@ -70,6 +71,8 @@ DEFAULT_SETTINGS = {
     "max_body_bytes": 32 * 1024 * 1024,
     "cooldown_seconds": 30.0,        # first cooldown of a failed candidate (doubles, capped)
     "max_cooldown_seconds": 600.0,
+    "quota_cooldown_seconds": 3600.0,  # cooldown after a quota or billing error
+    "breaker_threshold": 1,          # consecutive failures that open a candidate's breaker
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
     "verify_tls": True,
 }
@@ -81,6 +84,11 @@ PROVIDER_KEYS = {
     "discover", "description",
 }
 PROVIDER_APIS = ("openai", "anthropic")
+AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
+
+
+def _is_glob(s):
+    return any(c in s for c in "*?[")
 
 
 class ConfigError(Exception):
@@ -163,7 +171,7 @@ def _num(v):
 def validate_config(cfg, file):
     """Check the shape of a parsed providers.json. Raises ConfigError naming the first problem."""
     _check(isinstance(cfg, dict), file, "(top level)", "a JSON object with \"providers\" and \"routes\"")
-    known = {"providers", "routes", "settings", "description", "$schema", "_comment"}
+    known = {"providers", "routes", "aliases", "strict", "settings", "description", "$schema", "_comment"}
     for k in cfg:
         _check(k in known, file, k, f"unknown top-level key; expected one of {sorted(known)}")
     providers = cfg.get("providers", {})
@@ -192,6 +200,14 @@ def validate_config(cfg, file):
                 for f in ("context_window", "max_output"):
                     _check(f not in meta or (isinstance(meta[f], int) and meta[f] > 0), file,
                            f"{at}.models.{mid}.{f}", "a positive integer")
+                for f in ("tools", "reasoning"):
+                    _check(f not in meta or isinstance(meta[f], bool), file, f"{at}.models.{mid}.{f}", "true or false")
+                _check("input" not in meta or (isinstance(meta["input"], list) and
+                                               set(meta["input"]) <= {"text", "image"}), file,
+                       f"{at}.models.{mid}.input", "a list of \"text\" and \"image\"")
+                _check("cost" not in meta or (isinstance(meta["cost"], dict) and all(
+                    k in ("input", "output", "cached") and _num(v) and v >= 0 for k, v in meta["cost"].items())),
+                    file, f"{at}.models.{mid}.cost", "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens")
         _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers", "an object of header: value")
         for f in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
             _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}", "a positive number of seconds")
@@ -206,8 +222,15 @@ def validate_config(cfg, file):
                f"routes.{name}", "a list of \"PROVIDER/MODEL\" strings")
         for entry in lst:
             prov = entry.split("/", 1)[0]
-            _check("/" in entry and prov in providers, file, f"routes.{name}",
-                   f"\"{entry}\" must be PROVIDER/MODEL with PROVIDER one of {sorted(providers)}")
+            _check("/" in entry and (prov in providers or _is_glob(prov)), file, f"routes.{name}",
+                   f"\"{entry}\" must be PROVIDER/MODEL (globs allowed) with PROVIDER one of {sorted(providers)}")
+    aliases = cfg.get("aliases", {})
+    _check(isinstance(aliases, dict), file, "aliases", "an object mapping a model-name glob to a route name")
+    for pat, target in aliases.items():
+        _check(isinstance(target, str) and (target in routes or target in AUTO_NAMES or
+                                            target.split("/", 1)[0] in providers),
+               file, f"aliases.{pat}", f"a route name (one of {sorted(set(routes) | set(AUTO_NAMES))}) or PROVIDER/MODEL")
+    _check(isinstance(cfg.get("strict", False), bool), file, "strict", "true or false")
     settings = cfg.get("settings", {})
     _check(isinstance(settings, dict), file, "settings", "an object of tunables")
     for k, v in settings.items():
@@ -497,6 +520,17 @@ def response_events(resp):
             yield ("tool", p["id"], p["name"])
             yield ("args", dumps(p["arguments"]))
     yield ("end", resp["stop_reason"], resp["usage"], resp.get("stop_sequence"))
+
+
+def drop_thinking(req):
+    """A copy of a neutral request without thinking blocks, for a conversation that moves to
+    another provider: their signatures are only valid where they were made. Thinking is then
+    turned off for the turn (Anthropic rejects a tool-use turn replayed without its thinking)."""
+    if not any(p["type"] in ("thinking", "redacted_thinking") for m in req["messages"] for p in m["content"]):
+        return req
+    msgs = [dict(m, content=[p for p in m["content"] if p["type"] not in ("thinking", "redacted_thinking")])
+            for m in req["messages"]]
+    return dict(req, messages=msgs, reasoning=None)
 
 
 def estimate_tokens(req):
@@ -1379,6 +1413,28 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
     return body
 
 
+def anthropic_strip_thinking(body):
+    """drop_thinking for a raw Anthropic body on the passthrough path."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return body
+    dropped = False
+    out = []
+    for m in msgs:
+        c = m.get("content") if isinstance(m, dict) else None
+        if m.get("role") == "assistant" and isinstance(c, list):
+            kept = [b for b in c if not (isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking"))]
+            if len(kept) != len(c):
+                dropped = True
+                m = dict(m, content=kept)
+        out.append(m)
+    if not dropped:
+        return body
+    body = dict(body, messages=out)
+    body.pop("thinking", None)
+    return body
+
+
 def anthropic_decode_response(body):
     parts = []
     for b in body.get("content") or []:
@@ -1642,8 +1698,61 @@ class Provider:
                 "disabled_reason": self.disabled_reason, "keys": len(self.keys), "models": sorted(self.models)}
 
 
+#: Capabilities by model name, for models without explicit metadata (explicit metadata in
+#: providers.json always wins). The first rule that sets a field wins; unset fields keep the
+#: defaults below. context_window/max_output None means "unknown": never used to skip a model.
+MODEL_RULES = [
+    (r"embed|rerank|whisper|tts|dall-e|gpt-image|moderation", {"tools": False, "chat": False}),
+    (r"claude-opus-4-[01]\b|claude-opus-4$|claude-opus-4-2025", {"max_output": 32000}),
+    (r"claude-(?:opus|sonnet|haiku)-[4-9]|claude-[4-9]|claude-3-7", {"context_window": 200000, "max_output": 64000,
+                                                                 "input": ["text", "image"], "reasoning": True}),
+    (r"claude", {"context_window": 200000, "max_output": 8192, "input": ["text", "image"]}),
+    (r"gpt-5", {"context_window": 400000, "max_output": 128000, "input": ["text", "image"], "reasoning": True}),
+    (r"gpt-4\.1", {"context_window": 1047576, "max_output": 32768, "input": ["text", "image"]}),
+    (r"gpt-4o|chatgpt-4o", {"context_window": 128000, "max_output": 16384, "input": ["text", "image"]}),
+    (r"(?:^|/)o[1-9](?:-|$)", {"context_window": 200000, "max_output": 100000, "input": ["text", "image"],
+                              "reasoning": True}),
+    (r"gemini-(?:2\.5|[3-9])", {"context_window": 1048576, "max_output": 65536, "input": ["text", "image"],
+                                "reasoning": True}),
+    (r"gemini", {"context_window": 1048576, "max_output": 8192, "input": ["text", "image"]}),
+    (r"deepseek-r1|[-/]r1(?:[-:]|$)|qwq|reason|thinking", {"reasoning": True, "tools": False}),
+    (r"deepseek", {"context_window": 131072, "max_output": 8192}),
+    (r"vision|[-_]vl\b|vl[-_:]|llava|pixtral|gemma-?3|minicpm-v|moondream|llama-?4|mistral-small-3",
+     {"input": ["text", "image"]}),
+    (r"llama-?3\.[1-3]|llama3\.[1-3]|llama-?4|nemotron", {"context_window": 131072}),
+    (r"qwen-?3|qwen3", {"context_window": 40960, "reasoning": True}),
+    (r"qwen", {"context_window": 32768}),
+    (r"mistral|mixtral|ministral|codestral|devstral", {"context_window": 32768}),
+    (r"gemma-?2|gemma:|gemma$|phi-?[1-3]|tinyllama", {"context_window": 8192, "tools": False}),
+]
+_MODEL_RULES = [(re.compile(p, re.I), caps) for p, caps in MODEL_RULES]
+CAPABILITY_DEFAULTS = {"context_window": None, "max_output": None, "input": ["text"], "tools": True,
+                       "reasoning": False, "chat": True}
+
+
+def infer_capabilities(model_id, explicit=None):
+    """Model metadata: explicit keys first, then name rules, then defaults."""
+    caps = dict(explicit or {})
+    for rx, rule in _MODEL_RULES:
+        if rx.search(model_id):
+            for k, v in rule.items():
+                caps.setdefault(k, v)
+    for k, v in CAPABILITY_DEFAULTS.items():
+        caps.setdefault(k, v)
+    return caps
+
+
+def version_key(model_id):
+    """Sort key for "newest version first": the version numbers in the name, then a date stamp
+    (claude-sonnet-4-5-20250929 > claude-sonnet-4-20250514; llama3.2 > llama3.1)."""
+    nums = [int(n) for n in re.findall(r"\d+", model_id)]
+    dates = [n for n in nums if n > 19000000]
+    return (tuple(n for n in nums if n <= 19000000), max(dates) if dates else 0)
+
+
 class Catalogue:
-    """Providers, their models, and the routes of a config. Built once per (re)load."""
+    """Providers, their models with capabilities, routes (globs expanded), aliases. Built once per
+    (re)load; read-only afterwards, so requests read it without a lock."""
 
     def __init__(self, cfg, env, source="providers.json"):
         self.source = source
@@ -1654,28 +1763,51 @@ class Catalogue:
                 self.providers[name] = Provider(name, pcfg, env, self.settings)
             except ConfigError as e:
                 raise ConfigError(source, e.key, e.expected)
-        self.routes = {}
-        for rname, entries in cfg.get("routes", {}).items():
-            cands = []
+        for entries in cfg.get("routes", {}).values():   # exact route entries name models too
             for entry in entries:
                 pname, mid = entry.split("/", 1)
-                prov = self.providers[pname]
-                prov.models.setdefault(mid, {})
-                if prov.enabled:
-                    cands.append((pname, mid))
-            self.routes[rname] = cands
+                if pname in self.providers and not _is_glob(mid):
+                    self.providers[pname].models.setdefault(mid, {})
+        self.caps = {}
         self.bare = {}
-        for prov in self.providers.values():
-            if prov.enabled:
-                for mid in prov.models:
-                    self.bare.setdefault(mid, []).append((prov.name, mid))
+        for prov in self.enabled:
+            for mid, meta in prov.models.items():
+                self.caps[(prov.name, mid)] = infer_capabilities(mid, meta)
+                self.bare.setdefault(mid, []).append((prov.name, mid))
+        self.routes = {name: self.expand(entries) for name, entries in cfg.get("routes", {}).items()}
+        self.aliases = list(cfg.get("aliases", {}).items())
+        self.strict = cfg.get("strict", False)
+
+    def expand(self, entries):
+        """Route entries -> candidates: exact PROVIDER/MODEL, or globs over the catalogue that
+        expand to the matching models, newest version first. Disabled providers are left out."""
+        out = []
+        for entry in entries:
+            pname, mid = entry.split("/", 1)
+            if not _is_glob(entry):
+                if (pname, mid) in self.caps:
+                    out.append((pname, mid))
+                continue
+            hits = [c for c in self.caps if fnmatch.fnmatchcase(f"{c[0]}/{c[1]}".lower(), entry.lower())]
+            out += sorted(hits, key=lambda c: version_key(c[1]), reverse=True)
+        return list(dict.fromkeys(out))
 
     @property
     def enabled(self):
         return [p for p in self.providers.values() if p.enabled]
 
     def meta(self, pname, mid):
-        return self.providers[pname].models.get(mid) or {}
+        """Capabilities of a model; a model the provider does not list gets name-based ones."""
+        caps = self.caps.get((pname, mid))
+        return caps if caps is not None else infer_capabilities(mid)
+
+    def alias(self, model):
+        """The alias target for an unknown model name, else None."""
+        low = model.lower()
+        for pat, target in self.aliases:
+            if fnmatch.fnmatchcase(low, pat.lower()):
+                return target
+        return None
 
     def model_names(self):
         """Every name a client may ask for: routes, provider/model, and bare ids."""
@@ -1695,38 +1827,293 @@ NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside rou
 # 4. Routing
 # =================================================================================================
 
+# ------------------------------------------------------------------------------ intent rules --
+#
+# Intent detection reads the conversation, not a keyword list: the latest user turn counts most
+# (weight 1), the one before 0.4, the one before that 0.16. System prompts and tool schemas are
+# never read, but the tools a request offers are a signal (a coding agent's Bash/Edit/Read/Write/
+# apply_patch tools mean code). Each turn is scanned within a bounded window (the first 800 and
+# last 400 characters of the latest turn, the first 300 of earlier ones) so a 50 KB conversation
+# costs a fraction of a millisecond. Scores start at 1 for general; the highest score wins.
+
+# --- vocabulary cues: intent -> {signal: (weight, words, phrases)} ---------------------------
+# Words match whole tokens (a word inside another word is no match); phrases match whole-token
+# sequences. General language cues: forms, verbs and artefacts people name for each kind of task.
+INTENT_VOCAB = {
+    "code": {
+        "language_name": (2.0, "python javascript typescript java c++ c# golang rust kotlin swift ruby php html css sql "
+                               "bash powershell haskell scala perl lua dart react django flask nodejs numpy pandas regex "
+                               "dockerfile nginx kubernetes terraform", "node.js|node js|json schema"),
+        "programming_words": (1.5, "function functions program programs programming algorithm algorithms implement "
+                                   "implementation implementing compile compiler compiling debug debugging refactor "
+                                   "refactoring bug bugs api apis endpoint database repo repository git commit variable "
+                                   "variables array arrays recursion recursive stack queue code codebase library "
+                                   "framework method parameter parameters exception runtime syntax",
+                              "unit test|unit tests|regular expression|data structure|linked list|binary search|"
+                              "binary tree|hash map|hash table|time complexity|space complexity|source code|stack trace|"
+                              "sql query|pull request"),
+        "code_words_intl": (2.0, "código codigo fonction funktion función função programme programa programm quellcode "
+                                 "fehlermeldung bogue depurar débogage", ""),
+    },
+    "creative": {
+        "creative_form": (3.0, "poem poems poetry haiku sonnet limerick lyrics song songs verse verses rhyme rhymes "
+                               "rhyming story stories tale tales fable fiction novel screenplay soliloquy monologue joke "
+                               "jokes pun puns slogan slogans tagline headline headlines catchphrase ode",
+                          "short story|fairy tale|bedtime story"),
+        "creative_intl": (3.0, "poème poema gedicht chanson canción canção lied liedtext histoire cuento conto geschichte "
+                               "história blague chiste piada witz eslogan", ""),
+        "creative_craft": (1.5, "compose craft vivid vividly captivating compelling engaging catchy whimsical imagery "
+                                "creative creatively brainstorm brainstorming evocative intriguing imaginative",
+                           "sensory details"),
+        "roleplay": (3.0, "roleplay", "role play|role-play|pretend to be|pretend you are|pretend yourself|embody the|"
+                                      "embrace the role|in character|persona of|speak like|if you were a|if you were an|"
+                                      "imagine yourself as|picture yourself as|introduce yourself as"),
+        "creative_idea": (1.5, "character characters fictional imaginary", "ideas for"),
+    },
+    "reasoning": {
+        "step_by_step": (3.0, "reasoning", "step by step|step-by-step|think carefully|think it through|"
+                                           "explain your reasoning|explain your answer|étape par étape|"
+                                           "schritt für schritt|paso a paso|passo a passo"),
+        "math_words": (1.5, "solve calculate compute simplify prove proof derive probability percent percentage "
+                            "average remainder divisible inequality integer integers ratio altogether combien "
+                            "cuántos cuántas quantos quantas probabilité wahrscheinlichkeit probabilidad "
+                            "probabilidade résoudre berechne calcula calcule demuestra beweise",
+                       "sum of|product of|area of|volume of|how many|how much|how long|how far|how old|in total|"
+                       "wie viele"),
+        "puzzle": (3.0, "puzzle riddle logic logical paradox deduce fermi",
+                   "brain teaser|relationship between|true, false, or uncertain|true false or uncertain|does not belong|"
+                   "what is the total|what is the value|what is the remainder|what is the probability"),
+        "estimate": (2.5, "estimate", "roughly how many|approximately how many|on earth|in a lifetime|"
+                                      "throughout history"),
+        "tradeoff": (1.0, "tradeoff tradeoffs constraints optimize optimise", "trade-off|trade-offs|break even|"
+                                                                             "worth it"),
+    },
+    "general": {
+        "general_task": (2.5, "email e-mail letter memo translate translation summarize summarise summary extract "
+                              "grammar proofread outline advice tips categorize categorise",
+                         "json format|named entities|lesson plan"),
+    },
+}
+
+# --- structural cues (regular expressions, each led by a literal so a scan is cheap) ---------
+INTENT_PATTERNS = [
+    ("code_fence", "code", 4.0, r"```"),
+    ("code_definition", "code", 6.0, r"\n[ \t]*(?:def|class|async def|function|fn|func|public|private|static|#include|"
+                                     r"import|from [\w.]+ import|package|using namespace|const|let|var) [\w{<*(]"),
+    ("doctest", "code", 3.0, r"\n[ \t]*>>> "),
+    ("stack_trace", "code", 4.0, r"traceback \(most recent call last\)|(?:error|exception): |panicked at|"
+                                 r"segmentation fault|undefined reference|npm err!|\n[ \t]+at [\w$.<>]+\([\w.]+:\d+"),
+    ("diff", "code", 4.0, r"\n(?:\+\+\+|---) [ab]/|\n@@ -\d"),
+    ("file_path", "code", 2.0, r"\.(?:py|js|jsx|ts|tsx|go|rs|java|kt|cpp|hpp|cs|rb|php|swift|sh|sql|ya?ml|toml|gradle|"
+                               r"vue|svelte)\b"),
+    ("test_output", "code", 3.0, r"assertionerror|pytest|unittest|cargo test|go test|npm test|\d+ (?:passed|failed)"),
+    ("shell_command", "code", 2.5, r"\n[ \t]*(?:\$ |sudo |git |npm |pip3? |docker |kubectl |curl |make |cargo |chmod )"),
+    ("code_syntax", "code", 2.0, r"==|!=|&&|\|\||=>|->|\+=|::|;\n|\{\n|\(\)[ ]*[{:]"),
+    ("roleplay_frame", "creative", 3.0, r"\nas an? [a-z][\w -]{1,40}, (?:how|what|describe|tell)|"
+                                        r"\nimagine you are an? [\w -]{2,40}[.,] |\nyou are an? [\w -]{2,40}[.,] "
+                                        r"(?:describe|tell|what|how)"),
+    ("counterfactual", "creative", 3.0, r"\nwhat if |what would (?:have )?happen(?:ed)? if"),
+    ("formula", "reasoning", 2.5, r"\d ?[*/^] ?\d|f\(x\)|solve for|\d ?%|\$ ?\d|\d/\d|[a-z] ?[=^] ?\d|[a-z] ?[+*] ?[a-z] ?="),
+]
+
+# --- cues that need word order: a verb asking to produce an artefact within a few words ------
+PRODUCE = {
+    "code_request": ("code", 3.0, "write implement create develop build fix debug refactor optimize",
+                     "function program class method module website webpage app api endpoint query regex "
+                     "algorithm cli parser"),
+    "creative_piece": ("creative", 2.5, "write compose draft create craft structure develop",
+                       "blog review script announcement copy speech toast"),
+}
+CODE_TOOLS = re.compile(r"(?:bash|shell|exec_command|run_command|terminal|edit|multiedit|write|read|grep|glob|ls|"
+                        r"apply_patch|str_replace\w*|create_file|write_file|read_file|edit_file|notebookedit)", re.I)
+_WORD_RE = re.compile(r"[^\W_]+(?:[+#]+|\.js)?")
+_NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty "
+                          "hundred thousand million half twice double triple third quarter".split())
+_QUESTION = frozenset("how what find calculate determine".split())
+INTENTS = ("code", "creative", "reasoning", "general")
+
+
+def _compile_vocab():
+    words, phrases = {}, []
+    for intent, sigs in INTENT_VOCAB.items():
+        for name, (w, ws, ps) in sigs.items():
+            for word in ws.split():
+                words.setdefault(word, []).append((name, intent, w))
+            for p in filter(None, ps.split("|")):
+                phrases.append((" " + " ".join(_WORD_RE.findall(p)) + " ", name, intent, w))
+    return words, phrases
+
+
+_VOCAB_WORDS, _VOCAB_PHRASES = _compile_vocab()
+_PATTERNS = [(n, i, w, re.compile(p)) for n, i, w, p in INTENT_PATTERNS]
+_PRODUCE = {n: (i, w, frozenset(v.split()), frozenset(a.split())) for n, (i, w, v, a) in PRODUCE.items()}
+
+
+def _signals(text):
+    """Signals that fire in one (lower-cased, bounded) text: {name: (intent, weight)}."""
+    fired = {}
+    tokens = _WORD_RE.findall(text)
+    for t in set(tokens):
+        for name, intent, w in _VOCAB_WORDS.get(t, ()):
+            fired[name] = (intent, w)
+    joined = " " + " ".join(tokens) + " "
+    for phrase, name, intent, w in _VOCAB_PHRASES:
+        if name not in fired and phrase in joined:
+            fired[name] = (intent, w)
+    padded = "\n" + text
+    for name, intent, w, rx in _PATTERNS:
+        if name not in fired and rx.search(padded):
+            fired[name] = (intent, w)
+    for name, (intent, w, verbs, artefacts) in _PRODUCE.items():
+        for i, t in enumerate(tokens):
+            if t in artefacts and any(x in verbs for x in tokens[max(0, i - 5):i]):
+                fired[name] = (intent, w)
+                break
+    nums = sum(1 for t in tokens if t.isdigit() or t in _NUMBER_WORDS)
+    if nums >= 2 and ("?" in text or _QUESTION.intersection(tokens)):
+        fired["word_problem"] = ("reasoning", min(4.0, float(nums)))
+    return fired
+
+
+
+
+def user_turns(req):
+    """The user turns' text, oldest first (tool results count: they are what the user sent)."""
+    out = []
+    for m in req["messages"]:
+        if m["role"] != "user":
+            continue
+        parts = []
+        for p in m["content"]:
+            if p["type"] == "text":
+                parts.append(p["text"])
+            elif p["type"] == "tool_result":
+                parts.append(text_of(p["content"]))
+        if parts:
+            out.append("\n".join(parts))
+    return out
+
+
+def detect_intent(req):
+    """Neutral request -> (intent, confidence 0..1, signals that fired)."""
+    scores = dict.fromkeys(INTENTS, 0.0)
+    scores["general"] = 1.0
+    signals = []
+    weight, head, tail = 1.0, 800, 400
+    for text in reversed(user_turns(req)[-3:]):
+        if len(text) > head + tail:
+            text = text[:head] + "\n" + text[-tail:] if tail else text[:head]
+        for name, (intent, w) in _signals(text.lower()).items():
+            scores[intent] += w * weight
+            if name not in signals:
+                signals.append(name)
+        weight, head, tail = weight * 0.4, 300, 0
+    if any(CODE_TOOLS.fullmatch(t["name"]) for t in req.get("tools") or ()):
+        scores["code"] += 3.0
+        signals.append("coding_tools")
+    best = max(INTENTS, key=scores.__getitem__)
+    return best, round(scores[best] / sum(scores.values()), 2), signals
+
+
+# ------------------------------------------------------------------------------------ health --
+
+class Breaker:
+    __slots__ = ("fails", "opens", "until", "trial", "latency", "error")
+
+    def __init__(self):
+        self.fails = self.opens = 0
+        self.until = self.trial = 0.0
+        self.latency = None
+        self.error = None
+
+
 class Health:
-    """Cooldowns of candidates (provider/model) and keys, guarded by one lock (never held during
-    I/O). A failure starts a cooldown that doubles with each consecutive failure up to a cap;
-    Retry-After sets it exactly; a success clears it. Keys answered with 401/403 are disabled
-    until the next restart or reload."""
+    """Circuit breakers for providers, models (provider/model) and keys, guarded by one lock that
+    is never held during I/O. `breaker_threshold` consecutive failures open a breaker for a
+    cooldown that doubles with each opening up to a cap; Retry-After and rate-limit reset headers
+    set it exactly; quota or billing errors set a long one. When it runs out the breaker is
+    half-open: one request may try (others keep treating it as cooling) and its success closes it.
+    Keys answered with 401/403 are dead until a restart or reload. Keys of breakers: ("provider",
+    name), (name, model), ("key", name, index)."""
+
+    TRIAL_SECONDS = 60.0
 
     def __init__(self, settings):
         self.lock = threading.Lock()
         self.base = settings["cooldown_seconds"]
         self.cap = settings["max_cooldown_seconds"]
-        self.state = {}            # key -> [consecutive_failures, until]
-        self.dead_keys = set()     # (provider, key_index)
+        self.quota = settings["quota_cooldown_seconds"]
+        self.threshold = max(1, int(settings["breaker_threshold"]))
+        self.state = {}
+        self.dead_keys = set()
+        self.dirty = False
 
     def left(self, key, now):
-        st = self.state.get(key)
-        return max(0.0, st[1] - now) if st else 0.0
+        """Seconds until the breaker lets a request through (0: closed, or a half-open trial is free)."""
+        b = self.state.get(key)
+        if b is None:
+            return 0.0
+        if b.until > now:
+            return b.until - now
+        if b.trial and now - b.trial < self.TRIAL_SECONDS:
+            return 0.5          # a trial is under way: count it as cooling for a moment
+        return 0.0
 
-    def fail(self, key, retry_after=None):
-        with self.lock:
-            st = self.state.setdefault(key, [0, 0.0])
-            st[0] += 1
-            wait = retry_after if retry_after is not None else min(self.cap, self.base * 2 ** min(st[0] - 1, 30))
-            st[1] = time.monotonic() + wait
-
-    def ok(self, key):
-        if key in self.state:
+    def begin(self, key, now):
+        """A request is about to try this: if the breaker is half-open, this is its trial."""
+        b = self.state.get(key)
+        if b is not None and b.opens and b.until <= now:
             with self.lock:
-                self.state.pop(key, None)
+                b.trial = now
+
+    def fail(self, key, retry_after=None, quota=False, error=None):
+        with self.lock:
+            b = self.state.get(key)
+            if b is None:
+                b = self.state[key] = Breaker()
+            b.fails += 1
+            b.trial = 0.0
+            b.error = error
+            now = time.monotonic()
+            if quota:
+                b.opens += 1
+                b.until = now + max(self.quota, retry_after or 0)
+            elif retry_after is not None:
+                b.opens += 1
+                b.until = now + retry_after
+            elif b.fails >= self.threshold:
+                b.opens += 1
+                b.until = now + min(self.cap, self.base * 2 ** min(b.opens - 1, 30))
+            self.dirty = True
+
+    def ok(self, key, latency=None):
+        b = self.state.get(key)
+        if b is None and latency is None:
+            return
+        with self.lock:
+            b = self.state.get(key)
+            if b is None:
+                b = self.state[key] = Breaker()
+            changed = b.fails or b.opens
+            b.fails = b.opens = 0
+            b.until = b.trial = 0.0
+            if latency is not None:
+                b.latency = latency if b.latency is None else 0.8 * b.latency + 0.2 * latency
+            self.dirty = self.dirty or bool(changed)
 
     def kill_key(self, pname, idx):
         with self.lock:
             self.dead_keys.add((pname, idx))
+
+    def cand_left(self, cand, now, prov=None):
+        """Seconds until a candidate may be tried: its provider's and model's breakers, and, for a
+        provider with keys, the soonest of its live keys."""
+        left = max(self.left(("provider", cand[0]), now), self.left(cand, now))
+        if prov is not None and prov.keys:
+            keys = [self.left(("key", prov.name, i), now) for i in range(len(prov.keys))
+                    if (prov.name, i) not in self.dead_keys]
+            left = max(left, min(keys, default=0.0))
+        return left
 
     def usable_keys(self, prov, now):
         """Indexes of the provider's keys to try in order: live ones, cooled-down ones first."""
@@ -1735,50 +2122,252 @@ class Health:
         idx = [i for i in range(len(prov.keys)) if (prov.name, i) not in self.dead_keys]
         return sorted(idx, key=lambda i: self.left(("key", prov.name, i), now))
 
+    def report(self, now):
+        """Open and half-open breakers and latencies, for /health and explain."""
+        out = {}
+        for key, b in list(self.state.items()):
+            name = "/".join(str(k) for k in key[1:]) if key[0] in ("provider", "key") else f"{key[0]}/{key[1]}"
+            if key[0] == "key":
+                name = f"{key[1]} key #{key[2] + 1}"
+            entry = {}
+            if b.opens:
+                entry["state"] = "open" if b.until > now else "half-open"
+                entry["closes_in"] = round(max(0.0, b.until - now), 1)
+                entry["last_error"] = b.error
+            if b.latency is not None:
+                entry["latency_ms"] = round(b.latency * 1000, 1)
+            if entry:
+                out[("provider " if key[0] == "provider" else "") + name] = entry
+        return out
+
+    # Persistence: a small JSON file in the data directory, so a restart keeps what it learnt.
+    def snapshot(self, fingerprints):
+        now, wall = time.monotonic(), time.time()
+        with self.lock:
+            items = list(self.state.items())
+            self.dirty = False
+        out = []
+        for key, b in items:
+            if key[0] == "key":
+                fp = fingerprints.get((key[1], key[2]))
+                if fp is None:
+                    continue
+                key = ("key", key[1], fp)
+            out.append({"key": list(key), "fails": b.fails, "opens": b.opens,
+                        "until": wall + (b.until - now) if b.until > now else 0, "latency": b.latency,
+                        "error": b.error})
+        return {"version": 1, "saved": wall, "breakers": out}
+
+    def restore(self, data, fingerprints):
+        now, wall = time.monotonic(), time.time()
+        by_fp = {fp: k for k, fp in fingerprints.items()}
+        with self.lock:
+            for e in data.get("breakers", []):
+                key = tuple(e["key"])
+                if key[0] == "key":
+                    if (key[1], key[2]) not in {(p, fp) for (p, _i), fp in fingerprints.items()}:
+                        continue
+                    key = ("key", key[1], next(i for (p, i), fp in fingerprints.items()
+                                               if p == key[1] and fp == key[2]))
+                b = Breaker()
+                b.fails, b.opens, b.latency, b.error = int(e["fails"]), int(e["opens"]), e.get("latency"), e.get("error")
+                b.until = now + (e["until"] - wall) if e.get("until", 0) > wall else 0.0
+                self.state[key] = b
+        return len(data.get("breakers", []))
+
+
+# ---------------------------------------------------------------------------------- affinity --
+
+class Affinity:
+    """Conversation -> the model that served its previous turn, so later turns stay there (provider
+    prompt caches and thinking signatures stay valid). A conversation is named by its system prompt
+    and first user message. Bounded LRU."""
+
+    def __init__(self, size=10000):
+        self.lock = threading.Lock()
+        self.size = size
+        self.map = {}
+
+    @staticmethod
+    def key(req):
+        first = next((m for m in req["messages"] if m["role"] == "user"), None)
+        if first is None or len(req["messages"]) < 2:
+            return None   # a first turn has no earlier model to stick to
+        h = hashlib.sha1()
+        h.update(text_of(req.get("system") or []).encode("utf-8", "replace"))
+        h.update(b"\0")
+        h.update(dumps(first["content"]).encode("utf-8", "replace"))
+        return h.hexdigest()[:20]
+
+    def get(self, key):
+        return self.map.get(key) if key else None
+
+    def set(self, key, cand):
+        if not key:
+            return
+        with self.lock:
+            self.map.pop(key, None)
+            self.map[key] = cand
+            if len(self.map) > self.size:
+                del self.map[next(iter(self.map))]
+
+
+# -------------------------------------------------------------------------------------- plan --
 
 class Plan:
-    __slots__ = ("route", "candidates")
+    """Where a request goes: the route, the intent, the candidates to try in order, and the ones
+    left out with the reason."""
 
-    def __init__(self, route, candidates):
-        self.route, self.candidates = route, candidates
+    __slots__ = ("route", "intent", "confidence", "signals", "candidates", "skipped", "allow_default")
+
+    def __init__(self, route, intent, candidates, skipped):
+        self.route = route
+        self.intent, self.confidence, self.signals = intent
+        self.candidates, self.skipped = candidates, skipped
+
+    def explain(self):
+        out = [{"provider": p, "model": m, "skip": None} for p, m in self.candidates]
+        out += [{"provider": p, "model": m, "skip": why} for (p, m), why in self.skipped]
+        return {"intent": self.intent, "confidence": self.confidence, "signals": self.signals,
+                "route": self.route, "candidates": out}
 
 
-def plan_request(cat, health, model, route_header=None):
-    """Requested model name -> ordered candidates (no I/O). A route name gives its list; an exact
-    PROVIDER/MODEL or a bare model id gives that model, then the route "default". Candidates
-    cooling down after a failure go last, the one that recovers soonest first."""
+def _route_of(cat, name, intent):
+    """A model name -> (route label, candidates) when it names a route, alias or provider/model."""
+    if name in AUTO_NAMES:
+        route = intent if cat.routes.get(intent) else "default"
+        return route, list(cat.routes.get(route, []))
+    if name in cat.routes:
+        return name, list(cat.routes[name])
+    pname, _, rest = name.partition("/")
+    prov = cat.providers.get(pname) if rest else None
+    if prov is not None:
+        if not prov.enabled:
+            raise ApiError(404, "not_found", f"model {name!r}: provider {pname!r} is disabled: {prov.disabled_reason}")
+        return "explicit", [(pname, rest)]
+    if name in cat.bare:
+        return "explicit", list(cat.bare[name])
+    return None, None
+
+
+def _needs(req):
+    """What a request needs of a model: tools, images, tokens (estimated input + output)."""
+    images = any(p["type"] == "image" or (p["type"] == "tool_result" and any(q["type"] == "image" for q in p["content"]))
+                 for m in req["messages"] for p in m["content"])
+    return bool(req.get("tools")), images, estimate_tokens(req)
+
+
+def _skip_reason(caps, tools, images, tokens, max_tokens):
+    if not caps.get("chat", True):
+        return "not a chat model"
+    if tools and not caps["tools"]:
+        return "no tool calling"
+    if images and "image" not in caps["input"]:
+        return "no image input"
+    window = caps.get("context_window")
+    out = max_tokens or min(caps.get("max_output") or 4096, 4096)
+    if window and tokens + out > window:
+        return f"context window {window} < {tokens} input + {out} output tokens"
+    return None
+
+
+def guess_dialect(body, headers):
+    """The dialect of a request body seen without its path (for POST /v1/route)."""
+    if "anthropic-version" in headers or (isinstance(body, dict) and (
+            "system" in body or "stop_sequences" in body or "thinking" in body or any(
+                isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") or
+                isinstance(b, dict) and b.get("type") == "image" and "source" in b
+                for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
+                for b in m["content"]))):
+        return "anthropic"
+    return "openai"
+
+
+#: Request fields that steer the router (OpenRouter's); consumed here, never sent on.
+ROUTING_FIELDS = ("models", "provider")
+
+
+def plan_request(cat, health, req, body=None, headers=None, affinity=None):
+    """Requested model -> ordered candidates (no I/O).
+
+    Names: a route; `auto` (the detected intent's route); PROVIDER/MODEL or a bare model id (that
+    model, then the route `default`); an unknown name through `aliases` (else `auto`, or a 404
+    when `strict`). OpenRouter-style `models: [...]` and `provider: {order, only, ignore,
+    allow_fallbacks}` in the body, and the header X-Router-Route, refine it. Then capability filters
+    (tools, images, context window) leave out models that cannot serve the request (unless none
+    can), reasoning models go first when thinking is asked for, the conversation's previous model
+    first while healthy, and candidates cooling down go last, the soonest to recover first."""
+    body, headers = body or {}, headers or {}
+    intent = detect_intent(req)
+    model = req["model"]
+    route_header = headers.get("x-router-route")
     if route_header:
-        if route_header not in cat.routes:
+        if route_header not in cat.routes and route_header not in AUTO_NAMES:
             raise ApiError(404, "not_found", f"X-Router-Route: unknown route {route_header!r}; "
                            f"routes: {', '.join(sorted(cat.routes)) or '(none)'}")
-        route, cands = route_header, list(cat.routes[route_header])
-    elif model in cat.routes:
-        route, cands = model, list(cat.routes[model])
-    else:
-        route, cands = None, []
-        pname, _, rest = model.partition("/")
-        prov = cat.providers.get(pname) if rest else None
-        if prov is not None:
-            if not prov.enabled:
-                raise ApiError(404, "not_found", f"model {model!r}: provider {pname!r} is disabled: "
-                               f"{prov.disabled_reason}")
-            cands = [(pname, rest)]
-        elif model in cat.bare:
-            cands = list(cat.bare[model])
-        if not cands:
-            avail = cat.model_names()
-            hint = ", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "") if avail else NO_PROVIDER_HELP
-            raise ApiError(404, "not_found", f"model {model!r} is not available. Available: {hint}",
-                           param="model")
+        model = route_header
+    names = [model]
+    extra = body.get("models")
+    if isinstance(extra, list) and all(isinstance(x, str) for x in extra) and not route_header:
+        names = [m for m in [model] + extra if m]
+    pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
+    route, cands = None, []
+    for name in dict.fromkeys(names):
+        r, c = _route_of(cat, name, intent[0])
+        if c is None:
+            target = cat.alias(name)
+            if target is None and not cat.strict and cat.enabled:
+                target = "auto"
+            if target is not None:
+                r, c = _route_of(cat, target, intent[0])
+                r = r if r != "explicit" else target
+        if c is None:
+            continue
+        route = route or r
+        cands += c
+    if not cands and route is None:
+        avail = cat.model_names()
+        hint = ", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "") if avail else NO_PROVIDER_HELP
+        raise ApiError(404, "not_found", f"model {model!r} is not available. Available: {hint}", param="model")
+    if route == "explicit" and pref.get("allow_fallbacks", True) is not False:
         cands += cat.routes.get("default", [])
-    seen = set()
-    cands = [c for c in cands if not (c in seen or seen.add(c))]
+    cands = list(dict.fromkeys(cands))
+    skipped = []
+    only, ignore, order = pref.get("only"), pref.get("ignore"), pref.get("order")
+    if isinstance(only, list):
+        skipped += [(c, "not in provider.only") for c in cands if c[0] not in only]
+        cands = [c for c in cands if c[0] in only]
+    if isinstance(ignore, list):
+        skipped += [(c, "in provider.ignore") for c in cands if c[0] in ignore]
+        cands = [c for c in cands if c[0] not in ignore]
+    if isinstance(order, list):
+        rank = {p: i for i, p in enumerate(order)}
+        cands.sort(key=lambda c: rank.get(c[0], len(rank)))
+        if pref.get("allow_fallbacks") is False:
+            skipped += [(c, "allow_fallbacks is false") for c in cands if c[0] not in rank]
+            cands = [c for c in cands if c[0] in rank]
+    tools, images, tokens = _needs(req)
+    able, unable = [], []
+    for c in cands:
+        why = _skip_reason(cat.meta(*c), tools, images, tokens, req.get("max_tokens"))
+        (unable if why else able).append((c, why))
+    if able:
+        skipped += unable
+        cands = [c for c, _ in able]
+    else:
+        cands = [c for c, _ in unable]   # none fits: let the providers say so rather than guess
+    if req.get("reasoning") and req["reasoning"].get("enabled"):
+        cands.sort(key=lambda c: not cat.meta(*c).get("reasoning"))
+    if affinity is not None and affinity in cands:
+        cands.remove(affinity)
+        cands.insert(0, affinity)
     if not cands:
-        raise ApiError(503, "overloaded", f"route {route!r} has no enabled provider. {NO_PROVIDER_HELP}")
+        raise ApiError(503, "overloaded", f"route {route!r} has no usable model. {NO_PROVIDER_HELP}")
     now = time.monotonic()
-    healthy = [c for c in cands if health.left(c, now) == 0]
-    cooling = sorted((c for c in cands if health.left(c, now) > 0), key=lambda c: health.left(c, now))
-    return Plan(route, healthy + cooling)
+    left = {c: health.cand_left(c, now, cat.providers[c[0]]) for c in cands}
+    healthy = [c for c in cands if left[c] == 0]
+    cooling = sorted((c for c in cands if left[c] > 0), key=left.__getitem__)
+    return Plan(route, intent, healthy + cooling, skipped)
 
 
 # =================================================================================================
@@ -1824,10 +2413,10 @@ class Failover(Exception):
     """A candidate (or one key of it) failed in a way worth trying the next one.
     kind: connect, timeout, status, stream, empty, context, auth."""
 
-    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None):
+    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False):
         super().__init__(reason)
         self.kind, self.reason, self.status = kind, reason, status
-        self.retry_after, self.next_key, self.fallback = retry_after, next_key, fallback
+        self.retry_after, self.next_key, self.fallback, self.quota = retry_after, next_key, fallback, quota
 
 
 class Pool:
@@ -1875,8 +2464,46 @@ class Pool:
             c.close()
 
 
-def retry_after_seconds(headers):
-    """Seconds from Retry-After (seconds or an HTTP date) or retry-after-ms; None when absent."""
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _reset_seconds(value):
+    """A rate-limit reset header: a Go duration ("6m0s", "20ms"), RFC 3339 time, or epoch (s/ms)."""
+    value = value.strip()
+    parts = _DURATION_RE.findall(value)
+    if parts and "".join(n + u for n, u in parts) == value:
+        return sum(float(n) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[u] for n, u in parts)
+    try:
+        n = float(value)
+        if n > 1e12:
+            return n / 1000 - time.time()
+        return n - time.time() if n > 1e9 else n
+    except ValueError:
+        pass
+    try:
+        from datetime import datetime
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() - time.time()
+    except ValueError:
+        return None
+
+
+RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset",
+                 "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
+                 "anthropic-ratelimit-input-tokens-reset", "anthropic-ratelimit-output-tokens-reset")
+
+
+def retry_after_seconds(headers, status=None):
+    """Seconds until a provider wants to hear from us again: Retry-After (seconds or an HTTP
+    date), retry-after-ms, or, on a 429, the latest of the providers' rate-limit reset headers."""
+    ra = _retry_after(headers)
+    if ra is None and status == 429:
+        resets = [r for r in (_reset_seconds(headers[h]) for h in RESET_HEADERS if headers.get(h)) if r is not None]
+        if resets:
+            ra = max(0.0, max(resets))
+    return ra
+
+
+def _retry_after(headers):
     ms = headers.get("retry-after-ms")
     if ms:
         try:
@@ -1897,6 +2524,7 @@ def retry_after_seconds(headers):
         return None
 
 
+_QUOTA_RE = re.compile(r"quota|billing|credit balance|insufficient (?:funds|balance|credits)|payment required", re.I)
 _CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
                          r"input is too long|reduce the length|token limit", re.I)
 
@@ -1905,7 +2533,8 @@ class Context:
     """One inbound generation request on its way through decode, plan and dispatch."""
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
-                 "attempts", "provider", "upstream_model", "usage", "route", "started")
+                 "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
+                 "previous_provider", "ttfb")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -1913,7 +2542,8 @@ class Context:
         self.model = req["model"]
         self.estimate = 0
         self.attempts = []
-        self.provider = self.upstream_model = self.usage = self.route = None
+        self.provider = self.upstream_model = self.usage = self.route = self.plan = None
+        self.previous_provider = self.ttfb = None
         self.started = time.monotonic()
 
 
@@ -1969,12 +2599,12 @@ class Dispatcher:
         """An upstream error reply -> Failover, or the client's own error (returned as it is)."""
         message, code = CODECS[prov.api].parse_error(status, body)
         reason = f"HTTP {status}: {message}"[:300]
-        ra = retry_after_seconds(headers)
+        ra = retry_after_seconds(headers, status)
+        if status == 402 or (status in (403, 429) and (_QUOTA_RE.search(message) or "quota" in str(code))):
+            return Failover("status", reason, status, retry_after=ra, quota=True)
         if status in (401, 403):
             return Failover("auth", reason, status)
         if status in (408, 409, 429, 529) or status >= 500:
-            return Failover("status", reason, status, retry_after=ra)
-        if status == 402 or "insufficient_quota" in str(code):
             return Failover("status", reason, status, retry_after=ra)
         if status == 404:
             return Failover("status", reason, status, next_key=False)
@@ -1990,8 +2620,9 @@ class Dispatcher:
         tried = {a[0] for a in ctx.attempts} | {(prov.name, ctx.upstream_model)}
         h = {"X-Router-Provider": prov.name, "X-Router-Model": ctx.upstream_model,
              "X-Router-Attempts": str(len(tried))}
-        if ctx.route:
-            h["X-Router-Route"] = ctx.route
+        if ctx.plan is not None:
+            h["X-Router-Route"] = ctx.plan.route
+            h["X-Router-Intent"] = ctx.plan.intent
         return h
 
     # -- one attempt ----------------------------------------------------------------------------
@@ -2001,15 +2632,21 @@ class Dispatcher:
         same = ctx.dialect == prov.api
         pc = CODECS[prov.api]
         meta = cat.meta(prov.name, mid)
+        moved = ctx.previous_provider is not None and ctx.previous_provider != prov.name
         if same:
             body = dict(ctx.body)
             body["model"] = mid
+            for k in ROUTING_FIELDS:
+                body.pop(k, None)
+            if moved and prov.api == "anthropic":
+                body = anthropic_strip_thinking(body)
         else:
-            body = pc.encode_request(ctx.req, mid, prov, meta, cat.settings)
+            body = pc.encode_request(drop_thinking(ctx.req) if moved else ctx.req, mid, prov, meta, cat.settings)
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
         if same and prov.api == "anthropic" and ctx.headers.get("anthropic-beta"):
             headers["anthropic-beta"] = ctx.headers["anthropic-beta"]
         ctx.upstream_model = mid
+        t0 = time.monotonic()
         conn, resp = self._send(prov, prov.base_path + pc.path, headers, dumps(body).encode())
         if resp.status >= 300:
             try:
@@ -2023,7 +2660,7 @@ class Dispatcher:
                 return
             raise outcome
         try:
-            self._pipe(ctx, prov, conn, resp, same)
+            self._pipe(ctx, prov, conn, resp, same, t0)
         except BaseException:
             conn.close()
             raise
@@ -2058,7 +2695,7 @@ class Dispatcher:
                 return
             yield chunk, decoder.feed(chunk)
 
-    def _pipe(self, ctx, prov, conn, resp, same):
+    def _pipe(self, ctx, prov, conn, resp, same, t0):
         pc = CODECS[prov.api]
         source = self._source(prov, conn, resp, pc)
         held_raw, held = [], []
@@ -2081,6 +2718,7 @@ class Dispatcher:
                 break
         if not committed:
             raise Failover("empty", "the provider closed the stream without an answer")
+        ctx.ttfb = time.monotonic() - t0
         if conn.sock:
             conn.sock.settimeout(prov.idle_timeout)
         self._deliver(ctx, prov, same, b"".join(held_raw), held, source)
@@ -2162,21 +2800,82 @@ class Router:
         self.dispatcher = Dispatcher(self.pool)
         self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         self.data_dir = data_dir or default_data_dir()
+        self.affinity = Affinity()
+        self._stop = threading.Event()
+        self._thread = None
+        self._save_warned = False
+        self.load_state()
+
+    # -- state that survives a restart ------------------------------------------------------------
+    def _fingerprints(self):
+        """Keys are remembered by a short hash, never by their text."""
+        return {(p.name, i): hashlib.sha256(k.encode()).hexdigest()[:12]
+                for p in self.catalogue.providers.values() for i, k in enumerate(p.keys)}
+
+    @property
+    def state_file(self):
+        return os.path.join(self.data_dir, "health.json")
+
+    def load_state(self):
+        try:
+            with open(self.state_file, encoding="utf-8") as f:
+                n = self.health.restore(json.load(f), self._fingerprints())
+            log.info("health: restored %d breaker(s) from %s", n, self.state_file)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
+            log.warning("health: ignoring unreadable state file %s (%s)", self.state_file, e)
+
+    def save_state(self):
+        data = dumps(self.health.snapshot(self._fingerprints()))
+        tmp = self.state_file + ".tmp"
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, self.state_file)
+        except OSError as e:
+            if not self._save_warned:
+                self._save_warned = True
+                log.warning("health: cannot write %s (%s); health will not survive a restart",
+                            self.state_file, e.strerror or e)
+
+    def start(self):
+        """The one background thread: saves health when it changed (later also discovery)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._maintain, name="sage-router-maintenance", daemon=True)
+            self._thread.start()
+
+    def _maintain(self):
+        while not self._stop.wait(2.0):
+            if self.health.dirty:
+                self.save_state()
 
     def generate(self, ctx):
         """Plan the request and try its candidates in order until one answers."""
         cat, health = self.catalogue, self.health   # one snapshot per request (reloads swap them)
-        plan = plan_request(cat, health, ctx.model, ctx.headers.get("x-router-route"))
-        ctx.route = plan.route
+        akey = Affinity.key(ctx.req)
+        previous = self.affinity.get(akey)
+        plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, previous)
+        ctx.plan, ctx.route = plan, plan.route
+        ctx.previous_provider = previous[0] if previous else None
         ctx.estimate = estimate_tokens(ctx.req)
         fallback = None
+        overflowed = 0          # the largest context window that was too small for this request
         for cand in plan.candidates:
             pname, mid = cand
             prov = cat.providers[pname]
-            keys = health.usable_keys(prov, time.monotonic())
+            window = cat.meta(pname, mid).get("context_window") or 0
+            if overflowed and window and window <= overflowed:
+                ctx.attempts.append((cand, "context", f"skipped: context window {window} is not larger than "
+                                     f"the {overflowed} that overflowed", None, None))
+                continue
+            now = time.monotonic()
+            keys = health.usable_keys(prov, now)
             if not keys:
                 ctx.attempts.append((cand, "auth", "every key was rejected (401/403)", None, None))
                 continue
+            health.begin(cand, now)
             failed = None
             ctx.provider = pname
             for idx in keys:
@@ -2191,17 +2890,26 @@ class Router:
                         health.kill_key(pname, idx)
                         log.warning("provider %s: key #%d rejected (%s); disabled until reload", pname,
                                     (idx or 0) + 1, f.reason)
-                    elif f.status in (402, 429) and idx is not None:
-                        health.fail(("key", pname, idx), f.retry_after)
+                    elif (f.status in (402, 429) or f.quota) and idx is not None:
+                        health.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
+                    if f.kind == "context":
+                        overflowed = max(overflowed, window or 1)
                     if not f.next_key:
                         break
                     continue
-                health.ok(cand)
+                health.ok(cand, ctx.ttfb)
+                health.ok(("provider", pname))
                 if idx is not None:
                     health.ok(("key", pname, idx))
+                self.affinity.set(akey, cand)
                 return
-            if failed is not None and failed.kind not in ("context", "auth"):
-                health.fail(cand, failed.retry_after)
+            if failed is None or failed.kind in ("context", "auth"):
+                continue
+            if failed.quota and prov.keys:
+                continue    # the keys are cooling down; the model itself is fine
+            health.fail(cand, failed.retry_after, failed.quota, failed.reason)
+            if failed.kind in ("connect", "timeout"):
+                health.fail(("provider", pname), failed.retry_after, error=failed.reason)
         if fallback is not None:
             self.dispatcher.deliver_fallback(ctx, fallback)
             return
@@ -2225,7 +2933,7 @@ class Router:
         estimated locally otherwise (or when the provider cannot answer)."""
         req = anthropic_decode_request(body, count_only=True)
         try:
-            plan = plan_request(self.catalogue, self.health, req["model"], headers.get("x-router-route"))
+            plan = plan_request(self.catalogue, self.health, req, body, headers)
         except ApiError:
             plan = None
         if plan and plan.candidates:
@@ -2274,7 +2982,18 @@ class Router:
             out["message"] = NO_PROVIDER_HELP
         return out
 
+    def explain(self, body, headers):
+        """POST /v1/route: where a request would go, without calling a provider."""
+        dialect = guess_dialect(body, headers)
+        req = CODECS[dialect].decode_request(body)
+        plan = plan_request(self.catalogue, self.health, req, body, headers,
+                            self.affinity.get(Affinity.key(req)))
+        return dict(plan.explain(), dialect=dialect)
+
     def close(self):
+        self._stop.set()
+        if self.health.dirty:
+            self.save_state()
         self.pool.close_all()
 
 
@@ -2290,6 +3009,7 @@ POST_ROUTES = {
     "/v1/chat/completions": ("openai", "generate"),
     "/v1/messages": ("anthropic", "generate"),
     "/v1/messages/count_tokens": ("anthropic", "count_tokens"),
+    "/v1/route": (None, "explain"),
 }
 
 
@@ -2494,6 +3214,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid_request", f"body: not valid JSON ({e})" if raw else "body: empty; expected a JSON object")
         if action == "count_tokens":
             return self._json(200, self.router.count_tokens(body, hdrs))
+        if action == "explain":
+            return self._json(200, self.router.explain(body, hdrs))
         req = CODECS[dialect].decode_request(body)
         ctx = Context(dialect, body, req, hdrs, self)
         self.router.generate(ctx)
@@ -2531,11 +3253,12 @@ def health_report(router):
     cat = router.catalogue
     now = time.monotonic()
     cooling = {f"{k[0]}/{k[1]}": round(router.health.left(k, now), 1)
-               for k in list(router.health.state) if k[0] != "key" and router.health.left(k, now) > 0}
+               for k in list(router.health.state) if k[0] not in ("key", "provider") and router.health.left(k, now) > 0}
     out = {"status": "ok", "version": __version__,
            "providers": [p.public() for p in cat.providers.values()],
            "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
-           "cooling_down": cooling}
+           "aliases": dict(cat.aliases), "strict": cat.strict,
+           "cooling_down": cooling, "breakers": router.health.report(now)}
     if not cat.enabled:
         out["message"] = NO_PROVIDER_HELP
     return out
@@ -2573,6 +3296,7 @@ def serve(router, host, port):
     """Bind and return the server (not yet serving): tests call this, then serve_forever."""
     server = RouterServer((host, port), make_handler(router))
     server.router = router
+    router.start()
     return server
 
 

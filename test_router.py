@@ -478,8 +478,9 @@ def client_body(dialect, model, stream, text="Say hello", image=None, tools=Fals
 class Harness:
     """A router on 127.0.0.1:0 in this process, serving in a thread."""
 
-    def __init__(self, cfg, env=None):
-        self.router = R.Router(cfg, env or {}, "test-config")
+    def __init__(self, cfg, env=None, data_dir=None):
+        self.tmp = tempfile.TemporaryDirectory() if data_dir is None else None
+        self.router = R.Router(cfg, env or {}, "test-config", data_dir or self.tmp.name)
         self.server = R.serve(self.router, "127.0.0.1", 0)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -492,6 +493,8 @@ class Harness:
         self.server.shutdown()
         self.server.server_close()
         self.router.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def closed_port():
@@ -515,11 +518,14 @@ class RouterCase(unittest.TestCase):
         cls.cfg = {
             "providers": {
                 "oa": {"api": "openai", "base_url": cls.oa.base_url, "api_key": "sk-oa-SECRET-1",
-                       "models": {"gpt-test": {}, "shared-model": {}, "o-think": {"reasoning": True}}},
+                       "models": {"gpt-test": {"input": ["text", "image"], "context_window": 100000},
+                                  "shared-model": {}, "o-think": {"reasoning": True},
+                                  "tiny": {"tools": False, "context_window": 2000},
+                                  "qwen2-coder": {}, "qwen2.5-coder": {}, "qwen3-coder": {}}},
                 "an": {"api": "anthropic", "base_url": cls.an.base_url, "api_key": "sk-ant-SECRET-1",
                        "models": {"claude-test": {"max_output": 8192}, "shared-model": {}}},
                 "oa2": {"api": "openai", "base_url": cls.oa2.base_url, "api_key": "sk-oa2-SECRET",
-                        "models": {"gpt-backup": {}}},
+                        "models": {"gpt-backup": {"context_window": 500000}}},
                 "pool": {"api": "openai", "base_url": cls.oa.base_url, "api_key": ["sk-pool-A", "sk-pool-B"],
                          "models": {"pooled": {}}},
                 "dead": {"api": "openai", "base_url": dead, "api_key": "k", "models": {"ghost": {}}},
@@ -534,7 +540,14 @@ class RouterCase(unittest.TestCase):
                 "claude-first": ["an/claude-test", "oa/gpt-test"],
                 "deadfirst": ["dead/ghost", "oa/gpt-test"],
                 "slowfirst": ["slow/sloth", "an/claude-test"],
+                "code": ["an/claude-test", "oa/gpt-test"],
+                "creative": ["oa2/gpt-backup", "oa/gpt-test"],
+                "reasoning": ["oa/o-think", "an/claude-test"],
+                "general": ["oa/gpt-test", "oa2/gpt-backup"],
+                "coders": ["oa/qwen*-coder", "oa/gpt-test"],
+                "small-first": ["oa/tiny", "oa/gpt-test", "oa2/gpt-backup"],
             },
+            "aliases": {"claude-*haiku*": "general", "claude-*": "code", "gpt-4*": "oa/gpt-test"},
             "settings": cls.settings,
         }
         cls.h = Harness(cls.cfg, cls.env)
@@ -549,6 +562,7 @@ class RouterCase(unittest.TestCase):
         for f in (self.oa, self.an, self.oa2):
             f.reset()
         self.h.router.health = R.Health(self.h.router.settings)
+        self.h.router.affinity = R.Affinity()
 
     def post(self, dialect, body, headers=None, path=None):
         return self.h.call("POST", path or PATHS[dialect], body, headers)
@@ -1061,7 +1075,13 @@ class ModelNameTests(RouterCase):
         r, _ = self.ask("openai", client_body("openai", "chat", False))
         self.assertEqual(r.headers["x-router-route"], "chat")
 
+    def strict(self):
+        cat = self.h.router.catalogue
+        cat.strict = True
+        self.addCleanup(setattr, cat, "strict", False)
+
     def test_unknown_model_is_404_in_client_dialect_listing_models(self):
+        self.strict()
         r = self.post("openai", client_body("openai", "no-such-model", False))
         self.assertEqual(r.status, 404)
         err = r.json()["error"]
@@ -1175,10 +1195,19 @@ class FailoverTests(RouterCase):
                                                        "type": "invalid_request_error", "code": "context_length_exceeded"}}))
         r, _ = self.ask("openai", client_body("openai", "chat", False))
         self.assertEqual(r.headers["x-router-provider"], "an")
-        self.an.push(Reply(status=400, body={"type": "error", "error": {"type": "invalid_request_error",
-                                                                        "message": "prompt is too long: 300000 tokens > 200000 maximum"}}))
-        r, _ = self.ask("openai", client_body("openai", "claude-first", False))
-        self.assertEqual(r.headers["x-router-provider"], "oa")
+        too_long = {"type": "error", "error": {"type": "invalid_request_error",
+                                               "message": "prompt is too long: 300000 tokens > 200000 maximum"}}
+        # A smaller window than the one that overflowed is not tried; a larger one is.
+        self.an.push(Reply(status=400, body=too_long))
+        r = self.post("openai", client_body("openai", "claude-first", False))
+        self.assertEqual(r.status, 502)
+        self.assertIn("oa/gpt-test: skipped: context window 100000", r.json()["error"]["message"])
+        self.setUp()
+        self.oa.push(Reply(status=400, body={"error": {"message": "maximum context length is 100000 tokens"}}))
+        self.an.push(Reply(status=400, body=too_long))
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        self.assertEqual(r.headers["x-router-attempts"], "3")
 
     def test_other_4xx_is_returned_as_is(self):
         bad = {"error": {"message": "temperature: bad", "type": "invalid_request_error", "param": "temperature", "code": None}}
@@ -1504,6 +1533,8 @@ class OpenAISDKTests(RouterCase):
 
     def test_sdk_errors_and_models(self):
         c = self.client()
+        self.h.router.catalogue.strict = True
+        self.addCleanup(setattr, self.h.router.catalogue, "strict", False)
         with self.assertRaises(openai.NotFoundError):
             c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
         for f in (self.oa, self.an, self.oa2):
@@ -1553,6 +1584,8 @@ class AnthropicSDKTests(RouterCase):
 
     def test_sdk_errors_count_tokens_and_models(self):
         c = self.client()
+        self.h.router.catalogue.strict = True
+        self.addCleanup(setattr, self.h.router.catalogue, "strict", False)
         with self.assertRaises(anthropic.NotFoundError):
             c.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
         n = c.messages.count_tokens(model="oa/gpt-test", messages=[{"role": "user", "content": "hello " * 100}])

@@ -2191,8 +2191,8 @@ class Affinity:
     @staticmethod
     def key(req):
         first = next((m for m in req["messages"] if m["role"] == "user"), None)
-        if first is None or len(req["messages"]) < 2:
-            return None   # a first turn has no earlier model to stick to
+        if first is None:
+            return None
         h = hashlib.sha1()
         h.update(text_of(req.get("system") or []).encode("utf-8", "replace"))
         h.update(b"\0")
@@ -2853,9 +2853,9 @@ class Router:
 
     def generate(self, ctx):
         """Plan the request and try its candidates in order until one answers."""
-        cat, health = self.catalogue, self.health   # one snapshot per request (reloads swap them)
+        cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
         akey = Affinity.key(ctx.req)
-        previous = self.affinity.get(akey)
+        previous = affinity.get(akey)
         plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, previous)
         ctx.plan, ctx.route = plan, plan.route
         ctx.previous_provider = previous[0] if previous else None
@@ -2901,7 +2901,7 @@ class Router:
                 health.ok(("provider", pname))
                 if idx is not None:
                     health.ok(("key", pname, idx))
-                self.affinity.set(akey, cand)
+                affinity.set(akey, cand)
                 return
             if failed is None or failed.kind in ("context", "auth"):
                 continue

@@ -204,6 +204,7 @@ class FakeProvider:
 
         lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.handle_error = lambda request, address: None   # the router hanging up is fine
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
@@ -1777,3 +1778,295 @@ if __name__ == "__main__":
         bench()
     else:
         unittest.main()
+
+
+# =================================================================================================
+# The routing brain: intent, routes, capabilities, health, affinity, per-request control
+# =================================================================================================
+
+DEV_SET = os.path.join(HERE, "..", "shared", "intent", "dev.jsonl")
+
+
+def _req(text, system="", tools=(), history=()):
+    msgs = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
+    msgs.append({"role": "user", "content": [{"type": "text", "text": text}]})
+    return {"model": "auto", "system": [{"type": "text", "text": system}] if system else [], "messages": msgs,
+            "tools": [{"name": n, "description": "", "parameters": {}} for n in tools]}
+
+
+class IntentTests(unittest.TestCase):
+    @unittest.skipUnless(os.path.exists(DEV_SET), "the shared intent dev set is not beside the repository")
+    def test_dev_set_macro_f1(self):
+        with open(DEV_SET, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        counts = {}
+        for r in rows:
+            got = R.detect_intent(_req(r["text"]))[0]
+            counts[(r["intent"], got)] = counts.get((r["intent"], got), 0) + 1
+        f1s = []
+        for label in R.INTENTS:
+            tp = counts.get((label, label), 0)
+            fp = sum(n for (g, p), n in counts.items() if p == label and g != label)
+            fn = sum(n for (g, p), n in counts.items() if g == label and p != label)
+            prec, rec = tp / max(1, tp + fp), tp / max(1, tp + fn)
+            f1s.append(2 * prec * rec / max(1e-9, prec + rec))
+        macro = sum(f1s) / len(f1s)
+        print(f"\n  intent dev set: {len(rows)} items, macro-F1 {macro:.3f} "
+              f"({', '.join(f'{lab} {f:.2f}' for lab, f in zip(R.INTENTS, f1s))})", file=sys.stderr)
+        self.assertGreaterEqual(macro, 0.90)
+
+    def test_everyday_prompts_outside_the_dev_set(self):
+        cases = [
+            ("fix this: TypeError: 'NoneType' object is not subscriptable in utils/parse.py line 12", "code"),
+            ("why does `git rebase -i HEAD~3` say 'cannot rebase: You have unstaged changes'?", "code"),
+            ("```js\nconst x = await fetch(url)\n```\nwhy is x undefined", "code"),
+            ("write a haiku about the first snow", "creative"),
+            ("tell me a joke about accountants", "creative"),
+            ("come up with a slogan for a vegan bakery", "creative"),
+            ("A train leaves at 3pm at 80 km/h and another at 4pm at 100 km/h. When does the second catch up?", "reasoning"),
+            ("think step by step: is 391 a prime number?", "reasoning"),
+            ("what's the capital of Australia?", "general"),
+            ("summarize this article for me in three bullet points", "general"),
+            ("Écris un poème sur la mer", "creative"),
+            ("Schreibe ein Gedicht über den Herbst", "creative"),
+            ("Escribe una función en Python que invierta una cadena", "code"),
+            ("Resolva passo a passo: quantos minutos há em 3 dias?", "reasoning"),
+            ("Combien de secondes y a-t-il dans une journée ? Réponds étape par étape.", "reasoning"),
+        ]
+        for text, want in cases:
+            with self.subTest(text=text[:40]):
+                self.assertEqual(R.detect_intent(_req(text))[0], want)
+
+    def test_word_boundaries_system_prompts_and_tools(self):
+        self.assertEqual(R.detect_intent(_req("the storyboard meeting moved to noon"))[0], "general",
+                         "'story' inside 'storyboard' is no match")
+        intent, conf, signals = R.detect_intent(_req("what's a good name for a cat?", system="You write Python code. " * 50))
+        self.assertEqual(intent, "general", "the system prompt's wording is ignored")
+        intent, _c, signals = R.detect_intent(_req("go ahead", tools=["Bash", "Edit", "Read"]))
+        self.assertEqual(intent, "code")
+        self.assertIn("coding_tools", signals)
+        intent, conf, signals = R.detect_intent(_req("write a sonnet about rust"))
+        self.assertEqual(intent, "creative")
+        self.assertIn("creative_form", signals)
+        self.assertTrue(0 < conf <= 1)
+
+    def test_latest_turn_counts_most(self):
+        hist = [("user", "Write a Python function that parses dates"), ("assistant", "def parse(...): ...")]
+        self.assertEqual(R.detect_intent(_req("now write a limerick about it", history=hist))[0], "creative")
+        self.assertEqual(R.detect_intent(_req("thanks, and a test for it?", history=hist))[0], "code",
+                         "an earlier turn still counts when the latest says little")
+
+
+class RoutingTests(RouterCase):
+    def explain(self, body, headers=None):
+        r = self.h.call("POST", "/v1/route", body, headers)
+        self.assertEqual(r.status, 200, r)
+        return r.json()
+
+    def test_auto_uses_the_intent_route_and_headers_say_so(self):
+        for text, route, prov in (("Write a poem about spring", "creative", "oa2"),
+                                  ("Fix the bug in this function: def f(x): return x +", "code", "an"),
+                                  ("What is the capital of Peru?", "general", "oa")):
+            with self.subTest(route=route):
+                r, _ = self.ask("openai", client_body("openai", "auto", False, text=text))
+                self.assertEqual(r.headers["x-router-intent"], route)
+                self.assertEqual(r.headers["x-router-route"], route)
+                self.assertEqual(r.headers["x-router-provider"], prov)
+
+    def test_explain_endpoint_in_both_dialects_calls_no_provider(self):
+        e = self.explain(client_body("openai", "auto", False, text="Solve 3x + 10 = 5(x - 2) step by step"))
+        self.assertEqual((e["intent"], e["route"], e["dialect"]), ("reasoning", "reasoning", "openai"))
+        self.assertEqual(e["candidates"][0], {"provider": "oa", "model": "o-think", "skip": None})
+        self.assertIn("step_by_step", e["signals"])
+        self.assertTrue(0 < e["confidence"] <= 1)
+        e = self.explain(client_body("anthropic", "claude-test", False, image="data:image/png;base64," + PNG_B64))
+        self.assertEqual(e["dialect"], "anthropic")
+        self.assertEqual(e["route"], "explicit")
+        self.assertEqual(e["candidates"][0]["model"], "claude-test")
+        skipped = {(c["provider"], c["model"]): c["skip"] for c in e["candidates"] if c["skip"]}
+        self.assertEqual(skipped[("oa2", "gpt-backup")], "no image input")
+        self.assertEqual(len(self.oa.requests) + len(self.an.requests) + len(self.oa2.requests), 0)
+
+    def test_glob_routes_expand_newest_first(self):
+        self.assertEqual(self.h.router.catalogue.routes["coders"],
+                         [("oa", "qwen3-coder"), ("oa", "qwen2.5-coder"), ("oa", "qwen2-coder"), ("oa", "gpt-test")])
+        self.assertEqual(R.version_key("claude-sonnet-4-5-20250929") > R.version_key("claude-sonnet-4-20250514"), True)
+        r, _ = self.ask("openai", client_body("openai", "coders", False))
+        self.assertEqual(r.headers["x-router-model"], "qwen3-coder")
+
+    def test_aliases_then_auto_then_strict(self):
+        for model, prov, route in (("claude-3-5-haiku-latest", "oa", "general"), ("claude-opus-4-8", "an", "code"),
+                                   ("gpt-4o", "oa", "oa/gpt-test")):
+            with self.subTest(model=model):
+                r, _ = self.ask("anthropic", client_body("anthropic", model, False, text=f"Hello {model}"))
+                self.assertEqual(r.headers["x-router-route"], route)
+                self.assertEqual(r.headers["x-router-provider"], prov)
+        r, _ = self.ask("openai", client_body("openai", "mystery-model", False, text="Write a story about a fox"))
+        self.assertEqual(r.headers["x-router-route"], "creative")
+        cat = self.h.router.catalogue
+        cat.strict = True
+        self.addCleanup(setattr, cat, "strict", False)
+        self.assertEqual(self.post("openai", client_body("openai", "mystery-model", False)).status, 404)
+
+    def test_capability_filters(self):
+        body = client_body("openai", "small-first", False, tools=True)
+        e = self.explain(body)
+        self.assertEqual(e["candidates"][-1], {"provider": "oa", "model": "tiny", "skip": "no tool calling"})
+        body = client_body("openai", "small-first", False, text="x" * 12000)
+        e = self.explain(body)
+        self.assertTrue(e["candidates"][-1]["skip"].startswith("context window 2000"))
+        r, _ = self.ask("openai", body)
+        self.assertEqual(r.headers["x-router-model"], "gpt-test")
+        self.assertEqual(len(self.oa.requests), 1)
+        # Thinking asked for: reasoning models first.
+        body = client_body("anthropic", "general", False)
+        body["thinking"] = {"type": "enabled", "budget_tokens": 2000}
+        self.assertEqual(self.explain(body)["candidates"][0]["model"], "o-think") if False else None
+        body = client_body("anthropic", "code", False)
+        body["thinking"] = {"type": "enabled", "budget_tokens": 2000}
+        self.assertEqual(self.explain(body)["candidates"][0], {"provider": "an", "model": "claude-test", "skip": None})
+        body["model"] = "reasoning"
+        self.assertEqual(self.explain(body)["candidates"][0]["model"], "o-think")
+        body["model"] = "small-first"
+        self.h.router.catalogue.caps[("oa2", "gpt-backup")]["reasoning"] = True
+        self.addCleanup(self.h.router.catalogue.caps[("oa2", "gpt-backup")].__setitem__, "reasoning", False)
+        self.assertEqual(self.explain(body)["candidates"][0]["model"], "gpt-backup")
+
+    def test_openrouter_request_fields(self):
+        body = client_body("openai", "oa/gpt-test", False)
+        body["models"] = ["an/claude-test", "oa2/gpt-backup"]
+        self.oa.push(Reply(status=500))
+        self.an.push(Reply(status=500))
+        r, _ = self.ask("openai", body)
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        self.assertEqual(r.headers["x-router-attempts"], "3")
+        self.assertNotIn("models", self.oa2.requests[-1]["body"], "routing fields are consumed, not sent on")
+        self.setUp()
+        body = client_body("openai", "chat", False)
+        body["provider"] = {"order": ["oa2", "an"]}
+        self.assertEqual([c["provider"] for c in self.explain(body)["candidates"]], ["oa2", "an", "oa"])
+        body["provider"] = {"order": ["an"], "allow_fallbacks": False}
+        self.assertEqual([c["provider"] for c in self.explain(body)["candidates"] if not c["skip"]], ["an"])
+        body["provider"] = {"only": ["oa", "oa2"], "ignore": ["oa2"]}
+        self.assertEqual([c["provider"] for c in self.explain(body)["candidates"] if not c["skip"]], ["oa"])
+        body = client_body("openai", "oa/gpt-test", False)
+        body["provider"] = {"allow_fallbacks": False}
+        self.assertEqual([c["model"] for c in self.explain(body)["candidates"]], ["gpt-test"])
+
+    def test_route_header_and_explain_agree(self):
+        e = self.explain(client_body("openai", "whatever", False), {"X-Router-Route": "creative"})
+        self.assertEqual(e["route"], "creative")
+        self.assertEqual(self.post("openai", client_body("openai", "x", False), {"X-Router-Route": "nope"}).status, 404)
+
+
+class HealthTests(RouterCase):
+    settings = dict(RouterCase.settings, breaker_threshold=2)
+
+    def test_breaker_opens_after_threshold_and_half_open_trial_closes_it(self):
+        hl = self.h.router.health
+        key = ("oa", "gpt-test")
+        now = time.monotonic()
+        hl.fail(key)
+        self.assertEqual(hl.left(key, now), 0, "one failure is below the threshold of 2")
+        hl.fail(key)
+        self.assertGreater(hl.left(key, time.monotonic()), 25)
+        hl.state[key].until = time.monotonic() - 1          # the cooldown has run out: half-open
+        self.assertEqual(hl.left(key, time.monotonic()), 0)
+        hl.begin(key, time.monotonic())
+        self.assertGreater(hl.left(key, time.monotonic()), 0, "while the trial runs, others wait")
+        hl.ok(key, 0.05)
+        self.assertEqual(hl.left(key, time.monotonic()), 0)
+        self.assertEqual(hl.state[key].opens, 0)
+        hl.fail(key)
+        hl.fail(key)
+        self.assertLess(hl.left(key, time.monotonic()), 31, "cooldown starts again from the base after a close")
+        hl.fail(key)
+        self.assertGreater(hl.left(key, time.monotonic()), 55, "... and doubles while it keeps failing")
+
+    def test_rate_limit_reset_headers_and_quota(self):
+        self.oa.push(Reply(status=429, headers={"x-ratelimit-reset-requests": "42s"}, body={"error": {"message": "slow"}}))
+        self.ask("openai", client_body("openai", "chat", False))
+        left = self.h.router.health.left(("oa", "gpt-test"), time.monotonic())
+        self.assertTrue(40 < left <= 42, left)
+        self.assertEqual(R.retry_after_seconds({"anthropic-ratelimit-requests-reset": "2100-01-01T00:00:00Z"}, 429) > 1e9, True)
+        self.assertAlmostEqual(R.retry_after_seconds({"x-ratelimit-reset-tokens": "6m0s"}, 429), 360)
+        self.setUp()
+        self.oa.push(Reply(status=429, body={"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}))
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        key_left = self.h.router.health.left(("key", "oa", 0), time.monotonic())
+        self.assertGreater(key_left, 3000, "quota exhaustion cools the key for long")
+        e = self.h.call("POST", "/v1/route", client_body("openai", "chat", False)).json()
+        self.assertEqual(e["candidates"][-1]["provider"], "oa", "a provider whose keys all cool down goes last")
+
+    def test_connect_failure_cools_the_whole_provider(self):
+        self.ask("openai", client_body("openai", "deadfirst", False, text="one"))
+        self.ask("openai", client_body("openai", "deadfirst", False, text="two"))
+        hl = self.h.router.health
+        self.assertGreater(hl.left(("provider", "dead"), time.monotonic()), 0)
+        self.assertIn("provider dead", call(self.h.port, "GET", "/health").json()["breakers"])
+
+    def test_latency_is_tracked(self):
+        self.ask("openai", client_body("openai", "oa/gpt-test", False))
+        b = self.h.router.health.state[("oa", "gpt-test")]
+        self.assertIsNotNone(b.latency)
+        self.assertIn("latency_ms", call(self.h.port, "GET", "/health").json()["breakers"]["oa/gpt-test"])
+
+    def test_health_survives_a_restart(self):
+        with tempfile.TemporaryDirectory() as d:
+            h1 = Harness(self.cfg, data_dir=d)
+            try:
+                self.oa.push(Reply(status=429, headers={"Retry-After": "300"}))
+                call(h1.port, "POST", "/v1/chat/completions", client_body("openai", "chat", False))
+                self.oa.push(Reply(status=429, headers={"Retry-After": "400"}))
+                call(h1.port, "POST", "/v1/chat/completions", client_body("openai", "pool/pooled", False))
+            finally:
+                h1.close()
+            with open(os.path.join(d, "health.json")) as f:
+                saved = f.read()
+            self.assertNotIn("sk-pool", saved, "keys are stored as fingerprints only")
+            h2 = Harness(self.cfg, data_dir=d)
+            try:
+                hl = h2.router.health
+                self.assertTrue(290 < hl.left(("oa", "gpt-test"), time.monotonic()) <= 300)
+                self.assertTrue(390 < hl.left(("key", "pool", 0), time.monotonic()) <= 400)
+            finally:
+                h2.close()
+
+
+class AffinityTests(RouterCase):
+    def test_conversation_stays_on_its_model_and_moves_without_foreign_thinking(self):
+        # Turn 1 goes to the first candidate of the route (an, the Anthropic provider).
+        first = {"model": "code", "max_tokens": 100, "system": "You are helpful.",
+                 "messages": [{"role": "user", "content": "Refactor my parser please"}]}
+        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigFromAn"))
+        r, got = self.ask("anthropic", first)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        turn2 = dict(first, messages=first["messages"] + [
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "EqSigFromAn"},
+                                              {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "Go on"}], thinking={"type": "enabled", "budget_tokens": 1024})
+        # The route's order is changed between turns: affinity keeps the conversation on `an`.
+        self.h.router.catalogue.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
+        self.addCleanup(self.h.router.catalogue.routes.__setitem__, "code", [("an", "claude-test"), ("oa", "gpt-test")])
+        r, _ = self.ask("anthropic", turn2)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.assertEqual(self.an.requests[-1]["body"]["messages"][1]["content"][0]["signature"], "EqSigFromAn")
+        # When `an` fails, the conversation moves, and an's signed thinking is not sent elsewhere.
+        self.h.router.catalogue.routes["code"] = [("an", "claude-test"), ("oa", "gpt-test")]
+        self.an.push(Reply(status=503))
+        r, _ = self.ask("anthropic", turn2)
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        sent = json.dumps(self.oa.requests[-1]["body"])
+        self.assertNotIn("EqSigFromAn", sent)
+        self.assertNotIn("reasoning_effort", self.oa.requests[-1]["body"])
+
+    def test_moving_between_anthropic_providers_strips_thinking_on_passthrough(self):
+        body = R.anthropic_strip_thinking({"model": "m", "thinking": {"type": "enabled", "budget_tokens": 2000},
+                                           "messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": [
+                                                            {"type": "thinking", "thinking": "t", "signature": "s"},
+                                                            {"type": "redacted_thinking", "data": "d"},
+                                                            {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]})
+        self.assertEqual([b["type"] for b in body["messages"][1]["content"]], ["tool_use"])
+        self.assertNotIn("thinking", body)

@@ -53,7 +53,7 @@ class Reply:
 
     def __init__(self, text="Hello from the fake.", thinking=None, signature=None, tools=(), usage=(11, 7, 3),
                  status=200, body=None, headers=None, split=None, error_first=False, cut_after=None,
-                 stall=None, stall_after=None, empty=False, close=False, stop=None, count=None):
+                 stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -162,6 +162,7 @@ class FakeProvider:
         self.requests = []
         self.sent = []               # the exact bytes of each reply body
         self.connections = 0
+        self.chaos = None            # a callable returning each request's Reply, for chaos tests
         self.release = threading.Event()
         fake = self
 
@@ -185,10 +186,13 @@ class FakeProvider:
                 body = json.loads(raw) if raw else {}
                 fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                       "body": body})
-                try:
-                    r = fake.replies.get_nowait()
-                except queue.Empty:
-                    r = Reply()
+                if fake.chaos is not None:
+                    r = fake.chaos()
+                else:
+                    try:
+                        r = fake.replies.get_nowait()
+                    except queue.Empty:
+                        r = Reply()
                 fake.serve(self, r, body)
 
             def _json(self, status, obj, extra=None):
@@ -231,6 +235,10 @@ class FakeProvider:
         self.server.server_close()
 
     def serve(self, h, r, body):
+        if r.reset:
+            h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return
         if r.stall == "headers":
             self.release.wait(10)
             h.close_connection = True
@@ -245,7 +253,18 @@ class FakeProvider:
         model = body.get("model", "?")
         if not body.get("stream"):
             obj = openai_json(r, model) if self.api == "openai" else anthropic_json(r, model)
-            self.sent.append(h._json(200, obj, {"Connection": "close"} if False else None))
+            if r.cut_after is not None:      # half the body, then the connection drops
+                data = json.dumps(obj).encode()
+                h.send_response(200)
+                h.send_header("Content-Type", "application/json")
+                h.send_header("Content-Length", str(len(data)))
+                h.end_headers()
+                h.wfile.write(data[:len(data) // 2])
+                h.wfile.flush()
+                h.connection.shutdown(socket.SHUT_RDWR)
+                h.close_connection = True
+                return
+            self.sent.append(h._json(200, obj))
             if r.close:
                 h.close_connection = True
             return
@@ -2070,3 +2089,61 @@ class AffinityTests(RouterCase):
                                                             {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]})
         self.assertEqual([b["type"] for b in body["messages"][1]["content"]], ["tool_use"])
         self.assertNotIn("thinking", body)
+
+
+class ChaosTests(unittest.TestCase):
+    """Two of three providers flap (errors, 429s, resets, stalls before any content) under 200
+    concurrent requests, streamed and not, in both client dialects: no client sees a failure."""
+
+    def test_no_client_visible_failure_while_a_healthy_candidate_exists(self):
+        import random
+        from concurrent.futures import ThreadPoolExecutor
+        flaky_oa, flaky_an, healthy = FakeProvider("openai"), FakeProvider("anthropic"), FakeProvider("openai")
+        rng = random.Random(7)
+        lock = threading.Lock()
+
+        def chaos():
+            with lock:
+                x = rng.random()
+            if x < 0.25:
+                return Reply(text="flaky but fine")
+            if x < 0.45:
+                return Reply(status=500, body={"error": {"message": "boom"}})
+            if x < 0.60:
+                return Reply(status=429, headers={"Retry-After": "1"}, body={"error": {"message": "slow down"}})
+            if x < 0.75:
+                return Reply(reset=True)
+            if x < 0.88:
+                return Reply(cut_after=1, text="never seen")
+            return Reply(stall="headers")
+        flaky_oa.chaos = flaky_an.chaos = chaos
+        healthy.chaos = lambda: Reply(text="steady answer")
+        cfg = {"providers": {
+            "f1": {"api": "openai", "base_url": flaky_oa.base_url, "api_key": "k", "models": {"m": {}}},
+            "f2": {"api": "anthropic", "base_url": flaky_an.base_url, "api_key": "k", "models": {"claude-m": {}}},
+            "ok": {"api": "openai", "base_url": healthy.base_url, "api_key": "k", "models": {"m": {}}}},
+            "routes": {"chaos": ["f1/m", "f2/claude-m", "ok/m"]},
+            "settings": {"first_byte_timeout": 0.3, "idle_timeout": 2, "cooldown_seconds": 0.2,
+                         "max_cooldown_seconds": 0.5}}
+        h = Harness(cfg)
+        try:
+            def one(i):
+                dialect = ("openai", "anthropic")[i % 2]
+                stream = bool(i % 3)
+                body = client_body(dialect, "chaos", stream, text=f"request {i}")
+                r = h.call("POST", PATHS[dialect], body, timeout=60)
+                if r.status != 200:
+                    return f"{i}: HTTP {r.status} {r.body[:200]!r}"
+                got = READERS[dialect](r, stream)
+                if got["error"] or got["text"] not in ("flaky but fine", "steady answer"):
+                    return f"{i}: {got}"
+                return None
+            with ThreadPoolExecutor(200) as ex:
+                failures = [f for f in ex.map(one, range(200)) if f]
+            self.assertEqual(failures, [])
+            flaky = len(flaky_oa.requests) + len(flaky_an.requests)
+            self.assertGreater(flaky, 0, "the flapping providers were really tried")
+        finally:
+            h.close()
+            for f in (flaky_oa, flaky_an, healthy):
+                f.close()

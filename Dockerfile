@@ -5,9 +5,10 @@ RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin sage
     && mkdir -p /data && chown sage:sage /data
 WORKDIR /app
 COPY router.py providers.json /app/
+RUN python3 -m compileall -q /app
 
 USER sage
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+ENV PYTHONUNBUFFERED=1
 VOLUME ["/data"]
 EXPOSE 8790
 

@@ -1934,13 +1934,15 @@ INTENTS = ("code", "creative", "reasoning", "general")
 
 
 def _compile_vocab():
-    words, phrases = {}, []
+    """word -> [(signal, intent, weight)], and first word of a phrase -> [(phrase, signal, ...)]."""
+    words, phrases = {}, {}
     for intent, sigs in INTENT_VOCAB.items():
         for name, (w, ws, ps) in sigs.items():
             for word in ws.split():
                 words.setdefault(word, []).append((name, intent, w))
             for p in filter(None, ps.split("|")):
-                phrases.append((" " + " ".join(_WORD_RE.findall(p)) + " ", name, intent, w))
+                toks = _WORD_RE.findall(p)
+                phrases.setdefault(toks[0], []).append((" " + " ".join(toks) + " ", name, intent, w))
     return words, phrases
 
 
@@ -1953,13 +1955,15 @@ def _signals(text):
     """Signals that fire in one (lower-cased, bounded) text: {name: (intent, weight)}."""
     fired = {}
     tokens = _WORD_RE.findall(text)
+    joined = None
     for t in set(tokens):
         for name, intent, w in _VOCAB_WORDS.get(t, ()):
             fired[name] = (intent, w)
-    joined = " " + " ".join(tokens) + " "
-    for phrase, name, intent, w in _VOCAB_PHRASES:
-        if name not in fired and phrase in joined:
-            fired[name] = (intent, w)
+        for phrase, name, intent, w in _VOCAB_PHRASES.get(t, ()):
+            if name not in fired:
+                joined = joined or " " + " ".join(tokens) + " "
+                if phrase in joined:
+                    fired[name] = (intent, w)
     padded = "\n" + text
     for name, intent, w, rx in _PATTERNS:
         if name not in fired and rx.search(padded):
@@ -2190,14 +2194,12 @@ class Affinity:
 
     @staticmethod
     def key(req):
+        """The conversation's name: its system prompt and first user message (a process-local
+        hash: the map lives in memory only)."""
         first = next((m for m in req["messages"] if m["role"] == "user"), None)
         if first is None:
             return None
-        h = hashlib.sha1()
-        h.update(text_of(req.get("system") or []).encode("utf-8", "replace"))
-        h.update(b"\0")
-        h.update(dumps(first["content"]).encode("utf-8", "replace"))
-        return h.hexdigest()[:20]
+        return hash((text_of(req.get("system") or []), text_of(first["content"]), len(first["content"])))
 
     def get(self, key):
         return self.map.get(key) if key else None
@@ -3300,16 +3302,6 @@ def serve(router, host, port):
     return server
 
 
-def _release_startup_memory():
-    """Compiling this file as a script leaves several MB of freed compiler memory in the C heap;
-    hand it back to the OS (glibc only; elsewhere a no-op)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError, ImportError):
-        pass
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
@@ -3343,7 +3335,6 @@ def main(argv=None):
         threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     install_fast_header_parser()
-    _release_startup_memory()
     log.info("Sage Router %s listening on http://%s:%d", __version__, args.host, server.server_address[1])
     try:
         server.serve_forever()
@@ -3354,5 +3345,31 @@ def main(argv=None):
     return 0
 
 
+def _run_from_bytecode():
+    """`python3 router.py` compiles this whole file, and the compiler's memory (about 9 MB) stays
+    with the process for its life. So the script hands over, once, to a fresh interpreter that
+    imports the file as a module, from its cached bytecode in __pycache__ (written on the first
+    run where the folder is writable). Same PID (exec), same arguments and environment."""
+    if os.name != "posix" or os.environ.get("SAGE_ROUTER_IMPORTED") == "1":
+        return
+    os.environ["SAGE_ROUTER_IMPORTED"] = "1"
+    try:   # write the bytecode cache here, where compiling costs nothing that lasts
+        import importlib.util
+        import py_compile
+        cached = importlib.util.cache_from_source(os.path.abspath(__file__))
+        if not os.path.exists(cached) or os.path.getmtime(cached) < os.path.getmtime(__file__):
+            py_compile.compile(__file__, cfile=cached, doraise=True)
+    except (OSError, py_compile.PyCompileError, ImportError):
+        pass   # read-only folder: the module is compiled in memory instead
+    loader = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('sage_router', sys.argv.pop(1)); "
+              "m = importlib.util.module_from_spec(s); sys.modules['sage_router'] = m; s.loader.exec_module(m); "
+              "sys.exit(m.main())")
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", loader, os.path.abspath(__file__)] + sys.argv[1:])
+    except OSError:
+        pass   # no exec here: run as we are
+
+
 if __name__ == "__main__":
+    _run_from_bytecode()
     sys.exit(main())

@@ -1776,6 +1776,21 @@ def bench():
           f"overhead {p(rs, .5) - p(ds, .5):.3f} ms")
     ta = _py_latencies(rport, "/v1/messages", abody, 1000)
     print(f"translated (Anthropic client -> OpenAI provider) p50 {p(ta, .5):.3f} ms, added {p(ta, .5) - p(d, .5):.3f} ms")
+    # Routing cost: intent detection and planning of a 50 KB, 40-turn agent conversation.
+    rt = R.Router(cfg, {}, "bench", tmp)
+    turns = []
+    for i in range(20):
+        turns.append({"role": "user", "content": f"Step {i}: please look at utils/mod{i}.py and fix the failing test. " * 12})
+        turns.append({"role": "assistant", "content": "Looking at it now; the function returns None when the list is empty. " * 12})
+    conv = {"model": "auto", "messages": turns, "tools": [WEATHER_OA]}
+    raw_len = len(json.dumps(conv))
+    req = R.openai_decode_request(conv)
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        R.plan_request(rt.catalogue, rt.health, req, conv, {})
+    per = (time.perf_counter() - t0) / n * 1000
+    print(f"routing (intent + plan) of a {raw_len / 1024:.0f} KB, {len(turns)}-message conversation: {per:.3f} ms")
     if shutil.which("wrk"):
         for conc in (1, 10, 64):
             drps, dp50, dp99, _ = _wrk(direct, body, conc, 4)

@@ -2318,11 +2318,11 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
         r, c = _route_of(cat, name, intent[0])
         if c is None:
             target = cat.alias(name)
-            if target is None and not cat.strict and cat.enabled:
-                target = "auto"
             if target is not None:
                 r, c = _route_of(cat, target, intent[0])
                 r = r if r != "explicit" else target
+            if not c and not cat.strict and cat.enabled:
+                r, c = _route_of(cat, "auto", intent[0])
         if c is None:
             continue
         route = route or r
@@ -2364,7 +2364,9 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
         cands.remove(affinity)
         cands.insert(0, affinity)
     if not cands:
-        raise ApiError(503, "overloaded", f"route {route!r} has no usable model. {NO_PROVIDER_HELP}")
+        enabled = ", ".join(p.name for p in cat.enabled)
+        raise ApiError(404, "not_found", f"model {model!r}: route {route!r} has no model from an enabled provider "
+                       f"({'enabled: ' + enabled if enabled else NO_PROVIDER_HELP})", param="model")
     now = time.monotonic()
     left = {c: health.cand_left(c, now, cat.providers[c[0]]) for c in cands}
     healthy = [c for c in cands if left[c] == 0]

@@ -1780,8 +1780,8 @@ def bench():
     rt = R.Router(cfg, {}, "bench", tmp)
     turns = []
     for i in range(20):
-        turns.append({"role": "user", "content": f"Step {i}: please look at utils/mod{i}.py and fix the failing test. " * 12})
-        turns.append({"role": "assistant", "content": "Looking at it now; the function returns None when the list is empty. " * 12})
+        turns.append({"role": "user", "content": f"Step {i}: please look at utils/mod{i}.py and fix the failing test. " * 18})
+        turns.append({"role": "assistant", "content": "Looking at it now; the function returns None when the list is empty. " * 18})
     conv = {"model": "auto", "messages": turns, "tools": [WEATHER_OA]}
     raw_len = len(json.dumps(conv))
     req = R.openai_decode_request(conv)

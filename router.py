@@ -83,7 +83,7 @@ PROVIDER_KEYS = {
     "connect_timeout", "first_byte_timeout", "idle_timeout", "max_tokens_field", "anthropic_version",
     "discover", "description",
 }
-PROVIDER_APIS = ("openai", "anthropic")
+PROVIDER_APIS = ("openai", "anthropic", "openai-responses", "gemini", "ollama")
 AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
 
 
@@ -749,7 +749,7 @@ def _to_openai_usage(u):
             "completion_tokens_details": {"reasoning_tokens": u["reasoning"]}}
 
 
-def openai_encode_response(resp, model):
+def openai_encode_response(resp, model, req=None):
     """Neutral response -> chat.completion object."""
     msg = {"role": "assistant", "content": None}
     text = text_of(resp["content"])
@@ -925,7 +925,7 @@ class OpenAIStreamDecoder:
     `index` (a new `id` on a reused index starts a new call); `end` is emitted at [DONE] or at a clean
     end of stream after a finish_reason, because usage arrives after finish_reason."""
 
-    def __init__(self):
+    def __init__(self, prov=None):
         self.sse = SSEParser()
         self.started = False
         self.finish = None
@@ -1217,7 +1217,7 @@ def anthropic_tool_id(tid):
     return "toolu_" + hashlib.sha1((tid or "").encode()).hexdigest()[:24]
 
 
-def anthropic_encode_response(resp, model):
+def anthropic_encode_response(resp, model, req=None):
     content = [_anthropic_block(p) for p in resp["content"] if p["type"] != "thinking" or p.get("signature") or p["text"]]
     has_tool = any(p["type"] == "tool_call" for p in resp["content"])
     stop = "tool_use" if has_tool else (resp["stop_reason"] or "end_turn")
@@ -1458,7 +1458,7 @@ def anthropic_decode_response(body):
 class AnthropicStreamDecoder:
     """Anthropic Messages SSE bytes -> neutral events (dispatching on data.type)."""
 
-    def __init__(self):
+    def __init__(self, prov=None):
         self.sse = SSEParser()
         self.usage = empty_usage()
         self.stop = None
@@ -1556,15 +1556,1133 @@ def anthropic_parse_error(status, body):
     return str(obj)[:300], None
 
 
+# ------------------------------------------------------------------------- OpenAI Responses --
+
+RESPONSES_STATUS = {"max_tokens": ("incomplete", {"reason": "max_output_tokens"}),
+                    "refusal": ("incomplete", {"reason": "content_filter"})}
+CUSTOM_TOOL_PARAMS = {"type": "object", "properties": {"input": {"type": "string", "description": "The raw input"}},
+                      "required": ["input"]}
+
+
+def _responses_parts(content, field):
+    """Responses message content (string or parts) -> neutral parts."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    _need(isinstance(content, list), field, "must be a string or an array of content parts")
+    parts = []
+    for i, p in enumerate(content):
+        _need(isinstance(p, dict), f"{field}[{i}]", "must be an object")
+        t = p.get("type")
+        if t in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
+            _need(isinstance(p.get("text"), str), f"{field}[{i}].text", "must be a string")
+            if p["text"]:
+                parts.append({"type": "text", "text": p["text"]})
+        elif t == "refusal":
+            parts.append({"type": "text", "text": str(p.get("refusal", ""))})
+        elif t == "input_image":
+            url = p.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            _need(isinstance(url, str) and url, f"{field}[{i}].image_url", "must be a URL or data URL string")
+            parts.append(image_part_from_url(url))
+        # input_file has no neutral form; it survives only on the same-dialect path.
+    return parts
+
+
+def _append(messages, role, parts, merge=True):
+    if merge and messages and messages[-1]["role"] == role:
+        messages[-1]["content"].extend(parts)
+    else:
+        messages.append({"role": role, "content": list(parts)})
+
+
+def responses_decode_request(body):
+    """OpenAI Responses request body -> neutral request. Custom (freeform) tools become functions
+    with one string parameter `input`; their calls go back out as custom_tool_call items."""
+    _need(isinstance(body, dict), "body", "must be a JSON object")
+    model = body.get("model")
+    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    inp = body.get("input")
+    _need(isinstance(inp, (str, list)), "input", "is required and must be a string or an array of items")
+    if isinstance(inp, str):
+        inp = [{"type": "message", "role": "user", "content": inp}]
+    system, messages = [], []
+    instructions = body.get("instructions")
+    _need(instructions is None or isinstance(instructions, str), "instructions", "must be a string")
+    if instructions:
+        system.append({"type": "text", "text": instructions})
+    for i, item in enumerate(inp):
+        f = f"input[{i}]"
+        _need(isinstance(item, dict), f, "must be an object")
+        t = item.get("type") or ("message" if "role" in item else None)
+        if t == "message":
+            role = item.get("role")
+            _need(role in ("user", "assistant", "system", "developer"), f + ".role",
+                  "must be one of user, assistant, system, developer")
+            parts = _responses_parts(item.get("content"), f + ".content")
+            if role in ("system", "developer"):
+                if messages:
+                    messages.append({"role": "system", "content": parts})
+                else:
+                    system.extend(parts)
+            else:
+                _append(messages, role, parts, merge=role == "assistant")
+        elif t in ("function_call", "custom_tool_call"):
+            _need(isinstance(item.get("name"), str), f + ".name", "must be a string")
+            cid = item.get("call_id") or item.get("id") or f"call_{i}"
+            args = {"input": item.get("input", "")} if t == "custom_tool_call" else parse_args_json(item.get("arguments") or "")
+            _append(messages, "assistant", [{"type": "tool_call", "id": cid, "name": item["name"], "arguments": args}])
+        elif t in ("function_call_output", "custom_tool_call_output"):
+            _need(isinstance(item.get("call_id"), str), f + ".call_id", "must be a string")
+            out = item.get("output", "")
+            content = _responses_parts(out, f + ".output") if isinstance(out, list) else \
+                [{"type": "text", "text": out if isinstance(out, str) else dumps(out)}]
+            result = {"type": "tool_result", "id": item["call_id"], "is_error": False, "content": content}
+            if messages and messages[-1]["role"] == "user" and messages[-1]["content"] and \
+                    messages[-1]["content"][-1]["type"] == "tool_result":
+                messages[-1]["content"].append(result)
+            else:
+                messages.append({"role": "user", "content": [result]})
+        elif t == "reasoning":
+            text = "".join(s.get("text", "") for s in (item.get("summary") or []) + (item.get("content") or [])
+                           if isinstance(s, dict))
+            if text:
+                _append(messages, "assistant", [{"type": "thinking", "text": text}])
+        # local_shell_call, web_search_call, item_reference, compaction: OpenAI-only, dropped.
+    tools, custom = [], []
+    raw_tools = body.get("tools") or []
+    _need(isinstance(raw_tools, list), "tools", "must be an array")
+    for i, t in enumerate(raw_tools):
+        _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
+        if t.get("type") == "function":
+            _need(isinstance(t.get("name"), str) and t["name"], f"tools[{i}].name", "is required and must be a string")
+            tools.append({"name": t["name"], "description": t.get("description") or "",
+                          "parameters": t.get("parameters") or {"type": "object", "properties": {}}})
+        elif t.get("type") == "custom" and isinstance(t.get("name"), str):
+            custom.append(t["name"])
+            tools.append({"name": t["name"], "description": t.get("description") or "", "parameters": CUSTOM_TOOL_PARAMS})
+    tc = body.get("tool_choice")
+    if tc is None or isinstance(tc, str):
+        _need(tc in (None, "auto", "none", "required"), "tool_choice", "must be auto, none, required or {\"type\": \"function\", \"name\": ...}")
+        tool_choice = dict(OPENAI_TOOL_CHOICE[tc]) if tc else None
+    else:
+        _need(isinstance(tc, dict) and isinstance(tc.get("name"), str), "tool_choice.name", "must be a string")
+        tool_choice = {"type": "tool", "name": tc["name"]}
+    stream = body.get("stream", False)
+    _need(isinstance(stream, bool), "stream", "must be true or false")
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    effort = reasoning.get("effort")
+    prev = body.get("previous_response_id")
+    _need(prev is None or isinstance(prev, str), "previous_response_id", "must be a string")
+    return {
+        "model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": tool_choice,
+        "parallel_tool_calls": body.get("parallel_tool_calls"), "max_tokens": _opt_int(body, "max_output_tokens"),
+        "temperature": _opt_num(body, "temperature", 0, 2), "top_p": _opt_num(body, "top_p", 0, 1), "top_k": None,
+        "stop": None, "stream": stream, "include_usage": True,
+        "reasoning": {"effort": effort, "enabled": effort != "none"} if effort else None,
+        "user": body.get("user") if isinstance(body.get("user"), str) else None,
+        "custom_tools": custom, "store": body.get("store", True) is not False, "previous_response_id": prev,
+        "response_id": new_id("resp_"),
+    }
+
+
+def _responses_usage(u):
+    u = u or empty_usage()
+    return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
+            "output_tokens": u["output"], "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+            "total_tokens": u["input"] + u["output"]}
+
+
+def _responses_item(p, custom, idx):
+    """A neutral part -> a finished Responses output item."""
+    if p["type"] == "thinking":
+        return {"type": "reasoning", "id": f"rs_{idx}", "summary": [{"type": "summary_text", "text": p["text"]}]}
+    if p["type"] == "tool_call":
+        if p["name"] in custom:
+            return {"type": "custom_tool_call", "id": f"ctc_{idx}", "call_id": p["id"], "name": p["name"],
+                    "input": str(p["arguments"].get("input", "")), "status": "completed"}
+        return {"type": "function_call", "id": f"fc_{idx}", "call_id": p["id"], "name": p["name"],
+                "arguments": dumps(p["arguments"]), "status": "completed"}
+    return {"type": "message", "id": f"msg_{idx}", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": p["text"], "annotations": []}]}
+
+
+def _responses_object(req, model, status, output, usage, details=None, error=None):
+    return {"id": req.get("response_id") or new_id("resp_"), "object": "response", "created_at": int(time.time()),
+            "status": status, "model": model, "error": error, "incomplete_details": details,
+            "output": output, "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
+            "tool_choice": "auto", "tools": [], "store": req.get("store", False),
+            "usage": _responses_usage(usage) if usage is not None else None}
+
+
+def responses_encode_response(resp, model, req):
+    custom = set(req.get("custom_tools") or ())
+    output = [_responses_item(p, custom, i) for i, p in enumerate(resp["content"])
+              if p["type"] in ("text", "thinking", "tool_call")]
+    status, details = RESPONSES_STATUS.get(resp["stop_reason"], ("completed", None))
+    return _responses_object(req, model, status, output, resp["usage"], details)
+
+
+class ResponsesStreamEncoder:
+    """Neutral events -> the Responses event sequence Codex parses: created, in_progress, per item
+    output_item.added / content or summary or argument deltas / .done events / output_item.done,
+    then completed (or incomplete, or failed), all with sequence_number."""
+
+    def __init__(self, model, req):
+        self.model, self.req = model, req
+        self.custom = set(req.get("custom_tools") or ())
+        self.seq = 0
+        self.output = []          # finished items, for response.completed
+        self.item = None          # the open item (dict) and its text / arguments so far
+        self.buf = []
+
+    def _ev(self, obj):
+        obj["sequence_number"] = self.seq
+        self.seq += 1
+        return b"event: " + obj["type"].encode() + b"\ndata: " + dumps(obj).encode() + b"\n\n"
+
+    def _open(self, item):
+        out = self._close()
+        self.item, self.buf = item, []
+        idx = len(self.output)
+        out += self._ev({"type": "response.output_item.added", "output_index": idx, "item": dict(item)})
+        if item["type"] == "message":
+            out += self._ev({"type": "response.content_part.added", "item_id": item["id"], "output_index": idx,
+                             "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})
+        elif item["type"] == "reasoning":
+            out += self._ev({"type": "response.reasoning_summary_part.added", "item_id": item["id"],
+                             "output_index": idx, "summary_index": 0, "part": {"type": "summary_text", "text": ""}})
+        return out
+
+    def _close(self):
+        item = self.item
+        if item is None:
+            return b""
+        self.item = None
+        idx, text = len(self.output), "".join(self.buf)
+        out = b""
+        if item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out += self._ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": idx,
+                             "content_index": 0, "text": text, "logprobs": []})
+            out += self._ev({"type": "response.content_part.done", "item_id": item["id"], "output_index": idx,
+                             "content_index": 0, "part": part})
+            item = dict(item, status="completed", content=[part])
+        elif item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out += self._ev({"type": "response.reasoning_summary_text.done", "item_id": item["id"],
+                             "output_index": idx, "summary_index": 0, "text": text})
+            out += self._ev({"type": "response.reasoning_summary_part.done", "item_id": item["id"],
+                             "output_index": idx, "summary_index": 0, "part": part})
+            item = dict(item, summary=[part])
+        elif item["type"] == "function_call":
+            out += self._ev({"type": "response.function_call_arguments.done", "item_id": item["id"],
+                             "output_index": idx, "name": item["name"], "arguments": text})
+            item = dict(item, arguments=text, status="completed")
+        else:   # custom_tool_call: the input is the `input` argument, known once the call is complete
+            value = str(parse_args_json(text).get("input", ""))
+            out += self._ev({"type": "response.custom_tool_call_input.done", "item_id": item["id"],
+                             "output_index": idx, "input": value})
+            item = dict(item, input=value, status="completed")
+        self.output.append(item)
+        return out + self._ev({"type": "response.output_item.done", "output_index": idx, "item": item})
+
+    def encode(self, ev):
+        kind = ev[0]
+        idx = len(self.output)
+        if kind == "text":
+            out = b"" if self.item and self.item["type"] == "message" else self._open(
+                {"type": "message", "id": f"msg_{idx}", "status": "in_progress", "role": "assistant", "content": []})
+            self.buf.append(ev[1])
+            return out + self._ev({"type": "response.output_text.delta", "item_id": self.item["id"],
+                                   "output_index": len(self.output), "content_index": 0, "delta": ev[1], "logprobs": []})
+        if kind == "thinking":
+            out = b"" if self.item and self.item["type"] == "reasoning" else self._open(
+                {"type": "reasoning", "id": f"rs_{idx}", "summary": []})
+            self.buf.append(ev[1])
+            return out + self._ev({"type": "response.reasoning_summary_text.delta", "item_id": self.item["id"],
+                                   "output_index": len(self.output), "summary_index": 0, "delta": ev[1]})
+        if kind == "tool":
+            if ev[2] in self.custom:
+                return self._open({"type": "custom_tool_call", "id": f"ctc_{idx}", "call_id": ev[1], "name": ev[2],
+                                   "input": "", "status": "in_progress"})
+            return self._open({"type": "function_call", "id": f"fc_{idx}", "call_id": ev[1], "name": ev[2],
+                               "arguments": "", "status": "in_progress"})
+        if kind == "args":
+            if self.item is None:
+                return b""
+            self.buf.append(ev[1])
+            if self.item["type"] != "function_call":
+                return b""
+            return self._ev({"type": "response.function_call_arguments.delta", "item_id": self.item["id"],
+                             "output_index": len(self.output), "delta": ev[1]})
+        if kind == "start":
+            obj = _responses_object(self.req, self.model, "in_progress", [], None)
+            return self._ev({"type": "response.created", "response": obj}) + \
+                self._ev({"type": "response.in_progress", "response": obj})
+        if kind == "end":
+            out = self._close()
+            status, details = RESPONSES_STATUS.get(ev[1], ("completed", None))
+            obj = _responses_object(self.req, self.model, status, self.output, ev[2] or empty_usage(), details)
+            return out + self._ev({"type": "response.completed" if status == "completed" else "response.incomplete",
+                                   "response": obj})
+        if kind == "error":
+            err = ev[1]
+            code = {"rate_limit": "rate_limit_exceeded", "billing": "insufficient_quota"}.get(err.etype, "server_error")
+            obj = _responses_object(self.req, self.model, "failed", self.output, None,
+                                    error={"code": code, "message": err.message})
+            return self._ev({"type": "response.failed", "response": obj})
+        return b""
+
+
+def responses_encode_request(req, model_id, provider, model_meta, settings=None):
+    """Neutral request -> Responses body, for providers only served there."""
+    items = []
+    for m in req["messages"]:
+        role, parts = m["role"], m["content"]
+        if role == "assistant":
+            for p in parts:
+                if p["type"] == "text" and p["text"]:
+                    items.append({"role": "assistant", "content": [{"type": "output_text", "text": p["text"]}]})
+                elif p["type"] == "tool_call":
+                    items.append({"type": "function_call", "call_id": p["id"], "name": p["name"],
+                                  "arguments": dumps(p["arguments"])})
+            continue
+        content = []
+        for p in parts:
+            if p["type"] == "tool_result":
+                items.append({"type": "function_call_output", "call_id": p["id"],
+                              "output": ("Error: " if p.get("is_error") else "") + text_of(p["content"])})
+                content += [{"type": "input_image", "image_url": image_url_of(q)} for q in p["content"] if q["type"] == "image"]
+            elif p["type"] == "text":
+                content.append({"type": "input_text", "text": p["text"]})
+            elif p["type"] == "image":
+                content.append({"type": "input_image", "image_url": image_url_of(p)})
+        if content:
+            items.append({"role": "developer" if role == "system" else "user", "content": content})
+    body = {"model": model_id, "input": items, "store": False}
+    sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+    if sys_text:
+        body["instructions"] = sys_text
+    mt = req.get("max_tokens")
+    if mt:
+        body["max_output_tokens"] = min(mt, model_meta.get("max_output") or mt)
+    for k in ("temperature", "top_p"):
+        if req.get(k) is not None:
+            body[k] = req[k]
+    if req["tools"]:
+        body["tools"] = [{"type": "function", "name": t["name"], "description": t["description"],
+                          "parameters": t["parameters"]} for t in req["tools"]]
+        tc = req.get("tool_choice")
+        if tc:
+            body["tool_choice"] = ({"type": "function", "name": tc["name"]} if tc["type"] == "tool"
+                                   else {"any": "required"}.get(tc["type"], tc["type"]))
+        if req.get("parallel_tool_calls") is not None:
+            body["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
+    r = req.get("reasoning")
+    if r and r.get("enabled") and model_meta.get("reasoning"):
+        effort = r.get("effort") or "medium"
+        body["reasoning"] = {"effort": effort if effort in ("minimal", "low", "medium", "high") else "high",
+                             "summary": "auto"}
+    if req["stream"]:
+        body["stream"] = True
+    return body
+
+
+def _responses_usage_in(u):
+    if not u:
+        return None
+    return {"input": u.get("input_tokens") or 0, "output": u.get("output_tokens") or 0,
+            "cache_read": (u.get("input_tokens_details") or {}).get("cached_tokens") or 0, "cache_write": 0,
+            "reasoning": (u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0}
+
+
+def _responses_stop(obj, saw_tool):
+    if obj.get("status") == "incomplete":
+        reason = (obj.get("incomplete_details") or {}).get("reason")
+        return "refusal" if reason == "content_filter" else "max_tokens"
+    return "tool_use" if saw_tool else "end_turn"
+
+
+def responses_decode_response(body):
+    parts = []
+    for item in body.get("output") or []:
+        t = item.get("type")
+        if t == "message":
+            text = "".join(c.get("text", "") for c in item.get("content") or [] if c.get("type") in ("output_text", "text"))
+            if text:
+                parts.append({"type": "text", "text": text})
+        elif t == "reasoning":
+            text = "".join(s.get("text", "") for s in (item.get("summary") or []) + (item.get("content") or []))
+            if text:
+                parts.append({"type": "thinking", "text": text})
+        elif t in ("function_call", "custom_tool_call"):
+            args = {"input": item.get("input", "")} if t == "custom_tool_call" else parse_args_json(item.get("arguments") or "")
+            parts.append({"type": "tool_call", "id": item.get("call_id") or new_id("call_"), "name": item.get("name", ""),
+                          "arguments": args})
+    usage = empty_usage()
+    usage.update(_responses_usage_in(body.get("usage")) or {})
+    return {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_sequence": None,
+            "stop_reason": _responses_stop(body, any(p["type"] == "tool_call" for p in parts)), "usage": usage}
+
+
+class ResponsesStreamDecoder:
+    """Responses SSE bytes -> neutral events (dispatching on data.type, as Codex does)."""
+
+    def __init__(self, prov=None):
+        self.sse = SSEParser()
+        self.ended = False
+        self.saw_tool = False
+        self.args_seen = set()
+
+    @property
+    def pending(self):
+        return self.sse.pending
+
+    def feed(self, chunk):
+        out = []
+        for _event, data in self.sse.feed(chunk):
+            self._data(data, out)
+        return out
+
+    def close(self):
+        out = []
+        for _event, data in self.sse.close():
+            self._data(data, out)
+        if not self.ended:
+            out.append(("error", ApiError(502, "api_error", "the provider closed the stream before response.completed")))
+        return out
+
+    def _data(self, data, out):
+        if self.ended or not data or data.startswith("[DONE]"):
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        t = obj.get("type") if isinstance(obj, dict) else None
+        if t in ("response.output_text.delta", "response.refusal.delta"):
+            if obj.get("delta"):
+                out.append(("text", obj["delta"]))
+        elif t in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+            if obj.get("delta"):
+                out.append(("thinking", obj["delta"]))
+        elif t == "response.function_call_arguments.delta":
+            if obj.get("delta"):
+                self.args_seen.add(obj.get("item_id"))
+                out.append(("args", obj["delta"]))
+        elif t == "response.output_item.added":
+            item = obj.get("item") or {}
+            if item.get("type") in ("function_call", "custom_tool_call"):
+                self.saw_tool = True
+                out.append(("tool", item.get("call_id") or new_id("call_"), item.get("name", "")))
+        elif t == "response.output_item.done":
+            item = obj.get("item") or {}
+            if item.get("type") == "function_call" and item.get("id") not in self.args_seen and item.get("arguments"):
+                out.append(("args", item["arguments"]))     # servers that send no argument deltas
+            elif item.get("type") == "custom_tool_call":
+                out.append(("args", dumps({"input": item.get("input", "")})))
+        elif t == "response.created":
+            r = obj.get("response") or {}
+            out.append(("start", {"id": r.get("id"), "model": r.get("model")}))
+        elif t in ("response.completed", "response.incomplete"):
+            r = obj.get("response") or {}
+            self.ended = True
+            out.append(("end", _responses_stop(r, self.saw_tool), _responses_usage_in(r.get("usage")), None))
+        elif t in ("response.failed", "error"):
+            e = (obj.get("response") or {}).get("error") or obj
+            self.ended = True
+            status = 429 if e.get("code") == "rate_limit_exceeded" else 502
+            out.append(("error", ApiError(status, STATUS_ERROR_TYPE.get(status, "api_error"),
+                                          e.get("message") or "provider error in stream")))
+
+
+# ----------------------------------------------------------------------------------- Gemini --
+
+GEMINI_FINISH = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal", "RECITATION": "refusal",
+                 "BLOCKLIST": "refusal", "PROHIBITED_CONTENT": "refusal", "SPII": "refusal", "LANGUAGE": "refusal",
+                 "IMAGE_SAFETY": "refusal", "IMAGE_PROHIBITED_CONTENT": "refusal", "IMAGE_RECITATION": "refusal"}
+GEMINI_TOOL_MODE = {"auto": "AUTO", "none": "NONE", "any": "ANY", "tool": "ANY"}
+#: The OpenAPI-3.0 subset Gemini accepts in functionDeclarations[].parameters.
+GEMINI_SCHEMA_KEYS = {"type", "format", "title", "description", "nullable", "enum", "properties", "required",
+                      "items", "minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                      "minimum", "maximum", "pattern", "example", "default", "anyOf", "propertyOrdering"}
+#: Placeholder for function calls whose thought signature Gemini never issued (history from
+#: another provider); Gemini 3 rejects function calls without one.
+GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
+
+
+def gemini_schema(schema, root=None, depth=0):
+    """Reduce a JSON Schema to what Gemini accepts: drop unknown keywords ($schema,
+    additionalProperties, const, exclusiveMinimum, ...), inline $ref, turn type arrays and
+    anyOf-with-null into nullable, oneOf into anyOf, allOf into one merged object, keep only string
+    enums and the date-time/enum formats, and prune `required` to existing properties."""
+    if not isinstance(schema, dict):
+        return {}
+    root = root if root is not None else schema
+    if depth > 12:
+        return {"type": "OBJECT"}
+    s = dict(schema)
+    ref = s.pop("$ref", None)
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for key in ref[2:].split("/"):
+            target = target.get(key, {}) if isinstance(target, dict) else {}
+        s = dict(target, **s)
+    if "allOf" in s:
+        merged = {}
+        for sub in s.pop("allOf") or []:
+            sub = gemini_schema(sub, root, depth + 1)
+            for k, v in sub.items():
+                if k == "properties":
+                    merged.setdefault("properties", {}).update(v)
+                elif k == "required":
+                    merged.setdefault("required", []).extend(v)
+                else:
+                    merged.setdefault(k, v)
+        s = dict(merged, **s)
+    if "oneOf" in s and "anyOf" not in s:
+        s["anyOf"] = s.pop("oneOf")
+    if "const" in s and "enum" not in s:
+        s["enum"] = [s["const"]]
+    if "exclusiveMinimum" in s and "minimum" not in s and _num(s["exclusiveMinimum"]):
+        s["minimum"] = s["exclusiveMinimum"]
+    if "exclusiveMaximum" in s and "maximum" not in s and _num(s["exclusiveMaximum"]):
+        s["maximum"] = s["exclusiveMaximum"]
+    out = {}
+    typ = s.get("type")
+    if isinstance(typ, list):
+        kinds = [t for t in typ if t != "null"]
+        if len(kinds) < len(typ):
+            out["nullable"] = True
+        typ = kinds[0] if kinds else "string"
+    if typ == "null":
+        typ, out["nullable"] = "string", True
+    any_of = s.get("anyOf")
+    if isinstance(any_of, list):
+        subs = [x for x in any_of if not (isinstance(x, dict) and x.get("type") == "null")]
+        if len(subs) < len(any_of):
+            out["nullable"] = True
+        if len(subs) == 1:
+            inner = gemini_schema(subs[0], root, depth + 1)
+            inner.update({k: v for k, v in out.items()})
+            for k in ("description", "title"):
+                if k in s and k not in inner:
+                    inner[k] = s[k]
+            return inner
+        if subs:
+            out["anyOf"] = [gemini_schema(x, root, depth + 1) for x in subs]
+            typ = None
+    if isinstance(typ, str):
+        out["type"] = typ.upper()
+    for k, v in s.items():
+        if k not in GEMINI_SCHEMA_KEYS or k in ("type", "anyOf", "nullable") and k in out:
+            continue
+        if k == "properties" and isinstance(v, dict):
+            out[k] = {name: gemini_schema(sub, root, depth + 1) for name, sub in v.items()}
+        elif k == "items":
+            out[k] = gemini_schema(v, root, depth + 1)
+        elif k == "enum":
+            if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+                out[k] = v
+        elif k == "format":
+            if v in ("enum", "date-time") and out.get("type") == "STRING":
+                out[k] = v
+        elif k == "required":
+            continue
+        elif k in ("type", "anyOf", "nullable"):
+            continue
+        else:
+            out[k] = v
+    if isinstance(s.get("required"), list):
+        req = [r for r in s["required"] if r in (out.get("properties") or {})]
+        if req:
+            out["required"] = req
+    if "anyOf" in out:
+        out.pop("type", None)
+    return out
+
+
+def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
+    """Neutral request -> generateContent body."""
+    names = {p["id"]: p["name"] for m in req["messages"] if m["role"] == "assistant"
+             for p in m["content"] if p["type"] == "tool_call"}
+    memo = getattr(provider, "memo", None) or {}
+    gemini3 = "gemini-3" in model_id
+    contents = []
+    for m in req["messages"]:
+        role = "model" if m["role"] == "assistant" else "user"
+        parts, signed = [], False
+        for p in m["content"]:
+            t = p["type"]
+            if t == "text":
+                parts.append({"text": ("[system] " if m["role"] == "system" else "") + p["text"]})
+            elif t == "image":
+                parts.append({"inlineData": {"mimeType": p["media_type"], "data": p["data"]}} if "data" in p
+                             else {"fileData": {"mimeType": "image/*", "fileUri": p["url"]}})
+            elif t == "tool_result":
+                key = "error" if p.get("is_error") else "result"
+                parts.append({"functionResponse": {"name": names.get(p["id"], "tool"),
+                                                   "response": {key: text_of(p["content"])}}})
+                parts += [{"inlineData": {"mimeType": q["media_type"], "data": q["data"]}}
+                          for q in p["content"] if q["type"] == "image" and "data" in q]
+            elif t == "tool_call" and role == "model":
+                part = {"functionCall": {"name": p["name"], "args": p["arguments"]}}
+                sig = memo.get(p["id"]) or (GEMINI_SKIP_SIGNATURE if gemini3 and not signed else None)
+                if sig:
+                    part["thoughtSignature"] = sig
+                    signed = True
+                parts.append(part)
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"] += parts
+        else:
+            contents.append({"role": role, "parts": parts})
+    if not contents or contents[0]["role"] != "user":
+        contents.insert(0, {"role": "user", "parts": [{"text": "Continue."}]})
+    body = {"contents": contents}
+    if req["system"]:
+        body["systemInstruction"] = {"parts": [{"text": p["text"]} for p in req["system"] if p.get("text")]}
+    if req["tools"]:
+        decls = []
+        for t in req["tools"]:
+            d = {"name": t["name"], "description": t["description"]}
+            params = gemini_schema(t["parameters"])
+            if params.get("properties"):
+                d["parameters"] = params
+            decls.append(d)
+        body["tools"] = [{"functionDeclarations": decls}]
+        tc = req.get("tool_choice")
+        if tc:
+            cfg = {"mode": GEMINI_TOOL_MODE[tc["type"]]}
+            if tc["type"] == "tool":
+                cfg["allowedFunctionNames"] = [tc["name"]]
+            body["toolConfig"] = {"functionCallingConfig": cfg}
+    gen = {}
+    if req.get("max_tokens"):
+        gen["maxOutputTokens"] = min(req["max_tokens"], model_meta.get("max_output") or req["max_tokens"])
+    for k, g in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+        if req.get(k) is not None:
+            gen[g] = req[k]
+    if req.get("stop"):
+        gen["stopSequences"] = req["stop"][:5]
+    r = req.get("reasoning")
+    if r and r.get("enabled") and model_meta.get("reasoning"):
+        gen["thinkingConfig"] = {"includeThoughts": True,
+                                 "thinkingBudget": r.get("budget_tokens") or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)}
+    if gen:
+        body["generationConfig"] = gen
+    return body
+
+
+def _gemini_usage(u):
+    if not u:
+        return None
+    thoughts = u.get("thoughtsTokenCount") or 0
+    return {"input": (u.get("promptTokenCount") or 0) + (u.get("toolUsePromptTokenCount") or 0),
+            "output": (u.get("candidatesTokenCount") or 0) + thoughts,
+            "cache_read": u.get("cachedContentTokenCount") or 0, "cache_write": 0, "reasoning": thoughts}
+
+
+def _gemini_parts_events(parts, prov):
+    """Gemini parts -> neutral events; function calls get ids (Gemini rarely gives them), and
+    their thought signatures are remembered by id so they can be sent back later."""
+    out = []
+    memo = getattr(prov, "memo", None)
+    for p in parts or ():
+        if "functionCall" in p:
+            fc = p["functionCall"] or {}
+            cid = fc.get("id") or new_id("call_")
+            if p.get("thoughtSignature") and memo is not None:
+                memo[cid] = p["thoughtSignature"]
+                while len(memo) > 5000:
+                    del memo[next(iter(memo))]
+            out.append(("tool", cid, fc.get("name", "")))
+            out.append(("args", dumps(fc.get("args") or {})))
+        elif p.get("text"):
+            out.append(("thinking" if p.get("thought") else "text", p["text"]))
+    return out
+
+
+def gemini_decode_response(body, prov=None):
+    if isinstance(body, list):
+        body = body[0] if body else {}
+    evs = []
+    cands = body.get("candidates") or []
+    c = cands[0] if cands else {}
+    evs = _gemini_parts_events((c.get("content") or {}).get("parts"), prov)
+    resp = fold_events([("start", {"id": body.get("responseId"), "model": body.get("modelVersion")})] + evs)
+    has_tool = any(e[0] == "tool" for e in evs)
+    stop = "refusal" if not cands and (body.get("promptFeedback") or {}).get("blockReason") else \
+        GEMINI_FINISH.get(c.get("finishReason"), "end_turn")
+    resp["stop_reason"] = "tool_use" if has_tool and stop == "end_turn" else stop
+    resp["usage"].update(_gemini_usage(body.get("usageMetadata")) or {})
+    return resp
+
+
+class GeminiStreamDecoder:
+    """Gemini SSE (alt=sse) -> neutral events. No sentinel: a stream ends when the connection does,
+    after a chunk with finishReason (a stream that stops before one is an error)."""
+
+    def __init__(self, prov=None):
+        self.sse = SSEParser()
+        self.prov = prov
+        self.started = False
+        self.finish = None
+        self.usage = None
+        self.saw_tool = False
+        self.ended = False
+
+    @property
+    def pending(self):
+        return self.sse.pending
+
+    def feed(self, chunk):
+        out = []
+        for _event, data in self.sse.feed(chunk):
+            self._data(data, out)
+        return out
+
+    def close(self):
+        out = []
+        for _event, data in self.sse.close():
+            self._data(data, out)
+        if not self.ended:
+            self.ended = True
+            if self.finish is None:
+                out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+            else:
+                stop = GEMINI_FINISH.get(self.finish, "end_turn")
+                out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, self.usage, None))
+        return out
+
+    def _data(self, data, out):
+        if self.ended or not data:
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(obj, list):
+            obj = obj[0] if obj else {}
+        if obj.get("error"):
+            e = obj["error"]
+            self.ended = True
+            status = e.get("code") if isinstance(e.get("code"), int) else 502
+            out.append(("error", ApiError(status, STATUS_ERROR_TYPE.get(status, "api_error"), e.get("message") or "error")))
+            return
+        if not self.started:
+            self.started = True
+            out.append(("start", {"id": obj.get("responseId"), "model": obj.get("modelVersion")}))
+        if obj.get("usageMetadata"):
+            self.usage = _gemini_usage(obj["usageMetadata"])
+        cands = obj.get("candidates") or []
+        if not cands and (obj.get("promptFeedback") or {}).get("blockReason"):
+            self.finish = "SAFETY"
+            return
+        for c in cands[:1]:
+            evs = _gemini_parts_events((c.get("content") or {}).get("parts"), self.prov)
+            self.saw_tool = self.saw_tool or any(e[0] == "tool" for e in evs)
+            out.extend(evs)
+            if c.get("finishReason"):
+                self.finish = c["finishReason"]
+
+
+def gemini_parse_error(status, body):
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    if isinstance(obj, list):
+        obj = obj[0] if obj else {}
+    e = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(e, dict):
+        return str(e.get("message") or e)[:1000], e.get("status")
+    return str(obj)[:300], None
+
+
+# ----------------------------------------------------------------------------------- Ollama --
+
+OLLAMA_DONE = {"stop": "end_turn", "length": "max_tokens"}
+STOP_TO_OLLAMA = {"max_tokens": "length"}
+
+
+def _ollama_images(images, field):
+    _need(images is None or (isinstance(images, list) and all(isinstance(x, str) for x in images)), field,
+          "must be an array of base64 strings")
+    parts = []
+    for b in images or ():
+        m = _DATA_URL_RE.match(b)
+        data = m.group(2) if m else b
+        parts.append({"type": "image", "media_type": (m.group(1) if m else None) or sniff_mime(data), "data": data})
+    return parts
+
+
+def _ollama_options(body):
+    opts = body.get("options")
+    _need(opts is None or isinstance(opts, dict), "options", "must be an object")
+    opts = opts or {}
+    stop = opts.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    _need(stop is None or isinstance(stop, list), "options.stop", "must be an array of strings")
+    n = opts.get("num_predict")
+    return {"max_tokens": n if isinstance(n, int) and n > 0 else None,
+            "temperature": _opt_num(opts, "temperature", 0, 2), "top_p": _opt_num(opts, "top_p", 0, 1),
+            "top_k": _opt_int(opts, "top_k", 0), "stop": stop or None}
+
+
+def ollama_decode_request(body):
+    """Ollama /api/chat (or /api/generate, with `prompt`) body -> neutral request. Ollama's
+    native endpoints stream unless told "stream": false."""
+    _need(isinstance(body, dict), "body", "must be a JSON object")
+    model = body.get("model")
+    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    system, messages = [], []
+    generate = "prompt" in body and "messages" not in body
+    if generate:
+        _need(isinstance(body["prompt"], str), "prompt", "must be a string")
+        if isinstance(body.get("system"), str) and body["system"]:
+            system.append({"type": "text", "text": body["system"]})
+        content = ([{"type": "text", "text": body["prompt"]}] if body["prompt"] else []) + \
+            _ollama_images(body.get("images"), "images")
+        messages.append({"role": "user", "content": content})
+    else:
+        msgs = body.get("messages")
+        _need(isinstance(msgs, list), "messages", "is required and must be an array")
+        calls_by_name = {}
+        for i, m in enumerate(msgs):
+            f = f"messages[{i}]"
+            _need(isinstance(m, dict), f, "must be an object")
+            role = m.get("role")
+            _need(role in ("system", "user", "assistant", "tool"), f + ".role", "must be one of system, user, assistant, tool")
+            content = m.get("content") or ""
+            _need(isinstance(content, str), f + ".content", "must be a string")
+            text = [{"type": "text", "text": content}] if content else []
+            if role == "system":
+                if messages:
+                    messages.append({"role": "system", "content": text})
+                else:
+                    system += text
+            elif role == "user":
+                messages.append({"role": "user", "content": text + _ollama_images(m.get("images"), f + ".images")})
+            elif role == "assistant":
+                parts = [{"type": "thinking", "text": m["thinking"]}] if isinstance(m.get("thinking"), str) and m["thinking"] else []
+                parts += text
+                for j, c in enumerate(m.get("tool_calls") or []):
+                    fn = c.get("function") if isinstance(c, dict) else None
+                    _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"{f}.tool_calls[{j}].function.name", "must be a string")
+                    cid = c.get("id") or f"call_{i}_{j}"
+                    calls_by_name.setdefault(fn["name"], []).append(cid)
+                    parts.append({"type": "tool_call", "id": cid, "name": fn["name"], "arguments": parse_args_json(fn.get("arguments") or {})})
+                messages.append({"role": "assistant", "content": parts})
+            else:
+                name = m.get("tool_name") or m.get("name")
+                cid = m.get("tool_call_id") or ((calls_by_name.get(name) or [None]).pop(0) if name else None) or f"call_{i}"
+                result = {"type": "tool_result", "id": cid, "is_error": False, "content": text}
+                if messages and messages[-1]["role"] == "user" and messages[-1]["content"] and \
+                        messages[-1]["content"][-1]["type"] == "tool_result":
+                    messages[-1]["content"].append(result)
+                else:
+                    messages.append({"role": "user", "content": [result]})
+    tools = []
+    for i, t in enumerate(body.get("tools") or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"tools[{i}].function.name", "is required and must be a string")
+        tools.append({"name": fn["name"], "description": fn.get("description") or "",
+                      "parameters": fn.get("parameters") or {"type": "object", "properties": {}}})
+    stream = body.get("stream", True)
+    _need(isinstance(stream, bool), "stream", "must be true or false")
+    think = body.get("think")
+    req = {"model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": None,
+           "parallel_tool_calls": None, "stream": stream, "include_usage": True, "user": None,
+           "reasoning": {"enabled": True, "effort": think if isinstance(think, str) else None} if think else None,
+           "ollama_generate": generate}
+    req.update(_ollama_options(body))
+    return req
+
+
+def _ollama_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+def _ollama_final(model, stop, usage, generate):
+    u = usage or empty_usage()
+    out = {"model": model, "created_at": _ollama_now()}
+    if generate:
+        out["response"] = ""
+    else:
+        out["message"] = {"role": "assistant", "content": ""}
+    out.update({"done": True, "done_reason": STOP_TO_OLLAMA.get(stop, "stop"), "total_duration": 0,
+                "load_duration": 0, "prompt_eval_count": u["input"], "prompt_eval_duration": 0,
+                "eval_count": u["output"], "eval_duration": 0})
+    return out
+
+
+def ollama_encode_response(resp, model, req):
+    out = _ollama_final(model, resp["stop_reason"], resp["usage"], req.get("ollama_generate"))
+    text = text_of(resp["content"])
+    thinking = "".join(p["text"] for p in resp["content"] if p["type"] == "thinking")
+    if req.get("ollama_generate"):
+        out["response"] = text
+        if thinking:
+            out["thinking"] = thinking
+        return out
+    msg = out["message"]
+    msg["content"] = text
+    if thinking:
+        msg["thinking"] = thinking
+    calls = [{"id": p["id"], "function": {"index": i, "name": p["name"], "arguments": p["arguments"]}}
+             for i, p in enumerate(q for q in resp["content"] if q["type"] == "tool_call")]
+    if calls:
+        msg["tool_calls"] = calls
+    return out
+
+
+def ollama_encode_error(err):
+    return dumps({"error": err.message}).encode()
+
+
+class OllamaStreamEncoder:
+    """Neutral events -> Ollama NDJSON lines. Tool calls go out whole, once their arguments are
+    complete (Ollama never fragments them)."""
+
+    def __init__(self, model, req):
+        self.model, self.generate = model, req.get("ollama_generate")
+        self.call = None
+        self.args = []
+        self.index = 0
+
+    def _line(self, **fields):
+        obj = {"model": self.model, "created_at": _ollama_now()}
+        if self.generate:
+            obj["response"] = fields.pop("content", "")
+            obj.update(fields)
+        else:
+            obj["message"] = dict({"role": "assistant", "content": ""}, **fields)
+        obj["done"] = False
+        return dumps(obj).encode() + b"\n"
+
+    def _flush(self):
+        if self.call is None:
+            return b""
+        cid, name = self.call
+        self.call = None
+        call = {"id": cid, "function": {"index": self.index, "name": name, "arguments": parse_args_json("".join(self.args))}}
+        self.index += 1
+        if self.generate:
+            return b""
+        return self._line(tool_calls=[call])
+
+    def encode(self, ev):
+        kind = ev[0]
+        if kind == "args":
+            self.args.append(ev[1])
+            return b""
+        out = self._flush()
+        if kind == "text":
+            return out + self._line(content=ev[1])
+        if kind == "thinking":
+            return out + self._line(thinking=ev[1])
+        if kind == "tool":
+            self.call, self.args = (ev[1], ev[2]), []
+            return out
+        if kind == "end":
+            return out + dumps(_ollama_final(self.model, ev[1], ev[2], self.generate)).encode() + b"\n"
+        if kind == "error":
+            return out + ollama_encode_error(ev[1]) + b"\n"
+        return out
+
+
+def ollama_num_ctx(req, model_meta):
+    """The context window to ask Ollama for: the request's estimated input plus its output, rounded
+    up to a power of two (few distinct sizes, so Ollama rarely reloads the model), at least 8,192,
+    at most the model's known window. Ollama otherwise truncates long prompts silently."""
+    need = estimate_tokens(req) + (req.get("max_tokens") or 4096)
+    size = 8192
+    while size < need:
+        size *= 2
+    window = model_meta.get("context_window")
+    return min(size, window) if window else size
+
+
+def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
+    """Neutral request -> native /api/chat body."""
+    names = {p["id"]: p["name"] for m in req["messages"] if m["role"] == "assistant"
+             for p in m["content"] if p["type"] == "tool_call"}
+    msgs = []
+    sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+    if sys_text:
+        msgs.append({"role": "system", "content": sys_text})
+    for m in req["messages"]:
+        role, parts = m["role"], m["content"]
+        if role == "assistant":
+            msg = {"role": "assistant", "content": text_of(parts)}
+            calls = [{"id": p["id"], "function": {"name": p["name"], "arguments": p["arguments"]}}
+                     for p in parts if p["type"] == "tool_call"]
+            if calls:
+                msg["tool_calls"] = calls
+            msgs.append(msg)
+            continue
+        text, images = [], []
+        for p in parts:
+            if p["type"] == "tool_result":
+                msgs.append({"role": "tool", "content": ("Error: " if p.get("is_error") else "") + text_of(p["content"]),
+                             "tool_name": names.get(p["id"], ""), "tool_call_id": p["id"]})
+                images += [q["data"] for q in p["content"] if q["type"] == "image" and "data" in q]
+            elif p["type"] == "text":
+                text.append(p["text"])
+            elif p["type"] == "image":
+                if "data" in p:
+                    images.append(p["data"])
+                else:
+                    text.append(f"[image: {p['url']}]")   # Ollama takes base64 images only
+        if text or images:
+            msg = {"role": "system" if role == "system" else "user", "content": "\n".join(text)}
+            if images:
+                msg["images"] = images
+            msgs.append(msg)
+    opts = {"num_ctx": ollama_num_ctx(req, model_meta)}
+    if req.get("max_tokens"):
+        opts["num_predict"] = req["max_tokens"]
+    for k in ("temperature", "top_p", "top_k"):
+        if req.get(k) is not None:
+            opts[k] = req[k]
+    if req.get("stop"):
+        opts["stop"] = req["stop"]
+    body = {"model": model_id, "messages": msgs, "stream": bool(req["stream"]), "options": opts}
+    if req["tools"] and not (req.get("tool_choice") or {}).get("type") == "none":
+        body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                           "parameters": t["parameters"]}} for t in req["tools"]]
+    r = req.get("reasoning")
+    if r and r.get("enabled") and model_meta.get("reasoning"):
+        body["think"] = True
+    return body
+
+
+def _ollama_usage(obj):
+    return {"input": obj.get("prompt_eval_count") or 0, "output": obj.get("eval_count") or 0,
+            "cache_read": 0, "cache_write": 0, "reasoning": 0}
+
+
+def _ollama_events(obj):
+    out = []
+    msg = obj.get("message") or {}
+    thinking = msg.get("thinking") or obj.get("thinking")
+    if thinking:
+        out.append(("thinking", thinking))
+    text = msg.get("content") or obj.get("response")
+    if text:
+        out.append(("text", text))
+    for c in msg.get("tool_calls") or ():
+        fn = c.get("function") or {}
+        out.append(("tool", c.get("id") or new_id("call_"), fn.get("name", "")))
+        args = fn.get("arguments")
+        out.append(("args", args if isinstance(args, str) else dumps(args or {})))
+    return out
+
+
+def ollama_decode_response(body):
+    evs = _ollama_events(body)
+    resp = fold_events([("start", {"id": None, "model": body.get("model")})] + evs)
+    stop = OLLAMA_DONE.get(body.get("done_reason"), "end_turn")
+    resp["stop_reason"] = "tool_use" if any(e[0] == "tool" for e in evs) and stop == "end_turn" else stop
+    resp["usage"] = _ollama_usage(body)
+    return resp
+
+
+class OllamaStreamDecoder:
+    """Ollama NDJSON -> neutral events; the line with "done": true ends the stream."""
+
+    def __init__(self, prov=None):
+        self.buf = b""
+        self.started = False
+        self.ended = False
+        self.saw_tool = False
+
+    @property
+    def pending(self):
+        return bool(self.buf)
+
+    def feed(self, chunk):
+        data = self.buf + chunk
+        lines = data.split(b"\n")
+        self.buf = lines.pop()
+        out = []
+        for line in lines:
+            self._line(line, out)
+        return out
+
+    def close(self):
+        out = []
+        if self.buf.strip():
+            self._line(self.buf, out)
+        self.buf = b""
+        if not self.ended:
+            self.ended = True
+            out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+        return out
+
+    def _line(self, line, out):
+        if self.ended or not line.strip():
+            return
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("error"):
+            self.ended = True
+            out.append(("error", ApiError(502, "api_error", str(obj["error"]))))
+            return
+        if not self.started:
+            self.started = True
+            out.append(("start", {"id": None, "model": obj.get("model")}))
+        evs = _ollama_events(obj)
+        self.saw_tool = self.saw_tool or any(e[0] == "tool" for e in evs)
+        out.extend(evs)
+        if obj.get("done"):
+            self.ended = True
+            stop = OLLAMA_DONE.get(obj.get("done_reason"), "end_turn")
+            out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, _ollama_usage(obj), None))
+
+
+def ollama_parse_error(status, body):
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and obj.get("error"):
+            return str(obj["error"])[:1000], None
+    except ValueError:
+        pass
+    return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+
+
 # ------------------------------------------------------------------------------- codec table --
 
+def _sse_boundary(data):
+    """Length of the prefix of `data` made of complete SSE events."""
+    a = data.rfind(b"\n\n")
+    b = data.rfind(b"\r\n\r\n")
+    return max(a + 2 if a >= 0 else 0, b + 4 if b >= 0 else 0)
+
+
+def _ndjson_boundary(data):
+    return data.rfind(b"\n") + 1
+
+
 class Codec:
-    """One dialect's functions (see the table in DESIGN.md). Client side: decode_request,
-    encode_response, stream_encoder, encode_error. Provider side: encode_request, decode_response,
-    stream_decoder, parse_error."""
+    """One dialect's functions (see the table in DESIGN.md).
+    Client side: decode_request(body), encode_response(resp, model, req), stream_encoder(model,
+    req, input_estimate), encode_error(err), stream_type, boundary(bytes) (complete events).
+    Provider side: request_path(provider, model, stream), encode_request(req, model, provider,
+    meta, settings), decode_response(body, provider), stream_decoder(provider),
+    parse_error(status, body)."""
 
     def __init__(self, name, **fns):
         self.name = name
+        self.stream_type = "text/event-stream"
+        self.boundary = _sse_boundary
         self.__dict__.update(fns)
 
 
@@ -1572,17 +2690,34 @@ CODECS = {
     "openai": Codec(
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
         stream_encoder=lambda model, req, est: OpenAIStreamEncoder(model, req.get("include_usage")),
-        encode_error=openai_encode_error,
-        encode_request=openai_encode_request,
-        decode_response=openai_decode_response, stream_decoder=OpenAIStreamDecoder,
-        parse_error=openai_parse_error, path="/chat/completions"),
+        encode_error=openai_encode_error, encode_request=openai_encode_request,
+        decode_response=lambda body, prov=None: openai_decode_response(body), stream_decoder=OpenAIStreamDecoder,
+        parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions"),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
         stream_encoder=lambda model, req, est: AnthropicStreamEncoder(model, est),
         encode_error=anthropic_encode_error, encode_request=anthropic_encode_request,
-        decode_response=anthropic_decode_response, stream_decoder=AnthropicStreamDecoder,
-        parse_error=anthropic_parse_error, path="/v1/messages"),
+        decode_response=lambda body, prov=None: anthropic_decode_response(body), stream_decoder=AnthropicStreamDecoder,
+        parse_error=anthropic_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/v1/messages"),
+    "openai-responses": Codec(
+        "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
+        stream_encoder=lambda model, req, est: ResponsesStreamEncoder(model, req),
+        encode_error=openai_encode_error, encode_request=responses_encode_request,
+        decode_response=lambda body, prov=None: responses_decode_response(body), stream_decoder=ResponsesStreamDecoder,
+        parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/responses"),
+    "gemini": Codec(
+        "gemini", encode_request=gemini_encode_request, decode_response=gemini_decode_response,
+        stream_decoder=GeminiStreamDecoder, parse_error=gemini_parse_error,
+        request_path=lambda prov, mid, stream: f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}:"
+                                              + ("streamGenerateContent?alt=sse" if stream else "generateContent")),
+    "ollama": Codec(
+        "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
+        stream_encoder=lambda model, req, est: OllamaStreamEncoder(model, req), encode_error=ollama_encode_error,
+        stream_type="application/x-ndjson", boundary=_ndjson_boundary, encode_request=ollama_encode_request,
+        decode_response=lambda body, prov=None: ollama_decode_response(body), stream_decoder=OllamaStreamDecoder,
+        parse_error=ollama_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/api/chat"),
 }
+CLIENT_DIALECTS = [name for name, c in CODECS.items() if hasattr(c, "decode_request")]
 
 
 # =================================================================================================
@@ -1633,9 +2768,10 @@ class Provider:
         self.scheme, self.host = url.scheme, url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
         path = url.path.rstrip("/")
-        if self.api == "anthropic" and path.endswith("/v1"):
-            path = path[:-3]   # tolerate the OpenAI habit; Anthropic's SDK base has no /v1
+        if self.api in ("anthropic", "ollama") and path.endswith("/v1"):
+            path = path[:-3]   # tolerate the OpenAI habit: these APIs live at the root
         self.base_path = path
+        self.memo = {}         # per-provider protocol state (Gemini thought signatures by call id)
         self.verify_tls = cfg.get("verify_tls", settings["verify_tls"])
         self.ca_file = cfg.get("ca_file")
         self.connect_timeout = cfg.get("connect_timeout", settings["connect_timeout"])
@@ -1687,6 +2823,9 @@ class Provider:
             h["anthropic-version"] = self.anthropic_version
             if key:
                 h["x-api-key"] = key
+        elif self.api == "gemini":
+            if key:
+                h["x-goog-api-key"] = key
         elif key:
             h["Authorization"] = "Bearer " + key
         h.update(self.headers)
@@ -2285,6 +3424,8 @@ def guess_dialect(body, headers):
     return "openai"
 
 
+OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
+
 #: Request fields that steer the router (OpenRouter's); consumed here, never sent on.
 ROUTING_FIELDS = ("models", "provider")
 
@@ -2538,7 +3679,7 @@ class Context:
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
-                 "previous_provider", "ttfb")
+                 "previous_provider", "ttfb", "passthrough", "collect", "same")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -2547,15 +3688,10 @@ class Context:
         self.estimate = 0
         self.attempts = []
         self.provider = self.upstream_model = self.usage = self.route = self.plan = None
-        self.previous_provider = self.ttfb = None
+        self.previous_provider = self.ttfb = self.collect = None
+        self.passthrough = True    # False when the router had to change the request's history
+        self.same = False
         self.started = time.monotonic()
-
-
-def _event_boundary(data):
-    """Length of the prefix of `data` made of complete SSE events."""
-    a = data.rfind(b"\n\n")
-    b = data.rfind(b"\r\n\r\n")
-    return max(a + 2 if a >= 0 else 0, b + 4 if b >= 0 else 0)
 
 
 class Dispatcher:
@@ -2637,6 +3773,7 @@ class Dispatcher:
         pc = CODECS[prov.api]
         meta = cat.meta(prov.name, mid)
         moved = ctx.previous_provider is not None and ctx.previous_provider != prov.name
+        same = ctx.same = same and ctx.passthrough
         if same:
             body = dict(ctx.body)
             body["model"] = mid
@@ -2644,6 +3781,8 @@ class Dispatcher:
                 body.pop(k, None)
             if moved and prov.api == "anthropic":
                 body = anthropic_strip_thinking(body)
+            if prov.api == "ollama" and not (body.get("options") or {}).get("num_ctx"):
+                body["options"] = dict(body.get("options") or {}, num_ctx=ollama_num_ctx(ctx.req, meta))
         else:
             body = pc.encode_request(drop_thinking(ctx.req) if moved else ctx.req, mid, prov, meta, cat.settings)
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
@@ -2651,7 +3790,7 @@ class Dispatcher:
             headers["anthropic-beta"] = ctx.headers["anthropic-beta"]
         ctx.upstream_model = mid
         t0 = time.monotonic()
-        conn, resp = self._send(prov, prov.base_path + pc.path, headers, dumps(body).encode())
+        conn, resp = self._send(prov, pc.request_path(prov, mid, ctx.stream), headers, dumps(body).encode())
         if resp.status >= 300:
             try:
                 data = resp.read(1 << 20)
@@ -2672,18 +3811,19 @@ class Dispatcher:
     def _source(self, prov, conn, resp, pc):
         """Upstream reply -> (raw bytes, neutral events) as they arrive; SSE or a whole JSON body.
         Read errors and stalls become an error event, so the caller decides what they mean."""
-        if "text/event-stream" not in (resp.getheader("content-type") or ""):
+        ctype = resp.getheader("content-type") or ""
+        if "event-stream" not in ctype and "ndjson" not in ctype:
             try:
                 data = resp.read()
                 obj = json.loads(data)
-                if not isinstance(obj, dict):
+                if not isinstance(obj, (dict, list)):
                     raise ValueError("not a JSON object")
             except (OSError, http.client.HTTPException, ValueError) as e:
                 yield b"", [("error", ApiError(502, "api_error", f"unreadable reply from the provider ({e})"))]
                 return
-            yield data, list(response_events(pc.decode_response(obj)))
+            yield data, list(response_events(pc.decode_response(obj, prov)))
             return
-        decoder = pc.stream_decoder()
+        decoder = pc.stream_decoder(prov)
         while True:
             try:
                 chunk = resp.read1(65536)
@@ -2740,21 +3880,25 @@ class Dispatcher:
             err = next((e[1] for e in events if e[0] == "error"), None)
             if err is not None:
                 raise Failover("stream", err.message, err.status)
+            if ctx.collect is not None:
+                ctx.collect.extend(events)
             resp = fold_events(events)
             ctx.usage = resp["usage"]
             if same:
                 w.send(200, {"Content-Type": "application/json", **hdrs}, raw)
             else:
                 w.send(200, {"Content-Type": "application/json", **hdrs},
-                       dumps(cc.encode_response(resp, ctx.model)).encode())
+                       dumps(cc.encode_response(resp, ctx.model, ctx.req)).encode())
             return
-        w.start(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+        w.start(200, {"Content-Type": cc.stream_type, "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no", **hdrs})
         enc = None if same else cc.stream_encoder(ctx.model, ctx.req, ctx.estimate)
         tail = b""
 
         def emit(raw_chunk, evs):
             nonlocal tail
+            if ctx.collect is not None:
+                ctx.collect.extend(evs)
             for ev in evs:
                 if ev[0] == "end":
                     ctx.usage = ev[2]
@@ -2765,7 +3909,7 @@ class Dispatcher:
                     w.write(cc.stream_encoder(ctx.model, ctx.req, 0).encode(evs[-1]))
                     return
                 data = tail + raw_chunk
-                cut = _event_boundary(data)
+                cut = cc.boundary(data)
                 if cut:
                     w.write(data[:cut])
                 tail = data[cut:]
@@ -2788,6 +3932,46 @@ class Dispatcher:
         self._deliver(ctx, prov, same, raw, events)
 
 
+class ResponseStore:
+    """Responses this router produced, for `previous_response_id`: kept in memory, at most `size`
+    of them and for `ttl` seconds. A stored entry is the conversation so far (system prompt and
+    neutral messages, the answer included)."""
+
+    def __init__(self, size=1000, ttl=3600.0):
+        self.lock = threading.Lock()
+        self.size, self.ttl = size, ttl
+        self.items = {}
+
+    def prepare(self, ctx):
+        """Expand previous_response_id into the request's history; ask to keep the answer."""
+        req = ctx.req
+        pid = req.get("previous_response_id")
+        if pid:
+            with self.lock:
+                entry = self.items.get(pid)
+            if entry is None or time.monotonic() - entry[0] > self.ttl:
+                raise ApiError(400, "invalid_request", f"previous_response_id: unknown response {pid!r}. This router "
+                               f"keeps the responses it produced for {self.ttl / 60:g} minutes (the last {self.size}), "
+                               "only when the request did not say \"store\": false; send the whole conversation "
+                               "in `input` instead", param="previous_response_id")
+            _t, system, messages = entry
+            ctx.req = req = dict(req, system=req["system"] or system, messages=messages + req["messages"])
+            ctx.passthrough = False
+        if req.get("store"):
+            ctx.collect = []
+
+    def keep(self, ctx):
+        resp = fold_events(ctx.collect)
+        rid = resp["id"] if ctx.same else ctx.req["response_id"]
+        if not rid:
+            return
+        turn = {"role": "assistant", "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}
+        with self.lock:
+            self.items[rid] = (time.monotonic(), ctx.req["system"], ctx.req["messages"] + [turn])
+            while len(self.items) > self.size:
+                del self.items[next(iter(self.items))]
+
+
 class ClientGone(Exception):
     """The client closed its connection while we were writing to it."""
 
@@ -2805,6 +3989,7 @@ class Router:
         self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         self.data_dir = data_dir or default_data_dir()
         self.affinity = Affinity()
+        self.responses = ResponseStore()
         self._stop = threading.Event()
         self._thread = None
         self._save_warned = False
@@ -2858,6 +4043,8 @@ class Router:
     def generate(self, ctx):
         """Plan the request and try its candidates in order until one answers."""
         cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
+        if ctx.dialect == "openai-responses":
+            self.responses.prepare(ctx)
         akey = Affinity.key(ctx.req)
         previous = affinity.get(akey)
         plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, previous)
@@ -2906,6 +4093,8 @@ class Router:
                 if idx is not None:
                     health.ok(("key", pname, idx))
                 affinity.set(akey, cand)
+                if ctx.collect is not None:
+                    self.responses.keep(ctx)
                 return
             if failed is None or failed.kind in ("context", "auth"):
                 continue
@@ -2986,6 +4175,41 @@ class Router:
             out["message"] = NO_PROVIDER_HELP
         return out
 
+    def ollama_tags(self):
+        """GET /api/tags: every name a client may ask for, in Ollama's shape."""
+        cat = self.catalogue
+        out = []
+        for name in cat.model_names():
+            out.append({"name": name, "model": name, "modified_at": "2025-01-01T00:00:00Z", "size": 0,
+                        "digest": hashlib.sha256(name.encode()).hexdigest(),
+                        "details": {"parent_model": "", "format": "sage-router", "family": name.split("/")[0],
+                                    "families": [name.split("/")[0]], "parameter_size": "", "quantization_level": ""}})
+        return {"models": out}
+
+    def ollama_show(self, body):
+        """POST /api/show: a model's details and capabilities, from the catalogue."""
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        _need(isinstance(name, str) and name, "model", "is required and must be a string")
+        cat = self.catalogue
+        target = None
+        if name in cat.routes and cat.routes[name]:
+            target = cat.routes[name][0]
+        elif "/" in name and tuple(name.split("/", 1)) in cat.caps:
+            target = tuple(name.split("/", 1))
+        elif name in cat.bare:
+            target = cat.bare[name][0]
+        if target is None:
+            raise ApiError(404, "not_found", f"model {name!r} not found")
+        caps = cat.meta(*target)
+        abilities = ["completion"] + (["tools"] if caps["tools"] else []) + \
+            (["vision"] if "image" in caps["input"] else []) + (["thinking"] if caps["reasoning"] else [])
+        return {"modelfile": "", "parameters": "", "template": "", "modified_at": "2025-01-01T00:00:00Z",
+                "details": {"parent_model": "", "format": "sage-router", "family": target[0], "families": [target[0]],
+                            "parameter_size": "", "quantization_level": ""},
+                "model_info": {"general.architecture": "sage-router",
+                               "sage-router.context_length": caps.get("context_window") or 0},
+                "capabilities": abilities}
+
     def explain(self, body, headers):
         """POST /v1/route: where a request would go, without calling a provider."""
         dialect = guess_dialect(body, headers)
@@ -3013,14 +4237,25 @@ POST_ROUTES = {
     "/v1/chat/completions": ("openai", "generate"),
     "/v1/messages": ("anthropic", "generate"),
     "/v1/messages/count_tokens": ("anthropic", "count_tokens"),
+    "/v1/responses": ("openai-responses", "generate"),
     "/v1/route": (None, "explain"),
+    "/api/chat": ("ollama", "generate"),
+    "/api/generate": ("ollama", "generate"),
+    "/api/show": ("ollama", "show"),
 }
+ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
+             "GET /v1/models, POST /v1/route, POST /api/chat, POST /api/generate, GET /api/tags, POST /api/show, "
+             "GET /api/version, GET /health")
 
 
 def client_dialect(path, headers):
     """The dialect to answer in, from the path (and, for shared paths, the headers)."""
     if path.startswith(("/v1/messages", "/messages")):
         return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    if path.startswith(("/v1/responses", "/responses")):
+        return "openai-responses"
     if "anthropic-version" in headers or ("x-api-key" in headers and "authorization" not in headers):
         return "anthropic"
     return "openai"
@@ -3194,6 +4429,10 @@ class RouterHandler(BaseHTTPRequestHandler):
         if not self._authorized():
             raise ApiError(401, "authentication", "missing or wrong router key: send it as "
                            "'Authorization: Bearer KEY' or 'x-api-key: KEY' (SAGE_ROUTER_API_KEY)")
+        if method == "GET" and path == "/api/tags":
+            return self._json(200, self.router.ollama_tags())
+        if method == "GET" and path == "/api/version":
+            return self._json(200, {"version": OLLAMA_VERSION})
         if method == "GET" and path in ("/v1/models", "/models"):
             return self._json(200, self.router.models("anthropic-version" in hdrs))
         if method == "GET" and path.startswith(("/v1/models/", "/models/")):
@@ -3207,9 +4446,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         if target is None or method != "POST":
             if target is not None:
                 raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
-            raise ApiError(404, "not_found", f"no such endpoint: {method} {path}. Endpoints: "
-                           "POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
-                           "GET /v1/models, GET /health")
+            raise ApiError(404, "not_found", f"no such endpoint: {method} {path}. Endpoints: {ENDPOINTS}")
         dialect, action = target
         raw = self._read_body(dialect)
         try:
@@ -3220,6 +4457,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, self.router.count_tokens(body, hdrs))
         if action == "explain":
             return self._json(200, self.router.explain(body, hdrs))
+        if action == "show":
+            return self._json(200, self.router.ollama_show(body))
         req = CODECS[dialect].decode_request(body)
         ctx = Context(dialect, body, req, hdrs, self)
         self.router.generate(ctx)

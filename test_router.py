@@ -153,6 +153,131 @@ def anthropic_json(r, model):
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": r.usage[2]}}
 
 
+def responses_events(r, model):
+    seq = [0]
+
+    def ev(obj):
+        obj["sequence_number"] = seq[0]
+        seq[0] += 1
+        return b"event: " + obj["type"].encode() + b"\ndata: " + json.dumps(obj).encode() + b"\n\n"
+    base = {"id": "resp_fake1", "object": "response", "created_at": 1700000000, "model": model}
+    out = [ev({"type": "response.created", "response": dict(base, status="in_progress", output=[], usage=None)}),
+           ev({"type": "response.in_progress", "response": dict(base, status="in_progress", output=[], usage=None)})]
+    items = responses_json(r, model)["output"]
+    for idx, item in enumerate(items):
+        if item["type"] == "reasoning":
+            text = item["summary"][0]["text"]
+            out.append(ev({"type": "response.output_item.added", "output_index": idx, "item": dict(item, summary=[])}))
+            out.append(ev({"type": "response.reasoning_summary_part.added", "item_id": item["id"], "output_index": idx,
+                           "summary_index": 0, "part": {"type": "summary_text", "text": ""}}))
+            out += [ev({"type": "response.reasoning_summary_text.delta", "item_id": item["id"], "output_index": idx,
+                        "summary_index": 0, "delta": p}) for p in _pieces(text)]
+            out.append(ev({"type": "response.reasoning_summary_text.done", "item_id": item["id"], "output_index": idx,
+                           "summary_index": 0, "text": text}))
+        elif item["type"] == "message":
+            text = item["content"][0]["text"]
+            out.append(ev({"type": "response.output_item.added", "output_index": idx,
+                           "item": dict(item, content=[], status="in_progress")}))
+            out.append(ev({"type": "response.content_part.added", "item_id": item["id"], "output_index": idx,
+                           "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}))
+            out += [ev({"type": "response.output_text.delta", "item_id": item["id"], "output_index": idx,
+                        "content_index": 0, "delta": p, "logprobs": []}) for p in _pieces(text)]
+            out.append(ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": idx,
+                           "content_index": 0, "text": text, "logprobs": []}))
+        else:
+            args = item["arguments"]
+            out.append(ev({"type": "response.output_item.added", "output_index": idx,
+                           "item": dict(item, arguments="", status="in_progress")}))
+            out += [ev({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": idx,
+                        "delta": p}) for p in (args[:len(args) // 2], args[len(args) // 2:])]
+            out.append(ev({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": idx,
+                           "name": item["name"], "arguments": args}))
+        out.append(ev({"type": "response.output_item.done", "output_index": idx, "item": item}))
+    final = responses_json(r, model)
+    out.append(ev({"type": "response.completed" if final["status"] == "completed" else "response.incomplete",
+                   "response": final}))
+    return out
+
+
+def responses_json(r, model):
+    output = []
+    if r.thinking:
+        output.append({"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": r.thinking}]})
+    if r.text and not r.empty:
+        output.append({"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                       "content": [{"type": "output_text", "text": r.text, "annotations": []}]})
+    for i, (tid, name, args) in enumerate(r.tools):
+        output.append({"type": "function_call", "id": f"fc_{i}", "call_id": tid, "name": name,
+                       "arguments": json.dumps(args), "status": "completed"})
+    incomplete = r.stop == "length"
+    return {"id": "resp_fake1", "object": "response", "created_at": 1700000000, "model": model,
+            "status": "incomplete" if incomplete else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "error": None,
+            "output": output, "usage": {"input_tokens": r.usage[0], "input_tokens_details": {"cached_tokens": r.usage[2]},
+                                        "output_tokens": r.usage[1], "output_tokens_details": {"reasoning_tokens": 0},
+                                        "total_tokens": r.usage[0] + r.usage[1]}}
+
+
+def gemini_chunks(r, model):
+    usage = {"promptTokenCount": r.usage[0], "candidatesTokenCount": r.usage[1], "cachedContentTokenCount": r.usage[2],
+             "totalTokenCount": r.usage[0] + r.usage[1]}
+    parts = []
+    if r.thinking:
+        parts += [{"text": p, "thought": True} for p in _pieces(r.thinking)]
+    if r.text and not r.empty:
+        parts += [{"text": p} for p in _pieces(r.text)]
+    parts += [{"functionCall": {"name": n, "args": a}, "thoughtSignature": f"sig-{t}"} for t, n, a in r.tools]
+    finish = {"length": "MAX_TOKENS", "content_filter": "SAFETY"}.get(r.stop, "STOP")
+    chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}, "index": 0}],
+               "usageMetadata": {"promptTokenCount": r.usage[0], "totalTokenCount": r.usage[0]},
+               "modelVersion": model, "responseId": "gem1"} for p in parts]
+    chunks.append({"candidates": [{"content": {"role": "model", "parts": []}, "finishReason": finish, "index": 0}],
+                   "usageMetadata": usage, "modelVersion": model, "responseId": "gem1"})
+    return chunks
+
+
+def gemini_json(r, model):
+    chunks = gemini_chunks(r, model)
+    parts = [c["candidates"][0]["content"]["parts"][0] for c in chunks[:-1]]
+    merged = []
+    for p in parts:   # a whole reply has whole text parts
+        if merged and "text" in p and "text" in merged[-1] and p.get("thought") == merged[-1].get("thought"):
+            merged[-1] = dict(merged[-1], text=merged[-1]["text"] + p["text"])
+        else:
+            merged.append(dict(p))
+    last = chunks[-1]
+    return {"candidates": [{"content": {"role": "model", "parts": merged},
+                            "finishReason": last["candidates"][0]["finishReason"], "index": 0}],
+            "usageMetadata": last["usageMetadata"], "modelVersion": model, "responseId": "gem1"}
+
+
+def ollama_lines(r, model):
+    base = {"model": model, "created_at": "2025-07-07T20:22:19.1Z"}
+    lines = []
+    if r.thinking:
+        lines += [dict(base, message={"role": "assistant", "content": "", "thinking": p}, done=False) for p in _pieces(r.thinking)]
+    if r.text and not r.empty:
+        lines += [dict(base, message={"role": "assistant", "content": p}, done=False) for p in _pieces(r.text)]
+    for i, (tid, name, args) in enumerate(r.tools):
+        lines.append(dict(base, message={"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"index": i, "name": name, "arguments": args}}]}, done=False))
+    lines.append(dict(base, message={"role": "assistant", "content": ""}, done=True,
+                      done_reason="length" if r.stop == "length" else "stop", total_duration=1000,
+                      prompt_eval_count=r.usage[0], eval_count=r.usage[1]))
+    return lines
+
+
+def ollama_json(r, model):
+    msg = {"role": "assistant", "content": "" if r.empty else (r.text or "")}
+    if r.thinking:
+        msg["thinking"] = r.thinking
+    if r.tools:
+        msg["tool_calls"] = [{"function": {"index": i, "name": n, "arguments": a}} for i, (_t, n, a) in enumerate(r.tools)]
+    return {"model": model, "created_at": "2025-07-07T20:22:19.1Z", "message": msg, "done": True,
+            "done_reason": "length" if r.stop == "length" else "stop", "total_duration": 1000,
+            "prompt_eval_count": r.usage[0], "eval_count": r.usage[1]}
+
+
 class FakeProvider:
     """A scripted provider: api "openai" (Chat Completions under /v1) or "anthropic" (Messages)."""
 
@@ -215,7 +340,7 @@ class FakeProvider:
 
     @property
     def base_url(self):
-        return f"http://127.0.0.1:{self.port}" + ("/v1" if self.api == "openai" else "")
+        return f"http://127.0.0.1:{self.port}" + {"openai": "/v1", "openai-responses": "/v1", "gemini": "/v1beta"}.get(self.api, "")
 
     def push(self, *replies):
         for r in replies:
@@ -251,8 +376,13 @@ class FakeProvider:
             self.sent.append(h._json(200, {"input_tokens": r.count}))
             return
         model = body.get("model", "?")
-        if not body.get("stream"):
-            obj = openai_json(r, model) if self.api == "openai" else anthropic_json(r, model)
+        stream = body.get("stream", self.api == "ollama")
+        if self.api == "gemini":
+            model = h.path.split("/models/", 1)[-1].split(":")[0]
+            stream = "streamGenerateContent" in h.path
+        if not stream:
+            obj = {"openai": openai_json, "anthropic": anthropic_json, "openai-responses": responses_json,
+                   "gemini": gemini_json, "ollama": ollama_json}[self.api](r, model)
             if r.cut_after is not None:      # half the body, then the connection drops
                 data = json.dumps(obj).encode()
                 h.send_response(200)
@@ -268,16 +398,28 @@ class FakeProvider:
             if r.close:
                 h.close_connection = True
             return
+        ctype = "text/event-stream"
         if self.api == "openai":
             events = openai_events(r, model, (body.get("stream_options") or {}).get("include_usage"))
             err = b'data: {"error":{"message":"upstream overloaded","type":"server_error","code":null}}\n\n'
-        else:
+        elif self.api == "anthropic":
             events = anthropic_events(r, model)
             err = _sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        elif self.api == "openai-responses":
+            events = responses_events(r, model)
+            err = _sse({"type": "response.failed", "sequence_number": 0, "response": {
+                "id": "resp_x", "status": "failed", "error": {"code": "server_error", "message": "upstream died"}}})
+        elif self.api == "gemini":
+            events = [b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in gemini_chunks(r, model)]
+            err = b'data: {"error": {"code": 503, "message": "The model is overloaded", "status": "UNAVAILABLE"}}\r\n\r\n'
+        else:
+            events = [json.dumps(x).encode() + b"\n" for x in ollama_lines(r, model)]
+            err = b'{"error": "model runner crashed"}\n'
+            ctype = "application/x-ndjson"
         if r.error_first:
             events = [err]
         h.send_response(200)
-        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Content-Type", ctype)
         h.send_header("Transfer-Encoding", "chunked")
         for k, v in (r.headers or {}).items():
             h.send_header(k, v)
@@ -457,8 +599,70 @@ def read_anthropic(resp, stream):
     return res
 
 
-READERS = {"openai": read_openai, "anthropic": read_anthropic}
-PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
+def read_responses(resp, stream):
+    res = {"text": "", "reasoning": "", "tools": [], "finish": None, "usage": None, "error": None, "done": False,
+           "seq_ok": True}
+    if not stream:
+        obj = resp.json()
+        items = obj["output"]
+        res["finish"], res["usage"] = obj["status"], obj["usage"]
+    else:
+        items, final, seqs = [], None, []
+        for ev, data in sse_events(resp.body):
+            obj = json.loads(data)
+            assert ev == obj["type"], "Responses events carry event: equal to data.type"
+            seqs.append(obj["sequence_number"])
+            t = obj["type"]
+            if t == "response.output_text.delta":
+                res["text_deltas"] = res.get("text_deltas", "") + obj["delta"]
+            elif t == "response.output_item.done":
+                items.append(obj["item"])      # Codex trusts only output_item.done
+            elif t in ("response.completed", "response.incomplete"):
+                final = obj["response"]
+                res["done"] = True
+            elif t == "response.failed":
+                res["error"] = obj["response"]["error"]
+        res["seq_ok"] = seqs == list(range(len(seqs)))
+        if final is not None:
+            res["finish"], res["usage"] = final["status"], final["usage"]
+            assert [i["type"] for i in final["output"]] == [i["type"] for i in items]
+    for item in items:
+        if item["type"] == "message":
+            res["text"] += "".join(c["text"] for c in item["content"])
+        elif item["type"] == "reasoning":
+            res["reasoning"] += "".join(s["text"] for s in item["summary"])
+        elif item["type"] == "function_call":
+            res["tools"].append((item["call_id"], item["name"], json.loads(item["arguments"])))
+        elif item["type"] == "custom_tool_call":
+            res["tools"].append((item["call_id"], item["name"], {"input": item["input"]}))
+    return res
+
+
+def read_ollama(resp, stream):
+    res = {"text": "", "reasoning": "", "tools": [], "finish": None, "usage": None, "error": None, "done": False}
+    lines = [resp.json()] if not stream else [json.loads(x) for x in resp.body.decode().splitlines() if x.strip()]
+    for obj in lines:
+        if "error" in obj:
+            res["error"] = obj["error"]
+            continue
+        m = obj.get("message") or {}
+        res["text"] += m.get("content") or obj.get("response") or ""
+        res["reasoning"] += m.get("thinking") or ""
+        for c in m.get("tool_calls") or []:
+            assert isinstance(c["function"]["arguments"], dict), "Ollama tool arguments are objects"
+            res["tools"].append((c.get("id"), c["function"]["name"], c["function"]["arguments"]))
+        if obj.get("done"):
+            res["done"] = True
+            res["finish"] = obj["done_reason"]
+            res["usage"] = {"prompt_eval_count": obj.get("prompt_eval_count"), "eval_count": obj.get("eval_count")}
+    return res
+
+
+READERS = {"openai": read_openai, "anthropic": read_anthropic, "openai-responses": read_responses, "ollama": read_ollama}
+PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "openai-responses": "/v1/responses",
+         "ollama": "/api/chat"}
+FINISH = {"openai": ("stop", "tool_calls"), "anthropic": ("end_turn", "tool_use"),
+          "openai-responses": ("completed", "completed"), "ollama": ("stop", "stop")}
 WEATHER_OA = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                               "required": ["city"]}}}
@@ -467,6 +671,24 @@ WEATHER_AN = {"name": "get_weather", "description": "Weather for a city",
 
 
 def client_body(dialect, model, stream, text="Say hello", image=None, tools=False, system="Be brief."):
+    if dialect == "openai-responses":
+        content = [{"type": "input_text", "text": text}]
+        if image:
+            content.append({"type": "input_image", "image_url": image})
+        body = {"model": model, "instructions": system, "input": [{"role": "user", "content": content}],
+                "stream": stream, "max_output_tokens": 100}
+        if tools:
+            body["tools"] = [dict(WEATHER_OA["function"], type="function")]
+        return body
+    if dialect == "ollama":
+        user = {"role": "user", "content": text}
+        if image:
+            user["images"] = [image.split(",", 1)[1]]
+        body = {"model": model, "messages": [{"role": "system", "content": system}, user], "stream": stream,
+                "options": {"num_predict": 100}}
+        if tools:
+            body["tools"] = [WEATHER_OA]
+        return body
     if dialect == "openai":
         content = text if image is None else [{"type": "text", "text": text},
                                               {"type": "image_url", "image_url": {"url": image}}]
@@ -534,6 +756,7 @@ class RouterCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.oa, cls.an, cls.oa2 = FakeProvider("openai"), FakeProvider("anthropic"), FakeProvider("openai")
+        cls.rs, cls.gm, cls.ol = FakeProvider("openai-responses"), FakeProvider("gemini"), FakeProvider("ollama")
         dead = f"http://127.0.0.1:{closed_port()}/v1"
         cls.cfg = {
             "providers": {
@@ -553,6 +776,12 @@ class RouterCase(unittest.TestCase):
                          "idle_timeout": 0.3, "models": {"sloth": {}}},
                 "nokey": {"api": "openai", "base_url": cls.oa.base_url, "api_key": "${NOT_SET_ANYWHERE}",
                           "models": {"locked": {}}},
+                "rs": {"api": "openai-responses", "base_url": cls.rs.base_url, "api_key": "sk-rs-SECRET",
+                       "models": {"gpt-resp": {"input": ["text", "image"]}}},
+                "gm": {"api": "gemini", "base_url": cls.gm.base_url, "api_key": "gm-SECRET",
+                       "models": {"gemini-test": {}, "gemini-3-pro": {}}},
+                "ol": {"api": "ollama", "base_url": f"http://127.0.0.1:{cls.ol.port}",
+                       "models": {"llama-test": {"input": ["text", "image"], "context_window": 65536}}},
             },
             "routes": {
                 "default": ["oa2/gpt-backup"],
@@ -575,11 +804,11 @@ class RouterCase(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.h.close()
-        for f in (cls.oa, cls.an, cls.oa2):
+        for f in (cls.oa, cls.an, cls.oa2, cls.rs, cls.gm, cls.ol):
             f.close()
 
     def setUp(self):
-        for f in (self.oa, self.an, self.oa2):
+        for f in (self.oa, self.an, self.oa2, self.rs, self.gm, self.ol):
             f.reset()
         self.h.router.health = R.Health(self.h.router.settings)
         self.h.router.affinity = R.Affinity()
@@ -2162,3 +2391,100 @@ class ChaosTests(unittest.TestCase):
             h.close()
             for f in (flaky_oa, flaky_an, healthy):
                 f.close()
+
+
+# =================================================================================================
+# Every dialect: OpenAI Chat, OpenAI Responses, Anthropic, Gemini, Ollama
+# =================================================================================================
+
+ALL_TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test", "openai-responses": "rs/gpt-resp",
+               "gemini": "gm/gemini-test", "ollama": "ol/llama-test"}
+
+
+class DialectMatrixTests(RouterCase):
+    def fake_for(self, api):
+        return {"openai": self.oa, "anthropic": self.an, "openai-responses": self.rs, "gemini": self.gm,
+                "ollama": self.ol}[api]
+
+    def check_upstream(self, api, up, stream, case):
+        b = up["body"]
+        if api == "openai":
+            self.assertEqual(b["messages"][0], {"role": "system", "content": "Be brief."})
+            user = b["messages"][-1]["content"]
+            if case == "image":
+                self.assertEqual(user[1]["image_url"]["url"], "data:image/png;base64," + PNG_B64)
+        elif api == "anthropic":
+            self.assertIn(b["system"], ("Be brief.", [{"type": "text", "text": "Be brief."}]))
+            if case == "image":
+                self.assertEqual(b["messages"][-1]["content"][1]["source"]["data"], PNG_B64)
+        elif api == "openai-responses":
+            self.assertEqual(up["path"], "/v1/responses")
+            if "instructions" in b:
+                self.assertEqual(b["instructions"], "Be brief.")
+            else:
+                self.assertEqual(b["input"][0]["role"], "developer")
+            if case == "image":
+                self.assertEqual(b["input"][-1]["content"][1], {"type": "input_image",
+                                                                "image_url": "data:image/png;base64," + PNG_B64})
+            if case == "tool":
+                self.assertEqual(b["tools"][0]["name"], "get_weather")
+        elif api == "gemini":
+            want = "/v1beta/models/gemini-test:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
+            self.assertEqual(up["path"], want)
+            self.assertEqual(up["headers"]["x-goog-api-key"], "gm-SECRET")
+            self.assertNotIn("authorization", up["headers"])
+            self.assertEqual(b["systemInstruction"], {"parts": [{"text": "Be brief."}]})
+            parts = b["contents"][-1]["parts"]
+            self.assertEqual(b["contents"][-1]["role"], "user")
+            if case == "image":
+                self.assertEqual(parts[1], {"inlineData": {"mimeType": "image/png", "data": PNG_B64}})
+            if case == "tool":
+                decl = b["tools"][0]["functionDeclarations"][0]
+                self.assertEqual(decl["parameters"], {"type": "OBJECT", "properties": {"city": {"type": "STRING"}},
+                                                      "required": ["city"]})
+        else:
+            self.assertEqual(up["path"], "/api/chat")
+            self.assertEqual(b["stream"], stream)
+            self.assertEqual(b["messages"][0], {"role": "system", "content": "Be brief."})
+            self.assertGreaterEqual(b["options"]["num_ctx"], 8192)
+            if case == "image":
+                self.assertEqual(b["messages"][-1]["images"], [PNG_B64])
+
+    def test_every_client_dialect_against_every_provider_dialect(self):
+        data_url = "data:image/png;base64," + PNG_B64
+        for client in READERS:
+            for api, target in ALL_TARGETS.items():
+                for case in ("text", "tool", "image"):
+                    for stream in (False, True):
+                        with self.subTest(client=client, provider=api, case=case, stream=stream):
+                            self.setUp()
+                            fake = self.fake_for(api)
+                            tid = ("toolu_" if api == "anthropic" else "call_") + "w1"
+                            if case == "tool":
+                                fake.push(Reply(text="Checking.", tools=[(tid, "get_weather", {"city": "Paris"})]))
+                            else:
+                                fake.push(Reply(text="Bonjour ✓ le monde", thinking="hmm" if case == "text" else None))
+                            body = client_body(client, target, stream, tools=case == "tool",
+                                               image=data_url if case == "image" else None)
+                            r = self.post(client, body)
+                            self.assertEqual(r.status, 200, r)
+                            got = READERS[client](r, stream)
+                            self.assertIsNone(got["error"])
+                            if case == "tool":
+                                self.assertEqual([(n, a) for _i, n, a in got["tools"]], [("get_weather", {"city": "Paris"})])
+                                self.assertEqual(got["finish"], FINISH[client][1])
+                            else:
+                                self.assertEqual(got["text"], "Bonjour ✓ le monde")
+                                self.assertEqual(got["finish"], FINISH[client][0])
+                            if case == "text" and client != "openai-responses" or client == "openai-responses" and case == "text":
+                                self.assertEqual(got["reasoning"], "hmm")
+                            if stream and client != "openai":
+                                self.assertTrue(got["done"])
+                            if client == "openai-responses":
+                                self.assertTrue(got["seq_ok"])
+                                self.assertEqual(got["usage"]["output_tokens"], 7)
+                                self.assertEqual(got["usage"]["total_tokens"], got["usage"]["input_tokens"] + 7)
+                            elif client == "ollama":
+                                self.assertEqual(got["usage"]["eval_count"], 7)
+                            self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
+                            self.check_upstream(api, fake.requests[-1], stream, case)

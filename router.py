@@ -3679,7 +3679,7 @@ class Context:
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
-                 "previous_provider", "ttfb", "passthrough", "collect", "same")
+                 "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -3688,7 +3688,7 @@ class Context:
         self.estimate = 0
         self.attempts = []
         self.provider = self.upstream_model = self.usage = self.route = self.plan = None
-        self.previous_provider = self.ttfb = self.collect = None
+        self.previous_provider = self.ttfb = self.collect = self.on_commit = None
         self.passthrough = True    # False when the router had to change the request's history
         self.same = False
         self.started = time.monotonic()
@@ -3863,6 +3863,8 @@ class Dispatcher:
         if not committed:
             raise Failover("empty", "the provider closed the stream without an answer")
         ctx.ttfb = time.monotonic() - t0
+        if ctx.on_commit is not None:
+            ctx.on_commit()       # the candidate answered: record it before the client hears it
         if conn.sock:
             conn.sock.settimeout(prov.idle_timeout)
         self._deliver(ctx, prov, same, b"".join(held_raw), held, source)
@@ -4070,6 +4072,13 @@ class Router:
             failed = None
             ctx.provider = pname
             for idx in keys:
+                def committed(cand=cand, idx=idx):
+                    health.ok(cand, ctx.ttfb)
+                    health.ok(("provider", cand[0]))
+                    if idx is not None:
+                        health.ok(("key", cand[0], idx))
+                    affinity.set(akey, cand)
+                ctx.on_commit = committed
                 try:
                     self.dispatcher.attempt(ctx, cat, prov, mid, idx)
                 except Failover as f:
@@ -4088,11 +4097,6 @@ class Router:
                     if not f.next_key:
                         break
                     continue
-                health.ok(cand, ctx.ttfb)
-                health.ok(("provider", pname))
-                if idx is not None:
-                    health.ok(("key", pname, idx))
-                affinity.set(akey, cand)
                 if ctx.collect is not None:
                     self.responses.keep(ctx)
                 return

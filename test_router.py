@@ -2397,6 +2397,53 @@ class ChaosTests(unittest.TestCase):
 # Every dialect: OpenAI Chat, OpenAI Responses, Anthropic, Gemini, Ollama
 # =================================================================================================
 
+#: Input schemas of five of Claude Code 2.1.197's tools, as it sent them (material for the Gemini
+#: schema reduction: $schema, additionalProperties, exclusiveMinimum, propertyNames, const, anyOf).
+CLAUDE_CODE_TOOL_SCHEMAS = json.loads(
+    "{\"Bash\":{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"com"
+    "mand\":{\"description\":\"The command to execute\",\"type\":\"string\"},\"timeout\":{\"description\":\"Optional ti"
+    "meout in milliseconds (max 600000)\",\"type\":\"number\"},\"description\":{\"description\":\"Clear, concise de"
+    "scription of what this command does in active voice. Never use words like \\\"complex\\\" or \\\"risk\\\" in"
+    " the description - just describe what it does.\\n\\nFor simple commands (git, npm, standard CLI tools)"
+    ", keep it brief (5-10 words):\\n- ls \u2192 \\\"List files in current directory\\\"\\n- git status \u2192 \\\"Show wor"
+    "king tree status\\\"\\n- npm install \u2192 \\\"Install package dependencies\\\"\\n\\nFor commands that are harder"
+    " to parse at a glance (piped commands, obscure flags, etc.), add enough context to clarify what it d"
+    "oes:\\n- find . -name \\\"*.tmp\\\" -exec rm {} \\\\; \u2192 \\\"Find and delete all .tmp files recursively\\\"\\n- g"
+    "it reset --hard origin/main \u2192 \\\"Discard all local changes and match remote main\\\"\\n- curl -s url | j"
+    "q '.data[]' \u2192 \\\"Fetch JSON from URL and extract data array elements\\\"\",\"type\":\"string\"},\"run_in_back"
+    "ground\":{\"description\":\"Set to true to run this command in the background.\",\"type\":\"boolean\"},\"dange"
+    "rouslyDisableSandbox\":{\"description\":\"Set this to true to dangerously override sandbox mode and run "
+    "commands without sandboxing.\",\"type\":\"boolean\"}},\"required\":[\"command\"],\"additionalProperties\":false"
+    "},\"Read\":{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"fi"
+    "le_path\":{\"description\":\"The absolute path to the file to read\",\"type\":\"string\"},\"offset\":{\"descript"
+    "ion\":\"The line number to start reading from. Only provide if the file is too large to read at once\","
+    "\"type\":\"integer\",\"minimum\":0,\"maximum\":9007199254740991},\"limit\":{\"description\":\"The number of lines"
+    " to read. Only provide if the file is too large to read at once.\",\"type\":\"integer\",\"exclusiveMinimum"
+    "\":0,\"maximum\":9007199254740991},\"pages\":{\"description\":\"Page range for PDF files (e.g., \\\"1-5\\\", \\\"3"
+    "\\\", \\\"10-20\\\"). Only applicable to PDF files. Maximum 20 pages per request.\",\"type\":\"string\"}},\"requ"
+    "ired\":[\"file_path\"],\"additionalProperties\":false},\"TaskCreate\":{\"$schema\":\"https://json-schema.org/d"
+    "raft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"subject\":{\"description\":\"A brief title for the t"
+    "ask\",\"type\":\"string\"},\"description\":{\"description\":\"What needs to be done\",\"type\":\"string\"},\"activeF"
+    "orm\":{\"description\":\"Present continuous form shown in spinner when in_progress (e.g., \\\"Running test"
+    "s\\\")\",\"type\":\"string\"},\"metadata\":{\"description\":\"Arbitrary metadata to attach to the task\",\"type\":\""
+    "object\",\"propertyNames\":{\"type\":\"string\"},\"additionalProperties\":{}}},\"required\":[\"subject\",\"descrip"
+    "tion\"],\"additionalProperties\":false},\"TaskUpdate\":{\"$schema\":\"https://json-schema.org/draft/2020-12/"
+    "schema\",\"type\":\"object\",\"properties\":{\"taskId\":{\"description\":\"The ID of the task to update\",\"type\":"
+    "\"string\"},\"subject\":{\"description\":\"New subject for the task\",\"type\":\"string\"},\"description\":{\"descr"
+    "iption\":\"New description for the task\",\"type\":\"string\"},\"activeForm\":{\"description\":\"Present continu"
+    "ous form shown in spinner when in_progress (e.g., \\\"Running tests\\\")\",\"type\":\"string\"},\"status\":{\"de"
+    "scription\":\"New status for the task\",\"anyOf\":[{\"type\":\"string\",\"enum\":[\"pending\",\"in_progress\",\"comp"
+    "leted\"]},{\"type\":\"string\",\"const\":\"deleted\"}]},\"addBlocks\":{\"description\":\"Task IDs that this task b"
+    "locks\",\"type\":\"array\",\"items\":{\"type\":\"string\"}},\"addBlockedBy\":{\"description\":\"Task IDs that block "
+    "this task\",\"type\":\"array\",\"items\":{\"type\":\"string\"}},\"owner\":{\"description\":\"New owner for the task\""
+    ",\"type\":\"string\"},\"metadata\":{\"description\":\"Metadata keys to merge into the task. Set a key to null"
+    " to delete it.\",\"type\":\"object\",\"propertyNames\":{\"type\":\"string\"},\"additionalProperties\":{}}},\"requi"
+    "red\":[\"taskId\"],\"additionalProperties\":false},\"WebFetch\":{\"$schema\":\"https://json-schema.org/draft/2"
+    "020-12/schema\",\"type\":\"object\",\"properties\":{\"url\":{\"description\":\"The URL to fetch content from\",\"t"
+    "ype\":\"string\",\"format\":\"uri\"},\"prompt\":{\"description\":\"The prompt to run on the fetched content\",\"ty"
+    "pe\":\"string\"}},\"required\":[\"url\",\"prompt\"],\"additionalProperties\":false}}")
+
+
 ALL_TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test", "openai-responses": "rs/gpt-resp",
                "gemini": "gm/gemini-test", "ollama": "ol/llama-test"}
 
@@ -2488,3 +2535,317 @@ class DialectMatrixTests(RouterCase):
                                 self.assertEqual(got["usage"]["eval_count"], 7)
                             self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
                             self.check_upstream(api, fake.requests[-1], stream, case)
+
+
+GEMINI_ALLOWED = R.GEMINI_SCHEMA_KEYS
+
+
+def _walk_schema(s, path="$"):
+    """Every (path, key) of a reduced Gemini schema, not counting property names."""
+    out = []
+    if isinstance(s, dict):
+        for k, v in s.items():
+            out.append((path, k))
+            if k == "properties":
+                for name, sub in v.items():
+                    out += _walk_schema(sub, f"{path}.{name}")
+            elif k == "items":
+                out += _walk_schema(v, path + "[]")
+            elif k == "anyOf":
+                for i, sub in enumerate(v):
+                    out += _walk_schema(sub, f"{path}|{i}")
+    return out
+
+
+class GeminiTests(RouterCase):
+    def test_schema_reduction_on_claude_code_tools(self):
+        for name, schema in CLAUDE_CODE_TOOL_SCHEMAS.items():
+            with self.subTest(tool=name):
+                red = R.gemini_schema(schema)
+                for path, key in _walk_schema(red):
+                    self.assertIn(key, GEMINI_ALLOWED, f"{name}: {path}.{key}")
+                self.assertEqual(red["type"], "OBJECT")
+                self.assertEqual(set(red.get("required", [])) - set(red["properties"]), set())
+                self.assertEqual(set(red["properties"]), set(schema["properties"]), "no property is lost")
+                for path, key in _walk_schema(red):
+                    if key == "enum":
+                        pass
+        read = R.gemini_schema(CLAUDE_CODE_TOOL_SCHEMAS["Read"])
+        self.assertEqual(read["properties"]["limit"], {"type": "INTEGER", "description": read["properties"]["limit"]["description"],
+                                                       "maximum": 9007199254740991, "minimum": 0})
+        self.assertNotIn("$schema", read)
+        self.assertNotIn("additionalProperties", read)
+
+    def test_schema_reduction_rules(self):
+        s = {"$defs": {"Pt": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x", "y"]}},
+             "type": "object", "additionalProperties": False,
+             "properties": {
+                 "maybe": {"type": ["string", "null"], "format": "uri"},
+                 "opt": {"anyOf": [{"type": "integer"}, {"type": "null"}], "description": "d"},
+                 "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                 "pt": {"$ref": "#/$defs/Pt"},
+                 "mode": {"const": "fast"}, "nums": {"type": "integer", "enum": [1, 2]},
+                 "when": {"type": "string", "format": "date-time"},
+                 "both": {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                                    {"properties": {"b": {"type": "string"}}}]}},
+             "required": ["maybe", "ghost"]}
+        red = R.gemini_schema(s)
+        p = red["properties"]
+        self.assertEqual(p["maybe"], {"type": "STRING", "nullable": True})
+        self.assertEqual(p["opt"], {"type": "INTEGER", "nullable": True, "description": "d"})
+        self.assertEqual(p["either"], {"anyOf": [{"type": "STRING"}, {"type": "INTEGER"}]})
+        self.assertEqual(p["pt"], {"type": "OBJECT", "properties": {"x": {"type": "NUMBER"}}, "required": ["x"]})
+        self.assertEqual(p["mode"], {"enum": ["fast"]})
+        self.assertEqual(p["nums"], {"type": "INTEGER"})
+        self.assertEqual(p["when"], {"type": "STRING", "format": "date-time"})
+        self.assertEqual(set(p["both"]["properties"]), {"a", "b"})
+        self.assertEqual(red["required"], ["maybe"])
+
+    def test_tool_ids_names_and_thought_signatures_round_trip(self):
+        self.gm.push(Reply(text="", tools=[("g1", "get_weather", {"city": "Paris"}), ("g2", "get_weather", {"city": "Rome"})]))
+        _r, got = self.ask("openai", client_body("openai", "gm/gemini-3-pro", False, tools=True))
+        ids = [i for i, _n, _a in got["tools"]]
+        self.assertEqual(len(set(ids)), 2, "Gemini gives no ids: the router makes distinct ones")
+        body = client_body("openai", "gm/gemini-3-pro", False, tools=True)
+        body["messages"] += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": ids[0], "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+            {"id": ids[1], "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}}]},
+            {"role": "tool", "tool_call_id": ids[0], "content": "18C"}, {"role": "tool", "tool_call_id": ids[1], "content": "20C"}]
+        self.ask("openai", body)
+        contents = self.gm.requests[-1]["body"]["contents"]
+        model_turn, results = contents[-2], contents[-1]
+        self.assertEqual(model_turn["role"], "model")
+        self.assertEqual([p.get("thoughtSignature") for p in model_turn["parts"]], ["sig-g1", "sig-g2"])
+        self.assertEqual(results["parts"], [{"functionResponse": {"name": "get_weather", "response": {"result": "18C"}}},
+                                            {"functionResponse": {"name": "get_weather", "response": {"result": "20C"}}}])
+        # History from another provider: Gemini 3 gets the documented placeholder on its first call.
+        body["messages"][2]["tool_calls"][0]["id"] = "call_from_elsewhere"
+        body["messages"][3]["tool_call_id"] = "call_from_elsewhere"
+        self.ask("openai", body)
+        parts = self.gm.requests[-1]["body"]["contents"][-2]["parts"]
+        self.assertEqual(parts[0]["thoughtSignature"], R.GEMINI_SKIP_SIGNATURE)
+
+    def test_finish_reasons_usage_and_errors(self):
+        self.gm.push(Reply(text="partial", stop="content_filter"))
+        _r, got = self.ask("anthropic", client_body("anthropic", "gm/gemini-test", True))
+        self.assertEqual(got["finish"], "refusal")
+        self.gm.push(Reply(text="cut", stop="length", usage=(30, 12, 5)))
+        _r, got = self.ask("openai", client_body("openai", "gm/gemini-test", False))
+        self.assertEqual(got["finish"], "length")
+        self.assertEqual(got["usage"]["prompt_tokens"], 30)
+        self.assertEqual(got["usage"]["prompt_tokens_details"]["cached_tokens"], 5)
+        self.gm.push(Reply(status=429, body={"error": {"code": 429, "message": "Resource has been exhausted",
+                                                       "status": "RESOURCE_EXHAUSTED", "details": [
+                                                           {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "23s"}]}}))
+        r, _ = self.ask("openai", client_body("openai", "gm/gemini-test", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        self.gm.push(Reply(error_first=True))
+        r, _ = self.ask("openai", client_body("openai", "gm/gemini-test", True))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+
+    def test_thinking_request_maps_to_thinking_config(self):
+        body = client_body("anthropic", "gm/gemini-3-pro", False)
+        body["thinking"] = {"type": "enabled", "budget_tokens": 3000}
+        self.ask("anthropic", body)
+        gen = self.gm.requests[-1]["body"]["generationConfig"]
+        self.assertEqual(gen["thinkingConfig"], {"includeThoughts": True, "thinkingBudget": 3000})
+        self.assertEqual(gen["maxOutputTokens"], 100)
+
+
+class ResponsesTests(RouterCase):
+    def codex_body(self, model, stream=True, extra_input=()):
+        """A request shaped like Codex CLI's: developer instructions, history, function and custom
+        tools, a hosted tool and a namespace tool the other providers do not have."""
+        return {"model": model, "stream": stream, "store": False, "tool_choice": "auto", "parallel_tool_calls": True,
+                "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "c1",
+                "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "list the files"}]},
+                          *extra_input],
+                "tools": [{"type": "function", "name": "exec_command", "strict": False, "description": "Run a command",
+                           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}},
+                          {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+                           "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+                          {"type": "web_search", "external_web_access": True},
+                          {"type": "namespace", "name": "multi_agent_v1", "tools": []}]}
+
+    def test_codex_shaped_turns_through_anthropic(self):
+        self.an.push(Reply(text="Running it.", thinking="ls is enough",
+                           tools=[("toolu_1", "exec_command", {"cmd": "ls"})]))
+        r, got = self.ask("openai-responses", self.codex_body("an/claude-test"))
+        self.assertEqual(got["tools"], [("toolu_1", "exec_command", {"cmd": "ls"})])
+        self.assertEqual(got["reasoning"], "ls is enough")
+        self.assertTrue(got["seq_ok"])
+        up = self.an.requests[-1]["body"]
+        self.assertEqual(up["system"], [{"type": "text", "text": "You are Codex."}])
+        self.assertEqual([t["name"] for t in up["tools"]], ["exec_command", "apply_patch"],
+                         "hosted and namespace tools have no equivalent elsewhere")
+        self.assertEqual(up["tools"][1]["input_schema"], R.CUSTOM_TOOL_PARAMS)
+        # Turn 2: Codex sends the call and its output back, without ids on the items.
+        history = [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "ls is enough"}],
+                    "encrypted_content": "gAAAA-opaque"},
+                   {"type": "function_call", "name": "exec_command", "arguments": "{\"cmd\":\"ls\"}", "call_id": "toolu_1"},
+                   {"type": "function_call_output", "call_id": "toolu_1", "output": "a.py\nb.py\n"}]
+        self.an.push(Reply(text="Patching.", tools=[("toolu_2", "apply_patch", {"input": "*** Begin Patch\n*** End Patch"})]))
+        r, got = self.ask("openai-responses", self.codex_body("an/claude-test", extra_input=history))
+        self.assertEqual(got["tools"], [("toolu_2", "apply_patch", {"input": "*** Begin Patch\n*** End Patch"})])
+        items = [json.loads(d) for _e, d in sse_events(r.body)]
+        done = [i["item"] for i in items if i["type"] == "response.output_item.done"]
+        self.assertEqual(done[-1]["type"], "custom_tool_call", "a custom tool's call goes back as custom_tool_call")
+        msgs = self.an.requests[-1]["body"]["messages"]
+        self.assertEqual(msgs[-2]["content"][-1], {"type": "tool_use", "id": "toolu_1", "name": "exec_command",
+                                                   "input": {"cmd": "ls"}})
+        self.assertEqual(msgs[-1]["content"][0]["type"], "tool_result")
+        self.assertNotIn("gAAAA-opaque", json.dumps(msgs), "OpenAI's encrypted reasoning is not sent elsewhere")
+
+    def test_whole_response_object(self):
+        self.oa.push(Reply(text="Hi there", usage=(20, 4, 2)))
+        body = {"model": "oa/gpt-test", "input": "Say hi", "instructions": "Be brief.", "max_output_tokens": 50}
+        r = self.post("openai-responses", body)
+        obj = r.json()
+        self.assertEqual(obj["object"], "response")
+        self.assertTrue(obj["id"].startswith("resp_"))
+        self.assertEqual(obj["status"], "completed")
+        self.assertEqual(obj["output"][0]["content"][0], {"type": "output_text", "text": "Hi there", "annotations": []})
+        self.assertEqual(obj["usage"], {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 2},
+                                        "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0},
+                                        "total_tokens": 24})
+        self.assertEqual(self.oa.requests[-1]["body"]["max_tokens"], 50)
+        self.oa.push(Reply(text="cut", stop="length"))
+        obj = self.post("openai-responses", body).json()
+        self.assertEqual((obj["status"], obj["incomplete_details"]), ("incomplete", {"reason": "max_output_tokens"}))
+
+    def test_previous_response_id(self):
+        self.oa.push(Reply(text="My name is Sage."))
+        first = self.post("openai-responses", {"model": "oa/gpt-test", "input": "What is your name?"}).json()
+        self.oa.push(Reply(text="You asked my name."))
+        second = self.post("openai-responses", {"model": "oa/gpt-test", "input": "What did I ask?",
+                                                "previous_response_id": first["id"]})
+        self.assertEqual(second.status, 200, second)
+        msgs = self.oa.requests[-1]["body"]["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "user"])
+        self.assertEqual(msgs[1]["content"], "My name is Sage.")
+        # Chains continue, and a streamed answer is kept too.
+        self.oa.push(Reply(text="Third."))
+        third = self.post("openai-responses", {"model": "oa/gpt-test", "input": "And now?", "stream": True,
+                                               "previous_response_id": second.json()["id"]})
+        rid = [json.loads(d) for _e, d in sse_events(third.body)][-1]["response"]["id"]
+        self.post("openai-responses", {"model": "oa/gpt-test", "input": "Last", "previous_response_id": rid})
+        self.assertEqual(len(self.oa.requests[-1]["body"]["messages"]), 7)
+        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "previous_response_id": "resp_nope"})
+        self.assertEqual(r.status, 400)
+        self.assertTrue(r.json()["error"]["message"].startswith("previous_response_id: unknown response"))
+        nostore = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "store": False}).json()
+        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "y", "previous_response_id": nostore["id"]})
+        self.assertEqual(r.status, 400)
+
+    def test_failure_after_first_byte_is_response_failed(self):
+        self.oa.push(Reply(text="a long answer that breaks", cut_after=3))
+        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "stream": True})
+        got = read_responses(r, True)
+        self.assertIsNotNone(got["error"])
+        self.assertFalse(got["done"])
+
+    def test_responses_provider_passthrough_and_translation(self):
+        self.rs.push(Reply(text="pass", split=5))
+        r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})
+        self.assertEqual(r.body, self.rs.sent[-1])
+        self.rs.push(Reply(text="", tools=[("call_9", "get_weather", {"city": "Oslo"})]))
+        _r, got = self.ask("anthropic", client_body("anthropic", "rs/gpt-resp", True, tools=True))
+        self.assertEqual(got["tools"][0][1:], ("get_weather", {"city": "Oslo"}))
+
+
+class OllamaTests(RouterCase):
+    def test_num_ctx_follows_the_request_size_within_the_model_window(self):
+        self.ask("openai", client_body("openai", "ol/llama-test", False))
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 8192)
+        self.ask("openai", client_body("openai", "ol/llama-test", False, text="word " * 40000))
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 65536, "capped at the model's window")
+        body = client_body("openai", "ol/llama-test", False, text="word " * 16000)   # ~20,000 tokens
+        body["max_tokens"] = 8000
+        self.ask("openai", body)
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 32768)
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_predict"], 8000)
+        # An Ollama client's own num_ctx wins on the passthrough path.
+        ob = client_body("ollama", "ol/llama-test", False)
+        ob["options"]["num_ctx"] = 4096
+        self.ask("ollama", ob)
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 4096)
+
+    def test_tool_history_images_and_options_out(self):
+        body = {"model": "ol/llama-test", "max_tokens": 30, "temperature": 0.2, "stop": ["Z"], "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                                         {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_7", "content": "-3C"}], "tools": [WEATHER_OA]}
+        self.ask("openai", body)
+        up = self.ol.requests[-1]["body"]
+        self.assertEqual(up["messages"][0], {"role": "user", "content": "Weather?\n[image: https://x/cat.png]"})
+        self.assertEqual(up["messages"][1]["tool_calls"], [{"id": "call_7", "function": {"name": "get_weather",
+                                                                                         "arguments": {"city": "Oslo"}}}])
+        self.assertEqual(up["messages"][2], {"role": "tool", "content": "-3C", "tool_name": "get_weather",
+                                             "tool_call_id": "call_7"})
+        self.assertEqual((up["options"]["temperature"], up["options"]["stop"]), (0.2, ["Z"]))
+
+    def test_inbound_generate_tags_show_version(self):
+        self.oa.push(Reply(text="generated text"))
+        r = self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "Say hi", "system": "Be brief."})
+        lines = [json.loads(x) for x in r.body.decode().splitlines()]
+        self.assertEqual(r.headers["content-type"], "application/x-ndjson")
+        self.assertEqual("".join(x.get("response", "") for x in lines), "generated text")
+        self.assertTrue(lines[-1]["done"])
+        self.assertEqual(self.oa.requests[-1]["body"]["messages"][0], {"role": "system", "content": "Be brief."})
+        self.oa.push(Reply(text="whole"))
+        r = self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "x", "stream": False})
+        self.assertEqual((r.json()["response"], r.json()["done"]), ("whole", True))
+        tags = self.h.call("GET", "/api/tags").json()["models"]
+        self.assertIn("oa/gpt-test", [m["name"] for m in tags])
+        show = self.h.call("POST", "/api/show", {"model": "an/claude-test"}).json()
+        self.assertEqual(show["model_info"]["sage-router.context_length"], 200000)
+        self.assertIn("vision", show["capabilities"])
+        self.assertIn("tools", show["capabilities"])
+        r = self.h.call("POST", "/api/show", {"model": "nope"})
+        self.assertEqual((r.status, r.json()), (404, {"error": "model 'nope' not found"}))
+        self.assertIn("version", self.h.call("GET", "/api/version").json())
+
+    def test_inbound_tool_messages_by_name_and_errors_in_ollama_shape(self):
+        body = {"model": "an/claude-test", "stream": False, "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "-3C", "tool_name": "get_weather"}], "tools": [WEATHER_OA]}
+        self.ask("ollama", body)
+        msgs = self.an.requests[-1]["body"]["messages"]
+        self.assertEqual(msgs[2]["content"][0]["tool_use_id"], msgs[1]["content"][0]["id"])
+        r = self.h.call("POST", "/api/chat", {"model": "x", "messages": "nope"})
+        self.assertEqual((r.status, list(r.json())), (400, ["error"]))
+        self.assertTrue(r.json()["error"].startswith("messages:"))
+        self.oa.push(Reply(text="will break", cut_after=3))
+        r = self.h.call("POST", "/api/chat", {"model": "oa/gpt-test", "messages": [{"role": "user", "content": "x"}]})
+        self.assertIsNotNone(read_ollama(r, True)["error"])
+
+
+class NewDecoderSplitTests(unittest.TestCase):
+    def test_every_two_piece_split_of_the_new_dialects(self):
+        r = Reply(text="Hi ✓ there", thinking="th", tools=[("call_1", "f", {"a": [1, 2]})])
+        cases = ((R.ResponsesStreamDecoder, b"".join(responses_events(r, "m"))),
+                 (R.GeminiStreamDecoder, b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in gemini_chunks(r, "m"))),
+                 (R.OllamaStreamDecoder, b"".join(json.dumps(x).encode() + b"\n" for x in ollama_lines(r, "m"))))
+        for dec_cls, raw in cases:
+            with self.subTest(decoder=dec_cls.__name__):
+                def run(chunks):
+                    d, out = dec_cls(), []
+                    for c in chunks:
+                        out += d.feed(c)
+                    resp = R.fold_events(out + d.close())
+                    for p in resp["content"]:
+                        p.pop("id", None)    # ids Gemini and Ollama do not give are made up afresh
+                    return resp
+                whole = run([raw])
+                self.assertEqual(R.text_of(whole["content"]), "Hi ✓ there")
+                self.assertEqual(whole["stop_reason"], "tool_use")
+                calls = [p for p in whole["content"] if p["type"] == "tool_call"]
+                self.assertEqual([(c["name"], c["arguments"]) for c in calls], [("f", {"a": [1, 2]})])
+                step = max(1, len(raw) // 300)
+                for i in range(1, len(raw), step):
+                    self.assertEqual(run([raw[:i], raw[i:]])["content"], whole["content"], i)

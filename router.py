@@ -533,30 +533,39 @@ def drop_thinking(req):
     return dict(req, messages=msgs, reasoning=None)
 
 
+def _weight(text):
+    """Characters of a text, plus 0.4 tokens' worth for every byte beyond ASCII: Chinese or
+    Japanese runs about one token a character, accented Latin barely more than English."""
+    return len(text) if text.isascii() else len(text) + (len(text.encode("utf-8")) - len(text)) * 1.6
+
+
 def estimate_tokens(req):
-    """Rough local token estimate of a neutral request: about 4 characters a token for text and
-    JSON, a flat 1,600 per image (Anthropic's figure for a ~1.15 MP image)."""
-    chars = sum(len(p.get("text", "")) for p in req.get("system") or [])
+    """Local token estimate of a neutral request: 4 characters a token for text and JSON (ASCII),
+    more for other scripts, a flat 1,600 per image (Anthropic's figure for a ~1.15 MP image).
+    Measured against OpenAI's o200k/cl100k tokenizers (see README): code within 1%, English prose
+    about 25% high, French and German -9% to +20%, Chinese and Japanese -9% to +37%, a 78 KB Claude
+    Code turn 4% low."""
+    chars = sum(_weight(p.get("text", "")) for p in req.get("system") or [])
     images = 0
     for m in req.get("messages", []):
         chars += 8
         for p in m["content"]:
             t = p["type"]
             if t in ("text", "thinking"):
-                chars += len(p.get("text", ""))
+                chars += _weight(p.get("text", ""))
             elif t == "image":
                 images += 1
             elif t == "tool_call":
-                chars += len(p["name"]) + len(dumps(p["arguments"]))
+                chars += len(p["name"]) + _weight(dumps(p["arguments"]))
             elif t == "tool_result":
                 for q in p["content"]:
                     if q["type"] == "image":
                         images += 1
                     else:
-                        chars += len(q.get("text", ""))
+                        chars += _weight(q.get("text", ""))
     for t in req.get("tools") or []:
-        chars += len(t["name"]) + len(t.get("description") or "") + len(dumps(t.get("parameters") or {}))
-    return max(1, chars // 4 + images * 1600)
+        chars += len(t["name"]) + _weight(t.get("description") or "") + len(dumps(t.get("parameters") or {}))
+    return max(1, int(chars // 4) + images * 1600)
 
 
 def _need(cond, field, problem):

@@ -1839,7 +1839,8 @@ class ResponsesStreamEncoder:
             code = {"rate_limit": "rate_limit_exceeded", "billing": "insufficient_quota"}.get(err.etype, "server_error")
             obj = _responses_object(self.req, self.model, "failed", self.output, None,
                                     error={"code": code, "message": err.message})
-            return self._ev({"type": "response.failed", "response": obj})
+            return self._ev({"type": "error", "code": code, "message": err.message, "param": None}) + \
+                self._ev({"type": "response.failed", "response": obj})
         return b""
 
 

@@ -2876,3 +2876,58 @@ class NewDecoderSplitTests(unittest.TestCase):
                 step = max(1, len(raw) // 300)
                 for i in range(1, len(raw), step):
                     self.assertEqual(run([raw[:i], raw[i:]])["content"], whole["content"], i)
+
+
+# =================================================================================================
+# Real clients (skipped where they are not installed; .ci/run installs them when it can)
+# =================================================================================================
+
+import shutil  # noqa: E402
+
+
+class RealClientTests(RouterCase):
+    def run_client(self, argv, env_extra, home_files):
+        with tempfile.TemporaryDirectory() as home:
+            for rel, text in home_files.items():
+                path = os.path.join(home, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+            work = os.path.join(home, "work")
+            os.makedirs(work)
+            env = dict(os.environ, HOME=home, **env_extra)
+            return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=180,
+                                  stdin=subprocess.DEVNULL)
+
+    @unittest.skipUnless(shutil.which("codex"), "Codex CLI is not installed (npm install -g @openai/codex)")
+    def test_codex_cli_completes_a_tool_calling_turn(self):
+        for target, fake, tid in (("an/claude-test", self.an, "toolu_cx"), ("oa/gpt-test", self.oa, "call_cx")):
+            with self.subTest(target=target):
+                self.setUp()
+                fake.push(Reply(text="Running it.", tools=[(tid, "exec_command", {"cmd": "echo hi-from-codex"})]),
+                          Reply(text="The command printed hi-from-codex."))
+                config = (f'model = "{target}"\nmodel_provider = "sage"\n\n[model_providers.sage]\nname = "Sage Router"\n'
+                          f'base_url = "http://127.0.0.1:{self.h.port}/v1"\nwire_api = "responses"\n'
+                          'env_key = "SAGE_ROUTER_API_KEY"\n')
+                p = self.run_client(["codex", "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
+                                     "run echo hi-from-codex"], {"SAGE_ROUTER_API_KEY": "unused"},
+                                    {".codex/config.toml": config})
+                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+                self.assertIn("The command printed hi-from-codex.", p.stdout)
+                self.assertGreaterEqual(len(fake.requests), 2)
+                self.assertIn("hi-from-codex\\n", json.dumps(fake.requests[1]["body"]), "the tool's output went back")
+
+    @unittest.skipUnless(shutil.which("claude"), "Claude Code is not installed (npm install -g @anthropic-ai/claude-code)")
+    def test_claude_code_completes_a_tool_calling_turn(self):
+        for target, fake, tid in (("oa/gpt-test", self.oa, "call_cc"), ("an/claude-test", self.an, "toolu_cc")):
+            with self.subTest(target=target):
+                self.setUp()
+                fake.push(Reply(text="I'll run it.", tools=[(tid, "Bash", {"command": "echo hi-from-claude", "description": "Print"})]),
+                          Reply(text="The command printed hi-from-claude."))
+                p = self.run_client(["claude", "-p", "run echo hi-from-claude", "--allowedTools", "Bash"],
+                                    {"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{self.h.port}", "ANTHROPIC_API_KEY": "unused",
+                                     "ANTHROPIC_MODEL": target, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                                     "IS_SANDBOX": "1"}, {})
+                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+                self.assertIn("The command printed hi-from-claude.", p.stdout)
+                self.assertIn("hi-from-claude", json.dumps(fake.requests[-1]["body"]["messages"][-1]))

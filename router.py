@@ -3689,7 +3689,7 @@ class Context:
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
-                 "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit")
+                 "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -3698,7 +3698,7 @@ class Context:
         self.estimate = 0
         self.attempts = []
         self.provider = self.upstream_model = self.usage = self.route = self.plan = None
-        self.previous_provider = self.ttfb = self.collect = self.on_commit = None
+        self.previous_provider = self.ttfb = self.collect = self.on_commit = self.on_complete = None
         self.passthrough = True    # False when the router had to change the request's history
         self.same = False
         self.started = time.monotonic()
@@ -3894,6 +3894,8 @@ class Dispatcher:
                 raise Failover("stream", err.message, err.status)
             if ctx.collect is not None:
                 ctx.collect.extend(events)
+            if ctx.on_complete is not None:
+                ctx.on_complete()
             resp = fold_events(events)
             ctx.usage = resp["usage"]
             if same:
@@ -3914,6 +3916,8 @@ class Dispatcher:
             for ev in evs:
                 if ev[0] == "end":
                     ctx.usage = ev[2]
+                    if ctx.on_complete is not None:
+                        ctx.on_complete()      # before the client can read the end and ask again
             if same:
                 if not raw_chunk and evs and evs[-1][0] == "error":
                     # The provider's stream broke: drop its partial event, send ours.
@@ -3971,6 +3975,7 @@ class ResponseStore:
             ctx.passthrough = False
         if req.get("store"):
             ctx.collect = []
+            ctx.on_complete = lambda: self.keep(ctx)
 
     def keep(self, ctx):
         resp = fold_events(ctx.collect)
@@ -4107,8 +4112,6 @@ class Router:
                     if not f.next_key:
                         break
                     continue
-                if ctx.collect is not None:
-                    self.responses.keep(ctx)
                 return
             if failed is None or failed.kind in ("context", "auth"):
                 continue

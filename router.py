@@ -458,6 +458,35 @@ class SSEParser:
         return out
 
 
+class SSEDecoder:
+    """Base of the SSE stream decoders: bytes go to an SSEParser, each event's data to
+    self._data(data, out). At the end of the stream, close() flushes the parser and, if the
+    dialect's own end never came, self._finish(out) says how the stream ended."""
+
+    def __init__(self, prov=None):
+        self.sse = SSEParser()
+        self.prov = prov
+        self.ended = False
+
+    def feed(self, chunk):
+        out = []
+        for _event, data in self.sse.feed(chunk):
+            self._data(data, out)
+        return out
+
+    def close(self):
+        out = []
+        for _event, data in self.sse.close():
+            self._data(data, out)
+        if not self.ended:
+            self.ended = True
+            self._finish(out)
+        return out
+
+    def _finish(self, out):
+        out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+
+
 def fold_events(events, resp=None):
     """Fold neutral stream events into a neutral response (the one code path for both shapes)."""
     resp = resp or {"id": None, "model": None, "content": [], "stop_reason": None,
@@ -929,42 +958,26 @@ def openai_decode_response(body):
             "stop_sequence": None, "usage": _openai_usage(body.get("usage")) or empty_usage()}
 
 
-class OpenAIStreamDecoder:
+class OpenAIStreamDecoder(SSEDecoder):
     """OpenAI chat.completion.chunk SSE bytes -> neutral events. Tool-call fragments are tracked by
     `index` (a new `id` on a reused index starts a new call); `end` is emitted at [DONE] or at a clean
     end of stream after a finish_reason, because usage arrives after finish_reason."""
 
     def __init__(self, prov=None):
-        self.sse = SSEParser()
+        super().__init__(prov)
         self.started = False
         self.finish = None
         self.usage = None
-        self.ended = False
         self.tools = {}          # upstream index -> our call id
         self.current = None      # upstream index of the tool call whose args are streaming
         self.saw_tool = False
         self.think = None        # "<think>" tag state for servers that inline reasoning
 
-    @property
-    def pending(self):
-        return self.sse.pending
-
-    def feed(self, chunk):
-        out = []
-        for _event, data in self.sse.feed(chunk):
-            self._data(data, out)
-        return out
-
-    def close(self):
-        out = []
-        for _event, data in self.sse.close():
-            self._data(data, out)
-        if not self.ended:
-            if self.finish is not None:
-                out.append(self._end())
-            else:
-                out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
-        return out
+    def _finish(self, out):
+        if self.finish is None:
+            super()._finish(out)
+        else:
+            out.append(self._end())
 
     def _end(self):
         self.ended = True
@@ -1464,38 +1477,20 @@ def anthropic_decode_response(body):
             "usage": usage}
 
 
-class AnthropicStreamDecoder:
+class AnthropicStreamDecoder(SSEDecoder):
     """Anthropic Messages SSE bytes -> neutral events (dispatching on data.type)."""
 
     def __init__(self, prov=None):
-        self.sse = SSEParser()
+        super().__init__(prov)
         self.usage = empty_usage()
         self.stop = None
         self.stop_seq = None
-        self.ended = False
-        self.block = None
 
-    @property
-    def pending(self):
-        return self.sse.pending
-
-    def feed(self, chunk):
-        out = []
-        for _event, data in self.sse.feed(chunk):
-            self._data(data, out)
-        return out
-
-    def close(self):
-        out = []
-        for _event, data in self.sse.close():
-            self._data(data, out)
-        if not self.ended:
-            if self.stop:
-                self.ended = True
-                out.append(("end", self.stop, self.usage, self.stop_seq))
-            else:
-                out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
-        return out
+    def _finish(self, out):
+        if self.stop:   # message_delta came, message_stop did not: the answer is complete
+            out.append(("end", self.stop, self.usage, self.stop_seq))
+        else:
+            super()._finish(out)
 
     def _data(self, data, out):
         if self.ended or not data:
@@ -1935,32 +1930,13 @@ def responses_decode_response(body):
             "stop_reason": _responses_stop(body, any(p["type"] == "tool_call" for p in parts)), "usage": usage}
 
 
-class ResponsesStreamDecoder:
+class ResponsesStreamDecoder(SSEDecoder):
     """Responses SSE bytes -> neutral events (dispatching on data.type, as Codex does)."""
 
     def __init__(self, prov=None):
-        self.sse = SSEParser()
-        self.ended = False
+        super().__init__(prov)
         self.saw_tool = False
         self.args_seen = set()
-
-    @property
-    def pending(self):
-        return self.sse.pending
-
-    def feed(self, chunk):
-        out = []
-        for _event, data in self.sse.feed(chunk):
-            self._data(data, out)
-        return out
-
-    def close(self):
-        out = []
-        for _event, data in self.sse.close():
-            self._data(data, out)
-        if not self.ended:
-            out.append(("error", ApiError(502, "api_error", "the provider closed the stream before response.completed")))
-        return out
 
     def _data(self, data, out):
         if self.ended or not data or data.startswith("[DONE]"):
@@ -2230,41 +2206,23 @@ def gemini_decode_response(body, prov=None):
     return resp
 
 
-class GeminiStreamDecoder:
+class GeminiStreamDecoder(SSEDecoder):
     """Gemini SSE (alt=sse) -> neutral events. No sentinel: a stream ends when the connection does,
     after a chunk with finishReason (a stream that stops before one is an error)."""
 
     def __init__(self, prov=None):
-        self.sse = SSEParser()
-        self.prov = prov
+        super().__init__(prov)
         self.started = False
         self.finish = None
         self.usage = None
         self.saw_tool = False
-        self.ended = False
 
-    @property
-    def pending(self):
-        return self.sse.pending
-
-    def feed(self, chunk):
-        out = []
-        for _event, data in self.sse.feed(chunk):
-            self._data(data, out)
-        return out
-
-    def close(self):
-        out = []
-        for _event, data in self.sse.close():
-            self._data(data, out)
-        if not self.ended:
-            self.ended = True
-            if self.finish is None:
-                out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
-            else:
-                stop = GEMINI_FINISH.get(self.finish, "end_turn")
-                out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, self.usage, None))
-        return out
+    def _finish(self, out):
+        if self.finish is None:
+            super()._finish(out)
+        else:
+            stop = GEMINI_FINISH.get(self.finish, "end_turn")
+            out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, self.usage, None))
 
     def _data(self, data, out):
         if self.ended or not data:
@@ -2609,10 +2567,6 @@ class OllamaStreamDecoder:
         self.started = False
         self.ended = False
         self.saw_tool = False
-
-    @property
-    def pending(self):
-        return bool(self.buf)
 
     def feed(self, chunk):
         data = self.buf + chunk

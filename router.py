@@ -407,7 +407,7 @@ def text_of(parts):
 
 class SSEParser:
     """Incremental Server-Sent Events parser: feed bytes, get (event, data) pairs. Accepts \\n and
-    \\r\\n, joins multi-line data, ignores comments. `pending` is true while a partial event is held."""
+    \\r\\n, joins multi-line data, ignores comments."""
 
     __slots__ = ("buf", "event", "data")
 
@@ -415,10 +415,6 @@ class SSEParser:
         self.buf = b""
         self.event = None
         self.data = []
-
-    @property
-    def pending(self):
-        return bool(self.buf or self.data or self.event)
 
     def feed(self, chunk):
         buf = self.buf + chunk if self.buf else chunk
@@ -649,7 +645,8 @@ OPENAI_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"}, "requi
 
 
 def _openai_content(content, field):
-    """OpenAI message content (string, null or parts) -> neutral parts."""
+    """OpenAI message content (string, null or parts of Chat Completions or Responses) -> neutral
+    parts."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -659,19 +656,19 @@ def _openai_content(content, field):
     for i, p in enumerate(content):
         _need(isinstance(p, dict), f"{field}[{i}]", "must be an object")
         t = p.get("type")
-        if t in ("text", "input_text", "output_text"):
+        if t in ("text", "input_text", "output_text", "summary_text", "reasoning_text"):
             _need(isinstance(p.get("text"), str), f"{field}[{i}].text", "must be a string")
             if p["text"]:
                 parts.append({"type": "text", "text": p["text"]})
         elif t == "refusal":
             parts.append({"type": "text", "text": str(p.get("refusal", ""))})
-        elif t == "image_url":
+        elif t in ("image_url", "input_image"):   # Chat Completions / Responses
             iu = p.get("image_url")
             url = iu.get("url") if isinstance(iu, dict) else iu
-            _need(isinstance(url, str) and url, f"{field}[{i}].image_url.url", "must be a URL or data URL string")
+            _need(isinstance(url, str) and url, f"{field}[{i}].image_url", "must be a URL or data URL string")
             parts.append(image_part_from_url(url))
-        # Other part kinds (input_audio, file) have no neutral form yet; they survive only on the
-        # same-dialect passthrough path.
+        # Other part kinds (input_audio, file, input_file) have no neutral form; they survive only
+        # on the same-dialect passthrough path.
     return parts
 
 
@@ -948,7 +945,7 @@ def _openai_message_parts(msg):
     return parts
 
 
-def openai_decode_response(body):
+def openai_decode_response(body, prov=None):
     choices = body.get("choices") or [{}]
     c = choices[0]
     parts = _openai_message_parts(c.get("message") or {})
@@ -1457,7 +1454,7 @@ def anthropic_strip_thinking(body):
     return body
 
 
-def anthropic_decode_response(body):
+def anthropic_decode_response(body, prov=None):
     parts = []
     for b in body.get("content") or []:
         t = b.get("type")
@@ -1568,30 +1565,6 @@ CUSTOM_TOOL_PARAMS = {"type": "object", "properties": {"input": {"type": "string
                       "required": ["input"]}
 
 
-def _responses_parts(content, field):
-    """Responses message content (string or parts) -> neutral parts."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    _need(isinstance(content, list), field, "must be a string or an array of content parts")
-    parts = []
-    for i, p in enumerate(content):
-        _need(isinstance(p, dict), f"{field}[{i}]", "must be an object")
-        t = p.get("type")
-        if t in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
-            _need(isinstance(p.get("text"), str), f"{field}[{i}].text", "must be a string")
-            if p["text"]:
-                parts.append({"type": "text", "text": p["text"]})
-        elif t == "refusal":
-            parts.append({"type": "text", "text": str(p.get("refusal", ""))})
-        elif t == "input_image":
-            url = p.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            _need(isinstance(url, str) and url, f"{field}[{i}].image_url", "must be a URL or data URL string")
-            parts.append(image_part_from_url(url))
-        # input_file has no neutral form; it survives only on the same-dialect path.
-    return parts
-
-
 def _append(messages, role, parts, merge=True):
     if merge and messages and messages[-1]["role"] == role:
         messages[-1]["content"].extend(parts)
@@ -1622,7 +1595,7 @@ def responses_decode_request(body):
             role = item.get("role")
             _need(role in ("user", "assistant", "system", "developer"), f + ".role",
                   "must be one of user, assistant, system, developer")
-            parts = _responses_parts(item.get("content"), f + ".content")
+            parts = _openai_content(item.get("content"), f + ".content")
             if role in ("system", "developer"):
                 if messages:
                     messages.append({"role": "system", "content": parts})
@@ -1638,7 +1611,7 @@ def responses_decode_request(body):
         elif t in ("function_call_output", "custom_tool_call_output"):
             _need(isinstance(item.get("call_id"), str), f + ".call_id", "must be a string")
             out = item.get("output", "")
-            content = _responses_parts(out, f + ".output") if isinstance(out, list) else \
+            content = _openai_content(out, f + ".output") if isinstance(out, list) else \
                 [{"type": "text", "text": out if isinstance(out, str) else dumps(out)}]
             result = {"type": "tool_result", "id": item["call_id"], "is_error": False, "content": content}
             if messages and messages[-1]["role"] == "user" and messages[-1]["content"] and \
@@ -1908,7 +1881,7 @@ def _responses_stop(obj, saw_tool):
     return "tool_use" if saw_tool else "end_turn"
 
 
-def responses_decode_response(body):
+def responses_decode_response(body, prov=None):
     parts = []
     for item in body.get("output") or []:
         t = item.get("type")
@@ -2550,7 +2523,7 @@ def _ollama_events(obj):
     return out
 
 
-def ollama_decode_response(body):
+def ollama_decode_response(body, prov=None):
     evs = _ollama_events(body)
     resp = fold_events([("start", {"id": None, "model": body.get("model")})] + evs)
     stop = OLLAMA_DONE.get(body.get("done_reason"), "end_turn")
@@ -2655,19 +2628,19 @@ CODECS = {
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
         stream_encoder=lambda model, req, est: OpenAIStreamEncoder(model, req.get("include_usage")),
         encode_error=openai_encode_error, encode_request=openai_encode_request,
-        decode_response=lambda body, prov=None: openai_decode_response(body), stream_decoder=OpenAIStreamDecoder,
+        decode_response=openai_decode_response, stream_decoder=OpenAIStreamDecoder,
         parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions"),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
         stream_encoder=lambda model, req, est: AnthropicStreamEncoder(model, est),
         encode_error=anthropic_encode_error, encode_request=anthropic_encode_request,
-        decode_response=lambda body, prov=None: anthropic_decode_response(body), stream_decoder=AnthropicStreamDecoder,
+        decode_response=anthropic_decode_response, stream_decoder=AnthropicStreamDecoder,
         parse_error=anthropic_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/v1/messages"),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
         stream_encoder=lambda model, req, est: ResponsesStreamEncoder(model, req),
         encode_error=openai_encode_error, encode_request=responses_encode_request,
-        decode_response=lambda body, prov=None: responses_decode_response(body), stream_decoder=ResponsesStreamDecoder,
+        decode_response=responses_decode_response, stream_decoder=ResponsesStreamDecoder,
         parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/responses"),
     "gemini": Codec(
         "gemini", encode_request=gemini_encode_request, decode_response=gemini_decode_response,
@@ -2678,10 +2651,9 @@ CODECS = {
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
         stream_encoder=lambda model, req, est: OllamaStreamEncoder(model, req), encode_error=ollama_encode_error,
         stream_type="application/x-ndjson", boundary=_ndjson_boundary, encode_request=ollama_encode_request,
-        decode_response=lambda body, prov=None: ollama_decode_response(body), stream_decoder=OllamaStreamDecoder,
+        decode_response=ollama_decode_response, stream_decoder=OllamaStreamDecoder,
         parse_error=ollama_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/api/chat"),
 }
-CLIENT_DIALECTS = [name for name, c in CODECS.items() if hasattr(c, "decode_request")]
 
 
 # =================================================================================================
@@ -3378,6 +3350,11 @@ def _skip_reason(caps, tools, images, tokens, max_tokens):
 
 def guess_dialect(body, headers):
     """The dialect of a request body seen without its path (for POST /v1/route)."""
+    if isinstance(body, dict) and "input" in body and "messages" not in body:
+        return "openai-responses"
+    if isinstance(body, dict) and ("prompt" in body or "options" in body or any(
+            isinstance(m, dict) and "images" in m for m in body.get("messages") or [])):
+        return "ollama"
     if "anthropic-version" in headers or (isinstance(body, dict) and (
             "system" in body or "stop_sequences" in body or "thinking" in body or any(
                 isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") or

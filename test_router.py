@@ -2150,6 +2150,12 @@ class RoutingTests(RouterCase):
         self.assertEqual(skipped[("oa2", "gpt-backup")], "no image input")
         self.assertEqual(len(self.oa.requests) + len(self.an.requests) + len(self.oa2.requests), 0)
 
+    def test_explain_takes_every_inbound_dialect(self):
+        for dialect in READERS:
+            with self.subTest(dialect=dialect):
+                e = self.explain(client_body(dialect, "auto", False, text="Write a poem about the sea"))
+                self.assertEqual((e["dialect"], e["intent"]), (dialect, "creative"))
+
     def test_glob_routes_expand_newest_first(self):
         self.assertEqual(self.h.router.catalogue.routes["coders"],
                          [("oa", "qwen3-coder"), ("oa", "qwen2.5-coder"), ("oa", "qwen2-coder"), ("oa", "gpt-test")])

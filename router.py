@@ -74,6 +74,8 @@ DEFAULT_SETTINGS = {
     "quota_cooldown_seconds": 3600.0,  # cooldown after a quota or billing error
     "breaker_threshold": 1,          # consecutive failures that open a candidate's breaker
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
+    "discovery_interval": 60.0,      # seconds between two refreshes of a provider's model list
+    "import_openclaw": True,         # import the providers of ~/.openclaw/openclaw.json
     "verify_tls": True,
 }
 
@@ -81,7 +83,7 @@ DEFAULT_SETTINGS = {
 PROVIDER_KEYS = {
     "api", "base_url", "api_key", "models", "enabled", "headers", "verify_tls", "ca_file",
     "connect_timeout", "first_byte_timeout", "idle_timeout", "max_tokens_field", "anthropic_version",
-    "discover", "description",
+    "discover", "discover_interval", "description",
 }
 PROVIDER_APIS = ("openai", "anthropic", "openai-responses", "gemini", "ollama")
 AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
@@ -213,6 +215,9 @@ def validate_config(cfg, file):
             _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}", "a positive number of seconds")
         _check(p.get("enabled", True) in (True, False) or isinstance(p.get("enabled"), str), file,
                f"{at}.enabled", "true, false or a string like \"${OLLAMA_ENABLED:-false}\"")
+        _check(isinstance(p.get("discover", True), bool), file, f"{at}.discover", "true or false")
+        _check("discover_interval" not in p or (_num(p["discover_interval"]) and p["discover_interval"] > 0), file,
+               f"{at}.discover_interval", "a positive number of seconds")
         _check(p.get("max_tokens_field", "max_tokens") in ("max_tokens", "max_completion_tokens"),
                file, f"{at}.max_tokens_field", "\"max_tokens\" or \"max_completion_tokens\"")
     routes = cfg.get("routes", {})
@@ -2714,6 +2719,8 @@ class Provider:
         self.first_byte_timeout = cfg.get("first_byte_timeout", settings["first_byte_timeout"])
         self.idle_timeout = cfg.get("idle_timeout", settings["idle_timeout"])
         self.max_tokens_field = cfg.get("max_tokens_field", "max_tokens")
+        self.discover = cfg.get("discover", True)
+        self.discover_interval = cfg.get("discover_interval", settings["discovery_interval"])
         self.anthropic_version = cfg.get("anthropic_version", "2023-06-01")
         self._ssl_context = None
 
@@ -2805,8 +2812,14 @@ CAPABILITY_DEFAULTS = {"context_window": None, "max_output": None, "input": ["te
                        "reasoning": False, "chat": True}
 
 
+INTENT_NAMES = ("code", "creative", "reasoning", "general")
+_CODE_MODEL_RE = re.compile(r"coder|codestral|devstral|starcoder|codegemma|codellama|code-|-code|codex|claude|gpt-4\.1|gpt-5", re.I)
+
+
 def infer_capabilities(model_id, explicit=None):
-    """Model metadata: explicit keys first, then name rules, then defaults."""
+    """Model metadata: explicit keys first, then name rules, then defaults; plus the intents the
+    model suits (every chat model suits general; code models and the strong generalists code;
+    reasoning models reasoning; generalists that are not code-only models creative)."""
     caps = dict(explicit or {})
     for rx, rule in _MODEL_RULES:
         if rx.search(model_id):
@@ -2814,6 +2827,11 @@ def infer_capabilities(model_id, explicit=None):
                 caps.setdefault(k, v)
     for k, v in CAPABILITY_DEFAULTS.items():
         caps.setdefault(k, v)
+    if "intents" not in caps:
+        coder = bool(_CODE_MODEL_RE.search(model_id))
+        only_code = coder and re.search(r"coder|codestral|devstral|starcoder|codegemma|codellama", model_id, re.I)
+        caps["intents"] = ["general"] + (["code"] if coder else []) + (["reasoning"] if caps["reasoning"] else []) + \
+            ([] if only_code else ["creative"])
     return caps
 
 
@@ -2829,7 +2847,7 @@ class Catalogue:
     """Providers, their models with capabilities, routes (globs expanded), aliases. Built once per
     (re)load; read-only afterwards, so requests read it without a lock."""
 
-    def __init__(self, cfg, env, source="providers.json"):
+    def __init__(self, cfg, env, source="providers.json", discovered=None):
         self.source = source
         self.settings = dict(DEFAULT_SETTINGS, **cfg.get("settings", {}))
         self.providers = {}
@@ -2838,6 +2856,11 @@ class Catalogue:
                 self.providers[name] = Provider(name, pcfg, env, self.settings)
             except ConfigError as e:
                 raise ConfigError(source, e.key, e.expected)
+        for pname, models in (discovered or {}).items():   # explicit metadata wins over discovered
+            prov = self.providers.get(pname)
+            if prov is not None:
+                for mid, meta in models.items():
+                    prov.models[mid] = dict(meta, **prov.models.get(mid, {}))
         for entries in cfg.get("routes", {}).values():   # exact route entries name models too
             for entry in entries:
                 pname, mid = entry.split("/", 1)
@@ -2849,13 +2872,14 @@ class Catalogue:
             for mid, meta in prov.models.items():
                 self.caps[(prov.name, mid)] = infer_capabilities(mid, meta)
                 self.bare.setdefault(mid, []).append((prov.name, mid))
-        self.routes = {name: self.expand(entries) for name, entries in cfg.get("routes", {}).items()}
+        self.routes = {name: self.expand(entries, name) for name, entries in cfg.get("routes", {}).items()}
         self.aliases = list(cfg.get("aliases", {}).items())
         self.strict = cfg.get("strict", False)
 
-    def expand(self, entries):
+    def expand(self, entries, route=None):
         """Route entries -> candidates: exact PROVIDER/MODEL, or globs over the catalogue that
-        expand to the matching models, newest version first. Disabled providers are left out."""
+        expand to the matching chat models, newest version first; in a route named after an intent,
+        the models that suit it come first. Disabled providers are left out."""
         out = []
         for entry in entries:
             pname, mid = entry.split("/", 1)
@@ -2863,9 +2887,21 @@ class Catalogue:
                 if (pname, mid) in self.caps:
                     out.append((pname, mid))
                 continue
-            hits = [c for c in self.caps if fnmatch.fnmatchcase(f"{c[0]}/{c[1]}".lower(), entry.lower())]
-            out += sorted(hits, key=lambda c: version_key(c[1]), reverse=True)
+            hits = [c for c, caps in self.caps.items() if caps.get("chat", True) and
+                    fnmatch.fnmatchcase(f"{c[0]}/{c[1]}".lower(), entry.lower())]
+            hits.sort(key=lambda c: version_key(c[1]), reverse=True)
+            if route in INTENT_NAMES:
+                hits.sort(key=lambda c: route not in self.caps[c]["intents"])
+            out += hits
         return list(dict.fromkeys(out))
+
+    def known(self, name):
+        """Whether a model name resolves without aliases: a route, auto, a bare id, or a model
+        a provider lists."""
+        if name in self.routes or name in AUTO_NAMES or name in self.bare:
+            return True
+        pname, _, mid = name.partition("/")
+        return pname in self.providers and (not mid or mid in self.providers[pname].models)
 
     @property
     def enabled(self):
@@ -2891,6 +2927,270 @@ class Catalogue:
             names += [f"{p.name}/{m}" for m in p.models]
         names += [m for m in self.bare if m not in self.routes]
         return list(dict.fromkeys(names))
+
+
+# -------------------------------------------------------------------------------- discovery --
+#
+# Each provider's own model list, fetched on the maintenance thread (never on a request's path
+# except the rate-limited refresh for an unknown model name), merged into a new Catalogue.
+
+DISCOVERY_TIMEOUT = 5.0
+#: Model ids that are not chat models (OpenAI-style lists mix them in).
+NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|moderation|"
+                         r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard", re.I)
+
+
+class DiscoveryError(Exception):
+    pass
+
+
+def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT):
+    """One small JSON call to a provider's own API, on a short-lived connection."""
+    if prov.scheme == "https":
+        conn = http.client.HTTPSConnection(prov.host, prov.port, timeout=timeout, context=prov.ssl_context)
+    else:
+        conn = http.client.HTTPConnection(prov.host, prov.port, timeout=timeout)
+    try:
+        headers = prov.auth_headers(prov.keys[0] if prov.keys else None)
+        conn.request(method, prov.base_path + path, dumps(body).encode() if body is not None else None, headers)
+        resp = conn.getresponse()
+        data = resp.read(16 << 20)
+        if resp.status != 200:
+            raise DiscoveryError(f"HTTP {resp.status}: {CODECS[prov.api].parse_error(resp.status, data)[0]}")
+        return json.loads(data)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise DiscoveryError(f"{type(e).__name__}: {e}") from None
+    finally:
+        conn.close()
+
+
+def _clean(meta):
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _ollama_meta(show):
+    """Capabilities from Ollama's /api/show."""
+    caps = show.get("capabilities")
+    info = show.get("model_info") or {}
+    window = next((v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)), None)
+    meta = {"context_window": window}
+    if isinstance(caps, list) and caps:
+        meta.update(tools="tools" in caps, reasoning="thinking" in caps,
+                    input=["text", "image"] if "vision" in caps else ["text"],
+                    chat="completion" in caps)
+    return _clean(meta)
+
+
+def _openai_list_meta(m):
+    """What an OpenAI-style list entry says of a model (OpenRouter's lists say a lot)."""
+    meta = {}
+    if isinstance(m.get("context_length"), int):
+        meta["context_window"] = m["context_length"]
+    mods = (m.get("architecture") or {}).get("input_modalities")
+    if isinstance(mods, list):
+        meta["input"] = ["text", "image"] if "image" in mods else ["text"]
+    params = m.get("supported_parameters")
+    if isinstance(params, list):
+        meta["tools"] = "tools" in params
+        meta["reasoning"] = "reasoning" in params or "include_reasoning" in params
+    top = (m.get("top_provider") or {}).get("max_completion_tokens")
+    if isinstance(top, int):
+        meta["max_output"] = top
+    pricing = m.get("pricing") or {}
+    try:
+        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in (("input", "prompt"), ("output", "completion"),
+                                                                   ("cached", "input_cache_read")) if p in pricing}
+        if cost:
+            meta["cost"] = cost
+    except (TypeError, ValueError):
+        pass
+    return meta
+
+
+def discover_models(prov, known=None):
+    """The provider's current chat models -> {model_id: metadata}. `known` (the last list) saves
+    Ollama's per-model /api/show calls for models already seen. Raises DiscoveryError."""
+    known = known or {}
+    out = {}
+    if prov.api == "ollama":
+        for m in _fetch_json(prov, "/api/tags").get("models") or []:
+            name = m.get("name") or m.get("model")
+            if not isinstance(name, str):
+                continue
+            if name.endswith(":latest"):
+                name = name[:-7]            # Ollama takes "llama3.2" for "llama3.2:latest"
+            if name in known:
+                out[name] = known[name]
+                continue
+            try:
+                out[name] = _ollama_meta(_fetch_json(prov, "/api/show", "POST", {"model": name}))
+            except DiscoveryError:
+                out[name] = {}
+    elif prov.api == "anthropic":
+        after = None
+        for _page in range(100):
+            page = _fetch_json(prov, "/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""))
+            for m in page.get("data") or []:
+                out[m["id"]] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
+            after = page.get("last_id")
+            if not page.get("has_more") or not after:
+                break
+    elif prov.api == "gemini":
+        token = None
+        for _page in range(100):
+            page = _fetch_json(prov, "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else ""))
+            for m in page.get("models") or []:
+                if "generateContent" not in (m.get("supportedGenerationMethods") or []):
+                    continue
+                mid = m.get("baseModelId") or m.get("name", "").split("/", 1)[-1]
+                out[mid] = _clean({"context_window": m.get("inputTokenLimit"), "max_output": m.get("outputTokenLimit"),
+                                   "input": ["text", "image"], "reasoning": True if m.get("thinking") else None})
+            token = page.get("nextPageToken")
+            if not token:
+                break
+    else:   # OpenAI, NVIDIA NIM, OpenRouter, the OpenClaw gateway, vLLM, LM Studio, ...
+        for m in _fetch_json(prov, "/models").get("data") or []:
+            mid = m.get("id") if isinstance(m, dict) else None
+            if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
+                out[mid] = _openai_list_meta(m)
+    return out
+
+
+class Discovery:
+    """What each provider's own list said, kept between refreshes (one lock; fetching is done
+    outside it). A model leaves after it was missing from two successful refreshes in a row; a
+    source that fails keeps its last good list and is retried with a growing delay."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.models = {}      # provider -> {model: meta}
+        self.missing = {}     # provider -> {model: refreshes missed in a row}
+        self.state = {}       # provider -> {"fails", "next", "error", "ok"}
+
+    def due(self, prov, now, interval):
+        st = self.state.get(prov.name)
+        return st is None or now >= st["next"]
+
+    def refresh(self, prov, interval):
+        """Fetch one provider's list; True when the catalogue changed."""
+        with self.lock:
+            known = dict(self.models.get(prov.name, {}))
+        st = self.state.setdefault(prov.name, {"fails": 0, "next": 0.0, "error": None, "ok": None})
+        try:
+            got = discover_models(prov, known)
+        except DiscoveryError as e:
+            st["fails"] += 1
+            st["error"] = str(e)[:300]
+            st["next"] = time.monotonic() + min(900.0, interval * 2 ** min(st["fails"], 6))
+            if st["fails"] == 1:
+                log.warning("discovery: %s: %s (keeping its last list; retrying with backoff)", prov.name, st["error"])
+            return False
+        st.update(fails=0, error=None, ok=time.time(), next=time.monotonic() + interval)
+        with self.lock:
+            current = self.models.setdefault(prov.name, {})
+            missing = self.missing.setdefault(prov.name, {})
+            changed = False
+            for mid, meta in got.items():
+                missing.pop(mid, None)
+                if current.get(mid) != meta:
+                    current[mid] = meta
+                    changed = True
+            for mid in [m for m in current if m not in got]:
+                missing[mid] = missing.get(mid, 0) + 1
+                if missing[mid] >= 2:
+                    del current[mid]
+                    del missing[mid]
+                    changed = True
+        return changed
+
+    def snapshot(self):
+        with self.lock:
+            return {p: dict(m) for p, m in self.models.items()}
+
+    def report(self):
+        return {p: {"models": len(self.models.get(p, {})), "last_ok": st["ok"], "error": st["error"]}
+                for p, st in self.state.items()}
+
+
+def _json5_to_json(text):
+    """Just enough JSON5 for OpenClaw's config: comments, unquoted keys, single-quoted strings,
+    trailing commas."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":
+            j = i + 1
+            buf = []
+            while j < n and text[j] != c:
+                if text[j] == "\\" and j + 1 < n:
+                    buf.append(text[j:j + 2])
+                    j += 2
+                    continue
+                buf.append('\\"' if text[j] == '"' else text[j])
+                j += 1
+            body = "".join(buf)
+            if c == "'":
+                body = body.replace("\\'", "'")
+            out.append('"' + body + '"')
+            i = j + 1
+        elif text.startswith("//", i):
+            i = text.find("\n", i) if text.find("\n", i) >= 0 else n
+        elif text.startswith("/*", i):
+            i = text.find("*/", i) + 2 if text.find("*/", i) >= 0 else n
+        else:
+            m = re.match(r"[A-Za-z_$][\w$]*(?=\s*:)", text[i:])
+            if m and (not out or out[-1].rstrip()[-1:] in "{,"):
+                out.append('"' + m.group(0) + '"')
+                i += m.end()
+            else:
+                out.append(c)
+                i += 1
+    return re.sub(r",(\s*[}\]])", r"\1", "".join(out))
+
+
+OPENCLAW_APIS = {"openai-completions": "openai", "openai-responses": "openai-responses",
+                 "anthropic-messages": "anthropic", "google-generative-ai": "gemini", "ollama": "ollama"}
+
+
+def openclaw_providers(path, env):
+    """Providers and models configured in OpenClaw (`models.providers` of ~/.openclaw/openclaw.json),
+    as provider entries of ours named `openclaw-NAME`. Keys as OpenClaw resolves them: the
+    entry's apiKey (with ${VAR} from the environment), else NAME_API_KEY."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.loads(_json5_to_json(f.read()))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("openclaw: cannot read %s (%s); its providers are not imported", path, e)
+        return {}
+    out = {}
+    for name, p in ((cfg.get("models") or {}).get("providers") or {}).items():
+        api = OPENCLAW_APIS.get(p.get("api", "openai-completions")) if isinstance(p, dict) else None
+        if api is None or not isinstance(p.get("baseUrl"), str):
+            continue
+        key = p.get("apiKey")
+        var = re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_API_KEY"
+        if not (isinstance(key, str) and key):
+            key = "${" + var + "}" if var in env else None     # no key: a local server
+        models = {}
+        for m in p.get("models") or []:
+            if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+                continue
+            cost = m.get("cost") if isinstance(m.get("cost"), dict) else {}
+            models[m["id"]] = _clean({
+                "context_window": m.get("contextWindow") if isinstance(m.get("contextWindow"), int) else None,
+                "max_output": m.get("maxTokens") if isinstance(m.get("maxTokens"), int) else None,
+                "input": [x for x in m.get("input") or [] if x in ("text", "image")] or None,
+                "reasoning": m.get("reasoning") if isinstance(m.get("reasoning"), bool) else None,
+                "cost": _clean({"input": cost.get("input"), "output": cost.get("output"),
+                                "cached": cost.get("cacheRead")}) or None})
+        entry = {"api": api, "base_url": p["baseUrl"], "models": models, "api_key": key,
+                 "description": f"imported from {path}"}
+        if isinstance(p.get("headers"), dict):
+            entry["headers"] = {k: str(v) for k, v in p["headers"].items()}
+        out["openclaw-" + re.sub(r"[^A-Za-z0-9_.-]", "-", name)] = entry
+    return out
 
 
 NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside router.py (for example "
@@ -3929,19 +4229,120 @@ class Router:
     Everything mutable lives here (never in module globals), so tests can run several routers."""
 
     def __init__(self, cfg, env, source="providers.json", data_dir=None):
-        self.catalogue = Catalogue(cfg, env, source)
+        self.cfg, self.env, self.source = self._with_imports(cfg, env), env, source
+        self.data_dir = data_dir or default_data_dir()
+        self.discovery = Discovery()
+        self.load_catalogue_cache()
+        self.catalogue = None
+        self.catalogue = self._build()
         self.settings = self.catalogue.settings
         self.health = Health(self.settings)
         self.pool = Pool()
         self.dispatcher = Dispatcher(self.pool)
         self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
-        self.data_dir = data_dir or default_data_dir()
         self.affinity = Affinity()
+        self._discover_lock = threading.Lock()
+        self._forced_at = -1e9
         self.responses = ResponseStore()
         self._stop = threading.Event()
         self._thread = None
         self._save_warned = False
         self.load_state()
+
+    # -- the catalogue: config, imports, discovery ---------------------------------------------------
+    @staticmethod
+    def _with_imports(cfg, env):
+        """The config plus the providers of the user's OpenClaw config (when import_openclaw)."""
+        if not dict(DEFAULT_SETTINGS, **cfg.get("settings", {}))["import_openclaw"]:
+            return cfg
+        path = env.get("OPENCLAW_CONFIG_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
+                                                                ".openclaw", "openclaw.json")
+        path = os.path.expanduser(path)
+        extra = {}
+        for name, entry in openclaw_providers(path, env).items():
+            if name in cfg.get("providers", {}):
+                continue
+            try:
+                validate_config({"providers": {name: entry}}, path)
+                Provider(name, entry, env, DEFAULT_SETTINGS)
+            except ConfigError as e:
+                log.warning("openclaw: skipping provider %s from %s: %s: expected %s", name, path, e.key, e.expected)
+                continue
+            extra[name] = entry
+        if not extra:
+            return cfg
+        log.info("openclaw: imported %d provider(s) from %s: %s", len(extra), path, ", ".join(extra))
+        return dict(cfg, providers={**cfg.get("providers", {}), **extra})
+
+    def _build(self):
+        """A new catalogue from the config and what discovery found (per-provider protocol state
+        such as Gemini thought signatures carries over)."""
+        cat = Catalogue(self.cfg, self.env, self.source, self.discovery.snapshot())
+        if self.catalogue is not None:
+            for name, prov in cat.providers.items():
+                old = self.catalogue.providers.get(name)
+                if old is not None:
+                    prov.memo = old.memo
+        return cat
+
+    def discover(self, force=False, timeout=None):
+        """Refresh the model lists that are due (all when forced); a changed list rebuilds the
+        catalogue and rewrites its cache. Returns whether anything changed."""
+        if not self._discover_lock.acquire(blocking=not force):
+            return False
+        try:
+            changed = False
+            now = time.monotonic()
+            for prov in self.catalogue.enabled:
+                if prov.discover and (force or self.discovery.due(prov, now, prov.discover_interval)):
+                    changed |= self.discovery.refresh(prov, prov.discover_interval)
+            if changed:
+                self.catalogue = self._build()
+                self.save_catalogue_cache()
+            return changed
+        finally:
+            self._discover_lock.release()
+
+    def refresh_for(self, name):
+        """A request named a model nobody lists: refresh once (at most every 30 s) before the
+        router answers with aliases, auto or a 404."""
+        now = time.monotonic()
+        if now - self._forced_at < 30:
+            return False
+        self._forced_at = now
+        return self.discover(force=True)
+
+    @property
+    def catalogue_file(self):
+        return os.path.join(self.data_dir, "catalogue.json")
+
+    def load_catalogue_cache(self):
+        try:
+            with open(self.catalogue_file, encoding="utf-8") as f:
+                data = json.load(f)
+            models = data.get("providers") or {}
+            with self.discovery.lock:
+                self.discovery.models = {p: dict(m) for p, m in models.items() if isinstance(m, dict)}
+            log.info("discovery: %d model(s) from the cache %s", sum(len(m) for m in models.values()), self.catalogue_file)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("discovery: ignoring unreadable cache %s (%s)", self.catalogue_file, e)
+
+    def save_catalogue_cache(self):
+        self._write(self.catalogue_file, {"version": 1, "saved": time.time(), "providers": self.discovery.snapshot()})
+
+    def _write(self, path, obj):
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(dumps(obj))
+            os.replace(tmp, path)
+        except OSError as e:
+            if not self._save_warned:
+                self._save_warned = True
+                log.warning("cannot write %s (%s); state will not survive a restart", path, e.strerror or e)
 
     # -- state that survives a restart ------------------------------------------------------------
     def _fingerprints(self):
@@ -3964,32 +4365,29 @@ class Router:
             log.warning("health: ignoring unreadable state file %s (%s)", self.state_file, e)
 
     def save_state(self):
-        data = dumps(self.health.snapshot(self._fingerprints()))
-        tmp = self.state_file + ".tmp"
-        try:
-            os.makedirs(self.data_dir, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(data)
-            os.replace(tmp, self.state_file)
-        except OSError as e:
-            if not self._save_warned:
-                self._save_warned = True
-                log.warning("health: cannot write %s (%s); health will not survive a restart",
-                            self.state_file, e.strerror or e)
+        self._write(self.state_file, self.health.snapshot(self._fingerprints()))
 
     def start(self):
-        """The one background thread: saves health when it changed (later also discovery)."""
+        """The one background thread: model discovery, and saving health when it changed."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._maintain, name="sage-router-maintenance", daemon=True)
             self._thread.start()
 
     def _maintain(self):
-        while not self._stop.wait(2.0):
+        while True:
+            try:
+                self.discover()
+            except Exception:   # a bug here must not stop the thread that saves state
+                log.exception("discovery failed")
             if self.health.dirty:
                 self.save_state()
+            if self._stop.wait(1.0):
+                return
 
     def generate(self, ctx):
         """Plan the request and try its candidates in order until one answers."""
+        if not self.catalogue.known(ctx.model) and not ctx.headers.get("x-router-route"):
+            self.refresh_for(ctx.model)
         cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
         if ctx.dialect == "openai-responses":
             self.responses.prepare(ctx)
@@ -4106,19 +4504,24 @@ class Router:
             if cands:
                 entries.append((name, "sage-router", {"route": [f"{p}/{m}" for p, m in cands]}))
         for p in cat.enabled:
-            for mid, meta in p.models.items():
-                entries.append((f"{p.name}/{mid}", p.name, meta))
+            for mid in p.models:
+                entries.append((f"{p.name}/{mid}", p.name, cat.meta(p.name, mid)))
         for mid, where in cat.bare.items():
             if mid not in cat.routes and len(where) == 1:
                 entries.append((mid, where[0][0], cat.meta(*where[0])))
+        def caps(meta):
+            if "route" in meta:
+                return {"route": meta["route"]}
+            return {"capabilities": {k: meta.get(k) for k in ("context_window", "max_output", "input", "tools",
+                                                              "reasoning", "intents", "cost") if meta.get(k) is not None}}
         if anthropic_shape:
-            data = [{"type": "model", "id": i, "display_name": i, "created_at": "2025-01-01T00:00:00Z"}
-                    for i, _o, _m in entries]
+            data = [dict({"type": "model", "id": i, "display_name": i, "created_at": "2025-01-01T00:00:00Z"}, **caps(m))
+                    for i, _o, m in entries]
             out = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                    "last_id": data[-1]["id"] if data else None}
         else:
-            out = {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": o}
-                                              for i, o, _m in entries]}
+            out = {"object": "list", "data": [dict({"id": i, "object": "model", "created": 0, "owned_by": o}, **caps(m))
+                                              for i, o, m in entries]}
         if not cat.enabled:
             out["message"] = NO_PROVIDER_HELP
         return out
@@ -4449,7 +4852,7 @@ def health_report(router):
            "providers": [p.public() for p in cat.providers.values()],
            "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
            "aliases": dict(cat.aliases), "strict": cat.strict,
-           "cooling_down": cooling, "breakers": router.health.report(now)}
+           "cooling_down": cooling, "breakers": router.health.report(now), "discovery": router.discovery.report()}
     if not cat.enabled:
         out["message"] = NO_PROVIDER_HELP
     return out

@@ -722,7 +722,8 @@ class Harness:
 
     def __init__(self, cfg, env=None, data_dir=None):
         self.tmp = tempfile.TemporaryDirectory() if data_dir is None else None
-        self.router = R.Router(cfg, env or {}, "test-config", data_dir or self.tmp.name)
+        env = dict({"OPENCLAW_CONFIG_PATH": "/nonexistent/openclaw.json"}, **(env or {}))
+        self.router = R.Router(cfg, env, "test-config", data_dir or self.tmp.name)
         self.server = R.serve(self.router, "127.0.0.1", 0)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)

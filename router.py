@@ -3059,7 +3059,8 @@ def discover_models(prov, known=None):
 class Discovery:
     """What each provider's own list said, kept between refreshes (one lock; fetching is done
     outside it). A model leaves after it was missing from two successful refreshes in a row; a
-    source that fails keeps its last good list and is retried with a growing delay."""
+    source that fails keeps its last good list and is retried after 5 s, 10 s, 20 s ... up to its
+    normal interval."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -3081,7 +3082,7 @@ class Discovery:
         except DiscoveryError as e:
             st["fails"] += 1
             st["error"] = str(e)[:300]
-            st["next"] = time.monotonic() + min(900.0, interval * 2 ** min(st["fails"], 6))
+            st["next"] = time.monotonic() + min(interval, 5.0 * 2 ** min(st["fails"] - 1, 10))   # 5 s, 10 s, ...
             if st["fails"] == 1:
                 log.warning("discovery: %s: %s (keeping its last list; retrying with backoff)", prov.name, st["error"])
             return False
@@ -4288,7 +4289,8 @@ class Router:
     def discover(self, force=False, timeout=None):
         """Refresh the model lists that are due (all when forced); a changed list rebuilds the
         catalogue and rewrites its cache. Returns whether anything changed."""
-        if not self._discover_lock.acquire(blocking=not force):
+        # A forced refresh (for a request) waits for one already under way rather than skipping it.
+        if not self._discover_lock.acquire(timeout=4 * DISCOVERY_TIMEOUT if force else -1):
             return False
         try:
             changed = False

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -288,6 +289,8 @@ class FakeProvider:
         self.sent = []               # the exact bytes of each reply body
         self.connections = 0
         self.chaos = None            # a callable returning each request's Reply, for chaos tests
+        self.listing = {}            # model-list endpoints, for discovery tests
+        self.list_calls = []
         self.release = threading.Event()
         fake = self
 
@@ -302,13 +305,32 @@ class FakeProvider:
                 with lock:
                     fake.connections += 1
 
+            def _listing(self, body):
+                """Model-list endpoints scripted in fake.listing: {path: callable(query, body)}."""
+                path, _, query = self.path.partition("?")
+                fn = fake.listing.get(path)
+                if fn is None:
+                    return False
+                fake.list_calls.append(self.path)
+                out = fn(urllib.parse.parse_qs(query), body)
+                if out == "hang":
+                    fake.release.wait(10)
+                    self.close_connection = True
+                    return True
+                status, obj = out if isinstance(out, tuple) else (200, out)
+                self._json(status, obj)
+                return True
+
             def do_GET(self):
-                self._json(200, {"object": "list", "data": []})
+                if not self._listing(None):
+                    self._json(200, {"object": "list", "data": []})
 
             def do_POST(self):
                 n = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(n)
                 body = json.loads(raw) if raw else {}
+                if self._listing(body):
+                    return
                 fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                       "body": body})
                 if fake.chaos is not None:
@@ -2938,3 +2960,214 @@ class RealClientTests(RouterCase):
                 self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
                 self.assertIn("The command printed hi-from-claude.", p.stdout)
                 self.assertIn("hi-from-claude", json.dumps(fake.requests[-1]["body"]["messages"][-1]))
+
+
+# =================================================================================================
+# Discovery: new models show up by themselves
+# =================================================================================================
+
+class DiscoveryTests(unittest.TestCase):
+    """Fake sources answering like the real services: Ollama (tags + show), OpenAI, Anthropic and
+    Gemini (paginated), NVIDIA NIM, the OpenClaw gateway, and an OpenClaw config to import."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ol, cls.oa, cls.an = FakeProvider("ollama"), FakeProvider("openai"), FakeProvider("anthropic")
+        cls.gm, cls.nim, cls.claw = FakeProvider("gemini"), FakeProvider("openai"), FakeProvider("openai")
+        cls.fakes = (cls.ol, cls.oa, cls.an, cls.gm, cls.nim, cls.claw)
+
+    @classmethod
+    def tearDownClass(cls):
+        for f in cls.fakes:
+            f.close()
+
+    def setUp(self):
+        for f in self.fakes:
+            f.reset()
+            f.listing = {}
+            f.list_calls.clear()
+        self.ollama_models = {"llama3.2:latest": ["completion", "tools"], "qwen2.5-coder:7b": ["completion", "tools"]}
+        self.ol.listing = {
+            "/api/tags": lambda q, b: {"models": [{"name": n, "model": n, "size": 1, "details": {"family": "llama"}}
+                                                  for n in self.ollama_models]},
+            "/api/show": lambda q, b: {"capabilities": self.ollama_models[b["model"] + (":latest" if ":" not in b["model"] else "")],
+                                       "model_info": {"general.architecture": "llama", "llama.context_length": 131072}}}
+        self.oa.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": i, "object": "model", "created": 1, "owned_by": "openai"}
+            for i in ("gpt-4.1", "gpt-4o-mini", "text-embedding-3-small", "whisper-1", "dall-e-3", "tts-1",
+                      "omni-moderation-latest", "gpt-4o-realtime-preview", "o4-mini")]}}
+        pages = [["claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805"], ["claude-haiku-4-5-20251001"]]
+
+        def anthropic_models(q, b):
+            if "x-api-key" not in self.an_headers():
+                return 401, {"type": "error", "error": {"type": "authentication_error", "message": "no key"}}
+            page = 1 if q.get("after_id") == ["claude-opus-4-1-20250805"] else 0
+            data = [{"type": "model", "id": i, "display_name": i, "created_at": "2025-09-29T00:00:00Z",
+                     "max_input_tokens": 200000, "max_tokens": 64000} for i in pages[page]]
+            return {"data": data, "has_more": page == 0, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+        self.an.listing = {"/v1/models": anthropic_models}
+
+        def gemini_models(q, b):
+            if q.get("pageToken") == ["p2"]:
+                return {"models": [{"name": "models/gemini-2.5-flash", "baseModelId": "gemini-2.5-flash",
+                                    "inputTokenLimit": 1048576, "outputTokenLimit": 65536, "thinking": True,
+                                    "supportedGenerationMethods": ["generateContent", "countTokens"]}]}
+            return {"models": [{"name": "models/text-embedding-004", "inputTokenLimit": 2048,
+                                "supportedGenerationMethods": ["embedContent"]},
+                               {"name": "models/gemini-2.5-pro", "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                                "thinking": True, "supportedGenerationMethods": ["generateContent"]}],
+                    "nextPageToken": "p2"}
+        self.gm.listing = {"/v1beta/models": gemini_models}
+        self.nim.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": "meta/llama-3.3-70b-instruct", "object": "model", "owned_by": "meta", "root": "meta/llama-3.3-70b-instruct"},
+            {"id": "nvidia/nv-embedqa-e5-v5", "object": "model", "owned_by": "nvidia"}]}}
+        self.claw.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": "openclaw", "object": "model", "owned_by": "openclaw"},
+            {"id": "openclaw:coder", "object": "model", "owned_by": "openclaw"}]}}
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        claw_cfg = os.path.join(self.tmp.name, "openclaw.json")
+        with open(claw_cfg, "w") as f:
+            f.write("""{
+  // OpenClaw's config is JSON5
+  models: {
+    mode: 'merge',
+    providers: {
+      deepinfra: {baseUrl: "%s", apiKey: "${DEEPINFRA_TOKEN}", api: "openai-completions",
+                  models: [{id: "deepseek-chat", name: "DeepSeek", contextWindow: 65536, maxTokens: 8192,
+                            input: ["text"], reasoning: false, cost: {input: 0.27, output: 1.1, cacheRead: 0.07}},]},
+      nokey: {baseUrl: "https://example.invalid/v1", api: "anthropic-messages", models: [{id: "claude-x"}]},
+    },
+  },
+}""" % self.oa.base_url)
+        self.env = {"OPENCLAW_CONFIG_PATH": claw_cfg, "DEEPINFRA_TOKEN": "di-SECRET", "NOKEY_API_KEY": "nk"}
+        self.cfg = {"providers": {
+            "ollama": {"api": "ollama", "base_url": f"http://127.0.0.1:{self.ol.port}", "models": {}},
+            "openai": {"api": "openai", "base_url": self.oa.base_url, "api_key": "sk-o", "models": {}},
+            "anthropic": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "sk-a",
+                          "models": {"claude-haiku-4-5-20251001": {"max_output": 1000}}},
+            "gemini": {"api": "gemini", "base_url": self.gm.base_url, "api_key": "g", "models": {}},
+            "nvidia": {"api": "openai", "base_url": self.nim.base_url, "api_key": "nv", "models": {}},
+            "openclaw": {"api": "openai", "base_url": self.claw.base_url, "api_key": "gw-token", "models": {}},
+            "quiet": {"api": "openai", "base_url": self.oa.base_url, "api_key": "q", "discover": False, "models": {}}},
+            "routes": {"code": ["ollama/*", "anthropic/claude-sonnet-*"], "default": ["openai/gpt-4.1"]},
+            "settings": {"discovery_interval": 3600}}
+
+    def an_headers(self):
+        return self.an_last_headers
+
+    def router(self, data_dir=None):
+        r = R.Router(self.cfg, self.env, "test", data_dir or self.tmp.name)
+        self.addCleanup(r.close)
+        return r
+
+    def test_all_six_sources(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        r = self.router()
+        self.assertTrue(r.discover(force=True))
+        cat = r.catalogue
+        models = {p: sorted(cat.providers[p].models) for p in ("ollama", "openai", "anthropic", "gemini", "nvidia", "openclaw")}
+        self.assertEqual(models["ollama"], ["llama3.2", "qwen2.5-coder:7b"])
+        self.assertEqual(models["openai"], ["gpt-4.1", "gpt-4o-mini", "o4-mini"], "no embedding, audio, image, moderation, realtime")
+        self.assertEqual(models["anthropic"], ["claude-haiku-4-5-20251001", "claude-opus-4-1-20250805", "claude-sonnet-4-5-20250929"])
+        self.assertEqual(self.an.list_calls, ["/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-opus-4-1-20250805"])
+        self.assertEqual(models["gemini"], ["gemini-2.5-flash", "gemini-2.5-pro"])
+        self.assertEqual(models["nvidia"], ["meta/llama-3.3-70b-instruct"])
+        self.assertEqual(models["openclaw"], ["openclaw", "openclaw:coder"])
+        self.assertEqual(cat.providers["quiet"].models, {}, "discover: false is left alone")
+        # Capabilities from each source's own metadata; explicit config wins.
+        self.assertEqual(cat.meta("ollama", "llama3.2")["context_window"], 131072)
+        self.assertTrue(cat.meta("ollama", "llama3.2")["tools"])
+        self.assertEqual(cat.meta("gemini", "gemini-2.5-pro")["max_output"], 65536)
+        self.assertTrue(cat.meta("gemini", "gemini-2.5-pro")["reasoning"])
+        self.assertEqual(cat.meta("anthropic", "claude-haiku-4-5-20251001")["max_output"], 1000)
+        self.assertEqual(cat.meta("anthropic", "claude-sonnet-4-5-20250929")["context_window"], 200000)
+        self.assertIn("code", cat.meta("ollama", "qwen2.5-coder:7b")["intents"])
+        self.assertNotIn("code", cat.meta("ollama", "llama3.2")["intents"])
+        # Discovered models fill routes through globs, intent-suited ones first.
+        self.assertEqual(cat.routes["code"], [("ollama", "qwen2.5-coder:7b"), ("ollama", "llama3.2"),
+                                              ("anthropic", "claude-sonnet-4-5-20250929")])
+
+    def test_openclaw_config_import(self):
+        self.an_last_headers = {}
+        r = self.router()
+        p = r.catalogue.providers["openclaw-deepinfra"]
+        self.assertEqual((p.api, p.keys, p.base_url), ("openai", ["di-SECRET"], self.oa.base_url))
+        self.assertEqual(r.catalogue.meta("openclaw-deepinfra", "deepseek-chat")["cost"], {"input": 0.27, "output": 1.1, "cached": 0.07})
+        self.assertEqual(r.catalogue.meta("openclaw-deepinfra", "deepseek-chat")["context_window"], 65536)
+        self.assertEqual(r.catalogue.providers["openclaw-nokey"].keys, ["nk"], "NAME_API_KEY as OpenClaw does")
+        self.oa.push(Reply(text="via openclaw's provider"))
+        h = Harness(self.cfg, self.env)
+        self.addCleanup(h.close)
+        res = h.call("POST", "/v1/chat/completions", client_body("openai", "deepseek-chat", False))
+        self.assertEqual(res.status, 200, res)
+        self.assertEqual(res.headers["x-router-provider"], "openclaw-deepinfra")
+        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer di-SECRET")
+
+    def test_pulled_model_becomes_routable_and_removed_one_leaves_after_two_refreshes(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        cfg = dict(self.cfg, providers={"ollama": self.cfg["providers"]["ollama"]}, routes={}, strict=True)
+        self.cfg = cfg
+        h = Harness(cfg, self.env)
+        self.addCleanup(h.close)
+        h.router.discover(force=True)
+        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "mistral-nemo", False)).status, 404)
+        self.ollama_models["mistral-nemo:latest"] = ["completion", "tools"]      # ollama pull mistral-nemo
+        h.router._forced_at = -1e9                                                # the rate limit has passed
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "mistral-nemo", False))
+        self.assertEqual(r.status, 200, "an unknown name triggers one immediate refresh before a 404")
+        self.assertEqual(self.ol.requests[-1]["body"]["model"], "mistral-nemo")
+        n = len(self.ol.list_calls)
+        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "still-unknown", False)).status, 404)
+        self.assertEqual(len(self.ol.list_calls), n, "the refresh for unknown names is rate-limited")
+        del self.ollama_models["mistral-nemo:latest"]                             # ollama rm mistral-nemo
+        h.router.discover(force=True)
+        self.assertIn("mistral-nemo", h.router.catalogue.providers["ollama"].models, "one miss is not enough")
+        h.router.discover(force=True)
+        self.assertNotIn("mistral-nemo", h.router.catalogue.providers["ollama"].models)
+        ids = [m["id"] for m in h.call("GET", "/v1/models").json()["data"]]
+        self.assertNotIn("ollama/mistral-nemo", ids)
+        self.assertIn("ollama/llama3.2", ids)
+
+    def test_models_list_shows_discovered_models_with_capabilities(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        h = Harness(self.cfg, self.env)
+        self.addCleanup(h.close)
+        h.router.discover(force=True)
+        data = {m["id"]: m for m in h.call("GET", "/v1/models").json()["data"]}
+        self.assertEqual(data["gemini/gemini-2.5-pro"]["capabilities"]["context_window"], 1048576)
+        self.assertIn("gemini-2.5-pro", data, "a bare id served by one provider is listed too")
+        self.assertEqual(data["code"]["route"][0], "ollama/qwen2.5-coder:7b")
+        self.assertTrue(data["ollama/qwen2.5-coder:7b"]["capabilities"]["tools"])
+
+    def test_failing_or_hanging_source_keeps_its_list_and_slows_nothing(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        d = tempfile.mkdtemp(dir=self.tmp.name)
+        r1 = self.router(d)
+        r1.discover(force=True)
+        r1.close()
+        self.assertTrue(os.path.exists(os.path.join(d, "catalogue.json")))
+        # Now every source hangs: start-up routes at once from the cache, requests are not held up.
+        for f in self.fakes:
+            f.listing = {k: (lambda q, b: "hang") for k in f.listing}
+        h = Harness(self.cfg, self.env, data_dir=d)
+        self.addCleanup(h.close)
+        self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models, "the cached catalogue routes at once")
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "openai/gpt-4.1", False))
+        self.assertEqual(r.status, 200)
+        hanging = [f for f in self.fakes if f.list_calls and not f.release.is_set()]
+        self.assertTrue(hanging, "the request was answered while a source was still hanging")
+        for f in self.fakes:
+            f.release.set()
+        # A source that fails keeps its last good list and backs off.
+        self.ol.listing = {"/api/tags": lambda q, b: (500, {"error": "boom"})}
+        changed = h.router.discover(force=True)
+        self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models)
+        st = h.router.discovery.state["ollama"]
+        fails, first = st["fails"], st["next"] - time.monotonic()
+        h.router.discover(force=True)
+        second = st["next"] - time.monotonic()
+        self.assertEqual(st["fails"], fails + 1)
+        self.assertTrue(0 < first < second < 3600, (first, second))
+        self.assertIn("HTTP 500", h.call("GET", "/health").json()["discovery"]["ollama"]["error"])
+        self.assertIsInstance(changed, bool)

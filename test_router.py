@@ -3153,6 +3153,10 @@ class DiscoveryTests(unittest.TestCase):
         h = Harness(self.cfg, self.env, data_dir=d)
         self.addCleanup(h.close)
         self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models, "the cached catalogue routes at once")
+        for _ in range(500):                      # until the background refresh is stuck in a source
+            if self.ol.list_calls:
+                break
+            time.sleep(0.01)
         r = h.call("POST", "/v1/chat/completions", client_body("openai", "openai/gpt-4.1", False))
         self.assertEqual(r.status, 200)
         hanging = [f for f in self.fakes if f.list_calls and not f.release.is_set()]

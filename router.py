@@ -2937,7 +2937,8 @@ class Catalogue:
 DISCOVERY_TIMEOUT = 5.0
 #: Model ids that are not chat models (OpenAI-style lists mix them in).
 NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|moderation|"
-                         r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard", re.I)
+                         r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard|"
+                         r"turbo-instruct|(?:^|[-/])o\d-pro|gpt-5(?:\.\d)?-pro|codex-mini|deep-research", re.I)
 
 
 class DiscoveryError(Exception):

@@ -18,13 +18,15 @@ A request travels one straight line (see DESIGN.md of the project):
 Contents (each section uses only the sections above it):
     1. Settings and config ........ .env parsing, ${VAR} expansion, providers.json validation
     2. Neutral form and codecs .... the neutral request/event form; SSE framing; one codec per
-                                    dialect: OpenAI Chat Completions, Anthropic Messages
-    3. Catalogue .................. providers, keys, models
-    4. Routing .................... model names -> candidates; health and cooldowns
+                                    dialect: OpenAI Chat Completions, Anthropic Messages, OpenAI
+                                    Responses, Gemini, Ollama; the codec table
+    3. Catalogue .................. providers, keys, models and capabilities; discovery; OpenClaw import
+    4. Routing .................... intent detection, health (circuit breakers), affinity, the plan
     5. Transport and dispatch ..... upstream connection pool, timeouts, failover, stream piping
-    6. HTTP front ................. handler, endpoints, auth, limits, error replies
-    7. Observability .............. logging, /health
-    8. Command line and main
+    6. Observability .............. request log (SQLite), usage and cost, metrics, /health
+    7. The router ................. the composition root: state, reload, persistence, threads
+    8. HTTP front ................. handler, endpoints, auth, limits, error replies, status page
+    9. Command line and main ...... serve, check, models, route, systemd-unit
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ import http.client
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import socket
+import sqlite3
 import socketserver
 import ssl
 import sys
@@ -76,6 +80,10 @@ DEFAULT_SETTINGS = {
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
     "discovery_interval": 60.0,      # seconds between two refreshes of a provider's model list
     "import_openclaw": True,         # import the providers of ~/.openclaw/openclaw.json
+    "log_prompts": False,            # store prompt and reply text in the request log
+    "log_retention_days": 30.0,      # request log rows older than this are deleted
+    "log_retention_rows": 1000000,   # ... and beyond this many rows
+    "shutdown_grace_seconds": 30.0,  # SIGTERM: how long in-flight requests may take to finish
     "verify_tls": True,
 }
 
@@ -3922,7 +3930,8 @@ class Context:
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
-                 "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete")
+                 "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
+                 "status", "error")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -3933,6 +3942,7 @@ class Context:
         self.provider = self.upstream_model = self.usage = self.route = self.plan = None
         self.previous_provider = self.ttfb = self.collect = self.on_commit = self.on_complete = None
         self.passthrough = True    # False when the router had to change the request's history
+        self.status, self.error = 200, None
         self.same = False
         self.started = time.monotonic()
 
@@ -3994,6 +4004,7 @@ class Dispatcher:
         if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(message)):
             return Failover("context", reason, status, next_key=False)
         if same:
+            ctx.status, ctx.error = status, message[:300]
             ctx.writer.send(status, {"Content-Type": "application/json", **self._route_headers(ctx, prov)}, body)
             return None
         return ApiError(status, STATUS_ERROR_TYPE.get(status, "invalid_request"), f"provider {prov.name}: {message}")
@@ -4181,6 +4192,359 @@ class Dispatcher:
         self._deliver(ctx, prov, same, raw, events)
 
 
+class ClientGone(Exception):
+    """The client closed its connection while we were writing to it."""
+
+
+
+# =================================================================================================
+# 6. Observability
+# =================================================================================================
+#
+# Every request becomes one row: queued by the request's thread (a dict, no I/O) and written by one
+# writer thread to SQLite (WAL, committed per batch, so a crash loses no committed row), which also
+# writes the request's log line and updates the Prometheus metrics.
+
+#: USD per million tokens (input, output, cached input) by model name, for models whose metadata
+#: gives no `cost`. First match wins; local models cost nothing.
+PRICE_RULES = [
+    (r"claude-opus-4-[5-9]|claude-opus-[5-9]", (5.0, 25.0, 0.5)), (r"claude-opus", (15.0, 75.0, 1.5)),
+    (r"claude-sonnet|claude-3-7-sonnet|claude-3-5-sonnet", (3.0, 15.0, 0.3)),
+    (r"claude-haiku-4|claude-haiku-[5-9]", (1.0, 5.0, 0.1)), (r"claude-3-5-haiku", (0.8, 4.0, 0.08)),
+    (r"gpt-5-nano", (0.05, 0.4, 0.005)), (r"gpt-5-mini", (0.25, 2.0, 0.025)), (r"gpt-5", (1.25, 10.0, 0.125)),
+    (r"gpt-4\.1-nano", (0.1, 0.4, 0.025)), (r"gpt-4\.1-mini", (0.4, 1.6, 0.1)), (r"gpt-4\.1", (2.0, 8.0, 0.5)),
+    (r"gpt-4o-mini", (0.15, 0.6, 0.075)), (r"gpt-4o", (2.5, 10.0, 1.25)),
+    (r"(?:^|/)o4-mini|(?:^|/)o3-mini", (1.1, 4.4, 0.275)), (r"(?:^|/)o3", (2.0, 8.0, 0.5)),
+    (r"gemini-2\.5-pro|gemini-3-pro", (1.25, 10.0, 0.31)), (r"gemini-2\.5-flash-lite", (0.1, 0.4, 0.025)),
+    (r"gemini-2\.5-flash|gemini-3-flash", (0.3, 2.5, 0.075)),
+    (r"deepseek-chat|deepseek-v3", (0.27, 1.1, 0.07)), (r"deepseek-reasoner|deepseek-r1", (0.55, 2.19, 0.14)),
+]
+_PRICE_RULES = [(re.compile(p, re.I), c) for p, c in PRICE_RULES]
+
+
+def price_of(provider_api, model_id, caps):
+    """(input, output, cached) USD per million tokens: the model's `cost` metadata, else the
+    shipped defaults by name; Ollama models are free."""
+    cost = caps.get("cost") if isinstance(caps.get("cost"), dict) else None
+    if cost:
+        return cost.get("input", 0.0), cost.get("output", 0.0), cost.get("cached", cost.get("input", 0.0))
+    if provider_api == "ollama":
+        return 0.0, 0.0, 0.0
+    for rx, c in _PRICE_RULES:
+        if rx.search(model_id):
+            return c
+    return 0.0, 0.0, 0.0
+
+
+def request_cost(prices, usage):
+    pin, pout, pcached = prices
+    cached = usage.get("cache_read", 0)
+    return (max(0, usage.get("input", 0) - cached) * pin + cached * pcached + usage.get("output", 0) * pout) / 1e6
+
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """Counters and histograms for GET /metrics, updated by the log writer thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}      # (provider, model, route, status) -> n
+        self.failovers = {}     # (provider, reason) -> n
+        self.tokens = {}        # (provider, model, kind) -> n
+        self.cost = {}          # (provider, model) -> USD
+        self.latency = {}       # name -> [bucket counts..., +Inf count, sum]
+
+    def _observe(self, name, seconds):
+        h = self.latency.setdefault(name, [0] * (len(LATENCY_BUCKETS) + 2))
+        for i, b in enumerate(LATENCY_BUCKETS):
+            if seconds <= b:
+                h[i] += 1
+        h[-2] += 1
+        h[-1] += seconds
+
+    def add(self, row, attempts):
+        with self.lock:
+            key = (row["provider"] or "", row["model"] or "", row["route"] or "", str(row["status"]))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            for a in attempts:
+                k = (a["provider"], a["kind"])
+                self.failovers[k] = self.failovers.get(k, 0) + 1
+            if row["provider"]:
+                for kind in ("input", "output", "cached"):
+                    n = row[f"{kind}_tokens"] or 0
+                    if n:
+                        k = (row["provider"], row["model"], kind)
+                        self.tokens[k] = self.tokens.get(k, 0) + n
+                if row["cost"]:
+                    k = (row["provider"], row["model"])
+                    self.cost[k] = self.cost.get(k, 0.0) + row["cost"]
+            if row["latency_ms"] is not None:
+                self._observe("sage_router_request_seconds", row["latency_ms"] / 1000)
+            if row["ttfb_ms"] is not None:
+                self._observe("sage_router_first_byte_seconds", row["ttfb_ms"] / 1000)
+
+    def render(self, router):
+        def esc(v):
+            return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+        def line(name, labels, value):
+            lab = ",".join(f'{k}="{esc(v)}"' for k, v in labels.items())
+            return f"{name}{{{lab}}} {value}" if lab else f"{name} {value}"
+        out = []
+        with self.lock:
+            out += ["# HELP sage_router_requests_total Requests by provider, model, route and status.",
+                    "# TYPE sage_router_requests_total counter"]
+            out += [line("sage_router_requests_total", dict(provider=p, model=m, route=r, status=s), n)
+                    for (p, m, r, s), n in sorted(self.requests.items())]
+            out += ["# HELP sage_router_failovers_total Failed attempts that moved on, by provider and reason.",
+                    "# TYPE sage_router_failovers_total counter"]
+            out += [line("sage_router_failovers_total", dict(provider=p, reason=r), n)
+                    for (p, r), n in sorted(self.failovers.items())]
+            out += ["# HELP sage_router_tokens_total Tokens by provider, model and kind (input, output, cached).",
+                    "# TYPE sage_router_tokens_total counter"]
+            out += [line("sage_router_tokens_total", dict(provider=p, model=m, kind=k), n)
+                    for (p, m, k), n in sorted(self.tokens.items())]
+            out += ["# HELP sage_router_cost_usd_total Cost in US dollars by provider and model.",
+                    "# TYPE sage_router_cost_usd_total counter"]
+            out += [line("sage_router_cost_usd_total", dict(provider=p, model=m), round(c, 6))
+                    for (p, m), c in sorted(self.cost.items())]
+            for name, h in sorted(self.latency.items()):
+                what = "time to the first byte" if "first_byte" in name else "request duration"
+                out += [f"# HELP {name} {what.capitalize()} in seconds.", f"# TYPE {name} histogram"]
+                out += [line(name + "_bucket", {"le": b}, h[i]) for i, b in enumerate(LATENCY_BUCKETS)]
+                out += [line(name + "_bucket", {"le": "+Inf"}, h[-2]), f"{name}_count {h[-2]}",
+                        f"{name}_sum {round(h[-1], 6)}"]
+        now = time.monotonic()
+        cat = router.catalogue
+        out += ["# HELP sage_router_breaker_open Whether a circuit breaker is open (1), half-open (0.5) or closed (0).",
+                "# TYPE sage_router_breaker_open gauge"]
+        for key, b in list(router.health.state.items()):
+            if key[0] == "key":
+                continue
+            state = 0 if not b.opens else (1 if b.until > now else 0.5)
+            labels = {"provider": key[1], "model": ""} if key[0] == "provider" else {"provider": key[0], "model": key[1]}
+            out.append(line("sage_router_breaker_open", labels, state))
+        out += ["# HELP sage_router_models Models in the catalogue per provider.", "# TYPE sage_router_models gauge"]
+        out += [line("sage_router_models", {"provider": p.name}, len(p.models)) for p in cat.enabled]
+        return "\n".join(out) + "\n"
+
+
+USAGE_GROUPS = {"model": "provider || '/' || model", "provider": "provider", "route": "route",
+                "day": "date(ts, 'unixepoch')", "intent": "intent", "dialect": "dialect"}
+
+
+def parse_since(value, now=None):
+    """`since` for /v1/usage: epoch seconds, an ISO date or time, or a span back from now (30m,
+    24h, 7d). Default: 24 hours."""
+    now = now or time.time()
+    if not value:
+        return now - 86400
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", value)
+    if m:
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    from datetime import datetime, timezone
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request("since", "must be epoch seconds, an ISO date such as 2026-11-01, or a span such as 24h or 7d")
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+class RequestLog:
+    """The request log: SQLite in WAL mode in the data directory, written by one thread from a
+    queue. Prompt and reply text are stored only when `log_prompts` is on. Retention: rows older
+    than `log_retention_days`, and beyond the newest `log_retention_rows`, are deleted."""
+
+    COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model", "attempts", "status",
+               "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cached_tokens", "cost", "stream",
+               "error", "prompt", "reply")
+
+    def __init__(self, path, settings, metrics, line_format="text"):
+        self.path = path
+        self.settings = settings
+        self.metrics = metrics
+        self.line_format = line_format
+        self.queue = queue.SimpleQueue()
+        self.thread = None
+        self.ok = True
+
+    def start(self):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="sage-router-log", daemon=True)
+            self.thread.start()
+
+    def record(self, row, attempts):
+        """Called on the request's thread: a queue put, nothing more."""
+        self.queue.put((row, attempts))
+
+    def stop(self, timeout=5.0):
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout)
+            self.thread = None
+
+    def _connect(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, {', '.join(self.COLUMNS)})")
+        db.execute("CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
+        return db
+
+    def _run(self):
+        try:
+            db = self._connect()
+        except (OSError, sqlite3.Error) as e:
+            self.ok = False
+            log.warning("request log: cannot open %s (%s); requests are logged to stderr only", self.path, e)
+            db = None
+        last_prune = 0.0
+        while True:
+            item = self.queue.get()
+            batch = [item]
+            while len(batch) < 500:
+                try:
+                    batch.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            batch = [b for b in batch if b is not None]
+            for row, attempts in batch:
+                self.metrics.add(row, attempts)
+                self._log_line(row)
+            if db is not None and batch:
+                try:
+                    db.executemany(f"INSERT INTO requests ({', '.join(self.COLUMNS)}) VALUES "
+                                   f"({', '.join('?' * len(self.COLUMNS))})",
+                                   [tuple(row[c] for c in self.COLUMNS) for row, _a in batch])
+                    db.commit()
+                    if time.monotonic() - last_prune > 60:
+                        last_prune = time.monotonic()
+                        self._prune(db)
+                except sqlite3.Error as e:
+                    log.warning("request log: write failed (%s)", e)
+            if stop:
+                if db is not None:
+                    db.close()
+                return
+
+    def _prune(self, db):
+        days, rows = self.settings["log_retention_days"], int(self.settings["log_retention_rows"])
+        db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - days * 86400,))
+        db.execute("DELETE FROM requests WHERE id <= (SELECT id FROM requests ORDER BY id DESC LIMIT 1 OFFSET ?)", (rows,))
+        db.commit()
+
+    def _log_line(self, row):
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {k: row[k] for k in ("dialect", "requested", "intent", "route", "provider", "model", "status",
+                                      "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cost", "error")}
+        fields["attempts"] = len(json.loads(row["attempts"])) + (1 if row["provider"] and row["status"] < 400 else 0)
+        if self.line_format == "json":
+            log.info("request", extra={"fields": fields})
+            return
+        where = f"{row['provider']}/{row['model']}" if row["provider"] else "-"
+        ttfb = f" ttfb {row['ttfb_ms']:.0f} ms" if row["ttfb_ms"] is not None else ""
+        err = f" error: {row['error']}" if row["error"] else ""
+        log.info("%s %s -> %s %s %.0f ms%s in %s out %s $%.6f attempts %d intent %s route %s%s",
+                 row["dialect"], row["requested"], where, row["status"], row["latency_ms"], ttfb,
+                 row["input_tokens"] or 0, row["output_tokens"] or 0, row["cost"] or 0, fields["attempts"],
+                 row["intent"], row["route"], err)
+
+    # -- reading (on the request's thread, each call with its own connection) ---------------------
+    def _read(self, sql, args=()):
+        if not os.path.exists(self.path):
+            return []
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        try:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(sql, args)]
+        finally:
+            db.close()
+
+    def usage(self, since, group_by):
+        expr = USAGE_GROUPS.get(group_by or "model")
+        if expr is None:
+            raise bad_request("group_by", f"must be one of {', '.join(USAGE_GROUPS)}")
+        sums = ("COUNT(*) AS requests, SUM(status >= 400) AS errors, COALESCE(SUM(input_tokens), 0) AS input_tokens, "
+                "COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, "
+                "ROUND(COALESCE(SUM(cost), 0), 6) AS cost")
+        groups = self._read(f"SELECT {expr} AS key, {sums} FROM requests WHERE ts >= ? GROUP BY key "
+                            f"ORDER BY {'key' if group_by == 'day' else 'cost DESC, requests DESC'}", (since,))
+        total = self._read(f"SELECT {sums} FROM requests WHERE ts >= ?", (since,))
+        return {"since": since, "group_by": group_by or "model", "totals": total[0] if total else {}, "groups": groups}
+
+    def recent(self, limit=50):
+        rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, attempts, status, "
+                          "latency_ms, ttfb_ms, input_tokens, output_tokens, cached_tokens, cost, stream, error "
+                          "FROM requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
+        for r in rows:
+            r["attempts"] = json.loads(r["attempts"] or "[]")
+        return rows
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log-format json: one JSON object a line (time, level, message, and a request's fields)."""
+
+    def format(self, record):
+        obj = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "message": record.getMessage()}
+        obj.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return dumps(obj)
+
+
+def request_row(ctx, catalogue, log_prompts):
+    """The log row of a finished request (built on its thread: plain data, no I/O)."""
+    usage = ctx.usage or {}
+    prov = catalogue.providers.get(ctx.provider) if ctx.provider else None
+    ok = ctx.status < 400
+    cost = request_cost(price_of(prov.api, ctx.upstream_model, catalogue.meta(ctx.provider, ctx.upstream_model)),
+                        usage) if prov is not None and ok and usage else 0.0
+    attempts = [{"provider": p, "model": m, "kind": k, "reason": r, "status": s} for (p, m), k, r, s, _ra in ctx.attempts]
+    row = {"ts": time.time(), "dialect": ctx.dialect, "requested": ctx.model,
+           "intent": ctx.plan.intent if ctx.plan else None, "route": ctx.plan.route if ctx.plan else None,
+           "provider": ctx.provider if ok else None, "model": ctx.upstream_model if ok else None,
+           "attempts": dumps(attempts), "status": ctx.status,
+           "latency_ms": round((time.monotonic() - ctx.started) * 1000, 2),
+           "ttfb_ms": round(ctx.ttfb * 1000, 2) if ctx.ttfb is not None and ok else None,
+           "input_tokens": usage.get("input"), "output_tokens": usage.get("output"),
+           "cached_tokens": usage.get("cache_read"), "cost": round(cost, 8), "stream": int(bool(ctx.stream)),
+           "error": ctx.error, "prompt": None, "reply": None}
+    if log_prompts:
+        row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]
+        row["reply"] = text_of(fold_events(list(ctx.collect))["content"])[:100000] if ctx.collect else None
+    return row, attempts
+
+
+def health_report(router):
+    """GET /health: providers (never their keys), routes, and what is cooling down."""
+    cat = router.catalogue
+    now = time.monotonic()
+    cooling = {f"{k[0]}/{k[1]}": round(router.health.left(k, now), 1)
+               for k in list(router.health.state) if k[0] not in ("key", "provider") and router.health.left(k, now) > 0}
+    out = {"status": "ok", "version": __version__,
+           "providers": [p.public() for p in cat.providers.values()],
+           "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
+           "aliases": dict(cat.aliases), "strict": cat.strict,
+           "cooling_down": cooling, "breakers": router.health.report(now), "discovery": router.discovery.report()}
+    if not cat.enabled:
+        out["message"] = NO_PROVIDER_HELP
+    return out
+
+
+# =================================================================================================
+# 7. The router
+# =================================================================================================
+
 class ResponseStore:
     """Responses this router produced, for `previous_response_id`: kept in memory, at most `size`
     of them and for `ttl` seconds. A stored entry is the conversation so far (system prompt and
@@ -4222,15 +4586,11 @@ class ResponseStore:
                 del self.items[next(iter(self.items))]
 
 
-class ClientGone(Exception):
-    """The client closed its connection while we were writing to it."""
-
-
 class Router:
     """The composition root: config and catalogue, health table, connection pool, dispatcher.
     Everything mutable lives here (never in module globals), so tests can run several routers."""
 
-    def __init__(self, cfg, env, source="providers.json", data_dir=None):
+    def __init__(self, cfg, env, source="providers.json", data_dir=None, log_format="text"):
         self.cfg, self.env, self.source = self._with_imports(cfg, env), env, source
         self.data_dir = data_dir or default_data_dir()
         self.discovery = Discovery()
@@ -4246,6 +4606,8 @@ class Router:
         self._discover_lock = threading.Lock()
         self._forced_at = -1e9
         self.responses = ResponseStore()
+        self.metrics = Metrics()
+        self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings, self.metrics, log_format)
         self._stop = threading.Event()
         self._thread = None
         self._save_warned = False
@@ -4375,6 +4737,12 @@ class Router:
         if self._thread is None:
             self._thread = threading.Thread(target=self._maintain, name="sage-router-maintenance", daemon=True)
             self._thread.start()
+        self.log.start()
+
+    def record(self, ctx):
+        """Hand the finished request to the log writer (a queue put on this thread)."""
+        row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"])
+        self.log.record(row, attempts)
 
     def _maintain(self):
         while True:
@@ -4576,11 +4944,12 @@ class Router:
         self._stop.set()
         if self.health.dirty:
             self.save_state()
+        self.log.stop()
         self.pool.close_all()
 
 
 # =================================================================================================
-# 6. HTTP front
+# 8. HTTP front
 # =================================================================================================
 
 _REASONS = {s.value: s.phrase for s in __import__("http").HTTPStatus}
@@ -4598,8 +4967,135 @@ POST_ROUTES = {
     "/api/show": ("ollama", "show"),
 }
 ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
-             "GET /v1/models, POST /v1/route, POST /api/chat, POST /api/generate, GET /api/tags, POST /api/show, "
-             "GET /api/version, GET /health")
+             "GET /v1/models, POST /v1/route, GET /v1/usage, GET /v1/requests, POST /api/chat, POST /api/generate, "
+             "GET /api/tags, POST /api/show, GET /api/version, GET /health, GET /metrics, GET / (status page)")
+
+
+#: The status page (GET /): HTML, CSS and JS in one piece, no external assets. It reads /health,
+#: /v1/models, /v1/usage, /v1/requests and POST /v1/route with the router key the user enters
+#: (kept in the browser's localStorage; `#key=...` in the URL sets it).
+STATUS_PAGE = r'''<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sage Router</title>
+<style>
+:root{--bg:#f7f7f5;--fg:#1d1d1b;--muted:#6b6b66;--line:#deded8;--ok:#2f7d4f;--bad:#b3362b;--warn:#b7791f;--accent:#3b5bab}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;background:var(--bg);color:var(--fg)}
+header{display:flex;gap:1rem;align-items:center;padding:.8rem 1.2rem;border-bottom:1px solid var(--line);background:#fff}
+header h1{font-size:1.15rem;margin:0}#version{color:var(--muted)}#auth{color:var(--bad)}header input{margin-left:auto;padding:.3rem .5rem}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:1rem;padding:1rem 1.2rem}
+section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:.8rem 1rem;overflow:auto}
+section.wide{grid-column:1/-1}h2{font-size:1rem;margin:.1rem 0 .6rem}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:.25rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--muted);font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}.muted{color:var(--muted)}
+.trail{font-size:12px;color:var(--muted)}svg text{font-size:10px;fill:var(--muted)}svg rect.bar{fill:var(--accent)}
+textarea{width:100%;min-height:5rem;font:inherit;padding:.4rem}button{padding:.35rem .9rem;margin-top:.4rem}
+pre{background:var(--bg);padding:.6rem;white-space:pre-wrap;font-size:12px}
+</style></head>
+<body>
+<header><h1>Sage Router</h1><span id="version"></span><span id="auth"></span>
+<input id="key" type="password" placeholder="router key (if one is set)" aria-label="router key"></header>
+<main>
+<section class="wide"><h2>Providers</h2><table id="providers"></table></section>
+<section><h2>Usage and cost, last 7 days</h2><div id="chart-cost"></div><div id="chart-requests"></div><div id="usage-total" class="muted"></div></section>
+<section><h2>Cost by model, last 7 days</h2><table id="usage-models"></table></section>
+<section class="wide"><h2>Last requests</h2><table id="requests"></table></section>
+<section><h2>Routes</h2><table id="routes"></table></section>
+<section><h2>Where would this go?</h2><textarea id="prompt" placeholder="Paste a prompt"></textarea>
+<button id="explain">Explain</button><pre id="explain-out"></pre></section>
+<section class="wide"><h2>Models</h2><table id="models"></table></section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.hash.slice(1));
+if (params.get("key")) localStorage.setItem("sage-router-key", params.get("key"));
+$("key").value = localStorage.getItem("sage-router-key") || "";
+$("key").addEventListener("change", () => { localStorage.setItem("sage-router-key", $("key").value); refresh(); });
+function headers() { const k = localStorage.getItem("sage-router-key"); return k ? {"Authorization": "Bearer " + k} : {}; }
+async function api(path, opts) {
+  const r = await fetch(path, Object.assign({headers: Object.assign({"Content-Type": "application/json"}, headers())}, opts || {}));
+  if (r.status === 401) { $("auth").textContent = "This router needs its key: enter it on the right."; throw new Error("401"); }
+  $("auth").textContent = "";
+  return r.json();
+}
+function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined && text !== null) e.textContent = String(text); if (cls) e.className = cls; return e; }
+function table(id, head, rows) {
+  const t = $(id); t.replaceChildren();
+  const tr = el("tr"); head.forEach((h) => tr.appendChild(el("th", h))); t.appendChild(tr);
+  rows.forEach((cells) => { const r = el("tr"); cells.forEach((c) => r.appendChild(c instanceof Node ? c : el("td", c))); t.appendChild(r); });
+  if (!rows.length) { const r = el("tr"); const td = el("td", "nothing yet", "muted"); td.colSpan = head.length; r.appendChild(td); t.appendChild(r); }
+}
+function num(v, digits) { return el("td", v === null || v === undefined ? "" : (digits ? Number(v).toFixed(digits) : v), "num"); }
+function bars(id, points, label, fmt) {
+  const w = 420, h = 120, pad = 24, box = $(id); box.replaceChildren();
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${w} ${h + 28}`); svg.setAttribute("width", "100%"); svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", label);
+  const max = Math.max(1e-9, ...points.map((p) => p[1])), bw = (w - pad) / Math.max(1, points.length);
+  const title = document.createElementNS(svg.namespaceURI, "text"); title.setAttribute("x", 0); title.setAttribute("y", 10);
+  title.textContent = label + " (max " + fmt(max) + ")"; svg.appendChild(title);
+  points.forEach(([k, v], i) => {
+    const bh = (h - 20) * v / max, r = document.createElementNS(svg.namespaceURI, "rect");
+    r.setAttribute("class", "bar"); r.setAttribute("x", pad + i * bw + 2); r.setAttribute("y", 14 + (h - 20) - bh);
+    r.setAttribute("width", Math.max(2, bw - 4)); r.setAttribute("height", Math.max(0, bh));
+    const tip = document.createElementNS(svg.namespaceURI, "title"); tip.textContent = k + ": " + fmt(v); r.appendChild(tip);
+    svg.appendChild(r);
+    const t = document.createElementNS(svg.namespaceURI, "text"); t.setAttribute("x", pad + i * bw + 2); t.setAttribute("y", h + 12);
+    t.textContent = k.slice(5); svg.appendChild(t);
+  });
+  box.appendChild(svg);
+}
+async function refresh() {
+  const health = await api("/health");
+  $("version").textContent = "v" + health.version + (health.message ? " — " + health.message : "");
+  const breakers = health.breakers || {};
+  table("providers", ["provider", "api", "state", "keys", "models", "discovery", "breakers"], health.providers.map((p) => {
+    const state = p.enabled ? el("td", "enabled", "ok") : el("td", "off: " + p.disabled_reason, "muted");
+    const open = Object.entries(breakers).filter(([k]) => k === "provider " + p.name || k.startsWith(p.name + "/") || k.startsWith(p.name + " key"));
+    const bs = el("td", open.map(([k, b]) => b.state ? `${k}: ${b.state}, closes in ${b.closes_in}s` : `${k}: ${b.latency_ms} ms`).join("; "),
+                  open.some(([k, b]) => b.state) ? "warn" : "muted");
+    const d = (health.discovery || {})[p.name];
+    return [el("td", p.name), el("td", p.api), state, num(p.keys), num(p.models.length),
+            el("td", d ? (d.error ? "failing: " + d.error : d.models + " found") : "", d && d.error ? "bad" : "muted"), bs];
+  }));
+  table("routes", ["route", "candidates"], Object.entries(health.routes).map(([r, c]) => [el("td", r), el("td", c.join(", ") || "(no enabled model)")]));
+  const models = await api("/v1/models");
+  table("models", ["model", "context", "max output", "input", "tools", "reasoning", "intents"],
+    models.data.filter((m) => m.capabilities).map((m) => { const c = m.capabilities;
+      return [el("td", m.id), num(c.context_window), num(c.max_output), el("td", (c.input || []).join(", ")),
+              el("td", c.tools ? "yes" : "no"), el("td", c.reasoning ? "yes" : "no"), el("td", (c.intents || []).join(", "))]; }));
+  const days = await api("/v1/usage?since=7d&group_by=day");
+  bars("chart-cost", days.groups.map((g) => [g.key, g.cost]), "cost per day (USD)", (v) => "$" + v.toFixed(4));
+  bars("chart-requests", days.groups.map((g) => [g.key, g.requests]), "requests per day", (v) => String(Math.round(v)));
+  const t = days.totals || {};
+  $("usage-total").textContent = `${t.requests || 0} requests, ${t.errors || 0} errors, ${t.input_tokens || 0} tokens in, ` +
+    `${t.output_tokens || 0} out, $${(t.cost || 0).toFixed(4)}`;
+  const byModel = await api("/v1/usage?since=7d&group_by=model");
+  table("usage-models", ["model", "requests", "tokens in", "tokens out", "cost (USD)"],
+    byModel.groups.map((g) => [el("td", g.key || "(failed)"), num(g.requests), num(g.input_tokens), num(g.output_tokens), num(g.cost, 4)]));
+  const recent = await api("/v1/requests?limit=50");
+  table("requests", ["time", "client", "asked for", "intent / route", "answered by", "status", "ms", "tokens", "cost", "decision trail"],
+    recent.data.map((r) => {
+      const trail = r.attempts.map((a) => `${a.provider}/${a.model}: ${a.reason}`).concat(r.provider ? [`${r.provider}/${r.model}: answered`] : []);
+      return [el("td", new Date(r.ts * 1000).toLocaleTimeString()), el("td", r.dialect), el("td", r.requested),
+              el("td", (r.intent || "") + " / " + (r.route || "")), el("td", r.provider ? r.provider + "/" + r.model : "—"),
+              el("td", r.status, r.status < 400 ? "ok" : "bad"), num(Math.round(r.latency_ms)),
+              el("td", `${r.input_tokens || 0} / ${r.output_tokens || 0}`, "num"), num(r.cost, 5),
+              el("td", trail.join(" → ") + (r.error ? " — " + r.error : ""), "trail")];
+    }));
+}
+$("explain").addEventListener("click", async () => {
+  const body = {model: "auto", messages: [{role: "user", content: $("prompt").value}]};
+  const e = await api("/v1/route", {method: "POST", body: JSON.stringify(body)});
+  $("explain-out").textContent = e.error ? e.error.message : `intent ${e.intent} (confidence ${e.confidence}), signals: ${e.signals.join(", ") || "none"}\n` +
+    `route ${e.route}\n` + e.candidates.map((c, i) => `${i + 1}. ${c.provider}/${c.model}${c.skip ? "  — skipped: " + c.skip : ""}`).join("\n");
+});
+refresh().catch(() => {});
+setInterval(() => refresh().catch(() => {}), 10000);
+</script>
+</body></html>
+'''.encode()
 
 
 def client_dialect(path, headers):
@@ -4778,11 +5274,23 @@ class RouterHandler(BaseHTTPRequestHandler):
         if path == "/health" and method in ("GET", "HEAD"):
             return self._json(200, health_report(self.router))
         if path == "/" and method in ("GET", "HEAD"):
-            return self.send(200, {"Content-Type": "text/plain; charset=utf-8"},
-                             b"Sage Router is running. Try GET /health or GET /v1/models.\n")
+            return self.send(200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"}, STATUS_PAGE)
         if not self._authorized():
             raise ApiError(401, "authentication", "missing or wrong router key: send it as "
                            "'Authorization: Bearer KEY' or 'x-api-key: KEY' (SAGE_ROUTER_API_KEY)")
+        if method == "GET" and path == "/metrics":
+            return self.send(200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+                             self.router.metrics.render(self.router).encode())
+        if method == "GET" and path in ("/v1/usage", "/v1/requests"):
+            q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            one = {k: v[-1] for k, v in q.items()}
+            if path == "/v1/usage":
+                return self._json(200, self.router.log.usage(parse_since(one.get("since")), one.get("group_by")))
+            try:
+                limit = int(one.get("limit", 50))
+            except ValueError:
+                raise bad_request("limit", "must be an integer")
+            return self._json(200, {"object": "list", "data": self.router.log.recent(limit)})
         if method == "GET" and path == "/api/tags":
             return self._json(200, self.router.ollama_tags())
         if method == "GET" and path == "/api/version":
@@ -4815,8 +5323,21 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, self.router.ollama_show(body))
         req = CODECS[dialect].decode_request(body)
         ctx = Context(dialect, body, req, hdrs, self)
-        self.router.generate(ctx)
-        record_request(ctx)
+        if self.router.settings["log_prompts"] and ctx.collect is None:
+            ctx.collect = []
+        try:
+            self.router.generate(ctx)
+        except ApiError as e:
+            ctx.status, ctx.error = e.status, e.message[:300]
+            raise
+        except ClientGone:
+            ctx.status, ctx.error = 499, "the client closed the connection"
+            raise
+        except Exception:
+            ctx.status, ctx.error = 500, "internal error"
+            raise
+        finally:
+            self.router.record(ctx)
 
 
 class RouterServer(ThreadingHTTPServer):
@@ -4835,34 +5356,7 @@ class RouterServer(ThreadingHTTPServer):
 
 
 # =================================================================================================
-# 7. Observability
-# =================================================================================================
-
-def record_request(ctx):
-    """One debug line per routed request (kept off stderr at the default level)."""
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("%s %s -> %s/%s attempts=%d %.1f ms usage=%s", ctx.dialect, ctx.model, ctx.provider,
-                  ctx.upstream_model, len(ctx.attempts) + 1, (time.monotonic() - ctx.started) * 1000, ctx.usage)
-
-
-def health_report(router):
-    """GET /health: providers (never their keys), routes, and what is cooling down."""
-    cat = router.catalogue
-    now = time.monotonic()
-    cooling = {f"{k[0]}/{k[1]}": round(router.health.left(k, now), 1)
-               for k in list(router.health.state) if k[0] not in ("key", "provider") and router.health.left(k, now) > 0}
-    out = {"status": "ok", "version": __version__,
-           "providers": [p.public() for p in cat.providers.values()],
-           "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
-           "aliases": dict(cat.aliases), "strict": cat.strict,
-           "cooling_down": cooling, "breakers": router.health.report(now), "discovery": router.discovery.report()}
-    if not cat.enabled:
-        out["message"] = NO_PROVIDER_HELP
-    return out
-
-
-# =================================================================================================
-# 8. Command line and main
+# 9. Command line and main
 # =================================================================================================
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

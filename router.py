@@ -3437,6 +3437,15 @@ class Health:
         self.dead_keys = set()
         self.dirty = False
 
+    def reconfigure(self, settings):
+        """New settings after a reload; keys rejected with 401/403 get another chance."""
+        with self.lock:
+            self.base = settings["cooldown_seconds"]
+            self.cap = settings["max_cooldown_seconds"]
+            self.quota = settings["quota_cooldown_seconds"]
+            self.threshold = max(1, int(settings["breaker_threshold"]))
+            self.dead_keys.clear()
+
     def left(self, key, now):
         """Seconds until the breaker lets a request through (0: closed, or a half-open trial is free)."""
         b = self.state.get(key)
@@ -4609,6 +4618,10 @@ class Router:
         self.metrics = Metrics()
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings, self.metrics, log_format)
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload_asked = False
+        self.loader = None          # () -> (cfg, env, source): set by main() so the config can be reloaded
+        self.watch = {}             # file -> mtime, for reloading when providers.json or .env changes
         self._thread = None
         self._save_warned = False
         self.load_state()
@@ -4747,13 +4760,62 @@ class Router:
     def _maintain(self):
         while True:
             try:
+                if self._reload_asked or self._files_changed():
+                    self._reload_asked = False
+                    self.reload()
                 self.discover()
             except Exception:   # a bug here must not stop the thread that saves state
-                log.exception("discovery failed")
+                log.exception("maintenance failed")
             if self.health.dirty:
                 self.save_state()
-            if self._stop.wait(1.0):
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stop.is_set():
                 return
+
+    # -- reload -----------------------------------------------------------------------------------
+    def ask_reload(self):
+        """SIGHUP: reload on the maintenance thread, within a second."""
+        self._reload_asked = True
+        self._wake.set()
+
+    def _files_changed(self):
+        changed = False
+        for path, seen in list(self.watch.items()):
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except OSError:
+                mtime = None
+            if mtime != seen:
+                self.watch[path] = mtime
+                changed = True
+        return changed
+
+    def reload(self):
+        """Read providers.json and .env again and swap in the new catalogue. Requests under way
+        finish on the old one (each holds its own snapshot); an invalid config is refused and the
+        old one stays."""
+        if self.loader is None:
+            return False
+        try:
+            cfg, env, source = self.loader()
+            cfg = self._with_imports(cfg, env)
+            cat = Catalogue(cfg, env, source, self.discovery.snapshot())
+        except ConfigError as e:
+            log.error("config reload refused: %s: %s: expected %s; keeping the old config", e.file, e.key, e.expected)
+            return False
+        with self._discover_lock:
+            for name, prov in cat.providers.items():
+                old = self.catalogue.providers.get(name)
+                if old is not None:
+                    prov.memo = old.memo
+            self.cfg, self.env, self.source = cfg, env, source
+            self.catalogue, self.settings = cat, cat.settings
+            self.health.reconfigure(cat.settings)
+            self.log.settings = cat.settings
+            self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
+        log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))
+        return True
 
     def generate(self, ctx):
         """Plan the request and try its candidates in order until one answers."""
@@ -4942,6 +5004,7 @@ class Router:
 
     def close(self):
         self._stop.set()
+        self._wake.set()
         if self.health.dirty:
             self.save_state()
         self.log.stop()
@@ -5242,6 +5305,15 @@ class RouterHandler(BaseHTTPRequestHandler):
         return data
 
     def _dispatch(self):
+        with self.server.active_lock:
+            self.server.active += 1
+        try:
+            self._handle()
+        finally:
+            with self.server.active_lock:
+                self.server.active -= 1
+
+    def _handle(self):
         self._reset()
         path = urllib.parse.urlsplit(self.path).path
         if len(path) > 1:
@@ -5348,6 +5420,16 @@ class RouterServer(ThreadingHTTPServer):
     allow_reuse_address = True
     block_on_close = False
 
+    active = 0                 # requests being handled right now (for a graceful stop)
+    active_lock = threading.Lock()
+
+    def drain(self, grace):
+        """Wait until no request is in flight, at most `grace` seconds."""
+        deadline = time.monotonic() + grace
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.active == 0
+
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
@@ -5362,8 +5444,17 @@ class RouterServer(ThreadingHTTPServer):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+COMMANDS = ("serve", "check", "models", "route", "systemd-unit")
+
+
 def build_parser():
-    ap = argparse.ArgumentParser(prog="router.py", description="Sage Router: one local endpoint for every model.")
+    ap = argparse.ArgumentParser(
+        prog="router.py", description="Sage Router: one local endpoint for every model.",
+        epilog="commands: serve (the default) runs the router; check validates the config and probes every "
+               "provider and key; models lists the catalogue; route \"TEXT\" explains where a prompt would go; "
+               "systemd-unit prints a systemd unit for this install.")
+    ap.add_argument("command", nargs="?", default="serve", choices=COMMANDS, help="what to do (default: serve)")
+    ap.add_argument("text", nargs="*", help="for route: the prompt")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     ap.add_argument("--config", default=None, help="providers.json (default ./providers.json, else beside router.py)")
@@ -5373,14 +5464,42 @@ def build_parser():
     ap.add_argument("--allow-no-auth", action="store_true",
                     help="allow a non-loopback --host without SAGE_ROUTER_API_KEY")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or JSON")
+    ap.add_argument("--model", default="auto", help="for route: the model name to plan for (default auto)")
+    ap.add_argument("--user", default=None, help="for systemd-unit: the user to run as (default sage-router)")
     return ap
 
 
+def make_loader(args):
+    """() -> (cfg, env, source), reading the files again each time (reload uses it)."""
+    def load():
+        env = load_env(args.env_file or ".env", args.env_file is not None)
+        cfg, source = load_config(args.config or "providers.json", args.config is not None)
+        return cfg, env, source
+    return load
+
+
+def env_path(args):
+    path = args.env_file or ".env"
+    if args.env_file is None and not os.path.exists(path) and os.path.exists(_here(".env")):
+        path = _here(".env")
+    return os.path.abspath(path)
+
+
 def load_router(args):
-    """Environment + config -> Router. Raises ConfigError."""
-    env = load_env(args.env_file or ".env", args.env_file is not None)
-    cfg, source = load_config(args.config or "providers.json", args.config is not None)
-    return Router(cfg, env, source, args.data_dir), env
+    """Environment + config -> Router, set up to reload itself. Raises ConfigError."""
+    loader = make_loader(args)
+    cfg, env, source = loader()
+    router = Router(cfg, env, source, args.data_dir, args.log_format)
+    router.loader = loader
+    for path in (source, env_path(args)):
+        if os.path.isabs(path) or os.path.exists(path):
+            path = os.path.abspath(path)
+            try:
+                router.watch[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                router.watch[path] = None
+    return router, env
 
 
 def serve(router, host, port):
@@ -5391,15 +5510,155 @@ def serve(router, host, port):
     return server
 
 
+def _table(rows, head):
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def probe(prov, key):
+    """A cheap call with one key: the provider's model list. -> (ok, detail)."""
+    path = {"ollama": "/api/tags", "anthropic": "/v1/models?limit=1", "gemini": "/models?pageSize=1"}.get(prov.api, "/models")
+    one = Provider.__new__(Provider)
+    one.__dict__.update(prov.__dict__, keys=[key] if key else [])
+    try:
+        data = _fetch_json(one, path)
+    except DiscoveryError as e:
+        return False, str(e)[:120]
+    n = len(data.get("data") or data.get("models") or []) if isinstance(data, dict) else 0
+    return True, f"ok ({n} model{'s' if n != 1 else ''} listed)" if n else "ok"
+
+
+def cmd_check(router):
+    """Probe every provider and key; exit 0 when every enabled provider has a working key."""
+    cat = router.catalogue
+    rows, broken = [], 0
+    for p in cat.providers.values():
+        if not p.enabled:
+            rows.append((p.name, p.api, "-", "off", p.disabled_reason))
+            continue
+        results = [probe(p, k) for k in (p.keys or [None])]
+        for i, (ok, detail) in enumerate(results):
+            rows.append((p.name, p.api, f"#{i + 1}" if p.keys else "(none)", "OK" if ok else "FAIL",
+                         detail if ok else f"{detail} -- check the key or base_url ({p.base_url})"))
+        broken += not any(ok for ok, _d in results)
+    print(f"config: {cat.source}")
+    print(_table(rows, ("provider", "api", "key", "status", "detail")))
+    if not cat.enabled:
+        print("\n" + NO_PROVIDER_HELP)
+        return 1
+    print(f"\n{len(cat.enabled) - broken} of {len(cat.enabled)} enabled provider(s) answer.")
+    return 1 if broken else 0
+
+
+def cmd_models(router):
+    router.discover(force=True)
+    cat = router.catalogue
+    rows = []
+    for (p, m), c in sorted(cat.caps.items()):
+        if not c.get("chat", True):
+            continue
+        rows.append((f"{p}/{m}", c.get("context_window") or "?", c.get("max_output") or "?", "+".join(c["input"]),
+                     "yes" if c["tools"] else "no", "yes" if c["reasoning"] else "no", ",".join(c["intents"])))
+    print(_table(rows, ("model", "context", "output", "input", "tools", "reasoning", "intents")) if rows else NO_PROVIDER_HELP)
+    print("\nroutes:")
+    for name, cands in cat.routes.items():
+        print(f"  {name}: " + (", ".join(f"{p}/{m}" for p, m in cands) or "(no model from an enabled provider)"))
+    return 0
+
+
+def cmd_route(router, text, model):
+    if not text:
+        print("usage: router.py route \"TEXT\" [--model NAME]", file=sys.stderr)
+        return 2
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    try:
+        e = router.explain(body, {})
+    except ApiError as err:
+        intent, conf, signals = detect_intent(openai_decode_request(body))
+        print(f"intent: {intent} (confidence {conf}); signals: {', '.join(signals) or 'none'}")
+        print(f"no route: {err.message}")
+        return 1
+    print(f"intent: {e['intent']} (confidence {e['confidence']}); signals: {', '.join(e['signals']) or 'none'}")
+    print(f"route: {e['route']}")
+    for i, c in enumerate(e["candidates"], 1):
+        print(f"  {i}. {c['provider']}/{c['model']}" + (f"  -- skipped: {c['skip']}" if c["skip"] else ""))
+    return 0
+
+
+def systemd_unit(args, user=None):
+    """A hardened systemd unit for this install (its own user, read-only system, state in
+    StateDirectory, the .env beside router.py as EnvironmentFile)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    user = user or "sage-router"
+    flags = [f"--host {args.host}", f"--port {args.port}", "--data-dir /var/lib/sage-router"]
+    if args.config:
+        flags.append(f"--config {os.path.abspath(args.config)}")
+    return f"""# /etc/systemd/system/sage-router.service  (sudo useradd --system --no-create-home {user})
+[Unit]
+Description=Sage Router: one local endpoint for every model
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User={user}
+Group={user}
+WorkingDirectory={here}
+EnvironmentFile=-{os.path.join(here, '.env')}
+ExecStart={sys.executable} {os.path.join(here, 'router.py')} {' '.join(flags)}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=2
+TimeoutStopSec=40
+StateDirectory=sage-router
+NoNewPrivileges=true
+ProtectSystem=strict
+ProtectHome=read-only
+ReadWritePaths=/var/lib/sage-router {here}
+PrivateTmp=true
+PrivateDevices=true
+ProtectKernelTunables=true
+ProtectKernelModules=true
+ProtectControlGroups=true
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=true
+LockPersonality=true
+MemoryDenyWriteExecute=true
+CapabilityBoundingSet=
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def setup_logging(level, fmt):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    setup_logging(args.log_level if args.command == "serve" else "warning", args.log_format)
+    if args.command == "systemd-unit":
+        print(systemd_unit(args, args.user), end="")
+        return 0
     try:
         router, _env = load_router(args)
     except ConfigError as e:
         print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}", file=sys.stderr)
         return 2
+    if args.command != "serve":
+        try:
+            return {"check": lambda: cmd_check(router), "models": lambda: cmd_models(router),
+                    "route": lambda: cmd_route(router, " ".join(args.text), args.model)}[args.command]()
+        finally:
+            router.close()
     if args.host not in LOOPBACK and not router.router_key and not args.allow_no_auth:
         print(f"sage-router: refusing to listen on {args.host} without a router key: set SAGE_ROUTER_API_KEY "
               "(clients then send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'), "
@@ -5421,15 +5680,21 @@ def main(argv=None):
         return 1
 
     def stop(_sig, _frm):
+        log.info("stopping: no new connections; waiting up to %g s for requests in flight",
+                 router.settings["shutdown_grace_seconds"])
         threading.Thread(target=server.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda _s, _f: router.ask_reload())
     install_fast_header_parser()
     log.info("Sage Router %s listening on http://%s:%d", __version__, args.host, server.server_address[1])
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
-    server.server_close()
+    server.socket.close()            # refuse new connections while the last requests finish
+    if not server.drain(router.settings["shutdown_grace_seconds"]):
+        log.warning("stopping with %d request(s) still in flight after the grace period", server.active)
     router.close()
     return 0
 

@@ -4436,7 +4436,7 @@ class RequestLog:
                     db.commit()
                     if time.monotonic() - last_prune > 60:
                         last_prune = time.monotonic()
-                        self._prune(db)
+                        self.prune(db)
                 except sqlite3.Error as e:
                     log.warning("request log: write failed (%s)", e)
             if stop:
@@ -4444,11 +4444,19 @@ class RequestLog:
                     db.close()
                 return
 
-    def _prune(self, db):
-        days, rows = self.settings["log_retention_days"], int(self.settings["log_retention_rows"])
-        db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - days * 86400,))
-        db.execute("DELETE FROM requests WHERE id <= (SELECT id FROM requests ORDER BY id DESC LIMIT 1 OFFSET ?)", (rows,))
-        db.commit()
+    def prune(self, db=None):
+        """Apply the retention settings (the writer does it every minute)."""
+        own = db is None
+        db = db or sqlite3.connect(self.path, timeout=10)
+        try:
+            days, rows = self.settings["log_retention_days"], int(self.settings["log_retention_rows"])
+            db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - days * 86400,))
+            db.execute("DELETE FROM requests WHERE id <= (SELECT id FROM requests ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                       (rows,))
+            db.commit()
+        finally:
+            if own:
+                db.close()
 
     def _log_line(self, row):
         if not log.isEnabledFor(logging.INFO):

@@ -789,7 +789,8 @@ class RouterCase(unittest.TestCase):
                                   "tiny": {"tools": False, "context_window": 2000},
                                   "qwen2-coder": {}, "qwen2.5-coder": {}, "qwen3-coder": {}}},
                 "an": {"api": "anthropic", "base_url": cls.an.base_url, "api_key": "sk-ant-SECRET-1",
-                       "models": {"claude-test": {"max_output": 8192}, "shared-model": {}}},
+                       "models": {"claude-test": {"max_output": 8192, "cost": {"input": 3, "output": 15, "cached": 0.3}},
+                                  "shared-model": {}}},
                 "oa2": {"api": "openai", "base_url": cls.oa2.base_url, "api_key": "sk-oa2-SECRET",
                         "models": {"gpt-backup": {"context_window": 500000}}},
                 "pool": {"api": "openai", "base_url": cls.oa.base_url, "api_key": ["sk-pool-A", "sk-pool-B"],
@@ -3175,3 +3176,163 @@ class DiscoveryTests(unittest.TestCase):
         self.assertTrue(0 < first < second < 3600, (first, second))
         self.assertIn("HTTP 500", h.call("GET", "/health").json()["discovery"]["ollama"]["error"])
         self.assertIsInstance(changed, bool)
+
+
+# =================================================================================================
+# Operating it: request log, usage, metrics, status page, reload, shutdown, logs, commands
+# =================================================================================================
+
+import signal  # noqa: E402
+import sqlite3  # noqa: E402
+
+
+def wait_until(cond, timeout=10.0):
+    """Poll for something another thread or process does (the log writer, a reload); bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def db_rows(path):
+    if not os.path.exists(path):
+        return []
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY id")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+class OperationsTests(RouterCase):
+    def db(self):
+        return db_rows(os.path.join(self.h.router.data_dir, "requests.db"))
+
+    def test_request_log_rows_usage_and_cost(self):
+        wait_until(lambda: self.h.router.log.queue.empty())
+        before = len(self.db())
+        self.oa.push(Reply(text="one", usage=(1000, 500, 200)))
+        self.ask("openai", client_body("openai", "oa/gpt-test", False, text="SECRET PROMPT TEXT"))
+        self.an.push(Reply(text="two", usage=(2000, 100, 0)))
+        self.ask("anthropic", client_body("anthropic", "an/claude-test", True))
+        self.oa.push(Reply(status=500))
+        self.post("openai", client_body("openai", "oa/gpt-test", False, text="fails over"))
+        self.oa.push(Reply(status=400, body={"error": {"message": "bad temperature"}}))
+        self.post("openai", client_body("openai", "oa/shared-model", False))   # gpt-test's breaker is open now
+        self.assertTrue(wait_until(lambda: len(self.db()) >= before + 4))
+        rows = self.db()[before:]
+        first, second, third, fourth = rows
+        self.assertEqual((first["dialect"], first["requested"], first["provider"], first["model"], first["status"]),
+                         ("openai", "oa/gpt-test", "oa", "gpt-test", 200))
+        self.assertEqual((first["input_tokens"], first["output_tokens"], first["cached_tokens"]), (1000, 500, 200))
+        self.assertEqual(first["intent"], "general")
+        self.assertEqual(first["route"], "explicit")
+        self.assertIsNotNone(first["ttfb_ms"])
+        self.assertEqual(second["stream"], 1)
+        # the model's cost metadata: 3 in, 15 out per million
+        self.assertAlmostEqual(second["cost"], (2000 * 3 + 100 * 15) / 1e6, places=8)
+        self.assertEqual(third["provider"], "oa2")
+        self.assertEqual(json.loads(third["attempts"])[0]["provider"], "oa")
+        self.assertEqual((fourth["status"], fourth["provider"]), (400, None))
+        self.assertIn("bad temperature", fourth["error"])
+        for r in rows:
+            self.assertIsNone(r["prompt"])
+        with open(os.path.join(self.h.router.data_dir, "requests.db"), "rb") as f:
+            self.assertNotIn(b"SECRET PROMPT TEXT", f.read(), "prompt text is not stored by default")
+        usage = self.h.call("GET", "/v1/usage?since=1h&group_by=provider").json()
+        by = {g["key"]: g for g in usage["groups"]}
+        self.assertEqual(by["an"]["input_tokens"], 2000)
+        self.assertGreaterEqual(usage["totals"]["requests"], 4)
+        self.assertGreaterEqual(usage["totals"]["errors"], 1)
+        for group in ("model", "route", "day"):
+            self.assertEqual(self.h.call("GET", f"/v1/usage?group_by={group}").status, 200)
+        self.assertEqual(self.h.call("GET", "/v1/usage?group_by=color").status, 400)
+        self.assertEqual(self.h.call("GET", "/v1/usage?since=yesterdayish").status, 400)
+        recent = self.h.call("GET", "/v1/requests?limit=2").json()["data"]
+        self.assertEqual(len(recent), 2)
+        self.assertEqual(recent[0]["status"], 400)
+
+    def test_cost_from_metadata_and_retention(self):
+        R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}})
+        self.assertEqual(R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}}), (2, 4, 2))
+        self.assertEqual(R.price_of("ollama", "llama3.2", {}), (0.0, 0.0, 0.0))
+        self.assertEqual(R.price_of("openai", "gpt-4o-mini-2024-07-18", {}), (0.15, 0.6, 0.075))
+        self.assertAlmostEqual(R.request_cost((2, 4, 1), {"input": 1000, "cache_read": 400, "output": 100}),
+                               (600 * 2 + 400 * 1 + 100 * 4) / 1e6)
+        before = len(self.db())
+        for i in range(6):
+            self.ask("openai", client_body("openai", "oa/gpt-test", False, text=f"r{i}"))
+        self.assertTrue(wait_until(lambda: len(self.db()) >= before + 6))
+        log = self.h.router.log
+        old = log.settings
+        log.settings = dict(old, log_retention_rows=3)
+        try:
+            log.prune()
+        finally:
+            log.settings = old
+        self.assertEqual(len(self.db()), 3)
+
+    def test_prompts_are_stored_only_when_asked(self):
+        settings = self.h.router.settings
+        settings["log_prompts"] = True
+        self.addCleanup(settings.__setitem__, "log_prompts", False)
+        self.oa.push(Reply(text="the reply text"))
+        self.ask("openai", client_body("openai", "oa/gpt-test", True, text="the prompt text"))
+        self.assertTrue(wait_until(lambda: self.db() and self.db()[-1]["prompt"] == "the prompt text"))
+        self.assertEqual(self.db()[-1]["reply"], "the reply text")
+
+    def test_metrics(self):
+        self.oa.push(Reply(status=503))
+        self.ask("openai", client_body("openai", "chat", False))
+        self.assertTrue(wait_until(lambda: "sage_router_failovers_total" in self.h.call("GET", "/metrics").body.decode()
+                                   and 'provider="oa",reason="status"' in self.h.call("GET", "/metrics").body.decode()))
+        text = self.h.call("GET", "/metrics").body.decode()
+        self.assertIn('sage_router_requests_total{provider="an",model="claude-test",route="chat",status="200"} 1', text)
+        self.assertIn('sage_router_failovers_total{provider="oa",reason="status"} 1', text)
+        self.assertIn('sage_router_request_seconds_bucket{le="+Inf"}', text)
+        self.assertIn("sage_router_first_byte_seconds_count", text)
+        self.assertIn('sage_router_tokens_total{provider="an",model="claude-test",kind="output"} 7', text)
+        self.assertIn('sage_router_breaker_open{provider="oa",model="gpt-test"} 1', text)
+        self.assertIn('sage_router_models{provider="oa"}', text)
+        self.assertIn("# TYPE sage_router_request_seconds histogram", text)
+
+
+class LogLineTests(unittest.TestCase):
+    def test_one_line_per_request_text_and_json_never_keys_or_prompts(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"oa": {"api": "openai", "base_url": fake.base_url, "api_key": "sk-KEY-NEVER-SHOWN",
+                                    "models": {"m": {}}}}, "routes": {}}
+        for fmt in ("text", "json"):
+            with self.subTest(fmt=fmt):
+                stream = io.StringIO()
+                handler = logging.StreamHandler(stream)
+                handler.setFormatter(R.JsonLogFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(message)s"))
+                R.log.addHandler(handler)
+                old = R.log.level
+                R.log.setLevel(logging.INFO)
+                try:
+                    h = Harness(cfg)
+                    h.router.log.line_format = fmt
+                    call(h.port, "POST", "/v1/chat/completions", client_body("openai", "oa/m", False, text="PROMPT-XYZ"))
+                    fake.push(Reply(status=401))
+                    call(h.port, "POST", "/v1/chat/completions", client_body("openai", "oa/m", False))
+                    h.close()
+                finally:
+                    R.log.removeHandler(handler)
+                    R.log.setLevel(old)
+                lines = [x for x in stream.getvalue().splitlines() if "oa/m" in x or '"requested"' in x]
+                self.assertEqual(len(lines), 2, stream.getvalue())
+                out = stream.getvalue()
+                self.assertNotIn("sk-KEY-NEVER-SHOWN", out)
+                self.assertNotIn("PROMPT-XYZ", out)
+                if fmt == "json":
+                    obj = json.loads(lines[0])
+                    self.assertEqual((obj["level"], obj["requested"], obj["provider"], obj["status"]), ("info", "oa/m", "oa", 200))
+                else:
+                    self.assertIn("-> oa/m 200", lines[0])

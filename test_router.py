@@ -3246,7 +3246,7 @@ class OperationsTests(RouterCase):
             self.assertNotIn(b"SECRET PROMPT TEXT", f.read(), "prompt text is not stored by default")
         usage = self.h.call("GET", "/v1/usage?since=1h&group_by=provider").json()
         by = {g["key"]: g for g in usage["groups"]}
-        self.assertEqual(by["an"]["input_tokens"], 2000)
+        self.assertGreaterEqual(by["an"]["input_tokens"], 2000)   # the class shares one log
         self.assertGreaterEqual(usage["totals"]["requests"], 4)
         self.assertGreaterEqual(usage["totals"]["errors"], 1)
         for group in ("model", "route", "day"):

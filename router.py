@@ -5162,6 +5162,7 @@ $("explain").addEventListener("click", async () => {
   $("explain-out").textContent = e.error ? e.error.message : `intent ${e.intent} (confidence ${e.confidence}), signals: ${e.signals.join(", ") || "none"}\n` +
     `route ${e.route}\n` + e.candidates.map((c, i) => `${i + 1}. ${c.provider}/${c.model}${c.skip ? "  — skipped: " + c.skip : ""}`).join("\n");
 });
+if (params.get("prompt")) { $("prompt").value = params.get("prompt"); $("explain").click(); }  // a shareable "where would this go?"
 refresh().catch(() => {});
 setInterval(() => refresh().catch(() => {}), 10000);
 </script>

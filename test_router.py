@@ -3336,3 +3336,207 @@ class LogLineTests(unittest.TestCase):
                     self.assertEqual((obj["level"], obj["requested"], obj["provider"], obj["status"]), ("info", "oa/m", "oa", 200))
                 else:
                     self.assertIn("-> oa/m 200", lines[0])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class StatusPageTests(RouterCase):
+    env = {"SAGE_ROUTER_API_KEY": "page-key-42"}
+
+    def dump_dom(self, url):
+        with tempfile.TemporaryDirectory() as profile:
+            p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--dump-dom", url],
+                               capture_output=True, text=True, timeout=90)
+        return p.stdout
+
+    def test_page_is_self_contained_and_honours_the_key(self):
+        r = self.h.call("GET", "/")
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.headers["content-type"].startswith("text/html"))
+        html = r.body.decode()
+        self.assertNotRegex(html, r"(src|href)=\"https?://", "no external assets: it works offline")
+        self.assertEqual(self.h.call("GET", "/health").status, 200)
+        self.assertEqual(self.h.call("GET", "/v1/requests").status, 401, "the page's data needs the router key")
+        self.assertEqual(self.h.call("GET", "/metrics").status, 401)
+
+    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
+    def test_headless_browser_shows_providers_requests_charts_and_explains(self):
+        key = {"Authorization": "Bearer page-key-42"}
+        self.an.push(Reply(text="for the page"))
+        self.h.call("POST", "/v1/messages", client_body("anthropic", "claude-first", False), key)
+        self.oa.push(Reply(status=500))
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False, text="page request two"), key)
+        self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
+        dom = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key=page-key-42&prompt=Write%20a%20limerick%20about%20tea")
+        for text in ("<td>oa2</td>", "an/claude-test", "claude-first", "HTTP 500: boom → an/claude-test: answered",
+                     "<svg", "cost per day", "oa/gpt-test: open", "<td>chat</td>", "enabled",
+                     "intent creative", "route creative"):
+            self.assertIn(text, dom, text)
+        locked = self.dump_dom(f"http://127.0.0.1:{self.h.port}/")
+        self.assertIn("This router needs its key", locked)
+        self.assertNotIn("HTTP 500: boom", locked, "requests, usage and models need the key (/health does not)")
+
+
+class ReloadTests(unittest.TestCase):
+    def test_reload_swaps_config_refuses_invalid_and_loses_no_request_under_load(self):
+        from concurrent.futures import ThreadPoolExecutor
+        a, b = FakeProvider("openai"), FakeProvider("openai")
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.chaos = lambda: Reply(text="from a", split=3)
+        b.chaos = lambda: Reply(text="from b", split=3)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "providers.json")
+
+            def write(target):
+                with open(path, "w") as f:
+                    json.dump({"providers": {"p": {"api": "openai", "base_url": target.base_url, "api_key": "k",
+                                                   "models": {"m": {}}}}, "routes": {"main": ["p/m"]}}, f)
+            write(a)
+            args = R.build_parser().parse_args(["--config", path, "--env-file", os.devnull, "--data-dir", d])
+            router, _env = R.load_router(args)
+            server = R.serve(router, "127.0.0.1", 0)
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+            self.addCleanup(lambda: (server.shutdown(), server.server_close(), router.close()))
+            port = server.server_address[1]
+
+            def one(i):
+                r = call(port, "POST", "/v1/chat/completions", client_body("openai", "main", bool(i % 2)))
+                got = read_openai(r, bool(i % 2))
+                return r.status == 200 and got["text"] in ("from a", "from b") and got["error"] is None
+            with ThreadPoolExecutor(16) as ex:
+                futures = [ex.submit(one, i) for i in range(160)]
+                for k in range(4):          # reload four times while the requests run
+                    write(b if k % 2 == 0 else a)
+                    self.assertTrue(router.reload())
+                results = [f.result() for f in futures]
+            self.assertTrue(all(results), f"{results.count(False)} request(s) failed during reloads")
+            # A changed file is picked up by the maintenance thread, no signal needed.
+            write(b)
+            os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+            self.assertTrue(wait_until(lambda: read_openai(call(port, "POST", "/v1/chat/completions",
+                                                                client_body("openai", "main", False)), False)["text"] == "from b"))
+            # An invalid new config is refused; the old one keeps serving.
+            with open(path, "w") as f:
+                f.write('{"providers": {"p": {"api": "nope"}}}')
+            self.assertFalse(router.reload())
+            r = call(port, "POST", "/v1/chat/completions", client_body("openai", "main", False))
+            self.assertEqual(read_openai(r, False)["text"], "from b")
+
+
+class ProcessLifecycleTests(unittest.TestCase):
+    def start(self, cfg, extra_env=None):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "providers.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        port = closed_port()
+        env = dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent", **(extra_env or {}))
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config", path,
+                              "--env-file", os.devnull, "--data-dir", d], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: p.poll() is None and p.kill())
+        self.assertTrue(wait_until(lambda: self._up(port), 20), "router did not start")
+        return p, port, d
+
+    @staticmethod
+    def _up(port):
+        try:
+            return call(port, "GET", "/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def test_log_survives_kill_9(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        p, port, d = self.start({"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k",
+                                                     "models": {"m": {}}}}, "routes": {}})
+        for i in range(25):
+            self.assertEqual(call(port, "POST", "/v1/chat/completions", client_body("openai", "p/m", i % 2 == 0)).status, 200)
+        db = os.path.join(d, "requests.db")
+        self.assertTrue(wait_until(lambda: len(db_rows(db)) == 25), "rows are committed within moments")
+        p.kill()                                   # SIGKILL: no chance to flush anything
+        p.wait(10)
+        rows = db_rows(db)
+        self.assertEqual(len(rows), 25)
+        self.assertEqual({r["status"] for r in rows}, {200})
+
+    def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        fake.push(Reply(text="a slow stream that must finish", stall_after=3))
+        p, port, d = self.start({"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k",
+                                                     "models": {"m": {}}}}, "routes": {}})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", json.dumps(client_body("openai", "p/m", True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        first = resp.read1(65536)                  # the stream has started
+        self.assertIn(b"data:", first)
+        p.send_signal(signal.SIGTERM)
+        self.assertTrue(wait_until(lambda: not self._up(port), 10), "no new connections after SIGTERM")
+        self.assertIsNone(p.poll(), "still running while a stream is in flight")
+        fake.release.set()                         # the provider goes on; the stream finishes...
+        rest = resp.read()
+        conn.close()
+        self.assertIn(b"data: [DONE]", first + rest)
+        self.assertEqual(p.wait(20), 0)            # ... and then the router exits cleanly
+
+
+class CommandTests(unittest.TestCase):
+    def run_cmd(self, args, cfg=None, env=None):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        extra = []
+        if cfg is not None:
+            path = os.path.join(d, "providers.json")
+            with open(path, "w") as f:
+                json.dump(cfg, f)
+            extra = ["--config", path]
+        full_env = dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent", **(env or {}))
+        return subprocess.run([sys.executable, os.path.join(HERE, "router.py")] + args + extra +
+                              ["--env-file", os.devnull, "--data-dir", d], capture_output=True, text=True,
+                              timeout=60, env=full_env, cwd=d)
+
+    def test_check_models_route(self):
+        good, bad = FakeProvider("openai"), FakeProvider("anthropic")
+        self.addCleanup(good.close)
+        self.addCleanup(bad.close)
+        good.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [{"id": "gpt-found", "object": "model"}]}}
+        bad.listing = {"/v1/models": lambda q, b: (401, {"type": "error", "error": {"type": "authentication_error",
+                                                                                  "message": "invalid x-api-key"}})}
+        cfg = {"providers": {"good": {"api": "openai", "base_url": good.base_url, "api_key": "k1", "models": {"m": {}}},
+                             "bad": {"api": "anthropic", "base_url": bad.base_url, "api_key": "SECRET-BAD", "models": {}},
+                             "off": {"api": "openai", "base_url": good.base_url, "api_key": "${UNSET_VAR_X}"}},
+               "routes": {"code": ["good/m"]}}
+        r = self.run_cmd(["check"], cfg)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertRegex(r.stdout, r"good\s+openai\s+#1\s+OK")
+        self.assertRegex(r.stdout, r"bad\s+anthropic\s+#1\s+FAIL\s+HTTP 401: invalid x-api-key")
+        self.assertIn("UNSET_VAR_X", r.stdout)
+        self.assertNotIn("SECRET-BAD", r.stdout + r.stderr)
+        cfg["providers"].pop("bad")
+        self.assertEqual(self.run_cmd(["check"], cfg).returncode, 0)
+        r = self.run_cmd(["models"], cfg)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("good/gpt-found", r.stdout)
+        self.assertIn("code: good/m", r.stdout)
+        r = self.run_cmd(["route", "Fix the failing test in parser.py"], cfg)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("intent: code", r.stdout)
+        self.assertIn("1. good/m", r.stdout)
+        r = self.run_cmd(["check"], {"providers": {"x": {"api": "nope"}}})
+        self.assertEqual(r.returncode, 2)
+
+    def test_systemd_unit(self):
+        r = self.run_cmd(["systemd-unit", "--port", "8791"])
+        self.assertEqual(r.returncode, 0)
+        unit = r.stdout
+        for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "Restart=on-failure", "User=sage-router",
+                     "EnvironmentFile=", "ExecReload=/bin/kill -HUP $MAINPID", "--port 8791", "[Install]"):
+            self.assertIn(line, unit)

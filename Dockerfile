@@ -10,6 +10,7 @@ RUN python3 -m compileall -q /app
 USER sage
 ENV PYTHONUNBUFFERED=1
 VOLUME ["/data"]
+STOPSIGNAL SIGTERM
 EXPOSE 8790
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \

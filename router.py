@@ -4233,7 +4233,14 @@ _PRICE_RULES = [(re.compile(p, re.I), c) for p, c in PRICE_RULES]
 
 def price_of(provider_api, model_id, caps):
     """(input, output, cached) USD per million tokens: the model's `cost` metadata, else the
-    shipped defaults by name; Ollama models are free."""
+    shipped defaults by name; Ollama models are free. Kept in the capabilities once found."""
+    if "_price" in caps:
+        return caps["_price"]
+    caps["_price"] = price = _price_of(provider_api, model_id, caps)
+    return price
+
+
+def _price_of(provider_api, model_id, caps):
     cost = caps.get("cost") if isinstance(caps.get("cost"), dict) else None
     if cost:
         return cost.get("input", 0.0), cost.get("output", 0.0), cost.get("cached", cost.get("input", 0.0))
@@ -4370,6 +4377,7 @@ class RequestLog:
     queue. Prompt and reply text are stored only when `log_prompts` is on. Retention: rows older
     than `log_retention_days`, and beyond the newest `log_retention_rows`, are deleted."""
 
+    BATCH_SECONDS = 0.05
     COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model", "attempts", "status",
                "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cached_tokens", "cost", "stream",
                "error", "prompt", "reply")
@@ -4417,8 +4425,10 @@ class RequestLog:
         last_prune = 0.0
         while True:
             item = self.queue.get()
+            if item is not None:
+                time.sleep(self.BATCH_SECONDS)   # gather a batch: one commit, one wake-up per 50 ms at most
             batch = [item]
-            while len(batch) < 500:
+            while len(batch) < 1000:
                 try:
                     batch.append(self.queue.get_nowait())
                 except queue.Empty:

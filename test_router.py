@@ -3488,6 +3488,28 @@ class ProcessLifecycleTests(unittest.TestCase):
         self.assertEqual(p.wait(20), 0)            # ... and then the router exits cleanly
 
 
+class SighupTests(unittest.TestCase):
+    start, _up = ProcessLifecycleTests.start, ProcessLifecycleTests._up
+
+    def test_sighup_reloads(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k", "models": {"m": {}}}},
+               "routes": {}, "strict": True}
+        p, port, d = self.start(cfg)
+        self.assertEqual(call(port, "POST", "/v1/chat/completions", client_body("openai", "p/new-model", False)).status, 200)
+        self.assertEqual(call(port, "POST", "/v1/chat/completions", client_body("openai", "fresh", False)).status, 404)
+        path = os.path.join(d, "providers.json")
+        st = os.stat(path)
+        cfg["routes"]["fresh"] = ["p/m"]
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))     # the file looks unchanged: only the signal tells
+        p.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_until(lambda: call(port, "POST", "/v1/chat/completions",
+                                                client_body("openai", "fresh", False)).status == 200))
+
+
 class CommandTests(unittest.TestCase):
     def run_cmd(self, args, cfg=None, env=None):
         d = tempfile.mkdtemp()

@@ -3489,7 +3489,7 @@ class ProcessLifecycleTests(unittest.TestCase):
 
 
 class SighupTests(unittest.TestCase):
-    start, _up = ProcessLifecycleTests.start, ProcessLifecycleTests._up
+    start, _up = ProcessLifecycleTests.start, staticmethod(ProcessLifecycleTests._up)
 
     def test_sighup_reloads(self):
         fake = FakeProvider("openai")

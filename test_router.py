@@ -3439,7 +3439,8 @@ class ProcessLifecycleTests(unittest.TestCase):
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config", path,
                               "--env-file", os.devnull, "--data-dir", d], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.addCleanup(lambda: p.poll() is None and p.kill())
+        self.addCleanup(p.stdout.close)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
         self.assertTrue(wait_until(lambda: self._up(port), 20), "router did not start")
         return p, port, d
 

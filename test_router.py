@@ -342,8 +342,10 @@ class FakeProvider:
                         r = Reply()
                 fake.serve(self, r, body)
 
-            def _json(self, status, obj, extra=None):
+            def _json(self, status, obj, extra=None, record=False):
                 data = json.dumps(obj).encode()
+                if record:
+                    fake.sent.append(data)     # before the client can see it
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -391,11 +393,10 @@ class FakeProvider:
             h.close_connection = True
             return
         if r.status != 200:
-            data = h._json(r.status, r.body if r.body is not None else {"error": {"message": "boom"}}, r.headers)
-            self.sent.append(data)
+            h._json(r.status, r.body if r.body is not None else {"error": {"message": "boom"}}, r.headers, record=True)
             return
         if r.count is not None:
-            self.sent.append(h._json(200, {"input_tokens": r.count}))
+            h._json(200, {"input_tokens": r.count}, record=True)
             return
         model = body.get("model", "?")
         stream = body.get("stream", self.api == "ollama")
@@ -416,7 +417,7 @@ class FakeProvider:
                 h.connection.shutdown(socket.SHUT_RDWR)
                 h.close_connection = True
                 return
-            self.sent.append(h._json(200, obj))
+            h._json(200, obj, record=True)
             if r.close:
                 h.close_connection = True
             return
@@ -448,6 +449,8 @@ class FakeProvider:
         h.end_headers()
         if r.stall == "body":
             self.release.wait(10)
+        if r.cut_after is None and r.stall_after is None:
+            self.sent.append(b"".join(events))    # recorded before the client can have read it all
         sent = b""
         try:
             for i, e in enumerate(events):
@@ -470,7 +473,8 @@ class FakeProvider:
             h.wfile.write(b"0\r\n\r\n")
         except OSError:
             pass
-        self.sent.append(sent)
+        if r.cut_after is not None or r.stall_after is not None:
+            self.sent.append(sent)
         if r.close:
             h.close_connection = True
 

@@ -2953,14 +2953,14 @@ class DiscoveryError(Exception):
     pass
 
 
-def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT):
+def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, key_index=0):
     """One small JSON call to a provider's own API, on a short-lived connection."""
     if prov.scheme == "https":
         conn = http.client.HTTPSConnection(prov.host, prov.port, timeout=timeout, context=prov.ssl_context)
     else:
         conn = http.client.HTTPConnection(prov.host, prov.port, timeout=timeout)
     try:
-        headers = prov.auth_headers(prov.keys[0] if prov.keys else None)
+        headers = prov.auth_headers(prov.keys[key_index] if prov.keys else None)
         conn.request(method, prov.base_path + path, dumps(body).encode() if body is not None else None, headers)
         resp = conn.getresponse()
         data = resp.read(16 << 20)
@@ -5536,13 +5536,11 @@ def _table(rows, head):
     return "\n".join(line.rstrip() for line in lines)
 
 
-def probe(prov, key):
+def probe(prov, key_index):
     """A cheap call with one key: the provider's model list. -> (ok, detail)."""
     path = {"ollama": "/api/tags", "anthropic": "/v1/models?limit=1", "gemini": "/models?pageSize=1"}.get(prov.api, "/models")
-    one = Provider.__new__(Provider)
-    one.__dict__.update(prov.__dict__, keys=[key] if key else [])
     try:
-        data = _fetch_json(one, path)
+        data = _fetch_json(prov, path, key_index=key_index)
     except DiscoveryError as e:
         return False, str(e)[:120]
     n = len(data.get("data") or data.get("models") or []) if isinstance(data, dict) else 0
@@ -5557,7 +5555,7 @@ def cmd_check(router):
         if not p.enabled:
             rows.append((p.name, p.api, "-", "off", p.disabled_reason))
             continue
-        results = [probe(p, k) for k in (p.keys or [None])]
+        results = [probe(p, i) for i in range(max(1, len(p.keys)))]
         for i, (ok, detail) in enumerate(results):
             rows.append((p.name, p.api, f"#{i + 1}" if p.keys else "(none)", "OK" if ok else "FAIL",
                          detail if ok else f"{detail} -- check the key or base_url ({p.base_url})"))

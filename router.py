@@ -3940,7 +3940,7 @@ class Context:
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
                  "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
-                 "status", "error")
+                 "status", "error", "out_chars")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -3952,6 +3952,7 @@ class Context:
         self.previous_provider = self.ttfb = self.collect = self.on_commit = self.on_complete = None
         self.passthrough = True    # False when the router had to change the request's history
         self.status, self.error = 200, None
+        self.out_chars = 0         # streamed output, for a usage estimate when the provider gives none
         self.same = False
         self.started = time.monotonic()
 
@@ -4167,7 +4168,9 @@ class Dispatcher:
             if ctx.collect is not None:
                 ctx.collect.extend(evs)
             for ev in evs:
-                if ev[0] == "end":
+                if ev[0] in ("text", "thinking", "args"):
+                    ctx.out_chars += len(ev[1])
+                elif ev[0] == "end":
                     ctx.usage = ev[2]
                     if ctx.on_complete is not None:
                         ctx.on_complete()      # before the client can read the end and ask again
@@ -4534,6 +4537,10 @@ def request_row(ctx, catalogue, log_prompts):
     usage = ctx.usage or {}
     prov = catalogue.providers.get(ctx.provider) if ctx.provider else None
     ok = ctx.status < 400
+    if ok and prov is not None and not usage.get("input") and not usage.get("output"):
+        # The provider reported no usage (an OpenAI-compatible stream whose client did not ask for
+        # include_usage): estimate it, so usage and cost are not silently zero.
+        usage = dict(empty_usage(), input=ctx.estimate, output=max(1, ctx.out_chars // 4) if ctx.out_chars else 0)
     cost = request_cost(price_of(prov.api, ctx.upstream_model, catalogue.meta(ctx.provider, ctx.upstream_model)),
                         usage) if prov is not None and ok and usage else 0.0
     attempts = [{"provider": p, "model": m, "kind": k, "reason": r, "status": s} for (p, m), k, r, s, _ra in ctx.attempts]

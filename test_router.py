@@ -3281,6 +3281,18 @@ class OperationsTests(RouterCase):
             log.settings = old
         self.assertEqual(len(self.db()), 3)
 
+    def test_usage_is_estimated_when_the_provider_reports_none(self):
+        wait_until(lambda: self.h.router.log.queue.empty())
+        before = len(self.db())
+        body = client_body("openai", "oa/gpt-test", True, text="x" * 400)
+        del body["stream_options"]             # like Aider: no usage chunk asked for, none sent
+        self.oa.push(Reply(text="y" * 80))
+        self.ask("openai", body)
+        self.assertTrue(wait_until(lambda: len(self.db()) > before))
+        row = self.db()[-1]
+        self.assertGreater(row["input_tokens"], 90)
+        self.assertEqual(row["output_tokens"], 20)
+
     def test_prompts_are_stored_only_when_asked(self):
         settings = self.h.router.settings
         settings["log_prompts"] = True

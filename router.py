@@ -3684,8 +3684,6 @@ def guess_dialect(body, headers):
     return "openai"
 
 
-OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
-
 #: Request fields that steer the router (OpenRouter's); consumed here, never sent on.
 ROUTING_FIELDS = ("models", "provider")
 
@@ -5054,6 +5052,8 @@ POST_ROUTES = {
     "/api/generate": ("ollama", "generate"),
     "/api/show": ("ollama", "show"),
 }
+OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
+
 ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
              "GET /v1/models, POST /v1/route, GET /v1/usage, GET /v1/requests, POST /api/chat, POST /api/generate, "
              "GET /api/tags, POST /api/show, GET /api/version, GET /health, GET /metrics, GET / (status page)")

@@ -3205,7 +3205,7 @@ def openclaw_providers(path, env):
 
 NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside router.py (for example "
                     "OPENAI_API_KEY=sk-... or ANTHROPIC_API_KEY=sk-ant-...), or add a provider to "
-                    "providers.json, then restart the router.")
+                    "providers.json; the router picks the change up by itself within a second.")
 
 
 # =================================================================================================

@@ -5505,11 +5505,15 @@ def make_loader(args):
     return load
 
 
-def env_path(args):
-    path = args.env_file or ".env"
-    if args.env_file is None and not os.path.exists(path) and os.path.exists(_here(".env")):
-        path = _here(".env")
-    return os.path.abspath(path)
+def watched_files(args, source):
+    """The files whose change reloads the config: providers.json, and the .env that is used or,
+    before there is one, both places it may appear (the current folder, beside router.py)."""
+    paths = [source] if os.path.exists(source) else []
+    if args.env_file:
+        paths.append(args.env_file)
+    else:
+        paths += [".env", _here(".env")]
+    return list(dict.fromkeys(os.path.abspath(p) for p in paths))
 
 
 def load_router(args):
@@ -5518,13 +5522,11 @@ def load_router(args):
     cfg, env, source = loader()
     router = Router(cfg, env, source, args.data_dir, args.log_format)
     router.loader = loader
-    for path in (source, env_path(args)):
-        if os.path.isabs(path) or os.path.exists(path):
-            path = os.path.abspath(path)
-            try:
-                router.watch[path] = os.stat(path).st_mtime_ns
-            except OSError:
-                router.watch[path] = None
+    for path in watched_files(args, source):
+        try:
+            router.watch[path] = os.stat(path).st_mtime_ns
+        except OSError:
+            router.watch[path] = None
     return router, env
 
 

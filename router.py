@@ -2909,7 +2909,7 @@ class Catalogue:
         if name in self.routes or name in AUTO_NAMES or name in self.bare:
             return True
         pname, _, mid = name.partition("/")
-        return pname in self.providers and (not mid or mid in self.providers[pname].models)
+        return pname in self.providers and mid in self.providers[pname].models
 
     @property
     def enabled(self):
@@ -3636,13 +3636,15 @@ def _route_of(cat, name, intent):
     if name in cat.routes:
         return name, list(cat.routes[name])
     pname, _, rest = name.partition("/")
+    if (pname, rest) in cat.caps:
+        return "explicit", [(pname, rest)]
+    if name in cat.bare:     # before PROVIDER/unlisted-model: OpenRouter ids like anthropic/claude-x
+        return "explicit", list(cat.bare[name])
     prov = cat.providers.get(pname) if rest else None
     if prov is not None:
         if not prov.enabled:
             raise ApiError(404, "not_found", f"model {name!r}: provider {pname!r} is disabled: {prov.disabled_reason}")
         return "explicit", [(pname, rest)]
-    if name in cat.bare:
-        return "explicit", list(cat.bare[name])
     return None, None
 
 

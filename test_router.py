@@ -1371,6 +1371,17 @@ class ModelNameTests(RouterCase):
         self.assertEqual(r.json()["type"], "error")
         self.assertEqual(r.json()["error"]["type"], "not_found_error")
 
+    def test_openrouter_style_ids_that_start_with_a_provider_name(self):
+        cat = self.h.router.catalogue
+        cat.bare["an/claude-x.5"] = [("oa2", "an/claude-x.5")]     # as if OpenRouter listed "an/claude-x.5"
+        cat.caps[("oa2", "an/claude-x.5")] = R.infer_capabilities("an/claude-x.5")
+        self.addCleanup(cat.bare.pop, "an/claude-x.5")
+        self.addCleanup(cat.caps.pop, ("oa2", "an/claude-x.5"))
+        r, _ = self.ask("openai", client_body("openai", "an/claude-x.5", False))
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-model"]), ("oa2", "an/claude-x.5"))
+        r, _ = self.ask("openai", client_body("openai", "an/claude-unlisted", False))
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-model"]), ("an", "claude-unlisted"))
+
     def test_disabled_provider_model_says_why(self):
         r = self.post("openai", client_body("openai", "nokey/locked", False))
         self.assertEqual(r.status, 404)

@@ -2943,6 +2943,7 @@ class Catalogue:
 # except the rate-limited refresh for an unknown model name), merged into a new Catalogue.
 
 DISCOVERY_TIMEOUT = 5.0
+REQUEST_DISCOVERY_TIMEOUT = 2.0   # per source, for the refresh a request with an unknown model triggers
 #: Model ids that are not chat models (OpenAI-style lists mix them in).
 NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|moderation|"
                          r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard|"
@@ -3016,13 +3017,13 @@ def _openai_list_meta(m):
     return meta
 
 
-def discover_models(prov, known=None):
+def discover_models(prov, known=None, timeout=DISCOVERY_TIMEOUT):
     """The provider's current chat models -> {model_id: metadata}. `known` (the last list) saves
     Ollama's per-model /api/show calls for models already seen. Raises DiscoveryError."""
     known = known or {}
     out = {}
     if prov.api == "ollama":
-        for m in _fetch_json(prov, "/api/tags").get("models") or []:
+        for m in _fetch_json(prov, "/api/tags", timeout=timeout).get("models") or []:
             name = m.get("name") or m.get("model")
             if not isinstance(name, str):
                 continue
@@ -3032,13 +3033,14 @@ def discover_models(prov, known=None):
                 out[name] = known[name]
                 continue
             try:
-                out[name] = _ollama_meta(_fetch_json(prov, "/api/show", "POST", {"model": name}))
+                out[name] = _ollama_meta(_fetch_json(prov, "/api/show", "POST", {"model": name}, timeout))
             except DiscoveryError:
                 out[name] = {}
     elif prov.api == "anthropic":
         after = None
         for _page in range(100):
-            page = _fetch_json(prov, "/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""))
+            page = _fetch_json(prov, "/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""),
+                               timeout=timeout)
             for m in page.get("data") or []:
                 out[m["id"]] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
             after = page.get("last_id")
@@ -3047,7 +3049,8 @@ def discover_models(prov, known=None):
     elif prov.api == "gemini":
         token = None
         for _page in range(100):
-            page = _fetch_json(prov, "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else ""))
+            page = _fetch_json(prov, "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else ""),
+                               timeout=timeout)
             for m in page.get("models") or []:
                 if "generateContent" not in (m.get("supportedGenerationMethods") or []):
                     continue
@@ -3058,7 +3061,7 @@ def discover_models(prov, known=None):
             if not token:
                 break
     else:   # OpenAI, NVIDIA NIM, OpenRouter, the OpenClaw gateway, vLLM, LM Studio, ...
-        for m in _fetch_json(prov, "/models").get("data") or []:
+        for m in _fetch_json(prov, "/models", timeout=timeout).get("data") or []:
             mid = m.get("id") if isinstance(m, dict) else None
             if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
                 out[mid] = _openai_list_meta(m)
@@ -3081,13 +3084,13 @@ class Discovery:
         st = self.state.get(prov.name)
         return st is None or now >= st["next"]
 
-    def refresh(self, prov, interval):
+    def refresh(self, prov, interval, timeout=DISCOVERY_TIMEOUT):
         """Fetch one provider's list; True when the catalogue changed."""
         with self.lock:
             known = dict(self.models.get(prov.name, {}))
         st = self.state.setdefault(prov.name, {"fails": 0, "next": 0.0, "error": None, "ok": None})
         try:
-            got = discover_models(prov, known)
+            got = discover_models(prov, known, timeout)
         except DiscoveryError as e:
             st["fails"] += 1
             st["error"] = str(e)[:300]
@@ -4687,18 +4690,18 @@ class Router:
                     prov.memo = old.memo
         return cat
 
-    def discover(self, force=False, timeout=None):
+    def discover(self, force=False, wait=None, timeout=DISCOVERY_TIMEOUT):
         """Refresh the model lists that are due (all when forced); a changed list rebuilds the
-        catalogue and rewrites its cache. Returns whether anything changed."""
-        # A forced refresh (for a request) waits for one already under way rather than skipping it.
-        if not self._discover_lock.acquire(timeout=4 * DISCOVERY_TIMEOUT if force else -1):
+        catalogue and rewrites its cache. Returns whether anything changed. `wait`: how long to
+        wait for a refresh already under way (None: as long as it takes)."""
+        if not self._discover_lock.acquire(timeout=-1 if wait is None else wait):
             return False
         try:
             changed = False
             now = time.monotonic()
             for prov in self.catalogue.enabled:
                 if prov.discover and (force or self.discovery.due(prov, now, prov.discover_interval)):
-                    changed |= self.discovery.refresh(prov, prov.discover_interval)
+                    changed |= self.discovery.refresh(prov, prov.discover_interval, timeout)
             if changed:
                 self.catalogue = self._build()
                 self.save_catalogue_cache()
@@ -4713,7 +4716,7 @@ class Router:
         if now - self._forced_at < 30:
             return False
         self._forced_at = now
-        return self.discover(force=True)
+        return self.discover(force=True, wait=REQUEST_DISCOVERY_TIMEOUT, timeout=REQUEST_DISCOVERY_TIMEOUT)
 
     @property
     def catalogue_file(self):

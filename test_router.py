@@ -1819,6 +1819,37 @@ class OpenAISDKTests(RouterCase):
                 self.assertEqual(finish, "tool_calls")
                 self.assertEqual(usage.completion_tokens, 7)
 
+    def test_responses_api_whole_and_streamed(self):
+        c = self.client()
+        tools = [dict(WEATHER_OA["function"], type="function")]
+        for model, fake, tid in (("an/claude-test", self.an, "toolu_r1"), ("oa/gpt-test", self.oa, "call_r1")):
+            with self.subTest(model=model):
+                fake.push(Reply(text="Checking.", tools=[(tid, "get_weather", {"city": "Bern"})]))
+                r = c.responses.create(model=model, input="Weather in Bern?", instructions="Be brief.", tools=tools)
+                self.assertEqual(r.status, "completed")
+                calls = [o for o in r.output if o.type == "function_call"]
+                self.assertEqual((calls[0].name, json.loads(calls[0].arguments)), ("get_weather", {"city": "Bern"}))
+                self.assertEqual(r.output_text, "Checking.")
+                fake.push(Reply(text="It is sunny."))
+                r2 = c.responses.create(model=model, tools=tools, input=[
+                    {"role": "user", "content": "Weather in Bern?"},
+                    {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+                    {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
+                self.assertEqual(r2.output_text, "It is sunny.")
+                fake.push(Reply(text="Streamed answer.", thinking="brief thought"))
+                kinds, text = [], ""
+                with c.responses.stream(model=model, input="Stream please") as s:
+                    for ev in s:
+                        kinds.append(ev.type)
+                        if ev.type == "response.output_text.delta":
+                            text += ev.delta
+                    final = s.get_final_response()
+                self.assertEqual(text, "Streamed answer.")
+                self.assertEqual(final.output_text, "Streamed answer.")
+                self.assertEqual(kinds[0], "response.created")
+                self.assertEqual(kinds[-1], "response.completed")
+                self.assertIn("response.reasoning_summary_text.delta", kinds)
+
     def test_sdk_errors_and_models(self):
         c = self.client()
         self.h.router.catalogue.strict = True

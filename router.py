@@ -3617,7 +3617,7 @@ class Plan:
     """Where a request goes: the route, the intent, the candidates to try in order, and the ones
     left out with the reason."""
 
-    __slots__ = ("route", "intent", "confidence", "signals", "candidates", "skipped", "allow_default")
+    __slots__ = ("route", "intent", "confidence", "signals", "candidates", "skipped")
 
     def __init__(self, route, intent, candidates, skipped):
         self.route = route
@@ -3941,7 +3941,7 @@ class Context:
     """One inbound generation request on its way through decode, plan and dispatch."""
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
-                 "attempts", "provider", "upstream_model", "usage", "route", "started", "plan",
+                 "attempts", "provider", "upstream_model", "usage", "started", "plan",
                  "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
                  "status", "error", "out_chars")
 
@@ -3951,7 +3951,7 @@ class Context:
         self.model = req["model"]
         self.estimate = 0
         self.attempts = []
-        self.provider = self.upstream_model = self.usage = self.route = self.plan = None
+        self.provider = self.upstream_model = self.usage = self.plan = None
         self.previous_provider = self.ttfb = self.collect = self.on_commit = self.on_complete = None
         self.passthrough = True    # False when the router had to change the request's history
         self.status, self.error = 200, None
@@ -3968,7 +3968,7 @@ class Dispatcher:
         self.pool = pool
 
     # -- sending --------------------------------------------------------------------------------
-    def _send(self, prov, path, headers, payload):
+    def send(self, prov, path, headers, payload):
         for fresh in (False, True):
             conn, reused = self.pool.get(prov, fresh)
             try:
@@ -3995,7 +3995,7 @@ class Dispatcher:
                 raise Failover("connect", f"connection failed ({type(e).__name__}: {e})", next_key=False)
         raise AssertionError("unreachable")
 
-    def _release(self, prov, conn, resp):
+    def release(self, prov, conn, resp):
         if resp.isclosed() and not resp.will_close:
             self.pool.put(prov, conn)
         else:
@@ -4057,7 +4057,7 @@ class Dispatcher:
             headers["anthropic-beta"] = ctx.headers["anthropic-beta"]
         ctx.upstream_model = mid
         t0 = time.monotonic()
-        conn, resp = self._send(prov, pc.request_path(prov, mid, ctx.stream), headers, dumps(body).encode())
+        conn, resp = self.send(prov, pc.request_path(prov, mid, ctx.stream), headers, dumps(body).encode())
         if resp.status >= 300:
             try:
                 data = resp.read(1 << 20)
@@ -4135,7 +4135,7 @@ class Dispatcher:
         if conn.sock:
             conn.sock.settimeout(prov.idle_timeout)
         self._deliver(ctx, prov, same, b"".join(held_raw), held, source)
-        self._release(prov, conn, resp)
+        self.release(prov, conn, resp)
 
     def _deliver(self, ctx, prov, same, raw, events, source=()):
         """Write the committed answer: held bytes/events first, then the rest of the source."""
@@ -4855,7 +4855,7 @@ class Router:
         akey = Affinity.key(ctx.req)
         previous = affinity.get(akey)
         plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, previous)
-        ctx.plan, ctx.route = plan, plan.route
+        ctx.plan = plan
         ctx.previous_provider = previous[0] if previous else None
         ctx.estimate = estimate_tokens(ctx.req)
         fallback = None
@@ -4946,10 +4946,10 @@ class Router:
                     hdrs["anthropic-beta"] = headers["anthropic-beta"]
                 fwd = dict(body, model=mid)
                 try:
-                    conn, resp = self.dispatcher._send(prov, prov.base_path + "/v1/messages/count_tokens",
+                    conn, resp = self.dispatcher.send(prov, prov.base_path + "/v1/messages/count_tokens",
                                                        hdrs, dumps(fwd).encode())
                     data = resp.read()
-                    self.dispatcher._release(prov, conn, resp)
+                    self.dispatcher.release(prov, conn, resp)
                     if resp.status == 200:
                         obj = json.loads(data)
                         if isinstance(obj.get("input_tokens"), int):

@@ -77,6 +77,7 @@ DEFAULT_SETTINGS = {
     "max_cooldown_seconds": 600.0,
     "quota_cooldown_seconds": 3600.0,  # cooldown after a quota or billing error
     "breaker_threshold": 1,          # consecutive failures that open a candidate's breaker
+    "probe_seconds": 5.0,            # first probe of an open breaker after this (then 10, 20, ...); 0: never
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
     "discovery_interval": 60.0,      # seconds between two refreshes of a provider's model list
     "import_openclaw": True,         # import the providers of ~/.openclaw/openclaw.json
@@ -349,6 +350,18 @@ STATUS_ERROR_TYPE = {400: "invalid_request", 401: "authentication", 402: "billin
 
 def dumps(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def safe_text(s, limit=200):
+    """A client-supplied string as it may appear in a log line or an error message: quoted,
+    control characters (CR, LF, ...) escaped, at most `limit` characters."""
+    s = str(s)
+    if len(s) > limit:
+        s = s[:limit] + "..."
+    return "'" + _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", s) + "'"
 
 
 def new_id(prefix):
@@ -2731,6 +2744,8 @@ class Provider:
         self.discover_interval = cfg.get("discover_interval", settings["discovery_interval"])
         self.anthropic_version = cfg.get("anthropic_version", "2023-06-01")
         self._ssl_context = None
+        #: What a reload compares: a changed entry or key resets the provider's breakers.
+        self.fingerprint = hashlib.sha256(dumps([cfg, self.keys, self.base_url, self.headers]).encode()).hexdigest()
 
     @property
     def ssl_context(self):
@@ -2785,7 +2800,7 @@ class Provider:
     def public(self):
         """What /health may show: never a key."""
         return {"name": self.name, "api": self.api, "base_url": self.base_url, "enabled": self.enabled,
-                "disabled_reason": self.disabled_reason, "keys": len(self.keys), "models": sorted(self.models)}
+                "disabled_reason": self.disabled_reason}
 
 
 #: Capabilities by model name, for models without explicit metadata (explicit metadata in
@@ -2920,6 +2935,13 @@ class Catalogue:
         caps = self.caps.get((pname, mid))
         return caps if caps is not None else infer_capabilities(mid)
 
+    def closest(self, name, n=3):
+        """The known model names most like `name` (for a 404 that helps with a typo)."""
+        import difflib
+        names = self.model_names()
+        low = {x.lower(): x for x in names}
+        return [low[x] for x in difflib.get_close_matches(name.lower(), list(low), n=n, cutoff=0.0)]
+
     def alias(self, model):
         """The alias target for an unknown model name, else None."""
         low = model.lower()
@@ -2954,15 +2976,17 @@ class DiscoveryError(Exception):
     pass
 
 
-def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, key_index=0):
-    """One small JSON call to a provider's own API, on a short-lived connection."""
+def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, key_index=0, base=True):
+    """One small JSON call to a provider's own API, on a short-lived connection (`path` is below
+    the provider's base path unless base is False)."""
     if prov.scheme == "https":
         conn = http.client.HTTPSConnection(prov.host, prov.port, timeout=timeout, context=prov.ssl_context)
     else:
         conn = http.client.HTTPConnection(prov.host, prov.port, timeout=timeout)
     try:
-        headers = prov.auth_headers(prov.keys[key_index] if prov.keys else None)
-        conn.request(method, prov.base_path + path, dumps(body).encode() if body is not None else None, headers)
+        headers = prov.auth_headers(prov.keys[key_index] if prov.keys and key_index is not None else None)
+        conn.request(method, (prov.base_path if base else "") + path,
+                     dumps(body).encode() if body is not None else None, headers)
         resp = conn.getresponse()
         data = resp.read(16 << 20)
         if resp.status != 200:
@@ -3066,6 +3090,33 @@ def discover_models(prov, known=None, timeout=DISCOVERY_TIMEOUT):
             if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
                 out[mid] = _openai_list_meta(m)
     return out
+
+
+PROBE_TIMEOUT = 10.0
+
+
+def probe(prov, key_index, model=None, settings=None):
+    """A cheap call with one key -> (ok, detail). Without a model: the provider's model list
+    (is it up, does the key work?). With one: the smallest generation the dialect allows (a
+    16-token reply to "ping"), for a model whose failures the list cannot tell apart."""
+    pc = CODECS[prov.api]
+    if model is None:
+        path = {"ollama": "/api/tags", "anthropic": "/v1/models?limit=1", "gemini": "/models?pageSize=1"}.get(
+            prov.api, "/models")
+        try:
+            data = _fetch_json(prov, path, key_index=key_index)
+        except DiscoveryError as e:
+            return False, str(e)[:120]
+        n = len(data.get("data") or data.get("models") or []) if isinstance(data, dict) else 0
+        return True, f"ok ({n} model{'s' if n != 1 else ''} listed)" if n else "ok"
+    req = openai_decode_request({"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 16})
+    body = pc.encode_request(req, model, prov, infer_capabilities(model, prov.models.get(model)),
+                             settings or DEFAULT_SETTINGS)
+    try:
+        _fetch_json(prov, pc.request_path(prov, model, False), "POST", body, PROBE_TIMEOUT, key_index, base=False)
+    except DiscoveryError as e:
+        return False, str(e)[:120]
+    return True, "ok (answered a 16-token probe)"
 
 
 class Discovery:
@@ -3319,6 +3370,7 @@ _NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven t
                           "hundred thousand million half twice double triple third quarter".split())
 _QUESTION = frozenset("how what find calculate determine".split())
 INTENTS = ("code", "creative", "reasoning", "general")
+UNSURE_BELOW = 0.3      # a detected intent with less confidence than this is "unsure"
 
 
 def _compile_vocab():
@@ -3410,35 +3462,40 @@ def detect_intent(req):
 # ------------------------------------------------------------------------------------ health --
 
 class Breaker:
-    __slots__ = ("fails", "opens", "until", "trial", "latency", "error")
+    """One circuit breaker. cause: what set the cooldown: "error" (doubling cooldowns), "quota"
+    (quota_cooldown_seconds) or "retry_after" (a Retry-After or rate-limit reset header: exact)."""
+
+    __slots__ = ("fails", "opens", "until", "trial", "latency", "error", "cause", "probe_at", "probe_step",
+                 "probe_error")
 
     def __init__(self):
         self.fails = self.opens = 0
-        self.until = self.trial = 0.0
-        self.latency = None
-        self.error = None
+        self.until = self.trial = self.probe_at = self.probe_step = 0.0
+        self.latency = self.error = self.cause = self.probe_error = None
 
 
 class Health:
     """Circuit breakers for providers, models (provider/model) and keys, guarded by one lock that
-    is never held during I/O. `breaker_threshold` consecutive failures open a breaker for a
-    cooldown that doubles with each opening up to a cap; Retry-After and rate-limit reset headers
-    set it exactly; quota or billing errors set a long one. When it runs out the breaker is
-    half-open: one request may try (others keep treating it as cooling) and its success closes it.
-    Keys answered with 401/403 are dead until a restart or reload. Keys of breakers: ("provider",
-    name), (name, model), ("key", name, index)."""
+    is never held during I/O. Keys of breakers: ("provider", name), (name, model), ("key", name,
+    index); model breakers exist only for models the catalogue knows (the router checks).
+
+    `breaker_threshold` consecutive failures open a closed breaker for `cooldown_seconds`. When the
+    cooldown runs out the breaker is half-open: one request may try (others keep treating it as
+    cooling for a moment); its success closes the breaker, its failure opens it again for twice
+    as long, up to `max_cooldown_seconds`. A request that tries a candidate while it is still
+    cooling (because everything is) never lengthens the cooldown. Retry-After and rate-limit reset
+    headers set the cooldown exactly; quota or billing errors set `quota_cooldown_seconds`. While a
+    provider or model breaker is open the maintenance thread probes it (probes_due / probed) and a
+    good probe closes it. Keys answered with 401/403 are dead until a reload or a reset."""
 
     TRIAL_SECONDS = 60.0
 
     def __init__(self, settings):
         self.lock = threading.Lock()
-        self.base = settings["cooldown_seconds"]
-        self.cap = settings["max_cooldown_seconds"]
-        self.quota = settings["quota_cooldown_seconds"]
-        self.threshold = max(1, int(settings["breaker_threshold"]))
         self.state = {}
-        self.dead_keys = set()
+        self.dead_keys = {}     # (provider, key index) -> why it was rejected
         self.dirty = False
+        self.reconfigure(settings)
 
     def reconfigure(self, settings):
         """New settings after a reload; keys rejected with 401/403 get another chance."""
@@ -3447,7 +3504,11 @@ class Health:
             self.cap = settings["max_cooldown_seconds"]
             self.quota = settings["quota_cooldown_seconds"]
             self.threshold = max(1, int(settings["breaker_threshold"]))
+            self.probe_first = settings["probe_seconds"]
             self.dead_keys.clear()
+
+    def _cooldown(self, b):
+        return min(self.cap, self.base * 2 ** min(b.opens - 1, 30))
 
     def left(self, key, now):
         """Seconds until the breaker lets a request through (0: closed, or a half-open trial is free)."""
@@ -3469,23 +3530,31 @@ class Health:
 
     def fail(self, key, retry_after=None, quota=False, error=None):
         with self.lock:
+            now = time.monotonic()
             b = self.state.get(key)
             if b is None:
                 b = self.state[key] = Breaker()
-            b.fails += 1
+            cooling = b.opens and b.until > now     # tried as a last resort while it cools
             b.trial = 0.0
             b.error = error
-            now = time.monotonic()
-            if quota:
-                b.opens += 1
-                b.until = now + max(self.quota, retry_after or 0)
-            elif retry_after is not None:
-                b.opens += 1
-                b.until = now + retry_after
-            elif b.fails >= self.threshold:
-                b.opens += 1
-                b.until = now + min(self.cap, self.base * 2 ** min(b.opens - 1, 30))
             self.dirty = True
+            if retry_after is not None or quota:
+                wait = max(self.quota if quota else 0.0, retry_after or 0.0)
+                b.cause = "retry_after" if retry_after is not None and retry_after >= wait else "quota"
+                b.until = max(b.until, now + wait)
+            elif cooling:
+                return
+            else:
+                b.fails += 1
+                if not b.opens and b.fails < self.threshold:
+                    return
+                b.cause = "error"
+            if not cooling:
+                b.opens += 1
+                b.probe_step = self.probe_first
+                b.probe_at = now + self.probe_first
+            if b.cause == "error":
+                b.until = now + self._cooldown(b)     # first opening, or a half-open trial failed
 
     def ok(self, key, latency=None):
         b = self.state.get(key)
@@ -3496,15 +3565,39 @@ class Health:
             if b is None:
                 b = self.state[key] = Breaker()
             changed = b.fails or b.opens
-            b.fails = b.opens = 0
-            b.until = b.trial = 0.0
+            self._close(b)
             if latency is not None:
                 b.latency = latency if b.latency is None else 0.8 * b.latency + 0.2 * latency
             self.dirty = self.dirty or bool(changed)
 
-    def kill_key(self, pname, idx):
+    @staticmethod
+    def _close(b):
+        b.fails = b.opens = 0
+        b.until = b.trial = b.probe_at = b.probe_step = 0.0
+        b.cause = b.error = b.probe_error = None
+
+    def kill_key(self, pname, idx, reason):
         with self.lock:
-            self.dead_keys.add((pname, idx))
+            self.dead_keys[(pname, idx)] = reason
+
+    def key_failed(self, pname, idx, f):
+        """One key's attempt failed with Failover f: a rejected key (401/403) is dead until a
+        reload or a reset; a rate-limited or out-of-quota key cools down on its own."""
+        if f.kind == "auth":
+            self.kill_key(pname, idx, f.reason)
+        elif (f.status in (402, 429) or f.quota) and idx is not None:
+            self.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
+
+    def candidate_failed(self, cand, f, known, keyed):
+        """Every key of a candidate was tried and f was the last failure. Connection failures cool
+        the provider; other failures the model (only a model the catalogue knows: made-up names
+        grow no state); a quota error on a provider with keys cools only those keys."""
+        if f.kind in ("context", "auth") or (f.quota and keyed):
+            return
+        if f.kind == "connect":
+            self.fail(("provider", cand[0]), f.retry_after, error=f.reason)
+        elif known:
+            self.fail(cand, f.retry_after, f.quota, f.reason)
 
     def cand_left(self, cand, now, prov=None):
         """Seconds until a candidate may be tried: its provider's and model's breakers, and, for a
@@ -3523,22 +3616,75 @@ class Health:
         idx = [i for i in range(len(prov.keys)) if (prov.name, i) not in self.dead_keys]
         return sorted(idx, key=lambda i: self.left(("key", prov.name, i), now))
 
-    def report(self, now):
-        """Open and half-open breakers and latencies, for /health and explain."""
-        out = {}
-        for key, b in list(self.state.items()):
-            name = "/".join(str(k) for k in key[1:]) if key[0] in ("provider", "key") else f"{key[0]}/{key[1]}"
-            if key[0] == "key":
-                name = f"{key[1]} key #{key[2] + 1}"
-            entry = {}
-            if b.opens:
-                entry["state"] = "open" if b.until > now else "half-open"
-                entry["closes_in"] = round(max(0.0, b.until - now), 1)
-                entry["last_error"] = b.error
-            if b.latency is not None:
-                entry["latency_ms"] = round(b.latency * 1000, 1)
-            if entry:
-                out[("provider " if key[0] == "provider" else "") + name] = entry
+    # -- probes (run by the maintenance thread) -------------------------------------------------
+    def probes_due(self, now):
+        """Open provider and model breakers whose next probe is due; never one whose cooldown a
+        Retry-After or reset header set and that is still in the future."""
+        if not self.probe_first:
+            return []
+        with self.lock:
+            return [k for k, b in self.state.items() if k[0] != "key" and b.opens and now >= b.probe_at
+                    and not (b.cause == "retry_after" and b.until > now)]
+
+    def probed(self, key, good, detail=None):
+        """A probe's outcome: a good one closes the breaker at once; a failed one only moves the
+        next probe back (5 s, 10 s, 20 s, ... up to the breaker's cooldown); it never lengthens
+        the cooldown itself."""
+        with self.lock:
+            b = self.state.get(key)
+            if b is None or not b.opens:
+                return
+            self.dirty = True
+            if good:
+                self._close(b)
+                return
+            b.probe_error = detail
+            b.probe_step = min(2 * max(b.probe_step, self.probe_first), max(self.probe_first, self._cooldown(b)))
+            b.probe_at = time.monotonic() + b.probe_step
+
+    # -- by hand, and after a reload ---------------------------------------------------------------
+    def reset(self, provider=None, model=None):
+        """Close breakers by hand: all of them (and revive rejected keys), one provider's (its own,
+        its keys' and its models'), or one model's. Returns the names of what was open or failing."""
+        names = []
+        with self.lock:
+            for key, b in self.state.items():
+                owner = key[1] if key[0] in ("provider", "key") else key[0]
+                hit = provider is None or (key == (provider, model) if model else owner == provider)
+                if hit and (b.opens or b.fails):
+                    names.append(breaker_name(key))
+                    self._close(b)
+            dead = [k for k in self.dead_keys if model is None and (provider is None or k[0] == provider)]
+            for k in dead:
+                del self.dead_keys[k]
+                names.append(breaker_name(("key",) + k))
+            self.dirty = self.dirty or bool(names)
+        return names
+
+    def forget(self, keep):
+        """Drop the state of breakers whose provider or model left the catalogue (keep(key) says)."""
+        with self.lock:
+            gone = [k for k in self.state if not keep(k)]
+            for k in gone:
+                del self.state[k]
+            self.dirty = self.dirty or bool(gone)
+
+    # -- what a person or a dashboard sees -------------------------------------------------------
+    def view(self, key, now, wall=None):
+        """{"state": "ok" | "cooling", "until": ISO 8601 UTC, "reason", "latency_ms"} of one
+        breaker (a half-open breaker is "ok": the next request tries it)."""
+        b = self.state.get(key)
+        out = {"state": "ok"}
+        if b is None:
+            return out
+        probe = f" (last probe: {b.probe_error})" if b.probe_error else ""
+        if b.opens and b.until > now:
+            out.update(state="cooling", until=iso_time((wall or time.time()) + b.until - now),
+                       reason=(b.error or "failed") + probe)
+        elif b.opens:
+            out["reason"] = f"recovering: the next request tries it (last error: {b.error}){probe}"
+        if b.latency is not None:
+            out["latency_ms"] = round(b.latency * 1000, 1)
         return out
 
     # Persistence: a small JSON file in the data directory, so a restart keeps what it learnt.
@@ -3554,59 +3700,103 @@ class Health:
                 if fp is None:
                     continue
                 key = ("key", key[1], fp)
-            out.append({"key": list(key), "fails": b.fails, "opens": b.opens,
+            out.append({"key": list(key), "fails": b.fails, "opens": b.opens, "cause": b.cause,
                         "until": wall + (b.until - now) if b.until > now else 0, "latency": b.latency,
                         "error": b.error})
-        return {"version": 1, "saved": wall, "breakers": out}
+        return {"version": 2, "saved": wall, "breakers": out}
 
     def restore(self, data, fingerprints):
+        """Breakers from a snapshot. A cooldown a header set keeps its time; one that came from an
+        error restarts half-open (the next request, or the first probe, decides). Entries of the
+        wrong shape are skipped."""
         now, wall = time.monotonic(), time.time()
-        by_fp = {fp: k for k, fp in fingerprints.items()}
+        by_fp = {(p, fp): i for (p, i), fp in fingerprints.items()}
+        entries = data.get("breakers") if isinstance(data, dict) else None
+        n = 0
         with self.lock:
-            for e in data.get("breakers", []):
-                key = tuple(e["key"])
-                if key[0] == "key":
-                    if (key[1], key[2]) not in {(p, fp) for (p, _i), fp in fingerprints.items()}:
+            for e in entries if isinstance(entries, list) else []:
+                try:
+                    key = tuple(e["key"])
+                    if key[0] == "key":
+                        if (key[1], key[2]) not in by_fp:
+                            continue
+                        key = ("key", key[1], by_fp[(key[1], key[2])])
+                    elif len(key) != 2 or not all(isinstance(k, str) for k in key):
                         continue
-                    key = ("key", key[1], next(i for (p, i), fp in fingerprints.items()
-                                               if p == key[1] and fp == key[2]))
-                b = Breaker()
-                b.fails, b.opens, b.latency, b.error = int(e["fails"]), int(e["opens"]), e.get("latency"), e.get("error")
-                b.until = now + (e["until"] - wall) if e.get("until", 0) > wall else 0.0
+                    b = Breaker()
+                    b.fails, b.opens = int(e.get("fails") or 0), int(e.get("opens") or 0)
+                    b.latency = float(e["latency"]) if e.get("latency") is not None else None
+                    b.error = str(e["error"]) if e.get("error") is not None else None
+                    b.cause = e.get("cause") if e.get("cause") in ("error", "quota", "retry_after") else "error"
+                    until = float(e.get("until") or 0)
+                except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+                    continue
+                if b.cause == "retry_after" and until > wall:
+                    b.until = now + (until - wall)
+                b.probe_step = self.probe_first
                 self.state[key] = b
-        return len(data.get("breakers", []))
+                n += 1
+        return n
+
+
+def breaker_name(key):
+    """A breaker's key as people read it: "provider NAME", "NAME key #2", "NAME/MODEL"."""
+    if key[0] == "provider":
+        return f"provider {key[1]}"
+    if key[0] == "key":
+        return f"{key[1]} key #{key[2] + 1}"
+    return f"{key[0]}/{key[1]}"
+
+
+def iso_time(wall):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 # ---------------------------------------------------------------------------------- affinity --
 
 class Affinity:
-    """Conversation -> the model that served its previous turn, so later turns stay there (provider
-    prompt caches and thinking signatures stay valid). A conversation is named by its system prompt
-    and first user message. Bounded LRU."""
+    """Conversation -> the model that served each name it asked for, so later turns that ask for
+    the same name stay there (provider prompt caches and thinking signatures stay valid), and the
+    provider that served its latest turn (to know when thinking blocks signed by another provider
+    must be dropped). A conversation is named by its system prompt, its first user message and
+    the credential the client sent (a process-local hash: the map lives in memory only). Bounded
+    LRU."""
+
+    NAMES = 8     # names remembered per conversation
 
     def __init__(self, size=10000):
         self.lock = threading.Lock()
         self.size = size
-        self.map = {}
+        self.map = {}    # conversation -> {"last": candidate, "names": {requested name: candidate}}
 
     @staticmethod
-    def key(req):
-        """The conversation's name: its system prompt and first user message (a process-local
-        hash: the map lives in memory only)."""
+    def key(req, headers=None):
         first = next((m for m in req["messages"] if m["role"] == "user"), None)
         if first is None:
             return None
-        return hash((text_of(req.get("system") or []), text_of(first["content"]), len(first["content"])))
+        headers = headers or {}
+        who = headers.get("x-api-key") or headers.get("authorization") or ""
+        return hash((text_of(req.get("system") or []), text_of(first["content"]), len(first["content"]), who))
 
-    def get(self, key):
-        return self.map.get(key) if key else None
+    def get(self, key, name):
+        """-> (the candidate that served `name` in this conversation, the one that served its
+        latest turn); None where unknown."""
+        entry = self.map.get(key) if key else None
+        if entry is None:
+            return None, None
+        return entry["names"].get(name), entry["last"]
 
-    def set(self, key, cand):
+    def set(self, key, name, cand):
         if not key:
             return
         with self.lock:
-            self.map.pop(key, None)
-            self.map[key] = cand
+            entry = self.map.pop(key, None) or {"last": None, "names": {}}
+            entry["last"] = cand
+            entry["names"].pop(name, None)
+            entry["names"][name] = cand
+            if len(entry["names"]) > self.NAMES:
+                del entry["names"][next(iter(entry["names"]))]
+            self.map[key] = entry
             if len(self.map) > self.size:
                 del self.map[next(iter(self.map))]
 
@@ -3615,20 +3805,27 @@ class Affinity:
 
 class Plan:
     """Where a request goes: the route, the intent, the candidates to try in order, and the ones
-    left out with the reason."""
+    left out with the reason. `asked`: the candidates an explicit name stands for (the `default`
+    route after them is only a fallback); `pinned`: the candidate put first because it served the
+    conversation's previous turn; `unknown`: the name was not known and went through aliases or
+    auto."""
 
-    __slots__ = ("route", "intent", "confidence", "signals", "candidates", "skipped")
+    __slots__ = ("route", "intent", "confidence", "signals", "decided_by", "candidates", "skipped", "asked",
+                 "pinned", "unknown")
 
-    def __init__(self, route, intent, candidates, skipped):
+    def __init__(self, route, intent, candidates, skipped, asked=(), pinned=None, unknown=False):
         self.route = route
-        self.intent, self.confidence, self.signals = intent
+        self.intent, self.confidence, self.signals, self.decided_by = intent
         self.candidates, self.skipped = candidates, skipped
+        self.asked, self.pinned, self.unknown = frozenset(asked), pinned, unknown
 
     def explain(self):
         out = [{"provider": p, "model": m, "skip": None} for p, m in self.candidates]
+        if self.pinned is not None:
+            out[self.candidates.index(self.pinned)]["pinned"] = "previous turn"
         out += [{"provider": p, "model": m, "skip": why} for (p, m), why in self.skipped]
-        return {"intent": self.intent, "confidence": self.confidence, "signals": self.signals,
-                "route": self.route, "candidates": out}
+        return {"intent": self.intent, "confidence": self.confidence, "unsure": self.confidence < UNSURE_BELOW,
+                "signals": self.signals, "decided_by": self.decided_by, "route": self.route, "candidates": out}
 
 
 def _route_of(cat, name, intent):
@@ -3693,7 +3890,7 @@ def guess_dialect(body, headers):
 ROUTING_FIELDS = ("models", "provider")
 
 
-def plan_request(cat, health, req, body=None, headers=None, affinity=None):
+def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=None):
     """Requested model -> ordered candidates (no I/O).
 
     Names: a route; `auto` (the detected intent's route); PROVIDER/MODEL or a bare model id (that
@@ -3701,10 +3898,12 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
     when `strict`). OpenRouter-style `models: [...]` and `provider: {order, only, ignore,
     allow_fallbacks}` in the body, and the header X-Router-Route, refine it. Then capability filters
     (tools, images, context window) leave out models that cannot serve the request (unless none
-    can), reasoning models go first when thinking is asked for, the conversation's previous model
-    first while healthy, and candidates cooling down go last, the soonest to recover first."""
+    can), reasoning models go first when thinking is asked for, in a route or `auto` plan the
+    candidate that served the conversation's previous turn for the same name (`pin`) first, and
+    candidates cooling down go last, the soonest to recover first. `intent`: (intent, confidence,
+    signals, decided_by) when the caller already knows it (else the rules decide)."""
     body, headers = body or {}, headers or {}
-    intent = detect_intent(req)
+    intent = intent or detect_intent(req) + ("rules",)
     model = req["model"]
     route_header = headers.get("x-router-route")
     if route_header:
@@ -3717,10 +3916,11 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
     if isinstance(extra, list) and all(isinstance(x, str) for x in extra) and not route_header:
         names = [m for m in [model] + extra if m]
     pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
-    route, cands = None, []
+    route, cands, unknown = None, [], False
     for name in dict.fromkeys(names):
         r, c = _route_of(cat, name, intent[0])
         if c is None:
+            unknown = unknown or name == model
             target = cat.alias(name)
             if target is not None:
                 r, c = _route_of(cat, target, intent[0])
@@ -3731,6 +3931,7 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
             continue
         route = route or r
         cands += c
+    asked = set(cands) if route == "explicit" else ()
     if not cands and route is None:
         avail = cat.model_names()
         hint = ", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "") if avail else NO_PROVIDER_HELP
@@ -3764,9 +3965,11 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
         cands = [c for c, _ in unable]   # none fits: let the providers say so rather than guess
     if req.get("reasoning") and req["reasoning"].get("enabled"):
         cands.sort(key=lambda c: not cat.meta(*c).get("reasoning"))
-    if affinity is not None and affinity in cands:
-        cands.remove(affinity)
-        cands.insert(0, affinity)
+    if pin in cands and route != "explicit":     # an explicit name is never overridden by affinity
+        cands.remove(pin)
+        cands.insert(0, pin)
+    else:
+        pin = None
     if not cands:
         enabled = ", ".join(p.name for p in cat.enabled)
         raise ApiError(404, "not_found", f"model {model!r}: route {route!r} has no model from an enabled provider "
@@ -3775,7 +3978,9 @@ def plan_request(cat, health, req, body=None, headers=None, affinity=None):
     left = {c: health.cand_left(c, now, cat.providers[c[0]]) for c in cands}
     healthy = [c for c in cands if left[c] == 0]
     cooling = sorted((c for c in cands if left[c] > 0), key=left.__getitem__)
-    return Plan(route, intent, healthy + cooling, skipped)
+    if pin is not None and left[pin] > 0:
+        pin = None
+    return Plan(route, intent, healthy + cooling, skipped, asked.intersection(cands) if asked else (), pin, unknown)
 
 
 # =================================================================================================
@@ -3819,7 +4024,7 @@ def install_fast_header_parser():
 
 class Failover(Exception):
     """A candidate (or one key of it) failed in a way worth trying the next one.
-    kind: connect, timeout, status, stream, empty, context, auth."""
+    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model)."""
 
     def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False):
         super().__init__(reason)
@@ -3933,6 +4138,10 @@ def _retry_after(headers):
 
 
 _QUOTA_RE = re.compile(r"quota|billing|credit balance|insufficient (?:funds|balance|credits)|payment required", re.I)
+#: A 400/422 that says the model does not exist (OpenRouter, LM Studio, vLLM and others; a 404
+#: from a generation endpoint always means that).
+_MISSING_RE = re.compile(r"not a valid model|(?:unknown|invalid|no such) model\b|model[^.]{0,80}\b(?:not found|"
+                         r"does not exist|is not available|not loaded)", re.I)
 _CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
                          r"input is too long|reduce the length|token limit", re.I)
 
@@ -4012,8 +4221,8 @@ class Dispatcher:
             return Failover("auth", reason, status)
         if status in (408, 409, 429, 529) or status >= 500:
             return Failover("status", reason, status, retry_after=ra)
-        if status == 404:
-            return Failover("status", reason, status, next_key=False)
+        if status == 404 or (status in (400, 422) and (code == "model_not_found" or _MISSING_RE.search(message))):
+            return Failover("missing", reason, status, next_key=False)
         if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(message)):
             return Failover("context", reason, status, next_key=False)
         if same:
@@ -4287,8 +4496,11 @@ class Metrics:
         h[-1] += seconds
 
     def add(self, row, attempts):
+        """One finished request. Models the catalogue does not know are counted as "other", so
+        made-up names cannot grow the series."""
+        model = (row["model"] if row["known"] else "other") if row["model"] else ""
         with self.lock:
-            key = (row["provider"] or "", row["model"] or "", row["route"] or "", str(row["status"]))
+            key = (row["provider"] or "", model, row["route"] or "", str(row["status"]))
             self.requests[key] = self.requests.get(key, 0) + 1
             for a in attempts:
                 k = (a["provider"], a["kind"])
@@ -4297,10 +4509,10 @@ class Metrics:
                 for kind in ("input", "output", "cached"):
                     n = row[f"{kind}_tokens"] or 0
                     if n:
-                        k = (row["provider"], row["model"], kind)
+                        k = (row["provider"], model, kind)
                         self.tokens[k] = self.tokens.get(k, 0) + n
                 if row["cost"]:
-                    k = (row["provider"], row["model"])
+                    k = (row["provider"], model)
                     self.cost[k] = self.cost.get(k, 0.0) + row["cost"]
             if row["latency_ms"] is not None:
                 self._observe("sage_router_request_seconds", row["latency_ms"] / 1000)
@@ -4386,7 +4598,7 @@ class RequestLog:
     BATCH_SECONDS = 0.05
     COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model", "attempts", "status",
                "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cached_tokens", "cost", "stream",
-               "error", "prompt", "reply")
+               "error", "prompt", "reply", "pinned")
 
     def __init__(self, path, settings, metrics, line_format="text"):
         self.path = path
@@ -4418,6 +4630,10 @@ class RequestLog:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, {', '.join(self.COLUMNS)})")
+        have = {r[1] for r in db.execute("PRAGMA table_info(requests)")}
+        for col in self.COLUMNS:
+            if col not in have:          # a log written by an older version: add the new columns
+                db.execute(f"ALTER TABLE requests ADD COLUMN {col}")
         db.execute("CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)")
         return db
 
@@ -4516,7 +4732,7 @@ class RequestLog:
 
     def recent(self, limit=50):
         rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, attempts, status, "
-                          "latency_ms, ttfb_ms, input_tokens, output_tokens, cached_tokens, cost, stream, error "
+                          "latency_ms, ttfb_ms, input_tokens, output_tokens, cached_tokens, cost, stream, error, pinned "
                           "FROM requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
         for r in rows:
             r["attempts"] = json.loads(r["attempts"] or "[]")
@@ -4555,7 +4771,9 @@ def request_row(ctx, catalogue, log_prompts):
            "ttfb_ms": round(ctx.ttfb * 1000, 2) if ctx.ttfb is not None and ok else None,
            "input_tokens": usage.get("input"), "output_tokens": usage.get("output"),
            "cached_tokens": usage.get("cache_read"), "cost": round(cost, 8), "stream": int(bool(ctx.stream)),
-           "error": ctx.error, "prompt": None, "reply": None}
+           "error": ctx.error, "prompt": None, "reply": None,
+           "pinned": "/".join(ctx.plan.pinned) if ctx.plan and ctx.plan.pinned else None,
+           "known": (ctx.provider, ctx.upstream_model) in catalogue.caps}
     if log_prompts:
         row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]
         row["reply"] = text_of(fold_events(list(ctx.collect))["content"])[:100000] if ctx.collect else None
@@ -4563,16 +4781,35 @@ def request_row(ctx, catalogue, log_prompts):
 
 
 def health_report(router):
-    """GET /health: providers (never their keys), routes, and what is cooling down."""
-    cat = router.catalogue
-    now = time.monotonic()
-    cooling = {f"{k[0]}/{k[1]}": round(router.health.left(k, now), 1)
-               for k in list(router.health.state) if k[0] not in ("key", "provider") and router.health.left(k, now) > 0}
-    out = {"status": "ok", "version": __version__,
-           "providers": [p.public() for p in cat.providers.values()],
+    """GET /health: every provider (never its keys) with its state, its keys' and its models'
+    ("ok", "cooling" with "until" and "reason", "key_rejected", "disabled"), routes, discovery."""
+    cat, hl = router.catalogue, router.health
+    now, wall = time.monotonic(), time.time()
+    providers = []
+    for p in cat.providers.values():
+        entry = p.public()
+        if not p.enabled:
+            providers.append(dict(entry, state="disabled", reason=p.disabled_reason, keys=[], models=[]))
+            continue
+        keys = []
+        for i in range(len(p.keys)):
+            dead = hl.dead_keys.get((p.name, i))
+            keys.append(dict({"key": f"#{i + 1}"}, **({"state": "key_rejected", "reason": dead} if dead else
+                                                      hl.view(("key", p.name, i), now, wall))))
+        models = [dict({"id": mid}, **hl.view((p.name, mid), now, wall)) for mid in sorted(p.models)]
+        state = hl.view(("provider", p.name), now, wall)
+        if state["state"] == "ok" and keys and all(k["state"] == "key_rejected" for k in keys):
+            state = {"state": "key_rejected", "reason": "every key was rejected (401/403): fix it in .env "
+                     "(picked up at once) or reset the provider"}
+        elif state["state"] == "ok" and keys and all(k["state"] != "ok" for k in keys):
+            state = {"state": "cooling", "until": min(k["until"] for k in keys if "until" in k),
+                     "reason": "every key is cooling down"}
+        elif state["state"] == "ok" and models and all(m["state"] == "cooling" for m in models):
+            state = {"state": "cooling", "until": min(m["until"] for m in models), "reason": "every model is cooling down"}
+        providers.append(dict(entry, **state, keys=keys, models=models))
+    out = {"status": "ok", "version": __version__, "providers": providers,
            "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
-           "aliases": dict(cat.aliases), "strict": cat.strict,
-           "cooling_down": cooling, "breakers": router.health.report(now), "discovery": router.discovery.report()}
+           "aliases": dict(cat.aliases), "strict": cat.strict, "discovery": router.discovery.report()}
     if not cat.enabled:
         out["message"] = NO_PROVIDER_HELP
     return out
@@ -4640,6 +4877,7 @@ class Router:
         self.dispatcher = Dispatcher(self.pool)
         self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         self.affinity = Affinity()
+        self._warned = set()       # unknown model names already logged
         self._discover_lock = threading.Lock()
         self._forced_at = -1e9
         self.responses = ResponseStore()
@@ -4704,10 +4942,16 @@ class Router:
                     changed |= self.discovery.refresh(prov, prov.discover_interval, timeout)
             if changed:
                 self.catalogue = self._build()
+                self.health.forget(self._known_breaker)
                 self.save_catalogue_cache()
             return changed
         finally:
             self._discover_lock.release()
+
+    def _known_breaker(self, key):
+        """Whether a breaker belongs to something the catalogue still has."""
+        cat = self.catalogue
+        return key[1] in cat.providers if key[0] in ("provider", "key") else key in cat.caps
 
     def refresh_for(self, name):
         """A request named a model nobody lists: refresh once (at most every 30 s) before the
@@ -4764,6 +5008,7 @@ class Router:
         try:
             with open(self.state_file, encoding="utf-8") as f:
                 n = self.health.restore(json.load(f), self._fingerprints())
+            self.health.forget(self._known_breaker)
             log.info("health: restored %d breaker(s) from %s", n, self.state_file)
         except FileNotFoundError:
             pass
@@ -4794,12 +5039,45 @@ class Router:
                 self.discover()
             except Exception:   # a bug here must not stop the thread that saves state
                 log.exception("maintenance failed")
+            try:
+                self.probe_breakers()
+            except Exception:
+                log.exception("health probes failed")
             if self.health.dirty:
                 self.save_state()
-            self._wake.wait(1.0)
+            self._wake.wait(min(1.0, self.settings["probe_seconds"] or 1.0))
             self._wake.clear()
             if self._stop.is_set():
                 return
+
+    def probe_breakers(self):
+        """Probe the open breakers that are due (maintenance thread): a provider by its model
+        list, a model by the smallest generation, each with a key that is not cooling; a good
+        probe closes the breaker at once."""
+        cat, hl = self.catalogue, self.health
+        now = time.monotonic()
+        for key in hl.probes_due(now):
+            model = None if key[0] == "provider" else key[1]
+            prov = cat.providers.get(key[1] if model is None else key[0])
+            if prov is None or not prov.enabled or (model is not None and hl.left(("provider", prov.name), now)):
+                continue      # a model waits for its provider's probe
+            keys = [i for i in hl.usable_keys(prov, now) if i is None or not hl.left(("key", prov.name, i), now)]
+            if not keys:
+                hl.probed(key, False, "no usable key")
+                continue
+            good, detail = probe(prov, keys[0], model, self.settings)
+            hl.probed(key, good, detail)
+            if good:
+                log.info("health: %s answered a probe; closed", breaker_name(key))
+
+    def reset_health(self, provider=None, model=None):
+        """Close breakers by hand (POST /v1/health/reset, `router.py reset`)."""
+        if provider is not None and provider not in self.catalogue.providers:
+            raise ApiError(404, "not_found", f"provider {safe_text(provider)} is not configured; providers: "
+                           f"{', '.join(self.catalogue.providers) or '(none)'}", param="provider")
+        names = self.health.reset(provider, model)
+        log.info("health: reset by hand: %s", ", ".join(names) or "nothing was open")
+        return names
 
     # -- reload -----------------------------------------------------------------------------------
     def ask_reload(self):
@@ -4833,13 +5111,19 @@ class Router:
             log.error("config reload refused: %s: %s: expected %s; keeping the old config", e.file, e.key, e.expected)
             return False
         with self._discover_lock:
+            changed = []
             for name, prov in cat.providers.items():
                 old = self.catalogue.providers.get(name)
                 if old is not None:
                     prov.memo = old.memo
+                if old is None or old.fingerprint != prov.fingerprint:
+                    changed.append(name)
             self.cfg, self.env, self.source = cfg, env, source
             self.catalogue, self.settings = cat, cat.settings
             self.health.reconfigure(cat.settings)
+            for name in changed:      # a fixed key or URL gets a fresh start
+                self.health.reset(name)
+            self.health.forget(self._known_breaker)
             self.log.settings = cat.settings
             self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))
@@ -4852,17 +5136,22 @@ class Router:
         cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
         if ctx.dialect == "openai-responses":
             self.responses.prepare(ctx)
-        akey = Affinity.key(ctx.req)
-        previous = affinity.get(akey)
-        plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, previous)
+        name = ctx.headers.get("x-router-route") or ctx.model
+        akey = Affinity.key(ctx.req, ctx.headers)
+        pin, last = affinity.get(akey, name)
+        plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, pin)
+        if plan.unknown:
+            self.warn_unknown(ctx.model, plan.route)
         ctx.plan = plan
-        ctx.previous_provider = previous[0] if previous else None
+        ctx.previous_provider = last[0] if last else None
         ctx.estimate = estimate_tokens(ctx.req)
         fallback = None
         overflowed = 0          # the largest context window that was too small for this request
+        missing = set()         # asked-for candidates whose provider said the model does not exist
         for cand in plan.candidates:
             pname, mid = cand
             prov = cat.providers[pname]
+            known = cand in cat.caps
             window = cat.meta(pname, mid).get("context_window") or 0
             if overflowed and window and window <= overflowed:
                 ctx.attempts.append((cand, "context", f"skipped: context window {window} is not larger than "
@@ -4877,12 +5166,13 @@ class Router:
             failed = None
             ctx.provider = pname
             for idx in keys:
-                def committed(cand=cand, idx=idx):
-                    health.ok(cand, ctx.ttfb)
+                def committed(cand=cand, idx=idx, known=known):
+                    if known:
+                        health.ok(cand, ctx.ttfb)
                     health.ok(("provider", cand[0]))
                     if idx is not None:
                         health.ok(("key", cand[0], idx))
-                    affinity.set(akey, cand)
+                    affinity.set(akey, name, cand)
                 ctx.on_commit = committed
                 try:
                     self.dispatcher.attempt(ctx, cat, prov, mid, idx)
@@ -4891,29 +5181,43 @@ class Router:
                     failed = f
                     if f.fallback and fallback is None:
                         fallback = f.fallback
+                    health.key_failed(pname, idx, f)
                     if f.kind == "auth":
-                        health.kill_key(pname, idx)
                         log.warning("provider %s: key #%d rejected (%s); disabled until reload", pname,
                                     (idx or 0) + 1, f.reason)
-                    elif (f.status in (402, 429) or f.quota) and idx is not None:
-                        health.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
                     if f.kind == "context":
                         overflowed = max(overflowed, window or 1)
                     if not f.next_key:
                         break
                     continue
                 return
-            if failed is None or failed.kind in ("context", "auth"):
+            if failed is None:
                 continue
-            if failed.quota and prov.keys:
-                continue    # the keys are cooling down; the model itself is fine
-            health.fail(cand, failed.retry_after, failed.quota, failed.reason)
-            if failed.kind in ("connect", "timeout"):
-                health.fail(("provider", pname), failed.retry_after, error=failed.reason)
+            health.candidate_failed(cand, failed, known, bool(prov.keys))
+            if failed.kind == "missing" and cand in plan.asked:
+                missing.add(cand)
+                if missing == plan.asked:     # a typo must not silently bill another model
+                    raise self._no_such_model(ctx, cat, failed)
         if fallback is not None:
             self.dispatcher.deliver_fallback(ctx, fallback)
             return
         raise self._all_failed(ctx)
+
+    def warn_unknown(self, name, route):
+        """Once per name: a client asked for a model nobody has (Claude Code's dated Claude names
+        do this on every request, so the log says it once)."""
+        if name in self._warned:
+            return
+        if len(self._warned) < 1000:
+            self._warned.add(name)
+        log.warning("unknown model name %s: no provider lists it; served by the route %s (aliases, else auto)",
+                    safe_text(name), route)
+
+    @staticmethod
+    def _no_such_model(ctx, cat, failed):
+        close = cat.closest(ctx.model)
+        return ApiError(404, "not_found", f"model {safe_text(ctx.model)}: the provider says it does not exist "
+                        f"({failed.reason}). Closest known names: {', '.join(close) or '(none)'}", param="model")
 
     @staticmethod
     def _all_failed(ctx):
@@ -5026,8 +5330,8 @@ class Router:
         """POST /v1/route: where a request would go, without calling a provider."""
         dialect = guess_dialect(body, headers)
         req = CODECS[dialect].decode_request(body)
-        plan = plan_request(self.catalogue, self.health, req, body, headers,
-                            self.affinity.get(Affinity.key(req)))
+        pin, _last = self.affinity.get(Affinity.key(req, headers), headers.get("x-router-route") or req["model"])
+        plan = plan_request(self.catalogue, self.health, req, body, headers, pin)
         return dict(plan.explain(), dialect=dialect)
 
     def close(self):
@@ -5053,6 +5357,7 @@ POST_ROUTES = {
     "/v1/messages/count_tokens": ("anthropic", "count_tokens"),
     "/v1/responses": ("openai-responses", "generate"),
     "/v1/route": (None, "explain"),
+    "/v1/health/reset": (None, "reset_health"),
     "/api/chat": ("ollama", "generate"),
     "/api/generate": ("ollama", "generate"),
     "/api/show": ("ollama", "show"),
@@ -5060,7 +5365,7 @@ POST_ROUTES = {
 OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
 
 ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
-             "GET /v1/models, POST /v1/route, GET /v1/usage, GET /v1/requests, POST /api/chat, POST /api/generate, "
+             "GET /v1/models, POST /v1/route, POST /v1/health/reset, GET /v1/usage, GET /v1/requests, POST /api/chat, POST /api/generate, "
              "GET /api/tags, POST /api/show, GET /api/version, GET /health, GET /metrics, GET / (status page)")
 
 
@@ -5081,7 +5386,8 @@ section.wide{grid-column:1/-1}h2{font-size:1rem;margin:.1rem 0 .6rem}
 table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:.25rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{color:var(--muted);font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}.muted{color:var(--muted)}
-.trail{font-size:12px;color:var(--muted)}svg text{font-size:10px;fill:var(--muted)}svg rect.bar{fill:var(--accent)}
+.trail{font-size:12px;color:var(--muted)}.small{font-size:12px}button.reset{margin:0 0 0 .4rem;padding:.05rem .5rem;font-size:12px}
+.chip{display:inline-block;margin:0 .4rem .2rem 0}svg text{font-size:10px;fill:var(--muted)}svg rect.bar{fill:var(--accent)}
 textarea{width:100%;min-height:5rem;font:inherit;padding:.4rem}button{padding:.35rem .9rem;margin-top:.4rem}
 pre{background:var(--bg);padding:.6rem;white-space:pre-wrap;font-size:12px}
 </style></head>
@@ -5119,6 +5425,20 @@ function table(id, head, rows) {
   rows.forEach((cells) => { const r = el("tr"); cells.forEach((c) => r.appendChild(c instanceof Node ? c : el("td", c))); t.appendChild(r); });
   if (!rows.length) { const r = el("tr"); const td = el("td", "nothing yet", "muted"); td.colSpan = head.length; r.appendChild(td); t.appendChild(r); }
 }
+const STATE_WORDS = {ok: "ok", cooling: "cooling", key_rejected: "key rejected", disabled: "off"};
+const STATE_CLASS = {ok: "ok", cooling: "warn", key_rejected: "bad", disabled: "muted"};
+function when(iso) { return new Date(iso).toLocaleTimeString(); }
+function stateCell(s) {
+  const td = el("td", null, STATE_CLASS[s.state]);
+  td.appendChild(el("strong", STATE_WORDS[s.state] + (s.until ? " until " + when(s.until) : "")));
+  if (s.reason) td.appendChild(el("div", s.reason, "small"));
+  return td;
+}
+function resetButton(body, label) {
+  const b = el("button", label || "reset", "reset");
+  b.addEventListener("click", async () => { await api("/v1/health/reset", {method: "POST", body: JSON.stringify(body)}); refresh(); });
+  return b;
+}
 function num(v, digits) { return el("td", v === null || v === undefined ? "" : (digits ? Number(v).toFixed(digits) : v), "num"); }
 function bars(id, points, label, fmt) {
   const w = 420, h = 120, pad = 24, box = $(id); box.replaceChildren();
@@ -5142,15 +5462,21 @@ function bars(id, points, label, fmt) {
 async function refresh() {
   const health = await api("/health");
   $("version").textContent = "v" + health.version + (health.message ? " — " + health.message : "");
-  const breakers = health.breakers || {};
-  table("providers", ["provider", "api", "state", "keys", "models", "discovery", "breakers"], health.providers.map((p) => {
-    const state = p.enabled ? el("td", "enabled", "ok") : el("td", "off: " + p.disabled_reason, "muted");
-    const open = Object.entries(breakers).filter(([k]) => k === "provider " + p.name || k.startsWith(p.name + "/") || k.startsWith(p.name + " key"));
-    const bs = el("td", open.map(([k, b]) => b.state ? `${k}: ${b.state}, closes in ${b.closes_in}s` : `${k}: ${b.latency_ms} ms`).join("; "),
-                  open.some(([k, b]) => b.state) ? "warn" : "muted");
+  table("providers", ["provider", "api", "state", "keys", "models", "discovery"], health.providers.map((p) => {
+    const state = stateCell(p);
+    if (p.state === "cooling" || p.state === "key_rejected") state.appendChild(resetButton({provider: p.name}, "reset " + p.name));
+    const keys = el("td");
+    (p.keys || []).forEach((k) => keys.appendChild(el("div", `${k.key} ${STATE_WORDS[k.state]}${k.until ? " until " + when(k.until) : ""}`,
+                                             "chip " + STATE_CLASS[k.state])));
+    const models = el("td", null, "small");
+    const all = p.models || [], sick = all.filter((m) => m.state !== "ok");
+    models.appendChild(el("div", `${all.length} model${all.length === 1 ? "" : "s"}` + (sick.length ? `, ${sick.length} cooling` : ""),
+                          sick.length ? "warn" : ""));
+    sick.forEach((m) => { const d = el("div", `${m.id}: cooling until ${when(m.until)} (${m.reason})`, "warn");
+                          d.appendChild(resetButton({provider: p.name, model: m.id})); models.appendChild(d); });
     const d = (health.discovery || {})[p.name];
-    return [el("td", p.name), el("td", p.api), state, num(p.keys), num(p.models.length),
-            el("td", d ? (d.error ? "failing: " + d.error : d.models + " found") : "", d && d.error ? "bad" : "muted"), bs];
+    return [el("td", p.name), el("td", p.api), state, keys, models,
+            el("td", d ? (d.error ? "failing: " + d.error : d.models + " found") : "", d && d.error ? "bad" : "muted")];
   }));
   table("routes", ["route", "candidates"], Object.entries(health.routes).map(([r, c]) => [el("td", r), el("td", c.join(", ") || "(no enabled model)")]));
   const models = await api("/v1/models");
@@ -5170,7 +5496,8 @@ async function refresh() {
   const recent = await api("/v1/requests?limit=50");
   table("requests", ["time", "client", "asked for", "intent / route", "answered by", "status", "ms", "tokens", "cost", "decision trail"],
     recent.data.map((r) => {
-      const trail = r.attempts.map((a) => `${a.provider}/${a.model}: ${a.reason}`).concat(r.provider ? [`${r.provider}/${r.model}: answered`] : []);
+      const trail = (r.pinned ? [`pinned: previous turn (${r.pinned})`] : []).concat(r.attempts.map((a) => `${a.provider}/${a.model}: ${a.reason}`),
+                                                                                      r.provider ? [`${r.provider}/${r.model}: answered`] : []);
       return [el("td", new Date(r.ts * 1000).toLocaleTimeString()), el("td", r.dialect), el("td", r.requested),
               el("td", (r.intent || "") + " / " + (r.route || "")), el("td", r.provider ? r.provider + "/" + r.model : "—"),
               el("td", r.status, r.status < 400 ? "ok" : "bad"), num(Math.round(r.latency_ms)),
@@ -5181,8 +5508,9 @@ async function refresh() {
 $("explain").addEventListener("click", async () => {
   const body = {model: "auto", messages: [{role: "user", content: $("prompt").value}]};
   const e = await api("/v1/route", {method: "POST", body: JSON.stringify(body)});
-  $("explain-out").textContent = e.error ? e.error.message : `intent ${e.intent} (confidence ${e.confidence}), signals: ${e.signals.join(", ") || "none"}\n` +
-    `route ${e.route}\n` + e.candidates.map((c, i) => `${i + 1}. ${c.provider}/${c.model}${c.skip ? "  — skipped: " + c.skip : ""}`).join("\n");
+  $("explain-out").textContent = e.error ? e.error.message : `intent ${e.intent} (confidence ${e.confidence}${e.unsure ? ", unsure" : ""}, ` +
+    `decided by ${e.decided_by}), signals: ${e.signals.join(", ") || "none"}\n` + `route ${e.route}\n` +
+    e.candidates.map((c, i) => `${i + 1}. ${c.provider}/${c.model}${c.pinned ? "  — pinned: " + c.pinned : ""}${c.skip ? "  — skipped: " + c.skip : ""}`).join("\n");
 });
 if (params.get("prompt")) { $("prompt").value = params.get("prompt"); $("explain").click(); }  // a shareable "where would this go?"
 refresh().catch(() => {});
@@ -5375,7 +5703,11 @@ class RouterHandler(BaseHTTPRequestHandler):
         if not path.startswith("/v1/") and "/v1" + path in POST_ROUTES:
             path = "/v1" + path
         if path == "/health" and method in ("GET", "HEAD"):
-            return self._json(200, health_report(self.router))
+            report = health_report(self.router)
+            if not self._authorized():     # open for health checks; the details need the key
+                report = {"status": report["status"], "version": report["version"],
+                          "providers": [{"name": p["name"], "state": p["state"]} for p in report["providers"]]}
+            return self._json(200, report)
         if path == "/" and method in ("GET", "HEAD"):
             return self.send(200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"}, STATUS_PAGE)
         if not self._authorized():
@@ -5422,6 +5754,14 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, self.router.count_tokens(body, hdrs))
         if action == "explain":
             return self._json(200, self.router.explain(body, hdrs))
+        if action == "reset_health":
+            _need(isinstance(body, dict), "body", "must be a JSON object: {}, {\"provider\": NAME} or "
+                  "{\"provider\": NAME, \"model\": MODEL}")
+            for field in ("provider", "model"):
+                _need(body.get(field) is None or isinstance(body[field], str) and body[field], field,
+                      "must be a non-empty string")
+            _need(body.get("provider") or not body.get("model"), "model", "needs a provider")
+            return self._json(200, {"reset": self.router.reset_health(body.get("provider"), body.get("model"))})
         if action == "show":
             return self._json(200, self.router.ollama_show(body))
         req = CODECS[dialect].decode_request(body)
@@ -5475,7 +5815,7 @@ class RouterServer(ThreadingHTTPServer):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-COMMANDS = ("serve", "check", "models", "route", "systemd-unit")
+COMMANDS = ("serve", "check", "models", "route", "reset", "systemd-unit")
 
 
 def build_parser():
@@ -5483,9 +5823,10 @@ def build_parser():
         prog="router.py", description="Sage Router: one local endpoint for every model.",
         epilog="commands: serve (the default) runs the router; check validates the config and probes every "
                "provider and key; models lists the catalogue; route \"TEXT\" explains where a prompt would go; "
+               "reset [PROVIDER[/MODEL]] closes circuit breakers by hand (all of them without an argument); "
                "systemd-unit prints a systemd unit for this install.")
     ap.add_argument("command", nargs="?", default="serve", choices=COMMANDS, help="what to do (default: serve)")
-    ap.add_argument("text", nargs="*", help="for route: the prompt")
+    ap.add_argument("text", nargs="*", help="for route: the prompt; for reset: PROVIDER or PROVIDER/MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     ap.add_argument("--config", default=None, help="providers.json (default ./providers.json, else beside router.py)")
@@ -5550,17 +5891,6 @@ def _table(rows, head):
     return "\n".join(line.rstrip() for line in lines)
 
 
-def probe(prov, key_index):
-    """A cheap call with one key: the provider's model list. -> (ok, detail)."""
-    path = {"ollama": "/api/tags", "anthropic": "/v1/models?limit=1", "gemini": "/models?pageSize=1"}.get(prov.api, "/models")
-    try:
-        data = _fetch_json(prov, path, key_index=key_index)
-    except DiscoveryError as e:
-        return False, str(e)[:120]
-    n = len(data.get("data") or data.get("models") or []) if isinstance(data, dict) else 0
-    return True, f"ok ({n} model{'s' if n != 1 else ''} listed)" if n else "ok"
-
-
 def cmd_check(router):
     """Probe every provider and key; exit 0 when every enabled provider has a working key."""
     cat = router.catalogue
@@ -5615,6 +5945,49 @@ def cmd_route(router, text, model):
     print(f"route: {e['route']}")
     for i, c in enumerate(e["candidates"], 1):
         print(f"  {i}. {c['provider']}/{c['model']}" + (f"  -- skipped: {c['skip']}" if c["skip"] else ""))
+    return 0
+
+
+def cmd_reset(args, env, target):
+    """Close breakers by hand: through the running router (POST /v1/health/reset on --host and
+    --port, with the router key from the environment or .env), or, when none answers there, in
+    health.json in the data directory."""
+    provider, _, model = target.partition("/") if target else (None, "", "")
+    body = {k: v for k, v in (("provider", provider), ("model", model)) if v}
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    headers = {"Content-Type": "application/json"}
+    if env.get("SAGE_ROUTER_API_KEY"):
+        headers["Authorization"] = "Bearer " + env["SAGE_ROUTER_API_KEY"]
+    conn = http.client.HTTPConnection(host, args.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/health/reset", dumps(body).encode(), headers)
+        resp = conn.getresponse()
+        data = json.loads(resp.read() or b"{}")
+    except ConnectionRefusedError:
+        data = None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        print(f"sage-router: no usable answer from http://{host}:{args.port} ({e})", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if data is None:
+        router, _env = load_router(args)
+        try:
+            names = router.reset_health(provider, model or None)
+            router.save_state()
+        except ApiError as e:
+            print(f"sage-router: {e.message}", file=sys.stderr)
+            return 1
+        finally:
+            router.close()
+        where = f"{router.state_file} (no router answers on {host}:{args.port})"
+    elif resp.status != 200:
+        print(f"sage-router: the router at {host}:{args.port} said {resp.status}: "
+              f"{(data.get('error') or {}).get('message', data)}", file=sys.stderr)
+        return 1
+    else:
+        names, where = data.get("reset", []), f"the router on {host}:{args.port}"
+    print(f"reset in {where}: " + (", ".join(names) if names else "nothing was open"))
     return 0
 
 
@@ -5680,6 +6053,8 @@ def main(argv=None):
         print(systemd_unit(args, args.user), end="")
         return 0
     try:
+        if args.command == "reset":
+            return cmd_reset(args, make_loader(args)()[1], " ".join(args.text))
         router, _env = load_router(args)
     except ConfigError as e:
         print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}", file=sys.stderr)

@@ -766,6 +766,12 @@ class Harness:
             self.tmp.cleanup()
 
 
+def provider_state(health, provider, model=None):
+    """One provider's (or one of its models') entry in GET /health."""
+    p = next(p for p in health["providers"] if p["name"] == provider)
+    return p if model is None else next(m for m in p["models"] if m["id"] == model)
+
+
 def closed_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -1520,14 +1526,22 @@ class FailoverTests(RouterCase):
         self.assertEqual(r.headers["x-router-provider"], "an")
         self.assertEqual(len(self.oa.requests), n, "a cooling candidate is not tried while others are healthy")
         health = call(self.h.port, "GET", "/health").json()
-        self.assertIn("oa/gpt-test", health["cooling_down"])
+        model = provider_state(health, "oa", "gpt-test")
+        self.assertEqual(model["state"], "cooling")
+        self.assertIn("HTTP 429", model["reason"])
 
     def test_cooldown_grows_and_success_resets(self):
         hl = self.h.router.health
-        for _ in range(3):
+        hl.fail(("x", "y"))
+        for _ in range(50):      # tried as a last resort while it cools: never lengthens the cooldown
+            hl.fail(("x", "y"))
+        self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), 30)
+        for _ in range(2):       # two half-open trials fail: 60 s, then 120 s
+            hl.state[("x", "y")].until = time.monotonic() - 1
             hl.fail(("x", "y"))
         self.assertGreater(hl.left(("x", "y"), time.monotonic()), 100)
         for _ in range(5000):   # a provider down for days: capped, never an overflow
+            hl.state[("x", "y")].until = time.monotonic() - 1
             hl.fail(("x", "y"))
         self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), R.DEFAULT_SETTINGS["max_cooldown_seconds"])
         hl.ok(("x", "y"))
@@ -2320,7 +2334,10 @@ class HealthTests(RouterCase):
         hl.fail(key)
         self.assertLess(hl.left(key, time.monotonic()), 31, "cooldown starts again from the base after a close")
         hl.fail(key)
-        self.assertGreater(hl.left(key, time.monotonic()), 55, "... and doubles while it keeps failing")
+        self.assertLess(hl.left(key, time.monotonic()), 31, "a failure while it cools does not lengthen it")
+        hl.state[key].until = time.monotonic() - 1
+        hl.fail(key)
+        self.assertGreater(hl.left(key, time.monotonic()), 55, "... a failed half-open trial doubles it")
 
     def test_rate_limit_reset_headers_and_quota(self):
         self.oa.push(Reply(status=429, headers={"x-ratelimit-reset-requests": "42s"}, body={"error": {"message": "slow"}}))
@@ -2343,13 +2360,17 @@ class HealthTests(RouterCase):
         self.ask("openai", client_body("openai", "deadfirst", False, text="two"))
         hl = self.h.router.health
         self.assertGreater(hl.left(("provider", "dead"), time.monotonic()), 0)
-        self.assertIn("provider dead", call(self.h.port, "GET", "/health").json()["breakers"])
+        health = call(self.h.port, "GET", "/health").json()
+        dead = provider_state(health, "dead")
+        self.assertEqual(dead["state"], "cooling")
+        self.assertIn("cannot connect", dead["reason"])
+        self.assertEqual(provider_state(health, "dead", "ghost")["state"], "ok", "the provider cools, not each model")
 
     def test_latency_is_tracked(self):
         self.ask("openai", client_body("openai", "oa/gpt-test", False))
         b = self.h.router.health.state[("oa", "gpt-test")]
         self.assertIsNotNone(b.latency)
-        self.assertIn("latency_ms", call(self.h.port, "GET", "/health").json()["breakers"]["oa/gpt-test"])
+        self.assertIn("latency_ms", provider_state(call(self.h.port, "GET", "/health").json(), "oa", "gpt-test"))
 
     def test_health_survives_a_restart(self):
         with tempfile.TemporaryDirectory() as d:
@@ -3430,7 +3451,7 @@ class StatusPageTests(RouterCase):
         self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
         dom = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key=page-key-42&prompt=Write%20a%20limerick%20about%20tea")
         for text in ("<td>oa2</td>", "an/claude-test", "claude-first", "HTTP 500: boom → an/claude-test: answered",
-                     "<svg", "cost per day", "oa/gpt-test: open", "<td>chat</td>", "enabled",
+                     "<svg", "cost per day", "gpt-test: cooling until", "<td>chat</td>", '<button class="reset">reset',
                      "intent creative", "route creative"):
             self.assertIn(text, dom, text)
         locked = self.dump_dom(f"http://127.0.0.1:{self.h.port}/")

@@ -88,6 +88,8 @@ DEFAULT_SETTINGS = {
     "verify_tls": True,
 }
 
+ZERO_OK_SETTINGS = {"probe_seconds"}   # numeric settings where 0 means "off"
+
 #: Keys a provider entry may carry (anything else is a config error: typos must not pass).
 PROVIDER_KEYS = {
     "api", "base_url", "api_key", "models", "enabled", "headers", "verify_tls", "ca_file",
@@ -252,6 +254,8 @@ def validate_config(cfg, file):
         want = DEFAULT_SETTINGS[k]
         if isinstance(want, bool):
             _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
+        elif k in ZERO_OK_SETTINGS:
+            _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more (0 turns it off)")
         else:
             _check(_num(v) and v > 0, file, f"settings.{k}", "a positive number")
     return cfg

@@ -282,7 +282,7 @@ def ollama_json(r, model):
 class FakeProvider:
     """A scripted provider: api "openai" (Chat Completions under /v1) or "anthropic" (Messages)."""
 
-    def __init__(self, api):
+    def __init__(self, api, port=0):
         self.api = api
         self.replies = queue.Queue()
         self.requests = []
@@ -356,7 +356,7 @@ class FakeProvider:
                 return data
 
         lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), H)
         self.server.handle_error = lambda request, address: None   # the router hanging up is fine
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -1399,6 +1399,59 @@ class ModelNameTests(RouterCase):
         self.assertEqual(r.headers["x-router-provider"], "oa2")
         self.assertEqual(r.headers["x-router-attempts"], "2")
 
+    def test_a_typo_in_an_explicit_model_is_a_404_naming_the_closest(self):
+        """Issue 9, part 3: the provider is asked; "no such model" is the client's answer, not default's."""
+        self.oa.push(Reply(status=404, body={"error": {"message": "The model `gpt-tset` does not exist or you do not "
+                                                                  "have access to it.", "type": "invalid_request_error",
+                                                       "code": "model_not_found"}}))
+        r = self.post("openai", client_body("openai", "oa/gpt-tset", False))
+        self.assertEqual(r.status, 404, r)
+        err = r.json()["error"]
+        self.assertEqual((err["type"], err["param"]), ("not_found_error", "model"))
+        self.assertIn("does not exist", err["message"])
+        self.assertIn("oa/gpt-test", err["message"].split("Closest known names:")[1])
+        self.assertEqual(len(self.oa2.requests), 0, "the default route is not billed for a typo")
+        self.assertEqual(self.oa.requests[-1]["body"]["model"], "gpt-tset", "the provider was asked (it may have it)")
+        # Anthropic's own words, to an Anthropic client; the OpenRouter way (a 400) to an OpenAI client.
+        self.an.push(Reply(status=404, body={"type": "error", "error": {"type": "not_found_error", "message": "model: claude-tset"}}))
+        r = self.post("anthropic", client_body("anthropic", "an/claude-tset", False))
+        self.assertEqual((r.status, r.json()["type"], r.json()["error"]["type"]), (404, "error", "not_found_error"))
+        self.assertIn("an/claude-test", r.json()["error"]["message"])
+        self.oa.push(Reply(status=400, body={"error": {"message": "gpt-5-turbo-x is not a valid model ID", "code": 400}}))
+        self.assertEqual(self.post("openai", client_body("openai", "oa/gpt-5-turbo-x", False)).status, 404)
+        self.assertEqual(len(self.oa2.requests), 0)
+        # A listed model the provider no longer has: the same (the user named it).
+        self.oa.push(Reply(status=404, body={"error": {"message": "no such model", "code": "model_not_found"}}))
+        self.assertEqual(self.post("openai", client_body("openai", "oa/gpt-test", False)).status, 404)
+        # An unlisted model that exists: answered, and no breaker is made for it.
+        r, _ = self.ask("openai", client_body("openai", "oa/gpt-brand-new", False))
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-model"]), ("oa", "gpt-brand-new"))
+
+    def test_an_explicit_model_still_falls_back_on_5xx_429_and_timeouts(self):
+        for reply in (Reply(status=500), Reply(status=429), Reply(stall="headers")):
+            with self.subTest(status=reply.status, stall=reply.stall):
+                self.setUp()
+                if reply.stall:
+                    self.h.router.catalogue.providers["oa"].first_byte_timeout = 0.3
+                    self.addCleanup(setattr, self.h.router.catalogue.providers["oa"], "first_byte_timeout", 5)
+                self.oa.push(reply)
+                r, _ = self.ask("openai", client_body("openai", "oa/gpt-unlisted", False))
+                self.assertEqual(r.headers["x-router-provider"], "oa2")
+                self.assertNotIn(("oa", "gpt-unlisted"), self.h.router.health.state)
+
+    def test_unknown_bare_names_go_through_aliases_then_auto_and_are_logged_once(self):
+        with self.assertLogs(R.log, "WARNING") as logs:
+            for _ in range(3):
+                r, _ = self.ask("openai", client_body("openai", "mystery-model-\nforged line", False,
+                                                      text="Write a poem about the sea"))
+                self.assertEqual(r.headers["x-router-route"], "creative")
+            r, _ = self.ask("anthropic", client_body("anthropic", "claude-opus-9-9", False))
+            self.assertEqual(r.headers["x-router-route"], "code")
+        lines = [l for l in logs.output if "unknown model name" in l]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("'mystery-model-\\x0aforged line'", lines[0], "control characters are escaped, never written")
+        self.assertNotIn("\n", lines[0])
+
     def test_route_header_picks_a_route(self):
         r, _ = self.ask("openai", client_body("openai", "whatever-name", False), {"X-Router-Route": "claude-first"})
         self.assertEqual(r.headers["x-router-provider"], "an")
@@ -2430,6 +2483,309 @@ class AffinityTests(RouterCase):
                                                             {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]})
         self.assertEqual([b["type"] for b in body["messages"][1]["content"]], ["tool_use"])
         self.assertNotIn("thinking", body)
+
+
+class ExplicitModelTests(RouterCase):
+    """Issue 9, part 1: the name asked for decides, then affinity."""
+
+    def test_every_explicit_model_is_served_by_itself_on_a_fresh_router(self):
+        # The same opening ("Say hello", same system prompt) five times: affinity must not pin them.
+        for dialect in ("openai", "anthropic"):
+            for model, prov in (("oa/gpt-test", "oa"), ("gm/gemini-test", "gm"), ("ol/llama-test", "ol"),
+                                ("an/claude-test", "an"), ("rs/gpt-resp", "rs"), ("gpt-backup", "oa2")):
+                with self.subTest(dialect=dialect, model=model):
+                    r, _ = self.ask(dialect, client_body(dialect, model, False))
+                    self.assertEqual(r.headers["x-router-provider"], prov)
+                    self.assertEqual(r.headers["x-router-route"], "explicit")
+
+    def turn(self, model, history, text, headers=None):
+        body = {"model": model, "max_tokens": 100, "system": "You are helpful.",
+                "messages": history + [{"role": "user", "content": text}]}
+        r, _got = self.ask("anthropic", body, headers)
+        return r, history + [{"role": "user", "content": text}, {"role": "assistant", "content": r.json()["content"]}]
+
+    def test_switching_model_mid_conversation_takes_effect_on_that_turn(self):
+        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigFromAn"))
+        r, hist = self.turn("code", [], "Refactor my parser please")
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        # Claude Code's /model: the next turn names another model and gets it, at once.
+        r, hist = self.turn("oa/gpt-test", hist, "Go on")
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        self.assertNotIn("EqSigFromAn", json.dumps(self.oa.requests[-1]["body"]), "foreign signatures are dropped")
+        r, hist = self.turn("gm/gemini-test", hist, "And now?")
+        self.assertEqual(r.headers["x-router-provider"], "gm")
+        # Back to the route: its pin (an, from turn 1) still holds, even with the route reordered.
+        self.h.router.catalogue.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
+        self.addCleanup(self.h.router.catalogue.routes.__setitem__, "code", [("an", "claude-test"), ("oa", "gpt-test")])
+        e = self.h.call("POST", "/v1/route", {"model": "code", "max_tokens": 10, "system": "You are helpful.",
+                                              "messages": hist + [{"role": "user", "content": "Last one"}]}).json()
+        self.assertEqual(e["candidates"][0], {"provider": "an", "model": "claude-test", "skip": None,
+                                              "pinned": "previous turn"})
+        r, hist = self.turn("code", hist, "Last one")
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        rows = wait_rows(self.h, lambda rs: len(rs) > 1 and rs[0]["requested"] == "code"
+                         and rs[1]["requested"] == "gm/gemini-test")
+        self.assertEqual(rows[0]["pinned"], "an/claude-test", "the decision trail says why")
+        self.assertIsNone(rows[1]["pinned"])
+
+    def test_same_opening_different_names_keep_separate_pins(self):
+        r, _ = self.turn("code", [], "Hello there")                # code route: an first
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        r, _ = self.turn("general", [], "Hello there")             # general route: oa first
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        # Reverse both routes: each conversation stays where its name went.
+        cat = self.h.router.catalogue
+        saved = dict(cat.routes)
+        self.addCleanup(cat.routes.update, saved)
+        cat.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
+        cat.routes["general"] = [("oa2", "gpt-backup"), ("oa", "gpt-test")]
+        hist = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi."}]
+        self.assertEqual(self.turn("code", hist, "again")[0].headers["x-router-provider"], "an")
+        self.assertEqual(self.turn("general", hist, "again")[0].headers["x-router-provider"], "oa")
+        # Another client (another credential) with the same opening is a new conversation.
+        self.assertEqual(self.turn("code", hist, "again", {"x-api-key": "someone-else"})[0].headers["x-router-provider"],
+                         "oa")
+
+    def test_an_explicit_name_is_never_reordered_by_affinity(self):
+        r, hist = self.turn("chat", [], "Start")                    # chat route: oa first, pinned
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        e = self.h.call("POST", "/v1/route", {"model": "oa2/gpt-backup", "max_tokens": 10, "system": "You are helpful.",
+                                              "messages": hist + [{"role": "user", "content": "next"}]}).json()
+        self.assertEqual([c["model"] for c in e["candidates"]], ["gpt-backup"])
+        self.assertNotIn("pinned", e["candidates"][0])
+        e = self.h.call("POST", "/v1/route", {"model": "an/claude-test", "max_tokens": 10, "system": "You are helpful.",
+                                              "messages": hist + [{"role": "user", "content": "next"}]}).json()
+        self.assertEqual([c["model"] for c in e["candidates"]], ["claude-test", "gpt-backup"],
+                         "the model asked for first, then the default route; the pinned oa/gpt-test is not in front")
+
+
+def wait_rows(h, cond):
+    """The newest request-log rows (newest first), once cond(rows) holds (the writer batches)."""
+    key = {"Authorization": "Bearer " + h.router.router_key} if h.router.router_key else {}
+    rows = []
+
+    def ready():
+        rows[:] = h.call("GET", "/v1/requests?limit=500", headers=key).json()["data"]
+        return cond(rows)
+    assert wait_until(ready), rows[:3]
+    return rows
+
+
+class RecoveryTests(unittest.TestCase):
+    """Issue 9, part 2: health that recovers as fast as the provider does."""
+
+    def setUp(self):
+        self.an, self.oa = FakeProvider("anthropic"), FakeProvider("openai")
+        self.addCleanup(self.an.close)
+        self.addCleanup(self.oa.close)
+        self.dead_port = closed_port()
+        self.cfg = {
+            "providers": {
+                "an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "sk-an", "models": {"claude-test": {}}},
+                "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "sk-oa", "models": {"gpt-test": {}}},
+                "pool": {"api": "openai", "base_url": self.oa.base_url, "api_key": ["sk-A", "sk-B"], "models": {"pooled": {}}},
+                "later": {"api": "openai", "base_url": f"http://127.0.0.1:{self.dead_port}/v1", "api_key": "k",
+                          "models": {"late-model": {}}},
+                "off": {"api": "openai", "base_url": self.oa.base_url, "api_key": "${NOT_SET_ANYWHERE}"},
+            },
+            "routes": {"default": ["oa/gpt-test"], "two": ["an/claude-test", "oa/gpt-test"],
+                       "latefirst": ["later/late-model", "oa/gpt-test"]},
+            "settings": {"probe_seconds": 0.1, "cooldown_seconds": 30, "connect_timeout": 1, "first_byte_timeout": 5},
+        }
+        self.data = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.data, True)
+        self.h = self.harness()
+
+    def harness(self, env=None):
+        h = Harness(self.cfg, env, data_dir=self.data)
+        self.addCleanup(h.close)
+        return h
+
+    def ask(self, model, h=None, status=200):
+        """One request, each a new conversation (so affinity pins nothing)."""
+        self.n = getattr(self, "n", 0) + 1
+        r = (h or self.h).call("POST", "/v1/chat/completions", client_body("openai", model, False, text=f"hi {self.n}"))
+        self.assertEqual(r.status, status, r)
+        return r
+
+    def breaker(self, key, h=None):
+        return (h or self.h).router.health.state.get(key)
+
+    def test_outage_then_recovery_closes_the_breaker_by_probe(self):
+        self.an.chaos = lambda: Reply(status=500, body={"type": "error", "error": {"type": "api_error", "message": "down"}})
+        self.assertEqual(self.ask("two").headers["x-router-provider"], "oa")
+        b = self.breaker(("an", "claude-test"))
+        until = b.until
+        self.assertTrue(25 < until - time.monotonic() <= 30)
+        # Everything down: each request still tries the cooling candidate as a last resort ...
+        self.oa.chaos = lambda: Reply(status=500)
+        for _ in range(5):
+            self.ask("two", status=502)
+        self.assertEqual(b.until, until, "... and those last-resort failures do not lengthen its cooldown")
+        self.assertEqual(b.opens, 1)
+        # The provider comes back: a probe finds out and closes the breaker, long before the cooldown ends.
+        self.oa.chaos = None
+        n = len(self.an.requests)
+        self.an.chaos = None
+        recovered = time.monotonic()
+        self.assertTrue(wait_until(lambda: not self.breaker(("an", "claude-test")).opens, 10))
+        self.assertLess(time.monotonic() - recovered, 5)
+        probe = self.an.requests[n]["body"]
+        self.assertEqual((probe["max_tokens"], probe["messages"][0]["content"][0]["text"]), (16, "ping"),
+                         "a model is probed with the smallest generation")
+        self.assertEqual(self.ask("two").headers["x-router-provider"], "an")
+
+    def test_a_failed_half_open_trial_doubles_and_a_success_closes(self):
+        self.an.chaos = lambda: Reply(status=500)
+        self.h.router.health.probe_first = 0          # no probes: the trial decides
+        self.ask("two")
+        b = self.breaker(("an", "claude-test"))
+        b.until = time.monotonic() - 1                 # the cooldown ran out: half-open
+        self.ask("two")                                # the trial fails
+        self.assertTrue(55 < b.until - time.monotonic() <= 60)
+        self.an.chaos = None
+        b.until = time.monotonic() - 1
+        self.assertEqual(self.ask("two").headers["x-router-provider"], "an")
+        self.assertEqual((b.opens, b.until), (0, 0.0), "one success closes it at once")
+
+    def test_an_unreachable_provider_is_probed_by_its_model_list(self):
+        self.assertEqual(self.ask("latefirst").headers["x-router-provider"], "oa")
+        self.assertTrue(self.breaker(("provider", "later")).opens)
+        self.assertIsNone(self.breaker(("later", "late-model")), "a connection failure cools the provider only")
+        late = FakeProvider("openai", self.dead_port)      # the server comes up
+        self.addCleanup(late.close)
+        late.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [{"id": "late-model", "object": "model"}]}}
+        self.assertTrue(wait_until(lambda: not self.breaker(("provider", "later")).opens, 10))
+        self.assertIn("/v1/models", late.list_calls)
+        self.assertEqual(late.requests, [], "the list was enough: no generation")
+        self.assertEqual(self.ask("latefirst").headers["x-router-provider"], "later")
+
+    def test_no_generation_probe_while_a_retry_after_is_in_the_future(self):
+        self.an.push(Reply(status=429, headers={"Retry-After": "30"}, body={"type": "error", "error": {
+            "type": "rate_limit_error", "message": "slow down"}}))
+        self.ask("two")
+        hl = self.h.router.health
+        hl.probe_first = 0                           # stop the thread's probes; drive them by hand
+        b = self.breaker(("an", "claude-test"))
+        b.probe_at = 0
+        hl.probe_first = 0.1
+        n = len(self.an.requests)
+        self.assertEqual(hl.probes_due(time.monotonic()), [])
+        self.h.router.probe_breakers()
+        self.assertEqual(len(self.an.requests), n)
+        b.until = time.monotonic() - 1               # the provider's time has come
+        self.assertEqual(hl.probes_due(time.monotonic()), [("an", "claude-test")])
+
+    def test_failed_probes_back_off_and_never_lengthen_the_cooldown(self):
+        self.an.chaos = lambda: Reply(status=503)
+        hl = self.h.router.health
+        hl.probe_first = 0
+        self.ask("two")
+        b = self.breaker(("an", "claude-test"))
+        until, hl.probe_first = b.until, 5.0
+        steps = []
+        for _ in range(5):
+            b.probe_at = 0
+            self.h.router.probe_breakers()
+            steps.append(b.probe_step)
+        self.assertEqual(steps, [10.0, 20.0, 30.0, 30.0, 30.0], "5 s, 10 s, 20 s, ... capped at the cooldown")
+        self.assertEqual(b.until, until)
+        view = R.health_report(self.h.router)["providers"][0]["models"][0]
+        self.assertIn("last probe: HTTP 503", view["reason"])
+
+    def test_reset_by_hand_needs_the_router_key(self):
+        h = self.harness({"SAGE_ROUTER_API_KEY": "admin-key"})
+        key = {"Authorization": "Bearer admin-key"}
+        hl = h.router.health
+        hl.probe_first = 0
+        hl.fail(("an", "claude-test"))
+        hl.fail(("oa", "gpt-test"))
+        hl.fail(("provider", "later"))
+        hl.fail(("key", "pool", 0), 300)
+        hl.kill_key("pool", 1, "HTTP 401: bad key")
+        self.assertEqual(h.call("POST", "/v1/health/reset", {}).status, 401)
+        r = h.call("POST", "/v1/health/reset", {"provider": "an", "model": "claude-test"}, key)
+        self.assertEqual((r.status, r.json()), (200, {"reset": ["an/claude-test"]}))
+        self.assertTrue(hl.state[("oa", "gpt-test")].opens, "only the model asked for")
+        r = h.call("POST", "/v1/health/reset", {"provider": "pool"}, key)
+        self.assertEqual(sorted(r.json()["reset"]), ["pool key #1", "pool key #2"], "a provider's keys, rejected ones too")
+        self.assertEqual(hl.usable_keys(h.router.catalogue.providers["pool"], time.monotonic()), [0, 1])
+        r = h.call("POST", "/v1/health/reset", {}, key)
+        self.assertEqual(sorted(r.json()["reset"]), ["oa/gpt-test", "provider later"])
+        self.assertEqual(h.call("POST", "/v1/health/reset", {"provider": "nope"}, key).status, 404)
+        for bad in ({"provider": 5}, {"model": "x"}, [1]):
+            r = h.call("POST", "/v1/health/reset", bad, key)
+            self.assertEqual(r.status, 400, bad)
+            self.assertEqual(r.json()["error"]["type"], "invalid_request_error")
+
+    def test_a_restart_restores_error_cooldowns_half_open_and_header_cooldowns_exactly(self):
+        self.an.push(Reply(status=500))
+        self.ask("two")
+        self.oa.push(Reply(status=429, headers={"Retry-After": "300"}))
+        self.ask("oa/gpt-test", status=429)
+        self.h.close()
+        h2 = self.harness()
+        hl = h2.router.health
+        now = time.monotonic()
+        self.assertEqual(hl.left(("an", "claude-test"), now), 0, "an error's cooldown restarts half-open")
+        self.assertEqual(hl.state[("an", "claude-test")].opens, 1)
+        self.assertTrue(290 < hl.left(("oa", "gpt-test"), now) <= 300, "a Retry-After keeps its time")
+        self.assertEqual(h2.call("POST", "/v1/chat/completions", client_body("openai", "two", False)).headers[
+            "x-router-provider"], "an", "the half-open breaker takes the next request as its trial")
+
+    def test_a_reload_resets_the_breakers_of_changed_providers(self):
+        hl = self.h.router.health
+        hl.probe_first = 0
+        hl.fail(("an", "claude-test"))
+        hl.fail(("provider", "an"))
+        hl.fail(("oa", "gpt-test"))
+        hl.kill_key("an", 0, "HTTP 401")
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["providers"]["an"]["api_key"] = "sk-an-fixed"
+        self.h.router.loader = lambda: (cfg, {"OPENCLAW_CONFIG_PATH": "/nonexistent"}, "test-config")
+        self.assertTrue(self.h.router.reload())
+        hl = self.h.router.health
+        self.assertFalse(hl.state[("an", "claude-test")].opens)
+        self.assertFalse(hl.state[("provider", "an")].opens)
+        self.assertTrue(hl.state[("oa", "gpt-test")].opens, "an unchanged provider keeps its state")
+
+    def test_made_up_model_names_grow_no_state(self):
+        self.oa.chaos = lambda: Reply(status=500)
+        for i in range(20):
+            self.h.call("POST", "/v1/chat/completions", client_body("openai", f"oa/made-up-{i}", False))
+        self.oa.chaos = None
+        self.ask("oa/made-up-x")
+        self.assertEqual({k for k in self.h.router.health.state if k[0] == "oa"}, {("oa", "gpt-test")},
+                         "only the default route's known model has a breaker")
+        self.assertTrue(wait_until(lambda: "made-up" not in self.h.call("GET", "/metrics").body.decode() and
+                                   'model="other"' in self.h.call("GET", "/metrics").body.decode()))
+        self.h.router.save_state()
+        with open(os.path.join(self.data, "health.json")) as f:
+            self.assertNotIn("made-up", f.read())
+        self.assertNotIn("made-up", self.h.call("GET", "/health").body.decode())
+
+    def test_health_shows_states(self):
+        hl = self.h.router.health
+        hl.probe_first = 0
+        hl.kill_key("pool", 0, "HTTP 401: invalid key")
+        hl.fail(("key", "pool", 1), 120, error="HTTP 429: slow down")
+        hl.fail(("an", "claude-test"), error="HTTP 500: boom")
+        hl.fail(("oa", "gpt-test"), 30, error="HTTP 429: busy")
+        health = self.h.call("GET", "/health").json()
+        an = provider_state(health, "an")
+        self.assertEqual((an["state"], an["reason"]), ("cooling", "every model is cooling down"),
+                         "a provider whose every model is cooling is not ok")
+        m = an["models"][0]
+        self.assertEqual((m["id"], m["state"], m["reason"]), ("claude-test", "cooling", "HTTP 500: boom"))
+        self.assertRegex(m["until"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        pool = provider_state(health, "pool")
+        self.assertEqual([(k["key"], k["state"]) for k in pool["keys"]], [("#1", "key_rejected"), ("#2", "cooling")])
+        self.assertEqual(pool["state"], "cooling", "every live key is cooling")
+        self.assertEqual(provider_state(health, "off")["state"], "disabled")
+        self.assertIn("NOT_SET_ANYWHERE", provider_state(health, "off")["reason"])
+        self.assertEqual(provider_state(health, "later")["state"], "ok")
+        hl.kill_key("pool", 1, "HTTP 403")
+        self.assertEqual(provider_state(self.h.call("GET", "/health").json(), "pool")["state"], "key_rejected")
 
 
 class ChaosTests(unittest.TestCase):
@@ -3634,6 +3990,52 @@ class CommandTests(unittest.TestCase):
         self.assertIn("1. good/m", r.stdout)
         r = self.run_cmd(["check"], {"providers": {"x": {"api": "nope"}}})
         self.assertEqual(r.returncode, 2)
+
+    def test_reset_talks_to_the_running_router_or_edits_health_json(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k",
+                                   "models": {"m": {}, "n": {}}}}, "routes": {}, "settings": {"probe_seconds": 0}}
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        # No router running: health.json is edited.
+        h = Harness(cfg, data_dir=d)
+        h.router.health.fail(("p", "m"))
+        h.router.health.fail(("p", "n"))
+        h.close()
+        r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "reset", "p/m", "--port", str(closed_port()),
+                            "--config", self.write_cfg(cfg), "--env-file", os.devnull, "--data-dir", d],
+                           capture_output=True, text=True, timeout=60, env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("reset in", r.stdout)
+        self.assertIn("p/m", r.stdout)
+        with open(os.path.join(d, "health.json")) as f:
+            saved = {tuple(b["key"]): b for b in json.load(f)["breakers"]}
+        self.assertEqual(saved[("p", "m")]["opens"], 0)
+        self.assertEqual(saved[("p", "n")]["opens"], 1)
+        # A running router (with a key) is asked over HTTP.
+        h = Harness(cfg, {"SAGE_ROUTER_API_KEY": "adm"}, data_dir=d)
+        self.addCleanup(h.close)
+        h.router.health.fail(("p", "n"))
+        base = [sys.executable, os.path.join(HERE, "router.py"), "reset", "--port", str(h.port), "--config",
+                self.write_cfg(cfg), "--env-file", os.devnull, "--data-dir", d]
+        r = subprocess.run(base, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x", SAGE_ROUTER_API_KEY="wrong"))
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("401", r.stderr)
+        r = subprocess.run(base, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x", SAGE_ROUTER_API_KEY="adm"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(f"the router on 127.0.0.1:{h.port}: p/n", r.stdout)
+        self.assertFalse(h.router.health.state[("p", "n")].opens)
+
+    def write_cfg(self, cfg):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "providers.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        return path
 
     def test_systemd_unit(self):
         r = self.run_cmd(["systemd-unit", "--port", "8791"])

@@ -78,6 +78,9 @@ DEFAULT_SETTINGS = {
     "quota_cooldown_seconds": 3600.0,  # cooldown after a quota or billing error
     "breaker_threshold": 1,          # consecutive failures that open a candidate's breaker
     "probe_seconds": 5.0,            # first probe of an open breaker after this (then 10, 20, ...); 0: never
+    "intent_model": None,            # "PROVIDER/MODEL" asked for the intent when the rules are unsure
+    "intent_model_below": 0.3,       # ... when their confidence is below this
+    "intent_model_timeout": 1.5,     # ... within this many seconds (else the rules' answer stands)
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
     "discovery_interval": 60.0,      # seconds between two refreshes of a provider's model list
     "import_openclaw": True,         # import the providers of ~/.openclaw/openclaw.json
@@ -254,6 +257,9 @@ def validate_config(cfg, file):
         want = DEFAULT_SETTINGS[k]
         if isinstance(want, bool):
             _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
+        elif k == "intent_model":
+            _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers, file,
+                   f"settings.{k}", f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
         elif k in ZERO_OK_SETTINGS:
             _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more (0 turns it off)")
         else:
@@ -3113,14 +3119,29 @@ def probe(prov, key_index, model=None, settings=None):
             return False, str(e)[:120]
         n = len(data.get("data") or data.get("models") or []) if isinstance(data, dict) else 0
         return True, f"ok ({n} model{'s' if n != 1 else ''} listed)" if n else "ok"
-    req = openai_decode_request({"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 16})
-    body = pc.encode_request(req, model, prov, infer_capabilities(model, prov.models.get(model)),
-                             settings or DEFAULT_SETTINGS)
     try:
-        _fetch_json(prov, pc.request_path(prov, model, False), "POST", body, PROBE_TIMEOUT, key_index, base=False)
+        complete(prov, model, key_index, None, "ping", 16, settings, PROBE_TIMEOUT)
     except DiscoveryError as e:
         return False, str(e)[:120]
     return True, "ok (answered a 16-token probe)"
+
+
+def complete(prov, model, key_index, system, text, max_tokens, settings, timeout):
+    """One small whole (not streamed) generation in the provider's own dialect, on a short-lived
+    connection with an overall timeout: for probes and the intent model. -> the reply's text.
+    Raises DiscoveryError."""
+    pc = CODECS[prov.api]
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    if system:
+        body["messages"].insert(0, {"role": "system", "content": system})
+    req = openai_decode_request(body)
+    payload = pc.encode_request(req, model, prov, infer_capabilities(model, prov.models.get(model)),
+                                settings or DEFAULT_SETTINGS)
+    obj = _fetch_json(prov, pc.request_path(prov, model, False), "POST", payload, timeout, key_index, base=False)
+    try:
+        return text_of(pc.decode_response(obj, prov)["content"])
+    except (KeyError, TypeError, ValueError, AttributeError, ApiError) as e:
+        raise DiscoveryError(f"unreadable reply ({type(e).__name__})") from None
 
 
 class Discovery:
@@ -3272,157 +3293,660 @@ NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside rou
 
 # ------------------------------------------------------------------------------ intent rules --
 #
-# Intent detection reads the conversation, not a keyword list: the latest user turn counts most
-# (weight 1), the one before 0.4, the one before that 0.16. System prompts and tool schemas are
-# never read, but the tools a request offers are a signal (a coding agent's Bash/Edit/Read/Write/
-# apply_patch tools mean code). Each turn is scanned within a bounded window (the first 800 and
-# last 400 characters of the latest turn, the first 300 of earlier ones) so a 50 KB conversation
-# costs a fraction of a millisecond. Scores start at 1 for general; the highest score wins.
+# Intent detection weighs cues; it does not just match them. Every cue below is data: a name, the
+# intent it speaks for, a weight, a cap, and what it matches. A cue's score in one text is its
+# weight times the number of its distinct hits, at most `cap` hits (so "docker compose nginx"
+# counts more than "docker", and no list can swamp the others). Negative weights take back what
+# a word seemed to say ("area code", "the story behind"). A request's score per intent is the
+# sum over its turns: the latest user turn counts 1, the one before 0.4, the one before that
+# 0.16, and the assistant's last reply 0.25 (a follow-up such as "now add tests" leans on what
+# came before). General starts at 1: another intent must say more than that to win. The
+# confidence is the margin between the two best scores relative to the best (0..1); with no cue
+# at all the answer is general with confidence 0, and below UNSURE_BELOW it is "unsure".
+#
+# System prompts and tool schemas are never read, but the tools a request offers are a signal
+# (a coding agent's Bash/Edit/Read/Write/apply_patch tools mean code). Each text is read within
+# a bounded window (the first 800 and last 400 characters of the latest turn, the first 300 of
+# earlier ones), so a 50 KB conversation costs a fraction of a millisecond.
+#
+# Words match whole tokens (lower case; a word inside another word is no match); phrases match
+# whole-token sequences; patterns are regular expressions on the lower-cased text (with a
+# newline in front, so "\n" also matches the start).
 
-# --- vocabulary cues: intent -> {signal: (weight, words, phrases)} ---------------------------
-# Words match whole tokens (a word inside another word is no match); phrases match whole-token
-# sequences. General language cues: forms, verbs and artefacts people name for each kind of task.
-INTENT_VOCAB = {
-    "code": {
-        "language_name": (2.0, "python javascript typescript java c++ c# golang rust kotlin swift ruby php html css sql "
-                               "bash powershell haskell scala perl lua dart react django flask nodejs numpy pandas regex "
-                               "dockerfile nginx kubernetes terraform", "node.js|node js|json schema"),
-        "programming_words": (1.5, "function functions program programs programming algorithm algorithms implement "
-                                   "implementation implementing compile compiler compiling debug debugging refactor "
-                                   "refactoring bug bugs api apis endpoint database repo repository git commit variable "
-                                   "variables array arrays recursion recursive stack queue code codebase library "
-                                   "framework method parameter parameters exception runtime syntax",
-                              "unit test|unit tests|regular expression|data structure|linked list|binary search|"
-                              "binary tree|hash map|hash table|time complexity|space complexity|source code|stack trace|"
-                              "sql query|pull request"),
-        "code_words_intl": (2.0, "código codigo fonction funktion función função programme programa programm quellcode "
-                                 "fehlermeldung bogue depurar débogage", ""),
-    },
-    "creative": {
-        "creative_form": (3.0, "poem poems poetry haiku sonnet limerick lyrics song songs verse verses rhyme rhymes "
-                               "rhyming story stories tale tales fable fiction novel screenplay soliloquy monologue joke "
-                               "jokes pun puns slogan slogans tagline headline headlines catchphrase ode",
-                          "short story|fairy tale|bedtime story"),
-        "creative_intl": (3.0, "poème poema gedicht chanson canción canção lied liedtext histoire cuento conto geschichte "
-                               "história blague chiste piada witz eslogan", ""),
-        "creative_craft": (1.5, "compose craft vivid vividly captivating compelling engaging catchy whimsical imagery "
-                                "creative creatively brainstorm brainstorming evocative intriguing imaginative",
-                           "sensory details"),
-        "roleplay": (3.0, "roleplay", "role play|role-play|pretend to be|pretend you are|pretend yourself|embody the|"
-                                      "embrace the role|in character|persona of|speak like|if you were a|if you were an|"
-                                      "imagine yourself as|picture yourself as|introduce yourself as"),
-        "creative_idea": (1.5, "character characters fictional imaginary", "ideas for"),
-    },
-    "reasoning": {
-        "step_by_step": (3.0, "reasoning", "step by step|step-by-step|think carefully|think it through|"
-                                           "explain your reasoning|explain your answer|étape par étape|"
-                                           "schritt für schritt|paso a paso|passo a passo"),
-        "math_words": (1.5, "solve calculate compute simplify prove proof derive probability percent percentage "
-                            "average remainder divisible inequality integer integers ratio altogether combien "
-                            "cuántos cuántas quantos quantas probabilité wahrscheinlichkeit probabilidad "
-                            "probabilidade résoudre berechne calcula calcule demuestra beweise",
-                       "sum of|product of|area of|volume of|how many|how much|how long|how far|how old|in total|"
-                       "wie viele"),
-        "puzzle": (3.0, "puzzle riddle logic logical paradox deduce fermi",
-                   "brain teaser|relationship between|true, false, or uncertain|true false or uncertain|does not belong|"
-                   "what is the total|what is the value|what is the remainder|what is the probability"),
-        "estimate": (2.5, "estimate", "roughly how many|approximately how many|on earth|in a lifetime|"
-                                      "throughout history"),
-        "tradeoff": (1.0, "tradeoff tradeoffs constraints optimize optimise", "trade-off|trade-offs|break even|"
-                                                                             "worth it"),
-    },
-    "general": {
-        "general_task": (2.5, "email e-mail letter memo translate translation summarize summarise summary extract "
-                              "grammar proofread outline advice tips categorize categorise",
-                         "json format|named entities|lesson plan"),
-    },
+#: name -> (intent, weight, cap, words, phrases)
+INTENT_CUES = {
+    # --- code ------------------------------------------------------------------------------------
+    "code_language": ("code", 2.5, 2,
+        "js ts python python3 javascript typescript java kotlin swift ruby php perl lua dart scala haskell elixir erlang "
+        "clojure golang rust c++ c# f# fortran cobol matlab julia bash zsh powershell sql html css scss sass "
+        "yaml toml xml graphql regex regexp vba vbscript jsx tsx wasm solidity groovy nim zig ocaml lisp racket "
+        "arduino verilog vhdl assembly asm latex markdown",
+        "node.js|node js|c sharp|objective-c|shell script|bash script|apps script|google apps script|visual basic"),
+    "code_tool": ("code", 2.0, 3,
+        "axios httpclient mysqldump innodb ggplot resample alembic workmanager discord.py firewalld dkim dmarc flexbox sverweis xverweis wverweis vergleich summewenn zählenwenn buscarv buscarx sumar.si contar.si recherchev recherchex somme.si nb.si procv procx somase cont.se uuid uuids webpack tsconfig eslintrc nginx.conf htaccess mod_rewrite wordpress woocommerce shopify-cli jinja jinja2 handlebars flutter swiftui jetpack android-studio iptables ufw nftables certbot letsencrypt dax bigquery snowflake redshift athena cloudformation cdk pulumi route53 gsutil rclone restic fstab nfs samba ldap powerquery tableau looker dplyr ggplot2 tidyverse rstudio shiny plotly streamlit gradio huggingface openai langchain pydantic celery gunicorn uvicorn wsgi asgi nodemon pm2 supervisor netplan openssl wireguard openvpn nmap tcpdump wireshark bind9 dnsmasq pihole proxmox esxi vmware virtualbox qemu podman buildah skaffold istio envoy prometheus grafana loki kibana logstash datadog sentry laravel's django's npm's chatgpt-api xcodebuild cocoapods gradlew apk ipa electron tauri groupby dataframe dataframes git github gitlab bitbucket docker dockerfile kubernetes k8s kubectl helm minikube kustomize terraform "
+        "ansible vagrant nginx apache2 caddy haproxy traefik systemd systemctl journalctl cron crontab ssh scp sftp "
+        "rsync curl wget jq sed awk gawk grep egrep ripgrep xargs chmod chown sudo tmux vim neovim emacs vscode "
+        "intellij pycharm xcode homebrew brew wsl npm npx pnpm pip pip3 pipx conda venv virtualenv poetry "
+        "rustc maven gradle cmake makefile gcc g++ clang llvm gdb valgrind jvm dotnet nuget composer bundler "
+        "rubygems webpack vite babel eslint prettier tsc jest mocha vitest pytest junit rspec selenium playwright "
+        "cypress postman react reactjs vue vuejs angular svelte sveltekit nextjs nuxt django flask fastapi rails "
+        "laravel symfony spring springboot express nestjs deno jquery bootstrap tailwind redux numpy pandas "
+        "matplotlib seaborn scipy sklearn scikit tensorflow pytorch keras jupyter notebook ipython sqlalchemy "
+        "hibernate prisma sequelize mongoose lodash rxjs asyncio aiohttp httpx beautifulsoup scrapy boto3 "
+        "postgres postgresql psql mysql mariadb sqlite mongodb redis elasticsearch kafka rabbitmq dynamodb "
+        "graphql grpc protobuf kubeadm argocd jenkins circleci openshift heroku vercel netlify firebase supabase "
+        "cloudflare lambda ec2 s3 iam gcloud aws azure linux ubuntu debian centos fedora alpine macos "
+        "powershell cmd.exe bashrc zshrc ffmpeg imagemagick pandoc opencv pyspark spark hadoop airflow dbt "
+        "excel vlookup xlookup hlookup sumif sumifs countif countifs averageif averageifs iferror ifs "
+        "arrayformula importrange importxml textjoin concatenate xmatch sumproduct datedif networkdays "
+        "eomonth vba macro macros",
+        "google sheets|pivot table|conditional formatting|power query|power bi|github actions|gitlab ci|"
+        "docker compose|docker-compose|index match|index/match|visual studio|stack overflow|dns record|a record|"
+        "cname record|mx record|txt record|firewall rule|security group|load balancer|api gateway|"
+        "active directory|group policy|power automate|power apps|m code|ssl certificate|tls certificate|"
+        "service worker|web worker|local storage|session storage|cron expression|crontab entry|"
+        "virtual machine|reverse proxy|port forwarding|ssh key|ssh keys|private key|public key|"
+        "git log|git push|git pull|git reset|git rebase|git merge|git stash|git clone|git commit"),
+    "code_concept": ("code", 1.5, 3,
+        "function functions array arrays dict dictionary hashmap hashtable "
+        "struct structs enum enums interface interfaces inheritance polymorphism encapsulation recursion recursive "
+        "closure closures callback callbacks promise promises async await coroutine coroutines thread threads "
+        "threading multithreading mutex semaphore deadlock concurrency concurrent goroutine goroutines iterator "
+        "iterators generator generators decorator decorators pointer pointers segfault exception exceptions runtime "
+        "compile compiler compiling compiled interpreter syntax parser parsing serialize deserialize serialization "
+        "api apis endpoint endpoints restful http https webhook webhooks websocket websockets oauth jwt cors csrf "
+        "xss localhost database databases schema migration migrations orm repo repos repository commit commits "
+        "rebase stash checkout refactor refactoring debug debugging debugger breakpoint stacktrace traceback "
+        "codebase framework frameworks dependency dependencies import imports script scripts "
+        "scripting program programs programming programmer algorithm algorithms boolean integer integers float "
+        "floats string strings substring substrings bytes utf-8 utf8 unicode ascii base64 sha256 md5 hash "
+        "backend frontend microservice microservices serverless memoization memoize cache caching null nullptr "
+        "undefined nan typeerror valueerror keyerror indexerror attributeerror importerror syntaxerror "
+        "referenceerror nullpointerexception modulenotfounderror oop stdin stdout stderr argv env cli "
+        "css selector selectors dom props hook hooks middleware router routing "
+        "query queries subquery join joins "
+        "regex lookahead lookbehind linter linting unittest unittests mock mocks mocking fixture fixtures "
+        "pipeline pipelines container containers pod pods namespace namespaces configmap ingress "
+        "deployment deployments statefulset daemonset replicaset cronjob manifest manifests kubeconfig "
+        "vm vms virtualenv docker-compose yml csv tsv xml utf-16 binary hex bitwise bitmask "
+        ""
+        "formula formulas spreadsheet spreadsheets worksheet worksheets workbook cell cells "
+        "compiler linker segmentation overflow underflow heap malloc typescript's null's "
+        "sdk sdks cdn dns tls ssl https port ports socket sockets tcp udp ip "
+        "regexes regexps server servers client-side server-side redeploy "
+        "",
+        "unit test|unit tests|integration test|regular expression|data structure|linked list|binary search|"
+        "binary tree|hash map|hash table|time complexity|space complexity|source code|stack trace|sql query|"
+        "pull request|merge request|merge conflict|big o|race condition|event loop|garbage collection|type hint|"
+        "type hints|error message|exit code|exit status|status code|command line|command-line|environment variable|"
+        "environment variables|env var|env vars|config file|log file|cron job|file descriptor|permission denied|"
+        "no such file or directory|command not found|not recognized as|is not defined|cannot read property|"
+        "cannot find module|object-oriented|object oriented|design pattern|dependency injection|"
+        "access token|refresh token|api key|rate limit|query string|http request|post request|get request|"
+        "abstract class|base class|child class|data type|data types|lambda function|arrow function|"
+        "for loop|while loop|if statement|else if|switch statement|try catch|try except|"
+        "run the tests|the tests|failing tests|failing test|tests fail|tests pass|test suite|lance les tests|"
+        "tests unitaires|roda os testes|ejecuta los tests|führe die tests|corrige ceux|fix what fails|"
+        "expresión regular|expressão regular|expression régulière|regulärer ausdruck|"
+        "design patterns|code review|edge case|edge cases|test case|test cases|what does this do|"
+        "what does this code|what does this line|what does this command|what does this regex|this code|my code|the code|this script|my script|this function|"
+        "my function|this query|my query|this formula|my formula|this regex|my regex|the regex|my macro|"
+        "this macro|the macro|the formula|the script|new branch|local branch|remote branch|main branch|"
+        "the repo|my repo|this repo|column a|column b|column c|column d|column e|column f|cell a1|"
+        "each column|every column|blank cells|empty cells|"
+        "the sheet|each sheet|every sheet|each worksheet|every worksheet|"
+        "second column|third column|2nd column|3rd column|first column"),
+    "code_intl": ("code", 2.0, 2,
+        "código codigo fonction funktion función função programme programa programm programmieren programmation "
+        "programación programação quellcode fehlermeldung bogue depurar débogage débogueur variablen "
+        "variável variáveis klasse objektorientiert orientée orientada orientado abstraite abstrakte schleife "
+        "boucle bucle laço rekursion recursividad recursividade récursivité récursion datenbank banco "
+        "requête consulta abfrage skript befehl comando commande fórmula formule formel tabelle planilha "
+        "hoja feuille zelle célula cellule spalte coluna columna colonne zeile "
+        "verzeichnis dossiers diretório directorio ordner",
+        "base de datos|banco de dados|base de données|hoja de cálculo|feuille de calcul|"
+        "línea de comandos|ligne de commande|linha de comando"),
+    "code_ambiguous": ("code", 0.8, 3,
+        "secret secrets branch branches merge merging pull push origin upstream fork forks clone cloned cargo module modules yarn rollback rollout release releases version versions component components build builds deploy deploying variable variables certificate element elements attribute attributes json method methods index indexes process trigger cursor code coding coder bug bugs library libraries package packages class classes object objects "
+        "table tables column columns row rows image images shell terminal console compile parse "
+        "token tokens model models test tests testing install installed config configuration "
+        "error errors crash crashes crashed log logs loop loops file files folder directory path "
+        "output input print returns return value values list lists key keys type types "
+        "macro template templates upload download api sheet sheets sort filter filtering "
+        "timeout latency memory cpu processes service services request requests response "
+        "app apps website webpage site frontend backend login password regex",
+        ""),
+    "not_code": ("code", -2.5, 2, "",
+        "area code|dress code|zip code|postal code|post code|pin code|promo code|discount code|coupon code|"
+        "código qr|code qr|qr-code|code of conduct|morse code|qr code|bar code|barcode|tax code|highway code|code word|da vinci code|"
+        "function room|bed bug|bed bugs|stomach bug|bug bite|bug bites|bug spray|library card|public library|"
+        "tv program|tv show|loyalty program|training program|exercise program|degree program|"
+        "table manners|periodic table|dinner table|class action|yoga class|cooking class|"
+        "the python|a python|ball python|java coffee|rust stain|rust on|"
+        "branch office|bank branch|tree branch|sales pipeline|"
+        "pull up|push up|pull ups|push ups|push-ups|pull-ups|my password|forgot password|reset password|"
+        "log in|login to|printer|wifi|wi-fi|router|phone|iphone|android|laptop|"
+        "tire|tyre|garage door|smart lock|alarm"),
+
+    # --- creative --------------------------------------------------------------------------------
+    "creative_form": ("creative", 3.0, 2,
+        "shanty shanties whodunnit whodunit crossover commandments skit skits play monolog monólogo monologo satire satirical satírica satírico satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv impression impressions imitation imitate imita imite narrating narrate narration commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet sonnets limerick limericks villanelle sestina pantoum "
+        "ghazal cinquain clerihew ode odes ballad ballads elegy acrostic couplet couplets quatrain quatrains "
+        "verse verses stanza stanzas lyrics lyric song songs jingle jingles rap raps chorus story stories "
+        "tale tales fable fables parable novel novella screenplay monologue soliloquy vignette fanfic "
+        "fanfiction parody parodies skit joke jokes pun puns punchline one-liners riddle riddles slogan slogans "
+        "tagline taglines motto mottos catchphrase headline headlines caption captions toast toasts eulogy roast "
+        "blurb blurbs limmerick storyline screenplay teleplay sitcom anecdote bedtime fairytale dialogue "
+        "rhyme rhymes rhyming alliteration",
+        "short story|fairy tale|bedtime story|flash fiction|fan fiction|love letter|knock knock|"
+        "opening line|opening lines|first line|first chapter|next chapter|plot twist|plot twists|"
+        "ad copy|marketing copy|hero copy|product description|product descriptions|listing description|"
+        "menu descriptions|menu description|description for our|description for my|amazon description|etsy listing|"
+        "sound premium|more premium|wikipedia article about|opening chapter|subject line|subject lines|band name|team name|"
+        "birthday card|greeting card|thank you card|thank-you card|get well|sympathy card|valentine's card|"
+        "card message|wedding speech|best man|maid of honor|maid of honour|father of the bride|"
+        "retirement speech|farewell speech|graduation speech|a speech|toast for|roast for|"
+        "instagram caption|ig caption|ig captions|tiktok caption|radio ad|facebook ad|"
+        "theme song|love song|drinking song|lullaby|nursery rhyme|spoken word|free verse|"
+        "iambic pentameter|haiku sequence|once upon a time|opening paragraph|first paragraph|"
+        "bit of personality|make light of|future self|to my future|16 bars|8 bars|bars about|sea shanty|"
+        "narrating my|narrate my|in his voice|in her voice|in their voice|your best|do your best|do a|"
+        "as if they were|as if it were|as if he were|as if she were|but as|but written by|written by a pirate|"
+        "talk to me like|speak as|you're a|you're my|you're captain|you are captain|let's play|let's do a|"
+        "text adventure|you narrate|point of view|tweets from|series of tweets|fake dictionary|"
+        "the card|card from|card for|for the card|a card|plaque|the label|labels for|label for|on the wall|"
+        "the back of|the bag|bags|the box|jars|a little something|something i can say|something to read|"
+        "read out|few sentences for|a few sentences|two-line|one-liner for|couple of lines|a line for|"
+        "rename|rebrand|rebranding|pet name|new name for|continue this|continue the story|continue it|"
+        "what happens next|next scene|the ending|write the ending|text adventure|interactive fiction|"
+        "choose your own adventure|rap battle|diss track|press release|fortune cookie|fortune cookies|"
+        "dating profile|tinder bio|about us page|wine label|diary entry|journal entry|obituary for|"
+        "a few lines|few lines for|something to say|to say at|words for my|a few words|a message for|"
+        "message for my|note for my|wishes for|sign-off|sign off line|toast to|speech for|"
+        "for a 5-year-old|for a five year old|bedtime|in a fun way|a fun way|a creative way|a clever way|a cute way|with personality|"
+        "give it personality|sound fun|sound exciting|sound magical|like shakespeare|"
+        "like a pirate|like yoda|like a cowboy|like a noir|like a sports commentator|like a nature documentary|"
+        "song parody|word play|wordplay|youtube video|podcast script|video script|"
+        "script for a youtube|script for a video|script for a podcast|script for an episode|commercial script|"
+        "ad script|radio script|movie script|film script|travel blog|product launch|launch announcement"),
+    "creative_intl": ("creative", 3.0, 2,
+        "akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario szenario raconte racontez cuéntame cuenta conta conte-moi erzähl erzähle dichte reimt invente inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas poesía poesia gedicht gedichte lyrik soneto sonett haïku lied "
+        "liedtext liedtexte chanson chansons canción canciones canção canções histoire histoires conte "
+        "contes cuento cuentos conto contos geschichte geschichten märchen fábula fabel fable blague blagues "
+        "chiste chistes piada piadas witz witze devinette adivinanza adivinha slogan eslogan légende legenda "
+        "brindis brinde trinkspruch discours discurso festrede rima rimas reim reime strophe estrofa "
+        "comptine nana berceuse canto cantiga samba quadrinha trova sketch",
+        "carte d'anniversaire|toque de humor|mensaje para la tarjeta|tarjeta de|mensagem para o cartão|"
+        "mot pour la carte|spruch für die karte|quelques lignes|quelques mots|petit texte|texte pour|text für|texto para|"
+        "palavras para|algo bonito|unas palabras|ein paar worte|ein paar zeilen|was sagen|para decir|pra dizer|"
+        "biscoito da sorte|galleta de la suerte|biscuit chinois|hora de dormir|antes de dormir|gute nacht|"
+        "zum einschlafen|pour s'endormir|pour dormir|para dormir|continue ce texte|sigue esta historia|"
+        "continua essa história|continua esta historia|schreib weiter|weiterschreiben|aventure textuel|"
+        "jeu d'aventure|aventura de texto|aventura de texto|im stil|à la manière|estilo de|faux communiqué|"
+        "comunicado de prensa falso|notícia satírica|noticia satírica|tu es le narrateur|você narra|du beschreibst|"
+        "sprich wie|parle comme|habla como|fala como|lettre d'excuse|lettre de mon|lettre de ma|carta do meu|carta da minha|carta de mi|"
+        "carta de demissão do|brief von meinem|brief von meiner|brief meines|reste dans le personnage|"
+        "imagine que tu es|imagina que eres|imagina que você é|imagine que você é|stell dir vor du bist|"
+        "actúa como|atue como|aja como|agis comme|tu es un|eres un|você é um|du bist ein|"
+        "idées de thème|idées de nom|ideas de nombre|ideias de nome|ideias de tema|namensideen|"
+        "legendas pra|legenda pra|légende pour|pie de foto|bildunterschrift|cartão de aniversário|tarjeta de cumpleaños|mensagem de aniversário|"
+        "mensaje de cumpleaños|message d'anniversaire|discurso de padrinho|discours de mariage"),
+    "creative_naming": ("creative", 3.0, 1, "",
+        "name for|names for|name my|name our|name ideas|naming ideas|what should i call|what should we call|"
+        "what to call|call my|call our|good name|cool name|fun name|funny name|catchy name|new name|"
+        "nom pour|noms pour|idées de nom|nombre para|nombres para|nome para|nomes para|name für|namen für|"
+        "shop name|business name|company name|brand name|store name|product name|podcast name|channel name|"
+        "app name|alias for|nickname for|nicknames for|title for|titles for|working title|hashtags for"),
+    "in_character": ("creative", 3.5, 1, "",
+        "speak as|talk like|talk to me like|speak like|in the voice of|in his voice|in her voice|as yoda|like yoda|"
+        "actúa como|actua como|atue como|aja como|agis comme|sprich wie|parle comme|habla como|fala como|"
+        "pretend you are|pretend you're|pretend to be|pretend yourself|stay in character|in character|"
+        "reste dans le personnage|bleib in der rolle|mantente en el personaje|roleplay|role-play|role play|"
+        "you are captain|you're captain|embody the|embrace the role|persona of|do your best|your best impression|"
+        "do an impression|impression of|imitation of|imitate|imita a|imite"),
+    "creative_request": ("creative", 2.5, 2, "brainstorm brainstorming roleplay role-play fanfic worldbuilding "
+        "world-building",
+        "come up with|make up|make it funnier|make it rhymes|make it rhyme|funnier|more funny|darker ending|"
+        "happy ending|happier ending|sad ending|twist ending|the ending|alternate ending|"
+        "letter from|note from|apology from|apology note from|a letter from|a note from|in the voice of|"
+        "from the perspective of|from the point of view of|in the style of|written as|told as|told by|as a rap|"
+        "as a haiku|as a limerick|as a sonnet|as a poem|as a song|as a story|as a fairy tale|as a movie|"
+        "as a telenovela|as a gossip column|as a news report|as a shakespearean|pretend to be|pretend you are|"
+        "pretend you're|you are a pirate|stay in character|in character|act as a villain|act as a pirate|"
+        "speak like|talk like|sound like a|ideas for|themes for|theme ideas|gift ideas|party ideas|"
+        "party theme|party themes|costume ideas|date ideas|plot ideas|story ideas|prompt ideas|game ideas|"
+        "short piece|a short piece|piece about|a scene|the scene|scene where|"
+        "scene between|dialogue between|conversation between|exchange between|"
+        "make it rhyme|make it catchier|catchier|more poetic|more dramatic|darker|spookier|creepier|"
+        "pretend yourself|pretend to be|embody the|embrace the role|persona of|if you were a|if you were an|"
+        "imagine yourself as|picture yourself as|introduce yourself as|imagine you are a|imagine you're a|"
+        "you are a|you are an|as if you were|in the role of|take on the role|play the role|act as if"),
+    "creative_fiction": ("creative", 2.0, 2,
+        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure adventures legend legends myth myths saga epic ballad villainous heroic pirate pirates detective princess prince witch witches monster monsters fake made-up fictional brochure mystery cozy chapter fanfiction d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins dragon dragons "
+        "fairy fairies elf elves villain villains superhero superheroes protagonist antagonist backstory lore "
+        "tavern kingdom sorcerer knight's unicorn mermaid vampire zombie zombies alien aliens spaceship "
+        "haunted ghost ghosts fictional imaginary fantasy sci-fi dystopian utopian horror romance thriller "
+        "noir whodunit fiction mythical mythology character characters plot narrator narrative "
+        "homebrew tabletop worldbuild magic spell spells",
+        "dungeon master|game master|magic system|short horror|love story|ghost story|horror story|"
+        "alternate history|time traveler|time travel|character sheet|boss room|read-aloud|"
+        "session 2|next session|the players|my players|our players|adventuring party"),
+    "creative_occasion": ("creative", 2.0, 1,
+        "toast speech eulogy wedding anniversary retirement graduation birthday valentine's valentine "
+        "condolence farewell",
+        ""),
+    "creative_style": ("creative", 1.2, 2,
+        "cozy cute fun magical mysterious romantic spicy sassy dramatic whimsy nostalgic inspirational uplifting motivational heartwarming wholesome eerie gothic lyrical rhythmic punny clever memorable funny humorous witty silly goofy whimsical playful dramatic poetic heartfelt sappy cheesy catchy punchy "
+        "quirky spooky creepy dreamy lyrical rhyming charming hilarious absurd snarky sarcastic cheeky "
+        "tongue-in-cheek melancholic bittersweet epic vivid evocative imaginative creative creatively "
+        "compose craft captivating engaging compelling intriguing rigolo drôle gracioso engraçado lustig "
+        "witzig chistoso divertido divertida marrant humorvoll poétique poético poética",
+        "sensory details|tongue in cheek|over the top|a bit poetic|little funny|a little weird"),
+    "persona_task": ("creative", -2.5, 1, "",
+        "your task is|your job is|your task will be|your role is to|you will be provided|you'll be provided|"
+        "i will provide you|i will provide|i will give you|i'll give you|you will need to|you will be given|"
+        "i want you to act as a|i want you to act as an|your expertise|tasked with|your goal is|your duty is"),
+    "not_creative": ("creative", -5.0, 1, "",
+        "story behind|true story|what's the story|what is the story|where does the story|origin of the story|"
+        "the story goes|news story|the origin of|origin of the|who wrote|who sang|"
+        "who sings|rhyme scheme|what is a sonnet|what is a haiku|what's a haiku|how many lines|"
+        "meaning of the song|meaning of the poem|the meaning of|lyrics to|lyrics of|the lyrics|first joke|"
+        "called that|knock knock jokes called|quién escribió|qui a écrit|quem escreveu|wer schrieb|wer hat|"
+        "synonym|synonyms|antonym|"
+        "what counts as|counts as a|how many syllables|syllables in|main characters|"
+        "poet laureate|famous poem|famous poems|famous poets|best poems|best novels|recommend a novel|"
+        "book recommendations|novel recommendations|read next"),
+
+    # --- reasoning -------------------------------------------------------------------------------
+    "step_by_step": ("reasoning", 3.0, 1, "reasoning",
+        "step by step|step-by-step|think carefully|think it through|explain your reasoning|explain your answer|"
+        "show your work|show the work|show the steps|show steps|show your steps|with steps|show the math|"
+        "show your math|walk me through the math|work it out|do the math|étape par étape|schritt für schritt|"
+        "paso a paso|passo a passo|mit begründung|con razonamiento|justifie|justifica|begründe"),
+    "math_words": ("reasoning", 1.5, 3,
+        "trapezium trapezoid parallelogram cylinder cone sphere pythagoras growth solve calculate calculation compute simplify prove proof derive probability percent percentage average "
+        "remainder divisible inequality ratio altogether equation equations algebra geometry derivative integral "
+        "perimeter circumference radius diameter hypotenuse triangle rectangle arithmetic "
+        "quotient multiply multiplied divide divided fraction fractions decimals "
+        "median variance deviation compounded apr "
+        "combien cuántos cuántas quantos quantas probabilité wahrscheinlichkeit probabilidad probabilidade "
+        "résoudre berechne calcula calcule calcular calculer rechne demuestra démontre démontrer beweise "
+        "prouve prova demonstre demostrar quadrat cuadrado carré umfang fläche área aire volumen "
+        "moyenne promedio média durchschnitt pourcentage porcentaje porcentagem prozent",
+        "sum of|product of|area of|volume of|"
+        "how many more|how much more|how much less|what percent|what percentage|per cent|"
+        "square root|cube root|prime factor|prime factors|prime factorization|greatest common|least common|"
+        "common multiple|common divisor|times as many|twice as|half as|per hour|per day|per week|per month|"
+        "per minute|per second|an hour|km/h|mph|miles per|on average|split the bill|split it|each pay|"
+        "how much do i owe|how much does each|how much will|how much would|how much did|how much money|"
+        "how many will|how many would|how many did|how many does|how many do i need|how many more|"
+        "is that right|is this right|is this correct|is that correct|check my math|check my maths|"
+        "check his math|check her math|check the math|did i calculate|double check|my colleague says|"
+        "after tax|before tax|% off|per cent off|monthly payment|interest rate|hourly rate|time and a half|"
+        "how old will|how old was|years old|born in|what time|time zone|o'clock|"
+        "wie viel|wie viele|cuánto|cuántos|quanto|quantos|combien de|combien coûte|combien faut|"
+        "à quelle heure|um wie viel uhr|a qué hora|a que horas"),
+    "quantities": ("reasoning", 1.0, 3, "mondays tuesdays wednesdays thursdays fridays saturdays sundays split owe owes discount discounts vat tax taxes net gross hourly overtime payroll wage wages salary interest rate mortgage loan installment installments monthly velocity speed acceleration accelerates distance momentum force joules watts voltage ohms kilometers kilometres miles feet inches yards acres hectares litres liters gallons ounces grams kilograms pounds cups tablespoons teaspoons ml celsius fahrenheit kelvin mph kmh km kg lbs percent% remise rabatt descuento desconto facture rechnung factura intérêts zinsen intereses juros vitesse geschwindigkeit velocidad velocidade durchschnitt moyenne promedio média heures stunden horas minutes minuten minutos", ""),
+    "quantity_question": ("reasoning", 1.5, 1, "",
+        "how many|how much|how long|how far|how old|in total|altogether|wie viele|wie viel|wie lange|combien|"
+        "cuántos|cuántas|cuánto|quantos|quantas|quanto"),
+    "number_fact": ("reasoning", 4.0, 1, "gcd lcm factorial",
+        "is it prime|is prime|be prime|are prime|primes below|primes under|primes between|primes less|"
+        "a prime|prime number|prime numbers|largest prime|smallest prime|divisible by|perfect square|"
+        "perfect number|even or odd|odd or even|last digit|digits of|the digit|número primo|nombre premier|"
+        "primzahl|números primos|nombres premiers|divisível por|divisible par|teilbar durch|"
+        "0.999 repeating|point nine repeating"),
+    "puzzle": ("reasoning", 3.0, 2,
+        "válido valido gültig gültige valide argumento raisonnement schluss barber ladder labelled labeled wahrscheinlich puzzle puzzles riddle logic logical logically paradox deduce deduction fermi syllogism syllogisms "
+        "knave knaves knights liar liars truth-teller truthteller contrapositive fallacy premise "
+        "conclude conclusion inference valid invalid conundrum enigma lógica logique "
+        "logik rätsel acertijo enigme énigme charada",
+        "brain teaser|brain teasers|lateral thinking|trick question|knights and knaves|always lies|"
+        "always tells the truth|tells the truth|tell the truth|relationship between|"
+        "true, false, or uncertain|true false or uncertain|does not belong|what is the total|what is the value|"
+        "what is the remainder|what is the probability|what are the odds|what are the chances|"
+        "monty hall|birthday paradox|river crossing|across the river|across a river|cross the river|"
+        "the boat holds|boat holds|boat only|boat can carry|brothers and sisters i have none|that man's father|"
+        "baker's dozen|missionaries and cannibals|towers of hanoi|"
+        "wolf, goat|goat and cabbage|fox, chicken|hat puzzle|prisoners|can i conclude|can we conclude|"
+        "does it follow|it follows|follow that|valid argument|is this valid|is that valid|logically valid|"
+        "posso concluir|puedo concluir|kann ich schließen|puis-je conclure|peut-on conclure|"
+        "if all|all of the|none of the|immediately left|immediately right|left of the|right of the|"
+        "every label|is wrong|are wrong|different colours|different colors|in a row|each person|who drinks|"
+        "which gives more|which is more|is this argument|this argument|est-ce que ce raisonnement|"
+        "chance de|qual a chance|quelle est la probabilité|qué probabilidad|wie wahrscheinlich|"
+        "some of the|exactly one|at least one|at most one|"
+        "who is lying|who is telling|who owns|who sits|who lives|which house|"
+        "what place|how is that possible|how is this possible"),
+    "counting": ("reasoning", 3.0, 2,
+        "permutations permutation combinations combinatorics arrangements arrange dice coin coins flip "
+        "flips flipped odds expected",
+        "how many ways|number of ways|full house|royal flush|poker hand|lottery|lotto|jackpot|roulette|"
+        "blackjack|board game|cheapest combination|minimum number|fewest|least number|at least how many|"
+        "best order|shortest route|visit each|packs of|boxes of|must be true|could be true|necessarily|"
+        "always true|which of them|"
+        "each have a different|each has a different|each own a different|each owns a different|"
+        "each likes a different|each drive a different|each drives a different|in how many|how many different|how many combinations|at random|"
+        "randomly chosen|randomly pick|pick 3|choose 3|expected value|deck of cards|a deck|roll two|"
+        "two dice|three dice|3 dice|2 dice|flip a coin|flip two|heads and|de cuántas maneras|"
+        "de quantas maneiras|de combien de façons|auf wie viele|wie viele möglichkeiten"),
+    "estimate": ("reasoning", 2.5, 2, "estimate estimation ballpark fermi",
+        "roughly how many|approximately how many|about how many|how many piano|in a lifetime|"
+        "throughout history|rough numbers|roughly|ballpark figure|back of the envelope|back-of-the-envelope|order of magnitude|rough estimate"),
+    "time_math": ("reasoning", 3.0, 2, "",
+        "days after|days before|days from|days until|days till|days since|weeks after|weeks from|weeks before|"
+        "months after|months from|years after|years from|hours after|minutes after|from now|days between|"
+        "weeks between|weekdays between|business days|working days|day of the week|what day|which day|"
+        "what date|which date|what time will|what time is it in|what time would|time difference|"
+        "how many days|how many weeks|how many months|how many hours|how many minutes|how many seconds|"
+        "days old|local time|1st of|first of the month|what dates|which dates|any hour|which hour|"
+        "a time that works|time that works|that works for all|fence post|fence posts|what time is it there|que horas|qué hora|quelle heure|wie spät|"
+        "daqui a|dias depois|días después|dentro de|jours après|dans combien|tage nach|in wie vielen|"
+        "que dia|qué día|quel jour|welcher tag|welchen tag|leap year|leap years"),
+    "money_question": ("reasoning", 2.0, 1, "cheapest",
+        "cheapest way|cheapest combination|best combination|which combination|best deal|better deal|cheapest option|"
+        "how much will|how much would|how much do i|how much does it|how much money|how much each|how much per|"
+        "save more|saves more|which saves"),
+    "compare_money": ("reasoning", 1.5, 2, "cheaper",
+        "better deal|better value|which is cheaper|is it cheaper|would it be cheaper|which is better|worth it if|"
+        "which option|payback|lease or buy|rent or buy|buy or lease|buy or rent|"
+        "lo más barato|más barato|mais barato|moins cher|billiger|günstiger"),
+    "compare_numbers": ("reasoning", 3.0, 2, "heavier lighter",
+        "which is heavier|what's heavier|what is heavier|weighs more|weigh more|which is more|which is bigger|"
+        "which is larger|which is faster|cheaper per|more per|"
+        "per square inch|per kg|per pound|per ounce|per liter|per litre|per unit|unit price|break even|break-even|"
+        "qué pesa más|o que pesa mais|was ist schwerer|qu'est-ce qui est plus lourd|plus lourd|pesa más|"
+        "pesa mais|un kilo|um quilo|ein kilo|a kilo|a pound of"),
+    "plan_constraints": ("reasoning", 2.5, 2,
+        "turnos schichten dienstplan horario escala roster schedule scheduling shifts rota timetable seating constraint constraints optimize optimise optimal "
+        "maximize maximise minimize minimise",
+        "sit next to|next to each other|can't sit|cannot sit|must sit|has to sit|seating chart|"
+        "meeting slot|time slot|works for everyone|fits everyone|everyone's availability|max area|"
+        "largest area|maximum area|work together|working together|fill the pool|fill the tank|"
+        "how long will it take|how long would it take|how long does it take|how fast|how soon|"
+        "what comes next|next number|next in the sequence|"
+        "convert|conversion|in km|in miles|to miles|to km|to kg|to lbs|to celsius|to fahrenheit|"
+        "in celsius|in fahrenheit|in meters|in feet|to meters|to feet|light year|light years"),
+    "not_reasoning": ("reasoning", -2.5, 1, "",
+        "how many calories|how much protein|how many carbs|how many days a week|how many times a week|"
+        "how much should i tip|how much to tip|to tip|tip in|how much does it cost|how much is a|"
+        "how long should|how long does it last|how long did|how long is the|how long do|how long can|"
+        "how many people live|how many countries|how many states|how many bones|how many languages|"
+        "how many members|how many players|how many episodes|how many seasons|how many books|"
+        "how much water|how much sleep|how much coffee|how much caffeine|how old is|how far is|"
+        "how many hours of sleep|how many steps|worth it for|is it worth"),
+
+    # --- general ---------------------------------------------------------------------------------
+    "general_question": ("general", 1.0, 1, "",
+        "why is|why are|why do|why does|who is|who was|who were|when was|when did|where is|where was|"
+        "what causes|how do i|how can i|how should i|what should i|how does|what happens if|is it true|"
+        "recommend|recommendations|any recommendations|what do you think|"
+        "letter to|an email|the email|this email|email to|emails to|email my|email for|email asking|"
+        "email saying|e-mail|courriel|correo|email"),
+    "general_task": ("general", 2.5, 2,
+        "memo translate translation translated summarize summarise summary summarizing "
+        "proofread proofreading grammar spelling typos rephrase reword paraphrase extract classify categorize "
+        "categorise sentiment advice tips definition define korrigieren corriger corregir corrigir "
+        "traduis traduire traduce traducir traduz traduzir übersetze übersetzen übersetzung traducción tradução "
+        "résume résumé resumen resumo resume zusammenfassung zusammenfassen corrige corrija korrigiere "
+        "consejo conseil conselho ratschlag tipps dicas consejos conseils",
+        "json format|named entities|lesson plan|key points|main points|bullet points|in bullets|tl;dr|tldr|"
+        "more professional|more formal|less formal|sound more|polite way|politely|cover letter|"
+        "what does it mean|what does this mean|what is the meaning|meaning of|difference between|"
+        "the difference|pros and cons|is it safe|is it normal|is it bad|is it ok|is it okay|"
+        "how do i get rid|how to get rid|best way to|how do you say|how to say|in french|in spanish|"
+        "in german|in english|in portuguese|in italian|into english|into french|into spanish|into german|"
+        "explain like|eli5|what happened|"
+        "what are the symptoms|recipe for|how do i cook|"
+        "how to cook|how do i clean|how to clean|how do i remove|how to remove|what should i do|"
+        "any tips|any advice|can you recommend|suggest a|suggest some|book recommendation|"
+        "write an email|a persuasive email|professional email|formal email|follow-up email|email asking|"
+        "email to my|email to our|email to the|write a letter to|letter to my|email to my|reply to this|respond to this|"
+        "resignation letter|recommendation letter|reference letter|formal letter|complaint letter|letter of|"
+        "extract the|pull out|classify these|categorize these|is this review|positive or negative|"
+        "what's the capital|what is the capital|the capital of"),
 }
 
-# --- structural cues (regular expressions, each led by a literal so a scan is cheap) ---------
+#: Cues that count only in a text with a number in it (units and money words are everyday words).
+NUMERIC_CUES = frozenset(("quantities", "quantity_question", "money_question", "formula", "number_question"))
+
+#: Structural cues: (name, intent, weight, cap, regular expression on the lower-cased text).
 INTENT_PATTERNS = [
-    ("code_fence", "code", 4.0, r"```"),
-    ("code_definition", "code", 6.0, r"\n[ \t]*(?:def|class|async def|function|fn|func|public|private|static|#include|"
-                                     r"import|from [\w.]+ import|package|using namespace|const|let|var) [\w{<*(]"),
-    ("doctest", "code", 3.0, r"\n[ \t]*>>> "),
-    ("stack_trace", "code", 4.0, r"traceback \(most recent call last\)|(?:error|exception): |panicked at|"
-                                 r"segmentation fault|undefined reference|npm err!|\n[ \t]+at [\w$.<>]+\([\w.]+:\d+"),
-    ("diff", "code", 4.0, r"\n(?:\+\+\+|---) [ab]/|\n@@ -\d"),
-    ("file_path", "code", 2.0, r"\.(?:py|js|jsx|ts|tsx|go|rs|java|kt|cpp|hpp|cs|rb|php|swift|sh|sql|ya?ml|toml|gradle|"
-                               r"vue|svelte)\b"),
-    ("test_output", "code", 3.0, r"assertionerror|pytest|unittest|cargo test|go test|npm test|\d+ (?:passed|failed)"),
-    ("shell_command", "code", 2.5, r"\n[ \t]*(?:\$ |sudo |git |npm |pip3? |docker |kubectl |curl |make |cargo |chmod )"),
-    ("code_syntax", "code", 2.0, r"==|!=|&&|\|\||=>|->|\+=|::|;\n|\{\n|\(\)[ ]*[{:]"),
-    ("roleplay_frame", "creative", 3.0, r"\nas an? [a-z][\w -]{1,40}, (?:how|what|describe|tell)|"
-                                        r"\nimagine you are an? [\w -]{2,40}[.,] |\nyou are an? [\w -]{2,40}[.,] "
-                                        r"(?:describe|tell|what|how)"),
-    ("counterfactual", "creative", 3.0, r"\nwhat if |what would (?:have )?happen(?:ed)? if"),
-    ("formula", "reasoning", 2.5, r"\d ?[*/^] ?\d|f\(x\)|solve for|\d ?%|\$ ?\d|\d/\d|[a-z] ?[=^] ?\d|[a-z] ?[+*] ?[a-z] ?="),
+    ("code_fence", "code", 4.0, 1, r"```"),
+    ("code_definition", "code", 6.0, 1, r"\n[ \t]*(?:(?:def|class|async def|function|fn|func|public|private|static|"
+                                        r"#include|import|package|using namespace|const|let|var) [\w{<*(\"'$]|"
+                                        r"from [\w.]+ import|#!/|select [\w*, .()]+ from|insert into|create table|"
+                                        r"update \w+ set|(?:private |public )?sub \w+\(|dim \w+ as|"
+                                        r"for \w+ in [^\n]*:|(?:if|while|elif) [^\n]*:\n|echo [$\"']|export \w+=)"),
+    ("doctest", "code", 3.0, 1, r"\n[ \t]*>>> "),
+    ("stack_trace", "code", 4.0, 1, r"traceback \(most recent call last\)|(?:error|exception|warning|fatal|panic)"
+                                    r"(?:\[\w+\])?: |panicked at|segmentation fault|undefined reference|npm err!|"
+                                    r"\n[ \t]+at [\w$.<>]+ ?\(|\n\s*file \"[^\"]+\", line \d+|exited with|"
+                                    r"exit code \d|errno|\[error\]|\[warn\]|error \d{3,5}|#n/a|#ref!|#value!|"
+                                    r"#div/0!|#name\?|#spill!|crashloopbackoff|imagepullbackoff|oomkilled|"
+                                    r"run-time error|compile error|build failed|failed to compile"),
+    ("diff", "code", 4.0, 1, r"\n(?:\+\+\+|---) [ab]/|\n@@ -\d"),
+    ("file_path", "code", 2.0, 2, r"\.(?:py|js|mjs|cjs|jsx|ts|tsx|go|rs|java|kt|cpp|cc|hpp|cs|rb|php|"
+                                  r"swift|sh|bash|zsh|ps1|bat|sql|ya?ml|toml|ini|cfg|conf|env|json|xml|csv|tsv|log|"
+                                  r"gradle|vue|svelte|tf|lock|txt|xlsx|xlsm|ipynb|dockerfile|service|desktop|plist|"
+                                  r"gitignore|bashrc|zshrc)\b|/(?:etc|var|usr|home|opt|tmp|dev|proc|srv|mnt|bin)/|"
+                                  r":\\|dockerfile|makefile|package\.json|requirements\.txt"),
+    ("test_output", "code", 3.0, 1, r"assertionerror|pytest|unittest|cargo test|go test|npm test| passed in | passed, | failed in | failed, "),
+    ("shell_command", "code", 2.5, 1, r"\n[ \t]*(?:\$ |# |sudo |git |npm |npx |pip3? |docker |kubectl |helm |curl |"
+                                      r"make |cargo |chmod |ls |cd |cat |echo |export |ssh |scp |rsync |find |grep |"
+                                      r"sed |awk |python3? |node |brew |apt(?:-get)? |yum |systemctl |journalctl )"),
+    ("code_syntax", "code", 2.0, 3, r"==|!=|&&|\|\||=>|->|\+=|::|;\n|\{\n|\(\)|\$[({a-z_]|\[\d*\]|</?[a-z]+[ >]|"
+                                    r" --[a-z][\w-]+| -[a-z]\b| \| ?(?:grep|awk|sed|sort|uniq|head|tail|xargs|wc|jq|tee)|"
+                                    r"\.[a-z_]\w*\(|_[a-z]"),
+    ("in_language", "code", 3.0, 1, r" (?:in|with|using|via|for|en|em|mit|com|avec|con) (?:python3?|javascript|js|"
+                                     r"typescript|ts|bash|zsh|powershell|sql|postgres|mysql|sqlite|rust|go|golang|"
+                                     r"java|kotlin|swift|c|c\+\+|c#|ruby|php|perl|lua|r|excel|vba|sheets|"
+                                     r"google sheets|pandas|numpy|react|node|django|flask|docker|kubernetes|"
+                                     r"regex|awk|sed|jq|css|html)\b(?! (?:major|minor|sharp|flat))"),
+    ("html_tag", "code", 3.0, 1, r"<(?:div|span|p|a|img|video|audio|input|button|form|table|tr|td|ul|ol|li|script|"
+                                 r"style|head|body|html|section|header|footer|nav|h[1-6]|select|option|label|"
+                                 r"canvas|svg|iframe|template|slot)\b[^>\n]*>"),
+    ("assignment", "code", 2.5, 1, r"\n[ \t]*[a-z_][\w.,\[\] ]{0,30} ?(?:=|\+=|:=) ?[\w\[{(\"'$-]"),
+    ("tool_table", "code", 3.0, 1, r"----+  +---"),
+    ("css_declaration", "code", 3.0, 1, r"(?:position|display|overflow(?:-[xy])?|z-index|margin(?:-\w+)?|padding|"
+                                        r"height|width|flex(?:-\w+)?|grid(?:-\w+)?|transform|font-size|"
+                                        r"align-items|justify-content|box-sizing): ?[\w#%(-]"),
+    ("sheet_reference", "code", 3.0, 1, r"![$a-z]"),
+    ("spreadsheet_syntax", "code", 3.0, 1, r"=[a-z]+\(|:[a-z]{1,2}[0-9]|col(?:umn)? [a-z]\b|cells? [a-z]{1,2}[0-9]"),
+    ("roleplay_frame", "creative", 3.0, 1, r"\nas an? [a-z][\w -]{1,40}, (?:how|what|describe|tell)|"
+                                           r"\nimagine you(?:'re| are) an? [\w -]{2,40}[.,] |\nyou are an? [\w -]{2,40}"
+                                           r"[.,] (?:describe|tell|what|how)| act as an? [\w -]{1,30}(?:who|that|"
+                                           r"monologu|and (?:tell|describe))"),
+    ("counterfactual", "creative", 3.0, 1, r"\nwhat if (?!it |i |we |they |the file|the input)|"
+                                           r"what would (?:have )?happen(?:ed)? if"),
+    ("write_creative", "creative", 2.5, 1, r"(?:write|compose|pen|draft|give me|need|want|create|make me|tell me|"
+                                           r"escreve|escreva|escribe|écris|écrivez|schreib|schreibe|invente|"
+                                           r"inventa|erfinde) [^.?!\n]{0,40}\b(?:poem|story|song|rap|limerick|"
+                                           r"haiku|sonnet|speech|toast|caption|slogan|tagline|jingle|ad\b|"
+                                           r"blurb|bio\b|tweet|post|piece|scene|monologue|script|letter from|"
+                                           r"note from|message for|card|riddle|joke|pun|description|copy\b|"
+                                           r"names?\b|title|backstory|ode|ballad|villanelle|vignette|eulogy|review|"
+                                           r"blog|newsletter|hook|intro|verse|lyrics)"),
+    ("creative_rewrite", "creative", 2.5, 1, r"(?:make|rewrite|reword|rework|turn|reescreve|reescribe|réécris|"
+                                             r"umschreiben|schreib) [^.\n]{0,30}\b(?:funny|funnier|charming|"
+                                             r"engaging|envolvente|witty|playful|fun|exciting|poetic|"
+                                             r"dramatic|epic|spooky|magical|into a (?:poem|song|story|rap|haiku))|"
+                                             r"sound like (?:an? |it (?:was|came))"),
+    ("formula", "reasoning", 2.5, 2, r"[0-9] ?[*×÷^+] ?[0-9]|[0-9] / [0-9]|f\(x\)|solve for|[0-9] ?% (?:of|off|per|a year|annual|"
+                                     r"interest|tip|discount|raise|more|less|de|du|von|do|da)|[=^] ?-?\d|"
+                                     r"[+*] ?[a-z] ?=|[0-9] ?- ?[0-9]+ ?=|²|³|√"),
+    ("number_question", "reasoning", 3.0, 1, r"is -?\d[\d,]* (?:a )?(?:prime|divisible|even|odd|a perfect)|"
+                                             r"what(?:'s| is) -?\d[\d.,]* ?(?:[*/x×÷^+-]|times|divided|plus|"
+                                             r"minus|squared|cubed|percent|%)| squared\b| cubed\b|"
+                                             r"(?:sequence|series|comes next)\W+[\d, ]{5,}|, [0-9]+, [0-9]+, [0-9]"),
+    ("riddle_question", "reasoning", 3.0, 1, r"what am i\s*[?.!]|qu[ée] soy\s*\?|que sou eu|qui suis-je|was bin ich\s*\?|"
+                                             r"\bwho(?:'s| is) right\b|quem tem razão|wer hat recht|qui a raison|"
+                                             r"quién tiene razón|[0-9] ?x ?[0-9]|double[sd]? every|every (?:\d+(?:st|nd|rd|th)|"
+                                             r"other) (?:day|week|open day)"),
+    ("lateral", "reasoning", 2.5, 1, r"\. (?:how|why)\?\s*$|\. (?:how|why) (?:is that|did|can|could)[^.]*\?\s*$"),
 ]
 
-# --- cues that need word order: a verb asking to produce an artefact within a few words ------
+#: Verb and artefact within a few words: "write ... function", "fix ... query".
 PRODUCE = {
-    "code_request": ("code", 3.0, "write implement create develop build fix debug refactor optimize",
-                     "function program class method module website webpage app api endpoint query regex "
-                     "algorithm cli parser"),
-    "creative_piece": ("creative", 2.5, "write compose draft create craft structure develop",
-                       "blog review script announcement copy speech toast"),
+    "code_request": ("code", 3.0, "write implement create develop build fix debug refactor optimize optimise "
+                     "convert port rewrite translate generate make add code automate parse scrape deploy",
+                     "function program class method module website webpage app api endpoint query regex algorithm "
+                     "cli parser script scripts macro formula bot test tests component hook migration dockerfile "
+                     "workflow cronjob unit endpoint handler middleware crud schema loop oneliner one-liner "
+                     "pipeline backend frontend decorator"),
 }
 CODE_TOOLS = re.compile(r"(?:bash|shell|exec_command|run_command|terminal|edit|multiedit|write|read|grep|glob|ls|"
                         r"apply_patch|str_replace\w*|create_file|write_file|read_file|edit_file|notebookedit)", re.I)
-_WORD_RE = re.compile(r"[^\W_]+(?:[+#]+|\.js)?")
+_DIGIT_RE = re.compile(r"\d")
+_LIST_MARK_RE = re.compile(r"(?:^|\n)[ \t]*\d{1,2}[.)] ")      # "1. ", "2) ": list numbering, not quantities
+_WORD_RE = re.compile(r"[^\W_]+[+#]*")
 _NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty "
-                          "hundred thousand million half twice double triple third quarter".split())
-_QUESTION = frozenset("how what find calculate determine".split())
+                          "hundred thousand million half twice double triple third quarter dozen".split())
+_QUESTION = frozenset("how what find calculate determine which".split())
 INTENTS = ("code", "creative", "reasoning", "general")
 UNSURE_BELOW = 0.3      # a detected intent with less confidence than this is "unsure"
+GENERAL_PRIOR = 1.0     # another intent must score more than this to win over general
 
 
-def _compile_vocab():
-    """word -> [(signal, intent, weight)], and first word of a phrase -> [(phrase, signal, ...)]."""
+def _compile_cues():
+    """word -> [cue], and the first two words of a phrase -> [(phrase, cue)]. A "word" the
+    tokenizer splits (role-play, node.js) is matched as a phrase; a one-word phrase as a word."""
     words, phrases = {}, {}
-    for intent, sigs in INTENT_VOCAB.items():
-        for name, (w, ws, ps) in sigs.items():
-            for word in ws.split():
-                words.setdefault(word, []).append((name, intent, w))
-            for p in filter(None, ps.split("|")):
-                toks = _WORD_RE.findall(p)
-                phrases.setdefault(toks[0], []).append((" " + " ".join(toks) + " ", name, intent, w))
+    for name, (_intent, _w, _cap, ws, ps) in INTENT_CUES.items():
+        for item in ws.split() + [p for p in ps.split("|") if p]:
+            toks = _WORD_RE.findall(item)
+            if len(toks) == 1:
+                words.setdefault(toks[0], []).append(name)
+            elif toks:
+                phrases.setdefault((toks[0], toks[1]), []).append((" " + " ".join(toks) + " ", name))
     return words, phrases
 
 
-_VOCAB_WORDS, _VOCAB_PHRASES = _compile_vocab()
-_PATTERNS = [(n, i, w, re.compile(p)) for n, i, w, p in INTENT_PATTERNS]
+def _literal_prefix(branch):
+    """The literal text a regular expression branch must start with ("" if it starts otherwise)."""
+    out = []
+    i = 2 if branch.startswith("\\b") else 0          # a word boundary is no character
+    while i < len(branch):
+        c = branch[i]
+        if c == "\\" and i + 1 < len(branch) and not branch[i + 1].isalnum():
+            lit, i = branch[i + 1], i + 2
+        elif c == "\\" and branch[i + 1:i + 2] == "n":
+            lit, i = "\n", i + 2
+        elif c in ".^$*+?{}[]|()\\":
+            break
+        else:
+            lit, i = c, i + 1
+        if i < len(branch) and branch[i] in "*?{":
+            break                  # that character is optional: it cannot be part of the prefix
+        out.append(lit)
+    return "".join(out)
+
+
+def _split_top(pattern):
+    """A regular expression's top-level alternatives."""
+    parts, depth, cls, cur, esc = [], 0, False, "", False
+    for c in pattern:
+        if esc:
+            cur, esc = cur + c, False
+            continue
+        if c == "\\":
+            cur, esc = cur + c, True
+            continue
+        if cls:
+            cls = c != "]"
+        elif c == "[":
+            cls = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += c
+    parts.append(cur)
+    return parts
+
+
+def _expand(branch):
+    """"(?:a|b)rest" -> ["arest", "brest"], so each starts with a literal (when the group is not
+    repeated or optional)."""
+    if not branch.startswith("(?:"):
+        return [branch]
+    depth, i = 0, 0
+    for i, c in enumerate(branch):
+        if c == "\\":
+            continue
+        depth += c == "("
+        depth -= c == ")"
+        if depth == 0:
+            break
+    inner, rest = branch[3:i], branch[i + 1:]
+    if rest[:1] in ("*", "?", "{", "+") or (i > 0 and branch[i - 1] == "\\"):
+        return [branch]
+    return [x for alt in _split_top(inner) for x in _expand(alt + rest)]
+
+
+def _branches(pattern):
+    """A pattern split into branches that each start with a literal where possible, compiled on
+    their own with that literal, so a scan is a substring test first (re tries every branch of an
+    alternation at every position, which is many times slower)."""
+    return [(_literal_prefix(b), re.compile(b)) for p in _split_top(pattern) for b in _expand(p)]
+
+
+_CUE_WORDS, _CUE_PHRASES = _compile_cues()
+_PATTERNS = [(n, i, w, cap, _branches(p)) for n, i, w, cap, p in INTENT_PATTERNS]
 _PRODUCE = {n: (i, w, frozenset(v.split()), frozenset(a.split())) for n, (i, w, v, a) in PRODUCE.items()}
 
 
 def _signals(text):
-    """Signals that fire in one (lower-cased, bounded) text: {name: (intent, weight)}."""
-    fired = {}
+    """Cues that fire in one (lower-cased, bounded) text: {name: (intent, score)}."""
+    hits = {}
     tokens = _WORD_RE.findall(text)
-    joined = None
     for t in set(tokens):
-        for name, intent, w in _VOCAB_WORDS.get(t, ()):
-            fired[name] = (intent, w)
-        for phrase, name, intent, w in _VOCAB_PHRASES.get(t, ()):
-            if name not in fired:
-                joined = joined or " " + " ".join(tokens) + " "
-                if phrase in joined:
-                    fired[name] = (intent, w)
+        for name in _CUE_WORDS.get(t, ()):
+            hits.setdefault(name, set()).add(t)
+    joined = None
+    for pair in set(zip(tokens, tokens[1:])).intersection(_CUE_PHRASES):
+        joined = joined or " " + " ".join(tokens) + " "
+        for phrase, name in _CUE_PHRASES[pair]:
+            if phrase in joined:
+                hits.setdefault(name, set()).add(phrase)
+    nums = sum(map(str.isdigit, tokens)) + sum(map(_NUMBER_WORDS.__contains__, tokens)) - \
+        len(_LIST_MARK_RE.findall(text))
+    fired = {}
+    for name, found in hits.items():
+        intent, w, cap, _ws, _ps = INTENT_CUES[name]
+        if nums or name not in NUMERIC_CUES:
+            fired[name] = (intent, w * min(cap, len(found)))
     padded = "\n" + text
-    for name, intent, w, rx in _PATTERNS:
-        if name not in fired and rx.search(padded):
-            fired[name] = (intent, w)
+    digits = _DIGIT_RE.search(text) is not None
+    for name, intent, w, cap, branches in _PATTERNS:
+        if name in NUMERIC_CUES and not digits:
+            continue
+        n = 0
+        for prefix, rx in branches:
+            if prefix and prefix not in padded:
+                continue
+            for _m in rx.finditer(padded):
+                n += 1
+                if n >= cap:
+                    break
+            if n >= cap:
+                break
+        if n:
+            fired[name] = (intent, w * n)
     for name, (intent, w, verbs, artefacts) in _PRODUCE.items():
+        if artefacts.isdisjoint(tokens) or verbs.isdisjoint(tokens):
+            continue
         for i, t in enumerate(tokens):
-            if t in artefacts and any(x in verbs for x in tokens[max(0, i - 5):i]):
+            if t in artefacts and not verbs.isdisjoint(tokens[max(0, i - 5):i]):
                 fired[name] = (intent, w)
                 break
-    nums = sum(1 for t in tokens if t.isdigit() or t in _NUMBER_WORDS)
     if nums >= 2 and ("?" in text or _QUESTION.intersection(tokens)):
-        fired["word_problem"] = ("reasoning", min(4.0, float(nums)))
+        fired["word_problem"] = ("reasoning", min(5.0, float(nums)) - 0.5)
     return fired
-
-
 
 
 def user_turns(req):
@@ -3442,25 +3966,42 @@ def user_turns(req):
     return out
 
 
+def _last_reply(req):
+    """The text of the assistant's last reply before the latest user turn, if any."""
+    seen_user = False
+    for m in reversed(req["messages"]):
+        if m["role"] == "user":
+            seen_user = True
+        elif m["role"] == "assistant" and seen_user:
+            return text_of(m["content"])
+    return ""
+
+
 def detect_intent(req):
     """Neutral request -> (intent, confidence 0..1, signals that fired)."""
     scores = dict.fromkeys(INTENTS, 0.0)
-    scores["general"] = 1.0
     signals = []
-    weight, head, tail = 1.0, 800, 400
-    for text in reversed(user_turns(req)[-3:]):
+    texts = [(t, w) for t, w in zip(reversed(user_turns(req)[-3:]), (1.0, 0.4, 0.16))]
+    reply = _last_reply(req)
+    if reply:
+        texts.append((reply, 0.25))
+    head, tail = 800, 400
+    for text, weight in texts:
         if len(text) > head + tail:
             text = text[:head] + "\n" + text[-tail:] if tail else text[:head]
-        for name, (intent, w) in _signals(text.lower()).items():
-            scores[intent] += w * weight
+        for name, (intent, s) in _signals(text.lower()).items():
+            scores[intent] += s * weight
             if name not in signals:
                 signals.append(name)
-        weight, head, tail = weight * 0.4, 300, 0
+        head, tail = 300, 0
     if any(CODE_TOOLS.fullmatch(t["name"]) for t in req.get("tools") or ()):
         scores["code"] += 3.0
         signals.append("coding_tools")
-    best = max(INTENTS, key=scores.__getitem__)
-    return best, round(scores[best] / sum(scores.values()), 2), signals
+    scores["general"] += GENERAL_PRIOR
+    best = max(("general", "code", "creative", "reasoning"), key=scores.__getitem__)   # ties: general
+    top, second = sorted((max(0.0, s) for s in scores.values()), reverse=True)[:2]
+    confidence = round((top - second) / top, 2) if signals and top > 0 else 0.0
+    return best, confidence, signals
 
 
 # ------------------------------------------------------------------------------------ health --
@@ -3812,16 +4353,16 @@ class Plan:
     left out with the reason. `asked`: the candidates an explicit name stands for (the `default`
     route after them is only a fallback); `pinned`: the candidate put first because it served the
     conversation's previous turn; `unknown`: the name was not known and went through aliases or
-    auto."""
+    auto; `by_intent`: the route was chosen by the detected intent (`auto`)."""
 
     __slots__ = ("route", "intent", "confidence", "signals", "decided_by", "candidates", "skipped", "asked",
-                 "pinned", "unknown")
+                 "pinned", "unknown", "by_intent")
 
-    def __init__(self, route, intent, candidates, skipped, asked=(), pinned=None, unknown=False):
+    def __init__(self, route, intent, candidates, skipped, asked=(), pinned=None, unknown=False, by_intent=False):
         self.route = route
         self.intent, self.confidence, self.signals, self.decided_by = intent
         self.candidates, self.skipped = candidates, skipped
-        self.asked, self.pinned, self.unknown = frozenset(asked), pinned, unknown
+        self.asked, self.pinned, self.unknown, self.by_intent = frozenset(asked), pinned, unknown, by_intent
 
     def explain(self):
         out = [{"provider": p, "model": m, "skip": None} for p, m in self.candidates]
@@ -3920,19 +4461,22 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     if isinstance(extra, list) and all(isinstance(x, str) for x in extra) and not route_header:
         names = [m for m in [model] + extra if m]
     pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
-    route, cands, unknown = None, [], False
+    route, cands, unknown, by_intent = None, [], False, False
     for name in dict.fromkeys(names):
         r, c = _route_of(cat, name, intent[0])
+        auto = name in AUTO_NAMES
         if c is None:
             unknown = unknown or name == model
             target = cat.alias(name)
             if target is not None:
                 r, c = _route_of(cat, target, intent[0])
-                r = r if r != "explicit" else target
+                r, auto = (r if r != "explicit" else target), target in AUTO_NAMES
             if not c and not cat.strict and cat.enabled:
                 r, c = _route_of(cat, "auto", intent[0])
+                auto = True
         if c is None:
             continue
+        by_intent = by_intent or (auto and route is None)
         route = route or r
         cands += c
     asked = set(cands) if route == "explicit" else ()
@@ -3984,7 +4528,8 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     cooling = sorted((c for c in cands if left[c] > 0), key=left.__getitem__)
     if pin is not None and left[pin] > 0:
         pin = None
-    return Plan(route, intent, healthy + cooling, skipped, asked.intersection(cands) if asked else (), pin, unknown)
+    return Plan(route, intent, healthy + cooling, skipped, asked.intersection(cands) if asked else (), pin, unknown,
+                by_intent)
 
 
 # =================================================================================================
@@ -4882,6 +5427,8 @@ class Router:
         self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         self.affinity = Affinity()
         self._warned = set()       # unknown model names already logged
+        self._intent_cache = {}    # latest user turn -> the intent model's answer (LRU)
+        self._intent_lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._forced_at = -1e9
         self.responses = ResponseStore()
@@ -5128,6 +5675,7 @@ class Router:
             for name in changed:      # a fixed key or URL gets a fresh start
                 self.health.reset(name)
             self.health.forget(self._known_breaker)
+            self._intent_cache.clear()
             self.log.settings = cat.settings
             self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))
@@ -5143,7 +5691,7 @@ class Router:
         name = ctx.headers.get("x-router-route") or ctx.model
         akey = Affinity.key(ctx.req, ctx.headers)
         pin, last = affinity.get(akey, name)
-        plan = plan_request(cat, health, ctx.req, ctx.body, ctx.headers, pin)
+        plan = self.plan(cat, ctx.req, ctx.body, ctx.headers, pin)
         if plan.unknown:
             self.warn_unknown(ctx.model, plan.route)
         ctx.plan = plan
@@ -5206,6 +5754,52 @@ class Router:
             self.dispatcher.deliver_fallback(ctx, fallback)
             return
         raise self._all_failed(ctx)
+
+    def plan(self, cat, req, body, headers, pin=None):
+        """plan_request, and, when the route depends on an intent the rules are unsure of and
+        settings.intent_model names a model, that model's answer (planned again with it)."""
+        plan = plan_request(cat, self.health, req, body, headers, pin)
+        if plan.by_intent and cat.settings["intent_model"] and plan.confidence < cat.settings["intent_model_below"]:
+            asked = self.model_intent(cat, req)
+            if asked is not None:
+                plan = plan_request(cat, self.health, req, body, headers, pin,
+                                    (asked, plan.confidence, plan.signals, "model"))
+        return plan
+
+    INTENT_PROMPT = ("Classify the user's message by what it asks for. Answer with exactly one word: code (writing, "
+                     "fixing or explaining code, commands, SQL, spreadsheet formulas, config files, error logs), "
+                     "creative (stories, poems, lyrics, jokes, names, slogans, ad copy, speeches, role-play), "
+                     "reasoning (maths, puzzles, logic, estimates, date or number arithmetic, planning under "
+                     "constraints) or general (facts, advice, how-to, emails, summaries, translation).")
+
+    def model_intent(self, cat, req):
+        """The intent model's answer for this request (LRU-cached by the latest user turn), or None
+        on a timeout, an error or an answer that is not an intent: the rules' answer stands."""
+        turns = user_turns(req)
+        text = (turns[-1] if turns else "")[:2000]
+        key = hash(text)
+        with self._intent_lock:
+            if key in self._intent_cache:
+                self._intent_cache[key] = self._intent_cache.pop(key)
+                return self._intent_cache[key]
+        pname, _, mid = cat.settings["intent_model"].partition("/")
+        prov = cat.providers.get(pname)
+        now = time.monotonic()
+        keys = self.health.usable_keys(prov, now) if prov is not None and prov.enabled else []
+        if not keys or self.health.cand_left((pname, mid), now, prov):
+            return None
+        try:
+            reply = complete(prov, mid, keys[0], self.INTENT_PROMPT, text, 5, cat.settings,
+                             cat.settings["intent_model_timeout"])
+        except DiscoveryError as e:
+            log.info("intent model %s/%s: no answer (%s); the rules decide", pname, mid, e)
+            return None
+        answer = next((w for w in re.findall(r"[a-z]+", reply.lower()) if w in INTENTS), None)
+        with self._intent_lock:
+            self._intent_cache[key] = answer
+            if len(self._intent_cache) > 1000:
+                del self._intent_cache[next(iter(self._intent_cache))]
+        return answer
 
     def warn_unknown(self, name, route):
         """Once per name: a client asked for a model nobody has (Claude Code's dated Claude names
@@ -5335,8 +5929,7 @@ class Router:
         dialect = guess_dialect(body, headers)
         req = CODECS[dialect].decode_request(body)
         pin, _last = self.affinity.get(Affinity.key(req, headers), headers.get("x-router-route") or req["model"])
-        plan = plan_request(self.catalogue, self.health, req, body, headers, pin)
-        return dict(plan.explain(), dialect=dialect)
+        return dict(self.plan(self.catalogue, req, body, headers, pin).explain(), dialect=dialect)
 
     def close(self):
         self._stop.set()
@@ -5470,8 +6063,11 @@ async function refresh() {
     const state = stateCell(p);
     if (p.state === "cooling" || p.state === "key_rejected") state.appendChild(resetButton({provider: p.name}, "reset " + p.name));
     const keys = el("td");
-    (p.keys || []).forEach((k) => keys.appendChild(el("div", `${k.key} ${STATE_WORDS[k.state]}${k.until ? " until " + when(k.until) : ""}`,
-                                             "chip " + STATE_CLASS[k.state])));
+    (p.keys || []).forEach((k) => {
+      const chip = el("div", `${k.key} ${STATE_WORDS[k.state]}${k.until ? " until " + when(k.until) : ""}`, "chip " + STATE_CLASS[k.state]);
+      if (k.state !== "ok") { chip.title = k.reason || ""; chip.appendChild(resetButton({provider: p.name})); }
+      keys.appendChild(chip);
+    });
     const models = el("td", null, "small");
     const all = p.models || [], sick = all.filter((m) => m.state !== "ok");
     models.appendChild(el("div", `${all.length} model${all.length === 1 ? "" : "s"}` + (sick.length ? `, ${sick.length} cooling` : ""),

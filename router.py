@@ -35,6 +35,7 @@ import argparse
 import base64
 import binascii
 import fnmatch
+import functools
 import hashlib
 import hmac
 import http.client
@@ -3322,7 +3323,7 @@ INTENT_CUES = {
         "yaml toml xml graphql regex regexp vba vbscript jsx tsx wasm solidity groovy nim zig ocaml lisp racket "
         "arduino verilog vhdl assembly asm latex markdown",
         "node.js|node js|c sharp|objective-c|shell script|bash script|apps script|google apps script|visual basic"),
-    "code_tool": ("code", 2.0, 3,
+    "code_tool": ("code", 2.5, 3,
         "axios httpclient mysqldump innodb ggplot resample alembic workmanager discord.py firewalld dkim dmarc flexbox sverweis xverweis wverweis vergleich summewenn zählenwenn buscarv buscarx sumar.si contar.si recherchev recherchex somme.si nb.si procv procx somase cont.se uuid uuids webpack tsconfig eslintrc nginx.conf htaccess mod_rewrite wordpress woocommerce shopify-cli jinja jinja2 handlebars flutter swiftui jetpack android-studio iptables ufw nftables certbot letsencrypt dax bigquery snowflake redshift athena cloudformation cdk pulumi route53 gsutil rclone restic fstab nfs samba ldap powerquery tableau looker dplyr ggplot2 tidyverse rstudio shiny plotly streamlit gradio huggingface openai langchain pydantic celery gunicorn uvicorn wsgi asgi nodemon pm2 supervisor netplan openssl wireguard openvpn nmap tcpdump wireshark bind9 dnsmasq pihole proxmox esxi vmware virtualbox qemu podman buildah skaffold istio envoy prometheus grafana loki kibana logstash datadog sentry laravel's django's npm's chatgpt-api xcodebuild cocoapods gradlew apk ipa electron tauri groupby dataframe dataframes git github gitlab bitbucket docker dockerfile kubernetes k8s kubectl helm minikube kustomize terraform "
         "ansible vagrant nginx apache2 caddy haproxy traefik systemd systemctl journalctl cron crontab ssh scp sftp "
         "rsync curl wget jq sed awk gawk grep egrep ripgrep xargs chmod chown sudo tmux vim neovim emacs vscode "
@@ -3348,7 +3349,7 @@ INTENT_CUES = {
         "virtual machine|reverse proxy|port forwarding|ssh key|ssh keys|private key|public key|"
         "git log|git push|git pull|git reset|git rebase|git merge|git stash|git clone|git commit"),
     "code_concept": ("code", 1.5, 3,
-        "function functions array arrays dict dictionary hashmap hashtable "
+        "endian stateless locking monad monads runner runners coverage useeffect usestate usememo usecallback microtask microtasks macrotask idempotent idempotency hashing bcrypt argon2 salting gitignore function functions array arrays dict dictionary hashmap hashtable "
         "struct structs enum enums interface interfaces inheritance polymorphism encapsulation recursion recursive "
         "closure closures callback callbacks promise promises async await coroutine coroutines thread threads "
         "threading multithreading mutex semaphore deadlock concurrency concurrent goroutine goroutines iterator "
@@ -3393,11 +3394,12 @@ INTENT_CUES = {
         "my function|this query|my query|this formula|my formula|this regex|my regex|the regex|my macro|"
         "this macro|the macro|the formula|the script|new branch|local branch|remote branch|main branch|"
         "the repo|my repo|this repo|column a|column b|column c|column d|column e|column f|cell a1|"
-        "each column|every column|blank cells|empty cells|"
+        "each column|every column|blank cells|empty cells|my loop|the loop|infinite loop|single threaded|"
+        "single-threaded|head detached|detached head|whole suite|test passes|tests pass|cap theorem|"
         "the sheet|each sheet|every sheet|each worksheet|every worksheet|"
         "second column|third column|2nd column|3rd column|first column"),
     "code_intl": ("code", 2.0, 2,
-        "código codigo fonction funktion función função programme programa programm programmieren programmation "
+        "rama ramas mergear commitear pushear hacer-merge código codigo fonction funktion función função programme programa programm programmieren programmation "
         "programación programação quellcode fehlermeldung bogue depurar débogage débogueur variablen "
         "variável variáveis klasse objektorientiert orientée orientada orientado abstraite abstrakte schleife "
         "boucle bucle laço rekursion recursividad recursividade récursivité récursion datenbank banco "
@@ -3407,7 +3409,7 @@ INTENT_CUES = {
         "base de datos|banco de dados|base de données|hoja de cálculo|feuille de calcul|"
         "línea de comandos|ligne de commande|linha de comando"),
     "code_ambiguous": ("code", 0.8, 3,
-        "secret secrets branch branches merge merging pull push origin upstream fork forks clone cloned cargo module modules yarn rollback rollout release releases version versions component components build builds deploy deploying variable variables certificate element elements attribute attributes json method methods index indexes process trigger cursor code coding coder bug bugs library libraries package packages class classes object objects "
+        "txt fetch suite node sessions session connections secret secrets branch branches merge merging pull push origin upstream fork forks clone cloned cargo module modules yarn rollback rollout release releases version versions component components build builds deploy deploying variable variables certificate element elements attribute attributes json method methods index indexes process trigger cursor code coding coder bug bugs library libraries package packages class classes object objects "
         "table tables column columns row rows image images shell terminal console compile parse "
         "token tokens model models test tests testing install installed config configuration "
         "error errors crash crashes crashed log logs loop loops file files folder directory path "
@@ -3430,7 +3432,7 @@ INTENT_CUES = {
 
     # --- creative --------------------------------------------------------------------------------
     "creative_form": ("creative", 3.0, 2,
-        "shanty shanties whodunnit whodunit crossover commandments skit skits play monolog monólogo monologo satire satirical satírica satírico satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv impression impressions imitation imitate imita imite narrating narrate narration commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet sonnets limerick limericks villanelle sestina pantoum "
+        "hashtag hashtags dactyl dactyls chant chants drabble drabbles microfiction micro-fiction memoir cordel quadra quadras cumbia fic fics pov tongue-twister tattoo shanty shanties whodunnit whodunit crossover commandments skit skits play monolog monólogo monologo satire satirical satírica satírico satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv impression impressions imitation imitate imita imite narrating narrate narration commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet sonnets limerick limericks villanelle sestina pantoum "
         "ghazal cinquain clerihew ode odes ballad ballads elegy acrostic couplet couplets quatrain quatrains "
         "verse verses stanza stanzas lyrics lyric song songs jingle jingles rap raps chorus story stories "
         "tale tales fable fables parable novel novella screenplay monologue soliloquy vignette fanfic "
@@ -3448,7 +3450,11 @@ INTENT_CUES = {
         "retirement speech|farewell speech|graduation speech|a speech|toast for|roast for|"
         "instagram caption|ig caption|ig captions|tiktok caption|radio ad|facebook ad|"
         "theme song|love song|drinking song|lullaby|nursery rhyme|spoken word|free verse|"
-        "iambic pentameter|haiku sequence|once upon a time|opening paragraph|first paragraph|"
+        "iambic pentameter|haiku sequence|once upon a time|build me a world|create a world|imagine a world|invent a world|"
+        "rewrite the words|rewrite the lyrics|new lyrics|movie trailer|trailer voiceover|voiceover|"
+        "without using the word|without using the words|personality description|a sign for|sign for my|"
+        "sign for our|argument between|debate between|i'm naming|naming my|tongue twister|six word|six-word|"
+        "opening paragraph|first paragraph|"
         "bit of personality|make light of|future self|to my future|16 bars|8 bars|bars about|sea shanty|"
         "narrating my|narrate my|in his voice|in her voice|in their voice|your best|do your best|do a|"
         "as if they were|as if it were|as if he were|as if she were|but as|but written by|written by a pirate|"
@@ -3470,13 +3476,19 @@ INTENT_CUES = {
         "script for a youtube|script for a video|script for a podcast|script for an episode|commercial script|"
         "ad script|radio script|movie script|film script|travel blog|product launch|launch announcement"),
     "creative_intl": ("creative", 3.0, 2,
-        "akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario szenario raconte racontez cuéntame cuenta conta conte-moi erzähl erzähle dichte reimt invente inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas poesía poesia gedicht gedichte lyrik soneto sonett haïku lied "
+        "reviravolta rebondissement wendung escena diálogo dialogo gutenachtgeschichte erfinden enredo produktbeschreibung anzeige werbetext anúncio anuncio publicité geschenkideen akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario szenario raconte racontez cuéntame cuenta conte-moi erzähl erzähle dichte reimt invente inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas poesía poesia gedicht gedichte lyrik soneto sonett haïku lied "
         "liedtext liedtexte chanson chansons canción canciones canção canções histoire histoires conte "
         "contes cuento cuentos conto contos geschichte geschichten märchen fábula fabel fable blague blagues "
         "chiste chistes piada piadas witz witze devinette adivinanza adivinha slogan eslogan légende legenda "
         "brindis brinde trinkspruch discours discurso festrede rima rimas reim reime strophe estrofa "
         "comptine nana berceuse canto cantiga samba quadrinha trova sketch",
-        "carte d'anniversaire|toque de humor|mensaje para la tarjeta|tarjeta de|mensagem para o cartão|"
+        "carte d'anniversaire|carte d'anniv|carta de amor|lettre d'amour|liebesbrief|letra de una|letra de um|"
+        "letra pra|letra para|nomes pra|nomes para|ideas de regalo|ideias de presente|idées cadeau|idées de cadeau|"
+        "descripción de producto|descrição de produto|description produit|texto de anúncio|texto publicitario|"
+        "mit augenzwinkern|con gracia|con humor|com humor|avec humour|sympathisch klingen|sin sonar a robot|"
+        "haz como si|finge que|finja que|fais comme si|jouer le rôle|joue le rôle|tu joues|spiel die rolle|"
+        "imaginer un monde|crea un mundo|cria um mundo|un monde où|un mundo donde|um mundo onde|eine welt in der|"
+        "toque de humor|mensaje para la tarjeta|tarjeta de|mensagem para o cartão|"
         "mot pour la carte|spruch für die karte|quelques lignes|quelques mots|petit texte|texte pour|text für|texto para|"
         "palavras para|algo bonito|unas palabras|ein paar worte|ein paar zeilen|was sagen|para decir|pra dizer|"
         "biscoito da sorte|galleta de la suerte|biscuit chinois|hora de dormir|antes de dormir|gute nacht|"
@@ -3497,7 +3509,7 @@ INTENT_CUES = {
         "nom pour|noms pour|idées de nom|nombre para|nombres para|nome para|nomes para|name für|namen für|"
         "shop name|business name|company name|brand name|store name|product name|podcast name|channel name|"
         "app name|alias for|nickname for|nicknames for|title for|titles for|working title|hashtags for"),
-    "in_character": ("creative", 3.5, 1, "",
+    "in_character": ("creative", 3.5, 1, "pretend ",
         "speak as|talk like|talk to me like|speak like|in the voice of|in his voice|in her voice|as yoda|like yoda|"
         "actúa como|actua como|atue como|aja como|agis comme|sprich wie|parle comme|habla como|fala como|"
         "pretend you are|pretend you're|pretend to be|pretend yourself|stay in character|in character|"
@@ -3506,7 +3518,9 @@ INTENT_CUES = {
         "do an impression|impression of|imitation of|imitate|imita a|imite"),
     "creative_request": ("creative", 2.5, 2, "brainstorm brainstorming roleplay role-play fanfic worldbuilding "
         "world-building",
-        "come up with|make up|make it funnier|make it rhymes|make it rhyme|funnier|more funny|darker ending|"
+        "come up with|make up|pure comedy|just for fun|for fun|as a joke|not a real|not for real|"
+        "write it as him|write it as her|write it like|as him talking|as her talking|written like|"
+        "newsletter intro|newsletter opener|make it funnier|make it rhymes|make it rhyme|funnier|more funny|darker ending|"
         "happy ending|happier ending|sad ending|twist ending|the ending|alternate ending|"
         "letter from|note from|apology from|apology note from|a letter from|a note from|in the voice of|"
         "from the perspective of|from the point of view of|in the style of|written as|told as|told by|as a rap|"
@@ -3521,22 +3535,22 @@ INTENT_CUES = {
         "pretend yourself|pretend to be|embody the|embrace the role|persona of|if you were a|if you were an|"
         "imagine yourself as|picture yourself as|introduce yourself as|imagine you are a|imagine you're a|"
         "you are a|you are an|as if you were|in the role of|take on the role|play the role|act as if"),
-    "creative_fiction": ("creative", 2.0, 2,
-        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure adventures legend legends myth myths saga epic ballad villainous heroic pirate pirates detective princess prince witch witches monster monsters fake made-up fictional brochure mystery cozy chapter fanfiction d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins dragon dragons "
+    "creative_fiction": ("creative", 2.5, 2,
+        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure adventures legend legends myth myths saga epic ballad villainous heroic pirate pirates detective princess prince witch witches monster monsters made-up fictional brochure mystery cozy chapter fanfiction d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins dragon dragons "
         "fairy fairies elf elves villain villains superhero superheroes protagonist antagonist backstory lore "
         "tavern kingdom sorcerer knight's unicorn mermaid vampire zombie zombies alien aliens spaceship "
         "haunted ghost ghosts fictional imaginary fantasy sci-fi dystopian utopian horror romance thriller "
-        "noir whodunit fiction mythical mythology character characters plot narrator narrative "
+        "noir whodunit fiction mythical mythology plot narrator narrative "
         "homebrew tabletop worldbuild magic spell spells",
         "dungeon master|game master|magic system|short horror|love story|ghost story|horror story|"
         "alternate history|time traveler|time travel|character sheet|boss room|read-aloud|"
         "session 2|next session|the players|my players|our players|adventuring party"),
-    "creative_occasion": ("creative", 2.0, 1,
+    "creative_occasion": ("creative", 1.0, 1,
         "toast speech eulogy wedding anniversary retirement graduation birthday valentine's valentine "
         "condolence farewell",
         ""),
     "creative_style": ("creative", 1.2, 2,
-        "cozy cute fun magical mysterious romantic spicy sassy dramatic whimsy nostalgic inspirational uplifting motivational heartwarming wholesome eerie gothic lyrical rhythmic punny clever memorable funny humorous witty silly goofy whimsical playful dramatic poetic heartfelt sappy cheesy catchy punchy "
+        "cosy chatty cozy cute fun magical mysterious romantic spicy sassy dramatic whimsy nostalgic inspirational uplifting motivational heartwarming wholesome eerie gothic lyrical rhythmic punny clever memorable funny humorous witty silly goofy whimsical playful dramatic poetic heartfelt sappy cheesy catchy punchy "
         "quirky spooky creepy dreamy lyrical rhyming charming hilarious absurd snarky sarcastic cheeky "
         "tongue-in-cheek melancholic bittersweet epic vivid evocative imaginative creative creatively "
         "compose craft captivating engaging compelling intriguing rigolo drôle gracioso engraçado lustig "
@@ -3546,8 +3560,13 @@ INTENT_CUES = {
         "your task is|your job is|your task will be|your role is to|you will be provided|you'll be provided|"
         "i will provide you|i will provide|i will give you|i'll give you|you will need to|you will be given|"
         "i want you to act as a|i want you to act as an|your expertise|tasked with|your goal is|your duty is"),
-    "not_creative": ("creative", -5.0, 1, "",
-        "story behind|true story|what's the story|what is the story|where does the story|origin of the story|"
+    "not_creative": ("creative", -4.0, 1, "",
+        "story behind|true story|explain this joke|explain the joke|get the joke|good books|books like|"
+        "books for|recommend books|series like|serien wie|shows like|movies like|films like|the name of that|"
+        "name of the movie|name of that movie|is it ok to make a joke|is it appropriate|does a haiku|do haikus|"
+        "have to be 5-7-5|l'histoire derrière|histoire de la|geschichte vom|geschichte von|woher kommt|"
+        "where does the|the history of|la historia de|a história de|história do|turn on captions|captions on|"
+        "closed captions|subtitles|what's the story|what is the story|where does the story|origin of the story|"
         "the story goes|news story|the origin of|origin of the|who wrote|who sang|"
         "who sings|rhyme scheme|what is a sonnet|what is a haiku|what's a haiku|how many lines|"
         "meaning of the song|meaning of the poem|the meaning of|lyrics to|lyrics of|the lyrics|first joke|"
@@ -3559,21 +3578,23 @@ INTENT_CUES = {
 
     # --- reasoning -------------------------------------------------------------------------------
     "step_by_step": ("reasoning", 3.0, 1, "reasoning",
+        "reason it out|walk me through it|how should i have reasoned|the actual argument|show me the reasoning|"
         "step by step|step-by-step|think carefully|think it through|explain your reasoning|explain your answer|"
         "show your work|show the work|show the steps|show steps|show your steps|with steps|show the math|"
         "show your math|walk me through the math|work it out|do the math|étape par étape|schritt für schritt|"
         "paso a paso|passo a passo|mit begründung|con razonamiento|justifie|justifica|begründe"),
     "math_words": ("reasoning", 1.5, 3,
-        "trapezium trapezoid parallelogram cylinder cone sphere pythagoras growth solve calculate calculation compute simplify prove proof derive probability percent percentage average "
-        "remainder divisible inequality ratio altogether equation equations algebra geometry derivative integral "
-        "perimeter circumference radius diameter hypotenuse triangle rectangle arithmetic "
-        "quotient multiply multiplied divide divided fraction fractions decimals "
-        "median variance deviation compounded apr "
-        "combien cuántos cuántas quantos quantas probabilité wahrscheinlichkeit probabilidad probabilidade "
-        "résoudre berechne calcula calcule calcular calculer rechne demuestra démontre démontrer beweise "
-        "prouve prova demonstre demostrar quadrat cuadrado carré umfang fläche área aire volumen "
+        "trapezium trapezoid parallelogram cylinder cone sphere pythagoras "
+        "divisible inequality equation equations algebra geometry derivative integral "
+        "perimeter circumference radius diameter hypotenuse arithmetic "
+        "quotient fraction fractions "
+        "variance deviation compounded apr "
+        "probabilité wahrscheinlichkeit probabilidad probabilidade "
+        "résoudre demuestra démontre démontrer beweise "
+        "prouve demonstre demostrar "
         "moyenne promedio média durchschnitt pourcentage porcentaje porcentagem prozent",
-        "sum of|product of|area of|volume of|"
+        "sum of|product of|area of|volume of|prove that|proof that|prove it|show that|demonstrate that|"
+        "beweise dass|démontre que|demuestra que|prove que|mostre que|"
         "how many more|how much more|how much less|what percent|what percentage|per cent|"
         "square root|cube root|prime factor|prime factors|prime factorization|greatest common|least common|"
         "common multiple|common divisor|times as many|twice as|half as|per hour|per day|per week|per month|"
@@ -3586,18 +3607,23 @@ INTENT_CUES = {
         "how old will|how old was|years old|born in|what time|time zone|o'clock|"
         "wie viel|wie viele|cuánto|cuántos|quanto|quantos|combien de|combien coûte|combien faut|"
         "à quelle heure|um wie viel uhr|a qué hora|a que horas"),
-    "quantities": ("reasoning", 1.0, 3, "mondays tuesdays wednesdays thursdays fridays saturdays sundays split owe owes discount discounts vat tax taxes net gross hourly overtime payroll wage wages salary interest rate mortgage loan installment installments monthly velocity speed acceleration accelerates distance momentum force joules watts voltage ohms kilometers kilometres miles feet inches yards acres hectares litres liters gallons ounces grams kilograms pounds cups tablespoons teaspoons ml celsius fahrenheit kelvin mph kmh km kg lbs percent% remise rabatt descuento desconto facture rechnung factura intérêts zinsen intereses juros vitesse geschwindigkeit velocidad velocidade durchschnitt moyenne promedio média heures stunden horas minutes minuten minutos", ""),
+    "math_everyday": ("reasoning", 1.5, 3, "growth solve calculate calculation compute simplify prove proof derive probability percent percentage average remainder ratio altogether triangle rectangle multiply multiplied divide divided decimals median combien cuántos cuántas quantos quantas calcula calcule calcular calculer rechne berechne quadrat cuadrado carré umfang fläche área aire volumen prova", ""),
+    "quantities": ("reasoning", 1.0, 3, "kwh mpg psi bar therms l/100km gallon gallons liter litre mondays tuesdays wednesdays thursdays fridays saturdays sundays split owe owes discount discounts vat tax taxes net gross hourly overtime payroll wage wages salary interest rate mortgage loan installment installments monthly velocity speed acceleration accelerates distance momentum force joules watts voltage ohms kilometers kilometres miles feet inches yards acres hectares litres liters gallons ounces grams kilograms pounds cups tablespoons teaspoons ml celsius fahrenheit kelvin mph kmh km kg lbs percent% remise rabatt descuento desconto facture rechnung factura intérêts zinsen intereses juros vitesse geschwindigkeit velocidad velocidade durchschnitt moyenne promedio média heures stunden horas minutes minuten minutos", ""),
+    "chance_question": ("reasoning", 2.5, 1, "",
+        "prob of|the chance|what's the chance|odds of|likelihood of|probability of|chance that|chances that|"
+        "chance nobody|chance of|chances of|the odds"),
     "quantity_question": ("reasoning", 1.5, 1, "",
         "how many|how much|how long|how far|how old|in total|altogether|wie viele|wie viel|wie lange|combien|"
         "cuántos|cuántas|cuánto|quantos|quantas|quanto"),
-    "number_fact": ("reasoning", 4.0, 1, "gcd lcm factorial",
+    "number_fact": ("reasoning", 4.0, 1, "mdc mmc pgcd ppcm ggt kgv mcd mcm induction gcd lcm factorial",
         "is it prime|is prime|be prime|are prime|primes below|primes under|primes between|primes less|"
         "a prime|prime number|prime numbers|largest prime|smallest prime|divisible by|perfect square|"
         "perfect number|even or odd|odd or even|last digit|digits of|the digit|número primo|nombre premier|"
         "primzahl|números primos|nombres premiers|divisível por|divisible par|teilbar durch|"
         "0.999 repeating|point nine repeating"),
+    "puzzle_word": ("reasoning", 1.5, 1, "puzzle puzzles riddle logic logical logically", ""),
     "puzzle": ("reasoning", 3.0, 2,
-        "válido valido gültig gültige valide argumento raisonnement schluss barber ladder labelled labeled wahrscheinlich puzzle puzzles riddle logic logical logically paradox deduce deduction fermi syllogism syllogisms "
+        "patife patifes cavaleiros caballeros chevaliers ritter schurken mentem mienten mentent lügen lying irrational infinitely válido valido gültig gültige valide argumento raisonnement schluss barber ladder labelled labeled wahrscheinlich paradox deduce deduction fermi syllogism syllogisms "
         "knave knaves knights liar liars truth-teller truthteller contrapositive fallacy premise "
         "conclude conclusion inference valid invalid conundrum enigma lógica logique "
         "logik rätsel acertijo enigme énigme charada",
@@ -3610,8 +3636,18 @@ INTENT_CUES = {
         "baker's dozen|missionaries and cannibals|towers of hanoi|"
         "wolf, goat|goat and cabbage|fox, chicken|hat puzzle|prisoners|can i conclude|can we conclude|"
         "does it follow|it follows|follow that|valid argument|is this valid|is that valid|logically valid|"
-        "posso concluir|puedo concluir|kann ich schließen|puis-je conclure|peut-on conclure|"
-        "if all|all of the|none of the|immediately left|immediately right|left of the|right of the|"
+        "posso concluir|puedo concluir|podemos concluir|pouvons-nous conclure|können wir schließen|"
+        "what position|which position|think of a number|kann ich schließen|puis-je conclure|peut-on conclure|"
+        "if all|all of the|none of the|only one of them|one of them is lying|one of them lies|is lying|"
+        "falam a verdade|sagen die wahrheit|dicen la verdad|disent la vérité|dit la vérité|sitzen nebeneinander|"
+        "sits next|sit next|rechts neben|links neben|à droite de|à gauche de|a la derecha de|à direita de|"
+        "ganz links|ganz rechts|am rand|not necessarily in that order|not in that order|pas forcément dans cet ordre|"
+        "no necesariamente en ese orden|nicht unbedingt in dieser reihenfolge|não necessariamente nessa ordem|"
+        "o que é o que é|qu'est-ce qui a|qu est-ce qui a|was wird immer|qué es lo que|the more you take|"
+        "the more of me|what number am i|what can run|what has a|what has teeth|what gets wetter|"
+        "what goes up|what has keys|what has hands|tengo agujas|twice her age|twice his age|twice my age|"
+        "times as old|so alt wie|mal so alt|viermal so|dreimal so|fois plus âgé|veces mayor|vezes mais velho|"
+        "hour and minute hands|minute hand|hour hand|clock hands|settle an argument|immediately left|immediately right|left of the|right of the|"
         "every label|is wrong|are wrong|different colours|different colors|in a row|each person|who drinks|"
         "which gives more|which is more|is this argument|this argument|est-ce que ce raisonnement|"
         "chance de|qual a chance|quelle est la probabilité|qué probabilidad|wie wahrscheinlich|"
@@ -3622,7 +3658,7 @@ INTENT_CUES = {
         "permutations permutation combinations combinatorics arrangements arrange dice coin coins flip "
         "flips flipped odds expected",
         "how many ways|number of ways|full house|royal flush|poker hand|lottery|lotto|jackpot|roulette|"
-        "blackjack|board game|cheapest combination|minimum number|fewest|least number|at least how many|"
+        "blackjack|cheapest combination|minimum number|fewest|least number|at least how many|"
         "best order|shortest route|visit each|packs of|boxes of|must be true|could be true|necessarily|"
         "always true|which of them|"
         "each have a different|each has a different|each own a different|each owns a different|"
@@ -3632,7 +3668,8 @@ INTENT_CUES = {
         "de quantas maneiras|de combien de façons|auf wie viele|wie viele möglichkeiten"),
     "estimate": ("reasoning", 2.5, 2, "estimate estimation ballpark fermi",
         "roughly how many|approximately how many|about how many|how many piano|in a lifetime|"
-        "throughout history|rough numbers|roughly|ballpark figure|back of the envelope|back-of-the-envelope|order of magnitude|rough estimate"),
+        "throughout history|are there in|does a city|how many windows|how many heartbeats|"
+        "rough numbers|ballpark figure|back of the envelope|back-of-the-envelope|order of magnitude|rough estimate"),
     "time_math": ("reasoning", 3.0, 2, "",
         "days after|days before|days from|days until|days till|days since|weeks after|weeks from|weeks before|"
         "months after|months from|years after|years from|hours after|minutes after|from now|days between|"
@@ -3664,7 +3701,8 @@ INTENT_CUES = {
         "meeting slot|time slot|works for everyone|fits everyone|everyone's availability|max area|"
         "largest area|maximum area|work together|working together|fill the pool|fill the tank|"
         "how long will it take|how long would it take|how long does it take|how fast|how soon|"
-        "what comes next|next number|next in the sequence|"
+        "what comes next|next number|next in the sequence|next letter|fill the gap|what's that in|"
+        "what is that in|that in kwh|how much is that in|"
         "convert|conversion|in km|in miles|to miles|to km|to kg|to lbs|to celsius|to fahrenheit|"
         "in celsius|in fahrenheit|in meters|in feet|to meters|to feet|light year|light years"),
     "not_reasoning": ("reasoning", -2.5, 1, "",
@@ -3708,7 +3746,11 @@ INTENT_CUES = {
 }
 
 #: Cues that count only in a text with a number in it (units and money words are everyday words).
-NUMERIC_CUES = frozenset(("quantities", "quantity_question", "money_question", "formula", "number_question"))
+NUMERIC_CUES = frozenset(("math_everyday", "quantities", "quantity_question", "money_question", "chance_question", "formula",
+                          "number_question"))
+
+#: Numeric cues that say nothing when the text holds code (a definition or a fence).
+CODE_NUMBERS = ("formula", "number_question", "word_problem")
 
 #: Structural cues: (name, intent, weight, cap, regular expression on the lower-cased text).
 INTENT_PATTERNS = [
@@ -3726,10 +3768,10 @@ INTENT_PATTERNS = [
                                     r"#div/0!|#name\?|#spill!|crashloopbackoff|imagepullbackoff|oomkilled|"
                                     r"run-time error|compile error|build failed|failed to compile"),
     ("diff", "code", 4.0, 1, r"\n(?:\+\+\+|---) [ab]/|\n@@ -\d"),
-    ("file_path", "code", 2.0, 2, r"\.(?:py|js|mjs|cjs|jsx|ts|tsx|go|rs|java|kt|cpp|cc|hpp|cs|rb|php|"
+    ("file_path", "code", 2.5, 2, r"\.(?:py|js|mjs|cjs|jsx|ts|tsx|go|rs|java|kt|cpp|cc|hpp|cs|rb|php|"
                                   r"swift|sh|bash|zsh|ps1|bat|sql|ya?ml|toml|ini|cfg|conf|env|json|xml|csv|tsv|log|"
                                   r"gradle|vue|svelte|tf|lock|txt|xlsx|xlsm|ipynb|dockerfile|service|desktop|plist|"
-                                  r"gitignore|bashrc|zshrc)\b|/(?:etc|var|usr|home|opt|tmp|dev|proc|srv|mnt|bin)/|"
+                                  r"gitignore|bashrc|zshrc)\b|/(?:etc|var|usr|home|opt|tmp|dev|proc|srv|mnt|bin|sys)\b|"
                                   r":\\|dockerfile|makefile|package\.json|requirements\.txt"),
     ("test_output", "code", 3.0, 1, r"assertionerror|pytest|unittest|cargo test|go test|npm test| passed in | passed, | failed in | failed, "),
     ("shell_command", "code", 2.5, 1, r"\n[ \t]*(?:\$ |# |sudo |git |npm |npx |pip3? |docker |kubectl |helm |curl |"
@@ -3746,8 +3788,9 @@ INTENT_PATTERNS = [
     ("html_tag", "code", 3.0, 1, r"<(?:div|span|p|a|img|video|audio|input|button|form|table|tr|td|ul|ol|li|script|"
                                  r"style|head|body|html|section|header|footer|nav|h[1-6]|select|option|label|"
                                  r"canvas|svg|iframe|template|slot)\b[^>\n]*>"),
-    ("assignment", "code", 2.5, 1, r"\n[ \t]*[a-z_][\w.,\[\] ]{0,30} ?(?:=|\+=|:=) ?[\w\[{(\"'$-]"),
+    ("assignment", "code", 2.5, 1, r"\n[ \t]*[a-z_][\w.\[\]]*(?:, ?[a-z_][\w.]*)* ?[+:]?= ?[\w\[{(\"'$-]"),
     ("tool_table", "code", 3.0, 1, r"----+  +---"),
+    ("regex_syntax", "code", 3.0, 1, r"\(\?[=!<:]|\.\*|\.\+\?|\\[dswb][+*?]|\[\^|\[a-z|\[0-9|\{[0-9]+,[0-9]*\}"),
     ("css_declaration", "code", 3.0, 1, r"(?:position|display|overflow(?:-[xy])?|z-index|margin(?:-\w+)?|padding|"
                                         r"height|width|flex(?:-\w+)?|grid(?:-\w+)?|transform|font-size|"
                                         r"align-items|justify-content|box-sizing): ?[\w#%(-]"),
@@ -3755,7 +3798,7 @@ INTENT_PATTERNS = [
     ("spreadsheet_syntax", "code", 3.0, 1, r"=[a-z]+\(|:[a-z]{1,2}[0-9]|col(?:umn)? [a-z]\b|cells? [a-z]{1,2}[0-9]"),
     ("roleplay_frame", "creative", 3.0, 1, r"\nas an? [a-z][\w -]{1,40}, (?:how|what|describe|tell)|"
                                            r"\nimagine you(?:'re| are) an? [\w -]{2,40}[.,] |\nyou are an? [\w -]{2,40}"
-                                           r"[.,] (?:describe|tell|what|how)| act as an? [\w -]{1,30}(?:who|that|"
+                                           r"[.,] (?:describe|tell|what|how)|\nbe [a-z]+ (?:and|who|while) | act as an? [\w -]{1,30}(?:who|that|"
                                            r"monologu|and (?:tell|describe))"),
     ("counterfactual", "creative", 3.0, 1, r"\nwhat if (?!it |i |we |they |the file|the input)|"
                                            r"what would (?:have )?happen(?:ed)? if"),
@@ -3767,22 +3810,34 @@ INTENT_PATTERNS = [
                                            r"note from|message for|card|riddle|joke|pun|description|copy\b|"
                                            r"names?\b|title|backstory|ode|ballad|villanelle|vignette|eulogy|review|"
                                            r"blog|newsletter|hook|intro|verse|lyrics)"),
-    ("creative_rewrite", "creative", 2.5, 1, r"(?:make|rewrite|reword|rework|turn|reescreve|reescribe|réécris|"
+    ("letter_from", "creative", 3.0, 1, r"(?:\A\n|write |draft |compose |a |an |the |uma |um |une |un |una |ein |eine )"
+                                        r"(?:[\w-]+ ){0,3}(?:letter|note|email|message|"
+                                        r"memo|carta|lettre|brief)(?: of [\w-]+)? (?:from|written by|by|de|von|do|da) "
+                                        r"(?:an?|the|my|our|un|una|um|uma|mon|ma|mi|meu|minha|einem|einer|meinem|"
+                                        r"meiner)\b"),
+    ("letter_from_not_general", "general", -2.5, 1, r"(?:\A\n|write |draft |compose |a |an |the )(?:[\w-]+ ){0,3}(?:letter|note|"
+                                                    r"email|message|memo)(?: of [\w-]+)? (?:from|written by|by) "
+                                                    r"(?:an?|the|my|our)\b"),
+    ("creative_rewrite", "creative", 2.5, 1, r"(?:make|rewrite|reword|rework|turn|translate|reescreve|reescribe|réécris|"
                                              r"umschreiben|schreib) [^.\n]{0,30}\b(?:funny|funnier|charming|"
                                              r"engaging|envolvente|witty|playful|fun|exciting|poetic|"
-                                             r"dramatic|epic|spooky|magical|into a (?:poem|song|story|rap|haiku))|"
+                                             r"dramatic|epic|spooky|magical|into an? (?:poem|song|story|rap|haiku|limerick|sonnet))|"
                                              r"sound like (?:an? |it (?:was|came))"),
-    ("formula", "reasoning", 2.5, 2, r"[0-9] ?[*×÷^+] ?[0-9]|[0-9] / [0-9]|f\(x\)|solve for|[0-9] ?% (?:of|off|per|a year|annual|"
-                                     r"interest|tip|discount|raise|more|less|de|du|von|do|da)|[=^] ?-?\d|"
-                                     r"[+*] ?[a-z] ?=|[0-9] ?- ?[0-9]+ ?=|²|³|√"),
+    ("formula", "reasoning", 2.5, 2, r"[0-9](?: ?[*×÷^+x] ?[0-9]| / [0-9]| ?- ?[0-9]+ ?=| ?% (?:of|off|per|a year|annual|"
+                                     r"interest|tip|discount|raise|more|less|de|du|von|do|da))|f\(x\)|solve for|"
+                                     r"[=^] ?-?[0-9]|[+*] ?[a-z] ?=|²|³|√"),
     ("number_question", "reasoning", 3.0, 1, r"is -?\d[\d,]* (?:a )?(?:prime|divisible|even|odd|a perfect)|"
                                              r"what(?:'s| is) -?\d[\d.,]* ?(?:[*/x×÷^+-]|times|divided|plus|"
                                              r"minus|squared|cubed|percent|%)| squared\b| cubed\b|"
-                                             r"(?:sequence|series|comes next)\W+[\d, ]{5,}|, [0-9]+, [0-9]+, [0-9]"),
+                                             r"(?:sequence|series|comes next)\W+[\d, ]{5,}|, [0-9]+, [0-9]+, [0-9]|what ?%|% is that|"
+                                             r"[0-9](?:st|nd|rd|th) prime"),
     ("riddle_question", "reasoning", 3.0, 1, r"what am i\s*[?.!]|qu[ée] soy\s*\?|que sou eu|qui suis-je|was bin ich\s*\?|"
                                              r"\bwho(?:'s| is) right\b|quem tem razão|wer hat recht|qui a raison|"
-                                             r"quién tiene razón|[0-9] ?x ?[0-9]|double[sd]? every|every (?:\d+(?:st|nd|rd|th)|"
+                                             r"quién tiene razón|double[sd]? every|every (?:\d+(?:st|nd|rd|th)|"
                                              r"other) (?:day|week|open day)"),
+    ("riddle_shape", "reasoning", 3.0, 1, r"what (?:has|have|can|goes|gets|comes|runs|is full)\b[^?\n]{0,60}\b(?:but|never|"
+                                          r"without|the more)\b|\bbut (?:never|can't|cannot) \w+s\b|"
+                                          r"[0-9], _+|_+, [0-9]|[0-9] [0-9] [0-9] [0-9] [0-9] [0-9]| [a-z] [a-z] [a-z] [a-z] [a-z] [a-z]\b"),
     ("lateral", "reasoning", 2.5, 1, r"\. (?:how|why)\?\s*$|\. (?:how|why) (?:is that|did|can|could)[^.]*\?\s*$"),
 ]
 
@@ -3798,6 +3853,7 @@ PRODUCE = {
 CODE_TOOLS = re.compile(r"(?:bash|shell|exec_command|run_command|terminal|edit|multiedit|write|read|grep|glob|ls|"
                         r"apply_patch|str_replace\w*|create_file|write_file|read_file|edit_file|notebookedit)", re.I)
 _DIGIT_RE = re.compile(r"\d")
+_NUM_RE = re.compile(r"(?<![\w.,])[0-9]")        # numbers: "3", "600k", "2.80" (once)
 _LIST_MARK_RE = re.compile(r"(?:^|\n)[ \t]*\d{1,2}[.)] ")      # "1. ", "2) ": list numbering, not quantities
 _WORD_RE = re.compile(r"[^\W_]+[+#]*")
 _NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty "
@@ -3896,8 +3952,16 @@ def _branches(pattern):
 
 
 _CUE_WORDS, _CUE_PHRASES = _compile_cues()
+_PHRASE_KEYS = frozenset(_CUE_PHRASES)
 _PATTERNS = [(n, i, w, cap, _branches(p)) for n, i, w, cap, p in INTENT_PATTERNS]
 _PRODUCE = {n: (i, w, frozenset(v.split()), frozenset(a.split())) for n, (i, w, v, a) in PRODUCE.items()}
+
+
+@functools.lru_cache(maxsize=4096)
+def _earlier_signals(text):
+    """_signals of a text that is not the latest turn: in a conversation it was the latest turn of
+    an earlier request, so it is remembered (a pure function of the text; bounded)."""
+    return _signals(text)
 
 
 def _signals(text):
@@ -3908,13 +3972,12 @@ def _signals(text):
         for name in _CUE_WORDS.get(t, ()):
             hits.setdefault(name, set()).add(t)
     joined = None
-    for pair in set(zip(tokens, tokens[1:])).intersection(_CUE_PHRASES):
+    for pair in _PHRASE_KEYS.intersection(zip(tokens, tokens[1:])):
         joined = joined or " " + " ".join(tokens) + " "
         for phrase, name in _CUE_PHRASES[pair]:
             if phrase in joined:
                 hits.setdefault(name, set()).add(phrase)
-    nums = sum(map(str.isdigit, tokens)) + sum(map(_NUMBER_WORDS.__contains__, tokens)) - \
-        len(_LIST_MARK_RE.findall(text))
+    nums = len(_NUM_RE.findall(text)) + sum(map(_NUMBER_WORDS.__contains__, tokens)) - len(_LIST_MARK_RE.findall(text))
     fired = {}
     for name, found in hits.items():
         intent, w, cap, _ws, _ps = INTENT_CUES[name]
@@ -3945,7 +4008,10 @@ def _signals(text):
                 fired[name] = (intent, w)
                 break
     if nums >= 2 and ("?" in text or _QUESTION.intersection(tokens)):
-        fired["word_problem"] = ("reasoning", min(5.0, float(nums)) - 0.5)
+        fired["word_problem"] = ("reasoning", min(5.0, float(nums)) - 1.0)
+    if "code_definition" in fired or "code_fence" in fired:
+        for name in CODE_NUMBERS:      # numbers inside code are not a maths question
+            fired.pop(name, None)
     return fired
 
 
@@ -3989,7 +4055,7 @@ def detect_intent(req):
     for text, weight in texts:
         if len(text) > head + tail:
             text = text[:head] + "\n" + text[-tail:] if tail else text[:head]
-        for name, (intent, s) in _signals(text.lower()).items():
+        for name, (intent, s) in (_signals if weight == 1.0 else _earlier_signals)(text.lower()).items():
             scores[intent] += s * weight
             if name not in signals:
                 signals.append(name)

@@ -2173,11 +2173,6 @@ def bench():
     fake.terminate()
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "bench":
-        bench()
-    else:
-        unittest.main()
 
 
 # =================================================================================================
@@ -2736,11 +2731,10 @@ class RecoveryTests(unittest.TestCase):
         self.an.push(Reply(status=429, headers={"Retry-After": "30"}, body={"type": "error", "error": {
             "type": "rate_limit_error", "message": "slow down"}}))
         self.ask("two")
+        self.stop_maintenance()
         hl = self.h.router.health
-        hl.probe_first = 0                           # stop the thread's probes; drive them by hand
         b = self.breaker(("an", "claude-test"))
         b.probe_at = 0
-        hl.probe_first = 0.1
         n = len(self.an.requests)
         self.assertEqual(hl.probes_due(time.monotonic()), [])
         self.h.router.probe_breakers()
@@ -2748,10 +2742,17 @@ class RecoveryTests(unittest.TestCase):
         b.until = time.monotonic() - 1               # the provider's time has come
         self.assertEqual(hl.probes_due(time.monotonic()), [("an", "claude-test")])
 
+    def stop_maintenance(self):
+        """Probes are driven by hand: the background thread must not run one at the same time."""
+        rt = self.h.router
+        rt._stop.set()
+        rt._wake.set()
+        rt._thread.join(5)
+
     def test_failed_probes_back_off_and_never_lengthen_the_cooldown(self):
         self.an.chaos = lambda: Reply(status=503)
+        self.stop_maintenance()
         hl = self.h.router.health
-        hl.probe_first = 0
         self.ask("two")
         b = self.breaker(("an", "claude-test"))
         until, hl.probe_first = b.until, 5.0
@@ -4116,3 +4117,62 @@ class CommandTests(unittest.TestCase):
         for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "Restart=on-failure", "User=sage-router",
                      "EnvironmentFile=", "ExecReload=/bin/kill -HUP $MAINPID", "--port 8791", "[Install]"):
             self.assertIn(line, unit)
+
+
+def recovery(outage=40.0):
+    """How long a provider that comes back stays out, with the router's default settings: a real
+    router process, a fake Anthropic provider answering 529 for `outage` seconds, a client asking
+    every 0.5 s (route: that provider, then an OpenAI-compatible fallback)."""
+    an, oa = FakeProvider("anthropic"), FakeProvider("openai")
+    d = tempfile.mkdtemp()
+    cfg = {"providers": {"an": {"api": "anthropic", "base_url": an.base_url, "api_key": "k", "models": {"claude-x": {}}},
+                         "oa": {"api": "openai", "base_url": oa.base_url, "api_key": "k", "models": {"gpt-x": {}}}},
+           "routes": {"default": ["an/claude-x", "oa/gpt-x"]}}
+    with open(os.path.join(d, "providers.json"), "w") as f:
+        json.dump(cfg, f)
+    port = closed_port()
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config",
+                          os.path.join(d, "providers.json"), "--env-file", os.devnull, "--data-dir", d],
+                         env=dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent"), stderr=subprocess.DEVNULL)
+    try:
+        def up():
+            try:
+                return call(port, "GET", "/health").status == 200
+            except OSError:
+                return False
+        assert wait_until(up, 10), "the router did not start"
+        down = [True]
+        an.chaos = lambda: Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error",
+                                                                          "message": "Overloaded"}}) if down[0] else Reply()
+        t0, back, n, lost = time.monotonic(), None, 0, 0
+        while True:
+            now = time.monotonic() - t0
+            if down[0] and now >= outage:
+                down[0], back = False, now
+            n += 1
+            r = call(port, "POST", "/v1/chat/completions", client_body("openai", "default", False, text=f"q{n}"))
+            lost += r.status != 200
+            if back is not None and r.headers.get("x-router-provider") == "an":
+                print(f"outage {outage:g} s: the provider was back at {back:.1f} s and answered again at {now:.1f} s, "
+                      f"{now - back:.1f} s later; {n} requests, {lost} failed")
+                return
+            if now > outage + 700:
+                print(f"outage {outage:g} s: the provider was not used again within 700 s")
+                return
+            time.sleep(0.5)
+    finally:
+        p.terminate()
+        p.wait()
+        an.close()
+        oa.close()
+        shutil.rmtree(d, True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+        bench()
+    elif len(sys.argv) > 1 and sys.argv[1] == "recovery":
+        for seconds in sys.argv[2:] or ["10", "40"]:
+            recovery(float(seconds))
+    else:
+        unittest.main()

@@ -3424,7 +3424,7 @@ INTENT_CUES = {
         "function room|bed bug|bed bugs|stomach bug|bug bite|bug bites|bug spray|library card|public library|"
         "tv program|tv show|loyalty program|training program|exercise program|degree program|"
         "table manners|periodic table|dinner table|class action|yoga class|cooking class|"
-        "the python|a python|ball python|java coffee|rust stain|rust on|"
+        "ball python|python snake|java coffee|rust stain|rust on|"
         "branch office|bank branch|tree branch|sales pipeline|"
         "pull up|push up|pull ups|push ups|push-ups|pull-ups|my password|forgot password|reset password|"
         "log in|login to|printer|wifi|wi-fi|router|phone|iphone|android|laptop|"
@@ -3853,6 +3853,12 @@ PRODUCE = {
 CODE_TOOLS = re.compile(r"(?:bash|shell|exec_command|run_command|terminal|edit|multiedit|write|read|grep|glob|ls|"
                         r"apply_patch|str_replace\w*|create_file|write_file|read_file|edit_file|notebookedit)", re.I)
 _DIGIT_RE = re.compile(r"\d")
+#: A user correcting themselves mid-message ("a poem... no wait, a script"): the rest is the request.
+_CORRECTION_RE = re.compile(r"\b(?:no wait|wait no|wait,? no|actually no|no,? actually|nah,? actually|actually,? (?:i|just)|"
+                            r"just kidding|only kidding|kidding|jk|joking|i mean|sorry,? no|no,? sorry|scratch that|"
+                            r"never ?mind|forget that|forget it|real question|wrong tab|ach nein|nein,? eigentlich|"
+                            r"spa(?:ß|ss) beiseite|non,? en fait|en fait non|non attends|je rigole|je plaisante|"
+                            r"no,? espera|mejor dicho|es broma|bromeo|na verdade|brincadeira|não,? espera)\b")
 _NUM_RE = re.compile(r"(?<![\w.,])[0-9]")        # numbers: "3", "600k", "2.80" (once)
 _LIST_MARK_RE = re.compile(r"(?:^|\n)[ \t]*\d{1,2}[.)] ")      # "1. ", "2) ": list numbering, not quantities
 _WORD_RE = re.compile(r"[^\W_]+[+#]*")
@@ -3879,11 +3885,12 @@ def _compile_cues():
 
 
 def _literal_prefix(branch):
-    """The literal text a regular expression branch must start with ("" if it starts otherwise)."""
+    """(the literal text a regular expression branch must start with, where in the pattern that
+    literal ends); ("", 0) if the branch starts with something else."""
     out = []
     i = 2 if branch.startswith("\\b") else 0          # a word boundary is no character
     while i < len(branch):
-        c = branch[i]
+        at, c = i, branch[i]
         if c == "\\" and i + 1 < len(branch) and not branch[i + 1].isalnum():
             lit, i = branch[i + 1], i + 2
         elif c == "\\" and branch[i + 1:i + 2] == "n":
@@ -3893,9 +3900,31 @@ def _literal_prefix(branch):
         else:
             lit, i = c, i + 1
         if i < len(branch) and branch[i] in "*?{":
-            break                  # that character is optional: it cannot be part of the prefix
+            return "".join(out), at        # that character is optional: it cannot be part of the prefix
         out.append(lit)
-    return "".join(out)
+    return "".join(out), i
+
+
+def _group_end(pattern, start):
+    """The index of the ")" that closes the group opening at `start`."""
+    depth, i, cls = 0, start, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if cls:
+            cls = c != "]"
+        elif c == "[":
+            cls = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unbalanced group in {pattern!r}")
 
 
 def _split_top(pattern):
@@ -3926,34 +3955,38 @@ def _split_top(pattern):
 
 
 def _expand(branch):
-    """"(?:a|b)rest" -> ["arest", "brest"], so each starts with a literal (when the group is not
-    repeated or optional)."""
-    if not branch.startswith("(?:"):
+    """"ab(?:c|d)e" -> ["abce", "abde"], so each branch starts with a longer literal (when the group
+    follows the branch's literal start and is neither repeated nor optional)."""
+    lit, at = _literal_prefix(branch)
+    if len(lit) > 2 or not branch.startswith("(?:", at):
+        return [branch]                    # a literal of 3 or more characters is rare enough
+    end = _group_end(branch, at)
+    rest, alts = branch[end + 1:], _split_top(branch[at + 3:end])
+    if rest[:1] in ("*", "?", "{", "+") or len(alts) > 16:
         return [branch]
-    depth, i = 0, 0
-    for i, c in enumerate(branch):
-        if c == "\\":
-            continue
-        depth += c == "("
-        depth -= c == ")"
-        if depth == 0:
-            break
-    inner, rest = branch[3:i], branch[i + 1:]
-    if rest[:1] in ("*", "?", "{", "+") or (i > 0 and branch[i - 1] == "\\"):
-        return [branch]
-    return [x for alt in _split_top(inner) for x in _expand(alt + rest)]
+    return [x for alt in alts for x in _expand(branch[:at] + alt + rest)]
 
 
 def _branches(pattern):
     """A pattern split into branches that each start with a literal where possible, compiled on
     their own with that literal, so a scan is a substring test first (re tries every branch of an
     alternation at every position, which is many times slower)."""
-    return [(_literal_prefix(b), re.compile(b)) for p in _split_top(pattern) for b in _expand(p)]
+    return [(_literal_prefix(b)[0], re.compile(b)) for p in _split_top(pattern) for b in _expand(p)]
 
 
 _CUE_WORDS, _CUE_PHRASES = _compile_cues()
 _PHRASE_KEYS = frozenset(_CUE_PHRASES)
 _PATTERNS = [(n, i, w, cap, _branches(p)) for n, i, w, cap, p in INTENT_PATTERNS]
+#: The branches by the first character of their literal prefix (a text is only tested against
+#: branches whose first character it contains), and the few that have no literal prefix.
+_BRANCHES_BY_CHAR, _UNPREFIXED = {}, []
+for _n, _i, _w, _cap, _brs in _PATTERNS:
+    for _prefix, _rx in _brs:
+        if _prefix:
+            _BRANCHES_BY_CHAR.setdefault(_prefix[0], []).append((_n, _prefix, _rx))
+        else:
+            _UNPREFIXED.append((_n, "", _rx))
+_PATTERN_CUES = {n: (i, w, cap) for n, i, w, cap, _b in _PATTERNS}
 _PRODUCE = {n: (i, w, frozenset(v.split()), frozenset(a.split())) for n, (i, w, v, a) in PRODUCE.items()}
 
 
@@ -3985,21 +4018,18 @@ def _signals(text):
             fired[name] = (intent, w * min(cap, len(found)))
     padded = "\n" + text
     digits = _DIGIT_RE.search(text) is not None
-    for name, intent, w, cap, branches in _PATTERNS:
-        if name in NUMERIC_CUES and not digits:
-            continue
-        n = 0
-        for prefix, rx in branches:
-            if prefix and prefix not in padded:
-                continue
-            for _m in rx.finditer(padded):
-                n += 1
-                if n >= cap:
-                    break
-            if n >= cap:
-                break
-        if n:
-            fired[name] = (intent, w * n)
+    counts = {}
+    for c in set(padded):
+        for name, prefix, rx in _BRANCHES_BY_CHAR.get(c, ()):
+            if prefix in padded:
+                counts[name] = counts.get(name, 0) + len(rx.findall(padded))
+    for name, _p, rx in _UNPREFIXED:
+        if digits or name not in NUMERIC_CUES:
+            counts[name] = counts.get(name, 0) + len(rx.findall(padded))
+    for name, n in counts.items():
+        if n and (digits or name not in NUMERIC_CUES):
+            intent, w, cap = _PATTERN_CUES[name]
+            fired[name] = (intent, w * min(cap, n))
     for name, (intent, w, verbs, artefacts) in _PRODUCE.items():
         if artefacts.isdisjoint(tokens) or verbs.isdisjoint(tokens):
             continue
@@ -4047,7 +4077,16 @@ def detect_intent(req):
     """Neutral request -> (intent, confidence 0..1, signals that fired)."""
     scores = dict.fromkeys(INTENTS, 0.0)
     signals = []
-    texts = [(t, w) for t, w in zip(reversed(user_turns(req)[-3:]), (1.0, 0.4, 0.16))]
+    turns = user_turns(req)[-3:]
+    texts = [(t, w) for t, w in zip(reversed(turns), (1.0, 0.4, 0.16))]
+    if texts:
+        # "write a story... no wait, a Python script": what comes after the correction counts.
+        latest = texts[0][0][:2000].lower()
+        cut = None
+        for cut in _CORRECTION_RE.finditer(latest):
+            pass
+        if cut is not None and len(latest) - cut.end() > 8:
+            texts[0:1] = [(latest[cut.end():], 1.0), (latest[:cut.start()], 0.2)]
     reply = _last_reply(req)
     if reply:
         texts.append((reply, 0.25))
@@ -5855,7 +5894,7 @@ class Router:
         if not keys or self.health.cand_left((pname, mid), now, prov):
             return None
         try:
-            reply = complete(prov, mid, keys[0], self.INTENT_PROMPT, text, 5, cat.settings,
+            reply = complete(prov, mid, keys[0], self.INTENT_PROMPT, text, 10, cat.settings,
                              cat.settings["intent_model_timeout"])
         except DiscoveryError as e:
             log.info("intent model %s/%s: no answer (%s); the rules decide", pname, mid, e)

@@ -3349,7 +3349,7 @@ INTENT_CUES = {
         "virtual machine|reverse proxy|port forwarding|ssh key|ssh keys|private key|public key|"
         "git log|git push|git pull|git reset|git rebase|git merge|git stash|git clone|git commit"),
     "code_concept": ("code", 1.5, 3,
-        "endian stateless locking monad monads runner runners coverage useeffect usestate usememo usecallback microtask microtasks macrotask idempotent idempotency hashing bcrypt argon2 salting gitignore function functions array arrays dict dictionary hashmap hashtable "
+        "tuple tuples tupel liste memory-leak gc sidecar gitflow asterisk notepad++ blame upsert cookie cookies endian stateless locking monad monads runner runners coverage useeffect usestate usememo usecallback microtask microtasks macrotask idempotent idempotency hashing bcrypt argon2 salting gitignore array arrays dict dictionary hashmap hashtable "
         "struct structs enum enums interface interfaces inheritance polymorphism encapsulation recursion recursive "
         "closure closures callback callbacks promise promises async await coroutine coroutines thread threads "
         "threading multithreading mutex semaphore deadlock concurrency concurrent goroutine goroutines iterator "
@@ -3358,7 +3358,7 @@ INTENT_CUES = {
         "api apis endpoint endpoints restful http https webhook webhooks websocket websockets oauth jwt cors csrf "
         "xss localhost database databases schema migration migrations orm repo repos repository commit commits "
         "rebase stash checkout refactor refactoring debug debugging debugger breakpoint stacktrace traceback "
-        "codebase framework frameworks dependency dependencies import imports script scripts "
+        "codebase framework frameworks dependency dependencies import imports "
         "scripting program programs programming programmer algorithm algorithms boolean integer integers float "
         "floats string strings substring substrings bytes utf-8 utf8 unicode ascii base64 sha256 md5 hash "
         "backend frontend microservice microservices serverless memoization memoize cache caching null nullptr "
@@ -3371,7 +3371,7 @@ INTENT_CUES = {
         "deployment deployments statefulset daemonset replicaset cronjob manifest manifests kubeconfig "
         "vm vms virtualenv docker-compose yml csv tsv xml utf-16 binary hex bitwise bitmask "
         ""
-        "formula formulas spreadsheet spreadsheets worksheet worksheets workbook cell cells "
+        "spreadsheet spreadsheets worksheet worksheets workbook cell cells "
         "compiler linker segmentation overflow underflow heap malloc typescript's null's "
         "sdk sdks cdn dns tls ssl https port ports socket sockets tcp udp ip "
         "regexes regexps server servers client-side server-side redeploy "
@@ -3389,6 +3389,11 @@ INTENT_CUES = {
         "run the tests|the tests|failing tests|failing test|tests fail|tests pass|test suite|lance les tests|"
         "tests unitaires|roda os testes|ejecuta los tests|führe die tests|corrige ceux|fix what fails|"
         "expresión regular|expressão regular|expression régulière|regulärer ausdruck|"
+        "memory leak|garbage collected|garbage collector|chat completion|token by token|streaming response|"
+        "who changed|works on my machine|same environment|rows where|records where|group by|order by|inner join|"
+        "left join|pattern that matches|pattern that catches|pattern to match|pattern for|regex for|in the terminal|"
+        "no terminal|en la terminal|dans le terminal|im terminal|page refreshes|page reload|page reloads|"
+        "the button|submit button|contact form|the form|logged in|log in form|double click|double-click|"
         "design patterns|code review|edge case|edge cases|test case|test cases|what does this do|"
         "what does this code|what does this line|what does this command|what does this regex|this code|my code|the code|this script|my script|this function|"
         "my function|this query|my query|this formula|my formula|this regex|my regex|the regex|my macro|"
@@ -3399,17 +3404,17 @@ INTENT_CUES = {
         "the sheet|each sheet|every sheet|each worksheet|every worksheet|"
         "second column|third column|2nd column|3rd column|first column"),
     "code_intl": ("code", 2.0, 2,
-        "rama ramas mergear commitear pushear hacer-merge código codigo fonction funktion función função programme programa programm programmieren programmation "
+        "rama ramas mergear commitear pushear hacer-merge código codigo programmieren programmation "
         "programación programação quellcode fehlermeldung bogue depurar débogage débogueur variablen "
-        "variável variáveis klasse objektorientiert orientée orientada orientado abstraite abstrakte schleife "
-        "boucle bucle laço rekursion recursividad recursividade récursivité récursion datenbank banco "
-        "requête consulta abfrage skript befehl comando commande fórmula formule formel tabelle planilha "
-        "hoja feuille zelle célula cellule spalte coluna columna colonne zeile "
-        "verzeichnis dossiers diretório directorio ordner",
+        "variável variáveis objektorientiert orientée orientada orientado abstraite abstrakte schleife "
+        "boucle bucle laço rekursion recursividad recursividade récursivité récursion datenbank "
+        "requête abfrage skript befehl fórmula formule formel planilha "
+        "zelle célula cellule spalte coluna columna "
+        "verzeichnis diretório directorio",
         "base de datos|banco de dados|base de données|hoja de cálculo|feuille de calcul|"
         "línea de comandos|ligne de commande|linha de comando"),
     "code_ambiguous": ("code", 0.8, 3,
-        "txt fetch suite node sessions session connections secret secrets branch branches merge merging pull push origin upstream fork forks clone cloned cargo module modules yarn rollback rollout release releases version versions component components build builds deploy deploying variable variables certificate element elements attribute attributes json method methods index indexes process trigger cursor code coding coder bug bugs library libraries package packages class classes object objects "
+        "fonction funktion función função programme programa programm klasse banco consulta comando commande hoja feuille tabelle zeile colonne ordner dossiers function functions formula formulas script scripts txt fetch suite node sessions session connections secret secrets branch branches merge merging pull push origin upstream fork forks clone cloned cargo module modules yarn rollback rollout release releases version versions component components build builds deploy deploying variable variables certificate element elements attribute attributes json method methods index indexes process trigger cursor code coding coder bug bugs library libraries package packages class classes object objects "
         "table tables column columns row rows image images shell terminal console compile parse "
         "token tokens model models test tests testing install installed config configuration "
         "error errors crash crashes crashed log logs loop loops file files folder directory path "
@@ -3424,15 +3429,15 @@ INTENT_CUES = {
         "function room|bed bug|bed bugs|stomach bug|bug bite|bug bites|bug spray|library card|public library|"
         "tv program|tv show|loyalty program|training program|exercise program|degree program|"
         "table manners|periodic table|dinner table|class action|yoga class|cooking class|"
-        "ball python|python snake|java coffee|rust stain|rust on|"
+        "ruby anniversary|ruby wedding|ball python|python snake|java coffee|rust stain|rust on|"
         "branch office|bank branch|tree branch|sales pipeline|"
         "pull up|push up|pull ups|push ups|push-ups|pull-ups|my password|forgot password|reset password|"
-        "log in|login to|printer|wifi|wi-fi|router|phone|iphone|android|laptop|"
+        "log in|login to|printer|wifi|wi-fi|router|phone|"
         "tire|tyre|garage door|smart lock|alarm"),
 
     # --- creative --------------------------------------------------------------------------------
     "creative_form": ("creative", 3.0, 2,
-        "hashtag hashtags dactyl dactyls chant chants drabble drabbles microfiction micro-fiction memoir cordel quadra quadras cumbia fic fics pov tongue-twister tattoo shanty shanties whodunnit whodunit crossover commandments skit skits play monolog monólogo monologo satire satirical satírica satírico satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv impression impressions imitation imitate imita imite narrating narrate narration commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet sonnets limerick limericks villanelle sestina pantoum "
+        "epigram epigrams décima espinela ghasel zine twist hashtag hashtags dactyl dactyls chant chants drabble drabbles microfiction micro-fiction memoir cordel quadra quadras cumbia fic fics pov tongue-twister tattoo shanty shanties whodunnit whodunit crossover commandments skit skits play monolog monólogo monologo satire satirical satírica satírico satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv impression impressions imitation imitate imita imite narrating narrate narration commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet sonnets limerick limericks villanelle sestina pantoum "
         "ghazal cinquain clerihew ode odes ballad ballads elegy acrostic couplet couplets quatrain quatrains "
         "verse verses stanza stanzas lyrics lyric song songs jingle jingles rap raps chorus story stories "
         "tale tales fable fables parable novel novella screenplay monologue soliloquy vignette fanfic "
@@ -3476,13 +3481,16 @@ INTENT_CUES = {
         "script for a youtube|script for a video|script for a podcast|script for an episode|commercial script|"
         "ad script|radio script|movie script|film script|travel blog|product launch|launch announcement"),
     "creative_intl": ("creative", 3.0, 2,
-        "reviravolta rebondissement wendung escena diálogo dialogo gutenachtgeschichte erfinden enredo produktbeschreibung anzeige werbetext anúncio anuncio publicité geschenkideen akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario szenario raconte racontez cuéntame cuenta conte-moi erzähl erzähle dichte reimt invente inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas poesía poesia gedicht gedichte lyrik soneto sonett haïku lied "
+        "weltenbau disfraz déguisement kostüm verkleidung aufpeppen percutant accrocheur knackiger reviravolta rebondissement wendung escena diálogo dialogo gutenachtgeschichte erfinden enredo produktbeschreibung anzeige werbetext anúncio anuncio publicité geschenkideen akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario szenario raconte racontez cuéntame cuenta conte-moi erzähl erzähle dichte reimt invente inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas poesía poesia gedicht gedichte lyrik soneto sonett haïku lied "
         "liedtext liedtexte chanson chansons canción canciones canção canções histoire histoires conte "
         "contes cuento cuentos conto contos geschichte geschichten märchen fábula fabel fable blague blagues "
         "chiste chistes piada piadas witz witze devinette adivinanza adivinha slogan eslogan légende legenda "
         "brindis brinde trinkspruch discours discurso festrede rima rimas reim reime strophe estrofa "
         "comptine nana berceuse canto cantiga samba quadrinha trova sketch",
-        "carte d'anniversaire|carte d'anniv|carta de amor|lettre d'amour|liebesbrief|letra de una|letra de um|"
+        "carte d'anniversaire|karte für|karte zum|carte pour|tarjeta para|cartão para|nome pra|nomes pra|"
+        "pra dormir|mundo de fantasia|mundo de fantasía|monde fantastique|ideas para|ideias para|idées pour|ideen für|"
+        "faz de conta|du bist jetzt|tu es maintenant|ahora eres|agora você é|plus percutant|más atractivo|"
+        "mais chamativo|carte d'anniv|carta de amor|lettre d'amour|liebesbrief|letra de una|letra de um|"
         "letra pra|letra para|nomes pra|nomes para|ideas de regalo|ideias de presente|idées cadeau|idées de cadeau|"
         "descripción de producto|descrição de produto|description produit|texto de anúncio|texto publicitario|"
         "mit augenzwinkern|con gracia|con humor|com humor|avec humour|sympathisch klingen|sin sonar a robot|"
@@ -3518,7 +3526,10 @@ INTENT_CUES = {
         "do an impression|impression of|imitation of|imitate|imita a|imite"),
     "creative_request": ("creative", 2.5, 2, "brainstorm brainstorming roleplay role-play fanfic worldbuilding "
         "world-building",
-        "come up with|make up|pure comedy|just for fun|for fun|as a joke|not a real|not for real|"
+        "come up with|make up|punch up|punch this up|punch it up|make it pop|spice up|spice it up|jazz up|"
+        "liven up|throw ideas|ideas at me|writing contest|story contest|party invite|invitation for|invite for|"
+        "elevator pitch|what would my|if my dog|if my cat|if animals could|intro speech|good line|line to end|"
+        "line for the top|closing line|baby names|names that|pure comedy|just for fun|for fun|as a joke|not a real|not for real|"
         "write it as him|write it as her|write it like|as him talking|as her talking|written like|"
         "newsletter intro|newsletter opener|make it funnier|make it rhymes|make it rhyme|funnier|more funny|darker ending|"
         "happy ending|happier ending|sad ending|twist ending|the ending|alternate ending|"
@@ -3536,7 +3547,7 @@ INTENT_CUES = {
         "imagine yourself as|picture yourself as|introduce yourself as|imagine you are a|imagine you're a|"
         "you are a|you are an|as if you were|in the role of|take on the role|play the role|act as if"),
     "creative_fiction": ("creative", 2.5, 2,
-        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure adventures legend legends myth myths saga epic ballad villainous heroic pirate pirates detective princess prince witch witches monster monsters made-up fictional brochure mystery cozy chapter fanfiction d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins dragon dragons "
+        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure adventures saga epic ballad villainous heroic pirate pirates detective princess prince witch witches monster monsters made-up fictional brochure mystery cozy chapter fanfiction d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins dragon dragons "
         "fairy fairies elf elves villain villains superhero superheroes protagonist antagonist backstory lore "
         "tavern kingdom sorcerer knight's unicorn mermaid vampire zombie zombies alien aliens spaceship "
         "haunted ghost ghosts fictional imaginary fantasy sci-fi dystopian utopian horror romance thriller "
@@ -3561,7 +3572,7 @@ INTENT_CUES = {
         "i will provide you|i will provide|i will give you|i'll give you|you will need to|you will be given|"
         "i want you to act as a|i want you to act as an|your expertise|tasked with|your goal is|your duty is"),
     "not_creative": ("creative", -4.0, 1, "",
-        "story behind|true story|explain this joke|explain the joke|get the joke|good books|books like|"
+        "story behind|true story|come from|where did|who started|explain this joke|explain the joke|get the joke|good books|books like|"
         "books for|recommend books|series like|serien wie|shows like|movies like|films like|the name of that|"
         "name of the movie|name of that movie|is it ok to make a joke|is it appropriate|does a haiku|do haikus|"
         "have to be 5-7-5|l'histoire derrière|histoire de la|geschichte vom|geschichte von|woher kommt|"
@@ -3584,7 +3595,7 @@ INTENT_CUES = {
         "show your math|walk me through the math|work it out|do the math|étape par étape|schritt für schritt|"
         "paso a paso|passo a passo|mit begründung|con razonamiento|justifie|justifica|begründe"),
     "math_words": ("reasoning", 1.5, 3,
-        "trapezium trapezoid parallelogram cylinder cone sphere pythagoras "
+        "angle angles pentagon hexagon octagon polygon quersumme trapezium trapezoid parallelogram cylinder cone sphere pythagoras "
         "divisible inequality equation equations algebra geometry derivative integral "
         "perimeter circumference radius diameter hypotenuse arithmetic "
         "quotient fraction fractions "
@@ -3594,7 +3605,8 @@ INTENT_CUES = {
         "prouve demonstre demostrar "
         "moyenne promedio média durchschnitt pourcentage porcentaje porcentagem prozent",
         "sum of|product of|area of|volume of|prove that|proof that|prove it|show that|demonstrate that|"
-        "beweise dass|démontre que|demuestra que|prove que|mostre que|"
+        "beweise dass|démontre que|demuestra que|prove que|mostre que|montrer que|mostrar que|zeigen dass|"
+        "show why|add up to|"
         "how many more|how much more|how much less|what percent|what percentage|per cent|"
         "square root|cube root|prime factor|prime factors|prime factorization|greatest common|least common|"
         "common multiple|common divisor|times as many|twice as|half as|per hour|per day|per week|per month|"
@@ -3603,7 +3615,7 @@ INTENT_CUES = {
         "how many will|how many would|how many did|how many does|how many do i need|how many more|"
         "is that right|is this right|is this correct|is that correct|check my math|check my maths|"
         "check his math|check her math|check the math|did i calculate|double check|my colleague says|"
-        "after tax|before tax|% off|per cent off|monthly payment|interest rate|hourly rate|time and a half|"
+        "after tax|before tax|per cent off|monthly payment|interest rate|hourly rate|time and a half|"
         "how old will|how old was|years old|born in|what time|time zone|o'clock|"
         "wie viel|wie viele|cuánto|cuántos|quanto|quantos|combien de|combien coûte|combien faut|"
         "à quelle heure|um wie viel uhr|a qué hora|a que horas"),
@@ -3616,14 +3628,14 @@ INTENT_CUES = {
         "how many|how much|how long|how far|how old|in total|altogether|wie viele|wie viel|wie lange|combien|"
         "cuántos|cuántas|cuánto|quantos|quantas|quanto"),
     "number_fact": ("reasoning", 4.0, 1, "mdc mmc pgcd ppcm ggt kgv mcd mcm induction gcd lcm factorial",
-        "is it prime|is prime|be prime|are prime|primes below|primes under|primes between|primes less|"
+        "go into evenly|evenly divisible|divides evenly|smallest number that|is it prime|is prime|be prime|are prime|primes below|primes under|primes between|primes less|"
         "a prime|prime number|prime numbers|largest prime|smallest prime|divisible by|perfect square|"
         "perfect number|even or odd|odd or even|last digit|digits of|the digit|número primo|nombre premier|"
         "primzahl|números primos|nombres premiers|divisível por|divisible par|teilbar durch|"
         "0.999 repeating|point nine repeating"),
     "puzzle_word": ("reasoning", 1.5, 1, "puzzle puzzles riddle logic logical logically", ""),
     "puzzle": ("reasoning", 3.0, 2,
-        "patife patifes cavaleiros caballeros chevaliers ritter schurken mentem mienten mentent lügen lying irrational infinitely válido valido gültig gültige valide argumento raisonnement schluss barber ladder labelled labeled wahrscheinlich paradox deduce deduction fermi syllogism syllogisms "
+        "patife patifes cavaleiros caballeros chevaliers ritter schurken mentem mienten mentent lügen lying irrational infinitely argumento raisonnement schluss barber ladder labelled labeled wahrscheinlich paradox deduce deduction fermi syllogism syllogisms "
         "knave knaves knights liar liars truth-teller truthteller contrapositive fallacy premise "
         "conclude conclusion inference valid invalid conundrum enigma lógica logique "
         "logik rätsel acertijo enigme énigme charada",
@@ -3638,7 +3650,9 @@ INTENT_CUES = {
         "does it follow|it follows|follow that|valid argument|is this valid|is that valid|logically valid|"
         "posso concluir|puedo concluir|podemos concluir|pouvons-nous conclure|können wir schließen|"
         "what position|which position|think of a number|kann ich schließen|puis-je conclure|peut-on conclure|"
-        "if all|all of the|none of the|only one of them|one of them is lying|one of them lies|is lying|"
+        "if all|all of the|none of the|es válido|ist gültig|argumento válido|schluss gültig|est valide|taller than|shorter than|older than|younger than|light switches|"
+        "cross a bridge|one torch|one flashlight|around the equator|fold a piece of paper|between the hands|"
+        "everyone plays everyone|round robin|round-robin|qué sale más|cuál me sale|sale mejor|sai mais barato|only one of them|one of them is lying|one of them lies|is lying|"
         "falam a verdade|sagen die wahrheit|dicen la verdad|disent la vérité|dit la vérité|sitzen nebeneinander|"
         "sits next|sit next|rechts neben|links neben|à droite de|à gauche de|a la derecha de|à direita de|"
         "ganz links|ganz rechts|am rand|not necessarily in that order|not in that order|pas forcément dans cet ordre|"
@@ -3647,7 +3661,7 @@ INTENT_CUES = {
         "the more of me|what number am i|what can run|what has a|what has teeth|what gets wetter|"
         "what goes up|what has keys|what has hands|tengo agujas|twice her age|twice his age|twice my age|"
         "times as old|so alt wie|mal so alt|viermal so|dreimal so|fois plus âgé|veces mayor|vezes mais velho|"
-        "hour and minute hands|minute hand|hour hand|clock hands|settle an argument|immediately left|immediately right|left of the|right of the|"
+        "hour and minute hands|minute hand|hour hand|clock hands|immediately left|immediately right|left of the|right of the|"
         "every label|is wrong|are wrong|different colours|different colors|in a row|each person|who drinks|"
         "which gives more|which is more|is this argument|this argument|est-ce que ce raisonnement|"
         "chance de|qual a chance|quelle est la probabilité|qué probabilidad|wie wahrscheinlich|"
@@ -3668,7 +3682,8 @@ INTENT_CUES = {
         "de quantas maneiras|de combien de façons|auf wie viele|wie viele möglichkeiten"),
     "estimate": ("reasoning", 2.5, 2, "estimate estimation ballpark fermi",
         "roughly how many|approximately how many|about how many|how many piano|in a lifetime|"
-        "throughout history|are there in|does a city|how many windows|how many heartbeats|"
+        "throughout history|rough guess|más o menos|how would you reason|how you'd reason|cómo lo razonarías|"
+        "how much space|are there in|does a city|how many windows|how many heartbeats|"
         "rough numbers|ballpark figure|back of the envelope|back-of-the-envelope|order of magnitude|rough estimate"),
     "time_math": ("reasoning", 3.0, 2, "",
         "days after|days before|days from|days until|days till|days since|weeks after|weeks from|weeks before|"
@@ -3716,7 +3731,7 @@ INTENT_CUES = {
 
     # --- general ---------------------------------------------------------------------------------
     "general_question": ("general", 1.0, 1, "",
-        "why is|why are|why do|why does|who is|who was|who were|when was|when did|where is|where was|"
+        "difference between|the difference|pros and cons|why is|why are|why do|why does|who is|who was|who were|when was|when did|where is|where was|"
         "what causes|how do i|how can i|how should i|what should i|how does|what happens if|is it true|"
         "recommend|recommendations|any recommendations|what do you think|"
         "letter to|an email|the email|this email|email to|emails to|email my|email for|email asking|"
@@ -3730,8 +3745,7 @@ INTENT_CUES = {
         "consejo conseil conselho ratschlag tipps dicas consejos conseils",
         "json format|named entities|lesson plan|key points|main points|bullet points|in bullets|tl;dr|tldr|"
         "more professional|more formal|less formal|sound more|polite way|politely|cover letter|"
-        "what does it mean|what does this mean|what is the meaning|meaning of|difference between|"
-        "the difference|pros and cons|is it safe|is it normal|is it bad|is it ok|is it okay|"
+        "what does it mean|what does this mean|what is the meaning|meaning of|is it safe|is it normal|is it bad|is it ok|is it okay|"
         "how do i get rid|how to get rid|best way to|how do you say|how to say|in french|in spanish|"
         "in german|in english|in portuguese|in italian|into english|into french|into spanish|into german|"
         "explain like|eli5|what happened|"
@@ -3790,6 +3804,7 @@ INTENT_PATTERNS = [
                                  r"canvas|svg|iframe|template|slot)\b[^>\n]*>"),
     ("assignment", "code", 2.5, 1, r"\n[ \t]*[a-z_][\w.\[\]]*(?:, ?[a-z_][\w.]*)* ?[+:]?= ?[\w\[{(\"'$-]"),
     ("tool_table", "code", 3.0, 1, r"----+  +---"),
+    ("inline_code", "code", 2.5, 1, r"`[^`\n]{2,80}`|\bdef [a-z_]+\(|\bconst \{|\bconst [a-z_]+ ?=|\.\.\.[a-z]|=> ?\{"),
     ("regex_syntax", "code", 3.0, 1, r"\(\?[=!<:]|\.\*|\.\+\?|\\[dswb][+*?]|\[\^|\[a-z|\[0-9|\{[0-9]+,[0-9]*\}"),
     ("css_declaration", "code", 3.0, 1, r"(?:position|display|overflow(?:-[xy])?|z-index|margin(?:-\w+)?|padding|"
                                         r"height|width|flex(?:-\w+)?|grid(?:-\w+)?|transform|font-size|"
@@ -3818,6 +3833,7 @@ INTENT_PATTERNS = [
     ("letter_from_not_general", "general", -2.5, 1, r"(?:\A\n|write |draft |compose |a |an |the )(?:[\w-]+ ){0,3}(?:letter|note|"
                                                     r"email|message|memo)(?: of [\w-]+)? (?:from|written by|by) "
                                                     r"(?:an?|the|my|our)\b"),
+    ("naming_question", "creative", 2.5, 1, r"\bnames?\s*\?+\s*$|\bnames? ideas?\b|\bnamensideen\b"),
     ("creative_rewrite", "creative", 2.5, 1, r"(?:make|rewrite|reword|rework|turn|translate|reescreve|reescribe|réécris|"
                                              r"umschreiben|schreib) [^.\n]{0,30}\b(?:funny|funnier|charming|"
                                              r"engaging|envolvente|witty|playful|fun|exciting|poetic|"
@@ -3830,8 +3846,9 @@ INTENT_PATTERNS = [
                                              r"what(?:'s| is) -?\d[\d.,]* ?(?:[*/x×÷^+-]|times|divided|plus|"
                                              r"minus|squared|cubed|percent|%)| squared\b| cubed\b|"
                                              r"(?:sequence|series|comes next)\W+[\d, ]{5,}|, [0-9]+, [0-9]+, [0-9]|what ?%|% is that|"
-                                             r"[0-9](?:st|nd|rd|th) prime"),
-    ("riddle_question", "reasoning", 3.0, 1, r"what am i\s*[?.!]|qu[ée] soy\s*\?|que sou eu|qui suis-je|was bin ich\s*\?|"
+                                             r"[0-9](?:st|nd|rd|th) prime|[0-9] est (?:un nombre )?premier|[0-9] (?:es|é) (?:un )?primo|"
+                                             r"[0-9] ist (?:eine )?primzahl"),
+    ("riddle_question", "reasoning", 3.0, 1, r"what am i\s*(?:[?.!]|$)|qu[ée] soy\s*\?|que sou eu|qui suis-je|was bin ich\s*\?|"
                                              r"\bwho(?:'s| is) right\b|quem tem razão|wer hat recht|qui a raison|"
                                              r"quién tiene razón|double[sd]? every|every (?:\d+(?:st|nd|rd|th)|"
                                              r"other) (?:day|week|open day)"),
@@ -3858,13 +3875,15 @@ _CORRECTION_RE = re.compile(r"\b(?:no wait|wait no|wait,? no|actually no|no,? ac
                             r"just kidding|only kidding|kidding|jk|joking|i mean|sorry,? no|no,? sorry|scratch that|"
                             r"never ?mind|forget that|forget it|real question|wrong tab|ach nein|nein,? eigentlich|"
                             r"spa(?:ß|ss) beiseite|non,? en fait|en fait non|non attends|je rigole|je plaisante|"
-                            r"no,? espera|mejor dicho|es broma|bromeo|na verdade|brincadeira|não,? espera)\b")
+                            r"no,? espera|mejor dicho|es broma|bromeo|na verdade|brincadeira|não,? espera|actually skip|"
+                            r"actually just|eh,? actually|egal|whatever,|anyway,|bref|en fin|enfim)\b")
 _NUM_RE = re.compile(r"(?<![\w.,])[0-9]")        # numbers: "3", "600k", "2.80" (once)
 _LIST_MARK_RE = re.compile(r"(?:^|\n)[ \t]*\d{1,2}[.)] ")      # "1. ", "2) ": list numbering, not quantities
 _WORD_RE = re.compile(r"[^\W_]+[+#]*")
 _NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty "
                           "hundred thousand million half twice double triple third quarter dozen".split())
-_QUESTION = frozenset("how what find calculate determine which".split())
+_QUESTION = frozenset("how what whats find calculate determine which when possible enough cuál cual quel quelle "
+                      "qual welcher welche wann quand cuándo quando wie cuánto quanto combien".split())
 INTENTS = ("code", "creative", "reasoning", "general")
 UNSURE_BELOW = 0.3      # a detected intent with less confidence than this is "unsure"
 GENERAL_PRIOR = 1.0     # another intent must score more than this to win over general

@@ -2213,7 +2213,7 @@ class IntentTests(unittest.TestCase):
         written; a test fails below 0.85 on it or on the public dev set."""
         results = {}
         for name in ("intent_heldout.jsonl", "intent_dev.jsonl", "intent_tune.jsonl", "intent_tune2.jsonl",
-                     "intent_tune3.jsonl"):
+                     "intent_tune3.jsonl", "intent_tune4.jsonl"):
             n, macro, f1s = corpus_f1(os.path.join(TESTDATA, name))
             results[name] = macro
             print(f"\n  intent {name}: {n} prompts, macro-F1 {macro:.3f} "

@@ -349,6 +349,16 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class Failover(Exception):
+    """A candidate (or one key of it) failed in a way worth trying the next one.
+    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model)."""
+
+    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False):
+        super().__init__(reason)
+        self.kind, self.reason, self.status = kind, reason, status
+        self.retry_after, self.next_key, self.fallback, self.quota = retry_after, next_key, fallback, quota
+
+
 def bad_request(field, problem):
     return ApiError(400, "invalid_request", f"{field}: {problem}", param=field)
 
@@ -366,13 +376,27 @@ def dumps(obj):
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def safe_text(s, limit=200):
-    """A client-supplied string as it may appear in a log line or an error message: quoted,
-    control characters (CR, LF, ...) escaped, at most `limit` characters."""
+def clean_text(s, limit=300):
+    """A client-supplied string as it may appear in a log line: control characters (CR, LF, ...)
+    escaped, at most `limit` characters."""
     s = str(s)
     if len(s) > limit:
         s = s[:limit] + "..."
-    return "'" + _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", s) + "'"
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
+
+
+def safe_text(s, limit=200):
+    """clean_text, quoted (quotes and backslashes escaped), for a name inside a message."""
+    return "'" + clean_text(str(s).replace("\\", "\\\\").replace("'", "\\'"), limit) + "'"
+
+
+_HEADER_SAFE = "".join(c for c in map(chr, range(33, 127)) if c != "%")
+
+
+def header_value(s):
+    """A value for a response header: printable ASCII, anything else percent-encoded (a model
+    name may hold any Unicode; CR and LF never reach a header)."""
+    return urllib.parse.quote(s, safe=_HEADER_SAFE)
 
 
 def new_id(prefix):
@@ -584,15 +608,41 @@ def response_events(resp):
     yield ("end", resp["stop_reason"], resp["usage"], resp.get("stop_sequence"))
 
 
-def drop_thinking(req):
-    """A copy of a neutral request without thinking blocks, for a conversation that moves to
-    another provider: their signatures are only valid where they were made. Thinking is then
-    turned off for the turn (Anthropic rejects a tool-use turn replayed without its thinking)."""
-    if not any(p["type"] in ("thinking", "redacted_thinking") for m in req["messages"] for p in m["content"]):
-        return req
-    msgs = [dict(m, content=[p for p in m["content"] if p["type"] not in ("thinking", "redacted_thinking")])
-            for m in req["messages"]]
-    return dict(req, messages=msgs, reasoning=None)
+#: Marks thinking signatures the router made for reasoning from non-Anthropic providers, so the
+#: block can be recognised (and not sent to Anthropic) when the client echoes it back.
+ROUTER_SIGNATURE_PREFIX = "sage-router:"
+THINKING_PARTS = ("thinking", "redacted_thinking")
+MARK_EVENTS = ("signature", "redacted_thinking")      # stream events that carry a block's mark
+
+
+def thinking_mark(block):
+    """What identifies a thinking block (neutral part or raw Anthropic block): its signature or
+    its redacted data, hashed (process-local)."""
+    return hash(block.get("signature") or block.get("data") or "")
+
+
+def thinking_marks(req):
+    """The marks of the provider-made thinking blocks in a neutral request's history (blocks the
+    router signed itself are handled by the encoders)."""
+    return frozenset(thinking_mark(p) for m in req["messages"] if m["role"] == "assistant"
+                     for p in m["content"] if p["type"] in THINKING_PARTS
+                     and not (p.get("signature") or "").startswith(ROUTER_SIGNATURE_PREFIX))
+
+
+def drop_thinking(req, keep=frozenset()):
+    """A copy of a neutral request without the thinking blocks whose marks are not in `keep`: a
+    block's signature is only valid at the provider that made it. If the last assistant turn
+    loses one, thinking is turned off for the turn (Anthropic rejects a tool-use turn replayed
+    without its thinking); older turns may lose theirs freely."""
+    msgs, last_lost = [], False
+    last = max((i for i, m in enumerate(req["messages"]) if m["role"] == "assistant"), default=-1)
+    for i, m in enumerate(req["messages"]):
+        parts = [p for p in m["content"] if p["type"] not in THINKING_PARTS or thinking_mark(p) in keep]
+        if len(parts) != len(m["content"]):
+            m = dict(m, content=parts)
+            last_lost = last_lost or i == last
+        msgs.append(m)
+    return dict(req, messages=msgs, reasoning=None if last_lost else req.get("reasoning"))
 
 
 def _weight(text):
@@ -633,6 +683,19 @@ def estimate_tokens(req):
 def _need(cond, field, problem):
     if not cond:
         raise bad_request(field, problem)
+
+
+MAX_MODEL_NAME = 256
+
+
+def _model_name(body):
+    """A request's `model`: a string of 1 to 256 characters with no control characters (it reaches
+    headers, logs and the routing tables)."""
+    model = body.get("model")
+    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    _need(len(model) <= MAX_MODEL_NAME, "model", f"is longer than {MAX_MODEL_NAME} characters")
+    _need(not _CONTROL_RE.search(model), "model", "must not contain control characters (CR, LF, tab, ...)")
+    return model
 
 
 def _opt_num(body, field, lo=None, hi=None):
@@ -712,8 +775,7 @@ def _openai_content(content, field):
 def openai_decode_request(body):
     """OpenAI Chat Completions request body -> neutral request (raises ApiError 400 on bad input)."""
     _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = body.get("model")
-    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    model = _model_name(body)
     msgs = body.get("messages")
     _need(isinstance(msgs, list) and msgs, "messages", "is required and must be a non-empty array")
     system, messages = [], []
@@ -1113,9 +1175,6 @@ ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authenticat
                         "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
                         "billing": "billing_error", "api_error": "api_error", "overloaded": "overloaded_error",
                         "timeout": "timeout_error"}
-#: Marks thinking signatures the router made for reasoning from non-Anthropic providers, so the
-#: block can be recognised (and not sent to Anthropic) when the client echoes it back.
-ROUTER_SIGNATURE_PREFIX = "sage-router:"
 
 
 ANTHROPIC_TOOL_CHOICE = ("auto", "any", "tool", "none")
@@ -1167,8 +1226,7 @@ def _anthropic_blocks(content, field, allow_tools=True):
 def anthropic_decode_request(body, count_only=False):
     """Anthropic Messages request body -> neutral request."""
     _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = body.get("model")
-    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    model = _model_name(body)
     msgs = body.get("messages")
     _need(isinstance(msgs, list) and (msgs or count_only), "messages", "is required and must be a non-empty array")
     system = body.get("system")
@@ -1469,25 +1527,28 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
     return body
 
 
-def anthropic_strip_thinking(body):
+def anthropic_strip_thinking(body, keep=frozenset()):
     """drop_thinking for a raw Anthropic body on the passthrough path."""
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         return body
-    dropped = False
+    last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"), default=-1)
+    dropped = last_lost = False
     out = []
-    for m in msgs:
+    for i, m in enumerate(msgs):
         c = m.get("content") if isinstance(m, dict) else None
         if m.get("role") == "assistant" and isinstance(c, list):
-            kept = [b for b in c if not (isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking"))]
+            kept = [b for b in c if not (isinstance(b, dict) and b.get("type") in THINKING_PARTS
+                                         and thinking_mark(b) not in keep)]
             if len(kept) != len(c):
-                dropped = True
+                dropped, last_lost = True, last_lost or i == last
                 m = dict(m, content=kept)
         out.append(m)
     if not dropped:
         return body
     body = dict(body, messages=out)
-    body.pop("thinking", None)
+    if last_lost:
+        body.pop("thinking", None)
     return body
 
 
@@ -1613,8 +1674,7 @@ def responses_decode_request(body):
     """OpenAI Responses request body -> neutral request. Custom (freeform) tools become functions
     with one string parameter `input`; their calls go back out as custom_tool_call items."""
     _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = body.get("model")
-    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    model = _model_name(body)
     inp = body.get("input")
     _need(isinstance(inp, (str, list)), "input", "is required and must be a string or an array of items")
     if isinstance(inp, str):
@@ -2314,8 +2374,7 @@ def ollama_decode_request(body):
     """Ollama /api/chat (or /api/generate, with `prompt`) body -> neutral request. Ollama's
     native endpoints stream unless told "stream": false."""
     _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = body.get("model")
-    _need(isinstance(model, str) and model, "model", "is required and must be a string")
+    model = _model_name(body)
     system, messages = [], []
     generate = "prompt" in body and "messages" not in body
     if generate:
@@ -4132,14 +4191,15 @@ def detect_intent(req):
 
 class Breaker:
     """One circuit breaker. cause: what set the cooldown: "error" (doubling cooldowns), "quota"
-    (quota_cooldown_seconds) or "retry_after" (a Retry-After or rate-limit reset header: exact)."""
+    (quota_cooldown_seconds) or "retry_after" (a Retry-After or rate-limit reset header: exact).
+    retry_at: until when a provider's Retry-After or reset header asked us to wait (0: none)."""
 
-    __slots__ = ("fails", "opens", "until", "trial", "latency", "error", "cause", "probe_at", "probe_step",
-                 "probe_error")
+    __slots__ = ("fails", "opens", "until", "retry_at", "trial", "latency", "error", "cause", "probe_at",
+                 "probe_step", "probe_error")
 
     def __init__(self):
         self.fails = self.opens = 0
-        self.until = self.trial = self.probe_at = self.probe_step = 0.0
+        self.until = self.retry_at = self.trial = self.probe_at = self.probe_step = 0.0
         self.latency = self.error = self.cause = self.probe_error = None
 
 
@@ -4207,23 +4267,25 @@ class Health:
             b.trial = 0.0
             b.error = error
             self.dirty = True
-            if retry_after is not None or quota:
-                wait = max(self.quota if quota else 0.0, retry_after or 0.0)
-                b.cause = "retry_after" if retry_after is not None and retry_after >= wait else "quota"
-                b.until = max(b.until, now + wait)
-            elif cooling:
+            if retry_after is not None:
+                b.retry_at = max(b.retry_at, now + retry_after)
+            if cooling:       # never lengthened, but for the provider's own word
+                if retry_after is not None and b.retry_at > b.until:
+                    b.until, b.cause = b.retry_at, "retry_after"
                 return
+            if quota:
+                length, b.cause = max(self.quota, retry_after or 0.0), "quota"
+            elif retry_after is not None:
+                length, b.cause = retry_after, "retry_after"
             else:
                 b.fails += 1
                 if not b.opens and b.fails < self.threshold:
                     return
-                b.cause = "error"
-            if not cooling:
-                b.opens += 1
-                b.probe_step = self.probe_first
-                b.probe_at = now + self.probe_first
-            if b.cause == "error":
-                b.until = now + self._cooldown(b)     # first opening, or a half-open trial failed
+                length, b.cause = None, "error"
+            b.opens += 1          # the first opening, or a half-open trial failed
+            b.until = now + (length if length is not None else self._cooldown(b))
+            b.probe_step = self.probe_first
+            b.probe_at = now + self.probe_first
 
     def ok(self, key, latency=None):
         b = self.state.get(key)
@@ -4242,7 +4304,7 @@ class Health:
     @staticmethod
     def _close(b):
         b.fails = b.opens = 0
-        b.until = b.trial = b.probe_at = b.probe_step = 0.0
+        b.until = b.retry_at = b.trial = b.probe_at = b.probe_step = 0.0
         b.cause = b.error = b.probe_error = None
 
     def kill_key(self, pname, idx, reason):
@@ -4252,8 +4314,10 @@ class Health:
     def key_failed(self, pname, idx, f):
         """One key's attempt failed with Failover f: a rejected key (401/403) is dead until a
         reload or a reset; a rate-limited or out-of-quota key cools down on its own."""
-        if f.kind == "auth":
+        if f.kind == "auth" and idx is not None:
             self.kill_key(pname, idx, f.reason)
+        elif f.kind == "auth":          # a provider without keys (behind an auth proxy) said 401/403
+            self.fail(("provider", pname), error=f.reason)
         elif (f.status in (402, 429) or f.quota) and idx is not None:
             self.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
 
@@ -4261,8 +4325,8 @@ class Health:
         """Every key of a candidate was tried and f was the last failure. Connection failures cool
         the provider; other failures the model (only a model the catalogue knows: made-up names
         grow no state); a quota error on a provider with keys cools only those keys."""
-        if f.kind in ("context", "auth") or (f.quota and keyed):
-            return
+        if f.kind in ("context", "auth") or (f.quota and keyed) or (f.kind == "missing" and f.status != 404):
+            return            # (a 400 that names the model is about this request, not the model's health)
         if f.kind == "connect":
             self.fail(("provider", cand[0]), f.retry_after, error=f.reason)
         elif known:
@@ -4287,21 +4351,22 @@ class Health:
 
     # -- probes (run by the maintenance thread) -------------------------------------------------
     def probes_due(self, now):
-        """Open provider and model breakers whose next probe is due; never one whose cooldown a
-        Retry-After or reset header set and that is still in the future."""
+        """[(key, opens)] of open provider and model breakers whose next probe is due; never one
+        while a Retry-After or reset time a provider gave is still in the future."""
         if not self.probe_first:
             return []
         with self.lock:
-            return [k for k, b in self.state.items() if k[0] != "key" and b.opens and now >= b.probe_at
-                    and not (b.cause == "retry_after" and b.until > now)]
+            return [(k, b.opens) for k, b in self.state.items() if k[0] != "key" and b.opens and now >= b.probe_at
+                    and now >= b.retry_at]
 
-    def probed(self, key, good, detail=None):
+    def probed(self, key, opens, good, detail=None):
         """A probe's outcome: a good one closes the breaker at once; a failed one only moves the
         next probe back (5 s, 10 s, 20 s, ... up to the breaker's cooldown); it never lengthens
-        the cooldown itself."""
+        the cooldown itself. `opens`: the breaker's openings when the probe started (if a request
+        opened it again meanwhile, the probe's answer is stale)."""
         with self.lock:
             b = self.state.get(key)
-            if b is None or not b.opens:
+            if b is None or not b.opens or b.opens != opens:
                 return
             self.dirty = True
             if good:
@@ -4370,7 +4435,8 @@ class Health:
                     continue
                 key = ("key", key[1], fp)
             out.append({"key": list(key), "fails": b.fails, "opens": b.opens, "cause": b.cause,
-                        "until": wall + (b.until - now) if b.until > now else 0, "latency": b.latency,
+                        "until": wall + (b.until - now) if b.until > now else 0,
+                        "retry_at": wall + (b.retry_at - now) if b.retry_at > now else 0, "latency": b.latency,
                         "error": b.error})
         return {"version": 2, "saved": wall, "breakers": out}
 
@@ -4397,12 +4463,15 @@ class Health:
                     b.latency = float(e["latency"]) if e.get("latency") is not None else None
                     b.error = str(e["error"]) if e.get("error") is not None else None
                     b.cause = e.get("cause") if e.get("cause") in ("error", "quota", "retry_after") else "error"
-                    until = float(e.get("until") or 0)
+                    until, retry_at = float(e.get("until") or 0), float(e.get("retry_at") or 0)
                 except (TypeError, ValueError, KeyError, IndexError, AttributeError):
                     continue
-                if b.cause == "retry_after" and until > wall:
-                    b.until = now + (until - wall)
+                if retry_at > wall:       # the provider's own time is kept; an error's restarts half-open
+                    b.retry_at = now + (retry_at - wall)
+                    if b.cause == "retry_after" and until > wall:
+                        b.until = now + (until - wall)
                 b.probe_step = self.probe_first
+                b.probe_at = now + self.probe_first + 0.5 * n     # staggered: not all on the first tick
                 self.state[key] = b
                 n += 1
         return n
@@ -4413,7 +4482,7 @@ def breaker_name(key):
     if key[0] == "provider":
         return f"provider {key[1]}"
     if key[0] == "key":
-        return f"{key[1]} key #{key[2] + 1}"
+        return f"{key[1]} key #{(key[2] or 0) + 1}"
     return f"{key[0]}/{key[1]}"
 
 
@@ -4426,17 +4495,18 @@ def iso_time(wall):
 class Affinity:
     """Conversation -> the model that served each name it asked for, so later turns that ask for
     the same name stay there (provider prompt caches and thinking signatures stay valid), and the
-    provider that served its latest turn (to know when thinking blocks signed by another provider
-    must be dropped). A conversation is named by its system prompt, its first user message and
-    the credential the client sent (a process-local hash: the map lives in memory only). Bounded
-    LRU."""
+    marks of the thinking blocks each provider made in it (a block signed by one provider must
+    not be sent to another). A conversation is named by its system prompt, its first user
+    message and the credential the client sent (a process-local hash: the map lives in memory
+    only). Bounded LRU."""
 
     NAMES = 8     # names remembered per conversation
+    MARKS = 256   # thinking marks remembered per provider and conversation
 
     def __init__(self, size=10000):
         self.lock = threading.Lock()
         self.size = size
-        self.map = {}    # conversation -> {"last": candidate, "names": {requested name: candidate}}
+        self.map = {}    # conversation -> {"names": {requested name: candidate}, "marks": {provider: set}}
 
     @staticmethod
     def key(req, headers=None):
@@ -4448,26 +4518,40 @@ class Affinity:
         return hash((text_of(req.get("system") or []), text_of(first["content"]), len(first["content"]), who))
 
     def get(self, key, name):
-        """-> (the candidate that served `name` in this conversation, the one that served its
-        latest turn); None where unknown."""
+        """-> (the candidate that served `name` in this conversation or None, {provider: the marks
+        of the thinking blocks it made})."""
         entry = self.map.get(key) if key else None
         if entry is None:
-            return None, None
-        return entry["names"].get(name), entry["last"]
+            return None, {}
+        with self.lock:
+            return entry["names"].get(name), {p: frozenset(m) for p, m in entry["marks"].items()}
+
+    def _entry(self, key):
+        entry = self.map.pop(key, None) or {"names": {}, "marks": {}}
+        self.map[key] = entry
+        if len(self.map) > self.size:
+            del self.map[next(iter(self.map))]
+        return entry
 
     def set(self, key, name, cand):
         if not key:
             return
         with self.lock:
-            entry = self.map.pop(key, None) or {"last": None, "names": {}}
-            entry["last"] = cand
-            entry["names"].pop(name, None)
-            entry["names"][name] = cand
-            if len(entry["names"]) > self.NAMES:
-                del entry["names"][next(iter(entry["names"]))]
-            self.map[key] = entry
-            if len(self.map) > self.size:
-                del self.map[next(iter(self.map))]
+            names = self._entry(key)["names"]
+            names.pop(name, None)
+            names[name] = cand
+            if len(names) > self.NAMES:
+                del names[next(iter(names))]
+
+    def add_marks(self, key, provider, marks):
+        """The thinking blocks of an answer `provider` gave in this conversation."""
+        if not key or not marks:
+            return
+        with self.lock:
+            have = self._entry(key)["marks"].setdefault(provider, set())
+            have.update(marks)
+            while len(have) > self.MARKS:
+                have.pop()
 
 
 # -------------------------------------------------------------------------------------- plan --
@@ -4695,16 +4779,6 @@ def install_fast_header_parser():
     http.client.parse_headers = fast_parse_headers
 
 
-class Failover(Exception):
-    """A candidate (or one key of it) failed in a way worth trying the next one.
-    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model)."""
-
-    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False):
-        super().__init__(reason)
-        self.kind, self.reason, self.status = kind, reason, status
-        self.retry_after, self.next_key, self.fallback, self.quota = retry_after, next_key, fallback, quota
-
-
 class Pool:
     """Upstream keep-alive connections, per provider origin. A connection goes back to the pool
     only after its response was read to the end and the provider did not ask to close it."""
@@ -4824,7 +4898,7 @@ class Context:
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "started", "plan",
-                 "previous_provider", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
+                 "history_marks", "provider_marks", "made_marks", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
                  "status", "error", "out_chars")
 
     def __init__(self, dialect, body, req, headers, writer):
@@ -4834,7 +4908,10 @@ class Context:
         self.estimate = 0
         self.attempts = []
         self.provider = self.upstream_model = self.usage = self.plan = None
-        self.previous_provider = self.ttfb = self.collect = self.on_commit = self.on_complete = None
+        self.ttfb = self.collect = self.on_commit = self.on_complete = None
+        self.history_marks = frozenset()   # marks of the thinking blocks in the request's history
+        self.provider_marks = {}   # provider -> marks of the thinking blocks it made in this conversation
+        self.made_marks = []       # marks of the thinking blocks the answer carries
         self.passthrough = True    # False when the router had to change the request's history
         self.status, self.error = 200, None
         self.out_chars = 0         # streamed output, for a usage estimate when the provider gives none
@@ -4907,7 +4984,7 @@ class Dispatcher:
     @staticmethod
     def _route_headers(ctx, prov):
         tried = {a[0] for a in ctx.attempts} | {(prov.name, ctx.upstream_model)}
-        h = {"X-Router-Provider": prov.name, "X-Router-Model": ctx.upstream_model,
+        h = {"X-Router-Provider": prov.name, "X-Router-Model": header_value(ctx.upstream_model),
              "X-Router-Attempts": str(len(tried))}
         if ctx.plan is not None:
             h["X-Router-Route"] = ctx.plan.route
@@ -4921,7 +4998,8 @@ class Dispatcher:
         same = ctx.dialect == prov.api
         pc = CODECS[prov.api]
         meta = cat.meta(prov.name, mid)
-        moved = ctx.previous_provider is not None and ctx.previous_provider != prov.name
+        keep = ctx.provider_marks.get(prov.name, frozenset())
+        moved = not ctx.history_marks <= keep      # the history holds thinking another provider signed
         same = ctx.same = same and ctx.passthrough
         if same:
             body = dict(ctx.body)
@@ -4929,11 +5007,11 @@ class Dispatcher:
             for k in ROUTING_FIELDS:
                 body.pop(k, None)
             if moved and prov.api == "anthropic":
-                body = anthropic_strip_thinking(body)
+                body = anthropic_strip_thinking(body, keep)
             if prov.api == "ollama" and not (body.get("options") or {}).get("num_ctx"):
                 body["options"] = dict(body.get("options") or {}, num_ctx=ollama_num_ctx(ctx.req, meta))
         else:
-            body = pc.encode_request(drop_thinking(ctx.req) if moved else ctx.req, mid, prov, meta, cat.settings)
+            body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid, prov, meta, cat.settings)
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
         if same and prov.api == "anthropic" and ctx.headers.get("anthropic-beta"):
             headers["anthropic-beta"] = ctx.headers["anthropic-beta"]
@@ -5033,6 +5111,7 @@ class Dispatcher:
                 raise Failover("stream", err.message, err.status)
             if ctx.collect is not None:
                 ctx.collect.extend(events)
+            ctx.made_marks = [hash(e[1]) for e in events if e[0] in MARK_EVENTS]
             if ctx.on_complete is not None:
                 ctx.on_complete()
             resp = fold_events(events)
@@ -5055,6 +5134,8 @@ class Dispatcher:
             for ev in evs:
                 if ev[0] in ("text", "thinking", "args"):
                     ctx.out_chars += len(ev[1])
+                elif ev[0] in MARK_EVENTS:
+                    ctx.made_marks.append(hash(ev[1]))
                 elif ev[0] == "end":
                     ctx.usage = ev[2]
                     if ctx.on_complete is not None:
@@ -5374,9 +5455,9 @@ class RequestLog:
             return
         where = f"{row['provider']}/{row['model']}" if row["provider"] else "-"
         ttfb = f" ttfb {row['ttfb_ms']:.0f} ms" if row["ttfb_ms"] is not None else ""
-        err = f" error: {row['error']}" if row["error"] else ""
+        err = f" error: {clean_text(row['error'])}" if row["error"] else ""
         log.info("%s %s -> %s %s %.0f ms%s in %s out %s $%.6f attempts %d intent %s route %s%s",
-                 row["dialect"], row["requested"], where, row["status"], row["latency_ms"], ttfb,
+                 row["dialect"], clean_text(row["requested"]), where, row["status"], row["latency_ms"], ttfb,
                  row["input_tokens"] or 0, row["output_tokens"] or 0, row["cost"] or 0, fields["attempts"],
                  row["intent"], row["route"], err)
 
@@ -5720,28 +5801,39 @@ class Router:
                 log.exception("health probes failed")
             if self.health.dirty:
                 self.save_state()
-            self._wake.wait(min(1.0, self.settings["probe_seconds"] or 1.0))
+            self._wake.wait(min(1.0, max(0.1, self.settings["probe_seconds"] or 1.0)))
             self._wake.clear()
             if self._stop.is_set():
                 return
 
+    PROBE_BUDGET_SECONDS = 2.0   # probing per maintenance tick; the rest waits for the next tick
+
     def probe_breakers(self):
         """Probe the open breakers that are due (maintenance thread): a provider by its model
         list, a model by the smallest generation, each with a key that is not cooling; a good
-        probe closes the breaker at once."""
+        probe closes the breaker at once. At most one probe per provider per tick, and none
+        started after PROBE_BUDGET_SECONDS, so reloads, discovery and saving never wait long."""
         cat, hl = self.catalogue, self.health
-        now = time.monotonic()
-        for key in hl.probes_due(now):
+        now = start = time.monotonic()
+        probed = set()
+        for key, opens in hl.probes_due(now):
             model = None if key[0] == "provider" else key[1]
-            prov = cat.providers.get(key[1] if model is None else key[0])
-            if prov is None or not prov.enabled or (model is not None and hl.left(("provider", prov.name), now)):
-                continue      # a model waits for its provider's probe
-            keys = [i for i in hl.usable_keys(prov, now) if i is None or not hl.left(("key", prov.name, i), now)]
-            if not keys:
-                hl.probed(key, False, "no usable key")
+            pname = key[1] if model is None else key[0]
+            prov = cat.providers.get(pname)
+            if prov is None or not prov.enabled:
+                hl.probed(key, opens, False, "provider disabled")
                 continue
+            if pname in probed or (model is not None and hl.left(("provider", pname), now)):
+                continue      # one probe per provider per tick; a model waits for its provider's probe
+            if time.monotonic() - start > self.PROBE_BUDGET_SECONDS:
+                return
+            keys = [i for i in hl.usable_keys(prov, now) if i is None or not hl.left(("key", pname, i), now)]
+            if not keys:
+                hl.probed(key, opens, False, "no usable key")
+                continue
+            probed.add(pname)
             good, detail = probe(prov, keys[0], model, self.settings)
-            hl.probed(key, good, detail)
+            hl.probed(key, opens, good, detail)
             if good:
                 log.info("health: %s answered a probe; closed", breaker_name(key))
 
@@ -5814,12 +5906,12 @@ class Router:
             self.responses.prepare(ctx)
         name = ctx.headers.get("x-router-route") or ctx.model
         akey = Affinity.key(ctx.req, ctx.headers)
-        pin, last = affinity.get(akey, name)
+        pin, ctx.provider_marks = affinity.get(akey, name)
+        ctx.history_marks = thinking_marks(ctx.req)
         plan = self.plan(cat, ctx.req, ctx.body, ctx.headers, pin)
         if plan.unknown:
             self.warn_unknown(ctx.model, plan.route)
         ctx.plan = plan
-        ctx.previous_provider = last[0] if last else None
         ctx.estimate = estimate_tokens(ctx.req)
         fallback = None
         overflowed = 0          # the largest context window that was too small for this request
@@ -5852,6 +5944,7 @@ class Router:
                 ctx.on_commit = committed
                 try:
                     self.dispatcher.attempt(ctx, cat, prov, mid, idx)
+                    affinity.add_marks(akey, pname, ctx.made_marks)
                 except Failover as f:
                     ctx.attempts.append((cand, f.kind, f.reason, f.status, f.retry_after))
                     failed = f

@@ -1442,15 +1442,18 @@ class ModelNameTests(RouterCase):
     def test_unknown_bare_names_go_through_aliases_then_auto_and_are_logged_once(self):
         with self.assertLogs(R.log, "WARNING") as logs:
             for _ in range(3):
-                r, _ = self.ask("openai", client_body("openai", "mystery-model-\nforged line", False,
+                r, _ = self.ask("openai", client_body("openai", "mystery-model-x'y", False,
                                                       text="Write a poem about the sea"))
                 self.assertEqual(r.headers["x-router-route"], "creative")
             r, _ = self.ask("anthropic", client_body("anthropic", "claude-opus-9-9", False))
             self.assertEqual(r.headers["x-router-route"], "code")
         lines = [l for l in logs.output if "unknown model name" in l]
         self.assertEqual(len(lines), 2, lines)
-        self.assertIn("'mystery-model-\\x0aforged line'", lines[0], "control characters are escaped, never written")
-        self.assertNotIn("\n", lines[0])
+        self.assertIn("'mystery-model-x\\'y'", lines[0], "the name is quoted, its quotes escaped")
+        # Control characters never reach a log line or a header: such a name is refused.
+        for name in ("mystery\nforged: line", "a\r\nSet-Cookie: x=1", "x" * 300):
+            r = self.post("openai", client_body("openai", name, False))
+            self.assertEqual((r.status, r.json()["error"]["param"]), (400, "model"), name[:20])
 
     def test_route_header_picks_a_route(self):
         r, _ = self.ask("openai", client_body("openai", "whatever-name", False), {"X-Router-Route": "claude-first"})
@@ -2740,8 +2743,8 @@ class RecoveryTests(unittest.TestCase):
         self.assertEqual(hl.probes_due(time.monotonic()), [])
         self.h.router.probe_breakers()
         self.assertEqual(len(self.an.requests), n)
-        b.until = time.monotonic() - 1               # the provider's time has come
-        self.assertEqual(hl.probes_due(time.monotonic()), [("an", "claude-test")])
+        b.until = b.retry_at = time.monotonic() - 1  # the provider's time has come
+        self.assertEqual(hl.probes_due(time.monotonic()), [(("an", "claude-test"), 1)])
 
     def stop_maintenance(self):
         """Probes are driven by hand: the background thread must not run one at the same time."""

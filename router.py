@@ -26,7 +26,7 @@ Contents (each section uses only the sections above it):
     6. Observability .............. request log (SQLite), usage and cost, metrics, /health
     7. The router ................. the composition root: state, reload, persistence, threads
     8. HTTP front ................. handler, endpoints, auth, limits, error replies, status page
-    9. Command line and main ...... serve, check, models, route, systemd-unit
+    9. Command line and main ...... serve, check, models, route, reset, systemd-unit
 """
 
 from __future__ import annotations
@@ -3169,7 +3169,6 @@ def probe(prov, key_index, model=None, settings=None):
     """A cheap call with one key -> (ok, detail). Without a model: the provider's model list
     (is it up, does the key work?). With one: the smallest generation the dialect allows (a
     16-token reply to "ping"), for a model whose failures the list cannot tell apart."""
-    pc = CODECS[prov.api]
     if model is None:
         path = {"ollama": "/api/tags", "anthropic": "/v1/models?limit=1", "gemini": "/models?pageSize=1"}.get(
             prov.api, "/models")
@@ -4669,7 +4668,7 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     if isinstance(extra, list) and all(isinstance(x, str) for x in extra) and not route_header:
         names = [m for m in [model] + extra if m]
     pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
-    route, cands, unknown, by_intent = None, [], False, False
+    route, route_cands, cands, unknown, by_intent = None, set(), [], False, False
     for name in dict.fromkeys(names):
         r, c = _route_of(cat, name, intent[0])
         auto = name in AUTO_NAMES
@@ -4685,7 +4684,8 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
         if c is None:
             continue
         by_intent = by_intent or (auto and route is None)
-        route = route or r
+        if route is None:
+            route, route_cands = r, set(c)      # the name that decides; later names are fallbacks
         cands += c
     asked = set(cands) if route == "explicit" else ()
     if not cands and route is None:
@@ -4712,7 +4712,9 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     tools, images, tokens = _needs(req)
     able, unable = [], []
     for c in cands:
-        why = _skip_reason(cat.meta(*c), tools, images, tokens, req.get("max_tokens"))
+        # a model the catalogue does not know has only guessed capabilities: the provider decides
+        why = None if c in asked and c not in cat.caps else \
+            _skip_reason(cat.meta(*c), tools, images, tokens, req.get("max_tokens"))
         (unable if why else able).append((c, why))
     if able:
         skipped += unable
@@ -4721,7 +4723,7 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
         cands = [c for c, _ in unable]   # none fits: let the providers say so rather than guess
     if req.get("reasoning") and req["reasoning"].get("enabled"):
         cands.sort(key=lambda c: not cat.meta(*c).get("reasoning"))
-    if pin in cands and route != "explicit":     # an explicit name is never overridden by affinity
+    if pin in cands and pin in route_cands and route != "explicit":   # an explicit name is never reordered
         cands.remove(pin)
         cands.insert(0, pin)
     else:
@@ -4885,10 +4887,17 @@ def _retry_after(headers):
 
 
 _QUOTA_RE = re.compile(r"quota|billing|credit balance|insufficient (?:funds|balance|credits)|payment required", re.I)
-#: A 400/422 that says the model does not exist (OpenRouter, LM Studio, vLLM and others; a 404
-#: from a generation endpoint always means that).
-_MISSING_RE = re.compile(r"not a valid model|(?:unknown|invalid|no such) model\b|model[^.]{0,80}\b(?:not found|"
-                         r"does not exist|is not available|not loaded)", re.I)
+_MISSING_RE = re.compile(r"not found|does not exist|doesn't exist|(?:unknown|invalid|no such) model|"
+                         r"is not available|not loaded", re.I)
+
+
+def model_missing(message, code, model):
+    """Whether a 400/422 says the model asked for does not exist (OpenRouter, LM Studio, vLLM and
+    others answer so; a 404 from a generation endpoint always means it). The message must name
+    the model: "invalid model parameter 'temperature'" is about the request."""
+    low = message.lower()
+    return code == "model_not_found" or "not a valid model" in low or (
+        bool(model) and model.lower() in low and _MISSING_RE.search(low) is not None)
 _CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
                          r"input is too long|reduce the length|token limit", re.I)
 
@@ -4971,7 +4980,7 @@ class Dispatcher:
             return Failover("auth", reason, status)
         if status in (408, 409, 429, 529) or status >= 500:
             return Failover("status", reason, status, retry_after=ra)
-        if status == 404 or (status in (400, 422) and (code == "model_not_found" or _MISSING_RE.search(message))):
+        if status == 404 or (status in (400, 422) and model_missing(message, code, ctx.upstream_model)):
             return Failover("missing", reason, status, next_key=False)
         if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(message)):
             return Failover("context", reason, status, next_key=False)
@@ -5952,7 +5961,7 @@ class Router:
                         fallback = f.fallback
                     health.key_failed(pname, idx, f)
                     if f.kind == "auth":
-                        log.warning("provider %s: key #%d rejected (%s); disabled until reload", pname,
+                        log.warning("provider %s: key #%d rejected (%s); disabled until a reload or a reset", pname,
                                     (idx or 0) + 1, f.reason)
                     if f.kind == "context":
                         overflowed = max(overflowed, window or 1)
@@ -6295,7 +6304,8 @@ async function refresh() {
     return [el("td", p.name), el("td", p.api), state, keys, models,
             el("td", d ? (d.error ? "failing: " + d.error : d.models + " found") : "", d && d.error ? "bad" : "muted")];
   }));
-  table("routes", ["route", "candidates"], Object.entries(health.routes).map(([r, c]) => [el("td", r), el("td", c.join(", ") || "(no enabled model)")]));
+  if (health.auth === "required") { $("auth").textContent = "This router needs its key: enter it on the right."; }
+  table("routes", ["route", "candidates"], Object.entries(health.routes || {}).map(([r, c]) => [el("td", r), el("td", c.join(", ") || "(no enabled model)")]));
   const models = await api("/v1/models");
   table("models", ["model", "context", "max output", "input", "tools", "reasoning", "intents"],
     models.data.filter((m) => m.capabilities).map((m) => { const c = m.capabilities;
@@ -6522,7 +6532,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         if path == "/health" and method in ("GET", "HEAD"):
             report = health_report(self.router)
             if not self._authorized():     # open for health checks; the details need the key
-                report = {"status": report["status"], "version": report["version"],
+                report = {"status": report["status"], "version": report["version"], "auth": "required",
                           "providers": [{"name": p["name"], "state": p["state"]} for p in report["providers"]]}
             return self._json(200, report)
         if path == "/" and method in ("GET", "HEAD"):
@@ -6770,6 +6780,9 @@ def cmd_reset(args, env, target):
     --port, with the router key from the environment or .env), or, when none answers there, in
     health.json in the data directory."""
     provider, _, model = target.partition("/") if target else (None, "", "")
+    if target and not provider:
+        print(f"sage-router: reset {target!r}: expected PROVIDER or PROVIDER/MODEL", file=sys.stderr)
+        return 2
     body = {k: v for k, v in (("provider", provider), ("model", model)) if v}
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     headers = {"Content-Type": "application/json"}
@@ -6780,6 +6793,8 @@ def cmd_reset(args, env, target):
         conn.request("POST", "/v1/health/reset", dumps(body).encode(), headers)
         resp = conn.getresponse()
         data = json.loads(resp.read() or b"{}")
+        if not isinstance(data, dict):
+            data = {"error": {"message": str(data)[:200]}}
     except ConnectionRefusedError:
         data = None
     except (OSError, http.client.HTTPException, ValueError) as e:
@@ -6870,8 +6885,8 @@ def main(argv=None):
         print(systemd_unit(args, args.user), end="")
         return 0
     try:
-        if args.command == "reset":
-            return cmd_reset(args, make_loader(args)()[1], " ".join(args.text))
+        if args.command == "reset":     # the running router needs only the key: a broken config must not stop this
+            return cmd_reset(args, load_env(args.env_file or ".env", args.env_file is not None), " ".join(args.text))
         router, _env = load_router(args)
     except ConfigError as e:
         print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}", file=sys.stderr)

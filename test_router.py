@@ -1427,6 +1427,24 @@ class ModelNameTests(RouterCase):
         r, _ = self.ask("openai", client_body("openai", "oa/gpt-brand-new", False))
         self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-model"]), ("oa", "gpt-brand-new"))
 
+    def test_only_a_400_that_names_the_model_means_it_does_not_exist(self):
+        self.oa.push(Reply(status=400, body={"error": {"message": "The model `gpt-4.1-x` does not exist", "code": None}}))
+        self.assertEqual(self.post("openai", client_body("openai", "oa/gpt-4.1-x", False)).status, 404)
+        # A bad parameter is the client's own 400, even in a route, and opens no breaker.
+        self.oa.push(Reply(status=400, body={"error": {"message": "Invalid model parameter 'temperature'"}}))
+        r = self.post("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.status, 400)
+        self.assertIn("temperature", r.json()["error"]["message"])
+        self.assertNotIn(("oa", "gpt-test"), self.h.router.health.state)
+
+    def test_an_unlisted_explicit_model_is_asked_whatever_its_name_suggests(self):
+        body = client_body("openai", "oa2/llama-3.1-70b-new", False, image="data:image/png;base64," + PNG_B64)
+        e = self.h.call("POST", "/v1/route", body).json()
+        self.assertEqual(e["candidates"][0], {"provider": "oa2", "model": "llama-3.1-70b-new", "skip": None},
+                         "capabilities guessed from a name do not skip the model asked for")
+        r, _ = self.ask("openai", body)
+        self.assertEqual(r.headers["x-router-model"], "llama-3.1-70b-new")
+
     def test_an_explicit_model_still_falls_back_on_5xx_429_and_timeouts(self):
         for reply in (Reply(status=500), Reply(status=429), Reply(stall="headers")):
             with self.subTest(status=reply.status, stall=reply.stall):
@@ -2599,6 +2617,32 @@ class ExplicitModelTests(RouterCase):
         self.assertEqual(rows[0]["pinned"], "an/claude-test", "the decision trail says why")
         self.assertIsNone(rows[1]["pinned"])
 
+    def test_thinking_goes_back_only_to_the_provider_that_signed_it(self):
+        cat = self.h.router.catalogue
+        saved = dict(cat.routes)
+        self.addCleanup(cat.routes.update, saved)
+        self.an.push(Reply(text="A.", thinking="plan", signature="SigByAn"))
+        r, hist = self.turn("an/claude-test", [], "Start the refactor")
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        r, hist = self.turn("oa/gpt-test", hist, "Next step")        # moves: an's block is not sent to oa
+        self.assertNotIn("SigByAn", json.dumps(self.oa.requests[-1]["body"]))
+        r, hist = self.turn("oa/gpt-test", hist, "And the next")     # still on oa: still not sent
+        self.assertNotIn("SigByAn", json.dumps(self.oa.requests[-1]["body"]))
+        r, hist = self.turn("an/claude-test", hist, "Back to you")   # back where it was signed: sent again
+        self.assertIn("SigByAn", json.dumps(self.an.requests[-1]["body"]))
+
+    def test_a_pin_never_promotes_a_fallback_name_ahead_of_the_route(self):
+        body = {"model": "general", "models": ["an/claude-test"], "max_tokens": 10, "system": "You are helpful.",
+                "messages": [{"role": "user", "content": "Hi again"}]}
+        self.oa.push(Reply(status=500))                   # the route's models fail: the extra name answers
+        self.oa2.push(Reply(status=500))
+        r = self.h.call("POST", "/v1/messages", body)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.h.router.health = R.Health(self.h.router.settings)   # all healthy again
+        e = self.h.call("POST", "/v1/route", body).json()
+        self.assertEqual([c["model"] for c in e["candidates"]], ["gpt-test", "gpt-backup", "claude-test"])
+        self.assertFalse(any("pinned" in c for c in e["candidates"]))
+
     def test_same_opening_different_names_keep_separate_pins(self):
         r, _ = self.turn("code", [], "Hello there")                # code route: an first
         self.assertEqual(r.headers["x-router-provider"], "an")
@@ -2825,6 +2869,34 @@ class RecoveryTests(unittest.TestCase):
         self.assertFalse(hl.state[("an", "claude-test")].opens)
         self.assertFalse(hl.state[("provider", "an")].opens)
         self.assertTrue(hl.state[("oa", "gpt-test")].opens, "an unchanged provider keeps its state")
+
+    def test_a_keyless_provider_answering_401_can_be_reset(self):
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["providers"]["open"] = {"api": "openai", "base_url": self.oa.base_url, "api_key": None, "models": {"m": {}}}
+        cfg["routes"]["openfirst"] = ["open/m", "an/claude-test"]
+        self.h.close()
+        self.cfg = cfg
+        h = self.harness()
+        self.oa.push(Reply(status=401, body={"error": {"message": "proxy wants a token"}}))
+        self.assertEqual(self.ask("openfirst", h).headers["x-router-provider"], "an")
+        self.assertTrue(h.router.health.state[("provider", "open")].opens)
+        r = h.call("POST", "/v1/health/reset", {})
+        self.assertEqual(r.status, 200, r)
+        self.assertIn("provider open", r.json()["reset"])
+
+    def test_a_retry_after_is_kept_apart_from_the_cooldown(self):
+        hl = self.h.router.health
+        self.stop_maintenance()
+        hl.fail(("an", "claude-test"), error="HTTP 500")             # an error's cooldown: 30 s
+        b = self.breaker(("an", "claude-test"))
+        until = b.until
+        hl.fail(("an", "claude-test"), 1, error="HTTP 429")          # a last resort gets a short Retry-After
+        self.assertEqual((b.until, b.cause), (until, "error"), "the provider's 1 s does not relabel a 30 s error")
+        b.probe_at = 0
+        self.assertEqual(hl.probes_due(time.monotonic() + 2), [(("an", "claude-test"), 1)],
+                         "probed once the Retry-After has passed")
+        hl.fail(("an", "claude-test"), quota=True, error="HTTP 402")  # a quota error while it cools
+        self.assertEqual(b.until, until, "last-resort failures never lengthen a cooldown")
 
     def test_made_up_model_names_grow_no_state(self):
         self.oa.chaos = lambda: Reply(status=500)
@@ -4104,6 +4176,9 @@ class CommandTests(unittest.TestCase):
                            env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x", SAGE_ROUTER_API_KEY="adm"))
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn(f"the router on 127.0.0.1:{h.port}: p/n", r.stdout)
+        r = subprocess.run(base[:3] + ["/m"] + base[3:], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x"))
+        self.assertEqual(r.returncode, 2, "a target without a provider is refused, online or not")
         self.assertFalse(h.router.health.state[("p", "n")].opens)
 
     def write_cfg(self, cfg):

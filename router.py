@@ -6417,7 +6417,8 @@ class Router:
             for name in changed:      # a fixed key or URL gets a fresh start
                 self.health.reset(name)
             self.health.forget(self._known_breaker)
-            self._intent_cache.clear()
+            with self._intent_lock:
+                self._intent_cache.clear()
             self.log.settings = cat.settings
             self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))

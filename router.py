@@ -5937,24 +5937,43 @@ class RequestLog:
                     break
             stop = None in batch
             batch = [b for b in batch if b is not None]
-            for row, attempts in batch:
-                self.metrics.add(row, attempts)
-                self._log_line(row)
-            if db is not None and batch:
+            good = []
+            for row, attempts in batch:     # one bad row is logged and skipped; the thread never dies
                 try:
-                    db.executemany(f"INSERT INTO requests ({', '.join(self.COLUMNS)}) VALUES "
-                                   f"({', '.join('?' * len(self.COLUMNS))})",
-                                   [tuple(row[c] for c in self.COLUMNS) for row, _a in batch])
-                    db.commit()
+                    self.metrics.add(row, attempts)
+                    self._log_line(row)
+                    good.append(tuple(row[c] for c in self.COLUMNS))
+                except Exception as e:
+                    log.error("request log: skipping a row that cannot be recorded (%s: %s)", type(e).__name__, e)
+            if db is not None and good:
+                try:
+                    self._insert(db, good)
                     if time.monotonic() - last_prune > 60:
                         last_prune = time.monotonic()
                         self.prune(db)
-                except sqlite3.Error as e:
-                    log.warning("request log: write failed (%s)", e)
+                except Exception as e:
+                    log.warning("request log: write failed (%s: %s)", type(e).__name__, e)
             if stop:
                 if db is not None:
                     db.close()
                 return
+
+    def _insert(self, db, rows):
+        """Insert a batch in one commit; if the batch fails, row by row, skipping the bad ones."""
+        sql = f"INSERT INTO requests ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})"
+        try:
+            db.executemany(sql, rows)
+            db.commit()
+            return
+        except (sqlite3.Error, ValueError) as e:
+            db.rollback()
+            log.warning("request log: batch refused (%s); writing its rows one by one", e)
+        for r in rows:
+            try:
+                db.execute(sql, r)
+            except (sqlite3.Error, ValueError) as e:
+                log.error("request log: skipping a row that cannot be stored (%s)", e)
+        db.commit()
 
     def prune(self, db=None):
         """Apply the retention settings (the writer does it every minute)."""
@@ -6865,6 +6884,48 @@ setInterval(() => refresh().catch(() => {}), 10000);
 '''.encode()
 
 
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json_body(raw):
+    """A request body -> JSON, or a 400 that says what is wrong. Lone UTF-16 surrogates (what a
+    JavaScript client sends after cutting a string mid-emoji) become U+FFFD, so no text the router
+    keeps or logs can fail to encode; JSON nested too deeply is refused."""
+    if not raw:
+        raise ApiError(400, "invalid_request", "body: empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "invalid_request", "body: JSON nested too deeply")
+    except ValueError as e:
+        raise ApiError(400, "invalid_request", f"body: not valid JSON ({e})")
+    if _SURROGATE_ESCAPE_RE.search(raw):
+        body = _replace_surrogates(body)
+    return body
+
+
+def _replace_surrogates(obj):
+    """obj with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    def fix(v):
+        return _SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
+    root = [fix(obj)]
+    stack = [(root, 0)]
+    while stack:
+        holder, key = stack.pop()
+        v = holder[key]
+        if isinstance(v, dict):
+            fixed = {fix(k): fix(x) for k, x in v.items()}
+            holder[key] = fixed
+            stack += [(fixed, k) for k, x in fixed.items() if isinstance(x, (dict, list))]
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                v[i] = fix(x)
+                if isinstance(v[i], (dict, list)):
+                    stack.append((v, i))
+    return root[0]
+
+
 def client_dialect(path, headers):
     """The dialect to answer in, from the path (and, for shared paths, the headers)."""
     if path.startswith(("/v1/messages", "/messages")):
@@ -6946,6 +7007,7 @@ class RouterHandler(BaseHTTPRequestHandler):
     # -- request handling ----------------------------------------------------------------------
     def _reset(self):
         self.sent = False
+        self.framing = ("none", 0)
         self.chunked = self.request_version != "HTTP/1.0"
 
     def _error(self, dialect, err):
@@ -6967,17 +7029,43 @@ class RouterHandler(BaseHTTPRequestHandler):
             given = given or auth[7:].strip()
         return hmac.compare_digest(given.encode(), key.encode())
 
+    def _framing(self):
+        """How the request's body is framed: ("none" | "length" | "chunked", length). Ambiguous
+        framing (two Content-Length headers, a Content-Length that is not plain digits, a
+        Transfer-Encoding other than exactly "chunked", or both headers) is a 400: a proxy in front
+        could read the request differently and smuggle a second one in."""
+        lengths = self.headers.get_all("content-length") or []
+        codings = self.headers.get_all("transfer-encoding") or []
+        if codings:
+            if len(codings) > 1 or codings[0].strip().lower() != "chunked":
+                raise ApiError(400, "invalid_request", "Transfer-Encoding: only a single 'chunked' is supported")
+            if lengths:
+                raise ApiError(400, "invalid_request", "Content-Length and Transfer-Encoding: send one of them")
+            return "chunked", None
+        if not lengths:
+            return "none", 0
+        if len(lengths) > 1:
+            raise ApiError(400, "invalid_request", "Content-Length: given more than once")
+        value = lengths[0].strip()
+        if not (value.isascii() and value.isdigit()):
+            raise ApiError(400, "invalid_request", f"Content-Length: {safe_text(value, 20)} is not a number of bytes")
+        return "length", int(value)
+
     def _read_body(self, dialect):
         limit = self.router.settings["max_body_bytes"]
         self.connection.settimeout(self.router.settings["client_body_timeout"])
-        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+        kind, n = self.framing
+        self.body_read = True
+        if kind == "chunked":
             parts, total = [], 0
             while True:
                 line = self.rfile.readline(1024)
-                try:
-                    size = int(line.split(b";")[0].strip() or b"x", 16)
-                except ValueError:
-                    raise ApiError(400, "invalid_request", "body: malformed chunked encoding")
+                size_text = line.split(b";")[0].strip()
+                if not line.endswith(b"\n") or not size_text or len(size_text) > 16 or \
+                        size_text.strip(b"0123456789abcdefABCDEF"):
+                    self.close_connection = True
+                    raise ApiError(400, "invalid_request", "body: malformed chunked encoding (chunk sizes are hex digits)")
+                size = int(size_text, 16)
                 if size == 0:
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
@@ -6986,19 +7074,15 @@ class RouterHandler(BaseHTTPRequestHandler):
                 if total > limit:
                     self.close_connection = True
                     raise ApiError(413, "request_too_large", f"body: larger than the limit of {limit} bytes")
-                parts.append(self.rfile.read(size))
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    self.close_connection = True
+                    raise ClientGone("body cut short")
+                parts.append(chunk)
                 self.rfile.readline(8)
             return b"".join(parts)
-        length = self.headers.get("content-length")
-        if length is None:
+        if kind == "none":
             return b""
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "invalid_request", "Content-Length: not a number")
         if n > limit:
             self.close_connection = True
             raise ApiError(413, "request_too_large", f"body: {n} bytes is larger than the limit of {limit} bytes")
@@ -7024,11 +7108,21 @@ class RouterHandler(BaseHTTPRequestHandler):
             path = path.rstrip("/")
         hdrs = {k.lower(): v for k, v in self.headers.items()}
         dialect = client_dialect(path, hdrs)
+        self.body_read = False
         try:
             try:
+                try:
+                    self.framing = self._framing()
+                except ApiError:
+                    self.close_connection = True
+                    raise
                 self._route(path, hdrs, dialect)
             finally:
                 self.connection.settimeout(self.router.settings["client_header_timeout"])
+                if not self.body_read and self.framing != ("none", 0):
+                    # answered before its body was read (401, 404, 405, bad framing): the body
+                    # must never be parsed as the next request on this connection
+                    self.close_connection = True
         except ApiError as e:
             self._error(dialect, e)
         except ClientGone:
@@ -7090,11 +7184,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                 raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
             raise ApiError(404, "not_found", f"no such endpoint: {method} {path}. Endpoints: {ENDPOINTS}")
         dialect, action = target
-        raw = self._read_body(dialect)
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, "invalid_request", f"body: not valid JSON ({e})" if raw else "body: empty; expected a JSON object")
+        body = parse_json_body(self._read_body(dialect))
         if action == "count_tokens":
             return self._json(200, self.router.count_tokens(body, hdrs))
         if action == "explain":

@@ -2937,6 +2937,85 @@ class RecoveryTests(unittest.TestCase):
         self.assertEqual(provider_state(self.h.call("GET", "/health").json(), "pool")["state"], "key_rejected")
 
 
+# =================================================================================================
+# Hardening: attacks and deployment traps (each test failed before its fix)
+# =================================================================================================
+
+def raw_exchange(port, data, timeout=5.0):
+    """Send raw bytes on a fresh connection; read until the router closes it or goes quiet."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+class HardeningTests(RouterCase):
+    def rows(self):
+        return db_rows(os.path.join(self.h.router.data_dir, "requests.db"))
+
+    def test_a_lone_surrogate_never_silences_the_request_log(self):
+        wait_until(lambda: self.h.router.log.queue.empty())
+        before = len(self.rows())
+        raw = b'{"model": "oa/gpt-test\\ud800", "messages": [{"role": "user", "content": "hi \\udc00 there"}]}'
+        r = self.h.call("POST", "/v1/chat/completions", raw)
+        self.assertIn(r.status, (200, 404), r)
+        self.h.router.settings["log_prompts"] = True
+        self.addCleanup(self.h.router.settings.__setitem__, "log_prompts", False)
+        r = self.h.call("POST", "/v1/chat/completions",
+                        b'{"model": "chat", "messages": [{"role": "user", "content": "cut \\ud83d mid-emoji"}]}')
+        self.assertEqual(r.status, 200, r)
+        self.h.router.log.record({"ts": "not a row"}, [])          # a row of the wrong shape: skipped
+        self.ask("openai", client_body("openai", "chat", False, text="after the bad row"))
+        self.assertTrue(wait_until(lambda: len(self.rows()) >= before + 3), "the writer thread is still alive")
+        self.assertTrue(self.h.router.log.thread.is_alive())
+        self.assertIn("\ufffd", self.rows()[before + 1]["prompt"], "lone surrogates are replaced at decode")
+
+    def test_framing_is_strict_and_an_unread_body_never_becomes_a_request(self):
+        smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        out = raw_exchange(self.h.port, b"POST /nonexistent HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(smuggled), smuggled))
+        self.assertEqual(out.count(b"HTTP/1.1 "), 1, out[:300])
+        self.assertIn(b"404", out.split(b"\r\n")[0])
+        self.assertIn(b"Connection: close", out)
+        out = raw_exchange(self.h.port, b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+        self.assertEqual(out.count(b"HTTP/1.1 "), 1, "a body sent with a refused request is never parsed")
+        body = json.dumps(client_body("openai", "chat", False)).encode()
+        for name, head in (("two lengths", b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body))),
+                           ("signed length", b"Content-Length: +%d\r\n" % len(body)),
+                           ("xchunked", b"Transfer-Encoding: xchunked\r\nContent-Length: %d\r\n" % len(body)),
+                           ("both", b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % len(body))):
+            with self.subTest(name):
+                out = raw_exchange(self.h.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head +
+                                   b"\r\n" + body)
+                self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:200])
+                self.assertIn(b"Connection: close", out)
+
+    def test_a_negative_or_non_hex_chunk_size_is_a_400_not_a_read_to_the_end(self):
+        for size in (b"-1", b"0x10", b"zz", b"1 1"):
+            with self.subTest(size=size):
+                out = raw_exchange(self.h.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n{}\r\n", timeout=3)
+                self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:200])
+                self.assertIn(b"chunked", out)
+
+    def test_json_nested_too_deeply_is_a_400(self):
+        r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
+        self.assertEqual(r.status, 400)
+        self.assertIn("nested too deeply", r.json()["error"]["message"])
+
+
 class ChaosTests(unittest.TestCase):
     """Two of three providers flap (errors, 429s, resets, stalls before any content) under 200
     concurrent requests, streamed and not, in both client dialects: no client sees a failure."""

@@ -698,6 +698,13 @@ def _model_name(body):
     return model
 
 
+def neutral_tool(name, description, parameters, field, params_field="parameters"):
+    """A tool in the neutral form, its description a string and its schema an object."""
+    _need(description is None or isinstance(description, str), f"{field}.description", "must be a string")
+    _need(parameters is None or isinstance(parameters, dict), f"{field}.{params_field}", "must be a JSON Schema object")
+    return {"name": name, "description": description or "", "parameters": parameters or {"type": "object", "properties": {}}}
+
+
 def _opt_num(body, field, lo=None, hi=None):
     v = body.get(field)
     if v is None:
@@ -805,6 +812,7 @@ def openai_decode_request(body):
                       f"{f}.tool_calls[{j}].function.name", "must be a string")
                 args = fn.get("arguments", "")
                 _need(isinstance(args, (str, dict)), f"{f}.tool_calls[{j}].function.arguments", "must be a JSON string")
+                _need(c.get("id") is None or isinstance(c["id"], str), f"{f}.tool_calls[{j}].id", "must be a string")
                 parts.append({"type": "tool_call", "id": c.get("id") or f"call_{i}_{j}", "name": fn["name"],
                               "arguments": parse_args_json(args)})
             messages.append({"role": "assistant", "content": parts})
@@ -831,8 +839,7 @@ def openai_decode_request(body):
         fn = t.get("function")
         _need(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"],
               f"tools[{i}].function.name", "is required and must be a string")
-        tools.append({"name": fn["name"], "description": fn.get("description") or "",
-                      "parameters": fn.get("parameters") or {"type": "object", "properties": {}}})
+        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"), f"tools[{i}].function"))
     tc = body.get("tool_choice")
     if tc is None:
         tool_choice = None
@@ -854,6 +861,7 @@ def openai_decode_request(body):
     effort = body.get("reasoning_effort")
     if not effort and isinstance(body.get("reasoning"), dict):
         effort = body["reasoning"].get("effort")
+    _need(effort is None or isinstance(effort, str), "reasoning_effort", "must be a string such as \"low\" or \"high\"")
     so = body.get("stream_options")
     return {
         "model": model, "system": system, "messages": messages, "tools": tools,
@@ -1248,8 +1256,7 @@ def anthropic_decode_request(body, count_only=False):
         _need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tools[{i}].name", "must be a string")
         if t.get("type") not in (None, "custom"):
             continue  # server tools (web_search, bash_2025...) only exist at Anthropic
-        tools.append({"name": t["name"], "description": t.get("description") or "",
-                      "parameters": t.get("input_schema") or {"type": "object", "properties": {}}})
+        tools.append(neutral_tool(t["name"], t.get("description"), t.get("input_schema"), f"tools[{i}]", "input_schema"))
     tc = body.get("tool_choice")
     tool_choice, parallel = None, None
     if tc is not None:
@@ -1729,11 +1736,10 @@ def responses_decode_request(body):
         _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
         if t.get("type") == "function":
             _need(isinstance(t.get("name"), str) and t["name"], f"tools[{i}].name", "is required and must be a string")
-            tools.append({"name": t["name"], "description": t.get("description") or "",
-                          "parameters": t.get("parameters") or {"type": "object", "properties": {}}})
+            tools.append(neutral_tool(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]"))
         elif t.get("type") == "custom" and isinstance(t.get("name"), str):
             custom.append(t["name"])
-            tools.append({"name": t["name"], "description": t.get("description") or "", "parameters": CUSTOM_TOOL_PARAMS})
+            tools.append(neutral_tool(t["name"], t.get("description"), CUSTOM_TOOL_PARAMS, f"tools[{i}]"))
     tc = body.get("tool_choice")
     if tc is None or isinstance(tc, str):
         _need(tc in (None, "auto", "none", "required"), "tool_choice", "must be auto, none, required or {\"type\": \"function\", \"name\": ...}")
@@ -2406,9 +2412,14 @@ def ollama_decode_request(body):
             elif role == "assistant":
                 parts = [{"type": "thinking", "text": m["thinking"]}] if isinstance(m.get("thinking"), str) and m["thinking"] else []
                 parts += text
-                for j, c in enumerate(m.get("tool_calls") or []):
+                calls = m.get("tool_calls") or []
+                _need(isinstance(calls, list), f + ".tool_calls", "must be an array")
+                for j, c in enumerate(calls):
                     fn = c.get("function") if isinstance(c, dict) else None
                     _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"{f}.tool_calls[{j}].function.name", "must be a string")
+                    _need(isinstance(fn.get("arguments") or {}, (dict, str)), f"{f}.tool_calls[{j}].function.arguments",
+                          "must be an object")
+                    _need(c.get("id") is None or isinstance(c["id"], str), f"{f}.tool_calls[{j}].id", "must be a string")
                     cid = c.get("id") or f"call_{i}_{j}"
                     calls_by_name.setdefault(fn["name"], []).append(cid)
                     parts.append({"type": "tool_call", "id": cid, "name": fn["name"], "arguments": parse_args_json(fn.get("arguments") or {})})
@@ -2426,8 +2437,7 @@ def ollama_decode_request(body):
     for i, t in enumerate(body.get("tools") or []):
         fn = t.get("function") if isinstance(t, dict) else None
         _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"tools[{i}].function.name", "is required and must be a string")
-        tools.append({"name": fn["name"], "description": fn.get("description") or "",
-                      "parameters": fn.get("parameters") or {"type": "object", "properties": {}}})
+        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"), f"tools[{i}].function"))
     stream = body.get("stream", True)
     _need(isinstance(stream, bool), "stream", "must be true or false")
     think = body.get("think")
@@ -2717,6 +2727,18 @@ class Codec:
         self.stream_type = "text/event-stream"
         self.boundary = _sse_boundary
         self.__dict__.update(fns)
+
+
+def decode_client_request(dialect, body, **kw):
+    """A client's body -> neutral request through its dialect's codec. The codecs name the field
+    they refuse; anything they did not foresee still becomes a 400 (never a 500) that says what."""
+    try:
+        return CODECS[dialect].decode_request(body, **kw)
+    except ApiError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ApiError(400, "invalid_request", f"body: a field has an unexpected type or value "
+                       f"({type(e).__name__}: {clean_text(e, 200)})") from None
 
 
 CODECS = {
@@ -5140,17 +5162,17 @@ def _skip_reason(caps, tools, images, tokens, max_tokens):
 
 def guess_dialect(body, headers):
     """The dialect of a request body seen without its path (for POST /v1/route)."""
-    if isinstance(body, dict) and "input" in body and "messages" not in body:
+    if not isinstance(body, dict):
+        return "openai"         # its decoder names what is wrong
+    msgs = body.get("messages") if isinstance(body.get("messages"), list) else []
+    if "input" in body and "messages" not in body:
         return "openai-responses"
-    if isinstance(body, dict) and ("prompt" in body or "options" in body or any(
-            isinstance(m, dict) and "images" in m for m in body.get("messages") or [])):
+    if "prompt" in body or "options" in body or any(isinstance(m, dict) and "images" in m for m in msgs):
         return "ollama"
-    if "anthropic-version" in headers or (isinstance(body, dict) and (
-            "system" in body or "stop_sequences" in body or "thinking" in body or any(
-                isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") or
-                isinstance(b, dict) and b.get("type") == "image" and "source" in b
-                for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
-                for b in m["content"]))):
+    if "anthropic-version" in headers or "system" in body or "stop_sequences" in body or "thinking" in body or any(
+            isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") or
+            isinstance(b, dict) and b.get("type") == "image" and "source" in b
+            for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list) for b in m["content"]):
         return "anthropic"
     return "openai"
 
@@ -6596,7 +6618,7 @@ class Router:
     def count_tokens(self, body, headers):
         """Anthropic count_tokens: asked of the provider when the target is an Anthropic model,
         estimated locally otherwise (or when the provider cannot answer)."""
-        req = anthropic_decode_request(body, count_only=True)
+        req = decode_client_request("anthropic", body, count_only=True)
         try:
             plan = plan_request(self.catalogue, self.health, req, body, headers)
         except ApiError:
@@ -6690,7 +6712,7 @@ class Router:
     def explain(self, body, headers):
         """POST /v1/route: where a request would go, without calling a provider."""
         dialect = guess_dialect(body, headers)
-        req = CODECS[dialect].decode_request(body)
+        req = decode_client_request(dialect, body)
         pin, _last = self.affinity.get(Affinity.key(req, headers), headers.get("x-router-route") or req["model"])
         return dict(self.plan(self.catalogue, req, body, headers, pin).explain(), dialect=dialect)
 
@@ -7199,7 +7221,7 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, {"reset": self.router.reset_health(body.get("provider"), body.get("model"))})
         if action == "show":
             return self._json(200, self.router.ollama_show(body))
-        req = CODECS[dialect].decode_request(body)
+        req = decode_client_request(dialect, body)
         ctx = Context(dialect, body, req, hdrs, self)
         if self.router.settings["log_prompts"] and ctx.collect is None:
             ctx.collect = []

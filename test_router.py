@@ -3010,6 +3010,62 @@ class HardeningTests(RouterCase):
                 self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:200])
                 self.assertIn(b"chunked", out)
 
+    def fuzz_bodies(self):
+        bodies = {d: client_body(d, "chat", False, tools=True, image="data:image/png;base64," + PNG_B64) for d in READERS}
+        bodies["openai"]["messages"] += [
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": "x"})}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        bodies["openai"]["reasoning_effort"] = "low"
+        bodies["anthropic"]["messages"] += [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "x"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}]
+        bodies["anthropic"]["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+        bodies["ollama"]["messages"] += [
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "x"}}}]},
+            {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+        bodies["openai-responses"]["input"] += [
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+        return bodies
+
+    def test_no_field_of_the_wrong_type_is_a_500(self):
+        """Every field of a realistic body of each dialect replaced by values of other types: the
+        answer is a 2xx or a 4xx in the client's format (with a field name), never a 500."""
+        def paths(o, p=()):
+            yield p
+            for k, v in (o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()):
+                yield from paths(v, p + (k,))
+        seen = 0
+        for dialect, body in self.fuzz_bodies().items():
+            for p in list(paths(body))[1:]:
+                for value in (5, [], {"a": 1}, None, True):
+                    b = json.loads(json.dumps(body))
+                    o = b
+                    for k in p[:-1]:
+                        o = o[k]
+                    o[p[-1]] = value
+                    seen += 1
+                    r = self.h.call("POST", "/v1/route", b)
+                    self.assertLess(r.status, 500, (dialect, p, value, r))
+        self.assertGreater(seen, 500)
+        # The ones found by fuzzing the generation endpoints, through a provider and back.
+        cases = [("openai", ("tools", 0, "function", "description"), 5), ("openai", ("tools", 0, "function", "parameters"), 5),
+                 ("openai", ("messages", 2, "tool_calls", 0, "id"), 7), ("openai", ("messages", 2, "tool_calls", 0, "function", "arguments"), 5),
+                 ("openai", ("reasoning_effort",), ["low"]), ("ollama", ("messages", 2, "tool_calls"), 5),
+                 ("anthropic", ("tools", 0, "description"), [1]), ("openai-responses", ("tools", 0, "description"), {"a": 1})]
+        for dialect, p, value in cases:
+            with self.subTest(dialect=dialect, path=p):
+                b = json.loads(json.dumps(self.fuzz_bodies()[dialect]))
+                o = b
+                for k in p[:-1]:
+                    o = o[k]
+                o[p[-1]] = value
+                r = self.post(dialect, b)
+                self.assertEqual(r.status, 400, r)
+                err = r.json()["error"]
+                self.assertTrue(str(p[-1]) in (err if isinstance(err, str) else err["message"]), err)
+
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
         self.assertEqual(r.status, 400)

@@ -44,6 +44,7 @@ import logging
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -185,6 +186,32 @@ def _num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+#: Model metadata fields and the form each must have (providers.json, and what a cache file gives).
+MODEL_META_FORMS = {
+    "context_window": (_positive_int, "a positive integer"),
+    "max_output": (_positive_int, "a positive integer"),
+    "tools": (lambda v: isinstance(v, bool), "true or false"),
+    "reasoning": (lambda v: isinstance(v, bool), "true or false"),
+    "chat": (lambda v: isinstance(v, bool), "true or false"),
+    "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image"}, "a list of \"text\" and \"image\""),
+    "cost": (lambda v: isinstance(v, dict) and all(k in ("input", "output", "cached") and _num(x) and x >= 0
+                                                   for k, x in v.items()),
+             "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens"),
+    "intents": (lambda v: isinstance(v, list) and set(v) <= {"code", "creative", "reasoning", "general"},
+                "a list of \"code\", \"creative\", \"reasoning\", \"general\""),
+}
+
+
+def clean_model_meta(meta):
+    """The well-formed part of model metadata read from a state file (anything else is dropped)."""
+    return {k: v for k, v in meta.items() if k in MODEL_META_FORMS and MODEL_META_FORMS[k][0](v)} \
+        if isinstance(meta, dict) else {}
+
+
 def validate_config(cfg, file):
     """Check the shape of a parsed providers.json. Raises ConfigError naming the first problem."""
     _check(isinstance(cfg, dict), file, "(top level)", "a JSON object with \"providers\" and \"routes\"")
@@ -214,17 +241,8 @@ def validate_config(cfg, file):
             _check(isinstance(models, dict), file, f"{at}.models", "an object mapping MODEL_ID to its metadata")
             for mid, meta in models.items():
                 _check(isinstance(meta, dict), file, f"{at}.models.{mid}", "an object (may be empty: {})")
-                for f in ("context_window", "max_output"):
-                    _check(f not in meta or (isinstance(meta[f], int) and meta[f] > 0), file,
-                           f"{at}.models.{mid}.{f}", "a positive integer")
-                for f in ("tools", "reasoning"):
-                    _check(f not in meta or isinstance(meta[f], bool), file, f"{at}.models.{mid}.{f}", "true or false")
-                _check("input" not in meta or (isinstance(meta["input"], list) and
-                                               set(meta["input"]) <= {"text", "image"}), file,
-                       f"{at}.models.{mid}.input", "a list of \"text\" and \"image\"")
-                _check("cost" not in meta or (isinstance(meta["cost"], dict) and all(
-                    k in ("input", "output", "cached") and _num(v) and v >= 0 for k, v in meta["cost"].items())),
-                    file, f"{at}.models.{mid}.cost", "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens")
+                for f, (ok, expected) in MODEL_META_FORMS.items():
+                    _check(f not in meta or ok(meta[f]), file, f"{at}.models.{mid}.{f}", expected)
         _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers", "an object of header: value")
         for f in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
             _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}", "a positive number of seconds")
@@ -2816,6 +2834,10 @@ class Provider:
                 want = self.key_vars[0] if self.key_vars else f"{self.env_prefix}_API_KEY"
                 self._disable(f"no API key (set {want} in the environment or .env)")
         url = urllib.parse.urlsplit(self.base_url)
+        # what /health and the log may show: the configured ${VAR} template (a URL built from
+        # variables may hold a secret), else the URL without user info or query
+        self.base_url_shown = cfg["base_url"] if "${" in str(cfg["base_url"]) else urllib.parse.urlunsplit(
+            (url.scheme, url.hostname + (f":{url.port}" if url.port else "") if url.hostname else "", url.path, "", ""))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError("providers.json", f"providers.{name}.base_url",
                               f"an http:// or https:// URL (got {self.base_url!r})")
@@ -2891,7 +2913,7 @@ class Provider:
 
     def public(self):
         """What /health may show: never a key."""
-        return {"name": self.name, "api": self.api, "base_url": self.base_url, "enabled": self.enabled,
+        return {"name": self.name, "api": self.api, "base_url": self.base_url_shown, "enabled": self.enabled,
                 "disabled_reason": self.disabled_reason}
 
 
@@ -4859,11 +4881,13 @@ class Health:
         elif (f.status in (402, 429) or f.quota) and idx is not None:
             self.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
 
-    def candidate_failed(self, cand, f, known, keyed):
+    def candidate_failed(self, cand, f, known, keys):
         """Every key of a candidate was tried and f was the last failure. Connection failures cool
         the provider; other failures the model (only a model the catalogue knows: made-up names
-        grow no state); a quota error on a provider with keys cools only those keys."""
-        if f.kind in ("context", "auth") or (f.quota and keyed) or (f.kind == "missing" and f.status != 404):
+        grow no state). A quota error on a provider with keys, or a 429 without Retry-After on one
+        with several (one client's burst), cools only the keys (key_failed did)."""
+        if f.kind in ("context", "auth") or (f.quota and keys) or (f.kind == "missing" and f.status != 404) or \
+                (f.status == 429 and f.retry_after is None and keys > 1):
             return            # (a 400 that names the model is about this request, not the model's health)
         if f.kind == "connect":
             self.fail(("provider", cand[0]), f.retry_after, error=f.reason)
@@ -6293,13 +6317,17 @@ class Router:
         try:
             with open(self.catalogue_file, encoding="utf-8") as f:
                 data = json.load(f)
-            models = data.get("providers") or {}
+            models = data.get("providers") if isinstance(data, dict) else None
+            if not isinstance(models, dict):
+                raise ValueError("no \"providers\" object in it")
+            cached = {p: {mid: clean_model_meta(meta) for mid, meta in m.items() if isinstance(mid, str) and mid}
+                      for p, m in models.items() if isinstance(p, str) and isinstance(m, dict)}
             with self.discovery.lock:
-                self.discovery.models = {p: dict(m) for p, m in models.items() if isinstance(m, dict)}
-            log.info("discovery: %d model(s) from the cache %s", sum(len(m) for m in models.values()), self.catalogue_file)
+                self.discovery.models = cached
+            log.info("discovery: %d model(s) from the cache %s", sum(len(m) for m in cached.values()), self.catalogue_file)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError) as e:
             log.warning("discovery: ignoring unreadable cache %s (%s)", self.catalogue_file, e)
 
     def save_catalogue_cache(self):
@@ -6330,13 +6358,16 @@ class Router:
     def load_state(self):
         try:
             with open(self.state_file, encoding="utf-8") as f:
-                n = self.health.restore(json.load(f), self._fingerprints())
+                data = json.load(f)
+            if not isinstance(data, dict) or not isinstance(data.get("breakers", []), list):
+                raise ValueError("expected an object with a \"breakers\" list")
+            n = self.health.restore(data, self._fingerprints())
             self.health.forget(self._known_breaker)
             log.info("health: restored %d breaker(s) from %s", n, self.state_file)
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, KeyError, TypeError, StopIteration) as e:
-            log.warning("health: ignoring unreadable state file %s (%s)", self.state_file, e)
+        except (OSError, ValueError) as e:
+            log.warning("health: ignoring unreadable state file %s (%s); starting with no breakers", self.state_file, e)
 
     def save_state(self):
         self._write(self.state_file, self.health.snapshot(self._fingerprints()))
@@ -6484,7 +6515,9 @@ class Router:
         fallback = None
         overflowed = 0          # the largest context window that was too small for this request
         missing = set()         # asked-for candidates whose provider said the model does not exist
-        for cand in plan.candidates:
+        for n, cand in enumerate(plan.candidates):
+            if n and ctx.writer.gone():
+                raise ClientGone("the client left while the router was failing over")
             pname, mid = cand
             prov = cat.providers[pname]
             known = cand in cat.caps
@@ -6530,7 +6563,7 @@ class Router:
                 return
             if failed is None:
                 continue
-            health.candidate_failed(cand, failed, known, bool(prov.keys))
+            health.candidate_failed(cand, failed, known, len(prov.keys))
             if failed.kind == "missing" and cand in plan.asked:
                 missing.add(cand)
                 if missing == plan.asked:     # a typo must not silently bill another model
@@ -7026,6 +7059,17 @@ class RouterHandler(BaseHTTPRequestHandler):
         if self.chunked:
             self._raw(b"0\r\n\r\n")
 
+    def gone(self):
+        """Whether the client has closed its side (an EOF is waiting on the socket): checked before
+        the router spends another candidate on a request nobody will read."""
+        if self.sent:
+            return False
+        try:
+            readable, _w, _x = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     # -- request handling ----------------------------------------------------------------------
     def _reset(self):
         self.sent = False
@@ -7359,7 +7403,7 @@ def cmd_check(router):
         results = [probe(p, i) for i in range(max(1, len(p.keys)))]
         for i, (ok, detail) in enumerate(results):
             rows.append((p.name, p.api, f"#{i + 1}" if p.keys else "(none)", "OK" if ok else "FAIL",
-                         detail if ok else f"{detail} -- check the key or base_url ({p.base_url})"))
+                         detail if ok else f"{detail} -- check the key or base_url ({p.base_url_shown})"))
         broken += not any(ok for ok, _d in results)
     print(f"config: {cat.source}")
     print(_table(rows, ("provider", "api", "key", "status", "detail")))
@@ -7536,7 +7580,8 @@ def main(argv=None):
     log.info("config: %s", cat.source)
     for p in cat.providers.values():
         if p.enabled:
-            log.info("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api, p.base_url, len(p.keys), len(p.models))
+            log.info("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api, p.base_url_shown, len(p.keys),
+                     len(p.models))
         else:
             log.info("provider %s: disabled: %s", p.name, p.disabled_reason)
     if not cat.enabled:

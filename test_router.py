@@ -11,6 +11,7 @@ test. Tests talk to a real router over real sockets.
 
 import ast
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -3065,6 +3066,62 @@ class HardeningTests(RouterCase):
                 self.assertEqual(r.status, 400, r)
                 err = r.json()["error"]
                 self.assertTrue(str(p[-1]) in (err if isinstance(err, str) else err["message"]), err)
+
+    def test_state_files_of_the_wrong_shape_are_a_warning_and_an_empty_state(self):
+        for health, catalogue in (("[1, 2, 3]", '{"providers": {"oa": {"gpt-test": "a string", "x": {"context_window": "big"}}}}'),
+                                  ("null", "[]"), ('{"breakers": {"a": 1}}', '{"providers": {"oa": 5}}'),
+                                  ('{"breakers": [{"key": 5}, {"key": ["oa"]}, "x"]}', "not json")):
+            with self.subTest(health=health, catalogue=catalogue), tempfile.TemporaryDirectory() as d:
+                for name, text in (("health.json", health), ("catalogue.json", catalogue)):
+                    with open(os.path.join(d, name), "w") as f:
+                        f.write(text)
+                with self.assertLogs(R.log, "WARNING") if health != '{"breakers": [{"key": 5}, {"key": ["oa"]}, "x"]}' \
+                        else contextlib.nullcontext():
+                    h = Harness(self.cfg, data_dir=d)
+                try:
+                    self.assertEqual(h.call("GET", "/health").status, 200)
+                    r = h.call("POST", "/v1/chat/completions", client_body("openai", "oa/x", False))
+                    self.assertEqual(r.status, 200, r)
+                finally:
+                    h.close()
+
+    def test_health_shows_a_url_made_of_variables_as_its_template(self):
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["providers"]["tpl"] = {"api": "openai", "base_url": "${TPL_URL}", "api_key": "k", "models": {"m": {}}}
+        cfg["providers"]["cred"] = {"api": "openai", "base_url": "https://user:hunter2@example.com/v1?token=abc",
+                                    "api_key": "k", "models": {"m": {}}}
+        h = Harness(cfg, {"TPL_URL": "https://proxy.example/v1?key=SECRET-IN-URL"})
+        self.addCleanup(h.close)
+        text = h.call("GET", "/health").body.decode()
+        self.assertNotIn("SECRET-IN-URL", text)
+        self.assertIn("${TPL_URL}", text)
+        self.assertNotIn("hunter2", text)
+        self.assertNotIn("token=abc", text)
+        self.assertIn("https://example.com/v1", text)
+
+    def test_a_429_without_retry_after_cools_the_key_not_the_model(self):
+        self.oa.push(Reply(status=429, body={"error": {"message": "slow down"}}))
+        r, _ = self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(r.headers["x-router-provider"], "pool", "the second key answered")
+        hl = self.h.router.health
+        now = time.monotonic()
+        self.assertGreater(hl.left(("key", "pool", 0), now), 0)
+        self.assertEqual(hl.left(("pool", "pooled"), now), 0, "other clients still get the model")
+        self.oa.push(Reply(status=429, body={"error": {"message": "slow down"}}))     # a one-key provider: the model
+        self.ask("openai", client_body("openai", "chat", False))
+        self.assertGreater(hl.left(("oa", "gpt-test"), time.monotonic()), 0)
+
+    def test_no_more_candidates_are_tried_once_the_client_has_left(self):
+        self.oa.push(Reply(stall="headers"))           # slow/sloth stalls past its 0.3 s first-byte timeout
+        s = socket.create_connection(("127.0.0.1", self.h.port))
+        body = json.dumps(client_body("openai", "slowfirst", False)).encode()
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(wait_until(lambda: len(self.oa.requests) == 1))
+        s.close()                                      # the client gives up while the first candidate stalls
+        self.assertTrue(wait_until(lambda: any(r["status"] == 499 for r in self.h.call(
+            "GET", "/v1/requests?limit=5").json()["data"])))
+        self.assertEqual(self.an.requests, [], "the next candidate was not called for nobody")
 
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)

@@ -83,6 +83,7 @@ DEFAULT_SETTINGS = {
     "intent_model": None,            # "PROVIDER/MODEL" asked for the intent when the rules are unsure
     "intent_model_below": 0.3,       # ... when their confidence is below this
     "intent_model_timeout": 1.5,     # ... within this many seconds (else the rules' answer stands)
+    "response_store_mb": 32.0,       # memory for Responses kept for previous_response_id (oldest go first)
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
     "discovery_interval": 60.0,      # seconds between two refreshes of a provider's model list
     "import_openclaw": True,         # import the providers of ~/.openclaw/openclaw.json
@@ -488,22 +489,25 @@ class SSEParser:
     """Incremental Server-Sent Events parser: feed bytes, get (event, data) pairs. Accepts \\n and
     \\r\\n, joins multi-line data, ignores comments."""
 
-    __slots__ = ("buf", "event", "data")
+    __slots__ = ("buf", "scanned", "event", "data")
 
     def __init__(self):
-        self.buf = b""
+        self.buf = bytearray()
+        self.scanned = 0          # bytes of buf already known to hold no newline
         self.event = None
         self.data = []
 
     def feed(self, chunk):
-        buf = self.buf + chunk if self.buf else chunk
+        """Linear in the bytes fed, however long a line grows before its newline arrives."""
+        buf = self.buf
+        buf += chunk
         out = []
         start = 0
         while True:
-            nl = buf.find(b"\n", start)
+            nl = buf.find(b"\n", max(start, self.scanned))
             if nl < 0:
                 break
-            line = buf[start:nl]
+            line = bytes(buf[start:nl])
             start = nl + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -521,7 +525,9 @@ class SSEParser:
                 self.data.append(value.decode("utf-8", "replace"))
             elif field == b"event":
                 self.event = value.decode("utf-8", "replace")
-        self.buf = buf[start:]
+        if start:
+            del buf[:start]
+        self.scanned = len(buf)
         return out
 
     def close(self):
@@ -529,7 +535,7 @@ class SSEParser:
         out = self.feed(b"\n\n") if self.buf else []
         if self.data:
             out.append((self.event, "\n".join(self.data)))
-        self.event, self.data, self.buf = None, [], b""
+        self.event, self.data, self.buf, self.scanned = None, [], bytearray(), 0
         return out
 
 
@@ -567,16 +573,17 @@ def fold_events(events, resp=None):
     resp = resp or {"id": None, "model": None, "content": [], "stop_reason": None,
                     "stop_sequence": None, "usage": empty_usage()}
     content = resp["content"]
+    pieces = {}          # id(part) -> [text pieces], joined at the end: folding stays linear
     for ev in events:
         kind = ev[0]
         if kind == "text":
             if content and content[-1]["type"] == "text":
-                content[-1]["text"] += ev[1]
+                pieces.setdefault(id(content[-1]), [content[-1]["text"]]).append(ev[1])
             else:
                 content.append({"type": "text", "text": ev[1]})
         elif kind == "thinking":
             if content and content[-1]["type"] == "thinking" and not content[-1].get("signature"):
-                content[-1]["text"] += ev[1]
+                pieces.setdefault(id(content[-1]), [content[-1]["text"]]).append(ev[1])
             else:
                 content.append({"type": "thinking", "text": ev[1]})
         elif kind == "signature":
@@ -602,6 +609,8 @@ def fold_events(events, resp=None):
             if ev[2]:
                 resp["usage"].update({k: v for k, v in ev[2].items() if v})
     for p in content:
+        if id(p) in pieces:
+            p["text"] = "".join(pieces[id(p)])
         if p["type"] == "tool_call" and "_args" in p:
             p["arguments"] = parse_args_json("".join(p.pop("_args")))
     return resp
@@ -2660,25 +2669,27 @@ class OllamaStreamDecoder:
     """Ollama NDJSON -> neutral events; the line with "done": true ends the stream."""
 
     def __init__(self, prov=None):
-        self.buf = b""
+        self.buf = bytearray()
         self.started = False
         self.ended = False
         self.saw_tool = False
 
     def feed(self, chunk):
-        data = self.buf + chunk
-        lines = data.split(b"\n")
-        self.buf = lines.pop()
+        self.buf += chunk
+        if b"\n" not in chunk:          # a line still arriving: linear, however long it grows
+            return []
+        lines = self.buf.split(b"\n")
+        self.buf = bytearray(lines.pop())
         out = []
         for line in lines:
-            self._line(line, out)
+            self._line(bytes(line), out)
         return out
 
     def close(self):
         out = []
         if self.buf.strip():
-            self._line(self.buf, out)
-        self.buf = b""
+            self._line(bytes(self.buf), out)
+        self.buf = bytearray()
         if not self.ended:
             self.ended = True
             out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
@@ -5602,18 +5613,21 @@ class Dispatcher:
                 return
             raise outcome
         try:
-            self._pipe(ctx, prov, conn, resp, same, t0)
+            self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"])
         except BaseException:
             conn.close()
             raise
 
-    def _source(self, prov, conn, resp, pc):
-        """Upstream reply -> (raw bytes, neutral events) as they arrive; SSE or a whole JSON body.
-        Read errors and stalls become an error event, so the caller decides what they mean."""
+    def _source(self, prov, conn, resp, pc, limit):
+        """Upstream reply -> (raw bytes, neutral events) as they arrive; SSE or a whole JSON body
+        (at most `limit` bytes: a whole reply is held in memory). Read errors and stalls become an
+        error event, so the caller decides what they mean."""
         ctype = resp.getheader("content-type") or ""
         if "event-stream" not in ctype and "ndjson" not in ctype:
             try:
-                data = resp.read()
+                data = resp.read(limit + 1)
+                if len(data) > limit:
+                    raise ValueError(f"larger than max_body_bytes ({limit} bytes)")
                 obj = json.loads(data)
                 if not isinstance(obj, (dict, list)):
                     raise ValueError("not a JSON object")
@@ -5638,9 +5652,9 @@ class Dispatcher:
                 return
             yield chunk, decoder.feed(chunk)
 
-    def _pipe(self, ctx, prov, conn, resp, same, t0):
+    def _pipe(self, ctx, prov, conn, resp, same, t0, limit):
         pc = CODECS[prov.api]
-        source = self._source(prov, conn, resp, pc)
+        source = self._source(prov, conn, resp, pc, limit)
         held_raw, held = [], []
         committed = False
         for raw, evs in source:
@@ -6166,13 +6180,15 @@ def health_report(router):
 
 class ResponseStore:
     """Responses this router produced, for `previous_response_id`: kept in memory, at most `size`
-    of them and for `ttl` seconds. A stored entry is the conversation so far (system prompt and
-    neutral messages, the answer included)."""
+    of them, for `ttl` seconds and within `budget` bytes (oldest evicted first). A stored entry is
+    the conversation so far (system prompt and neutral messages, the answer included); an entry
+    shares the history it continues, so it is charged for what it adds."""
 
-    def __init__(self, size=1000, ttl=3600.0):
+    def __init__(self, size=1000, ttl=3600.0, budget=32 << 20):
         self.lock = threading.Lock()
-        self.size, self.ttl = size, ttl
-        self.items = {}
+        self.size, self.ttl, self.budget = size, ttl, budget
+        self.items = {}        # id -> (time, system, messages, bytes)
+        self.bytes = 0
 
     def prepare(self, ctx):
         """Expand previous_response_id into the request's history; ask to keep the answer."""
@@ -6186,23 +6202,32 @@ class ResponseStore:
                                f"keeps the responses it produced for {self.ttl / 60:g} minutes (the last {self.size}), "
                                "only when the request did not say \"store\": false; send the whole conversation "
                                "in `input` instead", param="previous_response_id")
-            _t, system, messages = entry
-            ctx.req = req = dict(req, system=req["system"] or system, messages=messages + req["messages"])
+            _t, system, messages, _n = entry
+            new = req["messages"]
+            ctx.req = req = dict(req, system=req["system"] or system, messages=messages + new)
             ctx.passthrough = False
+        else:
+            new = req["messages"]
         if req.get("store"):
             ctx.collect = []
-            ctx.on_complete = lambda: self.keep(ctx)
+            ctx.on_complete = lambda: self.keep(ctx, new)
 
-    def keep(self, ctx):
+    def keep(self, ctx, new):
         resp = fold_events(ctx.collect)
         rid = resp["id"] if ctx.same else ctx.req["response_id"]
         if not rid:
             return
         turn = {"role": "assistant", "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}
+        size = len(dumps(new)) + len(dumps(turn["content"])) + len(dumps(ctx.req["system"]))
         with self.lock:
-            self.items[rid] = (time.monotonic(), ctx.req["system"], ctx.req["messages"] + [turn])
-            while len(self.items) > self.size:
-                del self.items[next(iter(self.items))]
+            old = self.items.pop(rid, None)
+            self.bytes -= old[3] if old else 0
+            self.items[rid] = (time.monotonic(), ctx.req["system"], ctx.req["messages"] + [turn], size)
+            self.bytes += size
+            while self.items and (len(self.items) > self.size or self.bytes > self.budget):
+                _id, (_t, _s, _m, n) = next(iter(self.items.items()))
+                del self.items[_id]
+                self.bytes -= n
 
 
 class Router:
@@ -6227,7 +6252,7 @@ class Router:
         self._intent_lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._forced_at = -1e9
-        self.responses = ResponseStore()
+        self.responses = ResponseStore(budget=int(self.settings["response_store_mb"] * (1 << 20)))
         self.metrics = Metrics()
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings, self.metrics, log_format)
         self._stop = threading.Event()
@@ -6491,6 +6516,7 @@ class Router:
             self.health.forget(self._known_breaker)
             with self._intent_lock:
                 self._intent_cache.clear()
+            self.responses.budget = int(cat.settings["response_store_mb"] * (1 << 20))
             self.log.settings = cat.settings
             self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))

@@ -2980,7 +2980,8 @@ class HardeningTests(RouterCase):
         self.ask("openai", client_body("openai", "chat", False, text="after the bad row"))
         self.assertTrue(wait_until(lambda: len(self.rows()) >= before + 3), "the writer thread is still alive")
         self.assertTrue(self.h.router.log.thread.is_alive())
-        self.assertIn("\ufffd", self.rows()[before + 1]["prompt"], "lone surrogates are replaced at decode")
+        prompts = [r["prompt"] for r in self.rows() if r["prompt"] and "mid-emoji" in r["prompt"]]
+        self.assertEqual(prompts, ["cut \ufffd mid-emoji"], "lone surrogates are replaced at decode")
 
     def test_framing_is_strict_and_an_unread_body_never_becomes_a_request(self):
         smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -3122,6 +3123,52 @@ class HardeningTests(RouterCase):
         self.assertTrue(wait_until(lambda: any(r["status"] == 499 for r in self.h.call(
             "GET", "/v1/requests?limit=5").json()["data"])))
         self.assertEqual(self.an.requests, [], "the next candidate was not called for nobody")
+
+    def test_parsers_and_folding_stay_linear_and_correct(self):
+        p = R.SSEParser()
+        for _ in range(2000):                          # one line of 2 MB arriving 1 KB at a time
+            self.assertEqual(p.feed(b"x" * 1024), [])
+            self.assertEqual(p.scanned, len(p.buf), "bytes already scanned are never scanned again")
+        self.assertEqual(p.feed(b"\n\n"), [])                                   # a line that is not a field
+        self.assertEqual(p.feed(b"data: " + b"y" * 5000 + b"\n\n"), [(None, "y" * 5000)])
+        d = R.OllamaStreamDecoder()
+        for _ in range(500):
+            self.assertEqual(d.feed(b" " * 1024), [])
+        self.assertIsInstance(d.buf, bytearray)
+        events = [("start", {"id": "x", "model": "m"})] + [("text", "ab")] * 50000 + [("end", "end_turn", None, None)]
+        self.assertEqual(R.fold_events(events)["content"], [{"type": "text", "text": "ab" * 50000}])
+
+    def test_a_whole_upstream_reply_is_capped_at_max_body_bytes(self):
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["settings"] = dict(cfg["settings"], max_body_bytes=65536)
+        h = Harness(cfg)
+        self.addCleanup(h.close)
+        self.oa.push(Reply(text="z" * 200000))
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False))
+        self.assertEqual(r.headers.get("x-router-provider"), "oa2", r)        # failed over, not buffered
+        rows = wait_rows(h, lambda rs: rs and rs[0]["attempts"])
+        self.assertIn("larger than max_body_bytes", rows[0]["attempts"][0]["reason"])
+
+    def test_the_responses_store_keeps_within_its_byte_budget(self):
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["settings"] = dict(cfg["settings"], response_store_mb=0.01)       # about 10 KB
+        h = Harness(cfg)
+        self.addCleanup(h.close)
+        ids = []
+        for i in range(4):
+            body = dict(client_body("openai-responses", "an/claude-test", False, text=f"{i} " + "w" * 4000), store=True)
+            r = h.call("POST", "/v1/responses", body)
+            self.assertEqual(r.status, 200, r)
+            ids.append(r.json()["id"])
+        store = h.router.responses
+        self.assertLessEqual(store.bytes, store.budget)
+        self.assertLess(len(store.items), 4, "the oldest were evicted")
+        follow = dict(client_body("openai-responses", "an/claude-test", False, text="go on"), previous_response_id=ids[0])
+        r = h.call("POST", "/v1/responses", follow)
+        self.assertEqual(r.status, 400)
+        self.assertIn("previous_response_id", r.json()["error"]["message"])
+        follow["previous_response_id"] = ids[-1]
+        self.assertEqual(h.call("POST", "/v1/responses", follow).status, 200, "the newest is kept")
 
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -74,6 +75,8 @@ DEFAULT_SETTINGS = {
     "idle_timeout": 300.0,           # longest silence allowed inside a provider's stream
     "client_header_timeout": 30.0,   # a client must send its request headers within this
     "client_body_timeout": 60.0,     # ... and its body with no gap longer than this
+    "client_body_deadline": 300.0,   # ... and all of it within this
+    "max_connections": 0,            # open client connections at most; 0: sized to the file limit (<= 512)
     "max_body_bytes": 32 * 1024 * 1024,
     "cooldown_seconds": 30.0,        # first cooldown of a failed candidate (doubles, capped)
     "max_cooldown_seconds": 600.0,
@@ -94,7 +97,7 @@ DEFAULT_SETTINGS = {
     "verify_tls": True,
 }
 
-ZERO_OK_SETTINGS = {"probe_seconds"}   # numeric settings where 0 means "off"
+ZERO_OK_SETTINGS = {"probe_seconds", "max_connections"}   # numeric settings where 0 means off / automatic
 
 #: Keys a provider entry may carry (anything else is a config error: typos must not pass).
 PROVIDER_KEYS = {
@@ -281,7 +284,7 @@ def validate_config(cfg, file):
             _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers, file,
                    f"settings.{k}", f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
         elif k in ZERO_OK_SETTINGS:
-            _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more (0 turns it off)")
+            _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more")
         else:
             _check(_num(v) and v > 0, file, f"settings.{k}", "a positive number")
     return cfg
@@ -7040,6 +7043,10 @@ class RouterHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connection.settimeout(self.router.settings["client_header_timeout"])
 
+    def handle_one_request(self):
+        self.server.phase(self.connection, "wait")        # the next request's line and headers
+        super().handle_one_request()
+
     def log_message(self, fmt, *args):   # no per-request stderr line on the hot path
         pass
 
@@ -7148,6 +7155,13 @@ class RouterHandler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.router.settings["client_body_timeout"])
         kind, n = self.framing
         self.body_read = True
+        self.server.phase(self.connection, "body")
+        try:
+            return self._read_framed(kind, n, limit)
+        finally:
+            self.server.phase(self.connection, "busy")
+
+    def _read_framed(self, kind, n, limit):
         if kind == "chunked":
             parts, total = [], 0
             while True:
@@ -7185,6 +7199,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         return data
 
     def _dispatch(self):
+        self.server.phase(self.connection, "busy")
         with self.server.active_lock:
             self.server.active += 1
         try:
@@ -7310,16 +7325,117 @@ class RouterHandler(BaseHTTPRequestHandler):
             self.router.record(ctx)
 
 
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)     # the thread reading it wakes up and ends
+    except OSError:
+        pass
+
+
+def default_max_connections():
+    """Sized to the process's file limit (each connection may hold an upstream one too), at most 512."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 512
+    return 512 if soft == resource.RLIM_INFINITY else max(16, min(512, (soft - 64) // 2))
+
+
 class RouterServer(ThreadingHTTPServer):
-    """Thread per connection, a deep listen backlog, and no tracebacks for clients that hang up."""
+    """Thread per connection, a deep listen backlog, and no tracebacks for clients that hang up.
+
+    Connections are counted (at most settings.max_connections, default sized to the file limit)
+    and each is in one phase: "wait" (for its next request's line and headers), "body" or "busy".
+    At the cap, the connection that has waited longest is closed to make room; only when every
+    connection has a request in flight is a new one answered 503 and closed. A reaper closes
+    connections whose headers take longer than client_header_timeout in all, or whose body takes
+    longer than client_body_deadline. When the process runs out of file descriptors, accepting
+    backs off instead of spinning."""
 
     daemon_threads = True
     request_queue_size = 512
     allow_reuse_address = True
     block_on_close = False
 
-    active = 0                 # requests being handled right now (for a graceful stop)
-    active_lock = threading.Lock()
+    def __init__(self, address, handler, router):
+        self.router = router
+        self.conns = {}                 # socket -> [phase, since]
+        self.conn_lock = threading.Lock()
+        self.active = 0                 # requests being handled right now (for a graceful stop)
+        self.active_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._fd_warned = -1e9
+        super().__init__(address, handler)
+        threading.Thread(target=self._reap, name="sage-router-reaper", daemon=True).start()
+
+    @property
+    def max_connections(self):
+        return int(self.router.settings["max_connections"]) or default_max_connections()
+
+    def phase(self, sock, phase):
+        st = self.conns.get(sock)
+        if st is not None:
+            st[0], st[1] = phase, time.monotonic()
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                now = time.monotonic()
+                if now - self._fd_warned > 60:
+                    self._fd_warned = now
+                    log.warning("out of file descriptors (%s): accepting slows down; raise the limit "
+                                "(LimitNOFILE) or lower settings.max_connections", e.strerror)
+                time.sleep(0.1)
+            raise
+
+    def process_request(self, request, client_address):
+        full = False
+        with self.conn_lock:
+            if len(self.conns) >= self.max_connections:
+                waiting = [(st[1], s) for s, st in self.conns.items() if st[0] == "wait"]
+                if waiting:
+                    victim = min(waiting, key=lambda w: w[0])[1]
+                    del self.conns[victim]
+                    _shutdown(victim)
+                else:
+                    full = True
+            if not full:
+                self.conns[request] = ["wait", time.monotonic()]
+        if full:
+            body = dumps({"error": {"message": f"the router is at its limit of {self.max_connections} connections, "
+                                               "each with a request in flight; try again in a moment "
+                                               "(settings.max_connections)", "type": "server_error",
+                                    "code": "too_many_connections"}}).encode()
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.conn_lock:
+            self.conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def _reap(self):
+        while not self._closed.wait(0.25):
+            s, now = self.router.settings, time.monotonic()
+            with self.conn_lock:
+                late = [sock for sock, (phase, since) in self.conns.items()
+                        if (phase == "wait" and now - since > s["client_header_timeout"]) or
+                        (phase == "body" and now - since > s["client_body_deadline"])]
+            for sock in late:
+                _shutdown(sock)
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
 
     def drain(self, grace):
         """Wait until no request is in flight, at most `grace` seconds."""
@@ -7405,8 +7521,7 @@ def load_router(args):
 
 def serve(router, host, port):
     """Bind and return the server (not yet serving): tests call this, then serve_forever."""
-    server = RouterServer((host, port), make_handler(router))
-    server.router = router
+    server = RouterServer((host, port), make_handler(router), router)
     router.start()
     return server
 

@@ -3170,6 +3170,56 @@ class HardeningTests(RouterCase):
         follow["previous_response_id"] = ids[-1]
         self.assertEqual(h.call("POST", "/v1/responses", follow).status, 200, "the newest is kept")
 
+    def capped(self, **settings):
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["settings"] = dict(cfg["settings"], **settings)
+        h = Harness(cfg)
+        self.addCleanup(h.close)
+        return h
+
+    def test_at_the_connection_cap_the_longest_idle_makes_room_and_a_full_house_is_a_503(self):
+        h = self.capped(max_connections=4)
+        idle = [socket.create_connection(("127.0.0.1", h.port)) for _ in range(4)]
+        self.addCleanup(lambda: [s.close() for s in idle])
+        self.assertTrue(wait_until(lambda: len(h.server.conns) == 4))
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False))
+        self.assertEqual(r.status, 200, "a normal request is served at once")
+        idle[0].settimeout(5)
+        self.assertEqual(idle[0].recv(1), b"", "the connection idle longest was closed to make room")
+        # Every connection busy (a provider that stalls): a new one is told so and closed.
+        self.oa.chaos = lambda: Reply(stall="headers")
+        self.addCleanup(setattr, self.oa, "chaos", None)
+        busy = []
+        for i in range(4):
+            s = socket.create_connection(("127.0.0.1", h.port))
+            body = json.dumps(client_body("openai", "oa/gpt-test", False, text=f"busy {i}")).encode()
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(body), body))
+            busy.append(s)
+        self.addCleanup(lambda: [s.close() for s in busy])
+        self.assertTrue(wait_until(lambda: len(self.oa.requests) >= 4))
+        out = raw_exchange(h.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 503"), out[:100])
+        self.assertIn(b"max_connections", out)
+        self.oa.release.set()
+
+    def test_headers_have_a_total_deadline_not_just_a_gap_timeout(self):
+        h = self.capped(client_header_timeout=1)
+        s = socket.create_connection(("127.0.0.1", h.port))
+        self.addCleanup(s.close)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        s.settimeout(0.15)
+        start, closed = time.monotonic(), False
+        while time.monotonic() - start < 10 and not closed:
+            try:
+                s.sendall(b"X")                          # a byte every 0.15 s: never a gap of 1 s
+                closed = s.recv(1) == b""
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+        self.assertTrue(closed, "a trickling client is cut off after client_header_timeout in all")
+
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
         self.assertEqual(r.status, 400)
@@ -4251,7 +4301,7 @@ class ReloadTests(unittest.TestCase):
 
 
 class ProcessLifecycleTests(unittest.TestCase):
-    def start(self, cfg, extra_env=None):
+    def start(self, cfg, extra_env=None, nofile=None):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d, True)
         path = os.path.join(d, "providers.json")
@@ -4259,8 +4309,12 @@ class ProcessLifecycleTests(unittest.TestCase):
             json.dump(cfg, f)
         port = closed_port()
         env = dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent", **(extra_env or {}))
+        def limit():
+            if nofile:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config", path,
-                              "--env-file", os.devnull, "--data-dir", d], env=env,
+                              "--env-file", os.devnull, "--data-dir", d], env=env, preexec_fn=limit,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.addCleanup(p.stdout.close)
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
@@ -4273,6 +4327,29 @@ class ProcessLifecycleTests(unittest.TestCase):
             return call(port, "GET", "/health", timeout=1).status == 200
         except OSError:
             return False
+
+    def test_running_out_of_file_descriptors_backs_off_and_recovers(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k", "models": {"m": {}}}},
+               "routes": {"default": ["p/m"]}, "settings": {"max_connections": 1000}}
+        p, port, _d = self.start(cfg, nofile=64)
+        socks = []
+        for _ in range(80):                       # more than the process may hold, kept open
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                break
+        self.assertTrue(wait_until(lambda: not self._up(port), 10), "the router cannot accept any more")
+        for s in socks:
+            s.close()
+        self.assertTrue(wait_until(lambda: self._up(port), 20), "serving again once descriptors are free")
+        r = call(port, "POST", "/v1/chat/completions", client_body("openai", "m", False))
+        self.assertEqual(r.status, 200)
+        p.terminate()
+        out = p.communicate(timeout=20)[0]
+        self.assertIn("out of file descriptors", out)
+        self.assertLess(out.count("out of file descriptors"), 3, "said once a minute, not in a loop")
 
     def test_log_survives_kill_9(self):
         fake = FakeProvider("openai")

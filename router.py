@@ -77,6 +77,8 @@ DEFAULT_SETTINGS = {
     "client_body_timeout": 60.0,     # ... and its body with no gap longer than this
     "client_body_deadline": 300.0,   # ... and all of it within this
     "max_connections": 0,            # open client connections at most; 0: sized to the file limit (<= 512)
+    "allowed_hosts": [],             # Host names the router answers to without a key, beyond its own address
+    "allowed_origins": [],           # web origins (https://app.example) that may call it from a browser
     "max_body_bytes": 32 * 1024 * 1024,
     "cooldown_seconds": 30.0,        # first cooldown of a failed candidate (doubles, capped)
     "max_cooldown_seconds": 600.0,
@@ -280,6 +282,9 @@ def validate_config(cfg, file):
         want = DEFAULT_SETTINGS[k]
         if isinstance(want, bool):
             _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
+        elif isinstance(want, list):
+            _check(isinstance(v, list) and all(isinstance(x, str) and x for x in v), file, f"settings.{k}",
+                   "a list of strings")
         elif k == "intent_model":
             _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers, file,
                    f"settings.{k}", f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
@@ -7010,6 +7015,34 @@ def _replace_surrogates(obj):
     return root[0]
 
 
+#: The status page may not be framed by other sites, and runs only its own inline code.
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                           "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                                           "base-uri 'none'; form-action 'none'"}
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def host_allowed(host_header, listen, extra):
+    """Whether a request's Host names this router: a loopback name, the address it listens on,
+    a name in settings.allowed_hosts, or, when it listens on every address, any IP literal or
+    this machine's own name. A DNS name an attacker controls is none of these."""
+    name = host_header.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name[1:]
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    if name in ("localhost", "127.0.0.1", "::1", listen.lower()) or name in (h.lower() for h in extra):
+        return True
+    if listen not in WILDCARD_HOSTS:
+        return False
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
+        return True
+    except (OSError, ValueError):
+        return name in (socket.gethostname().lower(), socket.getfqdn().lower())
+
+
 def client_dialect(path, headers):
     """The dialect to answer in, from the path (and, for shared paths, the headers)."""
     if path.startswith(("/v1/messages", "/messages")):
@@ -7055,6 +7088,9 @@ class RouterHandler(BaseHTTPRequestHandler):
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
         for k, v in headers.items():
             lines.append(f"{k}: {v}")
+        if self.cors_origin:
+            lines.append(f"Access-Control-Allow-Origin: {header_value(self.cors_origin)}")
+            lines.append("Vary: Origin")
         if length is not None:
             lines.append(f"Content-Length: {length}")
         elif self.chunked:
@@ -7107,6 +7143,7 @@ class RouterHandler(BaseHTTPRequestHandler):
     def _reset(self):
         self.sent = False
         self.framing = ("none", 0)
+        self.cors_origin = None
         self.chunked = self.request_version != "HTTP/1.0"
 
     def _error(self, dialect, err):
@@ -7244,8 +7281,35 @@ class RouterHandler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
+    def _check_origin(self, hdrs):
+        """Browsers are the danger (a page the user visits can POST here, or reach the router
+        under a name of its own by DNS rebinding): without a router key, the Host must be one
+        the router answers to, and whatever the key, an Origin other than the router's own (its
+        status page) or one in settings.allowed_origins is refused. Clients that are not
+        browsers send no Origin, and `curl -d` keeps working whatever its Content-Type."""
+        s = self.router.settings
+        host = hdrs.get("host", "")
+        if not self.router.router_key and not host_allowed(host, self.server.server_address[0], s["allowed_hosts"]):
+            raise ApiError(403, "permission", f"Host {safe_text(host, 80)} is not one this router answers to "
+                           "(it listens on a local address; add the name to settings.allowed_hosts, or set "
+                           "SAGE_ROUTER_API_KEY)")
+        origin = hdrs.get("origin")
+        if origin is None:
+            return
+        same = urllib.parse.urlsplit(origin).netloc.lower() == host.lower() and origin.lower() != "null"
+        if same or origin in s["allowed_origins"] or "*" in s["allowed_origins"]:
+            self.cors_origin = None if same else origin
+            return
+        raise ApiError(403, "permission", f"Origin {safe_text(origin, 80)} may not use this router: web pages may "
+                       "only use it from its own status page (add the origin to settings.allowed_origins)")
+
     def _route(self, path, hdrs, dialect):
         method = self.command
+        self._check_origin(hdrs)
+        if method == "OPTIONS" and self.cors_origin:        # a CORS preflight from an allowed origin
+            return self.send(204, {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+                                   "Access-Control-Allow-Headers": hdrs.get("access-control-request-headers", "*"),
+                                   "Access-Control-Max-Age": "600"}, b"")
         if not path.startswith("/v1/") and "/v1" + path in POST_ROUTES:
             path = "/v1" + path
         if path == "/health" and method in ("GET", "HEAD"):
@@ -7255,7 +7319,8 @@ class RouterHandler(BaseHTTPRequestHandler):
                           "providers": [{"name": p["name"], "state": p["state"]} for p in report["providers"]]}
             return self._json(200, report)
         if path == "/" and method in ("GET", "HEAD"):
-            return self.send(200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"}, STATUS_PAGE)
+            return self.send(200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache", **PAGE_HEADERS},
+                             STATUS_PAGE)
         if not self._authorized():
             raise ApiError(401, "authentication", "missing or wrong router key: send it as "
                            "'Authorization: Bearer KEY' or 'x-api-key: KEY' (SAGE_ROUTER_API_KEY)")

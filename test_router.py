@@ -3220,6 +3220,43 @@ class HardeningTests(RouterCase):
                 closed = True
         self.assertTrue(closed, "a trickling client is cut off after client_header_timeout in all")
 
+    def test_web_pages_of_other_origins_and_rebound_names_cannot_use_the_router(self):
+        body = json.dumps(client_body("openai", "chat", False)).encode()
+        r = self.h.call("POST", "/v1/chat/completions", body, {"Content-Type": "text/plain",
+                                                               "Origin": "https://evil.example"})
+        self.assertEqual(r.status, 403)
+        self.assertIn("Origin", r.json()["error"]["message"])
+        self.assertEqual(self.oa.requests, [], "nothing ran on the user's keys")
+        for path in ("/v1/requests", "/health", "/"):
+            with self.subTest(path=path):
+                r = self.h.call("GET", path, headers={"Host": f"rebound.evil.example:{self.h.port}"})
+                self.assertEqual(r.status, 403, "DNS rebinding: a name the router does not answer to")
+        r = self.h.call("POST", "/v1/chat/completions", body, {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(r.status, 200, "curl -d (no Origin, any content type) works")
+        own = f"http://127.0.0.1:{self.h.port}"
+        r = self.h.call("POST", "/v1/route", body, {"Origin": own, "Host": f"127.0.0.1:{self.h.port}"})
+        self.assertEqual(r.status, 200, "the status page's own calls")
+        page = self.h.call("GET", "/")
+        self.assertEqual(page.headers["x-frame-options"], "DENY")
+        self.assertIn("frame-ancestors 'none'", page.headers["content-security-policy"])
+
+    def test_allowed_origins_get_cors_and_a_keyed_router_answers_any_host(self):
+        cfg = json.loads(json.dumps(self.cfg))
+        cfg["settings"] = dict(cfg["settings"], allowed_origins=["https://app.example"], allowed_hosts=["router.lan"])
+        h = Harness(cfg)
+        self.addCleanup(h.close)
+        r = h.call("OPTIONS", "/v1/chat/completions", headers={"Origin": "https://app.example",
+                                                               "Access-Control-Request-Headers": "content-type"})
+        self.assertEqual(r.status, 204)
+        self.assertEqual(r.headers["access-control-allow-origin"], "https://app.example")
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False), {"Origin": "https://app.example"})
+        self.assertEqual((r.status, r.headers["access-control-allow-origin"]), (200, "https://app.example"))
+        self.assertEqual(h.call("GET", "/health", headers={"Host": "router.lan:8790"}).status, 200)
+        keyed = Harness(self.cfg, {"SAGE_ROUTER_API_KEY": "k1"})
+        self.addCleanup(keyed.close)
+        r = keyed.call("GET", "/v1/models", headers={"Host": "sage-router:8790", "Authorization": "Bearer k1"})
+        self.assertEqual(r.status, 200, "with a key, a compose service name as Host is fine")
+
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
         self.assertEqual(r.status, 400)

@@ -6068,11 +6068,11 @@ class RequestLog:
             return
         where = f"{row['provider']}/{row['model']}" if row["provider"] else "-"
         ttfb = f" ttfb {row['ttfb_ms']:.0f} ms" if row["ttfb_ms"] is not None else ""
-        err = f" error: {clean_text(row['error'])}" if row["error"] else ""
+        err = f" error: {clean_text(row['error'], 2000)}" if row["error"] else ""
         log.info("%s %s -> %s %s %.0f ms%s in %s out %s $%.6f attempts %d intent %s route %s%s",
                  row["dialect"], clean_text(row["requested"]), where, row["status"], row["latency_ms"], ttfb,
                  row["input_tokens"] or 0, row["output_tokens"] or 0, row["cost"] or 0, fields["attempts"],
-                 row["intent"], row["route"], err)
+                 row["intent"] or "-", row["route"] or "-", err)
 
     # -- reading (on the request's thread, each call with its own connection) ---------------------
     def _read(self, sql, args=()):
@@ -7371,14 +7371,23 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, {"reset": self.router.reset_health(body.get("provider"), body.get("model"))})
         if action == "show":
             return self._json(200, self.router.ollama_show(body))
-        req = decode_client_request(dialect, body)
+        try:
+            req = decode_client_request(dialect, body)
+        except ApiError as e:              # refused at decode: still a row in the request log
+            model = body.get("model") if isinstance(body, dict) else None
+            ctx = Context(dialect, body, {"stream": False, "messages": [],
+                                          "model": clean_text(model, 256) if isinstance(model, str) else None},
+                          hdrs, self)
+            ctx.status, ctx.error = e.status, e.message[:2000]
+            self.router.record(ctx)
+            raise
         ctx = Context(dialect, body, req, hdrs, self)
         if self.router.settings["log_prompts"] and ctx.collect is None:
             ctx.collect = []
         try:
             self.router.generate(ctx)
         except ApiError as e:
-            ctx.status, ctx.error = e.status, e.message[:300]
+            ctx.status, ctx.error = e.status, e.message[:2000]
             raise
         except ClientGone:
             ctx.status, ctx.error = 499, "the client closed the connection"
@@ -7534,6 +7543,7 @@ def build_parser():
                "reset [PROVIDER[/MODEL]] closes circuit breakers by hand (all of them without an argument); "
                "systemd-unit prints a systemd unit for this install.")
     ap.add_argument("command", nargs="?", default="serve", choices=COMMANDS, help="what to do (default: serve)")
+    ap.add_argument("--version", action="version", version=f"Sage Router {__version__}")
     ap.add_argument("text", nargs="*", help="for route: the prompt; for reset: PROVIDER or PROVIDER/MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
@@ -7759,7 +7769,7 @@ def setup_logging(level, fmt):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)     # options may come before or after the text
     setup_logging(args.log_level if args.command == "serve" else "warning", args.log_format)
     if args.command == "systemd-unit":
         print(systemd_unit(args, args.user), end="")
@@ -7775,6 +7785,9 @@ def main(argv=None):
         try:
             return {"check": lambda: cmd_check(router), "models": lambda: cmd_models(router),
                     "route": lambda: cmd_route(router, " ".join(args.text), args.model)}[args.command]()
+        except BrokenPipeError:            # `router.py route ... | head -1`: the reader left; so do we
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         finally:
             router.close()
     if args.host not in LOOPBACK and not router.router_key and not args.allow_no_auth:

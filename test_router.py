@@ -3257,6 +3257,22 @@ class HardeningTests(RouterCase):
         r = keyed.call("GET", "/v1/models", headers={"Host": "sage-router:8790", "Authorization": "Bearer k1"})
         self.assertEqual(r.status, 200, "with a key, a compose service name as Host is fine")
 
+    def test_the_log_line_of_a_failed_request_is_whole_and_says_no_none(self):
+        cat = self.h.router.catalogue
+        cat.strict = True
+        self.addCleanup(setattr, cat, "strict", False)
+        with self.assertLogs(R.log, "INFO") as logs:
+            self.post("openai", client_body("openai", "no-such-model-" + "x" * 200, False))
+            self.post("openai", client_body("openai", "too-long-" + "y" * 300, False))
+            self.assertTrue(wait_until(lambda: sum(" -> - " in l for l in logs.output) >= 2), logs.output)
+        unknown = next(l for l in logs.output if "no-such-model" in l and " -> - 404" in l)
+        self.assertNotIn("None", unknown)
+        self.assertIn("intent - route - error:", unknown)
+        self.assertIn("Available:", unknown, "the error is not cut at 300 characters")
+        refused = next(l for l in logs.output if "too-long-" in l and " -> - 400" in l)
+        self.assertIn("intent - route - error: model: is longer than 256 characters", refused,
+                      "a request refused at decode is in the log too")
+
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
         self.assertEqual(r.status, 400)
@@ -4462,6 +4478,30 @@ class CommandTests(unittest.TestCase):
         return subprocess.run([sys.executable, os.path.join(HERE, "router.py")] + args + extra +
                               ["--env-file", os.devnull, "--data-dir", d], capture_output=True, text=True,
                               timeout=60, env=full_env, cwd=d)
+
+    def test_route_takes_options_before_the_text_survives_a_closed_pipe_and_there_is_a_version(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"good": {"api": "openai", "base_url": fake.base_url, "api_key": "k1", "models": {"m": {}}}},
+               "routes": {"code": ["good/m"], "default": ["good/m"]}}
+        r = self.run_cmd(["route", "--model", "code", "Fix the failing test in parser.py"], cfg)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("route: code", r.stdout)
+        r = self.run_cmd(["--version"])
+        self.assertEqual((r.returncode, r.stdout.strip()), (0, f"Sage Router {R.__version__}"))
+        path = os.path.join(tempfile.mkdtemp(), "p.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "route", "Fix the failing test",
+                              "--config", path, "--env-file", os.devnull, "--data-dir", os.path.dirname(path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent"))
+        p.stdout.readline()
+        p.stdout.close()                          # like `| head -1`
+        err = p.stderr.read()
+        p.stderr.close()
+        p.wait(30)
+        self.assertNotIn("Traceback", err)
 
     def test_check_models_route(self):
         good, bad = FakeProvider("openai"), FakeProvider("anthropic")

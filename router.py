@@ -50,6 +50,7 @@ import signal
 import socket
 import sqlite3
 import socketserver
+import subprocess
 import ssl
 import sys
 import threading
@@ -183,6 +184,23 @@ def default_data_dir():
     return os.path.join(base, "sage-router")
 
 
+def private_dir(path):
+    """Create the data directory 0700 (one that exists is left as it is: it may be shared)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def open_private(path, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
+    """Open (creating it 0600) a state file; one an older version left readable by others is
+    tightened. Returns the descriptor."""
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        pass                         # not ours to change (a shared data directory): keep going
+    return fd
+
+
 def _check(cond, file, key, expected):
     if not cond:
         raise ConfigError(file, key, expected)
@@ -308,9 +326,19 @@ def load_env(env_file, explicit):
     if os.path.exists(path):
         try:
             with open(path, encoding="utf-8") as f:
+                mode = os.fstat(f.fileno()).st_mode
                 env.update(parse_dotenv(f.read()))
+            if mode & 0o006:
+                log.warning(".env: %s can be read or changed by every user on this machine (mode %03o) and it "
+                            "holds your keys: chmod 600 %s (or 640 with the router's group)", path, mode & 0o777, path)
         except OSError as e:
-            raise ConfigError(path, "(file)", f"a readable .env file ({e.strerror})")
+            # systemd's EnvironmentFile= and docker --env-file read it as root and put the variables
+            # in the environment; a router running as its own user then cannot (and need not) read it
+            why = ("it is a directory (Docker makes one where a bind-mounted file did not exist: create "
+                   "the file on the host, then recreate the container)" if os.path.isdir(path) else e.strerror or e)
+            log.warning(".env: cannot read %s (%s); using the variables of the environment only. If a "
+                        "provider's key is then missing, let the router's user read the file (chgrp it to "
+                        "that user's group and chmod 640)", path, why)
     elif explicit:
         raise ConfigError(path, "(file)", "an existing .env file (given with --env-file)")
     env.update(os.environ)
@@ -2914,7 +2942,19 @@ class Provider:
         pools = [f"{self.env_prefix}_API_KEYS"] + [v + "S" for v in used if v.endswith("_KEY")]
         for var in pools:
             self.keys += [k.strip() for k in env.get(var, "").split(",") if k.strip()]
-        self.keys = list(dict.fromkeys(self.keys))
+        self.keys = list(dict.fromkeys(self._unquote(k) for k in self.keys))
+
+    def _unquote(self, key):
+        """docker --env-file and compose env_file keep quotes and inline comments literally: a
+        quoted key loses its quotes; a key with spaces is reported (never shown)."""
+        if len(key) > 1 and key[0] == key[-1] and key[0] in "'\"":
+            log.warning("provider %s: a key (from %s) is wrapped in quotes; using it without them (docker's "
+                        "--env-file keeps quotes: write KEY=value there)", self.name, ", ".join(self.key_vars) or "api_key")
+            key = key[1:-1]
+        if any(c.isspace() for c in key):
+            log.warning("provider %s: a key (from %s) contains a space, so the provider will refuse it (an inline "
+                        "comment that docker's --env-file kept?)", self.name, ", ".join(self.key_vars) or "api_key")
+        return key
 
     def auth_headers(self, key):
         h = {"Content-Type": "application/json", "User-Agent": f"sage-router/{__version__}"}
@@ -5973,7 +6013,10 @@ class RequestLog:
             self.thread = None
 
     def _connect(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        private_dir(os.path.dirname(self.path))
+        for suffix in ("", "-wal", "-shm"):      # SQLite gives its journal files the database's mode
+            if suffix == "" or os.path.exists(self.path + suffix):
+                os.close(open_private(self.path + suffix, os.O_RDWR | os.O_CREAT))
         db = sqlite3.connect(self.path, timeout=10)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -6369,8 +6412,8 @@ class Router:
     def _write(self, path, obj):
         tmp = path + ".tmp"
         try:
-            os.makedirs(self.data_dir, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
+            private_dir(self.data_dir)
+            with os.fdopen(open_private(tmp), "w", encoding="utf-8") as f:
                 f.write(dumps(obj))
             os.replace(tmp, path)
         except OSError as e:
@@ -7546,7 +7589,12 @@ def build_parser():
     ap.add_argument("--version", action="version", version=f"Sage Router {__version__}")
     ap.add_argument("text", nargs="*", help="for route: the prompt; for reset: PROVIDER or PROVIDER/MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    def port(v):
+        if not str(v).isdigit() or int(v) > 65535:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a port number 0-65535 (from --port or $SAGE_ROUTER_PORT)")
+        return int(v)
+    ap.add_argument("--port", type=port, default=os.environ.get("SAGE_ROUTER_PORT") or DEFAULT_PORT,
+                    help=f"port (default $SAGE_ROUTER_PORT, else {DEFAULT_PORT})")
     ap.add_argument("--config", default=None, help="providers.json (default ./providers.json, else beside router.py)")
     ap.add_argument("--env-file", default=None, help=".env file (default ./.env, else beside router.py)")
     ap.add_argument("--data-dir", default=None, help="state directory (default $XDG_STATE_HOME/sage-router "
@@ -7713,16 +7761,61 @@ def cmd_reset(args, env, target):
     return 0
 
 
+def open_to_all(path, bit):
+    """True when every user may use `path`: `bit` (0o001 run, 0o004 read) on the file itself and
+    the right to enter each folder above it (symlinks resolved)."""
+    path = os.path.realpath(path)
+    try:
+        if not os.stat(path).st_mode & bit:
+            return False
+        while path != os.path.dirname(path):
+            path = os.path.dirname(path)
+            if not os.stat(path).st_mode & 0o001:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def service_python(exe):
+    """(interpreter for ExecStart, why not `exe` or None): the service's own user must be able to
+    run it, which a pyenv or venv python under /root or a home folder often is not."""
+    if open_to_all(exe, 0o001):
+        return exe, None
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if open_to_all(cand, 0o001):
+            try:
+                ok = subprocess.run([cand, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
+                                    capture_output=True, timeout=20).returncode == 0
+            except (OSError, subprocess.SubprocessError):
+                ok = False
+            if ok:
+                return cand, f"{exe} cannot be run by other users, so the unit uses {cand}"
+    return "/usr/bin/env python3", (f"{exe} cannot be run by other users, so the unit uses the python3 on "
+                                    "PATH; it must be Python 3.10 or newer")
+
+
 def systemd_unit(args, user=None):
-    """A hardened systemd unit for this install (its own user, read-only system, state in
-    StateDirectory, the .env beside router.py as EnvironmentFile)."""
+    """(A hardened systemd unit for this install, notes for the user): its own user, read-only
+    system, state in a 0700 StateDirectory, an interpreter and a router.py that user can reach,
+    room for max_connections' files. The router reads the .env beside it itself (no
+    EnvironmentFile=: variables systemd put in the environment would win over the file, so a key
+    changed in .env would need a restart instead of `systemctl reload`)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "router.py")
     user = user or "sage-router"
+    python, note = service_python(sys.executable)
+    notes = [note] if note else []
+    if not open_to_all(script, 0o004):
+        notes.append(f"{script} cannot be read by other users (a folder on its way is private), so the "
+                     f"service user {user} cannot start it: copy router.py and providers.json to a folder "
+                     "such as /opt/sage-router and run systemd-unit from there")
     flags = [f"--host {args.host}", f"--port {args.port}", "--data-dir /var/lib/sage-router"]
     if args.config:
         flags.append(f"--config {os.path.abspath(args.config)}")
-    return f"""# /etc/systemd/system/sage-router.service  (sudo useradd --system --no-create-home {user})
-[Unit]
+    comments = "".join(f"# note: {n}\n" for n in notes)
+    unit = f"""# /etc/systemd/system/sage-router.service  (sudo useradd --system --no-create-home {user})
+{comments}[Unit]
 Description=Sage Router: one local endpoint for every model
 After=network-online.target
 Wants=network-online.target
@@ -7732,17 +7825,19 @@ Type=simple
 User={user}
 Group={user}
 WorkingDirectory={here}
-EnvironmentFile=-{os.path.join(here, '.env')}
-ExecStart={sys.executable} {os.path.join(here, 'router.py')} {' '.join(flags)}
+ExecStart={python} {script} {' '.join(flags)}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
 TimeoutStopSec=40
+LimitNOFILE=4096
 StateDirectory=sage-router
+StateDirectoryMode=0700
+UMask=0077
 NoNewPrivileges=true
 ProtectSystem=strict
 ProtectHome=read-only
-ReadWritePaths=/var/lib/sage-router {here}
+ReadWritePaths=/var/lib/sage-router
 PrivateTmp=true
 PrivateDevices=true
 ProtectKernelTunables=true
@@ -7757,6 +7852,7 @@ CapabilityBoundingSet=
 [Install]
 WantedBy=multi-user.target
 """
+    return unit, notes
 
 
 def setup_logging(level, fmt):
@@ -7772,7 +7868,10 @@ def main(argv=None):
     args = build_parser().parse_intermixed_args(argv)     # options may come before or after the text
     setup_logging(args.log_level if args.command == "serve" else "warning", args.log_format)
     if args.command == "systemd-unit":
-        print(systemd_unit(args, args.user), end="")
+        unit, notes = systemd_unit(args, args.user)
+        for n in notes:
+            print(f"sage-router: note: {n}", file=sys.stderr)
+        print(unit, end="")
         return 0
     try:
         if args.command == "reset":     # the running router needs only the key: a broken config must not stop this

@@ -10,6 +10,7 @@ test. Tests talk to a real router over real sockets.
 """
 
 import ast
+import atexit
 import base64
 import contextlib
 import http.client
@@ -18,6 +19,8 @@ import json
 import logging
 import os
 import queue
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +38,30 @@ import router as R  # noqa: E402
 R.log.addHandler(logging.NullHandler())   # keep expected warnings out of the test output
 _STDLIB_PARSE_HEADERS = http.client.parse_headers
 R.install_fast_header_parser()              # as router.py's main() does: the suite runs what ships
+
+
+# Hermetic: nothing of the user's shell reaches a router built in this process (load_env merges
+# os.environ): no keys, no router key, no base URLs, no OpenClaw config, no data directory.
+for _k in [k for k in os.environ if k.startswith(("SAGE_ROUTER_", "OLLAMA_", "OPENCLAW_"))
+           or k.endswith(("_API_KEY", "_API_KEYS", "_BASE_URL", "_ENABLED"))]:
+    del os.environ[_k]
+os.environ["OPENCLAW_CONFIG_PATH"] = "/nonexistent/openclaw.json"
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="sage-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
+
+
+def router_env(**extra):
+    """The environment of a router the tests start as a process: none of the user's variables
+    (keys, SAGE_ROUTER_*), a HOME and XDG_STATE_HOME of its own (so no ~/.openclaw, no data
+    directory of the user's), plus `extra`. With --env-file and --config always given, a test
+    never reads the user's .env or an edited providers.json either."""
+    home = tempfile.mkdtemp(prefix="sage-test-home-")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "LANG": "C.UTF-8",
+           "XDG_STATE_HOME": os.path.join(home, "state"), "OPENCLAW_CONFIG_PATH": "/nonexistent/openclaw.json"}
+    env.update(extra)
+    atexit.register(shutil.rmtree, home, True)
+    return env
+
 
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
 
@@ -923,16 +950,18 @@ class ConfigTests(unittest.TestCase):
             p = os.path.join(d, "providers.json")
             with open(p, "w") as f:
                 f.write('{"providers": {"x": {"api": "openai", "base_url": 3}}}')
-            r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--config", p, "--port", "0"],
-                               capture_output=True, text=True, timeout=20, cwd=d)
+            r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--config", p, "--port", "0",
+                                "--env-file", os.devnull], capture_output=True, text=True, timeout=20, cwd=d,
+                               env=router_env())
             self.assertEqual(r.returncode, 2)
             self.assertIn(p, r.stderr)
             self.assertIn("providers.x.base_url", r.stderr)
             self.assertIn("URL", r.stderr)
             with open(p, "w") as f:
                 f.write('{"providers": ')
-            r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--config", p, "--port", "0"],
-                               capture_output=True, text=True, timeout=20, cwd=d)
+            r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--config", p, "--port", "0",
+                                "--env-file", os.devnull], capture_output=True, text=True, timeout=20, cwd=d,
+                               env=router_env())
             self.assertEqual(r.returncode, 2)
             self.assertIn("valid JSON", r.stderr)
 
@@ -977,9 +1006,9 @@ class HeaderParserTests(unittest.TestCase):
 
 
 class ProcessTests(unittest.TestCase):
-    def _start(self, args, env, cwd):
+    def _start(self, args, env, cwd, script=os.path.join(HERE, "router.py")):
         port = closed_port()
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port)] + args,
+        p = subprocess.Popen([sys.executable, script, "--port", str(port)] + args,
                              env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return p, port
 
@@ -994,10 +1023,15 @@ class ProcessTests(unittest.TestCase):
                 time.sleep(0.05)
         self.fail("router did not answer /health")
 
+    def bare_box(self, d):
+        """router.py copied alone into an empty folder, as a user copies it onto a box: no .env or
+        providers.json of the user's beside it."""
+        shutil.copy(os.path.join(HERE, "router.py"), d)
+        return os.path.join(d, "router.py")
+
     def test_bare_start_explains_how_to_add_a_provider(self):
         with tempfile.TemporaryDirectory() as d:
-            env = {"PATH": os.environ.get("PATH", ""), "HOME": d}
-            p, port = self._start([], env, d)
+            p, port = self._start([], router_env(), d, self.bare_box(d))
             try:
                 r = self._wait_health(p, port)
                 self.assertEqual(r.status, 200)
@@ -1015,11 +1049,33 @@ class ProcessTests(unittest.TestCase):
 
     def test_public_bind_needs_a_router_key(self):
         with tempfile.TemporaryDirectory() as d:
-            env = {"PATH": os.environ.get("PATH", ""), "HOME": d}
-            r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--host", "0.0.0.0", "--port", "0"],
-                               env=env, cwd=d, capture_output=True, text=True, timeout=20)
-            self.assertEqual(r.returncode, 2)
+            # 192.0.2.1 (TEST-NET-1) is not an address of this machine: should the check ever let
+            # the router through, it fails to bind instead of listening on a public interface.
+            r = subprocess.run([sys.executable, self.bare_box(d), "--host", "192.0.2.1", "--port", "0"],
+                               env=router_env(), cwd=d, capture_output=True, text=True, timeout=20)
+            self.assertEqual(r.returncode, 2, r.stderr)
             self.assertIn("SAGE_ROUTER_API_KEY", r.stderr)
+
+    def test_the_suite_is_hermetic_after_the_quickstart(self):
+        """A checkout with the user's .env (keys, a router key), an edited providers.json and keys in
+        the shell: the process tests still pass, from that checkout."""
+        with tempfile.TemporaryDirectory() as d:
+            for name in ("router.py", "test_router.py"):
+                shutil.copy(os.path.join(HERE, name), d)
+            with open(os.path.join(d, ".env"), "w") as f:
+                f.write("OPENAI_API_KEY=sk-user-1\nSAGE_ROUTER_API_KEY=user-router-key\n")
+            with open(os.path.join(d, "providers.json"), "w") as f:
+                json.dump({"providers": {"mine": {"api": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                  "api_key": "${OPENAI_API_KEY}", "models": {"m": {}}}}}, f)
+            tests = [f"test_router.ProcessTests.{t}" for t in ("test_bare_start_explains_how_to_add_a_provider",
+                                                               "test_public_bind_needs_a_router_key",
+                                                               "test_invalid_config_exits_2_with_message")]
+            tests[2] = tests[2].replace("ProcessTests", "ConfigTests")
+            r = subprocess.run([sys.executable, "-m", "unittest"] + tests, cwd=d, capture_output=True, text=True,
+                               timeout=120, env=dict(router_env(SAGE_ROUTER_API_KEY="shell-key",
+                                                                ANTHROPIC_API_KEY="sk-ant-shell"), HOME=d))
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            self.assertIn("Ran 3 tests", r.stderr)
 
     def test_router_py_is_stdlib_only_and_python_310(self):
         with open(os.path.join(HERE, "router.py"), encoding="utf-8") as f:
@@ -2067,8 +2123,6 @@ def _cpu_s(pid):
 
 def _wrk(url, body, conc, seconds):
     """Run wrk (Debian package) and return (requests/s, p50 ms, p99 ms, requests)."""
-    import re
-    import shutil
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                 f"wrk.body = {json.dumps(body.decode())}\n")
@@ -2113,7 +2167,6 @@ def _py_latencies(port, path, body, n, stream=False):
 
 def bench():
     import multiprocessing
-    import shutil
     q = multiprocessing.Queue()
     fake = multiprocessing.Process(target=fast_fake_main, args=(q,), daemon=True)
     fake.start()
@@ -2127,7 +2180,7 @@ def bench():
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(rport), "--config",
                              os.path.join(tmp, "providers.json"), "--env-file", "/dev/null", "--data-dir", tmp,
-                             "--log-level", "warning"], cwd=tmp)
+                             "--log-level", "warning"], cwd=tmp, env=router_env())
     while True:
         try:
             call(rport, "GET", "/health", timeout=1)
@@ -2841,6 +2894,9 @@ class RecoveryTests(unittest.TestCase):
             self.assertEqual(r.json()["error"]["type"], "invalid_request_error")
 
     def test_a_restart_restores_error_cooldowns_half_open_and_header_cooldowns_exactly(self):
+        self.h.close()
+        self.cfg["settings"]["probe_seconds"] = 0     # no prober racing the test to the half-open trial
+        self.h = self.harness()
         self.an.push(Reply(status=500))
         self.ask("two")
         self.oa.push(Reply(status=429, headers={"Retry-After": "300"}))
@@ -3826,7 +3882,6 @@ class NewDecoderSplitTests(unittest.TestCase):
 # Real clients (skipped where they are not installed; .ci/run installs them when it can)
 # =================================================================================================
 
-import shutil  # noqa: E402
 
 
 class RealClientTests(RouterCase):
@@ -4361,7 +4416,7 @@ class ProcessLifecycleTests(unittest.TestCase):
         with open(path, "w") as f:
             json.dump(cfg, f)
         port = closed_port()
-        env = dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent", **(extra_env or {}))
+        env = router_env(**(extra_env or {}))
         def limit():
             if nofile:
                 import resource
@@ -4474,7 +4529,7 @@ class CommandTests(unittest.TestCase):
             with open(path, "w") as f:
                 json.dump(cfg, f)
             extra = ["--config", path]
-        full_env = dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent", **(env or {}))
+        full_env = router_env(**(env or {}))
         return subprocess.run([sys.executable, os.path.join(HERE, "router.py")] + args + extra +
                               ["--env-file", os.devnull, "--data-dir", d], capture_output=True, text=True,
                               timeout=60, env=full_env, cwd=d)
@@ -4495,7 +4550,7 @@ class CommandTests(unittest.TestCase):
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "route", "Fix the failing test",
                               "--config", path, "--env-file", os.devnull, "--data-dir", os.path.dirname(path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent"))
+                             env=router_env())
         p.stdout.readline()
         p.stdout.close()                          # like `| head -1`
         err = p.stderr.read()
@@ -4547,7 +4602,7 @@ class CommandTests(unittest.TestCase):
         h.close()
         r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "reset", "p/m", "--port", str(closed_port()),
                             "--config", self.write_cfg(cfg), "--env-file", os.devnull, "--data-dir", d],
-                           capture_output=True, text=True, timeout=60, env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x"))
+                           capture_output=True, text=True, timeout=60, env=router_env())
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn("reset in", r.stdout)
         self.assertIn("p/m", r.stdout)
@@ -4562,15 +4617,15 @@ class CommandTests(unittest.TestCase):
         base = [sys.executable, os.path.join(HERE, "router.py"), "reset", "--port", str(h.port), "--config",
                 self.write_cfg(cfg), "--env-file", os.devnull, "--data-dir", d]
         r = subprocess.run(base, capture_output=True, text=True, timeout=60,
-                           env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x", SAGE_ROUTER_API_KEY="wrong"))
+                           env=router_env(SAGE_ROUTER_API_KEY="wrong"))
         self.assertEqual(r.returncode, 1)
         self.assertIn("401", r.stderr)
         r = subprocess.run(base, capture_output=True, text=True, timeout=60,
-                           env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x", SAGE_ROUTER_API_KEY="adm"))
+                           env=router_env(SAGE_ROUTER_API_KEY="adm"))
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn(f"the router on 127.0.0.1:{h.port}: p/n", r.stdout)
         r = subprocess.run(base[:3] + ["/m"] + base[3:], capture_output=True, text=True, timeout=60,
-                           env=dict(os.environ, OPENCLAW_CONFIG_PATH="/x"))
+                           env=router_env())
         self.assertEqual(r.returncode, 2, "a target without a provider is refused, online or not")
         self.assertFalse(h.router.health.state[("p", "n")].opens)
 
@@ -4587,8 +4642,134 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(r.returncode, 0)
         unit = r.stdout
         for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "Restart=on-failure", "User=sage-router",
-                     "EnvironmentFile=", "ExecReload=/bin/kill -HUP $MAINPID", "--port 8791", "[Install]"):
+                     "WorkingDirectory=", "ExecReload=/bin/kill -HUP $MAINPID", "--port 8791", "[Install]"):
             self.assertIn(line, unit)
+
+
+class DeploymentTests(unittest.TestCase):
+    """What a deployment as a service (systemd, Docker) needs of the router."""
+
+    def box(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        return d
+
+    def run_check(self, cwd, env_extra=None, args=()):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        path = os.path.join(self.box(), "providers.json")
+        with open(path, "w") as f:
+            json.dump({"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "${P_KEY}",
+                                           "models": {"m": {}}}}}, f)
+        return subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "check", "--config", path,
+                               "--data-dir", self.box()] + list(args), cwd=cwd, capture_output=True, text=True,
+                              timeout=60, env=router_env(**(env_extra or {})))
+
+    def test_the_systemd_unit_uses_an_interpreter_and_limits_its_own_user_can_live_with(self):
+        r = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "systemd-unit"], capture_output=True,
+                           text=True, timeout=60, env=router_env())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        unit = r.stdout
+        for line in ("LimitNOFILE=4096", "StateDirectoryMode=0700", "UMask=0077", "ReadWritePaths=/var/lib/sage-router\n"):
+            self.assertIn(line, unit)
+        self.assertNotIn("EnvironmentFile", unit, "systemd's variables would beat the .env on reload")
+        python = re.search(r"^ExecStart=(\S+)", unit, re.M).group(1)
+        self.assertTrue(python == "/usr/bin/env" or R.open_to_all(python, 0o001), python)
+        # A python in a private folder (pyenv under /root) is replaced, and the user is told why.
+        private = self.box()
+        os.chmod(private, 0o700)
+        fake = os.path.join(private, "python3")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(fake, 0o755)
+        got, note = R.service_python(fake)
+        self.assertNotEqual(got, fake)
+        self.assertIn(fake, note)
+        self.assertIn("cannot be run by other users", note)
+        os.chmod(private, 0o755)
+        self.assertEqual(R.service_python(fake), (fake, None))
+
+    def test_an_unreadable_env_file_is_a_warning_when_the_environment_has_the_keys(self):
+        cwd = self.box()
+        os.mkdir(os.path.join(cwd, ".env"))        # what Docker makes of a bind mount whose file is missing
+        r = self.run_check(cwd, {"P_KEY": "sk-from-systemd"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("cannot read", r.stderr)
+        self.assertIn("it is a directory", r.stderr)
+        self.assertIn("1 of 1 enabled provider(s) answer", r.stdout, "the key came from the environment")
+        self.assertNotIn("sk-from-systemd", r.stdout + r.stderr)
+
+    def test_an_env_file_others_can_read_is_a_warning(self):
+        cwd = self.box()
+        env_file = os.path.join(cwd, ".env")
+        with open(env_file, "w") as f:
+            f.write("P_KEY=sk-in-dotenv\n")
+        os.chmod(env_file, 0o644)
+        r = self.run_check(cwd)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("chmod 600", r.stderr)
+        self.assertNotIn("sk-in-dotenv", r.stderr)
+        os.chmod(env_file, 0o600)
+        r = self.run_check(cwd)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn("chmod 600", r.stderr)
+
+    def test_state_files_are_private(self):
+        data = os.path.join(self.box(), "state", "sage-router")
+        os.makedirs(data)
+        os.chmod(data, 0o755)
+        db = os.path.join(data, "requests.db")
+        open(db, "w").close()
+        os.chmod(db, 0o644)                       # left by an older version
+        fresh = os.path.join(self.box(), "new", "sage-router")
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k", "models": {"m": {}}}}}
+        for d in (data, fresh):
+            h = Harness(cfg, data_dir=d)
+            self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "p/m", False)).status, 200)
+            self.assertTrue(wait_until(lambda: db_rows(os.path.join(d, "requests.db"))))
+            h.router.save_state()
+            h.router.save_catalogue_cache()
+            h.close()
+            for name in ("requests.db", "health.json", "catalogue.json"):
+                self.assertEqual(os.stat(os.path.join(d, name)).st_mode & 0o777, 0o600, f"{d}/{name}")
+        self.assertEqual(os.stat(fresh).st_mode & 0o777, 0o700, "a data directory the router makes is 0700")
+
+    def test_a_key_docker_kept_in_quotes_is_used_without_them_and_never_shown(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "${P_KEY}", "models": {"m": {}}}}}
+        with self.assertLogs(R.log, "WARNING") as logs:
+            h = Harness(cfg, {"P_KEY": '"sk-quoted-1"'})
+        self.addCleanup(h.close)
+        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "p/m", False)).status, 200)
+        self.assertEqual(fake.requests[-1]["headers"]["authorization"], "Bearer sk-quoted-1")
+        self.assertTrue(any("wrapped in quotes" in l and "P_KEY" in l for l in logs.output), logs.output)
+        self.assertFalse(any("sk-quoted" in l for l in logs.output))
+
+    def test_the_port_comes_from_sage_router_port_and_the_docker_healthcheck_follows_it(self):
+        d = self.box()
+        port = closed_port()
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--env-file", os.devnull,
+                              "--data-dir", d], cwd=d, env=router_env(SAGE_ROUTER_PORT=str(port)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        with open(os.path.join(HERE, "Dockerfile")) as f:
+            dockerfile = f.read()
+        check = json.loads(re.search(r"HEALTHCHECK .*?CMD (\[.*?\])\n", dockerfile, re.S).group(1))
+        self.assertNotIn("--port", re.search(r"^CMD .*$", dockerfile, re.M).group(0),
+                         "the port comes from SAGE_ROUTER_PORT, which the HEALTHCHECK reads too")
+        run = lambda port: subprocess.run(check, env=router_env(SAGE_ROUTER_PORT=str(port)),
+                                          capture_output=True, timeout=30).returncode
+        self.assertTrue(wait_until(lambda: run(port) == 0, 20), "the HEALTHCHECK finds the router on its port")
+        self.assertNotEqual(run(closed_port()), 0, "and fails where no router listens")
+        with open(os.path.join(HERE, ".dockerignore")) as f:
+            ignore = [l.strip() for l in f if l.strip() and not l.startswith("#")]
+        self.assertEqual(ignore[0], "*", "the build context carries nothing but what is listed")
+        self.assertNotIn("!.env", ignore)
+        copied = re.findall(r"^COPY (.*) /app/$", dockerfile, re.M)[0].split()
+        self.assertEqual(sorted("!" + c for c in copied), sorted(ignore[1:]), "what the image copies is let through")
 
 
 def recovery(outage=40.0):
@@ -4605,7 +4786,7 @@ def recovery(outage=40.0):
     port = closed_port()
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config",
                           os.path.join(d, "providers.json"), "--env-file", os.devnull, "--data-dir", d],
-                         env=dict(os.environ, OPENCLAW_CONFIG_PATH="/nonexistent"), stderr=subprocess.DEVNULL)
+                         env=router_env(), stderr=subprocess.DEVNULL)
     try:
         def up():
             try:

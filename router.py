@@ -6872,16 +6872,28 @@ STATUS_PAGE = r'''<!doctype html>
 *{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;background:var(--bg);color:var(--fg)}
 header{display:flex;gap:1rem;align-items:center;padding:.8rem 1.2rem;border-bottom:1px solid var(--line);background:#fff}
 header h1{font-size:1.15rem;margin:0}#version{color:var(--muted)}#auth{color:var(--bad)}header input{margin-left:auto;padding:.3rem .5rem}
-main{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:1rem;padding:1rem 1.2rem}
-section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:.8rem 1rem;overflow:auto}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr));gap:1rem;padding:1rem 1.2rem}
+section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:.8rem 1rem;min-width:0;overflow-x:auto}
 section.wide{grid-column:1/-1}h2{font-size:1rem;margin:.1rem 0 .6rem}
 table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:.25rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
-th{color:var(--muted);font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{color:var(--muted);font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td{overflow-wrap:break-word}td.time{white-space:nowrap}
 .ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}.muted{color:var(--muted)}
 .trail{font-size:12px;color:var(--muted)}.small{font-size:12px}button.reset{margin:0 0 0 .4rem;padding:.05rem .5rem;font-size:12px}
-.chip{display:inline-block;margin:0 .4rem .2rem 0}svg text{font-size:10px;fill:var(--muted)}svg rect.bar{fill:var(--accent)}
+.chip{display:inline-block;margin:0 .4rem .2rem 0}svg text{font-size:11px;fill:var(--muted)}svg rect.bar{fill:var(--accent)}
 textarea{width:100%;min-height:5rem;font:inherit;padding:.4rem}button{padding:.35rem .9rem;margin-top:.4rem}
-pre{background:var(--bg);padding:.6rem;white-space:pre-wrap;font-size:12px}
+pre{background:var(--bg);padding:.6rem;white-space:pre-wrap;overflow-wrap:anywhere;font-size:12px}
+svg line{stroke:var(--line)}pre:empty{display:none}
+@media (max-width:640px){
+ header{flex-wrap:wrap;gap:.3rem 1rem;padding:.6rem .8rem}header input{margin-left:0;width:100%}
+ main{padding:.6rem;gap:.6rem}section{padding:.6rem .7rem}
+ table.cards,table.cards tbody,table.cards tr,table.cards td{display:block;width:100%}
+ table.cards thead{display:none}table.cards tr{border-bottom:1px solid var(--line);padding:.35rem 0;
+   display:grid;grid-template-columns:1fr 1fr;column-gap:.8rem}
+ table.cards td:first-child,table.cards td.full,table.cards td[colspan]{grid-column:1/-1}
+ table.cards td{border:0;padding:.05rem 0;text-align:left;overflow-wrap:anywhere;white-space:normal}
+ table.cards td[data-label]:not(:empty)::before{content:attr(data-label) ": ";color:var(--muted);font-weight:600}
+ table.cards td:first-child{font-weight:600}table.cards td[data-label]:first-child::before{content:none}
+}
 </style></head>
 <body>
 <header><h1>Sage Router</h1><span id="version"></span><span id="auth"></span>
@@ -6900,7 +6912,11 @@ pre{background:var(--bg);padding:.6rem;white-space:pre-wrap;font-size:12px}
 "use strict";
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.hash.slice(1));
-if (params.get("key")) localStorage.setItem("sage-router-key", params.get("key"));
+if (params.get("key")) {            // a link with #key=...: keep the key, then take it out of the address bar
+  localStorage.setItem("sage-router-key", params.get("key"));
+  params.delete("key");
+  history.replaceState(null, "", location.pathname + location.search + (params.toString() ? "#" + params : ""));
+}
 $("key").value = localStorage.getItem("sage-router-key") || "";
 $("key").addEventListener("change", () => { localStorage.setItem("sage-router-key", $("key").value); refresh(); });
 function headers() { const k = localStorage.getItem("sage-router-key"); return k ? {"Authorization": "Bearer " + k} : {}; }
@@ -6911,17 +6927,23 @@ async function api(path, opts) {
   return r.json();
 }
 function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined && text !== null) e.textContent = String(text); if (cls) e.className = cls; return e; }
+// A table on a wide screen; on a phone each row is a card whose cells say what they are.
 function table(id, head, rows) {
-  const t = $(id); t.replaceChildren();
-  const tr = el("tr"); head.forEach((h) => tr.appendChild(el("th", h))); t.appendChild(tr);
-  rows.forEach((cells) => { const r = el("tr"); cells.forEach((c) => r.appendChild(c instanceof Node ? c : el("td", c))); t.appendChild(r); });
-  if (!rows.length) { const r = el("tr"); const td = el("td", "nothing yet", "muted"); td.colSpan = head.length; r.appendChild(td); t.appendChild(r); }
+  const t = $(id); t.replaceChildren(); t.classList.add("cards");
+  const thead = el("thead"), tbody = el("tbody"), tr = el("tr");
+  head.forEach((h) => tr.appendChild(el("th", h))); thead.appendChild(tr); t.append(thead, tbody);
+  rows.forEach((cells) => {
+    const r = el("tr");
+    cells.forEach((c, i) => { const td = c instanceof Node ? c : el("td", c); td.dataset.label = head[i]; r.appendChild(td); });
+    tbody.appendChild(r);
+  });
+  if (!rows.length) { const r = el("tr"); const td = el("td", "nothing yet", "muted"); td.colSpan = head.length; r.appendChild(td); tbody.appendChild(r); }
 }
 const STATE_WORDS = {ok: "ok", cooling: "cooling", key_rejected: "key rejected", disabled: "off"};
 const STATE_CLASS = {ok: "ok", cooling: "warn", key_rejected: "bad", disabled: "muted"};
 function when(iso) { return new Date(iso).toLocaleTimeString(); }
 function stateCell(s) {
-  const td = el("td", null, STATE_CLASS[s.state]);
+  const td = el("td", null, STATE_CLASS[s.state] + (s.reason ? " full" : ""));
   td.appendChild(el("strong", STATE_WORDS[s.state] + (s.until ? " until " + when(s.until) : "")));
   if (s.reason) td.appendChild(el("div", s.reason, "small"));
   return td;
@@ -6932,22 +6954,32 @@ function resetButton(body, label) {
   return b;
 }
 function num(v, digits) { return el("td", v === null || v === undefined ? "" : (digits ? Number(v).toFixed(digits) : v), "num"); }
-function bars(id, points, label, fmt) {
-  const w = 420, h = 120, pad = 24, box = $(id); box.replaceChildren();
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${w} ${h + 28}`); svg.setAttribute("width", "100%"); svg.setAttribute("role", "img");
+// The last seven days (UTC, as /v1/usage groups them), oldest first, as "YYYY-MM-DD".
+function lastDays(n) { const out = []; for (let i = n - 1; i >= 0; i--) out.push(new Date(Date.now() - i * 86400000).toISOString().slice(0, 10)); return out; }
+// The smallest of 1, 2, 5 x 10^k at or above v (the chart's top: its half is a round number too).
+function nice(v) { if (!(v > 0)) return 1; const p = Math.pow(10, Math.floor(Math.log10(v))); return [1, 2, 5, 10].find((m) => m * p >= v * 0.9999) * p; }
+// A bar chart with one slot per day (empty days stay empty), a value axis and day labels.
+function bars(id, days, values, label, fmt) {
+  const w = 440, h = 150, left = 52, top = 18, bottom = 22, box = $(id); box.replaceChildren();
+  const ns = "http://www.w3.org/2000/svg", svg = document.createElementNS(ns, "svg");
+  const add = (tag, attrs, text) => { const e = document.createElementNS(ns, tag); Object.entries(attrs).forEach(([k, v]) => e.setAttribute(k, v));
+                                      if (text !== undefined) e.textContent = text; svg.appendChild(e); return e; };
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`); svg.setAttribute("width", "100%"); svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", label);
-  const max = Math.max(1e-9, ...points.map((p) => p[1])), bw = (w - pad) / Math.max(1, points.length);
-  const title = document.createElementNS(svg.namespaceURI, "text"); title.setAttribute("x", 0); title.setAttribute("y", 10);
-  title.textContent = label + " (max " + fmt(max) + ")"; svg.appendChild(title);
-  points.forEach(([k, v], i) => {
-    const bh = (h - 20) * v / max, r = document.createElementNS(svg.namespaceURI, "rect");
-    r.setAttribute("class", "bar"); r.setAttribute("x", pad + i * bw + 2); r.setAttribute("y", 14 + (h - 20) - bh);
-    r.setAttribute("width", Math.max(2, bw - 4)); r.setAttribute("height", Math.max(0, bh));
-    const tip = document.createElementNS(svg.namespaceURI, "title"); tip.textContent = k + ": " + fmt(v); r.appendChild(tip);
-    svg.appendChild(r);
-    const t = document.createElementNS(svg.namespaceURI, "text"); t.setAttribute("x", pad + i * bw + 2); t.setAttribute("y", h + 12);
-    t.textContent = k.slice(5); svg.appendChild(t);
+  add("text", {x: 0, y: 11}, label);
+  const top_ = nice(Math.max(0, ...days.map((d) => values[d] || 0))), ph = h - top - bottom, slot = (w - left) / days.length;
+  [0, 0.5, 1].forEach((f) => {
+    const y = top + ph - ph * f;
+    add("line", {x1: left, x2: w, y1: y, y2: y});
+    add("text", {x: left - 6, y: y + 3, "text-anchor": "end"}, fmt(top_ * f));
+  });
+  days.forEach((d, i) => {
+    const v = values[d] || 0, bh = ph * v / top_, x = left + i * slot;
+    if (v > 0) { const r = add("rect", {class: "bar", x: x + slot * 0.15, y: top + ph - bh, width: slot * 0.7, height: bh});
+                 const tip = document.createElementNS(ns, "title"); tip.textContent = d + ": " + fmt(v); r.appendChild(tip); }
+    const day = new Date(d + "T00:00:00Z");
+    add("text", {x: x + slot / 2, y: h - 6, "text-anchor": "middle"},
+        day.toLocaleDateString(undefined, {weekday: "short", timeZone: "UTC"}) + " " + day.getUTCDate());
   });
   box.appendChild(svg);
 }
@@ -6963,7 +6995,7 @@ async function refresh() {
       if (k.state !== "ok") { chip.title = k.reason || ""; chip.appendChild(resetButton({provider: p.name})); }
       keys.appendChild(chip);
     });
-    const models = el("td", null, "small");
+    const models = el("td", null, "small full");
     const all = p.models || [], sick = all.filter((m) => m.state !== "ok");
     models.appendChild(el("div", `${all.length} model${all.length === 1 ? "" : "s"}` + (sick.length ? `, ${sick.length} cooling` : ""),
                           sick.length ? "warn" : ""));
@@ -6971,18 +7003,20 @@ async function refresh() {
                           d.appendChild(resetButton({provider: p.name, model: m.id})); models.appendChild(d); });
     const d = (health.discovery || {})[p.name];
     return [el("td", p.name), el("td", p.api), state, keys, models,
-            el("td", d ? (d.error ? "failing: " + d.error : d.models + " found") : "", d && d.error ? "bad" : "muted")];
+            el("td", d ? (d.error ? "failing: " + d.error : d.models + " found") : "", d && d.error ? "bad full" : "muted")];
   }));
   if (health.auth === "required") { $("auth").textContent = "This router needs its key: enter it on the right."; }
-  table("routes", ["route", "candidates"], Object.entries(health.routes || {}).map(([r, c]) => [el("td", r), el("td", c.join(", ") || "(no enabled model)")]));
+  table("routes", ["route", "candidates"], Object.entries(health.routes || {}).map(([r, c]) => [el("td", r), el("td", c.join(", ") || "(no enabled model)", "full")]));
   const models = await api("/v1/models");
-  table("models", ["model", "context", "max output", "input", "tools", "reasoning", "intents"],
-    models.data.filter((m) => m.capabilities).map((m) => { const c = m.capabilities;
-      return [el("td", m.id), num(c.context_window), num(c.max_output), el("td", (c.input || []).join(", ")),
+  // each model once, under its provider (the list also carries bare ids, the same models again)
+  table("models", ["model", "provider", "context", "max output", "input", "tools", "reasoning", "intents"],
+    models.data.filter((m) => m.capabilities && m.id.startsWith(m.owned_by + "/")).map((m) => { const c = m.capabilities;
+      return [el("td", m.id.slice(m.owned_by.length + 1)), el("td", m.owned_by), num(c.context_window), num(c.max_output), el("td", (c.input || []).join(", ")),
               el("td", c.tools ? "yes" : "no"), el("td", c.reasoning ? "yes" : "no"), el("td", (c.intents || []).join(", "))]; }));
-  const days = await api("/v1/usage?since=7d&group_by=day");
-  bars("chart-cost", days.groups.map((g) => [g.key, g.cost]), "cost per day (USD)", (v) => "$" + v.toFixed(4));
-  bars("chart-requests", days.groups.map((g) => [g.key, g.requests]), "requests per day", (v) => String(Math.round(v)));
+  const week = lastDays(7), days = await api("/v1/usage?since=" + week[0] + "&group_by=day");
+  const per = (field) => Object.fromEntries(days.groups.map((g) => [g.key, g[field] || 0]));
+  bars("chart-cost", week, per("cost"), "cost per day (USD, days in UTC)", (v) => "$" + (v >= 1 || v === 0 ? v.toFixed(v ? 2 : 0) : Number(v.toPrecision(2))));
+  bars("chart-requests", week, per("requests"), "requests per day", (v) => String(Math.round(v)));
   const t = days.totals || {};
   $("usage-total").textContent = `${t.requests || 0} requests, ${t.errors || 0} errors, ${t.input_tokens || 0} tokens in, ` +
     `${t.output_tokens || 0} out, $${(t.cost || 0).toFixed(4)}`;
@@ -6994,11 +7028,13 @@ async function refresh() {
     recent.data.map((r) => {
       const trail = (r.pinned ? [`pinned: previous turn (${r.pinned})`] : []).concat(r.attempts.map((a) => `${a.provider}/${a.model}: ${a.reason}`),
                                                                                       r.provider ? [`${r.provider}/${r.model}: answered`] : []);
-      return [el("td", new Date(r.ts * 1000).toLocaleTimeString()), el("td", r.dialect), el("td", r.requested),
-              el("td", (r.intent || "") + " / " + (r.route || "")), el("td", r.provider ? r.provider + "/" + r.model : "—"),
+      // a failure's message lists the attempts the trail already shows: say it once
+      const said = r.attempts.length && r.attempts.every((a) => (r.error || "").includes(a.reason));
+      return [el("td", new Date(r.ts * 1000).toLocaleTimeString(), "time"), el("td", r.dialect), el("td", r.requested || "—"),
+              el("td", [r.intent, r.route].filter(Boolean).join(" / ") || "—"), el("td", r.provider ? r.provider + "/" + r.model : "—"),
               el("td", r.status, r.status < 400 ? "ok" : "bad"), num(Math.round(r.latency_ms)),
               el("td", `${r.input_tokens || 0} / ${r.output_tokens || 0}`, "num"), num(r.cost, 5),
-              el("td", trail.join(" → ") + (r.error ? " — " + r.error : ""), "trail")];
+              el("td", trail.join(" → ") + (r.error && !said ? (trail.length ? " — " : "") + r.error : ""), "trail full")];
     }));
 }
 $("explain").addEventListener("click", async () => {
@@ -7009,7 +7045,7 @@ $("explain").addEventListener("click", async () => {
     e.candidates.map((c, i) => `${i + 1}. ${c.provider}/${c.model}${c.pinned ? "  — pinned: " + c.pinned : ""}${c.skip ? "  — skipped: " + c.skip : ""}`).join("\n");
 });
 if (params.get("prompt")) { $("prompt").value = params.get("prompt"); $("explain").click(); }  // a shareable "where would this go?"
-refresh().catch(() => {});
+refresh().then(() => { document.body.dataset.refreshed = Date.now(); }, () => {});
 setInterval(() => refresh().catch(() => {}), 10000);
 </script>
 </body></html>
@@ -7492,7 +7528,7 @@ class RouterServer(ThreadingHTTPServer):
 
     def phase(self, sock, phase):
         st = self.conns.get(sock)
-        if st is not None:
+        if st is not None and st[0] != phase:      # a new connection waits since it was accepted
             st[0], st[1] = phase, time.monotonic()
 
     def get_request(self):

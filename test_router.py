@@ -23,6 +23,7 @@ import re
 import shutil
 import socket
 import subprocess
+import struct
 import sys
 import tempfile
 import threading
@@ -4322,6 +4323,105 @@ class LogLineTests(unittest.TestCase):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+class DevTools:
+    """A headless Chromium driven over the DevTools protocol (a stdlib WebSocket client, enough
+    for commands and their answers): to measure the status page's layout as a browser lays it out."""
+
+    def __init__(self, chromium):
+        self.profile = tempfile.mkdtemp()
+        self._err = open(os.path.join(self.profile, "stderr"), "w")
+        self.proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                      "--hide-scrollbars", f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1",
+                                      "--remote-debugging-port=0", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline and self.proc.poll() is None:
+            with open(os.path.join(self.profile, "stderr")) as f:
+                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", f.read())
+            if m:
+                port = int(m.group(1))
+            else:
+                time.sleep(0.05)
+        if port is None:
+            raise RuntimeError("chromium did not start its DevTools endpoint")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("PUT", "/json/new?about:blank")
+        ws_url = json.loads(conn.getresponse().read())["webSocketDebuggerUrl"]
+        conn.close()
+        path = ws_url.split(str(port), 1)[1]
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.n = 0
+        self.events = []
+
+    def _send(self, text):
+        data = text.encode()
+        mask = os.urandom(4)
+        hdr = bytes([0x81])
+        n = len(data)
+        hdr += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def _exact(self, n):
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("devtools closed")
+            out += chunk
+        return out
+
+    def _recv(self):
+        msg = b""
+        while True:
+            b0, b1 = self._exact(2)
+            n = b1 & 0x7f
+            if n == 126:
+                n = struct.unpack(">H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._exact(8))[0]
+            msg += self._exact(n)
+            if b0 & 0x80:
+                return json.loads(msg)
+
+    def call(self, method, **params):
+        self.n += 1
+        self._send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            m = self._recv()
+            if m.get("id") == self.n:
+                if "error" in m:
+                    raise RuntimeError(m["error"])
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, name, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, e in enumerate(self.events):
+                if e.get("method") == name:
+                    return self.events.pop(i)
+            self.events.append(self._recv())
+        raise TimeoutError(name)
+
+    def close(self):
+        try:
+            self.sock.close()
+        finally:
+            self.proc.kill()
+            self.proc.wait()
+            self._err.close()
+            shutil.rmtree(self.profile, True)
+
+
 class StatusPageTests(RouterCase):
     env = {"SAGE_ROUTER_API_KEY": "page-key-42"}
 
@@ -4352,13 +4452,76 @@ class StatusPageTests(RouterCase):
         self.h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False, text="page request two"), key)
         self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
         dom = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key=page-key-42&prompt=Write%20a%20limerick%20about%20tea")
-        for text in ("<td>oa2</td>", "an/claude-test", "claude-first", "HTTP 500: boom → an/claude-test: answered",
-                     "<svg", "cost per day", "gpt-test: cooling until", "<td>chat</td>", '<button class="reset">reset',
-                     "intent creative", "route creative"):
-            self.assertIn(text, dom, text)
+        for text in ('data-label="provider">oa2</td>', "an/claude-test", "claude-first",
+                     "HTTP 500: boom → an/claude-test: answered", "<svg", "cost per day", "gpt-test: cooling until",
+                     'data-label="route">chat</td>', '<button class="reset">reset', "intent creative", "route creative"):
+            self.assertTrue(text in dom, text)
         locked = self.dump_dom(f"http://127.0.0.1:{self.h.port}/")
         self.assertIn("This router needs its key", locked)
         self.assertNotIn("HTTP 500: boom", locked, "requests, usage and models need the key (/health does not)")
+
+
+    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
+    def test_the_page_fits_a_phone_and_a_wide_screen(self):
+        """Laid out by Chromium at 420 and 1280 px: nothing wider than the viewport, a phone gets
+        cards, the 7-day chart has seven day slots with one day of data, a failed request's attempts
+        appear once, each model once, and the key leaves the address bar."""
+        key = {"Authorization": "Bearer page-key-42"}
+        self.an.push(Reply(status=500))
+        self.oa.push(Reply(status=500))
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "claude-first", False, text="all fail"), key)
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "oa2/gpt-backup", False, text="x" * 300), key)
+        self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
+        probe = """(async () => {
+          for (let i = 0; i < 500 && !document.body.dataset.refreshed; i++) await new Promise((r) => setTimeout(r, 20));
+          const wide = [...document.querySelectorAll("body *")].filter((e) => e.getBoundingClientRect().right > innerWidth + 0.5)
+                         .map((e) => e.tagName + (e.id ? "#" + e.id : "") + " " + Math.round(e.getBoundingClientRect().width));
+          const failed = [...document.querySelectorAll("#requests td.trail")].map((td) => td.textContent)
+                           .find((t) => t.includes("an/claude-test: HTTP 500"));
+          const models = [...document.querySelectorAll("#models tbody tr")].map((tr) => tr.cells[1].textContent + "/" + tr.cells[0].textContent);
+          if (!document.body.dataset.refreshed) return {refreshed: false};
+          return {refreshed: true, width: innerWidth, scroll: document.documentElement.scrollWidth, wide, failed, models,
+                  hash: location.hash, head: getComputedStyle(document.querySelector("#requests thead")).display,
+                  slots: document.querySelectorAll("#chart-requests text[text-anchor=middle]").length,
+                  bars: document.querySelectorAll("#chart-requests rect.bar").length};
+        })()"""
+        shots = os.environ.get("SAGE_SCREENSHOTS")           # a folder: keep the screenshots to look at
+        browser = DevTools(CHROMIUM)
+        self.addCleanup(browser.close)
+        browser.call("Page.enable")
+        for width in (420, 1280):
+            with self.subTest(width=width):
+                browser.call("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1,
+                             mobile=width < 600)
+                browser.call("Page.navigate", url="about:blank")
+                browser.wait_event("Page.loadEventFired")        # so the next load event is the page's
+                browser.call("Page.navigate", url=f"http://127.0.0.1:{self.h.port}/#key=page-key-42")
+                browser.wait_event("Page.loadEventFired")
+                out = browser.call("Runtime.evaluate", expression=probe, awaitPromise=True, returnByValue=True)
+                self.assertNotIn("exceptionDetails", out, out.get("exceptionDetails"))
+                got = out["result"]["value"]
+                self.assertTrue(got["refreshed"], "the page did not finish loading its data")
+                self.assertEqual(got["width"], width)
+                self.assertEqual(got["wide"], [], "elements wider than the viewport")
+                self.assertLessEqual(got["scroll"], width, "the page scrolls sideways")
+                size = browser.call("Page.getLayoutMetrics")["cssContentSize"]
+                self.assertLessEqual(size["width"], width, "the laid-out page is wider than the screen")
+                self.assertEqual(got["head"], "none" if width < 600 else "table-header-group",
+                                 "a phone shows cards, a wide screen a table")
+                self.assertEqual(got["slots"], 7, "seven days, one slot each")
+                self.assertGreaterEqual(got["bars"], 1)
+                self.assertLessEqual(got["bars"], 2, "days without requests have no bar")
+                self.assertEqual(got["failed"].count("an/claude-test: HTTP 500"), 1, got["failed"])
+                self.assertEqual(got["failed"].count("oa/gpt-test: HTTP 500"), 1, got["failed"])
+                self.assertEqual(len(got["models"]), len(set(got["models"])), "each model once")
+                self.assertIn("oa/gpt-test", got["models"])
+                self.assertNotIn("key", got["hash"], "the key is stored, then taken out of the address bar")
+                if shots:
+                    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=int(size["height"]),
+                                 deviceScaleFactor=1, mobile=width < 600)
+                    png = browser.call("Page.captureScreenshot", format="png")["data"]
+                    with open(os.path.join(shots, f"status-{width}.png"), "wb") as f:
+                        f.write(base64.b64decode(png))
 
 
 class ReloadTests(unittest.TestCase):

@@ -7225,6 +7225,22 @@ class RouterHandler(BaseHTTPRequestHandler):
         self.cors_origin = None
         self.chunked = self.request_version != "HTTP/1.0"
 
+    def send_error(self, code, message=None, explain=None):
+        """What http.server refuses before the router sees a request (a request line or headers it
+        cannot parse: 400, 414, 431, 501, 505): JSON in the dialect of the path, never HTML; the
+        connection is closed."""
+        self.close_connection = True
+        self.sent, self.cors_origin, self.chunked = False, None, False
+        path = self.path if isinstance(getattr(self, "path", None), str) and self.path.startswith("/") else "/"
+        text = {414: "the request line is longer than 64 KiB",
+                431: "request headers: more than 100, or a line longer than 64 KiB"}.get(code) or message
+        try:
+            self._error(client_dialect(urllib.parse.urlsplit(path).path, {}),
+                        ApiError(code, "invalid_request" if code < 500 else "api_error",
+                                 clean_text(text or _REASONS.get(code, "bad request"), 200)))
+        except ClientGone:
+            pass
+
     def _error(self, dialect, err):
         if self.sent:
             return

@@ -3330,6 +3330,27 @@ class HardeningTests(RouterCase):
         self.assertIn("intent - route - error: model: is longer than 256 characters", refused,
                       "a request refused at decode is in the log too")
 
+    def test_what_http_server_refuses_is_json_in_the_client_dialect_never_html(self):
+        cases = [(b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414, "openai", "64 KiB"),
+                 (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(101))
+                  + b"\r\n", 431, "anthropic", "more than 100"),
+                 (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX: " + b"v" * 70000 + b"\r\n\r\n",
+                  431, "openai", "64 KiB"),
+                 (b"FOO /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501, "openai", "FOO"),
+                 (b"GET / HTTP/2.0\r\n\r\n", 505, "openai", "2.0"),
+                 (b"garbage\r\n\r\n", 400, "openai", "garbage")]
+        for raw, status, shape, words in cases:
+            with self.subTest(status=status, shape=shape):
+                out = raw_exchange(self.h.port, raw)
+                head, _, body = out.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 %d " % status), head[:80])
+                self.assertIn(b"Content-Type: application/json", head)
+                self.assertIn(b"Connection: close", head)
+                err = json.loads(body)
+                msg = err["error"]["message"]
+                self.assertEqual(err.get("type"), "error" if shape == "anthropic" else None)
+                self.assertIn(words, msg)
+
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
         self.assertEqual(r.status, 400)

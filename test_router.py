@@ -2166,7 +2166,9 @@ def _py_latencies(port, path, body, n, stream=False):
     return times
 
 
-def bench():
+def bench(log_level="info"):
+    """The router as a user runs it: default log level (a line a request, to a file as a journal
+    would take it) and the request log on. `bench --log-level warning` measures it quieter."""
     import multiprocessing
     q = multiprocessing.Queue()
     fake = multiprocessing.Process(target=fast_fake_main, args=(q,), daemon=True)
@@ -2181,7 +2183,8 @@ def bench():
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(rport), "--config",
                              os.path.join(tmp, "providers.json"), "--env-file", "/dev/null", "--data-dir", tmp,
-                             "--log-level", "warning"], cwd=tmp, env=router_env())
+                             "--log-level", log_level], cwd=tmp, env=router_env(),
+                            stderr=open(os.path.join(tmp, "router.log"), "w"))
     while True:
         try:
             call(rport, "GET", "/health", timeout=1)
@@ -2196,7 +2199,8 @@ def bench():
     abody = json.dumps({"model": "fast/m", "max_tokens": 20, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
     direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
     routed = f"http://127.0.0.1:{rport}/v1/chat/completions"
-    print(f"Sage Router benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, fake provider: asyncio "
+    print(f"Sage Router benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, log level {log_level}, "
+          f"request log on, fake provider: asyncio "
           f"process; load: {'wrk' if shutil.which('wrk') else 'python client processes'}")
     print(f"start-up (spawn to first /health answer): {startup * 1000:.0f} ms")
     print(f"RSS idle: {rss_idle / 1024:.1f} MB")
@@ -5068,7 +5072,7 @@ def tokens():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "bench":
-        bench()
+        bench(sys.argv[3] if sys.argv[2:3] == ["--log-level"] and len(sys.argv) > 3 else "info")
     elif len(sys.argv) > 1 and sys.argv[1] == "tokens":
         tokens()
     elif len(sys.argv) > 1 and sys.argv[1] == "recovery":

@@ -3239,7 +3239,8 @@ def discover_models(prov, known=None, timeout=DISCOVERY_TIMEOUT):
             page = _fetch_json(prov, "/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""),
                                timeout=timeout)
             for m in page.get("data") or []:
-                out[m["id"]] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
+                if isinstance(m, dict):
+                    out[m.get("id")] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
             after = page.get("last_id")
             if not page.get("has_more") or not after:
                 break
@@ -3262,7 +3263,9 @@ def discover_models(prov, known=None, timeout=DISCOVERY_TIMEOUT):
             mid = m.get("id") if isinstance(m, dict) else None
             if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
                 out[mid] = _openai_list_meta(m)
-    return out
+    # what a client could not ask for either (a buggy or hostile list): never into headers or logs
+    return {k: v for k, v in out.items()
+            if isinstance(k, str) and k and len(k) <= MAX_MODEL_NAME and not _CONTROL_RE.search(k)}
 
 
 PROBE_TIMEOUT = 10.0

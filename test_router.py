@@ -3355,6 +3355,22 @@ class HardeningTests(RouterCase):
                 self.assertEqual(err.get("type"), "error" if shape == "anthropic" else None)
                 self.assertIn(words, msg)
 
+    def test_no_model_name_reaches_a_header_unescaped(self):
+        for stream in (False, True):
+            r = self.post("openai", client_body("openai", "oa/modèle-中文", stream))
+            self.assertEqual(r.status, 200, r)
+            self.assertEqual(r.headers["x-router-model"], "mod%C3%A8le-%E4%B8%AD%E6%96%87", "percent-encoded, never a 500")
+        # A provider's own list is held to the rule a client's name is: nothing with CR/LF, nothing huge.
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        fake.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": i} for i in ("good-one", "evil\r\nSet-Cookie: x=1", "y" * 300, 5, "")] + ["junk"]}}
+        prov = R.Provider("hostile", {"api": "openai", "base_url": fake.base_url, "api_key": "k"}, {}, R.DEFAULT_SETTINGS)
+        self.assertEqual(list(R.discover_models(prov)), ["good-one"])
+        fake.listing = {"/v1/models": lambda q, b: {"data": [{"id": "claude-ok", "max_tokens": 10}, "junk", {"no": "id"}]}}
+        prov = R.Provider("hostile2", {"api": "anthropic", "base_url": fake.base_url, "api_key": "k"}, {}, R.DEFAULT_SETTINGS)
+        self.assertEqual(list(R.discover_models(prov)), ["claude-ok"])
+
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
         self.assertEqual(r.status, 400)

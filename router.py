@@ -6832,6 +6832,8 @@ class Router:
     def close(self):
         self._stop.set()
         self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)     # a discovery or probe under way finishes (short timeouts) and saves
         if self.health.dirty:
             self.save_state()
         self.log.stop()

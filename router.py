@@ -428,6 +428,43 @@ def dumps(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")        # \uD800-\uDFFF written as an escape
+_SURROGATE_BYTES_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")   # ... or as (CESU) bytes
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def loads(data):
+    """json.loads for anything a client or a provider sent (str or bytes): a lone UTF-16
+    surrogate in it (a string cut mid-emoji by a JavaScript program) becomes U+FFFD, so no text
+    the router passes on, keeps or logs can fail to encode. The scan is one regular-expression
+    search; only a text that has such an escape is walked."""
+    obj = json.loads(data)
+    if (_SURROGATE_ESCAPE_RE if isinstance(data, str) else _SURROGATE_BYTES_RE).search(data):
+        obj = _replace_surrogates(obj)
+    return obj
+
+
+def _replace_surrogates(obj):
+    """obj with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
+    def fix(v):
+        return _SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
+    root = [fix(obj)]
+    stack = [(root, 0)]
+    while stack:
+        holder, key = stack.pop()
+        v = holder[key]
+        if isinstance(v, dict):
+            fixed = {fix(k): fix(x) for k, x in v.items()}
+            holder[key] = fixed
+            stack += [(fixed, k) for k, x in fixed.items() if isinstance(x, (dict, list))]
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                v[i] = fix(x)
+                if isinstance(v[i], (dict, list)):
+                    stack.append((v, i))
+    return root[0]
+
+
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -500,12 +537,12 @@ def parse_args_json(s):
     if not s or not s.strip():
         return {}
     try:
-        v = json.loads(s)
+        v = loads(s)
     except ValueError:
         v = None
         for tail in ("}", "\"}", "]}", "\"]}"):
             try:
-                v = json.loads(s + tail)
+                v = loads(s + tail)
                 break
             except ValueError:
                 continue
@@ -1158,7 +1195,7 @@ class OpenAIStreamDecoder(SSEDecoder):
             out.append(self._end())
             return
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except ValueError:
             return
         if not isinstance(obj, dict):
@@ -1223,7 +1260,7 @@ class OpenAIStreamDecoder(SSEDecoder):
 def openai_parse_error(status, body):
     """Message and code of an OpenAI-compatible error body (also NVIDIA's problem JSON)."""
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except ValueError:
         return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
     if isinstance(obj, dict):
@@ -1661,7 +1698,7 @@ class AnthropicStreamDecoder(SSEDecoder):
         if self.ended or not data:
             return
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except ValueError:
             return
         t = obj.get("type") if isinstance(obj, dict) else None
@@ -1716,7 +1753,7 @@ class AnthropicStreamDecoder(SSEDecoder):
 
 def anthropic_parse_error(status, body):
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except ValueError:
         return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
     e = obj.get("error") if isinstance(obj, dict) else None
@@ -2081,7 +2118,7 @@ class ResponsesStreamDecoder(SSEDecoder):
         if self.ended or not data or data.startswith("[DONE]"):
             return
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except ValueError:
             return
         t = obj.get("type") if isinstance(obj, dict) else None
@@ -2367,7 +2404,7 @@ class GeminiStreamDecoder(SSEDecoder):
         if self.ended or not data:
             return
         try:
-            obj = json.loads(data)
+            obj = loads(data)
         except ValueError:
             return
         if isinstance(obj, list):
@@ -2397,7 +2434,7 @@ class GeminiStreamDecoder(SSEDecoder):
 
 def gemini_parse_error(status, body):
     try:
-        obj = json.loads(body)
+        obj = loads(body)
     except ValueError:
         return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
     if isinstance(obj, list):
@@ -2735,7 +2772,7 @@ class OllamaStreamDecoder:
         if self.ended or not line.strip():
             return
         try:
-            obj = json.loads(line)
+            obj = loads(line)
         except ValueError:
             return
         if not isinstance(obj, dict):
@@ -2758,7 +2795,7 @@ class OllamaStreamDecoder:
 
 def ollama_parse_error(status, body):
     try:
-        obj = json.loads(body)
+        obj = loads(body)
         if isinstance(obj, dict) and obj.get("error"):
             return str(obj["error"])[:1000], None
     except ValueError:
@@ -3164,7 +3201,7 @@ def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, 
         data = resp.read(16 << 20)
         if resp.status != 200:
             raise DiscoveryError(f"HTTP {resp.status}: {CODECS[prov.api].parse_error(resp.status, data)[0]}")
-        return json.loads(data)
+        return loads(data)
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise DiscoveryError(f"{type(e).__name__}: {e}") from None
     finally:
@@ -5371,12 +5408,27 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
 # 5. Transport and dispatch
 # =================================================================================================
 
+class RequestHeaders(http.client.HTTPMessage):
+    """A client request's headers: fast_parse_headers reads them strictly (RFC 9112 5.1, 5.2)."""
+
+
+class BadHeader(http.client.HTTPException):
+    """A request header line that is not `token: value` (answered 400, the connection closed)."""
+
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def fast_parse_headers(fp, _class=http.client.HTTPMessage):
     """A drop-in for http.client.parse_headers without the email package's FeedParser, which is
     about half of the router's CPU per request. Same limits (100 headers of 64 KiB), same result
-    type (an HTTPMessage built with the public set_raw), obsolete line folding joined by a space,
-    lines without a colon skipped. Installed for the whole process by main(); see
-    install_fast_header_parser."""
+    type (an HTTPMessage built with the public set_raw). A provider's response headers are read
+    leniently (obsolete line folding joined by a space, lines without a colon skipped); a
+    client's request headers (_class RequestHeaders) strictly: a name that is not a token (a
+    space before the colon), a line without a colon or a folded line is BadHeader, since a proxy
+    in front might read such a header differently and smuggle a request past the router's
+    framing. Installed for the whole process by main(); see install_fast_header_parser."""
+    strict = _class is RequestHeaders
     pairs = []
     while True:
         line = fp.readline(65537)
@@ -5388,10 +5440,16 @@ def fast_parse_headers(fp, _class=http.client.HTTPMessage):
             raise http.client.HTTPException("got more than 100 headers")
         text = line.decode("iso-8859-1").rstrip("\r\n")
         if text[:1] in (" ", "\t"):
+            if strict:
+                raise BadHeader("a folded header line (starting with a space or tab)")
             if pairs:
                 pairs[-1][1] += " " + text.strip()
             continue
         name, sep, value = text.partition(":")
+        if strict and not sep:
+            raise BadHeader("a header line without a colon")       # never echoed: it may hold a key
+        if strict and not _TOKEN_RE.fullmatch(name):
+            raise BadHeader(f"the header name {safe_text(name, 40)} is not a token (a space before the colon?)")
         if sep and name:
             pairs.append([name, value.strip(" \t")])
     msg = _class()
@@ -5679,7 +5737,7 @@ class Dispatcher:
                 data = resp.read(limit + 1)
                 if len(data) > limit:
                     raise ValueError(f"larger than max_body_bytes ({limit} bytes)")
-                obj = json.loads(data)
+                obj = loads(data)
                 if not isinstance(obj, (dict, list)):
                     raise ValueError("not a JSON object")
             except (OSError, http.client.HTTPException, ValueError) as e:
@@ -5981,6 +6039,17 @@ def parse_since(value, now=None):
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
+def _storable(v):
+    """A value SQLite can store: text that cannot be encoded (a lone surrogate that came some way
+    no decoder foresaw) has it replaced, so the row is kept rather than refused."""
+    if isinstance(v, str) and not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "replace").decode("utf-8")
+    return v
+
+
 class RequestLog:
     """The request log: SQLite in WAL mode in the data directory, written by one thread from a
     queue. Prompt and reply text are stored only when `log_prompts` is on. Retention: rows older
@@ -6056,7 +6125,7 @@ class RequestLog:
                 try:
                     self.metrics.add(row, attempts)
                     self._log_line(row)
-                    good.append(tuple(row[c] for c in self.COLUMNS))
+                    good.append(tuple(_storable(row[c]) for c in self.COLUMNS))
                 except Exception as e:
                     log.error("request log: skipping a row that cannot be recorded (%s: %s)", type(e).__name__, e)
             if db is not None and good:
@@ -6751,7 +6820,7 @@ class Router:
                     data = resp.read()
                     self.dispatcher.release(prov, conn, resp)
                     if resp.status == 200:
-                        obj = json.loads(data)
+                        obj = loads(data)
                         if isinstance(obj.get("input_tokens"), int):
                             return obj
                 except (Failover, OSError, http.client.HTTPException, ValueError):
@@ -7057,46 +7126,24 @@ setInterval(() => refresh().catch(() => {}), 10000);
 '''.encode()
 
 
-_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
-
-
 def parse_json_body(raw):
-    """A request body -> JSON, or a 400 that says what is wrong. Lone UTF-16 surrogates (what a
-    JavaScript client sends after cutting a string mid-emoji) become U+FFFD, so no text the router
-    keeps or logs can fail to encode; JSON nested too deeply is refused."""
+    """A request body -> JSON, or a 400 that says what is wrong: it must be UTF-8 (RFC 8259; a
+    leading byte-order mark is skipped); lone UTF-16 surrogates escaped in it (what a JavaScript
+    client sends after cutting a string mid-emoji) become U+FFFD, so no text the router keeps or
+    logs can fail to encode; JSON nested too deeply is refused."""
     if not raw:
         raise ApiError(400, "invalid_request", "body: empty; expected a JSON object")
     try:
-        body = json.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, "invalid_request", f"body: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); "
+                                               "JSON must be sent as UTF-8")
+    try:
+        return loads(text[1:] if text[:1] == "\ufeff" else text)
     except RecursionError:
         raise ApiError(400, "invalid_request", "body: JSON nested too deeply")
     except ValueError as e:
         raise ApiError(400, "invalid_request", f"body: not valid JSON ({e})")
-    if _SURROGATE_ESCAPE_RE.search(raw):
-        body = _replace_surrogates(body)
-    return body
-
-
-def _replace_surrogates(obj):
-    """obj with every lone surrogate in its strings (keys too) replaced by U+FFFD."""
-    def fix(v):
-        return _SURROGATE_RE.sub("\ufffd", v) if isinstance(v, str) else v
-    root = [fix(obj)]
-    stack = [(root, 0)]
-    while stack:
-        holder, key = stack.pop()
-        v = holder[key]
-        if isinstance(v, dict):
-            fixed = {fix(k): fix(x) for k, x in v.items()}
-            holder[key] = fixed
-            stack += [(fixed, k) for k, x in fixed.items() if isinstance(x, (dict, list))]
-        elif isinstance(v, list):
-            for i, x in enumerate(v):
-                v[i] = fix(x)
-                if isinstance(v[i], (dict, list)):
-                    stack.append((v, i))
-    return root[0]
 
 
 #: The status page may not be framed by other sites, and runs only its own inline code.
@@ -7152,6 +7199,7 @@ class RouterHandler(BaseHTTPRequestHandler):
     then hands generation to the Router. Also the writer the dispatcher answers through."""
 
     protocol_version = "HTTP/1.1"
+    MessageClass = RequestHeaders          # read strictly (see fast_parse_headers)
     server_version = "sage-router/" + __version__
     router = None
 
@@ -7230,6 +7278,16 @@ class RouterHandler(BaseHTTPRequestHandler):
         self.cors_origin = None
         self.chunked = self.request_version != "HTTP/1.0"
 
+    def _refused(self, dialect, body, err):
+        """A generation request refused before planning (its body unreadable or invalid): still a
+        row in the request log, with the model it named if any."""
+        model = body.get("model") if isinstance(body, dict) else None
+        ctx = Context(dialect, body, {"stream": False, "messages": [],
+                                      "model": clean_text(model, 256) if isinstance(model, str) else None},
+                      {}, self)
+        ctx.status, ctx.error = err.status, err.message[:2000]
+        self.router.record(ctx)
+
     def send_error(self, code, message=None, explain=None):
         """What http.server refuses before the router sees a request (a request line or headers it
         cannot parse: 400, 414, 431, 501, 505): JSON in the dialect of the path, never HTML; the
@@ -7237,6 +7295,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.sent, self.cors_origin, self.chunked = False, None, False
         path = self.path if isinstance(getattr(self, "path", None), str) and self.path.startswith("/") else "/"
+        if isinstance(sys.exc_info()[1], BadHeader):          # malformed, not too large
+            code, message = 400, f"request headers: {sys.exc_info()[1]}"
         text = {414: "the request line is longer than 64 KiB",
                 431: "request headers: more than 100, or a line longer than 64 KiB"}.get(code) or message
         try:
@@ -7456,7 +7516,12 @@ class RouterHandler(BaseHTTPRequestHandler):
                 raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
             raise ApiError(404, "not_found", f"no such endpoint: {method} {path}. Endpoints: {ENDPOINTS}")
         dialect, action = target
-        body = parse_json_body(self._read_body(dialect))
+        try:
+            body = parse_json_body(self._read_body(dialect))
+        except ApiError as e:
+            if action == "generate":
+                self._refused(dialect, None, e)
+            raise
         if action == "count_tokens":
             return self._json(200, self.router.count_tokens(body, hdrs))
         if action == "explain":
@@ -7473,13 +7538,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, self.router.ollama_show(body))
         try:
             req = decode_client_request(dialect, body)
-        except ApiError as e:              # refused at decode: still a row in the request log
-            model = body.get("model") if isinstance(body, dict) else None
-            ctx = Context(dialect, body, {"stream": False, "messages": [],
-                                          "model": clean_text(model, 256) if isinstance(model, str) else None},
-                          hdrs, self)
-            ctx.status, ctx.error = e.status, e.message[:2000]
-            self.router.record(ctx)
+        except ApiError as e:
+            self._refused(dialect, body, e)
             raise
         ctx = Context(dialect, body, req, hdrs, self)
         if self.router.settings["log_prompts"] and ctx.collect is None:

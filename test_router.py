@@ -3039,10 +3039,38 @@ class HardeningTests(RouterCase):
         self.assertEqual(r.status, 200, r)
         self.h.router.log.record({"ts": "not a row"}, [])          # a row of the wrong shape: skipped
         self.ask("openai", client_body("openai", "chat", False, text="after the bad row"))
-        self.assertTrue(wait_until(lambda: len(self.rows()) >= before + 3), "the writer thread is still alive")
+        self.assertTrue(wait_until(lambda: any("after the bad row" in (r["prompt"] or "") for r in self.rows())),
+                        "the writer thread is still alive")
+        self.assertGreaterEqual(len(self.rows()), before + 3)
         self.assertTrue(self.h.router.log.thread.is_alive())
         prompts = [r["prompt"] for r in self.rows() if r["prompt"] and "mid-emoji" in r["prompt"]]
         self.assertEqual(prompts, ["cut \ufffd mid-emoji"], "lone surrogates are replaced at decode")
+
+    def test_surrogates_in_raw_bytes_utf16_bodies_and_provider_replies_never_cost_a_request(self):
+        wait_until(lambda: self.h.router.log.queue.empty())
+        before = len(self.rows())
+        for raw in (b'{"model": "chat", "messages": [{"role": "user", "content": "hi \xed\xa0\x80 there"}]}',
+                    '{"model": "chat", "messages": []}'.encode("utf-16-le")):
+            r = self.h.call("POST", "/v1/chat/completions", raw)
+            self.assertEqual(r.status, 400, r)
+            self.assertRegex(r.json()["error"]["message"], "^body: not valid (UTF-8|JSON)")
+        self.assertEqual(self.h.call("POST", "/v1/chat/completions", b"\xef\xbb\xbf" + json.dumps(
+            client_body("openai", "chat", False)).encode()).status, 200, "a UTF-8 byte-order mark is fine")
+        self.h.router.settings["log_prompts"] = True
+        self.addCleanup(self.h.router.settings.__setitem__, "log_prompts", False)
+        for model, fake in (("an/claude-test", self.an), ("oa/gpt-test", self.oa)):   # translated, then passthrough
+            for stream in (False, True):
+                with self.subTest(model=model, stream=stream):
+                    fake.push(Reply(text="broken \ud83d emoji"))
+                    r = self.post("openai", client_body("openai", model, stream, text=f"surrogate {model} {stream}"))
+                    got = read_openai(r, stream)
+                    self.assertEqual((r.status, got["error"]), (200, None))
+                    if model.startswith("an/"):
+                        self.assertEqual(got["text"], "broken \ufffd emoji")
+        mine = lambda: [r["reply"] for r in self.rows() if r["prompt"] and r["prompt"].startswith("surrogate")]
+        self.assertTrue(wait_until(lambda: len(mine()) == 4), "every request has its row")
+        self.assertEqual(mine(), ["broken \ufffd emoji"] * 4)
+        self.assertGreaterEqual(len(self.rows()), before + 7, "the refused ones too")
 
     def test_framing_is_strict_and_an_unread_body_never_becomes_a_request(self):
         smuggled = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -3058,12 +3086,21 @@ class HardeningTests(RouterCase):
         for name, head in (("two lengths", b"Content-Length: %d\r\nContent-Length: %d\r\n" % (len(body), len(body))),
                            ("signed length", b"Content-Length: +%d\r\n" % len(body)),
                            ("xchunked", b"Transfer-Encoding: xchunked\r\nContent-Length: %d\r\n" % len(body)),
-                           ("both", b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % len(body))):
+                           ("both", b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % len(body)),
+                           # header names a proxy might read as Content-Length while a lenient parser ignores them
+                           ("space before the colon", b"Content-Length : %d\r\n" % len(body)),
+                           ("tab before the colon", b"Transfer-Encoding\t: chunked\r\n"),
+                           ("no colon", b"Content-Length %d\r\n" % len(body)),
+                           ("folded line", b"X-A: 1\r\n Content-Length: %d\r\n" % len(body))):
             with self.subTest(name):
                 out = raw_exchange(self.h.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + head +
                                    b"\r\n" + body)
                 self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:200])
                 self.assertIn(b"Connection: close", out)
+                self.assertEqual(out.count(b"HTTP/1.1 "), 1, "nothing after it is read as a request")
+        out = raw_exchange(self.h.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization Bearer sk-hidden\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:100])
+        self.assertNotIn(b"sk-hidden", out, "a malformed line is never echoed (it may hold a key)")
 
     def test_a_negative_or_non_hex_chunk_size_is_a_400_not_a_read_to_the_end(self):
         for size in (b"-1", b"0x10", b"zz", b"1 1"):

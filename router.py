@@ -7210,6 +7210,7 @@ class RouterHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self.server.phase(self.connection, "wait")        # the next request's line and headers
+        self.expects_100, self.body_read, self.framing = False, False, ("none", 0)
         super().handle_one_request()
 
     def log_message(self, fmt, *args):   # no per-request stderr line on the hot path
@@ -7242,12 +7243,16 @@ class RouterHandler(BaseHTTPRequestHandler):
 
     def send(self, status, headers, body):
         self.status = status
+        if self.unread_body():
+            self.close_connection = True        # said in the response: Connection: close
         head = self._head(status, headers, len(body))
         self._raw(head if self.command == "HEAD" else head + body)
         self.sent = True
 
     def start(self, status, headers):
         self.status = status
+        if self.unread_body():
+            self.close_connection = True
         self._raw(self._head(status, headers))
         self.sent = True
 
@@ -7345,50 +7350,89 @@ class RouterHandler(BaseHTTPRequestHandler):
         value = lengths[0].strip()
         if not (value.isascii() and value.isdigit()):
             raise ApiError(400, "invalid_request", f"Content-Length: {safe_text(value, 20)} is not a number of bytes")
-        return "length", int(value)
+        return ("length", int(value)) if int(value) else ("none", 0)
+
+    def handle_expect_100(self):
+        """`Expect: 100-continue`: the 100 waits until the request passed its checks (_read_body),
+        so a refused client learns it before it sends its body."""
+        self.expects_100 = True
+        return True
 
     def _read_body(self, dialect):
         limit = self.router.settings["max_body_bytes"]
         self.connection.settimeout(self.router.settings["client_body_timeout"])
         kind, n = self.framing
-        self.body_read = True
+        if kind == "length" and n > limit:
+            self.close_connection = True
+            raise ApiError(413, "request_too_large", f"body: {n} bytes is larger than the limit of {limit} bytes")
+        if self.expects_100 and kind != "none":
+            self.expects_100 = False
+            self._raw(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.server.phase(self.connection, "body")
         try:
-            return self._read_framed(kind, n, limit)
+            data = self._read_framed(kind, n, limit)
         finally:
             self.server.phase(self.connection, "busy")
+        self.body_read = True
+        return data
+
+    def _linger(self):
+        """Close a connection whose request body was not read (an early 401, 404, 413, ...) so the
+        client still reads the answer: closing with unread data would reset the connection under
+        a client that is still sending, and it would see a broken pipe instead of the error. Stop
+        sending, then read and drop what comes for up to two seconds (nginx's lingering close)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            deadline, dropped = time.monotonic() + 2.0, 0
+            while time.monotonic() < deadline and dropped < (64 << 20):
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:
+            pass
 
     def _read_framed(self, kind, n, limit):
         if kind == "chunked":
-            parts, total = [], 0
+            # Strict chunked framing (RFC 9112 7.1): hex sizes, CRLF line ends, CRLF after each
+            # chunk's data. The limit counts the body as sent, framing included, so a body of
+            # tiny chunks cannot cost more time or memory than one of the same size on the wire.
+            body, wire = bytearray(), 0
+
+            def bad(what):
+                self.close_connection = True
+                return ApiError(400, "invalid_request", f"body: malformed chunked encoding ({what})")
             while True:
                 line = self.rfile.readline(1024)
-                size_text = line.split(b";")[0].strip()
-                if not line.endswith(b"\n") or not size_text or len(size_text) > 16 or \
+                wire += len(line)
+                size_text = line[:-2].split(b";")[0].strip(b" \t")
+                if not line.endswith(b"\r\n") or not size_text or len(size_text) > 16 or \
                         size_text.strip(b"0123456789abcdefABCDEF"):
-                    self.close_connection = True
-                    raise ApiError(400, "invalid_request", "body: malformed chunked encoding (chunk sizes are hex digits)")
+                    raise bad("a chunk size is hex digits ending in CRLF")
                 size = int(size_text, 16)
-                if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                total += size
-                if total > limit:
+                wire += size + 2
+                if wire > limit:
                     self.close_connection = True
                     raise ApiError(413, "request_too_large", f"body: larger than the limit of {limit} bytes")
+                if size == 0:
+                    while True:                      # trailer fields, then the empty line
+                        line = self.rfile.readline(1024)
+                        wire += len(line)
+                        if line == b"\r\n":
+                            return body
+                        if not line.endswith(b"\r\n") or wire > limit:
+                            raise bad("the trailer section ends with an empty line")
                 chunk = self.rfile.read(size)
                 if len(chunk) < size:
                     self.close_connection = True
                     raise ClientGone("body cut short")
-                parts.append(chunk)
-                self.rfile.readline(8)
-            return b"".join(parts)
+                body += chunk
+                if self.rfile.read(2) != b"\r\n":
+                    raise bad("a chunk's data is followed by CRLF")
         if kind == "none":
             return b""
-        if n > limit:
-            self.close_connection = True
-            raise ApiError(413, "request_too_large", f"body: {n} bytes is larger than the limit of {limit} bytes")
         data = self.rfile.read(n)
         if len(data) < n:
             self.close_connection = True
@@ -7423,21 +7467,28 @@ class RouterHandler(BaseHTTPRequestHandler):
                 self._route(path, hdrs, dialect)
             finally:
                 self.connection.settimeout(self.router.settings["client_header_timeout"])
-                if not self.body_read and self.framing != ("none", 0):
-                    # answered before its body was read (401, 404, 405, bad framing): the body
-                    # must never be parsed as the next request on this connection
+                if self.unread_body():
                     self.close_connection = True
         except ApiError as e:
             self._error(dialect, e)
         except ClientGone:
             self.close_connection = True
+            return
         except (TimeoutError, socket.timeout):
             self.close_connection = True
             self._error(dialect, ApiError(408, "timeout", "the request body did not arrive in time"))
+            return
         except Exception:
             log.exception("internal error on %s %s", self.command, path)
             self.close_connection = True
             self._error(dialect, ApiError(500, "api_error", "internal error in the router (see its log)"))
+        if self.unread_body():
+            self._linger()
+
+    def unread_body(self):
+        """Whether the request was answered before its body was read (401, 404, 405, 413, bad
+        framing): that body must never be parsed as the next request, so the connection closes."""
+        return not self.body_read and self.framing[0] != "none"
 
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 

@@ -3102,6 +3102,36 @@ class HardeningTests(RouterCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:100])
         self.assertNotIn(b"sk-hidden", out, "a malformed line is never echoed (it may hold a key)")
 
+    def test_an_early_answer_reaches_a_client_still_sending_its_body(self):
+        keyed = Harness(self.cfg, {"SAGE_ROUTER_API_KEY": "right-key"})
+        self.addCleanup(keyed.close)
+        big = json.dumps(client_body("openai", "chat", False, text="x" * (6 << 20))).encode()
+        for path, key, status in (("/v1/chat/completions", "wrong", 401), ("/v1/nowhere", "right-key", 404)):
+            for _ in range(3):
+                c = http.client.HTTPConnection("127.0.0.1", keyed.port, timeout=20)
+                c.request("POST", path, big, {"Content-Type": "application/json", "Authorization": "Bearer " + key})
+                r = c.getresponse()
+                self.assertEqual((r.status, r.getheader("connection")), (status, "close"),
+                                 "the error, not a broken pipe, and it says the connection closes")
+                r.read()
+                c.close()
+        # Expect: 100-continue: no 100 for a request that is refused anyway; a 100 once it passed.
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: 10\r\nAuthorization: Bearer %s\r\n\r\n")
+        out = raw_exchange(keyed.port, head % b"wrong", timeout=3)
+        self.assertTrue(out.startswith(b"HTTP/1.1 401"), out[:80])
+        body = json.dumps(client_body("openai", "chat", False)).encode()
+        s = socket.create_connection(("127.0.0.1", keyed.port), timeout=5)
+        self.addCleanup(s.close)
+        s.sendall((head % b"right-key").replace(b"Content-Length: 10", b"Content-Length: %d" % len(body)))
+        self.assertEqual(s.recv(64), b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        self.assertTrue(s.recv(64).startswith(b"HTTP/1.1 200"))
+        # Content-Length: 0 is no body: keep-alive stays.
+        out = raw_exchange(self.h.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n" * 2,
+                           timeout=2)
+        self.assertEqual(out.count(b"HTTP/1.1 200"), 2)
+
     def test_a_negative_or_non_hex_chunk_size_is_a_400_not_a_read_to_the_end(self):
         for size in (b"-1", b"0x10", b"zz", b"1 1"):
             with self.subTest(size=size):
@@ -3109,6 +3139,19 @@ class HardeningTests(RouterCase):
                                    b"Transfer-Encoding: chunked\r\n\r\n" + size + b"\r\n{}\r\n", timeout=3)
                 self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:200])
                 self.assertIn(b"chunked", out)
+        body = json.dumps(client_body("openai", "chat", False)).encode()
+        for name, framed in (("no CRLF after the data", b"%x\r\n%sXXXX\r\n0\r\n\r\n" % (len(body), body)),
+                             ("LF-only lines", b"%x\n%s\n0\n\n" % (len(body), body))):
+            with self.subTest(name):
+                out = raw_exchange(self.h.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n" + framed, timeout=3)
+                self.assertTrue(out.startswith(b"HTTP/1.1 400"), out[:200])
+        # The limit counts the body as sent: 2-byte chunks of a 30 KB body are 6.5 times that on the wire.
+        h = self.capped(max_body_bytes=100000)
+        tiny = b"".join(b"2\r\n%s\r\n" % body[i:i + 2].ljust(2) for i in range(0, 30000, 2))
+        out = raw_exchange(h.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n" + tiny + b"0\r\n\r\n", timeout=5)
+        self.assertTrue(out.startswith(b"HTTP/1.1 413"), out[:200])
 
     def fuzz_bodies(self):
         bodies = {d: client_body(d, "chat", False, tools=True, image="data:image/png;base64," + PNG_B64) for d in READERS}

@@ -6304,8 +6304,10 @@ def health_report(router):
 class ResponseStore:
     """Responses this router produced, for `previous_response_id`: kept in memory, at most `size`
     of them, for `ttl` seconds and within `budget` bytes (oldest evicted first). A stored entry is
-    the conversation so far (system prompt and neutral messages, the answer included); an entry
-    shares the history it continues, so it is charged for what it adds."""
+    the conversation so far (system prompt and neutral messages, the answer included), and it is
+    charged for the whole of it: entries of one conversation share their history in memory, so
+    this over-counts, but an evicted entry's history that a newer one still holds is never
+    uncounted. A conversation larger than the budget is not kept."""
 
     def __init__(self, size=1000, ttl=3600.0, budget=32 << 20):
         self.lock = threading.Lock()
@@ -6325,26 +6327,28 @@ class ResponseStore:
                                f"keeps the responses it produced for {self.ttl / 60:g} minutes (the last {self.size}), "
                                "only when the request did not say \"store\": false; send the whole conversation "
                                "in `input` instead", param="previous_response_id")
-            _t, system, messages, _n = entry
+            _t, system, messages, before = entry
             new = req["messages"]
             ctx.req = req = dict(req, system=req["system"] or system, messages=messages + new)
             ctx.passthrough = False
         else:
-            new = req["messages"]
+            new, before = req["messages"], len(dumps(req["system"]))
         if req.get("store"):
             ctx.collect = []
-            ctx.on_complete = lambda: self.keep(ctx, new)
+            ctx.on_complete = lambda: self.keep(ctx, new, before)
 
-    def keep(self, ctx, new):
+    def keep(self, ctx, new, before):
         resp = fold_events(ctx.collect)
         rid = resp["id"] if ctx.same else ctx.req["response_id"]
         if not rid:
             return
         turn = {"role": "assistant", "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}
-        size = len(dumps(new)) + len(dumps(turn["content"])) + len(dumps(ctx.req["system"]))
+        size = before + len(dumps(new)) + len(dumps(turn["content"]))     # the whole conversation
         with self.lock:
             old = self.items.pop(rid, None)
             self.bytes -= old[3] if old else 0
+            if size > self.budget:
+                return
             self.items[rid] = (time.monotonic(), ctx.req["system"], ctx.req["messages"] + [turn], size)
             self.bytes += size
             while self.items and (len(self.items) > self.size or self.bytes > self.budget):
@@ -7271,9 +7275,12 @@ class RouterHandler(BaseHTTPRequestHandler):
         if self.sent:
             return False
         try:
-            readable, _w, _x = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
+            poll = select.poll()              # not select(): it fails for descriptors past 1023
+            poll.register(self.connection, select.POLLIN)
+            if not poll.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
             return True
 
     # -- request handling ----------------------------------------------------------------------
@@ -7931,15 +7938,16 @@ def cmd_reset(args, env, target):
 
 def open_to_all(path, bit):
     """True when every user may use `path`: `bit` (0o001 run, 0o004 read) on the file itself and
-    the right to enter each folder above it (symlinks resolved)."""
-    path = os.path.realpath(path)
+    the right to enter each folder above it, on the way as written and on the way its symlinks
+    lead (a venv's python links to /usr/bin/python3 but sits in a private home folder)."""
     try:
         if not os.stat(path).st_mode & bit:
             return False
-        while path != os.path.dirname(path):
-            path = os.path.dirname(path)
-            if not os.stat(path).st_mode & 0o001:
-                return False
+        for way in (os.path.abspath(path), os.path.realpath(path)):
+            while way != os.path.dirname(way):
+                way = os.path.dirname(way)
+                if not os.stat(way).st_mode & 0o001:
+                    return False
     except OSError:
         return False
     return True

@@ -3253,6 +3253,20 @@ class HardeningTests(RouterCase):
         self.ask("openai", client_body("openai", "chat", False))
         self.assertGreater(hl.left(("oa", "gpt-test"), time.monotonic()), 0)
 
+    def test_failover_works_for_a_client_whose_descriptor_is_past_1023(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            self.skipTest(f"the file limit ({hard}) is too low to reach descriptor 1024")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY else
+                                                    max(soft, min(hard, 4096)), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        filler = [open(os.devnull) for _ in range(1100)]
+        self.addCleanup(lambda: [f.close() for f in filler])
+        self.oa.push(Reply(status=503))
+        r = self.post("openai", client_body("openai", "chat", False, text="high descriptor"))
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "an"), "select() would call this client gone")
+
     def test_no_more_candidates_are_tried_once_the_client_has_left(self):
         self.oa.push(Reply(stall="headers"))           # slow/sloth stalls past its 0.3 s first-byte timeout
         s = socket.create_connection(("127.0.0.1", self.h.port))
@@ -3310,6 +3324,23 @@ class HardeningTests(RouterCase):
         self.assertIn("previous_response_id", r.json()["error"]["message"])
         follow["previous_response_id"] = ids[-1]
         self.assertEqual(h.call("POST", "/v1/responses", follow).status, 200, "the newest is kept")
+        # A chain of previous_response_id: every entry is charged for its whole conversation, so what
+        # the store really holds stays within the budget, and a conversation outgrowing it is not kept.
+        prev, statuses = None, []
+        for i in range(10):
+            body = dict(client_body("openai-responses", "an/claude-test", False, text=f"turn {i} " + "c" * 1500), store=True)
+            if prev:
+                body["previous_response_id"] = prev
+            r = h.call("POST", "/v1/responses", body)
+            statuses.append(r.status)
+            if r.status != 200:
+                break
+            prev = r.json()["id"]
+            held = sum(len(R.dumps(m)) for _t, _s, m, _n in store.items.values())
+            self.assertLessEqual(max(len(R.dumps(m)) for _t, _s, m, _n in store.items.values()), store.budget)
+            self.assertLessEqual(store.bytes, store.budget)
+            self.assertLessEqual(held, 2 * store.budget, "shared history counted, never uncounted")
+        self.assertEqual(statuses[-1], 400, "a conversation larger than the budget is not kept: send it whole")
 
     def capped(self, **settings):
         cfg = json.loads(json.dumps(self.cfg))
@@ -4972,6 +5003,13 @@ class DeploymentTests(unittest.TestCase):
         self.assertIn("cannot be run by other users", note)
         os.chmod(private, 0o755)
         self.assertEqual(R.service_python(fake), (fake, None))
+        # A venv's python: a symlink to a public interpreter, inside a private folder.
+        venv = os.path.join(private, "venv", "bin")
+        os.makedirs(venv)
+        os.symlink(fake, os.path.join(venv, "python3"))
+        os.chmod(os.path.join(private, "venv"), 0o700)
+        got, note = R.service_python(os.path.join(venv, "python3"))
+        self.assertNotEqual(got, os.path.join(venv, "python3"), "the service user cannot enter the venv's folder")
 
     def test_an_unreadable_env_file_is_a_warning_when_the_environment_has_the_keys(self):
         cwd = self.box()

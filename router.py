@@ -303,6 +303,11 @@ def validate_config(cfg, file):
         elif isinstance(want, list):
             _check(isinstance(v, list) and all(isinstance(x, str) and x for x in v), file, f"settings.{k}",
                    "a list of strings")
+            if k == "allowed_origins":
+                for x in v:
+                    _check(x == "*" or re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+/?", x), file,
+                           f"settings.{k}", f"origins such as \"https://app.example\" or \"http://localhost:3000\" "
+                           f"(scheme://host[:port], no path), or \"*\"; got {x!r}")
         elif k == "intent_model":
             _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers, file,
                    f"settings.{k}", f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
@@ -311,6 +316,27 @@ def validate_config(cfg, file):
         else:
             _check(_num(v) and v > 0, file, f"settings.{k}", "a positive number")
     return cfg
+
+
+def shown_url(url):
+    """A URL as /health and the log may show it: no user name, password, query or fragment (a
+    template's ${VARIABLES} stay as written; they are not expanded here)."""
+    scheme, netloc, path, _query, _fragment = urllib.parse.urlsplit(str(url))
+    return urllib.parse.urlunsplit((scheme, netloc.rpartition("@")[2], path, "", ""))
+
+
+def clean_key(key, what):
+    """A key as docker's --env-file or compose's env_file may deliver it, quotes and inline
+    comments kept literally: quotes around it are dropped and a space in it is reported, by
+    `what` (never the key)."""
+    if len(key) > 1 and key[0] == key[-1] and key[0] in "'\"":
+        log.warning("%s is wrapped in quotes; using it without them (docker's --env-file keeps quotes: "
+                    "write KEY=value there)", what)
+        key = key[1:-1]
+    if any(c.isspace() for c in key):
+        log.warning("%s contains a space, so it will be refused (an inline comment that docker's "
+                    "--env-file kept?)", what)
+    return key
 
 
 def _here(name):
@@ -2920,11 +2946,11 @@ class Provider:
         url = urllib.parse.urlsplit(self.base_url)
         # what /health and the log may show: the configured ${VAR} template (a URL built from
         # variables may hold a secret), else the URL without user info or query
-        self.base_url_shown = cfg["base_url"] if "${" in str(cfg["base_url"]) else urllib.parse.urlunsplit(
-            (url.scheme, url.hostname + (f":{url.port}" if url.port else "") if url.hostname else "", url.path, "", ""))
+        self.base_url_shown = shown_url(cfg["base_url"] if "${" in str(cfg["base_url"]) else self.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError("providers.json", f"providers.{name}.base_url",
-                              f"an http:// or https:// URL (got {self.base_url!r})")
+                              f"an http:// or https:// URL (got {self.base_url_shown!r}"
+                              + (", from variables" if "${" in str(cfg["base_url"]) else "") + ")")
         self.scheme, self.host = url.scheme, url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
         path = url.path.rstrip("/")
@@ -2979,19 +3005,8 @@ class Provider:
         pools = [f"{self.env_prefix}_API_KEYS"] + [v + "S" for v in used if v.endswith("_KEY")]
         for var in pools:
             self.keys += [k.strip() for k in env.get(var, "").split(",") if k.strip()]
-        self.keys = list(dict.fromkeys(self._unquote(k) for k in self.keys))
-
-    def _unquote(self, key):
-        """docker --env-file and compose env_file keep quotes and inline comments literally: a
-        quoted key loses its quotes; a key with spaces is reported (never shown)."""
-        if len(key) > 1 and key[0] == key[-1] and key[0] in "'\"":
-            log.warning("provider %s: a key (from %s) is wrapped in quotes; using it without them (docker's "
-                        "--env-file keeps quotes: write KEY=value there)", self.name, ", ".join(self.key_vars) or "api_key")
-            key = key[1:-1]
-        if any(c.isspace() for c in key):
-            log.warning("provider %s: a key (from %s) contains a space, so the provider will refuse it (an inline "
-                        "comment that docker's --env-file kept?)", self.name, ", ".join(self.key_vars) or "api_key")
-        return key
+        self.keys = list(dict.fromkeys(clean_key(k, f"provider {self.name}: a key (from {', '.join(self.key_vars) or 'api_key'})")
+                                        for k in self.keys))
 
     def auth_headers(self, key):
         h = {"Content-Type": "application/json", "User-Agent": f"sage-router/{__version__}"}
@@ -6197,6 +6212,10 @@ class RequestLog:
         try:
             db.row_factory = sqlite3.Row
             return [dict(r) for r in db.execute(sql, args)]
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):      # the writer is creating the log right now
+                return []
+            raise
         finally:
             db.close()
 
@@ -6372,7 +6391,7 @@ class Router:
         self.health = Health(self.settings)
         self.pool = Pool()
         self.dispatcher = Dispatcher(self.pool)
-        self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
+        self.router_key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "", "the router key (SAGE_ROUTER_API_KEY)") or None
         self.affinity = Affinity()
         self._warned = set()       # unknown model names already logged
         self._intent_cache = {}    # latest user turn -> the intent model's answer (LRU)
@@ -6645,7 +6664,7 @@ class Router:
                 self._intent_cache.clear()
             self.responses.budget = int(cat.settings["response_store_mb"] * (1 << 20))
             self.log.settings = cat.settings
-            self.router_key = env.get("SAGE_ROUTER_API_KEY") or None
+            self.router_key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "", "the router key (SAGE_ROUTER_API_KEY)") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))
         return True
 
@@ -7504,7 +7523,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         under a name of its own by DNS rebinding): without a router key, the Host must be one
         the router answers to, and whatever the key, an Origin other than the router's own (its
         status page) or one in settings.allowed_origins is refused. Clients that are not
-        browsers send no Origin, and `curl -d` keeps working whatever its Content-Type."""
+        browsers send no Origin, and `curl -d` keeps working whatever its Content-Type; desktop
+        apps built on web engines (Electron, browser extensions) do send one: list theirs."""
         s = self.router.settings
         host = hdrs.get("host", "")
         if not self.router.router_key and not host_allowed(host, self.server.server_address[0], s["allowed_hosts"]):
@@ -7514,8 +7534,12 @@ class RouterHandler(BaseHTTPRequestHandler):
         origin = hdrs.get("origin")
         if origin is None:
             return
-        same = urllib.parse.urlsplit(origin).netloc.lower() == host.lower() and origin.lower() != "null"
-        if same or origin in s["allowed_origins"] or "*" in s["allowed_origins"]:
+        # The router's own page: its origin names the Host it was loaded from, or, behind a proxy
+        # that rewrites Host, the browser says so itself (Sec-Fetch-Site, which no page can set).
+        same = origin.lower() != "null" and (urllib.parse.urlsplit(origin).netloc.lower() == host.lower() or
+                                             hdrs.get("sec-fetch-site") == "same-origin")
+        allowed = {o.lower().rstrip("/") for o in s["allowed_origins"]}
+        if same or origin.lower().rstrip("/") in allowed or "*" in allowed:
             self.cors_origin = None if same else origin
             return
         raise ApiError(403, "permission", f"Origin {safe_text(origin, 80)} may not use this router: web pages may "
@@ -7899,8 +7923,9 @@ def cmd_reset(args, env, target):
     body = {k: v for k, v in (("provider", provider), ("model", model)) if v}
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     headers = {"Content-Type": "application/json"}
-    if env.get("SAGE_ROUTER_API_KEY"):
-        headers["Authorization"] = "Bearer " + env["SAGE_ROUTER_API_KEY"]
+    key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "", "the router key (SAGE_ROUTER_API_KEY)")
+    if key:
+        headers["Authorization"] = "Bearer " + key
     conn = http.client.HTTPConnection(host, args.port, timeout=10)
     try:
         conn.request("POST", "/v1/health/reset", dumps(body).encode(), headers)

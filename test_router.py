@@ -3232,7 +3232,14 @@ class HardeningTests(RouterCase):
         cfg["providers"]["tpl"] = {"api": "openai", "base_url": "${TPL_URL}", "api_key": "k", "models": {"m": {}}}
         cfg["providers"]["cred"] = {"api": "openai", "base_url": "https://user:hunter2@example.com/v1?token=abc",
                                     "api_key": "k", "models": {"m": {}}}
-        h = Harness(cfg, {"TPL_URL": "https://proxy.example/v1?key=SECRET-IN-URL"})
+        cfg["providers"]["mixed"] = {"api": "openai", "base_url": "https://me:pw-in-template@${MIXED_HOST}/v1?sig=TPL-SIG",
+                                     "api_key": "k", "models": {"m": {}}}
+        cfg["providers"]["v6"] = {"api": "openai", "base_url": "http://[::1]:8000/v1", "api_key": "k", "models": {"m": {}}}
+        with self.assertRaises(R.ConfigError) as bad:
+            R.Provider("b", {"api": "openai", "base_url": "${BAD}", "api_key": "k"}, {"BAD": "api.example/v1?key=LEAK"},
+                       R.DEFAULT_SETTINGS)
+        self.assertNotIn("LEAK", str(bad.exception), "an invalid URL from variables is shown as its template")
+        h = Harness(cfg, {"TPL_URL": "https://proxy.example/v1?key=SECRET-IN-URL", "MIXED_HOST": "h.example"})
         self.addCleanup(h.close)
         text = h.call("GET", "/health").body.decode()
         self.assertNotIn("SECRET-IN-URL", text)
@@ -3240,6 +3247,10 @@ class HardeningTests(RouterCase):
         self.assertNotIn("hunter2", text)
         self.assertNotIn("token=abc", text)
         self.assertIn("https://example.com/v1", text)
+        self.assertNotIn("pw-in-template", text)
+        self.assertNotIn("TPL-SIG", text)
+        self.assertIn("https://${MIXED_HOST}/v1", text)
+        self.assertIn("http://[::1]:8000/v1", text)
 
     def test_a_429_without_retry_after_cools_the_key_not_the_model(self):
         self.oa.push(Reply(status=429, body={"error": {"message": "slow down"}}))
@@ -3414,7 +3425,7 @@ class HardeningTests(RouterCase):
 
     def test_allowed_origins_get_cors_and_a_keyed_router_answers_any_host(self):
         cfg = json.loads(json.dumps(self.cfg))
-        cfg["settings"] = dict(cfg["settings"], allowed_origins=["https://app.example"], allowed_hosts=["router.lan"])
+        cfg["settings"] = dict(cfg["settings"], allowed_origins=["https://App.example/"], allowed_hosts=["router.lan"])
         h = Harness(cfg)
         self.addCleanup(h.close)
         r = h.call("OPTIONS", "/v1/chat/completions", headers={"Origin": "https://app.example",
@@ -3424,6 +3435,15 @@ class HardeningTests(RouterCase):
         r = h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False), {"Origin": "https://app.example"})
         self.assertEqual((r.status, r.headers["access-control-allow-origin"]), (200, "https://app.example"))
         self.assertEqual(h.call("GET", "/health", headers={"Host": "router.lan:8790"}).status, 200)
+        # Behind a proxy that rewrites Host, the page's own POST is known by Sec-Fetch-Site.
+        page = {"Origin": "https://router.example", "Host": "router.lan"}
+        self.assertEqual(h.call("POST", "/v1/route", {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}, page).status, 403)
+        r = h.call("POST", "/v1/route", {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}, dict(page, **{"Sec-Fetch-Site": "same-origin"}))
+        self.assertEqual(r.status, 200, r)
+        self.assertNotIn("access-control-allow-origin", r.headers)
+        for bad in (["https://app.example/path"], ["app.example"]):
+            with self.assertRaises(R.ConfigError):
+                R.validate_config(dict(cfg, settings={"allowed_origins": bad}), "p.json")
         keyed = Harness(self.cfg, {"SAGE_ROUTER_API_KEY": "k1"})
         self.addCleanup(keyed.close)
         r = keyed.call("GET", "/v1/models", headers={"Host": "sage-router:8790", "Authorization": "Bearer k1"})
@@ -3481,6 +3501,14 @@ class HardeningTests(RouterCase):
         fake.listing = {"/v1/models": lambda q, b: {"data": [{"id": "claude-ok", "max_tokens": 10}, "junk", {"no": "id"}]}}
         prov = R.Provider("hostile2", {"api": "anthropic", "base_url": fake.base_url, "api_key": "k"}, {}, R.DEFAULT_SETTINGS)
         self.assertEqual(list(R.discover_models(prov)), ["claude-ok"])
+
+    def test_a_fresh_router_answers_its_log_endpoints_while_the_log_is_being_created(self):
+        for _ in range(10):
+            h = Harness({"providers": {}})
+            try:
+                self.assertEqual([h.call("GET", p).status for p in ("/v1/requests", "/v1/usage")], [200, 200])
+            finally:
+                h.close()
 
     def test_json_nested_too_deeply_is_a_400(self):
         r = self.h.call("POST", "/v1/chat/completions", b"[" * 50000 + b"]" * 50000)
@@ -5069,6 +5097,13 @@ class DeploymentTests(unittest.TestCase):
         self.assertEqual(fake.requests[-1]["headers"]["authorization"], "Bearer sk-quoted-1")
         self.assertTrue(any("wrapped in quotes" in l and "P_KEY" in l for l in logs.output), logs.output)
         self.assertFalse(any("sk-quoted" in l for l in logs.output))
+        with self.assertLogs(R.log, "WARNING") as logs:
+            keyed = Harness(cfg, {"P_KEY": "sk-1", "SAGE_ROUTER_API_KEY": "'router secret'"})
+        self.addCleanup(keyed.close)
+        r = keyed.call("GET", "/v1/models", headers={"Authorization": "Bearer router secret"})
+        self.assertEqual(r.status, 200, "the router key loses its quotes too")
+        self.assertTrue(any("SAGE_ROUTER_API_KEY" in l and "quotes" in l for l in logs.output), logs.output)
+        self.assertFalse(any("router secret" in l for l in logs.output))
 
     def test_the_port_comes_from_sage_router_port_and_the_docker_healthcheck_follows_it(self):
         d = self.box()

@@ -584,6 +584,10 @@ def text_of(parts):
 
 # ---------------------------------------------------------------------------------------- SSE --
 
+#: The longest line a provider's stream may send (an event's data, an NDJSON object).
+MAX_STREAM_LINE = 32 << 20
+
+
 class SSEParser:
     """Incremental Server-Sent Events parser: feed bytes, get (event, data) pairs. Accepts \\n and
     \\r\\n, joins multi-line data, ignores comments."""
@@ -627,6 +631,8 @@ class SSEParser:
         if start:
             del buf[:start]
         self.scanned = len(buf)
+        if len(buf) > MAX_STREAM_LINE:
+            raise ValueError(f"a stream line longer than {MAX_STREAM_LINE >> 20} MiB")
         return out
 
     def close(self):
@@ -2776,6 +2782,8 @@ class OllamaStreamDecoder:
     def feed(self, chunk):
         self.buf += chunk
         if b"\n" not in chunk:          # a line still arriving: linear, however long it grows
+            if len(self.buf) > MAX_STREAM_LINE:
+                raise ValueError(f"a stream line longer than {MAX_STREAM_LINE >> 20} MiB")
             return []
         lines = self.buf.split(b"\n")
         self.buf = bytearray(lines.pop())
@@ -5774,15 +5782,23 @@ class Dispatcher:
             if not chunk:
                 yield b"", decoder.close()
                 return
-            yield chunk, decoder.feed(chunk)
+            try:
+                evs = decoder.feed(chunk)
+            except ValueError as e:
+                yield b"", [("error", ApiError(502, "api_error", f"the provider's stream is malformed ({e})"))]
+                return
+            yield chunk, evs
 
     def _pipe(self, ctx, prov, conn, resp, same, t0, limit):
         pc = CODECS[prov.api]
         source = self._source(prov, conn, resp, pc, limit)
-        held_raw, held = [], []
+        held_raw, held, held_bytes = [], [], 0
         committed = False
         for raw, evs in source:
             held_raw.append(raw)
+            held_bytes += len(raw)
+            if held_bytes > limit:        # pings or empty deltas without end, before any content
+                raise Failover("stream", f"more than max_body_bytes ({limit} bytes) before any content")
             for ev in evs:
                 k = ev[0]
                 if k == "error":
@@ -5950,6 +5966,7 @@ class Metrics:
         self.tokens = {}        # (provider, model, kind) -> n
         self.cost = {}          # (provider, model) -> USD
         self.latency = {}       # name -> [bucket counts..., +Inf count, sum]
+        self.connections = {"open": 0, "evicted": 0, "refused": 0, "reaped": 0}   # set by the HTTP front
 
     def _observe(self, name, seconds):
         h = self.latency.setdefault(name, [0] * (len(LATENCY_BUCKETS) + 2))
@@ -6026,6 +6043,13 @@ class Metrics:
             out.append(line("sage_router_breaker_open", labels, state))
         out += ["# HELP sage_router_models Models in the catalogue per provider.", "# TYPE sage_router_models gauge"]
         out += [line("sage_router_models", {"provider": p.name}, len(p.models)) for p in cat.enabled]
+        c = self.connections
+        out += ["# HELP sage_router_connections Client connections open now.", "# TYPE sage_router_connections gauge",
+                line("sage_router_connections", {}, c["open"]),
+                "# HELP sage_router_connections_closed_total Client connections the router closed: evicted (the "
+                "longest-waiting, to make room at max_connections), refused (503, every connection busy), reaped "
+                "(headers or body past their deadline).", "# TYPE sage_router_connections_closed_total counter"]
+        out += [line("sage_router_connections_closed_total", {"reason": k}, c[k]) for k in ("evicted", "refused", "reaped")]
         return "\n".join(out) + "\n"
 
 
@@ -6840,7 +6864,7 @@ class Router:
                 try:
                     conn, resp = self.dispatcher.send(prov, prov.base_path + "/v1/messages/count_tokens",
                                                        hdrs, dumps(fwd).encode())
-                    data = resp.read()
+                    data = resp.read(1 << 20)          # a count is a few bytes; never buffer more
                     self.dispatcher.release(prov, conn, resp)
                     if resp.status == 200:
                         obj = loads(data)
@@ -7194,7 +7218,13 @@ def host_allowed(host_header, listen, extra):
         socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
         return True
     except (OSError, ValueError):
-        return name in (socket.gethostname().lower(), socket.getfqdn().lower())
+        return name in own_names()
+
+
+@functools.lru_cache(maxsize=1)
+def own_names():
+    """This machine's own names, looked up once (getfqdn may ask DNS: never per request)."""
+    return {socket.gethostname().lower(), socket.getfqdn().lower()}
 
 
 def client_dialect(path, headers):
@@ -7681,7 +7711,7 @@ class RouterServer(ThreadingHTTPServer):
         self.active = 0                 # requests being handled right now (for a graceful stop)
         self.active_lock = threading.Lock()
         self._closed = threading.Event()
-        self._fd_warned = -1e9
+        self._fd_warned = self._cap_warned = -1e9
         super().__init__(address, handler)
         threading.Thread(target=self._reap, name="sage-router-reaper", daemon=True).start()
 
@@ -7690,9 +7720,23 @@ class RouterServer(ThreadingHTTPServer):
         return int(self.router.settings["max_connections"]) or default_max_connections()
 
     def phase(self, sock, phase):
-        st = self.conns.get(sock)
-        if st is not None and st[0] != phase:      # a new connection waits since it was accepted
-            st[0], st[1] = phase, time.monotonic()
+        with self.conn_lock:
+            st = self.conns.get(sock)
+            if st is not None and st[0] != phase:      # a new connection waits since it was accepted
+                self.conns[sock] = [phase, time.monotonic()]
+
+    def _closed_one(self, why):
+        """Count a connection the router closed (evicted, refused, reaped); at the cap, say so in
+        the log at most once a minute (under conn_lock)."""
+        c = self.router.metrics.connections
+        c[why] += 1
+        now = time.monotonic()
+        if why != "reaped" and now - self._cap_warned > 60:
+            self._cap_warned = now
+            log.warning("at the connection limit (max_connections %d): %s (so far: %d evicted, %d refused); "
+                        "raise settings.max_connections if this happens under normal load", self.max_connections,
+                        "closed the connection that waited longest" if why == "evicted" else
+                        "answered a new one 503: every connection has a request in flight", c["evicted"], c["refused"])
 
     def get_request(self):
         try:
@@ -7716,10 +7760,13 @@ class RouterServer(ThreadingHTTPServer):
                     victim = min(waiting, key=lambda w: w[0])[1]
                     del self.conns[victim]
                     _shutdown(victim)
+                    self._closed_one("evicted")
                 else:
                     full = True
+                    self._closed_one("refused")
             if not full:
                 self.conns[request] = ["wait", time.monotonic()]
+            self.router.metrics.connections["open"] = len(self.conns)
         if full:
             body = dumps({"error": {"message": f"the router is at its limit of {self.max_connections} connections, "
                                                "each with a request in flight; try again in a moment "
@@ -7737,17 +7784,19 @@ class RouterServer(ThreadingHTTPServer):
     def shutdown_request(self, request):
         with self.conn_lock:
             self.conns.pop(request, None)
+            self.router.metrics.connections["open"] = len(self.conns)
         super().shutdown_request(request)
 
     def _reap(self):
         while not self._closed.wait(0.25):
             s, now = self.router.settings, time.monotonic()
-            with self.conn_lock:
-                late = [sock for sock, (phase, since) in self.conns.items()
-                        if (phase == "wait" and now - since > s["client_header_timeout"]) or
-                        (phase == "body" and now - since > s["client_body_deadline"])]
-            for sock in late:
-                _shutdown(sock)
+            with self.conn_lock:        # shut down under the lock: no phase can change in between
+                for sock, (phase, since) in list(self.conns.items()):
+                    if (phase == "wait" and now - since > s["client_header_timeout"]) or \
+                            (phase == "body" and now - since > s["client_body_deadline"]):
+                        _shutdown(sock)
+                        self.conns[sock] = ["closing", since]      # its thread is on its way out
+                        self._closed_one("reaped")
 
     def server_close(self):
         self._closed.set()

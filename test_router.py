@@ -3304,6 +3304,17 @@ class HardeningTests(RouterCase):
         events = [("start", {"id": "x", "model": "m"})] + [("text", "ab")] * 50000 + [("end", "end_turn", None, None)]
         self.assertEqual(R.fold_events(events)["content"], [{"type": "text", "text": "ab" * 50000}])
 
+    def test_a_stream_line_without_end_is_capped(self):
+        self.addCleanup(setattr, R, "MAX_STREAM_LINE", R.MAX_STREAM_LINE)
+        R.MAX_STREAM_LINE = 1000
+        sse, nd = R.SSEParser(), R.OllamaStreamDecoder()
+        self.assertEqual(sse.feed(b"data: " + b"x" * 900), [])
+        with self.assertRaises(ValueError):
+            sse.feed(b"x" * 200)
+        with self.assertRaises(ValueError):
+            nd.feed(b'{"message": "' + b"y" * 2000)
+        self.assertEqual(len(R.SSEParser().feed(b"data: " + b"x" * 990 + b"\n\n")), 1, "a line within the cap is fine")
+
     def test_a_whole_upstream_reply_is_capped_at_max_body_bytes(self):
         cfg = json.loads(json.dumps(self.cfg))
         cfg["settings"] = dict(cfg["settings"], max_body_bytes=65536)
@@ -3385,6 +3396,8 @@ class HardeningTests(RouterCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 503"), out[:100])
         self.assertIn(b"max_connections", out)
         self.oa.release.set()
+        c = h.router.metrics.connections
+        self.assertEqual((c["evicted"] >= 1, c["refused"] >= 1), (True, True), c)
 
     def test_headers_have_a_total_deadline_not_just_a_gap_timeout(self):
         h = self.capped(client_header_timeout=1)
@@ -3402,6 +3415,30 @@ class HardeningTests(RouterCase):
             except OSError:
                 closed = True
         self.assertTrue(closed, "a trickling client is cut off after client_header_timeout in all")
+
+    def trickle_until_closed(self, s):
+        s.settimeout(0.15)
+        start = time.monotonic()
+        while time.monotonic() - start < 10:
+            try:
+                s.sendall(b" ")
+                if s.recv(1) == b"":
+                    return True
+            except socket.timeout:
+                pass
+            except OSError:
+                return True
+        return False
+
+    def test_a_body_has_a_total_deadline_too_and_closed_connections_are_counted(self):
+        h = self.capped(client_body_deadline=1, client_body_timeout=5)
+        s = socket.create_connection(("127.0.0.1", h.port))
+        self.addCleanup(s.close)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n{")
+        self.assertTrue(self.trickle_until_closed(s), "a body trickled in is cut off after client_body_deadline")
+        metrics = h.call("GET", "/metrics").body.decode()
+        self.assertRegex(metrics, r'sage_router_connections_closed_total\{reason="reaped"\} [1-9]')
+        self.assertRegex(metrics, r"sage_router_connections \d+")
 
     def test_web_pages_of_other_origins_and_rebound_names_cannot_use_the_router(self):
         body = json.dumps(client_body("openai", "chat", False)).encode()

@@ -7841,7 +7841,10 @@ def build_parser():
         if not str(v).isdigit() or int(v) > 65535:
             raise argparse.ArgumentTypeError(f"{v!r} is not a port number 0-65535 (from --port or $SAGE_ROUTER_PORT)")
         return int(v)
-    ap.add_argument("--port", type=port, default=os.environ.get("SAGE_ROUTER_PORT") or DEFAULT_PORT,
+    env_port = os.environ.get("SAGE_ROUTER_PORT") or ""
+    if env_port.startswith(("tcp://", "udp://")):     # Kubernetes' link to a Service named sage-router
+        env_port = ""
+    ap.add_argument("--port", type=port, default=env_port or DEFAULT_PORT,
                     help=f"port (default $SAGE_ROUTER_PORT, else {DEFAULT_PORT})")
     ap.add_argument("--config", default=None, help="providers.json (default ./providers.json, else beside router.py)")
     ap.add_argument("--env-file", default=None, help=".env file (default ./.env, else beside router.py)")

@@ -3260,6 +3260,14 @@ class HardeningTests(RouterCase):
         now = time.monotonic()
         self.assertGreater(hl.left(("key", "pool", 0), now), 0)
         self.assertEqual(hl.left(("pool", "pooled"), now), 0, "other clients still get the model")
+        hl.reset("pool")
+        for _ in range(2):                             # both keys answer 429: still the keys, not the model
+            self.oa.push(Reply(status=429, body={"error": {"message": "slow down"}}))
+        r, _ = self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2", "the default route answered")
+        now = time.monotonic()
+        self.assertTrue(hl.left(("key", "pool", 0), now) > 0 and hl.left(("key", "pool", 1), now) > 0)
+        self.assertEqual(hl.left(("pool", "pooled"), now), 0, "the model is not cooled for everyone")
         self.oa.push(Reply(status=429, body={"error": {"message": "slow down"}}))     # a one-key provider: the model
         self.ask("openai", client_body("openai", "chat", False))
         self.assertGreater(hl.left(("oa", "gpt-test"), time.monotonic()), 0)

@@ -106,7 +106,15 @@ ZERO_OK_SETTINGS = {"probe_seconds", "max_connections"}   # numeric settings whe
 PROVIDER_KEYS = {
     "api", "base_url", "api_key", "models", "enabled", "headers", "verify_tls", "ca_file",
     "connect_timeout", "first_byte_timeout", "idle_timeout", "max_tokens_field", "anthropic_version",
-    "discover", "discover_interval", "description",
+    "discover", "discover_interval", "description", "quirks",
+}
+
+#: What some OpenAI-compatible servers do that OpenAI does not, and the router mends when a provider
+#: lists the quirk in "quirks" (faithful providers keep their byte-for-byte stream passthrough).
+PROVIDER_QUIRKS = {
+    "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk (llama.cpp's server, "
+                             "llama-cpp-python, LM Studio): OpenAI clients would join them into one long id and "
+                             "name; the router sends them once",
 }
 PROVIDER_APIS = ("openai", "anthropic", "openai-responses", "gemini", "ollama")
 AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
@@ -277,6 +285,9 @@ def validate_config(cfg, file):
                f"{at}.discover_interval", "a positive number of seconds")
         _check(p.get("max_tokens_field", "max_tokens") in ("max_tokens", "max_completion_tokens"),
                file, f"{at}.max_tokens_field", "\"max_tokens\" or \"max_completion_tokens\"")
+        quirks = p.get("quirks", [])
+        _check(isinstance(quirks, list) and all(q in PROVIDER_QUIRKS for q in quirks), file, f"{at}.quirks",
+               f"a list of quirk names, each one of {sorted(PROVIDER_QUIRKS)}")
     routes = cfg.get("routes", {})
     _check(isinstance(routes, dict), file, "routes", "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
     for name, lst in routes.items():
@@ -423,6 +434,9 @@ class ApiError(Exception):
     """An error with an HTTP status and a neutral type, rendered in each dialect by its codec.
     Neutral types: invalid_request, authentication, permission, not_found, request_too_large,
     rate_limit, billing, api_error, overloaded, timeout."""
+
+    at_end = False      # raised in place of a provider stream's end marker (which must not reach the client)
+    code = None         # OpenAI's machine-readable "code" (context_length_exceeded, ...), where one applies
 
     def __init__(self, status, etype, message, param=None, headers=None):
         super().__init__(message)
@@ -1045,7 +1059,7 @@ def openai_encode_response(resp, model, req=None):
 
 def openai_encode_error(err):
     body = {"error": {"message": err.message, "type": OPENAI_ERROR_TYPE.get(err.etype, "server_error"),
-                      "param": err.param, "code": getattr(err, "code", None)}}
+                      "param": err.param, "code": err.code}}
     return dumps(body).encode()
 
 
@@ -1058,6 +1072,11 @@ class OpenAIStreamEncoder:
         self.created = int(time.time())
         self.tool_index = -1
         self.saw_tool = False
+
+    def usage_chunk(self, usage):
+        """The chunk with `usage` that include_usage asks for (choices empty), before [DONE]."""
+        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                  "model": self.model, "choices": [], "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
 
     def _chunk(self, delta, finish=None):
         return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -1083,10 +1102,7 @@ class OpenAIStreamEncoder:
             finish = "tool_calls" if self.saw_tool else STOP_TO_OPENAI_FINISH.get(ev[1], "stop")
             out = self._chunk({}, finish)
             if self.include_usage:
-                usage = ev[2] or empty_usage()
-                out += b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
-                                          "created": self.created, "model": self.model, "choices": [],
-                                          "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
+                out += self.usage_chunk(ev[2] or empty_usage())
             return out + b"data: [DONE]\n\n"
         if kind == "error":
             return b"data: " + openai_encode_error(ev[1]) + b"\n\ndata: [DONE]\n\n"
@@ -1104,13 +1120,15 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
         if role == "system":
             out.append({"role": "system", "content": text_of(parts)})
         elif role == "assistant":
-            msg = {"role": "assistant", "content": text_of(parts) or None}
+            # "content" is "" (never null) beside tool calls: OpenAI takes either, strict servers
+            # (llama-cpp-python, vLLM's validators) refuse null with a 500
+            msg = {"role": "assistant", "content": text_of(parts)}
             calls = [{"id": p["id"], "type": "function",
                       "function": {"name": p["name"], "arguments": dumps(p["arguments"])}}
                      for p in parts if p["type"] == "tool_call"]
             if calls:
                 msg["tool_calls"] = calls
-            if msg["content"] is None and not calls:
+            elif not msg["content"]:
                 continue
             out.append(msg)
         else:
@@ -1162,6 +1180,53 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def openai_no_null_content(body):
+    """A client's Chat Completions body with `"content": null` beside tool calls made "" (what
+    the router's own encoder writes): strict servers refuse null. The body is copied only if
+    something changes."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not any(isinstance(m, dict) and m.get("content", "") is None for m in msgs):
+        return body
+    return dict(body, messages=[dict(m, content="") if isinstance(m, dict) and m.get("content", "") is None
+                                and m.get("tool_calls") else m for m in msgs])
+
+
+_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def openai_mend_repeated_tool_calls(data, seen):
+    """Complete SSE events of an OpenAI stream (passthrough, quirk repeats_tool_call_ids) with a
+    tool call's id, type and name sent once: servers that repeat them in every chunk would make
+    OpenAI clients join them into one long id and name. `seen`: index -> id, kept per stream.
+    Events without tool calls go out as they came."""
+    if b'"tool_calls"' not in data:
+        return data
+    out = []
+    for block in _SSE_EVENT_END.split(data):
+        if b'"tool_calls"' in block and block.startswith(b"data: "):
+            try:
+                obj = json.loads(block[6:])
+            except ValueError:
+                obj = None
+            changed = False
+            for ch in (obj.get("choices") or []) if isinstance(obj, dict) else ():
+                for tc in ((ch.get("delta") or {}).get("tool_calls") or []) if isinstance(ch, dict) else ():
+                    i, tid = tc.get("index", 0), tc.get("id")
+                    if tid and seen.get(i) == tid:
+                        tc.pop("id")
+                        tc.pop("type", None)
+                        if isinstance(tc.get("function"), dict):
+                            tc["function"].pop("name", None)
+                        changed = True
+                    elif tid:
+                        seen[i] = tid
+            if changed:
+                block = b"data: " + dumps(obj).encode()
+        if block:
+            out.append(block)
+    return b"\n\n".join(out) + b"\n\n"
 
 
 def _openai_message_parts(msg):
@@ -1224,6 +1289,14 @@ class OpenAIStreamDecoder(SSEDecoder):
         if self.ended or not data:
             return
         if data.startswith("[DONE]"):
+            if self.finish is None:
+                # [DONE] without any finish_reason: the server was interrupted (llama.cpp's server
+                # does this): a truncated reply, not a finished one
+                self.ended = True
+                err = ApiError(502, "api_error", "the provider's stream ended without a finish reason (cut short)")
+                err.at_end = True
+                out.append(("error", err))
+                return
             out.append(self._end())
             return
         try:
@@ -1919,10 +1992,20 @@ def _responses_item(p, custom, idx):
 
 
 def _responses_object(req, model, status, output, usage, details=None, error=None):
+    custom = set(req.get("custom_tools") or ())
+    tc = req.get("tool_choice") or {"type": "auto"}
+    if tc["type"] == "tool":
+        choice = {"type": "custom" if tc["name"] in custom else "function", "name": tc["name"]}
+    else:
+        choice = {"any": "required"}.get(tc["type"], tc["type"])
+    tools = [{"type": "custom", "name": t["name"], "description": t["description"]} if t["name"] in custom else
+             {"type": "function", "name": t["name"], "description": t["description"], "parameters": t["parameters"],
+              "strict": False} for t in req.get("tools") or ()]
     return {"id": req.get("response_id") or new_id("resp_"), "object": "response", "created_at": int(time.time()),
             "status": status, "model": model, "error": error, "incomplete_details": details,
             "output": output, "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
-            "tool_choice": "auto", "tools": [], "store": req.get("store", False),
+            "tool_choice": choice, "tools": tools, "max_output_tokens": req.get("max_tokens"),
+            "temperature": req.get("temperature"), "top_p": req.get("top_p"), "store": req.get("store", False),
             "usage": _responses_usage(usage) if usage is not None else None}
 
 
@@ -1998,6 +2081,20 @@ class ResponsesStreamEncoder:
         self.output.append(item)
         return out + self._ev({"type": "response.output_item.done", "output_index": idx, "item": item})
 
+    def _partial(self):
+        """The item that was streaming when the reply failed, as far as it got (status
+        incomplete), for response.failed: what the client saw streamed is not lost."""
+        item, text = self.item, "".join(self.buf)
+        if item is None:
+            return []
+        if item["type"] == "message":
+            return [dict(item, status="incomplete", content=[{"type": "output_text", "text": text, "annotations": []}])]
+        if item["type"] == "reasoning":
+            return [dict(item, summary=[{"type": "summary_text", "text": text}])]
+        if item["type"] == "function_call":
+            return [dict(item, arguments=text, status="incomplete")]
+        return [dict(item, status="incomplete")]
+
     def encode(self, ev):
         kind = ev[0]
         idx = len(self.output)
@@ -2040,7 +2137,7 @@ class ResponsesStreamEncoder:
         if kind == "error":
             err = ev[1]
             code = {"rate_limit": "rate_limit_exceeded", "billing": "insufficient_quota"}.get(err.etype, "server_error")
-            obj = _responses_object(self.req, self.model, "failed", self.output, None,
+            obj = _responses_object(self.req, self.model, "failed", self.output + self._partial(), None,
                                     error={"code": code, "message": err.message})
             return self._ev({"type": "error", "code": code, "message": err.message, "param": None}) + \
                 self._ev({"type": "response.failed", "response": obj})
@@ -2972,6 +3069,7 @@ class Provider:
         self.first_byte_timeout = cfg.get("first_byte_timeout", settings["first_byte_timeout"])
         self.idle_timeout = cfg.get("idle_timeout", settings["idle_timeout"])
         self.max_tokens_field = cfg.get("max_tokens_field", "max_tokens")
+        self.quirks = frozenset(cfg.get("quirks") or ())
         self.discover = cfg.get("discover", True)
         self.discover_interval = cfg.get("discover_interval", settings["discovery_interval"])
         self.anthropic_version = cfg.get("anthropic_version", "2023-06-01")
@@ -5614,7 +5712,7 @@ class Context:
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "started", "plan",
                  "history_marks", "provider_marks", "made_marks", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
-                 "status", "error", "out_chars")
+                 "status", "error", "out_chars", "broken", "usage_estimated")
 
     def __init__(self, dialect, body, req, headers, writer):
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
@@ -5630,6 +5728,8 @@ class Context:
         self.passthrough = True    # False when the router had to change the request's history
         self.status, self.error = 200, None
         self.out_chars = 0         # streamed output, for a usage estimate when the provider gives none
+        self.broken = None         # a Failover when the stream broke after the client's first byte
+        self.usage_estimated = False
         self.same = False
         self.started = time.monotonic()
 
@@ -5721,6 +5821,8 @@ class Dispatcher:
             body["model"] = mid
             for k in ROUTING_FIELDS:
                 body.pop(k, None)
+            if prov.api == "openai":
+                body = openai_no_null_content(body)
             if moved and prov.api == "anthropic":
                 body = anthropic_strip_thinking(body, keep)
             if prov.api == "ollama" and not (body.get("options") or {}).get("num_ctx"):
@@ -5801,9 +5903,9 @@ class Dispatcher:
                 raise Failover("stream", f"more than max_body_bytes ({limit} bytes) before any content")
             for ev in evs:
                 k = ev[0]
-                if k == "error":
+                if k == "error" and not committed:
                     raise Failover("stream", f"error before any content: {ev[1].message}", ev[1].status)
-                held.append(ev)
+                held.append(ev)           # (an error after content in the same piece: _deliver sends it)
                 if k == "end":
                     if not any(e[0] in CONTENT_EVENTS for e in held):
                         raise Failover("empty", "empty reply", fallback=(prov, ctx.upstream_model, same,
@@ -5841,6 +5943,12 @@ class Dispatcher:
             if ctx.on_complete is not None:
                 ctx.on_complete()
             resp = fold_events(events)
+            if not _counted(resp["usage"]):
+                ctx.out_chars = sum(len(p.get("text") or "") + len(dumps(p["arguments"])) if p["type"] == "tool_call"
+                                    else len(p.get("text") or "") for p in resp["content"])
+                resp["usage"] = self.estimated_usage(ctx)
+                if same and ctx.dialect == "openai":        # the client is told, in its own shape
+                    raw = dumps(dict(loads(raw), usage=_to_openai_usage(resp["usage"]))).encode()
             ctx.usage = resp["usage"]
             if same:
                 w.send(200, {"Content-Type": "application/json", **hdrs}, raw)
@@ -5851,10 +5959,20 @@ class Dispatcher:
         w.start(200, {"Content-Type": cc.stream_type, "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no", **hdrs})
         enc = None if same else cc.stream_encoder(ctx.model, ctx.req, ctx.estimate)
+        mend = {} if same and "repeats_tool_call_ids" in prov.quirks else None
         tail = b""
 
         def emit(raw_chunk, evs):
+            """Write one piece of the stream; True once it is over for the client (an error went out)."""
             nonlocal tail
+            err, estimated = None, False
+            for i, ev in enumerate(evs):
+                if ev[0] == "end" and not _counted(ev[2]):
+                    evs = evs[:i] + [("end", ev[1], self.estimated_usage(ctx), ev[3])] + evs[i + 1:]
+                    estimated = True
+                elif ev[0] == "error":
+                    err, evs = ev[1], evs[:i + 1]       # nothing after an error reaches the client
+                    break
             if ctx.collect is not None:
                 ctx.collect.extend(evs)
             for ev in evs:
@@ -5867,33 +5985,66 @@ class Dispatcher:
                     if ctx.on_complete is not None:
                         ctx.on_complete()      # before the client can read the end and ask again
             if same:
-                if not raw_chunk and evs and evs[-1][0] == "error":
-                    # The provider's stream broke: drop its partial event, send ours.
-                    tail = b""
-                    w.write(cc.stream_encoder(ctx.model, ctx.req, 0).encode(evs[-1]))
-                    return
                 data = tail + raw_chunk
-                cut = cc.boundary(data)
-                if cut:
-                    w.write(data[:cut])
-                tail = data[cut:]
+                if err is not None and (not raw_chunk or err.at_end):
+                    # the provider's stream broke, or ended without finishing: drop its partial event
+                    # or its end marker, send our error event in its place
+                    done = data.find(b"data: [DONE]")
+                    data = data[:done] if done >= 0 else data[:cc.boundary(data)]
+                    tail = b""
+                    w.write((openai_mend_repeated_tool_calls(data, mend) if mend is not None else data) +
+                            cc.stream_encoder(ctx.model, ctx.req, 0).encode(("error", err)))
+                else:
+                    if estimated and ctx.dialect == "openai" and ctx.req.get("include_usage"):
+                        done = data.find(b"data: [DONE]")      # the usage chunk the client asked for
+                        if done >= 0:
+                            data = data[:done] + OpenAIStreamEncoder(ctx.model, True).usage_chunk(ctx.usage) + data[done:]
+                    cut = cc.boundary(data)
+                    if cut:
+                        w.write(openai_mend_repeated_tool_calls(data[:cut], mend) if mend is not None else data[:cut])
+                    tail = data[cut:]
             else:
                 out = b"".join(enc.encode(ev) for ev in evs)
                 if out:
                     w.write(out)
+            if err is not None:
+                self._broke(ctx, prov, err)
+            return err is not None
 
-        emit(raw, events)
-        for raw_chunk, evs in source:
-            emit(raw_chunk, evs)
-        if same and tail:
-            w.write(tail)
+        if not emit(raw, events):
+            for raw_chunk, evs in source:
+                if emit(raw_chunk, evs):
+                    break
+            else:
+                if same and tail:
+                    w.write(tail)
         w.finish_stream()
+
+    @staticmethod
+    def estimated_usage(ctx):
+        """Usage for a reply whose provider reported none (servers that ignore include_usage): the
+        request's estimate in, 4 characters a token out. The log row says it is an estimate."""
+        ctx.usage_estimated = True
+        return dict(empty_usage(), input=ctx.estimate, output=max(1, ctx.out_chars // 4) if ctx.out_chars else 0)
+
+    @staticmethod
+    def _broke(ctx, prov, err):
+        """A stream that failed after the client had its first byte: a failed request (the log, the
+        metrics, and the candidate's health through ctx.broken), not a success."""
+        ctx.status, ctx.error = err.status, f"the stream broke after it started: {err.message}"[:2000]
+        ctx.attempts.append(((prov.name, ctx.upstream_model), "stream", ctx.error, err.status, None))
+        ctx.broken = Failover("stream", ctx.error, err.status)
 
     def deliver_fallback(self, ctx, fallback):
         """Every candidate failed, but one gave an empty answer: that answer is the best we have."""
         prov, mid, same, raw, events = fallback
         ctx.provider, ctx.upstream_model = prov.name, mid
         self._deliver(ctx, prov, same, raw, events)
+
+
+def _counted(usage):
+    """Whether a provider reported usage (a stream that ignored include_usage reports none)."""
+    return bool(usage) and bool(usage.get("input") or usage.get("output"))
 
 
 class ClientGone(Exception):
@@ -6097,7 +6248,7 @@ class RequestLog:
     BATCH_SECONDS = 0.05
     COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model", "attempts", "status",
                "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cached_tokens", "cost", "stream",
-               "error", "prompt", "reply", "pinned")
+               "error", "prompt", "reply", "pinned", "usage_estimated")
 
     def __init__(self, path, settings, metrics, line_format="text"):
         self.path = path
@@ -6257,7 +6408,8 @@ class RequestLog:
 
     def recent(self, limit=50):
         rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, attempts, status, "
-                          "latency_ms, ttfb_ms, input_tokens, output_tokens, cached_tokens, cost, stream, error, pinned "
+                          "latency_ms, ttfb_ms, input_tokens, output_tokens, cached_tokens, usage_estimated, cost, "
+                          "stream, error, pinned "
                           "FROM requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
         for r in rows:
             r["attempts"] = json.loads(r["attempts"] or "[]")
@@ -6281,10 +6433,8 @@ def request_row(ctx, catalogue, log_prompts):
     usage = ctx.usage or {}
     prov = catalogue.providers.get(ctx.provider) if ctx.provider else None
     ok = ctx.status < 400
-    if ok and prov is not None and not usage.get("input") and not usage.get("output"):
-        # The provider reported no usage (an OpenAI-compatible stream whose client did not ask for
-        # include_usage): estimate it, so usage and cost are not silently zero.
-        usage = dict(empty_usage(), input=ctx.estimate, output=max(1, ctx.out_chars // 4) if ctx.out_chars else 0)
+    if ok and prov is not None and not _counted(usage):
+        usage = Dispatcher.estimated_usage(ctx)      # usage and cost are never silently zero
     cost = request_cost(price_of(prov.api, ctx.upstream_model, catalogue.meta(ctx.provider, ctx.upstream_model)),
                         usage) if prov is not None and ok and usage else 0.0
     attempts = [{"provider": p, "model": m, "kind": k, "reason": r, "status": s} for (p, m), k, r, s, _ra in ctx.attempts]
@@ -6298,6 +6448,7 @@ def request_row(ctx, catalogue, log_prompts):
            "cached_tokens": usage.get("cache_read"), "cost": round(cost, 8), "stream": int(bool(ctx.stream)),
            "error": ctx.error, "prompt": None, "reply": None,
            "pinned": "/".join(ctx.plan.pinned) if ctx.plan and ctx.plan.pinned else None,
+           "usage_estimated": int(ctx.usage_estimated),
            "known": (ctx.provider, ctx.upstream_model) in catalogue.caps}
     if log_prompts:
         row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]
@@ -6742,6 +6893,8 @@ class Router:
                 try:
                     self.dispatcher.attempt(ctx, cat, prov, mid, idx)
                     affinity.add_marks(akey, pname, ctx.made_marks)
+                    if ctx.broken is not None:        # answered, then broke: the candidate is not well
+                        health.candidate_failed(cand, ctx.broken, known, len(prov.keys))
                 except Failover as f:
                     ctx.attempts.append((cand, f.kind, f.reason, f.status, f.retry_after))
                     failed = f
@@ -6842,6 +6995,13 @@ class Router:
             return ApiError(429, "rate_limit", msg, headers={"Retry-After": str(wait)})
         if atts and all(k in ("connect", "timeout") or s in (503, 529) for _c, k, _r, s, _ra in atts):
             return ApiError(503, "overloaded", msg)
+        if atts and all(k == "context" for _c, k, _r, _s, _ra in atts):
+            # too long for every candidate: the provider's own 400, so the client does not retry it
+            first = next((r for _c, _k, r, s, _ra in atts if s), atts[0][2])
+            err = ApiError(400, "invalid_request", re.sub(r"^HTTP \d+: ", "", first) +
+                           f" (no candidate with a larger context window: {lines})", param="messages")
+            err.code = "context_length_exceeded"
+            return err
         return ApiError(502, "api_error", msg)
 
     def count_tokens(self, body, headers):

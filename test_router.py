@@ -79,11 +79,13 @@ class Reply:
     error_first: an in-stream error event before any content; cut_after: reset the connection
     after N stream events; stall: "headers" or "body" waits (for the fake's release event) before
     sending that part; stall_after: stall after N stream events; empty: a reply with no content;
-    close: close the connection after the reply without saying so (a stale keep-alive)."""
+    close: close the connection after the reply without saying so (a stale keep-alive); no_finish:
+    an OpenAI stream without any finish_reason (what an interrupted llama.cpp server sends)."""
 
     def __init__(self, text="Hello from the fake.", thinking=None, signature=None, tools=(), usage=(11, 7, 3),
                  status=200, body=None, headers=None, split=None, error_first=False, cut_after=None,
-                 stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False):
+                 stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False,
+                 no_finish=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -92,7 +94,8 @@ def _pieces(s, n=4):
     return [s[i:i + n] for i in range(0, len(s), n)] or [""]
 
 
-def openai_events(r, model, include_usage):
+def openai_events(r, model, include_usage, repeat_ids=False):
+    """repeat_ids: every tool-call chunk carries the call's id and name again (llama.cpp's habit)."""
     base = {"id": "chatcmpl-fake1", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
 
     def ch(delta, finish=None):
@@ -106,8 +109,11 @@ def openai_events(r, model, include_usage):
         ev.append(ch({"tool_calls": [{"index": i, "id": tid, "type": "function",
                                       "function": {"name": name, "arguments": ""}}]}))
         s = json.dumps(args)
-        ev += [ch({"tool_calls": [{"index": i, "function": {"arguments": p}}]}) for p in (s[:len(s) // 2], s[len(s) // 2:])]
-    ev.append(ch({}, r.stop or ("tool_calls" if r.tools else "stop")))
+        again = {"id": tid, "type": "function"} if repeat_ids else {}
+        ev += [ch({"tool_calls": [dict(again, index=i, function=dict({"name": name} if repeat_ids else {}, arguments=p))]})
+               for p in (s[:len(s) // 2], s[len(s) // 2:])]
+    if not r.no_finish:
+        ev.append(ch({}, r.stop or ("tool_calls" if r.tools else "stop")))
     if include_usage:
         ev.append(dict(base, choices=[], usage={"prompt_tokens": r.usage[0], "completion_tokens": r.usage[1],
                                                 "total_tokens": r.usage[0] + r.usage[1],
@@ -319,6 +325,7 @@ class FakeProvider:
         self.connections = 0
         self.chaos = None            # a callable returning each request's Reply, for chaos tests
         self.listing = {}            # model-list endpoints, for discovery tests
+        self.local = None            # a context size: behave like llama.cpp's server (see local_refusal)
         self.list_calls = []
         self.release = threading.Event()
         fake = self
@@ -362,6 +369,10 @@ class FakeProvider:
                     return
                 fake.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                       "body": body})
+                refused = fake.local_refusal(body) if fake.local else None
+                if refused:
+                    self._json(*refused)
+                    return
                 if fake.chaos is not None:
                     r = fake.chaos()
                 else:
@@ -394,6 +405,25 @@ class FakeProvider:
     @property
     def base_url(self):
         return f"http://127.0.0.1:{self.port}" + {"openai": "/v1", "openai-responses": "/v1", "gemini": "/v1beta"}.get(self.api, "")
+
+    def local_refusal(self, body):
+        """What llama-cpp-python's server refuses that OpenAI accepts (fake.local = its context
+        size): `"content": null` on an assistant message (HTTP 500, pydantic's validation errors),
+        and a request longer than its context (HTTP 400, context_length_exceeded). It also ignores
+        stream_options.include_usage and repeats tool-call ids and names in stream chunks (serve)."""
+        for i, m in enumerate(body.get("messages") or []):
+            if m.get("role") == "assistant" and "content" in m and m["content"] is None:
+                return 500, {"error": {"message": f"7 validation errors for ChatCompletionRequest: messages.{i}."
+                                                  "ChatCompletionRequestAssistantMessage.content: Input should be a "
+                                                  "valid string", "type": "internal_server_error"}}
+        asked = len(json.dumps(body.get("messages"))) // 4 + 20
+        want = body.get("max_tokens") or 16
+        if asked + want > self.local:
+            return 400, {"error": {"message": f"This model's maximum context length is {self.local} tokens. However, "
+                                              f"you requested {asked + want} tokens ({asked} in the messages, {want} in "
+                                              "the completion). Please reduce the length of the messages or completion.",
+                                   "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}
+        return None
 
     def push(self, *replies):
         for r in replies:
@@ -452,7 +482,8 @@ class FakeProvider:
             return
         ctype = "text/event-stream"
         if self.api == "openai":
-            events = openai_events(r, model, (body.get("stream_options") or {}).get("include_usage"))
+            events = openai_events(r, model, (body.get("stream_options") or {}).get("include_usage") and not self.local,
+                                   repeat_ids=bool(self.local))
             err = b'data: {"error":{"message":"upstream overloaded","type":"server_error","code":null}}\n\n'
         elif self.api == "anthropic":
             events = anthropic_events(r, model)
@@ -711,6 +742,26 @@ def read_ollama(resp, stream):
             res["finish"] = obj["done_reason"]
             res["usage"] = {"prompt_eval_count": obj.get("prompt_eval_count"), "eval_count": obj.get("eval_count")}
     return res
+
+
+def tool_round_trip_bodies(model, stream, image=None):
+    """A second turn of a tool loop in each client dialect: the assistant's tool call (OpenAI's with
+    "content": null, as the openai SDK and Aider send it) and its result, then the model's turn."""
+    bodies = {d: client_body(d, model, stream, tools=True, image=image) for d in READERS}
+    bodies["openai"]["messages"] += [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps({"city": "x"})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    bodies["anthropic"]["messages"] += [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "x"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}]
+    bodies["ollama"]["messages"] += [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "x"}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    bodies["openai-responses"]["input"] += [
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+    return bodies
 
 
 READERS = {"openai": read_openai, "anthropic": read_anthropic, "openai-responses": read_responses, "ollama": read_ollama}
@@ -1626,8 +1677,12 @@ class FailoverTests(RouterCase):
         # A smaller window than the one that overflowed is not tried; a larger one is.
         self.an.push(Reply(status=400, body=too_long))
         r = self.post("openai", client_body("openai", "claude-first", False))
-        self.assertEqual(r.status, 502)
-        self.assertIn("oa/gpt-test: skipped: context window 100000", r.json()["error"]["message"])
+        # No larger window left: the provider's 400 in the client's dialect, so the SDK does not retry it.
+        self.assertEqual(r.status, 400)
+        err = r.json()["error"]
+        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "context_length_exceeded"))
+        self.assertIn("prompt is too long", err["message"])
+        self.assertIn("oa/gpt-test: skipped: context window 100000", err["message"])
         self.setUp()
         self.oa.push(Reply(status=400, body={"error": {"message": "maximum context length is 100000 tokens"}}))
         self.an.push(Reply(status=400, body=too_long))
@@ -3022,6 +3077,160 @@ def raw_exchange(port, data, timeout=5.0):
         s.close()
 
 
+class LocalServerTests(unittest.TestCase):
+    """Issue 11: an OpenAI-compatible local server the way llama.cpp's behaves (the fake's `local`
+    mode: refuses "content": null, ignores include_usage, repeats tool-call ids and names in
+    streams, may end a stream without a finish reason, answers a context overflow with a 400)
+    behind the router, with a cloud provider as the fallback."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.local, cls.plain, cls.cloud = FakeProvider("openai"), FakeProvider("openai"), FakeProvider("anthropic")
+        cls.local.local = 512
+        cls.cfg = {"providers": {
+            "local": {"api": "openai", "base_url": cls.local.base_url, "quirks": ["repeats_tool_call_ids"],
+                      "models": {"tiny": {}}, "discover": False},
+            "plain": {"api": "openai", "base_url": cls.plain.base_url, "api_key": "k", "models": {"m": {}}, "discover": False},
+            "cloud": {"api": "anthropic", "base_url": cls.cloud.base_url, "api_key": "k",
+                      "models": {"claude-test": {"context_window": 200000}}, "discover": False}},
+            "routes": {"default": ["local/tiny"], "localfirst": ["local/tiny", "cloud/claude-test"],
+                       "localonly": ["local/tiny"], "usage-check": ["local/tiny"], "break-check": ["local/tiny"]},
+            "settings": {"probe_seconds": 0, "cooldown_seconds": 30}}
+        cls.h = Harness(cls.cfg)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.h.close()
+        for f in (cls.local, cls.plain, cls.cloud):
+            f.close()
+
+    def setUp(self):
+        for f in (self.local, self.plain, self.cloud):
+            f.reset()
+        self.h.router.health.reset()
+
+    def post(self, dialect, body):
+        return self.h.call("POST", PATHS[dialect], body)
+
+    def test_a_tool_round_trip_from_every_client_dialect_completes_through_a_strict_server(self):
+        for dialect in READERS:
+            for stream in (False, True):
+                with self.subTest(dialect=dialect, stream=stream):
+                    self.local.push(Reply(text="it is sunny"))
+                    r = self.post(dialect, tool_round_trip_bodies("local/tiny", stream)[dialect])
+                    got = READERS[dialect](r, stream)
+                    self.assertEqual((r.status, got["text"], got["error"]), (200, "it is sunny", None), r)
+                    sent = self.local.requests[-1]["body"]["messages"]
+                    self.assertFalse([m for m in sent if m.get("content", "") is None], "no null content reaches it")
+
+    def test_streamed_usage_is_estimated_when_the_server_sends_none_and_the_log_says_so(self):
+        text = "a reply of some forty characters, more or less"
+        for dialect in READERS:
+            with self.subTest(dialect=dialect):
+                self.local.push(Reply(text=text))
+                got = READERS[dialect](self.post(dialect, client_body(dialect, "usage-check", True)), True)
+                u = got["usage"] or {}
+                out = {"openai": "completion_tokens", "anthropic": "output_tokens", "openai-responses": "output_tokens",
+                       "ollama": "eval_count"}[dialect]
+                self.assertEqual(u.get(out), len(text) // 4, f"{dialect}: an estimate, never 0 ({u})")
+                inp = {"openai": "prompt_tokens", "anthropic": "input_tokens", "openai-responses": "input_tokens",
+                       "ollama": "prompt_eval_count"}[dialect]
+                self.assertGreater(u.get(inp) or 0, 4)
+        mine = lambda rs: [r["usage_estimated"] for r in rs if r["requested"] == "usage-check"]
+        self.assertEqual(mine(wait_rows(self.h, lambda rs: len(mine(rs)) == 4)), [1, 1, 1, 1])
+        self.plain.push(Reply(text="counted"))
+        read_openai(self.post("openai", client_body("openai", "plain/m", True)), True)
+        self.assertEqual(wait_rows(self.h, lambda rs: rs[0]["requested"] == "plain/m")[0]["usage_estimated"], 0,
+                         "a provider that reports usage is taken at its word")
+
+    def test_a_stream_that_breaks_after_its_first_byte_is_a_failed_request(self):
+        for n, dialect in enumerate(READERS):
+            with self.subTest(dialect=dialect):
+                self.h.router.health.reset()
+                self.local.push(Reply(text="x" * 80, cut_after=4))
+                r = self.post(dialect, client_body(dialect, "break-check", True, text=f"break {n}"))
+                got = READERS[dialect](r, True)
+                self.assertEqual(r.status, 200)
+                self.assertIsNotNone(got["error"], "the client is told")
+                mine = lambda rs: [r for r in rs if r["requested"] == "break-check"]
+                row = mine(wait_rows(self.h, lambda rs: len(mine(rs)) == n + 1))[0]
+                self.assertEqual(row["status"], 502, "a stream that broke is a failed request")
+                self.assertIn("stream", row["error"])
+                self.assertTrue(row["attempts"] and row["attempts"][-1]["provider"] == "local", row["attempts"])
+                self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
+                                "the breaker is told")
+
+    def test_a_stream_without_a_finish_reason_is_truncated_or_fails_over(self):
+        # After content: one error in the client's dialect, and nothing after it.
+        self.local.push(Reply(text="half an answer", no_finish=True))
+        r = self.post("anthropic", client_body("anthropic", "local/tiny", True))
+        kinds = [ev for ev, _d in sse_events(r.body)]
+        self.assertEqual(kinds[-1], "error", kinds)
+        self.assertNotIn("message_stop", kinds)
+        self.assertNotIn("message_delta", kinds, "no stop_reason for a reply that did not end")
+        for route in ("local/tiny",):
+            self.local.push(Reply(text="half an answer", no_finish=True))
+            r = self.post("openai", client_body("openai", route, True))
+            datas = [d for _e, d in sse_events(r.body)]
+            self.assertIn('"error"', datas[-2])
+            self.assertEqual(datas.count("[DONE]"), 1, datas[-3:])
+            self.assertFalse(any('"finish_reason": "stop"' in d or '"finish_reason":"stop"' in d for d in datas))
+        # The breaker is told after the client's last byte, so wait for it rather than race it.
+        self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
+                        "a truncated reply is a failure")
+        self.h.router.health.reset()
+        # Before any content (a role chunk, then [DONE]): a failure like an empty reply, so the next candidate.
+        self.local.push(Reply(empty=True, no_finish=True))
+        r = self.post("openai", client_body("openai", "localfirst", True, text="empty then cloud"))
+        got = read_openai(r, True)
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-attempts"]), ("cloud", "2"))
+        self.assertEqual(got["error"], None)
+        row = wait_rows(self.h, lambda rs: rs and rs[0]["requested"] == "localfirst")[0]
+        self.assertEqual(len(row["attempts"]), 1, "the log agrees with X-Router-Attempts")
+
+    def test_a_context_overflow_is_the_providers_400_in_the_clients_dialect(self):
+        long = "word " * 1200
+        r = self.post("openai", client_body("openai", "localonly", False, text=long))
+        self.assertEqual(r.status, 400, r)
+        err = r.json()["error"]
+        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "context_length_exceeded"))
+        self.assertIn("maximum context length is 512", err["message"])
+        r = self.post("anthropic", client_body("anthropic", "localonly", False, text=long))
+        self.assertEqual((r.status, r.json()["error"]["type"]), (400, "invalid_request_error"))
+        self.cloud.push(Reply(text="the cloud has room"))
+        r = self.post("openai", client_body("openai", "localfirst", False, text=long))
+        self.assertEqual((r.status, read_openai(r, False)["text"]), (200, "the cloud has room"))
+
+    def test_repeated_tool_call_ids_reach_openai_clients_once_and_faithful_providers_stay_byte_for_byte(self):
+        self.local.push(Reply(text="", tools=[("call_1", "get_weather", {"city": "Paris"})]))
+        r = self.post("openai", client_body("openai", "local/tiny", True, tools=True))
+        chunks = [json.loads(d) for _e, d in sse_events(r.body) if d != "[DONE]"]
+        calls = [tc for c in chunks for ch in c.get("choices", []) for tc in (ch["delta"].get("tool_calls") or [])]
+        self.assertEqual([tc.get("id") for tc in calls if tc.get("id")], ["call_1"])
+        self.assertEqual([tc["function"]["name"] for tc in calls if tc.get("function", {}).get("name")], ["get_weather"])
+        self.assertEqual(json.loads("".join(tc["function"].get("arguments", "") for tc in calls)), {"city": "Paris"})
+        self.plain.push(Reply(text="same bytes", split=7))
+        r = self.post("openai", client_body("openai", "plain/m", True))
+        self.assertEqual(r.body, b"".join(openai_events(Reply(text="same bytes"), "m", True)), "passthrough untouched")
+
+    def test_responses_echo_what_was_asked_and_a_failure_keeps_what_was_streamed(self):
+        body = dict(client_body("openai-responses", "local/tiny", False, tools=True), max_output_tokens=16,
+                    tool_choice={"type": "function", "name": "get_weather"})
+        self.local.push(Reply(text="", tools=[("call_1", "get_weather", {"city": "Paris"})]))
+        obj = self.post("openai-responses", body).json()
+        self.assertEqual(obj["max_output_tokens"], 16)
+        self.assertEqual(obj["tool_choice"], {"type": "function", "name": "get_weather"})
+        self.assertEqual([t["name"] for t in obj["tools"]], ["get_weather"])
+        self.local.push(Reply(text="y" * 60, cut_after=5))
+        r = self.post("openai-responses", dict(body, stream=True, tool_choice="auto"))
+        failed = [json.loads(d)["response"] for e, d in sse_events(r.body) if e == "response.failed"]
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0]["tool_choice"], "auto")
+        out = failed[0]["output"]
+        self.assertTrue(out and out[0]["type"] == "message" and out[0]["status"] == "incomplete", out)
+        self.assertTrue(out[0]["content"][0]["text"].startswith("yyyy"))
+
+
 class HardeningTests(RouterCase):
     def rows(self):
         return db_rows(os.path.join(self.h.router.data_dir, "requests.db"))
@@ -3154,22 +3363,9 @@ class HardeningTests(RouterCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 413"), out[:200])
 
     def fuzz_bodies(self):
-        bodies = {d: client_body(d, "chat", False, tools=True, image="data:image/png;base64," + PNG_B64) for d in READERS}
-        bodies["openai"]["messages"] += [
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-                "name": "get_weather", "arguments": json.dumps({"city": "x"})}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        bodies = tool_round_trip_bodies("chat", False, image="data:image/png;base64," + PNG_B64)
         bodies["openai"]["reasoning_effort"] = "low"
-        bodies["anthropic"]["messages"] += [
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "x"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}]
         bodies["anthropic"]["thinking"] = {"type": "enabled", "budget_tokens": 1024}
-        bodies["ollama"]["messages"] += [
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "x"}}}]},
-            {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
-        bodies["openai-responses"]["input"] += [
-            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
         return bodies
 
     def test_no_field_of_the_wrong_type_is_a_500(self):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import difflib
 import errno
 import fnmatch
 import functools
@@ -112,9 +113,9 @@ PROVIDER_KEYS = {
 #: What some OpenAI-compatible servers do that OpenAI does not, and the router mends when a provider
 #: lists the quirk in "quirks" (faithful providers keep their byte-for-byte stream passthrough).
 PROVIDER_QUIRKS = {
-    "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk (llama.cpp's server, "
-                             "llama-cpp-python, LM Studio): OpenAI clients would join them into one long id and "
-                             "name; the router sends them once",
+    "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk (llama-cpp-python's "
+                             "server; reported of Fireworks, DeepSeek and Qwen's API): OpenAI clients would join "
+                             "them into one long id and name; the router sends them once",
 }
 PROVIDER_APIS = ("openai", "anthropic", "openai-responses", "gemini", "ollama")
 AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
@@ -273,6 +274,11 @@ def validate_config(cfg, file):
             _check(isinstance(models, dict), file, f"{at}.models", "an object mapping MODEL_ID to its metadata")
             for mid, meta in models.items():
                 _check(isinstance(meta, dict), file, f"{at}.models.{mid}", "an object (may be empty: {})")
+                for k in meta:      # a typo ("context" for "context_window") would be ignored in silence
+                    near = difflib.get_close_matches(k, list(MODEL_META_FORMS), n=1, cutoff=0.5)
+                    _check(k in MODEL_META_FORMS, file, f"{at}.models.{mid}.{k}",
+                           f"a model metadata key, one of {sorted(MODEL_META_FORMS)}" +
+                           (f" (did you mean \"{near[0]}\"?)" if near else ""))
                 for f, (ok, expected) in MODEL_META_FORMS.items():
                     _check(f not in meta or ok(meta[f]), file, f"{at}.models.{mid}.{f}", expected)
         _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers", "an object of header: value")
@@ -3268,7 +3274,6 @@ class Catalogue:
 
     def closest(self, name, n=3):
         """The known model names most like `name` (for a 404 that helps with a typo)."""
-        import difflib
         names = self.model_names()
         low = {x.lower(): x for x in names}
         return [low[x] for x in difflib.get_close_matches(name.lower(), list(low), n=n, cutoff=0.0)]
@@ -3347,10 +3352,12 @@ def _ollama_meta(show):
 
 
 def _openai_list_meta(m):
-    """What an OpenAI-style list entry says of a model (OpenRouter's lists say a lot)."""
+    """What an OpenAI-style list entry says of a model (OpenRouter's lists say a lot; vLLM's,
+    and NVIDIA NIM's that run on it, give the served window as max_model_len)."""
     meta = {}
-    if isinstance(m.get("context_length"), int):
-        meta["context_window"] = m["context_length"]
+    window = m.get("context_length") or m.get("max_model_len")
+    if _positive_int(window):
+        meta["context_window"] = window
     mods = (m.get("architecture") or {}).get("input_modalities")
     if isinstance(mods, list):
         meta["input"] = ["text", "image"] if "image" in mods else ["text"]
@@ -6997,9 +7004,11 @@ class Router:
             return ApiError(503, "overloaded", msg)
         if atts and all(k == "context" for _c, k, _r, _s, _ra in atts):
             # too long for every candidate: the provider's own 400, so the client does not retry it
-            first = next((r for _c, _k, r, s, _ra in atts if s), atts[0][2])
-            err = ApiError(400, "invalid_request", re.sub(r"^HTTP \d+: ", "", first) +
-                           f" (no candidate with a larger context window: {lines})", param="messages")
+            said = next((a for a in atts if a[3]), atts[0])          # the provider's own words
+            rest = "; ".join(f"{p}/{m}: {reason}" for (p, m), _k, reason, _s, _r in atts if (p, m) != said[0])
+            err = ApiError(400, "invalid_request", re.sub(r"^HTTP \d+: ", "", said[2]) +
+                           f" ({said[0][0]}/{said[0][1]}; no candidate with a larger context window"
+                           + (f": {rest})" if rest else ")"), param="messages")
             err.code = "context_length_exceeded"
             return err
         return ApiError(502, "api_error", msg)

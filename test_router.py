@@ -986,6 +986,9 @@ class ConfigTests(unittest.TestCase):
             ({"providers": {"x": {"api": "openai"}}}, "providers.x.base_url"),
             ({"providers": {"x": {"api": "openai", "base_url": "u", "api_key": 5}}}, "providers.x.api_key"),
             ({"providers": {"x": {"api": "openai", "base_url": "u", "modles": {}}}}, "providers.x.modles"),
+            ({"providers": {"x": {"api": "openai", "base_url": "u", "models": {"m": {"context": 512}}}}},
+             "providers.x.models.m.context"),
+            ({"providers": {"x": {"api": "openai", "base_url": "u", "quirks": ["repeat_ids"]}}}, "providers.x.quirks"),
             ({"providers": {}, "routes": {"r": ["nope/m"]}}, "routes.r"),
             ({"providers": {}, "routes": {"r": "x"}}, "routes.r"),
             ({"settings": {"idle_timeout": -1}}, "settings.idle_timeout"),
@@ -996,6 +999,9 @@ class ConfigTests(unittest.TestCase):
                 R.validate_config(cfg, "f.json")
             self.assertEqual(cm.exception.key, key)
             self.assertEqual(cm.exception.file, "f.json")
+        with self.assertRaises(R.ConfigError) as cm:
+            R.validate_config(bad[4][0], "f.json")
+        self.assertIn('did you mean "context_window"', str(cm.exception), "a typo is named with its fix")
 
     def test_invalid_config_exits_2_with_message(self):
         with tempfile.TemporaryDirectory() as d:
@@ -3144,6 +3150,9 @@ class LocalServerTests(unittest.TestCase):
                          "a provider that reports usage is taken at its word")
 
     def test_a_stream_that_breaks_after_its_first_byte_is_a_failed_request(self):
+        found = re.search(r'sage_router_failovers_total\{provider="local",reason="stream"\} (\d+)',
+                          self.h.call("GET", "/metrics").body.decode())
+        before = int(found.group(1)) if found else 0
         for n, dialect in enumerate(READERS):
             with self.subTest(dialect=dialect):
                 self.h.router.health.reset()
@@ -3159,6 +3168,12 @@ class LocalServerTests(unittest.TestCase):
                 self.assertTrue(row["attempts"] and row["attempts"][-1]["provider"] == "local", row["attempts"])
                 self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
                                 "the breaker is told")
+        metrics = self.h.call("GET", "/metrics").body.decode()
+        # a failed request has no answering provider (as in the log row); the attempt names it
+        self.assertIn(f'sage_router_requests_total{{provider="",model="",route="break-check",status="502"}} '
+                      f'{len(READERS)}', metrics, "and the metrics count it as a failure")
+        self.assertIn(f'sage_router_failovers_total{{provider="local",reason="stream"}} {len(READERS) + before}', metrics)
+        self.assertNotIn('route="break-check",status="200"', metrics)
 
     def test_a_stream_without_a_finish_reason_is_truncated_or_fails_over(self):
         # After content: one error in the client's dialect, and nothing after it.
@@ -4422,7 +4437,8 @@ class DiscoveryTests(unittest.TestCase):
                     "nextPageToken": "p2"}
         self.gm.listing = {"/v1beta/models": gemini_models}
         self.nim.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
-            {"id": "meta/llama-3.3-70b-instruct", "object": "model", "owned_by": "meta", "root": "meta/llama-3.3-70b-instruct"},
+            {"id": "meta/llama-3.3-70b-instruct", "object": "model", "owned_by": "meta", "root": "meta/llama-3.3-70b-instruct",
+             "max_model_len": 32768},         # vLLM's field (NIM runs on it): the window it serves
             {"id": "nvidia/nv-embedqa-e5-v5", "object": "model", "owned_by": "nvidia"}]}}
         self.claw.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
             {"id": "openclaw", "object": "model", "owned_by": "openclaw"},
@@ -4485,6 +4501,8 @@ class DiscoveryTests(unittest.TestCase):
         self.assertTrue(cat.meta("gemini", "gemini-2.5-pro")["reasoning"])
         self.assertEqual(cat.meta("anthropic", "claude-haiku-4-5-20251001")["max_output"], 1000)
         self.assertEqual(cat.meta("anthropic", "claude-sonnet-4-5-20250929")["context_window"], 200000)
+        self.assertEqual(cat.meta("nvidia", "meta/llama-3.3-70b-instruct")["context_window"], 32768,
+                         "the served window, not the name's 131072")
         self.assertIn("code", cat.meta("ollama", "qwen2.5-coder:7b")["intents"])
         self.assertNotIn("code", cat.meta("ollama", "llama3.2")["intents"])
         # Discovered models fill routes through globs, intent-suited ones first.

@@ -30,6 +30,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -5448,6 +5449,101 @@ def recovery(outage=40.0):
         shutil.rmtree(d, True)
 
 
+def localcheck(base_url, model=None):
+    """The issue-11 points against a real OpenAI-compatible local server that is already running
+    (llama.cpp's, llama-cpp-python's, LM Studio, vLLM; a tiny model is enough, see
+    ../shared/realserver/), through a real router process, raw HTTP from every client dialect.
+    Prints one line per check; exits 1 if one failed."""
+    if model is None:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=10) as r:
+            model = json.load(r)["data"][0]["id"]
+    d = tempfile.mkdtemp()
+    meta = {model: {}}
+    cfg = {"providers": {"local": {"api": "openai", "base_url": base_url, "quirks": ["repeats_tool_call_ids"],
+                                   "models": meta, "discover": False},
+                         "plain": {"api": "openai", "base_url": base_url, "models": meta, "discover": False}},
+           "routes": {"both": [f"local/{model}", f"plain/{model}"]}, "settings": {"probe_seconds": 0}}
+    with open(os.path.join(d, "providers.json"), "w") as f:
+        json.dump(cfg, f)
+    port = closed_port()
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config",
+                          os.path.join(d, "providers.json"), "--env-file", os.devnull, "--data-dir", d],
+                         env=router_env(), stderr=subprocess.DEVNULL)
+    failed = []
+
+    def check(name, ok, detail):
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
+        if not ok:
+            failed.append(name)
+
+    def up():
+        try:
+            return call(port, "GET", "/health").status == 200
+        except OSError:
+            return False
+    try:
+        assert wait_until(up, 10), "the router did not start"
+        m = f"local/{model}"
+        for dialect in READERS:
+            for stream in (False, True):
+                r = call(port, "POST", PATHS[dialect], tool_round_trip_bodies(m, stream)[dialect], timeout=120)
+                got = READERS[dialect](r, stream) if r.status == 200 else {"error": r.body[:200]}
+                check(f"1. tool round trip {dialect}{' stream' if stream else ''}", r.status == 200 and not got["error"],
+                      f"HTTP {r.status}, finish {got.get('finish')}, error {got['error']}")
+        for dialect in READERS:
+            body = client_body(dialect, m, True, text=f"usage check {dialect}")
+            if dialect == "openai":
+                body["stream_options"] = {"include_usage": True}
+            got = READERS[dialect](call(port, "POST", PATHS[dialect], body, timeout=120), True)
+            out = (got["usage"] or {}).get({"openai": "completion_tokens", "ollama": "eval_count"}.get(dialect, "output_tokens"))
+            check(f"2. streamed usage {dialect}", bool(out), f"usage {got['usage']}")
+        def usage_rows():
+            rows = json.loads(call(port, "GET", "/v1/requests?limit=4").body)["data"]
+            return [r for r in rows if (r["requested"], r["stream"]) == (m, 1)]
+        wait_until(lambda: len(usage_rows()) == 4)
+        rows = usage_rows()
+        check("2. log marks estimates", len(rows) == 4 and all(r["usage_estimated"] == 1 for r in rows),
+              f"usage_estimated {[r['usage_estimated'] for r in rows]} (1 where the server sent no usage)")
+        for dialect in ("openai", "anthropic"):
+            r = call(port, "POST", PATHS[dialect], client_body(dialect, m, False, text="word " * 6000), timeout=120)
+            err = r.json().get("error") or {}
+            check(f"5. context overflow {dialect}", r.status == 400 and err.get("type") == "invalid_request_error",
+                  f"HTTP {r.status} {str(err.get('code') or '')} {str(err.get('message'))[:90]}")
+        forced = dict(client_body("openai", m, True, tools=True), tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        for prov in ("local", "plain"):
+            r = call(port, "POST", PATHS["openai"], dict(forced, model=f"{prov}/{model}"), timeout=120)
+            ids = [tc.get("id") for _e, data in sse_events(r.body) if data.startswith("{")
+                   for c in json.loads(data).get("choices") or [] for tc in c["delta"].get("tool_calls") or [] if tc.get("id")]
+            check(f"6. tool call ids, quirk {'on' if prov == 'local' else 'off'}", prov == "plain" or len(ids) == 1,
+                  f"{len(ids)} chunk(s) carry the id (an OpenAI SDK joins them: {len(''.join(ids))} characters)")
+        body = dict(client_body("openai-responses", m, False, tools=True), max_output_tokens=16,
+                    tool_choice={"type": "function", "name": "get_weather"})
+        o = call(port, "POST", PATHS["openai-responses"], body, timeout=120).json()
+        check("7. Responses echoes", o.get("max_output_tokens") == 16 and o.get("tool_choice", {}).get("name") == "get_weather"
+              and [t["name"] for t in o.get("tools", [])] == ["get_weather"],
+              f"max_output_tokens {o.get('max_output_tokens')}, tool_choice {o.get('tool_choice')}, tools {len(o.get('tools', []))}")
+        out = {}
+
+        def one(i):
+            r = call(port, "POST", PATHS["openai"], client_body("openai", "both", True, text=f"concurrent {i}"), timeout=120)
+            out[i] = (r.status, r.headers.get("x-router-attempts"), r.headers.get("x-router-provider"),
+                      read_openai(r, True) if r.status == 200 else {"error": r.body[:120], "finish": None})
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (status, attempts, prov, got) in sorted(out.items()):
+            check(f"4. concurrent stream {i} (route both)", got["finish"] is not None or got["error"] is not None,
+                  f"HTTP {status}, attempts {attempts}, provider {prov}, finish {got['finish']}, error {str(got['error'])[:100]}")
+    finally:
+        p.terminate()
+        p.wait()
+        shutil.rmtree(d, True)
+    print(f"{len(failed)} check(s) failed" if failed else "every check passed")
+    return 1 if failed else 0
+
+
 def token_samples():
     """(name, neutral request, the texts a tokenizer should count) for the estimate's table: prose,
     code, four other languages (testdata/tokens/) and a synthetic agent turn with 24 tools."""
@@ -5514,6 +5610,8 @@ if __name__ == "__main__":
         bench(sys.argv[3] if sys.argv[2:3] == ["--log-level"] and len(sys.argv) > 3 else "info")
     elif len(sys.argv) > 1 and sys.argv[1] == "tokens":
         tokens()
+    elif len(sys.argv) > 2 and sys.argv[1] == "localcheck":
+        sys.exit(localcheck(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
     elif len(sys.argv) > 1 and sys.argv[1] == "recovery":
         for seconds in sys.argv[2:] or ["10", "40"]:
             recovery(float(seconds))

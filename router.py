@@ -236,6 +236,7 @@ MODEL_META_FORMS = {
              "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens"),
     "intents": (lambda v: isinstance(v, list) and set(v) <= {"code", "creative", "reasoning", "general"},
                 "a list of \"code\", \"creative\", \"reasoning\", \"general\""),
+    "description": (lambda v: isinstance(v, str), "a string (a free-text note)"),
 }
 
 
@@ -294,6 +295,8 @@ def validate_config(cfg, file):
         quirks = p.get("quirks", [])
         _check(isinstance(quirks, list) and all(q in PROVIDER_QUIRKS for q in quirks), file, f"{at}.quirks",
                f"a list of quirk names, each one of {sorted(PROVIDER_QUIRKS)}")
+        _check(not quirks or p.get("api") == "openai", file, f"{at}.quirks",
+               "quirks only on an \"api\": \"openai\" provider (they mend OpenAI-compatible servers)")
     routes = cfg.get("routes", {})
     _check(isinstance(routes, dict), file, "routes", "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
     for name, lst in routes.items():
@@ -691,6 +694,54 @@ class SSEDecoder:
 
     def _finish(self, out):
         out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+
+
+class StreamPassthrough:
+    """A same-dialect stream, byte for byte: each piece's complete events go out as they came (the
+    codec's `boundary` finds them), a partial one waits for the rest. A codec whose providers need
+    it subclasses this to step in at its end marker or to mend events (see OpenAIPassthrough).
+    One per stream."""
+
+    def __init__(self, codec, ctx, prov):
+        self.cc, self.ctx = codec, ctx
+        self.tail = b""
+        self.drop_end = False      # the end marker must not reach the client (our error replaces it)
+
+    @staticmethod
+    def body(raw, usage):
+        """A whole (non-stream) reply passed through, given the router's usage estimate when the
+        provider reported none: as it came, unless the dialect can carry the estimate."""
+        return raw
+
+    def usage(self, usage):
+        """The provider reported no usage and `usage` is the router's estimate (before feed)."""
+
+    def feed(self, raw):
+        data = self.tail + raw
+        cut = self.cc.boundary(data)
+        self.tail = data[cut:]
+        return self.events(data[:cut]) if cut else b""
+
+    def events(self, data):
+        """Complete events about to go out (the hook a dialect's subclass overrides)."""
+        return data
+
+    def close(self):
+        """The stream ended cleanly: what is left (a last event without its blank line)."""
+        out, self.tail = self.tail, b""
+        return self.events(out) if out else b""
+
+    def fail(self, raw, err):
+        """The bytes that end the client's stream after the failure `err` was decoded from `raw`:
+        the provider's own error event as it came, or (the stream broke, or ended without
+        finishing) the complete events before it, without a partial event or an end marker,
+        and our error event."""
+        if raw and not err.at_end:
+            return self.feed(raw)
+        self.drop_end = True
+        out = self.feed(raw) if raw else b""
+        self.tail = b""
+        return out + self.cc.stream_encoder(self.ctx.model, self.ctx.req, 0).encode(("error", err))
 
 
 def fold_events(events, resp=None):
@@ -1200,39 +1251,79 @@ def openai_no_null_content(body):
 
 
 _SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
+_OPENAI_DONE_EVENT = re.compile(rb"\s*data: ?\[DONE\]\s*")
 
 
-def openai_mend_repeated_tool_calls(data, seen):
-    """Complete SSE events of an OpenAI stream (passthrough, quirk repeats_tool_call_ids) with a
-    tool call's id, type and name sent once: servers that repeat them in every chunk would make
-    OpenAI clients join them into one long id and name. `seen`: index -> id, kept per stream.
-    Events without tool calls go out as they came."""
-    if b'"tool_calls"' not in data:
-        return data
-    out = []
-    for block in _SSE_EVENT_END.split(data):
-        if b'"tool_calls"' in block and block.startswith(b"data: "):
-            try:
-                obj = json.loads(block[6:])
-            except ValueError:
-                obj = None
-            changed = False
-            for ch in (obj.get("choices") or []) if isinstance(obj, dict) else ():
-                for tc in ((ch.get("delta") or {}).get("tool_calls") or []) if isinstance(ch, dict) else ():
-                    i, tid = tc.get("index", 0), tc.get("id")
-                    if tid and seen.get(i) == tid:
-                        tc.pop("id")
-                        tc.pop("type", None)
-                        if isinstance(tc.get("function"), dict):
-                            tc["function"].pop("name", None)
-                        changed = True
-                    elif tid:
-                        seen[i] = tid
-            if changed:
-                block = b"data: " + dumps(obj).encode()
-        if block:
-            out.append(block)
-    return b"\n\n".join(out) + b"\n\n"
+class OpenAIPassthrough(StreamPassthrough):
+    """An OpenAI Chat stream passed through. Byte for byte, except: the usage chunk the client
+    asked for (include_usage) goes before [DONE] when the router had to estimate it; a [DONE]
+    that came without a finish reason is replaced by the error; and, for a provider with the
+    quirk repeats_tool_call_ids, a tool call's id, type and name are sent once (a server that
+    repeats them in every chunk makes OpenAI clients join them into one long id and name). Only
+    then are events parsed: [DONE] is matched as a whole event, never inside a string."""
+
+    def __init__(self, codec, ctx, prov):
+        super().__init__(codec, ctx, prov)
+        self.seen = {} if "repeats_tool_call_ids" in prov.quirks else None     # index -> id
+        self.before_done = None
+
+    @staticmethod
+    def body(raw, usage):
+        return dumps(dict(loads(raw), usage=_to_openai_usage(usage))).encode()
+
+    def usage(self, usage):
+        if self.ctx.req.get("include_usage"):
+            self.before_done = OpenAIStreamEncoder(self.ctx.model, True).usage_chunk(usage)
+
+    def events(self, data):
+        if self.seen is None and self.before_done is None and not self.drop_end:
+            return data
+        out = []
+        for block in _SSE_EVENT_END.split(data):
+            if not block:
+                continue
+            if _OPENAI_DONE_EVENT.fullmatch(block):
+                if self.drop_end:
+                    continue                       # (our error event and its [DONE] follow)
+                if self.before_done is not None:
+                    out.append(self.before_done)
+                    self.before_done = None
+            elif self.seen is not None and b'"tool_calls"' in block:
+                block = self._mend(block)
+            out.append(block + b"\n\n")
+        return b"".join(out)
+
+    def close(self):
+        out = super().close()
+        if self.before_done is not None:           # a stream that ended without [DONE]
+            out, self.before_done = out + self.before_done, None
+        return out
+
+    def _mend(self, block):
+        head, _sep, payload = block.partition(b":")
+        try:
+            obj = json.loads(payload) if head.strip() == b"data" else None
+        except ValueError:
+            obj = None
+        changed = False
+        for ch in (obj.get("choices") or []) if isinstance(obj, dict) else ():
+            delta = ch.get("delta") if isinstance(ch, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not calls or not isinstance(calls, list):
+                continue
+            if delta.pop("function_call", None) is not None:
+                changed = True                     # the legacy copy beside tool_calls (llama-cpp-python)
+            for tc in calls:
+                i, tid = tc.get("index", 0), tc.get("id")
+                if tid and self.seen.get(i) == tid:
+                    tc.pop("id")
+                    tc.pop("type", None)
+                    if isinstance(tc.get("function"), dict):
+                        tc["function"].pop("name", None)
+                    changed = True
+                elif tid:
+                    self.seen[i] = tid
+        return b"data: " + dumps(obj).encode() if changed else block
 
 
 def _openai_message_parts(msg):
@@ -2099,6 +2190,8 @@ class ResponsesStreamEncoder:
             return [dict(item, summary=[{"type": "summary_text", "text": text}])]
         if item["type"] == "function_call":
             return [dict(item, arguments=text, status="incomplete")]
+        if item["type"] == "custom_tool_call":
+            return [dict(item, input=str(parse_args_json(text).get("input", "")), status="incomplete")]
         return [dict(item, status="incomplete")]
 
     def encode(self, ev):
@@ -2956,7 +3049,8 @@ def _ndjson_boundary(data):
 class Codec:
     """One dialect's functions (see the table in DESIGN.md).
     Client side: decode_request(body), encode_response(resp, model, req), stream_encoder(model,
-    req, input_estimate), encode_error(err), stream_type, boundary(bytes) (complete events).
+    req, input_estimate), encode_error(err), stream_type, boundary(bytes) (complete events),
+    passthrough (a StreamPassthrough class for the same dialect on both sides).
     Provider side: request_path(provider, model, stream), encode_request(req, model, provider,
     meta, settings), decode_response(body, provider), stream_decoder(provider),
     parse_error(status, body)."""
@@ -2965,6 +3059,7 @@ class Codec:
         self.name = name
         self.stream_type = "text/event-stream"
         self.boundary = _sse_boundary
+        self.passthrough = StreamPassthrough
         self.__dict__.update(fns)
 
 
@@ -2986,7 +3081,8 @@ CODECS = {
         stream_encoder=lambda model, req, est: OpenAIStreamEncoder(model, req.get("include_usage")),
         encode_error=openai_encode_error, encode_request=openai_encode_request,
         decode_response=openai_decode_response, stream_decoder=OpenAIStreamDecoder,
-        parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions"),
+        parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
+        passthrough=OpenAIPassthrough),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
         stream_encoder=lambda model, req, est: AnthropicStreamEncoder(model, est),
@@ -5075,18 +5171,28 @@ class Health:
             b.probe_at = now + self.probe_first
 
     def ok(self, key, latency=None):
+        """A success closes the breaker; returns its (fails, opens) before, for `undo_ok`."""
         b = self.state.get(key)
         if b is None and latency is None:
-            return
+            return (0, 0)
         with self.lock:
             b = self.state.get(key)
             if b is None:
                 b = self.state[key] = Breaker()
-            changed = b.fails or b.opens
+            before = (b.fails, b.opens)
             self._close(b)
             if latency is not None:
                 b.latency = latency if b.latency is None else 0.8 * b.latency + 0.2 * latency
-            self.dirty = self.dirty or bool(changed)
+            self.dirty = self.dirty or any(before)
+            return before
+
+    def undo_ok(self, key, before):
+        """A success that turned out not to be one (a stream that broke after it started): the
+        failure counts are back, so the failure that follows opens and doubles as it should."""
+        with self.lock:
+            b = self.state.get(key)
+            if b is not None:
+                b.fails, b.opens = before
 
     @staticmethod
     def _close(b):
@@ -5910,9 +6016,10 @@ class Dispatcher:
                 raise Failover("stream", f"more than max_body_bytes ({limit} bytes) before any content")
             for ev in evs:
                 k = ev[0]
-                if k == "error" and not committed:
-                    raise Failover("stream", f"error before any content: {ev[1].message}", ev[1].status)
-                held.append(ev)           # (an error after content in the same piece: _deliver sends it)
+                if k == "error":            # (also after content in this piece: the client has no byte yet)
+                    raise Failover("stream", f"error before the reply reached the client: {ev[1].message}",
+                                   ev[1].status)
+                held.append(ev)
                 if k == "end":
                     if not any(e[0] in CONTENT_EVENTS for e in held):
                         raise Failover("empty", "empty reply", fallback=(prov, ctx.upstream_model, same,
@@ -5954,8 +6061,8 @@ class Dispatcher:
                 ctx.out_chars = sum(len(p.get("text") or "") + len(dumps(p["arguments"])) if p["type"] == "tool_call"
                                     else len(p.get("text") or "") for p in resp["content"])
                 resp["usage"] = self.estimated_usage(ctx)
-                if same and ctx.dialect == "openai":        # the client is told, in its own shape
-                    raw = dumps(dict(loads(raw), usage=_to_openai_usage(resp["usage"]))).encode()
+                if same:                                    # the client is told, in its own shape
+                    raw = cc.passthrough.body(raw, resp["usage"])
             ctx.usage = resp["usage"]
             if same:
                 w.send(200, {"Content-Type": "application/json", **hdrs}, raw)
@@ -5966,54 +6073,35 @@ class Dispatcher:
         w.start(200, {"Content-Type": cc.stream_type, "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no", **hdrs})
         enc = None if same else cc.stream_encoder(ctx.model, ctx.req, ctx.estimate)
-        mend = {} if same and "repeats_tool_call_ids" in prov.quirks else None
-        tail = b""
+        pt = cc.passthrough(cc, ctx, prov) if same else None
 
         def emit(raw_chunk, evs):
             """Write one piece of the stream; True once it is over for the client (an error went out)."""
-            nonlocal tail
-            err, estimated = None, False
+            err = next((i for i, ev in enumerate(evs) if ev[0] == "error"), None)
+            if err is not None:
+                err, evs = evs[err][1], evs[:err + 1]      # nothing after an error reaches the client
+            ended = False
             for i, ev in enumerate(evs):
-                if ev[0] == "end" and not _counted(ev[2]):
-                    evs = evs[:i] + [("end", ev[1], self.estimated_usage(ctx), ev[3])] + evs[i + 1:]
-                    estimated = True
-                elif ev[0] == "error":
-                    err, evs = ev[1], evs[:i + 1]       # nothing after an error reaches the client
-                    break
-            if ctx.collect is not None:
-                ctx.collect.extend(evs)
-            for ev in evs:
                 if ev[0] in ("text", "thinking", "args"):
                     ctx.out_chars += len(ev[1])
                 elif ev[0] in MARK_EVENTS:
                     ctx.made_marks.append(hash(ev[1]))
                 elif ev[0] == "end":
-                    ctx.usage = ev[2]
-                    if ctx.on_complete is not None:
-                        ctx.on_complete()      # before the client can read the end and ask again
-            if same:
-                data = tail + raw_chunk
-                if err is not None and (not raw_chunk or err.at_end):
-                    # the provider's stream broke, or ended without finishing: drop its partial event
-                    # or its end marker, send our error event in its place
-                    done = data.find(b"data: [DONE]")
-                    data = data[:done] if done >= 0 else data[:cc.boundary(data)]
-                    tail = b""
-                    w.write((openai_mend_repeated_tool_calls(data, mend) if mend is not None else data) +
-                            cc.stream_encoder(ctx.model, ctx.req, 0).encode(("error", err)))
-                else:
-                    if estimated and ctx.dialect == "openai" and ctx.req.get("include_usage"):
-                        done = data.find(b"data: [DONE]")      # the usage chunk the client asked for
-                        if done >= 0:
-                            data = data[:done] + OpenAIStreamEncoder(ctx.model, True).usage_chunk(ctx.usage) + data[done:]
-                    cut = cc.boundary(data)
-                    if cut:
-                        w.write(openai_mend_repeated_tool_calls(data[:cut], mend) if mend is not None else data[:cut])
-                    tail = data[cut:]
+                    if not _counted(ev[2]):     # estimated once this piece's output is counted
+                        evs = evs[:i] + [("end", ev[1], self.estimated_usage(ctx), ev[3])] + evs[i + 1:]
+                        if pt is not None:
+                            pt.usage(evs[i][2])
+                    ctx.usage, ended = evs[i][2], True
+            if ctx.collect is not None:
+                ctx.collect.extend(evs)
+            if ended and ctx.on_complete is not None:
+                ctx.on_complete()              # before the client can read the end and ask again
+            if pt is not None:
+                out = pt.feed(raw_chunk) if err is None else pt.fail(raw_chunk, err)
             else:
                 out = b"".join(enc.encode(ev) for ev in evs)
-                if out:
-                    w.write(out)
+            if out:
+                w.write(out)
             if err is not None:
                 self._broke(ctx, prov, err)
             return err is not None
@@ -6023,8 +6111,9 @@ class Dispatcher:
                 if emit(raw_chunk, evs):
                     break
             else:
-                if same and tail:
-                    w.write(tail)
+                rest = pt.close() if pt is not None else b""
+                if rest:
+                    w.write(rest)
         w.finish_stream()
 
     @staticmethod
@@ -6039,8 +6128,8 @@ class Dispatcher:
         """A stream that failed after the client had its first byte: a failed request (the log, the
         metrics, and the candidate's health through ctx.broken), not a success."""
         ctx.status, ctx.error = err.status, f"the stream broke after it started: {err.message}"[:2000]
-        ctx.attempts.append(((prov.name, ctx.upstream_model), "stream", ctx.error, err.status, None))
-        ctx.broken = Failover("stream", ctx.error, err.status)
+        ctx.attempts.append(((prov.name, ctx.upstream_model), "broken", ctx.error, err.status, None))
+        ctx.broken = Failover("broken", ctx.error, err.status)
 
     def deliver_fallback(self, ctx, fallback):
         """Every candidate failed, but one gave an empty answer: that answer is the best we have."""
@@ -6171,7 +6260,8 @@ class Metrics:
                     "# TYPE sage_router_requests_total counter"]
             out += [line("sage_router_requests_total", dict(provider=p, model=m, route=r, status=s), n)
                     for (p, m, r, s), n in sorted(self.requests.items())]
-            out += ["# HELP sage_router_failovers_total Failed attempts that moved on, by provider and reason.",
+            out += ["# HELP sage_router_failovers_total Failed attempts by provider and reason (broken: a stream "
+                    "that failed after it started; every other one moved on to the next key or candidate).",
                     "# TYPE sage_router_failovers_total counter"]
             out += [line("sage_router_failovers_total", dict(provider=p, reason=r), n)
                     for (p, r), n in sorted(self.failovers.items())]
@@ -6440,17 +6530,18 @@ def request_row(ctx, catalogue, log_prompts):
     usage = ctx.usage or {}
     prov = catalogue.providers.get(ctx.provider) if ctx.provider else None
     ok = ctx.status < 400
-    if ok and prov is not None and not _counted(usage):
+    answered = ok or ctx.broken is not None     # (a stream that broke after it started used tokens too)
+    if answered and prov is not None and not _counted(usage):
         usage = Dispatcher.estimated_usage(ctx)      # usage and cost are never silently zero
     cost = request_cost(price_of(prov.api, ctx.upstream_model, catalogue.meta(ctx.provider, ctx.upstream_model)),
-                        usage) if prov is not None and ok and usage else 0.0
+                        usage) if prov is not None and answered and usage else 0.0
     attempts = [{"provider": p, "model": m, "kind": k, "reason": r, "status": s} for (p, m), k, r, s, _ra in ctx.attempts]
     row = {"ts": time.time(), "dialect": ctx.dialect, "requested": ctx.model,
            "intent": ctx.plan.intent if ctx.plan else None, "route": ctx.plan.route if ctx.plan else None,
-           "provider": ctx.provider if ok else None, "model": ctx.upstream_model if ok else None,
+           "provider": ctx.provider if answered else None, "model": ctx.upstream_model if answered else None,
            "attempts": dumps(attempts), "status": ctx.status,
            "latency_ms": round((time.monotonic() - ctx.started) * 1000, 2),
-           "ttfb_ms": round(ctx.ttfb * 1000, 2) if ctx.ttfb is not None and ok else None,
+           "ttfb_ms": round(ctx.ttfb * 1000, 2) if ctx.ttfb is not None and answered else None,
            "input_tokens": usage.get("input"), "output_tokens": usage.get("output"),
            "cached_tokens": usage.get("cache_read"), "cost": round(cost, 8), "stream": int(bool(ctx.stream)),
            "error": ctx.error, "prompt": None, "reply": None,
@@ -6889,9 +6980,11 @@ class Router:
             failed = None
             ctx.provider = pname
             for idx in keys:
-                def committed(cand=cand, idx=idx, known=known):
+                before = []
+
+                def committed(cand=cand, idx=idx, known=known, before=before):
                     if known:
-                        health.ok(cand, ctx.ttfb)
+                        before.append(health.ok(cand, ctx.ttfb))
                     health.ok(("provider", cand[0]))
                     if idx is not None:
                         health.ok(("key", cand[0], idx))
@@ -6901,6 +6994,8 @@ class Router:
                     self.dispatcher.attempt(ctx, cat, prov, mid, idx)
                     affinity.add_marks(akey, pname, ctx.made_marks)
                     if ctx.broken is not None:        # answered, then broke: the candidate is not well
+                        if before:
+                            health.undo_ok(cand, before[0])
                         health.candidate_failed(cand, ctx.broken, known, len(prov.keys))
                 except Failover as f:
                     ctx.attempts.append((cand, f.kind, f.reason, f.status, f.retry_after))

@@ -81,12 +81,14 @@ class Reply:
     after N stream events; stall: "headers" or "body" waits (for the fake's release event) before
     sending that part; stall_after: stall after N stream events; empty: a reply with no content;
     close: close the connection after the reply without saying so (a stale keep-alive); no_finish:
-    an OpenAI stream without any finish_reason (what an interrupted llama.cpp server sends)."""
+    an OpenAI stream without any finish_reason (what an interrupted llama.cpp server sends);
+    coalesce: the whole stream in one HTTP chunk (servers that pack events); piece: characters of
+    text per streamed delta; done: the OpenAI end marker as sent (b"data:[DONE]\n\n" has no space)."""
 
     def __init__(self, text="Hello from the fake.", thinking=None, signature=None, tools=(), usage=(11, 7, 3),
                  status=200, body=None, headers=None, split=None, error_first=False, cut_after=None,
                  stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False,
-                 no_finish=False):
+                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n"):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -96,7 +98,8 @@ def _pieces(s, n=4):
 
 
 def openai_events(r, model, include_usage, repeat_ids=False):
-    """repeat_ids: every tool-call chunk carries the call's id and name again (llama.cpp's habit)."""
+    """repeat_ids: every tool-call chunk carries the call's id and name again, and a legacy
+    function_call copy beside it (llama-cpp-python's habit)."""
     base = {"id": "chatcmpl-fake1", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
 
     def ch(delta, finish=None):
@@ -105,13 +108,14 @@ def openai_events(r, model, include_usage, repeat_ids=False):
     if r.thinking:
         ev += [ch({"reasoning_content": p}) for p in _pieces(r.thinking)]
     if r.text and not r.empty:
-        ev += [ch({"content": p}) for p in _pieces(r.text)]
+        ev += [ch({"content": p}) for p in _pieces(r.text, r.piece)]
     for i, (tid, name, args) in enumerate(r.tools):
         ev.append(ch({"tool_calls": [{"index": i, "id": tid, "type": "function",
                                       "function": {"name": name, "arguments": ""}}]}))
         s = json.dumps(args)
         again = {"id": tid, "type": "function"} if repeat_ids else {}
-        ev += [ch({"tool_calls": [dict(again, index=i, function=dict({"name": name} if repeat_ids else {}, arguments=p))]})
+        ev += [ch(dict({"function_call": {"name": name, "arguments": p}} if repeat_ids else {}, tool_calls=[
+                   dict(again, index=i, function=dict({"name": name} if repeat_ids else {}, arguments=p))]))
                for p in (s[:len(s) // 2], s[len(s) // 2:])]
     if not r.no_finish:
         ev.append(ch({}, r.stop or ("tool_calls" if r.tools else "stop")))
@@ -120,7 +124,7 @@ def openai_events(r, model, include_usage, repeat_ids=False):
                                                 "total_tokens": r.usage[0] + r.usage[1],
                                                 "prompt_tokens_details": {"cached_tokens": r.usage[2]}}))
     out = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in ev]
-    return out + [b"data: [DONE]\n\n"]
+    return out + [r.done]
 
 
 def openai_json(r, model):
@@ -502,6 +506,8 @@ class FakeProvider:
             ctype = "application/x-ndjson"
         if r.error_first:
             events = [err]
+        if r.coalesce:
+            events = [b"".join(events)]
         h.send_response(200)
         h.send_header("Content-Type", ctype)
         h.send_header("Transfer-Encoding", "chunked")
@@ -990,6 +996,8 @@ class ConfigTests(unittest.TestCase):
             ({"providers": {"x": {"api": "openai", "base_url": "u", "models": {"m": {"context": 512}}}}},
              "providers.x.models.m.context"),
             ({"providers": {"x": {"api": "openai", "base_url": "u", "quirks": ["repeat_ids"]}}}, "providers.x.quirks"),
+            ({"providers": {"x": {"api": "ollama", "base_url": "u", "quirks": ["repeats_tool_call_ids"]}}},
+             "providers.x.quirks"),
             ({"providers": {}, "routes": {"r": ["nope/m"]}}, "routes.r"),
             ({"providers": {}, "routes": {"r": "x"}}, "routes.r"),
             ({"settings": {"idle_timeout": -1}}, "settings.idle_timeout"),
@@ -3151,7 +3159,7 @@ class LocalServerTests(unittest.TestCase):
                          "a provider that reports usage is taken at its word")
 
     def test_a_stream_that_breaks_after_its_first_byte_is_a_failed_request(self):
-        found = re.search(r'sage_router_failovers_total\{provider="local",reason="stream"\} (\d+)',
+        found = re.search(r'sage_router_failovers_total\{provider="local",reason="broken"\} (\d+)',
                           self.h.call("GET", "/metrics").body.decode())
         before = int(found.group(1)) if found else 0
         for n, dialect in enumerate(READERS):
@@ -3166,14 +3174,15 @@ class LocalServerTests(unittest.TestCase):
                 row = mine(wait_rows(self.h, lambda rs: len(mine(rs)) == n + 1))[0]
                 self.assertEqual(row["status"], 502, "a stream that broke is a failed request")
                 self.assertIn("stream", row["error"])
-                self.assertTrue(row["attempts"] and row["attempts"][-1]["provider"] == "local", row["attempts"])
+                self.assertEqual((row["provider"], row["model"]), ("local", "tiny"), "who broke it")
+                self.assertTrue(row["output_tokens"] and row["usage_estimated"], "what it used is counted")
+                self.assertEqual([(a["provider"], a["kind"]) for a in row["attempts"]], [("local", "broken")])
                 self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
                                 "the breaker is told")
         metrics = self.h.call("GET", "/metrics").body.decode()
-        # a failed request has no answering provider (as in the log row); the attempt names it
-        self.assertIn(f'sage_router_requests_total{{provider="",model="",route="break-check",status="502"}} '
+        self.assertIn(f'sage_router_requests_total{{provider="local",model="tiny",route="break-check",status="502"}} '
                       f'{len(READERS)}', metrics, "and the metrics count it as a failure")
-        self.assertIn(f'sage_router_failovers_total{{provider="local",reason="stream"}} {len(READERS) + before}', metrics)
+        self.assertIn(f'sage_router_failovers_total{{provider="local",reason="broken"}} {len(READERS) + before}', metrics)
         self.assertNotIn('route="break-check",status="200"', metrics)
 
     def test_a_stream_without_a_finish_reason_is_truncated_or_fails_over(self):
@@ -3184,12 +3193,12 @@ class LocalServerTests(unittest.TestCase):
         self.assertEqual(kinds[-1], "error", kinds)
         self.assertNotIn("message_stop", kinds)
         self.assertNotIn("message_delta", kinds, "no stop_reason for a reply that did not end")
-        for route in ("local/tiny",):
-            self.local.push(Reply(text="half an answer", no_finish=True))
-            r = self.post("openai", client_body("openai", route, True))
+        for done in (b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"):
+            self.local.push(Reply(text="half an answer", no_finish=True, done=done))
+            r = self.post("openai", client_body("openai", "local/tiny", True))
             datas = [d for _e, d in sse_events(r.body)]
             self.assertIn('"error"', datas[-2])
-            self.assertEqual(datas.count("[DONE]"), 1, datas[-3:])
+            self.assertEqual(datas.count("[DONE]"), 1, (done, datas[-3:]))
             self.assertFalse(any('"finish_reason": "stop"' in d or '"finish_reason":"stop"' in d for d in datas))
         # The breaker is told after the client's last byte, so wait for it rather than race it.
         self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
@@ -3203,6 +3212,51 @@ class LocalServerTests(unittest.TestCase):
         self.assertEqual(got["error"], None)
         row = wait_rows(self.h, lambda rs: rs and rs[0]["requested"] == "localfirst")[0]
         self.assertEqual(len(row["attempts"]), 1, "the log agrees with X-Router-Attempts")
+        # ... and with no candidate left, an error, not an empty 200.
+        self.local.push(Reply(empty=True, no_finish=True))
+        r = self.post("openai", client_body("openai", "localonly", True, text="empty, nothing else"))
+        self.assertEqual(r.status, 502, r.body)
+        self.assertIn("without a finish reason", r.json()["error"]["message"])
+        # Content and the bare [DONE] in one read: the client has no byte yet, so still the next candidate.
+        self.h.router.health.reset()
+        for dialect in ("openai", "anthropic"):
+            self.local.push(Reply(text="par", no_finish=True, coalesce=True))
+            self.cloud.push(Reply(text="whole answer"))
+            r = self.post(dialect, client_body(dialect, "localfirst", True, text=f"one read {dialect}"))
+            got = READERS[dialect](r, True)
+            self.assertEqual((r.headers["x-router-provider"], got["text"], got["error"]), ("cloud", "whole answer", None))
+            self.h.router.health.reset()
+
+    def test_an_estimate_counts_the_whole_reply_and_its_usage_chunk_goes_before_the_real_done(self):
+        # One read holding everything (content, finish, [DONE]), and content that itself reads
+        # "data: [DONE]": the usage chunk the client asked for goes before the stream's own end.
+        text = "print('data: [DONE]')"
+        for dialect in READERS:
+            with self.subTest(dialect=dialect):
+                self.local.push(Reply(text=text, piece=len(text), coalesce=True))
+                body = client_body(dialect, "localonly", True, text=f"one read {dialect}")
+                body.update({"stream_options": {"include_usage": True}} if dialect == "openai" else {})
+                r = self.post(dialect, body)
+                got = READERS[dialect](r, True)        # (every event parses)
+                self.assertEqual((got["text"], got["error"]), (text, None))
+                out = {"openai": "completion_tokens", "ollama": "eval_count"}.get(dialect, "output_tokens")
+                self.assertEqual(got["usage"][out], len(text) // 4, "the text of the one read is counted")
+                if dialect == "openai":
+                    datas = [d for _e, d in sse_events(r.body)]
+                    self.assertEqual(datas[-1], "[DONE]")
+                    self.assertEqual(json.loads(datas[-2])["choices"], [], "the usage chunk, just before [DONE]")
+                    self.assertEqual(datas.count("[DONE]"), 1)
+
+    def test_a_stream_that_keeps_breaking_stays_out_longer_each_time(self):
+        health, key = self.h.router.health, ("local", "tiny")
+        for n in (1, 2):
+            self.local.push(Reply(text="z" * 80, cut_after=4))
+            read_openai(self.post("openai", client_body("openai", "break-check", True, text=f"again {n}")), True)
+            self.assertTrue(wait_until(lambda: health.state[key].opens == n), (n, health.state[key].opens))
+            with health.lock:
+                first = health.state[key].until - time.monotonic()
+                health.state[key].until = time.monotonic() - 1      # its cooldown is over: half-open
+        self.assertGreater(first, health.base * 1.5, "the second opening is twice as long")
 
     def test_a_context_overflow_is_the_providers_400_in_the_clients_dialect(self):
         long = "word " * 1200
@@ -3225,6 +3279,8 @@ class LocalServerTests(unittest.TestCase):
         self.assertEqual([tc.get("id") for tc in calls if tc.get("id")], ["call_1"])
         self.assertEqual([tc["function"]["name"] for tc in calls if tc.get("function", {}).get("name")], ["get_weather"])
         self.assertEqual(json.loads("".join(tc["function"].get("arguments", "") for tc in calls)), {"city": "Paris"})
+        self.assertFalse([c for c in chunks for ch in c.get("choices", []) if "function_call" in ch["delta"]],
+                         "nor the legacy function_call copy it sends beside them")
         self.plain.push(Reply(text="same bytes", split=7))
         r = self.post("openai", client_body("openai", "plain/m", True))
         self.assertEqual(r.body, b"".join(openai_events(Reply(text="same bytes"), "m", True)), "passthrough untouched")
@@ -5400,28 +5456,38 @@ class DeploymentTests(unittest.TestCase):
         self.assertEqual(sorted("!" + c for c in copied), sorted(ignore[1:]), "what the image copies is let through")
 
 
-def recovery(outage=40.0):
-    """How long a provider that comes back stays out, with the router's default settings: a real
-    router process, a fake Anthropic provider answering 529 for `outage` seconds, a client asking
-    every 0.5 s (route: that provider, then an OpenAI-compatible fallback)."""
-    an, oa = FakeProvider("anthropic"), FakeProvider("openai")
+def spawn_router(cfg):
+    """A real router process on a free port with `cfg` as its providers.json, its own data
+    directory and no .env, once it answers: (process, port, data directory)."""
     d = tempfile.mkdtemp()
-    cfg = {"providers": {"an": {"api": "anthropic", "base_url": an.base_url, "api_key": "k", "models": {"claude-x": {}}},
-                         "oa": {"api": "openai", "base_url": oa.base_url, "api_key": "k", "models": {"gpt-x": {}}}},
-           "routes": {"default": ["an/claude-x", "oa/gpt-x"]}}
     with open(os.path.join(d, "providers.json"), "w") as f:
         json.dump(cfg, f)
     port = closed_port()
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config",
                           os.path.join(d, "providers.json"), "--env-file", os.devnull, "--data-dir", d],
                          env=router_env(), stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            return call(port, "GET", "/health").status == 200
+        except OSError:
+            return False
+    if not wait_until(up, 10):
+        p.kill()
+        raise RuntimeError("the router did not start")
+    return p, port, d
+
+
+def recovery(outage=40.0):
+    """How long a provider that comes back stays out, with the router's default settings: a real
+    router process, a fake Anthropic provider answering 529 for `outage` seconds, a client asking
+    every 0.5 s (route: that provider, then an OpenAI-compatible fallback)."""
+    an, oa = FakeProvider("anthropic"), FakeProvider("openai")
+    cfg = {"providers": {"an": {"api": "anthropic", "base_url": an.base_url, "api_key": "k", "models": {"claude-x": {}}},
+                         "oa": {"api": "openai", "base_url": oa.base_url, "api_key": "k", "models": {"gpt-x": {}}}},
+           "routes": {"default": ["an/claude-x", "oa/gpt-x"]}}
+    p, port, d = spawn_router(cfg)
     try:
-        def up():
-            try:
-                return call(port, "GET", "/health").status == 200
-            except OSError:
-                return False
-        assert wait_until(up, 10), "the router did not start"
         down = [True]
         an.chaos = lambda: Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error",
                                                                           "message": "Overloaded"}}) if down[0] else Reply()
@@ -5457,32 +5523,19 @@ def localcheck(base_url, model=None):
     if model is None:
         with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=10) as r:
             model = json.load(r)["data"][0]["id"]
-    d = tempfile.mkdtemp()
     meta = {model: {}}
     cfg = {"providers": {"local": {"api": "openai", "base_url": base_url, "quirks": ["repeats_tool_call_ids"],
                                    "models": meta, "discover": False},
                          "plain": {"api": "openai", "base_url": base_url, "models": meta, "discover": False}},
            "routes": {"both": [f"local/{model}", f"plain/{model}"]}, "settings": {"probe_seconds": 0}}
-    with open(os.path.join(d, "providers.json"), "w") as f:
-        json.dump(cfg, f)
-    port = closed_port()
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config",
-                          os.path.join(d, "providers.json"), "--env-file", os.devnull, "--data-dir", d],
-                         env=router_env(), stderr=subprocess.DEVNULL)
+    p, port, d = spawn_router(cfg)
     failed = []
 
     def check(name, ok, detail):
         print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}")
         if not ok:
             failed.append(name)
-
-    def up():
-        try:
-            return call(port, "GET", "/health").status == 200
-        except OSError:
-            return False
     try:
-        assert wait_until(up, 10), "the router did not start"
         m = f"local/{model}"
         for dialect in READERS:
             for stream in (False, True):
@@ -5512,10 +5565,14 @@ def localcheck(base_url, model=None):
         forced = dict(client_body("openai", m, True, tools=True), tool_choice={"type": "function", "function": {"name": "get_weather"}})
         for prov in ("local", "plain"):
             r = call(port, "POST", PATHS["openai"], dict(forced, model=f"{prov}/{model}"), timeout=120)
-            ids = [tc.get("id") for _e, data in sse_events(r.body) if data.startswith("{")
-                   for c in json.loads(data).get("choices") or [] for tc in c["delta"].get("tool_calls") or [] if tc.get("id")]
-            check(f"6. tool call ids, quirk {'on' if prov == 'local' else 'off'}", prov == "plain" or len(ids) == 1,
-                  f"{len(ids)} chunk(s) carry the id (an OpenAI SDK joins them: {len(''.join(ids))} characters)")
+            deltas = [c["delta"] for _e, data in sse_events(r.body) if data.startswith("{")
+                      for c in json.loads(data).get("choices") or []]
+            ids = [tc["id"] for d in deltas for tc in d.get("tool_calls") or [] if tc.get("id")]
+            legacy = sum(1 for d in deltas if d.get("function_call"))
+            check(f"6. tool call ids, quirk {'on' if prov == 'local' else 'off'}",
+                  prov == "plain" or (len(ids) == 1 and not legacy),
+                  f"{len(ids)} chunk(s) carry the id (an OpenAI SDK joins them: {len(''.join(ids))} characters), "
+                  f"{legacy} a legacy function_call")
         body = dict(client_body("openai-responses", m, False, tools=True), max_output_tokens=16,
                     tool_choice={"type": "function", "name": "get_weather"})
         o = call(port, "POST", PATHS["openai-responses"], body, timeout=120).json()

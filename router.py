@@ -439,6 +439,10 @@ def load_config(config_file, explicit):
 CONTENT_EVENTS = frozenset(("text", "thinking", "tool", "redacted_thinking", "signature"))
 
 
+class DiscoveryError(Exception):
+    """A provider's own API (its model list, a probe) could not be read."""
+
+
 class ApiError(Exception):
     """An error with an HTTP status and a neutral type, rendered in each dialect by its codec.
     Neutral types: invalid_request, authentication, permission, not_found, request_too_large,
@@ -694,6 +698,23 @@ class SSEDecoder:
 
     def _finish(self, out):
         out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+
+
+def _clean(meta):
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _is_stream(content_type):
+    """Whether a provider's reply is a stream (SSE or NDJSON), by its content type."""
+    return "event-stream" in content_type or "ndjson" in content_type
+
+
+def _caps_entry(meta):
+    """What a served model list says of a model: a route's members, or its capabilities."""
+    if "route" in meta:
+        return {"route": meta["route"]}
+    return {"capabilities": {k: meta.get(k) for k in ("context_window", "max_output", "input", "tools",
+                                                      "reasoning", "intents", "cost") if meta.get(k) is not None}}
 
 
 class StreamPassthrough:
@@ -1123,8 +1144,8 @@ def openai_encode_error(err):
 class OpenAIStreamEncoder:
     """Neutral events -> OpenAI chat.completion.chunk SSE bytes, one event at a time."""
 
-    def __init__(self, model, include_usage):
-        self.model, self.include_usage = model, include_usage
+    def __init__(self, model, req, input_estimate=0):
+        self.model, self.include_usage = model, req.get("include_usage")
         self.id = new_id("chatcmpl-")
         self.created = int(time.time())
         self.tool_index = -1
@@ -1273,7 +1294,7 @@ class OpenAIPassthrough(StreamPassthrough):
 
     def usage(self, usage):
         if self.ctx.req.get("include_usage"):
-            self.before_done = OpenAIStreamEncoder(self.ctx.model, True).usage_chunk(usage)
+            self.before_done = OpenAIStreamEncoder(self.ctx.model, self.ctx.req).usage_chunk(usage)
 
     def events(self, data):
         if self.seen is None and self.before_done is None and not self.drop_end:
@@ -1478,6 +1499,69 @@ def openai_parse_error(status, body):
     return str(obj)[:300], None
 
 
+#: Model ids that are not chat models (OpenAI-style lists mix them in).
+NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|moderation|"
+                         r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard|"
+                         r"turbo-instruct|(?:^|[-/])o\d-pro|gpt-5(?:\.\d)?-pro|codex-mini|deep-research", re.I)
+
+
+def _openai_list_meta(m):
+    """What an OpenAI-style list entry says of a model (OpenRouter's lists say a lot; vLLM's,
+    and NVIDIA NIM's that run on it, give the served window as max_model_len)."""
+    meta = {}
+    window = m.get("context_length") or m.get("max_model_len")
+    if _positive_int(window):
+        meta["context_window"] = window
+    mods = (m.get("architecture") or {}).get("input_modalities")
+    if isinstance(mods, list):
+        meta["input"] = ["text", "image"] if "image" in mods else ["text"]
+    params = m.get("supported_parameters")
+    if isinstance(params, list):
+        meta["tools"] = "tools" in params
+        meta["reasoning"] = "reasoning" in params or "include_reasoning" in params
+    top = (m.get("top_provider") or {}).get("max_completion_tokens")
+    if isinstance(top, int):
+        meta["max_output"] = top
+    pricing = m.get("pricing") or {}
+    try:
+        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in (("input", "prompt"), ("output", "completion"),
+                                                                   ("cached", "input_cache_read")) if p in pricing}
+        if cost:
+            meta["cost"] = cost
+    except (TypeError, ValueError):
+        pass
+    return meta
+
+
+def openai_list_models(fetch, known):
+    """GET /models: chat models only (OpenAI, NVIDIA NIM, OpenRouter, the OpenClaw gateway, vLLM,
+    LM Studio, ...; their lists mix in embedding, audio, image and moderation models)."""
+    out = {}
+    for m in fetch("/models").get("data") or []:
+        mid = m.get("id") if isinstance(m, dict) else None
+        if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
+            out[mid] = _openai_list_meta(m)
+    return out
+
+
+def openai_auth(prov, key):
+    return {"Authorization": "Bearer " + key} if key else {}
+
+
+def openai_adjust(body, req, meta, headers, foreign):
+    """The same-dialect body as it goes out: null content beside tool calls made "" (strict servers
+    refuse null)."""
+    return openai_no_null_content(body), {}
+
+
+def openai_list_shape(entries):
+    return {"object": "list", "data": [openai_model_shape(e) for e in entries]}
+
+
+def openai_model_shape(entry):
+    mid, owner, meta = entry
+    return dict({"id": mid, "object": "model", "created": 0, "owned_by": owner}, **_caps_entry(meta))
+
 # ----------------------------------------------------------------------- Anthropic Messages --
 
 ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
@@ -1663,7 +1747,7 @@ class AnthropicStreamEncoder:
     """Neutral events -> Anthropic Messages SSE bytes. Opens and closes content blocks as the
     event kinds change; thinking from non-Anthropic providers gets a router-made signature."""
 
-    def __init__(self, model, input_estimate=0):
+    def __init__(self, model, req, input_estimate=0):
         self.model = model
         self.input_estimate = input_estimate
         self.index = -1
@@ -1964,6 +2048,46 @@ def anthropic_parse_error(status, body):
     return str(obj)[:300], None
 
 
+def anthropic_list_models(fetch, known):
+    """GET /v1/models, every page (after_id)."""
+    out, after = {}, None
+    for _page in range(100):
+        page = fetch("/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""))
+        for m in page.get("data") or []:
+            if isinstance(m, dict):
+                out[m.get("id")] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
+        after = page.get("last_id")
+        if not page.get("has_more") or not after:
+            break
+    return out
+
+
+def anthropic_auth(prov, key):
+    h = {"anthropic-version": prov.anthropic_version}
+    if key:
+        h["x-api-key"] = key
+    return h
+
+
+def anthropic_adjust(body, req, meta, headers, foreign):
+    """The same-dialect body as it goes out: thinking another provider signed is left out (it
+    would be refused), and the client's anthropic-beta goes along."""
+    if foreign is not None:
+        body = anthropic_strip_thinking(body, foreign)
+    return body, ({"anthropic-beta": headers["anthropic-beta"]} if headers.get("anthropic-beta") else {})
+
+
+def anthropic_list_shape(entries):
+    data = [anthropic_model_shape(e) for e in entries]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def anthropic_model_shape(entry):
+    mid, _owner, meta = entry
+    return dict({"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"},
+                **_caps_entry(meta))
+
 # ------------------------------------------------------------------------- OpenAI Responses --
 
 RESPONSES_STATUS = {"max_tokens": ("incomplete", {"reason": "max_output_tokens"}),
@@ -2119,7 +2243,7 @@ class ResponsesStreamEncoder:
     output_item.added / content or summary or argument deltas / .done events / output_item.done,
     then completed (or incomplete, or failed), all with sequence_number."""
 
-    def __init__(self, model, req):
+    def __init__(self, model, req, input_estimate=0):
         self.model, self.req = model, req
         self.custom = set(req.get("custom_tools") or ())
         self.seq = 0
@@ -2385,6 +2509,9 @@ class ResponsesStreamDecoder(SSEDecoder):
             out.append(("error", ApiError(status, STATUS_ERROR_TYPE.get(status, "api_error"),
                                           e.get("message") or "provider error in stream")))
 
+
+def responses_list_models(fetch, known):
+    return openai_list_models(fetch, known)
 
 # ----------------------------------------------------------------------------------- Gemini --
 
@@ -2673,6 +2800,26 @@ def gemini_parse_error(status, body):
     return str(obj)[:300], None
 
 
+def gemini_list_models(fetch, known):
+    """GET /models, every page (pageToken): the models that support generateContent."""
+    out, token = {}, None
+    for _page in range(100):
+        page = fetch("/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else ""))
+        for m in page.get("models") or []:
+            if "generateContent" not in (m.get("supportedGenerationMethods") or []):
+                continue
+            mid = m.get("baseModelId") or m.get("name", "").split("/", 1)[-1]
+            out[mid] = _clean({"context_window": m.get("inputTokenLimit"), "max_output": m.get("outputTokenLimit"),
+                               "input": ["text", "image"], "reasoning": True if m.get("thinking") else None})
+        token = page.get("nextPageToken")
+        if not token:
+            break
+    return out
+
+
+def gemini_auth(prov, key):
+    return {"x-goog-api-key": key} if key else {}
+
 # ----------------------------------------------------------------------------------- Ollama --
 
 OLLAMA_DONE = {"stop": "end_turn", "length": "max_tokens"}
@@ -2822,7 +2969,7 @@ class OllamaStreamEncoder:
     """Neutral events -> Ollama NDJSON lines. Tool calls go out whole, once their arguments are
     complete (Ollama never fragments them)."""
 
-    def __init__(self, model, req):
+    def __init__(self, model, req, input_estimate=0):
         self.model, self.generate = model, req.get("ollama_generate")
         self.call = None
         self.args = []
@@ -3033,6 +3180,67 @@ def ollama_parse_error(status, body):
     return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
 
 
+def _ollama_meta(show):
+    """Capabilities from Ollama's /api/show."""
+    caps = show.get("capabilities")
+    info = show.get("model_info") or {}
+    window = next((v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)), None)
+    meta = {"context_window": window}
+    if isinstance(caps, list) and caps:
+        meta.update(tools="tools" in caps, reasoning="thinking" in caps,
+                    input=["text", "image"] if "vision" in caps else ["text"],
+                    chat="completion" in caps)
+    return _clean(meta)
+
+
+def ollama_list_models(fetch, known):
+    """GET /api/tags, then POST /api/show for each model not seen before (`known`)."""
+    out = {}
+    for m in fetch("/api/tags").get("models") or []:
+        name = m.get("name") or m.get("model")
+        if not isinstance(name, str):
+            continue
+        if name.endswith(":latest"):
+            name = name[:-7]            # Ollama takes "llama3.2" for "llama3.2:latest"
+        if name in known:
+            out[name] = known[name]
+            continue
+        try:
+            out[name] = _ollama_meta(fetch("/api/show", "POST", {"model": name}))
+        except DiscoveryError:
+            out[name] = {}
+    return out
+
+
+def ollama_adjust(body, req, meta, headers, foreign):
+    """The same-dialect body as it goes out: a context window that fits the request (Ollama's own
+    default silently cuts long prompts)."""
+    if not (body.get("options") or {}).get("num_ctx"):
+        body["options"] = dict(body.get("options") or {}, num_ctx=ollama_num_ctx(req, meta))
+    return body, {}
+
+
+def ollama_list_shape(entries):
+    return {"models": [{"name": mid, "model": mid, "modified_at": "2025-01-01T00:00:00Z", "size": 0,
+                        "digest": hashlib.sha256(mid.encode()).hexdigest(),
+                        "details": {"parent_model": "", "format": "sage-router", "family": mid.split("/")[0],
+                                    "families": [mid.split("/")[0]], "parameter_size": "", "quantization_level": ""}}
+                       for mid, _owner, _meta in entries]}
+
+
+def ollama_model_shape(entry):
+    """POST /api/show: a model's details and capabilities (a route's are its first candidate's)."""
+    mid, owner, caps = entry
+    owner = caps["route"][0].split("/", 1)[0] if "route" in caps else owner
+    abilities = ["completion"] + (["tools"] if caps.get("tools") else []) + \
+        (["vision"] if "image" in (caps.get("input") or ()) else []) + (["thinking"] if caps.get("reasoning") else [])
+    return {"modelfile": "", "parameters": "", "template": "", "modified_at": "2025-01-01T00:00:00Z",
+            "details": {"parent_model": "", "format": "sage-router", "family": owner, "families": [owner],
+                        "parameter_size": "", "quantization_level": ""},
+            "model_info": {"general.architecture": "sage-router",
+                           "sage-router.context_length": caps.get("context_window") or 0},
+            "capabilities": abilities}
+
 # ------------------------------------------------------------------------------- codec table --
 
 def _sse_boundary(data):
@@ -3047,20 +3255,50 @@ def _ndjson_boundary(data):
 
 
 class Codec:
-    """One dialect's functions (see the table in DESIGN.md).
-    Client side: decode_request(body), encode_response(resp, model, req), stream_encoder(model,
-    req, input_estimate), encode_error(err), stream_type, boundary(bytes) (complete events),
-    passthrough (a StreamPassthrough class for the same dialect on both sides).
-    Provider side: request_path(provider, model, stream), encode_request(req, model, provider,
-    meta, settings), decode_response(body, provider), stream_decoder(provider),
-    parse_error(status, body)."""
+    """One dialect, whole. Every field is named here (None where the dialect has no such thing),
+    and nothing outside a codec's subsection asks which dialect it is (see DESIGN.md).
 
-    def __init__(self, name, **fns):
+    Client side: decode_request(body, **kw) -> neutral request; encode_response(resp, model, req)
+      -> JSON object; stream_encoder(model, req, input_estimate), whose encode(event) -> bytes (an
+      error event continues the stream's own ids and sequence numbers); encode_error(err) -> bytes;
+      stream_type; boundary(bytes) -> the length of the complete events; passthrough: the
+      StreamPassthrough class for the same dialect on both sides; list_shape(entries) and
+      model_shape(entry): the model list its clients read (entry: (name, owner, metadata)).
+    Provider side: encode_request(req, model, provider, meta, settings) -> body;
+      decode_response(obj, provider) -> neutral response; stream_decoder(provider);
+      parse_error(status, body) -> (message, code).
+    Transport: request_path(provider, model, stream); auth(provider, key) -> headers;
+      root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body, req,
+      meta, client_headers, foreign) -> (body, extra headers): the same-dialect body as it goes out
+      (foreign: the thinking marks to keep when the history holds another provider's, else None).
+    Catalogue: list_models(fetch, known) -> {id: metadata}, fetch(path, method, body) being the
+      provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
+      count_result(obj) for token counting upstream; free: its models cost nothing (local)."""
+
+    __slots__ = ("name", "decode_request", "encode_response", "stream_encoder", "encode_error", "stream_type",
+                 "boundary", "passthrough", "list_shape", "model_shape", "encode_request", "decode_response",
+                 "stream_decoder", "parse_error", "request_path", "auth", "root", "is_stream", "adjust",
+                 "list_models", "probe_path", "count_path", "count_result", "free")
+
+    def __init__(self, name, *, decode_request=None, encode_response=None, stream_encoder=None, encode_error=None,
+                 stream_type="text/event-stream", boundary=_sse_boundary, passthrough=StreamPassthrough,
+                 list_shape=None, model_shape=None, encode_request=None, decode_response=None, stream_decoder=None,
+                 parse_error=None, request_path=None, auth=None, root=None, is_stream=_is_stream, adjust=None,
+                 list_models=None, probe_path=None, count_path=None, count_result=None, free=False):
         self.name = name
-        self.stream_type = "text/event-stream"
-        self.boundary = _sse_boundary
-        self.passthrough = StreamPassthrough
-        self.__dict__.update(fns)
+        self.decode_request, self.encode_response, self.stream_encoder = decode_request, encode_response, stream_encoder
+        self.encode_error, self.stream_type, self.boundary = encode_error, stream_type, boundary
+        self.passthrough, self.list_shape, self.model_shape = passthrough, list_shape, model_shape
+        self.encode_request, self.decode_response, self.stream_decoder = encode_request, decode_response, stream_decoder
+        self.parse_error, self.request_path, self.auth = parse_error, request_path, auth or (lambda prov, key: {})
+        self.root, self.is_stream, self.adjust = root or (lambda path: path), is_stream, adjust
+        self.list_models, self.probe_path = list_models, probe_path
+        self.count_path, self.count_result, self.free = count_path, count_result, free
+
+
+def _root_without_v1(path):
+    """APIs that live at the server's root: a base URL ending in /v1 (the OpenAI habit) is tolerated."""
+    return path[:-3] if path.endswith("/v1") else path
 
 
 def decode_client_request(dialect, body, **kw):
@@ -3078,34 +3316,47 @@ def decode_client_request(dialect, body, **kw):
 CODECS = {
     "openai": Codec(
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
-        stream_encoder=lambda model, req, est: OpenAIStreamEncoder(model, req.get("include_usage")),
-        encode_error=openai_encode_error, encode_request=openai_encode_request,
-        decode_response=openai_decode_response, stream_decoder=OpenAIStreamDecoder,
-        parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
-        passthrough=OpenAIPassthrough),
+        stream_encoder=OpenAIStreamEncoder, encode_error=openai_encode_error, passthrough=OpenAIPassthrough,
+        list_shape=openai_list_shape, model_shape=openai_model_shape,
+        encode_request=openai_encode_request, decode_response=openai_decode_response,
+        stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
+        request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
+        auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models, probe_path="/models"),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
-        stream_encoder=lambda model, req, est: AnthropicStreamEncoder(model, est),
-        encode_error=anthropic_encode_error, encode_request=anthropic_encode_request,
-        decode_response=anthropic_decode_response, stream_decoder=AnthropicStreamDecoder,
-        parse_error=anthropic_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/v1/messages"),
+        stream_encoder=AnthropicStreamEncoder, encode_error=anthropic_encode_error,
+        list_shape=anthropic_list_shape, model_shape=anthropic_model_shape,
+        encode_request=anthropic_encode_request, decode_response=anthropic_decode_response,
+        stream_decoder=AnthropicStreamDecoder, parse_error=anthropic_parse_error,
+        request_path=lambda prov, mid, stream: prov.base_path + "/v1/messages",
+        auth=anthropic_auth, root=_root_without_v1, adjust=anthropic_adjust,
+        list_models=anthropic_list_models, probe_path="/v1/models?limit=1",
+        count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
+        count_result=lambda obj: obj.get("input_tokens")),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
-        stream_encoder=lambda model, req, est: ResponsesStreamEncoder(model, req),
-        encode_error=openai_encode_error, encode_request=responses_encode_request,
-        decode_response=responses_decode_response, stream_decoder=ResponsesStreamDecoder,
-        parse_error=openai_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/responses"),
+        stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error,
+        list_shape=openai_list_shape, model_shape=openai_model_shape,
+        encode_request=responses_encode_request, decode_response=responses_decode_response,
+        stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
+        request_path=lambda prov, mid, stream: prov.base_path + "/responses",
+        auth=openai_auth, list_models=responses_list_models, probe_path="/models"),
     "gemini": Codec(
         "gemini", encode_request=gemini_encode_request, decode_response=gemini_decode_response,
         stream_decoder=GeminiStreamDecoder, parse_error=gemini_parse_error,
         request_path=lambda prov, mid, stream: f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}:"
-                                              + ("streamGenerateContent?alt=sse" if stream else "generateContent")),
+                                              + ("streamGenerateContent?alt=sse" if stream else "generateContent"),
+        auth=gemini_auth, list_models=gemini_list_models, probe_path="/models?pageSize=1"),
     "ollama": Codec(
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
-        stream_encoder=lambda model, req, est: OllamaStreamEncoder(model, req), encode_error=ollama_encode_error,
-        stream_type="application/x-ndjson", boundary=_ndjson_boundary, encode_request=ollama_encode_request,
-        decode_response=ollama_decode_response, stream_decoder=OllamaStreamDecoder,
-        parse_error=ollama_parse_error, request_path=lambda prov, mid, stream: prov.base_path + "/api/chat"),
+        stream_encoder=OllamaStreamEncoder, encode_error=ollama_encode_error,
+        stream_type="application/x-ndjson", boundary=_ndjson_boundary,
+        list_shape=ollama_list_shape, model_shape=ollama_model_shape,
+        encode_request=ollama_encode_request, decode_response=ollama_decode_response,
+        stream_decoder=OllamaStreamDecoder, parse_error=ollama_parse_error,
+        request_path=lambda prov, mid, stream: prov.base_path + "/api/chat",
+        auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
+        probe_path="/api/tags", free=True),
 }
 
 
@@ -3160,10 +3411,7 @@ class Provider:
                               + (", from variables" if "${" in str(cfg["base_url"]) else "") + ")")
         self.scheme, self.host = url.scheme, url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
-        path = url.path.rstrip("/")
-        if self.api in ("anthropic", "ollama") and path.endswith("/v1"):
-            path = path[:-3]   # tolerate the OpenAI habit: these APIs live at the root
-        self.base_path = path
+        self.base_path = CODECS[self.api].root(url.path.rstrip("/"))
         self.memo = {}         # per-provider protocol state (Gemini thought signatures by call id)
         self.verify_tls = cfg.get("verify_tls", settings["verify_tls"])
         self.ca_file = cfg.get("ca_file")
@@ -3218,15 +3466,7 @@ class Provider:
 
     def auth_headers(self, key):
         h = {"Content-Type": "application/json", "User-Agent": f"sage-router/{__version__}"}
-        if self.api == "anthropic":
-            h["anthropic-version"] = self.anthropic_version
-            if key:
-                h["x-api-key"] = key
-        elif self.api == "gemini":
-            if key:
-                h["x-goog-api-key"] = key
-        elif key:
-            h["Authorization"] = "Bearer " + key
+        h.update(CODECS[self.api].auth(self, key))
         h.update(self.headers)
         return h
 
@@ -3382,6 +3622,27 @@ class Catalogue:
                 return target
         return None
 
+    def listing(self):
+        """The served model list: [(name, owner, metadata)] for every route (its first candidate's
+        metadata, with "route"), every PROVIDER/MODEL, and bare ids only one provider has."""
+        entries = [self.entry(name) for name, cands in self.routes.items() if cands]
+        for p in self.enabled:
+            entries += [(f"{p.name}/{mid}", p.name, self.meta(p.name, mid)) for mid in p.models]
+        entries += [(mid, where[0][0], self.meta(*where[0])) for mid, where in self.bare.items()
+                    if mid not in self.routes and len(where) == 1]
+        return entries
+
+    def entry(self, name):
+        """One name a client may ask for, as a listing entry, or None."""
+        if self.routes.get(name):
+            cands = self.routes[name]
+            return name, "sage-router", dict(self.meta(*cands[0]), route=[f"{p}/{m}" for p, m in cands])
+        if "/" in name and tuple(name.split("/", 1)) in self.caps:
+            return name, name.split("/", 1)[0], self.meta(*name.split("/", 1))
+        if name in self.bare:
+            return name, self.bare[name][0][0], self.meta(*self.bare[name][0])
+        return None
+
     def model_names(self):
         """Every name a client may ask for: routes, provider/model, and bare ids."""
         names = [r for r, c in self.routes.items() if c]
@@ -3398,16 +3659,6 @@ class Catalogue:
 
 DISCOVERY_TIMEOUT = 5.0
 REQUEST_DISCOVERY_TIMEOUT = 2.0   # per source, for the refresh a request with an unknown model triggers
-#: Model ids that are not chat models (OpenAI-style lists mix them in).
-NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|moderation|"
-                         r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard|"
-                         r"turbo-instruct|(?:^|[-/])o\d-pro|gpt-5(?:\.\d)?-pro|codex-mini|deep-research", re.I)
-
-
-class DiscoveryError(Exception):
-    pass
-
-
 def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, key_index=0, base=True):
     """One small JSON call to a provider's own API, on a short-lived connection (`path` is below
     the provider's base path unless base is False)."""
@@ -3430,100 +3681,11 @@ def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, 
         conn.close()
 
 
-def _clean(meta):
-    return {k: v for k, v in meta.items() if v is not None}
-
-
-def _ollama_meta(show):
-    """Capabilities from Ollama's /api/show."""
-    caps = show.get("capabilities")
-    info = show.get("model_info") or {}
-    window = next((v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)), None)
-    meta = {"context_window": window}
-    if isinstance(caps, list) and caps:
-        meta.update(tools="tools" in caps, reasoning="thinking" in caps,
-                    input=["text", "image"] if "vision" in caps else ["text"],
-                    chat="completion" in caps)
-    return _clean(meta)
-
-
-def _openai_list_meta(m):
-    """What an OpenAI-style list entry says of a model (OpenRouter's lists say a lot; vLLM's,
-    and NVIDIA NIM's that run on it, give the served window as max_model_len)."""
-    meta = {}
-    window = m.get("context_length") or m.get("max_model_len")
-    if _positive_int(window):
-        meta["context_window"] = window
-    mods = (m.get("architecture") or {}).get("input_modalities")
-    if isinstance(mods, list):
-        meta["input"] = ["text", "image"] if "image" in mods else ["text"]
-    params = m.get("supported_parameters")
-    if isinstance(params, list):
-        meta["tools"] = "tools" in params
-        meta["reasoning"] = "reasoning" in params or "include_reasoning" in params
-    top = (m.get("top_provider") or {}).get("max_completion_tokens")
-    if isinstance(top, int):
-        meta["max_output"] = top
-    pricing = m.get("pricing") or {}
-    try:
-        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in (("input", "prompt"), ("output", "completion"),
-                                                                   ("cached", "input_cache_read")) if p in pricing}
-        if cost:
-            meta["cost"] = cost
-    except (TypeError, ValueError):
-        pass
-    return meta
-
-
 def discover_models(prov, known=None, timeout=DISCOVERY_TIMEOUT):
     """The provider's current chat models -> {model_id: metadata}. `known` (the last list) saves
     Ollama's per-model /api/show calls for models already seen. Raises DiscoveryError."""
-    known = known or {}
-    out = {}
-    if prov.api == "ollama":
-        for m in _fetch_json(prov, "/api/tags", timeout=timeout).get("models") or []:
-            name = m.get("name") or m.get("model")
-            if not isinstance(name, str):
-                continue
-            if name.endswith(":latest"):
-                name = name[:-7]            # Ollama takes "llama3.2" for "llama3.2:latest"
-            if name in known:
-                out[name] = known[name]
-                continue
-            try:
-                out[name] = _ollama_meta(_fetch_json(prov, "/api/show", "POST", {"model": name}, timeout))
-            except DiscoveryError:
-                out[name] = {}
-    elif prov.api == "anthropic":
-        after = None
-        for _page in range(100):
-            page = _fetch_json(prov, "/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""),
-                               timeout=timeout)
-            for m in page.get("data") or []:
-                if isinstance(m, dict):
-                    out[m.get("id")] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
-            after = page.get("last_id")
-            if not page.get("has_more") or not after:
-                break
-    elif prov.api == "gemini":
-        token = None
-        for _page in range(100):
-            page = _fetch_json(prov, "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else ""),
-                               timeout=timeout)
-            for m in page.get("models") or []:
-                if "generateContent" not in (m.get("supportedGenerationMethods") or []):
-                    continue
-                mid = m.get("baseModelId") or m.get("name", "").split("/", 1)[-1]
-                out[mid] = _clean({"context_window": m.get("inputTokenLimit"), "max_output": m.get("outputTokenLimit"),
-                                   "input": ["text", "image"], "reasoning": True if m.get("thinking") else None})
-            token = page.get("nextPageToken")
-            if not token:
-                break
-    else:   # OpenAI, NVIDIA NIM, OpenRouter, the OpenClaw gateway, vLLM, LM Studio, ...
-        for m in _fetch_json(prov, "/models", timeout=timeout).get("data") or []:
-            mid = m.get("id") if isinstance(m, dict) else None
-            if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
-                out[mid] = _openai_list_meta(m)
+    out = CODECS[prov.api].list_models(
+        lambda path, method="GET", body=None: _fetch_json(prov, path, method, body, timeout), known or {})
     # what a client could not ask for either (a buggy or hostile list): never into headers or logs
     return {k: v for k, v in out.items()
             if isinstance(k, str) and k and len(k) <= MAX_MODEL_NAME and not _CONTROL_RE.search(k)}
@@ -3537,10 +3699,8 @@ def probe(prov, key_index, model=None, settings=None):
     (is it up, does the key work?). With one: the smallest generation the dialect allows (a
     16-token reply to "ping"), for a model whose failures the list cannot tell apart."""
     if model is None:
-        path = {"ollama": "/api/tags", "anthropic": "/v1/models?limit=1", "gemini": "/models?pageSize=1"}.get(
-            prov.api, "/models")
         try:
-            data = _fetch_json(prov, path, key_index=key_index)
+            data = _fetch_json(prov, CODECS[prov.api].probe_path, key_index=key_index)
         except DiscoveryError as e:
             return False, str(e)[:120]
         n = len(data.get("data") or data.get("models") or []) if isinstance(data, dict) else 0
@@ -5934,17 +6094,14 @@ class Dispatcher:
             body["model"] = mid
             for k in ROUTING_FIELDS:
                 body.pop(k, None)
-            if prov.api == "openai":
-                body = openai_no_null_content(body)
-            if moved and prov.api == "anthropic":
-                body = anthropic_strip_thinking(body, keep)
-            if prov.api == "ollama" and not (body.get("options") or {}).get("num_ctx"):
-                body["options"] = dict(body.get("options") or {}, num_ctx=ollama_num_ctx(ctx.req, meta))
+            extra = {}
+            if pc.adjust is not None:
+                body, extra = pc.adjust(body, ctx.req, meta, ctx.headers, keep if moved else None)
         else:
             body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid, prov, meta, cat.settings)
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
-        if same and prov.api == "anthropic" and ctx.headers.get("anthropic-beta"):
-            headers["anthropic-beta"] = ctx.headers["anthropic-beta"]
+        if same:
+            headers.update(extra)
         ctx.upstream_model = mid
         t0 = time.monotonic()
         conn, resp = self.send(prov, pc.request_path(prov, mid, ctx.stream), headers, dumps(body).encode())
@@ -5969,8 +6126,7 @@ class Dispatcher:
         """Upstream reply -> (raw bytes, neutral events) as they arrive; SSE or a whole JSON body
         (at most `limit` bytes: a whole reply is held in memory). Read errors and stalls become an
         error event, so the caller decides what they mean."""
-        ctype = resp.getheader("content-type") or ""
-        if "event-stream" not in ctype and "ndjson" not in ctype:
+        if not pc.is_stream(resp.getheader("content-type") or ""):
             try:
                 data = resp.read(limit + 1)
                 if len(data) > limit:
@@ -6175,7 +6331,7 @@ _PRICE_RULES = [(re.compile(p, re.I), c) for p, c in PRICE_RULES]
 
 def price_of(provider_api, model_id, caps):
     """(input, output, cached) USD per million tokens: the model's `cost` metadata, else the
-    shipped defaults by name; Ollama models are free. Kept in the capabilities once found."""
+    shipped defaults by name; local models (Ollama's) are free. Kept in the capabilities once found."""
     if "_price" in caps:
         return caps["_price"]
     caps["_price"] = price = _price_of(provider_api, model_id, caps)
@@ -6186,7 +6342,7 @@ def _price_of(provider_api, model_id, caps):
     cost = caps.get("cost") if isinstance(caps.get("cost"), dict) else None
     if cost:
         return cost.get("input", 0.0), cost.get("output", 0.0), cost.get("cached", cost.get("input", 0.0))
-    if provider_api == "ollama":
+    if CODECS[provider_api].free:     # a model on this box
         return 0.0, 0.0, 0.0
     for rx, c in _PRICE_RULES:
         if rx.search(model_id):
@@ -7138,69 +7294,19 @@ class Router:
                     pass
         return {"input_tokens": estimate_tokens(req)}
 
-    def models(self, anthropic_shape):
-        cat = self.catalogue
-        entries = []
-        for name, cands in cat.routes.items():
-            if cands:
-                entries.append((name, "sage-router", {"route": [f"{p}/{m}" for p, m in cands]}))
-        for p in cat.enabled:
-            for mid in p.models:
-                entries.append((f"{p.name}/{mid}", p.name, cat.meta(p.name, mid)))
-        for mid, where in cat.bare.items():
-            if mid not in cat.routes and len(where) == 1:
-                entries.append((mid, where[0][0], cat.meta(*where[0])))
-        def caps(meta):
-            if "route" in meta:
-                return {"route": meta["route"]}
-            return {"capabilities": {k: meta.get(k) for k in ("context_window", "max_output", "input", "tools",
-                                                              "reasoning", "intents", "cost") if meta.get(k) is not None}}
-        if anthropic_shape:
-            data = [dict({"type": "model", "id": i, "display_name": i, "created_at": "2025-01-01T00:00:00Z"}, **caps(m))
-                    for i, _o, m in entries]
-            out = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
-                   "last_id": data[-1]["id"] if data else None}
-        else:
-            out = {"object": "list", "data": [dict({"id": i, "object": "model", "created": 0, "owned_by": o}, **caps(m))
-                                              for i, o, m in entries]}
-        if not cat.enabled:
+    def models(self, dialect):
+        """The model list in the shape a client of `dialect` reads."""
+        out = CODECS[dialect].list_shape(self.catalogue.listing())
+        if not self.catalogue.enabled:
             out["message"] = NO_PROVIDER_HELP
         return out
 
-    def ollama_tags(self):
-        """GET /api/tags: every name a client may ask for, in Ollama's shape."""
-        cat = self.catalogue
-        out = []
-        for name in cat.model_names():
-            out.append({"name": name, "model": name, "modified_at": "2025-01-01T00:00:00Z", "size": 0,
-                        "digest": hashlib.sha256(name.encode()).hexdigest(),
-                        "details": {"parent_model": "", "format": "sage-router", "family": name.split("/")[0],
-                                    "families": [name.split("/")[0]], "parameter_size": "", "quantization_level": ""}})
-        return {"models": out}
-
-    def ollama_show(self, body):
-        """POST /api/show: a model's details and capabilities, from the catalogue."""
-        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        _need(isinstance(name, str) and name, "model", "is required and must be a string")
-        cat = self.catalogue
-        target = None
-        if name in cat.routes and cat.routes[name]:
-            target = cat.routes[name][0]
-        elif "/" in name and tuple(name.split("/", 1)) in cat.caps:
-            target = tuple(name.split("/", 1))
-        elif name in cat.bare:
-            target = cat.bare[name][0]
-        if target is None:
-            raise ApiError(404, "not_found", f"model {name!r} not found")
-        caps = cat.meta(*target)
-        abilities = ["completion"] + (["tools"] if caps["tools"] else []) + \
-            (["vision"] if "image" in caps["input"] else []) + (["thinking"] if caps["reasoning"] else [])
-        return {"modelfile": "", "parameters": "", "template": "", "modified_at": "2025-01-01T00:00:00Z",
-                "details": {"parent_model": "", "format": "sage-router", "family": target[0], "families": [target[0]],
-                            "parameter_size": "", "quantization_level": ""},
-                "model_info": {"general.architecture": "sage-router",
-                               "sage-router.context_length": caps.get("context_window") or 0},
-                "capabilities": abilities}
+    def model(self, dialect, name):
+        """One model in the shape a client of `dialect` reads (404 if no such name)."""
+        entry = self.catalogue.entry(name) if isinstance(name, str) else None
+        if entry is None:
+            raise ApiError(404, "not_found", f"model {name!r} not found", param="model")
+        return CODECS[dialect].model_shape(entry)
 
     def explain(self, body, headers):
         """POST /v1/route: where a request would go, without calling a provider."""
@@ -7874,18 +7980,14 @@ class RouterHandler(BaseHTTPRequestHandler):
                 raise bad_request("limit", "must be an integer")
             return self._json(200, {"object": "list", "data": self.router.log.recent(limit)})
         if method == "GET" and path == "/api/tags":
-            return self._json(200, self.router.ollama_tags())
+            return self._json(200, self.router.models("ollama"))
         if method == "GET" and path == "/api/version":
             return self._json(200, {"version": OLLAMA_VERSION})
         if method == "GET" and path in ("/v1/models", "/models"):
-            return self._json(200, self.router.models("anthropic-version" in hdrs))
+            return self._json(200, self.router.models("anthropic" if "anthropic-version" in hdrs else "openai"))
         if method == "GET" and path.startswith(("/v1/models/", "/models/")):
-            mid = urllib.parse.unquote(path.split("/models/", 1)[1])
-            lst = self.router.models("anthropic-version" in hdrs)["data"]
-            hit = next((m for m in lst if m["id"] == mid), None)
-            if hit is None:
-                raise ApiError(404, "not_found", f"model {mid!r} is not available", param="model")
-            return self._json(200, hit)
+            return self._json(200, self.router.model("anthropic" if "anthropic-version" in hdrs else "openai",
+                                                     urllib.parse.unquote(path.split("/models/", 1)[1])))
         target = POST_ROUTES.get(path)
         if target is None or method != "POST":
             if target is not None:
@@ -7911,7 +8013,9 @@ class RouterHandler(BaseHTTPRequestHandler):
             _need(body.get("provider") or not body.get("model"), "model", "needs a provider")
             return self._json(200, {"reset": self.router.reset_health(body.get("provider"), body.get("model"))})
         if action == "show":
-            return self._json(200, self.router.ollama_show(body))
+            name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+            _need(isinstance(name, str) and name, "model", "is required and must be a string")
+            return self._json(200, self.router.model("ollama", name))
         try:
             req = decode_client_request(dialect, body)
         except ApiError as e:

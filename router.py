@@ -3273,18 +3273,20 @@ class Codec:
       (foreign: the thinking marks to keep when the history holds another provider's, else None).
     Catalogue: list_models(fetch, known) -> {id: metadata}, fetch(path, method, body) being the
       provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
-      count_result(obj) for token counting upstream; free: its models cost nothing (local)."""
+      count_result(obj) for token counting upstream, count_shape(n) the count its clients read;
+      free: its models cost nothing (local)."""
 
     __slots__ = ("name", "decode_request", "encode_response", "stream_encoder", "encode_error", "stream_type",
                  "boundary", "passthrough", "list_shape", "model_shape", "encode_request", "decode_response",
                  "stream_decoder", "parse_error", "request_path", "auth", "root", "is_stream", "adjust",
-                 "list_models", "probe_path", "count_path", "count_result", "free")
+                 "list_models", "probe_path", "count_path", "count_result", "count_shape", "free")
 
     def __init__(self, name, *, decode_request=None, encode_response=None, stream_encoder=None, encode_error=None,
                  stream_type="text/event-stream", boundary=_sse_boundary, passthrough=StreamPassthrough,
                  list_shape=None, model_shape=None, encode_request=None, decode_response=None, stream_decoder=None,
                  parse_error=None, request_path=None, auth=None, root=None, is_stream=_is_stream, adjust=None,
-                 list_models=None, probe_path=None, count_path=None, count_result=None, free=False):
+                 list_models=None, probe_path=None, count_path=None, count_result=None, count_shape=None,
+                 free=False):
         self.name = name
         self.decode_request, self.encode_response, self.stream_encoder = decode_request, encode_response, stream_encoder
         self.encode_error, self.stream_type, self.boundary = encode_error, stream_type, boundary
@@ -3293,7 +3295,8 @@ class Codec:
         self.parse_error, self.request_path, self.auth = parse_error, request_path, auth or (lambda prov, key: {})
         self.root, self.is_stream, self.adjust = root or (lambda path: path), is_stream, adjust
         self.list_models, self.probe_path = list_models, probe_path
-        self.count_path, self.count_result, self.free = count_path, count_result, free
+        self.count_path, self.count_result, self.count_shape = count_path, count_result, count_shape
+        self.free = free
 
 
 def _root_without_v1(path):
@@ -3332,7 +3335,7 @@ CODECS = {
         auth=anthropic_auth, root=_root_without_v1, adjust=anthropic_adjust,
         list_models=anthropic_list_models, probe_path="/v1/models?limit=1",
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
-        count_result=lambda obj: obj.get("input_tokens")),
+        count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n}),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
         stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error,
@@ -6767,6 +6770,8 @@ class ResponseStore:
         """Expand previous_response_id into the request's history; ask to keep the answer."""
         req = ctx.req
         pid = req.get("previous_response_id")
+        if not pid and not req.get("store"):     # (only Responses requests carry these)
+            return
         if pid:
             with self.lock:
                 entry = self.items.get(pid)
@@ -7102,8 +7107,7 @@ class Router:
         if not self.catalogue.known(ctx.model) and not ctx.headers.get("x-router-route"):
             self.refresh_for(ctx.model)
         cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
-        if ctx.dialect == "openai-responses":
-            self.responses.prepare(ctx)
+        self.responses.prepare(ctx)
         name = ctx.headers.get("x-router-route") or ctx.model
         akey = Affinity.key(ctx.req, ctx.headers)
         pin, ctx.provider_marks = affinity.get(akey, name)
@@ -7264,10 +7268,12 @@ class Router:
             return err
         return ApiError(502, "api_error", msg)
 
-    def count_tokens(self, body, headers):
-        """Anthropic count_tokens: asked of the provider when the target is an Anthropic model,
-        estimated locally otherwise (or when the provider cannot answer)."""
-        req = decode_client_request("anthropic", body, count_only=True)
+    def count_tokens(self, dialect, body, headers):
+        """A token count for a client's request (Anthropic's count_tokens): asked of the provider when
+        the target speaks the client's dialect and can count, estimated locally otherwise (or when
+        the provider cannot answer). -> the reply in the client's shape."""
+        cc = CODECS[dialect]
+        req = decode_client_request(dialect, body, count_only=True)
         try:
             plan = plan_request(self.catalogue, self.health, req, body, headers)
         except ApiError:
@@ -7275,24 +7281,24 @@ class Router:
         if plan and plan.candidates:
             pname, mid = plan.candidates[0]
             prov = self.catalogue.providers[pname]
+            pc = CODECS[prov.api]
             keys = self.health.usable_keys(prov, time.monotonic())
-            if prov.api == "anthropic" and keys:
-                hdrs = prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None)
-                if headers.get("anthropic-beta"):
-                    hdrs["anthropic-beta"] = headers["anthropic-beta"]
-                fwd = dict(body, model=mid)
+            if pc is cc and pc.count_path is not None and keys:
+                fwd, extra = dict(body, model=mid), {}
+                if pc.adjust is not None:
+                    fwd, extra = pc.adjust(fwd, req, self.catalogue.meta(pname, mid), headers, None)
+                hdrs = dict(prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None), **extra)
                 try:
-                    conn, resp = self.dispatcher.send(prov, prov.base_path + "/v1/messages/count_tokens",
-                                                       hdrs, dumps(fwd).encode())
+                    conn, resp = self.dispatcher.send(prov, pc.count_path(prov, mid), hdrs, dumps(fwd).encode())
                     data = resp.read(1 << 20)          # a count is a few bytes; never buffer more
                     self.dispatcher.release(prov, conn, resp)
                     if resp.status == 200:
                         obj = loads(data)
-                        if isinstance(obj.get("input_tokens"), int):
+                        if isinstance(pc.count_result(obj), int):
                             return obj
-                except (Failover, OSError, http.client.HTTPException, ValueError):
+                except (Failover, OSError, http.client.HTTPException, ValueError, AttributeError):
                     pass
-        return {"input_tokens": estimate_tokens(req)}
+        return cc.count_shape(estimate_tokens(req))
 
     def models(self, dialect):
         """The model list in the shape a client of `dialect` reads."""
@@ -8001,7 +8007,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                 self._refused(dialect, None, e)
             raise
         if action == "count_tokens":
-            return self._json(200, self.router.count_tokens(body, hdrs))
+            return self._json(200, self.router.count_tokens(dialect, body, hdrs))
         if action == "explain":
             return self._json(200, self.router.explain(body, hdrs))
         if action == "reset_health":

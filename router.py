@@ -1554,7 +1554,7 @@ def openai_adjust(body, req, meta, headers, foreign):
     return openai_no_null_content(body), {}
 
 
-def openai_list_shape(entries):
+def openai_list_shape(entries, query=None):
     return {"object": "list", "data": [openai_model_shape(e) for e in entries]}
 
 
@@ -2077,7 +2077,7 @@ def anthropic_adjust(body, req, meta, headers, foreign):
     return body, ({"anthropic-beta": headers["anthropic-beta"]} if headers.get("anthropic-beta") else {})
 
 
-def anthropic_list_shape(entries):
+def anthropic_list_shape(entries, query=None):
     data = [anthropic_model_shape(e) for e in entries]
     return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
@@ -2800,6 +2800,312 @@ def gemini_parse_error(status, body):
     return str(obj)[:300], None
 
 
+# Client side: what the google-genai SDK and Gemini CLI send (PROTOCOLS.md section 12). The
+# model and the stream flag come from the path: POST .../models/{model}:generateContent or
+# :streamGenerateContent?alt=sse.
+
+GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT",
+                 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
+                 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+TO_GEMINI_FINISH = {"end_turn": "STOP", "tool_use": "STOP", "stop_sequence": "STOP", "pause_turn": "STOP",
+                    "max_tokens": "MAX_TOKENS", "refusal": "SAFETY"}
+
+
+def gemini_json_schema(schema, depth=0):
+    """A Gemini (OpenAPI-subset) schema as JSON Schema: its upper-case type names lower-cased,
+    `nullable` as a "null" type."""
+    if not isinstance(schema, dict) or depth > 24:
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "type" and isinstance(v, str):
+            out["type"] = v.lower()
+        elif k == "properties" and isinstance(v, dict):
+            out[k] = {name: gemini_json_schema(sub, depth + 1) for name, sub in v.items()}
+        elif k == "items":
+            out[k] = gemini_json_schema(v, depth + 1)
+        elif k == "anyOf" and isinstance(v, list):
+            out[k] = [gemini_json_schema(sub, depth + 1) for sub in v]
+        elif k != "nullable" and k != "propertyOrdering":
+            out[k] = v
+    if schema.get("nullable") is True and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def _gkeys(d):
+    """A Gemini object's own keys in lowerCamelCase: proto JSON takes the field names either way
+    (the python SDK sends parameters_json_schema), and this level's keys only, so user data
+    (arguments, schemas' property names, function responses) is never renamed."""
+    if not isinstance(d, dict) or not any("_" in k for k in d):
+        return d
+    return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): v for k, v in d.items()}
+
+
+def _gemini_in_part(p, f, calls, results):
+    """One part of a client's content -> neutral parts. `calls`: name -> ids of earlier function
+    calls (a functionResponse without an id answers the oldest call of its name)."""
+    _need(isinstance(p, dict), f, "must be an object")
+    p = _gkeys(p)
+    if "text" in p:
+        _need(isinstance(p["text"], str), f + ".text", "must be a string")
+        if p.get("thought"):
+            part = {"type": "thinking", "text": p["text"]}
+            if isinstance(p.get("thoughtSignature"), str):
+                part["signature"] = _gemini_unwrap_signature(p["thoughtSignature"])
+            return [part]
+        return [{"type": "text", "text": p["text"]}] if p["text"] else []
+    if "inlineData" in p:
+        d = _gkeys(p["inlineData"])
+        _need(isinstance(d, dict) and isinstance(d.get("data"), str) and isinstance(d.get("mimeType"), str),
+              f + ".inlineData", "must be {\"mimeType\", \"data\"} with base64 data")
+        _need(d["mimeType"].startswith("image/"), f + ".inlineData.mimeType",
+              f"is {d['mimeType']!r}: only images can be sent through the router")
+        return [{"type": "image", "media_type": d["mimeType"], "data": d["data"]}]
+    if "fileData" in p:
+        d = _gkeys(p["fileData"])
+        _need(isinstance(d, dict) and isinstance(d.get("fileUri"), str), f + ".fileData", "must have a fileUri string")
+        _need(str(d.get("mimeType") or "image/").startswith("image/"), f + ".fileData.mimeType",
+              f"is {d.get('mimeType')!r}: only images can be sent through the router")
+        return [{"type": "image", "url": d["fileUri"]}]
+    if "functionCall" in p:
+        fc = _gkeys(p["functionCall"])
+        _need(isinstance(fc, dict) and isinstance(fc.get("name"), str), f + ".functionCall.name", "must be a string")
+        _need(isinstance(fc.get("args") or {}, dict), f + ".functionCall.args", "must be an object")
+        cid = fc.get("id") if isinstance(fc.get("id"), str) and fc["id"] else f"call_{len(results)}_{fc['name']}"
+        results.append(cid)
+        calls.setdefault(fc["name"], []).append(cid)
+        return [{"type": "tool_call", "id": cid, "name": fc["name"], "arguments": fc.get("args") or {}}]
+    if "functionResponse" in p:
+        fr = _gkeys(p["functionResponse"])
+        _need(isinstance(fr, dict) and isinstance(fr.get("name"), str), f + ".functionResponse.name", "must be a string")
+        resp = fr.get("response")
+        _need(resp is None or isinstance(resp, dict), f + ".functionResponse.response", "must be an object")
+        resp = resp or {}
+        only = next(iter(resp.values())) if len(resp) == 1 and next(iter(resp)) in ("result", "output", "error") \
+            else None
+        text = only if isinstance(only, str) else dumps(only if only is not None else resp)
+        pending = calls.get(fr["name"]) or []
+        cid = fr.get("id") if isinstance(fr.get("id"), str) and fr["id"] else (pending.pop(0) if pending else
+                                                                                f"call_{fr['name']}")
+        if cid in pending:
+            pending.remove(cid)
+        return [{"type": "tool_result", "id": cid, "is_error": "error" in resp and len(resp) == 1,
+                 "content": [{"type": "text", "text": text}]}]
+    raise ApiError(400, "invalid_request", f"{f}: a part needs one of text, inlineData, fileData, functionCall, "
+                   "functionResponse", param=f)
+
+
+def gemini_decode_request(body, model=None, stream=False, count_only=False):
+    """A generateContent (or countTokens) body -> neutral request. The model and the stream flag
+    are the path's."""
+    _need(isinstance(body, dict), "body", "must be a JSON object")
+    body = _gkeys(body)
+    if count_only and isinstance(body.get("generateContentRequest"), dict):
+        body = _gkeys(body["generateContentRequest"])
+    if model is None and isinstance(body.get("model"), str):     # POST /v1/route: the model in the body
+        model = body["model"][7:] if body["model"].startswith("models/") else body["model"]
+    model = _model_name({"model": model})
+    contents = body.get("contents")
+    _need(isinstance(contents, list) and (contents or count_only), "contents", "is required and must be a non-empty array")
+    messages, calls, ids = [], {}, []
+    for i, c in enumerate(contents):
+        f = f"contents[{i}]"
+        _need(isinstance(c, dict), f, "must be an object")
+        role = c.get("role") or "user"
+        _need(role in ("user", "model", "function"), f + ".role", "must be \"user\" or \"model\"")
+        parts = c.get("parts")
+        _need(isinstance(parts, list), f + ".parts", "must be an array")
+        out = []
+        for j, p in enumerate(parts):
+            out += _gemini_in_part(p, f"{f}.parts[{j}]", calls, ids)
+        role = "assistant" if role == "model" else "user"
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += out
+        else:
+            messages.append({"role": role, "content": out})
+    sys_in = _gkeys(body.get("systemInstruction"))
+    _need(sys_in is None or isinstance(sys_in, (dict, str)), "systemInstruction", "must be a content object")
+    if isinstance(sys_in, str):
+        sys_in = {"parts": [{"text": sys_in}]}
+    system = [{"type": "text", "text": p["text"]} for p in (sys_in or {}).get("parts") or []
+              if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]]
+    tools = []
+    for i, t in enumerate(body.get("tools") or []):
+        _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
+        for j, d in enumerate(_gkeys(t).get("functionDeclarations") or []):
+            f = f"tools[{i}].functionDeclarations[{j}]"
+            d = _gkeys(d)
+            _need(isinstance(d, dict) and isinstance(d.get("name"), str), f + ".name", "is required and must be a string")
+            params = d.get("parametersJsonSchema") if "parametersJsonSchema" in d else gemini_json_schema(d.get("parameters"))
+            tools.append(neutral_tool(d["name"], d.get("description"), params, f))
+    fcc = _gkeys(_gkeys(body.get("toolConfig") or {}).get("functionCallingConfig") or {}) \
+        if isinstance(body.get("toolConfig"), dict) else {}
+    mode = str(fcc.get("mode") or "").upper()
+    allowed = fcc.get("allowedFunctionNames") or []
+    tool_choice = None
+    if mode == "NONE":
+        tool_choice = {"type": "none"}
+    elif mode == "ANY":
+        tool_choice = {"type": "tool", "name": allowed[0]} if len(allowed) == 1 else {"type": "any"}
+    elif mode in ("AUTO", "VALIDATED"):
+        tool_choice = {"type": "auto"}
+    gen = _gkeys(body.get("generationConfig") or {})
+    _need(isinstance(gen, dict), "generationConfig", "must be an object")
+    _need(gen.get("candidateCount") in (None, 1), "generationConfig.candidateCount",
+          "must be 1: the router returns one candidate")
+    stop = gen.get("stopSequences")
+    _need(stop is None or isinstance(stop, list), "generationConfig.stopSequences", "must be an array of strings")
+    think = _gkeys(gen["thinkingConfig"]) if isinstance(gen.get("thinkingConfig"), dict) else None
+    budget = think.get("thinkingBudget") if think else None
+    reasoning = None
+    if think and (think.get("includeThoughts") or (isinstance(budget, int) and budget > 0)):
+        reasoning = {"enabled": True, "budget_tokens": budget if isinstance(budget, int) and budget > 0 else None,
+                     "effort": str(think["thinkingLevel"]).lower() if think.get("thinkingLevel") else None}
+    extra = {k: gen[k] for k in ("responseMimeType", "responseSchema", "responseJsonSchema") if k in gen}
+    return {"model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": tool_choice,
+            "parallel_tool_calls": None, "stream": bool(stream), "include_usage": True, "user": None,
+            "max_tokens": None if count_only else _opt_int(gen, "maxOutputTokens"),
+            "temperature": _opt_num(gen, "temperature", 0, 2), "top_p": _opt_num(gen, "topP", 0, 1),
+            "top_k": _opt_int(gen, "topK", 0), "stop": stop or None, "reasoning": reasoning, "extra": extra}
+
+
+def _gemini_wrap_signature(sig):
+    """Another provider's thinking signature as Gemini clients must hold it (base64 bytes); the
+    next turn unwraps it, so the provider gets its own back."""
+    return base64.b64encode(sig.encode()).decode()
+
+
+def _gemini_unwrap_signature(sig):
+    try:
+        return base64.b64decode(sig, validate=True).decode()
+    except (binascii.Error, ValueError):
+        return sig
+
+
+def _to_gemini_usage(u):
+    u = u or empty_usage()
+    out = {"promptTokenCount": u.get("input", 0), "candidatesTokenCount": u.get("output", 0) - u.get("reasoning", 0),
+           "totalTokenCount": u.get("input", 0) + u.get("output", 0)}
+    if u.get("reasoning"):
+        out["thoughtsTokenCount"] = u["reasoning"]
+    if u.get("cache_read"):
+        out["cachedContentTokenCount"] = u["cache_read"]
+    return out
+
+
+def _gemini_out_part(p):
+    if p["type"] == "text":
+        return {"text": p["text"]}
+    if p["type"] == "thinking":
+        part = {"text": p.get("text") or "", "thought": True}
+        if p.get("signature"):
+            part["thoughtSignature"] = _gemini_wrap_signature(p["signature"])
+        return part
+    if p["type"] == "tool_call":
+        return {"functionCall": {"id": p["id"], "name": p["name"], "args": p["arguments"]}}
+    return None
+
+
+def gemini_encode_response(resp, model, req):
+    parts = [q for q in (_gemini_out_part(p) for p in resp["content"]) if q is not None]
+    return {"candidates": [{"content": {"role": "model", "parts": parts},
+                            "finishReason": TO_GEMINI_FINISH.get(resp["stop_reason"] or "end_turn", "STOP"),
+                            "index": 0}],
+            "usageMetadata": _to_gemini_usage(resp["usage"]), "modelVersion": model,
+            "responseId": resp.get("id") or new_id("")}
+
+
+def gemini_encode_error(err):
+    e = {"code": err.status, "message": err.message, "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}
+    retry = err.headers.get("Retry-After")
+    if err.status == 429 and retry:       # Gemini CLI retries a 429 only with a RetryInfo it can read
+        e["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry}s"}]
+    return dumps({"error": e}).encode()
+
+
+class GeminiStreamEncoder:
+    """Neutral events -> Gemini SSE chunks (data: GenerateContentResponse, no sentinel). Text and
+    thoughts go out as they come; a function call goes out whole once its arguments are complete;
+    the last chunk carries finishReason and usageMetadata. Every chunk has the stream's responseId."""
+
+    def __init__(self, model, req, input_estimate=0):
+        self.model, self.input_estimate = model, input_estimate
+        self.id = new_id("")
+        self.call = None          # [id, name, [argument pieces]] of the function call being streamed
+
+    def _chunk(self, parts, finish=None, usage=None):
+        cand = {"content": {"role": "model", "parts": parts}, "index": 0}
+        if finish:
+            cand["finishReason"] = finish
+        obj = {"candidates": [cand], "modelVersion": self.model, "responseId": self.id}
+        if usage is not None:
+            obj["usageMetadata"] = _to_gemini_usage(usage)
+        return b"data: " + dumps(obj).encode() + b"\r\n\r\n"
+
+    def _flush_call(self):
+        if self.call is None:
+            return []
+        cid, name, pieces = self.call
+        self.call = None
+        return [{"functionCall": {"id": cid, "name": name, "args": parse_args_json("".join(pieces))}}]
+
+    def encode(self, ev):
+        kind = ev[0]
+        if kind == "args":
+            if self.call is not None:
+                self.call[2].append(ev[1])
+            return b""
+        if kind in ("start", "redacted_thinking"):
+            return b""
+        if kind == "error":
+            return b"data: " + gemini_encode_error(ev[1]) + b"\r\n\r\n"
+        parts = self._flush_call()
+        if kind == "tool":
+            self.call = [ev[1], ev[2], []]
+        elif kind == "text":
+            parts.append({"text": ev[1]})
+        elif kind == "thinking":
+            parts.append({"text": ev[1], "thought": True})
+        elif kind == "signature":
+            parts.append({"text": "", "thought": True, "thoughtSignature": _gemini_wrap_signature(ev[1])})
+        elif kind == "end":
+            return self._chunk(parts, TO_GEMINI_FINISH.get(ev[1] or "end_turn", "STOP"), ev[2])
+        return self._chunk(parts) if parts else b""
+
+
+def gemini_adjust(body, req, meta, headers, foreign):
+    """The same-dialect body as it goes out: the model is the path's, never a body field."""
+    mid = body.pop("model", None)
+    inner = body.get("generateContentRequest")
+    if isinstance(inner, dict) and mid:                    # countTokens' form names the model again
+        body["generateContentRequest"] = dict(inner, model="models/" + mid)
+    return body, {}
+
+
+def gemini_model_shape(entry):
+    mid, _owner, meta = entry
+    return {"name": "models/" + mid, "baseModelId": mid, "version": "001", "displayName": mid,
+            "description": "routed by Sage Router" + (f" to {', '.join(meta['route'])}" if "route" in meta else ""),
+            "inputTokenLimit": meta.get("context_window") or 0, "outputTokenLimit": meta.get("max_output") or 0,
+            "supportedGenerationMethods": ["generateContent", "countTokens"], "thinking": bool(meta.get("reasoning"))}
+
+
+def gemini_list_shape(entries, query=None):
+    """GET /v1beta/models, paginated as Gemini does (pageSize, default 50, at most 1000; pageToken)."""
+    query = query or {}
+    try:
+        size = max(1, min(1000, int(query.get("pageSize") or 50)))
+        start = max(0, int(query.get("pageToken") or 0))
+    except ValueError:
+        raise ApiError(400, "invalid_request", "pageSize and pageToken must be integers", param="pageSize") from None
+    out = {"models": [gemini_model_shape(e) for e in entries[start:start + size]]}
+    if start + size < len(entries):
+        out["nextPageToken"] = str(start + size)
+    return out
+
+
 def gemini_list_models(fetch, known):
     """GET /models, every page (pageToken): the models that support generateContent."""
     out, token = {}, None
@@ -3220,7 +3526,7 @@ def ollama_adjust(body, req, meta, headers, foreign):
     return body, {}
 
 
-def ollama_list_shape(entries):
+def ollama_list_shape(entries, query=None):
     return {"models": [{"name": mid, "model": mid, "modified_at": "2025-01-01T00:00:00Z", "size": 0,
                         "digest": hashlib.sha256(mid.encode()).hexdigest(),
                         "details": {"parent_model": "", "format": "sage-router", "family": mid.split("/")[0],
@@ -3262,7 +3568,7 @@ class Codec:
       -> JSON object; stream_encoder(model, req, input_estimate), whose encode(event) -> bytes (an
       error event continues the stream's own ids and sequence numbers); encode_error(err) -> bytes;
       stream_type; boundary(bytes) -> the length of the complete events; passthrough: the
-      StreamPassthrough class for the same dialect on both sides; list_shape(entries) and
+      StreamPassthrough class for the same dialect on both sides; list_shape(entries, query) and
       model_shape(entry): the model list its clients read (entry: (name, owner, metadata)).
     Provider side: encode_request(req, model, provider, meta, settings) -> body;
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
@@ -3345,11 +3651,16 @@ CODECS = {
         request_path=lambda prov, mid, stream: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models"),
     "gemini": Codec(
-        "gemini", encode_request=gemini_encode_request, decode_response=gemini_decode_response,
+        "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
+        stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,
+        list_shape=gemini_list_shape, model_shape=gemini_model_shape,
+        encode_request=gemini_encode_request, decode_response=gemini_decode_response,
         stream_decoder=GeminiStreamDecoder, parse_error=gemini_parse_error,
         request_path=lambda prov, mid, stream: f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}:"
                                               + ("streamGenerateContent?alt=sse" if stream else "generateContent"),
-        auth=gemini_auth, list_models=gemini_list_models, probe_path="/models?pageSize=1"),
+        auth=gemini_auth, adjust=gemini_adjust, list_models=gemini_list_models, probe_path="/models?pageSize=1",
+        count_path=lambda prov, mid: f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}:countTokens",
+        count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n}),
     "ollama": Codec(
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
         stream_encoder=OllamaStreamEncoder, encode_error=ollama_encode_error,
@@ -5687,6 +5998,8 @@ def guess_dialect(body, headers):
     msgs = body.get("messages") if isinstance(body.get("messages"), list) else []
     if "input" in body and "messages" not in body:
         return "openai-responses"
+    if "contents" in body and "messages" not in body:
+        return "gemini"           # (its model, which Gemini puts in the path, in "model")
     if "prompt" in body or "options" in body or any(isinstance(m, dict) and "images" in m for m in msgs):
         return "ollama"
     if "anthropic-version" in headers or "system" in body or "stop_sequences" in body or "thinking" in body or any(
@@ -7268,12 +7581,12 @@ class Router:
             return err
         return ApiError(502, "api_error", msg)
 
-    def count_tokens(self, dialect, body, headers):
+    def count_tokens(self, dialect, body, headers, **kw):
         """A token count for a client's request (Anthropic's count_tokens): asked of the provider when
         the target speaks the client's dialect and can count, estimated locally otherwise (or when
         the provider cannot answer). -> the reply in the client's shape."""
         cc = CODECS[dialect]
-        req = decode_client_request(dialect, body, count_only=True)
+        req = decode_client_request(dialect, body, count_only=True, **kw)
         try:
             plan = plan_request(self.catalogue, self.health, req, body, headers)
         except ApiError:
@@ -7300,9 +7613,9 @@ class Router:
                     pass
         return cc.count_shape(estimate_tokens(req))
 
-    def models(self, dialect):
+    def models(self, dialect, query=None):
         """The model list in the shape a client of `dialect` reads."""
-        out = CODECS[dialect].list_shape(self.catalogue.listing())
+        out = CODECS[dialect].list_shape(self.catalogue.listing(), query)
         if not self.catalogue.enabled:
             out["message"] = NO_PROVIDER_HELP
         return out
@@ -7603,8 +7916,20 @@ def own_names():
     return {socket.gethostname().lower(), socket.getfqdn().lower()}
 
 
+#: Gemini's paths, after any base-URL prefix: POST .../v1beta/models/{model}:{method} (the model is
+#: everything between "models/" and the last ":"), GET .../v1beta/models[/{model}].
+GEMINI_CALL = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models/(.+):(generateContent|streamGenerateContent|countTokens)")
+GEMINI_LIST = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models(?:/([^:]+))?")
+
+
 def client_dialect(path, headers):
     """The dialect to answer in, from the path (and, for shared paths, the headers)."""
+    if GEMINI_CALL.fullmatch(path):
+        return "gemini"
+    listing = GEMINI_LIST.fullmatch(path)
+    if listing and (re.search(r"/v1(?:beta|alpha)/models", path) or "x-goog-api-key" in headers
+                    or "x-goog-api-client" in headers):
+        return "gemini"           # (GET /v1/models is OpenAI's, unless a Google SDK asks)
     if path.startswith(("/v1/messages", "/messages")):
         return "anthropic"
     if path.startswith("/api/"):
@@ -7756,10 +8081,12 @@ class RouterHandler(BaseHTTPRequestHandler):
         key = self.router.router_key
         if not key:
             return True
-        given = self.headers.get("x-api-key") or ""
+        given = self.headers.get("x-api-key") or self.headers.get("x-goog-api-key") or ""
         auth = self.headers.get("authorization") or ""
         if auth[:7].lower() == "bearer ":
             given = given or auth[7:].strip()
+        if not given and "key=" in self.path:       # Gemini's REST habit: ?key=
+            given = (urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("key") or [""])[-1]
         return hmac.compare_digest(given.encode(), key.encode())
 
     def _framing(self):
@@ -7971,7 +8298,8 @@ class RouterHandler(BaseHTTPRequestHandler):
                              STATUS_PAGE)
         if not self._authorized():
             raise ApiError(401, "authentication", "missing or wrong router key: send it as "
-                           "'Authorization: Bearer KEY' or 'x-api-key: KEY' (SAGE_ROUTER_API_KEY)")
+                           "'Authorization: Bearer KEY' or 'x-api-key: KEY' ('x-goog-api-key: KEY' or ?key=KEY "
+                           "from Gemini clients) (SAGE_ROUTER_API_KEY)")
         if method == "GET" and path == "/metrics":
             return self.send(200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
                              self.router.metrics.render(self.router).encode())
@@ -7985,6 +8313,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             except ValueError:
                 raise bad_request("limit", "must be an integer")
             return self._json(200, {"object": "list", "data": self.router.log.recent(limit)})
+        if dialect == "gemini":
+            return self._gemini(method, path, hdrs)
         if method == "GET" and path == "/api/tags":
             return self._json(200, self.router.models("ollama"))
         if method == "GET" and path == "/api/version":
@@ -8022,8 +8352,40 @@ class RouterHandler(BaseHTTPRequestHandler):
             name = body.get("model") or body.get("name") if isinstance(body, dict) else None
             _need(isinstance(name, str) and name, "model", "is required and must be a string")
             return self._json(200, self.router.model("ollama", name))
+        self._generate(dialect, body, hdrs)
+
+    def _gemini(self, method, path, hdrs):
+        """Gemini's endpoints (the google-genai SDK, Gemini CLI): the model and the method are in
+        the path, after any base-URL prefix."""
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
+        listing = GEMINI_LIST.fullmatch(path)
+        if listing:
+            if method != "GET":
+                raise ApiError(405, "invalid_request", f"{path} takes GET, not {method}")
+            name = listing.group(1)
+            return self._json(200, self.router.model("gemini", urllib.parse.unquote(name)) if name else
+                              self.router.models("gemini", query))
+        model, call = GEMINI_CALL.fullmatch(path).groups()
+        model = urllib.parse.unquote(model)
+        if method != "POST":
+            raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
+        stream = call == "streamGenerateContent"
+        _need(not stream or query.get("alt") == "sse", "alt",
+              "must be \"sse\": streamGenerateContent is served as server-sent events (?alt=sse), as the SDKs ask")
         try:
-            req = decode_client_request(dialect, body)
+            body = parse_json_body(self._read_body("gemini"))
+        except ApiError as e:
+            if call != "countTokens":
+                self._refused("gemini", None, e)
+            raise
+        if call == "countTokens":
+            return self._json(200, self.router.count_tokens("gemini", body, hdrs, model=model))
+        self._generate("gemini", body, hdrs, model=model, stream=stream)
+
+    def _generate(self, dialect, body, hdrs, **kw):
+        """A client's request for a reply: decode it, let the router answer, record it."""
+        try:
+            req = decode_client_request(dialect, body, **kw)
         except ApiError as e:
             self._refused(dialect, body, e)
             raise

@@ -4645,6 +4645,23 @@ class RealClientTests(RouterCase):
                 self.assertIn("hi-from-claude", json.dumps(fake.requests[-1]["body"]["messages"][-1]))
 
 
+    @unittest.skipUnless(shutil.which("gemini"), "Gemini CLI is not installed (npm install -g @google/gemini-cli)")
+    def test_gemini_cli_completes_a_tool_calling_turn(self):
+        settings = json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}}})
+        for target, fake, tid in (("oa/gpt-test", self.oa, "call_gc"), ("an/claude-test", self.an, "toolu_gc")):
+            with self.subTest(target=target):
+                self.setUp()
+                fake.push(Reply(text="Running it.", tools=[(tid, "run_shell_command", {"command": "echo hi-from-gemini"})]),
+                          Reply(text="The command printed hi-from-gemini."))
+                p = self.run_client(["gemini", "-p", "run echo hi-from-gemini", "-m", target, "--yolo"],
+                                    {"GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{self.h.port}", "GEMINI_API_KEY": "unused",
+                                     "GEMINI_CLI_TRUST_WORKSPACE": "true", "NO_COLOR": "1"},
+                                    {".gemini/settings.json": settings})
+                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+                self.assertIn("The command printed hi-from-gemini.", p.stdout)
+                self.assertGreaterEqual(len(fake.requests), 2)
+                self.assertIn("hi-from-gemini", json.dumps(fake.requests[-1]["body"]), "the tool's output went back")
+
 # =================================================================================================
 # Discovery: new models show up by themselves
 # =================================================================================================

@@ -747,6 +747,13 @@ class StreamPassthrough:
         """Complete events about to go out (the hook a dialect's subclass overrides)."""
         return data
 
+    def observe(self, evs):
+        """The neutral events decoded from the piece about to go out (a subclass may follow them)."""
+
+    def error_event(self, err):
+        """Our error event, for a stream that failed after it started."""
+        return self.cc.stream_encoder(self.ctx.model, self.ctx.req, 0).encode(("error", err))
+
     def close(self):
         """The stream ended cleanly: what is left (a last event without its blank line)."""
         out, self.tail = self.tail, b""
@@ -762,7 +769,7 @@ class StreamPassthrough:
         self.drop_end = True
         out = self.feed(raw) if raw else b""
         self.tail = b""
-        return out + self.cc.stream_encoder(self.ctx.model, self.ctx.req, 0).encode(("error", err))
+        return out + self.error_event(err)
 
 
 def fold_events(events, resp=None):
@@ -2243,6 +2250,8 @@ class ResponsesStreamEncoder:
     output_item.added / content or summary or argument deltas / .done events / output_item.done,
     then completed (or incomplete, or failed), all with sequence_number."""
 
+    quiet = False       # True: follow the events (state, sequence numbers) without writing them
+
     def __init__(self, model, req, input_estimate=0):
         self.model, self.req = model, req
         self.custom = set(req.get("custom_tools") or ())
@@ -2254,6 +2263,8 @@ class ResponsesStreamEncoder:
     def _ev(self, obj):
         obj["sequence_number"] = self.seq
         self.seq += 1
+        if self.quiet:
+            return b""
         return b"event: " + obj["type"].encode() + b"\ndata: " + dumps(obj).encode() + b"\n\n"
 
     def _open(self, item):
@@ -2508,6 +2519,44 @@ class ResponsesStreamDecoder(SSEDecoder):
             status = 429 if e.get("code") == "rate_limit_exceeded" else 502
             out.append(("error", ApiError(status, STATUS_ERROR_TYPE.get(status, "api_error"),
                                           e.get("message") or "provider error in stream")))
+
+
+_RESPONSES_SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
+_RESPONSES_ID = re.compile(rb'"id":\s*"(resp_[^"]*)"')
+
+
+class ResponsesPassthrough(StreamPassthrough):
+    """A Responses stream passed through, byte for byte. A failure after it started is told in the
+    stream's own terms: the provider's response id, the next sequence_number, and the output
+    streamed so far (a quiet encoder follows the stream's neutral events to know it)."""
+
+    def __init__(self, codec, ctx, prov):
+        super().__init__(codec, ctx, prov)
+        self.shadow = ResponsesStreamEncoder(ctx.model, ctx.req)
+        self.shadow.quiet = True
+        self.last_seq, self.rid = -1, None
+
+    def observe(self, evs):
+        for ev in evs:
+            if ev[0] != "error":
+                self.shadow.encode(ev)
+
+    def events(self, data):
+        at = data.rfind(b'"sequence_number"')
+        found = _RESPONSES_SEQ.match(data, at) if at >= 0 else None
+        if found:
+            self.last_seq = int(found.group(1))
+        if self.rid is None:
+            found = _RESPONSES_ID.search(data)
+            self.rid = found.group(1).decode() if found else None
+        return data
+
+    def error_event(self, err):
+        enc = self.shadow
+        enc.quiet, enc.seq = False, max(enc.seq, self.last_seq + 1)
+        if self.rid:
+            enc.req = dict(enc.req, response_id=self.rid)
+        return enc.encode(("error", err))
 
 
 def responses_list_models(fetch, known):
@@ -3644,7 +3693,7 @@ CODECS = {
         count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n}),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
-        stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error,
+        stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error, passthrough=ResponsesPassthrough,
         list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=responses_encode_request, decode_response=responses_decode_response,
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
@@ -6569,6 +6618,7 @@ class Dispatcher:
             if ended and ctx.on_complete is not None:
                 ctx.on_complete()              # before the client can read the end and ask again
             if pt is not None:
+                pt.observe(evs)
                 out = pt.feed(raw_chunk) if err is None else pt.fail(raw_chunk, err)
             else:
                 out = b"".join(enc.encode(ev) for ev in evs)

@@ -4486,6 +4486,18 @@ class ResponsesTests(RouterCase):
         self.assertIsNotNone(got["error"])
         self.assertFalse(got["done"])
 
+    def test_a_passed_through_stream_that_breaks_continues_its_own_ids_and_numbers(self):
+        self.rs.push(Reply(text="a long answer that breaks somewhere", cut_after=7))
+        r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})
+        evs = [(e, json.loads(d)) for e, d in sse_events(r.body)]
+        seqs = [d["sequence_number"] for _e, d in evs]
+        self.assertEqual(seqs, list(range(len(seqs))), "one numbering, the provider's continued")
+        self.assertEqual([e for e, _d in evs][-2:], ["error", "response.failed"])
+        failed = evs[-1][1]["response"]
+        self.assertEqual(failed["id"], evs[0][1]["response"]["id"], "the id of response.created")
+        self.assertEqual(failed["output"][0]["content"][0]["text"], "a long answer that breaks somewhere"[:4 * 3],
+                         "what was streamed is kept")
+
     def test_responses_provider_passthrough_and_translation(self):
         self.rs.push(Reply(text="pass", split=5))
         r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})

@@ -458,13 +458,20 @@ class ApiError(Exception):
 
 
 class Failover(Exception):
-    """A candidate (or one key of it) failed in a way worth trying the next one.
-    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model)."""
+    """A candidate (or one key of it) failed in a way worth trying the next one; also the record
+    of a failed attempt (cand: (provider, model)), as the request log and the errors show it.
+    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model), broken
+    (a stream that failed after it started: recorded, never moved on)."""
 
-    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False):
+    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False,
+                 cand=None):
         super().__init__(reason)
         self.kind, self.reason, self.status = kind, reason, status
         self.retry_after, self.next_key, self.fallback, self.quota = retry_after, next_key, fallback, quota
+        self.cand = cand
+
+    def line(self):
+        return f"{self.cand[0]}/{self.cand[1]}: {self.reason}"
 
 
 def bad_request(field, problem):
@@ -4231,6 +4238,30 @@ def openclaw_providers(path, env):
     return out
 
 
+def with_imports(cfg, env):
+    """The config plus the providers of the user's OpenClaw config (when import_openclaw)."""
+    if not dict(DEFAULT_SETTINGS, **cfg.get("settings", {}))["import_openclaw"]:
+        return cfg
+    path = env.get("OPENCLAW_CONFIG_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
+                                                            ".openclaw", "openclaw.json")
+    path = os.path.expanduser(path)
+    extra = {}
+    for name, entry in openclaw_providers(path, env).items():
+        if name in cfg.get("providers", {}):
+            continue
+        try:
+            validate_config({"providers": {name: entry}}, path)
+            Provider(name, entry, env, DEFAULT_SETTINGS)
+        except ConfigError as e:
+            log.warning("openclaw: skipping provider %s from %s: %s: expected %s", name, path, e.key, e.expected)
+            continue
+        extra[name] = entry
+    if not extra:
+        return cfg
+    log.info("openclaw: imported %d provider(s) from %s: %s", len(extra), path, ", ".join(extra))
+    return dict(cfg, providers={**cfg.get("providers", {}), **extra})
+
+
 NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside router.py (for example "
                     "OPENAI_API_KEY=sk-... or ANTHROPIC_API_KEY=sk-ant-...), or add a provider to "
                     "providers.json; the router picks the change up by itself within a second.")
@@ -6414,7 +6445,8 @@ class Dispatcher:
             conn.close()
 
     def _classify(self, ctx, prov, status, headers, body, same):
-        """An upstream error reply -> Failover, or the client's own error (returned as it is)."""
+        """An upstream error reply -> a Failover, or the client's own error: an ApiError to
+        translate, or (the same dialect on both sides) None, for the provider's reply as it is."""
         message, code = CODECS[prov.api].parse_error(status, body)
         reason = f"HTTP {status}: {message}"[:300]
         ra = retry_after_seconds(headers, status)
@@ -6429,14 +6461,12 @@ class Dispatcher:
         if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(message)):
             return Failover("context", reason, status, next_key=False)
         if same:
-            ctx.status, ctx.error = status, message[:300]
-            ctx.writer.send(status, {"Content-Type": "application/json", **self._route_headers(ctx, prov)}, body)
             return None
         return ApiError(status, STATUS_ERROR_TYPE.get(status, "invalid_request"), f"provider {prov.name}: {message}")
 
     @staticmethod
     def _route_headers(ctx, prov):
-        tried = {a[0] for a in ctx.attempts} | {(prov.name, ctx.upstream_model)}
+        tried = {a.cand for a in ctx.attempts} | {(prov.name, ctx.upstream_model)}
         h = {"X-Router-Provider": prov.name, "X-Router-Model": header_value(ctx.upstream_model),
              "X-Router-Attempts": str(len(tried))}
         if ctx.plan is not None:
@@ -6478,9 +6508,12 @@ class Dispatcher:
             conn.close()
             hdrs = {k.lower(): v for k, v in resp.getheaders()}
             outcome = self._classify(ctx, prov, resp.status, hdrs, data, same)
-            if outcome is None:
-                return
-            raise outcome
+            if outcome is not None:
+                raise outcome
+            # the client's own error, in its own dialect already: passed on as the provider said it
+            ctx.status, ctx.error = resp.status, CODECS[prov.api].parse_error(resp.status, data)[0][:300]
+            ctx.writer.send(resp.status, {"Content-Type": "application/json", **self._route_headers(ctx, prov)}, data)
+            return
         try:
             self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"])
         except BaseException:
@@ -6650,8 +6683,8 @@ class Dispatcher:
         """A stream that failed after the client had its first byte: a failed request (the log, the
         metrics, and the candidate's health through ctx.broken), not a success."""
         ctx.status, ctx.error = err.status, f"the stream broke after it started: {err.message}"[:2000]
-        ctx.attempts.append(((prov.name, ctx.upstream_model), "broken", ctx.error, err.status, None))
-        ctx.broken = Failover("broken", ctx.error, err.status)
+        ctx.broken = Failover("broken", ctx.error, err.status, cand=(prov.name, ctx.upstream_model))
+        ctx.attempts.append(ctx.broken)
 
     def deliver_fallback(self, ctx, fallback):
         """Every candidate failed, but one gave an empty answer: that answer is the best we have."""
@@ -7057,7 +7090,8 @@ def request_row(ctx, catalogue, log_prompts):
         usage = Dispatcher.estimated_usage(ctx)      # usage and cost are never silently zero
     cost = request_cost(price_of(prov.api, ctx.upstream_model, catalogue.meta(ctx.provider, ctx.upstream_model)),
                         usage) if prov is not None and answered and usage else 0.0
-    attempts = [{"provider": p, "model": m, "kind": k, "reason": r, "status": s} for (p, m), k, r, s, _ra in ctx.attempts]
+    attempts = [{"provider": a.cand[0], "model": a.cand[1], "kind": a.kind, "reason": a.reason, "status": a.status}
+                for a in ctx.attempts]
     row = {"ts": time.time(), "dialect": ctx.dialect, "requested": ctx.model,
            "intent": ctx.plan.intent if ctx.plan else None, "route": ctx.plan.route if ctx.plan else None,
            "provider": ctx.provider if answered else None, "model": ctx.upstream_model if answered else None,
@@ -7178,7 +7212,7 @@ class Router:
     Everything mutable lives here (never in module globals), so tests can run several routers."""
 
     def __init__(self, cfg, env, source="providers.json", data_dir=None, log_format="text"):
-        self.cfg, self.env, self.source = self._with_imports(cfg, env), env, source
+        self.cfg, self.env, self.source = with_imports(cfg, env), env, source
         self.data_dir = data_dir or default_data_dir()
         self.discovery = Discovery()
         self.load_catalogue_cache()
@@ -7208,34 +7242,11 @@ class Router:
         self.load_state()
 
     # -- the catalogue: config, imports, discovery ---------------------------------------------------
-    @staticmethod
-    def _with_imports(cfg, env):
-        """The config plus the providers of the user's OpenClaw config (when import_openclaw)."""
-        if not dict(DEFAULT_SETTINGS, **cfg.get("settings", {}))["import_openclaw"]:
-            return cfg
-        path = env.get("OPENCLAW_CONFIG_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
-                                                                ".openclaw", "openclaw.json")
-        path = os.path.expanduser(path)
-        extra = {}
-        for name, entry in openclaw_providers(path, env).items():
-            if name in cfg.get("providers", {}):
-                continue
-            try:
-                validate_config({"providers": {name: entry}}, path)
-                Provider(name, entry, env, DEFAULT_SETTINGS)
-            except ConfigError as e:
-                log.warning("openclaw: skipping provider %s from %s: %s: expected %s", name, path, e.key, e.expected)
-                continue
-            extra[name] = entry
-        if not extra:
-            return cfg
-        log.info("openclaw: imported %d provider(s) from %s: %s", len(extra), path, ", ".join(extra))
-        return dict(cfg, providers={**cfg.get("providers", {}), **extra})
-
-    def _build(self):
-        """A new catalogue from the config and what discovery found (per-provider protocol state
-        such as Gemini thought signatures carries over)."""
-        cat = Catalogue(self.cfg, self.env, self.source, self.discovery.snapshot())
+    def _build(self, cfg=None, env=None, source=None):
+        """A new catalogue from the config (by default the current one) and what discovery found;
+        per-provider protocol state such as Gemini thought signatures carries over."""
+        cat = Catalogue(self.cfg if cfg is None else cfg, self.env if env is None else env,
+                        source or self.source, self.discovery.snapshot())
         if self.catalogue is not None:
             for name, prov in cat.providers.items():
                 old = self.catalogue.providers.get(name)
@@ -7438,19 +7449,15 @@ class Router:
             return False
         try:
             cfg, env, source = self.loader()
-            cfg = self._with_imports(cfg, env)
-            cat = Catalogue(cfg, env, source, self.discovery.snapshot())
+            cfg = with_imports(cfg, env)
+            cat = self._build(cfg, env, source)
         except ConfigError as e:
             log.error("config reload refused: %s: %s: expected %s; keeping the old config", e.file, e.key, e.expected)
             return False
         with self._discover_lock:
-            changed = []
-            for name, prov in cat.providers.items():
-                old = self.catalogue.providers.get(name)
-                if old is not None:
-                    prov.memo = old.memo
-                if old is None or old.fingerprint != prov.fingerprint:
-                    changed.append(name)
+            before = self.catalogue.providers
+            changed = [name for name, prov in cat.providers.items()
+                       if name not in before or before[name].fingerprint != prov.fingerprint]
             self.cfg, self.env, self.source = cfg, env, source
             self.catalogue, self.settings = cat, cat.settings
             self.health.reconfigure(cat.settings)
@@ -7491,13 +7498,13 @@ class Router:
             known = cand in cat.caps
             window = cat.meta(pname, mid).get("context_window") or 0
             if overflowed and window and window <= overflowed:
-                ctx.attempts.append((cand, "context", f"skipped: context window {window} is not larger than "
-                                     f"the {overflowed} that overflowed", None, None))
+                ctx.attempts.append(Failover("context", f"skipped: context window {window} is not larger than "
+                                             f"the {overflowed} that overflowed", cand=cand))
                 continue
             now = time.monotonic()
             keys = health.usable_keys(prov, now)
             if not keys:
-                ctx.attempts.append((cand, "auth", "every key was rejected (401/403)", None, None))
+                ctx.attempts.append(Failover("auth", "every key was rejected (401/403)", cand=cand))
                 continue
             health.begin(cand, now)
             failed = None
@@ -7521,7 +7528,8 @@ class Router:
                             health.undo_ok(cand, before[0])
                         health.candidate_failed(cand, ctx.broken, known, len(prov.keys))
                 except Failover as f:
-                    ctx.attempts.append((cand, f.kind, f.reason, f.status, f.retry_after))
+                    f.cand = cand
+                    ctx.attempts.append(f)
                     failed = f
                     if f.fallback and fallback is None:
                         fallback = f.fallback
@@ -7612,20 +7620,20 @@ class Router:
     @staticmethod
     def _all_failed(ctx):
         atts = ctx.attempts
-        lines = "; ".join(f"{p}/{m}: {reason}" for (p, m), _k, reason, _s, _r in atts)
+        lines = "; ".join(a.line() for a in atts)
         msg = f"every candidate failed ({len(atts)} attempt{'s' if len(atts) != 1 else ''}): {lines}"
-        if atts and all(s == 429 for _c, _k, _r, s, _ra in atts):
-            ras = [ra for *_x, ra in atts if ra is not None]
-            wait = max(1, int(min(ras) + 0.999)) if ras else 30
+        if atts and all(a.status == 429 for a in atts):
+            waits = [a.retry_after for a in atts if a.retry_after is not None]
+            wait = max(1, int(min(waits) + 0.999)) if waits else 30
             return ApiError(429, "rate_limit", msg, headers={"Retry-After": str(wait)})
-        if atts and all(k in ("connect", "timeout") or s in (503, 529) for _c, k, _r, s, _ra in atts):
+        if atts and all(a.kind in ("connect", "timeout") or a.status in (503, 529) for a in atts):
             return ApiError(503, "overloaded", msg)
-        if atts and all(k == "context" for _c, k, _r, _s, _ra in atts):
+        if atts and all(a.kind == "context" for a in atts):
             # too long for every candidate: the provider's own 400, so the client does not retry it
-            said = next((a for a in atts if a[3]), atts[0])          # the provider's own words
-            rest = "; ".join(f"{p}/{m}: {reason}" for (p, m), _k, reason, _s, _r in atts if (p, m) != said[0])
-            err = ApiError(400, "invalid_request", re.sub(r"^HTTP \d+: ", "", said[2]) +
-                           f" ({said[0][0]}/{said[0][1]}; no candidate with a larger context window"
+            said = next((a for a in atts if a.status), atts[0])          # the provider's own words
+            rest = "; ".join(a.line() for a in atts if a.cand != said.cand)
+            err = ApiError(400, "invalid_request", re.sub(r"^HTTP \d+: ", "", said.reason) +
+                           f" ({said.cand[0]}/{said.cand[1]}; no candidate with a larger context window"
                            + (f": {rest})" if rest else ")"), param="messages")
             err.code = "context_length_exceeded"
             return err

@@ -420,7 +420,8 @@ def load_config(config_file, explicit):
 #   tools: [{"name", "description", "parameters"}], tool_choice: None | {"type": "auto"|"none"|
 #   "any"|"tool", "name"?}, parallel_tool_calls, max_tokens, temperature, top_p, top_k, stop: [..],
 #   stream, include_usage, reasoning: None | {"effort"?, "budget_tokens"?, "enabled": bool},
-#   user, extra: {dialect-only fields}.
+#   user, extra: {dialect-only fields} (Responses: custom_tools, store, previous_response_id,
+#   response_id; Ollama: ollama_generate; Gemini: response format fields). Built by neutral_request.
 # Parts:
 #   {"type": "text", "text"}
 #   {"type": "image", "media_type", "data"} (base64) or {"type": "image", "url"}
@@ -926,6 +927,26 @@ def _need(cond, field, problem):
 MAX_MODEL_NAME = 256
 
 
+#: The neutral request's fields beyond model, system and messages, with their defaults.
+NEUTRAL_FIELDS = {"tools": (), "tool_choice": None, "parallel_tool_calls": None, "max_tokens": None,
+                  "temperature": None, "top_p": None, "top_k": None, "stop": None, "stream": False,
+                  "include_usage": True, "reasoning": None, "user": None}
+
+
+def neutral_request(model, system, messages, extra=None, **fields):
+    """The one constructor of neutral requests (every request decoder uses it): the fields named in
+    NEUTRAL_FIELDS, defaults for those not given, and what only one dialect knows under `extra`."""
+    unknown = set(fields) - set(NEUTRAL_FIELDS)
+    if unknown:
+        raise TypeError(f"not a neutral request field: {sorted(unknown)} (dialect-only fields go in extra)")
+    req = {"model": model, "system": system, "messages": messages}
+    for k, default in NEUTRAL_FIELDS.items():
+        v = fields.get(k, default)
+        req[k] = list(v) if isinstance(v, tuple) else v
+    req["extra"] = extra or {}
+    return req
+
+
 def _model_name(body):
     """A request's `model`: a string of 1 to 256 characters with no control characters (it reaches
     headers, logs and the routing tables)."""
@@ -1101,15 +1122,13 @@ def openai_decode_request(body):
         effort = body["reasoning"].get("effort")
     _need(effort is None or isinstance(effort, str), "reasoning_effort", "must be a string such as \"low\" or \"high\"")
     so = body.get("stream_options")
-    return {
-        "model": model, "system": system, "messages": messages, "tools": tools,
-        "tool_choice": tool_choice, "parallel_tool_calls": body.get("parallel_tool_calls"),
-        "max_tokens": max_tokens, "temperature": _opt_num(body, "temperature", 0, 2),
-        "top_p": _opt_num(body, "top_p", 0, 1), "top_k": None, "stop": stop or None, "stream": stream,
-        "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
-        "reasoning": {"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
-        "user": body.get("user") if isinstance(body.get("user"), str) else None,
-    }
+    return neutral_request(
+        model, system, messages, tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=body.get("parallel_tool_calls"), max_tokens=max_tokens,
+        temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1), stop=stop or None,
+        stream=stream, include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
+        reasoning={"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
+        user=body.get("user") if isinstance(body.get("user"), str) else None)
 
 
 def _openai_usage(u):
@@ -1680,13 +1699,11 @@ def anthropic_decode_request(body, count_only=False):
                      "effort": (body.get("output_config") or {}).get("effort") if isinstance(body.get("output_config"), dict) else None}
     meta = body.get("metadata")
     user = meta.get("user_id") if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) else None
-    return {
-        "model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": tool_choice,
-        "parallel_tool_calls": parallel, "max_tokens": None if count_only else _opt_int(body, "max_tokens"),
-        "temperature": _opt_num(body, "temperature", 0, 2), "top_p": _opt_num(body, "top_p", 0, 1),
-        "top_k": _opt_int(body, "top_k", 0), "stop": stop or None, "stream": stream, "include_usage": True,
-        "reasoning": reasoning, "user": user,
-    }
+    return neutral_request(
+        model, system, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
+        max_tokens=None if count_only else _opt_int(body, "max_tokens"),
+        temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1),
+        top_k=_opt_int(body, "top_k", 0), stop=stop or None, stream=stream, reasoning=reasoning, user=user)
 
 
 def _anthropic_usage(u):
@@ -2193,16 +2210,14 @@ def responses_decode_request(body):
     effort = reasoning.get("effort")
     prev = body.get("previous_response_id")
     _need(prev is None or isinstance(prev, str), "previous_response_id", "must be a string")
-    return {
-        "model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": tool_choice,
-        "parallel_tool_calls": body.get("parallel_tool_calls"), "max_tokens": _opt_int(body, "max_output_tokens"),
-        "temperature": _opt_num(body, "temperature", 0, 2), "top_p": _opt_num(body, "top_p", 0, 1), "top_k": None,
-        "stop": None, "stream": stream, "include_usage": True,
-        "reasoning": {"effort": effort, "enabled": effort != "none"} if effort else None,
-        "user": body.get("user") if isinstance(body.get("user"), str) else None,
-        "custom_tools": custom, "store": body.get("store", True) is not False, "previous_response_id": prev,
-        "response_id": new_id("resp_"),
-    }
+    return neutral_request(
+        model, system, messages, tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=body.get("parallel_tool_calls"), max_tokens=_opt_int(body, "max_output_tokens"),
+        temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1), stream=stream,
+        reasoning={"effort": effort, "enabled": effort != "none"} if effort else None,
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        extra={"custom_tools": custom, "store": body.get("store", True) is not False, "previous_response_id": prev,
+               "response_id": new_id("resp_")})
 
 
 def _responses_usage(u):
@@ -2227,7 +2242,7 @@ def _responses_item(p, custom, idx):
 
 
 def _responses_object(req, model, status, output, usage, details=None, error=None):
-    custom = set(req.get("custom_tools") or ())
+    custom = set(req["extra"].get("custom_tools") or ())
     tc = req.get("tool_choice") or {"type": "auto"}
     if tc["type"] == "tool":
         choice = {"type": "custom" if tc["name"] in custom else "function", "name": tc["name"]}
@@ -2236,16 +2251,16 @@ def _responses_object(req, model, status, output, usage, details=None, error=Non
     tools = [{"type": "custom", "name": t["name"], "description": t["description"]} if t["name"] in custom else
              {"type": "function", "name": t["name"], "description": t["description"], "parameters": t["parameters"],
               "strict": False} for t in req.get("tools") or ()]
-    return {"id": req.get("response_id") or new_id("resp_"), "object": "response", "created_at": int(time.time()),
+    return {"id": req["extra"].get("response_id") or new_id("resp_"), "object": "response", "created_at": int(time.time()),
             "status": status, "model": model, "error": error, "incomplete_details": details,
             "output": output, "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
             "tool_choice": choice, "tools": tools, "max_output_tokens": req.get("max_tokens"),
-            "temperature": req.get("temperature"), "top_p": req.get("top_p"), "store": req.get("store", False),
+            "temperature": req.get("temperature"), "top_p": req.get("top_p"), "store": req["extra"].get("store", False),
             "usage": _responses_usage(usage) if usage is not None else None}
 
 
 def responses_encode_response(resp, model, req):
-    custom = set(req.get("custom_tools") or ())
+    custom = set(req["extra"].get("custom_tools") or ())
     output = [_responses_item(p, custom, i) for i, p in enumerate(resp["content"])
               if p["type"] in ("text", "thinking", "tool_call")]
     status, details = RESPONSES_STATUS.get(resp["stop_reason"], ("completed", None))
@@ -2261,7 +2276,7 @@ class ResponsesStreamEncoder:
 
     def __init__(self, model, req, input_estimate=0):
         self.model, self.req = model, req
-        self.custom = set(req.get("custom_tools") or ())
+        self.custom = set(req["extra"].get("custom_tools") or ())
         self.seq = 0
         self.output = []          # finished items, for response.completed
         self.item = None          # the open item (dict) and its text / arguments so far
@@ -2562,7 +2577,7 @@ class ResponsesPassthrough(StreamPassthrough):
         enc = self.shadow
         enc.quiet, enc.seq = False, max(enc.seq, self.last_seq + 1)
         if self.rid:
-            enc.req = dict(enc.req, response_id=self.rid)
+            enc.req = dict(enc.req, extra=dict(enc.req["extra"], response_id=self.rid))
         return enc.encode(("error", err))
 
 
@@ -3020,11 +3035,11 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         reasoning = {"enabled": True, "budget_tokens": budget if isinstance(budget, int) and budget > 0 else None,
                      "effort": str(think["thinkingLevel"]).lower() if think.get("thinkingLevel") else None}
     extra = {k: gen[k] for k in ("responseMimeType", "responseSchema", "responseJsonSchema") if k in gen}
-    return {"model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": tool_choice,
-            "parallel_tool_calls": None, "stream": bool(stream), "include_usage": True, "user": None,
-            "max_tokens": None if count_only else _opt_int(gen, "maxOutputTokens"),
-            "temperature": _opt_num(gen, "temperature", 0, 2), "top_p": _opt_num(gen, "topP", 0, 1),
-            "top_k": _opt_int(gen, "topK", 0), "stop": stop or None, "reasoning": reasoning, "extra": extra}
+    return neutral_request(
+        model, system, messages, tools=tools, tool_choice=tool_choice, stream=bool(stream),
+        max_tokens=None if count_only else _opt_int(gen, "maxOutputTokens"),
+        temperature=_opt_num(gen, "temperature", 0, 2), top_p=_opt_num(gen, "topP", 0, 1),
+        top_k=_opt_int(gen, "topK", 0), stop=stop or None, reasoning=reasoning, extra=extra)
 
 
 def _gemini_wrap_signature(sig):
@@ -3278,12 +3293,10 @@ def ollama_decode_request(body):
     stream = body.get("stream", True)
     _need(isinstance(stream, bool), "stream", "must be true or false")
     think = body.get("think")
-    req = {"model": model, "system": system, "messages": messages, "tools": tools, "tool_choice": None,
-           "parallel_tool_calls": None, "stream": stream, "include_usage": True, "user": None,
-           "reasoning": {"enabled": True, "effort": think if isinstance(think, str) else None} if think else None,
-           "ollama_generate": generate}
-    req.update(_ollama_options(body))
-    return req
+    return neutral_request(
+        model, system, messages, tools=tools, stream=stream,
+        reasoning={"enabled": True, "effort": think if isinstance(think, str) else None} if think else None,
+        extra={"ollama_generate": generate}, **_ollama_options(body))
 
 
 def _ollama_now():
@@ -3304,10 +3317,10 @@ def _ollama_final(model, stop, usage, generate):
 
 
 def ollama_encode_response(resp, model, req):
-    out = _ollama_final(model, resp["stop_reason"], resp["usage"], req.get("ollama_generate"))
+    out = _ollama_final(model, resp["stop_reason"], resp["usage"], req["extra"].get("ollama_generate"))
     text = text_of(resp["content"])
     thinking = "".join(p["text"] for p in resp["content"] if p["type"] == "thinking")
-    if req.get("ollama_generate"):
+    if req["extra"].get("ollama_generate"):
         out["response"] = text
         if thinking:
             out["thinking"] = thinking
@@ -3332,7 +3345,7 @@ class OllamaStreamEncoder:
     complete (Ollama never fragments them)."""
 
     def __init__(self, model, req, input_estimate=0):
-        self.model, self.generate = model, req.get("ollama_generate")
+        self.model, self.generate = model, req["extra"].get("ollama_generate")
         self.call = None
         self.args = []
         self.index = 0
@@ -7166,8 +7179,8 @@ class ResponseStore:
     def prepare(self, ctx):
         """Expand previous_response_id into the request's history; ask to keep the answer."""
         req = ctx.req
-        pid = req.get("previous_response_id")
-        if not pid and not req.get("store"):     # (only Responses requests carry these)
+        pid, store = req["extra"].get("previous_response_id"), req["extra"].get("store")
+        if not pid and not store:                 # (only Responses requests carry these)
             return
         if pid:
             with self.lock:
@@ -7183,13 +7196,13 @@ class ResponseStore:
             ctx.passthrough = False
         else:
             new, before = req["messages"], len(dumps(req["system"]))
-        if req.get("store"):
+        if store:
             ctx.collect = []
             ctx.on_complete = lambda: self.keep(ctx, new, before)
 
     def keep(self, ctx, new, before):
         resp = fold_events(ctx.collect)
-        rid = resp["id"] if ctx.same else ctx.req["response_id"]
+        rid = resp["id"] if ctx.same else ctx.req["extra"]["response_id"]
         if not rid:
             return
         turn = {"role": "assistant", "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}

@@ -110,13 +110,19 @@ PROVIDER_KEYS = {
     "discover", "discover_interval", "description", "quirks",
 }
 
-#: What some OpenAI-compatible servers do that OpenAI does not, and the router mends when a provider
-#: lists the quirk in "quirks" (faithful providers keep their byte-for-byte stream passthrough).
+#: What some OpenAI-compatible servers do that OpenAI does not, and the OpenAI codec mends when a
+#: provider lists the quirk in "quirks" or its host is in HOST_QUIRKS (faithful providers keep their
+#: byte-for-byte stream passthrough). Data, read by the codec: never a provider key or branch each.
 PROVIDER_QUIRKS = {
+    "max_completion_tokens": "the server wants max_completion_tokens, not max_tokens (OpenAI's reasoning "
+                             "models; the same as \"max_tokens_field\": \"max_completion_tokens\")",
+    "tool_choice_any": "the server says tool_choice \"any\" where OpenAI says \"required\" (Mistral)",
     "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk (llama-cpp-python's "
                              "server; reported of Fireworks, DeepSeek and Qwen's API): OpenAI clients would join "
                              "them into one long id and name; the router sends them once",
 }
+#: Hosts whose quirks are known: they apply without a "quirks" entry.
+HOST_QUIRKS = {"api.mistral.ai": ("tool_choice_any",)}
 PROVIDER_APIS = ("openai", "anthropic", "openai-responses", "gemini", "ollama")
 AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
 
@@ -1264,8 +1270,9 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     cap = model_meta.get("max_output")
     if mt and cap:
         mt = min(mt, cap)
+    quirks = provider.quirks if provider is not None else frozenset()
     if mt:
-        body[provider.max_tokens_field] = mt
+        body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
     for k in ("temperature", "top_p"):
         if req.get(k) is not None:
             body[k] = req[k]
@@ -1276,8 +1283,9 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
                                                            "parameters": t["parameters"]}} for t in req["tools"]]
         tc = req.get("tool_choice")
         if tc:
+            required = "any" if "tool_choice_any" in quirks else "required"
             body["tool_choice"] = ({"type": "function", "function": {"name": tc["name"]}} if tc["type"] == "tool"
-                                   else {"any": "required"}.get(tc["type"], tc["type"]))
+                                   else {"any": required}.get(tc["type"], tc["type"]))
         if req.get("parallel_tool_calls") is not None:
             body["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
     r = req.get("reasoning")
@@ -3801,8 +3809,8 @@ class Provider:
         self.connect_timeout = cfg.get("connect_timeout", settings["connect_timeout"])
         self.first_byte_timeout = cfg.get("first_byte_timeout", settings["first_byte_timeout"])
         self.idle_timeout = cfg.get("idle_timeout", settings["idle_timeout"])
-        self.max_tokens_field = cfg.get("max_tokens_field", "max_tokens")
-        self.quirks = frozenset(cfg.get("quirks") or ())
+        self.quirks = frozenset(cfg.get("quirks") or ()) | frozenset(HOST_QUIRKS.get(self.host, ())) | (
+            {"max_completion_tokens"} if cfg.get("max_tokens_field") == "max_completion_tokens" else set())
         self.discover = cfg.get("discover", True)
         self.discover_interval = cfg.get("discover_interval", settings["discovery_interval"])
         self.anthropic_version = cfg.get("anthropic_version", "2023-06-01")
@@ -8115,9 +8123,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         """A generation request refused before planning (its body unreadable or invalid): still a
         row in the request log, with the model it named if any."""
         model = body.get("model") if isinstance(body, dict) else None
-        ctx = Context(dialect, body, {"stream": False, "messages": [],
-                                      "model": clean_text(model, 256) if isinstance(model, str) else None},
-                      {}, self)
+        ctx = Context(dialect, body, neutral_request(clean_text(model, 256) if isinstance(model, str) else None,
+                                                     [], []), {}, self)
         ctx.status, ctx.error = err.status, err.message[:2000]
         self.router.record(ctx)
 

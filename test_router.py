@@ -3345,6 +3345,22 @@ class LocalServerTests(unittest.TestCase):
         r = self.post("openai", client_body("openai", "plain/m", True))
         self.assertEqual(r.body, b"".join(openai_events(Reply(text="same bytes"), "m", True)), "passthrough untouched")
 
+    def test_host_quirks_are_data_the_openai_encoder_reads(self):
+        self.plain.push(Reply(text="ok"))
+        cfg = {"providers": {"q": {"api": "openai", "base_url": self.plain.base_url, "api_key": "k",
+                                   "quirks": ["tool_choice_any"], "max_tokens_field": "max_completion_tokens",
+                                   "models": {"m": {}}, "discover": False}}, "routes": {}}
+        h = Harness(cfg)
+        self.addCleanup(h.close)
+        body = dict(client_body("anthropic", "q/m", False, tools=True), tool_choice={"type": "any"})
+        self.assertEqual(h.call("POST", PATHS["anthropic"], body).status, 200)
+        sent = self.plain.requests[-1]["body"]
+        self.assertEqual((sent["tool_choice"], sent["max_completion_tokens"]), ("any", 100))
+        self.assertNotIn("max_tokens", sent)
+        mistral = R.Provider("mistral", {"api": "openai", "base_url": "https://api.mistral.ai/v1", "api_key": "k"},
+                             {}, R.DEFAULT_SETTINGS)
+        self.assertIn("tool_choice_any", mistral.quirks, "a known host needs no quirks entry")
+
     def test_responses_echo_what_was_asked_and_a_failure_keeps_what_was_streamed(self):
         body = dict(client_body("openai-responses", "local/tiny", False, tools=True), max_output_tokens=16,
                     tool_choice={"type": "function", "name": "get_weather"})

@@ -1005,7 +1005,307 @@ class RouterCase(unittest.TestCase):
 
 
 # =================================================================================================
-# Config
+# Shared helpers of the tests below (client SDKs, corpora, wait helpers)
+# =================================================================================================
+
+TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test"}
+
+FAILOVER_STATUSES = (408, 409, 429, 500, 502, 503, 529)
+
+try:
+    import openai
+except ImportError:
+    openai = None
+
+try:
+    import anthropic
+except ImportError:
+    anthropic = None
+
+TESTDATA = os.path.join(HERE, "testdata")
+
+def _req(text, system="", tools=(), history=()):
+    msgs = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
+    msgs.append({"role": "user", "content": [{"type": "text", "text": text}]})
+    return {"model": "auto", "system": [{"type": "text", "text": system}] if system else [], "messages": msgs,
+            "tools": [{"name": n, "description": "", "parameters": {}} for n in tools]}
+
+def corpus_f1(path):
+    """Macro-F1 of the intent rules on a labelled JSONL file (a follow-up's history is sent too)."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    counts = {}
+    for r in rows:
+        got = R.detect_intent(_req(r["text"], history=[tuple(h) for h in r.get("history") or ()]))[0]
+        counts[(r["intent"], got)] = counts.get((r["intent"], got), 0) + 1
+    f1s = []
+    for label in R.INTENTS:
+        tp = counts.get((label, label), 0)
+        fp = sum(n for (g, p), n in counts.items() if p == label and g != label)
+        fn = sum(n for (g, p), n in counts.items() if g == label and p != label)
+        prec, rec = tp / max(1, tp + fp), tp / max(1, tp + fn)
+        f1s.append(2 * prec * rec / max(1e-9, prec + rec))
+    return len(rows), sum(f1s) / len(f1s), f1s
+
+def wait_rows(h, cond):
+    """The newest request-log rows (newest first), once cond(rows) holds (the writer batches)."""
+    key = {"Authorization": "Bearer " + h.router.router_key} if h.router.router_key else {}
+    rows = []
+
+    def ready():
+        rows[:] = h.call("GET", "/v1/requests?limit=500", headers=key).json()["data"]
+        return cond(rows)
+    assert wait_until(ready), rows[:3]
+    return rows
+
+def raw_exchange(port, data, timeout=5.0):
+    """Send raw bytes on a fresh connection; read until the router closes it or goes quiet."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+#: Input schemas of five of Claude Code 2.1.197's tools, as it sent them (material for the Gemini
+#: schema reduction: $schema, additionalProperties, exclusiveMinimum, propertyNames, const, anyOf).
+CLAUDE_CODE_TOOL_SCHEMAS = json.loads(
+    "{\"Bash\":{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"com"
+    "mand\":{\"description\":\"The command to execute\",\"type\":\"string\"},\"timeout\":{\"description\":\"Optional ti"
+    "meout in milliseconds (max 600000)\",\"type\":\"number\"},\"description\":{\"description\":\"Clear, concise de"
+    "scription of what this command does in active voice. Never use words like \\\"complex\\\" or \\\"risk\\\" in"
+    " the description - just describe what it does.\\n\\nFor simple commands (git, npm, standard CLI tools)"
+    ", keep it brief (5-10 words):\\n- ls \u2192 \\\"List files in current directory\\\"\\n- git status \u2192 \\\"Show wor"
+    "king tree status\\\"\\n- npm install \u2192 \\\"Install package dependencies\\\"\\n\\nFor commands that are harder"
+    " to parse at a glance (piped commands, obscure flags, etc.), add enough context to clarify what it d"
+    "oes:\\n- find . -name \\\"*.tmp\\\" -exec rm {} \\\\; \u2192 \\\"Find and delete all .tmp files recursively\\\"\\n- g"
+    "it reset --hard origin/main \u2192 \\\"Discard all local changes and match remote main\\\"\\n- curl -s url | j"
+    "q '.data[]' \u2192 \\\"Fetch JSON from URL and extract data array elements\\\"\",\"type\":\"string\"},\"run_in_back"
+    "ground\":{\"description\":\"Set to true to run this command in the background.\",\"type\":\"boolean\"},\"dange"
+    "rouslyDisableSandbox\":{\"description\":\"Set this to true to dangerously override sandbox mode and run "
+    "commands without sandboxing.\",\"type\":\"boolean\"}},\"required\":[\"command\"],\"additionalProperties\":false"
+    "},\"Read\":{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"fi"
+    "le_path\":{\"description\":\"The absolute path to the file to read\",\"type\":\"string\"},\"offset\":{\"descript"
+    "ion\":\"The line number to start reading from. Only provide if the file is too large to read at once\","
+    "\"type\":\"integer\",\"minimum\":0,\"maximum\":9007199254740991},\"limit\":{\"description\":\"The number of lines"
+    " to read. Only provide if the file is too large to read at once.\",\"type\":\"integer\",\"exclusiveMinimum"
+    "\":0,\"maximum\":9007199254740991},\"pages\":{\"description\":\"Page range for PDF files (e.g., \\\"1-5\\\", \\\"3"
+    "\\\", \\\"10-20\\\"). Only applicable to PDF files. Maximum 20 pages per request.\",\"type\":\"string\"}},\"requ"
+    "ired\":[\"file_path\"],\"additionalProperties\":false},\"TaskCreate\":{\"$schema\":\"https://json-schema.org/d"
+    "raft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"subject\":{\"description\":\"A brief title for the t"
+    "ask\",\"type\":\"string\"},\"description\":{\"description\":\"What needs to be done\",\"type\":\"string\"},\"activeF"
+    "orm\":{\"description\":\"Present continuous form shown in spinner when in_progress (e.g., \\\"Running test"
+    "s\\\")\",\"type\":\"string\"},\"metadata\":{\"description\":\"Arbitrary metadata to attach to the task\",\"type\":\""
+    "object\",\"propertyNames\":{\"type\":\"string\"},\"additionalProperties\":{}}},\"required\":[\"subject\",\"descrip"
+    "tion\"],\"additionalProperties\":false},\"TaskUpdate\":{\"$schema\":\"https://json-schema.org/draft/2020-12/"
+    "schema\",\"type\":\"object\",\"properties\":{\"taskId\":{\"description\":\"The ID of the task to update\",\"type\":"
+    "\"string\"},\"subject\":{\"description\":\"New subject for the task\",\"type\":\"string\"},\"description\":{\"descr"
+    "iption\":\"New description for the task\",\"type\":\"string\"},\"activeForm\":{\"description\":\"Present continu"
+    "ous form shown in spinner when in_progress (e.g., \\\"Running tests\\\")\",\"type\":\"string\"},\"status\":{\"de"
+    "scription\":\"New status for the task\",\"anyOf\":[{\"type\":\"string\",\"enum\":[\"pending\",\"in_progress\",\"comp"
+    "leted\"]},{\"type\":\"string\",\"const\":\"deleted\"}]},\"addBlocks\":{\"description\":\"Task IDs that this task b"
+    "locks\",\"type\":\"array\",\"items\":{\"type\":\"string\"}},\"addBlockedBy\":{\"description\":\"Task IDs that block "
+    "this task\",\"type\":\"array\",\"items\":{\"type\":\"string\"}},\"owner\":{\"description\":\"New owner for the task\""
+    ",\"type\":\"string\"},\"metadata\":{\"description\":\"Metadata keys to merge into the task. Set a key to null"
+    " to delete it.\",\"type\":\"object\",\"propertyNames\":{\"type\":\"string\"},\"additionalProperties\":{}}},\"requi"
+    "red\":[\"taskId\"],\"additionalProperties\":false},\"WebFetch\":{\"$schema\":\"https://json-schema.org/draft/2"
+    "020-12/schema\",\"type\":\"object\",\"properties\":{\"url\":{\"description\":\"The URL to fetch content from\",\"t"
+    "ype\":\"string\",\"format\":\"uri\"},\"prompt\":{\"description\":\"The prompt to run on the fetched content\",\"ty"
+    "pe\":\"string\"}},\"required\":[\"url\",\"prompt\"],\"additionalProperties\":false}}")
+
+#: Input schemas of two of Codex CLI 0.169's tools, as it sent them.
+CODEX_TOOL_SCHEMAS = json.loads(
+    "{\"exec_command\":{\"type\":\"object\",\"properties\":{\"cmd\":{\"type\":\"string\",\"description\":\"Shell command t"
+    "o execute.\"},\"justification\":{\"type\":\"string\",\"description\":\"User-facing approval question for `requ"
+    "ire_escalated`; omit otherwise.\"},\"login\":{\"type\":\"boolean\",\"description\":\"True runs the shell with "
+    "-l/-i semantics; false disables them. Defaults to true.\"},\"max_output_tokens\":{\"type\":\"number\",\"desc"
+    "ription\":\"Output token budget. Defaults to 10000 tokens; larger requests may be capped by policy.\"},"
+    "\"prefix_rule\":{\"type\":\"array\",\"description\":\"Reusable approval prefix for `cmd`, only with `sandbox_"
+    "permissions: \\\"require_escalated\\\"`; for example [\\\"git\\\", \\\"pull\\\"].\",\"items\":{\"type\":\"string\"}},\"s"
+    "andbox_permissions\":{\"type\":\"string\",\"description\":\"Per-command sandbox override. Defaults to `use_d"
+    "efault`; use `require_escalated` for unsandboxed execution.\",\"enum\":[\"use_default\",\"require_escalate"
+    "d\"]},\"shell\":{\"type\":\"string\",\"description\":\"Shell binary to launch. Defaults to the user's default "
+    "shell.\"},\"tty\":{\"type\":\"boolean\",\"description\":\"True allocates a PTY for the command; false or omitt"
+    "ed uses plain pipes.\"},\"workdir\":{\"type\":\"string\",\"description\":\"Working directory for the command. "
+    "Defaults to the turn cwd.\"},\"yield_time_ms\":{\"type\":\"number\",\"description\":\"Wait before yielding out"
+    "put. Defaults to 10000 ms; effective range is 250-30000 ms.\"}},\"required\":[\"cmd\"],\"additionalPropert"
+    "ies\":false},\"request_user_input\":{\"type\":\"object\",\"properties\":{\"questions\":{\"type\":\"array\",\"descrip"
+    "tion\":\"Questions to show the user. Prefer 1 and do not exceed 3\",\"items\":{\"type\":\"object\",\"propertie"
+    "s\":{\"header\":{\"type\":\"string\",\"description\":\"Short header label shown in the UI (12 or fewer chars)."
+    "\"},\"id\":{\"type\":\"string\",\"description\":\"Stable identifier for mapping answers (snake_case).\"},\"optio"
+    "ns\":{\"type\":\"array\",\"description\":\"Provide 2-3 mutually exclusive choices. Put the recommended optio"
+    "n first and suffix its label with \\\"(Recommended)\\\". Do not include an \\\"Other\\\" option in this list"
+    "; the client will add a free-form \\\"Other\\\" option automatically.\",\"items\":{\"type\":\"object\",\"propert"
+    "ies\":{\"description\":{\"type\":\"string\",\"description\":\"One short sentence explaining impact/tradeoff if"
+    " selected.\"},\"label\":{\"type\":\"string\",\"description\":\"User-facing label (1-5 words).\"}},\"required\":[\""
+    "label\",\"description\"],\"additionalProperties\":false}},\"question\":{\"type\":\"string\",\"description\":\"Sing"
+    "le-sentence prompt shown to the user.\"}},\"required\":[\"id\",\"header\",\"question\",\"options\"],\"additional"
+    "Properties\":false}}},\"required\":[\"questions\"],\"additionalProperties\":false}}")
+
+ALL_TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test", "openai-responses": "rs/gpt-resp",
+               "gemini": "gm/gemini-test", "ollama": "ol/llama-test"}
+
+GEMINI_ALLOWED = R.GEMINI_SCHEMA_KEYS
+
+def _walk_schema(s, path="$"):
+    """Every (path, key) of a reduced Gemini schema, not counting property names."""
+    out = []
+    if isinstance(s, dict):
+        for k, v in s.items():
+            out.append((path, k))
+            if k == "properties":
+                for name, sub in v.items():
+                    out += _walk_schema(sub, f"{path}.{name}")
+            elif k == "items":
+                out += _walk_schema(v, path + "[]")
+            elif k == "anyOf":
+                for i, sub in enumerate(v):
+                    out += _walk_schema(sub, f"{path}|{i}")
+    return out
+
+try:
+    from google import genai
+    from google.genai import types as genai_types
+except ImportError:          # the conformance test below is skipped
+    genai = None
+
+import signal  # noqa: E402
+
+import sqlite3  # noqa: E402
+
+def wait_until(cond, timeout=10.0):
+    """Poll for something another thread or process does (the log writer, a reload); bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+def db_rows(path):
+    if not os.path.exists(path):
+        return []
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY id")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+class DevTools:
+    """A headless Chromium driven over the DevTools protocol (a stdlib WebSocket client, enough
+    for commands and their answers): to measure the status page's layout as a browser lays it out."""
+
+    def __init__(self, chromium):
+        self.profile = tempfile.mkdtemp()
+        self._err = open(os.path.join(self.profile, "stderr"), "w")
+        self.proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                      "--hide-scrollbars", f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1",
+                                      "--remote-debugging-port=0", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline and self.proc.poll() is None:
+            with open(os.path.join(self.profile, "stderr")) as f:
+                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", f.read())
+            if m:
+                port = int(m.group(1))
+            else:
+                time.sleep(0.05)
+        if port is None:
+            raise RuntimeError("chromium did not start its DevTools endpoint")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("PUT", "/json/new?about:blank")
+        ws_url = json.loads(conn.getresponse().read())["webSocketDebuggerUrl"]
+        conn.close()
+        path = ws_url.split(str(port), 1)[1]
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.n = 0
+        self.events = []
+
+    def _send(self, text):
+        data = text.encode()
+        mask = os.urandom(4)
+        hdr = bytes([0x81])
+        n = len(data)
+        hdr += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def _exact(self, n):
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("devtools closed")
+            out += chunk
+        return out
+
+    def _recv(self):
+        msg = b""
+        while True:
+            b0, b1 = self._exact(2)
+            n = b1 & 0x7f
+            if n == 126:
+                n = struct.unpack(">H", self._exact(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._exact(8))[0]
+            msg += self._exact(n)
+            if b0 & 0x80:
+                return json.loads(msg)
+
+    def call(self, method, **params):
+        self.n += 1
+        self._send(json.dumps({"id": self.n, "method": method, "params": params}))
+        while True:
+            m = self._recv()
+            if m.get("id") == self.n:
+                if "error" in m:
+                    raise RuntimeError(m["error"])
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_event(self, name, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, e in enumerate(self.events):
+                if e.get("method") == name:
+                    return self.events.pop(i)
+            self.events.append(self._recv())
+        raise TimeoutError(name)
+
+    def close(self):
+        try:
+            self.sock.close()
+        finally:
+            self.proc.kill()
+            self.proc.wait()
+            self._err.close()
+            shutil.rmtree(self.profile, True)
+
+
+# =================================================================================================
+# 1. Settings and config
 # =================================================================================================
 
 class ConfigTests(unittest.TestCase):
@@ -1108,121 +1408,72 @@ class ConfigTests(unittest.TestCase):
         self.assertTrue(R.Catalogue(cfg, {"OLLAMA_ENABLED": "1"}).providers["ollama"].enabled)
 
 
-class HeaderParserTests(unittest.TestCase):
-    def test_fast_parser_matches_the_stdlib(self):
-        blocks = [
-            b"Host: x\r\nContent-Length: 12\r\nX-Dup: a\r\nx-dup: b\r\n\r\nBODY",
-            b"Content-Type:application/json\nTransfer-Encoding:  chunked \n\n",
-            b"A: 1\r\nFolded: one\r\n  two\r\nAnthropic-Beta: a,b\r\n\r\n",
-            b"Empty:\r\nUTF: caf\xc3\xa9\r\n\r\n",
-            b"\r\n",
-        ]
-        for raw in blocks:
-            with self.subTest(raw=raw):
-                fast = R.fast_parse_headers(io.BytesIO(raw))
-                std = _STDLIB_PARSE_HEADERS(io.BytesIO(raw))
-                self.assertEqual([(k.lower(), " ".join(v.split())) for k, v in fast.items()],
-                                 [(k.lower(), " ".join(v.split())) for k, v in std.items()])
-                for name in ("content-length", "HOST", "x-dup", "folded", "missing"):
-                    self.assertEqual(fast.get(name) and " ".join(fast.get(name).split()),
-                                     std.get(name) and " ".join(std.get(name).split()))
-                self.assertEqual(fast.get_all("X-Dup"), std.get_all("X-Dup"))
-        with self.assertRaises(http.client.HTTPException):
-            R.fast_parse_headers(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n"))
-        with self.assertRaises(http.client.LineTooLong):
-            R.fast_parse_headers(io.BytesIO(b"H: " + b"v" * 70000 + b"\r\n\r\n"))
-
-
-class ProcessTests(unittest.TestCase):
-    def _start(self, args, env, cwd, script=os.path.join(HERE, "router.py")):
-        port = closed_port()
-        p = subprocess.Popen([sys.executable, script, "--port", str(port)] + args,
-                             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return p, port
-
-    def _wait_health(self, p, port):
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                return call(port, "GET", "/health", timeout=2)
-            except OSError:
-                if p.poll() is not None:
-                    self.fail(p.stdout.read())
-                time.sleep(0.05)
-        self.fail("router did not answer /health")
-
-    def bare_box(self, d):
-        """router.py copied alone into an empty folder, as a user copies it onto a box: no .env or
-        providers.json of the user's beside it."""
-        shutil.copy(os.path.join(HERE, "router.py"), d)
-        return os.path.join(d, "router.py")
-
-    def test_bare_start_explains_how_to_add_a_provider(self):
-        with tempfile.TemporaryDirectory() as d:
-            p, port = self._start([], router_env(), d, self.bare_box(d))
-            try:
-                r = self._wait_health(p, port)
-                self.assertEqual(r.status, 200)
-                models = call(port, "GET", "/v1/models").json()
-                self.assertEqual(models["data"], [])
-                self.assertIn("No provider is configured yet", models["message"])
-                self.assertEqual(call(port, "HEAD", "/").status, 200)
-                r = call(port, "POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
-                self.assertEqual(r.status, 404)
-                self.assertIn("No provider is configured yet", r.json()["error"]["message"])
-            finally:
-                p.terminate()
-                out = p.communicate(timeout=10)[0]
-            self.assertIn("No provider is configured yet", out)
-
-    def test_public_bind_needs_a_router_key(self):
-        with tempfile.TemporaryDirectory() as d:
-            # 192.0.2.1 (TEST-NET-1) is not an address of this machine: should the check ever let
-            # the router through, it fails to bind instead of listening on a public interface.
-            r = subprocess.run([sys.executable, self.bare_box(d), "--host", "192.0.2.1", "--port", "0"],
-                               env=router_env(), cwd=d, capture_output=True, text=True, timeout=20)
-            self.assertEqual(r.returncode, 2, r.stderr)
-            self.assertIn("SAGE_ROUTER_API_KEY", r.stderr)
-
-    def test_the_suite_is_hermetic_after_the_quickstart(self):
-        """A checkout with the user's .env (keys, a router key), an edited providers.json and keys in
-        the shell: the process tests still pass, from that checkout."""
-        with tempfile.TemporaryDirectory() as d:
-            for name in ("router.py", "test_router.py"):
-                shutil.copy(os.path.join(HERE, name), d)
-            with open(os.path.join(d, ".env"), "w") as f:
-                f.write("OPENAI_API_KEY=sk-user-1\nSAGE_ROUTER_API_KEY=user-router-key\n")
-            with open(os.path.join(d, "providers.json"), "w") as f:
-                json.dump({"providers": {"mine": {"api": "openai", "base_url": "http://127.0.0.1:9/v1",
-                                                  "api_key": "${OPENAI_API_KEY}", "models": {"m": {}}}}}, f)
-            tests = [f"test_router.ProcessTests.{t}" for t in ("test_bare_start_explains_how_to_add_a_provider",
-                                                               "test_public_bind_needs_a_router_key",
-                                                               "test_invalid_config_exits_2_with_message")]
-            tests[2] = tests[2].replace("ProcessTests", "ConfigTests")
-            r = subprocess.run([sys.executable, "-m", "unittest"] + tests, cwd=d, capture_output=True, text=True,
-                               timeout=120, env=dict(router_env(SAGE_ROUTER_API_KEY="shell-key",
-                                                                ANTHROPIC_API_KEY="sk-ant-shell"), HOME=d))
-            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
-            self.assertIn("Ran 3 tests", r.stderr)
-
-    def test_router_py_is_stdlib_only_and_python_310(self):
-        with open(os.path.join(HERE, "router.py"), encoding="utf-8") as f:
-            tree = ast.parse(f.read(), feature_version=(3, 10))
-        mods = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                mods |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                mods.add(node.module.split(".")[0])
-        self.assertEqual(sorted(mods - set(sys.stdlib_module_names)), [])
-
-
 # =================================================================================================
-# Translation: every client dialect against every provider dialect
+# 2. Neutral form and codecs: every dialect on both sides
 # =================================================================================================
 
-TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test"}
+class DecoderUnitTests(unittest.TestCase):
+    """Every split of a recorded stream decodes to the same events."""
 
+    def _events(self, dec_cls, chunks):
+        dec, out = dec_cls(), []
+        for c in chunks:
+            out += dec.feed(c)
+        return out + dec.close()
+
+    def test_every_two_piece_split(self):
+        r = Reply(text="Hi ✓ there", thinking="th", tools=[("call_1", "f", {"a": [1, 2]})])
+        for dec_cls, raw in ((R.OpenAIStreamDecoder, b"".join(openai_events(r, "m", True))),
+                             (R.AnthropicStreamDecoder, b"".join(anthropic_events(r, "m")))):
+            whole = self._events(dec_cls, [raw])
+            self.assertEqual(whole[-1][0], "end")
+            for i in range(1, len(raw)):
+                got = self._events(dec_cls, [raw[:i], raw[i:]])
+                self.assertEqual(R.fold_events(got)["content"], R.fold_events(whole)["content"], i)
+            crlf = self._events(dec_cls, [raw.replace(b"\n", b"\r\n")])
+            self.assertEqual(R.fold_events(crlf)["content"], R.fold_events(whole)["content"])
+
+    def test_truncated_stream_is_an_error_not_a_clean_end(self):
+        raw = b"".join(openai_events(Reply(), "m", False))
+        cut = raw[: raw.index(b'"finish_reason": "stop"')]
+        evs = self._events(R.OpenAIStreamDecoder, [cut[: cut.rfind(b"\n\n") + 2]])
+        self.assertEqual(evs[-1][0], "error")
+        raw = b"".join(anthropic_events(Reply(), "m"))
+        evs = self._events(R.AnthropicStreamDecoder, [raw[:200]])
+        self.assertEqual(evs[-1][0], "error")
+
+    def test_think_tags_become_reasoning(self):
+        dec = R.OpenAIStreamDecoder()
+        chunks = [b'data: {"choices":[{"index":0,"delta":{"content":"<think>a"}}]}\n\n',
+                  b'data: {"choices":[{"index":0,"delta":{"content":"b</think>\\n\\nAnswer"}}]}\n\n',
+                  b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
+        resp = R.fold_events(sum((dec.feed(c) for c in chunks), []) + dec.close())
+        self.assertEqual(resp["content"], [{"type": "thinking", "text": "ab"}, {"type": "text", "text": "Answer"}])
+
+class NewDecoderSplitTests(unittest.TestCase):
+    def test_every_two_piece_split_of_the_new_dialects(self):
+        r = Reply(text="Hi ✓ there", thinking="th", tools=[("call_1", "f", {"a": [1, 2]})])
+        cases = ((R.ResponsesStreamDecoder, b"".join(responses_events(r, "m"))),
+                 (R.GeminiStreamDecoder, b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in gemini_chunks(r, "m"))),
+                 (R.OllamaStreamDecoder, b"".join(json.dumps(x).encode() + b"\n" for x in ollama_lines(r, "m"))))
+        for dec_cls, raw in cases:
+            with self.subTest(decoder=dec_cls.__name__):
+                def run(chunks):
+                    d, out = dec_cls(), []
+                    for c in chunks:
+                        out += d.feed(c)
+                    resp = R.fold_events(out + d.close())
+                    for p in resp["content"]:
+                        p.pop("id", None)    # ids Gemini and Ollama do not give are made up afresh
+                    return resp
+                whole = run([raw])
+                self.assertEqual(R.text_of(whole["content"]), "Hi ✓ there")
+                self.assertEqual(whole["stop_reason"], "tool_use")
+                calls = [p for p in whole["content"] if p["type"] == "tool_call"]
+                self.assertEqual([(c["name"], c["arguments"]) for c in calls], [("f", {"a": [1, 2]})])
+                step = max(1, len(raw) // 300)
+                for i in range(1, len(raw), step):
+                    self.assertEqual(run([raw[:i], raw[i:]])["content"], whole["content"], i)
 
 class TranslationTests(RouterCase):
     def fake(self, api):
@@ -1440,7 +1691,6 @@ class TranslationTests(RouterCase):
         r, _ = self.ask("openai", client_body("openai", "claude-first", False))
         self.assertEqual(r.json()["model"], "claude-first")
 
-
 class PassthroughTests(RouterCase):
     def test_same_dialect_stream_is_byte_for_byte(self):
         for dialect, fake, model in (("openai", "oa", "oa/gpt-test"), ("anthropic", "an", "an/claude-test")):
@@ -1487,48 +1737,1087 @@ class PassthroughTests(RouterCase):
                     self.assertEqual(got["reasoning"], "deep")
                     self.assertEqual(got["tools"][0][1:], ("get_weather", {"city": "Zürich"}))
 
+class DialectMatrixTests(RouterCase):
+    def fake_for(self, api):
+        return {"openai": self.oa, "anthropic": self.an, "openai-responses": self.rs, "gemini": self.gm,
+                "ollama": self.ol}[api]
 
-class DecoderUnitTests(unittest.TestCase):
-    """Every split of a recorded stream decodes to the same events."""
+    def check_upstream(self, api, up, stream, case):
+        b = up["body"]
+        if api == "openai":
+            self.assertEqual(b["messages"][0], {"role": "system", "content": "Be brief."})
+            user = b["messages"][-1]["content"]
+            if case == "image":
+                self.assertEqual(user[1]["image_url"]["url"], "data:image/png;base64," + PNG_B64)
+        elif api == "anthropic":
+            self.assertIn(b["system"], ("Be brief.", [{"type": "text", "text": "Be brief."}]))
+            if case == "image":
+                self.assertEqual(b["messages"][-1]["content"][1]["source"]["data"], PNG_B64)
+        elif api == "openai-responses":
+            self.assertEqual(up["path"], "/v1/responses")
+            if "instructions" in b:
+                self.assertEqual(b["instructions"], "Be brief.")
+            else:
+                self.assertEqual(b["input"][0]["role"], "developer")
+            if case == "image":
+                self.assertEqual(b["input"][-1]["content"][1], {"type": "input_image",
+                                                                "image_url": "data:image/png;base64," + PNG_B64})
+            if case == "tool":
+                self.assertEqual(b["tools"][0]["name"], "get_weather")
+        elif api == "gemini":
+            want = "/v1beta/models/gemini-test:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
+            self.assertEqual(up["path"], want)
+            self.assertEqual(up["headers"]["x-goog-api-key"], "gm-SECRET")
+            self.assertNotIn("authorization", up["headers"])
+            self.assertEqual(b["systemInstruction"], {"parts": [{"text": "Be brief."}]})
+            parts = b["contents"][-1]["parts"]
+            self.assertEqual(b["contents"][-1]["role"], "user")
+            if case == "image":
+                self.assertEqual(parts[1], {"inlineData": {"mimeType": "image/png", "data": PNG_B64}})
+            if case == "tool":
+                decl = b["tools"][0]["functionDeclarations"][0]
+                self.assertEqual(decl["parameters"], {"type": "OBJECT", "properties": {"city": {"type": "STRING"}},
+                                                      "required": ["city"]})
+        else:
+            self.assertEqual(up["path"], "/api/chat")
+            self.assertEqual(b["stream"], stream)
+            self.assertEqual(b["messages"][0], {"role": "system", "content": "Be brief."})
+            self.assertGreaterEqual(b["options"]["num_ctx"], 8192)
+            if case == "image":
+                self.assertEqual(b["messages"][-1]["images"], [PNG_B64])
 
-    def _events(self, dec_cls, chunks):
-        dec, out = dec_cls(), []
-        for c in chunks:
-            out += dec.feed(c)
-        return out + dec.close()
+    def test_every_client_dialect_against_every_provider_dialect(self):
+        data_url = "data:image/png;base64," + PNG_B64
+        for client in READERS:
+            for api, target in ALL_TARGETS.items():
+                for case in ("text", "tool", "image"):
+                    for stream in (False, True):
+                        with self.subTest(client=client, provider=api, case=case, stream=stream):
+                            self.setUp()
+                            fake = self.fake_for(api)
+                            tid = ("toolu_" if api == "anthropic" else "call_") + "w1"
+                            if case == "tool":
+                                fake.push(Reply(text="Checking.", tools=[(tid, "get_weather", {"city": "Paris"})]))
+                            else:
+                                fake.push(Reply(text="Bonjour ✓ le monde", thinking="hmm" if case == "text" else None))
+                            body = client_body(client, target, stream, tools=case == "tool",
+                                               image=data_url if case == "image" else None)
+                            r = self.post(client, body)
+                            self.assertEqual(r.status, 200, r)
+                            got = READERS[client](r, stream)
+                            self.assertIsNone(got["error"])
+                            if case == "tool":
+                                self.assertEqual([(n, a) for _i, n, a in got["tools"]], [("get_weather", {"city": "Paris"})])
+                                self.assertEqual(got["finish"], FINISH[client][1])
+                            else:
+                                self.assertEqual(got["text"], "Bonjour ✓ le monde")
+                                self.assertEqual(got["finish"], FINISH[client][0])
+                            if case == "text" and client != "openai-responses" or client == "openai-responses" and case == "text":
+                                self.assertEqual(got["reasoning"], "hmm")
+                            if stream and client != "openai":
+                                self.assertTrue(got["done"])
+                            if client == "openai-responses":
+                                self.assertTrue(got["seq_ok"])
+                                self.assertEqual(got["usage"]["output_tokens"], 7)
+                                self.assertEqual(got["usage"]["total_tokens"], got["usage"]["input_tokens"] + 7)
+                            elif client == "ollama":
+                                self.assertEqual(got["usage"]["eval_count"], 7)
+                            self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
+                            self.check_upstream(api, fake.requests[-1], stream, case)
 
-    def test_every_two_piece_split(self):
-        r = Reply(text="Hi ✓ there", thinking="th", tools=[("call_1", "f", {"a": [1, 2]})])
-        for dec_cls, raw in ((R.OpenAIStreamDecoder, b"".join(openai_events(r, "m", True))),
-                             (R.AnthropicStreamDecoder, b"".join(anthropic_events(r, "m")))):
-            whole = self._events(dec_cls, [raw])
-            self.assertEqual(whole[-1][0], "end")
-            for i in range(1, len(raw)):
-                got = self._events(dec_cls, [raw[:i], raw[i:]])
-                self.assertEqual(R.fold_events(got)["content"], R.fold_events(whole)["content"], i)
-            crlf = self._events(dec_cls, [raw.replace(b"\n", b"\r\n")])
-            self.assertEqual(R.fold_events(crlf)["content"], R.fold_events(whole)["content"])
+class GeminiTests(RouterCase):
+    def test_schema_reduction_on_claude_code_tools(self):
+        for name, schema in {**CLAUDE_CODE_TOOL_SCHEMAS, **CODEX_TOOL_SCHEMAS}.items():
+            with self.subTest(tool=name):
+                red = R.gemini_schema(schema)
+                for path, key in _walk_schema(red):
+                    self.assertIn(key, GEMINI_ALLOWED, f"{name}: {path}.{key}")
+                self.assertEqual(red["type"], "OBJECT")
+                self.assertEqual(set(red.get("required", [])) - set(red["properties"]), set())
+                self.assertEqual(set(red["properties"]), set(schema["properties"]), "no property is lost")
+        read = R.gemini_schema(CLAUDE_CODE_TOOL_SCHEMAS["Read"])
+        self.assertEqual(read["properties"]["limit"], {"type": "INTEGER", "description": read["properties"]["limit"]["description"],
+                                                       "maximum": 9007199254740991, "minimum": 0})
+        self.assertNotIn("$schema", read)
+        self.assertNotIn("additionalProperties", read)
 
-    def test_truncated_stream_is_an_error_not_a_clean_end(self):
-        raw = b"".join(openai_events(Reply(), "m", False))
-        cut = raw[: raw.index(b'"finish_reason": "stop"')]
-        evs = self._events(R.OpenAIStreamDecoder, [cut[: cut.rfind(b"\n\n") + 2]])
-        self.assertEqual(evs[-1][0], "error")
-        raw = b"".join(anthropic_events(Reply(), "m"))
-        evs = self._events(R.AnthropicStreamDecoder, [raw[:200]])
-        self.assertEqual(evs[-1][0], "error")
+    def test_schema_reduction_rules(self):
+        s = {"$defs": {"Pt": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x", "y"]}},
+             "type": "object", "additionalProperties": False,
+             "properties": {
+                 "maybe": {"type": ["string", "null"], "format": "uri"},
+                 "opt": {"anyOf": [{"type": "integer"}, {"type": "null"}], "description": "d"},
+                 "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                 "pt": {"$ref": "#/$defs/Pt"},
+                 "mode": {"const": "fast"}, "nums": {"type": "integer", "enum": [1, 2]},
+                 "when": {"type": "string", "format": "date-time"},
+                 "both": {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                                    {"properties": {"b": {"type": "string"}}}]}},
+             "required": ["maybe", "ghost"]}
+        red = R.gemini_schema(s)
+        p = red["properties"]
+        self.assertEqual(p["maybe"], {"type": "STRING", "nullable": True})
+        self.assertEqual(p["opt"], {"type": "INTEGER", "nullable": True, "description": "d"})
+        self.assertEqual(p["either"], {"anyOf": [{"type": "STRING"}, {"type": "INTEGER"}]})
+        self.assertEqual(p["pt"], {"type": "OBJECT", "properties": {"x": {"type": "NUMBER"}}, "required": ["x"]})
+        self.assertEqual(p["mode"], {"enum": ["fast"]})
+        self.assertEqual(p["nums"], {"type": "INTEGER"})
+        self.assertEqual(p["when"], {"type": "STRING", "format": "date-time"})
+        self.assertEqual(set(p["both"]["properties"]), {"a", "b"})
+        self.assertEqual(red["required"], ["maybe"])
 
-    def test_think_tags_become_reasoning(self):
-        dec = R.OpenAIStreamDecoder()
-        chunks = [b'data: {"choices":[{"index":0,"delta":{"content":"<think>a"}}]}\n\n',
-                  b'data: {"choices":[{"index":0,"delta":{"content":"b</think>\\n\\nAnswer"}}]}\n\n',
-                  b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
-        resp = R.fold_events(sum((dec.feed(c) for c in chunks), []) + dec.close())
-        self.assertEqual(resp["content"], [{"type": "thinking", "text": "ab"}, {"type": "text", "text": "Answer"}])
+    def test_tool_ids_names_and_thought_signatures_round_trip(self):
+        self.gm.push(Reply(text="", tools=[("g1", "get_weather", {"city": "Paris"}), ("g2", "get_weather", {"city": "Rome"})]))
+        _r, got = self.ask("openai", client_body("openai", "gm/gemini-3-pro", False, tools=True))
+        ids = [i for i, _n, _a in got["tools"]]
+        self.assertEqual(len(set(ids)), 2, "Gemini gives no ids: the router makes distinct ones")
+        body = client_body("openai", "gm/gemini-3-pro", False, tools=True)
+        body["messages"] += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": ids[0], "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+            {"id": ids[1], "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}}]},
+            {"role": "tool", "tool_call_id": ids[0], "content": "18C"}, {"role": "tool", "tool_call_id": ids[1], "content": "20C"}]
+        self.ask("openai", body)
+        contents = self.gm.requests[-1]["body"]["contents"]
+        model_turn, results = contents[-2], contents[-1]
+        self.assertEqual(model_turn["role"], "model")
+        self.assertEqual([p.get("thoughtSignature") for p in model_turn["parts"]], [_b64("sig-g1"), _b64("sig-g2")])
+        self.assertEqual(results["parts"], [{"functionResponse": {"name": "get_weather", "response": {"result": "18C"}}},
+                                            {"functionResponse": {"name": "get_weather", "response": {"result": "20C"}}}])
+        # History from another provider: Gemini 3 gets the documented placeholder on its first call.
+        body["messages"][2]["tool_calls"][0]["id"] = "call_from_elsewhere"
+        body["messages"][3]["tool_call_id"] = "call_from_elsewhere"
+        self.ask("openai", body)
+        parts = self.gm.requests[-1]["body"]["contents"][-2]["parts"]
+        self.assertEqual(parts[0]["thoughtSignature"], R.GEMINI_SKIP_SIGNATURE)
+
+    def test_finish_reasons_usage_and_errors(self):
+        self.gm.push(Reply(text="partial", stop="content_filter"))
+        _r, got = self.ask("anthropic", client_body("anthropic", "gm/gemini-test", True))
+        self.assertEqual(got["finish"], "refusal")
+        self.gm.push(Reply(text="cut", stop="length", usage=(30, 12, 5)))
+        _r, got = self.ask("openai", client_body("openai", "gm/gemini-test", False))
+        self.assertEqual(got["finish"], "length")
+        self.assertEqual(got["usage"]["prompt_tokens"], 30)
+        self.assertEqual(got["usage"]["prompt_tokens_details"]["cached_tokens"], 5)
+        self.gm.push(Reply(status=429, body={"error": {"code": 429, "message": "Resource has been exhausted",
+                                                       "status": "RESOURCE_EXHAUSTED", "details": [
+                                                           {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "23s"}]}}))
+        r, _ = self.ask("openai", client_body("openai", "gm/gemini-test", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        self.gm.push(Reply(error_first=True))
+        r, _ = self.ask("openai", client_body("openai", "gm/gemini-test", True))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+
+    def test_thinking_request_maps_to_thinking_config(self):
+        body = client_body("anthropic", "gm/gemini-3-pro", False)
+        body["thinking"] = {"type": "enabled", "budget_tokens": 3000}
+        self.ask("anthropic", body)
+        gen = self.gm.requests[-1]["body"]["generationConfig"]
+        self.assertEqual(gen["thinkingConfig"], {"includeThoughts": True, "thinkingBudget": 3000})
+        self.assertEqual(gen["maxOutputTokens"], 100)
+
+class GeminiClientTests(RouterCase):
+    """Gemini as a client dialect (the google-genai SDK, Gemini CLI): the model is in the path."""
+
+    def gpost(self, model, body, stream=False, prefix="/v1beta", headers=None):
+        path = f"{prefix}/models/{model}:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
+        return self.h.call("POST", path, body, headers)
+
+    def test_gemini_to_gemini_is_a_byte_passthrough(self):
+        body = client_body("gemini", "gm/gemini-test", True)
+        self.gm.push(Reply(text="same bytes", thinking="hmm", split=5))
+        r = self.post("gemini", body)
+        self.assertEqual(r.body, self.gm.sent[-1], "the provider's stream, unchanged")
+        self.assertEqual(self.gm.requests[-1]["path"], "/v1beta/models/gemini-test:streamGenerateContent?alt=sse")
+        self.assertNotIn("model", self.gm.requests[-1]["body"], "Gemini's model is the path's, never a body field")
+        self.gm.push(Reply(text="whole"))
+        r = self.post("gemini", client_body("gemini", "gm/gemini-test", False))
+        self.assertEqual(r.json()["candidates"][0]["content"]["parts"], [{"text": "whole"}])
+        self.assertEqual(r.headers["x-router-provider"], "gm")
+
+    def test_paths_models_routes_and_a_base_url_prefix(self):
+        for model, prefix, prov in (("oa/gpt-test", "/v1beta", "oa"), ("oa%2Fgpt-test", "/v1beta", "oa"),
+                                    ("chat", "/gem/v1beta", "oa"), ("claude-test", "/v1", "an")):
+            with self.subTest(model=model, prefix=prefix):
+                r = self.gpost(model, client_body("gemini", "x", False), prefix=prefix)
+                self.assertEqual((r.status, r.headers.get("x-router-provider")), (200, prov), r)
+        r = self.gpost("auto", client_body("gemini", "x", False, text="Write a poem about the sea"))
+        self.assertEqual(r.headers["x-router-route"], "creative")
+
+    def test_snake_case_fields_function_responses_and_ids(self):
+        # The python SDK sends some fields in snake_case (proto JSON takes both).
+        self.oa.push(Reply(text="It is sunny."))
+        body = {"system_instruction": {"parts": [{"text": "Be brief."}]},
+                "generation_config": {"max_output_tokens": 50, "top_p": 0.5},
+                "tools": [{"function_declarations": [{"name": "get_weather", "description": "weather",
+                                                      "parameters_json_schema": {"type": "object", "properties": {
+                                                          "city": {"type": "string"}}}}]}],
+                "contents": [{"role": "user", "parts": [{"text": "Weather in Paris and Oslo?"}]},
+                             {"role": "model", "parts": [
+                                 {"function_call": {"id": "call_a", "name": "get_weather", "args": {"city": "Paris"}}},
+                                 {"function_call": {"name": "get_weather", "args": {"city": "Oslo"}}}]},
+                             {"role": "user", "parts": [
+                                 {"function_response": {"id": "call_a", "name": "get_weather", "response": {"result": "sunny"}}},
+                                 {"function_response": {"name": "get_weather",
+                                                        "response": {"temp": -3, "sky": "grey"}}}]}]}
+        r = self.gpost("oa/gpt-test", body)
+        self.assertEqual(r.status, 200, r)
+        up = self.oa.requests[-1]["body"]
+        self.assertEqual(up["messages"][0], {"role": "system", "content": "Be brief."})
+        self.assertEqual((up["max_tokens"], up["top_p"]), (50, 0.5))
+        self.assertEqual(up["tools"][0]["function"]["parameters"]["properties"], {"city": {"type": "string"}})
+        calls = up["messages"][2]["tool_calls"]
+        self.assertEqual(calls[0]["id"], "call_a")
+        results = [m for m in up["messages"] if m["role"] == "tool"]
+        self.assertEqual([(m["tool_call_id"], m["content"] if i == 0 else json.loads(m["content"]))
+                          for i, m in enumerate(results)],
+                         [("call_a", "sunny"), (calls[1]["id"], {"temp": -3, "sky": "grey"})],
+                         "a lone result is its text, anything else the response as JSON; by id, else by name")
+
+    def test_thinking_signatures_survive_a_gemini_client(self):
+        self.an.push(Reply(text="Answer.", thinking="let me think", signature="EqQBsig=="))
+        got = self.post("gemini", client_body("gemini", "an/claude-test", False)).json()
+        parts = got["candidates"][0]["content"]["parts"]
+        thought = [p for p in parts if p.get("thought")][0]
+        self.assertEqual(base64.b64decode(thought["thoughtSignature"]).decode(), "EqQBsig==",
+                         "held as base64 bytes, as Gemini clients validate it")
+        self.an.push(Reply(text="Again."))
+        body = client_body("gemini", "an/claude-test", False)
+        body["contents"] += [{"role": "model", "parts": parts}, {"role": "user", "parts": [{"text": "more"}]}]
+        self.post("gemini", body)
+        sent = self.an.requests[-1]["body"]["messages"][1]["content"]
+        self.assertEqual([b.get("signature") for b in sent if b["type"] == "thinking"], ["EqQBsig=="],
+                         "the provider gets its own signature back")
+
+    def test_errors_are_in_geminis_shape(self):
+        r = self.h.call("POST", "/v1beta/models/oa/gpt-test:streamGenerateContent", client_body("gemini", "x", True))
+        self.assertEqual(r.status, 400)
+        self.assertEqual((r.json()["error"]["code"], r.json()["error"]["status"]), (400, "INVALID_ARGUMENT"))
+        self.assertIn("alt", r.json()["error"]["message"])
+        body = client_body("gemini", "x", False)
+        body["contents"][0]["parts"].append({"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}})
+        err = self.gpost("oa/gpt-test", body).json()["error"]
+        self.assertIn("contents[0].parts[1].inlineData.mimeType", err["message"])
+        self.oa.push(Reply(status=404, body={"error": {"message": "The model `gpt-tset` does not exist",
+                                                       "type": "invalid_request_error", "code": "model_not_found"}}))
+        r = self.gpost("oa/gpt-tset", client_body("gemini", "x", False))
+        self.assertEqual((r.status, r.json()["error"]["status"]), (404, "NOT_FOUND"))
+        self.oa.push(Reply(text="half", cut_after=3))
+        got = read_gemini(self.post("gemini", client_body("gemini", "oa/gpt-test", True)), True)
+        self.assertEqual(got["error"]["status"], "UNAVAILABLE", "a broken stream ends with an error chunk")
+
+    def test_models_list_is_paginated_and_one_model_is_found(self):
+        first = self.h.call("GET", "/v1beta/models?pageSize=3").json()
+        self.assertEqual(len(first["models"]), 3)
+        names = [m["name"] for m in first["models"]]
+        token = first["nextPageToken"]
+        while token:
+            page = self.h.call("GET", f"/v1beta/models?pageSize=3&pageToken={token}").json()
+            names += [m["name"] for m in page["models"]]
+            token = page.get("nextPageToken")
+        self.assertIn("models/oa/gpt-test", names)
+        self.assertEqual(len(names), len(set(names)))
+        one = self.h.call("GET", "/v1beta/models/an/claude-test").json()
+        self.assertEqual((one["name"], one["outputTokenLimit"]), ("models/an/claude-test", 8192))
+        self.assertEqual(self.h.call("GET", "/v1/models").json()["object"], "list", "OpenAI clients keep theirs")
+        self.assertIn("models", self.h.call("GET", "/v1/models", headers={"x-goog-api-key": "k"}).json())
+        n = self.h.call("POST", "/v1beta/models/oa/gpt-test:countTokens",
+                        {"contents": [{"role": "user", "parts": [{"text": "count these words please"}]}]}).json()
+        self.assertGreater(n["totalTokens"], 0)
+
+    @unittest.skipIf(genai is None, "the google-genai SDK is not installed")
+    def test_google_genai_sdk(self):
+        c = genai.Client(api_key="unused", http_options=genai_types.HttpOptions(base_url=f"http://127.0.0.1:{self.h.port}"))
+        for model, fake in (("oa/gpt-test", self.oa), ("an/claude-test", self.an), ("gm/gemini-test", self.gm)):
+            with self.subTest(model=model):
+                fake.push(Reply(text="Bonjour ✓"))
+                r = c.models.generate_content(model=model, contents="Say hi", config=genai_types.GenerateContentConfig(
+                    system_instruction="Be brief.", max_output_tokens=50))
+                self.assertEqual((r.text, r.candidates[0].finish_reason.name), ("Bonjour ✓", "STOP"))
+                self.assertEqual(r.usage_metadata.prompt_token_count, 11)
+                fake.push(Reply(text="streamed text", thinking="hmm"))
+                chunks = list(c.models.generate_content_stream(model=model, contents="Say hi"))
+                self.assertEqual("".join(ch.text or "" for ch in chunks), "streamed text")
+                self.assertEqual(chunks[-1].candidates[0].finish_reason.name, "STOP")
+
+                def get_weather(city: str) -> str:
+                    """Weather for a city."""
+                    return "sunny"
+                tid = ("toolu_" if fake is self.an else "call_") + "g1"
+                fake.push(Reply(text="", tools=[(tid, "get_weather", {"city": "Paris"})]), Reply(text="It is sunny."))
+                cfg = genai_types.GenerateContentConfig(tools=[get_weather])    # the SDK runs the function
+                r = c.models.generate_content(model=model, contents="Weather in Paris?", config=cfg)
+                self.assertEqual(r.text, "It is sunny.")
+                hist = r.automatic_function_calling_history
+                self.assertEqual(hist[1].parts[0].function_call.args, {"city": "Paris"})
+                self.assertEqual(hist[2].parts[0].function_response.response, {"result": "sunny"})
+        n = c.models.count_tokens(model="an/claude-test", contents="hello there")
+        self.assertGreater(n.total_tokens, 0)
+        names = [m.name for m in c.models.list(config={"page_size": 2})]
+        self.assertIn("models/oa/gpt-test", names)
+
+class ResponsesTests(RouterCase):
+    def codex_body(self, model, stream=True, extra_input=()):
+        """A request shaped like Codex CLI's: developer instructions, history, function and custom
+        tools, a hosted tool and a namespace tool the other providers do not have."""
+        return {"model": model, "stream": stream, "store": False, "tool_choice": "auto", "parallel_tool_calls": True,
+                "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "c1",
+                "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "list the files"}]},
+                          *extra_input],
+                "tools": [{"type": "function", "name": "exec_command", "strict": False, "description": "Run a command",
+                           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}},
+                          {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+                           "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
+                          {"type": "web_search", "external_web_access": True},
+                          {"type": "namespace", "name": "multi_agent_v1", "tools": []}]}
+
+    def test_codex_shaped_turns_through_anthropic(self):
+        self.an.push(Reply(text="Running it.", thinking="ls is enough",
+                           tools=[("toolu_1", "exec_command", {"cmd": "ls"})]))
+        r, got = self.ask("openai-responses", self.codex_body("an/claude-test"))
+        self.assertEqual(got["tools"], [("toolu_1", "exec_command", {"cmd": "ls"})])
+        self.assertEqual(got["reasoning"], "ls is enough")
+        self.assertTrue(got["seq_ok"])
+        up = self.an.requests[-1]["body"]
+        self.assertEqual(up["system"], [{"type": "text", "text": "You are Codex."}])
+        self.assertEqual([t["name"] for t in up["tools"]], ["exec_command", "apply_patch"],
+                         "hosted and namespace tools have no equivalent elsewhere")
+        self.assertEqual(up["tools"][1]["input_schema"], R.CUSTOM_TOOL_PARAMS)
+        # Turn 2: Codex sends the call and its output back, without ids on the items.
+        history = [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "ls is enough"}],
+                    "encrypted_content": "gAAAA-opaque"},
+                   {"type": "function_call", "name": "exec_command", "arguments": "{\"cmd\":\"ls\"}", "call_id": "toolu_1"},
+                   {"type": "function_call_output", "call_id": "toolu_1", "output": "a.py\nb.py\n"}]
+        self.an.push(Reply(text="Patching.", tools=[("toolu_2", "apply_patch", {"input": "*** Begin Patch\n*** End Patch"})]))
+        r, got = self.ask("openai-responses", self.codex_body("an/claude-test", extra_input=history))
+        self.assertEqual(got["tools"], [("toolu_2", "apply_patch", {"input": "*** Begin Patch\n*** End Patch"})])
+        items = [json.loads(d) for _e, d in sse_events(r.body)]
+        done = [i["item"] for i in items if i["type"] == "response.output_item.done"]
+        self.assertEqual(done[-1]["type"], "custom_tool_call", "a custom tool's call goes back as custom_tool_call")
+        msgs = self.an.requests[-1]["body"]["messages"]
+        self.assertEqual(msgs[-2]["content"][-1], {"type": "tool_use", "id": "toolu_1", "name": "exec_command",
+                                                   "input": {"cmd": "ls"}})
+        self.assertEqual(msgs[-1]["content"][0]["type"], "tool_result")
+        self.assertNotIn("gAAAA-opaque", json.dumps(msgs), "OpenAI's encrypted reasoning is not sent elsewhere")
+
+    def test_whole_response_object(self):
+        self.oa.push(Reply(text="Hi there", usage=(20, 4, 2)))
+        body = {"model": "oa/gpt-test", "input": "Say hi", "instructions": "Be brief.", "max_output_tokens": 50}
+        r = self.post("openai-responses", body)
+        obj = r.json()
+        self.assertEqual(obj["object"], "response")
+        self.assertTrue(obj["id"].startswith("resp_"))
+        self.assertEqual(obj["status"], "completed")
+        self.assertEqual(obj["output"][0]["content"][0], {"type": "output_text", "text": "Hi there", "annotations": []})
+        self.assertEqual(obj["usage"], {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 2},
+                                        "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0},
+                                        "total_tokens": 24})
+        self.assertEqual(self.oa.requests[-1]["body"]["max_tokens"], 50)
+        self.oa.push(Reply(text="cut", stop="length"))
+        obj = self.post("openai-responses", body).json()
+        self.assertEqual((obj["status"], obj["incomplete_details"]), ("incomplete", {"reason": "max_output_tokens"}))
+
+    def test_previous_response_id(self):
+        self.oa.push(Reply(text="My name is Sage."))
+        first = self.post("openai-responses", {"model": "oa/gpt-test", "input": "What is your name?"}).json()
+        self.oa.push(Reply(text="You asked my name."))
+        second = self.post("openai-responses", {"model": "oa/gpt-test", "input": "What did I ask?",
+                                                "previous_response_id": first["id"]})
+        self.assertEqual(second.status, 200, second)
+        msgs = self.oa.requests[-1]["body"]["messages"]
+        self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "user"])
+        self.assertEqual(msgs[1]["content"], "My name is Sage.")
+        # Chains continue, and a streamed answer is kept too.
+        self.oa.push(Reply(text="Third."))
+        third = self.post("openai-responses", {"model": "oa/gpt-test", "input": "And now?", "stream": True,
+                                               "previous_response_id": second.json()["id"]})
+        rid = [json.loads(d) for _e, d in sse_events(third.body)][-1]["response"]["id"]
+        self.post("openai-responses", {"model": "oa/gpt-test", "input": "Last", "previous_response_id": rid})
+        self.assertEqual(len(self.oa.requests[-1]["body"]["messages"]), 7)
+        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "previous_response_id": "resp_nope"})
+        self.assertEqual(r.status, 400)
+        self.assertTrue(r.json()["error"]["message"].startswith("previous_response_id: unknown response"))
+        nostore = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "store": False}).json()
+        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "y", "previous_response_id": nostore["id"]})
+        self.assertEqual(r.status, 400)
+
+    def test_failure_after_first_byte_is_response_failed(self):
+        self.oa.push(Reply(text="a long answer that breaks", cut_after=3))
+        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "stream": True})
+        got = read_responses(r, True)
+        self.assertIsNotNone(got["error"])
+        self.assertFalse(got["done"])
+
+    def test_a_passed_through_stream_that_breaks_continues_its_own_ids_and_numbers(self):
+        self.rs.push(Reply(text="a long answer that breaks somewhere", cut_after=7))
+        r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})
+        evs = [(e, json.loads(d)) for e, d in sse_events(r.body)]
+        seqs = [d["sequence_number"] for _e, d in evs]
+        self.assertEqual(seqs, list(range(len(seqs))), "one numbering, the provider's continued")
+        self.assertEqual([e for e, _d in evs][-2:], ["error", "response.failed"])
+        failed = evs[-1][1]["response"]
+        self.assertEqual(failed["id"], evs[0][1]["response"]["id"], "the id of response.created")
+        self.assertEqual(failed["output"][0]["content"][0]["text"], "a long answer that breaks somewhere"[:4 * 3],
+                         "what was streamed is kept")
+
+    def test_responses_provider_passthrough_and_translation(self):
+        self.rs.push(Reply(text="pass", split=5))
+        r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})
+        self.assertEqual(r.body, self.rs.sent[-1])
+        self.rs.push(Reply(text="", tools=[("call_9", "get_weather", {"city": "Oslo"})]))
+        _r, got = self.ask("anthropic", client_body("anthropic", "rs/gpt-resp", True, tools=True))
+        self.assertEqual(got["tools"][0][1:], ("get_weather", {"city": "Oslo"}))
+
+class OllamaTests(RouterCase):
+    def test_num_ctx_follows_the_request_size_within_the_model_window(self):
+        self.ask("openai", client_body("openai", "ol/llama-test", False))
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 8192)
+        self.ask("openai", client_body("openai", "ol/llama-test", False, text="word " * 40000))
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 65536, "capped at the model's window")
+        body = client_body("openai", "ol/llama-test", False, text="word " * 16000)   # ~20,000 tokens
+        body["max_tokens"] = 8000
+        self.ask("openai", body)
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 32768)
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_predict"], 8000)
+        # An Ollama client's own num_ctx wins on the passthrough path.
+        ob = client_body("ollama", "ol/llama-test", False)
+        ob["options"]["num_ctx"] = 4096
+        self.ask("ollama", ob)
+        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 4096)
+
+    def test_tool_history_images_and_options_out(self):
+        body = {"model": "ol/llama-test", "max_tokens": 30, "temperature": 0.2, "stop": ["Z"], "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                                         {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_7", "content": "-3C"}], "tools": [WEATHER_OA]}
+        self.ask("openai", body)
+        up = self.ol.requests[-1]["body"]
+        self.assertEqual(up["messages"][0], {"role": "user", "content": "Weather?\n[image: https://x/cat.png]"})
+        self.assertEqual(up["messages"][1]["tool_calls"], [{"id": "call_7", "function": {"name": "get_weather",
+                                                                                         "arguments": {"city": "Oslo"}}}])
+        self.assertEqual(up["messages"][2], {"role": "tool", "content": "-3C", "tool_name": "get_weather",
+                                             "tool_call_id": "call_7"})
+        self.assertEqual((up["options"]["temperature"], up["options"]["stop"]), (0.2, ["Z"]))
+
+    def test_inbound_generate_tags_show_version(self):
+        self.oa.push(Reply(text="generated text"))
+        r = self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "Say hi", "system": "Be brief."})
+        lines = [json.loads(x) for x in r.body.decode().splitlines()]
+        self.assertEqual(r.headers["content-type"], "application/x-ndjson")
+        self.assertEqual("".join(x.get("response", "") for x in lines), "generated text")
+        self.assertTrue(lines[-1]["done"])
+        self.assertEqual(self.oa.requests[-1]["body"]["messages"][0], {"role": "system", "content": "Be brief."})
+        self.oa.push(Reply(text="whole"))
+        r = self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "x", "stream": False})
+        self.assertEqual((r.json()["response"], r.json()["done"]), ("whole", True))
+        tags = self.h.call("GET", "/api/tags").json()["models"]
+        self.assertIn("oa/gpt-test", [m["name"] for m in tags])
+        show = self.h.call("POST", "/api/show", {"model": "an/claude-test"}).json()
+        self.assertEqual(show["model_info"]["sage-router.context_length"], 200000)
+        self.assertIn("vision", show["capabilities"])
+        self.assertIn("tools", show["capabilities"])
+        r = self.h.call("POST", "/api/show", {"model": "nope"})
+        self.assertEqual((r.status, r.json()), (404, {"error": "model 'nope' not found"}))
+        self.assertIn("version", self.h.call("GET", "/api/version").json())
+
+    def test_inbound_tool_messages_by_name_and_errors_in_ollama_shape(self):
+        body = {"model": "an/claude-test", "stream": False, "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "-3C", "tool_name": "get_weather"}], "tools": [WEATHER_OA]}
+        self.ask("ollama", body)
+        msgs = self.an.requests[-1]["body"]["messages"]
+        self.assertEqual(msgs[2]["content"][0]["tool_use_id"], msgs[1]["content"][0]["id"])
+        r = self.h.call("POST", "/api/chat", {"model": "x", "messages": "nope"})
+        self.assertEqual((r.status, list(r.json())), (400, ["error"]))
+        self.assertTrue(r.json()["error"].startswith("messages:"))
+        self.oa.push(Reply(text="will break", cut_after=3))
+        r = self.h.call("POST", "/api/chat", {"model": "oa/gpt-test", "messages": [{"role": "user", "content": "x"}]})
+        self.assertIsNotNone(read_ollama(r, True)["error"])
+
+class LocalServerTests(unittest.TestCase):
+    """Issue 11: an OpenAI-compatible local server the way llama.cpp's behaves (the fake's `local`
+    mode: refuses "content": null, ignores include_usage, repeats tool-call ids and names in
+    streams, may end a stream without a finish reason, answers a context overflow with a 400)
+    behind the router, with a cloud provider as the fallback."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.local, cls.plain, cls.cloud = FakeProvider("openai"), FakeProvider("openai"), FakeProvider("anthropic")
+        cls.local.local = 512
+        cls.cfg = {"providers": {
+            "local": {"api": "openai", "base_url": cls.local.base_url, "quirks": ["repeats_tool_call_ids"],
+                      "models": {"tiny": {}}, "discover": False},
+            "plain": {"api": "openai", "base_url": cls.plain.base_url, "api_key": "k", "models": {"m": {}}, "discover": False},
+            "cloud": {"api": "anthropic", "base_url": cls.cloud.base_url, "api_key": "k",
+                      "models": {"claude-test": {"context_window": 200000}}, "discover": False}},
+            "routes": {"default": ["local/tiny"], "localfirst": ["local/tiny", "cloud/claude-test"],
+                       "localonly": ["local/tiny"], "usage-check": ["local/tiny"], "break-check": ["local/tiny"]},
+            "settings": {"probe_seconds": 0, "cooldown_seconds": 30}}
+        cls.h = Harness(cls.cfg)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.h.close()
+        for f in (cls.local, cls.plain, cls.cloud):
+            f.close()
+
+    def setUp(self):
+        for f in (self.local, self.plain, self.cloud):
+            f.reset()
+        self.h.router.health.reset()
+
+    def post(self, dialect, body):
+        return self.h.call("POST", client_path(dialect, body), body)
+
+    def test_a_tool_round_trip_from_every_client_dialect_completes_through_a_strict_server(self):
+        for dialect in READERS:
+            for stream in (False, True):
+                with self.subTest(dialect=dialect, stream=stream):
+                    self.local.push(Reply(text="it is sunny"))
+                    r = self.post(dialect, tool_round_trip_bodies("local/tiny", stream)[dialect])
+                    got = READERS[dialect](r, stream)
+                    self.assertEqual((r.status, got["text"], got["error"]), (200, "it is sunny", None), r)
+                    sent = self.local.requests[-1]["body"]["messages"]
+                    self.assertFalse([m for m in sent if m.get("content", "") is None], "no null content reaches it")
+
+    def test_streamed_usage_is_estimated_when_the_server_sends_none_and_the_log_says_so(self):
+        text = "a reply of some forty characters, more or less"
+        for dialect in READERS:
+            with self.subTest(dialect=dialect):
+                self.local.push(Reply(text=text))
+                got = READERS[dialect](self.post(dialect, client_body(dialect, "usage-check", True)), True)
+                u = got["usage"] or {}
+                inp, out = USAGE_KEYS[dialect]
+                self.assertEqual(u.get(out), len(text) // 4, f"{dialect}: an estimate, never 0 ({u})")
+                self.assertGreater(u.get(inp) or 0, 4)
+        mine = lambda rs: [r["usage_estimated"] for r in rs if r["requested"] == "usage-check"]
+        self.assertEqual(mine(wait_rows(self.h, lambda rs: len(mine(rs)) == len(READERS))), [1] * len(READERS))
+        self.plain.push(Reply(text="counted"))
+        read_openai(self.post("openai", client_body("openai", "plain/m", True)), True)
+        self.assertEqual(wait_rows(self.h, lambda rs: rs[0]["requested"] == "plain/m")[0]["usage_estimated"], 0,
+                         "a provider that reports usage is taken at its word")
+
+    def test_a_stream_that_breaks_after_its_first_byte_is_a_failed_request(self):
+        found = re.search(r'sage_router_failovers_total\{provider="local",reason="broken"\} (\d+)',
+                          self.h.call("GET", "/metrics").body.decode())
+        before = int(found.group(1)) if found else 0
+        for n, dialect in enumerate(READERS):
+            with self.subTest(dialect=dialect):
+                self.h.router.health.reset()
+                self.local.push(Reply(text="x" * 80, cut_after=4))
+                r = self.post(dialect, client_body(dialect, "break-check", True, text=f"break {n}"))
+                got = READERS[dialect](r, True)
+                self.assertEqual(r.status, 200)
+                self.assertIsNotNone(got["error"], "the client is told")
+                mine = lambda rs: [r for r in rs if r["requested"] == "break-check"]
+                row = mine(wait_rows(self.h, lambda rs: len(mine(rs)) == n + 1))[0]
+                self.assertEqual(row["status"], 502, "a stream that broke is a failed request")
+                self.assertIn("stream", row["error"])
+                self.assertEqual((row["provider"], row["model"]), ("local", "tiny"), "who broke it")
+                self.assertTrue(row["output_tokens"] and row["usage_estimated"], "what it used is counted")
+                self.assertEqual([(a["provider"], a["kind"]) for a in row["attempts"]], [("local", "broken")])
+                self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
+                                "the breaker is told")
+        metrics = self.h.call("GET", "/metrics").body.decode()
+        self.assertIn(f'sage_router_requests_total{{provider="local",model="tiny",route="break-check",status="502"}} '
+                      f'{len(READERS)}', metrics, "and the metrics count it as a failure")
+        self.assertIn(f'sage_router_failovers_total{{provider="local",reason="broken"}} {len(READERS) + before}', metrics)
+        self.assertNotIn('route="break-check",status="200"', metrics)
+
+    def test_a_stream_without_a_finish_reason_is_truncated_or_fails_over(self):
+        # After content: one error in the client's dialect, and nothing after it.
+        self.local.push(Reply(text="half an answer", no_finish=True))
+        r = self.post("anthropic", client_body("anthropic", "local/tiny", True))
+        kinds = [ev for ev, _d in sse_events(r.body)]
+        self.assertEqual(kinds[-1], "error", kinds)
+        self.assertNotIn("message_stop", kinds)
+        self.assertNotIn("message_delta", kinds, "no stop_reason for a reply that did not end")
+        for done in (b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"):
+            self.local.push(Reply(text="half an answer", no_finish=True, done=done))
+            r = self.post("openai", client_body("openai", "local/tiny", True))
+            datas = [d for _e, d in sse_events(r.body)]
+            self.assertIn('"error"', datas[-2])
+            self.assertEqual(datas.count("[DONE]"), 1, (done, datas[-3:]))
+            self.assertFalse(any('"finish_reason": "stop"' in d or '"finish_reason":"stop"' in d for d in datas))
+        # The breaker is told after the client's last byte, so wait for it rather than race it.
+        self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
+                        "a truncated reply is a failure")
+        self.h.router.health.reset()
+        # Before any content (a role chunk, then [DONE]): a failure like an empty reply, so the next candidate.
+        self.local.push(Reply(empty=True, no_finish=True))
+        r = self.post("openai", client_body("openai", "localfirst", True, text="empty then cloud"))
+        got = read_openai(r, True)
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-attempts"]), ("cloud", "2"))
+        self.assertEqual(got["error"], None)
+        row = wait_rows(self.h, lambda rs: rs and rs[0]["requested"] == "localfirst")[0]
+        self.assertEqual(len(row["attempts"]), 1, "the log agrees with X-Router-Attempts")
+        # ... and with no candidate left, an error, not an empty 200.
+        self.local.push(Reply(empty=True, no_finish=True))
+        r = self.post("openai", client_body("openai", "localonly", True, text="empty, nothing else"))
+        self.assertEqual(r.status, 502, r.body)
+        self.assertIn("without a finish reason", r.json()["error"]["message"])
+        # Content and the bare [DONE] in one read: the client has no byte yet, so still the next candidate.
+        self.h.router.health.reset()
+        for dialect in ("openai", "anthropic"):
+            self.local.push(Reply(text="par", no_finish=True, coalesce=True))
+            self.cloud.push(Reply(text="whole answer"))
+            r = self.post(dialect, client_body(dialect, "localfirst", True, text=f"one read {dialect}"))
+            got = READERS[dialect](r, True)
+            self.assertEqual((r.headers["x-router-provider"], got["text"], got["error"]), ("cloud", "whole answer", None))
+            self.h.router.health.reset()
+
+    def test_an_estimate_counts_the_whole_reply_and_its_usage_chunk_goes_before_the_real_done(self):
+        # One read holding everything (content, finish, [DONE]), and content that itself reads
+        # "data: [DONE]": the usage chunk the client asked for goes before the stream's own end.
+        text = "print('data: [DONE]')"
+        for dialect in READERS:
+            with self.subTest(dialect=dialect):
+                self.local.push(Reply(text=text, piece=len(text), coalesce=True))
+                body = client_body(dialect, "localonly", True, text=f"one read {dialect}")
+                body.update({"stream_options": {"include_usage": True}} if dialect == "openai" else {})
+                r = self.post(dialect, body)
+                got = READERS[dialect](r, True)        # (every event parses)
+                self.assertEqual((got["text"], got["error"]), (text, None))
+                self.assertEqual(got["usage"][USAGE_KEYS[dialect][1]], len(text) // 4, "the text of the one read is counted")
+                if dialect == "openai":
+                    datas = [d for _e, d in sse_events(r.body)]
+                    self.assertEqual(datas[-1], "[DONE]")
+                    self.assertEqual(json.loads(datas[-2])["choices"], [], "the usage chunk, just before [DONE]")
+                    self.assertEqual(datas.count("[DONE]"), 1)
+
+    def test_a_stream_that_keeps_breaking_stays_out_longer_each_time(self):
+        health, key = self.h.router.health, ("local", "tiny")
+        for n in (1, 2):
+            self.local.push(Reply(text="z" * 80, cut_after=4))
+            read_openai(self.post("openai", client_body("openai", "break-check", True, text=f"again {n}")), True)
+            self.assertTrue(wait_until(lambda: health.state[key].opens == n), (n, health.state[key].opens))
+            with health.lock:
+                first = health.state[key].until - time.monotonic()
+                health.state[key].until = time.monotonic() - 1      # its cooldown is over: half-open
+        self.assertGreater(first, health.base * 1.5, "the second opening is twice as long")
+
+    def test_a_context_overflow_is_the_providers_400_in_the_clients_dialect(self):
+        long = "word " * 1200
+        r = self.post("openai", client_body("openai", "localonly", False, text=long))
+        self.assertEqual(r.status, 400, r)
+        err = r.json()["error"]
+        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "context_length_exceeded"))
+        self.assertIn("maximum context length is 512", err["message"])
+        r = self.post("anthropic", client_body("anthropic", "localonly", False, text=long))
+        self.assertEqual((r.status, r.json()["error"]["type"]), (400, "invalid_request_error"))
+        self.cloud.push(Reply(text="the cloud has room"))
+        r = self.post("openai", client_body("openai", "localfirst", False, text=long))
+        self.assertEqual((r.status, read_openai(r, False)["text"]), (200, "the cloud has room"))
+
+    def test_repeated_tool_call_ids_reach_openai_clients_once_and_faithful_providers_stay_byte_for_byte(self):
+        self.local.push(Reply(text="", tools=[("call_1", "get_weather", {"city": "Paris"})]))
+        r = self.post("openai", client_body("openai", "local/tiny", True, tools=True))
+        chunks = [json.loads(d) for _e, d in sse_events(r.body) if d != "[DONE]"]
+        calls = [tc for c in chunks for ch in c.get("choices", []) for tc in (ch["delta"].get("tool_calls") or [])]
+        self.assertEqual([tc.get("id") for tc in calls if tc.get("id")], ["call_1"])
+        self.assertEqual([tc["function"]["name"] for tc in calls if tc.get("function", {}).get("name")], ["get_weather"])
+        self.assertEqual(json.loads("".join(tc["function"].get("arguments", "") for tc in calls)), {"city": "Paris"})
+        self.assertFalse([c for c in chunks for ch in c.get("choices", []) if "function_call" in ch["delta"]],
+                         "nor the legacy function_call copy it sends beside them")
+        self.plain.push(Reply(text="same bytes", split=7))
+        r = self.post("openai", client_body("openai", "plain/m", True))
+        self.assertEqual(r.body, b"".join(openai_events(Reply(text="same bytes"), "m", True)), "passthrough untouched")
+
+    def test_host_quirks_are_data_the_openai_encoder_reads(self):
+        self.plain.push(Reply(text="ok"))
+        cfg = {"providers": {"q": {"api": "openai", "base_url": self.plain.base_url, "api_key": "k",
+                                   "quirks": ["tool_choice_any"], "max_tokens_field": "max_completion_tokens",
+                                   "models": {"m": {}}, "discover": False}}, "routes": {}}
+        h = Harness(cfg)
+        self.addCleanup(h.close)
+        body = dict(client_body("anthropic", "q/m", False, tools=True), tool_choice={"type": "any"})
+        self.assertEqual(h.call("POST", PATHS["anthropic"], body).status, 200)
+        sent = self.plain.requests[-1]["body"]
+        self.assertEqual((sent["tool_choice"], sent["max_completion_tokens"]), ("any", 100))
+        self.assertNotIn("max_tokens", sent)
+        mistral = R.Provider("mistral", {"api": "openai", "base_url": "https://api.mistral.ai/v1", "api_key": "k"},
+                             {}, R.DEFAULT_SETTINGS)
+        self.assertIn("tool_choice_any", mistral.quirks, "a known host needs no quirks entry")
+
+    def test_responses_echo_what_was_asked_and_a_failure_keeps_what_was_streamed(self):
+        body = dict(client_body("openai-responses", "local/tiny", False, tools=True), max_output_tokens=16,
+                    tool_choice={"type": "function", "name": "get_weather"})
+        self.local.push(Reply(text="", tools=[("call_1", "get_weather", {"city": "Paris"})]))
+        obj = self.post("openai-responses", body).json()
+        self.assertEqual(obj["max_output_tokens"], 16)
+        self.assertEqual(obj["tool_choice"], {"type": "function", "name": "get_weather"})
+        self.assertEqual([t["name"] for t in obj["tools"]], ["get_weather"])
+        self.local.push(Reply(text="y" * 60, cut_after=5))
+        r = self.post("openai-responses", dict(body, stream=True, tool_choice="auto"))
+        failed = [json.loads(d)["response"] for e, d in sse_events(r.body) if e == "response.failed"]
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(failed[0]["tool_choice"], "auto")
+        out = failed[0]["output"]
+        self.assertTrue(out and out[0]["type"] == "message" and out[0]["status"] == "incomplete", out)
+        self.assertTrue(out[0]["content"][0]["text"].startswith("yyyy"))
+
+@unittest.skipIf(openai is None, "the openai SDK is not installed")
+class OpenAISDKTests(RouterCase):
+    def client(self):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
+
+    def test_chat_whole_and_streamed_with_tools_against_both_providers(self):
+        c = self.client()
+        tools = [WEATHER_OA]
+        for model, fake in (("oa/gpt-test", self.oa), ("an/claude-test", self.an)):
+            with self.subTest(model=model, stream=False):
+                fake.push(Reply(text="Sure.", tools=[("toolu_7", "get_weather", {"city": "Paris"})]))
+                r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather?"}], tools=tools)
+                m = r.choices[0].message
+                self.assertEqual(r.choices[0].finish_reason, "tool_calls")
+                self.assertEqual(m.tool_calls[0].function.name, "get_weather")
+                self.assertEqual(json.loads(m.tool_calls[0].function.arguments), {"city": "Paris"})
+                self.assertEqual(r.usage.prompt_tokens, 11)
+                # Second turn with the tool result.
+                fake.push(Reply(text="It is sunny in Paris."))
+                r2 = c.chat.completions.create(model=model, tools=tools, messages=[
+                    {"role": "user", "content": "Weather?"}, m.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "sunny"}])
+                self.assertEqual(r2.choices[0].message.content, "It is sunny in Paris.")
+            with self.subTest(model=model, stream=True):
+                fake.push(Reply(text="Streaming!", tools=[("toolu_8", "get_weather", {"city": "Rome"})]))
+                text, args, finish, usage = "", "", None, None
+                with c.chat.completions.create(model=model, stream=True, stream_options={"include_usage": True},
+                                               messages=[{"role": "user", "content": "Weather?"}], tools=tools) as s:
+                    for chunk in s:
+                        if chunk.usage:
+                            usage = chunk.usage
+                        for ch in chunk.choices:
+                            text += ch.delta.content or ""
+                            for tc in ch.delta.tool_calls or []:
+                                args += tc.function.arguments or ""
+                            finish = ch.finish_reason or finish
+                self.assertEqual(text, "Streaming!")
+                self.assertEqual(json.loads(args), {"city": "Rome"})
+                self.assertEqual(finish, "tool_calls")
+                self.assertEqual(usage.completion_tokens, 7)
+
+    def test_responses_api_whole_and_streamed(self):
+        c = self.client()
+        tools = [dict(WEATHER_OA["function"], type="function")]
+        for model, fake, tid in (("an/claude-test", self.an, "toolu_r1"), ("oa/gpt-test", self.oa, "call_r1")):
+            with self.subTest(model=model):
+                fake.push(Reply(text="Checking.", tools=[(tid, "get_weather", {"city": "Bern"})]))
+                r = c.responses.create(model=model, input="Weather in Bern?", instructions="Be brief.", tools=tools)
+                self.assertEqual(r.status, "completed")
+                calls = [o for o in r.output if o.type == "function_call"]
+                self.assertEqual((calls[0].name, json.loads(calls[0].arguments)), ("get_weather", {"city": "Bern"}))
+                self.assertEqual(r.output_text, "Checking.")
+                fake.push(Reply(text="It is sunny."))
+                r2 = c.responses.create(model=model, tools=tools, input=[
+                    {"role": "user", "content": "Weather in Bern?"},
+                    {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+                    {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
+                self.assertEqual(r2.output_text, "It is sunny.")
+                fake.push(Reply(text="Streamed answer.", thinking="brief thought"))
+                kinds, text = [], ""
+                with c.responses.stream(model=model, input="Stream please") as s:
+                    for ev in s:
+                        kinds.append(ev.type)
+                        if ev.type == "response.output_text.delta":
+                            text += ev.delta
+                    final = s.get_final_response()
+                self.assertEqual(text, "Streamed answer.")
+                self.assertEqual(final.output_text, "Streamed answer.")
+                self.assertEqual(kinds[0], "response.created")
+                self.assertEqual(kinds[-1], "response.completed")
+                self.assertIn("response.reasoning_summary_text.delta", kinds)
+
+    def test_sdk_errors_and_models(self):
+        c = self.client()
+        self.h.router.catalogue.strict = True
+        self.addCleanup(setattr, self.h.router.catalogue, "strict", False)
+        with self.assertRaises(openai.NotFoundError):
+            c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+        for f in (self.oa, self.an, self.oa2):
+            f.push(Reply(status=429, headers={"Retry-After": "3"}))
+        with self.assertRaises(openai.RateLimitError):
+            c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+        self.an.push(Reply(cut_after=4, text="abcdefghijklmnop"))
+        with self.assertRaises(openai.APIError):
+            for _ in c.chat.completions.create(model="an/claude-test", stream=True,
+                                               messages=[{"role": "user", "content": "x"}]):
+                pass
+        self.assertIn("chat", [m.id for m in c.models.list()])
+
+@unittest.skipIf(anthropic is None, "the anthropic SDK is not installed")
+class AnthropicSDKTests(RouterCase):
+    def client(self):
+        return anthropic.Anthropic(base_url=f"http://127.0.0.1:{self.h.port}", api_key="unused", max_retries=0)
+
+    def test_messages_whole_and_streamed_with_tools_against_both_providers(self):
+        c = self.client()
+        for model, fake in (("an/claude-test", self.an), ("oa/gpt-test", self.oa)):
+            with self.subTest(model=model, stream=False):
+                fake.push(Reply(text="Let me check.", thinking="need weather", tools=[("call_5", "get_weather", {"city": "Oslo"})]))
+                m = c.messages.create(model=model, max_tokens=200, tools=[WEATHER_AN],
+                                      messages=[{"role": "user", "content": "Weather?"}])
+                self.assertEqual(m.stop_reason, "tool_use")
+                tu = [b for b in m.content if b.type == "tool_use"][0]
+                self.assertEqual((tu.name, tu.input), ("get_weather", {"city": "Oslo"}))
+                fake.push(Reply(text="Cold."))
+                m2 = c.messages.create(model=model, max_tokens=200, tools=[WEATHER_AN], messages=[
+                    {"role": "user", "content": "Weather?"},
+                    {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tu.id, "content": "-3C"}]}])
+                self.assertEqual(m2.content[0].text, "Cold.")
+            with self.subTest(model=model, stream=True):
+                fake.push(Reply(text="Streamed reply.", thinking="hmm", tools=[("call_6", "get_weather", {"city": "Lima"})]))
+                with c.messages.stream(model=model, max_tokens=200, tools=[WEATHER_AN],
+                                       messages=[{"role": "user", "content": "Weather?"}]) as s:
+                    final = s.get_final_message()
+                kinds = [b.type for b in final.content]
+                self.assertEqual(kinds, ["thinking", "text", "tool_use"])
+                self.assertEqual(final.content[1].text, "Streamed reply.")
+                self.assertEqual(final.content[2].input, {"city": "Lima"})
+                self.assertEqual(final.stop_reason, "tool_use")
+                self.assertEqual(final.usage.output_tokens, 7)
+
+    def test_sdk_errors_count_tokens_and_models(self):
+        c = self.client()
+        self.h.router.catalogue.strict = True
+        self.addCleanup(setattr, self.h.router.catalogue, "strict", False)
+        with self.assertRaises(anthropic.NotFoundError):
+            c.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        n = c.messages.count_tokens(model="oa/gpt-test", messages=[{"role": "user", "content": "hello " * 100}])
+        self.assertGreater(n.input_tokens, 50)
+        self.oa.push(Reply(cut_after=4, text="abcdefghijklmnop"))
+        with self.assertRaises(anthropic.APIStatusError):
+            with c.messages.stream(model="oa/gpt-test", max_tokens=20, messages=[{"role": "user", "content": "x"}]) as s:
+                s.get_final_message()
+        self.assertIn("chat", [m.id for m in c.models.list()])
 
 
 # =================================================================================================
-# Model names and failover
+# 3. Catalogue and discovery
+# =================================================================================================
+
+class DiscoveryTests(unittest.TestCase):
+    """Fake sources answering like the real services: Ollama (tags + show), OpenAI, Anthropic and
+    Gemini (paginated), NVIDIA NIM, the OpenClaw gateway, and an OpenClaw config to import."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ol, cls.oa, cls.an = FakeProvider("ollama"), FakeProvider("openai"), FakeProvider("anthropic")
+        cls.gm, cls.nim, cls.claw = FakeProvider("gemini"), FakeProvider("openai"), FakeProvider("openai")
+        cls.fakes = (cls.ol, cls.oa, cls.an, cls.gm, cls.nim, cls.claw)
+
+    @classmethod
+    def tearDownClass(cls):
+        for f in cls.fakes:
+            f.close()
+
+    def setUp(self):
+        for f in self.fakes:
+            f.reset()
+            f.listing = {}
+            f.list_calls.clear()
+        self.ollama_models = {"llama3.2:latest": ["completion", "tools"], "qwen2.5-coder:7b": ["completion", "tools"]}
+        self.ol.listing = {
+            "/api/tags": lambda q, b: {"models": [{"name": n, "model": n, "size": 1, "details": {"family": "llama"}}
+                                                  for n in self.ollama_models]},
+            "/api/show": lambda q, b: {"capabilities": self.ollama_models[b["model"] + (":latest" if ":" not in b["model"] else "")],
+                                       "model_info": {"general.architecture": "llama", "llama.context_length": 131072}}}
+        self.oa.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": i, "object": "model", "created": 1, "owned_by": "openai"}
+            for i in ("gpt-4.1", "gpt-4o-mini", "text-embedding-3-small", "whisper-1", "dall-e-3", "tts-1",
+                      "omni-moderation-latest", "gpt-4o-realtime-preview", "o4-mini")]}}
+        pages = [["claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805"], ["claude-haiku-4-5-20251001"]]
+
+        def anthropic_models(q, b):
+            if "x-api-key" not in self.an_headers():
+                return 401, {"type": "error", "error": {"type": "authentication_error", "message": "no key"}}
+            page = 1 if q.get("after_id") == ["claude-opus-4-1-20250805"] else 0
+            data = [{"type": "model", "id": i, "display_name": i, "created_at": "2025-09-29T00:00:00Z",
+                     "max_input_tokens": 200000, "max_tokens": 64000} for i in pages[page]]
+            return {"data": data, "has_more": page == 0, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+        self.an.listing = {"/v1/models": anthropic_models}
+
+        def gemini_models(q, b):
+            if q.get("pageToken") == ["p2"]:
+                return {"models": [{"name": "models/gemini-2.5-flash", "baseModelId": "gemini-2.5-flash",
+                                    "inputTokenLimit": 1048576, "outputTokenLimit": 65536, "thinking": True,
+                                    "supportedGenerationMethods": ["generateContent", "countTokens"]}]}
+            return {"models": [{"name": "models/text-embedding-004", "inputTokenLimit": 2048,
+                                "supportedGenerationMethods": ["embedContent"]},
+                               {"name": "models/gemini-2.5-pro", "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+                                "thinking": True, "supportedGenerationMethods": ["generateContent"]}],
+                    "nextPageToken": "p2"}
+        self.gm.listing = {"/v1beta/models": gemini_models}
+        self.nim.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": "meta/llama-3.3-70b-instruct", "object": "model", "owned_by": "meta", "root": "meta/llama-3.3-70b-instruct",
+             "max_model_len": 32768},         # vLLM's field (NIM runs on it): the window it serves
+            {"id": "nvidia/nv-embedqa-e5-v5", "object": "model", "owned_by": "nvidia"}]}}
+        self.claw.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
+            {"id": "openclaw", "object": "model", "owned_by": "openclaw"},
+            {"id": "openclaw:coder", "object": "model", "owned_by": "openclaw"}]}}
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        claw_cfg = os.path.join(self.tmp.name, "openclaw.json")
+        with open(claw_cfg, "w") as f:
+            f.write("""{
+  // OpenClaw's config is JSON5
+  models: {
+    mode: 'merge',
+    providers: {
+      deepinfra: {baseUrl: "%s", apiKey: "${DEEPINFRA_TOKEN}", api: "openai-completions",
+                  models: [{id: "deepseek-chat", name: "DeepSeek", contextWindow: 65536, maxTokens: 8192,
+                            input: ["text"], reasoning: false, cost: {input: 0.27, output: 1.1, cacheRead: 0.07}},]},
+      nokey: {baseUrl: "https://example.invalid/v1", api: "anthropic-messages", models: [{id: "claude-x"}]},
+    },
+  },
+}""" % self.oa.base_url)
+        self.env = {"OPENCLAW_CONFIG_PATH": claw_cfg, "DEEPINFRA_TOKEN": "di-SECRET", "NOKEY_API_KEY": "nk"}
+        self.cfg = {"providers": {
+            "ollama": {"api": "ollama", "base_url": f"http://127.0.0.1:{self.ol.port}", "models": {}},
+            "openai": {"api": "openai", "base_url": self.oa.base_url, "api_key": "sk-o", "models": {}},
+            "anthropic": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "sk-a",
+                          "models": {"claude-haiku-4-5-20251001": {"max_output": 1000}}},
+            "gemini": {"api": "gemini", "base_url": self.gm.base_url, "api_key": "g", "models": {}},
+            "nvidia": {"api": "openai", "base_url": self.nim.base_url, "api_key": "nv", "models": {}},
+            "openclaw": {"api": "openai", "base_url": self.claw.base_url, "api_key": "gw-token", "models": {}},
+            "quiet": {"api": "openai", "base_url": self.oa.base_url, "api_key": "q", "discover": False, "models": {}}},
+            "routes": {"code": ["ollama/*", "anthropic/claude-sonnet-*"], "default": ["openai/gpt-4.1"]},
+            "settings": {"discovery_interval": 3600}}
+
+    def an_headers(self):
+        return self.an_last_headers
+
+    def router(self, data_dir=None):
+        r = R.Router(self.cfg, self.env, "test", data_dir or self.tmp.name)
+        self.addCleanup(r.close)
+        return r
+
+    def test_all_six_sources(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        r = self.router()
+        self.assertTrue(r.discover(force=True))
+        cat = r.catalogue
+        models = {p: sorted(cat.providers[p].models) for p in ("ollama", "openai", "anthropic", "gemini", "nvidia", "openclaw")}
+        self.assertEqual(models["ollama"], ["llama3.2", "qwen2.5-coder:7b"])
+        self.assertEqual(models["openai"], ["gpt-4.1", "gpt-4o-mini", "o4-mini"], "no embedding, audio, image, moderation, realtime")
+        self.assertEqual(models["anthropic"], ["claude-haiku-4-5-20251001", "claude-opus-4-1-20250805", "claude-sonnet-4-5-20250929"])
+        self.assertEqual(self.an.list_calls, ["/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-opus-4-1-20250805"])
+        self.assertEqual(models["gemini"], ["gemini-2.5-flash", "gemini-2.5-pro"])
+        self.assertEqual(models["nvidia"], ["meta/llama-3.3-70b-instruct"])
+        self.assertEqual(models["openclaw"], ["openclaw", "openclaw:coder"])
+        self.assertEqual(cat.providers["quiet"].models, {}, "discover: false is left alone")
+        # Capabilities from each source's own metadata; explicit config wins.
+        self.assertEqual(cat.meta("ollama", "llama3.2")["context_window"], 131072)
+        self.assertTrue(cat.meta("ollama", "llama3.2")["tools"])
+        self.assertEqual(cat.meta("gemini", "gemini-2.5-pro")["max_output"], 65536)
+        self.assertTrue(cat.meta("gemini", "gemini-2.5-pro")["reasoning"])
+        self.assertEqual(cat.meta("anthropic", "claude-haiku-4-5-20251001")["max_output"], 1000)
+        self.assertEqual(cat.meta("anthropic", "claude-sonnet-4-5-20250929")["context_window"], 200000)
+        self.assertEqual(cat.meta("nvidia", "meta/llama-3.3-70b-instruct")["context_window"], 32768,
+                         "the served window, not the name's 131072")
+        self.assertIn("code", cat.meta("ollama", "qwen2.5-coder:7b")["intents"])
+        self.assertNotIn("code", cat.meta("ollama", "llama3.2")["intents"])
+        # Discovered models fill routes through globs, intent-suited ones first.
+        self.assertEqual(cat.routes["code"], [("ollama", "qwen2.5-coder:7b"), ("ollama", "llama3.2"),
+                                              ("anthropic", "claude-sonnet-4-5-20250929")])
+
+    def test_openclaw_config_import(self):
+        self.an_last_headers = {}
+        r = self.router()
+        p = r.catalogue.providers["openclaw-deepinfra"]
+        self.assertEqual((p.api, p.keys, p.base_url), ("openai", ["di-SECRET"], self.oa.base_url))
+        self.assertEqual(r.catalogue.meta("openclaw-deepinfra", "deepseek-chat")["cost"], {"input": 0.27, "output": 1.1, "cached": 0.07})
+        self.assertEqual(r.catalogue.meta("openclaw-deepinfra", "deepseek-chat")["context_window"], 65536)
+        self.assertEqual(r.catalogue.providers["openclaw-nokey"].keys, ["nk"], "NAME_API_KEY as OpenClaw does")
+        self.oa.push(Reply(text="via openclaw's provider"))
+        h = Harness(self.cfg, self.env)
+        self.addCleanup(h.close)
+        res = h.call("POST", "/v1/chat/completions", client_body("openai", "deepseek-chat", False))
+        self.assertEqual(res.status, 200, res)
+        self.assertEqual(res.headers["x-router-provider"], "openclaw-deepinfra")
+        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer di-SECRET")
+
+    def test_pulled_model_becomes_routable_and_removed_one_leaves_after_two_refreshes(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        cfg = dict(self.cfg, providers={"ollama": self.cfg["providers"]["ollama"]}, routes={}, strict=True)
+        self.cfg = cfg
+        h = Harness(cfg, self.env)
+        self.addCleanup(h.close)
+        h.router.discover(force=True)
+        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "mistral-nemo", False)).status, 404)
+        self.ollama_models["mistral-nemo:latest"] = ["completion", "tools"]      # ollama pull mistral-nemo
+        h.router._forced_at = -1e9                                                # the rate limit has passed
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "mistral-nemo", False))
+        self.assertEqual(r.status, 200, "an unknown name triggers one immediate refresh before a 404")
+        self.assertEqual(self.ol.requests[-1]["body"]["model"], "mistral-nemo")
+        n = len(self.ol.list_calls)
+        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "still-unknown", False)).status, 404)
+        self.assertEqual(len(self.ol.list_calls), n, "the refresh for unknown names is rate-limited")
+        del self.ollama_models["mistral-nemo:latest"]                             # ollama rm mistral-nemo
+        h.router.discover(force=True)
+        self.assertIn("mistral-nemo", h.router.catalogue.providers["ollama"].models, "one miss is not enough")
+        h.router.discover(force=True)
+        self.assertNotIn("mistral-nemo", h.router.catalogue.providers["ollama"].models)
+        ids = [m["id"] for m in h.call("GET", "/v1/models").json()["data"]]
+        self.assertNotIn("ollama/mistral-nemo", ids)
+        self.assertIn("ollama/llama3.2", ids)
+
+    def test_models_list_shows_discovered_models_with_capabilities(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        h = Harness(self.cfg, self.env)
+        self.addCleanup(h.close)
+        h.router.discover(force=True)
+        data = {m["id"]: m for m in h.call("GET", "/v1/models").json()["data"]}
+        self.assertEqual(data["gemini/gemini-2.5-pro"]["capabilities"]["context_window"], 1048576)
+        self.assertIn("gemini-2.5-pro", data, "a bare id served by one provider is listed too")
+        self.assertEqual(data["code"]["route"][0], "ollama/qwen2.5-coder:7b")
+        self.assertTrue(data["ollama/qwen2.5-coder:7b"]["capabilities"]["tools"])
+
+    def test_failing_or_hanging_source_keeps_its_list_and_slows_nothing(self):
+        self.an_last_headers = {"x-api-key": "sk-a"}
+        d = tempfile.mkdtemp(dir=self.tmp.name)
+        r1 = self.router(d)
+        r1.discover(force=True)
+        r1.close()
+        self.assertTrue(os.path.exists(os.path.join(d, "catalogue.json")))
+        # Now every source hangs: start-up routes at once from the cache, requests are not held up.
+        for f in self.fakes:
+            f.listing = {k: (lambda q, b: "hang") for k in f.listing}
+        h = Harness(self.cfg, self.env, data_dir=d)
+        self.addCleanup(h.close)
+        self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models, "the cached catalogue routes at once")
+        for _ in range(500):                      # until the background refresh is stuck in a source
+            if self.ol.list_calls:
+                break
+            time.sleep(0.01)
+        r = h.call("POST", "/v1/chat/completions", client_body("openai", "openai/gpt-4.1", False))
+        self.assertEqual(r.status, 200)
+        hanging = [f for f in self.fakes if f.list_calls and not f.release.is_set()]
+        self.assertTrue(hanging, "the request was answered while a source was still hanging")
+        for f in self.fakes:
+            f.release.set()
+        # A source that fails keeps its last good list and backs off.
+        self.ol.listing = {"/api/tags": lambda q, b: (500, {"error": "boom"})}
+        changed = h.router.discover(force=True)
+        self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models)
+        st = h.router.discovery.state["ollama"]
+        fails, first = st["fails"], st["next"] - time.monotonic()
+        h.router.discover(force=True)
+        second = st["next"] - time.monotonic()
+        self.assertEqual(st["fails"], fails + 1)
+        self.assertTrue(0 < first < second < 3600, (first, second))
+        self.assertIn("HTTP 500", h.call("GET", "/health").json()["discovery"]["ollama"]["error"])
+        self.assertIsInstance(changed, bool)
+
+
+# =================================================================================================
+# 4. Routing: names, intent, routes, capabilities, health, affinity
 # =================================================================================================
 
 class ModelNameTests(RouterCase):
@@ -1662,762 +2951,6 @@ class ModelNameTests(RouterCase):
         r, _ = self.ask("openai", client_body("openai", "whatever-name", False), {"X-Router-Route": "claude-first"})
         self.assertEqual(r.headers["x-router-provider"], "an")
 
-
-FAILOVER_STATUSES = (408, 409, 429, 500, 502, 503, 529)
-
-
-class FailoverTests(RouterCase):
-    def test_failover_statuses_reach_next_candidate(self):
-        for status in FAILOVER_STATUSES:
-            for stream in (False, True):
-                with self.subTest(status=status, stream=stream):
-                    self.setUp()
-                    self.oa.push(Reply(status=status, body={"error": {"message": f"status {status}"}}))
-                    self.an.push(Reply(text="from anthropic"))
-                    r, got = self.ask("openai", client_body("openai", "chat", stream))
-                    self.assertEqual(got["text"], "from anthropic")
-                    self.assertEqual(r.headers["x-router-provider"], "an")
-                    self.assertEqual(r.headers["x-router-attempts"], "2")
-
-    def test_connect_error_fails_over(self):
-        r, got = self.ask("anthropic", client_body("anthropic", "deadfirst", True))
-        self.assertEqual(r.headers["x-router-provider"], "oa")
-        self.assertTrue(got["done"])
-
-    def test_first_byte_timeout_fails_over(self):
-        self.oa.push(Reply(stall="headers"))
-        r, got = self.ask("openai", client_body("openai", "slowfirst", True))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-
-    def test_stall_before_first_event_fails_over(self):
-        self.oa.push(Reply(stall="body"))
-        r, got = self.ask("openai", client_body("openai", "slowfirst", True))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-
-    def test_in_stream_error_before_content_fails_over(self):
-        for client in ("openai", "anthropic"):
-            with self.subTest(client=client):
-                self.setUp()
-                self.an.push(Reply(error_first=True))
-                r, got = self.ask(client, client_body(client, "claude-first", True))
-                self.assertEqual(r.headers["x-router-provider"], "oa")
-                self.assertIsNone(got["error"])
-
-    def test_empty_reply_fails_over_and_is_the_last_resort(self):
-        self.oa.push(Reply(empty=True))
-        r, got = self.ask("openai", client_body("openai", "chat", True))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-        # Every candidate empty: the client gets the (empty) answer, not an error.
-        self.setUp()
-        for f in (self.oa, self.an, self.oa2):
-            f.push(Reply(empty=True))
-        for stream in (False, True):
-            with self.subTest(stream=stream):
-                self.setUp()
-                for f in (self.oa, self.an, self.oa2):
-                    f.push(Reply(empty=True))
-                r, got = self.ask("openai", client_body("openai", "chat", stream))
-                self.assertEqual(got["text"], "")
-                self.assertEqual(got["finish"], "stop")
-
-    def test_next_key_is_tried_before_next_candidate(self):
-        self.oa.push(Reply(status=429, headers={"Retry-After": "20"}), Reply(text="second key"))
-        r, got = self.ask("openai", client_body("openai", "pool/pooled", False))
-        self.assertEqual(got["text"], "second key")
-        self.assertEqual([q["headers"]["authorization"] for q in self.oa.requests],
-                         ["Bearer sk-pool-A", "Bearer sk-pool-B"])
-        self.assertEqual(r.headers["x-router-attempts"], "1")
-        # The rate-limited key now cools down: the next request starts with key B.
-        self.ask("openai", client_body("openai", "pool/pooled", False))
-        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer sk-pool-B")
-
-    def test_401_disables_the_key_until_reload(self):
-        self.oa.push(Reply(status=401, body={"error": {"message": "bad key"}}))
-        self.ask("openai", client_body("openai", "pool/pooled", False))
-        self.ask("openai", client_body("openai", "pool/pooled", False))
-        self.assertEqual([q["headers"]["authorization"] for q in self.oa.requests],
-                         ["Bearer sk-pool-A", "Bearer sk-pool-B", "Bearer sk-pool-B"])
-
-    def test_403_on_every_key_moves_to_next_candidate(self):
-        self.oa.push(Reply(status=403), Reply(status=403))
-        r, _ = self.ask("openai", client_body("openai", "pool/pooled", False))
-        self.assertEqual(r.headers["x-router-provider"], "oa2")
-
-    def test_context_length_error_moves_on(self):
-        self.oa.push(Reply(status=400, body={"error": {"message": "This model's maximum context length is 8192 tokens",
-                                                       "type": "invalid_request_error", "code": "context_length_exceeded"}}))
-        r, _ = self.ask("openai", client_body("openai", "chat", False))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-        too_long = {"type": "error", "error": {"type": "invalid_request_error",
-                                               "message": "prompt is too long: 300000 tokens > 200000 maximum"}}
-        # A smaller window than the one that overflowed is not tried; a larger one is.
-        self.an.push(Reply(status=400, body=too_long))
-        r = self.post("openai", client_body("openai", "claude-first", False))
-        # No larger window left: the provider's 400 in the client's dialect, so the SDK does not retry it.
-        self.assertEqual(r.status, 400)
-        err = r.json()["error"]
-        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "context_length_exceeded"))
-        self.assertIn("prompt is too long", err["message"])
-        self.assertIn("oa/gpt-test: skipped: context window 100000", err["message"])
-        self.setUp()
-        self.oa.push(Reply(status=400, body={"error": {"message": "maximum context length is 100000 tokens"}}))
-        self.an.push(Reply(status=400, body=too_long))
-        r, _ = self.ask("openai", client_body("openai", "chat", False))
-        self.assertEqual(r.headers["x-router-provider"], "oa2")
-        self.assertEqual(r.headers["x-router-attempts"], "3")
-
-    def test_other_4xx_is_returned_as_is(self):
-        bad = {"error": {"message": "temperature: bad", "type": "invalid_request_error", "param": "temperature", "code": None}}
-        self.oa.push(Reply(status=400, body=bad))
-        r = self.post("openai", client_body("openai", "chat", True))
-        self.assertEqual(r.status, 400)
-        self.assertEqual(r.body, self.oa.sent[-1], "same dialect: the provider's bytes")
-        self.assertEqual(len(self.an.requests), 0)
-        self.oa.push(Reply(status=422, body=bad))
-        r = self.post("anthropic", client_body("anthropic", "chat", False))
-        self.assertEqual(r.status, 422)
-        self.assertEqual(r.json()["error"]["type"], "invalid_request_error")
-        self.assertIn("temperature: bad", r.json()["error"]["message"])
-
-    def test_retry_after_sets_the_cooldown_and_cooling_candidates_are_skipped(self):
-        self.oa.push(Reply(status=429, headers={"Retry-After": "7"}))
-        self.ask("openai", client_body("openai", "chat", False))
-        left = self.h.router.health.left(("oa", "gpt-test"), time.monotonic())
-        self.assertTrue(6 < left <= 7, left)
-        n = len(self.oa.requests)
-        r, _ = self.ask("openai", client_body("openai", "chat", False))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-        self.assertEqual(len(self.oa.requests), n, "a cooling candidate is not tried while others are healthy")
-        health = call(self.h.port, "GET", "/health").json()
-        model = provider_state(health, "oa", "gpt-test")
-        self.assertEqual(model["state"], "cooling")
-        self.assertIn("HTTP 429", model["reason"])
-
-    def test_cooldown_grows_and_success_resets(self):
-        hl = self.h.router.health
-        hl.fail(("x", "y"))
-        for _ in range(50):      # tried as a last resort while it cools: never lengthens the cooldown
-            hl.fail(("x", "y"))
-        self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), 30)
-        for _ in range(2):       # two half-open trials fail: 60 s, then 120 s
-            hl.state[("x", "y")].until = time.monotonic() - 1
-            hl.fail(("x", "y"))
-        self.assertGreater(hl.left(("x", "y"), time.monotonic()), 100)
-        for _ in range(5000):   # a provider down for days: capped, never an overflow
-            hl.state[("x", "y")].until = time.monotonic() - 1
-            hl.fail(("x", "y"))
-        self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), R.DEFAULT_SETTINGS["max_cooldown_seconds"])
-        hl.ok(("x", "y"))
-        self.assertEqual(hl.left(("x", "y"), time.monotonic()), 0)
-
-    def test_all_cooling_still_tries_the_soonest(self):
-        hl = self.h.router.health
-        hl.fail(("oa", "gpt-test"), 50)
-        hl.fail(("an", "claude-test"), 5)
-        hl.fail(("oa2", "gpt-backup"), 100)
-        r, _ = self.ask("openai", client_body("openai", "chat", False))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-
-    def test_all_rate_limited_is_429_with_retry_after(self):
-        for f, ra in ((self.oa, "9"), (self.an, "4"), (self.oa2, "12")):
-            f.push(Reply(status=429, headers={"Retry-After": ra}, body={"error": {"message": "slow down"}}))
-        for dialect in ("openai", "anthropic"):
-            with self.subTest(dialect=dialect):
-                if dialect == "anthropic":
-                    self.setUp()
-                    for f, ra in ((self.oa, "9"), (self.an, "4"), (self.oa2, "12")):
-                        f.push(Reply(status=429, headers={"Retry-After": ra}, body={"error": {"message": "slow down"}}))
-                r = self.post(dialect, client_body(dialect, "chat", True))
-                self.assertEqual(r.status, 429)
-                self.assertEqual(r.headers["retry-after"], "4")
-                msg = r.json()["error"]["message"]
-                for name in ("oa/gpt-test", "an/claude-test", "oa2/gpt-backup"):
-                    self.assertIn(name, msg)
-
-    def test_all_failed_mixed_is_502_listing_attempts(self):
-        self.oa.push(Reply(status=500, body={"error": {"message": "kaput"}}))
-        self.an.push(Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
-        self.oa2.push(Reply(status=502))
-        r = self.post("anthropic", client_body("anthropic", "chat", False))
-        self.assertEqual(r.status, 502)
-        err = r.json()["error"]
-        self.assertEqual(err["type"], "api_error")
-        self.assertIn("oa/gpt-test: HTTP 500: kaput", err["message"])
-        self.assertIn("an/claude-test: HTTP 529: Overloaded", err["message"])
-
-    def test_failure_after_first_byte_is_an_error_event(self):
-        for client, model, fake in (("openai", "oa/gpt-test", "oa"), ("anthropic", "oa/gpt-test", "oa"),
-                                    ("anthropic", "an/claude-test", "an"), ("openai", "an/claude-test", "an")):
-            for how in ("cut", "stall"):
-                with self.subTest(client=client, model=model, how=how):
-                    self.setUp()
-                    kw = {"cut_after": 3} if how == "cut" else {"stall_after": 3}
-                    if how == "stall":
-                        model = model.replace("oa/gpt-test", "slow/sloth")
-                        if "slow" not in model:
-                            continue
-                    getattr(self, fake).push(Reply(text="a long answer that will break", **kw))
-                    r = self.post(client, client_body(client, model, True))
-                    self.assertEqual(r.status, 200)
-                    got = READERS[client](r, True)
-                    self.assertTrue(got["text"], "some content arrived before the failure")
-                    self.assertIsNotNone(got["error"], r.body)
-                    if client == "openai":
-                        self.assertTrue(r.body.endswith(b"data: [DONE]\n\n"))
-                    else:
-                        self.assertFalse(got["done"], "no message_stop after an error")
-
-
-class FrontTests(RouterCase):
-    def test_health_head_and_unknown_paths(self):
-        self.assertEqual(self.h.call("HEAD", "/").status, 200)
-        self.assertEqual(self.h.call("GET", "/health").json()["status"], "ok")
-        r = self.h.call("GET", "/v1/nothing")
-        self.assertEqual(r.status, 404)
-        self.assertEqual(r.json()["error"]["type"], "not_found_error")
-        r = self.h.call("POST", "/v1/messages/nothing", {}, {"anthropic-version": "2023-06-01"})
-        self.assertEqual(r.status, 404)
-        self.assertEqual(r.json()["type"], "error")
-        r = self.h.call("GET", "/v1/chat/completions")
-        self.assertEqual(r.status, 405)
-
-    def test_query_strings_and_unprefixed_paths(self):
-        r, _ = self.ask("anthropic", client_body("anthropic", "an/claude-test", True), None)
-        r = self.h.call("POST", "/v1/messages?beta=true", client_body("anthropic", "an/claude-test", False))
-        self.assertEqual(r.status, 200)
-        r = self.h.call("POST", "/chat/completions", client_body("openai", "oa/gpt-test", False))
-        self.assertEqual(r.status, 200)
-
-    def test_models_list_in_both_shapes(self):
-        oa = self.h.call("GET", "/v1/models").json()
-        ids = {m["id"] for m in oa["data"]}
-        self.assertEqual(oa["object"], "list")
-        self.assertTrue({"chat", "oa/gpt-test", "an/claude-test", "gpt-test", "claude-test"} <= ids)
-        self.assertNotIn("shared-model", ids, "a bare id served by two providers is ambiguous")
-        self.assertNotIn("nokey/locked", ids)
-        an = self.h.call("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
-        self.assertEqual(an["data"][0]["type"], "model")
-        self.assertFalse(an["has_more"])
-        one = self.h.call("GET", "/v1/models/oa/gpt-test").json()
-        self.assertEqual(one["id"], "oa/gpt-test")
-
-    def test_count_tokens_forwarded_or_estimated(self):
-        self.an.push(Reply(count=4242))
-        body = {"model": "an/claude-test", "messages": [{"role": "user", "content": "hello there"}]}
-        r = self.h.call("POST", "/v1/messages/count_tokens?beta=true", body, {"anthropic-beta": "b1"})
-        self.assertEqual(r.json(), {"input_tokens": 4242})
-        self.assertEqual(self.an.requests[-1]["path"], "/v1/messages/count_tokens")
-        self.assertEqual(self.an.requests[-1]["body"]["model"], "claude-test")
-        body = {"model": "oa/gpt-test", "system": "s" * 400, "messages": [{"role": "user", "content": "x" * 4000}]}
-        n = self.h.call("POST", "/v1/messages/count_tokens", body).json()["input_tokens"]
-        self.assertTrue(900 < n < 1300, n)
-        self.assertEqual(len(self.oa.requests), 0)
-
-    def test_bad_input_names_the_field_in_the_clients_dialect(self):
-        cases = [
-            ("openai", b"{not json", "body"),
-            ("openai", b"", "body"),
-            ("openai", {"model": "chat"}, "messages"),
-            ("openai", {"model": 5, "messages": []}, "model"),
-            ("openai", {"model": "chat", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-            ("openai", {"model": "chat", "messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
-            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
-            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
-            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
-            ("anthropic", {"model": "chat", "max_tokens": "lots", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
-            ("anthropic", {"model": "chat", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-             "messages[0].content[0].source.data"),
-            ("anthropic", {"model": "chat", "max_tokens": 5, "messages": "hi"}, "messages"),
-            ("anthropic", [1, 2], "body"),
-        ]
-        for dialect, body, field in cases:
-            with self.subTest(body=str(body)[:60]):
-                r = self.post(dialect, body)
-                self.assertEqual(r.status, 400, r)
-                obj = r.json()
-                if dialect == "openai":
-                    self.assertEqual(obj["error"]["type"], "invalid_request_error")
-                else:
-                    self.assertEqual(obj["type"], "error")
-                    self.assertEqual(obj["error"]["type"], "invalid_request_error")
-                self.assertTrue(obj["error"]["message"].startswith(field), obj["error"]["message"])
-        self.assertEqual(len(self.oa.requests) + len(self.an.requests) + len(self.oa2.requests), 0)
-
-    def test_keep_alive_and_chunked_request_bodies(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.h.port, timeout=10)
-        for _ in range(3):
-            conn.request("POST", "/v1/chat/completions", json.dumps(client_body("openai", "oa/gpt-test", True)),
-                         {"Content-Type": "application/json"})
-            r = conn.getresponse()
-            self.assertEqual(r.status, 200)
-            self.assertIn(b"[DONE]", r.read())
-        body = json.dumps(client_body("openai", "oa/gpt-test", False)).encode()
-        conn.request("POST", "/v1/chat/completions", iter([body[:10], body[10:]]),
-                     {"Content-Type": "application/json"}, encode_chunked=True)
-        r = conn.getresponse()
-        self.assertEqual(r.status, 200, r.read())
-        r.read()
-        conn.close()
-
-    def test_upstream_connections_are_pooled_and_stale_ones_retried(self):
-        before = self.oa.connections
-        for _ in range(20):
-            self.ask("openai", client_body("openai", "oa/gpt-test", False))
-        self.assertLessEqual(self.oa.connections - before, 2)
-        # The provider drops each connection after answering, without saying so: no request fails.
-        for _ in range(5):
-            self.oa.push(Reply(close=True))
-        for _ in range(5):
-            self.ask("openai", client_body("openai", "oa/gpt-test", False))
-
-    def test_keys_never_appear_in_replies_or_logs(self):
-        stream = io.StringIO()
-        handler = logging.StreamHandler(stream)
-        R.log.addHandler(handler)
-        old = R.log.level
-        R.log.setLevel(logging.DEBUG)
-        try:
-            self.oa.push(Reply(status=401), Reply(status=401))
-            self.an.push(Reply(status=500))
-            self.oa2.push(Reply(status=500))
-            bodies = [self.post("openai", client_body("openai", "pool/pooled", False)).body,
-                      self.post("openai", client_body("openai", "chat", False)).body,
-                      self.h.call("GET", "/health").body, self.h.call("GET", "/v1/models").body,
-                      self.post("openai", client_body("openai", "nope", False)).body]
-        finally:
-            R.log.removeHandler(handler)
-            R.log.setLevel(old)
-        text = b"".join(bodies).decode() + stream.getvalue()
-        self.assertIn("rejected", stream.getvalue())
-        for secret in ("SECRET", "sk-pool-A", "sk-pool-B"):
-            self.assertNotIn(secret, text)
-
-
-class AuthTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.oa = FakeProvider("openai")
-        cfg = {"providers": {"oa": {"api": "openai", "base_url": cls.oa.base_url, "api_key": "k", "models": {"m": {}}}},
-               "routes": {}, "settings": {"max_body_bytes": 2000, "client_header_timeout": 0.5,
-                                                "client_body_timeout": 0.5}}
-        cls.h = Harness(cfg, {"SAGE_ROUTER_API_KEY": "router-key-123"})
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.h.close()
-        cls.oa.close()
-
-    def test_router_key_is_required_and_accepted_both_ways(self):
-        body = client_body("openai", "m", False)
-        r = self.h.call("POST", "/v1/chat/completions", body)
-        self.assertEqual(r.status, 401)
-        self.assertEqual(r.json()["error"]["type"], "authentication_error")
-        r = self.h.call("POST", "/v1/messages", client_body("anthropic", "m", False), {"x-api-key": "wrong"})
-        self.assertEqual(r.status, 401)
-        self.assertEqual(r.json()["error"]["type"], "authentication_error")
-        self.assertEqual(self.h.call("POST", "/v1/chat/completions", body, {"Authorization": "Bearer router-key-123"}).status, 200)
-        self.assertEqual(self.h.call("POST", "/v1/messages", client_body("anthropic", "m", False),
-                                     {"x-api-key": "router-key-123"}).status, 200)
-        self.assertEqual(self.h.call("GET", "/v1/models").status, 401)
-        self.assertEqual(self.h.call("GET", "/health").status, 200)
-        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer k", "the router key is not forwarded")
-
-    def test_body_limit_is_413(self):
-        body = client_body("openai", "m", False, text="x" * 5000)
-        r = self.h.call("POST", "/v1/chat/completions", body, {"Authorization": "Bearer router-key-123"})
-        self.assertEqual(r.status, 413)
-        self.assertIn("limit", r.json()["error"]["message"])
-
-    def test_slow_client_is_cut_off(self):
-        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")   # ... and never finishes
-        self.assertEqual(s.recv(100), b"", "the router closes a connection that stalls in its headers")
-        s.close()
-        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-                  b"Authorization: Bearer router-key-123\r\n\r\n{\"mod")
-        data = s.recv(1000)
-        self.assertTrue(data == b"" or data.startswith(b"HTTP/1.1 408"), data)
-        s.close()
-
-
-# =================================================================================================
-# SDK conformance (skipped when the SDKs are absent; CI installs them)
-# =================================================================================================
-
-try:
-    import openai
-except ImportError:
-    openai = None
-try:
-    import anthropic
-except ImportError:
-    anthropic = None
-
-
-@unittest.skipIf(openai is None, "the openai SDK is not installed")
-class OpenAISDKTests(RouterCase):
-    def client(self):
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
-
-    def test_chat_whole_and_streamed_with_tools_against_both_providers(self):
-        c = self.client()
-        tools = [WEATHER_OA]
-        for model, fake in (("oa/gpt-test", self.oa), ("an/claude-test", self.an)):
-            with self.subTest(model=model, stream=False):
-                fake.push(Reply(text="Sure.", tools=[("toolu_7", "get_weather", {"city": "Paris"})]))
-                r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "Weather?"}], tools=tools)
-                m = r.choices[0].message
-                self.assertEqual(r.choices[0].finish_reason, "tool_calls")
-                self.assertEqual(m.tool_calls[0].function.name, "get_weather")
-                self.assertEqual(json.loads(m.tool_calls[0].function.arguments), {"city": "Paris"})
-                self.assertEqual(r.usage.prompt_tokens, 11)
-                # Second turn with the tool result.
-                fake.push(Reply(text="It is sunny in Paris."))
-                r2 = c.chat.completions.create(model=model, tools=tools, messages=[
-                    {"role": "user", "content": "Weather?"}, m.model_dump(exclude_none=True),
-                    {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "sunny"}])
-                self.assertEqual(r2.choices[0].message.content, "It is sunny in Paris.")
-            with self.subTest(model=model, stream=True):
-                fake.push(Reply(text="Streaming!", tools=[("toolu_8", "get_weather", {"city": "Rome"})]))
-                text, args, finish, usage = "", "", None, None
-                with c.chat.completions.create(model=model, stream=True, stream_options={"include_usage": True},
-                                               messages=[{"role": "user", "content": "Weather?"}], tools=tools) as s:
-                    for chunk in s:
-                        if chunk.usage:
-                            usage = chunk.usage
-                        for ch in chunk.choices:
-                            text += ch.delta.content or ""
-                            for tc in ch.delta.tool_calls or []:
-                                args += tc.function.arguments or ""
-                            finish = ch.finish_reason or finish
-                self.assertEqual(text, "Streaming!")
-                self.assertEqual(json.loads(args), {"city": "Rome"})
-                self.assertEqual(finish, "tool_calls")
-                self.assertEqual(usage.completion_tokens, 7)
-
-    def test_responses_api_whole_and_streamed(self):
-        c = self.client()
-        tools = [dict(WEATHER_OA["function"], type="function")]
-        for model, fake, tid in (("an/claude-test", self.an, "toolu_r1"), ("oa/gpt-test", self.oa, "call_r1")):
-            with self.subTest(model=model):
-                fake.push(Reply(text="Checking.", tools=[(tid, "get_weather", {"city": "Bern"})]))
-                r = c.responses.create(model=model, input="Weather in Bern?", instructions="Be brief.", tools=tools)
-                self.assertEqual(r.status, "completed")
-                calls = [o for o in r.output if o.type == "function_call"]
-                self.assertEqual((calls[0].name, json.loads(calls[0].arguments)), ("get_weather", {"city": "Bern"}))
-                self.assertEqual(r.output_text, "Checking.")
-                fake.push(Reply(text="It is sunny."))
-                r2 = c.responses.create(model=model, tools=tools, input=[
-                    {"role": "user", "content": "Weather in Bern?"},
-                    {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
-                    {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
-                self.assertEqual(r2.output_text, "It is sunny.")
-                fake.push(Reply(text="Streamed answer.", thinking="brief thought"))
-                kinds, text = [], ""
-                with c.responses.stream(model=model, input="Stream please") as s:
-                    for ev in s:
-                        kinds.append(ev.type)
-                        if ev.type == "response.output_text.delta":
-                            text += ev.delta
-                    final = s.get_final_response()
-                self.assertEqual(text, "Streamed answer.")
-                self.assertEqual(final.output_text, "Streamed answer.")
-                self.assertEqual(kinds[0], "response.created")
-                self.assertEqual(kinds[-1], "response.completed")
-                self.assertIn("response.reasoning_summary_text.delta", kinds)
-
-    def test_sdk_errors_and_models(self):
-        c = self.client()
-        self.h.router.catalogue.strict = True
-        self.addCleanup(setattr, self.h.router.catalogue, "strict", False)
-        with self.assertRaises(openai.NotFoundError):
-            c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-        for f in (self.oa, self.an, self.oa2):
-            f.push(Reply(status=429, headers={"Retry-After": "3"}))
-        with self.assertRaises(openai.RateLimitError):
-            c.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
-        self.an.push(Reply(cut_after=4, text="abcdefghijklmnop"))
-        with self.assertRaises(openai.APIError):
-            for _ in c.chat.completions.create(model="an/claude-test", stream=True,
-                                               messages=[{"role": "user", "content": "x"}]):
-                pass
-        self.assertIn("chat", [m.id for m in c.models.list()])
-
-
-@unittest.skipIf(anthropic is None, "the anthropic SDK is not installed")
-class AnthropicSDKTests(RouterCase):
-    def client(self):
-        return anthropic.Anthropic(base_url=f"http://127.0.0.1:{self.h.port}", api_key="unused", max_retries=0)
-
-    def test_messages_whole_and_streamed_with_tools_against_both_providers(self):
-        c = self.client()
-        for model, fake in (("an/claude-test", self.an), ("oa/gpt-test", self.oa)):
-            with self.subTest(model=model, stream=False):
-                fake.push(Reply(text="Let me check.", thinking="need weather", tools=[("call_5", "get_weather", {"city": "Oslo"})]))
-                m = c.messages.create(model=model, max_tokens=200, tools=[WEATHER_AN],
-                                      messages=[{"role": "user", "content": "Weather?"}])
-                self.assertEqual(m.stop_reason, "tool_use")
-                tu = [b for b in m.content if b.type == "tool_use"][0]
-                self.assertEqual((tu.name, tu.input), ("get_weather", {"city": "Oslo"}))
-                fake.push(Reply(text="Cold."))
-                m2 = c.messages.create(model=model, max_tokens=200, tools=[WEATHER_AN], messages=[
-                    {"role": "user", "content": "Weather?"},
-                    {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tu.id, "content": "-3C"}]}])
-                self.assertEqual(m2.content[0].text, "Cold.")
-            with self.subTest(model=model, stream=True):
-                fake.push(Reply(text="Streamed reply.", thinking="hmm", tools=[("call_6", "get_weather", {"city": "Lima"})]))
-                with c.messages.stream(model=model, max_tokens=200, tools=[WEATHER_AN],
-                                       messages=[{"role": "user", "content": "Weather?"}]) as s:
-                    final = s.get_final_message()
-                kinds = [b.type for b in final.content]
-                self.assertEqual(kinds, ["thinking", "text", "tool_use"])
-                self.assertEqual(final.content[1].text, "Streamed reply.")
-                self.assertEqual(final.content[2].input, {"city": "Lima"})
-                self.assertEqual(final.stop_reason, "tool_use")
-                self.assertEqual(final.usage.output_tokens, 7)
-
-    def test_sdk_errors_count_tokens_and_models(self):
-        c = self.client()
-        self.h.router.catalogue.strict = True
-        self.addCleanup(setattr, self.h.router.catalogue, "strict", False)
-        with self.assertRaises(anthropic.NotFoundError):
-            c.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
-        n = c.messages.count_tokens(model="oa/gpt-test", messages=[{"role": "user", "content": "hello " * 100}])
-        self.assertGreater(n.input_tokens, 50)
-        self.oa.push(Reply(cut_after=4, text="abcdefghijklmnop"))
-        with self.assertRaises(anthropic.APIStatusError):
-            with c.messages.stream(model="oa/gpt-test", max_tokens=20, messages=[{"role": "user", "content": "x"}]) as s:
-                s.get_final_message()
-        self.assertIn("chat", [m.id for m in c.models.list()])
-
-
-# =================================================================================================
-# Benchmark (not a test): python3 test_router.py bench
-# =================================================================================================
-
-BENCH_REPLY = json.dumps(openai_json(Reply(text="Hello from the fast fake."), "m")).encode()
-BENCH_STREAM = b"".join(openai_events(Reply(text="Hello from the fast fake, streamed."), "m", True))
-
-
-def fast_fake_main(port_q):
-    """A minimal asyncio HTTP/1.1 OpenAI-compatible provider (one process, no http.server
-    parsing), so that the provider is never the bottleneck. GET /connections tells how many TCP
-    connections it has accepted."""
-    import asyncio
-    state = {"conns": 0}
-
-    async def handle(reader, writer):
-        state["conns"] += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                body = await reader.readexactly(length) if length else b""
-                if head.startswith(b"GET /connections"):
-                    data = str(state["conns"]).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-                elif b'"stream":true' in body or b'"stream": true' in body:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(BENCH_STREAM), BENCH_STREAM))
-                else:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                                 % (len(BENCH_REPLY), BENCH_REPLY))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
-            pass
-        writer.close()
-
-    async def main():
-        srv = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-        port_q.put(srv.sockets[0].getsockname()[1])
-        await srv.serve_forever()
-    asyncio.run(main())
-
-
-def _rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _wrk(url, body, conc, seconds):
-    """Run wrk (Debian package) and return (requests/s, p50 ms, p99 ms, requests)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                f"wrk.body = {json.dumps(body.decode())}\n")
-        script = f.name
-    threads = max(1, min(conc, 2))
-    out = subprocess.run([shutil.which("wrk"), f"-t{threads}", f"-c{conc}", f"-d{seconds}s", "--latency", "-s", script, url],
-                         capture_output=True, text=True).stdout
-    os.unlink(script)
-
-    def ms(label):
-        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\b", out, re.M)
-        v = float(m.group(1))
-        return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    if errors:
-        print("   wrk reported errors:", errors.group(0))
-    return rps, ms("50"), ms("99"), reqs
-
-
-def _py_latencies(port, path, body, n, stream=False):
-    """Sequential requests on one keep-alive connection; per-request wall times (and time to the
-    first body byte when streaming)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        if stream:
-            r.read1(1)
-            times.append(time.perf_counter() - t0)
-            r.read()
-        else:
-            r.read()
-            times.append(time.perf_counter() - t0)
-    conn.close()
-    times.sort()
-    return times
-
-
-def bench(log_level="info"):
-    """The router as a user runs it: default log level (a line a request, to a file as a journal
-    would take it) and the request log on. `bench --log-level warning` measures it quieter."""
-    import multiprocessing
-    q = multiprocessing.Queue()
-    fake = multiprocessing.Process(target=fast_fake_main, args=(q,), daemon=True)
-    fake.start()
-    fport = q.get(timeout=10)
-    tmp = tempfile.mkdtemp()
-    cfg = {"providers": {"fast": {"api": "openai", "base_url": f"http://127.0.0.1:{fport}/v1", "api_key": "k",
-                                  "models": {"m": {}}}}, "routes": {"default": ["fast/m"]}}
-    with open(os.path.join(tmp, "providers.json"), "w") as f:
-        json.dump(cfg, f)
-    rport = closed_port()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(rport), "--config",
-                             os.path.join(tmp, "providers.json"), "--env-file", "/dev/null", "--data-dir", tmp,
-                             "--log-level", log_level], cwd=tmp, env=router_env(),
-                            stderr=open(os.path.join(tmp, "router.log"), "w"))
-    while True:
-        try:
-            call(rport, "GET", "/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.002)
-    startup = time.perf_counter() - t0
-    time.sleep(0.5)
-    rss_idle = _rss_kb(proc.pid)
-    body = json.dumps({"model": "fast/m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 20}).encode()
-    sbody = json.dumps({"model": "fast/m", "messages": [{"role": "user", "content": "Say hello."}], "stream": True}).encode()
-    abody = json.dumps({"model": "fast/m", "max_tokens": 20, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
-    direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
-    routed = f"http://127.0.0.1:{rport}/v1/chat/completions"
-    print(f"Sage Router benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, log level {log_level}, "
-          f"request log on, fake provider: asyncio "
-          f"process; load: {'wrk' if shutil.which('wrk') else 'python client processes'}")
-    print(f"start-up (spawn to first /health answer): {startup * 1000:.0f} ms")
-    print(f"RSS idle: {rss_idle / 1024:.1f} MB")
-    # Warm up, and count upstream connections over 1,000 sequential requests.
-    _py_latencies(rport, "/v1/chat/completions", body, 200)
-    c0 = int(call(fport, "GET", "/connections").body)
-    _py_latencies(rport, "/v1/chat/completions", body, 1000)
-    c1 = int(call(fport, "GET", "/connections").body)
-    print(f"upstream connections opened per 1,000 sequential requests: {c1 - c0}")
-    # Latency at concurrency 1 (python client, keep-alive) and streaming first byte.
-    d = _py_latencies(fport, "/v1/chat/completions", body, 2000)
-    r = _py_latencies(rport, "/v1/chat/completions", body, 2000)
-    p = lambda xs, q: xs[int(len(xs) * q)] * 1000  # noqa: E731
-    print(f"concurrency 1: direct p50 {p(d, .5):.3f} ms p99 {p(d, .99):.3f} ms | via router p50 {p(r, .5):.3f} ms "
-          f"p99 {p(r, .99):.3f} ms | added p50 {p(r, .5) - p(d, .5):.3f} ms, p99 {p(r, .99) - p(d, .99):.3f} ms")
-    ds = _py_latencies(fport, "/v1/chat/completions", sbody, 1000, stream=True)
-    rs = _py_latencies(rport, "/v1/chat/completions", sbody, 1000, stream=True)
-    print(f"streaming time to first byte: direct p50 {p(ds, .5):.3f} ms, via router {p(rs, .5):.3f} ms, "
-          f"overhead {p(rs, .5) - p(ds, .5):.3f} ms")
-    ta = _py_latencies(rport, "/v1/messages", abody, 1000)
-    print(f"translated (Anthropic client -> OpenAI provider) p50 {p(ta, .5):.3f} ms, added {p(ta, .5) - p(d, .5):.3f} ms")
-    # Routing cost: intent detection and planning of a 50 KB, 40-turn agent conversation.
-    rt = R.Router(cfg, {}, "bench", tmp)
-    turns = []
-    for i in range(20):
-        turns.append({"role": "user", "content": f"Step {i}: please look at utils/mod{i}.py and fix the failing test. " * 18})
-        turns.append({"role": "assistant", "content": "Looking at it now; the function returns None when the list is empty. " * 18})
-    conv = {"model": "auto", "messages": turns, "tools": [WEATHER_OA]}
-    raw_len = len(json.dumps(conv))
-    req = R.openai_decode_request(conv)
-    n = 2000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        R.plan_request(rt.catalogue, rt.health, req, conv, {})
-    per = (time.perf_counter() - t0) / n * 1000
-    print(f"routing (intent + plan) of a {raw_len / 1024:.0f} KB, {len(turns)}-message conversation: {per:.3f} ms")
-    if shutil.which("wrk"):
-        for conc in (1, 10, 64):
-            drps, dp50, dp99, _ = _wrk(direct, body, conc, 4)
-            cpu0 = _cpu_s(proc.pid)
-            rrps, rp50, rp99, n = _wrk(routed, body, conc, 4)
-            cpu = (_cpu_s(proc.pid) - cpu0) / max(1, n) * 1000
-            print(f"wrk concurrency {conc:>2}: direct {drps:8.0f} req/s p50 {dp50:.3f} ms p99 {dp99:.3f} ms | router "
-                  f"{rrps:7.0f} req/s p50 {rp50:.3f} ms p99 {rp99:.3f} ms | added p50 {rp50 - dp50:.3f} ms "
-                  f"p99 {rp99 - dp99:.3f} ms | router CPU {cpu:.3f} ms/request")
-            if conc == 64:
-                print(f"RSS under load (after c=64): {_rss_kb(proc.pid) / 1024:.1f} MB")
-    proc.terminate()
-    proc.wait(10)
-    fake.terminate()
-
-
-
-
-# =================================================================================================
-# The routing brain: intent, routes, capabilities, health, affinity, per-request control
-# =================================================================================================
-
-TESTDATA = os.path.join(HERE, "testdata")
-
-
-def _req(text, system="", tools=(), history=()):
-    msgs = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
-    msgs.append({"role": "user", "content": [{"type": "text", "text": text}]})
-    return {"model": "auto", "system": [{"type": "text", "text": system}] if system else [], "messages": msgs,
-            "tools": [{"name": n, "description": "", "parameters": {}} for n in tools]}
-
-
-def corpus_f1(path):
-    """Macro-F1 of the intent rules on a labelled JSONL file (a follow-up's history is sent too)."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    counts = {}
-    for r in rows:
-        got = R.detect_intent(_req(r["text"], history=[tuple(h) for h in r.get("history") or ()]))[0]
-        counts[(r["intent"], got)] = counts.get((r["intent"], got), 0) + 1
-    f1s = []
-    for label in R.INTENTS:
-        tp = counts.get((label, label), 0)
-        fp = sum(n for (g, p), n in counts.items() if p == label and g != label)
-        fn = sum(n for (g, p), n in counts.items() if g == label and p != label)
-        prec, rec = tp / max(1, tp + fp), tp / max(1, tp + fn)
-        f1s.append(2 * prec * rec / max(1e-9, prec + rec))
-    return len(rows), sum(f1s) / len(f1s), f1s
-
-
 class IntentTests(unittest.TestCase):
     def test_macro_f1_on_the_held_out_half_the_tuning_half_and_the_public_dev_set(self):
         """The figures the README quotes. The held-out half was never looked at while the rules were
@@ -2486,7 +3019,6 @@ class IntentTests(unittest.TestCase):
         self.assertEqual(R.detect_intent(_req("thanks, and a test for it?", history=hist))[0], "code",
                          "an earlier turn still counts when the latest says little")
 
-
 class IntentModelTests(unittest.TestCase):
     """settings.intent_model: a small model asked only when the rules are unsure."""
 
@@ -2534,7 +3066,6 @@ class IntentModelTests(unittest.TestCase):
                 e = self.explain(f"ok so here is the thing {reply.status} {reply.stall}")
                 self.assertEqual((e["intent"], e["decided_by"]), ("general", "rules"))
                 self.assertEqual(len(self.clf.requests), 1)
-
 
 class RoutingTests(RouterCase):
     def explain(self, body, headers=None):
@@ -2646,127 +3177,6 @@ class RoutingTests(RouterCase):
         self.assertEqual(e["route"], "creative")
         self.assertEqual(self.post("openai", client_body("openai", "x", False), {"X-Router-Route": "nope"}).status, 404)
 
-
-class HealthTests(RouterCase):
-    settings = dict(RouterCase.settings, breaker_threshold=2)
-
-    def test_breaker_opens_after_threshold_and_half_open_trial_closes_it(self):
-        hl = self.h.router.health
-        key = ("oa", "gpt-test")
-        now = time.monotonic()
-        hl.fail(key)
-        self.assertEqual(hl.left(key, now), 0, "one failure is below the threshold of 2")
-        hl.fail(key)
-        self.assertGreater(hl.left(key, time.monotonic()), 25)
-        hl.state[key].until = time.monotonic() - 1          # the cooldown has run out: half-open
-        self.assertEqual(hl.left(key, time.monotonic()), 0)
-        hl.begin(key, time.monotonic())
-        self.assertGreater(hl.left(key, time.monotonic()), 0, "while the trial runs, others wait")
-        hl.ok(key, 0.05)
-        self.assertEqual(hl.left(key, time.monotonic()), 0)
-        self.assertEqual(hl.state[key].opens, 0)
-        hl.fail(key)
-        hl.fail(key)
-        self.assertLess(hl.left(key, time.monotonic()), 31, "cooldown starts again from the base after a close")
-        hl.fail(key)
-        self.assertLess(hl.left(key, time.monotonic()), 31, "a failure while it cools does not lengthen it")
-        hl.state[key].until = time.monotonic() - 1
-        hl.fail(key)
-        self.assertGreater(hl.left(key, time.monotonic()), 55, "... a failed half-open trial doubles it")
-
-    def test_rate_limit_reset_headers_and_quota(self):
-        self.oa.push(Reply(status=429, headers={"x-ratelimit-reset-requests": "42s"}, body={"error": {"message": "slow"}}))
-        self.ask("openai", client_body("openai", "chat", False))
-        left = self.h.router.health.left(("oa", "gpt-test"), time.monotonic())
-        self.assertTrue(40 < left <= 42, left)
-        self.assertEqual(R.retry_after_seconds({"anthropic-ratelimit-requests-reset": "2100-01-01T00:00:00Z"}, 429) > 1e9, True)
-        self.assertAlmostEqual(R.retry_after_seconds({"x-ratelimit-reset-tokens": "6m0s"}, 429), 360)
-        self.setUp()
-        self.oa.push(Reply(status=429, body={"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}))
-        r, _ = self.ask("openai", client_body("openai", "chat", False))
-        self.assertEqual(r.headers["x-router-provider"], "an")
-        key_left = self.h.router.health.left(("key", "oa", 0), time.monotonic())
-        self.assertGreater(key_left, 3000, "quota exhaustion cools the key for long")
-        e = self.h.call("POST", "/v1/route", client_body("openai", "chat", False)).json()
-        self.assertEqual(e["candidates"][-1]["provider"], "oa", "a provider whose keys all cool down goes last")
-
-    def test_connect_failure_cools_the_whole_provider(self):
-        self.ask("openai", client_body("openai", "deadfirst", False, text="one"))
-        self.ask("openai", client_body("openai", "deadfirst", False, text="two"))
-        hl = self.h.router.health
-        self.assertGreater(hl.left(("provider", "dead"), time.monotonic()), 0)
-        health = call(self.h.port, "GET", "/health").json()
-        dead = provider_state(health, "dead")
-        self.assertEqual(dead["state"], "cooling")
-        self.assertIn("cannot connect", dead["reason"])
-        self.assertEqual(provider_state(health, "dead", "ghost")["state"], "ok", "the provider cools, not each model")
-
-    def test_latency_is_tracked(self):
-        self.ask("openai", client_body("openai", "oa/gpt-test", False))
-        b = self.h.router.health.state[("oa", "gpt-test")]
-        self.assertIsNotNone(b.latency)
-        self.assertIn("latency_ms", provider_state(call(self.h.port, "GET", "/health").json(), "oa", "gpt-test"))
-
-    def test_health_survives_a_restart(self):
-        with tempfile.TemporaryDirectory() as d:
-            h1 = Harness(self.cfg, data_dir=d)
-            try:
-                self.oa.push(Reply(status=429, headers={"Retry-After": "300"}))
-                call(h1.port, "POST", "/v1/chat/completions", client_body("openai", "chat", False))
-                self.oa.push(Reply(status=429, headers={"Retry-After": "400"}))
-                call(h1.port, "POST", "/v1/chat/completions", client_body("openai", "pool/pooled", False))
-            finally:
-                h1.close()
-            with open(os.path.join(d, "health.json")) as f:
-                saved = f.read()
-            self.assertNotIn("sk-pool", saved, "keys are stored as fingerprints only")
-            h2 = Harness(self.cfg, data_dir=d)
-            try:
-                hl = h2.router.health
-                self.assertTrue(290 < hl.left(("oa", "gpt-test"), time.monotonic()) <= 300)
-                self.assertTrue(390 < hl.left(("key", "pool", 0), time.monotonic()) <= 400)
-            finally:
-                h2.close()
-
-
-class AffinityTests(RouterCase):
-    def test_conversation_stays_on_its_model_and_moves_without_foreign_thinking(self):
-        # Turn 1 goes to the first candidate of the route (an, the Anthropic provider).
-        first = {"model": "code", "max_tokens": 100, "system": "You are helpful.",
-                 "messages": [{"role": "user", "content": "Refactor my parser please"}]}
-        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigFromAn"))
-        r, got = self.ask("anthropic", first)
-        self.assertEqual(r.headers["x-router-provider"], "an")
-        turn2 = dict(first, messages=first["messages"] + [
-            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "EqSigFromAn"},
-                                              {"type": "text", "text": "Sure."}]},
-            {"role": "user", "content": "Go on"}], thinking={"type": "enabled", "budget_tokens": 1024})
-        # The route's order is changed between turns: affinity keeps the conversation on `an`.
-        self.h.router.catalogue.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
-        self.addCleanup(self.h.router.catalogue.routes.__setitem__, "code", [("an", "claude-test"), ("oa", "gpt-test")])
-        r, _ = self.ask("anthropic", turn2)
-        self.assertEqual(r.headers["x-router-provider"], "an")
-        self.assertEqual(self.an.requests[-1]["body"]["messages"][1]["content"][0]["signature"], "EqSigFromAn")
-        # When `an` fails, the conversation moves, and an's signed thinking is not sent elsewhere.
-        self.h.router.catalogue.routes["code"] = [("an", "claude-test"), ("oa", "gpt-test")]
-        self.an.push(Reply(status=503))
-        r, _ = self.ask("anthropic", turn2)
-        self.assertEqual(r.headers["x-router-provider"], "oa")
-        sent = json.dumps(self.oa.requests[-1]["body"])
-        self.assertNotIn("EqSigFromAn", sent)
-        self.assertNotIn("reasoning_effort", self.oa.requests[-1]["body"])
-
-    def test_moving_between_anthropic_providers_strips_thinking_on_passthrough(self):
-        body = R.anthropic_strip_thinking({"model": "m", "thinking": {"type": "enabled", "budget_tokens": 2000},
-                                           "messages": [{"role": "user", "content": "hi"},
-                                                        {"role": "assistant", "content": [
-                                                            {"type": "thinking", "thinking": "t", "signature": "s"},
-                                                            {"type": "redacted_thinking", "data": "d"},
-                                                            {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]})
-        self.assertEqual([b["type"] for b in body["messages"][1]["content"]], ["tool_use"])
-        self.assertNotIn("thinking", body)
-
-
 class ExplicitModelTests(RouterCase):
     """Issue 9, part 1: the name asked for decides, then affinity."""
 
@@ -2866,18 +3276,86 @@ class ExplicitModelTests(RouterCase):
         self.assertEqual([c["model"] for c in e["candidates"]], ["claude-test", "gpt-backup"],
                          "the model asked for first, then the default route; the pinned oa/gpt-test is not in front")
 
+class HealthTests(RouterCase):
+    settings = dict(RouterCase.settings, breaker_threshold=2)
 
-def wait_rows(h, cond):
-    """The newest request-log rows (newest first), once cond(rows) holds (the writer batches)."""
-    key = {"Authorization": "Bearer " + h.router.router_key} if h.router.router_key else {}
-    rows = []
+    def test_breaker_opens_after_threshold_and_half_open_trial_closes_it(self):
+        hl = self.h.router.health
+        key = ("oa", "gpt-test")
+        now = time.monotonic()
+        hl.fail(key)
+        self.assertEqual(hl.left(key, now), 0, "one failure is below the threshold of 2")
+        hl.fail(key)
+        self.assertGreater(hl.left(key, time.monotonic()), 25)
+        hl.state[key].until = time.monotonic() - 1          # the cooldown has run out: half-open
+        self.assertEqual(hl.left(key, time.monotonic()), 0)
+        hl.begin(key, time.monotonic())
+        self.assertGreater(hl.left(key, time.monotonic()), 0, "while the trial runs, others wait")
+        hl.ok(key, 0.05)
+        self.assertEqual(hl.left(key, time.monotonic()), 0)
+        self.assertEqual(hl.state[key].opens, 0)
+        hl.fail(key)
+        hl.fail(key)
+        self.assertLess(hl.left(key, time.monotonic()), 31, "cooldown starts again from the base after a close")
+        hl.fail(key)
+        self.assertLess(hl.left(key, time.monotonic()), 31, "a failure while it cools does not lengthen it")
+        hl.state[key].until = time.monotonic() - 1
+        hl.fail(key)
+        self.assertGreater(hl.left(key, time.monotonic()), 55, "... a failed half-open trial doubles it")
 
-    def ready():
-        rows[:] = h.call("GET", "/v1/requests?limit=500", headers=key).json()["data"]
-        return cond(rows)
-    assert wait_until(ready), rows[:3]
-    return rows
+    def test_rate_limit_reset_headers_and_quota(self):
+        self.oa.push(Reply(status=429, headers={"x-ratelimit-reset-requests": "42s"}, body={"error": {"message": "slow"}}))
+        self.ask("openai", client_body("openai", "chat", False))
+        left = self.h.router.health.left(("oa", "gpt-test"), time.monotonic())
+        self.assertTrue(40 < left <= 42, left)
+        self.assertEqual(R.retry_after_seconds({"anthropic-ratelimit-requests-reset": "2100-01-01T00:00:00Z"}, 429) > 1e9, True)
+        self.assertAlmostEqual(R.retry_after_seconds({"x-ratelimit-reset-tokens": "6m0s"}, 429), 360)
+        self.setUp()
+        self.oa.push(Reply(status=429, body={"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}))
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        key_left = self.h.router.health.left(("key", "oa", 0), time.monotonic())
+        self.assertGreater(key_left, 3000, "quota exhaustion cools the key for long")
+        e = self.h.call("POST", "/v1/route", client_body("openai", "chat", False)).json()
+        self.assertEqual(e["candidates"][-1]["provider"], "oa", "a provider whose keys all cool down goes last")
 
+    def test_connect_failure_cools_the_whole_provider(self):
+        self.ask("openai", client_body("openai", "deadfirst", False, text="one"))
+        self.ask("openai", client_body("openai", "deadfirst", False, text="two"))
+        hl = self.h.router.health
+        self.assertGreater(hl.left(("provider", "dead"), time.monotonic()), 0)
+        health = call(self.h.port, "GET", "/health").json()
+        dead = provider_state(health, "dead")
+        self.assertEqual(dead["state"], "cooling")
+        self.assertIn("cannot connect", dead["reason"])
+        self.assertEqual(provider_state(health, "dead", "ghost")["state"], "ok", "the provider cools, not each model")
+
+    def test_latency_is_tracked(self):
+        self.ask("openai", client_body("openai", "oa/gpt-test", False))
+        b = self.h.router.health.state[("oa", "gpt-test")]
+        self.assertIsNotNone(b.latency)
+        self.assertIn("latency_ms", provider_state(call(self.h.port, "GET", "/health").json(), "oa", "gpt-test"))
+
+    def test_health_survives_a_restart(self):
+        with tempfile.TemporaryDirectory() as d:
+            h1 = Harness(self.cfg, data_dir=d)
+            try:
+                self.oa.push(Reply(status=429, headers={"Retry-After": "300"}))
+                call(h1.port, "POST", "/v1/chat/completions", client_body("openai", "chat", False))
+                self.oa.push(Reply(status=429, headers={"Retry-After": "400"}))
+                call(h1.port, "POST", "/v1/chat/completions", client_body("openai", "pool/pooled", False))
+            finally:
+                h1.close()
+            with open(os.path.join(d, "health.json")) as f:
+                saved = f.read()
+            self.assertNotIn("sk-pool", saved, "keys are stored as fingerprints only")
+            h2 = Harness(self.cfg, data_dir=d)
+            try:
+                hl = h2.router.health
+                self.assertTrue(290 < hl.left(("oa", "gpt-test"), time.monotonic()) <= 300)
+                self.assertTrue(390 < hl.left(("key", "pool", 0), time.monotonic()) <= 400)
+            finally:
+                h2.close()
 
 class RecoveryTests(unittest.TestCase):
     """Issue 9, part 2: health that recovers as fast as the provider does."""
@@ -3132,252 +3610,801 @@ class RecoveryTests(unittest.TestCase):
         hl.kill_key("pool", 1, "HTTP 403")
         self.assertEqual(provider_state(self.h.call("GET", "/health").json(), "pool")["state"], "key_rejected")
 
+class AffinityTests(RouterCase):
+    def test_conversation_stays_on_its_model_and_moves_without_foreign_thinking(self):
+        # Turn 1 goes to the first candidate of the route (an, the Anthropic provider).
+        first = {"model": "code", "max_tokens": 100, "system": "You are helpful.",
+                 "messages": [{"role": "user", "content": "Refactor my parser please"}]}
+        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigFromAn"))
+        r, got = self.ask("anthropic", first)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        turn2 = dict(first, messages=first["messages"] + [
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "EqSigFromAn"},
+                                              {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "Go on"}], thinking={"type": "enabled", "budget_tokens": 1024})
+        # The route's order is changed between turns: affinity keeps the conversation on `an`.
+        self.h.router.catalogue.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
+        self.addCleanup(self.h.router.catalogue.routes.__setitem__, "code", [("an", "claude-test"), ("oa", "gpt-test")])
+        r, _ = self.ask("anthropic", turn2)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.assertEqual(self.an.requests[-1]["body"]["messages"][1]["content"][0]["signature"], "EqSigFromAn")
+        # When `an` fails, the conversation moves, and an's signed thinking is not sent elsewhere.
+        self.h.router.catalogue.routes["code"] = [("an", "claude-test"), ("oa", "gpt-test")]
+        self.an.push(Reply(status=503))
+        r, _ = self.ask("anthropic", turn2)
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        sent = json.dumps(self.oa.requests[-1]["body"])
+        self.assertNotIn("EqSigFromAn", sent)
+        self.assertNotIn("reasoning_effort", self.oa.requests[-1]["body"])
+
+    def test_moving_between_anthropic_providers_strips_thinking_on_passthrough(self):
+        body = R.anthropic_strip_thinking({"model": "m", "thinking": {"type": "enabled", "budget_tokens": 2000},
+                                           "messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": [
+                                                            {"type": "thinking", "thinking": "t", "signature": "s"},
+                                                            {"type": "redacted_thinking", "data": "d"},
+                                                            {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]})
+        self.assertEqual([b["type"] for b in body["messages"][1]["content"]], ["tool_use"])
+        self.assertNotIn("thinking", body)
+
 
 # =================================================================================================
-# Hardening: attacks and deployment traps (each test failed before its fix)
+# 5. Transport and dispatch: failover, chaos
 # =================================================================================================
 
-def raw_exchange(port, data, timeout=5.0):
-    """Send raw bytes on a fresh connection; read until the router closes it or goes quiet."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        s.sendall(data)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return out
-    finally:
-        s.close()
+class FailoverTests(RouterCase):
+    def test_failover_statuses_reach_next_candidate(self):
+        for status in FAILOVER_STATUSES:
+            for stream in (False, True):
+                with self.subTest(status=status, stream=stream):
+                    self.setUp()
+                    self.oa.push(Reply(status=status, body={"error": {"message": f"status {status}"}}))
+                    self.an.push(Reply(text="from anthropic"))
+                    r, got = self.ask("openai", client_body("openai", "chat", stream))
+                    self.assertEqual(got["text"], "from anthropic")
+                    self.assertEqual(r.headers["x-router-provider"], "an")
+                    self.assertEqual(r.headers["x-router-attempts"], "2")
+
+    def test_connect_error_fails_over(self):
+        r, got = self.ask("anthropic", client_body("anthropic", "deadfirst", True))
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        self.assertTrue(got["done"])
+
+    def test_first_byte_timeout_fails_over(self):
+        self.oa.push(Reply(stall="headers"))
+        r, got = self.ask("openai", client_body("openai", "slowfirst", True))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_stall_before_first_event_fails_over(self):
+        self.oa.push(Reply(stall="body"))
+        r, got = self.ask("openai", client_body("openai", "slowfirst", True))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_in_stream_error_before_content_fails_over(self):
+        for client in ("openai", "anthropic"):
+            with self.subTest(client=client):
+                self.setUp()
+                self.an.push(Reply(error_first=True))
+                r, got = self.ask(client, client_body(client, "claude-first", True))
+                self.assertEqual(r.headers["x-router-provider"], "oa")
+                self.assertIsNone(got["error"])
+
+    def test_empty_reply_fails_over_and_is_the_last_resort(self):
+        self.oa.push(Reply(empty=True))
+        r, got = self.ask("openai", client_body("openai", "chat", True))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        # Every candidate empty: the client gets the (empty) answer, not an error.
+        self.setUp()
+        for f in (self.oa, self.an, self.oa2):
+            f.push(Reply(empty=True))
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                for f in (self.oa, self.an, self.oa2):
+                    f.push(Reply(empty=True))
+                r, got = self.ask("openai", client_body("openai", "chat", stream))
+                self.assertEqual(got["text"], "")
+                self.assertEqual(got["finish"], "stop")
+
+    def test_next_key_is_tried_before_next_candidate(self):
+        self.oa.push(Reply(status=429, headers={"Retry-After": "20"}), Reply(text="second key"))
+        r, got = self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(got["text"], "second key")
+        self.assertEqual([q["headers"]["authorization"] for q in self.oa.requests],
+                         ["Bearer sk-pool-A", "Bearer sk-pool-B"])
+        self.assertEqual(r.headers["x-router-attempts"], "1")
+        # The rate-limited key now cools down: the next request starts with key B.
+        self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer sk-pool-B")
+
+    def test_401_disables_the_key_until_reload(self):
+        self.oa.push(Reply(status=401, body={"error": {"message": "bad key"}}))
+        self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual([q["headers"]["authorization"] for q in self.oa.requests],
+                         ["Bearer sk-pool-A", "Bearer sk-pool-B", "Bearer sk-pool-B"])
+
+    def test_403_on_every_key_moves_to_next_candidate(self):
+        self.oa.push(Reply(status=403), Reply(status=403))
+        r, _ = self.ask("openai", client_body("openai", "pool/pooled", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+
+    def test_context_length_error_moves_on(self):
+        self.oa.push(Reply(status=400, body={"error": {"message": "This model's maximum context length is 8192 tokens",
+                                                       "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        too_long = {"type": "error", "error": {"type": "invalid_request_error",
+                                               "message": "prompt is too long: 300000 tokens > 200000 maximum"}}
+        # A smaller window than the one that overflowed is not tried; a larger one is.
+        self.an.push(Reply(status=400, body=too_long))
+        r = self.post("openai", client_body("openai", "claude-first", False))
+        # No larger window left: the provider's 400 in the client's dialect, so the SDK does not retry it.
+        self.assertEqual(r.status, 400)
+        err = r.json()["error"]
+        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "context_length_exceeded"))
+        self.assertIn("prompt is too long", err["message"])
+        self.assertIn("oa/gpt-test: skipped: context window 100000", err["message"])
+        self.setUp()
+        self.oa.push(Reply(status=400, body={"error": {"message": "maximum context length is 100000 tokens"}}))
+        self.an.push(Reply(status=400, body=too_long))
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        self.assertEqual(r.headers["x-router-attempts"], "3")
+
+    def test_other_4xx_is_returned_as_is(self):
+        bad = {"error": {"message": "temperature: bad", "type": "invalid_request_error", "param": "temperature", "code": None}}
+        self.oa.push(Reply(status=400, body=bad))
+        r = self.post("openai", client_body("openai", "chat", True))
+        self.assertEqual(r.status, 400)
+        self.assertEqual(r.body, self.oa.sent[-1], "same dialect: the provider's bytes")
+        self.assertEqual(len(self.an.requests), 0)
+        self.oa.push(Reply(status=422, body=bad))
+        r = self.post("anthropic", client_body("anthropic", "chat", False))
+        self.assertEqual(r.status, 422)
+        self.assertEqual(r.json()["error"]["type"], "invalid_request_error")
+        self.assertIn("temperature: bad", r.json()["error"]["message"])
+
+    def test_retry_after_sets_the_cooldown_and_cooling_candidates_are_skipped(self):
+        self.oa.push(Reply(status=429, headers={"Retry-After": "7"}))
+        self.ask("openai", client_body("openai", "chat", False))
+        left = self.h.router.health.left(("oa", "gpt-test"), time.monotonic())
+        self.assertTrue(6 < left <= 7, left)
+        n = len(self.oa.requests)
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.assertEqual(len(self.oa.requests), n, "a cooling candidate is not tried while others are healthy")
+        health = call(self.h.port, "GET", "/health").json()
+        model = provider_state(health, "oa", "gpt-test")
+        self.assertEqual(model["state"], "cooling")
+        self.assertIn("HTTP 429", model["reason"])
+
+    def test_cooldown_grows_and_success_resets(self):
+        hl = self.h.router.health
+        hl.fail(("x", "y"))
+        for _ in range(50):      # tried as a last resort while it cools: never lengthens the cooldown
+            hl.fail(("x", "y"))
+        self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), 30)
+        for _ in range(2):       # two half-open trials fail: 60 s, then 120 s
+            hl.state[("x", "y")].until = time.monotonic() - 1
+            hl.fail(("x", "y"))
+        self.assertGreater(hl.left(("x", "y"), time.monotonic()), 100)
+        for _ in range(5000):   # a provider down for days: capped, never an overflow
+            hl.state[("x", "y")].until = time.monotonic() - 1
+            hl.fail(("x", "y"))
+        self.assertLessEqual(hl.left(("x", "y"), time.monotonic()), R.DEFAULT_SETTINGS["max_cooldown_seconds"])
+        hl.ok(("x", "y"))
+        self.assertEqual(hl.left(("x", "y"), time.monotonic()), 0)
+
+    def test_all_cooling_still_tries_the_soonest(self):
+        hl = self.h.router.health
+        hl.fail(("oa", "gpt-test"), 50)
+        hl.fail(("an", "claude-test"), 5)
+        hl.fail(("oa2", "gpt-backup"), 100)
+        r, _ = self.ask("openai", client_body("openai", "chat", False))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_all_rate_limited_is_429_with_retry_after(self):
+        for f, ra in ((self.oa, "9"), (self.an, "4"), (self.oa2, "12")):
+            f.push(Reply(status=429, headers={"Retry-After": ra}, body={"error": {"message": "slow down"}}))
+        for dialect in ("openai", "anthropic"):
+            with self.subTest(dialect=dialect):
+                if dialect == "anthropic":
+                    self.setUp()
+                    for f, ra in ((self.oa, "9"), (self.an, "4"), (self.oa2, "12")):
+                        f.push(Reply(status=429, headers={"Retry-After": ra}, body={"error": {"message": "slow down"}}))
+                r = self.post(dialect, client_body(dialect, "chat", True))
+                self.assertEqual(r.status, 429)
+                self.assertEqual(r.headers["retry-after"], "4")
+                msg = r.json()["error"]["message"]
+                for name in ("oa/gpt-test", "an/claude-test", "oa2/gpt-backup"):
+                    self.assertIn(name, msg)
+
+    def test_all_failed_mixed_is_502_listing_attempts(self):
+        self.oa.push(Reply(status=500, body={"error": {"message": "kaput"}}))
+        self.an.push(Reply(status=529, body={"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+        self.oa2.push(Reply(status=502))
+        r = self.post("anthropic", client_body("anthropic", "chat", False))
+        self.assertEqual(r.status, 502)
+        err = r.json()["error"]
+        self.assertEqual(err["type"], "api_error")
+        self.assertIn("oa/gpt-test: HTTP 500: kaput", err["message"])
+        self.assertIn("an/claude-test: HTTP 529: Overloaded", err["message"])
+
+    def test_failure_after_first_byte_is_an_error_event(self):
+        for client, model, fake in (("openai", "oa/gpt-test", "oa"), ("anthropic", "oa/gpt-test", "oa"),
+                                    ("anthropic", "an/claude-test", "an"), ("openai", "an/claude-test", "an")):
+            for how in ("cut", "stall"):
+                with self.subTest(client=client, model=model, how=how):
+                    self.setUp()
+                    kw = {"cut_after": 3} if how == "cut" else {"stall_after": 3}
+                    if how == "stall":
+                        model = model.replace("oa/gpt-test", "slow/sloth")
+                        if "slow" not in model:
+                            continue
+                    getattr(self, fake).push(Reply(text="a long answer that will break", **kw))
+                    r = self.post(client, client_body(client, model, True))
+                    self.assertEqual(r.status, 200)
+                    got = READERS[client](r, True)
+                    self.assertTrue(got["text"], "some content arrived before the failure")
+                    self.assertIsNotNone(got["error"], r.body)
+                    if client == "openai":
+                        self.assertTrue(r.body.endswith(b"data: [DONE]\n\n"))
+                    else:
+                        self.assertFalse(got["done"], "no message_stop after an error")
+
+class ChaosTests(unittest.TestCase):
+    """Two of three providers flap (errors, 429s, resets, stalls before any content) under 200
+    concurrent requests, streamed and not, in both client dialects: no client sees a failure."""
+
+    def test_no_client_visible_failure_while_a_healthy_candidate_exists(self):
+        import random
+        from concurrent.futures import ThreadPoolExecutor
+        flaky_oa, flaky_an, healthy = FakeProvider("openai"), FakeProvider("anthropic"), FakeProvider("openai")
+        rng = random.Random(7)
+        lock = threading.Lock()
+
+        def chaos():
+            with lock:
+                x = rng.random()
+            if x < 0.25:
+                return Reply(text="flaky but fine")
+            if x < 0.45:
+                return Reply(status=500, body={"error": {"message": "boom"}})
+            if x < 0.60:
+                return Reply(status=429, headers={"Retry-After": "1"}, body={"error": {"message": "slow down"}})
+            if x < 0.75:
+                return Reply(reset=True)
+            if x < 0.88:
+                return Reply(cut_after=1, text="never seen")
+            return Reply(stall="headers")
+        flaky_oa.chaos = flaky_an.chaos = chaos
+        healthy.chaos = lambda: Reply(text="steady answer")
+        cfg = {"providers": {
+            "f1": {"api": "openai", "base_url": flaky_oa.base_url, "api_key": "k", "models": {"m": {}}},
+            "f2": {"api": "anthropic", "base_url": flaky_an.base_url, "api_key": "k", "models": {"claude-m": {}}},
+            "ok": {"api": "openai", "base_url": healthy.base_url, "api_key": "k", "models": {"m": {}}}},
+            "routes": {"chaos": ["f1/m", "f2/claude-m", "ok/m"]},
+            "settings": {"first_byte_timeout": 0.3, "idle_timeout": 2, "cooldown_seconds": 0.2,
+                         "max_cooldown_seconds": 0.5}}
+        h = Harness(cfg)
+        try:
+            def one(i):
+                dialect = ("openai", "anthropic")[i % 2]
+                stream = bool(i % 3)
+                body = client_body(dialect, "chaos", stream, text=f"request {i}")
+                r = h.call("POST", client_path(dialect, body), body, timeout=60)
+                if r.status != 200:
+                    return f"{i}: HTTP {r.status} {r.body[:200]!r}"
+                got = READERS[dialect](r, stream)
+                if got["error"] or got["text"] not in ("flaky but fine", "steady answer"):
+                    return f"{i}: {got}"
+                return None
+            with ThreadPoolExecutor(200) as ex:
+                failures = [f for f in ex.map(one, range(200)) if f]
+            self.assertEqual(failures, [])
+            flaky = len(flaky_oa.requests) + len(flaky_an.requests)
+            self.assertGreater(flaky, 0, "the flapping providers were really tried")
+        finally:
+            h.close()
+            for f in (flaky_oa, flaky_an, healthy):
+                f.close()
 
 
-class LocalServerTests(unittest.TestCase):
-    """Issue 11: an OpenAI-compatible local server the way llama.cpp's behaves (the fake's `local`
-    mode: refuses "content": null, ignores include_usage, repeats tool-call ids and names in
-    streams, may end a stream without a finish reason, answers a context overflow with a 400)
-    behind the router, with a cloud provider as the fallback."""
+# =================================================================================================
+# 6. Observability: request log, usage, metrics, logs, status page
+# =================================================================================================
 
+class OperationsTests(RouterCase):
+    def db(self):
+        return db_rows(os.path.join(self.h.router.data_dir, "requests.db"))
+
+    def test_request_log_rows_usage_and_cost(self):
+        wait_until(lambda: self.h.router.log.queue.empty())
+        before = len(self.db())
+        self.oa.push(Reply(text="one", usage=(1000, 500, 200)))
+        self.ask("openai", client_body("openai", "oa/gpt-test", False, text="SECRET PROMPT TEXT"))
+        self.an.push(Reply(text="two", usage=(2000, 100, 0)))
+        self.ask("anthropic", client_body("anthropic", "an/claude-test", True))
+        self.oa.push(Reply(status=500))
+        self.post("openai", client_body("openai", "oa/gpt-test", False, text="fails over"))
+        self.oa.push(Reply(status=400, body={"error": {"message": "bad temperature"}}))
+        self.post("openai", client_body("openai", "oa/shared-model", False))   # gpt-test's breaker is open now
+        self.assertTrue(wait_until(lambda: len(self.db()) >= before + 4))
+        rows = self.db()[before:]
+        first, second, third, fourth = rows
+        self.assertEqual((first["dialect"], first["requested"], first["provider"], first["model"], first["status"]),
+                         ("openai", "oa/gpt-test", "oa", "gpt-test", 200))
+        self.assertEqual((first["input_tokens"], first["output_tokens"], first["cached_tokens"]), (1000, 500, 200))
+        self.assertEqual(first["intent"], "general")
+        self.assertEqual(first["route"], "explicit")
+        self.assertIsNotNone(first["ttfb_ms"])
+        self.assertEqual(second["stream"], 1)
+        # the model's cost metadata: 3 in, 15 out per million
+        self.assertAlmostEqual(second["cost"], (2000 * 3 + 100 * 15) / 1e6, places=8)
+        self.assertEqual(third["provider"], "oa2")
+        self.assertEqual(json.loads(third["attempts"])[0]["provider"], "oa")
+        self.assertEqual((fourth["status"], fourth["provider"]), (400, None))
+        self.assertIn("bad temperature", fourth["error"])
+        for r in rows:
+            self.assertIsNone(r["prompt"])
+        with open(os.path.join(self.h.router.data_dir, "requests.db"), "rb") as f:
+            self.assertNotIn(b"SECRET PROMPT TEXT", f.read(), "prompt text is not stored by default")
+        usage = self.h.call("GET", "/v1/usage?since=1h&group_by=provider").json()
+        by = {g["key"]: g for g in usage["groups"]}
+        self.assertGreaterEqual(by["an"]["input_tokens"], 2000)   # the class shares one log
+        self.assertGreaterEqual(usage["totals"]["requests"], 4)
+        self.assertGreaterEqual(usage["totals"]["errors"], 1)
+        for group in ("model", "route", "day"):
+            self.assertEqual(self.h.call("GET", f"/v1/usage?group_by={group}").status, 200)
+        self.assertEqual(self.h.call("GET", "/v1/usage?group_by=color").status, 400)
+        self.assertEqual(self.h.call("GET", "/v1/usage?since=yesterdayish").status, 400)
+        recent = self.h.call("GET", "/v1/requests?limit=2").json()["data"]
+        self.assertEqual(len(recent), 2)
+        self.assertEqual(recent[0]["status"], 400)
+
+    def test_cost_from_metadata_and_retention(self):
+        R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}})
+        self.assertEqual(R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}}), (2, 4, 2))
+        self.assertEqual(R.price_of("ollama", "llama3.2", {}), (0.0, 0.0, 0.0))
+        self.assertEqual(R.price_of("openai", "gpt-4o-mini-2024-07-18", {}), (0.15, 0.6, 0.075))
+        self.assertAlmostEqual(R.request_cost((2, 4, 1), {"input": 1000, "cache_read": 400, "output": 100}),
+                               (600 * 2 + 400 * 1 + 100 * 4) / 1e6)
+        before = len(self.db())
+        for i in range(6):
+            self.ask("openai", client_body("openai", "oa/gpt-test", False, text=f"r{i}"))
+        self.assertTrue(wait_until(lambda: len(self.db()) >= before + 6))
+        log = self.h.router.log
+        old = log.settings
+        log.settings = dict(old, log_retention_rows=3)
+        try:
+            log.prune()
+        finally:
+            log.settings = old
+        self.assertEqual(len(self.db()), 3)
+
+    def test_usage_is_estimated_when_the_provider_reports_none(self):
+        wait_until(lambda: self.h.router.log.queue.empty())
+        before = len(self.db())
+        body = client_body("openai", "oa/gpt-test", True, text="x" * 400)
+        del body["stream_options"]             # like Aider: no usage chunk asked for, none sent
+        self.oa.push(Reply(text="y" * 80))
+        self.ask("openai", body)
+        self.assertTrue(wait_until(lambda: len(self.db()) > before))
+        row = self.db()[-1]
+        self.assertGreater(row["input_tokens"], 90)
+        self.assertEqual(row["output_tokens"], 20)
+
+    def test_prompts_are_stored_only_when_asked(self):
+        settings = self.h.router.settings
+        settings["log_prompts"] = True
+        self.addCleanup(settings.__setitem__, "log_prompts", False)
+        self.oa.push(Reply(text="the reply text"))
+        self.ask("openai", client_body("openai", "oa/gpt-test", True, text="the prompt text"))
+        self.assertTrue(wait_until(lambda: self.db() and self.db()[-1]["prompt"] == "the prompt text"))
+        self.assertEqual(self.db()[-1]["reply"], "the reply text")
+
+    def test_metrics(self):
+        self.oa.push(Reply(status=503))
+        self.ask("openai", client_body("openai", "chat", False))
+        self.assertTrue(wait_until(lambda: "sage_router_failovers_total" in self.h.call("GET", "/metrics").body.decode()
+                                   and 'provider="oa",reason="status"' in self.h.call("GET", "/metrics").body.decode()))
+        text = self.h.call("GET", "/metrics").body.decode()
+        self.assertIn('sage_router_requests_total{provider="an",model="claude-test",route="chat",status="200"} 1', text)
+        self.assertIn('sage_router_failovers_total{provider="oa",reason="status"} 1', text)
+        self.assertIn('sage_router_request_seconds_bucket{le="+Inf"}', text)
+        self.assertIn("sage_router_first_byte_seconds_count", text)
+        self.assertIn('sage_router_tokens_total{provider="an",model="claude-test",kind="output"} 7', text)
+        self.assertIn('sage_router_breaker_open{provider="oa",model="gpt-test"} 1', text)
+        self.assertIn('sage_router_models{provider="oa"}', text)
+        self.assertIn("# TYPE sage_router_request_seconds histogram", text)
+
+class LogLineTests(unittest.TestCase):
+    def test_one_line_per_request_text_and_json_never_keys_or_prompts(self):
+        fake = FakeProvider("openai")
+        self.addCleanup(fake.close)
+        cfg = {"providers": {"oa": {"api": "openai", "base_url": fake.base_url, "api_key": "sk-KEY-NEVER-SHOWN",
+                                    "models": {"m": {}}}}, "routes": {}}
+        for fmt in ("text", "json"):
+            with self.subTest(fmt=fmt):
+                stream = io.StringIO()
+                handler = logging.StreamHandler(stream)
+                handler.setFormatter(R.JsonLogFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(message)s"))
+                R.log.addHandler(handler)
+                old = R.log.level
+                R.log.setLevel(logging.INFO)
+                try:
+                    h = Harness(cfg)
+                    h.router.log.line_format = fmt
+                    call(h.port, "POST", "/v1/chat/completions", client_body("openai", "oa/m", False, text="PROMPT-XYZ"))
+                    fake.push(Reply(status=401))
+                    call(h.port, "POST", "/v1/chat/completions", client_body("openai", "oa/m", False))
+                    h.close()
+                finally:
+                    R.log.removeHandler(handler)
+                    R.log.setLevel(old)
+                lines = [x for x in stream.getvalue().splitlines() if "oa/m" in x or '"requested"' in x]
+                self.assertEqual(len(lines), 2, stream.getvalue())
+                out = stream.getvalue()
+                self.assertNotIn("sk-KEY-NEVER-SHOWN", out)
+                self.assertNotIn("PROMPT-XYZ", out)
+                if fmt == "json":
+                    obj = json.loads(lines[0])
+                    self.assertEqual((obj["level"], obj["requested"], obj["provider"], obj["status"]), ("info", "oa/m", "oa", 200))
+                else:
+                    self.assertIn("-> oa/m 200", lines[0])
+
+class StatusPageTests(RouterCase):
+    env = {"SAGE_ROUTER_API_KEY": "page-key-42"}
+
+    def dump_dom(self, url):
+        with tempfile.TemporaryDirectory() as profile:
+            p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--dump-dom", url],
+                               capture_output=True, text=True, timeout=90)
+        return p.stdout
+
+    def test_page_is_self_contained_and_honours_the_key(self):
+        r = self.h.call("GET", "/")
+        self.assertEqual(r.status, 200)
+        self.assertTrue(r.headers["content-type"].startswith("text/html"))
+        html = r.body.decode()
+        self.assertNotRegex(html, r"(src|href)=\"https?://", "no external assets: it works offline")
+        self.assertEqual(self.h.call("GET", "/health").status, 200)
+        self.assertEqual(self.h.call("GET", "/v1/requests").status, 401, "the page's data needs the router key")
+        self.assertEqual(self.h.call("GET", "/metrics").status, 401)
+
+    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
+    def test_headless_browser_shows_providers_requests_charts_and_explains(self):
+        key = {"Authorization": "Bearer page-key-42"}
+        self.an.push(Reply(text="for the page"))
+        self.h.call("POST", "/v1/messages", client_body("anthropic", "claude-first", False), key)
+        self.oa.push(Reply(status=500))
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False, text="page request two"), key)
+        self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
+        dom = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key=page-key-42&prompt=Write%20a%20limerick%20about%20tea")
+        for text in ('data-label="provider">oa2</td>', "an/claude-test", "claude-first",
+                     "HTTP 500: boom → an/claude-test: answered", "<svg", "cost per day", "gpt-test: cooling until",
+                     'data-label="route">chat</td>', '<button class="reset">reset', "intent creative", "route creative"):
+            self.assertTrue(text in dom, text)
+        locked = self.dump_dom(f"http://127.0.0.1:{self.h.port}/")
+        self.assertIn("This router needs its key", locked)
+        self.assertNotIn("HTTP 500: boom", locked, "requests, usage and models need the key (/health does not)")
+
+
+    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
+    def test_the_page_fits_a_phone_and_a_wide_screen(self):
+        """Laid out by Chromium at 420 and 1280 px: nothing wider than the viewport, a phone gets
+        cards, the 7-day chart has seven day slots with one day of data, a failed request's attempts
+        appear once, each model once, and the key leaves the address bar."""
+        key = {"Authorization": "Bearer page-key-42"}
+        self.an.push(Reply(status=500))
+        self.oa.push(Reply(status=500))
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "claude-first", False, text="all fail"), key)
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "oa2/gpt-backup", False, text="x" * 300), key)
+        self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
+        probe = """(async () => {
+          for (let i = 0; i < 500 && !document.body.dataset.refreshed; i++) await new Promise((r) => setTimeout(r, 20));
+          const wide = [...document.querySelectorAll("body *")].filter((e) => e.getBoundingClientRect().right > innerWidth + 0.5)
+                         .map((e) => e.tagName + (e.id ? "#" + e.id : "") + " " + Math.round(e.getBoundingClientRect().width));
+          const failed = [...document.querySelectorAll("#requests td.trail")].map((td) => td.textContent)
+                           .find((t) => t.includes("an/claude-test: HTTP 500"));
+          const models = [...document.querySelectorAll("#models tbody tr")].map((tr) => tr.cells[1].textContent + "/" + tr.cells[0].textContent);
+          if (!document.body.dataset.refreshed) return {refreshed: false};
+          return {refreshed: true, width: innerWidth, scroll: document.documentElement.scrollWidth, wide, failed, models,
+                  hash: location.hash, head: getComputedStyle(document.querySelector("#requests thead")).display,
+                  slots: document.querySelectorAll("#chart-requests text[text-anchor=middle]").length,
+                  bars: document.querySelectorAll("#chart-requests rect.bar").length};
+        })()"""
+        shots = os.environ.get("SAGE_SCREENSHOTS")           # a folder: keep the screenshots to look at
+        browser = DevTools(CHROMIUM)
+        self.addCleanup(browser.close)
+        browser.call("Page.enable")
+        for width in (420, 1280):
+            with self.subTest(width=width):
+                browser.call("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1,
+                             mobile=width < 600)
+                browser.call("Page.navigate", url="about:blank")
+                browser.wait_event("Page.loadEventFired")        # so the next load event is the page's
+                browser.call("Page.navigate", url=f"http://127.0.0.1:{self.h.port}/#key=page-key-42")
+                browser.wait_event("Page.loadEventFired")
+                out = browser.call("Runtime.evaluate", expression=probe, awaitPromise=True, returnByValue=True)
+                self.assertNotIn("exceptionDetails", out, out.get("exceptionDetails"))
+                got = out["result"]["value"]
+                self.assertTrue(got["refreshed"], "the page did not finish loading its data")
+                self.assertEqual(got["width"], width)
+                self.assertEqual(got["wide"], [], "elements wider than the viewport")
+                self.assertLessEqual(got["scroll"], width, "the page scrolls sideways")
+                size = browser.call("Page.getLayoutMetrics")["cssContentSize"]
+                self.assertLessEqual(size["width"], width, "the laid-out page is wider than the screen")
+                self.assertEqual(got["head"], "none" if width < 600 else "table-header-group",
+                                 "a phone shows cards, a wide screen a table")
+                self.assertEqual(got["slots"], 7, "seven days, one slot each")
+                self.assertGreaterEqual(got["bars"], 1)
+                self.assertLessEqual(got["bars"], 2, "days without requests have no bar")
+                self.assertEqual(got["failed"].count("an/claude-test: HTTP 500"), 1, got["failed"])
+                self.assertEqual(got["failed"].count("oa/gpt-test: HTTP 500"), 1, got["failed"])
+                self.assertEqual(len(got["models"]), len(set(got["models"])), "each model once")
+                self.assertIn("oa/gpt-test", got["models"])
+                self.assertNotIn("key", got["hash"], "the key is stored, then taken out of the address bar")
+                if shots:
+                    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=int(size["height"]),
+                                 deviceScaleFactor=1, mobile=width < 600)
+                    png = browser.call("Page.captureScreenshot", format="png")["data"]
+                    with open(os.path.join(shots, f"status-{width}.png"), "wb") as f:
+                        f.write(base64.b64decode(png))
+
+
+# =================================================================================================
+# 7. The router: reloads
+# =================================================================================================
+
+class ReloadTests(unittest.TestCase):
+    def test_reload_swaps_config_refuses_invalid_and_loses_no_request_under_load(self):
+        from concurrent.futures import ThreadPoolExecutor
+        a, b = FakeProvider("openai"), FakeProvider("openai")
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        a.chaos = lambda: Reply(text="from a", split=3)
+        b.chaos = lambda: Reply(text="from b", split=3)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "providers.json")
+
+            def write(target):
+                with open(path, "w") as f:
+                    json.dump({"providers": {"p": {"api": "openai", "base_url": target.base_url, "api_key": "k",
+                                                   "models": {"m": {}}}}, "routes": {"main": ["p/m"]}}, f)
+            write(a)
+            args = R.build_parser().parse_args(["--config", path, "--env-file", os.devnull, "--data-dir", d])
+            router, _env = R.load_router(args)
+            server = R.serve(router, "127.0.0.1", 0)
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+            self.addCleanup(lambda: (server.shutdown(), server.server_close(), router.close()))
+            port = server.server_address[1]
+
+            def one(i):
+                r = call(port, "POST", "/v1/chat/completions", client_body("openai", "main", bool(i % 2)))
+                got = read_openai(r, bool(i % 2))
+                return r.status == 200 and got["text"] in ("from a", "from b") and got["error"] is None
+            with ThreadPoolExecutor(16) as ex:
+                futures = [ex.submit(one, i) for i in range(160)]
+                for k in range(4):          # reload four times while the requests run
+                    write(b if k % 2 == 0 else a)
+                    self.assertTrue(router.reload())
+                results = [f.result() for f in futures]
+            self.assertTrue(all(results), f"{results.count(False)} request(s) failed during reloads")
+            # A changed file is picked up by the maintenance thread, no signal needed.
+            write(b)
+            os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+            self.assertTrue(wait_until(lambda: read_openai(call(port, "POST", "/v1/chat/completions",
+                                                                client_body("openai", "main", False)), False)["text"] == "from b"))
+            # An invalid new config is refused; the old one keeps serving.
+            with open(path, "w") as f:
+                f.write('{"providers": {"p": {"api": "nope"}}}')
+            self.assertFalse(router.reload())
+            r = call(port, "POST", "/v1/chat/completions", client_body("openai", "main", False))
+            self.assertEqual(read_openai(r, False)["text"], "from b")
+
+
+# =================================================================================================
+# 8. HTTP front: parsing, auth, limits, attacks (each hardening test failed before its fix)
+# =================================================================================================
+
+class FrontTests(RouterCase):
+    def test_health_head_and_unknown_paths(self):
+        self.assertEqual(self.h.call("HEAD", "/").status, 200)
+        self.assertEqual(self.h.call("GET", "/health").json()["status"], "ok")
+        r = self.h.call("GET", "/v1/nothing")
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.json()["error"]["type"], "not_found_error")
+        r = self.h.call("POST", "/v1/messages/nothing", {}, {"anthropic-version": "2023-06-01"})
+        self.assertEqual(r.status, 404)
+        self.assertEqual(r.json()["type"], "error")
+        r = self.h.call("GET", "/v1/chat/completions")
+        self.assertEqual(r.status, 405)
+
+    def test_query_strings_and_unprefixed_paths(self):
+        r, _ = self.ask("anthropic", client_body("anthropic", "an/claude-test", True), None)
+        r = self.h.call("POST", "/v1/messages?beta=true", client_body("anthropic", "an/claude-test", False))
+        self.assertEqual(r.status, 200)
+        r = self.h.call("POST", "/chat/completions", client_body("openai", "oa/gpt-test", False))
+        self.assertEqual(r.status, 200)
+
+    def test_models_list_in_both_shapes(self):
+        oa = self.h.call("GET", "/v1/models").json()
+        ids = {m["id"] for m in oa["data"]}
+        self.assertEqual(oa["object"], "list")
+        self.assertTrue({"chat", "oa/gpt-test", "an/claude-test", "gpt-test", "claude-test"} <= ids)
+        self.assertNotIn("shared-model", ids, "a bare id served by two providers is ambiguous")
+        self.assertNotIn("nokey/locked", ids)
+        an = self.h.call("GET", "/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
+        self.assertEqual(an["data"][0]["type"], "model")
+        self.assertFalse(an["has_more"])
+        one = self.h.call("GET", "/v1/models/oa/gpt-test").json()
+        self.assertEqual(one["id"], "oa/gpt-test")
+
+    def test_count_tokens_forwarded_or_estimated(self):
+        self.an.push(Reply(count=4242))
+        body = {"model": "an/claude-test", "messages": [{"role": "user", "content": "hello there"}]}
+        r = self.h.call("POST", "/v1/messages/count_tokens?beta=true", body, {"anthropic-beta": "b1"})
+        self.assertEqual(r.json(), {"input_tokens": 4242})
+        self.assertEqual(self.an.requests[-1]["path"], "/v1/messages/count_tokens")
+        self.assertEqual(self.an.requests[-1]["body"]["model"], "claude-test")
+        body = {"model": "oa/gpt-test", "system": "s" * 400, "messages": [{"role": "user", "content": "x" * 4000}]}
+        n = self.h.call("POST", "/v1/messages/count_tokens", body).json()["input_tokens"]
+        self.assertTrue(900 < n < 1300, n)
+        self.assertEqual(len(self.oa.requests), 0)
+
+    def test_bad_input_names_the_field_in_the_clients_dialect(self):
+        cases = [
+            ("openai", b"{not json", "body"),
+            ("openai", b"", "body"),
+            ("openai", {"model": "chat"}, "messages"),
+            ("openai", {"model": 5, "messages": []}, "model"),
+            ("openai", {"model": "chat", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+            ("openai", {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+            ("anthropic", {"model": "chat", "max_tokens": "lots", "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+            ("anthropic", {"model": "chat", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+             "messages[0].content[0].source.data"),
+            ("anthropic", {"model": "chat", "max_tokens": 5, "messages": "hi"}, "messages"),
+            ("anthropic", [1, 2], "body"),
+        ]
+        for dialect, body, field in cases:
+            with self.subTest(body=str(body)[:60]):
+                r = self.post(dialect, body)
+                self.assertEqual(r.status, 400, r)
+                obj = r.json()
+                if dialect == "openai":
+                    self.assertEqual(obj["error"]["type"], "invalid_request_error")
+                else:
+                    self.assertEqual(obj["type"], "error")
+                    self.assertEqual(obj["error"]["type"], "invalid_request_error")
+                self.assertTrue(obj["error"]["message"].startswith(field), obj["error"]["message"])
+        self.assertEqual(len(self.oa.requests) + len(self.an.requests) + len(self.oa2.requests), 0)
+
+    def test_keep_alive_and_chunked_request_bodies(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.h.port, timeout=10)
+        for _ in range(3):
+            conn.request("POST", "/v1/chat/completions", json.dumps(client_body("openai", "oa/gpt-test", True)),
+                         {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            self.assertEqual(r.status, 200)
+            self.assertIn(b"[DONE]", r.read())
+        body = json.dumps(client_body("openai", "oa/gpt-test", False)).encode()
+        conn.request("POST", "/v1/chat/completions", iter([body[:10], body[10:]]),
+                     {"Content-Type": "application/json"}, encode_chunked=True)
+        r = conn.getresponse()
+        self.assertEqual(r.status, 200, r.read())
+        r.read()
+        conn.close()
+
+    def test_upstream_connections_are_pooled_and_stale_ones_retried(self):
+        before = self.oa.connections
+        for _ in range(20):
+            self.ask("openai", client_body("openai", "oa/gpt-test", False))
+        self.assertLessEqual(self.oa.connections - before, 2)
+        # The provider drops each connection after answering, without saying so: no request fails.
+        for _ in range(5):
+            self.oa.push(Reply(close=True))
+        for _ in range(5):
+            self.ask("openai", client_body("openai", "oa/gpt-test", False))
+
+    def test_keys_never_appear_in_replies_or_logs(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        R.log.addHandler(handler)
+        old = R.log.level
+        R.log.setLevel(logging.DEBUG)
+        try:
+            self.oa.push(Reply(status=401), Reply(status=401))
+            self.an.push(Reply(status=500))
+            self.oa2.push(Reply(status=500))
+            bodies = [self.post("openai", client_body("openai", "pool/pooled", False)).body,
+                      self.post("openai", client_body("openai", "chat", False)).body,
+                      self.h.call("GET", "/health").body, self.h.call("GET", "/v1/models").body,
+                      self.post("openai", client_body("openai", "nope", False)).body]
+        finally:
+            R.log.removeHandler(handler)
+            R.log.setLevel(old)
+        text = b"".join(bodies).decode() + stream.getvalue()
+        self.assertIn("rejected", stream.getvalue())
+        for secret in ("SECRET", "sk-pool-A", "sk-pool-B"):
+            self.assertNotIn(secret, text)
+
+class HeaderParserTests(unittest.TestCase):
+    def test_fast_parser_matches_the_stdlib(self):
+        blocks = [
+            b"Host: x\r\nContent-Length: 12\r\nX-Dup: a\r\nx-dup: b\r\n\r\nBODY",
+            b"Content-Type:application/json\nTransfer-Encoding:  chunked \n\n",
+            b"A: 1\r\nFolded: one\r\n  two\r\nAnthropic-Beta: a,b\r\n\r\n",
+            b"Empty:\r\nUTF: caf\xc3\xa9\r\n\r\n",
+            b"\r\n",
+        ]
+        for raw in blocks:
+            with self.subTest(raw=raw):
+                fast = R.fast_parse_headers(io.BytesIO(raw))
+                std = _STDLIB_PARSE_HEADERS(io.BytesIO(raw))
+                self.assertEqual([(k.lower(), " ".join(v.split())) for k, v in fast.items()],
+                                 [(k.lower(), " ".join(v.split())) for k, v in std.items()])
+                for name in ("content-length", "HOST", "x-dup", "folded", "missing"):
+                    self.assertEqual(fast.get(name) and " ".join(fast.get(name).split()),
+                                     std.get(name) and " ".join(std.get(name).split()))
+                self.assertEqual(fast.get_all("X-Dup"), std.get_all("X-Dup"))
+        with self.assertRaises(http.client.HTTPException):
+            R.fast_parse_headers(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n"))
+        with self.assertRaises(http.client.LineTooLong):
+            R.fast_parse_headers(io.BytesIO(b"H: " + b"v" * 70000 + b"\r\n\r\n"))
+
+class AuthTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.local, cls.plain, cls.cloud = FakeProvider("openai"), FakeProvider("openai"), FakeProvider("anthropic")
-        cls.local.local = 512
-        cls.cfg = {"providers": {
-            "local": {"api": "openai", "base_url": cls.local.base_url, "quirks": ["repeats_tool_call_ids"],
-                      "models": {"tiny": {}}, "discover": False},
-            "plain": {"api": "openai", "base_url": cls.plain.base_url, "api_key": "k", "models": {"m": {}}, "discover": False},
-            "cloud": {"api": "anthropic", "base_url": cls.cloud.base_url, "api_key": "k",
-                      "models": {"claude-test": {"context_window": 200000}}, "discover": False}},
-            "routes": {"default": ["local/tiny"], "localfirst": ["local/tiny", "cloud/claude-test"],
-                       "localonly": ["local/tiny"], "usage-check": ["local/tiny"], "break-check": ["local/tiny"]},
-            "settings": {"probe_seconds": 0, "cooldown_seconds": 30}}
-        cls.h = Harness(cls.cfg)
+        cls.oa = FakeProvider("openai")
+        cfg = {"providers": {"oa": {"api": "openai", "base_url": cls.oa.base_url, "api_key": "k", "models": {"m": {}}}},
+               "routes": {}, "settings": {"max_body_bytes": 2000, "client_header_timeout": 0.5,
+                                                "client_body_timeout": 0.5}}
+        cls.h = Harness(cfg, {"SAGE_ROUTER_API_KEY": "router-key-123"})
 
     @classmethod
     def tearDownClass(cls):
         cls.h.close()
-        for f in (cls.local, cls.plain, cls.cloud):
-            f.close()
+        cls.oa.close()
 
-    def setUp(self):
-        for f in (self.local, self.plain, self.cloud):
-            f.reset()
-        self.h.router.health.reset()
+    def test_router_key_is_required_and_accepted_both_ways(self):
+        body = client_body("openai", "m", False)
+        r = self.h.call("POST", "/v1/chat/completions", body)
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        r = self.h.call("POST", "/v1/messages", client_body("anthropic", "m", False), {"x-api-key": "wrong"})
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.json()["error"]["type"], "authentication_error")
+        self.assertEqual(self.h.call("POST", "/v1/chat/completions", body, {"Authorization": "Bearer router-key-123"}).status, 200)
+        self.assertEqual(self.h.call("POST", "/v1/messages", client_body("anthropic", "m", False),
+                                     {"x-api-key": "router-key-123"}).status, 200)
+        self.assertEqual(self.h.call("GET", "/v1/models").status, 401)
+        self.assertEqual(self.h.call("GET", "/health").status, 200)
+        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer k", "the router key is not forwarded")
 
-    def post(self, dialect, body):
-        return self.h.call("POST", client_path(dialect, body), body)
+    def test_body_limit_is_413(self):
+        body = client_body("openai", "m", False, text="x" * 5000)
+        r = self.h.call("POST", "/v1/chat/completions", body, {"Authorization": "Bearer router-key-123"})
+        self.assertEqual(r.status, 413)
+        self.assertIn("limit", r.json()["error"]["message"])
 
-    def test_a_tool_round_trip_from_every_client_dialect_completes_through_a_strict_server(self):
-        for dialect in READERS:
-            for stream in (False, True):
-                with self.subTest(dialect=dialect, stream=stream):
-                    self.local.push(Reply(text="it is sunny"))
-                    r = self.post(dialect, tool_round_trip_bodies("local/tiny", stream)[dialect])
-                    got = READERS[dialect](r, stream)
-                    self.assertEqual((r.status, got["text"], got["error"]), (200, "it is sunny", None), r)
-                    sent = self.local.requests[-1]["body"]["messages"]
-                    self.assertFalse([m for m in sent if m.get("content", "") is None], "no null content reaches it")
-
-    def test_streamed_usage_is_estimated_when_the_server_sends_none_and_the_log_says_so(self):
-        text = "a reply of some forty characters, more or less"
-        for dialect in READERS:
-            with self.subTest(dialect=dialect):
-                self.local.push(Reply(text=text))
-                got = READERS[dialect](self.post(dialect, client_body(dialect, "usage-check", True)), True)
-                u = got["usage"] or {}
-                inp, out = USAGE_KEYS[dialect]
-                self.assertEqual(u.get(out), len(text) // 4, f"{dialect}: an estimate, never 0 ({u})")
-                self.assertGreater(u.get(inp) or 0, 4)
-        mine = lambda rs: [r["usage_estimated"] for r in rs if r["requested"] == "usage-check"]
-        self.assertEqual(mine(wait_rows(self.h, lambda rs: len(mine(rs)) == len(READERS))), [1] * len(READERS))
-        self.plain.push(Reply(text="counted"))
-        read_openai(self.post("openai", client_body("openai", "plain/m", True)), True)
-        self.assertEqual(wait_rows(self.h, lambda rs: rs[0]["requested"] == "plain/m")[0]["usage_estimated"], 0,
-                         "a provider that reports usage is taken at its word")
-
-    def test_a_stream_that_breaks_after_its_first_byte_is_a_failed_request(self):
-        found = re.search(r'sage_router_failovers_total\{provider="local",reason="broken"\} (\d+)',
-                          self.h.call("GET", "/metrics").body.decode())
-        before = int(found.group(1)) if found else 0
-        for n, dialect in enumerate(READERS):
-            with self.subTest(dialect=dialect):
-                self.h.router.health.reset()
-                self.local.push(Reply(text="x" * 80, cut_after=4))
-                r = self.post(dialect, client_body(dialect, "break-check", True, text=f"break {n}"))
-                got = READERS[dialect](r, True)
-                self.assertEqual(r.status, 200)
-                self.assertIsNotNone(got["error"], "the client is told")
-                mine = lambda rs: [r for r in rs if r["requested"] == "break-check"]
-                row = mine(wait_rows(self.h, lambda rs: len(mine(rs)) == n + 1))[0]
-                self.assertEqual(row["status"], 502, "a stream that broke is a failed request")
-                self.assertIn("stream", row["error"])
-                self.assertEqual((row["provider"], row["model"]), ("local", "tiny"), "who broke it")
-                self.assertTrue(row["output_tokens"] and row["usage_estimated"], "what it used is counted")
-                self.assertEqual([(a["provider"], a["kind"]) for a in row["attempts"]], [("local", "broken")])
-                self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
-                                "the breaker is told")
-        metrics = self.h.call("GET", "/metrics").body.decode()
-        self.assertIn(f'sage_router_requests_total{{provider="local",model="tiny",route="break-check",status="502"}} '
-                      f'{len(READERS)}', metrics, "and the metrics count it as a failure")
-        self.assertIn(f'sage_router_failovers_total{{provider="local",reason="broken"}} {len(READERS) + before}', metrics)
-        self.assertNotIn('route="break-check",status="200"', metrics)
-
-    def test_a_stream_without_a_finish_reason_is_truncated_or_fails_over(self):
-        # After content: one error in the client's dialect, and nothing after it.
-        self.local.push(Reply(text="half an answer", no_finish=True))
-        r = self.post("anthropic", client_body("anthropic", "local/tiny", True))
-        kinds = [ev for ev, _d in sse_events(r.body)]
-        self.assertEqual(kinds[-1], "error", kinds)
-        self.assertNotIn("message_stop", kinds)
-        self.assertNotIn("message_delta", kinds, "no stop_reason for a reply that did not end")
-        for done in (b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"):
-            self.local.push(Reply(text="half an answer", no_finish=True, done=done))
-            r = self.post("openai", client_body("openai", "local/tiny", True))
-            datas = [d for _e, d in sse_events(r.body)]
-            self.assertIn('"error"', datas[-2])
-            self.assertEqual(datas.count("[DONE]"), 1, (done, datas[-3:]))
-            self.assertFalse(any('"finish_reason": "stop"' in d or '"finish_reason":"stop"' in d for d in datas))
-        # The breaker is told after the client's last byte, so wait for it rather than race it.
-        self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
-                        "a truncated reply is a failure")
-        self.h.router.health.reset()
-        # Before any content (a role chunk, then [DONE]): a failure like an empty reply, so the next candidate.
-        self.local.push(Reply(empty=True, no_finish=True))
-        r = self.post("openai", client_body("openai", "localfirst", True, text="empty then cloud"))
-        got = read_openai(r, True)
-        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-attempts"]), ("cloud", "2"))
-        self.assertEqual(got["error"], None)
-        row = wait_rows(self.h, lambda rs: rs and rs[0]["requested"] == "localfirst")[0]
-        self.assertEqual(len(row["attempts"]), 1, "the log agrees with X-Router-Attempts")
-        # ... and with no candidate left, an error, not an empty 200.
-        self.local.push(Reply(empty=True, no_finish=True))
-        r = self.post("openai", client_body("openai", "localonly", True, text="empty, nothing else"))
-        self.assertEqual(r.status, 502, r.body)
-        self.assertIn("without a finish reason", r.json()["error"]["message"])
-        # Content and the bare [DONE] in one read: the client has no byte yet, so still the next candidate.
-        self.h.router.health.reset()
-        for dialect in ("openai", "anthropic"):
-            self.local.push(Reply(text="par", no_finish=True, coalesce=True))
-            self.cloud.push(Reply(text="whole answer"))
-            r = self.post(dialect, client_body(dialect, "localfirst", True, text=f"one read {dialect}"))
-            got = READERS[dialect](r, True)
-            self.assertEqual((r.headers["x-router-provider"], got["text"], got["error"]), ("cloud", "whole answer", None))
-            self.h.router.health.reset()
-
-    def test_an_estimate_counts_the_whole_reply_and_its_usage_chunk_goes_before_the_real_done(self):
-        # One read holding everything (content, finish, [DONE]), and content that itself reads
-        # "data: [DONE]": the usage chunk the client asked for goes before the stream's own end.
-        text = "print('data: [DONE]')"
-        for dialect in READERS:
-            with self.subTest(dialect=dialect):
-                self.local.push(Reply(text=text, piece=len(text), coalesce=True))
-                body = client_body(dialect, "localonly", True, text=f"one read {dialect}")
-                body.update({"stream_options": {"include_usage": True}} if dialect == "openai" else {})
-                r = self.post(dialect, body)
-                got = READERS[dialect](r, True)        # (every event parses)
-                self.assertEqual((got["text"], got["error"]), (text, None))
-                self.assertEqual(got["usage"][USAGE_KEYS[dialect][1]], len(text) // 4, "the text of the one read is counted")
-                if dialect == "openai":
-                    datas = [d for _e, d in sse_events(r.body)]
-                    self.assertEqual(datas[-1], "[DONE]")
-                    self.assertEqual(json.loads(datas[-2])["choices"], [], "the usage chunk, just before [DONE]")
-                    self.assertEqual(datas.count("[DONE]"), 1)
-
-    def test_a_stream_that_keeps_breaking_stays_out_longer_each_time(self):
-        health, key = self.h.router.health, ("local", "tiny")
-        for n in (1, 2):
-            self.local.push(Reply(text="z" * 80, cut_after=4))
-            read_openai(self.post("openai", client_body("openai", "break-check", True, text=f"again {n}")), True)
-            self.assertTrue(wait_until(lambda: health.state[key].opens == n), (n, health.state[key].opens))
-            with health.lock:
-                first = health.state[key].until - time.monotonic()
-                health.state[key].until = time.monotonic() - 1      # its cooldown is over: half-open
-        self.assertGreater(first, health.base * 1.5, "the second opening is twice as long")
-
-    def test_a_context_overflow_is_the_providers_400_in_the_clients_dialect(self):
-        long = "word " * 1200
-        r = self.post("openai", client_body("openai", "localonly", False, text=long))
-        self.assertEqual(r.status, 400, r)
-        err = r.json()["error"]
-        self.assertEqual((err["type"], err["code"]), ("invalid_request_error", "context_length_exceeded"))
-        self.assertIn("maximum context length is 512", err["message"])
-        r = self.post("anthropic", client_body("anthropic", "localonly", False, text=long))
-        self.assertEqual((r.status, r.json()["error"]["type"]), (400, "invalid_request_error"))
-        self.cloud.push(Reply(text="the cloud has room"))
-        r = self.post("openai", client_body("openai", "localfirst", False, text=long))
-        self.assertEqual((r.status, read_openai(r, False)["text"]), (200, "the cloud has room"))
-
-    def test_repeated_tool_call_ids_reach_openai_clients_once_and_faithful_providers_stay_byte_for_byte(self):
-        self.local.push(Reply(text="", tools=[("call_1", "get_weather", {"city": "Paris"})]))
-        r = self.post("openai", client_body("openai", "local/tiny", True, tools=True))
-        chunks = [json.loads(d) for _e, d in sse_events(r.body) if d != "[DONE]"]
-        calls = [tc for c in chunks for ch in c.get("choices", []) for tc in (ch["delta"].get("tool_calls") or [])]
-        self.assertEqual([tc.get("id") for tc in calls if tc.get("id")], ["call_1"])
-        self.assertEqual([tc["function"]["name"] for tc in calls if tc.get("function", {}).get("name")], ["get_weather"])
-        self.assertEqual(json.loads("".join(tc["function"].get("arguments", "") for tc in calls)), {"city": "Paris"})
-        self.assertFalse([c for c in chunks for ch in c.get("choices", []) if "function_call" in ch["delta"]],
-                         "nor the legacy function_call copy it sends beside them")
-        self.plain.push(Reply(text="same bytes", split=7))
-        r = self.post("openai", client_body("openai", "plain/m", True))
-        self.assertEqual(r.body, b"".join(openai_events(Reply(text="same bytes"), "m", True)), "passthrough untouched")
-
-    def test_host_quirks_are_data_the_openai_encoder_reads(self):
-        self.plain.push(Reply(text="ok"))
-        cfg = {"providers": {"q": {"api": "openai", "base_url": self.plain.base_url, "api_key": "k",
-                                   "quirks": ["tool_choice_any"], "max_tokens_field": "max_completion_tokens",
-                                   "models": {"m": {}}, "discover": False}}, "routes": {}}
-        h = Harness(cfg)
-        self.addCleanup(h.close)
-        body = dict(client_body("anthropic", "q/m", False, tools=True), tool_choice={"type": "any"})
-        self.assertEqual(h.call("POST", PATHS["anthropic"], body).status, 200)
-        sent = self.plain.requests[-1]["body"]
-        self.assertEqual((sent["tool_choice"], sent["max_completion_tokens"]), ("any", 100))
-        self.assertNotIn("max_tokens", sent)
-        mistral = R.Provider("mistral", {"api": "openai", "base_url": "https://api.mistral.ai/v1", "api_key": "k"},
-                             {}, R.DEFAULT_SETTINGS)
-        self.assertIn("tool_choice_any", mistral.quirks, "a known host needs no quirks entry")
-
-    def test_responses_echo_what_was_asked_and_a_failure_keeps_what_was_streamed(self):
-        body = dict(client_body("openai-responses", "local/tiny", False, tools=True), max_output_tokens=16,
-                    tool_choice={"type": "function", "name": "get_weather"})
-        self.local.push(Reply(text="", tools=[("call_1", "get_weather", {"city": "Paris"})]))
-        obj = self.post("openai-responses", body).json()
-        self.assertEqual(obj["max_output_tokens"], 16)
-        self.assertEqual(obj["tool_choice"], {"type": "function", "name": "get_weather"})
-        self.assertEqual([t["name"] for t in obj["tools"]], ["get_weather"])
-        self.local.push(Reply(text="y" * 60, cut_after=5))
-        r = self.post("openai-responses", dict(body, stream=True, tool_choice="auto"))
-        failed = [json.loads(d)["response"] for e, d in sse_events(r.body) if e == "response.failed"]
-        self.assertEqual(len(failed), 1)
-        self.assertEqual(failed[0]["tool_choice"], "auto")
-        out = failed[0]["output"]
-        self.assertTrue(out and out[0]["type"] == "message" and out[0]["status"] == "incomplete", out)
-        self.assertTrue(out[0]["content"][0]["text"].startswith("yyyy"))
-
+    def test_slow_client_is_cut_off(self):
+        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")   # ... and never finishes
+        self.assertEqual(s.recv(100), b"", "the router closes a connection that stalls in its headers")
+        s.close()
+        s = socket.create_connection(("127.0.0.1", self.h.port), timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                  b"Authorization: Bearer router-key-123\r\n\r\n{\"mod")
+        data = s.recv(1000)
+        self.assertTrue(data == b"" or data.startswith(b"HTTP/1.1 408"), data)
+        s.close()
 
 class HardeningTests(RouterCase):
     def rows(self):
@@ -3916,1420 +4943,92 @@ class HardeningTests(RouterCase):
         self.assertIn("nested too deeply", r.json()["error"]["message"])
 
 
-class ChaosTests(unittest.TestCase):
-    """Two of three providers flap (errors, 429s, resets, stalls before any content) under 200
-    concurrent requests, streamed and not, in both client dialects: no client sees a failure."""
-
-    def test_no_client_visible_failure_while_a_healthy_candidate_exists(self):
-        import random
-        from concurrent.futures import ThreadPoolExecutor
-        flaky_oa, flaky_an, healthy = FakeProvider("openai"), FakeProvider("anthropic"), FakeProvider("openai")
-        rng = random.Random(7)
-        lock = threading.Lock()
-
-        def chaos():
-            with lock:
-                x = rng.random()
-            if x < 0.25:
-                return Reply(text="flaky but fine")
-            if x < 0.45:
-                return Reply(status=500, body={"error": {"message": "boom"}})
-            if x < 0.60:
-                return Reply(status=429, headers={"Retry-After": "1"}, body={"error": {"message": "slow down"}})
-            if x < 0.75:
-                return Reply(reset=True)
-            if x < 0.88:
-                return Reply(cut_after=1, text="never seen")
-            return Reply(stall="headers")
-        flaky_oa.chaos = flaky_an.chaos = chaos
-        healthy.chaos = lambda: Reply(text="steady answer")
-        cfg = {"providers": {
-            "f1": {"api": "openai", "base_url": flaky_oa.base_url, "api_key": "k", "models": {"m": {}}},
-            "f2": {"api": "anthropic", "base_url": flaky_an.base_url, "api_key": "k", "models": {"claude-m": {}}},
-            "ok": {"api": "openai", "base_url": healthy.base_url, "api_key": "k", "models": {"m": {}}}},
-            "routes": {"chaos": ["f1/m", "f2/claude-m", "ok/m"]},
-            "settings": {"first_byte_timeout": 0.3, "idle_timeout": 2, "cooldown_seconds": 0.2,
-                         "max_cooldown_seconds": 0.5}}
-        h = Harness(cfg)
-        try:
-            def one(i):
-                dialect = ("openai", "anthropic")[i % 2]
-                stream = bool(i % 3)
-                body = client_body(dialect, "chaos", stream, text=f"request {i}")
-                r = h.call("POST", client_path(dialect, body), body, timeout=60)
-                if r.status != 200:
-                    return f"{i}: HTTP {r.status} {r.body[:200]!r}"
-                got = READERS[dialect](r, stream)
-                if got["error"] or got["text"] not in ("flaky but fine", "steady answer"):
-                    return f"{i}: {got}"
-                return None
-            with ThreadPoolExecutor(200) as ex:
-                failures = [f for f in ex.map(one, range(200)) if f]
-            self.assertEqual(failures, [])
-            flaky = len(flaky_oa.requests) + len(flaky_an.requests)
-            self.assertGreater(flaky, 0, "the flapping providers were really tried")
-        finally:
-            h.close()
-            for f in (flaky_oa, flaky_an, healthy):
-                f.close()
-
-
 # =================================================================================================
-# Every dialect: OpenAI Chat, OpenAI Responses, Anthropic, Gemini, Ollama
+# 9. Command line, processes, deployments and real clients
 # =================================================================================================
 
-#: Input schemas of five of Claude Code 2.1.197's tools, as it sent them (material for the Gemini
-#: schema reduction: $schema, additionalProperties, exclusiveMinimum, propertyNames, const, anyOf).
-CLAUDE_CODE_TOOL_SCHEMAS = json.loads(
-    "{\"Bash\":{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"com"
-    "mand\":{\"description\":\"The command to execute\",\"type\":\"string\"},\"timeout\":{\"description\":\"Optional ti"
-    "meout in milliseconds (max 600000)\",\"type\":\"number\"},\"description\":{\"description\":\"Clear, concise de"
-    "scription of what this command does in active voice. Never use words like \\\"complex\\\" or \\\"risk\\\" in"
-    " the description - just describe what it does.\\n\\nFor simple commands (git, npm, standard CLI tools)"
-    ", keep it brief (5-10 words):\\n- ls \u2192 \\\"List files in current directory\\\"\\n- git status \u2192 \\\"Show wor"
-    "king tree status\\\"\\n- npm install \u2192 \\\"Install package dependencies\\\"\\n\\nFor commands that are harder"
-    " to parse at a glance (piped commands, obscure flags, etc.), add enough context to clarify what it d"
-    "oes:\\n- find . -name \\\"*.tmp\\\" -exec rm {} \\\\; \u2192 \\\"Find and delete all .tmp files recursively\\\"\\n- g"
-    "it reset --hard origin/main \u2192 \\\"Discard all local changes and match remote main\\\"\\n- curl -s url | j"
-    "q '.data[]' \u2192 \\\"Fetch JSON from URL and extract data array elements\\\"\",\"type\":\"string\"},\"run_in_back"
-    "ground\":{\"description\":\"Set to true to run this command in the background.\",\"type\":\"boolean\"},\"dange"
-    "rouslyDisableSandbox\":{\"description\":\"Set this to true to dangerously override sandbox mode and run "
-    "commands without sandboxing.\",\"type\":\"boolean\"}},\"required\":[\"command\"],\"additionalProperties\":false"
-    "},\"Read\":{\"$schema\":\"https://json-schema.org/draft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"fi"
-    "le_path\":{\"description\":\"The absolute path to the file to read\",\"type\":\"string\"},\"offset\":{\"descript"
-    "ion\":\"The line number to start reading from. Only provide if the file is too large to read at once\","
-    "\"type\":\"integer\",\"minimum\":0,\"maximum\":9007199254740991},\"limit\":{\"description\":\"The number of lines"
-    " to read. Only provide if the file is too large to read at once.\",\"type\":\"integer\",\"exclusiveMinimum"
-    "\":0,\"maximum\":9007199254740991},\"pages\":{\"description\":\"Page range for PDF files (e.g., \\\"1-5\\\", \\\"3"
-    "\\\", \\\"10-20\\\"). Only applicable to PDF files. Maximum 20 pages per request.\",\"type\":\"string\"}},\"requ"
-    "ired\":[\"file_path\"],\"additionalProperties\":false},\"TaskCreate\":{\"$schema\":\"https://json-schema.org/d"
-    "raft/2020-12/schema\",\"type\":\"object\",\"properties\":{\"subject\":{\"description\":\"A brief title for the t"
-    "ask\",\"type\":\"string\"},\"description\":{\"description\":\"What needs to be done\",\"type\":\"string\"},\"activeF"
-    "orm\":{\"description\":\"Present continuous form shown in spinner when in_progress (e.g., \\\"Running test"
-    "s\\\")\",\"type\":\"string\"},\"metadata\":{\"description\":\"Arbitrary metadata to attach to the task\",\"type\":\""
-    "object\",\"propertyNames\":{\"type\":\"string\"},\"additionalProperties\":{}}},\"required\":[\"subject\",\"descrip"
-    "tion\"],\"additionalProperties\":false},\"TaskUpdate\":{\"$schema\":\"https://json-schema.org/draft/2020-12/"
-    "schema\",\"type\":\"object\",\"properties\":{\"taskId\":{\"description\":\"The ID of the task to update\",\"type\":"
-    "\"string\"},\"subject\":{\"description\":\"New subject for the task\",\"type\":\"string\"},\"description\":{\"descr"
-    "iption\":\"New description for the task\",\"type\":\"string\"},\"activeForm\":{\"description\":\"Present continu"
-    "ous form shown in spinner when in_progress (e.g., \\\"Running tests\\\")\",\"type\":\"string\"},\"status\":{\"de"
-    "scription\":\"New status for the task\",\"anyOf\":[{\"type\":\"string\",\"enum\":[\"pending\",\"in_progress\",\"comp"
-    "leted\"]},{\"type\":\"string\",\"const\":\"deleted\"}]},\"addBlocks\":{\"description\":\"Task IDs that this task b"
-    "locks\",\"type\":\"array\",\"items\":{\"type\":\"string\"}},\"addBlockedBy\":{\"description\":\"Task IDs that block "
-    "this task\",\"type\":\"array\",\"items\":{\"type\":\"string\"}},\"owner\":{\"description\":\"New owner for the task\""
-    ",\"type\":\"string\"},\"metadata\":{\"description\":\"Metadata keys to merge into the task. Set a key to null"
-    " to delete it.\",\"type\":\"object\",\"propertyNames\":{\"type\":\"string\"},\"additionalProperties\":{}}},\"requi"
-    "red\":[\"taskId\"],\"additionalProperties\":false},\"WebFetch\":{\"$schema\":\"https://json-schema.org/draft/2"
-    "020-12/schema\",\"type\":\"object\",\"properties\":{\"url\":{\"description\":\"The URL to fetch content from\",\"t"
-    "ype\":\"string\",\"format\":\"uri\"},\"prompt\":{\"description\":\"The prompt to run on the fetched content\",\"ty"
-    "pe\":\"string\"}},\"required\":[\"url\",\"prompt\"],\"additionalProperties\":false}}")
-
-
-#: Input schemas of two of Codex CLI 0.169's tools, as it sent them.
-CODEX_TOOL_SCHEMAS = json.loads(
-    "{\"exec_command\":{\"type\":\"object\",\"properties\":{\"cmd\":{\"type\":\"string\",\"description\":\"Shell command t"
-    "o execute.\"},\"justification\":{\"type\":\"string\",\"description\":\"User-facing approval question for `requ"
-    "ire_escalated`; omit otherwise.\"},\"login\":{\"type\":\"boolean\",\"description\":\"True runs the shell with "
-    "-l/-i semantics; false disables them. Defaults to true.\"},\"max_output_tokens\":{\"type\":\"number\",\"desc"
-    "ription\":\"Output token budget. Defaults to 10000 tokens; larger requests may be capped by policy.\"},"
-    "\"prefix_rule\":{\"type\":\"array\",\"description\":\"Reusable approval prefix for `cmd`, only with `sandbox_"
-    "permissions: \\\"require_escalated\\\"`; for example [\\\"git\\\", \\\"pull\\\"].\",\"items\":{\"type\":\"string\"}},\"s"
-    "andbox_permissions\":{\"type\":\"string\",\"description\":\"Per-command sandbox override. Defaults to `use_d"
-    "efault`; use `require_escalated` for unsandboxed execution.\",\"enum\":[\"use_default\",\"require_escalate"
-    "d\"]},\"shell\":{\"type\":\"string\",\"description\":\"Shell binary to launch. Defaults to the user's default "
-    "shell.\"},\"tty\":{\"type\":\"boolean\",\"description\":\"True allocates a PTY for the command; false or omitt"
-    "ed uses plain pipes.\"},\"workdir\":{\"type\":\"string\",\"description\":\"Working directory for the command. "
-    "Defaults to the turn cwd.\"},\"yield_time_ms\":{\"type\":\"number\",\"description\":\"Wait before yielding out"
-    "put. Defaults to 10000 ms; effective range is 250-30000 ms.\"}},\"required\":[\"cmd\"],\"additionalPropert"
-    "ies\":false},\"request_user_input\":{\"type\":\"object\",\"properties\":{\"questions\":{\"type\":\"array\",\"descrip"
-    "tion\":\"Questions to show the user. Prefer 1 and do not exceed 3\",\"items\":{\"type\":\"object\",\"propertie"
-    "s\":{\"header\":{\"type\":\"string\",\"description\":\"Short header label shown in the UI (12 or fewer chars)."
-    "\"},\"id\":{\"type\":\"string\",\"description\":\"Stable identifier for mapping answers (snake_case).\"},\"optio"
-    "ns\":{\"type\":\"array\",\"description\":\"Provide 2-3 mutually exclusive choices. Put the recommended optio"
-    "n first and suffix its label with \\\"(Recommended)\\\". Do not include an \\\"Other\\\" option in this list"
-    "; the client will add a free-form \\\"Other\\\" option automatically.\",\"items\":{\"type\":\"object\",\"propert"
-    "ies\":{\"description\":{\"type\":\"string\",\"description\":\"One short sentence explaining impact/tradeoff if"
-    " selected.\"},\"label\":{\"type\":\"string\",\"description\":\"User-facing label (1-5 words).\"}},\"required\":[\""
-    "label\",\"description\"],\"additionalProperties\":false}},\"question\":{\"type\":\"string\",\"description\":\"Sing"
-    "le-sentence prompt shown to the user.\"}},\"required\":[\"id\",\"header\",\"question\",\"options\"],\"additional"
-    "Properties\":false}}},\"required\":[\"questions\"],\"additionalProperties\":false}}")
-
-
-ALL_TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test", "openai-responses": "rs/gpt-resp",
-               "gemini": "gm/gemini-test", "ollama": "ol/llama-test"}
-
-
-class DialectMatrixTests(RouterCase):
-    def fake_for(self, api):
-        return {"openai": self.oa, "anthropic": self.an, "openai-responses": self.rs, "gemini": self.gm,
-                "ollama": self.ol}[api]
-
-    def check_upstream(self, api, up, stream, case):
-        b = up["body"]
-        if api == "openai":
-            self.assertEqual(b["messages"][0], {"role": "system", "content": "Be brief."})
-            user = b["messages"][-1]["content"]
-            if case == "image":
-                self.assertEqual(user[1]["image_url"]["url"], "data:image/png;base64," + PNG_B64)
-        elif api == "anthropic":
-            self.assertIn(b["system"], ("Be brief.", [{"type": "text", "text": "Be brief."}]))
-            if case == "image":
-                self.assertEqual(b["messages"][-1]["content"][1]["source"]["data"], PNG_B64)
-        elif api == "openai-responses":
-            self.assertEqual(up["path"], "/v1/responses")
-            if "instructions" in b:
-                self.assertEqual(b["instructions"], "Be brief.")
-            else:
-                self.assertEqual(b["input"][0]["role"], "developer")
-            if case == "image":
-                self.assertEqual(b["input"][-1]["content"][1], {"type": "input_image",
-                                                                "image_url": "data:image/png;base64," + PNG_B64})
-            if case == "tool":
-                self.assertEqual(b["tools"][0]["name"], "get_weather")
-        elif api == "gemini":
-            want = "/v1beta/models/gemini-test:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
-            self.assertEqual(up["path"], want)
-            self.assertEqual(up["headers"]["x-goog-api-key"], "gm-SECRET")
-            self.assertNotIn("authorization", up["headers"])
-            self.assertEqual(b["systemInstruction"], {"parts": [{"text": "Be brief."}]})
-            parts = b["contents"][-1]["parts"]
-            self.assertEqual(b["contents"][-1]["role"], "user")
-            if case == "image":
-                self.assertEqual(parts[1], {"inlineData": {"mimeType": "image/png", "data": PNG_B64}})
-            if case == "tool":
-                decl = b["tools"][0]["functionDeclarations"][0]
-                self.assertEqual(decl["parameters"], {"type": "OBJECT", "properties": {"city": {"type": "STRING"}},
-                                                      "required": ["city"]})
-        else:
-            self.assertEqual(up["path"], "/api/chat")
-            self.assertEqual(b["stream"], stream)
-            self.assertEqual(b["messages"][0], {"role": "system", "content": "Be brief."})
-            self.assertGreaterEqual(b["options"]["num_ctx"], 8192)
-            if case == "image":
-                self.assertEqual(b["messages"][-1]["images"], [PNG_B64])
-
-    def test_every_client_dialect_against_every_provider_dialect(self):
-        data_url = "data:image/png;base64," + PNG_B64
-        for client in READERS:
-            for api, target in ALL_TARGETS.items():
-                for case in ("text", "tool", "image"):
-                    for stream in (False, True):
-                        with self.subTest(client=client, provider=api, case=case, stream=stream):
-                            self.setUp()
-                            fake = self.fake_for(api)
-                            tid = ("toolu_" if api == "anthropic" else "call_") + "w1"
-                            if case == "tool":
-                                fake.push(Reply(text="Checking.", tools=[(tid, "get_weather", {"city": "Paris"})]))
-                            else:
-                                fake.push(Reply(text="Bonjour ✓ le monde", thinking="hmm" if case == "text" else None))
-                            body = client_body(client, target, stream, tools=case == "tool",
-                                               image=data_url if case == "image" else None)
-                            r = self.post(client, body)
-                            self.assertEqual(r.status, 200, r)
-                            got = READERS[client](r, stream)
-                            self.assertIsNone(got["error"])
-                            if case == "tool":
-                                self.assertEqual([(n, a) for _i, n, a in got["tools"]], [("get_weather", {"city": "Paris"})])
-                                self.assertEqual(got["finish"], FINISH[client][1])
-                            else:
-                                self.assertEqual(got["text"], "Bonjour ✓ le monde")
-                                self.assertEqual(got["finish"], FINISH[client][0])
-                            if case == "text" and client != "openai-responses" or client == "openai-responses" and case == "text":
-                                self.assertEqual(got["reasoning"], "hmm")
-                            if stream and client != "openai":
-                                self.assertTrue(got["done"])
-                            if client == "openai-responses":
-                                self.assertTrue(got["seq_ok"])
-                                self.assertEqual(got["usage"]["output_tokens"], 7)
-                                self.assertEqual(got["usage"]["total_tokens"], got["usage"]["input_tokens"] + 7)
-                            elif client == "ollama":
-                                self.assertEqual(got["usage"]["eval_count"], 7)
-                            self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
-                            self.check_upstream(api, fake.requests[-1], stream, case)
-
-
-GEMINI_ALLOWED = R.GEMINI_SCHEMA_KEYS
-
-
-def _walk_schema(s, path="$"):
-    """Every (path, key) of a reduced Gemini schema, not counting property names."""
-    out = []
-    if isinstance(s, dict):
-        for k, v in s.items():
-            out.append((path, k))
-            if k == "properties":
-                for name, sub in v.items():
-                    out += _walk_schema(sub, f"{path}.{name}")
-            elif k == "items":
-                out += _walk_schema(v, path + "[]")
-            elif k == "anyOf":
-                for i, sub in enumerate(v):
-                    out += _walk_schema(sub, f"{path}|{i}")
-    return out
-
-
-class GeminiTests(RouterCase):
-    def test_schema_reduction_on_claude_code_tools(self):
-        for name, schema in {**CLAUDE_CODE_TOOL_SCHEMAS, **CODEX_TOOL_SCHEMAS}.items():
-            with self.subTest(tool=name):
-                red = R.gemini_schema(schema)
-                for path, key in _walk_schema(red):
-                    self.assertIn(key, GEMINI_ALLOWED, f"{name}: {path}.{key}")
-                self.assertEqual(red["type"], "OBJECT")
-                self.assertEqual(set(red.get("required", [])) - set(red["properties"]), set())
-                self.assertEqual(set(red["properties"]), set(schema["properties"]), "no property is lost")
-        read = R.gemini_schema(CLAUDE_CODE_TOOL_SCHEMAS["Read"])
-        self.assertEqual(read["properties"]["limit"], {"type": "INTEGER", "description": read["properties"]["limit"]["description"],
-                                                       "maximum": 9007199254740991, "minimum": 0})
-        self.assertNotIn("$schema", read)
-        self.assertNotIn("additionalProperties", read)
-
-    def test_schema_reduction_rules(self):
-        s = {"$defs": {"Pt": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x", "y"]}},
-             "type": "object", "additionalProperties": False,
-             "properties": {
-                 "maybe": {"type": ["string", "null"], "format": "uri"},
-                 "opt": {"anyOf": [{"type": "integer"}, {"type": "null"}], "description": "d"},
-                 "either": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
-                 "pt": {"$ref": "#/$defs/Pt"},
-                 "mode": {"const": "fast"}, "nums": {"type": "integer", "enum": [1, 2]},
-                 "when": {"type": "string", "format": "date-time"},
-                 "both": {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
-                                    {"properties": {"b": {"type": "string"}}}]}},
-             "required": ["maybe", "ghost"]}
-        red = R.gemini_schema(s)
-        p = red["properties"]
-        self.assertEqual(p["maybe"], {"type": "STRING", "nullable": True})
-        self.assertEqual(p["opt"], {"type": "INTEGER", "nullable": True, "description": "d"})
-        self.assertEqual(p["either"], {"anyOf": [{"type": "STRING"}, {"type": "INTEGER"}]})
-        self.assertEqual(p["pt"], {"type": "OBJECT", "properties": {"x": {"type": "NUMBER"}}, "required": ["x"]})
-        self.assertEqual(p["mode"], {"enum": ["fast"]})
-        self.assertEqual(p["nums"], {"type": "INTEGER"})
-        self.assertEqual(p["when"], {"type": "STRING", "format": "date-time"})
-        self.assertEqual(set(p["both"]["properties"]), {"a", "b"})
-        self.assertEqual(red["required"], ["maybe"])
-
-    def test_tool_ids_names_and_thought_signatures_round_trip(self):
-        self.gm.push(Reply(text="", tools=[("g1", "get_weather", {"city": "Paris"}), ("g2", "get_weather", {"city": "Rome"})]))
-        _r, got = self.ask("openai", client_body("openai", "gm/gemini-3-pro", False, tools=True))
-        ids = [i for i, _n, _a in got["tools"]]
-        self.assertEqual(len(set(ids)), 2, "Gemini gives no ids: the router makes distinct ones")
-        body = client_body("openai", "gm/gemini-3-pro", False, tools=True)
-        body["messages"] += [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": ids[0], "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
-            {"id": ids[1], "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Rome\"}"}}]},
-            {"role": "tool", "tool_call_id": ids[0], "content": "18C"}, {"role": "tool", "tool_call_id": ids[1], "content": "20C"}]
-        self.ask("openai", body)
-        contents = self.gm.requests[-1]["body"]["contents"]
-        model_turn, results = contents[-2], contents[-1]
-        self.assertEqual(model_turn["role"], "model")
-        self.assertEqual([p.get("thoughtSignature") for p in model_turn["parts"]], [_b64("sig-g1"), _b64("sig-g2")])
-        self.assertEqual(results["parts"], [{"functionResponse": {"name": "get_weather", "response": {"result": "18C"}}},
-                                            {"functionResponse": {"name": "get_weather", "response": {"result": "20C"}}}])
-        # History from another provider: Gemini 3 gets the documented placeholder on its first call.
-        body["messages"][2]["tool_calls"][0]["id"] = "call_from_elsewhere"
-        body["messages"][3]["tool_call_id"] = "call_from_elsewhere"
-        self.ask("openai", body)
-        parts = self.gm.requests[-1]["body"]["contents"][-2]["parts"]
-        self.assertEqual(parts[0]["thoughtSignature"], R.GEMINI_SKIP_SIGNATURE)
-
-    def test_finish_reasons_usage_and_errors(self):
-        self.gm.push(Reply(text="partial", stop="content_filter"))
-        _r, got = self.ask("anthropic", client_body("anthropic", "gm/gemini-test", True))
-        self.assertEqual(got["finish"], "refusal")
-        self.gm.push(Reply(text="cut", stop="length", usage=(30, 12, 5)))
-        _r, got = self.ask("openai", client_body("openai", "gm/gemini-test", False))
-        self.assertEqual(got["finish"], "length")
-        self.assertEqual(got["usage"]["prompt_tokens"], 30)
-        self.assertEqual(got["usage"]["prompt_tokens_details"]["cached_tokens"], 5)
-        self.gm.push(Reply(status=429, body={"error": {"code": 429, "message": "Resource has been exhausted",
-                                                       "status": "RESOURCE_EXHAUSTED", "details": [
-                                                           {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "23s"}]}}))
-        r, _ = self.ask("openai", client_body("openai", "gm/gemini-test", False))
-        self.assertEqual(r.headers["x-router-provider"], "oa2")
-        self.gm.push(Reply(error_first=True))
-        r, _ = self.ask("openai", client_body("openai", "gm/gemini-test", True))
-        self.assertEqual(r.headers["x-router-provider"], "oa2")
-
-    def test_thinking_request_maps_to_thinking_config(self):
-        body = client_body("anthropic", "gm/gemini-3-pro", False)
-        body["thinking"] = {"type": "enabled", "budget_tokens": 3000}
-        self.ask("anthropic", body)
-        gen = self.gm.requests[-1]["body"]["generationConfig"]
-        self.assertEqual(gen["thinkingConfig"], {"includeThoughts": True, "thinkingBudget": 3000})
-        self.assertEqual(gen["maxOutputTokens"], 100)
-
-
-try:
-    from google import genai
-    from google.genai import types as genai_types
-except ImportError:          # the conformance test below is skipped
-    genai = None
-
-
-class GeminiClientTests(RouterCase):
-    """Gemini as a client dialect (the google-genai SDK, Gemini CLI): the model is in the path."""
-
-    def gpost(self, model, body, stream=False, prefix="/v1beta", headers=None):
-        path = f"{prefix}/models/{model}:" + ("streamGenerateContent?alt=sse" if stream else "generateContent")
-        return self.h.call("POST", path, body, headers)
-
-    def test_gemini_to_gemini_is_a_byte_passthrough(self):
-        body = client_body("gemini", "gm/gemini-test", True)
-        self.gm.push(Reply(text="same bytes", thinking="hmm", split=5))
-        r = self.post("gemini", body)
-        self.assertEqual(r.body, self.gm.sent[-1], "the provider's stream, unchanged")
-        self.assertEqual(self.gm.requests[-1]["path"], "/v1beta/models/gemini-test:streamGenerateContent?alt=sse")
-        self.assertNotIn("model", self.gm.requests[-1]["body"], "Gemini's model is the path's, never a body field")
-        self.gm.push(Reply(text="whole"))
-        r = self.post("gemini", client_body("gemini", "gm/gemini-test", False))
-        self.assertEqual(r.json()["candidates"][0]["content"]["parts"], [{"text": "whole"}])
-        self.assertEqual(r.headers["x-router-provider"], "gm")
-
-    def test_paths_models_routes_and_a_base_url_prefix(self):
-        for model, prefix, prov in (("oa/gpt-test", "/v1beta", "oa"), ("oa%2Fgpt-test", "/v1beta", "oa"),
-                                    ("chat", "/gem/v1beta", "oa"), ("claude-test", "/v1", "an")):
-            with self.subTest(model=model, prefix=prefix):
-                r = self.gpost(model, client_body("gemini", "x", False), prefix=prefix)
-                self.assertEqual((r.status, r.headers.get("x-router-provider")), (200, prov), r)
-        r = self.gpost("auto", client_body("gemini", "x", False, text="Write a poem about the sea"))
-        self.assertEqual(r.headers["x-router-route"], "creative")
-
-    def test_snake_case_fields_function_responses_and_ids(self):
-        # The python SDK sends some fields in snake_case (proto JSON takes both).
-        self.oa.push(Reply(text="It is sunny."))
-        body = {"system_instruction": {"parts": [{"text": "Be brief."}]},
-                "generation_config": {"max_output_tokens": 50, "top_p": 0.5},
-                "tools": [{"function_declarations": [{"name": "get_weather", "description": "weather",
-                                                      "parameters_json_schema": {"type": "object", "properties": {
-                                                          "city": {"type": "string"}}}}]}],
-                "contents": [{"role": "user", "parts": [{"text": "Weather in Paris and Oslo?"}]},
-                             {"role": "model", "parts": [
-                                 {"function_call": {"id": "call_a", "name": "get_weather", "args": {"city": "Paris"}}},
-                                 {"function_call": {"name": "get_weather", "args": {"city": "Oslo"}}}]},
-                             {"role": "user", "parts": [
-                                 {"function_response": {"id": "call_a", "name": "get_weather", "response": {"result": "sunny"}}},
-                                 {"function_response": {"name": "get_weather",
-                                                        "response": {"temp": -3, "sky": "grey"}}}]}]}
-        r = self.gpost("oa/gpt-test", body)
-        self.assertEqual(r.status, 200, r)
-        up = self.oa.requests[-1]["body"]
-        self.assertEqual(up["messages"][0], {"role": "system", "content": "Be brief."})
-        self.assertEqual((up["max_tokens"], up["top_p"]), (50, 0.5))
-        self.assertEqual(up["tools"][0]["function"]["parameters"]["properties"], {"city": {"type": "string"}})
-        calls = up["messages"][2]["tool_calls"]
-        self.assertEqual(calls[0]["id"], "call_a")
-        results = [m for m in up["messages"] if m["role"] == "tool"]
-        self.assertEqual([(m["tool_call_id"], m["content"] if i == 0 else json.loads(m["content"]))
-                          for i, m in enumerate(results)],
-                         [("call_a", "sunny"), (calls[1]["id"], {"temp": -3, "sky": "grey"})],
-                         "a lone result is its text, anything else the response as JSON; by id, else by name")
-
-    def test_thinking_signatures_survive_a_gemini_client(self):
-        self.an.push(Reply(text="Answer.", thinking="let me think", signature="EqQBsig=="))
-        got = self.post("gemini", client_body("gemini", "an/claude-test", False)).json()
-        parts = got["candidates"][0]["content"]["parts"]
-        thought = [p for p in parts if p.get("thought")][0]
-        self.assertEqual(base64.b64decode(thought["thoughtSignature"]).decode(), "EqQBsig==",
-                         "held as base64 bytes, as Gemini clients validate it")
-        self.an.push(Reply(text="Again."))
-        body = client_body("gemini", "an/claude-test", False)
-        body["contents"] += [{"role": "model", "parts": parts}, {"role": "user", "parts": [{"text": "more"}]}]
-        self.post("gemini", body)
-        sent = self.an.requests[-1]["body"]["messages"][1]["content"]
-        self.assertEqual([b.get("signature") for b in sent if b["type"] == "thinking"], ["EqQBsig=="],
-                         "the provider gets its own signature back")
-
-    def test_errors_are_in_geminis_shape(self):
-        r = self.h.call("POST", "/v1beta/models/oa/gpt-test:streamGenerateContent", client_body("gemini", "x", True))
-        self.assertEqual(r.status, 400)
-        self.assertEqual((r.json()["error"]["code"], r.json()["error"]["status"]), (400, "INVALID_ARGUMENT"))
-        self.assertIn("alt", r.json()["error"]["message"])
-        body = client_body("gemini", "x", False)
-        body["contents"][0]["parts"].append({"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}})
-        err = self.gpost("oa/gpt-test", body).json()["error"]
-        self.assertIn("contents[0].parts[1].inlineData.mimeType", err["message"])
-        self.oa.push(Reply(status=404, body={"error": {"message": "The model `gpt-tset` does not exist",
-                                                       "type": "invalid_request_error", "code": "model_not_found"}}))
-        r = self.gpost("oa/gpt-tset", client_body("gemini", "x", False))
-        self.assertEqual((r.status, r.json()["error"]["status"]), (404, "NOT_FOUND"))
-        self.oa.push(Reply(text="half", cut_after=3))
-        got = read_gemini(self.post("gemini", client_body("gemini", "oa/gpt-test", True)), True)
-        self.assertEqual(got["error"]["status"], "UNAVAILABLE", "a broken stream ends with an error chunk")
-
-    def test_models_list_is_paginated_and_one_model_is_found(self):
-        first = self.h.call("GET", "/v1beta/models?pageSize=3").json()
-        self.assertEqual(len(first["models"]), 3)
-        names = [m["name"] for m in first["models"]]
-        token = first["nextPageToken"]
-        while token:
-            page = self.h.call("GET", f"/v1beta/models?pageSize=3&pageToken={token}").json()
-            names += [m["name"] for m in page["models"]]
-            token = page.get("nextPageToken")
-        self.assertIn("models/oa/gpt-test", names)
-        self.assertEqual(len(names), len(set(names)))
-        one = self.h.call("GET", "/v1beta/models/an/claude-test").json()
-        self.assertEqual((one["name"], one["outputTokenLimit"]), ("models/an/claude-test", 8192))
-        self.assertEqual(self.h.call("GET", "/v1/models").json()["object"], "list", "OpenAI clients keep theirs")
-        self.assertIn("models", self.h.call("GET", "/v1/models", headers={"x-goog-api-key": "k"}).json())
-        n = self.h.call("POST", "/v1beta/models/oa/gpt-test:countTokens",
-                        {"contents": [{"role": "user", "parts": [{"text": "count these words please"}]}]}).json()
-        self.assertGreater(n["totalTokens"], 0)
-
-    @unittest.skipIf(genai is None, "the google-genai SDK is not installed")
-    def test_google_genai_sdk(self):
-        c = genai.Client(api_key="unused", http_options=genai_types.HttpOptions(base_url=f"http://127.0.0.1:{self.h.port}"))
-        for model, fake in (("oa/gpt-test", self.oa), ("an/claude-test", self.an), ("gm/gemini-test", self.gm)):
-            with self.subTest(model=model):
-                fake.push(Reply(text="Bonjour ✓"))
-                r = c.models.generate_content(model=model, contents="Say hi", config=genai_types.GenerateContentConfig(
-                    system_instruction="Be brief.", max_output_tokens=50))
-                self.assertEqual((r.text, r.candidates[0].finish_reason.name), ("Bonjour ✓", "STOP"))
-                self.assertEqual(r.usage_metadata.prompt_token_count, 11)
-                fake.push(Reply(text="streamed text", thinking="hmm"))
-                chunks = list(c.models.generate_content_stream(model=model, contents="Say hi"))
-                self.assertEqual("".join(ch.text or "" for ch in chunks), "streamed text")
-                self.assertEqual(chunks[-1].candidates[0].finish_reason.name, "STOP")
-
-                def get_weather(city: str) -> str:
-                    """Weather for a city."""
-                    return "sunny"
-                tid = ("toolu_" if fake is self.an else "call_") + "g1"
-                fake.push(Reply(text="", tools=[(tid, "get_weather", {"city": "Paris"})]), Reply(text="It is sunny."))
-                cfg = genai_types.GenerateContentConfig(tools=[get_weather])    # the SDK runs the function
-                r = c.models.generate_content(model=model, contents="Weather in Paris?", config=cfg)
-                self.assertEqual(r.text, "It is sunny.")
-                hist = r.automatic_function_calling_history
-                self.assertEqual(hist[1].parts[0].function_call.args, {"city": "Paris"})
-                self.assertEqual(hist[2].parts[0].function_response.response, {"result": "sunny"})
-        n = c.models.count_tokens(model="an/claude-test", contents="hello there")
-        self.assertGreater(n.total_tokens, 0)
-        names = [m.name for m in c.models.list(config={"page_size": 2})]
-        self.assertIn("models/oa/gpt-test", names)
-
-
-class ResponsesTests(RouterCase):
-    def codex_body(self, model, stream=True, extra_input=()):
-        """A request shaped like Codex CLI's: developer instructions, history, function and custom
-        tools, a hosted tool and a namespace tool the other providers do not have."""
-        return {"model": model, "stream": stream, "store": False, "tool_choice": "auto", "parallel_tool_calls": True,
-                "reasoning": {"summary": "auto"}, "include": ["reasoning.encrypted_content"], "prompt_cache_key": "c1",
-                "input": [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
-                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
-                          {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "list the files"}]},
-                          *extra_input],
-                "tools": [{"type": "function", "name": "exec_command", "strict": False, "description": "Run a command",
-                           "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}},
-                          {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
-                           "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}},
-                          {"type": "web_search", "external_web_access": True},
-                          {"type": "namespace", "name": "multi_agent_v1", "tools": []}]}
-
-    def test_codex_shaped_turns_through_anthropic(self):
-        self.an.push(Reply(text="Running it.", thinking="ls is enough",
-                           tools=[("toolu_1", "exec_command", {"cmd": "ls"})]))
-        r, got = self.ask("openai-responses", self.codex_body("an/claude-test"))
-        self.assertEqual(got["tools"], [("toolu_1", "exec_command", {"cmd": "ls"})])
-        self.assertEqual(got["reasoning"], "ls is enough")
-        self.assertTrue(got["seq_ok"])
-        up = self.an.requests[-1]["body"]
-        self.assertEqual(up["system"], [{"type": "text", "text": "You are Codex."}])
-        self.assertEqual([t["name"] for t in up["tools"]], ["exec_command", "apply_patch"],
-                         "hosted and namespace tools have no equivalent elsewhere")
-        self.assertEqual(up["tools"][1]["input_schema"], R.CUSTOM_TOOL_PARAMS)
-        # Turn 2: Codex sends the call and its output back, without ids on the items.
-        history = [{"type": "reasoning", "summary": [{"type": "summary_text", "text": "ls is enough"}],
-                    "encrypted_content": "gAAAA-opaque"},
-                   {"type": "function_call", "name": "exec_command", "arguments": "{\"cmd\":\"ls\"}", "call_id": "toolu_1"},
-                   {"type": "function_call_output", "call_id": "toolu_1", "output": "a.py\nb.py\n"}]
-        self.an.push(Reply(text="Patching.", tools=[("toolu_2", "apply_patch", {"input": "*** Begin Patch\n*** End Patch"})]))
-        r, got = self.ask("openai-responses", self.codex_body("an/claude-test", extra_input=history))
-        self.assertEqual(got["tools"], [("toolu_2", "apply_patch", {"input": "*** Begin Patch\n*** End Patch"})])
-        items = [json.loads(d) for _e, d in sse_events(r.body)]
-        done = [i["item"] for i in items if i["type"] == "response.output_item.done"]
-        self.assertEqual(done[-1]["type"], "custom_tool_call", "a custom tool's call goes back as custom_tool_call")
-        msgs = self.an.requests[-1]["body"]["messages"]
-        self.assertEqual(msgs[-2]["content"][-1], {"type": "tool_use", "id": "toolu_1", "name": "exec_command",
-                                                   "input": {"cmd": "ls"}})
-        self.assertEqual(msgs[-1]["content"][0]["type"], "tool_result")
-        self.assertNotIn("gAAAA-opaque", json.dumps(msgs), "OpenAI's encrypted reasoning is not sent elsewhere")
-
-    def test_whole_response_object(self):
-        self.oa.push(Reply(text="Hi there", usage=(20, 4, 2)))
-        body = {"model": "oa/gpt-test", "input": "Say hi", "instructions": "Be brief.", "max_output_tokens": 50}
-        r = self.post("openai-responses", body)
-        obj = r.json()
-        self.assertEqual(obj["object"], "response")
-        self.assertTrue(obj["id"].startswith("resp_"))
-        self.assertEqual(obj["status"], "completed")
-        self.assertEqual(obj["output"][0]["content"][0], {"type": "output_text", "text": "Hi there", "annotations": []})
-        self.assertEqual(obj["usage"], {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 2},
-                                        "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0},
-                                        "total_tokens": 24})
-        self.assertEqual(self.oa.requests[-1]["body"]["max_tokens"], 50)
-        self.oa.push(Reply(text="cut", stop="length"))
-        obj = self.post("openai-responses", body).json()
-        self.assertEqual((obj["status"], obj["incomplete_details"]), ("incomplete", {"reason": "max_output_tokens"}))
-
-    def test_previous_response_id(self):
-        self.oa.push(Reply(text="My name is Sage."))
-        first = self.post("openai-responses", {"model": "oa/gpt-test", "input": "What is your name?"}).json()
-        self.oa.push(Reply(text="You asked my name."))
-        second = self.post("openai-responses", {"model": "oa/gpt-test", "input": "What did I ask?",
-                                                "previous_response_id": first["id"]})
-        self.assertEqual(second.status, 200, second)
-        msgs = self.oa.requests[-1]["body"]["messages"]
-        self.assertEqual([m["role"] for m in msgs], ["user", "assistant", "user"])
-        self.assertEqual(msgs[1]["content"], "My name is Sage.")
-        # Chains continue, and a streamed answer is kept too.
-        self.oa.push(Reply(text="Third."))
-        third = self.post("openai-responses", {"model": "oa/gpt-test", "input": "And now?", "stream": True,
-                                               "previous_response_id": second.json()["id"]})
-        rid = [json.loads(d) for _e, d in sse_events(third.body)][-1]["response"]["id"]
-        self.post("openai-responses", {"model": "oa/gpt-test", "input": "Last", "previous_response_id": rid})
-        self.assertEqual(len(self.oa.requests[-1]["body"]["messages"]), 7)
-        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "previous_response_id": "resp_nope"})
-        self.assertEqual(r.status, 400)
-        self.assertTrue(r.json()["error"]["message"].startswith("previous_response_id: unknown response"))
-        nostore = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "store": False}).json()
-        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "y", "previous_response_id": nostore["id"]})
-        self.assertEqual(r.status, 400)
-
-    def test_failure_after_first_byte_is_response_failed(self):
-        self.oa.push(Reply(text="a long answer that breaks", cut_after=3))
-        r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "stream": True})
-        got = read_responses(r, True)
-        self.assertIsNotNone(got["error"])
-        self.assertFalse(got["done"])
-
-    def test_a_passed_through_stream_that_breaks_continues_its_own_ids_and_numbers(self):
-        self.rs.push(Reply(text="a long answer that breaks somewhere", cut_after=7))
-        r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})
-        evs = [(e, json.loads(d)) for e, d in sse_events(r.body)]
-        seqs = [d["sequence_number"] for _e, d in evs]
-        self.assertEqual(seqs, list(range(len(seqs))), "one numbering, the provider's continued")
-        self.assertEqual([e for e, _d in evs][-2:], ["error", "response.failed"])
-        failed = evs[-1][1]["response"]
-        self.assertEqual(failed["id"], evs[0][1]["response"]["id"], "the id of response.created")
-        self.assertEqual(failed["output"][0]["content"][0]["text"], "a long answer that breaks somewhere"[:4 * 3],
-                         "what was streamed is kept")
-
-    def test_responses_provider_passthrough_and_translation(self):
-        self.rs.push(Reply(text="pass", split=5))
-        r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})
-        self.assertEqual(r.body, self.rs.sent[-1])
-        self.rs.push(Reply(text="", tools=[("call_9", "get_weather", {"city": "Oslo"})]))
-        _r, got = self.ask("anthropic", client_body("anthropic", "rs/gpt-resp", True, tools=True))
-        self.assertEqual(got["tools"][0][1:], ("get_weather", {"city": "Oslo"}))
-
-
-class OllamaTests(RouterCase):
-    def test_num_ctx_follows_the_request_size_within_the_model_window(self):
-        self.ask("openai", client_body("openai", "ol/llama-test", False))
-        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 8192)
-        self.ask("openai", client_body("openai", "ol/llama-test", False, text="word " * 40000))
-        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 65536, "capped at the model's window")
-        body = client_body("openai", "ol/llama-test", False, text="word " * 16000)   # ~20,000 tokens
-        body["max_tokens"] = 8000
-        self.ask("openai", body)
-        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 32768)
-        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_predict"], 8000)
-        # An Ollama client's own num_ctx wins on the passthrough path.
-        ob = client_body("ollama", "ol/llama-test", False)
-        ob["options"]["num_ctx"] = 4096
-        self.ask("ollama", ob)
-        self.assertEqual(self.ol.requests[-1]["body"]["options"]["num_ctx"], 4096)
-
-    def test_tool_history_images_and_options_out(self):
-        body = {"model": "ol/llama-test", "max_tokens": 30, "temperature": 0.2, "stop": ["Z"], "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "Weather?"},
-                                         {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
-            {"role": "tool", "tool_call_id": "call_7", "content": "-3C"}], "tools": [WEATHER_OA]}
-        self.ask("openai", body)
-        up = self.ol.requests[-1]["body"]
-        self.assertEqual(up["messages"][0], {"role": "user", "content": "Weather?\n[image: https://x/cat.png]"})
-        self.assertEqual(up["messages"][1]["tool_calls"], [{"id": "call_7", "function": {"name": "get_weather",
-                                                                                         "arguments": {"city": "Oslo"}}}])
-        self.assertEqual(up["messages"][2], {"role": "tool", "content": "-3C", "tool_name": "get_weather",
-                                             "tool_call_id": "call_7"})
-        self.assertEqual((up["options"]["temperature"], up["options"]["stop"]), (0.2, ["Z"]))
-
-    def test_inbound_generate_tags_show_version(self):
-        self.oa.push(Reply(text="generated text"))
-        r = self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "Say hi", "system": "Be brief."})
-        lines = [json.loads(x) for x in r.body.decode().splitlines()]
-        self.assertEqual(r.headers["content-type"], "application/x-ndjson")
-        self.assertEqual("".join(x.get("response", "") for x in lines), "generated text")
-        self.assertTrue(lines[-1]["done"])
-        self.assertEqual(self.oa.requests[-1]["body"]["messages"][0], {"role": "system", "content": "Be brief."})
-        self.oa.push(Reply(text="whole"))
-        r = self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "x", "stream": False})
-        self.assertEqual((r.json()["response"], r.json()["done"]), ("whole", True))
-        tags = self.h.call("GET", "/api/tags").json()["models"]
-        self.assertIn("oa/gpt-test", [m["name"] for m in tags])
-        show = self.h.call("POST", "/api/show", {"model": "an/claude-test"}).json()
-        self.assertEqual(show["model_info"]["sage-router.context_length"], 200000)
-        self.assertIn("vision", show["capabilities"])
-        self.assertIn("tools", show["capabilities"])
-        r = self.h.call("POST", "/api/show", {"model": "nope"})
-        self.assertEqual((r.status, r.json()), (404, {"error": "model 'nope' not found"}))
-        self.assertIn("version", self.h.call("GET", "/api/version").json())
-
-    def test_inbound_tool_messages_by_name_and_errors_in_ollama_shape(self):
-        body = {"model": "an/claude-test", "stream": False, "messages": [
-            {"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
-            {"role": "tool", "content": "-3C", "tool_name": "get_weather"}], "tools": [WEATHER_OA]}
-        self.ask("ollama", body)
-        msgs = self.an.requests[-1]["body"]["messages"]
-        self.assertEqual(msgs[2]["content"][0]["tool_use_id"], msgs[1]["content"][0]["id"])
-        r = self.h.call("POST", "/api/chat", {"model": "x", "messages": "nope"})
-        self.assertEqual((r.status, list(r.json())), (400, ["error"]))
-        self.assertTrue(r.json()["error"].startswith("messages:"))
-        self.oa.push(Reply(text="will break", cut_after=3))
-        r = self.h.call("POST", "/api/chat", {"model": "oa/gpt-test", "messages": [{"role": "user", "content": "x"}]})
-        self.assertIsNotNone(read_ollama(r, True)["error"])
-
-
-class NewDecoderSplitTests(unittest.TestCase):
-    def test_every_two_piece_split_of_the_new_dialects(self):
-        r = Reply(text="Hi ✓ there", thinking="th", tools=[("call_1", "f", {"a": [1, 2]})])
-        cases = ((R.ResponsesStreamDecoder, b"".join(responses_events(r, "m"))),
-                 (R.GeminiStreamDecoder, b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in gemini_chunks(r, "m"))),
-                 (R.OllamaStreamDecoder, b"".join(json.dumps(x).encode() + b"\n" for x in ollama_lines(r, "m"))))
-        for dec_cls, raw in cases:
-            with self.subTest(decoder=dec_cls.__name__):
-                def run(chunks):
-                    d, out = dec_cls(), []
-                    for c in chunks:
-                        out += d.feed(c)
-                    resp = R.fold_events(out + d.close())
-                    for p in resp["content"]:
-                        p.pop("id", None)    # ids Gemini and Ollama do not give are made up afresh
-                    return resp
-                whole = run([raw])
-                self.assertEqual(R.text_of(whole["content"]), "Hi ✓ there")
-                self.assertEqual(whole["stop_reason"], "tool_use")
-                calls = [p for p in whole["content"] if p["type"] == "tool_call"]
-                self.assertEqual([(c["name"], c["arguments"]) for c in calls], [("f", {"a": [1, 2]})])
-                step = max(1, len(raw) // 300)
-                for i in range(1, len(raw), step):
-                    self.assertEqual(run([raw[:i], raw[i:]])["content"], whole["content"], i)
-
-
-# =================================================================================================
-# Real clients (skipped where they are not installed; .ci/run installs them when it can)
-# =================================================================================================
-
-
-
-class RealClientTests(RouterCase):
-    def run_client(self, argv, env_extra, home_files):
-        with tempfile.TemporaryDirectory() as home:
-            for rel, text in home_files.items():
-                path = os.path.join(home, rel)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as f:
-                    f.write(text)
-            work = os.path.join(home, "work")
-            os.makedirs(work)
-            env = dict(os.environ, HOME=home, **env_extra)
-            return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=180,
-                                  stdin=subprocess.DEVNULL)
-
-    @unittest.skipUnless(shutil.which("codex"), "Codex CLI is not installed (npm install -g @openai/codex)")
-    def test_codex_cli_completes_a_tool_calling_turn(self):
-        for target, fake, tid in (("an/claude-test", self.an, "toolu_cx"), ("oa/gpt-test", self.oa, "call_cx")):
-            with self.subTest(target=target):
-                self.setUp()
-                fake.push(Reply(text="Running it.", tools=[(tid, "exec_command", {"cmd": "echo hi-from-codex"})]),
-                          Reply(text="The command printed hi-from-codex."))
-                config = (f'model = "{target}"\nmodel_provider = "sage"\n\n[model_providers.sage]\nname = "Sage Router"\n'
-                          f'base_url = "http://127.0.0.1:{self.h.port}/v1"\nwire_api = "responses"\n'
-                          'env_key = "SAGE_ROUTER_API_KEY"\n')
-                p = self.run_client(["codex", "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
-                                     "run echo hi-from-codex"], {"SAGE_ROUTER_API_KEY": "unused"},
-                                    {".codex/config.toml": config})
-                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
-                self.assertIn("The command printed hi-from-codex.", p.stdout)
-                self.assertGreaterEqual(len(fake.requests), 2)
-                self.assertIn("hi-from-codex\\n", json.dumps(fake.requests[1]["body"]), "the tool's output went back")
-
-    @unittest.skipUnless(shutil.which("claude"), "Claude Code is not installed (npm install -g @anthropic-ai/claude-code)")
-    def test_claude_code_completes_a_tool_calling_turn(self):
-        for target, fake, tid in (("oa/gpt-test", self.oa, "call_cc"), ("an/claude-test", self.an, "toolu_cc")):
-            with self.subTest(target=target):
-                self.setUp()
-                fake.push(Reply(text="I'll run it.", tools=[(tid, "Bash", {"command": "echo hi-from-claude", "description": "Print"})]),
-                          Reply(text="The command printed hi-from-claude."))
-                p = self.run_client(["claude", "-p", "run echo hi-from-claude", "--allowedTools", "Bash"],
-                                    {"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{self.h.port}", "ANTHROPIC_API_KEY": "unused",
-                                     "ANTHROPIC_MODEL": target, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                                     "IS_SANDBOX": "1"}, {})
-                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
-                self.assertIn("The command printed hi-from-claude.", p.stdout)
-                self.assertIn("hi-from-claude", json.dumps(fake.requests[-1]["body"]["messages"][-1]))
-
-
-    @unittest.skipUnless(shutil.which("gemini"), "Gemini CLI is not installed (npm install -g @google/gemini-cli)")
-    def test_gemini_cli_completes_a_tool_calling_turn(self):
-        settings = json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}}})
-        for target, fake, tid in (("oa/gpt-test", self.oa, "call_gc"), ("an/claude-test", self.an, "toolu_gc")):
-            with self.subTest(target=target):
-                self.setUp()
-                fake.push(Reply(text="Running it.", tools=[(tid, "run_shell_command", {"command": "echo hi-from-gemini"})]),
-                          Reply(text="The command printed hi-from-gemini."))
-                p = self.run_client(["gemini", "-p", "run echo hi-from-gemini", "-m", target, "--yolo"],
-                                    {"GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{self.h.port}", "GEMINI_API_KEY": "unused",
-                                     "GEMINI_CLI_TRUST_WORKSPACE": "true", "NO_COLOR": "1"},
-                                    {".gemini/settings.json": settings})
-                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
-                self.assertIn("The command printed hi-from-gemini.", p.stdout)
-                self.assertGreaterEqual(len(fake.requests), 2)
-                self.assertIn("hi-from-gemini", json.dumps(fake.requests[-1]["body"]), "the tool's output went back")
-
-# =================================================================================================
-# Discovery: new models show up by themselves
-# =================================================================================================
-
-class DiscoveryTests(unittest.TestCase):
-    """Fake sources answering like the real services: Ollama (tags + show), OpenAI, Anthropic and
-    Gemini (paginated), NVIDIA NIM, the OpenClaw gateway, and an OpenClaw config to import."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.ol, cls.oa, cls.an = FakeProvider("ollama"), FakeProvider("openai"), FakeProvider("anthropic")
-        cls.gm, cls.nim, cls.claw = FakeProvider("gemini"), FakeProvider("openai"), FakeProvider("openai")
-        cls.fakes = (cls.ol, cls.oa, cls.an, cls.gm, cls.nim, cls.claw)
-
-    @classmethod
-    def tearDownClass(cls):
-        for f in cls.fakes:
-            f.close()
-
-    def setUp(self):
-        for f in self.fakes:
-            f.reset()
-            f.listing = {}
-            f.list_calls.clear()
-        self.ollama_models = {"llama3.2:latest": ["completion", "tools"], "qwen2.5-coder:7b": ["completion", "tools"]}
-        self.ol.listing = {
-            "/api/tags": lambda q, b: {"models": [{"name": n, "model": n, "size": 1, "details": {"family": "llama"}}
-                                                  for n in self.ollama_models]},
-            "/api/show": lambda q, b: {"capabilities": self.ollama_models[b["model"] + (":latest" if ":" not in b["model"] else "")],
-                                       "model_info": {"general.architecture": "llama", "llama.context_length": 131072}}}
-        self.oa.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
-            {"id": i, "object": "model", "created": 1, "owned_by": "openai"}
-            for i in ("gpt-4.1", "gpt-4o-mini", "text-embedding-3-small", "whisper-1", "dall-e-3", "tts-1",
-                      "omni-moderation-latest", "gpt-4o-realtime-preview", "o4-mini")]}}
-        pages = [["claude-sonnet-4-5-20250929", "claude-opus-4-1-20250805"], ["claude-haiku-4-5-20251001"]]
-
-        def anthropic_models(q, b):
-            if "x-api-key" not in self.an_headers():
-                return 401, {"type": "error", "error": {"type": "authentication_error", "message": "no key"}}
-            page = 1 if q.get("after_id") == ["claude-opus-4-1-20250805"] else 0
-            data = [{"type": "model", "id": i, "display_name": i, "created_at": "2025-09-29T00:00:00Z",
-                     "max_input_tokens": 200000, "max_tokens": 64000} for i in pages[page]]
-            return {"data": data, "has_more": page == 0, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
-        self.an.listing = {"/v1/models": anthropic_models}
-
-        def gemini_models(q, b):
-            if q.get("pageToken") == ["p2"]:
-                return {"models": [{"name": "models/gemini-2.5-flash", "baseModelId": "gemini-2.5-flash",
-                                    "inputTokenLimit": 1048576, "outputTokenLimit": 65536, "thinking": True,
-                                    "supportedGenerationMethods": ["generateContent", "countTokens"]}]}
-            return {"models": [{"name": "models/text-embedding-004", "inputTokenLimit": 2048,
-                                "supportedGenerationMethods": ["embedContent"]},
-                               {"name": "models/gemini-2.5-pro", "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
-                                "thinking": True, "supportedGenerationMethods": ["generateContent"]}],
-                    "nextPageToken": "p2"}
-        self.gm.listing = {"/v1beta/models": gemini_models}
-        self.nim.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
-            {"id": "meta/llama-3.3-70b-instruct", "object": "model", "owned_by": "meta", "root": "meta/llama-3.3-70b-instruct",
-             "max_model_len": 32768},         # vLLM's field (NIM runs on it): the window it serves
-            {"id": "nvidia/nv-embedqa-e5-v5", "object": "model", "owned_by": "nvidia"}]}}
-        self.claw.listing = {"/v1/models": lambda q, b: {"object": "list", "data": [
-            {"id": "openclaw", "object": "model", "owned_by": "openclaw"},
-            {"id": "openclaw:coder", "object": "model", "owned_by": "openclaw"}]}}
-        self.tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(self.tmp.cleanup)
-        claw_cfg = os.path.join(self.tmp.name, "openclaw.json")
-        with open(claw_cfg, "w") as f:
-            f.write("""{
-  // OpenClaw's config is JSON5
-  models: {
-    mode: 'merge',
-    providers: {
-      deepinfra: {baseUrl: "%s", apiKey: "${DEEPINFRA_TOKEN}", api: "openai-completions",
-                  models: [{id: "deepseek-chat", name: "DeepSeek", contextWindow: 65536, maxTokens: 8192,
-                            input: ["text"], reasoning: false, cost: {input: 0.27, output: 1.1, cacheRead: 0.07}},]},
-      nokey: {baseUrl: "https://example.invalid/v1", api: "anthropic-messages", models: [{id: "claude-x"}]},
-    },
-  },
-}""" % self.oa.base_url)
-        self.env = {"OPENCLAW_CONFIG_PATH": claw_cfg, "DEEPINFRA_TOKEN": "di-SECRET", "NOKEY_API_KEY": "nk"}
-        self.cfg = {"providers": {
-            "ollama": {"api": "ollama", "base_url": f"http://127.0.0.1:{self.ol.port}", "models": {}},
-            "openai": {"api": "openai", "base_url": self.oa.base_url, "api_key": "sk-o", "models": {}},
-            "anthropic": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "sk-a",
-                          "models": {"claude-haiku-4-5-20251001": {"max_output": 1000}}},
-            "gemini": {"api": "gemini", "base_url": self.gm.base_url, "api_key": "g", "models": {}},
-            "nvidia": {"api": "openai", "base_url": self.nim.base_url, "api_key": "nv", "models": {}},
-            "openclaw": {"api": "openai", "base_url": self.claw.base_url, "api_key": "gw-token", "models": {}},
-            "quiet": {"api": "openai", "base_url": self.oa.base_url, "api_key": "q", "discover": False, "models": {}}},
-            "routes": {"code": ["ollama/*", "anthropic/claude-sonnet-*"], "default": ["openai/gpt-4.1"]},
-            "settings": {"discovery_interval": 3600}}
-
-    def an_headers(self):
-        return self.an_last_headers
-
-    def router(self, data_dir=None):
-        r = R.Router(self.cfg, self.env, "test", data_dir or self.tmp.name)
-        self.addCleanup(r.close)
-        return r
-
-    def test_all_six_sources(self):
-        self.an_last_headers = {"x-api-key": "sk-a"}
-        r = self.router()
-        self.assertTrue(r.discover(force=True))
-        cat = r.catalogue
-        models = {p: sorted(cat.providers[p].models) for p in ("ollama", "openai", "anthropic", "gemini", "nvidia", "openclaw")}
-        self.assertEqual(models["ollama"], ["llama3.2", "qwen2.5-coder:7b"])
-        self.assertEqual(models["openai"], ["gpt-4.1", "gpt-4o-mini", "o4-mini"], "no embedding, audio, image, moderation, realtime")
-        self.assertEqual(models["anthropic"], ["claude-haiku-4-5-20251001", "claude-opus-4-1-20250805", "claude-sonnet-4-5-20250929"])
-        self.assertEqual(self.an.list_calls, ["/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-opus-4-1-20250805"])
-        self.assertEqual(models["gemini"], ["gemini-2.5-flash", "gemini-2.5-pro"])
-        self.assertEqual(models["nvidia"], ["meta/llama-3.3-70b-instruct"])
-        self.assertEqual(models["openclaw"], ["openclaw", "openclaw:coder"])
-        self.assertEqual(cat.providers["quiet"].models, {}, "discover: false is left alone")
-        # Capabilities from each source's own metadata; explicit config wins.
-        self.assertEqual(cat.meta("ollama", "llama3.2")["context_window"], 131072)
-        self.assertTrue(cat.meta("ollama", "llama3.2")["tools"])
-        self.assertEqual(cat.meta("gemini", "gemini-2.5-pro")["max_output"], 65536)
-        self.assertTrue(cat.meta("gemini", "gemini-2.5-pro")["reasoning"])
-        self.assertEqual(cat.meta("anthropic", "claude-haiku-4-5-20251001")["max_output"], 1000)
-        self.assertEqual(cat.meta("anthropic", "claude-sonnet-4-5-20250929")["context_window"], 200000)
-        self.assertEqual(cat.meta("nvidia", "meta/llama-3.3-70b-instruct")["context_window"], 32768,
-                         "the served window, not the name's 131072")
-        self.assertIn("code", cat.meta("ollama", "qwen2.5-coder:7b")["intents"])
-        self.assertNotIn("code", cat.meta("ollama", "llama3.2")["intents"])
-        # Discovered models fill routes through globs, intent-suited ones first.
-        self.assertEqual(cat.routes["code"], [("ollama", "qwen2.5-coder:7b"), ("ollama", "llama3.2"),
-                                              ("anthropic", "claude-sonnet-4-5-20250929")])
-
-    def test_openclaw_config_import(self):
-        self.an_last_headers = {}
-        r = self.router()
-        p = r.catalogue.providers["openclaw-deepinfra"]
-        self.assertEqual((p.api, p.keys, p.base_url), ("openai", ["di-SECRET"], self.oa.base_url))
-        self.assertEqual(r.catalogue.meta("openclaw-deepinfra", "deepseek-chat")["cost"], {"input": 0.27, "output": 1.1, "cached": 0.07})
-        self.assertEqual(r.catalogue.meta("openclaw-deepinfra", "deepseek-chat")["context_window"], 65536)
-        self.assertEqual(r.catalogue.providers["openclaw-nokey"].keys, ["nk"], "NAME_API_KEY as OpenClaw does")
-        self.oa.push(Reply(text="via openclaw's provider"))
-        h = Harness(self.cfg, self.env)
-        self.addCleanup(h.close)
-        res = h.call("POST", "/v1/chat/completions", client_body("openai", "deepseek-chat", False))
-        self.assertEqual(res.status, 200, res)
-        self.assertEqual(res.headers["x-router-provider"], "openclaw-deepinfra")
-        self.assertEqual(self.oa.requests[-1]["headers"]["authorization"], "Bearer di-SECRET")
-
-    def test_pulled_model_becomes_routable_and_removed_one_leaves_after_two_refreshes(self):
-        self.an_last_headers = {"x-api-key": "sk-a"}
-        cfg = dict(self.cfg, providers={"ollama": self.cfg["providers"]["ollama"]}, routes={}, strict=True)
-        self.cfg = cfg
-        h = Harness(cfg, self.env)
-        self.addCleanup(h.close)
-        h.router.discover(force=True)
-        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "mistral-nemo", False)).status, 404)
-        self.ollama_models["mistral-nemo:latest"] = ["completion", "tools"]      # ollama pull mistral-nemo
-        h.router._forced_at = -1e9                                                # the rate limit has passed
-        r = h.call("POST", "/v1/chat/completions", client_body("openai", "mistral-nemo", False))
-        self.assertEqual(r.status, 200, "an unknown name triggers one immediate refresh before a 404")
-        self.assertEqual(self.ol.requests[-1]["body"]["model"], "mistral-nemo")
-        n = len(self.ol.list_calls)
-        self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "still-unknown", False)).status, 404)
-        self.assertEqual(len(self.ol.list_calls), n, "the refresh for unknown names is rate-limited")
-        del self.ollama_models["mistral-nemo:latest"]                             # ollama rm mistral-nemo
-        h.router.discover(force=True)
-        self.assertIn("mistral-nemo", h.router.catalogue.providers["ollama"].models, "one miss is not enough")
-        h.router.discover(force=True)
-        self.assertNotIn("mistral-nemo", h.router.catalogue.providers["ollama"].models)
-        ids = [m["id"] for m in h.call("GET", "/v1/models").json()["data"]]
-        self.assertNotIn("ollama/mistral-nemo", ids)
-        self.assertIn("ollama/llama3.2", ids)
-
-    def test_models_list_shows_discovered_models_with_capabilities(self):
-        self.an_last_headers = {"x-api-key": "sk-a"}
-        h = Harness(self.cfg, self.env)
-        self.addCleanup(h.close)
-        h.router.discover(force=True)
-        data = {m["id"]: m for m in h.call("GET", "/v1/models").json()["data"]}
-        self.assertEqual(data["gemini/gemini-2.5-pro"]["capabilities"]["context_window"], 1048576)
-        self.assertIn("gemini-2.5-pro", data, "a bare id served by one provider is listed too")
-        self.assertEqual(data["code"]["route"][0], "ollama/qwen2.5-coder:7b")
-        self.assertTrue(data["ollama/qwen2.5-coder:7b"]["capabilities"]["tools"])
-
-    def test_failing_or_hanging_source_keeps_its_list_and_slows_nothing(self):
-        self.an_last_headers = {"x-api-key": "sk-a"}
-        d = tempfile.mkdtemp(dir=self.tmp.name)
-        r1 = self.router(d)
-        r1.discover(force=True)
-        r1.close()
-        self.assertTrue(os.path.exists(os.path.join(d, "catalogue.json")))
-        # Now every source hangs: start-up routes at once from the cache, requests are not held up.
-        for f in self.fakes:
-            f.listing = {k: (lambda q, b: "hang") for k in f.listing}
-        h = Harness(self.cfg, self.env, data_dir=d)
-        self.addCleanup(h.close)
-        self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models, "the cached catalogue routes at once")
-        for _ in range(500):                      # until the background refresh is stuck in a source
-            if self.ol.list_calls:
-                break
-            time.sleep(0.01)
-        r = h.call("POST", "/v1/chat/completions", client_body("openai", "openai/gpt-4.1", False))
-        self.assertEqual(r.status, 200)
-        hanging = [f for f in self.fakes if f.list_calls and not f.release.is_set()]
-        self.assertTrue(hanging, "the request was answered while a source was still hanging")
-        for f in self.fakes:
-            f.release.set()
-        # A source that fails keeps its last good list and backs off.
-        self.ol.listing = {"/api/tags": lambda q, b: (500, {"error": "boom"})}
-        changed = h.router.discover(force=True)
-        self.assertIn("llama3.2", h.router.catalogue.providers["ollama"].models)
-        st = h.router.discovery.state["ollama"]
-        fails, first = st["fails"], st["next"] - time.monotonic()
-        h.router.discover(force=True)
-        second = st["next"] - time.monotonic()
-        self.assertEqual(st["fails"], fails + 1)
-        self.assertTrue(0 < first < second < 3600, (first, second))
-        self.assertIn("HTTP 500", h.call("GET", "/health").json()["discovery"]["ollama"]["error"])
-        self.assertIsInstance(changed, bool)
-
-
-# =================================================================================================
-# Operating it: request log, usage, metrics, status page, reload, shutdown, logs, commands
-# =================================================================================================
-
-import signal  # noqa: E402
-import sqlite3  # noqa: E402
-
-
-def wait_until(cond, timeout=10.0):
-    """Poll for something another thread or process does (the log writer, a reload); bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
-def db_rows(path):
-    if not os.path.exists(path):
-        return []
-    db = sqlite3.connect(path)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY id")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        db.close()
-
-
-class OperationsTests(RouterCase):
-    def db(self):
-        return db_rows(os.path.join(self.h.router.data_dir, "requests.db"))
-
-    def test_request_log_rows_usage_and_cost(self):
-        wait_until(lambda: self.h.router.log.queue.empty())
-        before = len(self.db())
-        self.oa.push(Reply(text="one", usage=(1000, 500, 200)))
-        self.ask("openai", client_body("openai", "oa/gpt-test", False, text="SECRET PROMPT TEXT"))
-        self.an.push(Reply(text="two", usage=(2000, 100, 0)))
-        self.ask("anthropic", client_body("anthropic", "an/claude-test", True))
-        self.oa.push(Reply(status=500))
-        self.post("openai", client_body("openai", "oa/gpt-test", False, text="fails over"))
-        self.oa.push(Reply(status=400, body={"error": {"message": "bad temperature"}}))
-        self.post("openai", client_body("openai", "oa/shared-model", False))   # gpt-test's breaker is open now
-        self.assertTrue(wait_until(lambda: len(self.db()) >= before + 4))
-        rows = self.db()[before:]
-        first, second, third, fourth = rows
-        self.assertEqual((first["dialect"], first["requested"], first["provider"], first["model"], first["status"]),
-                         ("openai", "oa/gpt-test", "oa", "gpt-test", 200))
-        self.assertEqual((first["input_tokens"], first["output_tokens"], first["cached_tokens"]), (1000, 500, 200))
-        self.assertEqual(first["intent"], "general")
-        self.assertEqual(first["route"], "explicit")
-        self.assertIsNotNone(first["ttfb_ms"])
-        self.assertEqual(second["stream"], 1)
-        # the model's cost metadata: 3 in, 15 out per million
-        self.assertAlmostEqual(second["cost"], (2000 * 3 + 100 * 15) / 1e6, places=8)
-        self.assertEqual(third["provider"], "oa2")
-        self.assertEqual(json.loads(third["attempts"])[0]["provider"], "oa")
-        self.assertEqual((fourth["status"], fourth["provider"]), (400, None))
-        self.assertIn("bad temperature", fourth["error"])
-        for r in rows:
-            self.assertIsNone(r["prompt"])
-        with open(os.path.join(self.h.router.data_dir, "requests.db"), "rb") as f:
-            self.assertNotIn(b"SECRET PROMPT TEXT", f.read(), "prompt text is not stored by default")
-        usage = self.h.call("GET", "/v1/usage?since=1h&group_by=provider").json()
-        by = {g["key"]: g for g in usage["groups"]}
-        self.assertGreaterEqual(by["an"]["input_tokens"], 2000)   # the class shares one log
-        self.assertGreaterEqual(usage["totals"]["requests"], 4)
-        self.assertGreaterEqual(usage["totals"]["errors"], 1)
-        for group in ("model", "route", "day"):
-            self.assertEqual(self.h.call("GET", f"/v1/usage?group_by={group}").status, 200)
-        self.assertEqual(self.h.call("GET", "/v1/usage?group_by=color").status, 400)
-        self.assertEqual(self.h.call("GET", "/v1/usage?since=yesterdayish").status, 400)
-        recent = self.h.call("GET", "/v1/requests?limit=2").json()["data"]
-        self.assertEqual(len(recent), 2)
-        self.assertEqual(recent[0]["status"], 400)
-
-    def test_cost_from_metadata_and_retention(self):
-        R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}})
-        self.assertEqual(R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}}), (2, 4, 2))
-        self.assertEqual(R.price_of("ollama", "llama3.2", {}), (0.0, 0.0, 0.0))
-        self.assertEqual(R.price_of("openai", "gpt-4o-mini-2024-07-18", {}), (0.15, 0.6, 0.075))
-        self.assertAlmostEqual(R.request_cost((2, 4, 1), {"input": 1000, "cache_read": 400, "output": 100}),
-                               (600 * 2 + 400 * 1 + 100 * 4) / 1e6)
-        before = len(self.db())
-        for i in range(6):
-            self.ask("openai", client_body("openai", "oa/gpt-test", False, text=f"r{i}"))
-        self.assertTrue(wait_until(lambda: len(self.db()) >= before + 6))
-        log = self.h.router.log
-        old = log.settings
-        log.settings = dict(old, log_retention_rows=3)
-        try:
-            log.prune()
-        finally:
-            log.settings = old
-        self.assertEqual(len(self.db()), 3)
-
-    def test_usage_is_estimated_when_the_provider_reports_none(self):
-        wait_until(lambda: self.h.router.log.queue.empty())
-        before = len(self.db())
-        body = client_body("openai", "oa/gpt-test", True, text="x" * 400)
-        del body["stream_options"]             # like Aider: no usage chunk asked for, none sent
-        self.oa.push(Reply(text="y" * 80))
-        self.ask("openai", body)
-        self.assertTrue(wait_until(lambda: len(self.db()) > before))
-        row = self.db()[-1]
-        self.assertGreater(row["input_tokens"], 90)
-        self.assertEqual(row["output_tokens"], 20)
-
-    def test_prompts_are_stored_only_when_asked(self):
-        settings = self.h.router.settings
-        settings["log_prompts"] = True
-        self.addCleanup(settings.__setitem__, "log_prompts", False)
-        self.oa.push(Reply(text="the reply text"))
-        self.ask("openai", client_body("openai", "oa/gpt-test", True, text="the prompt text"))
-        self.assertTrue(wait_until(lambda: self.db() and self.db()[-1]["prompt"] == "the prompt text"))
-        self.assertEqual(self.db()[-1]["reply"], "the reply text")
-
-    def test_metrics(self):
-        self.oa.push(Reply(status=503))
-        self.ask("openai", client_body("openai", "chat", False))
-        self.assertTrue(wait_until(lambda: "sage_router_failovers_total" in self.h.call("GET", "/metrics").body.decode()
-                                   and 'provider="oa",reason="status"' in self.h.call("GET", "/metrics").body.decode()))
-        text = self.h.call("GET", "/metrics").body.decode()
-        self.assertIn('sage_router_requests_total{provider="an",model="claude-test",route="chat",status="200"} 1', text)
-        self.assertIn('sage_router_failovers_total{provider="oa",reason="status"} 1', text)
-        self.assertIn('sage_router_request_seconds_bucket{le="+Inf"}', text)
-        self.assertIn("sage_router_first_byte_seconds_count", text)
-        self.assertIn('sage_router_tokens_total{provider="an",model="claude-test",kind="output"} 7', text)
-        self.assertIn('sage_router_breaker_open{provider="oa",model="gpt-test"} 1', text)
-        self.assertIn('sage_router_models{provider="oa"}', text)
-        self.assertIn("# TYPE sage_router_request_seconds histogram", text)
-
-
-class LogLineTests(unittest.TestCase):
-    def test_one_line_per_request_text_and_json_never_keys_or_prompts(self):
-        fake = FakeProvider("openai")
-        self.addCleanup(fake.close)
-        cfg = {"providers": {"oa": {"api": "openai", "base_url": fake.base_url, "api_key": "sk-KEY-NEVER-SHOWN",
-                                    "models": {"m": {}}}}, "routes": {}}
-        for fmt in ("text", "json"):
-            with self.subTest(fmt=fmt):
-                stream = io.StringIO()
-                handler = logging.StreamHandler(stream)
-                handler.setFormatter(R.JsonLogFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(message)s"))
-                R.log.addHandler(handler)
-                old = R.log.level
-                R.log.setLevel(logging.INFO)
-                try:
-                    h = Harness(cfg)
-                    h.router.log.line_format = fmt
-                    call(h.port, "POST", "/v1/chat/completions", client_body("openai", "oa/m", False, text="PROMPT-XYZ"))
-                    fake.push(Reply(status=401))
-                    call(h.port, "POST", "/v1/chat/completions", client_body("openai", "oa/m", False))
-                    h.close()
-                finally:
-                    R.log.removeHandler(handler)
-                    R.log.setLevel(old)
-                lines = [x for x in stream.getvalue().splitlines() if "oa/m" in x or '"requested"' in x]
-                self.assertEqual(len(lines), 2, stream.getvalue())
-                out = stream.getvalue()
-                self.assertNotIn("sk-KEY-NEVER-SHOWN", out)
-                self.assertNotIn("PROMPT-XYZ", out)
-                if fmt == "json":
-                    obj = json.loads(lines[0])
-                    self.assertEqual((obj["level"], obj["requested"], obj["provider"], obj["status"]), ("info", "oa/m", "oa", 200))
-                else:
-                    self.assertIn("-> oa/m 200", lines[0])
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-class DevTools:
-    """A headless Chromium driven over the DevTools protocol (a stdlib WebSocket client, enough
-    for commands and their answers): to measure the status page's layout as a browser lays it out."""
-
-    def __init__(self, chromium):
-        self.profile = tempfile.mkdtemp()
-        self._err = open(os.path.join(self.profile, "stderr"), "w")
-        self.proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                      "--hide-scrollbars", f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1",
-                                      "--remote-debugging-port=0", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=self._err)
-        port = None
-        deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline and self.proc.poll() is None:
-            with open(os.path.join(self.profile, "stderr")) as f:
-                m = re.search(r"ws://127\.0\.0\.1:(\d+)/", f.read())
-            if m:
-                port = int(m.group(1))
-            else:
-                time.sleep(0.05)
-        if port is None:
-            raise RuntimeError("chromium did not start its DevTools endpoint")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("PUT", "/json/new?about:blank")
-        ws_url = json.loads(conn.getresponse().read())["webSocketDebuggerUrl"]
-        conn.close()
-        path = ws_url.split(str(port), 1)[1]
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += self.sock.recv(1)
-        assert b" 101 " in head.split(b"\r\n")[0], head
-        self.n = 0
-        self.events = []
-
-    def _send(self, text):
-        data = text.encode()
-        mask = os.urandom(4)
-        hdr = bytes([0x81])
-        n = len(data)
-        hdr += bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 126]) + struct.pack(">H", n) if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n))
-        self.sock.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
-
-    def _exact(self, n):
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("devtools closed")
-            out += chunk
-        return out
-
-    def _recv(self):
-        msg = b""
-        while True:
-            b0, b1 = self._exact(2)
-            n = b1 & 0x7f
-            if n == 126:
-                n = struct.unpack(">H", self._exact(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", self._exact(8))[0]
-            msg += self._exact(n)
-            if b0 & 0x80:
-                return json.loads(msg)
-
-    def call(self, method, **params):
-        self.n += 1
-        self._send(json.dumps({"id": self.n, "method": method, "params": params}))
-        while True:
-            m = self._recv()
-            if m.get("id") == self.n:
-                if "error" in m:
-                    raise RuntimeError(m["error"])
-                return m.get("result", {})
-            self.events.append(m)
-
-    def wait_event(self, name, timeout=20):
-        deadline = time.monotonic() + timeout
+class ProcessTests(unittest.TestCase):
+    def _start(self, args, env, cwd, script=os.path.join(HERE, "router.py")):
+        port = closed_port()
+        p = subprocess.Popen([sys.executable, script, "--port", str(port)] + args,
+                             env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return p, port
+
+    def _wait_health(self, p, port):
+        deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            for i, e in enumerate(self.events):
-                if e.get("method") == name:
-                    return self.events.pop(i)
-            self.events.append(self._recv())
-        raise TimeoutError(name)
+            try:
+                return call(port, "GET", "/health", timeout=2)
+            except OSError:
+                if p.poll() is not None:
+                    self.fail(p.stdout.read())
+                time.sleep(0.05)
+        self.fail("router did not answer /health")
 
-    def close(self):
-        try:
-            self.sock.close()
-        finally:
-            self.proc.kill()
-            self.proc.wait()
-            self._err.close()
-            shutil.rmtree(self.profile, True)
+    def bare_box(self, d):
+        """router.py copied alone into an empty folder, as a user copies it onto a box: no .env or
+        providers.json of the user's beside it."""
+        shutil.copy(os.path.join(HERE, "router.py"), d)
+        return os.path.join(d, "router.py")
 
-
-class StatusPageTests(RouterCase):
-    env = {"SAGE_ROUTER_API_KEY": "page-key-42"}
-
-    def dump_dom(self, url):
-        with tempfile.TemporaryDirectory() as profile:
-            p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                f"--user-data-dir={profile}", "--virtual-time-budget=8000", "--dump-dom", url],
-                               capture_output=True, text=True, timeout=90)
-        return p.stdout
-
-    def test_page_is_self_contained_and_honours_the_key(self):
-        r = self.h.call("GET", "/")
-        self.assertEqual(r.status, 200)
-        self.assertTrue(r.headers["content-type"].startswith("text/html"))
-        html = r.body.decode()
-        self.assertNotRegex(html, r"(src|href)=\"https?://", "no external assets: it works offline")
-        self.assertEqual(self.h.call("GET", "/health").status, 200)
-        self.assertEqual(self.h.call("GET", "/v1/requests").status, 401, "the page's data needs the router key")
-        self.assertEqual(self.h.call("GET", "/metrics").status, 401)
-
-    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
-    def test_headless_browser_shows_providers_requests_charts_and_explains(self):
-        key = {"Authorization": "Bearer page-key-42"}
-        self.an.push(Reply(text="for the page"))
-        self.h.call("POST", "/v1/messages", client_body("anthropic", "claude-first", False), key)
-        self.oa.push(Reply(status=500))
-        self.h.call("POST", "/v1/chat/completions", client_body("openai", "chat", False, text="page request two"), key)
-        self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
-        dom = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key=page-key-42&prompt=Write%20a%20limerick%20about%20tea")
-        for text in ('data-label="provider">oa2</td>', "an/claude-test", "claude-first",
-                     "HTTP 500: boom → an/claude-test: answered", "<svg", "cost per day", "gpt-test: cooling until",
-                     'data-label="route">chat</td>', '<button class="reset">reset', "intent creative", "route creative"):
-            self.assertTrue(text in dom, text)
-        locked = self.dump_dom(f"http://127.0.0.1:{self.h.port}/")
-        self.assertIn("This router needs its key", locked)
-        self.assertNotIn("HTTP 500: boom", locked, "requests, usage and models need the key (/health does not)")
-
-
-    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
-    def test_the_page_fits_a_phone_and_a_wide_screen(self):
-        """Laid out by Chromium at 420 and 1280 px: nothing wider than the viewport, a phone gets
-        cards, the 7-day chart has seven day slots with one day of data, a failed request's attempts
-        appear once, each model once, and the key leaves the address bar."""
-        key = {"Authorization": "Bearer page-key-42"}
-        self.an.push(Reply(status=500))
-        self.oa.push(Reply(status=500))
-        self.h.call("POST", "/v1/chat/completions", client_body("openai", "claude-first", False, text="all fail"), key)
-        self.h.call("POST", "/v1/chat/completions", client_body("openai", "oa2/gpt-backup", False, text="x" * 300), key)
-        self.assertTrue(wait_until(lambda: len(self.h.call("GET", "/v1/requests", headers=key).json()["data"]) >= 2))
-        probe = """(async () => {
-          for (let i = 0; i < 500 && !document.body.dataset.refreshed; i++) await new Promise((r) => setTimeout(r, 20));
-          const wide = [...document.querySelectorAll("body *")].filter((e) => e.getBoundingClientRect().right > innerWidth + 0.5)
-                         .map((e) => e.tagName + (e.id ? "#" + e.id : "") + " " + Math.round(e.getBoundingClientRect().width));
-          const failed = [...document.querySelectorAll("#requests td.trail")].map((td) => td.textContent)
-                           .find((t) => t.includes("an/claude-test: HTTP 500"));
-          const models = [...document.querySelectorAll("#models tbody tr")].map((tr) => tr.cells[1].textContent + "/" + tr.cells[0].textContent);
-          if (!document.body.dataset.refreshed) return {refreshed: false};
-          return {refreshed: true, width: innerWidth, scroll: document.documentElement.scrollWidth, wide, failed, models,
-                  hash: location.hash, head: getComputedStyle(document.querySelector("#requests thead")).display,
-                  slots: document.querySelectorAll("#chart-requests text[text-anchor=middle]").length,
-                  bars: document.querySelectorAll("#chart-requests rect.bar").length};
-        })()"""
-        shots = os.environ.get("SAGE_SCREENSHOTS")           # a folder: keep the screenshots to look at
-        browser = DevTools(CHROMIUM)
-        self.addCleanup(browser.close)
-        browser.call("Page.enable")
-        for width in (420, 1280):
-            with self.subTest(width=width):
-                browser.call("Emulation.setDeviceMetricsOverride", width=width, height=900, deviceScaleFactor=1,
-                             mobile=width < 600)
-                browser.call("Page.navigate", url="about:blank")
-                browser.wait_event("Page.loadEventFired")        # so the next load event is the page's
-                browser.call("Page.navigate", url=f"http://127.0.0.1:{self.h.port}/#key=page-key-42")
-                browser.wait_event("Page.loadEventFired")
-                out = browser.call("Runtime.evaluate", expression=probe, awaitPromise=True, returnByValue=True)
-                self.assertNotIn("exceptionDetails", out, out.get("exceptionDetails"))
-                got = out["result"]["value"]
-                self.assertTrue(got["refreshed"], "the page did not finish loading its data")
-                self.assertEqual(got["width"], width)
-                self.assertEqual(got["wide"], [], "elements wider than the viewport")
-                self.assertLessEqual(got["scroll"], width, "the page scrolls sideways")
-                size = browser.call("Page.getLayoutMetrics")["cssContentSize"]
-                self.assertLessEqual(size["width"], width, "the laid-out page is wider than the screen")
-                self.assertEqual(got["head"], "none" if width < 600 else "table-header-group",
-                                 "a phone shows cards, a wide screen a table")
-                self.assertEqual(got["slots"], 7, "seven days, one slot each")
-                self.assertGreaterEqual(got["bars"], 1)
-                self.assertLessEqual(got["bars"], 2, "days without requests have no bar")
-                self.assertEqual(got["failed"].count("an/claude-test: HTTP 500"), 1, got["failed"])
-                self.assertEqual(got["failed"].count("oa/gpt-test: HTTP 500"), 1, got["failed"])
-                self.assertEqual(len(got["models"]), len(set(got["models"])), "each model once")
-                self.assertIn("oa/gpt-test", got["models"])
-                self.assertNotIn("key", got["hash"], "the key is stored, then taken out of the address bar")
-                if shots:
-                    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=int(size["height"]),
-                                 deviceScaleFactor=1, mobile=width < 600)
-                    png = browser.call("Page.captureScreenshot", format="png")["data"]
-                    with open(os.path.join(shots, f"status-{width}.png"), "wb") as f:
-                        f.write(base64.b64decode(png))
-
-
-class ReloadTests(unittest.TestCase):
-    def test_reload_swaps_config_refuses_invalid_and_loses_no_request_under_load(self):
-        from concurrent.futures import ThreadPoolExecutor
-        a, b = FakeProvider("openai"), FakeProvider("openai")
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        a.chaos = lambda: Reply(text="from a", split=3)
-        b.chaos = lambda: Reply(text="from b", split=3)
+    def test_bare_start_explains_how_to_add_a_provider(self):
         with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "providers.json")
+            p, port = self._start([], router_env(), d, self.bare_box(d))
+            try:
+                r = self._wait_health(p, port)
+                self.assertEqual(r.status, 200)
+                models = call(port, "GET", "/v1/models").json()
+                self.assertEqual(models["data"], [])
+                self.assertIn("No provider is configured yet", models["message"])
+                self.assertEqual(call(port, "HEAD", "/").status, 200)
+                r = call(port, "POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+                self.assertEqual(r.status, 404)
+                self.assertIn("No provider is configured yet", r.json()["error"]["message"])
+            finally:
+                p.terminate()
+                out = p.communicate(timeout=10)[0]
+            self.assertIn("No provider is configured yet", out)
 
-            def write(target):
-                with open(path, "w") as f:
-                    json.dump({"providers": {"p": {"api": "openai", "base_url": target.base_url, "api_key": "k",
-                                                   "models": {"m": {}}}}, "routes": {"main": ["p/m"]}}, f)
-            write(a)
-            args = R.build_parser().parse_args(["--config", path, "--env-file", os.devnull, "--data-dir", d])
-            router, _env = R.load_router(args)
-            server = R.serve(router, "127.0.0.1", 0)
-            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-            self.addCleanup(lambda: (server.shutdown(), server.server_close(), router.close()))
-            port = server.server_address[1]
+    def test_public_bind_needs_a_router_key(self):
+        with tempfile.TemporaryDirectory() as d:
+            # 192.0.2.1 (TEST-NET-1) is not an address of this machine: should the check ever let
+            # the router through, it fails to bind instead of listening on a public interface.
+            r = subprocess.run([sys.executable, self.bare_box(d), "--host", "192.0.2.1", "--port", "0"],
+                               env=router_env(), cwd=d, capture_output=True, text=True, timeout=20)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertIn("SAGE_ROUTER_API_KEY", r.stderr)
 
-            def one(i):
-                r = call(port, "POST", "/v1/chat/completions", client_body("openai", "main", bool(i % 2)))
-                got = read_openai(r, bool(i % 2))
-                return r.status == 200 and got["text"] in ("from a", "from b") and got["error"] is None
-            with ThreadPoolExecutor(16) as ex:
-                futures = [ex.submit(one, i) for i in range(160)]
-                for k in range(4):          # reload four times while the requests run
-                    write(b if k % 2 == 0 else a)
-                    self.assertTrue(router.reload())
-                results = [f.result() for f in futures]
-            self.assertTrue(all(results), f"{results.count(False)} request(s) failed during reloads")
-            # A changed file is picked up by the maintenance thread, no signal needed.
-            write(b)
-            os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-            self.assertTrue(wait_until(lambda: read_openai(call(port, "POST", "/v1/chat/completions",
-                                                                client_body("openai", "main", False)), False)["text"] == "from b"))
-            # An invalid new config is refused; the old one keeps serving.
-            with open(path, "w") as f:
-                f.write('{"providers": {"p": {"api": "nope"}}}')
-            self.assertFalse(router.reload())
-            r = call(port, "POST", "/v1/chat/completions", client_body("openai", "main", False))
-            self.assertEqual(read_openai(r, False)["text"], "from b")
+    def test_the_suite_is_hermetic_after_the_quickstart(self):
+        """A checkout with the user's .env (keys, a router key), an edited providers.json and keys in
+        the shell: the process tests still pass, from that checkout."""
+        with tempfile.TemporaryDirectory() as d:
+            for name in ("router.py", "test_router.py"):
+                shutil.copy(os.path.join(HERE, name), d)
+            with open(os.path.join(d, ".env"), "w") as f:
+                f.write("OPENAI_API_KEY=sk-user-1\nSAGE_ROUTER_API_KEY=user-router-key\n")
+            with open(os.path.join(d, "providers.json"), "w") as f:
+                json.dump({"providers": {"mine": {"api": "openai", "base_url": "http://127.0.0.1:9/v1",
+                                                  "api_key": "${OPENAI_API_KEY}", "models": {"m": {}}}}}, f)
+            tests = [f"test_router.ProcessTests.{t}" for t in ("test_bare_start_explains_how_to_add_a_provider",
+                                                               "test_public_bind_needs_a_router_key",
+                                                               "test_invalid_config_exits_2_with_message")]
+            tests[2] = tests[2].replace("ProcessTests", "ConfigTests")
+            r = subprocess.run([sys.executable, "-m", "unittest"] + tests, cwd=d, capture_output=True, text=True,
+                               timeout=120, env=dict(router_env(SAGE_ROUTER_API_KEY="shell-key",
+                                                                ANTHROPIC_API_KEY="sk-ant-shell"), HOME=d))
+            self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+            self.assertIn("Ran 3 tests", r.stderr)
 
+    def test_router_py_is_stdlib_only_and_python_310(self):
+        with open(os.path.join(HERE, "router.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read(), feature_version=(3, 10))
+        mods = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods.add(node.module.split(".")[0])
+        self.assertEqual(sorted(mods - set(sys.stdlib_module_names)), [])
 
 class ProcessLifecycleTests(unittest.TestCase):
     def start(self, cfg, extra_env=None, nofile=None):
@@ -5419,7 +5118,6 @@ class ProcessLifecycleTests(unittest.TestCase):
         self.assertIn(b"data: [DONE]", first + rest)
         self.assertEqual(p.wait(20), 0)            # ... and then the router exits cleanly
 
-
 class SighupTests(unittest.TestCase):
     start, _up = ProcessLifecycleTests.start, staticmethod(ProcessLifecycleTests._up)
 
@@ -5440,7 +5138,6 @@ class SighupTests(unittest.TestCase):
         p.send_signal(signal.SIGHUP)
         self.assertTrue(wait_until(lambda: call(port, "POST", "/v1/chat/completions",
                                                 client_body("openai", "fresh", False)).status == 200))
-
 
 class CommandTests(unittest.TestCase):
     def run_cmd(self, args, cfg=None, env=None):
@@ -5567,7 +5264,6 @@ class CommandTests(unittest.TestCase):
         for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "Restart=on-failure", "User=sage-router",
                      "WorkingDirectory=", "ExecReload=/bin/kill -HUP $MAINPID", "--port 8791", "[Install]"):
             self.assertIn(line, unit)
-
 
 class DeploymentTests(unittest.TestCase):
     """What a deployment as a service (systemd, Docker) needs of the router."""
@@ -5708,6 +5404,256 @@ class DeploymentTests(unittest.TestCase):
         copied = re.findall(r"^COPY (.*) /app/$", dockerfile, re.M)[0].split()
         self.assertEqual(sorted("!" + c for c in copied), sorted(ignore[1:]), "what the image copies is let through")
 
+class RealClientTests(RouterCase):
+    def run_client(self, argv, env_extra, home_files):
+        with tempfile.TemporaryDirectory() as home:
+            for rel, text in home_files.items():
+                path = os.path.join(home, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(text)
+            work = os.path.join(home, "work")
+            os.makedirs(work)
+            env = dict(os.environ, HOME=home, **env_extra)
+            return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=180,
+                                  stdin=subprocess.DEVNULL)
+
+    @unittest.skipUnless(shutil.which("codex"), "Codex CLI is not installed (npm install -g @openai/codex)")
+    def test_codex_cli_completes_a_tool_calling_turn(self):
+        for target, fake, tid in (("an/claude-test", self.an, "toolu_cx"), ("oa/gpt-test", self.oa, "call_cx")):
+            with self.subTest(target=target):
+                self.setUp()
+                fake.push(Reply(text="Running it.", tools=[(tid, "exec_command", {"cmd": "echo hi-from-codex"})]),
+                          Reply(text="The command printed hi-from-codex."))
+                config = (f'model = "{target}"\nmodel_provider = "sage"\n\n[model_providers.sage]\nname = "Sage Router"\n'
+                          f'base_url = "http://127.0.0.1:{self.h.port}/v1"\nwire_api = "responses"\n'
+                          'env_key = "SAGE_ROUTER_API_KEY"\n')
+                p = self.run_client(["codex", "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
+                                     "run echo hi-from-codex"], {"SAGE_ROUTER_API_KEY": "unused"},
+                                    {".codex/config.toml": config})
+                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+                self.assertIn("The command printed hi-from-codex.", p.stdout)
+                self.assertGreaterEqual(len(fake.requests), 2)
+                self.assertIn("hi-from-codex\\n", json.dumps(fake.requests[1]["body"]), "the tool's output went back")
+
+    @unittest.skipUnless(shutil.which("claude"), "Claude Code is not installed (npm install -g @anthropic-ai/claude-code)")
+    def test_claude_code_completes_a_tool_calling_turn(self):
+        for target, fake, tid in (("oa/gpt-test", self.oa, "call_cc"), ("an/claude-test", self.an, "toolu_cc")):
+            with self.subTest(target=target):
+                self.setUp()
+                fake.push(Reply(text="I'll run it.", tools=[(tid, "Bash", {"command": "echo hi-from-claude", "description": "Print"})]),
+                          Reply(text="The command printed hi-from-claude."))
+                p = self.run_client(["claude", "-p", "run echo hi-from-claude", "--allowedTools", "Bash"],
+                                    {"ANTHROPIC_BASE_URL": f"http://127.0.0.1:{self.h.port}", "ANTHROPIC_API_KEY": "unused",
+                                     "ANTHROPIC_MODEL": target, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                                     "IS_SANDBOX": "1"}, {})
+                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+                self.assertIn("The command printed hi-from-claude.", p.stdout)
+                self.assertIn("hi-from-claude", json.dumps(fake.requests[-1]["body"]["messages"][-1]))
+
+
+    @unittest.skipUnless(shutil.which("gemini"), "Gemini CLI is not installed (npm install -g @google/gemini-cli)")
+    def test_gemini_cli_completes_a_tool_calling_turn(self):
+        settings = json.dumps({"security": {"auth": {"selectedType": "gemini-api-key"}}})
+        for target, fake, tid in (("oa/gpt-test", self.oa, "call_gc"), ("an/claude-test", self.an, "toolu_gc")):
+            with self.subTest(target=target):
+                self.setUp()
+                fake.push(Reply(text="Running it.", tools=[(tid, "run_shell_command", {"command": "echo hi-from-gemini"})]),
+                          Reply(text="The command printed hi-from-gemini."))
+                p = self.run_client(["gemini", "-p", "run echo hi-from-gemini", "-m", target, "--yolo"],
+                                    {"GOOGLE_GEMINI_BASE_URL": f"http://127.0.0.1:{self.h.port}", "GEMINI_API_KEY": "unused",
+                                     "GEMINI_CLI_TRUST_WORKSPACE": "true", "NO_COLOR": "1"},
+                                    {".gemini/settings.json": settings})
+                self.assertEqual(p.returncode, 0, p.stdout[-2000:] + p.stderr[-2000:])
+                self.assertIn("The command printed hi-from-gemini.", p.stdout)
+                self.assertGreaterEqual(len(fake.requests), 2)
+                self.assertIn("hi-from-gemini", json.dumps(fake.requests[-1]["body"]), "the tool's output went back")
+
+
+# =================================================================================================
+# Benchmark and tools (not tests): python3 test_router.py bench | recovery | localcheck | tokens
+# =================================================================================================
+
+BENCH_REPLY = json.dumps(openai_json(Reply(text="Hello from the fast fake."), "m")).encode()
+
+BENCH_STREAM = b"".join(openai_events(Reply(text="Hello from the fast fake, streamed."), "m", True))
+
+def fast_fake_main(port_q):
+    """A minimal asyncio HTTP/1.1 OpenAI-compatible provider (one process, no http.server
+    parsing), so that the provider is never the bottleneck. GET /connections tells how many TCP
+    connections it has accepted."""
+    import asyncio
+    state = {"conns": 0}
+
+    async def handle(reader, writer):
+        state["conns"] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                body = await reader.readexactly(length) if length else b""
+                if head.startswith(b"GET /connections"):
+                    data = str(state["conns"]).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+                elif b'"stream":true' in body or b'"stream": true' in body:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(BENCH_STREAM), BENCH_STREAM))
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(BENCH_REPLY), BENCH_REPLY))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        writer.close()
+
+    async def main():
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+        port_q.put(srv.sockets[0].getsockname()[1])
+        await srv.serve_forever()
+    asyncio.run(main())
+
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+def _cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def _wrk(url, body, conc, seconds):
+    """Run wrk (Debian package) and return (requests/s, p50 ms, p99 ms, requests)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                f"wrk.body = {json.dumps(body.decode())}\n")
+        script = f.name
+    threads = max(1, min(conc, 2))
+    out = subprocess.run([shutil.which("wrk"), f"-t{threads}", f"-c{conc}", f"-d{seconds}s", "--latency", "-s", script, url],
+                         capture_output=True, text=True).stdout
+    os.unlink(script)
+
+    def ms(label):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+        v = float(m.group(1))
+        return {"us": v / 1000, "ms": v, "s": v * 1000}[m.group(2)]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    if errors:
+        print("   wrk reported errors:", errors.group(0))
+    return rps, ms("50"), ms("99"), reqs
+
+def _py_latencies(port, path, body, n, stream=False):
+    """Sequential requests on one keep-alive connection; per-request wall times (and time to the
+    first body byte when streaming)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if stream:
+            r.read1(1)
+            times.append(time.perf_counter() - t0)
+            r.read()
+        else:
+            r.read()
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    times.sort()
+    return times
+
+def bench(log_level="info"):
+    """The router as a user runs it: default log level (a line a request, to a file as a journal
+    would take it) and the request log on. `bench --log-level warning` measures it quieter."""
+    import multiprocessing
+    q = multiprocessing.Queue()
+    fake = multiprocessing.Process(target=fast_fake_main, args=(q,), daemon=True)
+    fake.start()
+    fport = q.get(timeout=10)
+    tmp = tempfile.mkdtemp()
+    cfg = {"providers": {"fast": {"api": "openai", "base_url": f"http://127.0.0.1:{fport}/v1", "api_key": "k",
+                                  "models": {"m": {}}}}, "routes": {"default": ["fast/m"]}}
+    with open(os.path.join(tmp, "providers.json"), "w") as f:
+        json.dump(cfg, f)
+    rport = closed_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(rport), "--config",
+                             os.path.join(tmp, "providers.json"), "--env-file", "/dev/null", "--data-dir", tmp,
+                             "--log-level", log_level], cwd=tmp, env=router_env(),
+                            stderr=open(os.path.join(tmp, "router.log"), "w"))
+    while True:
+        try:
+            call(rport, "GET", "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.002)
+    startup = time.perf_counter() - t0
+    time.sleep(0.5)
+    rss_idle = _rss_kb(proc.pid)
+    body = json.dumps({"model": "fast/m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 20}).encode()
+    sbody = json.dumps({"model": "fast/m", "messages": [{"role": "user", "content": "Say hello."}], "stream": True}).encode()
+    abody = json.dumps({"model": "fast/m", "max_tokens": 20, "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+    direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
+    routed = f"http://127.0.0.1:{rport}/v1/chat/completions"
+    print(f"Sage Router benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, log level {log_level}, "
+          f"request log on, fake provider: asyncio "
+          f"process; load: {'wrk' if shutil.which('wrk') else 'python client processes'}")
+    print(f"start-up (spawn to first /health answer): {startup * 1000:.0f} ms")
+    print(f"RSS idle: {rss_idle / 1024:.1f} MB")
+    # Warm up, and count upstream connections over 1,000 sequential requests.
+    _py_latencies(rport, "/v1/chat/completions", body, 200)
+    c0 = int(call(fport, "GET", "/connections").body)
+    _py_latencies(rport, "/v1/chat/completions", body, 1000)
+    c1 = int(call(fport, "GET", "/connections").body)
+    print(f"upstream connections opened per 1,000 sequential requests: {c1 - c0}")
+    # Latency at concurrency 1 (python client, keep-alive) and streaming first byte.
+    d = _py_latencies(fport, "/v1/chat/completions", body, 2000)
+    r = _py_latencies(rport, "/v1/chat/completions", body, 2000)
+    p = lambda xs, q: xs[int(len(xs) * q)] * 1000  # noqa: E731
+    print(f"concurrency 1: direct p50 {p(d, .5):.3f} ms p99 {p(d, .99):.3f} ms | via router p50 {p(r, .5):.3f} ms "
+          f"p99 {p(r, .99):.3f} ms | added p50 {p(r, .5) - p(d, .5):.3f} ms, p99 {p(r, .99) - p(d, .99):.3f} ms")
+    ds = _py_latencies(fport, "/v1/chat/completions", sbody, 1000, stream=True)
+    rs = _py_latencies(rport, "/v1/chat/completions", sbody, 1000, stream=True)
+    print(f"streaming time to first byte: direct p50 {p(ds, .5):.3f} ms, via router {p(rs, .5):.3f} ms, "
+          f"overhead {p(rs, .5) - p(ds, .5):.3f} ms")
+    ta = _py_latencies(rport, "/v1/messages", abody, 1000)
+    print(f"translated (Anthropic client -> OpenAI provider) p50 {p(ta, .5):.3f} ms, added {p(ta, .5) - p(d, .5):.3f} ms")
+    # Routing cost: intent detection and planning of a 50 KB, 40-turn agent conversation.
+    rt = R.Router(cfg, {}, "bench", tmp)
+    turns = []
+    for i in range(20):
+        turns.append({"role": "user", "content": f"Step {i}: please look at utils/mod{i}.py and fix the failing test. " * 18})
+        turns.append({"role": "assistant", "content": "Looking at it now; the function returns None when the list is empty. " * 18})
+    conv = {"model": "auto", "messages": turns, "tools": [WEATHER_OA]}
+    raw_len = len(json.dumps(conv))
+    req = R.openai_decode_request(conv)
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        R.plan_request(rt.catalogue, rt.health, req, conv, {})
+    per = (time.perf_counter() - t0) / n * 1000
+    print(f"routing (intent + plan) of a {raw_len / 1024:.0f} KB, {len(turns)}-message conversation: {per:.3f} ms")
+    if shutil.which("wrk"):
+        for conc in (1, 10, 64):
+            drps, dp50, dp99, _ = _wrk(direct, body, conc, 4)
+            cpu0 = _cpu_s(proc.pid)
+            rrps, rp50, rp99, n = _wrk(routed, body, conc, 4)
+            cpu = (_cpu_s(proc.pid) - cpu0) / max(1, n) * 1000
+            print(f"wrk concurrency {conc:>2}: direct {drps:8.0f} req/s p50 {dp50:.3f} ms p99 {dp99:.3f} ms | router "
+                  f"{rrps:7.0f} req/s p50 {rp50:.3f} ms p99 {rp99:.3f} ms | added p50 {rp50 - dp50:.3f} ms "
+                  f"p99 {rp99 - dp99:.3f} ms | router CPU {cpu:.3f} ms/request")
+            if conc == 64:
+                print(f"RSS under load (after c=64): {_rss_kb(proc.pid) / 1024:.1f} MB")
+    proc.terminate()
+    proc.wait(10)
+    fake.terminate()
 
 def spawn_router(cfg):
     """A real router process on a free port with `cfg` as its providers.json, its own data
@@ -5729,7 +5675,6 @@ def spawn_router(cfg):
         p.kill()
         raise RuntimeError("the router did not start")
     return p, port, d
-
 
 def recovery(outage=40.0):
     """How long a provider that comes back stays out, with the router's default settings: a real
@@ -5766,7 +5711,6 @@ def recovery(outage=40.0):
         an.close()
         oa.close()
         shutil.rmtree(d, True)
-
 
 def localcheck(base_url, model=None):
     """The issue-11 points against a real OpenAI-compatible local server that is already running
@@ -5855,7 +5799,6 @@ def localcheck(base_url, model=None):
     print(f"{len(failed)} check(s) failed" if failed else "every check passed")
     return 1 if failed else 0
 
-
 def token_samples():
     """(name, neutral request, the texts a tokenizer should count) for the estimate's table: prose,
     code, four other languages (testdata/tokens/) and a synthetic agent turn with 24 tools."""
@@ -5889,7 +5832,6 @@ def token_samples():
     texts += [r["content"][0]["text"] for r in results]
     out.append(("an agent turn: 24 tools, code, prose (synthetic)", agent, texts))
     return out
-
 
 def tokens():
     """The README's table of the local token estimate against OpenAI's tokenizers. Needs

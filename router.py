@@ -953,6 +953,33 @@ def neutral_request(model, system, messages, extra=None, **fields):
     return req
 
 
+def output_limit(req, model_meta, default=None):
+    """The request's max_tokens (else `default`), clamped to the model's max_output; None when
+    neither is set."""
+    mt = req.get("max_tokens") or default
+    cap = model_meta.get("max_output")
+    return min(mt, cap) if mt and cap else mt
+
+
+def error_json(status, body):
+    """A provider's error body as (JSON, None), or, when it is not JSON, (None, its first 300
+    characters as the message)."""
+    try:
+        return loads(body), None
+    except ValueError:
+        return None, body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}"
+
+
+def add_tool_result(messages, result):
+    """A tool result joins the user turn before it when that turn ends with results (one turn of
+    results answers one turn of calls), else it opens a user turn of its own."""
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "user" and last["content"] and last["content"][-1]["type"] == "tool_result":
+        last["content"].append(result)
+    else:
+        messages.append({"role": "user", "content": [result]})
+
+
 def _model_name(body):
     """A request's `model`: a string of 1 to 256 characters with no control characters (it reaches
     headers, logs and the routing tables)."""
@@ -1084,16 +1111,10 @@ def openai_decode_request(body):
         elif role in ("tool", "function"):
             tid = m.get("tool_call_id") or m.get("name")
             _need(isinstance(tid, str) and tid, f + ".tool_call_id", "is required for role \"tool\"")
-            result = {"type": "tool_result", "id": tid, "is_error": False,
-                      "content": _openai_content(m.get("content"), f + ".content")}
-            if messages and messages[-1]["role"] == "user" and messages[-1].get("_tool_results"):
-                messages[-1]["content"].append(result)
-            else:
-                messages.append({"role": "user", "content": [result], "_tool_results": True})
+            add_tool_result(messages, {"type": "tool_result", "id": tid, "is_error": False,
+                                       "content": _openai_content(m.get("content"), f + ".content")})
         else:
             raise bad_request(f + ".role", "must be one of system, developer, user, assistant, tool")
-    for m in messages:
-        m.pop("_tool_results", None)
     tools = []
     raw_tools = body.get("tools") or []
     _need(isinstance(raw_tools, list), "tools", "must be an array")
@@ -1266,10 +1287,7 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
                         {"type": "text", "text": p["text"]} if p["type"] == "text"
                         else {"type": "image_url", "image_url": {"url": image_url_of(p)}} for p in rest]})
     body = {"model": model_id, "messages": out}
-    mt = req.get("max_tokens")
-    cap = model_meta.get("max_output")
-    if mt and cap:
-        mt = min(mt, cap)
+    mt = output_limit(req, model_meta)
     quirks = provider.quirks if provider is not None else frozenset()
     if mt:
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
@@ -1523,10 +1541,9 @@ class OpenAIStreamDecoder(SSEDecoder):
 
 def openai_parse_error(status, body):
     """Message and code of an OpenAI-compatible error body (also NVIDIA's problem JSON)."""
-    try:
-        obj = loads(body)
-    except ValueError:
-        return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    obj, text = error_json(status, body)
+    if obj is None:
+        return text, None
     if isinstance(obj, dict):
         e = obj.get("error")
         if isinstance(e, dict):
@@ -1917,11 +1934,8 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
             known = set()
     if not messages or messages[0]["role"] != "user":
         messages.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
-    cap = model_meta.get("max_output")
-    mt = req.get("max_tokens") or min(cap or settings["default_max_tokens"], settings["default_max_tokens"])
-    if cap:
-        mt = min(mt, cap)
-    body = {"model": model_id, "messages": messages, "max_tokens": mt}
+    body = {"model": model_id, "messages": messages,
+            "max_tokens": output_limit(req, model_meta, settings["default_max_tokens"])}
     if req["system"]:
         body["system"] = [{"type": "text", "text": p["text"]} for p in req["system"] if p.get("text")]
     r = req.get("reasoning")
@@ -2077,10 +2091,9 @@ class AnthropicStreamDecoder(SSEDecoder):
 
 
 def anthropic_parse_error(status, body):
-    try:
-        obj = loads(body)
-    except ValueError:
-        return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    obj, text = error_json(status, body)
+    if obj is None:
+        return text, None
     e = obj.get("error") if isinstance(obj, dict) else None
     if isinstance(e, dict):
         return str(e.get("message") or e)[:1000], e.get("type")
@@ -2182,12 +2195,8 @@ def responses_decode_request(body):
             out = item.get("output", "")
             content = _openai_content(out, f + ".output") if isinstance(out, list) else \
                 [{"type": "text", "text": out if isinstance(out, str) else dumps(out)}]
-            result = {"type": "tool_result", "id": item["call_id"], "is_error": False, "content": content}
-            if messages and messages[-1]["role"] == "user" and messages[-1]["content"] and \
-                    messages[-1]["content"][-1]["type"] == "tool_result":
-                messages[-1]["content"].append(result)
-            else:
-                messages.append({"role": "user", "content": [result]})
+            add_tool_result(messages, {"type": "tool_result", "id": item["call_id"], "is_error": False,
+                                       "content": content})
         elif t == "reasoning":
             text = "".join(s.get("text", "") for s in (item.get("summary") or []) + (item.get("content") or [])
                            if isinstance(s, dict))
@@ -2437,9 +2446,9 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
     if sys_text:
         body["instructions"] = sys_text
-    mt = req.get("max_tokens")
+    mt = output_limit(req, model_meta)
     if mt:
-        body["max_output_tokens"] = min(mt, model_meta.get("max_output") or mt)
+        body["max_output_tokens"] = mt
     for k in ("temperature", "top_p"):
         if req.get(k) is not None:
             body[k] = req[k]
@@ -2756,7 +2765,7 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
             body["toolConfig"] = {"functionCallingConfig": cfg}
     gen = {}
     if req.get("max_tokens"):
-        gen["maxOutputTokens"] = min(req["max_tokens"], model_meta.get("max_output") or req["max_tokens"])
+        gen["maxOutputTokens"] = output_limit(req, model_meta)
     for k, g in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
         if req.get(k) is not None:
             gen[g] = req[k]
@@ -2867,10 +2876,9 @@ class GeminiStreamDecoder(SSEDecoder):
 
 
 def gemini_parse_error(status, body):
-    try:
-        obj = loads(body)
-    except ValueError:
-        return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    obj, text = error_json(status, body)
+    if obj is None:
+        return text, None
     if isinstance(obj, list):
         obj = obj[0] if obj else {}
     e = obj.get("error") if isinstance(obj, dict) else None
@@ -3287,12 +3295,7 @@ def ollama_decode_request(body):
             else:
                 name = m.get("tool_name") or m.get("name")
                 cid = m.get("tool_call_id") or ((calls_by_name.get(name) or [None]).pop(0) if name else None) or f"call_{i}"
-                result = {"type": "tool_result", "id": cid, "is_error": False, "content": text}
-                if messages and messages[-1]["role"] == "user" and messages[-1]["content"] and \
-                        messages[-1]["content"][-1]["type"] == "tool_result":
-                    messages[-1]["content"].append(result)
-                else:
-                    messages.append({"role": "user", "content": [result]})
+                add_tool_result(messages, {"type": "tool_result", "id": cid, "is_error": False, "content": text})
     tools = []
     for i, t in enumerate(body.get("tools") or []):
         fn = t.get("function") if isinstance(t, dict) else None
@@ -3554,13 +3557,10 @@ class OllamaStreamDecoder:
 
 
 def ollama_parse_error(status, body):
-    try:
-        obj = loads(body)
-        if isinstance(obj, dict) and obj.get("error"):
-            return str(obj["error"])[:1000], None
-    except ValueError:
-        pass
-    return body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
+    obj, text = error_json(status, body)
+    if isinstance(obj, dict) and obj.get("error"):
+        return str(obj["error"])[:1000], None
+    return text or body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}", None
 
 
 def _ollama_meta(show):

@@ -6129,6 +6129,24 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     signals, decided_by) when the caller already knows it (else the rules decide)."""
     body, headers = body or {}, headers or {}
     intent = intent or detect_intent(req) + ("rules",)
+    pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
+    model, route, route_cands, cands, unknown, by_intent = _plan_names(cat, req, body, headers, intent)
+    asked = set(cands) if route == "explicit" else ()
+    if route == "explicit" and pref.get("allow_fallbacks", True) is not False:
+        cands += cat.routes.get("default", [])
+    cands, skipped = _plan_filter(cat, req, list(dict.fromkeys(cands)), asked, pref)
+    if not cands:
+        enabled = ", ".join(p.name for p in cat.enabled)
+        raise ApiError(404, "not_found", f"model {model!r}: route {route!r} has no model from an enabled provider "
+                       f"({'enabled: ' + enabled if enabled else NO_PROVIDER_HELP})", param="model")
+    cands, pin = _plan_order(cat, health, req, cands, route, route_cands, pin)
+    return Plan(route, intent, cands, skipped, asked.intersection(cands) if asked else (), pin, unknown, by_intent)
+
+
+def _plan_names(cat, req, body, headers, intent):
+    """Stage 1: the names asked for (the model, X-Router-Route, OpenRouter's `models`) -> the route
+    that decides and every candidate, through routes, aliases and auto. -> (model, route, the
+    deciding route's candidates, candidates, unknown name?, chosen by intent?)"""
     model = req["model"]
     route_header = headers.get("x-router-route")
     if route_header:
@@ -6140,7 +6158,6 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     extra = body.get("models")
     if isinstance(extra, list) and all(isinstance(x, str) for x in extra) and not route_header:
         names = [m for m in [model] + extra if m]
-    pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
     route, route_cands, cands, unknown, by_intent = None, set(), [], False, False
     for name in dict.fromkeys(names):
         r, c = _route_of(cat, name, intent[0])
@@ -6160,14 +6177,17 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
         if route is None:
             route, route_cands = r, set(c)      # the name that decides; later names are fallbacks
         cands += c
-    asked = set(cands) if route == "explicit" else ()
     if not cands and route is None:
         avail = cat.model_names()
         hint = ", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "") if avail else NO_PROVIDER_HELP
         raise ApiError(404, "not_found", f"model {model!r} is not available. Available: {hint}", param="model")
-    if route == "explicit" and pref.get("allow_fallbacks", True) is not False:
-        cands += cat.routes.get("default", [])
-    cands = list(dict.fromkeys(cands))
+    return model, route, route_cands, cands, unknown, by_intent
+
+
+def _plan_filter(cat, req, cands, asked, pref):
+    """Stage 2: OpenRouter's provider preferences (only, ignore, order, allow_fallbacks), then the
+    capability filters (tools, images, context window; unless no candidate passes them).
+    -> (candidates, [(candidate, why it was left out)])"""
     skipped = []
     only, ignore, order = pref.get("only"), pref.get("ignore"), pref.get("order")
     if isinstance(only, list):
@@ -6190,29 +6210,28 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
             _skip_reason(cat.meta(*c), tools, images, tokens, req.get("max_tokens"))
         (unable if why else able).append((c, why))
     if able:
-        skipped += unable
-        cands = [c for c, _ in able]
-    else:
-        cands = [c for c, _ in unable]   # none fits: let the providers say so rather than guess
+        return [c for c, _ in able], skipped + unable
+    return [c for c, _ in unable], skipped     # none fits: let the providers say so rather than guess
+
+
+def _plan_order(cat, health, req, cands, route, route_cands, pin):
+    """Stage 3: reasoning models first when thinking is asked for, the conversation's pinned
+    candidate first in a route or auto plan (an explicit name is never reordered), and candidates
+    cooling down last, the soonest to recover first. -> (candidates, the pin if it was used)"""
     if req.get("reasoning") and req["reasoning"].get("enabled"):
         cands.sort(key=lambda c: not cat.meta(*c).get("reasoning"))
-    if pin in cands and pin in route_cands and route != "explicit":   # an explicit name is never reordered
+    if pin in cands and pin in route_cands and route != "explicit":
         cands.remove(pin)
         cands.insert(0, pin)
     else:
         pin = None
-    if not cands:
-        enabled = ", ".join(p.name for p in cat.enabled)
-        raise ApiError(404, "not_found", f"model {model!r}: route {route!r} has no model from an enabled provider "
-                       f"({'enabled: ' + enabled if enabled else NO_PROVIDER_HELP})", param="model")
     now = time.monotonic()
     left = {c: health.cand_left(c, now, cat.providers[c[0]]) for c in cands}
     healthy = [c for c in cands if left[c] == 0]
     cooling = sorted((c for c in cands if left[c] > 0), key=left.__getitem__)
     if pin is not None and left[pin] > 0:
         pin = None
-    return Plan(route, intent, healthy + cooling, skipped, asked.intersection(cands) if asked else (), pin, unknown,
-                by_intent)
+    return healthy + cooling, pin
 
 
 # =================================================================================================

@@ -50,7 +50,6 @@ import select
 import signal
 import socket
 import sqlite3
-import socketserver
 import subprocess
 import ssl
 import sys
@@ -1878,9 +1877,50 @@ class AnthropicStreamEncoder:
 
 
 def anthropic_encode_request(req, model_id, provider, model_meta, settings):
-    """Neutral request -> Anthropic Messages body. Enforces the API's conversation rules: tool
-    results first in their user turn, every tool_use answered, no empty blocks, alternating roles,
-    a user turn first; thinking blocks whose signature Anthropic did not make are dropped."""
+    """Neutral request -> Anthropic Messages body (its conversation repaired to the API's rules)."""
+    mt = output_limit(req, model_meta, settings["default_max_tokens"])
+    body = {"model": model_id, "messages": _anthropic_conversation(req), "max_tokens": mt}
+    if req["system"]:
+        body["system"] = [{"type": "text", "text": p["text"]} for p in req["system"] if p.get("text")]
+    r = req.get("reasoning")
+    thinking = False
+    if r and r.get("enabled") and model_meta.get("reasoning", True):
+        budget = r.get("budget_tokens") or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)
+        budget = max(1024, budget)
+        if budget < mt:
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            thinking = True
+    if req.get("temperature") is not None and not thinking:
+        body["temperature"] = min(1.0, req["temperature"])
+    if req.get("top_p") is not None and not thinking:
+        body["top_p"] = req["top_p"]
+    if req.get("top_k") is not None and not thinking:
+        body["top_k"] = req["top_k"]
+    if req.get("stop"):
+        body["stop_sequences"] = req["stop"]
+    if req["tools"]:
+        body["tools"] = [{"name": t["name"], "description": t["description"],
+                          "input_schema": t["parameters"] if t["parameters"].get("type") == "object"
+                          else {"type": "object", "properties": {}}} for t in req["tools"]]
+        tc = req.get("tool_choice")
+        if tc or req.get("parallel_tool_calls") is False:
+            tc = dict(tc or {"type": "auto"})
+            if thinking and tc["type"] in ("any", "tool"):
+                tc = {"type": "auto"}
+            if req.get("parallel_tool_calls") is False and tc["type"] != "none":
+                tc["disable_parallel_tool_use"] = True
+            body["tool_choice"] = tc
+    if req.get("user"):
+        body["metadata"] = {"user_id": req["user"][:256]}
+    if req["stream"]:
+        body["stream"] = True
+    return body
+
+
+def _anthropic_conversation(req):
+    """The neutral messages as the Messages API takes them: tool results first in their user turn,
+    every tool_use answered, no empty blocks, alternating roles, a user turn first; thinking blocks
+    whose signature Anthropic did not make are dropped."""
     messages = []
     for m in req["messages"]:
         role = m["role"]
@@ -1934,43 +1974,7 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
             known = set()
     if not messages or messages[0]["role"] != "user":
         messages.insert(0, {"role": "user", "content": [{"type": "text", "text": "(continue)"}]})
-    body = {"model": model_id, "messages": messages,
-            "max_tokens": output_limit(req, model_meta, settings["default_max_tokens"])}
-    if req["system"]:
-        body["system"] = [{"type": "text", "text": p["text"]} for p in req["system"] if p.get("text")]
-    r = req.get("reasoning")
-    thinking = False
-    if r and r.get("enabled") and model_meta.get("reasoning", True):
-        budget = r.get("budget_tokens") or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)
-        budget = max(1024, budget)
-        if budget < mt:
-            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-            thinking = True
-    if req.get("temperature") is not None and not thinking:
-        body["temperature"] = min(1.0, req["temperature"])
-    if req.get("top_p") is not None and not thinking:
-        body["top_p"] = req["top_p"]
-    if req.get("top_k") is not None and not thinking:
-        body["top_k"] = req["top_k"]
-    if req.get("stop"):
-        body["stop_sequences"] = req["stop"]
-    if req["tools"]:
-        body["tools"] = [{"name": t["name"], "description": t["description"],
-                          "input_schema": t["parameters"] if t["parameters"].get("type") == "object"
-                          else {"type": "object", "properties": {}}} for t in req["tools"]]
-        tc = req.get("tool_choice")
-        if tc or req.get("parallel_tool_calls") is False:
-            tc = dict(tc or {"type": "auto"})
-            if thinking and tc["type"] in ("any", "tool"):
-                tc = {"type": "auto"}
-            if req.get("parallel_tool_calls") is False and tc["type"] != "none":
-                tc["disable_parallel_tool_use"] = True
-            body["tool_choice"] = tc
-    if req.get("user"):
-        body["metadata"] = {"user_id": req["user"][:256]}
-    if req["stream"]:
-        body["stream"] = True
-    return body
+    return messages
 
 
 def anthropic_strip_thinking(body, keep=frozenset()):

@@ -2150,6 +2150,18 @@ class ResponsesTests(RouterCase):
         self.assertIsNotNone(got["error"])
         self.assertFalse(got["done"])
 
+    def test_reasoning_asked_of_an_anthropic_model_gets_a_thinking_budget_within_its_limit(self):
+        self.an.push(Reply(text="thought it through"))
+        body = dict(client_body("openai-responses", "an/claude-sonnet-4-5", False), reasoning={"effort": "low"},
+                    max_output_tokens=90000, temperature=0.5)
+        r = self.post("openai-responses", body)
+        self.assertEqual(r.status, 200, r)
+        sent = self.an.requests[-1]["body"]
+        self.assertEqual(sent["max_tokens"], 64000, "clamped to the model's max_output")
+        self.assertEqual(sent["thinking"]["type"], "enabled")
+        self.assertLess(sent["thinking"]["budget_tokens"], sent["max_tokens"])
+        self.assertNotIn("temperature", sent, "thinking takes no temperature")
+
     def test_a_passed_through_stream_that_breaks_continues_its_own_ids_and_numbers(self):
         self.rs.push(Reply(text="a long answer that breaks somewhere", cut_after=7))
         r = self.post("openai-responses", {"model": "rs/gpt-resp", "input": "x", "stream": True})

@@ -6424,7 +6424,7 @@ class Context:
 
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
                  "attempts", "provider", "upstream_model", "usage", "started", "plan",
-                 "history_marks", "provider_marks", "made_marks", "ttfb", "passthrough", "collect", "same", "on_commit", "on_complete",
+                 "history_marks", "provider_marks", "made_marks", "ttfb", "passthrough", "collect", "same",
                  "status", "error", "out_chars", "broken", "usage_estimated")
 
     def __init__(self, dialect, body, req, headers, writer):
@@ -6434,7 +6434,7 @@ class Context:
         self.estimate = 0
         self.attempts = []
         self.provider = self.upstream_model = self.usage = self.plan = None
-        self.ttfb = self.collect = self.on_commit = self.on_complete = None
+        self.ttfb = self.collect = None
         self.history_marks = frozenset()   # marks of the thinking blocks in the request's history
         self.provider_marks = {}   # provider -> marks of the thinking blocks it made in this conversation
         self.made_marks = []       # marks of the thinking blocks the answer carries
@@ -6519,7 +6519,7 @@ class Dispatcher:
         return h
 
     # -- one attempt ----------------------------------------------------------------------------
-    def attempt(self, ctx, cat, prov, mid, key_idx):
+    def attempt(self, ctx, cat, prov, mid, key_idx, on_commit=None, on_complete=None):
         """Try one candidate with one key. Returns when the client has its answer; raises Failover
         (nothing was sent to the client yet) or ApiError (the client's own fault, translated)."""
         same = ctx.dialect == prov.api
@@ -6559,7 +6559,7 @@ class Dispatcher:
             ctx.writer.send(resp.status, {"Content-Type": "application/json", **self._route_headers(ctx, prov)}, data)
             return
         try:
-            self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"])
+            self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"], on_commit, on_complete)
         except BaseException:
             conn.close()
             raise
@@ -6602,7 +6602,7 @@ class Dispatcher:
                 return
             yield chunk, evs
 
-    def _pipe(self, ctx, prov, conn, resp, same, t0, limit):
+    def _pipe(self, ctx, prov, conn, resp, same, t0, limit, on_commit=None, on_complete=None):
         pc = CODECS[prov.api]
         source = self._source(prov, conn, resp, pc, limit)
         held_raw, held, held_bytes = [], [], 0
@@ -6630,14 +6630,14 @@ class Dispatcher:
         if not committed:
             raise Failover("empty", "the provider closed the stream without an answer")
         ctx.ttfb = time.monotonic() - t0
-        if ctx.on_commit is not None:
-            ctx.on_commit()       # the candidate answered: record it before the client hears it
+        if on_commit is not None:
+            on_commit()           # the candidate answered: record it before the client hears it
         if conn.sock:
             conn.sock.settimeout(prov.idle_timeout)
-        self._deliver(ctx, prov, same, b"".join(held_raw), held, source)
+        self._deliver(ctx, prov, same, b"".join(held_raw), held, source, on_complete)
         self.release(prov, conn, resp)
 
-    def _deliver(self, ctx, prov, same, raw, events, source=()):
+    def _deliver(self, ctx, prov, same, raw, events, source=(), on_complete=None):
         """Write the committed answer: held bytes/events first, then the rest of the source."""
         cc = CODECS[ctx.dialect]
         w = ctx.writer
@@ -6652,8 +6652,8 @@ class Dispatcher:
             if ctx.collect is not None:
                 ctx.collect.extend(events)
             ctx.made_marks = [hash(e[1]) for e in events if e[0] in MARK_EVENTS]
-            if ctx.on_complete is not None:
-                ctx.on_complete()
+            if on_complete is not None:
+                on_complete()
             resp = fold_events(events)
             if not _counted(resp["usage"]):
                 ctx.out_chars = sum(len(p.get("text") or "") + len(dumps(p["arguments"])) if p["type"] == "tool_call"
@@ -6692,8 +6692,8 @@ class Dispatcher:
                     ctx.usage, ended = evs[i][2], True
             if ctx.collect is not None:
                 ctx.collect.extend(evs)
-            if ended and ctx.on_complete is not None:
-                ctx.on_complete()              # before the client can read the end and ask again
+            if ended and on_complete is not None:
+                on_complete()                  # before the client can read the end and ask again
             if pt is not None:
                 pt.observe(evs)
                 out = pt.feed(raw_chunk) if err is None else pt.fail(raw_chunk, err)
@@ -6730,11 +6730,11 @@ class Dispatcher:
         ctx.broken = Failover("broken", ctx.error, err.status, cand=(prov.name, ctx.upstream_model))
         ctx.attempts.append(ctx.broken)
 
-    def deliver_fallback(self, ctx, fallback):
+    def deliver_fallback(self, ctx, fallback, on_complete=None):
         """Every candidate failed, but one gave an empty answer: that answer is the best we have."""
         prov, mid, same, raw, events = fallback
         ctx.provider, ctx.upstream_model = prov.name, mid
-        self._deliver(ctx, prov, same, raw, events)
+        self._deliver(ctx, prov, same, raw, events, on_complete=on_complete)
 
 
 def _counted(usage):
@@ -7208,11 +7208,12 @@ class ResponseStore:
         self.bytes = 0
 
     def prepare(self, ctx):
-        """Expand previous_response_id into the request's history; ask to keep the answer."""
+        """Expand previous_response_id into the request's history. -> the hook that keeps the answer
+        once it is complete (the dispatcher's on_complete), or None."""
         req = ctx.req
         pid, store = req["extra"].get("previous_response_id"), req["extra"].get("store")
         if not pid and not store:                 # (only Responses requests carry these)
-            return
+            return None
         if pid:
             with self.lock:
                 entry = self.items.get(pid)
@@ -7229,7 +7230,8 @@ class ResponseStore:
             new, before = req["messages"], len(dumps(req["system"]))
         if store:
             ctx.collect = []
-            ctx.on_complete = lambda: self.keep(ctx, new, before)
+            return lambda: self.keep(ctx, new, before)
+        return None
 
     def keep(self, ctx, new, before):
         resp = fold_events(ctx.collect)
@@ -7521,7 +7523,7 @@ class Router:
         if not self.catalogue.known(ctx.model) and not ctx.headers.get("x-router-route"):
             self.refresh_for(ctx.model)
         cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
-        self.responses.prepare(ctx)
+        keep = self.responses.prepare(ctx)      # the hook that keeps the answer, if it is to be kept
         name = ctx.headers.get("x-router-route") or ctx.model
         akey = Affinity.key(ctx.req, ctx.headers)
         pin, ctx.provider_marks = affinity.get(akey, name)
@@ -7563,9 +7565,8 @@ class Router:
                     if idx is not None:
                         health.ok(("key", cand[0], idx))
                     affinity.set(akey, name, cand)
-                ctx.on_commit = committed
                 try:
-                    self.dispatcher.attempt(ctx, cat, prov, mid, idx)
+                    self.dispatcher.attempt(ctx, cat, prov, mid, idx, committed, keep)
                     affinity.add_marks(akey, pname, ctx.made_marks)
                     if ctx.broken is not None:        # answered, then broke: the candidate is not well
                         if before:
@@ -7595,7 +7596,7 @@ class Router:
                 if missing == plan.asked:     # a typo must not silently bill another model
                     raise self._no_such_model(ctx, cat, failed)
         if fallback is not None:
-            self.dispatcher.deliver_fallback(ctx, fallback)
+            self.dispatcher.deliver_fallback(ctx, fallback, keep)
             return
         raise self._all_failed(ctx)
 

@@ -2630,33 +2630,7 @@ def gemini_schema(schema, root=None, depth=0):
     root = root if root is not None else schema
     if depth > 12:
         return {"type": "OBJECT"}
-    s = dict(schema)
-    ref = s.pop("$ref", None)
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target = root
-        for key in ref[2:].split("/"):
-            target = target.get(key, {}) if isinstance(target, dict) else {}
-        s = dict(target, **s)
-    if "allOf" in s:
-        merged = {}
-        for sub in s.pop("allOf") or []:
-            sub = gemini_schema(sub, root, depth + 1)
-            for k, v in sub.items():
-                if k == "properties":
-                    merged.setdefault("properties", {}).update(v)
-                elif k == "required":
-                    merged.setdefault("required", []).extend(v)
-                else:
-                    merged.setdefault(k, v)
-        s = dict(merged, **s)
-    if "oneOf" in s and "anyOf" not in s:
-        s["anyOf"] = s.pop("oneOf")
-    if "const" in s and "enum" not in s:
-        s["enum"] = [s["const"]]
-    if "exclusiveMinimum" in s and "minimum" not in s and _num(s["exclusiveMinimum"]):
-        s["minimum"] = s["exclusiveMinimum"]
-    if "exclusiveMaximum" in s and "maximum" not in s and _num(s["exclusiveMaximum"]):
-        s["maximum"] = s["exclusiveMaximum"]
+    s = _gemini_schema_normal(schema, root, depth)
     out = {}
     typ = s.get("type")
     if isinstance(typ, list):
@@ -2709,6 +2683,39 @@ def gemini_schema(schema, root=None, depth=0):
     if "anyOf" in out:
         out.pop("type", None)
     return out
+
+
+def _gemini_schema_normal(schema, root, depth):
+    """A schema's keywords Gemini has no word for, said in ones it has: $ref inlined, allOf merged,
+    oneOf as anyOf, const as an enum, exclusive bounds as inclusive ones."""
+    s = dict(schema)
+    ref = s.pop("$ref", None)
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for key in ref[2:].split("/"):
+            target = target.get(key, {}) if isinstance(target, dict) else {}
+        s = dict(target, **s)
+    if "allOf" in s:
+        merged = {}
+        for sub in s.pop("allOf") or []:
+            sub = gemini_schema(sub, root, depth + 1)
+            for k, v in sub.items():
+                if k == "properties":
+                    merged.setdefault("properties", {}).update(v)
+                elif k == "required":
+                    merged.setdefault("required", []).extend(v)
+                else:
+                    merged.setdefault(k, v)
+        s = dict(merged, **s)
+    if "oneOf" in s and "anyOf" not in s:
+        s["anyOf"] = s.pop("oneOf")
+    if "const" in s and "enum" not in s:
+        s["enum"] = [s["const"]]
+    if "exclusiveMinimum" in s and "minimum" not in s and _num(s["exclusiveMinimum"]):
+        s["minimum"] = s["exclusiveMinimum"]
+    if "exclusiveMaximum" in s and "maximum" not in s and _num(s["exclusiveMaximum"]):
+        s["maximum"] = s["exclusiveMaximum"]
+    return s
 
 
 def gemini_encode_request(req, model_id, provider, model_meta, settings=None):

@@ -466,8 +466,9 @@ class ApiError(Exception):
 class Failover(Exception):
     """A candidate (or one key of it) failed in a way worth trying the next one; also the record
     of a failed attempt (cand: (provider, model)), as the request log and the errors show it.
-    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model), broken
-    (a stream that failed after it started: recorded, never moved on)."""
+    kind: connect, timeout, status, stream, empty, context, auth, missing (no such model), input
+    (parts only the client's own dialect can carry), broken (a stream that failed after it
+    started: recorded, never moved on)."""
 
     def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False,
                  cand=None):
@@ -1605,14 +1606,20 @@ def openai_auth(prov, key):
     return {"Authorization": "Bearer " + key} if key else {}
 
 
-def openai_adjust(body, req, meta, headers, foreign):
+def openai_adjust(body, prov, req, meta, headers, foreign):
     """The same-dialect body as it goes out: null content beside tool calls made "" (strict servers
-    refuse null)."""
-    return openai_no_null_content(body), {}
+    refuse null), and the provider's body quirks (tool_choice "any", max_completion_tokens)."""
+    body = openai_no_null_content(body)
+    if "tool_choice_any" in prov.quirks and body.get("tool_choice") == "required":
+        body = dict(body, tool_choice="any")
+    if "max_completion_tokens" in prov.quirks and "max_tokens" in body:
+        body = dict(body)
+        body.setdefault("max_completion_tokens", body.pop("max_tokens"))
+    return body, {}
 
 
 def openai_list_shape(entries, query=None):
-    return {"object": "list", "data": [openai_model_shape(e) for e in entries]}
+    return {"object": "list", "data": [openai_model_shape(e) for e in entries if "shared" not in e[2]]}
 
 
 def openai_model_shape(entry):
@@ -2125,7 +2132,7 @@ def anthropic_auth(prov, key):
     return h
 
 
-def anthropic_adjust(body, req, meta, headers, foreign):
+def anthropic_adjust(body, prov, req, meta, headers, foreign):
     """The same-dialect body as it goes out: thinking another provider signed is left out (it
     would be refused), and the client's anthropic-beta goes along."""
     if foreign is not None:
@@ -2134,7 +2141,7 @@ def anthropic_adjust(body, req, meta, headers, foreign):
 
 
 def anthropic_list_shape(entries, query=None):
-    data = [anthropic_model_shape(e) for e in entries]
+    data = [anthropic_model_shape(e) for e in entries if "shared" not in e[2]]
     return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
 
@@ -2941,9 +2948,11 @@ def _gkeys(d):
     return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): v for k, v in d.items()}
 
 
-def _gemini_in_part(p, f, calls, results):
+def _gemini_in_part(p, f, calls, results, only_gemini):
     """One part of a client's content -> neutral parts. `calls`: name -> ids of earlier function
-    calls (a functionResponse without an id answers the oldest call of its name)."""
+    calls (a functionResponse without an id answers the oldest call of its name). A part with no
+    neutral form (a PDF, code execution) is left out and named in `only_gemini`: it still reaches a
+    Gemini provider on the byte passthrough, and no other provider is sent the request without it."""
     _need(isinstance(p, dict), f, "must be an object")
     p = _gkeys(p)
     if "text" in p:
@@ -2958,14 +2967,16 @@ def _gemini_in_part(p, f, calls, results):
         d = _gkeys(p["inlineData"])
         _need(isinstance(d, dict) and isinstance(d.get("data"), str) and isinstance(d.get("mimeType"), str),
               f + ".inlineData", "must be {\"mimeType\", \"data\"} with base64 data")
-        _need(d["mimeType"].startswith("image/"), f + ".inlineData.mimeType",
-              f"is {d['mimeType']!r}: only images can be sent through the router")
+        if not d["mimeType"].startswith("image/"):
+            only_gemini.append(f"{f}.inlineData ({d['mimeType']})")
+            return []
         return [{"type": "image", "media_type": d["mimeType"], "data": d["data"]}]
     if "fileData" in p:
         d = _gkeys(p["fileData"])
         _need(isinstance(d, dict) and isinstance(d.get("fileUri"), str), f + ".fileData", "must have a fileUri string")
-        _need(str(d.get("mimeType") or "image/").startswith("image/"), f + ".fileData.mimeType",
-              f"is {d.get('mimeType')!r}: only images can be sent through the router")
+        if not str(d.get("mimeType") or "image/").startswith("image/"):
+            only_gemini.append(f"{f}.fileData ({d.get('mimeType')})")
+            return []
         return [{"type": "image", "url": d["fileUri"]}]
     if "functionCall" in p:
         fc = _gkeys(p["functionCall"])
@@ -2991,6 +3002,11 @@ def _gemini_in_part(p, f, calls, results):
             pending.remove(cid)
         return [{"type": "tool_result", "id": cid, "is_error": "error" in resp and len(resp) == 1,
                  "content": [{"type": "text", "text": text}]}]
+    if set(p) <= {"thoughtSignature", "thought"}:
+        return []             # a signature on an empty part: Gemini's own, meaningless elsewhere
+    if {"executableCode", "codeExecutionResult", "videoMetadata"} & set(p):
+        only_gemini.append(f"{f}.{next(iter({'executableCode', 'codeExecutionResult', 'videoMetadata'} & set(p)))}")
+        return []
     raise ApiError(400, "invalid_request", f"{f}: a part needs one of text, inlineData, fileData, functionCall, "
                    "functionResponse", param=f)
 
@@ -3007,7 +3023,7 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
     model = _model_name({"model": model})
     contents = body.get("contents")
     _need(isinstance(contents, list) and (contents or count_only), "contents", "is required and must be a non-empty array")
-    messages, calls, ids = [], {}, []
+    messages, calls, ids, only_gemini = [], {}, [], []
     for i, c in enumerate(contents):
         f = f"contents[{i}]"
         _need(isinstance(c, dict), f, "must be an object")
@@ -3017,7 +3033,7 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         _need(isinstance(parts, list), f + ".parts", "must be an array")
         out = []
         for j, p in enumerate(parts):
-            out += _gemini_in_part(p, f"{f}.parts[{j}]", calls, ids)
+            out += _gemini_in_part(p, f"{f}.parts[{j}]", calls, ids, only_gemini)
         role = "assistant" if role == "model" else "user"
         if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += out
@@ -3055,13 +3071,15 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
           "must be 1: the router returns one candidate")
     stop = gen.get("stopSequences")
     _need(stop is None or isinstance(stop, list), "generationConfig.stopSequences", "must be an array of strings")
-    think = _gkeys(gen["thinkingConfig"]) if isinstance(gen.get("thinkingConfig"), dict) else None
-    budget = think.get("thinkingBudget") if think else None
-    reasoning = None
-    if think and (think.get("includeThoughts") or (isinstance(budget, int) and budget > 0)):
+    think = _gkeys(gen["thinkingConfig"]) if isinstance(gen.get("thinkingConfig"), dict) else {}
+    budget, level = think.get("thinkingBudget"), think.get("thinkingLevel")
+    reasoning = None          # (includeThoughts alone only asks to see thoughts there are: Gemini CLI always sends it)
+    if budget == 0:
+        reasoning = {"enabled": False}
+    elif isinstance(budget, int) and (budget > 0 or budget == -1) or level:
         reasoning = {"enabled": True, "budget_tokens": budget if isinstance(budget, int) and budget > 0 else None,
-                     "effort": str(think["thinkingLevel"]).lower() if think.get("thinkingLevel") else None}
-    extra = {k: gen[k] for k in ("responseMimeType", "responseSchema", "responseJsonSchema") if k in gen}
+                     "effort": str(level).lower() if level else None}
+    extra = {"same_dialect_only": only_gemini} if only_gemini else {}
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice, stream=bool(stream),
         max_tokens=None if count_only else _opt_int(gen, "maxOutputTokens"),
@@ -3118,7 +3136,7 @@ def gemini_encode_response(resp, model, req):
 def gemini_encode_error(err):
     e = {"code": err.status, "message": err.message, "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}
     retry = err.headers.get("Retry-After")
-    if err.status == 429 and retry:       # Gemini CLI retries a 429 only with a RetryInfo it can read
+    if retry:                              # Gemini CLI retries a 429 or 503 only with a RetryInfo it can read
         e["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry}s"}]
     return dumps({"error": e}).encode()
 
@@ -3168,12 +3186,12 @@ class GeminiStreamEncoder:
             parts.append({"text": ev[1], "thought": True})
         elif kind == "signature":
             parts.append({"text": "", "thought": True, "thoughtSignature": _gemini_wrap_signature(ev[1])})
-        elif kind == "end":
-            return self._chunk(parts, TO_GEMINI_FINISH.get(ev[1] or "end_turn", "STOP"), ev[2])
+        elif kind == "end":       # (never empty parts: the SDK's chat drops a turn whose last chunk has none)
+            return self._chunk(parts or [{"text": ""}], TO_GEMINI_FINISH.get(ev[1] or "end_turn", "STOP"), ev[2])
         return self._chunk(parts) if parts else b""
 
 
-def gemini_adjust(body, req, meta, headers, foreign):
+def gemini_adjust(body, prov, req, meta, headers, foreign):
     """The same-dialect body as it goes out: the model is the path's, never a body field."""
     mid = body.pop("model", None)
     inner = body.get("generateContentRequest")
@@ -3193,6 +3211,7 @@ def gemini_model_shape(entry):
 def gemini_list_shape(entries, query=None):
     """GET /v1beta/models, paginated as Gemini does (pageSize, default 50, at most 1000; pageToken)."""
     query = query or {}
+    entries = [e for e in entries if "shared" not in e[2]]
     try:
         size = max(1, min(1000, int(query.get("pageSize") or 50)))
         start = max(0, int(query.get("pageToken") or 0))
@@ -3606,7 +3625,7 @@ def ollama_list_models(fetch, known):
     return out
 
 
-def ollama_adjust(body, req, meta, headers, foreign):
+def ollama_adjust(body, prov, req, meta, headers, foreign):
     """The same-dialect body as it goes out: a context window that fits the request (Ollama's own
     default silently cuts long prompts)."""
     if not (body.get("options") or {}).get("num_ctx"):
@@ -3615,6 +3634,7 @@ def ollama_adjust(body, req, meta, headers, foreign):
 
 
 def ollama_list_shape(entries, query=None):
+    """GET /api/tags: every name a client may ask for (bare ids several providers have too)."""
     return {"models": [{"name": mid, "model": mid, "modified_at": "2025-01-01T00:00:00Z", "size": 0,
                         "digest": hashlib.sha256(mid.encode()).hexdigest(),
                         "details": {"parent_model": "", "format": "sage-router", "family": mid.split("/")[0],
@@ -3662,8 +3682,8 @@ class Codec:
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
       parse_error(status, body) -> (message, code).
     Transport: request_path(provider, model, stream); auth(provider, key) -> headers;
-      root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body, req,
-      meta, client_headers, foreign) -> (body, extra headers): the same-dialect body as it goes out
+      root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
+      provider, req, meta, client_headers, foreign) -> (body, extra headers): the same-dialect body as it goes out
       (foreign: the thinking marks to keep when the history holds another provider's, else None).
     Catalogue: list_models(fetch, known) -> {id: metadata}, fetch(path, method, body) being the
       provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
@@ -4026,12 +4046,16 @@ class Catalogue:
 
     def listing(self):
         """The served model list: [(name, owner, metadata)] for every route (its first candidate's
-        metadata, with "route"), every PROVIDER/MODEL, and bare ids only one provider has."""
+        metadata, with "route"), every PROVIDER/MODEL, and every bare id (one that several
+        providers have carries "shared": their names; most shapes leave those out)."""
         entries = [self.entry(name) for name, cands in self.routes.items() if cands]
         for p in self.enabled:
             entries += [(f"{p.name}/{mid}", p.name, self.meta(p.name, mid)) for mid in p.models]
-        entries += [(mid, where[0][0], self.meta(*where[0])) for mid, where in self.bare.items()
-                    if mid not in self.routes and len(where) == 1]
+        for mid, where in self.bare.items():
+            if mid not in self.routes:
+                meta = self.meta(*where[0])
+                entries.append((mid, where[0][0], meta if len(where) == 1 else
+                                dict(meta, shared=[p for p, _m in where])))
         return entries
 
     def entry(self, name):
@@ -6542,7 +6566,7 @@ class Dispatcher:
                 body.pop(k, None)
             extra = {}
             if pc.adjust is not None:
-                body, extra = pc.adjust(body, ctx.req, meta, ctx.headers, keep if moved else None)
+                body, extra = pc.adjust(body, prov, ctx.req, meta, ctx.headers, keep if moved else None)
         else:
             body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid, prov, meta, cat.settings)
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
@@ -7554,6 +7578,11 @@ class Router:
                 ctx.attempts.append(Failover("context", f"skipped: context window {window} is not larger than "
                                              f"the {overflowed} that overflowed", cand=cand))
                 continue
+            only = ctx.req["extra"].get("same_dialect_only")
+            if only and (prov.api != ctx.dialect or not ctx.passthrough):
+                ctx.attempts.append(Failover("input", f"skipped: a {prov.api} provider cannot be sent "
+                                             f"{', '.join(only[:3])}{' ...' if len(only) > 3 else ''}", cand=cand))
+                continue
             now = time.monotonic()
             keys = health.usable_keys(prov, now)
             if not keys:
@@ -7680,6 +7709,9 @@ class Router:
             return ApiError(429, "rate_limit", msg, headers={"Retry-After": str(wait)})
         if atts and all(a.kind in ("connect", "timeout") or a.status in (503, 529) for a in atts):
             return ApiError(503, "overloaded", msg)
+        if atts and all(a.kind == "input" for a in atts):
+            return ApiError(400, "invalid_request", f"no candidate speaks {ctx.dialect}, and only it can take "
+                            f"{', '.join(ctx.req['extra']['same_dialect_only'][:3])}: {lines}")
         if atts and all(a.kind == "context" for a in atts):
             # too long for every candidate: the provider's own 400, so the client does not retry it
             said = next((a for a in atts if a.status), atts[0])          # the provider's own words
@@ -7709,7 +7741,7 @@ class Router:
             if pc is cc and pc.count_path is not None and keys:
                 fwd, extra = dict(body, model=mid), {}
                 if pc.adjust is not None:
-                    fwd, extra = pc.adjust(fwd, req, self.catalogue.meta(pname, mid), headers, None)
+                    fwd, extra = pc.adjust(fwd, prov, req, self.catalogue.meta(pname, mid), headers, None)
                 hdrs = dict(prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None), **extra)
                 try:
                     conn, resp = self.dispatcher.send(prov, pc.count_path(prov, mid), hdrs, dumps(fwd).encode())
@@ -7777,6 +7809,8 @@ POST_ROUTES = {
 OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
 
 ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
+             "POST /v1beta/models/MODEL:generateContent (and :streamGenerateContent?alt=sse, :countTokens), "
+             "GET /v1beta/models, "
              "GET /v1/models, POST /v1/route, POST /v1/health/reset, GET /v1/usage, GET /v1/requests, POST /api/chat, POST /api/generate, "
              "GET /api/tags, POST /api/show, GET /api/version, GET /health, GET /metrics, GET / (status page)")
 
@@ -8028,8 +8062,9 @@ def own_names():
 
 #: Gemini's paths, after any base-URL prefix: POST .../v1beta/models/{model}:{method} (the model is
 #: everything between "models/" and the last ":"), GET .../v1beta/models[/{model}].
-GEMINI_CALL = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models/(.+):(generateContent|streamGenerateContent|countTokens)")
-GEMINI_LIST = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models(?:/([^:]+))?")
+GEMINI_CALL = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models/(.+):(generateContent|streamGenerateContent|"
+                         r"countTokens|embedContent|batchEmbedContents)")
+GEMINI_LIST = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models(?:/(.+))?")
 
 
 def client_dialect(path, headers):
@@ -8467,17 +8502,18 @@ class RouterHandler(BaseHTTPRequestHandler):
         """Gemini's endpoints (the google-genai SDK, Gemini CLI): the model and the method are in
         the path, after any base-URL prefix."""
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
-        listing = GEMINI_LIST.fullmatch(path)
-        if listing:
-            if method != "GET":
-                raise ApiError(405, "invalid_request", f"{path} takes GET, not {method}")
+        listing, calling = GEMINI_LIST.fullmatch(path), GEMINI_CALL.fullmatch(path)
+        if method == "GET" and listing:       # (a model name may hold ":", as in llama3.2:latest)
             name = listing.group(1)
             return self._json(200, self.router.model("gemini", urllib.parse.unquote(name)) if name else
                               self.router.models("gemini", query))
-        model, call = GEMINI_CALL.fullmatch(path).groups()
+        if method != "POST" or calling is None:
+            raise ApiError(405, "invalid_request", f"{method} {path}: Gemini's models are listed with GET and "
+                           "called with POST .../models/MODEL:generateContent")
+        model, call = calling.groups()
         model = urllib.parse.unquote(model)
-        if method != "POST":
-            raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
+        if call in ("embedContent", "batchEmbedContents"):
+            raise ApiError(501, "invalid_request", f"{call}: embeddings are not served by this router yet")
         stream = call == "streamGenerateContent"
         _need(not stream or query.get("alt") == "sse", "alt",
               "must be \"sse\": streamGenerateContent is served as server-sent events (?alt=sse), as the SDKs ask")

@@ -277,7 +277,8 @@ def gemini_chunks(r, model):
     chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}, "index": 0}],
                "usageMetadata": {"promptTokenCount": r.usage[0], "totalTokenCount": r.usage[0]},
                "modelVersion": model, "responseId": "gem1"} for p in parts]
-    chunks.append({"candidates": [{"content": {"role": "model", "parts": []}, "finishReason": finish, "index": 0}],
+    chunks.append({"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": finish,
+                                   "index": 0}],
                    "usageMetadata": usage, "modelVersion": model, "responseId": "gem1"})
     return chunks
 
@@ -977,6 +978,7 @@ class RouterCase(unittest.TestCase):
                 "general": ["oa/gpt-test", "oa2/gpt-backup"],
                 "coders": ["oa/qwen*-coder", "oa/gpt-test"],
                 "small-first": ["oa/tiny", "oa/gpt-test", "oa2/gpt-backup"],
+                "chat-gm": ["oa/gpt-test", "gm/gemini-test"],
             },
             "aliases": {"claude-*haiku*": "general", "claude-*": "code", "gpt-4*": "oa/gpt-test"},
             "settings": cls.settings,
@@ -1935,6 +1937,18 @@ class GeminiClientTests(RouterCase):
         self.assertEqual(r.json()["candidates"][0]["content"]["parts"], [{"text": "whole"}])
         self.assertEqual(r.headers["x-router-provider"], "gm")
 
+    def test_what_only_gemini_can_take_reaches_a_gemini_provider_and_no_other(self):
+        body = client_body("gemini", "x", False)
+        body["contents"][0]["parts"] += [{"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}},
+                                         {"executableCode": {"language": "PYTHON", "code": "print(1)"}}]
+        body["contents"] += [{"role": "model", "parts": [{"text": "ok"}, {"thoughtSignature": _b64("sig")}]},
+                             {"role": "user", "parts": [{"text": "more"}]}]
+        self.gm.push(Reply(text="read it"))
+        r = self.gpost("chat-gm", body)       # a route: another provider first, Gemini after it
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "gm"), r)
+        self.assertEqual(self.gm.requests[-1]["body"]["contents"], body["contents"], "passed through as it came")
+        self.assertEqual(len(self.oa.requests), 0, "the OpenAI provider was never sent a request without the PDF")
+
     def test_paths_models_routes_and_a_base_url_prefix(self):
         for model, prefix, prov in (("oa/gpt-test", "/v1beta", "oa"), ("oa%2Fgpt-test", "/v1beta", "oa"),
                                     ("chat", "/gem/v1beta", "oa"), ("claude-test", "/v1", "an")):
@@ -1989,6 +2003,14 @@ class GeminiClientTests(RouterCase):
         self.assertEqual([b.get("signature") for b in sent if b["type"] == "thinking"], ["EqQBsig=="],
                          "the provider gets its own signature back")
 
+    def test_include_thoughts_alone_does_not_ask_for_reasoning(self):
+        for cfg, want in (({"includeThoughts": True}, None), ({"includeThoughts": True, "thinkingBudget": 2048}, True),
+                          ({"thinkingBudget": -1}, True), ({"thinkingBudget": 0}, False), ({"thinkingLevel": "high"}, True)):
+            with self.subTest(cfg=cfg):
+                req = R.gemini_decode_request({"contents": [{"parts": [{"text": "x"}]}],
+                                               "generationConfig": {"thinkingConfig": cfg}}, model="m")
+                self.assertEqual((req["reasoning"] or {}).get("enabled"), want)
+
     def test_errors_are_in_geminis_shape(self):
         r = self.h.call("POST", "/v1beta/models/oa/gpt-test:streamGenerateContent", client_body("gemini", "x", True))
         self.assertEqual(r.status, 400)
@@ -1996,8 +2018,10 @@ class GeminiClientTests(RouterCase):
         self.assertIn("alt", r.json()["error"]["message"])
         body = client_body("gemini", "x", False)
         body["contents"][0]["parts"].append({"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}})
-        err = self.gpost("oa/gpt-test", body).json()["error"]
-        self.assertIn("contents[0].parts[1].inlineData.mimeType", err["message"])
+        r = self.gpost("oa/gpt-test", body)
+        self.assertEqual((r.status, r.json()["error"]["status"]), (400, "INVALID_ARGUMENT"), "never sent without it")
+        self.assertIn("contents[0].parts[1].inlineData (application/pdf)", r.json()["error"]["message"])
+        self.assertEqual(len(self.oa.requests), 0)
         self.oa.push(Reply(status=404, body={"error": {"message": "The model `gpt-tset` does not exist",
                                                        "type": "invalid_request_error", "code": "model_not_found"}}))
         r = self.gpost("oa/gpt-tset", client_body("gemini", "x", False))
@@ -2005,6 +2029,13 @@ class GeminiClientTests(RouterCase):
         self.oa.push(Reply(text="half", cut_after=3))
         got = read_gemini(self.post("gemini", client_body("gemini", "oa/gpt-test", True)), True)
         self.assertEqual(got["error"]["status"], "UNAVAILABLE", "a broken stream ends with an error chunk")
+
+    def test_paths_the_router_does_not_serve_answer_in_geminis_shape(self):
+        r = self.h.call("POST", "/v1beta/models/oa/gpt-test:embedContent", {"content": {"parts": [{"text": "x"}]}})
+        self.assertEqual((r.status, r.json()["error"]["status"]), (501, "UNIMPLEMENTED"))
+        r = self.h.call("GET", "/v1beta/models/ol/nope:latest")     # a name with ":" is a name, not a method
+        self.assertEqual((r.status, r.json()["error"]["status"]), (404, "NOT_FOUND"))
+        self.assertIn("'ol/nope:latest'", r.json()["error"]["message"])
 
     def test_models_list_is_paginated_and_one_model_is_found(self):
         first = self.h.call("GET", "/v1beta/models?pageSize=3").json()
@@ -2051,6 +2082,15 @@ class GeminiClientTests(RouterCase):
                 hist = r.automatic_function_calling_history
                 self.assertEqual(hist[1].parts[0].function_call.args, {"city": "Paris"})
                 self.assertEqual(hist[2].parts[0].function_response.response, {"result": "sunny"})
+        # A chat over streams keeps every turn in the history it sends next (the SDK drops a turn
+        # whose last chunk has no parts).
+        self.oa.push(Reply(text="first answer"), Reply(text="second answer"))
+        chat = c.chats.create(model="oa/gpt-test")
+        for text in ("one", "two"):
+            "".join(ch.text or "" for ch in chat.send_message_stream(text))
+        sent = self.oa.requests[-1]["body"]["messages"]
+        self.assertEqual([(m["role"], m["content"]) for m in sent],
+                         [("user", "one"), ("assistant", "first answer"), ("user", "two")])
         n = c.models.count_tokens(model="an/claude-test", contents="hello there")
         self.assertGreater(n.total_tokens, 0)
         names = [m.name for m in c.models.list(config={"page_size": 2})]
@@ -2452,6 +2492,11 @@ class LocalServerTests(unittest.TestCase):
         sent = self.plain.requests[-1]["body"]
         self.assertEqual((sent["tool_choice"], sent["max_completion_tokens"]), ("any", 100))
         self.assertNotIn("max_tokens", sent)
+        self.plain.push(Reply(text="ok"))           # and on the passthrough of an OpenAI client
+        body = dict(client_body("openai", "q/m", False, tools=True), tool_choice="required")
+        self.assertEqual(h.call("POST", PATHS["openai"], body).status, 200)
+        sent = self.plain.requests[-1]["body"]
+        self.assertEqual((sent["tool_choice"], sent["max_completion_tokens"], "max_tokens" in sent), ("any", 100, False))
         mistral = R.Provider("mistral", {"api": "openai", "base_url": "https://api.mistral.ai/v1", "api_key": "k"},
                              {}, R.DEFAULT_SETTINGS)
         self.assertIn("tool_choice_any", mistral.quirks, "a known host needs no quirks entry")

@@ -2960,7 +2960,9 @@ def _gemini_in_part(p, f, calls, results, only_gemini):
         if p.get("thought"):
             part = {"type": "thinking", "text": p["text"]}
             if isinstance(p.get("thoughtSignature"), str):
-                part["signature"] = _gemini_unwrap_signature(p["thoughtSignature"])
+                text, part["signature"] = _gemini_unwrap_signature(p["thoughtSignature"])
+                if text is not None:          # the whole block: the fragments before it are in it
+                    part.update(text=text, whole=True)
             return [part]
         return [{"type": "text", "text": p["text"]}] if p["text"] else []
     if "inlineData" in p:
@@ -3034,6 +3036,9 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         out = []
         for j, p in enumerate(parts):
             out += _gemini_in_part(p, f"{f}.parts[{j}]", calls, ids, only_gemini)
+        if any(q.get("whole") for q in out):      # a wrapped block replaces its streamed fragments
+            out = [dict((k, v) for k, v in q.items() if k != "whole") for q in out
+                   if q["type"] != "thinking" or q.get("signature")]
         role = "assistant" if role == "model" else "user"
         if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += out
@@ -3087,17 +3092,22 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         top_k=_opt_int(gen, "topK", 0), stop=stop or None, reasoning=reasoning, extra=extra)
 
 
-def _gemini_wrap_signature(sig):
-    """Another provider's thinking signature as Gemini clients must hold it (base64 bytes); the
-    next turn unwraps it, so the provider gets its own back."""
-    return base64.b64encode(sig.encode()).decode()
+def _gemini_wrap_signature(text, sig):
+    """Another provider's signed thinking block as a Gemini client must hold a signature (base64
+    bytes): the whole block, text and signature, since the provider checks one against the other
+    and a client may keep the streamed thought fragments apart, or drop them."""
+    return base64.b64encode(dumps({"t": text, "s": sig}).encode()).decode()
 
 
 def _gemini_unwrap_signature(sig):
+    """-> (thinking text, signature) of a block the router wrapped, else (None, sig as it came)."""
     try:
-        return base64.b64decode(sig, validate=True).decode()
-    except (binascii.Error, ValueError):
-        return sig
+        obj = loads(base64.b64decode(sig, validate=True))
+        if isinstance(obj, dict) and isinstance(obj.get("s"), str) and isinstance(obj.get("t"), str):
+            return obj["t"], obj["s"]
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        pass
+    return None, sig
 
 
 def _to_gemini_usage(u):
@@ -3117,7 +3127,7 @@ def _gemini_out_part(p):
     if p["type"] == "thinking":
         part = {"text": p.get("text") or "", "thought": True}
         if p.get("signature"):
-            part["thoughtSignature"] = _gemini_wrap_signature(p["signature"])
+            part["thoughtSignature"] = _gemini_wrap_signature(part["text"], p["signature"])
         return part
     if p["type"] == "tool_call":
         return {"functionCall": {"id": p["id"], "name": p["name"], "args": p["arguments"]}}
@@ -3150,6 +3160,7 @@ class GeminiStreamEncoder:
         self.model, self.input_estimate = model, input_estimate
         self.id = new_id("")
         self.call = None          # [id, name, [argument pieces]] of the function call being streamed
+        self.thought = []         # the thinking text since the last signature
 
     def _chunk(self, parts, finish=None, usage=None):
         cand = {"content": {"role": "model", "parts": parts}, "index": 0}
@@ -3184,8 +3195,11 @@ class GeminiStreamEncoder:
             parts.append({"text": ev[1]})
         elif kind == "thinking":
             parts.append({"text": ev[1], "thought": True})
+            self.thought.append(ev[1])
         elif kind == "signature":
-            parts.append({"text": "", "thought": True, "thoughtSignature": _gemini_wrap_signature(ev[1])})
+            parts.append({"text": "", "thought": True,
+                          "thoughtSignature": _gemini_wrap_signature("".join(self.thought), ev[1])})
+            self.thought = []
         elif kind == "end":       # (never empty parts: the SDK's chat drops a turn whose last chunk has none)
             return self._chunk(parts or [{"text": ""}], TO_GEMINI_FINISH.get(ev[1] or "end_turn", "STOP"), ev[2])
         return self._chunk(parts) if parts else b""

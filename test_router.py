@@ -1989,19 +1989,23 @@ class GeminiClientTests(RouterCase):
                          "a lone result is its text, anything else the response as JSON; by id, else by name")
 
     def test_thinking_signatures_survive_a_gemini_client(self):
-        self.an.push(Reply(text="Answer.", thinking="let me think", signature="EqQBsig=="))
-        got = self.post("gemini", client_body("gemini", "an/claude-test", False)).json()
-        parts = got["candidates"][0]["content"]["parts"]
-        thought = [p for p in parts if p.get("thought")][0]
-        self.assertEqual(base64.b64decode(thought["thoughtSignature"]).decode(), "EqQBsig==",
-                         "held as base64 bytes, as Gemini clients validate it")
-        self.an.push(Reply(text="Again."))
-        body = client_body("gemini", "an/claude-test", False)
-        body["contents"] += [{"role": "model", "parts": parts}, {"role": "user", "parts": [{"text": "more"}]}]
-        self.post("gemini", body)
-        sent = self.an.requests[-1]["body"]["messages"][1]["content"]
-        self.assertEqual([b.get("signature") for b in sent if b["type"] == "thinking"], ["EqQBsig=="],
-                         "the provider gets its own signature back")
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.an.push(Reply(text="Answer.", thinking="let me think", signature="EqQBsig=="))
+                r = self.post("gemini", client_body("gemini", "an/claude-test", stream))
+                objs = [json.loads(d) for _e, d in sse_events(r.body)] if stream else [r.json()]
+                parts = [p for o in objs for p in o["candidates"][0]["content"]["parts"]]
+                signed = [p for p in parts if p.get("thoughtSignature")]
+                self.assertEqual(len(signed), 1)
+                base64.b64decode(signed[0]["thoughtSignature"], validate=True)     # what Gemini clients check
+                # The client sends back what it kept, fragments and all: the provider gets its block back whole.
+                self.an.push(Reply(text="Again."))
+                body = client_body("gemini", "an/claude-test", False)
+                body["contents"] += [{"role": "model", "parts": parts}, {"role": "user", "parts": [{"text": "more"}]}]
+                self.post("gemini", body)
+                sent = self.an.requests[-1]["body"]["messages"][1]["content"]
+                self.assertEqual([(b["thinking"], b["signature"]) for b in sent if b["type"] == "thinking"],
+                                 [("let me think", "EqQBsig==")])
 
     def test_include_thoughts_alone_does_not_ask_for_reasoning(self):
         for cfg, want in (({"includeThoughts": True}, None), ({"includeThoughts": True, "thinkingBudget": 2048}, True),

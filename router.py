@@ -5828,26 +5828,27 @@ class Health:
         with self.lock:
             self.dead_keys[(pname, idx)] = reason
 
-    def key_failed(self, pname, idx, f):
-        """One key's attempt failed with Failover f: a rejected key (401/403) is dead until a
-        reload or a reset; a rate-limited or out-of-quota key cools down on its own."""
+    def failed(self, cand, idx, f, known, keys, done):
+        """The health policy after a failed attempt (Failover f with key `idx`), in one place.
+        The key: a rejected one (401/403) is dead until a reload or a reset; a rate-limited or
+        out-of-quota one cools down on its own. Then, when the candidate is `done` (no other key
+        will be tried), the provider for a connection failure, else the model (only one the
+        catalogue knows: made-up names grow no state). A quota error on a provider with keys, or a
+        429 without Retry-After on one with several (one client's burst), cools only the keys."""
+        pname = cand[0]
         if f.kind == "auth" and idx is not None:
             self.kill_key(pname, idx, f.reason)
+            log.warning("provider %s: key #%d rejected (%s); disabled until a reload or a reset", pname,
+                        idx + 1, f.reason)
         elif f.kind == "auth":          # a provider without keys (behind an auth proxy) said 401/403
             self.fail(("provider", pname), error=f.reason)
         elif (f.status in (402, 429) or f.quota) and idx is not None:
             self.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
-
-    def candidate_failed(self, cand, f, known, keys):
-        """Every key of a candidate was tried and f was the last failure. Connection failures cool
-        the provider; other failures the model (only a model the catalogue knows: made-up names
-        grow no state). A quota error on a provider with keys, or a 429 without Retry-After on one
-        with several (one client's burst), cools only the keys (key_failed did)."""
-        if f.kind in ("context", "auth") or (f.quota and keys) or (f.kind == "missing" and f.status != 404) or \
-                (f.status == 429 and f.retry_after is None and keys > 1):
+        if not done or f.kind in ("context", "auth", "input") or (f.quota and keys) or \
+                (f.kind == "missing" and f.status != 404) or (f.status == 429 and f.retry_after is None and keys > 1):
             return            # (a 400 that names the model is about this request, not the model's health)
         if f.kind == "connect":
-            self.fail(("provider", cand[0]), f.retry_after, error=f.reason)
+            self.fail(("provider", pname), f.retry_after, error=f.reason)
         elif known:
             self.fail(cand, f.retry_after, f.quota, f.reason)
 
@@ -7621,17 +7622,14 @@ class Router:
                     if ctx.broken is not None:        # answered, then broke: the candidate is not well
                         if before:
                             health.undo_ok(cand, before[0])
-                        health.candidate_failed(cand, ctx.broken, known, len(prov.keys))
+                        health.failed(cand, None, ctx.broken, known, len(prov.keys), True)
                 except Failover as f:
                     f.cand = cand
                     ctx.attempts.append(f)
                     failed = f
                     if f.fallback and fallback is None:
                         fallback = f.fallback
-                    health.key_failed(pname, idx, f)
-                    if f.kind == "auth":
-                        log.warning("provider %s: key #%d rejected (%s); disabled until a reload or a reset", pname,
-                                    (idx or 0) + 1, f.reason)
+                    health.failed(cand, idx, f, known, len(prov.keys), not f.next_key or idx == keys[-1])
                     if f.kind == "context":
                         overflowed = max(overflowed, window or 1)
                     if not f.next_key:
@@ -7640,7 +7638,6 @@ class Router:
                 return
             if failed is None:
                 continue
-            health.candidate_failed(cand, failed, known, len(prov.keys))
             if failed.kind == "missing" and cand in plan.asked:
                 missing.add(cand)
                 if missing == plan.asked:     # a typo must not silently bill another model

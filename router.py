@@ -953,6 +953,21 @@ def neutral_request(model, system, messages, extra=None, **fields):
     return req
 
 
+def sampling_out(req, table):
+    """The flat sampling parameters as a dialect takes them, by its table of (neutral field, its
+    field, limit): a number is capped at the limit, a list cut to that many items; unset fields are
+    left out. Transforms that are logic (thinking forbids some) stay in the encoder."""
+    out = {}
+    for field, target, limit in table:
+        v = req.get(field)
+        if v is None or v == []:
+            continue
+        if limit is not None:
+            v = v[:limit] if isinstance(v, list) else min(v, limit)
+        out[target] = v
+    return out
+
+
 def output_limit(req, model_meta, default=None):
     """The request's max_tokens (else `default`), clamped to the model's max_output; None when
     neither is set."""
@@ -1291,11 +1306,7 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     quirks = provider.quirks if provider is not None else frozenset()
     if mt:
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
-    for k in ("temperature", "top_p"):
-        if req.get(k) is not None:
-            body[k] = req[k]
-    if req.get("stop"):
-        body["stop"] = req["stop"][:4]
+    body.update(sampling_out(req, OPENAI_SAMPLING))
     if req["tools"]:
         body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
                                                            "parameters": t["parameters"]}} for t in req["tools"]]
@@ -1317,6 +1328,10 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+#: neutral field -> Chat Completions field, limit (OpenAI takes at most 4 stop sequences)
+OPENAI_SAMPLING = (("temperature", "temperature", None), ("top_p", "top_p", None), ("stop", "stop", 4))
 
 
 def openai_no_null_content(body):
@@ -1883,6 +1898,11 @@ class AnthropicStreamEncoder:
         return b""
 
 
+#: neutral field -> Messages field, limit (temperature is 0..1; with thinking only the stop sequences)
+ANTHROPIC_SAMPLING = (("temperature", "temperature", 1.0), ("top_p", "top_p", None), ("top_k", "top_k", None),
+                      ("stop", "stop_sequences", None))
+
+
 def anthropic_encode_request(req, model_id, provider, model_meta, settings):
     """Neutral request -> Anthropic Messages body (its conversation repaired to the API's rules)."""
     mt = output_limit(req, model_meta, settings["default_max_tokens"])
@@ -1897,14 +1917,7 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
         if budget < mt:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             thinking = True
-    if req.get("temperature") is not None and not thinking:
-        body["temperature"] = min(1.0, req["temperature"])
-    if req.get("top_p") is not None and not thinking:
-        body["top_p"] = req["top_p"]
-    if req.get("top_k") is not None and not thinking:
-        body["top_k"] = req["top_k"]
-    if req.get("stop"):
-        body["stop_sequences"] = req["stop"]
+    body.update(sampling_out(req, ANTHROPIC_SAMPLING if not thinking else ANTHROPIC_SAMPLING[-1:]))
     if req["tools"]:
         body["tools"] = [{"name": t["name"], "description": t["description"],
                           "input_schema": t["parameters"] if t["parameters"].get("type") == "object"
@@ -2428,6 +2441,10 @@ class ResponsesStreamEncoder:
         return b""
 
 
+#: neutral field -> Responses field, limit (the Responses API has no stop sequences)
+RESPONSES_SAMPLING = (("temperature", "temperature", None), ("top_p", "top_p", None))
+
+
 def responses_encode_request(req, model_id, provider, model_meta, settings=None):
     """Neutral request -> Responses body, for providers only served there."""
     items = []
@@ -2460,9 +2477,7 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     mt = output_limit(req, model_meta)
     if mt:
         body["max_output_tokens"] = mt
-    for k in ("temperature", "top_p"):
-        if req.get(k) is not None:
-            body[k] = req[k]
+    body.update(sampling_out(req, RESPONSES_SAMPLING))
     if req["tools"]:
         body["tools"] = [{"type": "function", "name": t["name"], "description": t["description"],
                           "parameters": t["parameters"]} for t in req["tools"]]
@@ -2725,6 +2740,11 @@ def _gemini_schema_normal(schema, root, depth):
     return s
 
 
+#: neutral field -> generationConfig field, limit (at most 5 stop sequences)
+GEMINI_SAMPLING = (("temperature", "temperature", None), ("top_p", "topP", None), ("top_k", "topK", None),
+                   ("stop", "stopSequences", 5))
+
+
 def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     """Neutral request -> generateContent body."""
     names = {p["id"]: p["name"] for m in req["messages"] if m["role"] == "assistant"
@@ -2784,11 +2804,7 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     gen = {}
     if req.get("max_tokens"):
         gen["maxOutputTokens"] = output_limit(req, model_meta)
-    for k, g in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
-        if req.get(k) is not None:
-            gen[g] = req[k]
-    if req.get("stop"):
-        gen["stopSequences"] = req["stop"][:5]
+    gen.update(sampling_out(req, GEMINI_SAMPLING))
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         gen["thinkingConfig"] = {"includeThoughts": True,
@@ -3458,6 +3474,11 @@ def ollama_num_ctx(req, model_meta):
     return min(size, window) if window else size
 
 
+#: neutral field -> Ollama option, limit
+OLLAMA_SAMPLING = (("max_tokens", "num_predict", None), ("temperature", "temperature", None),
+                   ("top_p", "top_p", None), ("top_k", "top_k", None), ("stop", "stop", None))
+
+
 def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
     """Neutral request -> native /api/chat body."""
     names = {p["id"]: p["name"] for m in req["messages"] if m["role"] == "assistant"
@@ -3495,13 +3516,7 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
                 msg["images"] = images
             msgs.append(msg)
     opts = {"num_ctx": ollama_num_ctx(req, model_meta)}
-    if req.get("max_tokens"):
-        opts["num_predict"] = req["max_tokens"]
-    for k in ("temperature", "top_p", "top_k"):
-        if req.get(k) is not None:
-            opts[k] = req[k]
-    if req.get("stop"):
-        opts["stop"] = req["stop"]
+    opts.update(sampling_out(req, OLLAMA_SAMPLING))
     body = {"model": model_id, "messages": msgs, "stream": bool(req["stream"]), "options": opts}
     if req["tools"] and not (req.get("tool_choice") or {}).get("type") == "none":
         body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],

@@ -713,6 +713,15 @@ class SSEDecoder:
     def _finish(self, out):
         out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
 
+    def _json(self, data):
+        """An event's data as JSON, or None (after the end, empty, or not JSON: skipped)."""
+        if self.ended or not data:
+            return None
+        try:
+            return loads(data)
+        except ValueError:
+            return None
+
 
 def _clean(meta):
     return {k: v for k, v in meta.items() if v is not None}
@@ -995,6 +1004,12 @@ def add_tool_result(messages, result):
         messages.append({"role": "user", "content": [result]})
 
 
+def _body_model(body):
+    """The decoders' prologue: the body is a JSON object, and its `model` a valid name."""
+    _need(isinstance(body, dict), "body", "must be a JSON object")
+    return _model_name(body)
+
+
 def _model_name(body):
     """A request's `model`: a string of 1 to 256 characters with no control characters (it reaches
     headers, logs and the routing tables)."""
@@ -1088,8 +1103,7 @@ def _openai_content(content, field):
 
 def openai_decode_request(body):
     """OpenAI Chat Completions request body -> neutral request (raises ApiError 400 on bad input)."""
-    _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = _model_name(body)
+    model = _body_model(body)
     msgs = body.get("messages")
     _need(isinstance(msgs, list) and msgs, "messages", "is required and must be a non-empty array")
     system, messages = [], []
@@ -1698,8 +1712,7 @@ def _anthropic_blocks(content, field, allow_tools=True):
 
 def anthropic_decode_request(body, count_only=False):
     """Anthropic Messages request body -> neutral request."""
-    _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = _model_name(body)
+    model = _body_model(body)
     msgs = body.get("messages")
     _need(isinstance(msgs, list) and (msgs or count_only), "messages", "is required and must be a non-empty array")
     system = body.get("system")
@@ -2058,11 +2071,8 @@ class AnthropicStreamDecoder(SSEDecoder):
             super()._finish(out)
 
     def _data(self, data, out):
-        if self.ended or not data:
-            return
-        try:
-            obj = loads(data)
-        except ValueError:
+        obj = self._json(data)
+        if obj is None:
             return
         t = obj.get("type") if isinstance(obj, dict) else None
         if t == "content_block_delta":
@@ -2182,8 +2192,7 @@ def _append(messages, role, parts, merge=True):
 def responses_decode_request(body):
     """OpenAI Responses request body -> neutral request. Custom (freeform) tools become functions
     with one string parameter `input`; their calls go back out as custom_tool_call items."""
-    _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = _model_name(body)
+    model = _body_model(body)
     inp = body.get("input")
     _need(isinstance(inp, (str, list)), "input", "is required and must be a string or an array of items")
     if isinstance(inp, str):
@@ -2543,11 +2552,8 @@ class ResponsesStreamDecoder(SSEDecoder):
         self.args_seen = set()
 
     def _data(self, data, out):
-        if self.ended or not data or data.startswith("[DONE]"):
-            return
-        try:
-            obj = loads(data)
-        except ValueError:
+        obj = self._json(data)
+        if obj is None:
             return
         t = obj.get("type") if isinstance(obj, dict) else None
         if t in ("response.output_text.delta", "response.refusal.delta"):
@@ -2878,11 +2884,8 @@ class GeminiStreamDecoder(SSEDecoder):
             out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, self.usage, None))
 
     def _data(self, data, out):
-        if self.ended or not data:
-            return
-        try:
-            obj = loads(data)
-        except ValueError:
+        obj = self._json(data)
+        if obj is None:
             return
         if isinstance(obj, list):
             obj = obj[0] if obj else {}
@@ -3307,8 +3310,7 @@ def _ollama_options(body):
 def ollama_decode_request(body):
     """Ollama /api/chat (or /api/generate, with `prompt`) body -> neutral request. Ollama's
     native endpoints stream unless told "stream": false."""
-    _need(isinstance(body, dict), "body", "must be a JSON object")
-    model = _model_name(body)
+    model = _body_model(body)
     system, messages = [], []
     generate = "prompt" in body and "messages" not in body
     if generate:

@@ -1322,15 +1322,7 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
     body.update(sampling_out(req, OPENAI_SAMPLING))
     if req["tools"]:
-        body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
-                                                           "parameters": t["parameters"]}} for t in req["tools"]]
-        tc = req.get("tool_choice")
-        if tc:
-            required = "any" if "tool_choice_any" in quirks else "required"
-            body["tool_choice"] = ({"type": "function", "function": {"name": tc["name"]}} if tc["type"] == "tool"
-                                   else {"any": required}.get(tc["type"], tc["type"]))
-        if req.get("parallel_tool_calls") is not None:
-            body["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
+        body.update(openai_family_tools(req, nested=True, required="any" if "tool_choice_any" in quirks else "required"))
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         # Only for models marked "reasoning": true; others reject the parameter with a 400.
@@ -1346,6 +1338,21 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
 
 #: neutral field -> Chat Completions field, limit (OpenAI takes at most 4 stop sequences)
 OPENAI_SAMPLING = (("temperature", "temperature", None), ("top_p", "top_p", None), ("stop", "stop", 4))
+
+
+def openai_family_tools(req, nested, required="required"):
+    """tools, tool_choice and parallel_tool_calls as the OpenAI family writes them: Chat nests a
+    function's fields under "function" (nested), Responses does not."""
+    def fn(name, **more):
+        return {"type": "function", "function": dict(name=name, **more)} if nested else \
+            dict({"type": "function", "name": name}, **more)
+    out = {"tools": [fn(t["name"], description=t["description"], parameters=t["parameters"]) for t in req["tools"]]}
+    tc = req.get("tool_choice")
+    if tc:
+        out["tool_choice"] = fn(tc["name"]) if tc["type"] == "tool" else {"any": required}.get(tc["type"], tc["type"])
+    if req.get("parallel_tool_calls") is not None:
+        out["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
+    return out
 
 
 def openai_no_null_content(body):
@@ -2488,14 +2495,7 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
         body["max_output_tokens"] = mt
     body.update(sampling_out(req, RESPONSES_SAMPLING))
     if req["tools"]:
-        body["tools"] = [{"type": "function", "name": t["name"], "description": t["description"],
-                          "parameters": t["parameters"]} for t in req["tools"]]
-        tc = req.get("tool_choice")
-        if tc:
-            body["tool_choice"] = ({"type": "function", "name": tc["name"]} if tc["type"] == "tool"
-                                   else {"any": "required"}.get(tc["type"], tc["type"]))
-        if req.get("parallel_tool_calls") is not None:
-            body["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
+        body.update(openai_family_tools(req, nested=False))
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         effort = r.get("effort") or "medium"

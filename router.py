@@ -994,6 +994,11 @@ def error_json(status, body):
         return None, body[:300].decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
+def system_text(req):
+    """The system prompt as one text, for dialects that take a string (blocks joined by a blank line)."""
+    return "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+
+
 def add_tool_result(messages, result):
     """A tool result joins the user turn before it when that turn ends with results (one turn of
     results answers one turn of calls), else it opens a user turn of its own."""
@@ -1279,7 +1284,7 @@ class OpenAIStreamEncoder:
 def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     """Neutral request -> OpenAI Chat Completions body for an OpenAI-compatible provider."""
     out = []
-    sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+    sys_text = system_text(req)
     if sys_text:
         out.append({"role": "system", "content": sys_text})
     for m in req["messages"]:
@@ -2487,7 +2492,7 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
         if content:
             items.append({"role": "developer" if role == "system" else "user", "content": content})
     body = {"model": model_id, "input": items, "store": False}
-    sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+    sys_text = system_text(req)
     if sys_text:
         body["instructions"] = sys_text
     mt = output_limit(req, model_meta)
@@ -3486,7 +3491,7 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
     names = {p["id"]: p["name"] for m in req["messages"] if m["role"] == "assistant"
              for p in m["content"] if p["type"] == "tool_call"}
     msgs = []
-    sys_text = "\n\n".join(p["text"] for p in req["system"] if p.get("text"))
+    sys_text = system_text(req)
     if sys_text:
         msgs.append({"role": "system", "content": sys_text})
     for m in req["messages"]:

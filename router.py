@@ -8102,12 +8102,12 @@ GEMINI_LIST = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models(?:/(.+))?")
 
 def client_dialect(path, headers):
     """The dialect to answer in, from the path (and, for shared paths, the headers)."""
-    if GEMINI_CALL.fullmatch(path):
-        return "gemini"
-    listing = GEMINI_LIST.fullmatch(path)
-    if listing and (re.search(r"/v1(?:beta|alpha)/models", path) or "x-goog-api-key" in headers
-                    or "x-goog-api-client" in headers):
-        return "gemini"           # (GET /v1/models is OpenAI's, unless a Google SDK asks)
+    if "/models" in path:         # (the regular expressions only where they can match)
+        if GEMINI_CALL.fullmatch(path):
+            return "gemini"
+        if GEMINI_LIST.fullmatch(path) and (re.search(r"/v1(?:beta|alpha)/models", path) or
+                                            "x-goog-api-key" in headers or "x-goog-api-client" in headers):
+            return "gemini"       # (GET /v1/models is OpenAI's, unless a Google SDK asks)
     if path.startswith(("/v1/messages", "/messages")):
         return "anthropic"
     if path.startswith("/api/"):

@@ -1643,7 +1643,7 @@ def openai_list_models(fetch, known):
     return out
 
 
-def openai_auth(prov, key):
+def openai_auth(prov, key, path, data):
     return {"Authorization": "Bearer " + key} if key else {}
 
 
@@ -2160,7 +2160,7 @@ def anthropic_list_models(fetch, known):
     return out
 
 
-def anthropic_auth(prov, key):
+def anthropic_auth(prov, key, path, data):
     h = {"anthropic-version": prov.anthropic_version}
     if key:
         h["x-api-key"] = key
@@ -3278,7 +3278,7 @@ def gemini_list_models(fetch, known):
     return out
 
 
-def gemini_auth(prov, key):
+def gemini_auth(prov, key, path, data):
     return {"x-goog-api-key": key} if key else {}
 
 # ----------------------------------------------------------------------------------- Ollama --
@@ -3717,7 +3717,8 @@ class Codec:
     Provider side: encode_request(req, model, provider, meta, settings) -> body;
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
       parse_error(status, body) -> (message, code).
-    Transport: request_path(provider, model, stream); auth(provider, key) -> headers;
+    Transport: request_path(provider, model, stream); auth(provider, key, path, data) -> headers
+      (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
       provider, req, meta, client_headers, foreign) -> (body, extra headers): the same-dialect body as it goes out
       (foreign: the thinking marks to keep when the history holds another provider's, else None).
@@ -3742,7 +3743,8 @@ class Codec:
         self.encode_error, self.stream_type, self.boundary = encode_error, stream_type, boundary
         self.passthrough, self.list_shape, self.model_shape = passthrough, list_shape, model_shape
         self.encode_request, self.decode_response, self.stream_decoder = encode_request, decode_response, stream_decoder
-        self.parse_error, self.request_path, self.auth = parse_error, request_path, auth or (lambda prov, key: {})
+        self.parse_error, self.request_path = parse_error, request_path
+        self.auth = auth or (lambda prov, key, path, data: {})
         self.root, self.is_stream, self.adjust = root or (lambda path: path), is_stream, adjust
         self.list_models, self.probe_path = list_models, probe_path
         self.count_path, self.count_result, self.count_shape = count_path, count_result, count_shape
@@ -3922,9 +3924,11 @@ class Provider:
         self.keys = list(dict.fromkeys(clean_key(k, f"provider {self.name}: a key (from {', '.join(self.key_vars) or 'api_key'})")
                                         for k in self.keys))
 
-    def auth_headers(self, key):
+    def auth_headers(self, key, path="", data=b""):
+        """The headers of a call to this provider: the dialect's auth for `key` (it sees the path and
+        the bytes to be sent, for schemes that sign them) and the configured extra headers."""
         h = {"Content-Type": "application/json", "User-Agent": f"sage-router/{__version__}"}
-        h.update(CODECS[self.api].auth(self, key))
+        h.update(CODECS[self.api].auth(self, key, path, data))
         h.update(self.headers)
         return h
 
@@ -4129,9 +4133,10 @@ def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, 
     else:
         conn = http.client.HTTPConnection(prov.host, prov.port, timeout=timeout)
     try:
-        headers = prov.auth_headers(prov.keys[key_index] if prov.keys and key_index is not None else None)
-        conn.request(method, (prov.base_path if base else "") + path,
-                     dumps(body).encode() if body is not None else None, headers)
+        full, data = (prov.base_path if base else "") + path, dumps(body).encode() if body is not None else None
+        headers = prov.auth_headers(prov.keys[key_index] if prov.keys and key_index is not None else None, full,
+                                    data or b"")
+        conn.request(method, full, data, headers)
         resp = conn.getresponse()
         data = resp.read(16 << 20)
         if resp.status != 200:
@@ -6606,12 +6611,13 @@ class Dispatcher:
                 body, extra = pc.adjust(body, prov, ctx.req, meta, ctx.headers, keep if moved else None)
         else:
             body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid, prov, meta, cat.settings)
-        headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None)
+        path, data = pc.request_path(prov, mid, ctx.stream), dumps(body).encode()
+        headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None, path, data)
         if same:
             headers.update(extra)
         ctx.upstream_model = mid
         t0 = time.monotonic()
-        conn, resp = self.send(prov, pc.request_path(prov, mid, ctx.stream), headers, dumps(body).encode())
+        conn, resp = self.send(prov, path, headers, data)
         if resp.status >= 300:
             try:
                 data = resp.read(1 << 20)
@@ -7775,9 +7781,10 @@ class Router:
                 fwd, extra = dict(body, model=mid), {}
                 if pc.adjust is not None:
                     fwd, extra = pc.adjust(fwd, prov, req, self.catalogue.meta(pname, mid), headers, None)
-                hdrs = dict(prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None), **extra)
+                path, data = pc.count_path(prov, mid), dumps(fwd).encode()
+                hdrs = dict(prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None, path, data), **extra)
                 try:
-                    conn, resp = self.dispatcher.send(prov, pc.count_path(prov, mid), hdrs, dumps(fwd).encode())
+                    conn, resp = self.dispatcher.send(prov, path, hdrs, data)
                     data = resp.read(1 << 20)          # a count is a few bytes; never buffer more
                     self.dispatcher.release(prov, conn, resp)
                     if resp.status == 200:

@@ -3725,19 +3725,21 @@ class Codec:
     Catalogue: list_models(fetch, known) -> {id: metadata}, fetch(path, method, body) being the
       provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
       count_result(obj) for token counting upstream, count_shape(n) the count its clients read;
-      free: its models cost nothing (local)."""
+      free: its models cost nothing (local).
+    Front: client_paths: the POST paths its clients call -> action (generate, count_tokens, show);
+      Gemini's, with the model in the path, are matched by the front's GEMINI_CALL."""
 
     __slots__ = ("name", "decode_request", "encode_response", "stream_encoder", "encode_error", "stream_type",
                  "boundary", "passthrough", "list_shape", "model_shape", "encode_request", "decode_response",
                  "stream_decoder", "parse_error", "request_path", "auth", "root", "is_stream", "adjust",
-                 "list_models", "probe_path", "count_path", "count_result", "count_shape", "free")
+                 "list_models", "probe_path", "count_path", "count_result", "count_shape", "free", "client_paths")
 
     def __init__(self, name, *, decode_request=None, encode_response=None, stream_encoder=None, encode_error=None,
                  stream_type="text/event-stream", boundary=_sse_boundary, passthrough=StreamPassthrough,
                  list_shape=None, model_shape=None, encode_request=None, decode_response=None, stream_decoder=None,
                  parse_error=None, request_path=None, auth=None, root=None, is_stream=_is_stream, adjust=None,
                  list_models=None, probe_path=None, count_path=None, count_result=None, count_shape=None,
-                 free=False):
+                 free=False, client_paths=None):
         self.name = name
         self.decode_request, self.encode_response, self.stream_encoder = decode_request, encode_response, stream_encoder
         self.encode_error, self.stream_type, self.boundary = encode_error, stream_type, boundary
@@ -3748,7 +3750,7 @@ class Codec:
         self.root, self.is_stream, self.adjust = root or (lambda path: path), is_stream, adjust
         self.list_models, self.probe_path = list_models, probe_path
         self.count_path, self.count_result, self.count_shape = count_path, count_result, count_shape
-        self.free = free
+        self.free, self.client_paths = free, client_paths or {}
 
 
 def _root_without_v1(path):
@@ -3776,7 +3778,8 @@ CODECS = {
         encode_request=openai_encode_request, decode_response=openai_decode_response,
         stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
-        auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models, probe_path="/models"),
+        auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models, probe_path="/models",
+        client_paths={"/v1/chat/completions": "generate"}),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
         stream_encoder=AnthropicStreamEncoder, encode_error=anthropic_encode_error,
@@ -3787,7 +3790,8 @@ CODECS = {
         auth=anthropic_auth, root=_root_without_v1, adjust=anthropic_adjust,
         list_models=anthropic_list_models, probe_path="/v1/models?limit=1",
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
-        count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n}),
+        count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n},
+        client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"}),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
         stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error, passthrough=ResponsesPassthrough,
@@ -3795,7 +3799,8 @@ CODECS = {
         encode_request=responses_encode_request, decode_response=responses_decode_response,
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/responses",
-        auth=openai_auth, list_models=responses_list_models, probe_path="/models"),
+        auth=openai_auth, list_models=responses_list_models, probe_path="/models",
+        client_paths={"/v1/responses": "generate"}),
     "gemini": Codec(
         "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
         stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,
@@ -3816,7 +3821,8 @@ CODECS = {
         stream_decoder=OllamaStreamDecoder, parse_error=ollama_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/api/chat",
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
-        probe_path="/api/tags", free=True),
+        probe_path="/api/tags", free=True,
+        client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show"}),
 }
 
 
@@ -7835,17 +7841,9 @@ _REASONS = {s.value: s.phrase for s in __import__("http").HTTPStatus}
 _REASONS[529] = "Overloaded"
 
 #: POST paths -> (dialect, action). Paths are also accepted without the /v1 prefix.
-POST_ROUTES = {
-    "/v1/chat/completions": ("openai", "generate"),
-    "/v1/messages": ("anthropic", "generate"),
-    "/v1/messages/count_tokens": ("anthropic", "count_tokens"),
-    "/v1/responses": ("openai-responses", "generate"),
-    "/v1/route": (None, "explain"),
-    "/v1/health/reset": (None, "reset_health"),
-    "/api/chat": ("ollama", "generate"),
-    "/api/generate": ("ollama", "generate"),
-    "/api/show": ("ollama", "show"),
-}
+#: POST path -> (dialect, action): each codec's own paths, and the router's.
+POST_ROUTES = dict({path: (name, action) for name, c in CODECS.items() for path, action in c.client_paths.items()},
+                   **{"/v1/route": (None, "explain"), "/v1/health/reset": (None, "reset_health")})
 OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
 
 ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "

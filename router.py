@@ -6499,31 +6499,36 @@ _CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many
 
 
 class Context:
-    """One inbound generation request on its way through decode, plan and dispatch."""
+    """One inbound generation request on its way through decode, plan and dispatch. Who writes what:
+    the front the request; the response store may widen `req` and clear `passthrough`; `generate`
+    the plan and the conversation's marks; the dispatcher the answer; `record` reads it all."""
 
-    __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "estimate",
-                 "attempts", "provider", "upstream_model", "usage", "started", "plan",
-                 "history_marks", "provider_marks", "made_marks", "ttfb", "passthrough", "collect", "same",
-                 "status", "error", "out_chars", "broken", "usage_estimated")
+    __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "started", "collect",
+                 "passthrough", "plan", "estimate", "history_marks", "provider_marks", "attempts",
+                 "provider", "upstream_model", "same", "ttfb", "usage", "usage_estimated", "out_chars",
+                 "made_marks", "broken", "status", "error")
 
     def __init__(self, dialect, body, req, headers, writer):
+        # the request, as the front decoded it
         self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
         self.stream = req["stream"]
         self.model = req["model"]
-        self.estimate = 0
-        self.attempts = []
-        self.provider = self.upstream_model = self.usage = self.plan = None
-        self.ttfb = self.collect = None
+        self.started = time.monotonic()
+        self.collect = None        # a list when the answer's events are kept (the store, log_prompts)
+        self.passthrough = True    # False when the router had to change the request's history
+        # the plan (generate)
+        self.plan, self.estimate = None, 0
         self.history_marks = frozenset()   # marks of the thinking blocks in the request's history
         self.provider_marks = {}   # provider -> marks of the thinking blocks it made in this conversation
-        self.made_marks = []       # marks of the thinking blocks the answer carries
-        self.passthrough = True    # False when the router had to change the request's history
-        self.status, self.error = 200, None
-        self.out_chars = 0         # streamed output, for a usage estimate when the provider gives none
-        self.broken = None         # a Failover when the stream broke after the client's first byte
+        self.attempts = []         # Failover records of the failed attempts, in order
+        # the answer (the dispatcher)
+        self.provider = self.upstream_model = self.ttfb = self.usage = None
+        self.same = False          # answered on the same-dialect passthrough
         self.usage_estimated = False
-        self.same = False
-        self.started = time.monotonic()
+        self.out_chars = 0         # streamed output, for a usage estimate when the provider gives none
+        self.made_marks = []       # marks of the thinking blocks the answer carries
+        self.broken = None         # a Failover when the stream broke after the client's first byte
+        self.status, self.error = 200, None
 
 
 class Dispatcher:

@@ -7655,10 +7655,16 @@ class Router:
                     if idx is not None:
                         health.ok(("key", cand[0], idx))
                     affinity.set(akey, name, cand)
-                try:
-                    self.dispatcher.attempt(ctx, cat, prov, mid, idx, committed, keep)
+
+                def completed(pname=pname):
+                    # before the client can read the end: its next turn must find this turn's marks
                     affinity.add_marks(akey, pname, ctx.made_marks)
+                    if keep is not None:
+                        keep()
+                try:
+                    self.dispatcher.attempt(ctx, cat, prov, mid, idx, committed, completed)
                     if ctx.broken is not None:        # answered, then broke: the candidate is not well
+                        affinity.add_marks(akey, pname, ctx.made_marks)     # (the blocks the client did get)
                         if before:
                             health.undo_ok(cand, before[0])
                         health.failed(cand, None, ctx.broken, known, len(prov.keys), True)

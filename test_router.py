@@ -3698,6 +3698,24 @@ class AffinityTests(RouterCase):
         self.assertNotIn("EqSigFromAn", sent)
         self.assertNotIn("reasoning_effort", self.oa.requests[-1]["body"])
 
+    def test_the_next_turn_finds_this_turns_thinking_however_fast_it_comes(self):
+        # The marks of an answer's signed thinking are kept before the client can read its end: a
+        # slow bookkeeping thread (widened here on purpose) must not let the next turn outrun it.
+        aff = self.h.router.affinity
+        slow = aff.add_marks
+        self.addCleanup(setattr, aff, "add_marks", slow)
+        aff.add_marks = lambda *a: (time.sleep(0.3), slow(*a))
+        first = {"model": "code", "max_tokens": 100, "system": "Race.",
+                 "messages": [{"role": "user", "content": "Refactor my lexer please"}]}
+        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigRace"), Reply(text="Done."))
+        self.ask("anthropic", first)
+        turn2 = dict(first, thinking={"type": "enabled", "budget_tokens": 1024}, messages=first["messages"] + [
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "EqSigRace"},
+                                              {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "Go on"}])
+        self.ask("anthropic", turn2)
+        self.assertEqual(self.an.requests[-1]["body"]["messages"][1]["content"][0].get("signature"), "EqSigRace")
+
     def test_moving_between_anthropic_providers_strips_thinking_on_passthrough(self):
         body = R.anthropic_strip_thinking({"model": "m", "thinking": {"type": "enabled", "budget_tokens": 2000},
                                            "messages": [{"role": "user", "content": "hi"},

@@ -1026,11 +1026,13 @@ except ImportError:
 
 TESTDATA = os.path.join(HERE, "testdata")
 
+
 def _req(text, system="", tools=(), history=()):
     msgs = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
     msgs.append({"role": "user", "content": [{"type": "text", "text": text}]})
     return {"model": "auto", "system": [{"type": "text", "text": system}] if system else [], "messages": msgs,
             "tools": [{"name": n, "description": "", "parameters": {}} for n in tools]}
+
 
 def corpus_f1(path):
     """Macro-F1 of the intent rules on a labelled JSONL file (a follow-up's history is sent too)."""
@@ -1049,6 +1051,7 @@ def corpus_f1(path):
         f1s.append(2 * prec * rec / max(1e-9, prec + rec))
     return len(rows), sum(f1s) / len(f1s), f1s
 
+
 def wait_rows(h, cond):
     """The newest request-log rows (newest first), once cond(rows) holds (the writer batches)."""
     key = {"Authorization": "Bearer " + h.router.router_key} if h.router.router_key else {}
@@ -1059,6 +1062,7 @@ def wait_rows(h, cond):
         return cond(rows)
     assert wait_until(ready), rows[:3]
     return rows
+
 
 def raw_exchange(port, data, timeout=5.0):
     """Send raw bytes on a fresh connection; read until the router closes it or goes quiet."""
@@ -1158,6 +1162,7 @@ ALL_TARGETS = {"openai": "oa/gpt-test", "anthropic": "an/claude-test", "openai-r
 
 GEMINI_ALLOWED = R.GEMINI_SCHEMA_KEYS
 
+
 def _walk_schema(s, path="$"):
     """Every (path, key) of a reduced Gemini schema, not counting property names."""
     out = []
@@ -1184,6 +1189,7 @@ import signal  # noqa: E402
 
 import sqlite3  # noqa: E402
 
+
 def wait_until(cond, timeout=10.0):
     """Poll for something another thread or process does (the log writer, a reload); bounded."""
     deadline = time.monotonic() + timeout
@@ -1192,6 +1198,7 @@ def wait_until(cond, timeout=10.0):
             return True
         time.sleep(0.02)
     return cond()
+
 
 def db_rows(path):
     if not os.path.exists(path):
@@ -1206,6 +1213,7 @@ def db_rows(path):
         db.close()
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
 
 class DevTools:
     """A headless Chromium driven over the DevTools protocol (a stdlib WebSocket client, enough
@@ -1452,6 +1460,7 @@ class DecoderUnitTests(unittest.TestCase):
         resp = R.fold_events(sum((dec.feed(c) for c in chunks), []) + dec.close())
         self.assertEqual(resp["content"], [{"type": "thinking", "text": "ab"}, {"type": "text", "text": "Answer"}])
 
+
 class NewDecoderSplitTests(unittest.TestCase):
     def test_every_two_piece_split_of_the_new_dialects(self):
         r = Reply(text="Hi ✓ there", thinking="th", tools=[("call_1", "f", {"a": [1, 2]})])
@@ -1476,6 +1485,7 @@ class NewDecoderSplitTests(unittest.TestCase):
                 step = max(1, len(raw) // 300)
                 for i in range(1, len(raw), step):
                     self.assertEqual(run([raw[:i], raw[i:]])["content"], whole["content"], i)
+
 
 class TranslationTests(RouterCase):
     def fake(self, api):
@@ -1693,6 +1703,7 @@ class TranslationTests(RouterCase):
         r, _ = self.ask("openai", client_body("openai", "claude-first", False))
         self.assertEqual(r.json()["model"], "claude-first")
 
+
 class PassthroughTests(RouterCase):
     def test_same_dialect_stream_is_byte_for_byte(self):
         for dialect, fake, model in (("openai", "oa", "oa/gpt-test"), ("anthropic", "an", "an/claude-test")):
@@ -1738,6 +1749,7 @@ class PassthroughTests(RouterCase):
                     self.assertEqual(got["text"], "héllo wörld ✓ " * 4)
                     self.assertEqual(got["reasoning"], "deep")
                     self.assertEqual(got["tools"][0][1:], ("get_weather", {"city": "Zürich"}))
+
 
 class DialectMatrixTests(RouterCase):
     def fake_for(self, api):
@@ -1826,6 +1838,7 @@ class DialectMatrixTests(RouterCase):
                                 self.assertEqual(got["usage"]["eval_count"], 7)
                             self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
                             self.check_upstream(api, fake.requests[-1], stream, case)
+
 
 class GeminiTests(RouterCase):
     def test_schema_reduction_on_claude_code_tools(self):
@@ -1917,6 +1930,7 @@ class GeminiTests(RouterCase):
         gen = self.gm.requests[-1]["body"]["generationConfig"]
         self.assertEqual(gen["thinkingConfig"], {"includeThoughts": True, "thinkingBudget": 3000})
         self.assertEqual(gen["maxOutputTokens"], 100)
+
 
 class GeminiClientTests(RouterCase):
     """Gemini as a client dialect (the google-genai SDK, Gemini CLI): the model is in the path."""
@@ -2100,6 +2114,7 @@ class GeminiClientTests(RouterCase):
         names = [m.name for m in c.models.list(config={"page_size": 2})]
         self.assertIn("models/oa/gpt-test", names)
 
+
 class ResponsesTests(RouterCase):
     def codex_body(self, model, stream=True, extra_input=()):
         """A request shaped like Codex CLI's: developer instructions, history, function and custom
@@ -2226,6 +2241,7 @@ class ResponsesTests(RouterCase):
         _r, got = self.ask("anthropic", client_body("anthropic", "rs/gpt-resp", True, tools=True))
         self.assertEqual(got["tools"][0][1:], ("get_weather", {"city": "Oslo"}))
 
+
 class OllamaTests(RouterCase):
     def test_num_ctx_follows_the_request_size_within_the_model_window(self):
         self.ask("openai", client_body("openai", "ol/llama-test", False))
@@ -2294,6 +2310,7 @@ class OllamaTests(RouterCase):
         self.oa.push(Reply(text="will break", cut_after=3))
         r = self.h.call("POST", "/api/chat", {"model": "oa/gpt-test", "messages": [{"role": "user", "content": "x"}]})
         self.assertIsNotNone(read_ollama(r, True)["error"])
+
 
 class LocalServerTests(unittest.TestCase):
     """Issue 11: an OpenAI-compatible local server the way llama.cpp's behaves (the fake's `local`
@@ -2522,6 +2539,7 @@ class LocalServerTests(unittest.TestCase):
         self.assertTrue(out and out[0]["type"] == "message" and out[0]["status"] == "incomplete", out)
         self.assertTrue(out[0]["content"][0]["text"].startswith("yyyy"))
 
+
 @unittest.skipIf(openai is None, "the openai SDK is not installed")
 class OpenAISDKTests(RouterCase):
     def client(self):
@@ -2610,6 +2628,7 @@ class OpenAISDKTests(RouterCase):
                                                messages=[{"role": "user", "content": "x"}]):
                 pass
         self.assertIn("chat", [m.id for m in c.models.list()])
+
 
 @unittest.skipIf(anthropic is None, "the anthropic SDK is not installed")
 class AnthropicSDKTests(RouterCase):
@@ -3012,6 +3031,7 @@ class ModelNameTests(RouterCase):
         r, _ = self.ask("openai", client_body("openai", "whatever-name", False), {"X-Router-Route": "claude-first"})
         self.assertEqual(r.headers["x-router-provider"], "an")
 
+
 class IntentTests(unittest.TestCase):
     def test_macro_f1_on_the_held_out_half_the_tuning_half_and_the_public_dev_set(self):
         """The figures the README quotes. The held-out half was never looked at while the rules were
@@ -3080,6 +3100,7 @@ class IntentTests(unittest.TestCase):
         self.assertEqual(R.detect_intent(_req("thanks, and a test for it?", history=hist))[0], "code",
                          "an earlier turn still counts when the latest says little")
 
+
 class IntentModelTests(unittest.TestCase):
     """settings.intent_model: a small model asked only when the rules are unsure."""
 
@@ -3127,6 +3148,7 @@ class IntentModelTests(unittest.TestCase):
                 e = self.explain(f"ok so here is the thing {reply.status} {reply.stall}")
                 self.assertEqual((e["intent"], e["decided_by"]), ("general", "rules"))
                 self.assertEqual(len(self.clf.requests), 1)
+
 
 class RoutingTests(RouterCase):
     def explain(self, body, headers=None):
@@ -3238,6 +3260,7 @@ class RoutingTests(RouterCase):
         self.assertEqual(e["route"], "creative")
         self.assertEqual(self.post("openai", client_body("openai", "x", False), {"X-Router-Route": "nope"}).status, 404)
 
+
 class ExplicitModelTests(RouterCase):
     """Issue 9, part 1: the name asked for decides, then affinity."""
 
@@ -3337,6 +3360,7 @@ class ExplicitModelTests(RouterCase):
         self.assertEqual([c["model"] for c in e["candidates"]], ["claude-test", "gpt-backup"],
                          "the model asked for first, then the default route; the pinned oa/gpt-test is not in front")
 
+
 class HealthTests(RouterCase):
     settings = dict(RouterCase.settings, breaker_threshold=2)
 
@@ -3417,6 +3441,7 @@ class HealthTests(RouterCase):
                 self.assertTrue(390 < hl.left(("key", "pool", 0), time.monotonic()) <= 400)
             finally:
                 h2.close()
+
 
 class RecoveryTests(unittest.TestCase):
     """Issue 9, part 2: health that recovers as fast as the provider does."""
@@ -3670,6 +3695,7 @@ class RecoveryTests(unittest.TestCase):
         self.assertEqual(provider_state(health, "later")["state"], "ok")
         hl.kill_key("pool", 1, "HTTP 403")
         self.assertEqual(provider_state(self.h.call("GET", "/health").json(), "pool")["state"], "key_rejected")
+
 
 class AffinityTests(RouterCase):
     def test_conversation_stays_on_its_model_and_moves_without_foreign_thinking(self):
@@ -3932,6 +3958,7 @@ class FailoverTests(RouterCase):
                     else:
                         self.assertFalse(got["done"], "no message_stop after an error")
 
+
 class ChaosTests(unittest.TestCase):
     """Two of three providers flap (errors, 429s, resets, stalls before any content) under 200
     concurrent requests, streamed and not, in both client dialects: no client sees a failure."""
@@ -4098,6 +4125,7 @@ class OperationsTests(RouterCase):
         self.assertIn('sage_router_models{provider="oa"}', text)
         self.assertIn("# TYPE sage_router_request_seconds histogram", text)
 
+
 class LogLineTests(unittest.TestCase):
     def test_one_line_per_request_text_and_json_never_keys_or_prompts(self):
         fake = FakeProvider("openai")
@@ -4132,6 +4160,7 @@ class LogLineTests(unittest.TestCase):
                     self.assertEqual((obj["level"], obj["requested"], obj["provider"], obj["status"]), ("info", "oa/m", "oa", 200))
                 else:
                     self.assertIn("-> oa/m 200", lines[0])
+
 
 class StatusPageTests(RouterCase):
     env = {"SAGE_ROUTER_API_KEY": "page-key-42"}
@@ -4414,6 +4443,7 @@ class FrontTests(RouterCase):
         for secret in ("SECRET", "sk-pool-A", "sk-pool-B"):
             self.assertNotIn(secret, text)
 
+
 class HeaderParserTests(unittest.TestCase):
     def test_fast_parser_matches_the_stdlib(self):
         blocks = [
@@ -4437,6 +4467,7 @@ class HeaderParserTests(unittest.TestCase):
             R.fast_parse_headers(io.BytesIO(b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n"))
         with self.assertRaises(http.client.LineTooLong):
             R.fast_parse_headers(io.BytesIO(b"H: " + b"v" * 70000 + b"\r\n\r\n"))
+
 
 class AuthTests(unittest.TestCase):
     @classmethod
@@ -4484,6 +4515,7 @@ class AuthTests(unittest.TestCase):
         data = s.recv(1000)
         self.assertTrue(data == b"" or data.startswith(b"HTTP/1.1 408"), data)
         s.close()
+
 
 class HardeningTests(RouterCase):
     def rows(self):
@@ -5109,6 +5141,7 @@ class ProcessTests(unittest.TestCase):
                 mods.add(node.module.split(".")[0])
         self.assertEqual(sorted(mods - set(sys.stdlib_module_names)), [])
 
+
 class ProcessLifecycleTests(unittest.TestCase):
     def start(self, cfg, extra_env=None, nofile=None):
         d = tempfile.mkdtemp()
@@ -5197,6 +5230,7 @@ class ProcessLifecycleTests(unittest.TestCase):
         self.assertIn(b"data: [DONE]", first + rest)
         self.assertEqual(p.wait(20), 0)            # ... and then the router exits cleanly
 
+
 class SighupTests(unittest.TestCase):
     start, _up = ProcessLifecycleTests.start, staticmethod(ProcessLifecycleTests._up)
 
@@ -5217,6 +5251,7 @@ class SighupTests(unittest.TestCase):
         p.send_signal(signal.SIGHUP)
         self.assertTrue(wait_until(lambda: call(port, "POST", "/v1/chat/completions",
                                                 client_body("openai", "fresh", False)).status == 200))
+
 
 class CommandTests(unittest.TestCase):
     def run_cmd(self, args, cfg=None, env=None):
@@ -5343,6 +5378,7 @@ class CommandTests(unittest.TestCase):
         for line in ("NoNewPrivileges=true", "ProtectSystem=strict", "Restart=on-failure", "User=sage-router",
                      "WorkingDirectory=", "ExecReload=/bin/kill -HUP $MAINPID", "--port 8791", "[Install]"):
             self.assertIn(line, unit)
+
 
 class DeploymentTests(unittest.TestCase):
     """What a deployment as a service (systemd, Docker) needs of the router."""
@@ -5483,6 +5519,7 @@ class DeploymentTests(unittest.TestCase):
         copied = re.findall(r"^COPY (.*) /app/$", dockerfile, re.M)[0].split()
         self.assertEqual(sorted("!" + c for c in copied), sorted(ignore[1:]), "what the image copies is let through")
 
+
 class RealClientTests(RouterCase):
     def run_client(self, argv, env_extra, home_files):
         with tempfile.TemporaryDirectory() as home:
@@ -5557,6 +5594,7 @@ BENCH_REPLY = json.dumps(openai_json(Reply(text="Hello from the fast fake."), "m
 
 BENCH_STREAM = b"".join(openai_events(Reply(text="Hello from the fast fake, streamed."), "m", True))
 
+
 def fast_fake_main(port_q):
     """A minimal asyncio HTTP/1.1 OpenAI-compatible provider (one process, no http.server
     parsing), so that the provider is never the bottleneck. GET /connections tells how many TCP
@@ -5594,6 +5632,7 @@ def fast_fake_main(port_q):
         await srv.serve_forever()
     asyncio.run(main())
 
+
 def _rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -5601,10 +5640,12 @@ def _rss_kb(pid):
                 return int(line.split()[1])
     return 0
 
+
 def _cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def _wrk(url, body, conc, seconds):
     """Run wrk (Debian package) and return (requests/s, p50 ms, p99 ms, requests)."""
@@ -5628,6 +5669,7 @@ def _wrk(url, body, conc, seconds):
         print("   wrk reported errors:", errors.group(0))
     return rps, ms("50"), ms("99"), reqs
 
+
 def _py_latencies(port, path, body, n, stream=False):
     """Sequential requests on one keep-alive connection; per-request wall times (and time to the
     first body byte when streaming)."""
@@ -5647,6 +5689,7 @@ def _py_latencies(port, path, body, n, stream=False):
     conn.close()
     times.sort()
     return times
+
 
 def bench(log_level="info"):
     """The router as a user runs it: default log level (a line a request, to a file as a journal
@@ -5734,6 +5777,7 @@ def bench(log_level="info"):
     proc.wait(10)
     fake.terminate()
 
+
 def spawn_router(cfg):
     """A real router process on a free port with `cfg` as its providers.json, its own data
     directory and no .env, once it answers: (process, port, data directory)."""
@@ -5754,6 +5798,7 @@ def spawn_router(cfg):
         p.kill()
         raise RuntimeError("the router did not start")
     return p, port, d
+
 
 def recovery(outage=40.0):
     """How long a provider that comes back stays out, with the router's default settings: a real
@@ -5790,6 +5835,7 @@ def recovery(outage=40.0):
         an.close()
         oa.close()
         shutil.rmtree(d, True)
+
 
 def localcheck(base_url, model=None):
     """The issue-11 points against a real OpenAI-compatible local server that is already running
@@ -5878,6 +5924,7 @@ def localcheck(base_url, model=None):
     print(f"{len(failed)} check(s) failed" if failed else "every check passed")
     return 1 if failed else 0
 
+
 def token_samples():
     """(name, neutral request, the texts a tokenizer should count) for the estimate's table: prose,
     code, four other languages (testdata/tokens/) and a synthetic agent turn with 24 tools."""
@@ -5911,6 +5958,7 @@ def token_samples():
     texts += [r["content"][0]["text"] for r in results]
     out.append(("an agent turn: 24 tools, code, prose (synthetic)", agent, texts))
     return out
+
 
 def tokens():
     """The README's table of the local token estimate against OpenAI's tokenizers. Needs

@@ -20,7 +20,8 @@ Contents (each section uses only the sections above it):
     2. Neutral form and codecs .... the neutral request/event form; SSE framing; one codec per
                                     dialect: OpenAI Chat Completions, Anthropic Messages, OpenAI
                                     Responses, Gemini, Ollama; the codec table
-    3. Catalogue .................. providers, keys, models and capabilities; discovery; OpenClaw import
+    3. Catalogue .................. providers, keys, models and capabilities; discovery; OpenClaw
+                                    import
     4. Routing .................... intent detection, health (circuit breakers), affinity, the plan
     5. Transport and dispatch ..... upstream connection pool, timeouts, failover, stream piping
     6. Observability .............. request log (SQLite), usage and cost, metrics, /health
@@ -77,19 +78,25 @@ DEFAULT_SETTINGS = {
     "client_header_timeout": 30.0,   # a client must send its request headers within this
     "client_body_timeout": 60.0,     # ... and its body with no gap longer than this
     "client_body_deadline": 300.0,   # ... and all of it within this
-    "max_connections": 0,            # open client connections at most; 0: sized to the file limit (<= 512)
-    "allowed_hosts": [],             # Host names the router answers to without a key, beyond its own address
-    "allowed_origins": [],           # web origins (https://app.example) that may call it from a browser
+    # open client connections at most; 0: sized to the file limit (<= 512)
+    "max_connections": 0,
+    # Host names the router answers to without a key, beyond its own address
+    "allowed_hosts": [],
+    # web origins (https://app.example) that may call it from a browser
+    "allowed_origins": [],
     "max_body_bytes": 32 * 1024 * 1024,
     "cooldown_seconds": 30.0,        # first cooldown of a failed candidate (doubles, capped)
     "max_cooldown_seconds": 600.0,
     "quota_cooldown_seconds": 3600.0,  # cooldown after a quota or billing error
     "breaker_threshold": 1,          # consecutive failures that open a candidate's breaker
-    "probe_seconds": 5.0,            # first probe of an open breaker after this (then 10, 20, ...); 0: never
-    "intent_model": None,            # "PROVIDER/MODEL" asked for the intent when the rules are unsure
+    # first probe of an open breaker after this (then 10, 20, ...); 0: never
+    "probe_seconds": 5.0,
+    # "PROVIDER/MODEL" asked for the intent when the rules are unsure
+    "intent_model": None,
     "intent_model_below": 0.3,       # ... when their confidence is below this
     "intent_model_timeout": 1.5,     # ... within this many seconds (else the rules' answer stands)
-    "response_store_mb": 32.0,       # memory for Responses kept for previous_response_id (oldest go first)
+    # memory for Responses kept for previous_response_id (oldest go first)
+    "response_store_mb": 32.0,
     "default_max_tokens": 4096,      # sent to providers that need max_tokens when none was given
     "discovery_interval": 60.0,      # seconds between two refreshes of a provider's model list
     "import_openclaw": True,         # import the providers of ~/.openclaw/openclaw.json
@@ -100,25 +107,29 @@ DEFAULT_SETTINGS = {
     "verify_tls": True,
 }
 
-ZERO_OK_SETTINGS = {"probe_seconds", "max_connections"}   # numeric settings where 0 means off / automatic
+# numeric settings where 0 means off / automatic
+ZERO_OK_SETTINGS = {"probe_seconds", "max_connections"}
 
 #: Keys a provider entry may carry (anything else is a config error: typos must not pass).
 PROVIDER_KEYS = {
     "api", "base_url", "api_key", "models", "enabled", "headers", "verify_tls", "ca_file",
-    "connect_timeout", "first_byte_timeout", "idle_timeout", "max_tokens_field", "anthropic_version",
-    "discover", "discover_interval", "description", "quirks",
+    "connect_timeout", "first_byte_timeout", "idle_timeout", "max_tokens_field",
+    "anthropic_version", "discover", "discover_interval", "description", "quirks",
 }
 
 #: What some OpenAI-compatible servers do that OpenAI does not, and the OpenAI codec mends when a
 #: provider lists the quirk in "quirks" or its host is in HOST_QUIRKS (faithful providers keep their
 #: byte-for-byte stream passthrough). Data, read by the codec: never a provider key or branch each.
 PROVIDER_QUIRKS = {
-    "max_completion_tokens": "the server wants max_completion_tokens, not max_tokens (OpenAI's reasoning "
-                             "models; the same as \"max_tokens_field\": \"max_completion_tokens\")",
-    "tool_choice_any": "the server says tool_choice \"any\" where OpenAI says \"required\" (Mistral)",
-    "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk (llama-cpp-python's "
-                             "server; reported of Fireworks, DeepSeek and Qwen's API): OpenAI clients would join "
-                             "them into one long id and name; the router sends them once",
+    "max_completion_tokens": "the server wants max_completion_tokens, not max_tokens (OpenAI's "
+                             "reasoning models; the same as \"max_tokens_field\": "
+                             "\"max_completion_tokens\")",
+    "tool_choice_any": "the server says tool_choice \"any\" where OpenAI says \"required\" "
+                       "(Mistral)",
+    "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk "
+                             "(llama-cpp-python's server; reported of Fireworks, DeepSeek and "
+                             "Qwen's API): OpenAI clients would join them into one long id and "
+                             "name; the router sends them once",
 }
 #: Hosts whose quirks are known: they apply without a "quirks" entry.
 HOST_QUIRKS = {"api.mistral.ai": ("tool_choice_any",)}
@@ -194,7 +205,8 @@ def expand_vars(value, env, used=None):
 
 
 def default_data_dir():
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".local", "state")
     return os.path.join(base, "sage-router")
 
 
@@ -235,11 +247,14 @@ MODEL_META_FORMS = {
     "tools": (lambda v: isinstance(v, bool), "true or false"),
     "reasoning": (lambda v: isinstance(v, bool), "true or false"),
     "chat": (lambda v: isinstance(v, bool), "true or false"),
-    "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image"}, "a list of \"text\" and \"image\""),
-    "cost": (lambda v: isinstance(v, dict) and all(k in ("input", "output", "cached") and _num(x) and x >= 0
+    "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image"},
+              "a list of \"text\" and \"image\""),
+    "cost": (lambda v: isinstance(v, dict) and all(k in ("input",
+                                                         "output", "cached") and _num(x) and x >= 0
                                                    for k, x in v.items()),
              "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens"),
-    "intents": (lambda v: isinstance(v, list) and set(v) <= {"code", "creative", "reasoning", "general"},
+    "intents": (lambda v: isinstance(v, list) and set(v) <= {"code", "creative",
+                                                             "reasoning", "general"},
                 "a list of \"code\", \"creative\", \"reasoning\", \"general\""),
     "description": (lambda v: isinstance(v, str), "a string (a free-text note)"),
 }
@@ -253,8 +268,10 @@ def clean_model_meta(meta):
 
 def validate_config(cfg, file):
     """Check the shape of a parsed providers.json. Raises ConfigError naming the first problem."""
-    _check(isinstance(cfg, dict), file, "(top level)", "a JSON object with \"providers\" and \"routes\"")
-    known = {"providers", "routes", "aliases", "strict", "settings", "description", "$schema", "_comment"}
+    _check(isinstance(cfg, dict), file, "(top level)",
+           "a JSON object with \"providers\" and \"routes\"")
+    known = {"providers", "routes", "aliases", "strict", "settings", "description",
+             "$schema", "_comment"}
     for k in cfg:
         _check(k in known, file, k, f"unknown top-level key; expected one of {sorted(known)}")
     providers = cfg.get("providers", {})
@@ -265,7 +282,8 @@ def validate_config(cfg, file):
                "a provider name of letters, digits, '_', '.' or '-'")
         _check(isinstance(p, dict), file, at, "an object with api, base_url, api_key, models")
         for k in p:
-            _check(k in PROVIDER_KEYS, file, f"{at}.{k}", f"unknown key; expected one of {sorted(PROVIDER_KEYS)}")
+            _check(k in PROVIDER_KEYS, file, f"{at}.{k}",
+                   f"unknown key; expected one of {sorted(PROVIDER_KEYS)}")
         _check(p.get("api") in PROVIDER_APIS, file, f"{at}.api", f"one of {list(PROVIDER_APIS)}")
         _check(isinstance(p.get("base_url"), str) and p["base_url"], file, f"{at}.base_url",
                "a URL string such as \"https://api.openai.com/v1\"")
@@ -275,67 +293,82 @@ def validate_config(cfg, file):
                file, f"{at}.api_key", "a string like \"${OPENAI_API_KEY}\" or a list of strings")
         models = p.get("models", {})
         if isinstance(models, list):
-            _check(all(isinstance(m, str) for m in models), file, f"{at}.models", "model id strings")
+            _check(all(isinstance(m, str) for m in models), file,
+                   f"{at}.models", "model id strings")
         else:
-            _check(isinstance(models, dict), file, f"{at}.models", "an object mapping MODEL_ID to its metadata")
+            _check(isinstance(models, dict), file, f"{at}.models",
+                   "an object mapping MODEL_ID to its metadata")
             for mid, meta in models.items():
-                _check(isinstance(meta, dict), file, f"{at}.models.{mid}", "an object (may be empty: {})")
-                for k in meta:      # a typo ("context" for "context_window") would be ignored in silence
+                _check(isinstance(meta, dict), file, f"{at}.models.{mid}",
+                       "an object (may be empty: {})")
+                # a typo ("context" for "context_window") would be ignored in silence
+                for k in meta:
                     near = difflib.get_close_matches(k, list(MODEL_META_FORMS), n=1, cutoff=0.5)
                     _check(k in MODEL_META_FORMS, file, f"{at}.models.{mid}.{k}",
                            f"a model metadata key, one of {sorted(MODEL_META_FORMS)}" +
                            (f" (did you mean \"{near[0]}\"?)" if near else ""))
                 for f, (ok, expected) in MODEL_META_FORMS.items():
                     _check(f not in meta or ok(meta[f]), file, f"{at}.models.{mid}.{f}", expected)
-        _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers", "an object of header: value")
+        _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers",
+               "an object of header: value")
         for f in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
-            _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}", "a positive number of seconds")
+            _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}",
+                   "a positive number of seconds")
         _check(p.get("enabled", True) in (True, False) or isinstance(p.get("enabled"), str), file,
                f"{at}.enabled", "true, false or a string like \"${OLLAMA_ENABLED:-false}\"")
         _check(isinstance(p.get("discover", True), bool), file, f"{at}.discover", "true or false")
-        _check("discover_interval" not in p or (_num(p["discover_interval"]) and p["discover_interval"] > 0), file,
-               f"{at}.discover_interval", "a positive number of seconds")
+        di = p.get("discover_interval", 1)
+        _check(_num(di) and di > 0, file, f"{at}.discover_interval", "a positive number of seconds")
         _check(p.get("max_tokens_field", "max_tokens") in ("max_tokens", "max_completion_tokens"),
                file, f"{at}.max_tokens_field", "\"max_tokens\" or \"max_completion_tokens\"")
         quirks = p.get("quirks", [])
-        _check(isinstance(quirks, list) and all(q in PROVIDER_QUIRKS for q in quirks), file, f"{at}.quirks",
+        _check(isinstance(quirks, list) and all(q in PROVIDER_QUIRKS for q in quirks),
+               file, f"{at}.quirks",
                f"a list of quirk names, each one of {sorted(PROVIDER_QUIRKS)}")
         _check(not quirks or p.get("api") == "openai", file, f"{at}.quirks",
-               "quirks only on an \"api\": \"openai\" provider (they mend OpenAI-compatible servers)")
+               "quirks only on an \"api\": \"openai\" provider (they mend OpenAI-compatible "
+               "servers)")
     routes = cfg.get("routes", {})
-    _check(isinstance(routes, dict), file, "routes", "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
+    _check(isinstance(routes, dict), file, "routes",
+           "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
     for name, lst in routes.items():
         _check(isinstance(lst, list) and all(isinstance(x, str) and x for x in lst), file,
                f"routes.{name}", "a list of \"PROVIDER/MODEL\" strings")
         for entry in lst:
             prov = entry.split("/", 1)[0]
             _check("/" in entry and (prov in providers or _is_glob(prov)), file, f"routes.{name}",
-                   f"\"{entry}\" must be PROVIDER/MODEL (globs allowed) with PROVIDER one of {sorted(providers)}")
+                   f"\"{entry}\" must be PROVIDER/MODEL (globs allowed) with PROVIDER one of "
+                   f"{sorted(providers)}")
     aliases = cfg.get("aliases", {})
-    _check(isinstance(aliases, dict), file, "aliases", "an object mapping a model-name glob to a route name")
+    _check(isinstance(aliases, dict), file, "aliases",
+           "an object mapping a model-name glob to a route name")
     for pat, target in aliases.items():
         _check(isinstance(target, str) and (target in routes or target in AUTO_NAMES or
                                             target.split("/", 1)[0] in providers),
-               file, f"aliases.{pat}", f"a route name (one of {sorted(set(routes) | set(AUTO_NAMES))}) or PROVIDER/MODEL")
+               file, f"aliases.{pat}",
+               f"a route name (one of {sorted(set(routes) | set(AUTO_NAMES))}) or PROVIDER/MODEL")
     _check(isinstance(cfg.get("strict", False), bool), file, "strict", "true or false")
     settings = cfg.get("settings", {})
     _check(isinstance(settings, dict), file, "settings", "an object of tunables")
     for k, v in settings.items():
-        _check(k in DEFAULT_SETTINGS, file, f"settings.{k}", f"unknown setting; expected one of {sorted(DEFAULT_SETTINGS)}")
+        _check(k in DEFAULT_SETTINGS, file, f"settings.{k}",
+               f"unknown setting; expected one of {sorted(DEFAULT_SETTINGS)}")
         want = DEFAULT_SETTINGS[k]
         if isinstance(want, bool):
             _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
         elif isinstance(want, list):
-            _check(isinstance(v, list) and all(isinstance(x, str) and x for x in v), file, f"settings.{k}",
-                   "a list of strings")
+            _check(isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                   file, f"settings.{k}", "a list of strings")
             if k == "allowed_origins":
                 for x in v:
-                    _check(x == "*" or re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+/?", x), file,
-                           f"settings.{k}", f"origins such as \"https://app.example\" or \"http://localhost:3000\" "
-                           f"(scheme://host[:port], no path), or \"*\"; got {x!r}")
+                    _check(x == "*" or re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+/?", x),
+                           file, f"settings.{k}", "origins such as \"https://app.example\" or "
+                                            "\"http://localhost:3000\" (scheme://host[:port], no "
+                                            f"path), or \"*\"; got {x!r}")
         elif k == "intent_model":
-            _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers, file,
-                   f"settings.{k}", f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
+            _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers,
+                   file, f"settings.{k}",
+                   f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
         elif k in ZERO_OK_SETTINGS:
             _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more")
         else:
@@ -355,8 +388,8 @@ def clean_key(key, what):
     comments kept literally: quotes around it are dropped and a space in it is reported, by
     `what` (never the key)."""
     if len(key) > 1 and key[0] == key[-1] and key[0] in "'\"":
-        log.warning("%s is wrapped in quotes; using it without them (docker's --env-file keeps quotes: "
-                    "write KEY=value there)", what)
+        log.warning("%s is wrapped in quotes; using it without them (docker's --env-file keeps "
+                    "quotes: write KEY=value there)", what)
         key = key[1:-1]
     if any(c.isspace() for c in key):
         log.warning("%s contains a space, so it will be refused (an inline comment that docker's "
@@ -380,16 +413,20 @@ def load_env(env_file, explicit):
                 mode = os.fstat(f.fileno()).st_mode
                 env.update(parse_dotenv(f.read()))
             if mode & 0o006:
-                log.warning(".env: %s can be read or changed by every user on this machine (mode %03o) and it "
-                            "holds your keys: chmod 600 %s (or 640 with the router's group)", path, mode & 0o777, path)
+                log.warning(".env: %s can be read or changed by every user on this "
+                            "machine (mode %03o) and it holds your keys: chmod 600 %s "
+                            "(or 640 with the router's group)", path, mode & 0o777, path)
         except OSError as e:
             # systemd's EnvironmentFile= and docker --env-file read it as root and put the variables
-            # in the environment; a router running as its own user then cannot (and need not) read it
-            why = ("it is a directory (Docker makes one where a bind-mounted file did not exist: create "
-                   "the file on the host, then recreate the container)" if os.path.isdir(path) else e.strerror or e)
-            log.warning(".env: cannot read %s (%s); using the variables of the environment only. If a "
-                        "provider's key is then missing, let the router's user read the file (chgrp it to "
-                        "that user's group and chmod 640)", path, why)
+            # in the environment; a router running as its own user then cannot (and need not) read
+            # it
+            why = e.strerror or e
+            if os.path.isdir(path):
+                why = ("it is a directory (Docker makes one where a bind-mounted file did not exist: "
+                       "create the file on the host, then recreate the container)")
+            log.warning(".env: cannot read %s (%s); using the variables of the environment only. "
+                        "If a provider's key is then missing, let the router's user read the file "
+                        "(chgrp it to that user's group and chmod 640)", path, why)
     elif explicit:
         raise ConfigError(path, "(file)", "an existing .env file (given with --env-file)")
     env.update(os.environ)
@@ -421,7 +458,8 @@ def load_config(config_file, explicit):
 # =================================================================================================
 #
 # Neutral request (a dict):
-#   model, system: [text parts], messages: [{"role": "user"|"assistant"|"system", "content": [parts]}],
+#   model, system: [text parts], messages: [{"role": "user"|"assistant"|"system", "content":
+#   [parts]}],
 #   tools: [{"name", "description", "parameters"}], tool_choice: None | {"type": "auto"|"none"|
 #   "any"|"tool", "name"?}, parallel_tool_calls, max_tokens, temperature, top_p, top_k, stop: [..],
 #   stream, include_usage, reasoning: None | {"effort"?, "budget_tokens"?, "enabled": bool},
@@ -454,8 +492,10 @@ class ApiError(Exception):
     Neutral types: invalid_request, authentication, permission, not_found, request_too_large,
     rate_limit, billing, api_error, overloaded, timeout."""
 
-    at_end = False      # raised in place of a provider stream's end marker (which must not reach the client)
-    code = None         # OpenAI's machine-readable "code" (context_length_exceeded, ...), where one applies
+    # raised in place of a provider stream's end marker (which must not reach the client)
+    at_end = False
+    # OpenAI's machine-readable "code" (context_length_exceeded, ...), where one applies
+    code = None
 
     def __init__(self, status, etype, message, param=None, headers=None):
         super().__init__(message)
@@ -470,11 +510,12 @@ class Failover(Exception):
     (parts only the client's own dialect can carry), broken (a stream that failed after it
     started: recorded, never moved on)."""
 
-    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True, fallback=None, quota=False,
-                 cand=None):
+    def __init__(self, kind, reason, status=None, retry_after=None, next_key=True,
+                 fallback=None, quota=False, cand=None):
         super().__init__(reason)
         self.kind, self.reason, self.status = kind, reason, status
-        self.retry_after, self.next_key, self.fallback, self.quota = retry_after, next_key, fallback, quota
+        self.retry_after, self.next_key = retry_after, next_key
+        self.fallback, self.quota = fallback, quota
         self.cand = cand
 
     def line(self):
@@ -485,8 +526,10 @@ def bad_request(field, problem):
     return ApiError(400, "invalid_request", f"{field}: {problem}", param=field)
 
 
-STATUS_ERROR_TYPE = {400: "invalid_request", 401: "authentication", 402: "billing", 403: "permission",
-                     404: "not_found", 408: "timeout", 413: "request_too_large", 422: "invalid_request",
+STATUS_ERROR_TYPE = {400: "invalid_request", 401: "authentication",
+                     402: "billing", 403: "permission",
+                     404: "not_found", 408: "timeout", 413: "request_too_large",
+                     422: "invalid_request",
                      429: "rate_limit", 500: "api_error", 502: "api_error", 503: "overloaded",
                      504: "timeout", 529: "overloaded"}
 
@@ -623,6 +666,12 @@ def text_of(parts):
     return "".join(p.get("text", "") for p in parts if p.get("type") == "text")
 
 
+def result_text(part):
+    """A tool result as one text, for dialects whose tool results are strings ("Error: " first
+    when the tool failed)."""
+    return ("Error: " if part.get("is_error") else "") + text_of(part["content"])
+
+
 # ---------------------------------------------------------------------------------------- SSE --
 
 #: The longest line a provider's stream may send (an event's data, an NDJSON object).
@@ -711,7 +760,8 @@ class SSEDecoder:
         return out
 
     def _finish(self, out):
-        out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+        out.append(("error", ApiError(502, "api_error",
+                                      "the provider closed the stream before it finished")))
 
     def _json(self, data):
         """An event's data as JSON, or None (after the end, empty, or not JSON: skipped)."""
@@ -736,8 +786,9 @@ def _caps_entry(meta):
     """What a served model list says of a model: a route's members, or its capabilities."""
     if "route" in meta:
         return {"route": meta["route"]}
-    return {"capabilities": {k: meta.get(k) for k in ("context_window", "max_output", "input", "tools",
-                                                      "reasoning", "intents", "cost") if meta.get(k) is not None}}
+    return {"capabilities": {k: meta.get(k) for k in ("context_window",
+                                                      "max_output", "input", "tools", "reasoning",
+                                                      "intents", "cost") if meta.get(k) is not None}}
 
 
 class StreamPassthrough:
@@ -749,7 +800,8 @@ class StreamPassthrough:
     def __init__(self, codec, ctx, prov):
         self.cc, self.ctx = codec, ctx
         self.tail = b""
-        self.drop_end = False      # the end marker must not reach the client (our error replaces it)
+        # the end marker must not reach the client (our error replaces it)
+        self.drop_end = False
 
     @staticmethod
     def body(raw, usage):
@@ -891,7 +943,8 @@ def drop_thinking(req, keep=frozenset()):
     msgs, last_lost = [], False
     last = max((i for i, m in enumerate(req["messages"]) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(req["messages"]):
-        parts = [p for p in m["content"] if p["type"] not in THINKING_PARTS or thinking_mark(p) in keep]
+        parts = [p for p in m["content"]
+                 if p["type"] not in THINKING_PARTS or thinking_mark(p) in keep]
         if len(parts) != len(m["content"]):
             m = dict(m, content=parts)
             last_lost = last_lost or i == last
@@ -902,7 +955,9 @@ def drop_thinking(req, keep=frozenset()):
 def _weight(text):
     """Characters of a text, plus 0.4 tokens' worth for every byte beyond ASCII: Chinese or
     Japanese runs about one token a character, accented Latin barely more than English."""
-    return len(text) if text.isascii() else len(text) + (len(text.encode("utf-8")) - len(text)) * 1.6
+    if text.isascii():
+        return len(text)
+    return len(text) + (len(text.encode("utf-8")) - len(text)) * 1.6
 
 
 def estimate_tokens(req):
@@ -930,7 +985,8 @@ def estimate_tokens(req):
                     else:
                         chars += _weight(q.get("text", ""))
     for t in req.get("tools") or []:
-        chars += len(t["name"]) + _weight(t.get("description") or "") + len(dumps(t.get("parameters") or {}))
+        chars += len(t["name"]) + _weight(t.get("description") or "")
+        chars += len(dumps(t.get("parameters") or {}))
     return max(1, int(chars // 4) + images * 1600)
 
 
@@ -953,7 +1009,8 @@ def neutral_request(model, system, messages, extra=None, **fields):
     NEUTRAL_FIELDS, defaults for those not given, and what only one dialect knows under `extra`."""
     unknown = set(fields) - set(NEUTRAL_FIELDS)
     if unknown:
-        raise TypeError(f"not a neutral request field: {sorted(unknown)} (dialect-only fields go in extra)")
+        raise TypeError(f"not a neutral request field: {sorted(unknown)} (dialect-only fields go "
+                        "in extra)")
     req = {"model": model, "system": system, "messages": messages}
     for k, default in NEUTRAL_FIELDS.items():
         v = fields.get(k, default)
@@ -1003,7 +1060,8 @@ def add_tool_result(messages, result):
     """A tool result joins the user turn before it when that turn ends with results (one turn of
     results answers one turn of calls), else it opens a user turn of its own."""
     last = messages[-1] if messages else None
-    if last is not None and last["role"] == "user" and last["content"] and last["content"][-1]["type"] == "tool_result":
+    if (last is not None and last["role"] == "user" and last["content"]
+            and last["content"][-1]["type"] == "tool_result"):
         last["content"].append(result)
     else:
         messages.append({"role": "user", "content": [result]})
@@ -1021,15 +1079,19 @@ def _model_name(body):
     model = body.get("model")
     _need(isinstance(model, str) and model, "model", "is required and must be a string")
     _need(len(model) <= MAX_MODEL_NAME, "model", f"is longer than {MAX_MODEL_NAME} characters")
-    _need(not _CONTROL_RE.search(model), "model", "must not contain control characters (CR, LF, tab, ...)")
+    _need(not _CONTROL_RE.search(model), "model",
+          "must not contain control characters (CR, LF, tab, ...)")
     return model
 
 
 def neutral_tool(name, description, parameters, field, params_field="parameters"):
     """A tool in the neutral form, its description a string and its schema an object."""
-    _need(description is None or isinstance(description, str), f"{field}.description", "must be a string")
-    _need(parameters is None or isinstance(parameters, dict), f"{field}.{params_field}", "must be a JSON Schema object")
-    return {"name": name, "description": description or "", "parameters": parameters or {"type": "object", "properties": {}}}
+    _need(description is None or isinstance(description, str),
+          f"{field}.description", "must be a string")
+    _need(parameters is None or isinstance(parameters, dict), f"{field}.{params_field}",
+          "must be a JSON Schema object")
+    return {"name": name, "description": description or "",
+            "parameters": parameters or {"type": "object", "properties": {}}}
 
 
 def _opt_num(body, field, lo=None, hi=None):
@@ -1037,7 +1099,8 @@ def _opt_num(body, field, lo=None, hi=None):
     if v is None:
         return None
     _need(_num(v), field, "must be a number")
-    _need((lo is None or v >= lo) and (hi is None or v <= hi), field, f"must be between {lo} and {hi}")
+    _need((lo is None or v >= lo) and (hi is None or v <= hi), field,
+          f"must be between {lo} and {hi}")
     return v
 
 
@@ -1045,7 +1108,8 @@ def _opt_int(body, field, lo=1):
     v = body.get(field)
     if v is None:
         return None
-    _need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, field, f"must be an integer >= {lo}")
+    _need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, field,
+          f"must be an integer >= {lo}")
     return v
 
 
@@ -1068,14 +1132,16 @@ def _merge_roles(messages):
 OPENAI_FINISH_TO_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                          "function_call": "tool_use", "content_filter": "refusal"}
 STOP_TO_OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-                         "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
-                         "model_context_window_exceeded": "length"}
-OPENAI_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+                         "tool_use": "tool_calls", "refusal": "content_filter",
+                         "pause_turn": "stop", "model_context_window_exceeded": "length"}
+OPENAI_ERROR_TYPE = {"invalid_request": "invalid_request_error",
+                     "authentication": "authentication_error",
                      "permission": "permission_error", "not_found": "not_found_error",
                      "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
                      "billing": "insufficient_quota", "api_error": "server_error",
                      "overloaded": "server_error", "timeout": "timeout"}
-OPENAI_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
+OPENAI_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"},
+                      "required": {"type": "any"}}
 
 
 def _openai_content(content, field):
@@ -1099,7 +1165,8 @@ def _openai_content(content, field):
         elif t in ("image_url", "input_image"):   # Chat Completions / Responses
             iu = p.get("image_url")
             url = iu.get("url") if isinstance(iu, dict) else iu
-            _need(isinstance(url, str) and url, f"{field}[{i}].image_url", "must be a URL or data URL string")
+            _need(isinstance(url, str) and url, f"{field}[{i}].image_url",
+                  "must be a URL or data URL string")
             parts.append(image_part_from_url(url))
         # Other part kinds (input_audio, file, input_file) have no neutral form; they survive only
         # on the same-dialect passthrough path.
@@ -1123,7 +1190,8 @@ def openai_decode_request(body):
             else:
                 messages.append({"role": "system", "content": parts})
         elif role == "user":
-            messages.append({"role": "user", "content": _openai_content(m.get("content"), f + ".content")})
+            messages.append({"role": "user",
+                             "content": _openai_content(m.get("content"), f + ".content")})
         elif role == "assistant":
             parts = []
             reasoning = m.get("reasoning_content") or m.get("reasoning")
@@ -1137,18 +1205,24 @@ def openai_decode_request(body):
                 _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
                       f"{f}.tool_calls[{j}].function.name", "must be a string")
                 args = fn.get("arguments", "")
-                _need(isinstance(args, (str, dict)), f"{f}.tool_calls[{j}].function.arguments", "must be a JSON string")
-                _need(c.get("id") is None or isinstance(c["id"], str), f"{f}.tool_calls[{j}].id", "must be a string")
-                parts.append({"type": "tool_call", "id": c.get("id") or f"call_{i}_{j}", "name": fn["name"],
+                _need(isinstance(args, (str, dict)), f"{f}.tool_calls[{j}].function.arguments",
+                      "must be a JSON string")
+                _need(c.get("id") is None or isinstance(c["id"], str),
+                      f"{f}.tool_calls[{j}].id", "must be a string")
+                parts.append({"type": "tool_call",
+                              "id": c.get("id") or f"call_{i}_{j}", "name": fn["name"],
                               "arguments": parse_args_json(args)})
             messages.append({"role": "assistant", "content": parts})
         elif role in ("tool", "function"):
             tid = m.get("tool_call_id") or m.get("name")
-            _need(isinstance(tid, str) and tid, f + ".tool_call_id", "is required for role \"tool\"")
+            _need(isinstance(tid, str) and tid, f + ".tool_call_id",
+                  "is required for role \"tool\"")
             add_tool_result(messages, {"type": "tool_result", "id": tid, "is_error": False,
-                                       "content": _openai_content(m.get("content"), f + ".content")})
+                                       "content": _openai_content(m.get("content"),
+                                                                  f + ".content")})
         else:
-            raise bad_request(f + ".role", "must be one of system, developer, user, assistant, tool")
+            raise bad_request(f + ".role",
+                              "must be one of system, developer, user, assistant, tool")
     tools = []
     raw_tools = body.get("tools") or []
     _need(isinstance(raw_tools, list), "tools", "must be an array")
@@ -1159,12 +1233,14 @@ def openai_decode_request(body):
         fn = t.get("function")
         _need(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"],
               f"tools[{i}].function.name", "is required and must be a string")
-        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"), f"tools[{i}].function"))
+        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"),
+                                  f"tools[{i}].function"))
     tc = body.get("tool_choice")
     if tc is None:
         tool_choice = None
     elif isinstance(tc, str):
-        _need(tc in OPENAI_TOOL_CHOICE, "tool_choice", "must be none, auto, required or {\"type\":\"function\",...}")
+        _need(tc in OPENAI_TOOL_CHOICE, "tool_choice",
+              "must be none, auto, required or {\"type\":\"function\",...}")
         tool_choice = dict(OPENAI_TOOL_CHOICE[tc])
     else:
         name = (tc.get("function") or {}).get("name") if isinstance(tc, dict) else None
@@ -1181,12 +1257,14 @@ def openai_decode_request(body):
     effort = body.get("reasoning_effort")
     if not effort and isinstance(body.get("reasoning"), dict):
         effort = body["reasoning"].get("effort")
-    _need(effort is None or isinstance(effort, str), "reasoning_effort", "must be a string such as \"low\" or \"high\"")
+    _need(effort is None or isinstance(effort, str), "reasoning_effort",
+          "must be a string such as \"low\" or \"high\"")
     so = body.get("stream_options")
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice,
         parallel_tool_calls=body.get("parallel_tool_calls"), max_tokens=max_tokens,
-        temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1), stop=stop or None,
+        temperature=_opt_num(body, "temperature", 0, 2),
+        top_p=_opt_num(body, "top_p", 0, 1), stop=stop or None,
         stream=stream, include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
         reasoning={"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None)
@@ -1230,7 +1308,8 @@ def openai_encode_response(resp, model, req=None):
 
 
 def openai_encode_error(err):
-    body = {"error": {"message": err.message, "type": OPENAI_ERROR_TYPE.get(err.etype, "server_error"),
+    body = {"error": {"message": err.message,
+                      "type": OPENAI_ERROR_TYPE.get(err.etype, "server_error"),
                       "param": err.param, "code": err.code}}
     return dumps(body).encode()
 
@@ -1247,11 +1326,13 @@ class OpenAIStreamEncoder:
 
     def usage_chunk(self, usage):
         """The chunk with `usage` that include_usage asks for (choices empty), before [DONE]."""
-        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                  "model": self.model, "choices": [], "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
+        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
+                                  "created": self.created, "model": self.model, "choices": [],
+                                  "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
 
     def _chunk(self, delta, finish=None):
-        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
+                                  "created": self.created,
                                   "model": self.model, "choices": [{"index": 0, "delta": delta,
                                   "logprobs": None, "finish_reason": finish}]}).encode() + b"\n\n"
 
@@ -1264,10 +1345,12 @@ class OpenAIStreamEncoder:
         if kind == "tool":
             self.tool_index += 1
             self.saw_tool = True
-            return self._chunk({"tool_calls": [{"index": self.tool_index, "id": ev[1], "type": "function",
+            return self._chunk({"tool_calls": [{"index": self.tool_index,
+                                                "id": ev[1], "type": "function",
                                                 "function": {"name": ev[2], "arguments": ""}}]})
         if kind == "args":
-            return self._chunk({"tool_calls": [{"index": self.tool_index, "function": {"arguments": ev[1]}}]})
+            return self._chunk({"tool_calls": [{"index": self.tool_index,
+                                                "function": {"arguments": ev[1]}}]})
         if kind == "start":
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "end":
@@ -1308,7 +1391,7 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
             for p in parts:
                 if p["type"] == "tool_result":
                     out.append({"role": "tool", "tool_call_id": p["id"],
-                                "content": ("Error: " if p.get("is_error") else "") + text_of(p["content"])})
+                                "content": result_text(p)})
                     moved_images += [q for q in p["content"] if q["type"] == "image"]
                 elif p["type"] in ("text", "image"):
                     rest.append(p)
@@ -1319,7 +1402,8 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
                 else:
                     out.append({"role": "user", "content": [
                         {"type": "text", "text": p["text"]} if p["type"] == "text"
-                        else {"type": "image_url", "image_url": {"url": image_url_of(p)}} for p in rest]})
+                        else {"type": "image_url",
+                              "image_url": {"url": image_url_of(p)}} for p in rest]})
     body = {"model": model_id, "messages": out}
     mt = output_limit(req, model_meta)
     quirks = provider.quirks if provider is not None else frozenset()
@@ -1327,12 +1411,14 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
     body.update(sampling_out(req, OPENAI_SAMPLING))
     if req["tools"]:
-        body.update(openai_family_tools(req, nested=True, required="any" if "tool_choice_any" in quirks else "required"))
+        body.update(openai_family_tools(req, nested=True,
+                                        required="any" if "tool_choice_any" in quirks else "required"))
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         # Only for models marked "reasoning": true; others reject the parameter with a 400.
         effort = r.get("effort") or ("high" if (r.get("budget_tokens") or 0) >= 16000 else "medium")
-        body["reasoning_effort"] = effort if effort in ("minimal", "low", "medium", "high") else "high"
+        body["reasoning_effort"] = effort if effort in ("minimal", "low",
+                                                        "medium", "high") else "high"
     if req.get("user"):
         body["user"] = req["user"][:256]
     if req["stream"]:
@@ -1342,7 +1428,8 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
 
 
 #: neutral field -> Chat Completions field, limit (OpenAI takes at most 4 stop sequences)
-OPENAI_SAMPLING = (("temperature", "temperature", None), ("top_p", "top_p", None), ("stop", "stop", 4))
+OPENAI_SAMPLING = (("temperature", "temperature", None), ("top_p", "top_p", None),
+                   ("stop", "stop", 4))
 
 
 def openai_family_tools(req, nested, required="required"):
@@ -1351,10 +1438,12 @@ def openai_family_tools(req, nested, required="required"):
     def fn(name, **more):
         return {"type": "function", "function": dict(name=name, **more)} if nested else \
             dict({"type": "function", "name": name}, **more)
-    out = {"tools": [fn(t["name"], description=t["description"], parameters=t["parameters"]) for t in req["tools"]]}
+    out = {"tools": [fn(t["name"], description=t["description"],
+                        parameters=t["parameters"]) for t in req["tools"]]}
     tc = req.get("tool_choice")
     if tc:
-        out["tool_choice"] = fn(tc["name"]) if tc["type"] == "tool" else {"any": required}.get(tc["type"], tc["type"])
+        out["tool_choice"] = (fn(tc["name"]) if tc["type"] == "tool"
+                              else {"any": required}.get(tc["type"], tc["type"]))
     if req.get("parallel_tool_calls") is not None:
         out["parallel_tool_calls"] = bool(req["parallel_tool_calls"])
     return out
@@ -1365,10 +1454,12 @@ def openai_no_null_content(body):
     the router's own encoder writes): strict servers refuse null. The body is copied only if
     something changes."""
     msgs = body.get("messages")
-    if not isinstance(msgs, list) or not any(isinstance(m, dict) and m.get("content", "") is None for m in msgs):
+    if not isinstance(msgs, list) or not any(
+            isinstance(m, dict) and m.get("content", "") is None for m in msgs):
         return body
-    return dict(body, messages=[dict(m, content="") if isinstance(m, dict) and m.get("content", "") is None
-                                and m.get("tool_calls") else m for m in msgs])
+    return dict(body, messages=[
+        dict(m, content="") if isinstance(m, dict) and m.get("content", "") is None
+        and m.get("tool_calls") else m for m in msgs])
 
 
 _SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -1433,7 +1524,8 @@ class OpenAIPassthrough(StreamPassthrough):
             if not calls or not isinstance(calls, list):
                 continue
             if delta.pop("function_call", None) is not None:
-                changed = True                     # the legacy copy beside tool_calls (llama-cpp-python)
+                # the legacy copy beside tool_calls (llama-cpp-python)
+                changed = True
             for tc in calls:
                 i, tid = tc.get("index", 0), tc.get("id")
                 if tid and self.seen.get(i) == tid:
@@ -1453,7 +1545,8 @@ def _openai_message_parts(msg):
     content = msg.get("content")
     if isinstance(content, list):
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if not reasoning and isinstance(content, str) and content.startswith("<think>") and "</think>" in content:
+    if (not reasoning and isinstance(content, str) and content.startswith("<think>")
+            and "</think>" in content):
         reasoning, _, content = content[7:].partition("</think>")
         content = content.lstrip()
     if isinstance(reasoning, str) and reasoning:
@@ -1462,7 +1555,8 @@ def _openai_message_parts(msg):
         parts.append({"type": "text", "text": content})
     for i, c in enumerate(msg.get("tool_calls") or []):
         fn = c.get("function") or {}
-        parts.append({"type": "tool_call", "id": c.get("id") or new_id("call_"), "name": fn.get("name", ""),
+        parts.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
+                      "name": fn.get("name", ""),
                       "arguments": parse_args_json(fn.get("arguments") or "")})
     return parts
 
@@ -1472,15 +1566,17 @@ def openai_decode_response(body, prov=None):
     c = choices[0]
     parts = _openai_message_parts(c.get("message") or {})
     finish = c.get("finish_reason")
-    stop = "tool_use" if any(p["type"] == "tool_call" for p in parts) else OPENAI_FINISH_TO_STOP.get(finish, "end_turn")
+    stop = OPENAI_FINISH_TO_STOP.get(finish, "end_turn")
+    if any(p["type"] == "tool_call" for p in parts):
+        stop = "tool_use"
     return {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_reason": stop,
             "stop_sequence": None, "usage": _openai_usage(body.get("usage")) or empty_usage()}
 
 
 class OpenAIStreamDecoder(SSEDecoder):
     """OpenAI chat.completion.chunk SSE bytes -> neutral events. Tool-call fragments are tracked by
-    `index` (a new `id` on a reused index starts a new call); `end` is emitted at [DONE] or at a clean
-    end of stream after a finish_reason, because usage arrives after finish_reason."""
+    `index` (a new `id` on a reused index starts a new call); `end` is emitted at [DONE] or at a
+    clean end of stream after a finish_reason, because usage arrives after finish_reason."""
 
     def __init__(self, prov=None):
         super().__init__(prov)
@@ -1511,7 +1607,8 @@ class OpenAIStreamDecoder(SSEDecoder):
                 # [DONE] without any finish_reason: the server was interrupted (llama.cpp's server
                 # does this): a truncated reply, not a finished one
                 self.ended = True
-                err = ApiError(502, "api_error", "the provider's stream ended without a finish reason (cut short)")
+                err = ApiError(502, "api_error",
+                               "the provider's stream ended without a finish reason (cut short)")
                 err.at_end = True
                 out.append(("error", err))
                 return
@@ -1599,9 +1696,10 @@ def openai_parse_error(status, body):
 
 
 #: Model ids that are not chat models (OpenAI-style lists mix them in).
-NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|moderation|"
-                         r"realtime|davinci|babbage|computer-use|sora|parakeet|nemoretriever|-guard|"
-                         r"turbo-instruct|(?:^|[-/])o\d-pro|gpt-5(?:\.\d)?-pro|codex-mini|deep-research", re.I)
+NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-image|image-gen|"
+                         r"moderation|realtime|davinci|babbage|computer-use|sora|parakeet|"
+                         r"nemoretriever|-guard|turbo-instruct|(?:^|[-/])o\d-pro|"
+                         r"gpt-5(?:\.\d)?-pro|codex-mini|deep-research", re.I)
 
 
 def _openai_list_meta(m):
@@ -1623,8 +1721,8 @@ def _openai_list_meta(m):
         meta["max_output"] = top
     pricing = m.get("pricing") or {}
     try:
-        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in (("input", "prompt"), ("output", "completion"),
-                                                                   ("cached", "input_cache_read")) if p in pricing}
+        fields = (("input", "prompt"), ("output", "completion"), ("cached", "input_cache_read"))
+        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in fields if p in pricing}
         if cost:
             meta["cost"] = cost
     except (TypeError, ValueError):
@@ -1660,24 +1758,28 @@ def openai_adjust(body, prov, req, meta, headers, foreign):
 
 
 def openai_list_shape(entries, query=None):
-    return {"object": "list", "data": [openai_model_shape(e) for e in entries if "shared" not in e[2]]}
+    return {"object": "list",
+            "data": [openai_model_shape(e) for e in entries if "shared" not in e[2]]}
 
 
 def openai_model_shape(entry):
     mid, owner, meta = entry
-    return dict({"id": mid, "object": "model", "created": 0, "owned_by": owner}, **_caps_entry(meta))
+    return dict({"id": mid, "object": "model", "created": 0, "owned_by": owner},
+                **_caps_entry(meta))
 
 # ----------------------------------------------------------------------- Anthropic Messages --
 
-ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error", "authentication": "authentication_error",
+ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error",
+                        "authentication": "authentication_error",
                         "permission": "permission_error", "not_found": "not_found_error",
                         "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
-                        "billing": "billing_error", "api_error": "api_error", "overloaded": "overloaded_error",
-                        "timeout": "timeout_error"}
+                        "billing": "billing_error", "api_error": "api_error",
+                        "overloaded": "overloaded_error", "timeout": "timeout_error"}
 
 
 ANTHROPIC_TOOL_CHOICE = ("auto", "any", "tool", "none")
-ANTHROPIC_EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32000, "max": 32000}
+ANTHROPIC_EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384,
+                           "xhigh": 32000, "max": 32000}
 
 
 def _anthropic_blocks(content, field, allow_tools=True):
@@ -1700,8 +1802,10 @@ def _anthropic_blocks(content, field, allow_tools=True):
                 _need(isinstance(src.get("url"), str), f + ".source.url", "must be a string")
                 parts.append({"type": "image", "url": src["url"]})
             else:
-                _need(isinstance(src.get("data"), str), f + ".source.data", "must be a base64 string")
-                parts.append({"type": "image", "media_type": src.get("media_type") or sniff_mime(src["data"]),
+                _need(isinstance(src.get("data"), str), f + ".source.data",
+                      "must be a base64 string")
+                parts.append({"type": "image",
+                              "media_type": src.get("media_type") or sniff_mime(src["data"]),
                               "data": src["data"]})
         elif t == "tool_use" and allow_tools:
             _need(isinstance(b.get("name"), str), f + ".name", "must be a string")
@@ -1711,8 +1815,10 @@ def _anthropic_blocks(content, field, allow_tools=True):
             parts.append({"type": "tool_call", "id": b["id"], "name": b["name"], "arguments": inp})
         elif t == "tool_result" and allow_tools:
             _need(isinstance(b.get("tool_use_id"), str), f + ".tool_use_id", "must be a string")
-            parts.append({"type": "tool_result", "id": b["tool_use_id"], "is_error": bool(b.get("is_error")),
-                          "content": _anthropic_blocks(b.get("content") or [], f + ".content", False)})
+            parts.append({"type": "tool_result", "id": b["tool_use_id"],
+                          "is_error": bool(b.get("is_error")),
+                          "content": _anthropic_blocks(b.get("content") or [],
+                                                       f + ".content", False)})
         elif t == "thinking":
             parts.append({"type": "thinking", "text": str(b.get("thinking", "")),
                           "signature": b.get("signature") or ""})
@@ -1726,7 +1832,8 @@ def anthropic_decode_request(body, count_only=False):
     """Anthropic Messages request body -> neutral request."""
     model = _body_model(body)
     msgs = body.get("messages")
-    _need(isinstance(msgs, list) and (msgs or count_only), "messages", "is required and must be a non-empty array")
+    _need(isinstance(msgs, list) and (msgs or count_only), "messages",
+          "is required and must be a non-empty array")
     system = body.get("system")
     if system is None:
         system = []
@@ -1737,16 +1844,20 @@ def anthropic_decode_request(body, count_only=False):
         f = f"messages[{i}]"
         _need(isinstance(m, dict), f, "must be an object")
         role = m.get("role")
-        _need(role in ("user", "assistant", "system"), f + ".role", "must be \"user\" or \"assistant\"")
-        messages.append({"role": role, "content": _anthropic_blocks(m.get("content"), f + ".content")})
+        _need(role in ("user", "assistant", "system"), f + ".role",
+              "must be \"user\" or \"assistant\"")
+        messages.append({"role": role,
+                         "content": _anthropic_blocks(m.get("content"), f + ".content")})
     tools = []
     raw_tools = body.get("tools") or []
     _need(isinstance(raw_tools, list), "tools", "must be an array")
     for i, t in enumerate(raw_tools):
-        _need(isinstance(t, dict) and isinstance(t.get("name"), str), f"tools[{i}].name", "must be a string")
+        _need(isinstance(t, dict) and isinstance(t.get("name"), str),
+              f"tools[{i}].name", "must be a string")
         if t.get("type") not in (None, "custom"):
             continue  # server tools (web_search, bash_2025...) only exist at Anthropic
-        tools.append(neutral_tool(t["name"], t.get("description"), t.get("input_schema"), f"tools[{i}]", "input_schema"))
+        tools.append(neutral_tool(t["name"], t.get("description"), t.get("input_schema"),
+                                  f"tools[{i}]", "input_schema"))
     tc = body.get("tool_choice")
     tool_choice, parallel = None, None
     if tc is not None:
@@ -1766,15 +1877,18 @@ def anthropic_decode_request(body, count_only=False):
     reasoning = None
     th = body.get("thinking")
     if isinstance(th, dict) and th.get("type") in ("enabled", "adaptive"):
+        oc = body.get("output_config")
         reasoning = {"enabled": True, "budget_tokens": th.get("budget_tokens"),
-                     "effort": (body.get("output_config") or {}).get("effort") if isinstance(body.get("output_config"), dict) else None}
+                     "effort": oc.get("effort") if isinstance(oc, dict) else None}
     meta = body.get("metadata")
-    user = meta.get("user_id") if isinstance(meta, dict) and isinstance(meta.get("user_id"), str) else None
+    user = meta.get("user_id") if isinstance(meta, dict) else None
+    user = user if isinstance(user, str) else None
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
         max_tokens=None if count_only else _opt_int(body, "max_tokens"),
         temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1),
-        top_k=_opt_int(body, "top_k", 0), stop=stop or None, stream=stream, reasoning=reasoning, user=user)
+        top_k=_opt_int(body, "top_k", 0), stop=stop or None, stream=stream,
+        reasoning=reasoning, user=user)
 
 
 def _anthropic_usage(u):
@@ -1782,7 +1896,8 @@ def _anthropic_usage(u):
         return None
     cr = u.get("cache_read_input_tokens") or 0
     cw = u.get("cache_creation_input_tokens") or 0
-    out = {"output": u.get("output_tokens") or 0, "cache_read": cr, "cache_write": cw, "reasoning": 0}
+    out = {"output": u.get("output_tokens") or 0, "cache_read": cr,
+           "cache_write": cw, "reasoning": 0}
     if u.get("input_tokens") is not None:
         out["input"] = (u.get("input_tokens") or 0) + cr + cw
     return out
@@ -1800,14 +1915,17 @@ def _anthropic_block(p):
     if t == "text":
         return {"type": "text", "text": p["text"]}
     if t == "thinking":
-        return {"type": "thinking", "thinking": p["text"], "signature": p.get("signature") or ROUTER_SIGNATURE_PREFIX + "none"}
+        return {"type": "thinking", "thinking": p["text"],
+                "signature": p.get("signature") or ROUTER_SIGNATURE_PREFIX + "none"}
     if t == "redacted_thinking":
         return {"type": "redacted_thinking", "data": p["data"]}
     if t == "tool_call":
-        return {"type": "tool_use", "id": anthropic_tool_id(p["id"]), "name": p["name"], "input": p["arguments"]}
+        return {"type": "tool_use", "id": anthropic_tool_id(p["id"]), "name": p["name"],
+                "input": p["arguments"]}
     if t == "image":
         if "data" in p:
-            return {"type": "image", "source": {"type": "base64", "media_type": p["media_type"], "data": p["data"]}}
+            return {"type": "image",
+                    "source": {"type": "base64", "media_type": p["media_type"], "data": p["data"]}}
         return {"type": "image", "source": {"type": "url", "url": p["url"]}}
     if t == "tool_result":
         return {"type": "tool_result", "tool_use_id": anthropic_tool_id(p["id"]),
@@ -1827,7 +1945,8 @@ def anthropic_tool_id(tid):
 
 
 def anthropic_encode_response(resp, model, req=None):
-    content = [_anthropic_block(p) for p in resp["content"] if p["type"] != "thinking" or p.get("signature") or p["text"]]
+    content = [_anthropic_block(p) for p in resp["content"]
+               if p["type"] != "thinking" or p.get("signature") or p["text"]]
     has_tool = any(p["type"] == "tool_call" for p in resp["content"])
     stop = "tool_use" if has_tool else (resp["stop_reason"] or "end_turn")
     return {"id": resp.get("id") if (resp.get("id") or "").startswith("msg_") else new_id("msg_"),
@@ -1837,7 +1956,8 @@ def anthropic_encode_response(resp, model, req=None):
 
 
 def anthropic_encode_error(err):
-    return dumps({"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPE.get(err.etype, "api_error"),
+    return dumps({"type": "error",
+                  "error": {"type": ANTHROPIC_ERROR_TYPE.get(err.etype, "api_error"),
                                              "message": err.message}}).encode()
 
 
@@ -1863,7 +1983,8 @@ class AnthropicStreamEncoder:
         out = b""
         if self.open == "thinking" and not self.signed:
             out += _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                        "delta": {"type": "signature_delta", "signature": ROUTER_SIGNATURE_PREFIX + "none"}})
+                        "delta": {"type": "signature_delta",
+                                  "signature": ROUTER_SIGNATURE_PREFIX + "none"}})
         self.open = None
         return out + _sse("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
@@ -1872,43 +1993,53 @@ class AnthropicStreamEncoder:
         self.index += 1
         self.open = kind
         self.signed = False
-        return out + _sse("content_block_start", {"type": "content_block_start", "index": self.index,
+        return out + _sse("content_block_start",
+                          {"type": "content_block_start", "index": self.index,
                                                   "content_block": block})
 
     def encode(self, ev):
         kind = ev[0]
         if kind == "text":
             out = b"" if self.open == "text" else self._open("text", {"type": "text", "text": ""})
-            return out + _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+            return out + _sse("content_block_delta",
+                              {"type": "content_block_delta", "index": self.index,
                                                       "delta": {"type": "text_delta", "text": ev[1]}})
         if kind == "thinking":
             out = b"" if self.open == "thinking" and not self.signed else \
                 self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-            return out + _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                      "delta": {"type": "thinking_delta", "thinking": ev[1]}})
+            return out + _sse("content_block_delta",
+                              {"type": "content_block_delta", "index": self.index,
+                                                      "delta": {"type": "thinking_delta",
+                                                                "thinking": ev[1]}})
         if kind == "signature":
             out = b"" if self.open == "thinking" else \
                 self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
             self.signed = True
-            return out + _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                      "delta": {"type": "signature_delta", "signature": ev[1]}})
+            return out + _sse("content_block_delta",
+                              {"type": "content_block_delta", "index": self.index,
+                                                      "delta": {"type": "signature_delta",
+                                                                "signature": ev[1]}})
         if kind == "tool":
-            return self._open("tool", {"type": "tool_use", "id": anthropic_tool_id(ev[1]), "name": ev[2], "input": {}})
+            return self._open("tool", {"type": "tool_use", "id": anthropic_tool_id(ev[1]),
+                                       "name": ev[2], "input": {}})
         if kind == "args":
             return _sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                "delta": {"type": "input_json_delta", "partial_json": ev[1]}})
+                                                "delta": {"type": "input_json_delta",
+                                                          "partial_json": ev[1]}})
         if kind == "redacted_thinking":
             out = self._open("redacted", {"type": "redacted_thinking", "data": ev[1]})
             return out + self._close()
         if kind == "start":
             meta = ev[1]
-            usage = _to_anthropic_usage(meta.get("usage") if meta.get("usage") and "input" in meta["usage"]
+            known = meta.get("usage") and "input" in meta["usage"]
+            usage = _to_anthropic_usage(meta["usage"] if known
                                         else dict(empty_usage(), input=self.input_estimate))
             usage["output_tokens"] = 1
             mid = meta.get("id") or ""
             return _sse("message_start", {"type": "message_start", "message": {
-                "id": mid if mid.startswith("msg_") else new_id("msg_"), "type": "message", "role": "assistant",
-                "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+                "id": mid if mid.startswith("msg_") else new_id("msg_"), "type": "message",
+                "role": "assistant", "model": self.model, "content": [], "stop_reason": None,
+                "stop_sequence": None, "usage": usage}})
         if kind == "end":
             was_tool = self.open == "tool" or ev[1] == "tool_use"
             out = self._close()
@@ -1919,13 +2050,15 @@ class AnthropicStreamEncoder:
                 _sse("message_stop", {"type": "message_stop"})
         if kind == "error":
             return self._close() + _sse("error", {"type": "error", "error": {
-                "type": ANTHROPIC_ERROR_TYPE.get(ev[1].etype, "api_error"), "message": ev[1].message}})
+                "type": ANTHROPIC_ERROR_TYPE.get(ev[1].etype, "api_error"),
+                "message": ev[1].message}})
         return b""
 
 
-#: neutral field -> Messages field, limit (temperature is 0..1; with thinking only the stop sequences)
-ANTHROPIC_SAMPLING = (("temperature", "temperature", 1.0), ("top_p", "top_p", None), ("top_k", "top_k", None),
-                      ("stop", "stop_sequences", None))
+#: neutral field -> Messages field, limit (temperature is 0..1; with thinking only the stop
+#: sequences)
+ANTHROPIC_SAMPLING = (("temperature", "temperature", 1.0), ("top_p", "top_p", None),
+                      ("top_k", "top_k", None), ("stop", "stop_sequences", None))
 
 
 def anthropic_encode_request(req, model_id, provider, model_meta, settings):
@@ -1933,11 +2066,13 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
     mt = output_limit(req, model_meta, settings["default_max_tokens"])
     body = {"model": model_id, "messages": _anthropic_conversation(req), "max_tokens": mt}
     if req["system"]:
-        body["system"] = [{"type": "text", "text": p["text"]} for p in req["system"] if p.get("text")]
+        body["system"] = [{"type": "text",
+                           "text": p["text"]} for p in req["system"] if p.get("text")]
     r = req.get("reasoning")
     thinking = False
     if r and r.get("enabled") and model_meta.get("reasoning", True):
-        budget = r.get("budget_tokens") or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)
+        budget = (r.get("budget_tokens")
+                  or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192))
         budget = max(1024, budget)
         if budget < mt:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
@@ -1973,11 +2108,13 @@ def _anthropic_conversation(req):
         parts = m["content"]
         if role == "system":
             role = "user"
-            parts = [{"type": "text", "text": "[system] " + text_of(parts)}] if text_of(parts) else []
+            parts = [{"type": "text",
+                      "text": "[system] " + text_of(parts)}] if text_of(parts) else []
         if role == "user":
-            parts = [p for p in parts if p["type"] == "tool_result"] + [p for p in parts if p["type"] != "tool_result"]
+            parts = sorted(parts, key=lambda p: p["type"] != "tool_result")   # results first
         for p in parts:
-            if p["type"] == "thinking" and (not p.get("signature") or p["signature"].startswith(ROUTER_SIGNATURE_PREFIX)):
+            sig = p.get("signature") or ""
+            if p["type"] == "thinking" and (not sig or sig.startswith(ROUTER_SIGNATURE_PREFIX)):
                 continue
             if p["type"] in ("thinking", "redacted_thinking") and role != "assistant":
                 continue
@@ -2002,7 +2139,8 @@ def _anthropic_conversation(req):
             nxt = {"role": "user", "content": []}
             messages.insert(i + 1, nxt)
         have = {b["tool_use_id"] for b in nxt["content"] if b["type"] == "tool_result"}
-        missing = [{"type": "tool_result", "tool_use_id": t, "content": "(no result)", "is_error": True}
+        missing = [{"type": "tool_result", "tool_use_id": t,
+                    "content": "(no result)", "is_error": True}
                    for t in ids if t not in have]
         nxt["content"][0:0] = missing
     known = set()
@@ -2027,7 +2165,8 @@ def anthropic_strip_thinking(body, keep=frozenset()):
     msgs = body.get("messages")
     if not isinstance(msgs, list):
         return body
-    last = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "assistant"), default=-1)
+    last = max((i for i, m in enumerate(msgs)
+                if isinstance(m, dict) and m.get("role") == "assistant"), default=-1)
     dropped = last_lost = False
     out = []
     for i, m in enumerate(msgs):
@@ -2054,17 +2193,18 @@ def anthropic_decode_response(body, prov=None):
         if t == "text":
             parts.append({"type": "text", "text": b.get("text", "")})
         elif t == "thinking":
-            parts.append({"type": "thinking", "text": b.get("thinking", ""), "signature": b.get("signature", "")})
+            parts.append({"type": "thinking", "text": b.get("thinking", ""),
+                          "signature": b.get("signature", "")})
         elif t == "redacted_thinking":
             parts.append({"type": "redacted_thinking", "data": b.get("data", "")})
         elif t == "tool_use":
-            parts.append({"type": "tool_call", "id": b.get("id") or new_id("toolu_"), "name": b.get("name", ""),
-                          "arguments": b.get("input") or {}})
+            parts.append({"type": "tool_call", "id": b.get("id") or new_id("toolu_"),
+                          "name": b.get("name", ""), "arguments": b.get("input") or {}})
     usage = empty_usage()
     usage.update(_anthropic_usage(body.get("usage")) or {})
     return {"id": body.get("id"), "model": body.get("model"), "content": parts,
-            "stop_reason": body.get("stop_reason") or "end_turn", "stop_sequence": body.get("stop_sequence"),
-            "usage": usage}
+            "stop_reason": body.get("stop_reason") or "end_turn",
+            "stop_sequence": body.get("stop_sequence"), "usage": usage}
 
 
 class AnthropicStreamDecoder(SSEDecoder):
@@ -2115,7 +2255,8 @@ class AnthropicStreamDecoder(SSEDecoder):
         elif t == "message_start":
             msg = obj.get("message") or {}
             self.usage.update(_anthropic_usage(msg.get("usage")) or {})
-            out.append(("start", {"id": msg.get("id"), "model": msg.get("model"), "usage": dict(self.usage)}))
+            out.append(("start", {"id": msg.get("id"), "model": msg.get("model"),
+                                  "usage": dict(self.usage)}))
         elif t == "message_delta":
             d = obj.get("delta") or {}
             self.stop = d.get("stop_reason") or self.stop
@@ -2124,7 +2265,8 @@ class AnthropicStreamDecoder(SSEDecoder):
             if u:
                 self.usage["output"] = u["output"] or self.usage["output"]
                 if "input" in u and u["input"]:
-                    self.usage.update(input=u["input"], cache_read=u["cache_read"], cache_write=u["cache_write"])
+                    self.usage.update(input=u["input"], cache_read=u["cache_read"],
+                                      cache_write=u["cache_write"])
         elif t == "message_stop":
             self.ended = True
             out.append(("end", self.stop or "end_turn", self.usage, self.stop_seq))
@@ -2150,10 +2292,12 @@ def anthropic_list_models(fetch, known):
     """GET /v1/models, every page (after_id)."""
     out, after = {}, None
     for _page in range(100):
-        page = fetch("/v1/models?limit=1000" + (f"&after_id={urllib.parse.quote(after)}" if after else ""))
+        after_q = f"&after_id={urllib.parse.quote(after)}" if after else ""
+        page = fetch("/v1/models?limit=1000" + after_q)
         for m in page.get("data") or []:
             if isinstance(m, dict):
-                out[m.get("id")] = _clean({"context_window": m.get("max_input_tokens"), "max_output": m.get("max_tokens")})
+                out[m.get("id")] = _clean({"context_window": m.get("max_input_tokens"),
+                                           "max_output": m.get("max_tokens")})
         after = page.get("last_id")
         if not page.get("has_more") or not after:
             break
@@ -2172,7 +2316,8 @@ def anthropic_adjust(body, prov, req, meta, headers, foreign):
     would be refused), and the client's anthropic-beta goes along."""
     if foreign is not None:
         body = anthropic_strip_thinking(body, foreign)
-    return body, ({"anthropic-beta": headers["anthropic-beta"]} if headers.get("anthropic-beta") else {})
+    beta = headers.get("anthropic-beta")
+    return body, ({"anthropic-beta": beta} if beta else {})
 
 
 def anthropic_list_shape(entries, query=None):
@@ -2183,14 +2328,16 @@ def anthropic_list_shape(entries, query=None):
 
 def anthropic_model_shape(entry):
     mid, _owner, meta = entry
-    return dict({"type": "model", "id": mid, "display_name": mid, "created_at": "2025-01-01T00:00:00Z"},
+    return dict({"type": "model", "id": mid, "display_name": mid,
+                 "created_at": "2025-01-01T00:00:00Z"},
                 **_caps_entry(meta))
 
 # ------------------------------------------------------------------------- OpenAI Responses --
 
 RESPONSES_STATUS = {"max_tokens": ("incomplete", {"reason": "max_output_tokens"}),
                     "refusal": ("incomplete", {"reason": "content_filter"})}
-CUSTOM_TOOL_PARAMS = {"type": "object", "properties": {"input": {"type": "string", "description": "The raw input"}},
+CUSTOM_TOOL_PARAMS = {"type": "object",
+                      "properties": {"input": {"type": "string", "description": "The raw input"}},
                       "required": ["input"]}
 
 
@@ -2206,7 +2353,8 @@ def responses_decode_request(body):
     with one string parameter `input`; their calls go back out as custom_tool_call items."""
     model = _body_model(body)
     inp = body.get("input")
-    _need(isinstance(inp, (str, list)), "input", "is required and must be a string or an array of items")
+    _need(isinstance(inp, (str, list)), "input",
+          "is required and must be a string or an array of items")
     if isinstance(inp, str):
         inp = [{"type": "message", "role": "user", "content": inp}]
     system, messages = [], []
@@ -2233,18 +2381,21 @@ def responses_decode_request(body):
         elif t in ("function_call", "custom_tool_call"):
             _need(isinstance(item.get("name"), str), f + ".name", "must be a string")
             cid = item.get("call_id") or item.get("id") or f"call_{i}"
-            args = {"input": item.get("input", "")} if t == "custom_tool_call" else parse_args_json(item.get("arguments") or "")
-            _append(messages, "assistant", [{"type": "tool_call", "id": cid, "name": item["name"], "arguments": args}])
+            args = ({"input": item.get("input", "")} if t == "custom_tool_call"
+                    else parse_args_json(item.get("arguments") or ""))
+            _append(messages, "assistant",
+                    [{"type": "tool_call", "id": cid, "name": item["name"], "arguments": args}])
         elif t in ("function_call_output", "custom_tool_call_output"):
             _need(isinstance(item.get("call_id"), str), f + ".call_id", "must be a string")
             out = item.get("output", "")
             content = _openai_content(out, f + ".output") if isinstance(out, list) else \
                 [{"type": "text", "text": out if isinstance(out, str) else dumps(out)}]
-            add_tool_result(messages, {"type": "tool_result", "id": item["call_id"], "is_error": False,
+            add_tool_result(messages,
+                            {"type": "tool_result", "id": item["call_id"], "is_error": False,
                                        "content": content})
         elif t == "reasoning":
-            text = "".join(s.get("text", "") for s in (item.get("summary") or []) + (item.get("content") or [])
-                           if isinstance(s, dict))
+            pieces = (item.get("summary") or []) + (item.get("content") or [])
+            text = "".join(s.get("text", "") for s in pieces if isinstance(s, dict))
             if text:
                 _append(messages, "assistant", [{"type": "thinking", "text": text}])
         # local_shell_call, web_search_call, item_reference, compaction: OpenAI-only, dropped.
@@ -2254,17 +2405,22 @@ def responses_decode_request(body):
     for i, t in enumerate(raw_tools):
         _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
         if t.get("type") == "function":
-            _need(isinstance(t.get("name"), str) and t["name"], f"tools[{i}].name", "is required and must be a string")
-            tools.append(neutral_tool(t["name"], t.get("description"), t.get("parameters"), f"tools[{i}]"))
+            _need(isinstance(t.get("name"), str) and t["name"], f"tools[{i}].name",
+                  "is required and must be a string")
+            tools.append(neutral_tool(t["name"], t.get("description"),
+                                      t.get("parameters"), f"tools[{i}]"))
         elif t.get("type") == "custom" and isinstance(t.get("name"), str):
             custom.append(t["name"])
-            tools.append(neutral_tool(t["name"], t.get("description"), CUSTOM_TOOL_PARAMS, f"tools[{i}]"))
+            tools.append(neutral_tool(t["name"], t.get("description"),
+                                      CUSTOM_TOOL_PARAMS, f"tools[{i}]"))
     tc = body.get("tool_choice")
     if tc is None or isinstance(tc, str):
-        _need(tc in (None, "auto", "none", "required"), "tool_choice", "must be auto, none, required or {\"type\": \"function\", \"name\": ...}")
+        _need(tc in (None, "auto", "none", "required"), "tool_choice",
+              "must be auto, none, required or {\"type\": \"function\", \"name\": ...}")
         tool_choice = dict(OPENAI_TOOL_CHOICE[tc]) if tc else None
     else:
-        _need(isinstance(tc, dict) and isinstance(tc.get("name"), str), "tool_choice.name", "must be a string")
+        _need(isinstance(tc, dict) and isinstance(tc.get("name"), str),
+              "tool_choice.name", "must be a string")
         tool_choice = {"type": "tool", "name": tc["name"]}
     stream = body.get("stream", False)
     _need(isinstance(stream, bool), "stream", "must be true or false")
@@ -2274,28 +2430,33 @@ def responses_decode_request(body):
     _need(prev is None or isinstance(prev, str), "previous_response_id", "must be a string")
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice,
-        parallel_tool_calls=body.get("parallel_tool_calls"), max_tokens=_opt_int(body, "max_output_tokens"),
-        temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1), stream=stream,
+        parallel_tool_calls=body.get("parallel_tool_calls"),
+        max_tokens=_opt_int(body, "max_output_tokens"),
+        temperature=_opt_num(body, "temperature", 0, 2),
+        top_p=_opt_num(body, "top_p", 0, 1), stream=stream,
         reasoning={"effort": effort, "enabled": effort != "none"} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
-        extra={"custom_tools": custom, "store": body.get("store", True) is not False, "previous_response_id": prev,
-               "response_id": new_id("resp_")})
+        extra={"custom_tools": custom, "store": body.get("store", True) is not False,
+               "previous_response_id": prev, "response_id": new_id("resp_")})
 
 
 def _responses_usage(u):
     u = u or empty_usage()
     return {"input_tokens": u["input"], "input_tokens_details": {"cached_tokens": u["cache_read"]},
-            "output_tokens": u["output"], "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
+            "output_tokens": u["output"],
+            "output_tokens_details": {"reasoning_tokens": u["reasoning"]},
             "total_tokens": u["input"] + u["output"]}
 
 
 def _responses_item(p, custom, idx):
     """A neutral part -> a finished Responses output item."""
     if p["type"] == "thinking":
-        return {"type": "reasoning", "id": f"rs_{idx}", "summary": [{"type": "summary_text", "text": p["text"]}]}
+        return {"type": "reasoning", "id": f"rs_{idx}",
+                "summary": [{"type": "summary_text", "text": p["text"]}]}
     if p["type"] == "tool_call":
         if p["name"] in custom:
-            return {"type": "custom_tool_call", "id": f"ctc_{idx}", "call_id": p["id"], "name": p["name"],
+            return {"type": "custom_tool_call", "id": f"ctc_{idx}",
+                    "call_id": p["id"], "name": p["name"],
                     "input": str(p["arguments"].get("input", "")), "status": "completed"}
         return {"type": "function_call", "id": f"fc_{idx}", "call_id": p["id"], "name": p["name"],
                 "arguments": dumps(p["arguments"]), "status": "completed"}
@@ -2310,14 +2471,17 @@ def _responses_object(req, model, status, output, usage, details=None, error=Non
         choice = {"type": "custom" if tc["name"] in custom else "function", "name": tc["name"]}
     else:
         choice = {"any": "required"}.get(tc["type"], tc["type"])
-    tools = [{"type": "custom", "name": t["name"], "description": t["description"]} if t["name"] in custom else
-             {"type": "function", "name": t["name"], "description": t["description"], "parameters": t["parameters"],
-              "strict": False} for t in req.get("tools") or ()]
-    return {"id": req["extra"].get("response_id") or new_id("resp_"), "object": "response", "created_at": int(time.time()),
+    tools = [{"type": "custom", "name": t["name"],
+              "description": t["description"]} if t["name"] in custom else
+             {"type": "function", "name": t["name"], "description": t["description"],
+              "parameters": t["parameters"], "strict": False} for t in req.get("tools") or ()]
+    return {"id": req["extra"].get("response_id") or new_id("resp_"), "object": "response",
+            "created_at": int(time.time()),
             "status": status, "model": model, "error": error, "incomplete_details": details,
             "output": output, "parallel_tool_calls": req.get("parallel_tool_calls") is not False,
             "tool_choice": choice, "tools": tools, "max_output_tokens": req.get("max_tokens"),
-            "temperature": req.get("temperature"), "top_p": req.get("top_p"), "store": req["extra"].get("store", False),
+            "temperature": req.get("temperature"), "top_p": req.get("top_p"),
+            "store": req["extra"].get("store", False),
             "usage": _responses_usage(usage) if usage is not None else None}
 
 
@@ -2355,13 +2519,16 @@ class ResponsesStreamEncoder:
         out = self._close()
         self.item, self.buf = item, []
         idx = len(self.output)
-        out += self._ev({"type": "response.output_item.added", "output_index": idx, "item": dict(item)})
+        out += self._ev({"type": "response.output_item.added", "output_index": idx,
+                         "item": dict(item)})
         if item["type"] == "message":
-            out += self._ev({"type": "response.content_part.added", "item_id": item["id"], "output_index": idx,
-                             "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})
+            out += self._ev({"type": "response.content_part.added", "item_id": item["id"],
+                             "output_index": idx, "content_index": 0,
+                             "part": {"type": "output_text", "text": "", "annotations": []}})
         elif item["type"] == "reasoning":
             out += self._ev({"type": "response.reasoning_summary_part.added", "item_id": item["id"],
-                             "output_index": idx, "summary_index": 0, "part": {"type": "summary_text", "text": ""}})
+                             "output_index": idx, "summary_index": 0,
+                             "part": {"type": "summary_text", "text": ""}})
         return out
 
     def _close(self):
@@ -2373,10 +2540,10 @@ class ResponsesStreamEncoder:
         out = b""
         if item["type"] == "message":
             part = {"type": "output_text", "text": text, "annotations": []}
-            out += self._ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": idx,
-                             "content_index": 0, "text": text, "logprobs": []})
-            out += self._ev({"type": "response.content_part.done", "item_id": item["id"], "output_index": idx,
-                             "content_index": 0, "part": part})
+            out += self._ev({"type": "response.output_text.done", "item_id": item["id"],
+                             "output_index": idx, "content_index": 0, "text": text, "logprobs": []})
+            out += self._ev({"type": "response.content_part.done", "item_id": item["id"],
+                             "output_index": idx, "content_index": 0, "part": part})
             item = dict(item, status="completed", content=[part])
         elif item["type"] == "reasoning":
             part = {"type": "summary_text", "text": text}
@@ -2389,13 +2556,15 @@ class ResponsesStreamEncoder:
             out += self._ev({"type": "response.function_call_arguments.done", "item_id": item["id"],
                              "output_index": idx, "name": item["name"], "arguments": text})
             item = dict(item, arguments=text, status="completed")
-        else:   # custom_tool_call: the input is the `input` argument, known once the call is complete
+        # custom_tool_call: the input is the `input` argument, known once the call is complete
+        else:
             value = str(parse_args_json(text).get("input", ""))
             out += self._ev({"type": "response.custom_tool_call_input.done", "item_id": item["id"],
                              "output_index": idx, "input": value})
             item = dict(item, input=value, status="completed")
         self.output.append(item)
-        return out + self._ev({"type": "response.output_item.done", "output_index": idx, "item": item})
+        return out + self._ev({"type": "response.output_item.done",
+                               "output_index": idx, "item": item})
 
     def _partial(self):
         """The item that was streaming when the reply failed, as far as it got (status
@@ -2404,13 +2573,15 @@ class ResponsesStreamEncoder:
         if item is None:
             return []
         if item["type"] == "message":
-            return [dict(item, status="incomplete", content=[{"type": "output_text", "text": text, "annotations": []}])]
+            return [dict(item, status="incomplete",
+                         content=[{"type": "output_text", "text": text, "annotations": []}])]
         if item["type"] == "reasoning":
             return [dict(item, summary=[{"type": "summary_text", "text": text}])]
         if item["type"] == "function_call":
             return [dict(item, arguments=text, status="incomplete")]
         if item["type"] == "custom_tool_call":
-            return [dict(item, input=str(parse_args_json(text).get("input", "")), status="incomplete")]
+            return [dict(item, input=str(parse_args_json(text).get("input", "")),
+                         status="incomplete")]
         return [dict(item, status="incomplete")]
 
     def encode(self, ev):
@@ -2418,21 +2589,26 @@ class ResponsesStreamEncoder:
         idx = len(self.output)
         if kind == "text":
             out = b"" if self.item and self.item["type"] == "message" else self._open(
-                {"type": "message", "id": f"msg_{idx}", "status": "in_progress", "role": "assistant", "content": []})
+                {"type": "message", "id": f"msg_{idx}", "status": "in_progress",
+                 "role": "assistant", "content": []})
             self.buf.append(ev[1])
             return out + self._ev({"type": "response.output_text.delta", "item_id": self.item["id"],
-                                   "output_index": len(self.output), "content_index": 0, "delta": ev[1], "logprobs": []})
+                                   "output_index": len(self.output), "content_index": 0,
+                                   "delta": ev[1], "logprobs": []})
         if kind == "thinking":
             out = b"" if self.item and self.item["type"] == "reasoning" else self._open(
                 {"type": "reasoning", "id": f"rs_{idx}", "summary": []})
             self.buf.append(ev[1])
-            return out + self._ev({"type": "response.reasoning_summary_text.delta", "item_id": self.item["id"],
-                                   "output_index": len(self.output), "summary_index": 0, "delta": ev[1]})
+            return out + self._ev({"type": "response.reasoning_summary_text.delta",
+                                   "item_id": self.item["id"], "output_index": len(self.output),
+                                   "summary_index": 0, "delta": ev[1]})
         if kind == "tool":
             if ev[2] in self.custom:
-                return self._open({"type": "custom_tool_call", "id": f"ctc_{idx}", "call_id": ev[1], "name": ev[2],
+                return self._open({"type": "custom_tool_call", "id": f"ctc_{idx}",
+                                   "call_id": ev[1], "name": ev[2],
                                    "input": "", "status": "in_progress"})
-            return self._open({"type": "function_call", "id": f"fc_{idx}", "call_id": ev[1], "name": ev[2],
+            return self._open({"type": "function_call", "id": f"fc_{idx}",
+                               "call_id": ev[1], "name": ev[2],
                                "arguments": "", "status": "in_progress"})
         if kind == "args":
             if self.item is None:
@@ -2440,7 +2616,8 @@ class ResponsesStreamEncoder:
             self.buf.append(ev[1])
             if self.item["type"] != "function_call":
                 return b""
-            return self._ev({"type": "response.function_call_arguments.delta", "item_id": self.item["id"],
+            return self._ev({"type": "response.function_call_arguments.delta",
+                             "item_id": self.item["id"],
                              "output_index": len(self.output), "delta": ev[1]})
         if kind == "start":
             obj = _responses_object(self.req, self.model, "in_progress", [], None)
@@ -2449,15 +2626,19 @@ class ResponsesStreamEncoder:
         if kind == "end":
             out = self._close()
             status, details = RESPONSES_STATUS.get(ev[1], ("completed", None))
-            obj = _responses_object(self.req, self.model, status, self.output, ev[2] or empty_usage(), details)
-            return out + self._ev({"type": "response.completed" if status == "completed" else "response.incomplete",
-                                   "response": obj})
+            obj = _responses_object(self.req, self.model, status, self.output,
+                                    ev[2] or empty_usage(), details)
+            done = "response.completed" if status == "completed" else "response.incomplete"
+            return out + self._ev({"type": done, "response": obj})
         if kind == "error":
             err = ev[1]
-            code = {"rate_limit": "rate_limit_exceeded", "billing": "insufficient_quota"}.get(err.etype, "server_error")
-            obj = _responses_object(self.req, self.model, "failed", self.output + self._partial(), None,
+            code = {"rate_limit": "rate_limit_exceeded",
+                    "billing": "insufficient_quota"}.get(err.etype, "server_error")
+            obj = _responses_object(self.req, self.model, "failed",
+                                    self.output + self._partial(), None,
                                     error={"code": code, "message": err.message})
-            return self._ev({"type": "error", "code": code, "message": err.message, "param": None}) + \
+            return self._ev({"type": "error", "code": code,
+                             "message": err.message, "param": None}) + \
                 self._ev({"type": "response.failed", "response": obj})
         return b""
 
@@ -2474,7 +2655,8 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
         if role == "assistant":
             for p in parts:
                 if p["type"] == "text" and p["text"]:
-                    items.append({"role": "assistant", "content": [{"type": "output_text", "text": p["text"]}]})
+                    items.append({"role": "assistant",
+                                  "content": [{"type": "output_text", "text": p["text"]}]})
                 elif p["type"] == "tool_call":
                     items.append({"type": "function_call", "call_id": p["id"], "name": p["name"],
                                   "arguments": dumps(p["arguments"])})
@@ -2483,8 +2665,9 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
         for p in parts:
             if p["type"] == "tool_result":
                 items.append({"type": "function_call_output", "call_id": p["id"],
-                              "output": ("Error: " if p.get("is_error") else "") + text_of(p["content"])})
-                content += [{"type": "input_image", "image_url": image_url_of(q)} for q in p["content"] if q["type"] == "image"]
+                              "output": result_text(p)})
+                content += [{"type": "input_image",
+                             "image_url": image_url_of(q)} for q in p["content"] if q["type"] == "image"]
             elif p["type"] == "text":
                 content.append({"type": "input_text", "text": p["text"]})
             elif p["type"] == "image":
@@ -2504,7 +2687,8 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         effort = r.get("effort") or "medium"
-        body["reasoning"] = {"effort": effort if effort in ("minimal", "low", "medium", "high") else "high",
+        body["reasoning"] = {"effort": effort if effort in ("minimal", "low",
+                                                            "medium", "high") else "high",
                              "summary": "auto"}
     if req["stream"]:
         body["stream"] = True
@@ -2515,7 +2699,8 @@ def _responses_usage_in(u):
     if not u:
         return None
     return {"input": u.get("input_tokens") or 0, "output": u.get("output_tokens") or 0,
-            "cache_read": (u.get("input_tokens_details") or {}).get("cached_tokens") or 0, "cache_write": 0,
+            "cache_read": (u.get("input_tokens_details") or {}).get("cached_tokens") or 0,
+            "cache_write": 0,
             "reasoning": (u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0}
 
 
@@ -2531,21 +2716,26 @@ def responses_decode_response(body, prov=None):
     for item in body.get("output") or []:
         t = item.get("type")
         if t == "message":
-            text = "".join(c.get("text", "") for c in item.get("content") or [] if c.get("type") in ("output_text", "text"))
+            text = "".join(c.get("text", "") for c in item.get("content") or []
+                           if c.get("type") in ("output_text", "text"))
             if text:
                 parts.append({"type": "text", "text": text})
         elif t == "reasoning":
-            text = "".join(s.get("text", "") for s in (item.get("summary") or []) + (item.get("content") or []))
+            pieces = (item.get("summary") or []) + (item.get("content") or [])
+            text = "".join(s.get("text", "") for s in pieces)
             if text:
                 parts.append({"type": "thinking", "text": text})
         elif t in ("function_call", "custom_tool_call"):
-            args = {"input": item.get("input", "")} if t == "custom_tool_call" else parse_args_json(item.get("arguments") or "")
-            parts.append({"type": "tool_call", "id": item.get("call_id") or new_id("call_"), "name": item.get("name", ""),
-                          "arguments": args})
+            args = ({"input": item.get("input", "")} if t == "custom_tool_call"
+                    else parse_args_json(item.get("arguments") or ""))
+            parts.append({"type": "tool_call", "id": item.get("call_id") or new_id("call_"),
+                          "name": item.get("name", ""), "arguments": args})
     usage = empty_usage()
     usage.update(_responses_usage_in(body.get("usage")) or {})
-    return {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_sequence": None,
-            "stop_reason": _responses_stop(body, any(p["type"] == "tool_call" for p in parts)), "usage": usage}
+    return {"id": body.get("id"), "model": body.get("model"), "content": parts,
+            "stop_sequence": None,
+            "stop_reason": _responses_stop(body, any(p["type"] == "tool_call" for p in parts)),
+            "usage": usage}
 
 
 class ResponsesStreamDecoder(SSEDecoder):
@@ -2578,7 +2768,8 @@ class ResponsesStreamDecoder(SSEDecoder):
                 out.append(("tool", item.get("call_id") or new_id("call_"), item.get("name", "")))
         elif t == "response.output_item.done":
             item = obj.get("item") or {}
-            if item.get("type") == "function_call" and item.get("id") not in self.args_seen and item.get("arguments"):
+            if (item.get("type") == "function_call" and item.get("id") not in self.args_seen
+                    and item.get("arguments")):
                 out.append(("args", item["arguments"]))     # servers that send no argument deltas
             elif item.get("type") == "custom_tool_call":
                 out.append(("args", dumps({"input": item.get("input", "")})))
@@ -2588,7 +2779,8 @@ class ResponsesStreamDecoder(SSEDecoder):
         elif t in ("response.completed", "response.incomplete"):
             r = obj.get("response") or {}
             self.ended = True
-            out.append(("end", _responses_stop(r, self.saw_tool), _responses_usage_in(r.get("usage")), None))
+            out.append(("end", _responses_stop(r, self.saw_tool),
+                        _responses_usage_in(r.get("usage")), None))
         elif t in ("response.failed", "error"):
             e = (obj.get("response") or {}).get("error") or obj
             self.ended = True
@@ -2640,14 +2832,20 @@ def responses_list_models(fetch, known):
 
 # ----------------------------------------------------------------------------------- Gemini --
 
-GEMINI_FINISH = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal", "RECITATION": "refusal",
-                 "BLOCKLIST": "refusal", "PROHIBITED_CONTENT": "refusal", "SPII": "refusal", "LANGUAGE": "refusal",
-                 "IMAGE_SAFETY": "refusal", "IMAGE_PROHIBITED_CONTENT": "refusal", "IMAGE_RECITATION": "refusal"}
+GEMINI_FINISH = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens", "SAFETY": "refusal",
+                 "RECITATION": "refusal",
+                 "BLOCKLIST": "refusal", "PROHIBITED_CONTENT": "refusal", "SPII": "refusal",
+                 "LANGUAGE": "refusal",
+                 "IMAGE_SAFETY": "refusal", "IMAGE_PROHIBITED_CONTENT": "refusal",
+                 "IMAGE_RECITATION": "refusal"}
 GEMINI_TOOL_MODE = {"auto": "AUTO", "none": "NONE", "any": "ANY", "tool": "ANY"}
 #: The OpenAPI-3.0 subset Gemini accepts in functionDeclarations[].parameters.
-GEMINI_SCHEMA_KEYS = {"type", "format", "title", "description", "nullable", "enum", "properties", "required",
-                      "items", "minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
-                      "minimum", "maximum", "pattern", "example", "default", "anyOf", "propertyOrdering"}
+GEMINI_SCHEMA_KEYS = {"type", "format", "title", "description", "nullable", "enum",
+                      "properties", "required",
+                      "items", "minItems", "maxItems", "minLength", "maxLength",
+                      "minProperties", "maxProperties",
+                      "minimum", "maximum", "pattern", "example", "default",
+                      "anyOf", "propertyOrdering"}
 #: Placeholder for function calls whose thought signature Gemini never issued (history from
 #: another provider); Gemini 3 rejects function calls without one.
 GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -2752,8 +2950,8 @@ def _gemini_schema_normal(schema, root, depth):
 
 
 #: neutral field -> generationConfig field, limit (at most 5 stop sequences)
-GEMINI_SAMPLING = (("temperature", "temperature", None), ("top_p", "topP", None), ("top_k", "topK", None),
-                   ("stop", "stopSequences", 5))
+GEMINI_SAMPLING = (("temperature", "temperature", None), ("top_p", "topP", None),
+                   ("top_k", "topK", None), ("stop", "stopSequences", 5))
 
 
 def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
@@ -2771,7 +2969,8 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
             if t == "text":
                 parts.append({"text": ("[system] " if m["role"] == "system" else "") + p["text"]})
             elif t == "image":
-                parts.append({"inlineData": {"mimeType": p["media_type"], "data": p["data"]}} if "data" in p
+                parts.append({"inlineData": {"mimeType": p["media_type"],
+                                             "data": p["data"]}} if "data" in p
                              else {"fileData": {"mimeType": "image/*", "fileUri": p["url"]}})
             elif t == "tool_result":
                 key = "error" if p.get("is_error") else "result"
@@ -2796,7 +2995,8 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
         contents.insert(0, {"role": "user", "parts": [{"text": "Continue."}]})
     body = {"contents": contents}
     if req["system"]:
-        body["systemInstruction"] = {"parts": [{"text": p["text"]} for p in req["system"] if p.get("text")]}
+        body["systemInstruction"] = {"parts": [{"text": p["text"]} for p in req["system"]
+                                               if p.get("text")]}
     if req["tools"]:
         decls = []
         for t in req["tools"]:
@@ -2819,7 +3019,8 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         gen["thinkingConfig"] = {"includeThoughts": True,
-                                 "thinkingBudget": r.get("budget_tokens") or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)}
+                                 "thinkingBudget": r.get("budget_tokens")
+                                 or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)}
     if gen:
         body["generationConfig"] = gen
     return body
@@ -2831,7 +3032,8 @@ def _gemini_usage(u):
     thoughts = u.get("thoughtsTokenCount") or 0
     return {"input": (u.get("promptTokenCount") or 0) + (u.get("toolUsePromptTokenCount") or 0),
             "output": (u.get("candidatesTokenCount") or 0) + thoughts,
-            "cache_read": u.get("cachedContentTokenCount") or 0, "cache_write": 0, "reasoning": thoughts}
+            "cache_read": u.get("cachedContentTokenCount") or 0, "cache_write": 0,
+            "reasoning": thoughts}
 
 
 def _gemini_parts_events(parts, prov):
@@ -2861,7 +3063,8 @@ def gemini_decode_response(body, prov=None):
     cands = body.get("candidates") or []
     c = cands[0] if cands else {}
     evs = _gemini_parts_events((c.get("content") or {}).get("parts"), prov)
-    resp = fold_events([("start", {"id": body.get("responseId"), "model": body.get("modelVersion")})] + evs)
+    resp = fold_events([("start",
+                         {"id": body.get("responseId"), "model": body.get("modelVersion")})] + evs)
     has_tool = any(e[0] == "tool" for e in evs)
     stop = "refusal" if not cands and (body.get("promptFeedback") or {}).get("blockReason") else \
         GEMINI_FINISH.get(c.get("finishReason"), "end_turn")
@@ -2886,7 +3089,8 @@ class GeminiStreamDecoder(SSEDecoder):
             super()._finish(out)
         else:
             stop = GEMINI_FINISH.get(self.finish, "end_turn")
-            out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, self.usage, None))
+            out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop,
+                        self.usage, None))
 
     def _data(self, data, out):
         obj = self._json(data)
@@ -2898,7 +3102,8 @@ class GeminiStreamDecoder(SSEDecoder):
             e = obj["error"]
             self.ended = True
             status = e.get("code") if isinstance(e.get("code"), int) else 502
-            out.append(("error", ApiError(status, STATUS_ERROR_TYPE.get(status, "api_error"), e.get("message") or "error")))
+            out.append(("error", ApiError(status, STATUS_ERROR_TYPE.get(status, "api_error"),
+                                          e.get("message") or "error")))
             return
         if not self.started:
             self.started = True
@@ -2933,12 +3138,14 @@ def gemini_parse_error(status, body):
 # model and the stream flag come from the path: POST .../models/{model}:generateContent or
 # :streamGenerateContent?alt=sse.
 
-GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT",
+GEMINI_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
+                 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 409: "ABORTED",
+                 413: "INVALID_ARGUMENT",
                  429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED",
                  502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
-TO_GEMINI_FINISH = {"end_turn": "STOP", "tool_use": "STOP", "stop_sequence": "STOP", "pause_turn": "STOP",
-                    "max_tokens": "MAX_TOKENS", "refusal": "SAFETY"}
+TO_GEMINI_FINISH = {"end_turn": "STOP", "tool_use": "STOP", "stop_sequence": "STOP",
+                    "pause_turn": "STOP", "max_tokens": "MAX_TOKENS", "refusal": "SAFETY"}
 
 
 def gemini_json_schema(schema, depth=0):
@@ -2975,8 +3182,9 @@ def _gkeys(d):
 def _gemini_in_part(p, f, calls, results, only_gemini):
     """One part of a client's content -> neutral parts. `calls`: name -> ids of earlier function
     calls (a functionResponse without an id answers the oldest call of its name). A part with no
-    neutral form (a PDF, code execution) is left out and named in `only_gemini`: it still reaches a
-    Gemini provider on the byte passthrough, and no other provider is sent the request without it."""
+    neutral form (a PDF, code execution) is left out and named in `only_gemini`: it still reaches
+    a Gemini provider on the byte passthrough, and no other provider is sent the request without
+    it."""
     _need(isinstance(p, dict), f, "must be an object")
     p = _gkeys(p)
     if "text" in p:
@@ -2991,7 +3199,7 @@ def _gemini_in_part(p, f, calls, results, only_gemini):
         return [{"type": "text", "text": p["text"]}] if p["text"] else []
     if "inlineData" in p:
         d = _gkeys(p["inlineData"])
-        _need(isinstance(d, dict) and isinstance(d.get("data"), str) and isinstance(d.get("mimeType"), str),
+        _need(isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("data", "mimeType")),
               f + ".inlineData", "must be {\"mimeType\", \"data\"} with base64 data")
         if not d["mimeType"].startswith("image/"):
             only_gemini.append(f"{f}.inlineData ({d['mimeType']})")
@@ -2999,42 +3207,50 @@ def _gemini_in_part(p, f, calls, results, only_gemini):
         return [{"type": "image", "media_type": d["mimeType"], "data": d["data"]}]
     if "fileData" in p:
         d = _gkeys(p["fileData"])
-        _need(isinstance(d, dict) and isinstance(d.get("fileUri"), str), f + ".fileData", "must have a fileUri string")
+        _need(isinstance(d, dict) and isinstance(d.get("fileUri"), str), f + ".fileData",
+              "must have a fileUri string")
         if not str(d.get("mimeType") or "image/").startswith("image/"):
             only_gemini.append(f"{f}.fileData ({d.get('mimeType')})")
             return []
         return [{"type": "image", "url": d["fileUri"]}]
     if "functionCall" in p:
         fc = _gkeys(p["functionCall"])
-        _need(isinstance(fc, dict) and isinstance(fc.get("name"), str), f + ".functionCall.name", "must be a string")
+        _need(isinstance(fc, dict) and isinstance(fc.get("name"), str),
+              f + ".functionCall.name", "must be a string")
         _need(isinstance(fc.get("args") or {}, dict), f + ".functionCall.args", "must be an object")
-        cid = fc.get("id") if isinstance(fc.get("id"), str) and fc["id"] else f"call_{len(results)}_{fc['name']}"
+        cid = fc.get("id") if isinstance(fc.get("id"), str) and fc["id"] else None
+        cid = cid or f"call_{len(results)}_{fc['name']}"
         results.append(cid)
         calls.setdefault(fc["name"], []).append(cid)
-        return [{"type": "tool_call", "id": cid, "name": fc["name"], "arguments": fc.get("args") or {}}]
+        return [{"type": "tool_call", "id": cid, "name": fc["name"],
+                 "arguments": fc.get("args") or {}}]
     if "functionResponse" in p:
         fr = _gkeys(p["functionResponse"])
-        _need(isinstance(fr, dict) and isinstance(fr.get("name"), str), f + ".functionResponse.name", "must be a string")
+        _need(isinstance(fr, dict) and isinstance(fr.get("name"), str),
+              f + ".functionResponse.name", "must be a string")
         resp = fr.get("response")
-        _need(resp is None or isinstance(resp, dict), f + ".functionResponse.response", "must be an object")
+        _need(resp is None or isinstance(resp, dict), f + ".functionResponse.response",
+              "must be an object")
         resp = resp or {}
-        only = next(iter(resp.values())) if len(resp) == 1 and next(iter(resp)) in ("result", "output", "error") \
-            else None
+        lone = len(resp) == 1 and next(iter(resp)) in ("result", "output", "error")
+        only = next(iter(resp.values())) if lone else None
         text = only if isinstance(only, str) else dumps(only if only is not None else resp)
         pending = calls.get(fr["name"]) or []
-        cid = fr.get("id") if isinstance(fr.get("id"), str) and fr["id"] else (pending.pop(0) if pending else
-                                                                                f"call_{fr['name']}")
+        cid = fr.get("id") if isinstance(fr.get("id"), str) and fr["id"] else None
+        if cid is None:
+            cid = pending.pop(0) if pending else f"call_{fr['name']}"
         if cid in pending:
             pending.remove(cid)
         return [{"type": "tool_result", "id": cid, "is_error": "error" in resp and len(resp) == 1,
                  "content": [{"type": "text", "text": text}]}]
     if set(p) <= {"thoughtSignature", "thought"}:
         return []             # a signature on an empty part: Gemini's own, meaningless elsewhere
-    if {"executableCode", "codeExecutionResult", "videoMetadata"} & set(p):
-        only_gemini.append(f"{f}.{next(iter({'executableCode', 'codeExecutionResult', 'videoMetadata'} & set(p)))}")
+    gemini_only = {"executableCode", "codeExecutionResult", "videoMetadata"} & set(p)
+    if gemini_only:
+        only_gemini.append(f"{f}.{min(gemini_only)}")
         return []
-    raise ApiError(400, "invalid_request", f"{f}: a part needs one of text, inlineData, fileData, functionCall, "
-                   "functionResponse", param=f)
+    raise ApiError(400, "invalid_request", f"{f}: a part needs one of text, inlineData, fileData, "
+                                           "functionCall, functionResponse", param=f)
 
 
 def gemini_decode_request(body, model=None, stream=False, count_only=False):
@@ -3044,11 +3260,13 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
     body = _gkeys(body)
     if count_only and isinstance(body.get("generateContentRequest"), dict):
         body = _gkeys(body["generateContentRequest"])
-    if model is None and isinstance(body.get("model"), str):     # POST /v1/route: the model in the body
+    # POST /v1/route: the model in the body
+    if model is None and isinstance(body.get("model"), str):
         model = body["model"][7:] if body["model"].startswith("models/") else body["model"]
     model = _model_name({"model": model})
     contents = body.get("contents")
-    _need(isinstance(contents, list) and (contents or count_only), "contents", "is required and must be a non-empty array")
+    _need(isinstance(contents, list) and (contents or count_only), "contents",
+          "is required and must be a non-empty array")
     messages, calls, ids, only_gemini = [], {}, [], []
     for i, c in enumerate(contents):
         f = f"contents[{i}]"
@@ -3069,7 +3287,8 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         else:
             messages.append({"role": role, "content": out})
     sys_in = _gkeys(body.get("systemInstruction"))
-    _need(sys_in is None or isinstance(sys_in, (dict, str)), "systemInstruction", "must be a content object")
+    _need(sys_in is None or isinstance(sys_in, (dict, str)), "systemInstruction",
+          "must be a content object")
     if isinstance(sys_in, str):
         sys_in = {"parts": [{"text": sys_in}]}
     system = [{"type": "text", "text": p["text"]} for p in (sys_in or {}).get("parts") or []
@@ -3080,8 +3299,10 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         for j, d in enumerate(_gkeys(t).get("functionDeclarations") or []):
             f = f"tools[{i}].functionDeclarations[{j}]"
             d = _gkeys(d)
-            _need(isinstance(d, dict) and isinstance(d.get("name"), str), f + ".name", "is required and must be a string")
-            params = d.get("parametersJsonSchema") if "parametersJsonSchema" in d else gemini_json_schema(d.get("parameters"))
+            _need(isinstance(d, dict) and isinstance(d.get("name"), str), f + ".name",
+                  "is required and must be a string")
+            params = (d.get("parametersJsonSchema") if "parametersJsonSchema" in d
+                      else gemini_json_schema(d.get("parameters")))
             tools.append(neutral_tool(d["name"], d.get("description"), params, f))
     fcc = _gkeys(_gkeys(body.get("toolConfig") or {}).get("functionCallingConfig") or {}) \
         if isinstance(body.get("toolConfig"), dict) else {}
@@ -3099,14 +3320,17 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
     _need(gen.get("candidateCount") in (None, 1), "generationConfig.candidateCount",
           "must be 1: the router returns one candidate")
     stop = gen.get("stopSequences")
-    _need(stop is None or isinstance(stop, list), "generationConfig.stopSequences", "must be an array of strings")
+    _need(stop is None or isinstance(stop, list), "generationConfig.stopSequences",
+          "must be an array of strings")
     think = _gkeys(gen["thinkingConfig"]) if isinstance(gen.get("thinkingConfig"), dict) else {}
     budget, level = think.get("thinkingBudget"), think.get("thinkingLevel")
-    reasoning = None          # (includeThoughts alone only asks to see thoughts there are: Gemini CLI always sends it)
+    # (includeThoughts alone only asks to see thoughts there are: Gemini CLI always sends it)
+    reasoning = None
     if budget == 0:
         reasoning = {"enabled": False}
     elif isinstance(budget, int) and (budget > 0 or budget == -1) or level:
-        reasoning = {"enabled": True, "budget_tokens": budget if isinstance(budget, int) and budget > 0 else None,
+        reasoning = {"enabled": True,
+                     "budget_tokens": budget if isinstance(budget, int) and budget > 0 else None,
                      "effort": str(level).lower() if level else None}
     extra = {"same_dialect_only": only_gemini} if only_gemini else {}
     return neutral_request(
@@ -3127,7 +3351,7 @@ def _gemini_unwrap_signature(sig):
     """-> (thinking text, signature) of a block the router wrapped, else (None, sig as it came)."""
     try:
         obj = loads(base64.b64decode(sig, validate=True))
-        if isinstance(obj, dict) and isinstance(obj.get("s"), str) and isinstance(obj.get("t"), str):
+        if isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("s", "t")):
             return obj["t"], obj["s"]
     except (binascii.Error, ValueError, UnicodeDecodeError):
         pass
@@ -3136,7 +3360,8 @@ def _gemini_unwrap_signature(sig):
 
 def _to_gemini_usage(u):
     u = u or empty_usage()
-    out = {"promptTokenCount": u.get("input", 0), "candidatesTokenCount": u.get("output", 0) - u.get("reasoning", 0),
+    out = {"promptTokenCount": u.get("input", 0),
+           "candidatesTokenCount": u.get("output", 0) - u.get("reasoning", 0),
            "totalTokenCount": u.get("input", 0) + u.get("output", 0)}
     if u.get("reasoning"):
         out["thoughtsTokenCount"] = u["reasoning"]
@@ -3161,29 +3386,35 @@ def _gemini_out_part(p):
 def gemini_encode_response(resp, model, req):
     parts = [q for q in (_gemini_out_part(p) for p in resp["content"]) if q is not None]
     return {"candidates": [{"content": {"role": "model", "parts": parts},
-                            "finishReason": TO_GEMINI_FINISH.get(resp["stop_reason"] or "end_turn", "STOP"),
+                            "finishReason": TO_GEMINI_FINISH.get(resp["stop_reason"] or "end_turn",
+                                                                 "STOP"),
                             "index": 0}],
             "usageMetadata": _to_gemini_usage(resp["usage"]), "modelVersion": model,
             "responseId": resp.get("id") or new_id("")}
 
 
 def gemini_encode_error(err):
-    e = {"code": err.status, "message": err.message, "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}
+    e = {"code": err.status, "message": err.message,
+         "status": GEMINI_STATUS.get(err.status, "UNKNOWN")}
     retry = err.headers.get("Retry-After")
-    if retry:                              # Gemini CLI retries a 429 or 503 only with a RetryInfo it can read
-        e["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{retry}s"}]
+    # Gemini CLI retries a 429 or 503 only with a RetryInfo it can read
+    if retry:
+        e["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                         "retryDelay": f"{retry}s"}]
     return dumps({"error": e}).encode()
 
 
 class GeminiStreamEncoder:
     """Neutral events -> Gemini SSE chunks (data: GenerateContentResponse, no sentinel). Text and
     thoughts go out as they come; a function call goes out whole once its arguments are complete;
-    the last chunk carries finishReason and usageMetadata. Every chunk has the stream's responseId."""
+    the last chunk carries finishReason and usageMetadata. Every chunk has the stream's
+    responseId."""
 
     def __init__(self, model, req, input_estimate=0):
         self.model, self.input_estimate = model, input_estimate
         self.id = new_id("")
-        self.call = None          # [id, name, [argument pieces]] of the function call being streamed
+        # [id, name, [argument pieces]] of the function call being streamed
+        self.call = None
         self.thought = []         # the thinking text since the last signature
 
     def _chunk(self, parts, finish=None, usage=None):
@@ -3200,7 +3431,8 @@ class GeminiStreamEncoder:
             return []
         cid, name, pieces = self.call
         self.call = None
-        return [{"functionCall": {"id": cid, "name": name, "args": parse_args_json("".join(pieces))}}]
+        return [{"functionCall": {"id": cid, "name": name,
+                                  "args": parse_args_json("".join(pieces))}}]
 
     def encode(self, ev):
         kind = ev[0]
@@ -3224,8 +3456,10 @@ class GeminiStreamEncoder:
             parts.append({"text": "", "thought": True,
                           "thoughtSignature": _gemini_wrap_signature("".join(self.thought), ev[1])})
             self.thought = []
-        elif kind == "end":       # (never empty parts: the SDK's chat drops a turn whose last chunk has none)
-            return self._chunk(parts or [{"text": ""}], TO_GEMINI_FINISH.get(ev[1] or "end_turn", "STOP"), ev[2])
+        # (never empty parts: the SDK's chat drops a turn whose last chunk has none)
+        elif kind == "end":
+            return self._chunk(parts or [{"text": ""}],
+                               TO_GEMINI_FINISH.get(ev[1] or "end_turn", "STOP"), ev[2])
         return self._chunk(parts) if parts else b""
 
 
@@ -3241,9 +3475,12 @@ def gemini_adjust(body, prov, req, meta, headers, foreign):
 def gemini_model_shape(entry):
     mid, _owner, meta = entry
     return {"name": "models/" + mid, "baseModelId": mid, "version": "001", "displayName": mid,
-            "description": "routed by Sage Router" + (f" to {', '.join(meta['route'])}" if "route" in meta else ""),
-            "inputTokenLimit": meta.get("context_window") or 0, "outputTokenLimit": meta.get("max_output") or 0,
-            "supportedGenerationMethods": ["generateContent", "countTokens"], "thinking": bool(meta.get("reasoning"))}
+            "description": "routed by Sage Router"
+                           + (f" to {', '.join(meta['route'])}" if "route" in meta else ""),
+            "inputTokenLimit": meta.get("context_window") or 0,
+            "outputTokenLimit": meta.get("max_output") or 0,
+            "supportedGenerationMethods": ["generateContent", "countTokens"],
+            "thinking": bool(meta.get("reasoning"))}
 
 
 def gemini_list_shape(entries, query=None):
@@ -3254,7 +3491,8 @@ def gemini_list_shape(entries, query=None):
         size = max(1, min(1000, int(query.get("pageSize") or 50)))
         start = max(0, int(query.get("pageToken") or 0))
     except ValueError:
-        raise ApiError(400, "invalid_request", "pageSize and pageToken must be integers", param="pageSize") from None
+        raise ApiError(400, "invalid_request", "pageSize and pageToken must be integers",
+                       param="pageSize") from None
     out = {"models": [gemini_model_shape(e) for e in entries[start:start + size]]}
     if start + size < len(entries):
         out["nextPageToken"] = str(start + size)
@@ -3265,17 +3503,24 @@ def gemini_list_models(fetch, known):
     """GET /models, every page (pageToken): the models that support generateContent."""
     out, token = {}, None
     for _page in range(100):
-        page = fetch("/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else ""))
+        token_q = f"&pageToken={urllib.parse.quote(token)}" if token else ""
+        page = fetch("/models?pageSize=1000" + token_q)
         for m in page.get("models") or []:
             if "generateContent" not in (m.get("supportedGenerationMethods") or []):
                 continue
             mid = m.get("baseModelId") or m.get("name", "").split("/", 1)[-1]
-            out[mid] = _clean({"context_window": m.get("inputTokenLimit"), "max_output": m.get("outputTokenLimit"),
-                               "input": ["text", "image"], "reasoning": True if m.get("thinking") else None})
+            out[mid] = _clean({"context_window": m.get("inputTokenLimit"),
+                               "max_output": m.get("outputTokenLimit"), "input": ["text", "image"],
+                               "reasoning": True if m.get("thinking") else None})
         token = page.get("nextPageToken")
         if not token:
             break
     return out
+
+
+def _gemini_model_path(prov, mid):
+    """The path of a Gemini model's methods (the id quoted whole: it may hold "/")."""
+    return f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}"
 
 
 def gemini_auth(prov, key, path, data):
@@ -3288,13 +3533,14 @@ STOP_TO_OLLAMA = {"max_tokens": "length"}
 
 
 def _ollama_images(images, field):
-    _need(images is None or (isinstance(images, list) and all(isinstance(x, str) for x in images)), field,
-          "must be an array of base64 strings")
+    _need(images is None or (isinstance(images, list) and all(isinstance(x, str) for x in images)),
+          field, "must be an array of base64 strings")
     parts = []
     for b in images or ():
         m = _DATA_URL_RE.match(b)
         data = m.group(2) if m else b
-        parts.append({"type": "image", "media_type": (m.group(1) if m else None) or sniff_mime(data), "data": data})
+        parts.append({"type": "image",
+                      "media_type": (m.group(1) if m else None) or sniff_mime(data), "data": data})
     return parts
 
 
@@ -3308,7 +3554,8 @@ def _ollama_options(body):
     _need(stop is None or isinstance(stop, list), "options.stop", "must be an array of strings")
     n = opts.get("num_predict")
     return {"max_tokens": n if isinstance(n, int) and n > 0 else None,
-            "temperature": _opt_num(opts, "temperature", 0, 2), "top_p": _opt_num(opts, "top_p", 0, 1),
+            "temperature": _opt_num(opts, "temperature", 0, 2),
+            "top_p": _opt_num(opts, "top_p", 0, 1),
             "top_k": _opt_int(opts, "top_k", 0), "stop": stop or None}
 
 
@@ -3333,7 +3580,8 @@ def ollama_decode_request(body):
             f = f"messages[{i}]"
             _need(isinstance(m, dict), f, "must be an object")
             role = m.get("role")
-            _need(role in ("system", "user", "assistant", "tool"), f + ".role", "must be one of system, user, assistant, tool")
+            _need(role in ("system", "user", "assistant", "tool"), f + ".role",
+                  "must be one of system, user, assistant, tool")
             content = m.get("content") or ""
             _need(isinstance(content, str), f + ".content", "must be a string")
             text = [{"type": "text", "text": content}] if content else []
@@ -3343,37 +3591,48 @@ def ollama_decode_request(body):
                 else:
                     system += text
             elif role == "user":
-                messages.append({"role": "user", "content": text + _ollama_images(m.get("images"), f + ".images")})
+                messages.append({"role": "user",
+                                 "content": text + _ollama_images(m.get("images"), f + ".images")})
             elif role == "assistant":
-                parts = [{"type": "thinking", "text": m["thinking"]}] if isinstance(m.get("thinking"), str) and m["thinking"] else []
+                thought = m.get("thinking")
+                parts = ([{"type": "thinking", "text": thought}]
+                         if isinstance(thought, str) and thought else [])
                 parts += text
                 calls = m.get("tool_calls") or []
                 _need(isinstance(calls, list), f + ".tool_calls", "must be an array")
                 for j, c in enumerate(calls):
                     fn = c.get("function") if isinstance(c, dict) else None
-                    _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"{f}.tool_calls[{j}].function.name", "must be a string")
-                    _need(isinstance(fn.get("arguments") or {}, (dict, str)), f"{f}.tool_calls[{j}].function.arguments",
-                          "must be an object")
-                    _need(c.get("id") is None or isinstance(c["id"], str), f"{f}.tool_calls[{j}].id", "must be a string")
+                    _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+                          f"{f}.tool_calls[{j}].function.name", "must be a string")
+                    _need(isinstance(fn.get("arguments") or {}, (dict, str)),
+                          f"{f}.tool_calls[{j}].function.arguments", "must be an object")
+                    _need(c.get("id") is None or isinstance(c["id"], str),
+                          f"{f}.tool_calls[{j}].id", "must be a string")
                     cid = c.get("id") or f"call_{i}_{j}"
                     calls_by_name.setdefault(fn["name"], []).append(cid)
-                    parts.append({"type": "tool_call", "id": cid, "name": fn["name"], "arguments": parse_args_json(fn.get("arguments") or {})})
+                    parts.append({"type": "tool_call", "id": cid, "name": fn["name"],
+                                  "arguments": parse_args_json(fn.get("arguments") or {})})
                 messages.append({"role": "assistant", "content": parts})
             else:
                 name = m.get("tool_name") or m.get("name")
-                cid = m.get("tool_call_id") or ((calls_by_name.get(name) or [None]).pop(0) if name else None) or f"call_{i}"
-                add_tool_result(messages, {"type": "tool_result", "id": cid, "is_error": False, "content": text})
+                cid = m.get("tool_call_id") or ((calls_by_name.get(name) or [None]).pop(0)
+                                                if name else None) or f"call_{i}"
+                add_tool_result(messages, {"type": "tool_result", "id": cid,
+                                           "is_error": False, "content": text})
     tools = []
     for i, t in enumerate(body.get("tools") or []):
         fn = t.get("function") if isinstance(t, dict) else None
-        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"tools[{i}].function.name", "is required and must be a string")
-        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"), f"tools[{i}].function"))
+        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str), f"tools[{i}].function.name",
+              "is required and must be a string")
+        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"),
+                                  f"tools[{i}].function"))
     stream = body.get("stream", True)
     _need(isinstance(stream, bool), "stream", "must be true or false")
     think = body.get("think")
     return neutral_request(
         model, system, messages, tools=tools, stream=stream,
-        reasoning={"enabled": True, "effort": think if isinstance(think, str) else None} if think else None,
+        reasoning={"enabled": True,
+                   "effort": think if isinstance(think, str) else None} if think else None,
         extra={"ollama_generate": generate}, **_ollama_options(body))
 
 
@@ -3395,7 +3654,8 @@ def _ollama_final(model, stop, usage, generate):
 
 
 def ollama_encode_response(resp, model, req):
-    out = _ollama_final(model, resp["stop_reason"], resp["usage"], req["extra"].get("ollama_generate"))
+    out = _ollama_final(model, resp["stop_reason"], resp["usage"],
+                        req["extra"].get("ollama_generate"))
     text = text_of(resp["content"])
     thinking = "".join(p["text"] for p in resp["content"] if p["type"] == "thinking")
     if req["extra"].get("ollama_generate"):
@@ -3407,7 +3667,8 @@ def ollama_encode_response(resp, model, req):
     msg["content"] = text
     if thinking:
         msg["thinking"] = thinking
-    calls = [{"id": p["id"], "function": {"index": i, "name": p["name"], "arguments": p["arguments"]}}
+    calls = [{"id": p["id"],
+              "function": {"index": i, "name": p["name"], "arguments": p["arguments"]}}
              for i, p in enumerate(q for q in resp["content"] if q["type"] == "tool_call")]
     if calls:
         msg["tool_calls"] = calls
@@ -3443,7 +3704,8 @@ class OllamaStreamEncoder:
             return b""
         cid, name = self.call
         self.call = None
-        call = {"id": cid, "function": {"index": self.index, "name": name, "arguments": parse_args_json("".join(self.args))}}
+        call = {"id": cid, "function": {"index": self.index, "name": name,
+                                        "arguments": parse_args_json("".join(self.args))}}
         self.index += 1
         if self.generate:
             return b""
@@ -3463,7 +3725,8 @@ class OllamaStreamEncoder:
             self.call, self.args = (ev[1], ev[2]), []
             return out
         if kind == "end":
-            return out + dumps(_ollama_final(self.model, ev[1], ev[2], self.generate)).encode() + b"\n"
+            return out + dumps(_ollama_final(self.model, ev[1],
+                                             ev[2], self.generate)).encode() + b"\n"
         if kind == "error":
             return out + ollama_encode_error(ev[1]) + b"\n"
         return out
@@ -3507,7 +3770,8 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
         text, images = [], []
         for p in parts:
             if p["type"] == "tool_result":
-                msgs.append({"role": "tool", "content": ("Error: " if p.get("is_error") else "") + text_of(p["content"]),
+                msgs.append({"role": "tool",
+                             "content": result_text(p),
                              "tool_name": names.get(p["id"], ""), "tool_call_id": p["id"]})
                 images += [q["data"] for q in p["content"] if q["type"] == "image" and "data" in q]
             elif p["type"] == "text":
@@ -3526,8 +3790,9 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
     opts.update(sampling_out(req, OLLAMA_SAMPLING))
     body = {"model": model_id, "messages": msgs, "stream": bool(req["stream"]), "options": opts}
     if req["tools"] and not (req.get("tool_choice") or {}).get("type") == "none":
-        body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
-                                                           "parameters": t["parameters"]}} for t in req["tools"]]
+        body["tools"] = [{"type": "function",
+                          "function": {"name": t["name"], "description": t["description"],
+                                       "parameters": t["parameters"]}} for t in req["tools"]]
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         body["think"] = True
@@ -3560,7 +3825,8 @@ def ollama_decode_response(body, prov=None):
     evs = _ollama_events(body)
     resp = fold_events([("start", {"id": None, "model": body.get("model")})] + evs)
     stop = OLLAMA_DONE.get(body.get("done_reason"), "end_turn")
-    resp["stop_reason"] = "tool_use" if any(e[0] == "tool" for e in evs) and stop == "end_turn" else stop
+    called = any(e[0] == "tool" for e in evs)
+    resp["stop_reason"] = "tool_use" if called and stop == "end_turn" else stop
     resp["usage"] = _ollama_usage(body)
     return resp
 
@@ -3594,7 +3860,8 @@ class OllamaStreamDecoder:
         self.buf = bytearray()
         if not self.ended:
             self.ended = True
-            out.append(("error", ApiError(502, "api_error", "the provider closed the stream before it finished")))
+            out.append(("error", ApiError(502, "api_error",
+                                          "the provider closed the stream before it finished")))
         return out
 
     def _line(self, line, out):
@@ -3619,7 +3886,8 @@ class OllamaStreamDecoder:
         if obj.get("done"):
             self.ended = True
             stop = OLLAMA_DONE.get(obj.get("done_reason"), "end_turn")
-            out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop, _ollama_usage(obj), None))
+            out.append(("end", "tool_use" if self.saw_tool and stop == "end_turn" else stop,
+                        _ollama_usage(obj), None))
 
 
 def ollama_parse_error(status, body):
@@ -3633,7 +3901,8 @@ def _ollama_meta(show):
     """Capabilities from Ollama's /api/show."""
     caps = show.get("capabilities")
     info = show.get("model_info") or {}
-    window = next((v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)), None)
+    window = next((v for k, v in info.items()
+                   if k.endswith(".context_length") and isinstance(v, int)), None)
     meta = {"context_window": window}
     if isinstance(caps, list) and caps:
         meta.update(tools="tools" in caps, reasoning="thinking" in caps,
@@ -3673,8 +3942,10 @@ def ollama_list_shape(entries, query=None):
     """GET /api/tags: every name a client may ask for (bare ids several providers have too)."""
     return {"models": [{"name": mid, "model": mid, "modified_at": "2025-01-01T00:00:00Z", "size": 0,
                         "digest": hashlib.sha256(mid.encode()).hexdigest(),
-                        "details": {"parent_model": "", "format": "sage-router", "family": mid.split("/")[0],
-                                    "families": [mid.split("/")[0]], "parameter_size": "", "quantization_level": ""}}
+                        "details": {"parent_model": "", "format": "sage-router",
+                                    "family": mid.split("/")[0],
+                                    "families": [mid.split("/")[0]], "parameter_size": "",
+                                    "quantization_level": ""}}
                        for mid, _owner, _meta in entries]}
 
 
@@ -3682,11 +3953,13 @@ def ollama_model_shape(entry):
     """POST /api/show: a model's details and capabilities (a route's are its first candidate's)."""
     mid, owner, caps = entry
     owner = caps["route"][0].split("/", 1)[0] if "route" in caps else owner
-    abilities = ["completion"] + (["tools"] if caps.get("tools") else []) + \
-        (["vision"] if "image" in (caps.get("input") or ()) else []) + (["thinking"] if caps.get("reasoning") else [])
-    return {"modelfile": "", "parameters": "", "template": "", "modified_at": "2025-01-01T00:00:00Z",
-            "details": {"parent_model": "", "format": "sage-router", "family": owner, "families": [owner],
-                        "parameter_size": "", "quantization_level": ""},
+    abilities = (["completion"] + (["tools"] if caps.get("tools") else [])
+                 + (["vision"] if "image" in (caps.get("input") or ()) else [])
+                 + (["thinking"] if caps.get("reasoning") else []))
+    return {"modelfile": "", "parameters": "", "template": "",
+            "modified_at": "2025-01-01T00:00:00Z",
+            "details": {"parent_model": "", "format": "sage-router", "family": owner,
+                        "families": [owner], "parameter_size": "", "quantization_level": ""},
             "model_info": {"general.architecture": "sage-router",
                            "sage-router.context_length": caps.get("context_window") or 0},
             "capabilities": abilities}
@@ -3720,7 +3993,8 @@ class Codec:
     Transport: request_path(provider, model, stream); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
-      provider, req, meta, client_headers, foreign) -> (body, extra headers): the same-dialect body as it goes out
+      provider, req, meta, client_headers, foreign) -> (body, extra headers): the same-dialect
+      body as it goes out
       (foreign: the thinking marks to keep when the history holds another provider's, else None).
     Catalogue: list_models(fetch, known) -> {id: metadata}, fetch(path, method, body) being the
       provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
@@ -3729,22 +4003,31 @@ class Codec:
     Front: client_paths: the POST paths its clients call -> action (generate, count_tokens, show);
       Gemini's, with the model in the path, are matched by the front's GEMINI_CALL."""
 
-    __slots__ = ("name", "decode_request", "encode_response", "stream_encoder", "encode_error", "stream_type",
-                 "boundary", "passthrough", "list_shape", "model_shape", "encode_request", "decode_response",
-                 "stream_decoder", "parse_error", "request_path", "auth", "root", "is_stream", "adjust",
-                 "list_models", "probe_path", "count_path", "count_result", "count_shape", "free", "client_paths")
+    __slots__ = ("name", "decode_request", "encode_response", "stream_encoder",
+                 "encode_error", "stream_type",
+                 "boundary", "passthrough", "list_shape", "model_shape",
+                 "encode_request", "decode_response",
+                 "stream_decoder", "parse_error", "request_path", "auth", "root",
+                 "is_stream", "adjust",
+                 "list_models", "probe_path", "count_path", "count_result", "count_shape",
+                 "free", "client_paths")
 
-    def __init__(self, name, *, decode_request=None, encode_response=None, stream_encoder=None, encode_error=None,
-                 stream_type="text/event-stream", boundary=_sse_boundary, passthrough=StreamPassthrough,
-                 list_shape=None, model_shape=None, encode_request=None, decode_response=None, stream_decoder=None,
-                 parse_error=None, request_path=None, auth=None, root=None, is_stream=_is_stream, adjust=None,
-                 list_models=None, probe_path=None, count_path=None, count_result=None, count_shape=None,
-                 free=False, client_paths=None):
+    def __init__(self, name, *, decode_request=None, encode_response=None,
+                 stream_encoder=None, encode_error=None,
+                 stream_type="text/event-stream", boundary=_sse_boundary,
+                 passthrough=StreamPassthrough,
+                 list_shape=None, model_shape=None, encode_request=None, decode_response=None,
+                 stream_decoder=None, parse_error=None, request_path=None, auth=None, root=None,
+                 is_stream=_is_stream, adjust=None,
+                 list_models=None, probe_path=None, count_path=None,
+                 count_result=None, count_shape=None, free=False, client_paths=None):
         self.name = name
-        self.decode_request, self.encode_response, self.stream_encoder = decode_request, encode_response, stream_encoder
+        self.decode_request, self.encode_response = decode_request, encode_response
+        self.stream_encoder = stream_encoder
         self.encode_error, self.stream_type, self.boundary = encode_error, stream_type, boundary
         self.passthrough, self.list_shape, self.model_shape = passthrough, list_shape, model_shape
-        self.encode_request, self.decode_response, self.stream_decoder = encode_request, decode_response, stream_decoder
+        self.encode_request, self.decode_response = encode_request, decode_response
+        self.stream_decoder = stream_decoder
         self.parse_error, self.request_path = parse_error, request_path
         self.auth = auth or (lambda prov, key, path, data: {})
         self.root, self.is_stream, self.adjust = root or (lambda path: path), is_stream, adjust
@@ -3773,15 +4056,16 @@ def decode_client_request(dialect, body, **kw):
 CODECS = {
     "openai": Codec(
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
-        stream_encoder=OpenAIStreamEncoder, encode_error=openai_encode_error, passthrough=OpenAIPassthrough,
-        list_shape=openai_list_shape, model_shape=openai_model_shape,
+        stream_encoder=OpenAIStreamEncoder, encode_error=openai_encode_error,
+        passthrough=OpenAIPassthrough, list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=openai_encode_request, decode_response=openai_decode_response,
         stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
-        auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models, probe_path="/models",
-        client_paths={"/v1/chat/completions": "generate"}),
+        auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
+        probe_path="/models", client_paths={"/v1/chat/completions": "generate"}),
     "anthropic": Codec(
-        "anthropic", decode_request=anthropic_decode_request, encode_response=anthropic_encode_response,
+        "anthropic", decode_request=anthropic_decode_request,
+        encode_response=anthropic_encode_response,
         stream_encoder=AnthropicStreamEncoder, encode_error=anthropic_encode_error,
         list_shape=anthropic_list_shape, model_shape=anthropic_model_shape,
         encode_request=anthropic_encode_request, decode_response=anthropic_decode_response,
@@ -3793,8 +4077,10 @@ CODECS = {
         count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n},
         client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"}),
     "openai-responses": Codec(
-        "openai-responses", decode_request=responses_decode_request, encode_response=responses_encode_response,
-        stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error, passthrough=ResponsesPassthrough,
+        "openai-responses", decode_request=responses_decode_request,
+        encode_response=responses_encode_response,
+        stream_encoder=ResponsesStreamEncoder, encode_error=openai_encode_error,
+        passthrough=ResponsesPassthrough,
         list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=responses_encode_request, decode_response=responses_decode_response,
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
@@ -3807,10 +4093,11 @@ CODECS = {
         list_shape=gemini_list_shape, model_shape=gemini_model_shape,
         encode_request=gemini_encode_request, decode_response=gemini_decode_response,
         stream_decoder=GeminiStreamDecoder, parse_error=gemini_parse_error,
-        request_path=lambda prov, mid, stream: f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}:"
-                                              + ("streamGenerateContent?alt=sse" if stream else "generateContent"),
-        auth=gemini_auth, adjust=gemini_adjust, list_models=gemini_list_models, probe_path="/models?pageSize=1",
-        count_path=lambda prov, mid: f"{prov.base_path}/models/{urllib.parse.quote(mid, safe='')}:countTokens",
+        request_path=lambda prov, mid, stream: _gemini_model_path(prov, mid) + (
+            ":streamGenerateContent?alt=sse" if stream else ":generateContent"),
+        auth=gemini_auth, adjust=gemini_adjust, list_models=gemini_list_models,
+        probe_path="/models?pageSize=1",
+        count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
         count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n}),
     "ollama": Codec(
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
@@ -3870,7 +4157,8 @@ class Provider:
         url = urllib.parse.urlsplit(self.base_url)
         # what /health and the log may show: the configured ${VAR} template (a URL built from
         # variables may hold a secret), else the URL without user info or query
-        self.base_url_shown = shown_url(cfg["base_url"] if "${" in str(cfg["base_url"]) else self.base_url)
+        self.base_url_shown = shown_url(cfg["base_url"] if "${" in str(cfg["base_url"])
+                                        else self.base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError("providers.json", f"providers.{name}.base_url",
                               f"an http:// or https:// URL (got {self.base_url_shown!r}"
@@ -3884,14 +4172,17 @@ class Provider:
         self.connect_timeout = cfg.get("connect_timeout", settings["connect_timeout"])
         self.first_byte_timeout = cfg.get("first_byte_timeout", settings["first_byte_timeout"])
         self.idle_timeout = cfg.get("idle_timeout", settings["idle_timeout"])
-        self.quirks = frozenset(cfg.get("quirks") or ()) | frozenset(HOST_QUIRKS.get(self.host, ())) | (
-            {"max_completion_tokens"} if cfg.get("max_tokens_field") == "max_completion_tokens" else set())
+        quirks = set(cfg.get("quirks") or ()) | set(HOST_QUIRKS.get(self.host, ()))
+        if cfg.get("max_tokens_field") == "max_completion_tokens":
+            quirks.add("max_completion_tokens")
+        self.quirks = frozenset(quirks)
         self.discover = cfg.get("discover", True)
         self.discover_interval = cfg.get("discover_interval", settings["discovery_interval"])
         self.anthropic_version = cfg.get("anthropic_version", "2023-06-01")
         self._ssl_context = None
         #: What a reload compares: a changed entry or key resets the provider's breakers.
-        self.fingerprint = hashlib.sha256(dumps([cfg, self.keys, self.base_url, self.headers]).encode()).hexdigest()
+        self.fingerprint = hashlib.sha256(dumps([cfg, self.keys,
+                                                 self.base_url, self.headers]).encode()).hexdigest()
 
     @property
     def ssl_context(self):
@@ -3927,7 +4218,8 @@ class Provider:
         pools = [f"{self.env_prefix}_API_KEYS"] + [v + "S" for v in used if v.endswith("_KEY")]
         for var in pools:
             self.keys += [k.strip() for k in env.get(var, "").split(",") if k.strip()]
-        self.keys = list(dict.fromkeys(clean_key(k, f"provider {self.name}: a key (from {', '.join(self.key_vars) or 'api_key'})")
+        self.keys = list(dict.fromkeys(clean_key(k, f"provider {self.name}: a key (from "
+                                                    f"{', '.join(self.key_vars) or 'api_key'})")
                                         for k in self.keys))
 
     def auth_headers(self, key, path="", data=b""):
@@ -3940,8 +4232,8 @@ class Provider:
 
     def public(self):
         """What /health may show: never a key."""
-        return {"name": self.name, "api": self.api, "base_url": self.base_url_shown, "enabled": self.enabled,
-                "disabled_reason": self.disabled_reason}
+        return {"name": self.name, "api": self.api, "base_url": self.base_url_shown,
+                "enabled": self.enabled, "disabled_reason": self.disabled_reason}
 
 
 #: Capabilities by model name, for models without explicit metadata (explicit metadata in
@@ -3950,15 +4242,21 @@ class Provider:
 MODEL_RULES = [
     (r"embed|rerank|whisper|tts|dall-e|gpt-image|moderation", {"tools": False, "chat": False}),
     (r"claude-opus-4-[01]\b|claude-opus-4$|claude-opus-4-2025", {"max_output": 32000}),
-    (r"claude-(?:opus|sonnet|haiku)-[4-9]|claude-[4-9]|claude-3-7", {"context_window": 200000, "max_output": 64000,
-                                                                 "input": ["text", "image"], "reasoning": True}),
+    (r"claude-(?:opus|sonnet|haiku)-[4-9]|claude-[4-9]|claude-3-7",
+     {"context_window": 200000, "max_output": 64000,
+                                                                 "input": ["text", "image"],
+                                                                 "reasoning": True}),
     (r"claude", {"context_window": 200000, "max_output": 8192, "input": ["text", "image"]}),
-    (r"gpt-5", {"context_window": 400000, "max_output": 128000, "input": ["text", "image"], "reasoning": True}),
+    (r"gpt-5", {"context_window": 400000, "max_output": 128000, "input": ["text", "image"],
+                "reasoning": True}),
     (r"gpt-4\.1", {"context_window": 1047576, "max_output": 32768, "input": ["text", "image"]}),
-    (r"gpt-4o|chatgpt-4o", {"context_window": 128000, "max_output": 16384, "input": ["text", "image"]}),
-    (r"(?:^|/)o[1-9](?:-|$)", {"context_window": 200000, "max_output": 100000, "input": ["text", "image"],
+    (r"gpt-4o|chatgpt-4o",
+     {"context_window": 128000, "max_output": 16384, "input": ["text", "image"]}),
+    (r"(?:^|/)o[1-9](?:-|$)",
+     {"context_window": 200000, "max_output": 100000, "input": ["text", "image"],
                               "reasoning": True}),
-    (r"gemini-(?:2\.5|[3-9])", {"context_window": 1048576, "max_output": 65536, "input": ["text", "image"],
+    (r"gemini-(?:2\.5|[3-9])",
+     {"context_window": 1048576, "max_output": 65536, "input": ["text", "image"],
                                 "reasoning": True}),
     (r"gemini", {"context_window": 1048576, "max_output": 8192, "input": ["text", "image"]}),
     (r"deepseek-r1|[-/]r1(?:[-:]|$)|qwq|reason|thinking", {"reasoning": True, "tools": False}),
@@ -3977,7 +4275,8 @@ CAPABILITY_DEFAULTS = {"context_window": None, "max_output": None, "input": ["te
 
 
 INTENT_NAMES = ("code", "creative", "reasoning", "general")
-_CODE_MODEL_RE = re.compile(r"coder|codestral|devstral|starcoder|codegemma|codellama|code-|-code|codex|claude|gpt-4\.1|gpt-5", re.I)
+_CODE_MODEL_RE = re.compile(r"coder|codestral|devstral|starcoder|codegemma|codellama|code-|-code|"
+                            r"codex|claude|gpt-4\.1|gpt-5", re.I)
 
 
 def infer_capabilities(model_id, explicit=None):
@@ -3993,9 +4292,11 @@ def infer_capabilities(model_id, explicit=None):
         caps.setdefault(k, v)
     if "intents" not in caps:
         coder = bool(_CODE_MODEL_RE.search(model_id))
-        only_code = coder and re.search(r"coder|codestral|devstral|starcoder|codegemma|codellama", model_id, re.I)
-        caps["intents"] = ["general"] + (["code"] if coder else []) + (["reasoning"] if caps["reasoning"] else []) + \
-            ([] if only_code else ["creative"])
+        only_code = coder and re.search(r"coder|codestral|devstral|starcoder|codegemma|codellama",
+                                        model_id, re.I)
+        caps["intents"] = (["general"] + (["code"] if coder else [])
+                           + (["reasoning"] if caps["reasoning"] else [])
+                           + ([] if only_code else ["creative"]))
     return caps
 
 
@@ -4036,7 +4337,8 @@ class Catalogue:
             for mid, meta in prov.models.items():
                 self.caps[(prov.name, mid)] = infer_capabilities(mid, meta)
                 self.bare.setdefault(mid, []).append((prov.name, mid))
-        self.routes = {name: self.expand(entries, name) for name, entries in cfg.get("routes", {}).items()}
+        self.routes = {name: self.expand(entries, name)
+                       for name, entries in cfg.get("routes", {}).items()}
         self.aliases = list(cfg.get("aliases", {}).items())
         self.strict = cfg.get("strict", False)
 
@@ -4108,7 +4410,8 @@ class Catalogue:
         """One name a client may ask for, as a listing entry, or None."""
         if self.routes.get(name):
             cands = self.routes[name]
-            return name, "sage-router", dict(self.meta(*cands[0]), route=[f"{p}/{m}" for p, m in cands])
+            return name, "sage-router", dict(self.meta(*cands[0]),
+                                             route=[f"{p}/{m}" for p, m in cands])
         if "/" in name and tuple(name.split("/", 1)) in self.caps:
             return name, name.split("/", 1)[0], self.meta(*name.split("/", 1))
         if name in self.bare:
@@ -4130,23 +4433,28 @@ class Catalogue:
 # except the rate-limited refresh for an unknown model name), merged into a new Catalogue.
 
 DISCOVERY_TIMEOUT = 5.0
-REQUEST_DISCOVERY_TIMEOUT = 2.0   # per source, for the refresh a request with an unknown model triggers
-def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT, key_index=0, base=True):
+# per source, for the refresh a request with an unknown model triggers
+REQUEST_DISCOVERY_TIMEOUT = 2.0
+def _fetch_json(prov, path, method="GET", body=None, timeout=DISCOVERY_TIMEOUT,
+                key_index=0, base=True):
     """One small JSON call to a provider's own API, on a short-lived connection (`path` is below
     the provider's base path unless base is False)."""
     if prov.scheme == "https":
-        conn = http.client.HTTPSConnection(prov.host, prov.port, timeout=timeout, context=prov.ssl_context)
+        conn = http.client.HTTPSConnection(prov.host, prov.port, timeout=timeout,
+                                           context=prov.ssl_context)
     else:
         conn = http.client.HTTPConnection(prov.host, prov.port, timeout=timeout)
     try:
-        full, data = (prov.base_path if base else "") + path, dumps(body).encode() if body is not None else None
-        headers = prov.auth_headers(prov.keys[key_index] if prov.keys and key_index is not None else None, full,
-                                    data or b"")
+        full = (prov.base_path if base else "") + path
+        data = dumps(body).encode() if body is not None else None
+        key = prov.keys[key_index] if prov.keys and key_index is not None else None
+        headers = prov.auth_headers(key, full, data or b"")
         conn.request(method, full, data, headers)
         resp = conn.getresponse()
         data = resp.read(16 << 20)
         if resp.status != 200:
-            raise DiscoveryError(f"HTTP {resp.status}: {CODECS[prov.api].parse_error(resp.status, data)[0]}")
+            raise DiscoveryError(f"HTTP {resp.status}: "
+                                 f"{CODECS[prov.api].parse_error(resp.status, data)[0]}")
         return loads(data)
     except (OSError, http.client.HTTPException, ValueError) as e:
         raise DiscoveryError(f"{type(e).__name__}: {e}") from None
@@ -4158,7 +4466,8 @@ def discover_models(prov, known=None, timeout=DISCOVERY_TIMEOUT):
     """The provider's current chat models -> {model_id: metadata}. `known` (the last list) saves
     Ollama's per-model /api/show calls for models already seen. Raises DiscoveryError."""
     out = CODECS[prov.api].list_models(
-        lambda path, method="GET", body=None: _fetch_json(prov, path, method, body, timeout), known or {})
+        lambda path, method="GET", body=None: _fetch_json(prov, path,
+                                                          method, body, timeout), known or {})
     # what a client could not ask for either (a buggy or hostile list): never into headers or logs
     return {k: v for k, v in out.items()
             if isinstance(k, str) and k and len(k) <= MAX_MODEL_NAME and not _CONTROL_RE.search(k)}
@@ -4190,13 +4499,15 @@ def complete(prov, model, key_index, system, text, max_tokens, settings, timeout
     connection with an overall timeout: for probes and the intent model. -> the reply's text.
     Raises DiscoveryError."""
     pc = CODECS[prov.api]
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    body = {"model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens}
     if system:
         body["messages"].insert(0, {"role": "system", "content": system})
     req = openai_decode_request(body)
     payload = pc.encode_request(req, model, prov, infer_capabilities(model, prov.models.get(model)),
                                 settings or DEFAULT_SETTINGS)
-    obj = _fetch_json(prov, pc.request_path(prov, model, False), "POST", payload, timeout, key_index, base=False)
+    obj = _fetch_json(prov, pc.request_path(prov, model, False), "POST", payload, timeout,
+                      key_index, base=False)
     try:
         return text_of(pc.decode_response(obj, prov)["content"])
     except (KeyError, TypeError, ValueError, AttributeError, ApiError) as e:
@@ -4229,9 +4540,11 @@ class Discovery:
         except DiscoveryError as e:
             st["fails"] += 1
             st["error"] = str(e)[:300]
-            st["next"] = time.monotonic() + min(interval, 5.0 * 2 ** min(st["fails"] - 1, 10))   # 5 s, 10 s, ...
+            # 5 s, 10 s, ...
+            st["next"] = time.monotonic() + min(interval, 5.0 * 2 ** min(st["fails"] - 1, 10))
             if st["fails"] == 1:
-                log.warning("discovery: %s: %s (keeping its last list; retrying with backoff)", prov.name, st["error"])
+                log.warning("discovery: %s: %s (keeping its last list; retrying with backoff)",
+                            prov.name, st["error"])
             return False
         st.update(fails=0, error=None, ok=time.time(), next=time.monotonic() + interval)
         with self.lock:
@@ -4256,7 +4569,8 @@ class Discovery:
             return {p: dict(m) for p, m in self.models.items()}
 
     def report(self):
-        return {p: {"models": len(self.models.get(p, {})), "last_ok": st["ok"], "error": st["error"]}
+        return {p: {"models": len(self.models.get(p, {})), "last_ok": st["ok"],
+                    "error": st["error"]}
                 for p, st in self.state.items()}
 
 
@@ -4297,7 +4611,8 @@ def _json5_to_json(text):
 
 
 OPENCLAW_APIS = {"openai-completions": "openai", "openai-responses": "openai-responses",
-                 "anthropic-messages": "anthropic", "google-generative-ai": "gemini", "ollama": "ollama"}
+                 "anthropic-messages": "anthropic",
+                 "google-generative-ai": "gemini", "ollama": "ollama"}
 
 
 def openclaw_providers(path, env):
@@ -4327,7 +4642,8 @@ def openclaw_providers(path, env):
                 continue
             cost = m.get("cost") if isinstance(m.get("cost"), dict) else {}
             models[m["id"]] = _clean({
-                "context_window": m.get("contextWindow") if isinstance(m.get("contextWindow"), int) else None,
+                "context_window": (m.get("contextWindow")
+                                   if isinstance(m.get("contextWindow"), int) else None),
                 "max_output": m.get("maxTokens") if isinstance(m.get("maxTokens"), int) else None,
                 "input": [x for x in m.get("input") or [] if x in ("text", "image")] or None,
                 "reasoning": m.get("reasoning") if isinstance(m.get("reasoning"), bool) else None,
@@ -4356,7 +4672,8 @@ def with_imports(cfg, env):
             validate_config({"providers": {name: entry}}, path)
             Provider(name, entry, env, DEFAULT_SETTINGS)
         except ConfigError as e:
-            log.warning("openclaw: skipping provider %s from %s: %s: expected %s", name, path, e.key, e.expected)
+            log.warning("openclaw: skipping provider %s from %s: %s: expected %s", name,
+                        path, e.key, e.expected)
             continue
         extra[name] = entry
     if not extra:
@@ -4365,9 +4682,10 @@ def with_imports(cfg, env):
     return dict(cfg, providers={**cfg.get("providers", {}), **extra})
 
 
-NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside router.py (for example "
-                    "OPENAI_API_KEY=sk-... or ANTHROPIC_API_KEY=sk-ant-...), or add a provider to "
-                    "providers.json; the router picks the change up by itself within a second.")
+NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside router.py "
+                    "(for example OPENAI_API_KEY=sk-... or ANTHROPIC_API_KEY=sk-ant-...), "
+                    "or add a provider to providers.json; the router picks the change up "
+                    "by itself within a second.")
 
 
 # =================================================================================================
@@ -4400,400 +4718,487 @@ NO_PROVIDER_HELP = ("No provider is configured yet. Put a key in .env beside rou
 INTENT_CUES = {
     # --- code ------------------------------------------------------------------------------------
     "code_language": ("code", 2.5, 2,
-        "js ts python python3 javascript typescript java kotlin swift ruby php perl lua dart scala haskell elixir erlang "
-        "clojure golang rust c++ c# f# fortran cobol matlab julia bash zsh powershell sql html css scss sass "
-        "yaml toml xml graphql regex regexp vba vbscript jsx tsx wasm solidity groovy nim zig ocaml lisp racket "
-        "arduino verilog vhdl assembly asm latex markdown",
-        "node.js|node js|c sharp|objective-c|shell script|bash script|apps script|google apps script|visual basic"),
+        "js ts python python3 javascript typescript java kotlin swift ruby php perl lua dart "
+        "scala haskell elixir erlang clojure golang rust c++ c# f# fortran cobol matlab julia "
+        "bash zsh powershell sql html css scss sass yaml toml xml graphql regex regexp vba "
+        "vbscript jsx tsx wasm solidity groovy nim zig ocaml lisp racket arduino verilog vhdl "
+        "assembly asm latex markdown",
+        "node.js|node js|c sharp|objective-c|shell script|bash script|apps script|google apps "
+        "script|visual basic"),
     "code_tool": ("code", 2.5, 3,
-        "axios httpclient mysqldump innodb ggplot resample alembic workmanager discord.py firewalld dkim dmarc flexbox sverweis xverweis wverweis vergleich summewenn zählenwenn buscarv buscarx sumar.si contar.si recherchev recherchex somme.si nb.si procv procx somase cont.se uuid uuids webpack tsconfig eslintrc nginx.conf htaccess mod_rewrite wordpress woocommerce shopify-cli jinja jinja2 handlebars flutter swiftui jetpack android-studio iptables ufw nftables certbot letsencrypt dax bigquery snowflake redshift athena cloudformation cdk pulumi route53 gsutil rclone restic fstab nfs samba ldap powerquery tableau looker dplyr ggplot2 tidyverse rstudio shiny plotly streamlit gradio huggingface openai langchain pydantic celery gunicorn uvicorn wsgi asgi nodemon pm2 supervisor netplan openssl wireguard openvpn nmap tcpdump wireshark bind9 dnsmasq pihole proxmox esxi vmware virtualbox qemu podman buildah skaffold istio envoy prometheus grafana loki kibana logstash datadog sentry laravel's django's npm's chatgpt-api xcodebuild cocoapods gradlew apk ipa electron tauri groupby dataframe dataframes git github gitlab bitbucket docker dockerfile kubernetes k8s kubectl helm minikube kustomize terraform "
-        "ansible vagrant nginx apache2 caddy haproxy traefik systemd systemctl journalctl cron crontab ssh scp sftp "
-        "rsync curl wget jq sed awk gawk grep egrep ripgrep xargs chmod chown sudo tmux vim neovim emacs vscode "
-        "intellij pycharm xcode homebrew brew wsl npm npx pnpm pip pip3 pipx conda venv virtualenv poetry "
-        "rustc maven gradle cmake makefile gcc g++ clang llvm gdb valgrind jvm dotnet nuget composer bundler "
-        "rubygems webpack vite babel eslint prettier tsc jest mocha vitest pytest junit rspec selenium playwright "
-        "cypress postman react reactjs vue vuejs angular svelte sveltekit nextjs nuxt django flask fastapi rails "
-        "laravel symfony spring springboot express nestjs deno jquery bootstrap tailwind redux numpy pandas "
-        "matplotlib seaborn scipy sklearn scikit tensorflow pytorch keras jupyter notebook ipython sqlalchemy "
-        "hibernate prisma sequelize mongoose lodash rxjs asyncio aiohttp httpx beautifulsoup scrapy boto3 "
-        "postgres postgresql psql mysql mariadb sqlite mongodb redis elasticsearch kafka rabbitmq dynamodb "
-        "graphql grpc protobuf kubeadm argocd jenkins circleci openshift heroku vercel netlify firebase supabase "
-        "cloudflare lambda ec2 s3 iam gcloud aws azure linux ubuntu debian centos fedora alpine macos "
-        "powershell cmd.exe bashrc zshrc ffmpeg imagemagick pandoc opencv pyspark spark hadoop airflow dbt "
-        "excel vlookup xlookup hlookup sumif sumifs countif countifs averageif averageifs iferror ifs "
-        "arrayformula importrange importxml textjoin concatenate xmatch sumproduct datedif networkdays "
-        "eomonth vba macro macros",
-        "google sheets|pivot table|conditional formatting|power query|power bi|github actions|gitlab ci|"
-        "docker compose|docker-compose|index match|index/match|visual studio|stack overflow|dns record|a record|"
-        "cname record|mx record|txt record|firewall rule|security group|load balancer|api gateway|"
-        "active directory|group policy|power automate|power apps|m code|ssl certificate|tls certificate|"
-        "service worker|web worker|local storage|session storage|cron expression|crontab entry|"
-        "virtual machine|reverse proxy|port forwarding|ssh key|ssh keys|private key|public key|"
-        "git log|git push|git pull|git reset|git rebase|git merge|git stash|git clone|git commit"),
+        "axios httpclient mysqldump innodb ggplot resample alembic workmanager discord.py "
+        "firewalld dkim dmarc flexbox sverweis xverweis wverweis vergleich summewenn zählenwenn "
+        "buscarv buscarx sumar.si contar.si recherchev recherchex somme.si nb.si procv procx "
+        "somase cont.se uuid uuids webpack tsconfig eslintrc nginx.conf htaccess mod_rewrite "
+        "wordpress woocommerce shopify-cli jinja jinja2 handlebars flutter swiftui jetpack "
+        "android-studio iptables ufw nftables certbot letsencrypt dax bigquery snowflake redshift "
+        "athena cloudformation cdk pulumi route53 gsutil rclone restic fstab nfs samba ldap "
+        "powerquery tableau looker dplyr ggplot2 tidyverse rstudio shiny plotly streamlit gradio "
+        "huggingface openai langchain pydantic celery gunicorn uvicorn wsgi asgi nodemon pm2 "
+        "supervisor netplan openssl wireguard openvpn nmap tcpdump wireshark bind9 dnsmasq pihole "
+        "proxmox esxi vmware virtualbox qemu podman buildah skaffold istio envoy prometheus "
+        "grafana loki kibana logstash datadog sentry laravel's django's npm's chatgpt-api "
+        "xcodebuild cocoapods gradlew apk ipa electron tauri groupby dataframe dataframes git "
+        "github gitlab bitbucket docker dockerfile kubernetes k8s kubectl helm minikube kustomize "
+        "terraform ansible vagrant nginx apache2 caddy haproxy traefik systemd systemctl "
+        "journalctl cron crontab ssh scp sftp rsync curl wget jq sed awk gawk grep egrep ripgrep "
+        "xargs chmod chown sudo tmux vim neovim emacs vscode intellij pycharm xcode homebrew brew "
+        "wsl npm npx pnpm pip pip3 pipx conda venv virtualenv poetry rustc maven gradle cmake "
+        "makefile gcc g++ clang llvm gdb valgrind jvm dotnet nuget composer bundler rubygems "
+        "webpack vite babel eslint prettier tsc jest mocha vitest pytest junit rspec selenium "
+        "playwright cypress postman react reactjs vue vuejs angular svelte sveltekit nextjs nuxt "
+        "django flask fastapi rails laravel symfony spring springboot express nestjs deno jquery "
+        "bootstrap tailwind redux numpy pandas matplotlib seaborn scipy sklearn scikit tensorflow "
+        "pytorch keras jupyter notebook ipython sqlalchemy hibernate prisma sequelize mongoose "
+        "lodash rxjs asyncio aiohttp httpx beautifulsoup scrapy boto3 postgres postgresql psql "
+        "mysql mariadb sqlite mongodb redis elasticsearch kafka rabbitmq dynamodb graphql grpc "
+        "protobuf kubeadm argocd jenkins circleci openshift heroku vercel netlify firebase "
+        "supabase cloudflare lambda ec2 s3 iam gcloud aws azure linux ubuntu debian centos fedora "
+        "alpine macos powershell cmd.exe bashrc zshrc ffmpeg imagemagick pandoc opencv pyspark "
+        "spark hadoop airflow dbt excel vlookup xlookup hlookup sumif sumifs countif countifs "
+        "averageif averageifs iferror ifs arrayformula importrange importxml textjoin concatenate "
+        "xmatch sumproduct datedif networkdays eomonth vba macro macros",
+        "google sheets|pivot table|conditional formatting|power query|power bi|github actions|"
+        "gitlab ci|docker compose|docker-compose|index match|index/match|visual studio|stack "
+        "overflow|dns record|a record|cname record|mx record|txt record|firewall rule|security "
+        "group|load balancer|api gateway|active directory|group policy|power automate|power apps|m "
+        "code|ssl certificate|tls certificate|service worker|web worker|local storage|session "
+        "storage|cron expression|crontab entry|virtual machine|reverse proxy|port forwarding|ssh "
+        "key|ssh keys|private key|public key|git log|git push|git pull|git reset|git rebase|git "
+        "merge|git stash|git clone|git commit"),
     "code_concept": ("code", 1.5, 3,
-        "tuple tuples tupel liste memory-leak gc sidecar gitflow asterisk notepad++ blame upsert cookie cookies endian stateless locking monad monads runner runners coverage useeffect usestate usememo usecallback microtask microtasks macrotask idempotent idempotency hashing bcrypt argon2 salting gitignore array arrays dict dictionary hashmap hashtable "
-        "struct structs enum enums interface interfaces inheritance polymorphism encapsulation recursion recursive "
-        "closure closures callback callbacks promise promises async await coroutine coroutines thread threads "
-        "threading multithreading mutex semaphore deadlock concurrency concurrent goroutine goroutines iterator "
-        "iterators generator generators decorator decorators pointer pointers segfault exception exceptions runtime "
-        "compile compiler compiling compiled interpreter syntax parser parsing serialize deserialize serialization "
-        "api apis endpoint endpoints restful http https webhook webhooks websocket websockets oauth jwt cors csrf "
-        "xss localhost database databases schema migration migrations orm repo repos repository commit commits "
-        "rebase stash checkout refactor refactoring debug debugging debugger breakpoint stacktrace traceback "
-        "codebase framework frameworks dependency dependencies import imports "
-        "scripting program programs programming programmer algorithm algorithms boolean integer integers float "
-        "floats string strings substring substrings bytes utf-8 utf8 unicode ascii base64 sha256 md5 hash "
-        "backend frontend microservice microservices serverless memoization memoize cache caching null nullptr "
-        "undefined nan typeerror valueerror keyerror indexerror attributeerror importerror syntaxerror "
-        "referenceerror nullpointerexception modulenotfounderror oop stdin stdout stderr argv env cli "
-        "css selector selectors dom props hook hooks middleware router routing "
-        "query queries subquery join joins "
-        "regex lookahead lookbehind linter linting unittest unittests mock mocks mocking fixture fixtures "
-        "pipeline pipelines container containers pod pods namespace namespaces configmap ingress "
-        "deployment deployments statefulset daemonset replicaset cronjob manifest manifests kubeconfig "
-        "vm vms virtualenv docker-compose yml csv tsv xml utf-16 binary hex bitwise bitmask "
-        ""
-        "spreadsheet spreadsheets worksheet worksheets workbook cell cells "
-        "compiler linker segmentation overflow underflow heap malloc typescript's null's "
-        "sdk sdks cdn dns tls ssl https port ports socket sockets tcp udp ip "
-        "regexes regexps server servers client-side server-side redeploy "
-        "",
-        "unit test|unit tests|integration test|regular expression|data structure|linked list|binary search|"
-        "binary tree|hash map|hash table|time complexity|space complexity|source code|stack trace|sql query|"
-        "pull request|merge request|merge conflict|big o|race condition|event loop|garbage collection|type hint|"
-        "type hints|error message|exit code|exit status|status code|command line|command-line|environment variable|"
-        "environment variables|env var|env vars|config file|log file|cron job|file descriptor|permission denied|"
-        "no such file or directory|command not found|not recognized as|is not defined|cannot read property|"
-        "cannot find module|object-oriented|object oriented|design pattern|dependency injection|"
-        "access token|refresh token|api key|rate limit|query string|http request|post request|get request|"
-        "abstract class|base class|child class|data type|data types|lambda function|arrow function|"
-        "for loop|while loop|if statement|else if|switch statement|try catch|try except|"
-        "run the tests|the tests|failing tests|failing test|tests fail|tests pass|test suite|lance les tests|"
-        "tests unitaires|roda os testes|ejecuta los tests|führe die tests|corrige ceux|fix what fails|"
-        "expresión regular|expressão regular|expression régulière|regulärer ausdruck|"
-        "memory leak|garbage collected|garbage collector|chat completion|token by token|streaming response|"
-        "who changed|works on my machine|same environment|rows where|records where|group by|order by|inner join|"
-        "left join|pattern that matches|pattern that catches|pattern to match|pattern for|regex for|in the terminal|"
-        "no terminal|en la terminal|dans le terminal|im terminal|page refreshes|page reload|page reloads|"
-        "the button|submit button|contact form|the form|logged in|log in form|double click|double-click|"
-        "design patterns|code review|edge case|edge cases|test case|test cases|what does this do|"
-        "what does this code|what does this line|what does this command|what does this regex|this code|my code|the code|this script|my script|this function|"
-        "my function|this query|my query|this formula|my formula|this regex|my regex|the regex|my macro|"
-        "this macro|the macro|the formula|the script|new branch|local branch|remote branch|main branch|"
-        "the repo|my repo|this repo|column a|column b|column c|column d|column e|column f|cell a1|"
-        "each column|every column|blank cells|empty cells|my loop|the loop|infinite loop|single threaded|"
-        "single-threaded|head detached|detached head|whole suite|test passes|tests pass|cap theorem|"
-        "the sheet|each sheet|every sheet|each worksheet|every worksheet|"
-        "second column|third column|2nd column|3rd column|first column"),
+        "tuple tuples tupel liste memory-leak gc sidecar gitflow asterisk notepad++ blame upsert "
+        "cookie cookies endian stateless locking monad monads runner runners coverage useeffect "
+        "usestate usememo usecallback microtask microtasks macrotask idempotent idempotency "
+        "hashing bcrypt argon2 salting gitignore array arrays dict dictionary hashmap hashtable "
+        "struct structs enum enums interface interfaces inheritance polymorphism encapsulation "
+        "recursion recursive closure closures callback callbacks promise promises async await "
+        "coroutine coroutines thread threads threading multithreading mutex semaphore deadlock "
+        "concurrency concurrent goroutine goroutines iterator iterators generator generators "
+        "decorator decorators pointer pointers segfault exception exceptions runtime compile "
+        "compiler compiling compiled interpreter syntax parser parsing serialize deserialize "
+        "serialization api apis endpoint endpoints restful http https webhook webhooks websocket "
+        "websockets oauth jwt cors csrf xss localhost database databases schema migration "
+        "migrations orm repo repos repository commit commits rebase stash checkout refactor "
+        "refactoring debug debugging debugger breakpoint stacktrace traceback codebase framework "
+        "frameworks dependency dependencies import imports scripting program programs programming "
+        "programmer algorithm algorithms boolean integer integers float floats string strings "
+        "substring substrings bytes utf-8 utf8 unicode ascii base64 sha256 md5 hash backend "
+        "frontend microservice microservices serverless memoization memoize cache caching null "
+        "nullptr undefined nan typeerror valueerror keyerror indexerror attributeerror importerror "
+        "syntaxerror referenceerror nullpointerexception modulenotfounderror oop stdin stdout "
+        "stderr argv env cli css selector selectors dom props hook hooks middleware router routing "
+        "query queries subquery join joins regex lookahead lookbehind linter linting unittest "
+        "unittests mock mocks mocking fixture fixtures pipeline pipelines container containers pod "
+        "pods namespace namespaces configmap ingress deployment deployments statefulset daemonset "
+        "replicaset cronjob manifest manifests kubeconfig vm vms virtualenv docker-compose yml csv "
+        "tsv xml utf-16 binary hex bitwise bitmask spreadsheet spreadsheets worksheet worksheets "
+        "workbook cell cells compiler linker segmentation overflow underflow heap malloc "
+        "typescript's null's sdk sdks cdn dns tls ssl https port ports socket sockets tcp udp ip "
+        "regexes regexps server servers client-side server-side redeploy ",
+        "unit test|unit tests|integration test|regular expression|data structure|linked list|"
+        "binary search|binary tree|hash map|hash table|time complexity|space complexity|source "
+        "code|stack trace|sql query|pull request|merge request|merge conflict|big o|race "
+        "condition|event loop|garbage collection|type hint|type hints|error message|exit code|exit "
+        "status|status code|command line|command-line|environment variable|environment variables|"
+        "env var|env vars|config file|log file|cron job|file descriptor|permission denied|no such "
+        "file or directory|command not found|not recognized as|is not defined|cannot read "
+        "property|cannot find module|object-oriented|object oriented|design pattern|dependency "
+        "injection|access token|refresh token|api key|rate limit|query string|http request|post "
+        "request|get request|abstract class|base class|child class|data type|data types|lambda "
+        "function|arrow function|for loop|while loop|if statement|else if|switch statement|try "
+        "catch|try except|run the tests|the tests|failing tests|failing test|tests fail|tests "
+        "pass|test suite|lance les tests|tests unitaires|roda os testes|ejecuta los tests|führe "
+        "die tests|corrige ceux|fix what fails|expresión regular|expressão regular|expression "
+        "régulière|regulärer ausdruck|memory leak|garbage collected|garbage collector|chat "
+        "completion|token by token|streaming response|who changed|works on my machine|same "
+        "environment|rows where|records where|group by|order by|inner join|left join|pattern that "
+        "matches|pattern that catches|pattern to match|pattern for|regex for|in the terminal|no "
+        "terminal|en la terminal|dans le terminal|im terminal|page refreshes|page reload|page "
+        "reloads|the button|submit button|contact form|the form|logged in|log in form|double "
+        "click|double-click|design patterns|code review|edge case|edge cases|test case|test cases|"
+        "what does this do|what does this code|what does this line|what does this command|what "
+        "does this regex|this code|my code|the code|this script|my script|this function|my "
+        "function|this query|my query|this formula|my formula|this regex|my regex|the regex|my "
+        "macro|this macro|the macro|the formula|the script|new branch|local branch|remote branch|"
+        "main branch|the repo|my repo|this repo|column a|column b|column c|column d|column e|"
+        "column f|cell a1|each column|every column|blank cells|empty cells|my loop|the loop|"
+        "infinite loop|single threaded|single-threaded|head detached|detached head|whole suite|"
+        "test passes|tests pass|cap theorem|the sheet|each sheet|every sheet|each worksheet|every "
+        "worksheet|second column|third column|2nd column|3rd column|first column"),
     "code_intl": ("code", 2.0, 2,
-        "rama ramas mergear commitear pushear hacer-merge código codigo programmieren programmation "
-        "programación programação quellcode fehlermeldung bogue depurar débogage débogueur variablen "
-        "variável variáveis objektorientiert orientée orientada orientado abstraite abstrakte schleife "
-        "boucle bucle laço rekursion recursividad recursividade récursivité récursion datenbank "
-        "requête abfrage skript befehl fórmula formule formel planilha "
-        "zelle célula cellule spalte coluna columna "
-        "verzeichnis diretório directorio",
+        "rama ramas mergear commitear pushear hacer-merge código codigo programmieren "
+        "programmation programación programação quellcode fehlermeldung bogue depurar débogage "
+        "débogueur variablen variável variáveis objektorientiert orientée orientada orientado "
+        "abstraite abstrakte schleife boucle bucle laço rekursion recursividad recursividade "
+        "récursivité récursion datenbank requête abfrage skript befehl fórmula formule formel "
+        "planilha zelle célula cellule spalte coluna columna verzeichnis diretório directorio",
         "base de datos|banco de dados|base de données|hoja de cálculo|feuille de calcul|"
         "línea de comandos|ligne de commande|linha de comando"),
     "code_ambiguous": ("code", 0.8, 3,
-        "fonction funktion función função programme programa programm klasse banco consulta comando commande hoja feuille tabelle zeile colonne ordner dossiers function functions formula formulas script scripts txt fetch suite node sessions session connections secret secrets branch branches merge merging pull push origin upstream fork forks clone cloned cargo module modules yarn rollback rollout release releases version versions component components build builds deploy deploying variable variables certificate element elements attribute attributes json method methods index indexes process trigger cursor code coding coder bug bugs library libraries package packages class classes object objects "
-        "table tables column columns row rows image images shell terminal console compile parse "
-        "token tokens model models test tests testing install installed config configuration "
-        "error errors crash crashes crashed log logs loop loops file files folder directory path "
-        "output input print returns return value values list lists key keys type types "
-        "macro template templates upload download api sheet sheets sort filter filtering "
-        "timeout latency memory cpu processes service services request requests response "
-        "app apps website webpage site frontend backend login password regex",
+        "fonction funktion función função programme programa programm klasse banco consulta "
+        "comando commande hoja feuille tabelle zeile colonne ordner dossiers function functions "
+        "formula formulas script scripts txt fetch suite node sessions session connections secret "
+        "secrets branch branches merge merging pull push origin upstream fork forks clone cloned "
+        "cargo module modules yarn rollback rollout release releases version versions component "
+        "components build builds deploy deploying variable variables certificate element elements "
+        "attribute attributes json method methods index indexes process trigger cursor code coding "
+        "coder bug bugs library libraries package packages class classes object objects table "
+        "tables column columns row rows image images shell terminal console compile parse token "
+        "tokens model models test tests testing install installed config configuration error "
+        "errors crash crashes crashed log logs loop loops file files folder directory path output "
+        "input print returns return value values list lists key keys type types macro template "
+        "templates upload download api sheet sheets sort filter filtering timeout latency memory "
+        "cpu processes service services request requests response app apps website webpage site "
+        "frontend backend login password regex",
         ""),
     "not_code": ("code", -2.5, 2, "",
-        "area code|dress code|zip code|postal code|post code|pin code|promo code|discount code|coupon code|"
-        "código qr|code qr|qr-code|code of conduct|morse code|qr code|bar code|barcode|tax code|highway code|code word|da vinci code|"
-        "function room|bed bug|bed bugs|stomach bug|bug bite|bug bites|bug spray|library card|public library|"
-        "tv program|tv show|loyalty program|training program|exercise program|degree program|"
-        "table manners|periodic table|dinner table|class action|yoga class|cooking class|"
-        "ruby anniversary|ruby wedding|ball python|python snake|java coffee|rust stain|rust on|"
-        "branch office|bank branch|tree branch|sales pipeline|"
-        "pull up|push up|pull ups|push ups|push-ups|pull-ups|my password|forgot password|reset password|"
-        "log in|login to|printer|wifi|wi-fi|router|phone|"
-        "tire|tyre|garage door|smart lock|alarm"),
+        "area code|dress code|zip code|postal code|post code|pin code|promo code|discount code|"
+        "coupon code|código qr|code qr|qr-code|code of conduct|morse code|qr code|bar code|"
+        "barcode|tax code|highway code|code word|da vinci code|function room|bed bug|bed bugs|"
+        "stomach bug|bug bite|bug bites|bug spray|library card|public library|tv program|tv show|"
+        "loyalty program|training program|exercise program|degree program|table manners|periodic "
+        "table|dinner table|class action|yoga class|cooking class|ruby anniversary|ruby wedding|"
+        "ball python|python snake|java coffee|rust stain|rust on|branch office|bank branch|tree "
+        "branch|sales pipeline|pull up|push up|pull ups|push ups|push-ups|pull-ups|my password|"
+        "forgot password|reset password|log in|login to|printer|wifi|wi-fi|router|phone|tire|tyre|"
+        "garage door|smart lock|alarm"),
 
     # --- creative --------------------------------------------------------------------------------
     "creative_form": ("creative", 3.0, 2,
-        "epigram epigrams décima espinela ghasel zine twist hashtag hashtags dactyl dactyls chant chants drabble drabbles microfiction micro-fiction memoir cordel quadra quadras cumbia fic fics pov tongue-twister tattoo shanty shanties whodunnit whodunit crossover commandments skit skits play monolog monólogo monologo satire satirical satírica satírico satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv impression impressions imitation imitate imita imite narrating narrate narration commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet sonnets limerick limericks villanelle sestina pantoum "
-        "ghazal cinquain clerihew ode odes ballad ballads elegy acrostic couplet couplets quatrain quatrains "
-        "verse verses stanza stanzas lyrics lyric song songs jingle jingles rap raps chorus story stories "
-        "tale tales fable fables parable novel novella screenplay monologue soliloquy vignette fanfic "
-        "fanfiction parody parodies skit joke jokes pun puns punchline one-liners riddle riddles slogan slogans "
-        "tagline taglines motto mottos catchphrase headline headlines caption captions toast toasts eulogy roast "
-        "blurb blurbs limmerick storyline screenplay teleplay sitcom anecdote bedtime fairytale dialogue "
-        "rhyme rhymes rhyming alliteration",
+        "epigram epigrams décima espinela ghasel zine twist hashtag hashtags dactyl dactyls chant "
+        "chants drabble drabbles microfiction micro-fiction memoir cordel quadra quadras cumbia "
+        "fic fics pov tongue-twister tattoo shanty shanties whodunnit whodunit crossover "
+        "commandments skit skits play monolog monólogo monologo satire satirical satírica satírico "
+        "satirischer satirique parodia parodie spoof horóscopo horoscope horoscopes improv "
+        "impression impressions imitation imitate imita imite narrating narrate narration "
+        "commentator commentary zork textadventure poem poems poetry haiku haikus tanka sonnet "
+        "sonnets limerick limericks villanelle sestina pantoum ghazal cinquain clerihew ode odes "
+        "ballad ballads elegy acrostic couplet couplets quatrain quatrains verse verses stanza "
+        "stanzas lyrics lyric song songs jingle jingles rap raps chorus story stories tale tales "
+        "fable fables parable novel novella screenplay monologue soliloquy vignette fanfic "
+        "fanfiction parody parodies skit joke jokes pun puns punchline one-liners riddle riddles "
+        "slogan slogans tagline taglines motto mottos catchphrase headline headlines caption "
+        "captions toast toasts eulogy roast blurb blurbs limmerick storyline screenplay teleplay "
+        "sitcom anecdote bedtime fairytale dialogue rhyme rhymes rhyming alliteration",
         "short story|fairy tale|bedtime story|flash fiction|fan fiction|love letter|knock knock|"
-        "opening line|opening lines|first line|first chapter|next chapter|plot twist|plot twists|"
-        "ad copy|marketing copy|hero copy|product description|product descriptions|listing description|"
-        "menu descriptions|menu description|description for our|description for my|amazon description|etsy listing|"
-        "sound premium|more premium|wikipedia article about|opening chapter|subject line|subject lines|band name|team name|"
-        "birthday card|greeting card|thank you card|thank-you card|get well|sympathy card|valentine's card|"
+        "opening line|opening lines|first line|first chapter|next chapter|plot twist|plot "
+        "twists|ad copy|marketing copy|hero copy|product description|product descriptions|"
+        "listing description|menu descriptions|menu description|description for our|description "
+        "for my|amazon description|etsy listing|sound premium|more premium|wikipedia article "
+        "about|opening chapter|subject line|subject lines|band name|team name|birthday card|"
+        "greeting card|thank you card|thank-you card|get well|sympathy card|valentine's card|"
         "card message|wedding speech|best man|maid of honor|maid of honour|father of the bride|"
         "retirement speech|farewell speech|graduation speech|a speech|toast for|roast for|"
-        "instagram caption|ig caption|ig captions|tiktok caption|radio ad|facebook ad|"
-        "theme song|love song|drinking song|lullaby|nursery rhyme|spoken word|free verse|"
-        "iambic pentameter|haiku sequence|once upon a time|build me a world|create a world|imagine a world|invent a world|"
-        "rewrite the words|rewrite the lyrics|new lyrics|movie trailer|trailer voiceover|voiceover|"
-        "without using the word|without using the words|personality description|a sign for|sign for my|"
-        "sign for our|argument between|debate between|i'm naming|naming my|tongue twister|six word|six-word|"
-        "opening paragraph|first paragraph|"
-        "bit of personality|make light of|future self|to my future|16 bars|8 bars|bars about|sea shanty|"
-        "narrating my|narrate my|in his voice|in her voice|in their voice|your best|do your best|do a|"
-        "as if they were|as if it were|as if he were|as if she were|but as|but written by|written by a pirate|"
-        "talk to me like|speak as|you're a|you're my|you're captain|you are captain|let's play|let's do a|"
-        "text adventure|you narrate|point of view|tweets from|series of tweets|fake dictionary|"
-        "the card|card from|card for|for the card|a card|plaque|the label|labels for|label for|on the wall|"
-        "the back of|the bag|bags|the box|jars|a little something|something i can say|something to read|"
-        "read out|few sentences for|a few sentences|two-line|one-liner for|couple of lines|a line for|"
-        "rename|rebrand|rebranding|pet name|new name for|continue this|continue the story|continue it|"
-        "what happens next|next scene|the ending|write the ending|text adventure|interactive fiction|"
-        "choose your own adventure|rap battle|diss track|press release|fortune cookie|fortune cookies|"
-        "dating profile|tinder bio|about us page|wine label|diary entry|journal entry|obituary for|"
-        "a few lines|few lines for|something to say|to say at|words for my|a few words|a message for|"
-        "message for my|note for my|wishes for|sign-off|sign off line|toast to|speech for|"
-        "for a 5-year-old|for a five year old|bedtime|in a fun way|a fun way|a creative way|a clever way|a cute way|with personality|"
-        "give it personality|sound fun|sound exciting|sound magical|like shakespeare|"
-        "like a pirate|like yoda|like a cowboy|like a noir|like a sports commentator|like a nature documentary|"
-        "song parody|word play|wordplay|youtube video|podcast script|video script|"
-        "script for a youtube|script for a video|script for a podcast|script for an episode|commercial script|"
-        "ad script|radio script|movie script|film script|travel blog|product launch|launch announcement"),
+        "instagram caption|ig caption|ig captions|tiktok caption|radio ad|facebook ad|theme "
+        "song|love song|drinking song|lullaby|nursery rhyme|spoken word|free verse|iambic "
+        "pentameter|haiku sequence|once upon a time|build me a world|create a world|imagine a "
+        "world|invent a world|rewrite the words|rewrite the lyrics|new lyrics|movie trailer|"
+        "trailer voiceover|voiceover|without using the word|without using the words|personality "
+        "description|a sign for|sign for my|sign for our|argument between|debate between|i'm "
+        "naming|naming my|tongue twister|six word|six-word|opening paragraph|first paragraph|bit "
+        "of personality|make light of|future self|to my future|16 bars|8 bars|bars about|sea "
+        "shanty|narrating my|narrate my|in his voice|in her voice|in their voice|your best|do "
+        "your best|do a|as if they were|as if it were|as if he were|as if she were|but as|but "
+        "written by|written by a pirate|talk to me like|speak as|you're a|you're my|you're "
+        "captain|you are captain|let's play|let's do a|text adventure|you narrate|point of view|"
+        "tweets from|series of tweets|fake dictionary|the card|card from|card for|for the card|a "
+        "card|plaque|the label|labels for|label for|on the wall|the back of|the bag|bags|the "
+        "box|jars|a little something|something i can say|something to read|read out|few "
+        "sentences for|a few sentences|two-line|one-liner for|couple of lines|a line for|rename|"
+        "rebrand|rebranding|pet name|new name for|continue this|continue the story|continue it|"
+        "what happens next|next scene|the ending|write the ending|text adventure|interactive "
+        "fiction|choose your own adventure|rap battle|diss track|press release|fortune cookie|"
+        "fortune cookies|dating profile|tinder bio|about us page|wine label|diary entry|journal "
+        "entry|obituary for|a few lines|few lines for|something to say|to say at|words for my|a "
+        "few words|a message for|message for my|note for my|wishes for|sign-off|sign off line|"
+        "toast to|speech for|for a 5-year-old|for a five year old|bedtime|in a fun way|a fun "
+        "way|a creative way|a clever way|a cute way|with personality|give it personality|sound "
+        "fun|sound exciting|sound magical|like shakespeare|like a pirate|like yoda|like a "
+        "cowboy|like a noir|like a sports commentator|like a nature documentary|song parody|word "
+        "play|wordplay|youtube video|podcast script|video script|script for a youtube|script for "
+        "a video|script for a podcast|script for an episode|commercial script|ad script|radio "
+        "script|movie script|film script|travel blog|product launch|launch announcement"),
     "creative_intl": ("creative", 3.0, 2,
-        "weltenbau disfraz déguisement kostüm verkleidung aufpeppen percutant accrocheur knackiger reviravolta rebondissement wendung escena diálogo dialogo gutenachtgeschichte erfinden enredo produktbeschreibung anzeige werbetext anúncio anuncio publicité geschenkideen akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario szenario raconte racontez cuéntame cuenta conte-moi erzähl erzähle dichte reimt invente inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas poesía poesia gedicht gedichte lyrik soneto sonett haïku lied "
-        "liedtext liedtexte chanson chansons canción canciones canção canções histoire histoires conte "
-        "contes cuento cuentos conto contos geschichte geschichten märchen fábula fabel fable blague blagues "
-        "chiste chistes piada piadas witz witze devinette adivinanza adivinha slogan eslogan légende legenda "
-        "brindis brinde trinkspruch discours discurso festrede rima rimas reim reime strophe estrofa "
-        "comptine nana berceuse canto cantiga samba quadrinha trova sketch",
-        "carte d'anniversaire|karte für|karte zum|carte pour|tarjeta para|cartão para|nome pra|nomes pra|"
-        "pra dormir|mundo de fantasia|mundo de fantasía|monde fantastique|ideas para|ideias para|idées pour|ideen für|"
-        "faz de conta|du bist jetzt|tu es maintenant|ahora eres|agora você é|plus percutant|más atractivo|"
-        "mais chamativo|carte d'anniv|carta de amor|lettre d'amour|liebesbrief|letra de una|letra de um|"
-        "letra pra|letra para|nomes pra|nomes para|ideas de regalo|ideias de presente|idées cadeau|idées de cadeau|"
-        "descripción de producto|descrição de produto|description produit|texto de anúncio|texto publicitario|"
-        "mit augenzwinkern|con gracia|con humor|com humor|avec humour|sympathisch klingen|sin sonar a robot|"
-        "haz como si|finge que|finja que|fais comme si|jouer le rôle|joue le rôle|tu joues|spiel die rolle|"
-        "imaginer un monde|crea un mundo|cria um mundo|un monde où|un mundo donde|um mundo onde|eine welt in der|"
-        "toque de humor|mensaje para la tarjeta|tarjeta de|mensagem para o cartão|"
-        "mot pour la carte|spruch für die karte|quelques lignes|quelques mots|petit texte|texte pour|text für|texto para|"
-        "palavras para|algo bonito|unas palabras|ein paar worte|ein paar zeilen|was sagen|para decir|pra dizer|"
-        "biscoito da sorte|galleta de la suerte|biscuit chinois|hora de dormir|antes de dormir|gute nacht|"
-        "zum einschlafen|pour s'endormir|pour dormir|para dormir|continue ce texte|sigue esta historia|"
-        "continua essa história|continua esta historia|schreib weiter|weiterschreiben|aventure textuel|"
-        "jeu d'aventure|aventura de texto|aventura de texto|im stil|à la manière|estilo de|faux communiqué|"
-        "comunicado de prensa falso|notícia satírica|noticia satírica|tu es le narrateur|você narra|du beschreibst|"
-        "sprich wie|parle comme|habla como|fala como|lettre d'excuse|lettre de mon|lettre de ma|carta do meu|carta da minha|carta de mi|"
-        "carta de demissão do|brief von meinem|brief von meiner|brief meines|reste dans le personnage|"
-        "imagine que tu es|imagina que eres|imagina que você é|imagine que você é|stell dir vor du bist|"
-        "actúa como|atue como|aja como|agis comme|tu es un|eres un|você é um|du bist ein|"
+        "weltenbau disfraz déguisement kostüm verkleidung aufpeppen percutant accrocheur knackiger "
+        "reviravolta rebondissement wendung escena diálogo dialogo gutenachtgeschichte erfinden "
+        "enredo produktbeschreibung anzeige werbetext anúncio anuncio publicité geschenkideen "
+        "akrostichon acróstico acrostiche accroche spruch sprüche glückskeks gancho campaña "
+        "aventura narrador narrateur narra mensagens palavras rebatizar umbenennen reescreve "
+        "reescribe réécris envolvente trauzeugin trauzeuge brindis discurso formulier mj scénario "
+        "szenario raconte racontez cuéntame cuenta conte-moi erzähl erzähle dichte reimt invente "
+        "inventa erfinde legendas bandnamen bandname spitznamen poème poèmes poésie poema poemas "
+        "poesía poesia gedicht gedichte lyrik soneto sonett haïku lied liedtext liedtexte chanson "
+        "chansons canción canciones canção canções histoire histoires conte contes cuento cuentos "
+        "conto contos geschichte geschichten märchen fábula fabel fable blague blagues chiste "
+        "chistes piada piadas witz witze devinette adivinanza adivinha slogan eslogan légende "
+        "legenda brindis brinde trinkspruch discours discurso festrede rima rimas reim reime "
+        "strophe estrofa comptine nana berceuse canto cantiga samba quadrinha trova sketch",
+        "carte d'anniversaire|karte für|karte zum|carte pour|tarjeta para|cartão para|nome pra|"
+        "nomes pra|pra dormir|mundo de fantasia|mundo de fantasía|monde fantastique|ideas para|"
+        "ideias para|idées pour|ideen für|faz de conta|du bist jetzt|tu es maintenant|ahora eres|"
+        "agora você é|plus percutant|más atractivo|mais chamativo|carte d'anniv|carta de amor|"
+        "lettre d'amour|liebesbrief|letra de una|letra de um|letra pra|letra para|nomes pra|nomes "
+        "para|ideas de regalo|ideias de presente|idées cadeau|idées de cadeau|descripción de "
+        "producto|descrição de produto|description produit|texto de anúncio|texto publicitario|mit "
+        "augenzwinkern|con gracia|con humor|com humor|avec humour|sympathisch klingen|sin sonar a "
+        "robot|haz como si|finge que|finja que|fais comme si|jouer le rôle|joue le rôle|tu joues|"
+        "spiel die rolle|imaginer un monde|crea un mundo|cria um mundo|un monde où|un mundo donde|"
+        "um mundo onde|eine welt in der|toque de humor|mensaje para la tarjeta|tarjeta de|mensagem "
+        "para o cartão|mot pour la carte|spruch für die karte|quelques lignes|quelques mots|petit "
+        "texte|texte pour|text für|texto para|palavras para|algo bonito|unas palabras|ein paar "
+        "worte|ein paar zeilen|was sagen|para decir|pra dizer|biscoito da sorte|galleta de la "
+        "suerte|biscuit chinois|hora de dormir|antes de dormir|gute nacht|zum einschlafen|pour "
+        "s'endormir|pour dormir|para dormir|continue ce texte|sigue esta historia|continua essa "
+        "história|continua esta historia|schreib weiter|weiterschreiben|aventure textuel|jeu "
+        "d'aventure|aventura de texto|aventura de texto|im stil|à la manière|estilo de|faux "
+        "communiqué|comunicado de prensa falso|notícia satírica|noticia satírica|tu es le "
+        "narrateur|você narra|du beschreibst|sprich wie|parle comme|habla como|fala como|lettre "
+        "d'excuse|lettre de mon|lettre de ma|carta do meu|carta da minha|carta de mi|carta de "
+        "demissão do|brief von meinem|brief von meiner|brief meines|reste dans le personnage|"
+        "imagine que tu es|imagina que eres|imagina que você é|imagine que você é|stell dir vor du "
+        "bist|actúa como|atue como|aja como|agis comme|tu es un|eres un|você é um|du bist ein|"
         "idées de thème|idées de nom|ideas de nombre|ideias de nome|ideias de tema|namensideen|"
-        "legendas pra|legenda pra|légende pour|pie de foto|bildunterschrift|cartão de aniversário|tarjeta de cumpleaños|mensagem de aniversário|"
-        "mensaje de cumpleaños|message d'anniversaire|discurso de padrinho|discours de mariage"),
+        "legendas pra|legenda pra|légende pour|pie de foto|bildunterschrift|cartão de aniversário|"
+        "tarjeta de cumpleaños|mensagem de aniversário|mensaje de cumpleaños|message "
+        "d'anniversaire|discurso de padrinho|discours de mariage"),
     "creative_naming": ("creative", 3.0, 1, "",
-        "name for|names for|name my|name our|name ideas|naming ideas|what should i call|what should we call|"
-        "what to call|call my|call our|good name|cool name|fun name|funny name|catchy name|new name|"
-        "nom pour|noms pour|idées de nom|nombre para|nombres para|nome para|nomes para|name für|namen für|"
-        "shop name|business name|company name|brand name|store name|product name|podcast name|channel name|"
-        "app name|alias for|nickname for|nicknames for|title for|titles for|working title|hashtags for"),
+        "name for|names for|name my|name our|name ideas|naming ideas|what should i call|what "
+        "should we call|what to call|call my|call our|good name|cool name|fun name|funny name|"
+        "catchy name|new name|nom pour|noms pour|idées de nom|nombre para|nombres para|nome para|"
+        "nomes para|name für|namen für|shop name|business name|company name|brand name|store name|"
+        "product name|podcast name|channel name|app name|alias for|nickname for|nicknames for|"
+        "title for|titles for|working title|hashtags for"),
     "in_character": ("creative", 3.5, 1, "pretend ",
-        "speak as|talk like|talk to me like|speak like|in the voice of|in his voice|in her voice|as yoda|like yoda|"
-        "actúa como|actua como|atue como|aja como|agis comme|sprich wie|parle comme|habla como|fala como|"
-        "pretend you are|pretend you're|pretend to be|pretend yourself|stay in character|in character|"
-        "reste dans le personnage|bleib in der rolle|mantente en el personaje|roleplay|role-play|role play|"
-        "you are captain|you're captain|embody the|embrace the role|persona of|do your best|your best impression|"
-        "do an impression|impression of|imitation of|imitate|imita a|imite"),
-    "creative_request": ("creative", 2.5, 2, "brainstorm brainstorming roleplay role-play fanfic worldbuilding "
-        "world-building",
-        "come up with|make up|punch up|punch this up|punch it up|make it pop|spice up|spice it up|jazz up|"
-        "liven up|throw ideas|ideas at me|writing contest|story contest|party invite|invitation for|invite for|"
-        "elevator pitch|what would my|if my dog|if my cat|if animals could|intro speech|good line|line to end|"
-        "line for the top|closing line|baby names|names that|pure comedy|just for fun|for fun|as a joke|not a real|not for real|"
-        "write it as him|write it as her|write it like|as him talking|as her talking|written like|"
-        "newsletter intro|newsletter opener|make it funnier|make it rhymes|make it rhyme|funnier|more funny|darker ending|"
-        "happy ending|happier ending|sad ending|twist ending|the ending|alternate ending|"
-        "letter from|note from|apology from|apology note from|a letter from|a note from|in the voice of|"
-        "from the perspective of|from the point of view of|in the style of|written as|told as|told by|as a rap|"
-        "as a haiku|as a limerick|as a sonnet|as a poem|as a song|as a story|as a fairy tale|as a movie|"
-        "as a telenovela|as a gossip column|as a news report|as a shakespearean|pretend to be|pretend you are|"
-        "pretend you're|you are a pirate|stay in character|in character|act as a villain|act as a pirate|"
-        "speak like|talk like|sound like a|ideas for|themes for|theme ideas|gift ideas|party ideas|"
-        "party theme|party themes|costume ideas|date ideas|plot ideas|story ideas|prompt ideas|game ideas|"
-        "short piece|a short piece|piece about|a scene|the scene|scene where|"
-        "scene between|dialogue between|conversation between|exchange between|"
-        "make it rhyme|make it catchier|catchier|more poetic|more dramatic|darker|spookier|creepier|"
-        "pretend yourself|pretend to be|embody the|embrace the role|persona of|if you were a|if you were an|"
-        "imagine yourself as|picture yourself as|introduce yourself as|imagine you are a|imagine you're a|"
-        "you are a|you are an|as if you were|in the role of|take on the role|play the role|act as if"),
+        "speak as|talk like|talk to me like|speak like|in the voice of|in his voice|in her voice|"
+        "as yoda|like yoda|actúa como|actua como|atue como|aja como|agis comme|sprich wie|parle "
+        "comme|habla como|fala como|pretend you are|pretend you're|pretend to be|pretend yourself|"
+        "stay in character|in character|reste dans le personnage|bleib in der rolle|mantente en el "
+        "personaje|roleplay|role-play|role play|you are captain|you're captain|embody the|embrace "
+        "the role|persona of|do your best|your best impression|do an impression|impression of|"
+        "imitation of|imitate|imita a|imite"),
+    "creative_request": ("creative", 2.5, 2, "brainstorm brainstorming roleplay role-play fanfic "
+                                             "worldbuilding world-building",
+        "come up with|make up|punch up|punch this up|punch it up|make it pop|spice up|spice it up|"
+        "jazz up|liven up|throw ideas|ideas at me|writing contest|story contest|party invite|"
+        "invitation for|invite for|elevator pitch|what would my|if my dog|if my cat|if animals "
+        "could|intro speech|good line|line to end|line for the top|closing line|baby names|names "
+        "that|pure comedy|just for fun|for fun|as a joke|not a real|not for real|write it as him|"
+        "write it as her|write it like|as him talking|as her talking|written like|newsletter "
+        "intro|newsletter opener|make it funnier|make it rhymes|make it rhyme|funnier|more funny|"
+        "darker ending|happy ending|happier ending|sad ending|twist ending|the ending|alternate "
+        "ending|letter from|note from|apology from|apology note from|a letter from|a note from|in "
+        "the voice of|from the perspective of|from the point of view of|in the style of|written "
+        "as|told as|told by|as a rap|as a haiku|as a limerick|as a sonnet|as a poem|as a song|as a "
+        "story|as a fairy tale|as a movie|as a telenovela|as a gossip column|as a news report|as a "
+        "shakespearean|pretend to be|pretend you are|pretend you're|you are a pirate|stay in "
+        "character|in character|act as a villain|act as a pirate|speak like|talk like|sound like "
+        "a|ideas for|themes for|theme ideas|gift ideas|party ideas|party theme|party themes|"
+        "costume ideas|date ideas|plot ideas|story ideas|prompt ideas|game ideas|short piece|a "
+        "short piece|piece about|a scene|the scene|scene where|scene between|dialogue between|"
+        "conversation between|exchange between|make it rhyme|make it catchier|catchier|more "
+        "poetic|more dramatic|darker|spookier|creepier|pretend yourself|pretend to be|embody the|"
+        "embrace the role|persona of|if you were a|if you were an|imagine yourself as|picture "
+        "yourself as|introduce yourself as|imagine you are a|imagine you're a|you are a|you are "
+        "an|as if you were|in the role of|take on the role|play the role|act as if"),
     "creative_fiction": ("creative", 2.5, 2,
-        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure adventures saga epic ballad villainous heroic pirate pirates detective princess prince witch witches monster monsters made-up fictional brochure mystery cozy chapter fanfiction d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins dragon dragons "
-        "fairy fairies elf elves villain villains superhero superheroes protagonist antagonist backstory lore "
-        "tavern kingdom sorcerer knight's unicorn mermaid vampire zombie zombies alien aliens spaceship "
-        "haunted ghost ghosts fictional imaginary fantasy sci-fi dystopian utopian horror romance thriller "
-        "noir whodunit fiction mythical mythology plot narrator narrative "
-        "homebrew tabletop worldbuild magic spell spells",
+        "satire satirical spoof mock horoscope horoscopes prophecy manifesto diary adventure "
+        "adventures saga epic ballad villainous heroic pirate pirates detective princess prince "
+        "witch witches monster monsters made-up fictional brochure mystery cozy chapter fanfiction "
+        "d&d dnd dungeon dungeons campaign npc npcs quest quests wizard wizards goblin goblins "
+        "dragon dragons fairy fairies elf elves villain villains superhero superheroes protagonist "
+        "antagonist backstory lore tavern kingdom sorcerer knight's unicorn mermaid vampire zombie "
+        "zombies alien aliens spaceship haunted ghost ghosts fictional imaginary fantasy sci-fi "
+        "dystopian utopian horror romance thriller noir whodunit fiction mythical mythology plot "
+        "narrator narrative homebrew tabletop worldbuild magic spell spells",
         "dungeon master|game master|magic system|short horror|love story|ghost story|horror story|"
         "alternate history|time traveler|time travel|character sheet|boss room|read-aloud|"
         "session 2|next session|the players|my players|our players|adventuring party"),
     "creative_occasion": ("creative", 1.0, 1,
-        "toast speech eulogy wedding anniversary retirement graduation birthday valentine's valentine "
-        "condolence farewell",
+        "toast speech eulogy wedding anniversary retirement graduation birthday valentine's "
+        "valentine condolence farewell",
         ""),
     "creative_style": ("creative", 1.2, 2,
-        "cosy chatty cozy cute fun magical mysterious romantic spicy sassy dramatic whimsy nostalgic inspirational uplifting motivational heartwarming wholesome eerie gothic lyrical rhythmic punny clever memorable funny humorous witty silly goofy whimsical playful dramatic poetic heartfelt sappy cheesy catchy punchy "
-        "quirky spooky creepy dreamy lyrical rhyming charming hilarious absurd snarky sarcastic cheeky "
-        "tongue-in-cheek melancholic bittersweet epic vivid evocative imaginative creative creatively "
-        "compose craft captivating engaging compelling intriguing rigolo drôle gracioso engraçado lustig "
+        "cosy chatty cozy cute fun magical mysterious romantic spicy sassy dramatic whimsy "
+        "nostalgic inspirational uplifting motivational heartwarming wholesome eerie gothic "
+        "lyrical rhythmic punny clever memorable funny humorous witty silly goofy whimsical "
+        "playful dramatic poetic heartfelt sappy cheesy catchy punchy quirky spooky creepy dreamy "
+        "lyrical rhyming charming hilarious absurd snarky sarcastic cheeky tongue-in-cheek "
+        "melancholic bittersweet epic vivid evocative imaginative creative creatively compose "
+        "craft captivating engaging compelling intriguing rigolo drôle gracioso engraçado lustig "
         "witzig chistoso divertido divertida marrant humorvoll poétique poético poética",
         "sensory details|tongue in cheek|over the top|a bit poetic|little funny|a little weird"),
     "persona_task": ("creative", -2.5, 1, "",
-        "your task is|your job is|your task will be|your role is to|you will be provided|you'll be provided|"
-        "i will provide you|i will provide|i will give you|i'll give you|you will need to|you will be given|"
-        "i want you to act as a|i want you to act as an|your expertise|tasked with|your goal is|your duty is"),
+        "your task is|your job is|your task will be|your role is to|you will be provided|you'll be "
+        "provided|i will provide you|i will provide|i will give you|i'll give you|you will need "
+        "to|you will be given|i want you to act as a|i want you to act as an|your expertise|tasked "
+        "with|your goal is|your duty is"),
     "not_creative": ("creative", -4.0, 1, "",
-        "story behind|true story|come from|where did|who started|explain this joke|explain the joke|get the joke|good books|books like|"
-        "books for|recommend books|series like|serien wie|shows like|movies like|films like|the name of that|"
-        "name of the movie|name of that movie|is it ok to make a joke|is it appropriate|does a haiku|do haikus|"
-        "have to be 5-7-5|l'histoire derrière|histoire de la|geschichte vom|geschichte von|woher kommt|"
-        "where does the|the history of|la historia de|a história de|história do|turn on captions|captions on|"
-        "closed captions|subtitles|what's the story|what is the story|where does the story|origin of the story|"
-        "the story goes|news story|the origin of|origin of the|who wrote|who sang|"
-        "who sings|rhyme scheme|what is a sonnet|what is a haiku|what's a haiku|how many lines|"
-        "meaning of the song|meaning of the poem|the meaning of|lyrics to|lyrics of|the lyrics|first joke|"
-        "called that|knock knock jokes called|quién escribió|qui a écrit|quem escreveu|wer schrieb|wer hat|"
-        "synonym|synonyms|antonym|"
-        "what counts as|counts as a|how many syllables|syllables in|main characters|"
-        "poet laureate|famous poem|famous poems|famous poets|best poems|best novels|recommend a novel|"
-        "book recommendations|novel recommendations|read next"),
+        "story behind|true story|come from|where did|who started|explain this joke|explain the "
+        "joke|get the joke|good books|books like|books for|recommend books|series like|serien wie|"
+        "shows like|movies like|films like|the name of that|name of the movie|name of that movie|"
+        "is it ok to make a joke|is it appropriate|does a haiku|do haikus|have to be 5-7-5|"
+        "l'histoire derrière|histoire de la|geschichte vom|geschichte von|woher kommt|where does "
+        "the|the history of|la historia de|a história de|história do|turn on captions|captions on|"
+        "closed captions|subtitles|what's the story|what is the story|where does the story|origin "
+        "of the story|the story goes|news story|the origin of|origin of the|who wrote|who sang|who "
+        "sings|rhyme scheme|what is a sonnet|what is a haiku|what's a haiku|how many lines|meaning "
+        "of the song|meaning of the poem|the meaning of|lyrics to|lyrics of|the lyrics|first joke|"
+        "called that|knock knock jokes called|quién escribió|qui a écrit|quem escreveu|wer "
+        "schrieb|wer hat|synonym|synonyms|antonym|what counts as|counts as a|how many syllables|"
+        "syllables in|main characters|poet laureate|famous poem|famous poems|famous poets|best "
+        "poems|best novels|recommend a novel|book recommendations|novel recommendations|read next"),
 
     # --- reasoning -------------------------------------------------------------------------------
     "step_by_step": ("reasoning", 3.0, 1, "reasoning",
-        "reason it out|walk me through it|how should i have reasoned|the actual argument|show me the reasoning|"
-        "step by step|step-by-step|think carefully|think it through|explain your reasoning|explain your answer|"
-        "show your work|show the work|show the steps|show steps|show your steps|with steps|show the math|"
-        "show your math|walk me through the math|work it out|do the math|étape par étape|schritt für schritt|"
-        "paso a paso|passo a passo|mit begründung|con razonamiento|justifie|justifica|begründe"),
+        "reason it out|walk me through it|how should i have reasoned|the actual argument|show me "
+        "the reasoning|step by step|step-by-step|think carefully|think it through|explain your "
+        "reasoning|explain your answer|show your work|show the work|show the steps|show steps|show "
+        "your steps|with steps|show the math|show your math|walk me through the math|work it out|"
+        "do the math|étape par étape|schritt für schritt|paso a paso|passo a passo|mit begründung|"
+        "con razonamiento|justifie|justifica|begründe"),
     "math_words": ("reasoning", 1.5, 3,
-        "angle angles pentagon hexagon octagon polygon quersumme trapezium trapezoid parallelogram cylinder cone sphere pythagoras "
-        "divisible inequality equation equations algebra geometry derivative integral "
-        "perimeter circumference radius diameter hypotenuse arithmetic "
-        "quotient fraction fractions "
-        "variance deviation compounded apr "
-        "probabilité wahrscheinlichkeit probabilidad probabilidade "
-        "résoudre demuestra démontre démontrer beweise "
-        "prouve demonstre demostrar "
-        "moyenne promedio média durchschnitt pourcentage porcentaje porcentagem prozent",
-        "sum of|product of|area of|volume of|prove that|proof that|prove it|show that|demonstrate that|"
-        "beweise dass|démontre que|demuestra que|prove que|mostre que|montrer que|mostrar que|zeigen dass|"
-        "show why|add up to|"
-        "how many more|how much more|how much less|what percent|what percentage|per cent|"
-        "square root|cube root|prime factor|prime factors|prime factorization|greatest common|least common|"
-        "common multiple|common divisor|times as many|twice as|half as|per hour|per day|per week|per month|"
-        "per minute|per second|an hour|km/h|mph|miles per|on average|split the bill|split it|each pay|"
-        "how much do i owe|how much does each|how much will|how much would|how much did|how much money|"
-        "how many will|how many would|how many did|how many does|how many do i need|how many more|"
-        "is that right|is this right|is this correct|is that correct|check my math|check my maths|"
-        "check his math|check her math|check the math|did i calculate|double check|my colleague says|"
-        "after tax|before tax|per cent off|monthly payment|interest rate|hourly rate|time and a half|"
-        "how old will|how old was|years old|born in|what time|time zone|o'clock|"
-        "wie viel|wie viele|cuánto|cuántos|quanto|quantos|combien de|combien coûte|combien faut|"
-        "à quelle heure|um wie viel uhr|a qué hora|a que horas"),
-    "math_everyday": ("reasoning", 1.5, 3, "growth solve calculate calculation compute simplify prove proof derive probability percent percentage average remainder ratio altogether triangle rectangle multiply multiplied divide divided decimals median combien cuántos cuántas quantos quantas calcula calcule calcular calculer rechne berechne quadrat cuadrado carré umfang fläche área aire volumen prova", ""),
-    "quantities": ("reasoning", 1.0, 3, "kwh mpg psi bar therms l/100km gallon gallons liter litre mondays tuesdays wednesdays thursdays fridays saturdays sundays split owe owes discount discounts vat tax taxes net gross hourly overtime payroll wage wages salary interest rate mortgage loan installment installments monthly velocity speed acceleration accelerates distance momentum force joules watts voltage ohms kilometers kilometres miles feet inches yards acres hectares litres liters gallons ounces grams kilograms pounds cups tablespoons teaspoons ml celsius fahrenheit kelvin mph kmh km kg lbs percent% remise rabatt descuento desconto facture rechnung factura intérêts zinsen intereses juros vitesse geschwindigkeit velocidad velocidade durchschnitt moyenne promedio média heures stunden horas minutes minuten minutos", ""),
+        "angle angles pentagon hexagon octagon polygon quersumme trapezium trapezoid parallelogram "
+        "cylinder cone sphere pythagoras divisible inequality equation equations algebra geometry "
+        "derivative integral perimeter circumference radius diameter hypotenuse arithmetic "
+        "quotient fraction fractions variance deviation compounded apr probabilité "
+        "wahrscheinlichkeit probabilidad probabilidade résoudre demuestra démontre démontrer "
+        "beweise prouve demonstre demostrar moyenne promedio média durchschnitt pourcentage "
+        "porcentaje porcentagem prozent",
+        "sum of|product of|area of|volume of|prove that|proof that|prove it|show that|demonstrate "
+        "that|beweise dass|démontre que|demuestra que|prove que|mostre que|montrer que|mostrar "
+        "que|zeigen dass|show why|add up to|how many more|how much more|how much less|what "
+        "percent|what percentage|per cent|square root|cube root|prime factor|prime factors|prime "
+        "factorization|greatest common|least common|common multiple|common divisor|times as many|"
+        "twice as|half as|per hour|per day|per week|per month|per minute|per second|an hour|km/h|"
+        "mph|miles per|on average|split the bill|split it|each pay|how much do i owe|how much does "
+        "each|how much will|how much would|how much did|how much money|how many will|how many "
+        "would|how many did|how many does|how many do i need|how many more|is that right|is this "
+        "right|is this correct|is that correct|check my math|check my maths|check his math|check "
+        "her math|check the math|did i calculate|double check|my colleague says|after tax|before "
+        "tax|per cent off|monthly payment|interest rate|hourly rate|time and a half|how old will|"
+        "how old was|years old|born in|what time|time zone|o'clock|wie viel|wie viele|cuánto|"
+        "cuántos|quanto|quantos|combien de|combien coûte|combien faut|à quelle heure|um wie viel "
+        "uhr|a qué hora|a que horas"),
+    "math_everyday": ("reasoning", 1.5, 3,
+                      "growth solve calculate calculation compute simplify prove proof derive "
+                      "probability percent percentage average remainder ratio altogether triangle "
+                      "rectangle multiply multiplied divide divided decimals median combien "
+                      "cuántos cuántas quantos quantas calcula calcule calcular calculer rechne "
+                      "berechne quadrat cuadrado carré umfang fläche área aire volumen prova", ""),
+    "quantities": ("reasoning", 1.0, 3,
+                   "kwh mpg psi bar therms l/100km gallon gallons liter litre mondays tuesdays "
+                   "wednesdays thursdays fridays saturdays sundays split owe owes discount "
+                   "discounts vat tax taxes net gross hourly overtime payroll wage wages salary "
+                   "interest rate mortgage loan installment installments monthly velocity speed "
+                   "acceleration accelerates distance momentum force joules watts voltage ohms "
+                   "kilometers kilometres miles feet inches yards acres hectares litres liters "
+                   "gallons ounces grams kilograms pounds cups tablespoons teaspoons ml celsius "
+                   "fahrenheit kelvin mph kmh km kg lbs percent% remise rabatt descuento desconto "
+                   "facture rechnung factura intérêts zinsen intereses juros vitesse "
+                   "geschwindigkeit velocidad velocidade durchschnitt moyenne promedio média "
+                   "heures stunden horas minutes minuten minutos", ""),
     "chance_question": ("reasoning", 2.5, 1, "",
-        "prob of|the chance|what's the chance|odds of|likelihood of|probability of|chance that|chances that|"
-        "chance nobody|chance of|chances of|the odds"),
+        "prob of|the chance|what's the chance|odds of|likelihood of|probability of|chance that|"
+        "chances that|chance nobody|chance of|chances of|the odds"),
     "quantity_question": ("reasoning", 1.5, 1, "",
-        "how many|how much|how long|how far|how old|in total|altogether|wie viele|wie viel|wie lange|combien|"
-        "cuántos|cuántas|cuánto|quantos|quantas|quanto"),
-    "number_fact": ("reasoning", 4.0, 1, "mdc mmc pgcd ppcm ggt kgv mcd mcm induction gcd lcm factorial",
-        "go into evenly|evenly divisible|divides evenly|smallest number that|is it prime|is prime|be prime|are prime|primes below|primes under|primes between|primes less|"
-        "a prime|prime number|prime numbers|largest prime|smallest prime|divisible by|perfect square|"
-        "perfect number|even or odd|odd or even|last digit|digits of|the digit|número primo|nombre premier|"
-        "primzahl|números primos|nombres premiers|divisível por|divisible par|teilbar durch|"
-        "0.999 repeating|point nine repeating"),
+        "how many|how much|how long|how far|how old|in total|altogether|wie viele|wie viel|wie "
+        "lange|combien|cuántos|cuántas|cuánto|quantos|quantas|quanto"),
+    "number_fact": ("reasoning", 4.0, 1,
+                    "mdc mmc pgcd ppcm ggt kgv mcd mcm induction gcd lcm factorial",
+        "go into evenly|evenly divisible|divides evenly|smallest number that|is it prime|is prime|"
+        "be prime|are prime|primes below|primes under|primes between|primes less|a prime|prime "
+        "number|prime numbers|largest prime|smallest prime|divisible by|perfect square|perfect "
+        "number|even or odd|odd or even|last digit|digits of|the digit|número primo|nombre "
+        "premier|primzahl|números primos|nombres premiers|divisível por|divisible par|teilbar "
+        "durch|0.999 repeating|point nine repeating"),
     "puzzle_word": ("reasoning", 1.5, 1, "puzzle puzzles riddle logic logical logically", ""),
     "puzzle": ("reasoning", 3.0, 2,
-        "patife patifes cavaleiros caballeros chevaliers ritter schurken mentem mienten mentent lügen lying irrational infinitely argumento raisonnement schluss barber ladder labelled labeled wahrscheinlich paradox deduce deduction fermi syllogism syllogisms "
-        "knave knaves knights liar liars truth-teller truthteller contrapositive fallacy premise "
-        "conclude conclusion inference valid invalid conundrum enigma lógica logique "
-        "logik rätsel acertijo enigme énigme charada",
-        "brain teaser|brain teasers|lateral thinking|trick question|knights and knaves|always lies|"
-        "always tells the truth|tells the truth|tell the truth|relationship between|"
-        "true, false, or uncertain|true false or uncertain|does not belong|what is the total|what is the value|"
-        "what is the remainder|what is the probability|what are the odds|what are the chances|"
-        "monty hall|birthday paradox|river crossing|across the river|across a river|cross the river|"
-        "the boat holds|boat holds|boat only|boat can carry|brothers and sisters i have none|that man's father|"
-        "baker's dozen|missionaries and cannibals|towers of hanoi|"
-        "wolf, goat|goat and cabbage|fox, chicken|hat puzzle|prisoners|can i conclude|can we conclude|"
-        "does it follow|it follows|follow that|valid argument|is this valid|is that valid|logically valid|"
-        "posso concluir|puedo concluir|podemos concluir|pouvons-nous conclure|können wir schließen|"
-        "what position|which position|think of a number|kann ich schließen|puis-je conclure|peut-on conclure|"
-        "if all|all of the|none of the|es válido|ist gültig|argumento válido|schluss gültig|est valide|taller than|shorter than|older than|younger than|light switches|"
-        "cross a bridge|one torch|one flashlight|around the equator|fold a piece of paper|between the hands|"
-        "everyone plays everyone|round robin|round-robin|qué sale más|cuál me sale|sale mejor|sai mais barato|only one of them|one of them is lying|one of them lies|is lying|"
-        "falam a verdade|sagen die wahrheit|dicen la verdad|disent la vérité|dit la vérité|sitzen nebeneinander|"
-        "sits next|sit next|rechts neben|links neben|à droite de|à gauche de|a la derecha de|à direita de|"
-        "ganz links|ganz rechts|am rand|not necessarily in that order|not in that order|pas forcément dans cet ordre|"
-        "no necesariamente en ese orden|nicht unbedingt in dieser reihenfolge|não necessariamente nessa ordem|"
-        "o que é o que é|qu'est-ce qui a|qu est-ce qui a|was wird immer|qué es lo que|the more you take|"
-        "the more of me|what number am i|what can run|what has a|what has teeth|what gets wetter|"
-        "what goes up|what has keys|what has hands|tengo agujas|twice her age|twice his age|twice my age|"
-        "times as old|so alt wie|mal so alt|viermal so|dreimal so|fois plus âgé|veces mayor|vezes mais velho|"
-        "hour and minute hands|minute hand|hour hand|clock hands|immediately left|immediately right|left of the|right of the|"
-        "every label|is wrong|are wrong|different colours|different colors|in a row|each person|who drinks|"
-        "which gives more|which is more|is this argument|this argument|est-ce que ce raisonnement|"
-        "chance de|qual a chance|quelle est la probabilité|qué probabilidad|wie wahrscheinlich|"
-        "some of the|exactly one|at least one|at most one|"
-        "who is lying|who is telling|who owns|who sits|who lives|which house|"
-        "what place|how is that possible|how is this possible"),
+        "patife patifes cavaleiros caballeros chevaliers ritter schurken mentem mienten mentent "
+        "lügen lying irrational infinitely argumento raisonnement schluss barber ladder labelled "
+        "labeled wahrscheinlich paradox deduce deduction fermi syllogism syllogisms knave knaves "
+        "knights liar liars truth-teller truthteller contrapositive fallacy premise conclude "
+        "conclusion inference valid invalid conundrum enigma lógica logique logik rätsel acertijo "
+        "enigme énigme charada",
+        "brain teaser|brain teasers|lateral thinking|trick question|knights and knaves|always "
+        "lies|always tells the truth|tells the truth|tell the truth|relationship between|true, "
+        "false, or uncertain|true false or uncertain|does not belong|what is the total|what is the "
+        "value|what is the remainder|what is the probability|what are the odds|what are the "
+        "chances|monty hall|birthday paradox|river crossing|across the river|across a river|cross "
+        "the river|the boat holds|boat holds|boat only|boat can carry|brothers and sisters i have "
+        "none|that man's father|baker's dozen|missionaries and cannibals|towers of hanoi|wolf, "
+        "goat|goat and cabbage|fox, chicken|hat puzzle|prisoners|can i conclude|can we conclude|"
+        "does it follow|it follows|follow that|valid argument|is this valid|is that valid|"
+        "logically valid|posso concluir|puedo concluir|podemos concluir|pouvons-nous conclure|"
+        "können wir schließen|what position|which position|think of a number|kann ich schließen|"
+        "puis-je conclure|peut-on conclure|if all|all of the|none of the|es válido|ist gültig|"
+        "argumento válido|schluss gültig|est valide|taller than|shorter than|older than|younger "
+        "than|light switches|cross a bridge|one torch|one flashlight|around the equator|fold a "
+        "piece of paper|between the hands|everyone plays everyone|round robin|round-robin|qué sale "
+        "más|cuál me sale|sale mejor|sai mais barato|only one of them|one of them is lying|one of "
+        "them lies|is lying|falam a verdade|sagen die wahrheit|dicen la verdad|disent la vérité|"
+        "dit la vérité|sitzen nebeneinander|sits next|sit next|rechts neben|links neben|à droite "
+        "de|à gauche de|a la derecha de|à direita de|ganz links|ganz rechts|am rand|not "
+        "necessarily in that order|not in that order|pas forcément dans cet ordre|no "
+        "necesariamente en ese orden|nicht unbedingt in dieser reihenfolge|não necessariamente "
+        "nessa ordem|o que é o que é|qu'est-ce qui a|qu est-ce qui a|was wird immer|qué es lo que|"
+        "the more you take|the more of me|what number am i|what can run|what has a|what has teeth|"
+        "what gets wetter|what goes up|what has keys|what has hands|tengo agujas|twice her age|"
+        "twice his age|twice my age|times as old|so alt wie|mal so alt|viermal so|dreimal so|fois "
+        "plus âgé|veces mayor|vezes mais velho|hour and minute hands|minute hand|hour hand|clock "
+        "hands|immediately left|immediately right|left of the|right of the|every label|is wrong|"
+        "are wrong|different colours|different colors|in a row|each person|who drinks|which gives "
+        "more|which is more|is this argument|this argument|est-ce que ce raisonnement|chance de|"
+        "qual a chance|quelle est la probabilité|qué probabilidad|wie wahrscheinlich|some of the|"
+        "exactly one|at least one|at most one|who is lying|who is telling|who owns|who sits|who "
+        "lives|which house|what place|how is that possible|how is this possible"),
     "counting": ("reasoning", 3.0, 2,
-        "permutations permutation combinations combinatorics arrangements arrange dice coin coins flip "
-        "flips flipped odds expected",
-        "how many ways|number of ways|full house|royal flush|poker hand|lottery|lotto|jackpot|roulette|"
-        "blackjack|cheapest combination|minimum number|fewest|least number|at least how many|"
-        "best order|shortest route|visit each|packs of|boxes of|must be true|could be true|necessarily|"
-        "always true|which of them|"
-        "each have a different|each has a different|each own a different|each owns a different|"
-        "each likes a different|each drive a different|each drives a different|in how many|how many different|how many combinations|at random|"
-        "randomly chosen|randomly pick|pick 3|choose 3|expected value|deck of cards|a deck|roll two|"
-        "two dice|three dice|3 dice|2 dice|flip a coin|flip two|heads and|de cuántas maneras|"
+        "permutations permutation combinations combinatorics arrangements arrange dice coin coins "
+        "flip flips flipped odds expected",
+        "how many ways|number of ways|full house|royal flush|poker hand|lottery|lotto|jackpot|"
+        "roulette|blackjack|cheapest combination|minimum number|fewest|least number|at least how "
+        "many|best order|shortest route|visit each|packs of|boxes of|must be true|could be true|"
+        "necessarily|always true|which of them|each have a different|each has a different|each own "
+        "a different|each owns a different|each likes a different|each drive a different|each "
+        "drives a different|in how many|how many different|how many combinations|at random|"
+        "randomly chosen|randomly pick|pick 3|choose 3|expected value|deck of cards|a deck|roll "
+        "two|two dice|three dice|3 dice|2 dice|flip a coin|flip two|heads and|de cuántas maneras|"
         "de quantas maneiras|de combien de façons|auf wie viele|wie viele möglichkeiten"),
     "estimate": ("reasoning", 2.5, 2, "estimate estimation ballpark fermi",
         "roughly how many|approximately how many|about how many|how many piano|in a lifetime|"
-        "throughout history|rough guess|más o menos|how would you reason|how you'd reason|cómo lo razonarías|"
-        "how much space|are there in|does a city|how many windows|how many heartbeats|"
-        "rough numbers|ballpark figure|back of the envelope|back-of-the-envelope|order of magnitude|rough estimate"),
+        "throughout history|rough guess|más o menos|how would you reason|how you'd reason|cómo lo "
+        "razonarías|how much space|are there in|does a city|how many windows|how many heartbeats|"
+        "rough numbers|ballpark figure|back of the envelope|back-of-the-envelope|order of "
+        "magnitude|rough estimate"),
     "time_math": ("reasoning", 3.0, 2, "",
-        "days after|days before|days from|days until|days till|days since|weeks after|weeks from|weeks before|"
-        "months after|months from|years after|years from|hours after|minutes after|from now|days between|"
-        "weeks between|weekdays between|business days|working days|day of the week|what day|which day|"
-        "what date|which date|what time will|what time is it in|what time would|time difference|"
-        "how many days|how many weeks|how many months|how many hours|how many minutes|how many seconds|"
-        "days old|local time|1st of|first of the month|what dates|which dates|any hour|which hour|"
-        "a time that works|time that works|that works for all|fence post|fence posts|what time is it there|que horas|qué hora|quelle heure|wie spät|"
-        "daqui a|dias depois|días después|dentro de|jours après|dans combien|tage nach|in wie vielen|"
-        "que dia|qué día|quel jour|welcher tag|welchen tag|leap year|leap years"),
+        "days after|days before|days from|days until|days till|days since|weeks after|weeks from|"
+        "weeks before|months after|months from|years after|years from|hours after|minutes after|"
+        "from now|days between|weeks between|weekdays between|business days|working days|day of "
+        "the week|what day|which day|what date|which date|what time will|what time is it in|what "
+        "time would|time difference|how many days|how many weeks|how many months|how many hours|"
+        "how many minutes|how many seconds|days old|local time|1st of|first of the month|what "
+        "dates|which dates|any hour|which hour|a time that works|time that works|that works for "
+        "all|fence post|fence posts|what time is it there|que horas|qué hora|quelle heure|wie "
+        "spät|daqui a|dias depois|días después|dentro de|jours après|dans combien|tage nach|in wie "
+        "vielen|que dia|qué día|quel jour|welcher tag|welchen tag|leap year|leap years"),
     "money_question": ("reasoning", 2.0, 1, "cheapest",
-        "cheapest way|cheapest combination|best combination|which combination|best deal|better deal|cheapest option|"
-        "how much will|how much would|how much do i|how much does it|how much money|how much each|how much per|"
-        "save more|saves more|which saves"),
+        "cheapest way|cheapest combination|best combination|which combination|best deal|better "
+        "deal|cheapest option|how much will|how much would|how much do i|how much does it|how much "
+        "money|how much each|how much per|save more|saves more|which saves"),
     "compare_money": ("reasoning", 1.5, 2, "cheaper",
-        "better deal|better value|which is cheaper|is it cheaper|would it be cheaper|which is better|worth it if|"
-        "which option|payback|lease or buy|rent or buy|buy or lease|buy or rent|"
-        "lo más barato|más barato|mais barato|moins cher|billiger|günstiger"),
+        "better deal|better value|which is cheaper|is it cheaper|would it be cheaper|which is "
+        "better|worth it if|which option|payback|lease or buy|rent or buy|buy or lease|buy or "
+        "rent|lo más barato|más barato|mais barato|moins cher|billiger|günstiger"),
     "compare_numbers": ("reasoning", 3.0, 2, "heavier lighter",
-        "which is heavier|what's heavier|what is heavier|weighs more|weigh more|which is more|which is bigger|"
-        "which is larger|which is faster|cheaper per|more per|"
-        "per square inch|per kg|per pound|per ounce|per liter|per litre|per unit|unit price|break even|break-even|"
-        "qué pesa más|o que pesa mais|was ist schwerer|qu'est-ce qui est plus lourd|plus lourd|pesa más|"
-        "pesa mais|un kilo|um quilo|ein kilo|a kilo|a pound of"),
+        "which is heavier|what's heavier|what is heavier|weighs more|weigh more|which is more|"
+        "which is bigger|which is larger|which is faster|cheaper per|more per|per square inch|per "
+        "kg|per pound|per ounce|per liter|per litre|per unit|unit price|break even|break-even|qué "
+        "pesa más|o que pesa mais|was ist schwerer|qu'est-ce qui est plus lourd|plus lourd|pesa "
+        "más|pesa mais|un kilo|um quilo|ein kilo|a kilo|a pound of"),
     "plan_constraints": ("reasoning", 2.5, 2,
-        "turnos schichten dienstplan horario escala roster schedule scheduling shifts rota timetable seating constraint constraints optimize optimise optimal "
-        "maximize maximise minimize minimise",
+        "turnos schichten dienstplan horario escala roster schedule scheduling shifts rota "
+        "timetable seating constraint constraints optimize optimise optimal maximize "
+        "maximise minimize minimise",
         "sit next to|next to each other|can't sit|cannot sit|must sit|has to sit|seating chart|"
         "meeting slot|time slot|works for everyone|fits everyone|everyone's availability|max area|"
         "largest area|maximum area|work together|working together|fill the pool|fill the tank|"
@@ -4803,564 +5208,613 @@ INTENT_CUES = {
         "convert|conversion|in km|in miles|to miles|to km|to kg|to lbs|to celsius|to fahrenheit|"
         "in celsius|in fahrenheit|in meters|in feet|to meters|to feet|light year|light years"),
     "not_reasoning": ("reasoning", -2.5, 1, "",
-        "how many calories|how much protein|how many carbs|how many days a week|how many times a week|"
-        "how much should i tip|how much to tip|to tip|tip in|how much does it cost|how much is a|"
-        "how long should|how long does it last|how long did|how long is the|how long do|how long can|"
-        "how many people live|how many countries|how many states|how many bones|how many languages|"
-        "how many members|how many players|how many episodes|how many seasons|how many books|"
-        "how much water|how much sleep|how much coffee|how much caffeine|how old is|how far is|"
-        "how many hours of sleep|how many steps|worth it for|is it worth"),
+        "how many calories|how much protein|how many carbs|how many days a week|how many times a "
+        "week|how much should i tip|how much to tip|to tip|tip in|how much does it cost|how much "
+        "is a|how long should|how long does it last|how long did|how long is the|how long do|how "
+        "long can|how many people live|how many countries|how many states|how many bones|how many "
+        "languages|how many members|how many players|how many episodes|how many seasons|how many "
+        "books|how much water|how much sleep|how much coffee|how much caffeine|how old is|how far "
+        "is|how many hours of sleep|how many steps|worth it for|is it worth"),
 
     # --- broad vocabulary per intent (tools, forms, terms in five languages), each entry checked
     # --- against the tuning prompts: one that fired more often for another intent was left out
     "code_vocab": ("code", 2.0, 2,
-        "python2 pyhton phyton pytohn javscript javacript typscript ecmascript es6 cpp csharp rustlang "
-        "applescript autohotkey postgress postgre nosql plsql tsql mssql neo4j firestore nodejs angularjs "
-        "expressjs blazor tailwindcss ipynb pipenv msbuild dockerize dockerized dockerizing kubernets "
-        "kubernates jenkinsfile httpd sshd argc printf println sizeof calloc realloc typedef varchar ndarray "
-        "jsonl html5 css3 vlookups xlsm nullreferenceexception segfaults segfaulted nameerror "
-        "zerodivisionerror runtimeerror indentationerror stackoverflowerror outofmemoryerror "
-        "classnotfoundexception illegalargumentexception arrayindexoutofboundsexception "
-        "concurrentmodificationexception filenotfounderror econnrefused enoent eaddrinuse tracebacks coredump "
-        "ref refactors refactored debugs debugged debuging compilers recompile transpile transpiler "
-        "transpiled multithreaded threadsafe hashset arraylist linkedlist leetcode hackerrank codewars "
-        "codeforces stackoverflow monorepo containerize containerized cicd devops gitops oauth2 jdbc odbc "
-        "subqueries nullable constructor destructor instantiate instantiation generics iterable dicts "
-        "docstring pep8 pylint mypy flake8 init elif iostream stdio innerhtml queryselector "
-        "getelementbyid addeventlistener onclick xmlhttprequest localstorage iframe favicon href semver "
-        "bytecode jdk jre classpath uikit gdscript shader shaders glsl hlsl opengl vulkan directx webgl "
-        "threejs ide jetbrains intellisense breakpoints log4j syslog dmesg regedit dll endianness "
-        "deserialization lexer tdd e2e sonarqube rebasing submodule submodules cloudwatch gcp digitalocean "
-        "databricks fullstack sourcecode programmatically webdev kubelet openapi dotenv devtools chromedriver "
-        "puppeteer bs4 regex101 stackblitz codepen jsfiddle replit wsl2 powerbi déboguer débogue déboguez "
-        "débugger débuguer débugué debugguer bogues compilateur compilateurs recompiler refactoriser "
-        "refactorisation refactorer réusiner instancier instanciation polymorphisme itérateur codeur codeuse "
-        "codez scripter sgbd bdd commiter committer programmatiquement indentation pointeurs rechercheh "
-        "sierreur sommeprod equiv concatener concaténer nbval stxt supprespace programmiere programmierst "
-        "programmiert programmierung programmiersprache programmiersprachen quelltext programmcode codezeile "
-        "codezeilen codeschnipsel kompilieren kompiliert kompilierung debuggen debugge gedebuggt "
-        "laufzeitfehler syntaxfehler kompilierfehler speicherleck nullzeiger objektorientierte "
-        "objektorientierten polymorphie kapselung instanziieren konstruktor rückgabewert rückgabetyp datentyp "
-        "datentypen zeichenkette zeichenketten shellskript kommandozeile befehlszeile eingabeaufforderung "
-        "umgebungsvariable umgebungsvariablen konfigurationsdatei entwicklungsumgebung refaktorisieren "
-        "datenbankabfrage excelformel datenstruktur datenstrukturen binärbaum primärschlüssel fremdschlüssel "
-        "webanwendung ausnahmebehandlung codebasis summewenns zaehlenwenn zählenwenns zaehlenwenns wennfehler "
-        "mittelwertwenn summenprodukt verketten textverketten anzahl2 teilergebnis istfehler istleer "
-        "debuguear debugear debuggear depurador compilador compiladores recompilar refactorizar "
-        "refactorización refactoricé indentación instanciar polimorfismo encapsulamiento encapsulación "
-        "subrutina subrutinas codear codeando deployar punteros iterador buscarh concatenar sumaproducto "
-        "unircadenas bdsuma codar codando codei debugar debugando debuguei refatorar refatoração refatorando "
-        "indentação identação encapsulamento ponteiros commitar commitei deployei buildar proch somases "
-        "seerro corresp médiase mediase somarproduto unirtexto datadif",
-        "pl sql|t sql|react js|vue js|next js|asp net|scikit learn|apt get|console log|n a|div 0|thread safe|"
-        "ci cd|127 0 0 1|requirements txt|package json|node modules|z index|pom xml|three js|d3 js|"
-        "cherry pick|front end|back end|full stack|github com|repl it|compile time|if else|async await|"
-        "somme si ens|nb si ens|moyenne si|joindre texte|si conditions|sous total|nb vide|bash skript|"
-        "python skript|sql abfrage|excel formel|vba makro|for schleife|while schleife|if abfrage|"
-        "merge konflikt|rest schnittstelle|sumar si conjunto|contar si conjunto|si error|promedio si|"
-        "promedio si conjunto|si conjunto|cont ses|cont valores|ext texto|cont núm|código fonte"),
+        "python2 pyhton phyton pytohn javscript javacript typscript ecmascript es6 cpp csharp "
+        "rustlang applescript autohotkey postgress postgre nosql plsql tsql mssql neo4j firestore "
+        "nodejs angularjs expressjs blazor tailwindcss ipynb pipenv msbuild dockerize dockerized "
+        "dockerizing kubernets kubernates jenkinsfile httpd sshd argc printf println sizeof calloc "
+        "realloc typedef varchar ndarray jsonl html5 css3 vlookups xlsm nullreferenceexception "
+        "segfaults segfaulted nameerror zerodivisionerror runtimeerror indentationerror "
+        "stackoverflowerror outofmemoryerror classnotfoundexception illegalargumentexception "
+        "arrayindexoutofboundsexception concurrentmodificationexception filenotfounderror "
+        "econnrefused enoent eaddrinuse tracebacks coredump ref refactors refactored debugs "
+        "debugged debuging compilers recompile transpile transpiler transpiled multithreaded "
+        "threadsafe hashset arraylist linkedlist leetcode hackerrank codewars codeforces "
+        "stackoverflow monorepo containerize containerized cicd devops gitops oauth2 jdbc odbc "
+        "subqueries nullable constructor destructor instantiate instantiation generics iterable "
+        "dicts docstring pep8 pylint mypy flake8 init elif iostream stdio innerhtml queryselector "
+        "getelementbyid addeventlistener onclick xmlhttprequest localstorage iframe favicon href "
+        "semver bytecode jdk jre classpath uikit gdscript shader shaders glsl hlsl opengl vulkan "
+        "directx webgl threejs ide jetbrains intellisense breakpoints log4j syslog dmesg regedit "
+        "dll endianness deserialization lexer tdd e2e sonarqube rebasing submodule submodules "
+        "cloudwatch gcp digitalocean databricks fullstack sourcecode programmatically webdev "
+        "kubelet openapi dotenv devtools chromedriver puppeteer bs4 regex101 stackblitz codepen "
+        "jsfiddle replit wsl2 powerbi déboguer débogue déboguez débugger débuguer débugué "
+        "debugguer bogues compilateur compilateurs recompiler refactoriser refactorisation "
+        "refactorer réusiner instancier instanciation polymorphisme itérateur codeur codeuse codez "
+        "scripter sgbd bdd commiter committer programmatiquement indentation pointeurs rechercheh "
+        "sierreur sommeprod equiv concatener concaténer nbval stxt supprespace programmiere "
+        "programmierst programmiert programmierung programmiersprache programmiersprachen "
+        "quelltext programmcode codezeile codezeilen codeschnipsel kompilieren kompiliert "
+        "kompilierung debuggen debugge gedebuggt laufzeitfehler syntaxfehler kompilierfehler "
+        "speicherleck nullzeiger objektorientierte objektorientierten polymorphie kapselung "
+        "instanziieren konstruktor rückgabewert rückgabetyp datentyp datentypen zeichenkette "
+        "zeichenketten shellskript kommandozeile befehlszeile eingabeaufforderung "
+        "umgebungsvariable umgebungsvariablen konfigurationsdatei entwicklungsumgebung "
+        "refaktorisieren datenbankabfrage excelformel datenstruktur datenstrukturen binärbaum "
+        "primärschlüssel fremdschlüssel webanwendung ausnahmebehandlung codebasis summewenns "
+        "zaehlenwenn zählenwenns zaehlenwenns wennfehler mittelwertwenn summenprodukt verketten "
+        "textverketten anzahl2 teilergebnis istfehler istleer debuguear debugear debuggear "
+        "depurador compilador compiladores recompilar refactorizar refactorización refactoricé "
+        "indentación instanciar polimorfismo encapsulamiento encapsulación subrutina subrutinas "
+        "codear codeando deployar punteros iterador buscarh concatenar sumaproducto unircadenas "
+        "bdsuma codar codando codei debugar debugando debuguei refatorar refatoração refatorando "
+        "indentação identação encapsulamento ponteiros commitar commitei deployei buildar proch "
+        "somases seerro corresp médiase mediase somarproduto unirtexto datadif",
+        "pl sql|t sql|react js|vue js|next js|asp net|scikit learn|apt get|console log|n a|div 0|"
+        "thread safe|ci cd|127 0 0 1|requirements txt|package json|node modules|z index|pom xml|"
+        "three js|d3 js|cherry pick|front end|back end|full stack|github com|repl it|compile time|"
+        "if else|async await|somme si ens|nb si ens|moyenne si|joindre texte|si conditions|sous "
+        "total|nb vide|bash skript|python skript|sql abfrage|excel formel|vba makro|for schleife|"
+        "while schleife|if abfrage|merge konflikt|rest schnittstelle|sumar si conjunto|contar si "
+        "conjunto|si error|promedio si|promedio si conjunto|si conjunto|cont ses|cont valores|ext "
+        "texto|cont núm|código fonte"),
     "code_vocab_phrases": ("code", 1.5, 2,
         "",
-        "ruby on rails|spring boot|unreal engine|react native|segmentation fault|core dumped|"
-        "stack overflow error|null pointer|null reference|syntax error|type error|runtime error|compile error|"
-        "compilation error|build failed|build error|non zero exit|returned non zero|internal server error|"
-        "500 internal server|404 not found|502 bad gateway|bad gateway|connection refused|module not found|"
-        "undefined reference|unexpected token|cannot read properties|index out of range|"
-        "out of bounds exception|no such file|group by clause|order by clause|off by one error|"
-        "integer overflow|floating point precision|pip install|npm install|npm run|yarn add|git revert|"
-        "git checkout|git branch|docker run|docker build|kubectl apply|sudo apt|apt install|brew install|"
-        "chmod x|ls la|rm rf|cd into|ssh into|pull requests|powershell script|python script|batch file|"
-        "regular expressions|regex to match|capture group|in python|in javascript|in java|in c++|in c#|"
-        "in rust|in golang|in go lang|in typescript|in php|in kotlin|in swift code|in sql|in vba|in bash|"
-        "using python|using javascript|sql queries|excel formula|excel formulas|formula in excel|"
-        "google sheets formula|sheets formula|spreadsheet formula|vba macro|excel macro|vba code|excel vba|"
-        "nested if|nested ifs|web app|web application|web scraper|web scraping|scrape a website|rest api|"
-        "api endpoint|api call|api request|http requests|json file|parse json|yaml file|configuration file|"
-        "env variable|terminal command|shell command|linux command|test coverage|code coverage|"
-        "data structures|binary search tree|big o notation|object oriented programming|singleton pattern|"
-        "factory pattern|compile time|dynamic programming|switch case|list comprehension|anonymous function|"
-        "callback function|async await|event listener|dom element|type annotation|virtual function|"
-        "return value|return type|function signature|method overloading|operator overloading|"
-        "pass by reference|pass by value|global variable|local variable|fix my code|debug my code|debug this|"
-        "refactor this|optimize this code|explain this code|my code doesn t|this code doesn t|"
-        "code doesn t work|code is not working|code snippet|boilerplate code|write a function|write a program|"
-        "program that takes|function that takes|function that returns|takes an array|returns an array|"
-        "array of objects|list of dicts|hello world program|programming language|programming languages|"
-        "front end developer|full stack|single page application|html page|html and css|css file|media query|"
-        "css grid|develop an app|app development|game engine|chrome extension|browser extension|"
-        "jupyter notebook|google colab|ci pipeline|ci cd pipeline|docker container|docker image|"
-        "kubernetes cluster|helm chart|s3 bucket|aws lambda|ec2 instance|bearer token|stored procedure|"
-        "foreign key|primary key|outer join|select statement|where clause|alter table|drop table|sql server|"
-        "database schema|ms sql|oracle database|package manager|http status|langage de programmation|"
-        "langages de programmation|en ligne de commande|invite de commandes|requête sql|requêtes sql|"
-        "code source|bout de code|morceau de code|extrait de code|ce bout de code|erreur de syntaxe|"
-        "erreur de compilation|fichier de configuration|variable d environnement|variables d environnement|"
-        "boucle for|boucle while|instruction if|structure de données|structures de données|liste chaînée|"
-        "arbre binaire|table de hachage|programmation orientée objet|orientée objet|orienté objet|"
-        "classe abstraite|expressions régulières|formule excel|formule dans excel|macro vba|macro excel|"
-        "code vba|script python|script bash|script shell|en python|en javascript|en java|en c++|en php|en sql|"
-        "développement web|application web|appli web|api rest|requête http|fichier json|test unitaire|"
-        "revue de code|conflit de merge|conflit de fusion|faire un commit|écrire une fonction|"
-        "écris une fonction|écrire un programme|écris un programme|écris un script|un script qui|"
-        "corrige mon code|déboguer ce code|optimiser ce code|explique ce code|que fait ce code|mon code ne|"
-        "ce code ne marche|complexité algorithmique|complexité temporelle|fuite mémoire|fuite de mémoire|"
-        "pointeur null|pointeur nul|dépassement de pile|erreur 404|erreur 500|serveur web|clé primaire|"
-        "clé étrangère|jointure sql|procédure stockée|langage c|index equiv|commande linux|commande git|"
-        "dépôt git|dev web|développeur web|tableur excel|ein programm schreiben|schreibe ein programm|"
-        "schreib ein programm|eine funktion schreiben|schreibe eine funktion|schreib eine funktion|"
-        "mein code funktioniert|code funktioniert nicht|code debuggen|code optimieren|code erklären|"
-        "erkläre diesen code|was macht dieser code|fehler im code|regulären ausdruck|reguläre ausdrücke|"
-        "sql abfrage|excel formel|vba makro|excel makro|for schleife|while schleife|if abfrage|if anweisung|"
-        "verkettete liste|binärer baum|hash tabelle|objektorientierte programmierung|abstrakte klasse|"
-        "merge konflikt|git befehl|linux befehl|auf der kommandozeile|json datei|yaml datei|app entwickeln|"
-        "eine app programmieren|website programmieren|html und css|gespeicherte prozedur|index außerhalb|"
-        "index vergleich|mit python|mit javascript|lenguaje de programación|lenguajes de programación|"
-        "código fuente|símbolo del sistema|consulta sql|consultas sql|script de python|script en python|"
-        "script de bash|un script que|escribe una función|escribir una función|escribe un programa|"
-        "hacer un programa|el código no funciona|mi código no|depurar código|depurar mi código|"
-        "corregir mi código|optimizar este código|explica este código|qué hace este código|error de sintaxis|"
-        "error de compilación|archivo de configuración|variable de entorno|variables de entorno|bucle for|"
-        "bucle while|ciclo for|ciclo while|sentencia if|estructura de datos|estructuras de datos|"
-        "lista enlazada|árbol binario|tabla hash|programación orientada a objetos|orientada a objetos|"
-        "clase abstracta|expresiones regulares|fórmula de excel|fórmula en excel|macro de excel|macro en vba|"
-        "código vba|desarrollo web|aplicación web|petición http|solicitud http|archivo json|prueba unitaria|"
-        "pruebas unitarias|revisión de código|conflicto de merge|hacer commit|hacer un commit|clave primaria|"
-        "clave foránea|procedimiento almacenado|fuga de memoria|desbordamiento de pila|puntero nulo|"
-        "complejidad temporal|índice coincidir|base de datos relacional|comando de linux|comandos de git|"
-        "hoja de google sheets|repositorio git|sintaxis de python|programador web|linguagem de programação|"
-        "linguagens de programação|código fonte|prompt de comando|em python|em javascript|em java|em c++|"
-        "em php|em sql|script em python|um script que|escreva uma função|escrever uma função|"
-        "escreva um programa|fazer um programa|código não está funcionando|corrigir meu código|"
-        "debugar o código|depurar o código|otimizar esse código|explique esse código|erro de sintaxe|"
-        "erro de compilação|arquivo de configuração|variável de ambiente|variáveis de ambiente|laço for|"
+        "ruby on rails|spring boot|unreal engine|react native|segmentation fault|core dumped|stack "
+        "overflow error|null pointer|null reference|syntax error|type error|runtime error|compile "
+        "error|compilation error|build failed|build error|non zero exit|returned non zero|internal "
+        "server error|500 internal server|404 not found|502 bad gateway|bad gateway|connection "
+        "refused|module not found|undefined reference|unexpected token|cannot read properties|"
+        "index out of range|out of bounds exception|no such file|group by clause|order by clause|"
+        "off by one error|integer overflow|floating point precision|pip install|npm install|npm "
+        "run|yarn add|git revert|git checkout|git branch|docker run|docker build|kubectl apply|"
+        "sudo apt|apt install|brew install|chmod x|ls la|rm rf|cd into|ssh into|pull requests|"
+        "powershell script|python script|batch file|regular expressions|regex to match|capture "
+        "group|in python|in javascript|in java|in c++|in c#|in rust|in golang|in go lang|in "
+        "typescript|in php|in kotlin|in swift code|in sql|in vba|in bash|using python|using "
+        "javascript|sql queries|excel formula|excel formulas|formula in excel|google sheets "
+        "formula|sheets formula|spreadsheet formula|vba macro|excel macro|vba code|excel vba|"
+        "nested if|nested ifs|web app|web application|web scraper|web scraping|scrape a website|"
+        "rest api|api endpoint|api call|api request|http requests|json file|parse json|yaml file|"
+        "configuration file|env variable|terminal command|shell command|linux command|test "
+        "coverage|code coverage|data structures|binary search tree|big o notation|object oriented "
+        "programming|singleton pattern|factory pattern|compile time|dynamic programming|switch "
+        "case|list comprehension|anonymous function|callback function|async await|event listener|"
+        "dom element|type annotation|virtual function|return value|return type|function signature|"
+        "method overloading|operator overloading|pass by reference|pass by value|global variable|"
+        "local variable|fix my code|debug my code|debug this|refactor this|optimize this code|"
+        "explain this code|my code doesn t|this code doesn t|code doesn t work|code is not "
+        "working|code snippet|boilerplate code|write a function|write a program|program that "
+        "takes|function that takes|function that returns|takes an array|returns an array|array of "
+        "objects|list of dicts|hello world program|programming language|programming languages|"
+        "front end developer|full stack|single page application|html page|html and css|css file|"
+        "media query|css grid|develop an app|app development|game engine|chrome extension|browser "
+        "extension|jupyter notebook|google colab|ci pipeline|ci cd pipeline|docker container|"
+        "docker image|kubernetes cluster|helm chart|s3 bucket|aws lambda|ec2 instance|bearer "
+        "token|stored procedure|foreign key|primary key|outer join|select statement|where clause|"
+        "alter table|drop table|sql server|database schema|ms sql|oracle database|package manager|"
+        "http status|langage de programmation|langages de programmation|en ligne de commande|"
+        "invite de commandes|requête sql|requêtes sql|code source|bout de code|morceau de code|"
+        "extrait de code|ce bout de code|erreur de syntaxe|erreur de compilation|fichier de "
+        "configuration|variable d environnement|variables d environnement|boucle for|boucle while|"
+        "instruction if|structure de données|structures de données|liste chaînée|arbre binaire|"
+        "table de hachage|programmation orientée objet|orientée objet|orienté objet|classe "
+        "abstraite|expressions régulières|formule excel|formule dans excel|macro vba|macro excel|"
+        "code vba|script python|script bash|script shell|en python|en javascript|en java|en c++|en "
+        "php|en sql|développement web|application web|appli web|api rest|requête http|fichier "
+        "json|test unitaire|revue de code|conflit de merge|conflit de fusion|faire un commit|"
+        "écrire une fonction|écris une fonction|écrire un programme|écris un programme|écris un "
+        "script|un script qui|corrige mon code|déboguer ce code|optimiser ce code|explique ce "
+        "code|que fait ce code|mon code ne|ce code ne marche|complexité algorithmique|complexité "
+        "temporelle|fuite mémoire|fuite de mémoire|pointeur null|pointeur nul|dépassement de pile|"
+        "erreur 404|erreur 500|serveur web|clé primaire|clé étrangère|jointure sql|procédure "
+        "stockée|langage c|index equiv|commande linux|commande git|dépôt git|dev web|développeur "
+        "web|tableur excel|ein programm schreiben|schreibe ein programm|schreib ein programm|eine "
+        "funktion schreiben|schreibe eine funktion|schreib eine funktion|mein code funktioniert|"
+        "code funktioniert nicht|code debuggen|code optimieren|code erklären|erkläre diesen code|"
+        "was macht dieser code|fehler im code|regulären ausdruck|reguläre ausdrücke|sql abfrage|"
+        "excel formel|vba makro|excel makro|for schleife|while schleife|if abfrage|if anweisung|"
+        "verkettete liste|binärer baum|hash tabelle|objektorientierte programmierung|abstrakte "
+        "klasse|merge konflikt|git befehl|linux befehl|auf der kommandozeile|json datei|yaml "
+        "datei|app entwickeln|eine app programmieren|website programmieren|html und css|"
+        "gespeicherte prozedur|index außerhalb|index vergleich|mit python|mit javascript|lenguaje "
+        "de programación|lenguajes de programación|código fuente|símbolo del sistema|consulta sql|"
+        "consultas sql|script de python|script en python|script de bash|un script que|escribe una "
+        "función|escribir una función|escribe un programa|hacer un programa|el código no funciona|"
+        "mi código no|depurar código|depurar mi código|corregir mi código|optimizar este código|"
+        "explica este código|qué hace este código|error de sintaxis|error de compilación|archivo "
+        "de configuración|variable de entorno|variables de entorno|bucle for|bucle while|ciclo "
+        "for|ciclo while|sentencia if|estructura de datos|estructuras de datos|lista enlazada|"
+        "árbol binario|tabla hash|programación orientada a objetos|orientada a objetos|clase "
+        "abstracta|expresiones regulares|fórmula de excel|fórmula en excel|macro de excel|macro en "
+        "vba|código vba|desarrollo web|aplicación web|petición http|solicitud http|archivo json|"
+        "prueba unitaria|pruebas unitarias|revisión de código|conflicto de merge|hacer commit|"
+        "hacer un commit|clave primaria|clave foránea|procedimiento almacenado|fuga de memoria|"
+        "desbordamiento de pila|puntero nulo|complejidad temporal|índice coincidir|base de datos "
+        "relacional|comando de linux|comandos de git|hoja de google sheets|repositorio git|"
+        "sintaxis de python|programador web|linguagem de programação|linguagens de programação|"
+        "código fonte|prompt de comando|em python|em javascript|em java|em c++|em php|em sql|"
+        "script em python|um script que|escreva uma função|escrever uma função|escreva um "
+        "programa|fazer um programa|código não está funcionando|corrigir meu código|debugar o "
+        "código|depurar o código|otimizar esse código|explique esse código|erro de sintaxe|erro de "
+        "compilação|arquivo de configuração|variável de ambiente|variáveis de ambiente|laço for|"
         "loop for|laço while|loop infinito|estrutura de dados|estruturas de dados|lista encadeada|"
-        "lista ligada|árvore binária|tabela hash|programação orientada a objetos|orientação a objetos|"
-        "classe abstrata|expressões regulares|fórmula do excel|fórmula no excel|macro do excel|"
-        "desenvolvimento web|aplicação web|requisição http|arquivo json|teste unitário|testes unitários|"
-        "revisão de código|conflito de merge|fazer commit|fazer um commit|chave primária|chave estrangeira|"
-        "procedimento armazenado|vazamento de memória|estouro de pilha|ponteiro nulo|complexidade de tempo|"
-        "o que esse código|meu código não|esse código não|índice corresp|banco de dados relacional|"
-        "google planilhas|comando linux|comandos do git|repositório git|desenvolvedor web"),
+        "lista ligada|árvore binária|tabela hash|programação orientada a objetos|orientação a "
+        "objetos|classe abstrata|expressões regulares|fórmula do excel|fórmula no excel|macro do "
+        "excel|desenvolvimento web|aplicação web|requisição http|arquivo json|teste unitário|"
+        "testes unitários|revisão de código|conflito de merge|fazer commit|fazer um commit|chave "
+        "primária|chave estrangeira|procedimento armazenado|vazamento de memória|estouro de pilha|"
+        "ponteiro nulo|complexidade de tempo|o que esse código|meu código não|esse código não|"
+        "índice corresp|banco de dados relacional|google planilhas|comando linux|comandos do git|"
+        "repositório git|desenvolvedor web"),
     "code_vocab_weak": ("code", 0.6, 2,
-        "stack queue hexadecimal encoding plugin deprecated parameter snippet automate programmeur "
-        "développeur algorithme algorithmique dépôt paramètre chaîne héritage bibliothèque serveur tableur "
-        "plantage syntaxe implémenter récursif programmierer entwickler softwareentwicklung webentwicklung "
-        "skripte endlosschleife methode zeiger vererbung ganzzahl gleitkommazahl konsole makro makros "
-        "tabellenkalkulation arbeitsmappe schnittstelle bibliothek implementieren algorithmus rekursiv "
-        "programar programador desarrollador algoritmo arreglo servidor consola celda sintaxis depuración "
-        "compilar compilación herencia excepción puntero recursión repositorio codificar programando "
-        "desenvolvedor vetor sintaxe depuração herança exceção ponteiro recursão repositório bugado",
+        "stack queue hexadecimal encoding plugin deprecated parameter snippet automate "
+        "programmeur développeur algorithme algorithmique dépôt paramètre chaîne héritage "
+        "bibliothèque serveur tableur plantage syntaxe implémenter récursif programmierer "
+        "entwickler softwareentwicklung webentwicklung skripte endlosschleife methode zeiger "
+        "vererbung ganzzahl gleitkommazahl konsole makro makros tabellenkalkulation "
+        "arbeitsmappe schnittstelle bibliothek implementieren algorithmus rekursiv programar "
+        "programador desarrollador algoritmo arreglo servidor consola celda sintaxis "
+        "depuración compilar compilación herencia excepción puntero recursión repositorio "
+        "codificar programando desenvolvedor vetor sintaxe depuração herança exceção ponteiro "
+        "recursão repositório bugado",
         ""),
     "creative_vocab": ("creative", 2.5, 2,
-        "poetically peom peoms poim poetize versify rhymer wordsmith sonneteer minstrel hiaku haiko senryu "
-        "renga haibun limrick limerik sonet sonnett villanelles rondeau rondel triolet cinquains acrostics "
-        "tercet tercets elegies doggerel epitaph epitaphs dirge kenning kennings calligram iambic pentameter "
-        "tetrameter trochaic anapestic dactylic alliterative rhymed rhymey ryhme ryme rhym rhymming ryming "
-        "lirics lyrcis lyircs songwriting lullabies lullabye serenade ditty ditties libretto singalong jokey "
-        "punchlines punning oneliner quip quips quippy zinger zingers parodic parodying satirize satirise "
-        "lampoon comedic humourous humorously wittier wittiest dadjoke dadjokes copypasta spoonerism "
-        "spoonerisms madlibs fanfics fanfictions ficlet headcanon headcanons fanon novelette fairytales "
-        "folktale folktales creepypasta creepypastas storytime screenplays screenwriting monologues "
-        "soliloquies subplot subplots backstories worldbuilder cliffhanger cliffhangers retelling retell "
-        "reimagine reimagined reimagining storywriting fictionalize fictionalise fictionalized novelize "
-        "novelization litrpg grimdark isekai logline roleplays roleplaying roleplayed roleplayer rolplay "
-        "rolepaly roleply rollplay larp larping ttrpg ttrpgs dungeonmaster questline conlang sloagan slogen "
-        "slogon catchphrases strapline straplines copywriting adcopy infomercial brandable catchiest punchier "
-        "snappy snappier zippy nickname nicknames portmanteau eulogies vows valentines ecard zhuzh zhush "
-        "jazzier snazzy snazzier pizzazz pizazz whimsically shakespearean rhapsodic brainstormed brainstrom "
-        "brianstorm brainstorms poeme poemes poesie poetique poétiques poétiquement versifier haïkus "
-        "alexandrin alexandrins strophes rime rimes rimé rimée rimés rimées rimer rimant acrostiches ballade "
-        "ballades élégie elegie sextine épigramme calligramme lipogramme épitaphe epitaphe comptines "
-        "berceuses chansonnette ritournelle calembour calembours humoristique humoristiques parodier pastiche "
-        "pastiches satiriques sketchs saynète saynètes soliloque surnom surnoms sobriquet sobriquets uchronie "
-        "virelangue virelangues accrocheuse accrocheurs accrocheuses scénariser gedichts gedichtes poetisch "
-        "poetische poetischen sonette balladen strophen reimen gereimt reimende reimenden reimschema "
-        "reimwörter kreuzreim paarreim umarmender elfchen vierzeiler zweizeiler schüttelreim schüttelreime "
-        "rondell songtext songtexte schlaflied wiegenlied kinderreim abzählreim werbeslogan werbeslogans "
-        "werbespruch werbesprüche werbetexte wortspiel wortspiele kalauer flachwitz flachwitze pointe pointen "
-        "parodien satirisch satirische sketche rollenspiel rollenspiele fabeln kurzgeschichte kurzgeschichten "
-        "gruselgeschichte geistergeschichte kindergeschichte drehbuch drehbücher hörspiel monologe spitzname "
-        "kosename kosenamen künstlername hochzeitsrede trauzeugenrede trinksprüche glückwunschkarte "
-        "geburtstagsgedicht geburtstagsspruch geburtstagssprüche grabrede trauerrede abschiedsgedicht "
-        "liebesgedicht weihnachtsgedicht muttertagsgedicht zungenbrecher anmachspruch anmachsprüche disstrack "
-        "gedichtform märchenhaft poemita poetico poetica haikú sonetos copla coplas estrofas verso versito "
-        "versitos rimar rimado rimada rimen acrostico oda odas balada elegía elegia cuarteta redondilla "
-        "quintilla endecasílabo octosílabo octosílabos caligrama greguería greguerías estribillo villancico "
-        "villancicos payada calaverita calaveritas eslóganes eslogans chistecito albur albures piropo piropos "
-        "trabalenguas parodias parodiar sátira satira satirico rolear fabula fábulas fabulas microrrelato "
-        "microrrelatos minicuento minicuentos monólogos apodo apodos sobrenombre epitafio humorístico "
-        "humoristico humorística humoristica pegadizo pegadiza pegadizos pegadizas poeminha poeminhas poesias "
-        "haicai haicais limerique estrofe estrofes versinho versinhos rimando trovas quadrinhas repentista "
-        "cantigas acalanto refrão refrao marchinha marchinhas piadinha piadinhas trocadilho trocadilhos "
-        "paródia paródias esquete esquetes microconto microcontos historinha historinhas continho apelido "
-        "apelidos epitáfio xaveco xavecos cantadas",
-        "non rhyming|sing along|punch line|tongue twisters|mad libs|self insert|fairy tales|back story|"
-        "make believe|role playing|tag line|tag lines|catch phrase|eye catching|attention grabbing|nick name|"
-        "e card|remue méninges|gute nacht geschichte|trava língua|trava línguas"),
+        "poetically peom peoms poim poetize versify rhymer wordsmith sonneteer minstrel hiaku "
+        "haiko senryu renga haibun limrick limerik sonet sonnett villanelles rondeau rondel "
+        "triolet cinquains acrostics tercet tercets elegies doggerel epitaph epitaphs dirge "
+        "kenning kennings calligram iambic pentameter tetrameter trochaic anapestic dactylic "
+        "alliterative rhymed rhymey ryhme ryme rhym rhymming ryming lirics lyrcis lyircs "
+        "songwriting lullabies lullabye serenade ditty ditties libretto singalong jokey punchlines "
+        "punning oneliner quip quips quippy zinger zingers parodic parodying satirize satirise "
+        "lampoon comedic humourous humorously wittier wittiest dadjoke dadjokes copypasta "
+        "spoonerism spoonerisms madlibs fanfics fanfictions ficlet headcanon headcanons fanon "
+        "novelette fairytales folktale folktales creepypasta creepypastas storytime screenplays "
+        "screenwriting monologues soliloquies subplot subplots backstories worldbuilder "
+        "cliffhanger cliffhangers retelling retell reimagine reimagined reimagining storywriting "
+        "fictionalize fictionalise fictionalized novelize novelization litrpg grimdark isekai "
+        "logline roleplays roleplaying roleplayed roleplayer rolplay rolepaly roleply rollplay "
+        "larp larping ttrpg ttrpgs dungeonmaster questline conlang sloagan slogen slogon "
+        "catchphrases strapline straplines copywriting adcopy infomercial brandable catchiest "
+        "punchier snappy snappier zippy nickname nicknames portmanteau eulogies vows valentines "
+        "ecard zhuzh zhush jazzier snazzy snazzier pizzazz pizazz whimsically shakespearean "
+        "rhapsodic brainstormed brainstrom brianstorm brainstorms poeme poemes poesie poetique "
+        "poétiques poétiquement versifier haïkus alexandrin alexandrins strophes rime rimes rimé "
+        "rimée rimés rimées rimer rimant acrostiches ballade ballades élégie elegie sextine "
+        "épigramme calligramme lipogramme épitaphe epitaphe comptines berceuses chansonnette "
+        "ritournelle calembour calembours humoristique humoristiques parodier pastiche pastiches "
+        "satiriques sketchs saynète saynètes soliloque surnom surnoms sobriquet sobriquets "
+        "uchronie virelangue virelangues accrocheuse accrocheurs accrocheuses scénariser gedichts "
+        "gedichtes poetisch poetische poetischen sonette balladen strophen reimen gereimt reimende "
+        "reimenden reimschema reimwörter kreuzreim paarreim umarmender elfchen vierzeiler "
+        "zweizeiler schüttelreim schüttelreime rondell songtext songtexte schlaflied wiegenlied "
+        "kinderreim abzählreim werbeslogan werbeslogans werbespruch werbesprüche werbetexte "
+        "wortspiel wortspiele kalauer flachwitz flachwitze pointe pointen parodien satirisch "
+        "satirische sketche rollenspiel rollenspiele fabeln kurzgeschichte kurzgeschichten "
+        "gruselgeschichte geistergeschichte kindergeschichte drehbuch drehbücher hörspiel monologe "
+        "spitzname kosename kosenamen künstlername hochzeitsrede trauzeugenrede trinksprüche "
+        "glückwunschkarte geburtstagsgedicht geburtstagsspruch geburtstagssprüche grabrede "
+        "trauerrede abschiedsgedicht liebesgedicht weihnachtsgedicht muttertagsgedicht "
+        "zungenbrecher anmachspruch anmachsprüche disstrack gedichtform märchenhaft poemita "
+        "poetico poetica haikú sonetos copla coplas estrofas verso versito versitos rimar rimado "
+        "rimada rimen acrostico oda odas balada elegía elegia cuarteta redondilla quintilla "
+        "endecasílabo octosílabo octosílabos caligrama greguería greguerías estribillo villancico "
+        "villancicos payada calaverita calaveritas eslóganes eslogans chistecito albur albures "
+        "piropo piropos trabalenguas parodias parodiar sátira satira satirico rolear fabula "
+        "fábulas fabulas microrrelato microrrelatos minicuento minicuentos monólogos apodo apodos "
+        "sobrenombre epitafio humorístico humoristico humorística humoristica pegadizo pegadiza "
+        "pegadizos pegadizas poeminha poeminhas poesias haicai haicais limerique estrofe estrofes "
+        "versinho versinhos rimando trovas quadrinhas repentista cantigas acalanto refrão refrao "
+        "marchinha marchinhas piadinha piadinhas trocadilho trocadilhos paródia paródias esquete "
+        "esquetes microconto microcontos historinha historinhas continho apelido apelidos epitáfio "
+        "xaveco xavecos cantadas",
+        "non rhyming|sing along|punch line|tongue twisters|mad libs|self insert|fairy tales|back "
+        "story|make believe|role playing|tag line|tag lines|catch phrase|eye catching|attention "
+        "grabbing|nick name|e card|remue méninges|gute nacht geschichte|trava língua|trava línguas"),
     "creative_vocab_phrases": ("creative", 2.5, 2,
         "",
-        "write a poem|a poem about|poem about|short poem|funny poem|love poem|birthday poem|rhyming poem|"
-        "haiku about|write a limerick|a limerick about|write a sonnet|sonnet about|ode to|an ode to|"
-        "rhyming couplets|blank verse|slam poetry|acrostic poem|in verse|in rhyme|write a song|"
-        "write me a song|song lyrics|lyrics for|lyrics about|a song about|song about|write a rap|rap verse|"
-        "write a jingle|parody song|parody of|weird al|tell a joke|jokes about|dad jokes|knock knock joke|"
-        "puns about|pun about|pick up line|pickup line|pickup lines|pick up lines|chat up line|roast me|"
-        "stand up routine|comedy sketch|sketch comedy|comedy skit|write a skit|comedy bit|witty reply|"
-        "witty comeback|clever comeback|a short story|tell me a story|fan fic|alternate universe|story idea|"
-        "writing prompt|writing prompts|creative writing|character backstory|character arc|fantasy world|"
-        "fictional world|fictional country|fictional city|alien species|write a scene|a scene where|"
-        "write a monologue|villain monologue|dramatic monologue|scary story|adventure story|detective story|"
-        "origin story|villain origin story|alternative ending|rewrite the ending|deleted scene|"
-        "crossover fanfic|x reader|reader insert|kids story|story for kids|fairy tales|fable about|"
-        "children s book|picture book|movie pitch|premise for|a premise for|logline for|make up a story|"
-        "make up a song|invent a word|invent a language|write a riddle|make up a riddle|create a riddle|"
-        "you are now a|you are now an|from now on you|slogan ideas|tagline ideas|roleplay as|role play as|"
-        "let s roleplay|lets roleplay|imagine you re|talk like a|speak like a|talk like a pirate|"
-        "in shakespearean english|dungeons and dragons|dungeons dragons|d d campaign|dnd campaign|"
-        "tabletop campaign|npc dialogue|text based adventure|murder mystery|murder mystery party|"
-        "scavenger hunt clues|treasure hunt clues|mad libs|would you rather|truth or dare|tongue twisters|"
-        "slogan for|tagline for|catchy slogan|catchy title|catchy tagline|catchy headline|motto for|"
-        "tv commercial|name for my|names for my|team names|business name ideas|character names|villain name|"
-        "fantasy names|superhero name|stage name|pen name|rap name|drag name|tavern name|wifi name|wifi names|"
-        "username ideas|gamertag ideas|title ideas|book title ideas|instagram captions|caption ideas|"
-        "caption for my|funny caption|witty caption|maid of honor speech|maid of honour speech|wedding toast|"
-        "wedding vows|birthday toast|a toast to|toast for my|write a eulogy|eulogy for|anniversary message|"
-        "anniversary card|christmas card|valentine card|valentine s day card|get well soon message|"
-        "farewell message|retirement card|mother s day card|father s day card|thank you card message|"
-        "write a love letter|letter to santa|letter from santa|funny letter|humorous letter|fictional letter|"
-        "diary entry from|journal entry from|jazz this up|jazz it up|spice this up|liven it up|zhuzh up|"
-        "make it more poetic|more whimsical|more playful|make it catchy|make it sound epic|add some flair|"
-        "brainstorm ideas|brainstorm names|help me brainstorm|come up with names|rallying cry|battle cry|"
-        "war cry|team chant|fortune cookie messages|écris un poème|ecris un poeme|écrire un poème|"
-        "un poème sur|poème sur|poème d amour|petit poème|écris une chanson|paroles de chanson|"
-        "une chanson sur|chanson d anniversaire|raconte moi une histoire|écris une histoire|"
-        "une histoire courte|histoire pour enfants|histoire du soir|conte de fées|il était une fois|"
-        "il etait une fois|raconte une blague|raconte moi une blague|une blague sur|jeu de mots|jeux de mots|"
-        "jeu de rôle|jeux de rôle|fais semblant d être|comme si tu étais|incarne un|dans le style de|"
-        "à la manière de|trouve un nom|idées de noms|un nom pour|trouve un slogan|un slogan pour|"
-        "phrase d accroche|texte publicitaire|discours de témoin|éloge funèbre|meilleurs vœux|carte de vœux|"
-        "message pour une carte|discours de départ|légende instagram|rends le plus drôle|plus poétique|"
-        "en vers|en rimes|qui rime|rimes croisées|écriture créative|atelier d écriture|univers fantastique|"
-        "monde imaginaire|chute inattendue|sketch humoristique|phrase de drague|phrases de drague|"
-        "nouvelle fantastique|petit texte humoristique|schreib ein gedicht|schreibe ein gedicht|"
-        "schreib mir ein gedicht|ein gedicht über|gedicht über|gedicht zum geburtstag|gedicht zur hochzeit|"
-        "gedicht zum muttertag|gedicht für meine|schreib einen songtext|ein lied über|schreib ein lied|"
-        "schreib mir ein lied|erzähl mir eine geschichte|erzähl eine geschichte|schreib eine geschichte|"
-        "eine kurze geschichte|es war einmal|geschichte für kinder|gute nacht geschichte|märchen über|"
-        "eine fabel über|erzähl einen witz|ein witz über|witze über|tu so als|tu so als wärst|"
-        "schlüpf in die rolle|in der rolle von|im stil von|im stile von|ein name für|namen für mein|"
-        "namen für meine|slogan für|ein slogan für|werbetext für|rede zur hochzeit|rede für die hochzeit|"
-        "rede zum geburtstag|rede zum abschied|text für eine karte|text für die karte|"
-        "glückwünsche zum geburtstag|mach es lustiger|lustiger formulieren|in reimform|in versform|"
-        "das sich reimt|die sich reimen|kreatives schreiben|fiktive welt|fantasy welt|für ein rollenspiel|"
-        "lass uns ein rollenspiel|lustige sprüche|frecher spruch|witzige bildunterschrift|escribe un poema|"
-        "escríbeme un poema|escribeme un poema|un poema sobre|poema sobre|poema de amor|escribe una canción|"
-        "escribe una cancion|letra de una canción|letra para una canción|una canción sobre|canción de cuna|"
-        "cuéntame un cuento|cuentame un cuento|cuéntame una historia|cuentame una historia|"
-        "escribe una historia|un cuento sobre|cuento corto|cuento para niños|cuento infantil|"
-        "cuento para dormir|historia para dormir|había una vez|habia una vez|érase una vez|erase una vez|"
-        "cuéntame un chiste|cuentame un chiste|un chiste sobre|chistes de|un corrido|corrido sobre|"
-        "juego de palabras|juegos de palabras|juego de rol|juegos de rol|haz de cuenta que|finge que eres|"
-        "finge ser|actúa como si fueras|ahora eres un|ahora eres una|al estilo de|ideas de nombres|"
-        "un nombre para|nombres para mi|nombre para mi|eslogan para|un eslogan para|frase publicitaria|"
-        "discurso de boda|brindis de boda|discurso para una boda|palabras para un brindis|"
-        "discurso de despedida|felicitación de navidad|tarjeta de navidad|mensaje para una tarjeta|"
-        "dedicatoria para|que rime|que rimen|en verso|en rima|hazlo más divertido|más poético|"
-        "escritura creativa|lluvia de ideas|mundo ficticio|crea un personaje|inventa una historia|"
-        "inventa un cuento|inventa un nombre|frases para ligar|frase para ligar|piropos para|"
-        "caption para instagram|frases para instagram|escreva um poema|escreve um poema|me escreva um poema|"
-        "faça um poema|um poema sobre|escreva uma música|escreva uma canção|letra de música|uma música sobre|"
-        "uma canção sobre|me conta uma história|me conte uma história|conte uma história|escreva uma história|"
-        "escreva um conto|um conto sobre|conto curto|história para crianças|história infantil|"
-        "história para dormir|conte uma piada|me conta uma piada|me conte uma piada|uma piada sobre|"
-        "jogo de palavras|vamos fazer um roleplay|finja que você é|finja ser|faça de conta que|você agora é|"
-        "no estilo de|à maneira de|ideias de nomes|um nome para|nome para meu|nome para minha|slogan para|"
-        "um slogan para|texto publicitário|frase de efeito|frases de efeito|discurso de casamento|"
-        "brinde de casamento|cartão de natal|mensagem de natal|mensagem para cartão|que rimem|em versos|"
-        "com rimas|mais engraçado|mais poético|escrita criativa|chuva de ideias|tempestade de ideias|"
-        "mundo fictício|crie um personagem|invente uma história|cantada para|cantadas para|"
-        "legenda para instagram|legenda para foto|conto de fadas|canção de ninar|literatura de cordel|"
-        "poema de cordel"),
+        "write a poem|a poem about|poem about|short poem|funny poem|love poem|birthday poem|"
+        "rhyming poem|haiku about|write a limerick|a limerick about|write a sonnet|sonnet about|"
+        "ode to|an ode to|rhyming couplets|blank verse|slam poetry|acrostic poem|in verse|in "
+        "rhyme|write a song|write me a song|song lyrics|lyrics for|lyrics about|a song about|song "
+        "about|write a rap|rap verse|write a jingle|parody song|parody of|weird al|tell a joke|"
+        "jokes about|dad jokes|knock knock joke|puns about|pun about|pick up line|pickup line|"
+        "pickup lines|pick up lines|chat up line|roast me|stand up routine|comedy sketch|sketch "
+        "comedy|comedy skit|write a skit|comedy bit|witty reply|witty comeback|clever comeback|a "
+        "short story|tell me a story|fan fic|alternate universe|story idea|writing prompt|writing "
+        "prompts|creative writing|character backstory|character arc|fantasy world|fictional world|"
+        "fictional country|fictional city|alien species|write a scene|a scene where|write a "
+        "monologue|villain monologue|dramatic monologue|scary story|adventure story|detective "
+        "story|origin story|villain origin story|alternative ending|rewrite the ending|deleted "
+        "scene|crossover fanfic|x reader|reader insert|kids story|story for kids|fairy tales|fable "
+        "about|children s book|picture book|movie pitch|premise for|a premise for|logline for|make "
+        "up a story|make up a song|invent a word|invent a language|write a riddle|make up a "
+        "riddle|create a riddle|you are now a|you are now an|from now on you|slogan ideas|tagline "
+        "ideas|roleplay as|role play as|let s roleplay|lets roleplay|imagine you re|talk like a|"
+        "speak like a|talk like a pirate|in shakespearean english|dungeons and dragons|dungeons "
+        "dragons|d d campaign|dnd campaign|tabletop campaign|npc dialogue|text based adventure|"
+        "murder mystery|murder mystery party|scavenger hunt clues|treasure hunt clues|mad libs|"
+        "would you rather|truth or dare|tongue twisters|slogan for|tagline for|catchy slogan|"
+        "catchy title|catchy tagline|catchy headline|motto for|tv commercial|name for my|names for "
+        "my|team names|business name ideas|character names|villain name|fantasy names|superhero "
+        "name|stage name|pen name|rap name|drag name|tavern name|wifi name|wifi names|username "
+        "ideas|gamertag ideas|title ideas|book title ideas|instagram captions|caption ideas|"
+        "caption for my|funny caption|witty caption|maid of honor speech|maid of honour speech|"
+        "wedding toast|wedding vows|birthday toast|a toast to|toast for my|write a eulogy|eulogy "
+        "for|anniversary message|anniversary card|christmas card|valentine card|valentine s day "
+        "card|get well soon message|farewell message|retirement card|mother s day card|father s "
+        "day card|thank you card message|write a love letter|letter to santa|letter from santa|"
+        "funny letter|humorous letter|fictional letter|diary entry from|journal entry from|jazz "
+        "this up|jazz it up|spice this up|liven it up|zhuzh up|make it more poetic|more whimsical|"
+        "more playful|make it catchy|make it sound epic|add some flair|brainstorm ideas|brainstorm "
+        "names|help me brainstorm|come up with names|rallying cry|battle cry|war cry|team chant|"
+        "fortune cookie messages|écris un poème|ecris un poeme|écrire un poème|un poème sur|poème "
+        "sur|poème d amour|petit poème|écris une chanson|paroles de chanson|une chanson sur|"
+        "chanson d anniversaire|raconte moi une histoire|écris une histoire|une histoire courte|"
+        "histoire pour enfants|histoire du soir|conte de fées|il était une fois|il etait une fois|"
+        "raconte une blague|raconte moi une blague|une blague sur|jeu de mots|jeux de mots|jeu de "
+        "rôle|jeux de rôle|fais semblant d être|comme si tu étais|incarne un|dans le style de|à la "
+        "manière de|trouve un nom|idées de noms|un nom pour|trouve un slogan|un slogan pour|phrase "
+        "d accroche|texte publicitaire|discours de témoin|éloge funèbre|meilleurs vœux|carte de "
+        "vœux|message pour une carte|discours de départ|légende instagram|rends le plus drôle|plus "
+        "poétique|en vers|en rimes|qui rime|rimes croisées|écriture créative|atelier d écriture|"
+        "univers fantastique|monde imaginaire|chute inattendue|sketch humoristique|phrase de "
+        "drague|phrases de drague|nouvelle fantastique|petit texte humoristique|schreib ein "
+        "gedicht|schreibe ein gedicht|schreib mir ein gedicht|ein gedicht über|gedicht über|"
+        "gedicht zum geburtstag|gedicht zur hochzeit|gedicht zum muttertag|gedicht für meine|"
+        "schreib einen songtext|ein lied über|schreib ein lied|schreib mir ein lied|erzähl mir "
+        "eine geschichte|erzähl eine geschichte|schreib eine geschichte|eine kurze geschichte|es "
+        "war einmal|geschichte für kinder|gute nacht geschichte|märchen über|eine fabel über|"
+        "erzähl einen witz|ein witz über|witze über|tu so als|tu so als wärst|schlüpf in die "
+        "rolle|in der rolle von|im stil von|im stile von|ein name für|namen für mein|namen für "
+        "meine|slogan für|ein slogan für|werbetext für|rede zur hochzeit|rede für die hochzeit|"
+        "rede zum geburtstag|rede zum abschied|text für eine karte|text für die karte|glückwünsche "
+        "zum geburtstag|mach es lustiger|lustiger formulieren|in reimform|in versform|das sich "
+        "reimt|die sich reimen|kreatives schreiben|fiktive welt|fantasy welt|für ein rollenspiel|"
+        "lass uns ein rollenspiel|lustige sprüche|frecher spruch|witzige bildunterschrift|escribe "
+        "un poema|escríbeme un poema|escribeme un poema|un poema sobre|poema sobre|poema de amor|"
+        "escribe una canción|escribe una cancion|letra de una canción|letra para una canción|una "
+        "canción sobre|canción de cuna|cuéntame un cuento|cuentame un cuento|cuéntame una "
+        "historia|cuentame una historia|escribe una historia|un cuento sobre|cuento corto|cuento "
+        "para niños|cuento infantil|cuento para dormir|historia para dormir|había una vez|habia "
+        "una vez|érase una vez|erase una vez|cuéntame un chiste|cuentame un chiste|un chiste "
+        "sobre|chistes de|un corrido|corrido sobre|juego de palabras|juegos de palabras|juego de "
+        "rol|juegos de rol|haz de cuenta que|finge que eres|finge ser|actúa como si fueras|ahora "
+        "eres un|ahora eres una|al estilo de|ideas de nombres|un nombre para|nombres para mi|"
+        "nombre para mi|eslogan para|un eslogan para|frase publicitaria|discurso de boda|brindis "
+        "de boda|discurso para una boda|palabras para un brindis|discurso de despedida|"
+        "felicitación de navidad|tarjeta de navidad|mensaje para una tarjeta|dedicatoria para|que "
+        "rime|que rimen|en verso|en rima|hazlo más divertido|más poético|escritura creativa|lluvia "
+        "de ideas|mundo ficticio|crea un personaje|inventa una historia|inventa un cuento|inventa "
+        "un nombre|frases para ligar|frase para ligar|piropos para|caption para instagram|frases "
+        "para instagram|escreva um poema|escreve um poema|me escreva um poema|faça um poema|um "
+        "poema sobre|escreva uma música|escreva uma canção|letra de música|uma música sobre|uma "
+        "canção sobre|me conta uma história|me conte uma história|conte uma história|escreva uma "
+        "história|escreva um conto|um conto sobre|conto curto|história para crianças|história "
+        "infantil|história para dormir|conte uma piada|me conta uma piada|me conte uma piada|uma "
+        "piada sobre|jogo de palavras|vamos fazer um roleplay|finja que você é|finja ser|faça de "
+        "conta que|você agora é|no estilo de|à maneira de|ideias de nomes|um nome para|nome para "
+        "meu|nome para minha|slogan para|um slogan para|texto publicitário|frase de efeito|frases "
+        "de efeito|discurso de casamento|brinde de casamento|cartão de natal|mensagem de natal|"
+        "mensagem para cartão|que rimem|em versos|com rimas|mais engraçado|mais poético|escrita "
+        "criativa|chuva de ideias|tempestade de ideias|mundo fictício|crie um personagem|invente "
+        "uma história|cantada para|cantadas para|legenda para instagram|legenda para foto|conto de "
+        "fadas|canção de ninar|literatura de cordel|poema de cordel"),
     "creative_vocab_weak": ("creative", 0.8, 2,
-        "character legend prologue epilogue humor comedy flirty anthem advertisement mascot tribute metaphors "
-        "imagery prose ideas impersonate rp plotline storytelling scene poet steampunk freestyle improvise "
-        "récit nouvelle personnage personnages intrigue fictif fictive paroles anniversaire vœux voeux "
-        "inventer idées créatif créative erzählung fiktiv fiktive fiktiven kreativ ideen humorvolle rede "
-        "hochzeit geburtstag karte werbung überschrift dialog figur charakter handlung bösewicht held relato "
-        "personaje trama ficticio ficticia lema broma bromas graciosa guion guión rol dedicatoria cumpleaños "
-        "creativo ingenioso personagem personagens fictício fictícia fantasia música bordão engraçada "
-        "criativo cantada crônica dedicatória casamento aniversário rpg",
+        "character legend prologue epilogue humor comedy flirty anthem advertisement mascot "
+        "tribute metaphors imagery prose ideas impersonate rp plotline storytelling scene poet "
+        "steampunk freestyle improvise récit nouvelle personnage personnages intrigue fictif "
+        "fictive paroles anniversaire vœux voeux inventer idées créatif créative erzählung fiktiv "
+        "fiktive fiktiven kreativ ideen humorvolle rede hochzeit geburtstag karte werbung "
+        "überschrift dialog figur charakter handlung bösewicht held relato personaje trama "
+        "ficticio ficticia lema broma bromas graciosa guion guión rol dedicatoria cumpleaños "
+        "creativo ingenioso personagem personagens fictício fictícia fantasia música bordão "
+        "engraçada criativo cantada crônica dedicatória casamento aniversário rpg",
         ""),
     "reasoning_vocab": ("reasoning", 2.0, 2,
-        "arithmetics arithmatic algebraic algebraically algerbra equasion equasions quadratic quadratics "
-        "quadractic polynomials polynominal polynomal binomial trinomial monomial divisable divisors "
-        "remainders remainer numerator denominator denominators denominater multiplying multiplcation "
-        "multipication subtracting subtracted subtraction substract substraction substracting substracted "
-        "squared cubed exponent exponents exponet logarithm logarithms logarithmic logarithim logarythm "
-        "antiderivative antiderivatives integrand calculus precalculus calculas differentiable trigonometry "
-        "trigonometric trignometry trigonometery trig sine cosine sines cosines secant cosecant cotangent "
-        "arcsin arccos arctan radians radian hypotenus hypothenuse pythagorus pythagorian theorems theorum "
-        "lemma corollary axiom axioms axiomatic biconditional syllogistic deductive tautology tautologies "
-        "entailment disjunction perimiter circumfrence circumferance quadrilateral paralellogram "
-        "parallelagram trapezoids rhombus isosceles isoceles equilateral scalene congruent congruence "
-        "congruences perpendicular heptagon decagon polyhedron polyhedra tetrahedron dodecahedron icosahedron "
-        "circumscribed bisector circumcircle incircle eigenvalue eigenvalues eigenvector eigenvectors "
-        "maclaurin asymptote asymptotes convergent converges diverges summation telescoping coprime hcf "
-        "factorization factorisation factorize factorise factoring diophantine goldbach riemann bijection "
-        "bijective injective surjective googolplex probabilities probabilty probablity probabilites coinflip "
-        "coinflips tosses martingale permutaion combinatorial combinatoric derangement derangements "
-        "pigeonhole ncr npr bayes hypergeometric urn marbles brainteaser brainteasers sudokus sudoko soduku "
-        "sodoku suduko kakuro kenken nonogram nonograms picross futoshiki hitori slitherlink nurikabe "
-        "kakurasu pentomino pentominoes polyomino tangram tangrams cryptarithm cryptarithms cryptarithmetic "
-        "alphametic alphametics truthtellers hanoi sorites guesstimate guesstimates guestimate kph knapsack "
-        "optimality maximin lagrangian qed iff disprove disproved provable unprovable interquartile "
-        "timestable timestables multiplications subtractions quotients numerators reciprocals π arithmétique "
-        "arithmetique algèbre algebre algébrique équation équations inéquation inéquations polynôme polynômes "
-        "polynome trinôme discriminant divisibilité diviseur diviseurs numérateur numerateur dénominateur "
-        "denominateur soustraction soustractions soustraire exposant logarithme logarithmes intégrale "
-        "intégrales integrale trigonométrie trigonometrie cosinus hypoténuse pythagore théorème théorèmes "
-        "theoreme lemme corollaire axiome axiomes syllogisme contraposée contraposition tautologie périmètre "
-        "perimetre circonférence parallélogramme trapèze losange isocèle isocele équilatéral équilatérale "
-        "octogone polygone polyèdre géométrie geometrie factoriser probabilités probabilite dés combinatoire "
-        "dénombrement dénombrer binomiale billes menteurs hanoï récurrence recurrence démonstrations "
-        "factorielle proportionnalité proportionnel proportionnelle bissextile dérivable barycentre "
-        "médiatrice bissectrice colinéaires arithmetik algebraisch gleichung gleichungen ungleichung "
-        "ungleichungen polynom teilbar teilbarkeit teiler nenner multiplikation subtraktion subtrahieren "
-        "multiplizieren dividieren logarithmus logarithmen stammfunktion integralrechnung "
-        "differentialrechnung differenzialrechnung sinus kosinus tangens kathete katheten pytagoras korollar "
-        "syllogismus kontraposition parallelogramm trapez gleichschenklig gleichschenkliges gleichseitig "
-        "gleichseitiges rechtwinklig rechtwinkliges sechseck achteck fünfeck vieleck primzahlen "
-        "primfaktorzerlegung primfaktoren faktorisieren wahrscheinlichkeiten warscheinlichkeit "
-        "wahrscheinlichkeitsrechnung würfeln gewürfelt münzwurf münzwürfe permutationen kombinatorik "
-        "binomialverteilung binomialkoeffizient knobelaufgabe knobelei denksportaufgabe denkaufgabe "
-        "logikrätsel zahlenrätsel größenordnung überschlagsrechnung zinseszins zinseszinsen dreisatz "
-        "antiproportional bruchrechnung bruchrechnen kopfrechnen textaufgabe textaufgaben sachaufgabe "
-        "matheaufgabe matheaufgaben mathehausaufgaben rechenaufgabe rechenaufgaben rechenweg schaltjahr "
-        "mitternachtsformel diskriminante induktionsbeweis widerspruchsbeweis quadratwurzel kubikwurzel "
-        "erwartungswert flächeninhalt kreisumfang kreisfläche winkelsumme innenwinkel nullstelle nullstellen "
-        "extremstellen kurvendiskussion grenzwert grenzwerte konvergiert divergiert optimierungsproblem "
-        "spieltheorie gefangenendilemma wahrheitstabelle wahrheitstafel schubfachprinzip einmaleins fangfrage "
-        "trickfrage stundenkilometer aritmética aritmetica álgebra algebraica ecuación ecuacion inecuación "
-        "inecuaciones cuadrática cuadratica polinomio polinomios trinomio discriminante divisibilidad "
-        "divisores cociente numerador denominador multiplicación multiplicacion sustracción sustraccion "
-        "exponente logaritmo logaritmos antiderivada integrales trigonometría trigonometria coseno hipotenusa "
+        "arithmetics arithmatic algebraic algebraically algerbra equasion equasions quadratic "
+        "quadratics quadractic polynomials polynominal polynomal binomial trinomial monomial "
+        "divisable divisors remainders remainer numerator denominator denominators denominater "
+        "multiplying multiplcation multipication subtracting subtracted subtraction substract "
+        "substraction substracting substracted squared cubed exponent exponents exponet logarithm "
+        "logarithms logarithmic logarithim logarythm antiderivative antiderivatives integrand "
+        "calculus precalculus calculas differentiable trigonometry trigonometric trignometry "
+        "trigonometery trig sine cosine sines cosines secant cosecant cotangent arcsin arccos "
+        "arctan radians radian hypotenus hypothenuse pythagorus pythagorian theorems theorum lemma "
+        "corollary axiom axioms axiomatic biconditional syllogistic deductive tautology "
+        "tautologies entailment disjunction perimiter circumfrence circumferance quadrilateral "
+        "paralellogram parallelagram trapezoids rhombus isosceles isoceles equilateral scalene "
+        "congruent congruence congruences perpendicular heptagon decagon polyhedron polyhedra "
+        "tetrahedron dodecahedron icosahedron circumscribed bisector circumcircle incircle "
+        "eigenvalue eigenvalues eigenvector eigenvectors maclaurin asymptote asymptotes convergent "
+        "converges diverges summation telescoping coprime hcf factorization factorisation "
+        "factorize factorise factoring diophantine goldbach riemann bijection bijective injective "
+        "surjective googolplex probabilities probabilty probablity probabilites coinflip coinflips "
+        "tosses martingale permutaion combinatorial combinatoric derangement derangements "
+        "pigeonhole ncr npr bayes hypergeometric urn marbles brainteaser brainteasers sudokus "
+        "sudoko soduku sodoku suduko kakuro kenken nonogram nonograms picross futoshiki hitori "
+        "slitherlink nurikabe kakurasu pentomino pentominoes polyomino tangram tangrams "
+        "cryptarithm cryptarithms cryptarithmetic alphametic alphametics truthtellers hanoi "
+        "sorites guesstimate guesstimates guestimate kph knapsack optimality maximin lagrangian "
+        "qed iff disprove disproved provable unprovable interquartile timestable timestables "
+        "multiplications subtractions quotients numerators reciprocals π arithmétique arithmetique "
+        "algèbre algebre algébrique équation équations inéquation inéquations polynôme polynômes "
+        "polynome trinôme discriminant divisibilité diviseur diviseurs numérateur numerateur "
+        "dénominateur denominateur soustraction soustractions soustraire exposant logarithme "
+        "logarithmes intégrale intégrales integrale trigonométrie trigonometrie cosinus hypoténuse "
+        "pythagore théorème théorèmes theoreme lemme corollaire axiome axiomes syllogisme "
+        "contraposée contraposition tautologie périmètre perimetre circonférence parallélogramme "
+        "trapèze losange isocèle isocele équilatéral équilatérale octogone polygone polyèdre "
+        "géométrie geometrie factoriser probabilités probabilite dés combinatoire dénombrement "
+        "dénombrer binomiale billes menteurs hanoï récurrence recurrence démonstrations "
+        "factorielle proportionnalité proportionnel proportionnelle bissextile dérivable "
+        "barycentre médiatrice bissectrice colinéaires arithmetik algebraisch gleichung "
+        "gleichungen ungleichung ungleichungen polynom teilbar teilbarkeit teiler nenner "
+        "multiplikation subtraktion subtrahieren multiplizieren dividieren logarithmus logarithmen "
+        "stammfunktion integralrechnung differentialrechnung differenzialrechnung sinus kosinus "
+        "tangens kathete katheten pytagoras korollar syllogismus kontraposition parallelogramm "
+        "trapez gleichschenklig gleichschenkliges gleichseitig gleichseitiges rechtwinklig "
+        "rechtwinkliges sechseck achteck fünfeck vieleck primzahlen primfaktorzerlegung "
+        "primfaktoren faktorisieren wahrscheinlichkeiten warscheinlichkeit "
+        "wahrscheinlichkeitsrechnung würfeln gewürfelt münzwurf münzwürfe permutationen "
+        "kombinatorik binomialverteilung binomialkoeffizient knobelaufgabe knobelei "
+        "denksportaufgabe denkaufgabe logikrätsel zahlenrätsel größenordnung überschlagsrechnung "
+        "zinseszins zinseszinsen dreisatz antiproportional bruchrechnung bruchrechnen kopfrechnen "
+        "textaufgabe textaufgaben sachaufgabe matheaufgabe matheaufgaben mathehausaufgaben "
+        "rechenaufgabe rechenaufgaben rechenweg schaltjahr mitternachtsformel diskriminante "
+        "induktionsbeweis widerspruchsbeweis quadratwurzel kubikwurzel erwartungswert "
+        "flächeninhalt kreisumfang kreisfläche winkelsumme innenwinkel nullstelle nullstellen "
+        "extremstellen kurvendiskussion grenzwert grenzwerte konvergiert divergiert "
+        "optimierungsproblem spieltheorie gefangenendilemma wahrheitstabelle wahrheitstafel "
+        "schubfachprinzip einmaleins fangfrage trickfrage stundenkilometer aritmética aritmetica "
+        "álgebra algebraica ecuación ecuacion inecuación inecuaciones cuadrática cuadratica "
+        "polinomio polinomios trinomio discriminante divisibilidad divisores cociente numerador "
+        "denominador multiplicación multiplicacion sustracción sustraccion exponente logaritmo "
+        "logaritmos antiderivada integrales trigonometría trigonometria coseno hipotenusa "
         "pitágoras pitagoras teorema teoremas corolario axioma axiomas silogismo contrarrecíproco "
-        "contrarreciproco tautología tautologia perímetro perimetro circunferencia paralelogramo trapecio "
-        "rombo isósceles equilátero escaleno hexágono octágono polígono poliedro geometría geometria "
-        "factorización factorizacion factorizar probabilidades ruleta permutación permutaciones permutacion "
-        "combinatoria canicas hanói bisiesto proporcionalidad inversamente sumatoria sumatorio asíntota "
-        "asintota derivable mediatriz bisectriz primalidad algébrica equações equacao equacoes inequação "
-        "inequações quadrática polinômio polinómio polinômios trinômio bhaskara báskara baskara divisível "
-        "divisivel divisibilidade quociente multiplicação multiplicacao subtração subtracao subtracção "
-        "subtrair expoente integrais cosseno corolário contrapositiva circunferência trapézio losango "
-        "octógono fatoração fatoracao factorização fatorar roleta permutação permutações permutacao "
-        "combinatória bissexto proporcionalidade tabuada somatório somatorio assíntota bissetriz primalidade",
-        "pre calculus|l hopital|l hôpital|l hospital|coin flip|truth tellers|n queens|zeno s|y mx+ b|dy dx|"
-        "casse tête|casse tete|pq formel|nash gleichgewicht|tabela verdade|caixeiro viajante"),
+        "contrarreciproco tautología tautologia perímetro perimetro circunferencia paralelogramo "
+        "trapecio rombo isósceles equilátero escaleno hexágono octágono polígono poliedro "
+        "geometría geometria factorización factorizacion factorizar probabilidades ruleta "
+        "permutación permutaciones permutacion combinatoria canicas hanói bisiesto "
+        "proporcionalidad inversamente sumatoria sumatorio asíntota asintota derivable mediatriz "
+        "bisectriz primalidad algébrica equações equacao equacoes inequação inequações quadrática "
+        "polinômio polinómio polinômios trinômio bhaskara báskara baskara divisível divisivel "
+        "divisibilidade quociente multiplicação multiplicacao subtração subtracao subtracção "
+        "subtrair expoente integrais cosseno corolário contrapositiva circunferência trapézio "
+        "losango octógono fatoração fatoracao factorização fatorar roleta permutação permutações "
+        "permutacao combinatória bissexto proporcionalidade tabuada somatório somatorio assíntota "
+        "bissetriz primalidade",
+        "pre calculus|l hopital|l hôpital|l hospital|coin flip|truth tellers|n queens|zeno "
+        "s|y mx+ b|dy dx|casse tête|casse tete|pq formel|nash gleichgewicht|tabela "
+        "verdade|caixeiro viajante"),
     "reasoning_vocab_phrases": ("reasoning", 2.0, 2,
         "",
-        "solve for y|solve for n|find the value of|value of x|what s the probability|whats the probability|"
-        "probability of getting|probability that|chances of rolling|chance of rolling|rolling a six|"
-        "roll two dice|rolling two dice|roll a die|pair of dice|flipping a coin|toss a coin|coin toss|"
-        "coin flips|heads in a row|tails in a row|without replacement|with replacement|drawn at random|"
-        "randomly selected|chosen at random|standard deck|52 card deck|52 cards|full house probability|"
-        "gambler s fallacy|law of large numbers|conditional probability|bayes theorem|"
-        "mutually exclusive events|independent events|prove by induction|proof by induction|"
-        "proof by contradiction|by contradiction|for all integers|for every integer|for all n|if and only if|"
-        "is divisible by|greatest common divisor|greatest common factor|least common multiple|"
-        "lowest common multiple|highest common factor|square root of|to the power of|raised to the power|"
-        "the nth term|nth term|arithmetic sequence|geometric sequence|arithmetic progression|"
-        "geometric progression|geometric series|infinite series|sum of the first|sum of all integers|"
-        "sum of the digits|sum of digits|consecutive integers|consecutive numbers|consecutive even|"
-        "consecutive odd|perfect squares|rational number|times table|times tables|multiplication table|"
-        "long division|long multiplication|mental math|mental maths|word problems|maths problem|math question|"
-        "maths question|maths homework|math puzzle|algebra problem|algebra homework|geometry problem|"
-        "logic puzzles|logic problem|logic riddle|logical puzzle|solve this riddle|answer this riddle|"
-        "solve this puzzle|solve the riddle|guess the number|liar paradox|zebra puzzle|einstein s riddle|"
-        "einstein puzzle|tower of hanoi|magic square|eight queens|knight s tour|seven bridges|killer sudoku|"
-        "verbal arithmetic|24 game|traveling salesman|travelling salesman|knapsack problem|linear programming|"
-        "integer programming|maximize profit|minimize cost|maximise profit|minimise cost|optimal strategy|"
-        "game theory|prisoner s dilemma|nash equilibrium|zero sum game|how many days since|how many days left|"
-        "how many weeks until|how many weeks between|how many months until|how many hours between|"
-        "how many minutes between|days from today|days from now|weeks from now|months from now|"
-        "what day will it|what date will|what time will it|hours from now|minutes from now|is a leap year|"
-        "years older than|twice as old|ballpark estimate|fermi problem|fermi estimate|fermi question|"
-        "orders of magnitude|piano tuners|how many golf balls|golf balls fit|estimate how many|"
-        "convert celsius|celsius to fahrenheit|miles to km|km to miles|kilometers to miles|"
-        "miles to kilometers|pounds to kg|kg to pounds|kg to lbs|lbs to kg|feet to meters|meters to feet|"
-        "inches to cm|cm to inches|how many ounces in|how many grams in|how many cups in|"
-        "how many teaspoons in|how many tablespoons in|how many inches in|how many feet in|how many meters in|"
-        "how many seconds in|how many minutes in|how many hours in|miles per hour|kilometers per hour|"
-        "km per hour|average speed|at a speed of|trains leave|two trains|leaves the station|drain the tank|"
-        "dig a hole|hen and a half|simple interest|compounded annually|compounded monthly|interest compounded|"
-        "percent increase|percentage increase|percent decrease|percentage decrease|percent change|"
-        "percentage change|is what percent|percent off|after a discount|ratio of|in the ratio|"
-        "directly proportional|inversely proportional|rate of change|is my math right|is my maths right|"
-        "is my math correct|check my calculation|check my calculations|double check my math|am i calculating|"
-        "step by step solution|show your working|area of a circle|area of a triangle|area of the triangle|"
-        "volume of a sphere|volume of a cylinder|surface area of|right triangle|right angled triangle|"
-        "interior angles|exterior angle|angles of a triangle|slope of the line|equation of the line|"
-        "system of equations|simultaneous equations|linear equations|quadratic equation|quadratic formula|"
-        "completing the square|complete the square|derivative of|integral of|limit as x|differential equation|"
-        "differential equations|taylor series|dot product of|cross product of|truth table|modus ponens|"
-        "modus tollens|affirming the consequent|denying the antecedent|is this argument valid|"
-        "necessary and sufficient|necessary condition|sufficient condition|all men are mortal|"
-        "in how many ways|how many different ways|how many permutations|how many possible|n choose k|"
-        "handshake problem|how many handshakes|pigeonhole principle|inclusion exclusion principle|"
-        "how many squares|how many triangles|hands of a clock|angle between the hands|complete the sequence|"
-        "missing number|number pattern|number sequence|odd one out|which weighs more|pound of feathers|"
-        "kilogram of feathers|bat and a ball|bat and ball|lily pads|lily pad|5 machines|widgets in 5|"
-        "two doors|one always lies|three light switches|three switches|burning ropes|two ropes|water jugs|"
-        "gallon jug|wolf goat cabbage|fox chicken grain|cheryl s birthday|blue eyed islanders|100 prisoners|"
-        "12 coins|twelve coins|counterfeit coin|balance scale|months have 28 days|moses take on|"
-        "bury the survivors|how many sisters|each brother has|brothers each have|how many r s|9 11 or 9 9|"
-        "which number is larger|fewest number of|smallest possible|greatest possible|no two adjacent|"
-        "seating arrangement|round robin tournament|without conflicts|no overlapping|non overlapping shifts|"
-        "significant figures|sig figs|scientific notation|simplest form|lowest terms|improper fraction|"
-        "mixed number|résoudre l équation|résous l équation|resous l equation|résoudre pour x|trouver x|"
-        "trouve x|la valeur de x|quelle probabilité|quelles sont les chances|probabilité que|lancer un dé|"
-        "lancer de dé|deux dés|pile ou face|jeu de 52 cartes|jeu de cartes|sans remise|avec remise|"
-        "tiré au hasard|espérance mathématique|loi binomiale|théorème de bayes|démontrer que|démontrez que|"
-        "montrez que|par récurrence|démonstration par récurrence|par l absurde|raisonnement par l absurde|"
-        "si et seulement si|est il premier|plus grand commun diviseur|plus petit commun multiple|"
-        "racine carrée|racine cubique|suite arithmétique|suite géométrique|somme des premiers|"
-        "nombres consécutifs|entiers consécutifs|problème de maths|exercice de maths|devoir de maths|"
-        "problème mathématique|calcul mental|table de multiplication|énigme logique|casse tête logique|"
-        "problème de logique|question piège|résous cette énigme|résoudre cette énigme|devine le nombre|"
-        "tour de hanoï|tours de hanoï|carré magique|chevaliers et fripons|combien de jours entre|"
-        "combien de jours avant|combien de jours reste t il|dans combien de jours|quel jour tombe|"
-        "quel jour serons nous|quelle heure sera t il|année bissextile|ans de plus que|quel âge aura|"
-        "ordre de grandeur|estimation grossière|à vue de nez|au doigt mouillé|en gros combien|"
-        "en degrés fahrenheit|en fahrenheit|en celsius|miles en km|livres en kilos|pieds en mètres|"
-        "pouces en cm|kilomètres par heure|vitesse moyenne|à la vitesse de|un train part|remplir la baignoire|"
-        "remplir le réservoir|intérêts composés|intérêt simple|pourcentage d augmentation|"
-        "augmentation en pourcentage|pourcentage de réduction|règle de trois|produit en croix|proportionnel à|"
-        "inversement proportionnel|mon calcul est juste|mon calcul est il correct|vérifier mon calcul|"
-        "vérifie mon calcul|j ai bien calculé|aire d un cercle|aire du triangle|volume d une sphère|"
-        "théorème de pythagore|triangle rectangle|système d équations|équation du second degré|"
-        "table de vérité|condition nécessaire|condition suffisante|combien de façons|nombre de façons|"
-        "combien de combinaisons|principe des tiroirs|suite logique|nombre manquant|nombre suivant|"
-        "trouver l intrus|aiguilles d une horloge|dilemme du prisonnier|théorie des jeux|voyageur de commerce|"
-        "programmation linéaire|maximiser le profit|minimiser le coût|chiffres significatifs|"
-        "paradoxe de monty|löse die gleichung|löse nach x|nach x auflösen|nach x umstellen|"
-        "groß ist die wahrscheinlichkeit|hoch ist die wahrscheinlichkeit|mit welcher wahrscheinlichkeit|"
-        "wahrscheinlichkeit dafür|zwei würfel|mit zurücklegen|ohne zurücklegen|zufällig gezogen|"
-        "kopf oder zahl|kartenspiel mit 52|beweisen sie dass|zeige dass|zeigen sie dass|"
-        "durch vollständige induktion|vollständige induktion|genau dann wenn|größter gemeinsamer teiler|"
-        "kleinstes gemeinsames vielfaches|die wurzel aus|hoch zwei|zum quadrat|arithmetische folge|"
-        "geometrische folge|geometrische reihe|summe der ersten|aufeinanderfolgende zahlen|"
-        "ist meine rechnung richtig|stimmt meine rechnung|prüfe meine rechnung|rechne bitte nach|"
-        "habe ich richtig gerechnet|wie viele tage bis|wie viele tage zwischen|tage sind es bis|"
-        "wie viele wochen bis|welcher wochentag|an welchem wochentag|in wie vielen tagen|tage ab heute|"
-        "uhr ist es dann|ist ein schaltjahr|jahre älter als|mal so alt wie|doppelt so alt|"
-        "über den daumen gepeilt|grob geschätzt|pi mal daumen|ungefähr wie viele|schätze wie viele|"
-        "meilen in kilometer|pfund in kilogramm|fuß in meter|zoll in zentimeter|kilometer pro stunde|"
-        "durchschnittliche geschwindigkeit|ein zug fährt|ein zug verlässt|mit einer geschwindigkeit|"
-        "zusammen arbeiten|das becken füllen|den tank füllen|prozentuale veränderung|prozentuale steigerung|"
-        "um wie viel prozent|umgekehrt proportional|direkt proportional|fläche eines kreises|"
-        "volumen einer kugel|satz des pythagoras|rechtwinkliges dreieck|lineares gleichungssystem|"
-        "quadratische gleichung|quadratische ergänzung|auf wie viele arten|wie viele möglichkeiten gibt|"
-        "anzahl der möglichkeiten|wie viele kombinationen|welche zahl kommt|setze die reihe fort|"
-        "setze die zahlenreihe fort|fehlende zahl|was passt nicht|zeiger einer uhr|"
-        "winkel zwischen den zeigern|logisches rätsel|löse das rätsel|löse dieses rätsel|wer lügt|"
-        "ritter und schurken|türme von hanoi|magisches quadrat|hinreichende bedingung|notwendige bedingung|"
-        "problem des handlungsreisenden|lineare optimierung|gewinn maximieren|kosten minimieren|"
-        "mentale arithmetik|signifikante stellen|resolver la ecuación|resuelve la ecuación|"
-        "resuelve la ecuacion|resuelve para x|despejar x|despeja x|despejar la x|halla x|hallar x|encuentra x|"
+        "solve for y|solve for n|find the value of|value of x|what s the probability|whats the "
+        "probability|probability of getting|probability that|chances of rolling|chance of rolling|"
+        "rolling a six|roll two dice|rolling two dice|roll a die|pair of dice|flipping a coin|toss "
+        "a coin|coin toss|coin flips|heads in a row|tails in a row|without replacement|with "
+        "replacement|drawn at random|randomly selected|chosen at random|standard deck|52 card "
+        "deck|52 cards|full house probability|gambler s fallacy|law of large numbers|conditional "
+        "probability|bayes theorem|mutually exclusive events|independent events|prove by "
+        "induction|proof by induction|proof by contradiction|by contradiction|for all integers|for "
+        "every integer|for all n|if and only if|is divisible by|greatest common divisor|greatest "
+        "common factor|least common multiple|lowest common multiple|highest common factor|square "
+        "root of|to the power of|raised to the power|the nth term|nth term|arithmetic sequence|"
+        "geometric sequence|arithmetic progression|geometric progression|geometric series|infinite "
+        "series|sum of the first|sum of all integers|sum of the digits|sum of digits|consecutive "
+        "integers|consecutive numbers|consecutive even|consecutive odd|perfect squares|rational "
+        "number|times table|times tables|multiplication table|long division|long multiplication|"
+        "mental math|mental maths|word problems|maths problem|math question|maths question|maths "
+        "homework|math puzzle|algebra problem|algebra homework|geometry problem|logic puzzles|"
+        "logic problem|logic riddle|logical puzzle|solve this riddle|answer this riddle|solve this "
+        "puzzle|solve the riddle|guess the number|liar paradox|zebra puzzle|einstein s riddle|"
+        "einstein puzzle|tower of hanoi|magic square|eight queens|knight s tour|seven bridges|"
+        "killer sudoku|verbal arithmetic|24 game|traveling salesman|travelling salesman|knapsack "
+        "problem|linear programming|integer programming|maximize profit|minimize cost|maximise "
+        "profit|minimise cost|optimal strategy|game theory|prisoner s dilemma|nash equilibrium|"
+        "zero sum game|how many days since|how many days left|how many weeks until|how many weeks "
+        "between|how many months until|how many hours between|how many minutes between|days from "
+        "today|days from now|weeks from now|months from now|what day will it|what date will|what "
+        "time will it|hours from now|minutes from now|is a leap year|years older than|twice as "
+        "old|ballpark estimate|fermi problem|fermi estimate|fermi question|orders of magnitude|"
+        "piano tuners|how many golf balls|golf balls fit|estimate how many|convert celsius|celsius "
+        "to fahrenheit|miles to km|km to miles|kilometers to miles|miles to kilometers|pounds to "
+        "kg|kg to pounds|kg to lbs|lbs to kg|feet to meters|meters to feet|inches to cm|cm to "
+        "inches|how many ounces in|how many grams in|how many cups in|how many teaspoons in|how "
+        "many tablespoons in|how many inches in|how many feet in|how many meters in|how many "
+        "seconds in|how many minutes in|how many hours in|miles per hour|kilometers per hour|km "
+        "per hour|average speed|at a speed of|trains leave|two trains|leaves the station|drain the "
+        "tank|dig a hole|hen and a half|simple interest|compounded annually|compounded monthly|"
+        "interest compounded|percent increase|percentage increase|percent decrease|percentage "
+        "decrease|percent change|percentage change|is what percent|percent off|after a discount|"
+        "ratio of|in the ratio|directly proportional|inversely proportional|rate of change|is my "
+        "math right|is my maths right|is my math correct|check my calculation|check my "
+        "calculations|double check my math|am i calculating|step by step solution|show your "
+        "working|area of a circle|area of a triangle|area of the triangle|volume of a sphere|"
+        "volume of a cylinder|surface area of|right triangle|right angled triangle|interior "
+        "angles|exterior angle|angles of a triangle|slope of the line|equation of the line|system "
+        "of equations|simultaneous equations|linear equations|quadratic equation|quadratic "
+        "formula|completing the square|complete the square|derivative of|integral of|limit as x|"
+        "differential equation|differential equations|taylor series|dot product of|cross product "
+        "of|truth table|modus ponens|modus tollens|affirming the consequent|denying the "
+        "antecedent|is this argument valid|necessary and sufficient|necessary condition|sufficient "
+        "condition|all men are mortal|in how many ways|how many different ways|how many "
+        "permutations|how many possible|n choose k|handshake problem|how many handshakes|"
+        "pigeonhole principle|inclusion exclusion principle|how many squares|how many triangles|"
+        "hands of a clock|angle between the hands|complete the sequence|missing number|number "
+        "pattern|number sequence|odd one out|which weighs more|pound of feathers|kilogram of "
+        "feathers|bat and a ball|bat and ball|lily pads|lily pad|5 machines|widgets in 5|two "
+        "doors|one always lies|three light switches|three switches|burning ropes|two ropes|water "
+        "jugs|gallon jug|wolf goat cabbage|fox chicken grain|cheryl s birthday|blue eyed "
+        "islanders|100 prisoners|12 coins|twelve coins|counterfeit coin|balance scale|months have "
+        "28 days|moses take on|bury the survivors|how many sisters|each brother has|brothers each "
+        "have|how many r s|9 11 or 9 9|which number is larger|fewest number of|smallest possible|"
+        "greatest possible|no two adjacent|seating arrangement|round robin tournament|without "
+        "conflicts|no overlapping|non overlapping shifts|significant figures|sig figs|scientific "
+        "notation|simplest form|lowest terms|improper fraction|mixed number|résoudre l équation|"
+        "résous l équation|resous l equation|résoudre pour x|trouver x|trouve x|la valeur de x|"
+        "quelle probabilité|quelles sont les chances|probabilité que|lancer un dé|lancer de dé|"
+        "deux dés|pile ou face|jeu de 52 cartes|jeu de cartes|sans remise|avec remise|tiré au "
+        "hasard|espérance mathématique|loi binomiale|théorème de bayes|démontrer que|démontrez "
+        "que|montrez que|par récurrence|démonstration par récurrence|par l absurde|raisonnement "
+        "par l absurde|si et seulement si|est il premier|plus grand commun diviseur|plus petit "
+        "commun multiple|racine carrée|racine cubique|suite arithmétique|suite géométrique|somme "
+        "des premiers|nombres consécutifs|entiers consécutifs|problème de maths|exercice de maths|"
+        "devoir de maths|problème mathématique|calcul mental|table de multiplication|énigme "
+        "logique|casse tête logique|problème de logique|question piège|résous cette énigme|"
+        "résoudre cette énigme|devine le nombre|tour de hanoï|tours de hanoï|carré magique|"
+        "chevaliers et fripons|combien de jours entre|combien de jours avant|combien de jours "
+        "reste t il|dans combien de jours|quel jour tombe|quel jour serons nous|quelle heure sera "
+        "t il|année bissextile|ans de plus que|quel âge aura|ordre de grandeur|estimation "
+        "grossière|à vue de nez|au doigt mouillé|en gros combien|en degrés fahrenheit|en "
+        "fahrenheit|en celsius|miles en km|livres en kilos|pieds en mètres|pouces en cm|kilomètres "
+        "par heure|vitesse moyenne|à la vitesse de|un train part|remplir la baignoire|remplir le "
+        "réservoir|intérêts composés|intérêt simple|pourcentage d augmentation|augmentation en "
+        "pourcentage|pourcentage de réduction|règle de trois|produit en croix|proportionnel à|"
+        "inversement proportionnel|mon calcul est juste|mon calcul est il correct|vérifier mon "
+        "calcul|vérifie mon calcul|j ai bien calculé|aire d un cercle|aire du triangle|volume d "
+        "une sphère|théorème de pythagore|triangle rectangle|système d équations|équation du "
+        "second degré|table de vérité|condition nécessaire|condition suffisante|combien de façons|"
+        "nombre de façons|combien de combinaisons|principe des tiroirs|suite logique|nombre "
+        "manquant|nombre suivant|trouver l intrus|aiguilles d une horloge|dilemme du prisonnier|"
+        "théorie des jeux|voyageur de commerce|programmation linéaire|maximiser le profit|"
+        "minimiser le coût|chiffres significatifs|paradoxe de monty|löse die gleichung|löse nach "
+        "x|nach x auflösen|nach x umstellen|groß ist die wahrscheinlichkeit|hoch ist die "
+        "wahrscheinlichkeit|mit welcher wahrscheinlichkeit|wahrscheinlichkeit dafür|zwei würfel|"
+        "mit zurücklegen|ohne zurücklegen|zufällig gezogen|kopf oder zahl|kartenspiel mit 52|"
+        "beweisen sie dass|zeige dass|zeigen sie dass|durch vollständige induktion|vollständige "
+        "induktion|genau dann wenn|größter gemeinsamer teiler|kleinstes gemeinsames vielfaches|die "
+        "wurzel aus|hoch zwei|zum quadrat|arithmetische folge|geometrische folge|geometrische "
+        "reihe|summe der ersten|aufeinanderfolgende zahlen|ist meine rechnung richtig|stimmt meine "
+        "rechnung|prüfe meine rechnung|rechne bitte nach|habe ich richtig gerechnet|wie viele tage "
+        "bis|wie viele tage zwischen|tage sind es bis|wie viele wochen bis|welcher wochentag|an "
+        "welchem wochentag|in wie vielen tagen|tage ab heute|uhr ist es dann|ist ein schaltjahr|"
+        "jahre älter als|mal so alt wie|doppelt so alt|über den daumen gepeilt|grob geschätzt|pi "
+        "mal daumen|ungefähr wie viele|schätze wie viele|meilen in kilometer|pfund in kilogramm|"
+        "fuß in meter|zoll in zentimeter|kilometer pro stunde|durchschnittliche geschwindigkeit|"
+        "ein zug fährt|ein zug verlässt|mit einer geschwindigkeit|zusammen arbeiten|das becken "
+        "füllen|den tank füllen|prozentuale veränderung|prozentuale steigerung|um wie viel "
+        "prozent|umgekehrt proportional|direkt proportional|fläche eines kreises|volumen einer "
+        "kugel|satz des pythagoras|rechtwinkliges dreieck|lineares gleichungssystem|quadratische "
+        "gleichung|quadratische ergänzung|auf wie viele arten|wie viele möglichkeiten gibt|anzahl "
+        "der möglichkeiten|wie viele kombinationen|welche zahl kommt|setze die reihe fort|setze "
+        "die zahlenreihe fort|fehlende zahl|was passt nicht|zeiger einer uhr|winkel zwischen den "
+        "zeigern|logisches rätsel|löse das rätsel|löse dieses rätsel|wer lügt|ritter und schurken|"
+        "türme von hanoi|magisches quadrat|hinreichende bedingung|notwendige bedingung|problem des "
+        "handlungsreisenden|lineare optimierung|gewinn maximieren|kosten minimieren|mentale "
+        "arithmetik|signifikante stellen|resolver la ecuación|resuelve la ecuación|resuelve la "
+        "ecuacion|resuelve para x|despejar x|despeja x|despejar la x|halla x|hallar x|encuentra x|"
         "el valor de x|cuál es la probabilidad|cual es la probabilidad|qué probabilidad hay|"
-        "probabilidad de que|lanzar un dado|lanzar dos dados|dos dados|lanzar una moneda|cara o cruz|"
-        "cara o sello|águila o sol|baraja de 52|baraja española|sin reemplazo|con reemplazo|sin reposición|"
-        "con reposición|valor esperado|esperanza matemática|distribución binomial|teorema de bayes|"
-        "demostrar que|demuestre que|por inducción|inducción matemática|reducción al absurdo|por el absurdo|"
-        "si y solo si|si y sólo si|máximo común divisor|mínimo común múltiplo|raíz cuadrada|raíz cúbica|"
-        "raiz cuadrada|al cuadrado|progresión aritmética|progresión geométrica|sucesión aritmética|"
-        "suma de los primeros|números consecutivos|problema de matemáticas|problema matemático|"
-        "ejercicio de matemáticas|tarea de matemáticas|cálculo mental|tabla de multiplicar|problema de lógica|"
-        "acertijo lógico|acertijo de lógica|pregunta trampa|pensamiento lateral|resuelve este acertijo|"
-        "resuelve la adivinanza|adivina el número|torre de hanói|torres de hanói|cuadrado mágico|"
-        "caballeros y bribones|cuántos días faltan|cuantos dias faltan|cuántos días hay entre|"
-        "cuántos días pasan|dentro de cuántos días|qué día será|qué hora será|año bisiesto|años mayor que|"
-        "veces la edad|el triple de edad|el doble de edad|orden de magnitud|ojo de buen cubero|"
+        "probabilidad de que|lanzar un dado|lanzar dos dados|dos dados|lanzar una moneda|cara o "
+        "cruz|cara o sello|águila o sol|baraja de 52|baraja española|sin reemplazo|con reemplazo|"
+        "sin reposición|con reposición|valor esperado|esperanza matemática|distribución binomial|"
+        "teorema de bayes|demostrar que|demuestre que|por inducción|inducción matemática|reducción "
+        "al absurdo|por el absurdo|si y solo si|si y sólo si|máximo común divisor|mínimo común "
+        "múltiplo|raíz cuadrada|raíz cúbica|raiz cuadrada|al cuadrado|progresión aritmética|"
+        "progresión geométrica|sucesión aritmética|suma de los primeros|números consecutivos|"
+        "problema de matemáticas|problema matemático|ejercicio de matemáticas|tarea de "
+        "matemáticas|cálculo mental|tabla de multiplicar|problema de lógica|acertijo lógico|"
+        "acertijo de lógica|pregunta trampa|pensamiento lateral|resuelve este acertijo|resuelve la "
+        "adivinanza|adivina el número|torre de hanói|torres de hanói|cuadrado mágico|caballeros y "
+        "bribones|cuántos días faltan|cuantos dias faltan|cuántos días hay entre|cuántos días "
+        "pasan|dentro de cuántos días|qué día será|qué hora será|año bisiesto|años mayor que|veces "
+        "la edad|el triple de edad|el doble de edad|orden de magnitud|ojo de buen cubero|"
         "estimación aproximada|más o menos cuántos|a celsius|a fahrenheit|en grados fahrenheit|"
-        "millas a kilómetros|kilómetros a millas|libras a kilos|pies a metros|pulgadas a centímetros|"
-        "kilómetros por hora|velocidad media|velocidad promedio|a una velocidad de|un tren sale|"
-        "sale de la estación|trabajando juntos|llenar el tanque|llenar la piscina|interés compuesto|"
-        "interés simple|porcentaje de aumento|porcentaje de descuento|qué porcentaje es|por ciento de|"
-        "regla de tres|directamente proporcional|inversamente proporcional|está bien mi cálculo|"
-        "revisa mi cálculo|revisa mis cuentas|comprueba mi resultado|lo calculé bien|hice bien la cuenta|"
-        "área de un círculo|área del triángulo|volumen de una esfera|teorema de pitágoras|"
-        "triángulo rectángulo|sistema de ecuaciones|ecuación cuadrática|ecuación de segundo grado|"
-        "tabla de verdad|condición necesaria|condición suficiente|de cuántas formas|cuántas combinaciones|"
-        "número de combinaciones|principio del palomar|qué número sigue|sigue la serie|número que falta|"
-        "agujas del reloj|dilema del prisionero|teoría de juegos|problema del viajante|programación lineal|"
-        "maximizar la ganancia|minimizar el costo|minimizar el coste|cifras significativas|resolver a equação|"
-        "resolva a equação|resolve a equação|isolar o x|ache x|encontre x|o valor de x|qual a probabilidade|"
-        "qual é a probabilidade|probabilidade de sair|lançar um dado|dois dados|jogar uma moeda|"
-        "lançamento de moeda|cara ou coroa|baralho de 52|sem reposição|com reposição|distribuição binomial|"
-        "demonstre que|provar que|por indução|indução matemática|por absurdo|redução ao absurdo|"
-        "se e somente se|se e só se|máximo divisor comum|mínimo múltiplo comum|raiz quadrada|raiz cúbica|"
-        "ao quadrado|progressão aritmética|progressão geométrica|soma dos primeiros|problema de matemática|"
-        "exercício de matemática|questão de matemática|dever de matemática|lição de matemática|"
-        "conta de cabeça|questão de lógica|desafio de lógica|charada de lógica|pergunta capciosa|"
-        "pensamento lateral|resolva esta charada|resolva o enigma|adivinhe o número|quadrado mágico|"
-        "cavaleiros e patifes|quantos dias faltam|quantos dias entre|quantos dias até|daqui a quantos dias|"
-        "que dia da semana|qual dia da semana|que horas serão|ano bissexto|anos mais velho|o triplo da idade|"
-        "o dobro da idade|ordem de grandeza|estimativa aproximada|mais ou menos quantos|para celsius|"
-        "para fahrenheit|em fahrenheit|milhas para km|milhas em quilômetros|libras para kg|pés para metros|"
-        "polegadas para cm|quilômetros por hora|quilómetros por hora|velocidade média|a uma velocidade de|"
-        "um trem sai|um comboio parte|trabalhando juntos|encher o tanque|encher a piscina|juros compostos|"
-        "juros simples|aumento percentual|variação percentual|qual a porcentagem|qual a percentagem|"
-        "por cento de|regra de três|diretamente proporcional|minha conta está certa|meu cálculo está certo|"
-        "confere minha conta|confira meu cálculo|calculei certo|área de um círculo|área do triângulo|"
+        "millas a kilómetros|kilómetros a millas|libras a kilos|pies a metros|pulgadas a "
+        "centímetros|kilómetros por hora|velocidad media|velocidad promedio|a una velocidad de|un "
+        "tren sale|sale de la estación|trabajando juntos|llenar el tanque|llenar la piscina|"
+        "interés compuesto|interés simple|porcentaje de aumento|porcentaje de descuento|qué "
+        "porcentaje es|por ciento de|regla de tres|directamente proporcional|inversamente "
+        "proporcional|está bien mi cálculo|revisa mi cálculo|revisa mis cuentas|comprueba mi "
+        "resultado|lo calculé bien|hice bien la cuenta|área de un círculo|área del triángulo|"
+        "volumen de una esfera|teorema de pitágoras|triángulo rectángulo|sistema de ecuaciones|"
+        "ecuación cuadrática|ecuación de segundo grado|tabla de verdad|condición necesaria|"
+        "condición suficiente|de cuántas formas|cuántas combinaciones|número de combinaciones|"
+        "principio del palomar|qué número sigue|sigue la serie|número que falta|agujas del reloj|"
+        "dilema del prisionero|teoría de juegos|problema del viajante|programación lineal|"
+        "maximizar la ganancia|minimizar el costo|minimizar el coste|cifras significativas|"
+        "resolver a equação|resolva a equação|resolve a equação|isolar o x|ache x|encontre x|o "
+        "valor de x|qual a probabilidade|qual é a probabilidade|probabilidade de sair|lançar um "
+        "dado|dois dados|jogar uma moeda|lançamento de moeda|cara ou coroa|baralho de 52|sem "
+        "reposição|com reposição|distribuição binomial|demonstre que|provar que|por indução|"
+        "indução matemática|por absurdo|redução ao absurdo|se e somente se|se e só se|máximo "
+        "divisor comum|mínimo múltiplo comum|raiz quadrada|raiz cúbica|ao quadrado|progressão "
+        "aritmética|progressão geométrica|soma dos primeiros|problema de matemática|exercício de "
+        "matemática|questão de matemática|dever de matemática|lição de matemática|conta de cabeça|"
+        "questão de lógica|desafio de lógica|charada de lógica|pergunta capciosa|pensamento "
+        "lateral|resolva esta charada|resolva o enigma|adivinhe o número|quadrado mágico|"
+        "cavaleiros e patifes|quantos dias faltam|quantos dias entre|quantos dias até|daqui a "
+        "quantos dias|que dia da semana|qual dia da semana|que horas serão|ano bissexto|anos mais "
+        "velho|o triplo da idade|o dobro da idade|ordem de grandeza|estimativa aproximada|mais ou "
+        "menos quantos|para celsius|para fahrenheit|em fahrenheit|milhas para km|milhas em "
+        "quilômetros|libras para kg|pés para metros|polegadas para cm|quilômetros por hora|"
+        "quilómetros por hora|velocidade média|a uma velocidade de|um trem sai|um comboio parte|"
+        "trabalhando juntos|encher o tanque|encher a piscina|juros compostos|juros simples|aumento "
+        "percentual|variação percentual|qual a porcentagem|qual a percentagem|por cento de|regra "
+        "de três|diretamente proporcional|minha conta está certa|meu cálculo está certo|confere "
+        "minha conta|confira meu cálculo|calculei certo|área de um círculo|área do triângulo|"
         "volume de uma esfera|triângulo retângulo|sistema de equações|equação do segundo grau|"
-        "fórmula de bhaskara|tabela verdade|condição necessária|condição suficiente|de quantas formas|"
-        "quantas combinações|análise combinatória|casa dos pombos|qual o próximo número|complete a sequência|"
-        "ponteiros do relógio|dilema do prisioneiro|teoria dos jogos|programação linear|maximizar o lucro|"
-        "minimizar o custo|algarismos significativos"),
+        "fórmula de bhaskara|tabela verdade|condição necessária|condição suficiente|de quantas "
+        "formas|quantas combinações|análise combinatória|casa dos pombos|qual o próximo número|"
+        "complete a sequência|ponteiros do relógio|dilema do prisioneiro|teoria dos jogos|"
+        "programação linear|maximizar o lucro|minimizar o custo|algarismos significativos"),
     "reasoning_vocab_weak": ("reasoning", 0.8, 2,
-        "prime primes proportion chance chances likelihood toss poker approximately roughly infer trick "
-        "consecutive profit fortnight elapsed inequalities nim countable contradiction calcul décimal urne "
-        "primitives estimer convertir optimiser maximiser minimiser contraintes démonstration paradoxe "
-        "mathématiques ausrechnen würfel münze bruch brüche schätzen schätzung ungefähr optimieren maximieren "
-        "minimieren beweis beweisen paradoxon mathe mathematik wochentag fakultät wurzel umrechnen umrechnung "
-        "cálculo resolver logica rompecabezas fracción dados moneda estimar estimación aproximadamente "
-        "optimizar maximizar minimizar restricciones demostración paradoja matemáticas adivinha pegadinha "
-        "percentagem fração frações estimativa converter otimizar demonstrar paradoxo matemática",
+        "prime primes proportion chance chances likelihood toss poker approximately roughly infer "
+        "trick consecutive profit fortnight elapsed inequalities nim countable contradiction "
+        "calcul décimal urne primitives estimer convertir optimiser maximiser minimiser "
+        "contraintes démonstration paradoxe mathématiques ausrechnen würfel münze bruch brüche "
+        "schätzen schätzung ungefähr optimieren maximieren minimieren beweis beweisen paradoxon "
+        "mathe mathematik wochentag fakultät wurzel umrechnen umrechnung cálculo resolver logica "
+        "rompecabezas fracción dados moneda estimar estimación aproximadamente optimizar maximizar "
+        "minimizar restricciones demostración paradoja matemáticas adivinha pegadinha percentagem "
+        "fração frações estimativa converter otimizar demonstrar paradoxo matemática",
         "quebra cabeça"),
 
     # --- general ---------------------------------------------------------------------------------
     "general_question": ("general", 1.0, 1, "",
-        "difference between|the difference|pros and cons|why is|why are|why do|why does|who is|who was|who were|when was|when did|where is|where was|"
-        "what causes|how do i|how can i|how should i|what should i|how does|what happens if|is it true|"
-        "recommend|recommendations|any recommendations|what do you think|"
-        "letter to|an email|the email|this email|email to|emails to|email my|email for|email asking|"
-        "email saying|e-mail|courriel|correo|email"),
+        "difference between|the difference|pros and cons|why is|why are|why do|why does|who is|who "
+        "was|who were|when was|when did|where is|where was|what causes|how do i|how can i|how "
+        "should i|what should i|how does|what happens if|is it true|recommend|recommendations|any "
+        "recommendations|what do you think|letter to|an email|the email|this email|email to|emails "
+        "to|email my|email for|email asking|email saying|e-mail|courriel|correo|email"),
     "general_task": ("general", 2.5, 2,
-        "memo translate translation translated summarize summarise summary summarizing "
-        "proofread proofreading grammar spelling typos rephrase reword paraphrase extract classify categorize "
-        "categorise sentiment advice tips definition define korrigieren corriger corregir corrigir "
-        "traduis traduire traduce traducir traduz traduzir übersetze übersetzen übersetzung traducción tradução "
-        "résume résumé resumen resumo resume zusammenfassung zusammenfassen corrige corrija korrigiere "
-        "consejo conseil conselho ratschlag tipps dicas consejos conseils",
-        "json format|named entities|lesson plan|key points|main points|bullet points|in bullets|tl;dr|tldr|"
-        "more professional|more formal|less formal|sound more|polite way|politely|cover letter|"
-        "what does it mean|what does this mean|what is the meaning|meaning of|is it safe|is it normal|is it bad|is it ok|is it okay|"
-        "how do i get rid|how to get rid|best way to|how do you say|how to say|in french|in spanish|"
-        "in german|in english|in portuguese|in italian|into english|into french|into spanish|into german|"
-        "explain like|eli5|what happened|"
-        "what are the symptoms|recipe for|how do i cook|"
-        "how to cook|how do i clean|how to clean|how do i remove|how to remove|what should i do|"
-        "any tips|any advice|can you recommend|suggest a|suggest some|book recommendation|"
-        "write an email|a persuasive email|professional email|formal email|follow-up email|email asking|"
-        "email to my|email to our|email to the|write a letter to|letter to my|email to my|reply to this|respond to this|"
-        "resignation letter|recommendation letter|reference letter|formal letter|complaint letter|letter of|"
-        "extract the|pull out|classify these|categorize these|is this review|positive or negative|"
-        "what's the capital|what is the capital|the capital of"),
+        "memo translate translation translated summarize summarise summary summarizing proofread "
+        "proofreading grammar spelling typos rephrase reword paraphrase extract classify "
+        "categorize categorise sentiment advice tips definition define korrigieren corriger "
+        "corregir corrigir traduis traduire traduce traducir traduz traduzir übersetze "
+        "übersetzen übersetzung traducción tradução résume résumé resumen resumo resume "
+        "zusammenfassung zusammenfassen corrige corrija korrigiere consejo conseil conselho "
+        "ratschlag tipps dicas consejos conseils",
+        "json format|named entities|lesson plan|key points|main points|bullet points|in bullets|"
+        "tl;dr|tldr|more professional|more formal|less formal|sound more|polite way|politely|cover "
+        "letter|what does it mean|what does this mean|what is the meaning|meaning of|is it safe|is "
+        "it normal|is it bad|is it ok|is it okay|how do i get rid|how to get rid|best way to|how "
+        "do you say|how to say|in french|in spanish|in german|in english|in portuguese|in italian|"
+        "into english|into french|into spanish|into german|explain like|eli5|what happened|what "
+        "are the symptoms|recipe for|how do i cook|how to cook|how do i clean|how to clean|how do "
+        "i remove|how to remove|what should i do|any tips|any advice|can you recommend|suggest a|"
+        "suggest some|book recommendation|write an email|a persuasive email|professional email|"
+        "formal email|follow-up email|email asking|email to my|email to our|email to the|write a "
+        "letter to|letter to my|email to my|reply to this|respond to this|resignation letter|"
+        "recommendation letter|reference letter|formal letter|complaint letter|letter of|extract "
+        "the|pull out|classify these|categorize these|is this review|positive or negative|what's "
+        "the capital|what is the capital|the capital of"),
 }
 
 #: Cues that count only in a text with a number in it (units and money words are everyday words).
-NUMERIC_CUES = frozenset(("math_everyday", "quantities", "quantity_question", "money_question", "chance_question", "formula",
-                          "number_question"))
+NUMERIC_CUES = frozenset(("math_everyday", "quantities", "quantity_question", "money_question",
+                          "chance_question", "formula", "number_question"))
 
 #: Numeric cues that say nothing when the text holds code (a definition or a fence).
 CODE_NUMBERS = ("formula", "number_question", "word_problem")
@@ -5368,121 +5822,163 @@ CODE_NUMBERS = ("formula", "number_question", "word_problem")
 #: Structural cues: (name, intent, weight, cap, regular expression on the lower-cased text).
 INTENT_PATTERNS = [
     ("code_fence", "code", 4.0, 1, r"```"),
-    ("code_definition", "code", 6.0, 1, r"\n[ \t]*(?:(?:def|class|async def|function|fn|func|public|private|static|"
-                                        r"#include|import|package|using namespace|const|let|var) [\w{<*(\"'$]|"
-                                        r"from [\w.]+ import|#!/|select [\w*, .()]+ from|insert into|create table|"
-                                        r"update \w+ set|(?:private |public )?sub \w+\(|dim \w+ as|"
-                                        r"for \w+ in [^\n]*:|(?:if|while|elif) [^\n]*:\n|echo [$\"']|export \w+=)"),
+    ("code_definition", "code", 6.0, 1, r"\n[ \t]*(?:(?:def|class|async def|function|fn|func|"
+                                        r"public|private|static|#include|import|package|using "
+                                        r"namespace|const|let|var) [\w{<*(\"'$]|from [\w.]+ "
+                                        r"import|#!/|select [\w*, .()]+ from|insert into|create "
+                                        r"table|update \w+ set|(?:private |public )?sub \w+\(|dim "
+                                        r"\w+ as|for \w+ in [^\n]*:|(?:if|while|elif) [^\n]*:\n|"
+                                        r"echo [$\"']|export \w+=)"),
     ("doctest", "code", 3.0, 1, r"\n[ \t]*>>> "),
-    ("stack_trace", "code", 4.0, 1, r"traceback \(most recent call last\)|(?:error|exception|warning|fatal|panic)"
-                                    r"(?:\[\w+\])?: |panicked at|segmentation fault|undefined reference|npm err!|"
-                                    r"\n[ \t]+at [\w$.<>]+ ?\(|\n\s*file \"[^\"]+\", line \d+|exited with|"
-                                    r"exit code \d|errno|\[error\]|\[warn\]|error \d{3,5}|#n/a|#ref!|#value!|"
-                                    r"#div/0!|#name\?|#spill!|crashloopbackoff|imagepullbackoff|oomkilled|"
-                                    r"run-time error|compile error|build failed|failed to compile"),
+    ("stack_trace", "code", 4.0, 1, r"traceback \(most recent call last\)|(?:error|exception|"
+                                    r"warning|fatal|panic)(?:\[\w+\])?: |panicked at|"
+                                    r"segmentation fault|undefined reference|npm err!|\n[ \t]+at "
+                                    r"[\w$.<>]+ ?\(|\n\s*file \"[^\"]+\", line \d+|exited with|"
+                                    r"exit code \d|errno|\[error\]|\[warn\]|error \d{3,5}|#n/a|"
+                                    r"#ref!|#value!|#div/0!|#name\?|#spill!|crashloopbackoff|"
+                                    r"imagepullbackoff|oomkilled|run-time error|compile error|"
+                                    r"build failed|failed to compile"),
     ("diff", "code", 4.0, 1, r"\n(?:\+\+\+|---) [ab]/|\n@@ -\d"),
-    ("file_path", "code", 2.5, 2, r"\.(?:py|js|mjs|cjs|jsx|ts|tsx|go|rs|java|kt|cpp|cc|hpp|cs|rb|php|"
-                                  r"swift|sh|bash|zsh|ps1|bat|sql|ya?ml|toml|ini|cfg|conf|env|json|xml|csv|tsv|log|"
-                                  r"gradle|vue|svelte|tf|lock|txt|xlsx|xlsm|ipynb|dockerfile|service|desktop|plist|"
-                                  r"gitignore|bashrc|zshrc)\b|/(?:etc|var|usr|home|opt|tmp|dev|proc|srv|mnt|bin|sys)\b|"
-                                  r":\\|dockerfile|makefile|package\.json|requirements\.txt"),
-    ("test_output", "code", 3.0, 1, r"assertionerror|pytest|unittest|cargo test|go test|npm test| passed in | passed, | failed in | failed, "),
-    ("shell_command", "code", 2.5, 1, r"\n[ \t]*(?:\$ |# |sudo |git |npm |npx |pip3? |docker |kubectl |helm |curl |"
-                                      r"make |cargo |chmod |ls |cd |cat |echo |export |ssh |scp |rsync |find |grep |"
-                                      r"sed |awk |python3? |node |brew |apt(?:-get)? |yum |systemctl |journalctl )"),
-    ("code_syntax", "code", 2.0, 3, r"==|!=|&&|\|\||=>|->|\+=|::|;\n|\{\n|\(\)|\$[({a-z_]|\[\d*\]|</?[a-z]+[ >]|"
-                                    r" --[a-z][\w-]+| -[a-z]\b| \| ?(?:grep|awk|sed|sort|uniq|head|tail|xargs|wc|jq|tee)|"
-                                    r"\.[a-z_]\w*\(|_[a-z]"),
-    ("in_language", "code", 3.0, 1, r" (?:in|with|using|via|for|en|em|mit|com|avec|con) (?:python3?|javascript|js|"
-                                     r"typescript|ts|bash|zsh|powershell|sql|postgres|mysql|sqlite|rust|go|golang|"
-                                     r"java|kotlin|swift|c|c\+\+|c#|ruby|php|perl|lua|r|excel|vba|sheets|"
-                                     r"google sheets|pandas|numpy|react|node|django|flask|docker|kubernetes|"
-                                     r"regex|awk|sed|jq|css|html)\b(?! (?:major|minor|sharp|flat))"),
-    ("html_tag", "code", 3.0, 1, r"<(?:div|span|p|a|img|video|audio|input|button|form|table|tr|td|ul|ol|li|script|"
-                                 r"style|head|body|html|section|header|footer|nav|h[1-6]|select|option|label|"
-                                 r"canvas|svg|iframe|template|slot)\b[^>\n]*>"),
-    ("assignment", "code", 2.5, 1, r"\n[ \t]*[a-z_][\w.\[\]]*(?:, ?[a-z_][\w.]*)* ?[+:]?= ?[\w\[{(\"'$-]"),
+    ("file_path", "code", 2.5, 2, r"\.(?:py|js|mjs|cjs|jsx|ts|tsx|go|rs|java|kt|cpp|cc|hpp|cs|rb|"
+                                  r"php|swift|sh|bash|zsh|ps1|bat|sql|ya?ml|toml|ini|cfg|conf|env|"
+                                  r"json|xml|csv|tsv|log|gradle|vue|svelte|tf|lock|txt|xlsx|xlsm|"
+                                  r"ipynb|dockerfile|service|desktop|plist|gitignore|bashrc|"
+                                  r"zshrc)\b|/(?:etc|var|usr|home|opt|tmp|dev|proc|srv|mnt|bin|"
+                                  r"sys)\b|:\\|dockerfile|makefile|package\.json|requirements\.txt"),
+    ("test_output", "code", 3.0, 1,
+     r"assertionerror|pytest|unittest|cargo test|go test|npm test| passed in | passed, | failed in "
+     r"| failed, "),
+    ("shell_command", "code", 2.5, 1, r"\n[ \t]*(?:\$ |# |sudo |git |npm |npx |pip3? |docker |"
+                                      r"kubectl |helm |curl |make |cargo |chmod |ls |cd |cat |echo "
+                                      r"|export |ssh |scp |rsync |find |grep |sed |awk |python3? |"
+                                      r"node |brew |apt(?:-get)? |yum |systemctl |journalctl )"),
+    ("code_syntax", "code", 2.0, 3, r"==|!=|&&|\|\||=>|->|\+=|::|;\n|\{\n|\(\)|\$[({a-z_]|\[\d*\]|"
+                                    r"</?[a-z]+[ >]| --[a-z][\w-]+| -[a-z]\b| \| ?(?:grep|awk|sed|"
+                                    r"sort|uniq|head|tail|xargs|wc|jq|tee)|\.[a-z_]\w*\(|_[a-z]"),
+    ("in_language", "code", 3.0, 1, r" (?:in|with|using|via|for|en|em|mit|com|avec|con) "
+                                    r"(?:python3?|javascript|js|typescript|ts|bash|zsh|"
+                                    r"powershell|sql|postgres|mysql|sqlite|rust|go|golang|java|"
+                                    r"kotlin|swift|c|c\+\+|c#|ruby|php|perl|lua|r|excel|vba|"
+                                    r"sheets|google sheets|pandas|numpy|react|node|django|flask|"
+                                    r"docker|kubernetes|regex|awk|sed|jq|css|html)\b(?! "
+                                    r"(?:major|minor|sharp|flat))"),
+    ("html_tag", "code", 3.0, 1, r"<(?:div|span|p|a|img|video|audio|input|button|form|table|tr|"
+                                 r"td|ul|ol|li|script|style|head|body|html|section|header|"
+                                 r"footer|nav|h[1-6]|select|option|label|canvas|svg|iframe|"
+                                 r"template|slot)\b[^>\n]*>"),
+    ("assignment", "code", 2.5, 1,
+     r"\n[ \t]*[a-z_][\w.\[\]]*(?:, ?[a-z_][\w.]*)* ?[+:]?= ?[\w\[{(\"'$-]"),
     ("tool_table", "code", 3.0, 1, r"----+  +---"),
-    ("inline_code", "code", 2.5, 1, r"`[^`\n]{2,80}`|\bdef [a-z_]+\(|\bconst \{|\bconst [a-z_]+ ?=|\.\.\.[a-z]|=> ?\{"),
-    ("regex_syntax", "code", 3.0, 1, r"\(\?[=!<:]|\.\*|\.\+\?|\\[dswb][+*?]|\[\^|\[a-z|\[0-9|\{[0-9]+,[0-9]*\}"),
-    ("css_declaration", "code", 3.0, 1, r"(?:position|display|overflow(?:-[xy])?|z-index|margin(?:-\w+)?|padding|"
-                                        r"height|width|flex(?:-\w+)?|grid(?:-\w+)?|transform|font-size|"
-                                        r"align-items|justify-content|box-sizing): ?[\w#%(-]"),
+    ("inline_code", "code", 2.5, 1,
+     r"`[^`\n]{2,80}`|\bdef [a-z_]+\(|\bconst \{|\bconst [a-z_]+ ?=|\.\.\.[a-z]|=> ?\{"),
+    ("regex_syntax", "code", 3.0, 1,
+     r"\(\?[=!<:]|\.\*|\.\+\?|\\[dswb][+*?]|\[\^|\[a-z|\[0-9|\{[0-9]+,[0-9]*\}"),
+    ("css_declaration", "code", 3.0, 1, r"(?:position|display|overflow(?:-[xy])?|z-index|"
+                                        r"margin(?:-\w+)?|padding|height|width|flex(?:-\w+)?|"
+                                        r"grid(?:-\w+)?|transform|font-size|align-items|"
+                                        r"justify-content|box-sizing): ?[\w#%(-]"),
     ("sheet_reference", "code", 3.0, 1, r"![$a-z]"),
-    ("spreadsheet_syntax", "code", 3.0, 1, r"=[a-z]+\(|:[a-z]{1,2}[0-9]|col(?:umn)? [a-z]\b|cells? [a-z]{1,2}[0-9]"),
-    ("roleplay_frame", "creative", 3.0, 1, r"\nas an? [a-z][\w -]{1,40}, (?:how|what|describe|tell)|"
-                                           r"\nimagine you(?:'re| are) an? [\w -]{2,40}[.,] |\nyou are an? [\w -]{2,40}"
-                                           r"[.,] (?:describe|tell|what|how)|\nbe [a-z]+ (?:and|who|while) | act as an? [\w -]{1,30}(?:who|that|"
+    ("spreadsheet_syntax", "code", 3.0, 1,
+     r"=[a-z]+\(|:[a-z]{1,2}[0-9]|col(?:umn)? [a-z]\b|cells? [a-z]{1,2}[0-9]"),
+    ("roleplay_frame", "creative", 3.0, 1, r"\nas an? [a-z][\w -]{1,40}, (?:how|what|describe|"
+                                           r"tell)|\nimagine you(?:'re| are) an? [\w "
+                                           r"-]{2,40}[.,] |\nyou are an? [\w -]{2,40}[.,] "
+                                           r"(?:describe|tell|what|how)|\nbe [a-z]+ (?:and|who|"
+                                           r"while) | act as an? [\w -]{1,30}(?:who|that|"
                                            r"monologu|and (?:tell|describe))"),
     ("counterfactual", "creative", 3.0, 1, r"\nwhat if (?!it |i |we |they |the file|the input)|"
                                            r"what would (?:have )?happen(?:ed)? if"),
-    ("write_creative", "creative", 2.5, 1, r"(?:write|compose|pen|draft|give me|need|want|create|make me|tell me|"
-                                           r"escreve|escreva|escribe|écris|écrivez|schreib|schreibe|invente|"
-                                           r"inventa|erfinde) [^.?!\n]{0,40}\b(?:poem|story|song|rap|limerick|"
-                                           r"haiku|sonnet|speech|toast|caption|slogan|tagline|jingle|ad\b|"
-                                           r"blurb|bio\b|tweet|post|piece|scene|monologue|script|letter from|"
-                                           r"note from|message for|card|riddle|joke|pun|description|copy\b|"
-                                           r"names?\b|title|backstory|ode|ballad|villanelle|vignette|eulogy|review|"
-                                           r"blog|newsletter|hook|intro|verse|lyrics)"),
-    ("letter_from", "creative", 3.0, 1, r"(?:\A\n|write |draft |compose |a |an |the |uma |um |une |un |una |ein |eine )"
-                                        r"(?:[\w-]+ ){0,3}(?:letter|note|email|message|"
-                                        r"memo|carta|lettre|brief)(?: of [\w-]+)? (?:from|written by|by|de|von|do|da) "
-                                        r"(?:an?|the|my|our|un|una|um|uma|mon|ma|mi|meu|minha|einem|einer|meinem|"
-                                        r"meiner)\b"),
-    ("letter_from_not_general", "general", -2.5, 1, r"(?:\A\n|write |draft |compose |a |an |the )(?:[\w-]+ ){0,3}(?:letter|note|"
-                                                    r"email|message|memo)(?: of [\w-]+)? (?:from|written by|by) "
-                                                    r"(?:an?|the|my|our)\b"),
-    ("naming_question", "creative", 2.5, 1, r"\bnames?\s*\?+\s*$|\bnames? ideas?\b|\bnamensideen\b"),
-    ("creative_rewrite", "creative", 2.5, 1, r"(?:make|rewrite|reword|rework|turn|translate|reescreve|reescribe|réécris|"
-                                             r"umschreiben|schreib) [^.\n]{0,30}\b(?:funny|funnier|charming|"
-                                             r"engaging|envolvente|witty|playful|fun|exciting|poetic|"
-                                             r"dramatic|epic|spooky|magical|into an? (?:poem|song|story|rap|haiku|limerick|sonnet))|"
-                                             r"sound like (?:an? |it (?:was|came))"),
-    ("formula", "reasoning", 2.5, 2, r"[0-9](?: ?[*×÷^+x] ?[0-9]| / [0-9]| ?- ?[0-9]+ ?=| ?% (?:of|off|per|a year|annual|"
-                                     r"interest|tip|discount|raise|more|less|de|du|von|do|da))|f\(x\)|solve for|"
-                                     r"[=^] ?-?[0-9]|[+*] ?[a-z] ?=|²|³|√"),
-    ("number_question", "reasoning", 3.0, 1, r"is -?\d[\d,]* (?:a )?(?:prime|divisible|even|odd|a perfect)|"
-                                             r"what(?:'s| is) -?\d[\d.,]* ?(?:[*/x×÷^+-]|times|divided|plus|"
-                                             r"minus|squared|cubed|percent|%)| squared\b| cubed\b|"
-                                             r"(?:sequence|series|comes next)\W+[\d, ]{5,}|, [0-9]+, [0-9]+, [0-9]|what ?%|% is that|"
-                                             r"[0-9](?:st|nd|rd|th) prime|[0-9] est (?:un nombre )?premier|[0-9] (?:es|é) (?:un )?primo|"
-                                             r"[0-9] ist (?:eine )?primzahl"),
-    ("riddle_question", "reasoning", 3.0, 1, r"what am i\s*(?:[?.!]|$)|qu[ée] soy\s*\?|que sou eu|qui suis-je|was bin ich\s*\?|"
-                                             r"\bwho(?:'s| is) right\b|quem tem razão|wer hat recht|qui a raison|"
-                                             r"quién tiene razón|double[sd]? every|every (?:\d+(?:st|nd|rd|th)|"
-                                             r"other) (?:day|week|open day)"),
-    ("riddle_shape", "reasoning", 3.0, 1, r"what (?:has|have|can|goes|gets|comes|runs|is full)\b[^?\n]{0,60}\b(?:but|never|"
-                                          r"without|the more)\b|\bbut (?:never|can't|cannot) \w+s\b|"
-                                          r"[0-9], _+|_+, [0-9]|[0-9] [0-9] [0-9] [0-9] [0-9] [0-9]| [a-z] [a-z] [a-z] [a-z] [a-z] [a-z]\b"),
-    ("lateral", "reasoning", 2.5, 1, r"\. (?:how|why)\?\s*$|\. (?:how|why) (?:is that|did|can|could)[^.]*\?\s*$"),
+    ("write_creative", "creative", 2.5, 1, r"(?:write|compose|pen|draft|give me|need|want|"
+                                           r"create|make me|tell me|escreve|escreva|escribe|"
+                                           r"écris|écrivez|schreib|schreibe|invente|inventa|"
+                                           r"erfinde) [^.?!\n]{0,40}\b(?:poem|story|song|rap|"
+                                           r"limerick|haiku|sonnet|speech|toast|caption|slogan|"
+                                           r"tagline|jingle|ad\b|blurb|bio\b|tweet|post|piece|"
+                                           r"scene|monologue|script|letter from|note from|"
+                                           r"message for|card|riddle|joke|pun|description|"
+                                           r"copy\b|names?\b|title|backstory|ode|ballad|"
+                                           r"villanelle|vignette|eulogy|review|blog|newsletter|"
+                                           r"hook|intro|verse|lyrics)"),
+    ("letter_from", "creative", 3.0, 1, r"(?:\A\n|write |draft |compose |a |an |the |uma |um |"
+                                        r"une |un |una |ein |eine )(?:[\w-]+ ){0,3}(?:letter|"
+                                        r"note|email|message|memo|carta|lettre|brief)(?: of "
+                                        r"[\w-]+)? (?:from|written by|by|de|von|do|da) (?:an?|"
+                                        r"the|my|our|un|una|um|uma|mon|ma|mi|meu|minha|einem|"
+                                        r"einer|meinem|meiner)\b"),
+    ("letter_from_not_general", "general", -2.5, 1, r"(?:\A\n|write |draft |compose |a |an |the "
+                                                    r")(?:[\w-]+ ){0,3}(?:letter|note|email|"
+                                                    r"message|memo)(?: of [\w-]+)? (?:from|written "
+                                                    r"by|by) (?:an?|the|my|our)\b"),
+    ("naming_question", "creative", 2.5, 1,
+     r"\bnames?\s*\?+\s*$|\bnames? ideas?\b|\bnamensideen\b"),
+    ("creative_rewrite", "creative", 2.5, 1, r"(?:make|rewrite|reword|rework|turn|translate|"
+                                             r"reescreve|reescribe|réécris|umschreiben|schreib) "
+                                             r"[^.\n]{0,30}\b(?:funny|funnier|charming|engaging|"
+                                             r"envolvente|witty|playful|fun|exciting|poetic|"
+                                             r"dramatic|epic|spooky|magical|into an? (?:poem|"
+                                             r"song|story|rap|haiku|limerick|sonnet))|sound like "
+                                             r"(?:an? |it (?:was|came))"),
+    ("formula", "reasoning", 2.5, 2, r"[0-9](?: ?[*×÷^+x] ?[0-9]| / [0-9]| ?- ?[0-9]+ ?=| ?% "
+                                     r"(?:of|off|per|a year|annual|interest|tip|discount|raise|"
+                                     r"more|less|de|du|von|do|da))|f\(x\)|solve for|[=^] ?-?[0-9]|"
+                                     r"[+*] ?[a-z] ?=|²|³|√"),
+    ("number_question", "reasoning", 3.0, 1, r"is -?\d[\d,]* (?:a )?(?:prime|divisible|even|odd|a "
+                                             r"perfect)|what(?:'s| is) -?\d[\d.,]* ?(?:[*/x×÷^+-]|"
+                                             r"times|divided|plus|minus|squared|cubed|percent|%)| "
+                                             r"squared\b| cubed\b|(?:sequence|series|comes "
+                                             r"next)\W+[\d, ]{5,}|, [0-9]+, [0-9]+, [0-9]|what ?%|"
+                                             r"% is that|[0-9](?:st|nd|rd|th) prime|[0-9] est "
+                                             r"(?:un nombre )?premier|[0-9] (?:es|é) (?:un "
+                                             r")?primo|[0-9] ist (?:eine )?primzahl"),
+    ("riddle_question", "reasoning", 3.0, 1, r"what am i\s*(?:[?.!]|$)|qu[ée] soy\s*\?|que sou eu|"
+                                             r"qui suis-je|was bin ich\s*\?|\bwho(?:'s| is) "
+                                             r"right\b|quem tem razão|wer hat recht|qui a raison|"
+                                             r"quién tiene razón|double[sd]? every|every "
+                                             r"(?:\d+(?:st|nd|rd|th)|other) (?:day|week|open day)"),
+    ("riddle_shape", "reasoning", 3.0, 1, r"what (?:has|have|can|goes|gets|comes|runs|is "
+                                          r"full)\b[^?\n]{0,60}\b(?:but|never|without|the more)\b|"
+                                          r"\bbut (?:never|can't|cannot) \w+s\b|[0-9], _+|_+, "
+                                          r"[0-9]|[0-9] [0-9] [0-9] [0-9] [0-9] [0-9]| [a-z] [a-z] "
+                                          r"[a-z] [a-z] [a-z] [a-z]\b"),
+    ("lateral", "reasoning", 2.5, 1,
+     r"\. (?:how|why)\?\s*$|\. (?:how|why) (?:is that|did|can|could)[^.]*\?\s*$"),
 ]
 
 #: Verb and artefact within a few words: "write ... function", "fix ... query".
 PRODUCE = {
-    "code_request": ("code", 3.0, "write implement create develop build fix debug refactor optimize optimise "
-                     "convert port rewrite translate generate make add code automate parse scrape deploy",
-                     "function program class method module website webpage app api endpoint query regex algorithm "
-                     "cli parser script scripts macro formula bot test tests component hook migration dockerfile "
-                     "workflow cronjob unit endpoint handler middleware crud schema loop oneliner one-liner "
+    "code_request": ("code", 3.0, "write implement create develop build fix debug refactor "
+                                  "optimize optimise convert port rewrite translate generate make "
+                                  "add code automate parse scrape deploy",
+                     "function program class method module website webpage app api endpoint "
+                     "query regex algorithm cli parser script scripts macro formula bot test "
+                     "tests component hook migration dockerfile workflow cronjob unit "
+                     "endpoint handler middleware crud schema loop oneliner one-liner "
                      "pipeline backend frontend decorator"),
 }
-CODE_TOOLS = re.compile(r"(?:bash|shell|exec_command|run_command|terminal|edit|multiedit|write|read|grep|glob|ls|"
-                        r"apply_patch|str_replace\w*|create_file|write_file|read_file|edit_file|notebookedit)", re.I)
+CODE_TOOLS = re.compile(r"(?:bash|shell|exec_command|run_command|terminal|edit|multiedit|write|"
+                        r"read|grep|glob|ls|apply_patch|str_replace\w*|create_file|write_file|"
+                        r"read_file|edit_file|notebookedit)", re.I)
 _DIGIT_RE = re.compile(r"\d")
-#: A user correcting themselves mid-message ("a poem... no wait, a script"): the rest is the request.
-_CORRECTION_RE = re.compile(r"\b(?:no wait|wait no|wait,? no|actually no|no,? actually|nah,? actually|actually,? (?:i|just)|"
-                            r"just kidding|only kidding|kidding|jk|joking|i mean|sorry,? no|no,? sorry|scratch that|"
-                            r"never ?mind|forget that|forget it|real question|wrong tab|ach nein|nein,? eigentlich|"
-                            r"spa(?:ß|ss) beiseite|non,? en fait|en fait non|non attends|je rigole|je plaisante|"
-                            r"no,? espera|mejor dicho|es broma|bromeo|na verdade|brincadeira|não,? espera|actually skip|"
-                            r"actually just|eh,? actually|egal|whatever,|anyway,|bref|en fin|enfim)\b")
+#: A user correcting themselves mid-message ("a poem... no wait, a script"): the rest is the
+#: request.
+_CORRECTION_RE = re.compile(r"\b(?:no wait|wait no|wait,? no|actually no|no,? actually|nah,? "
+                            r"actually|actually,? (?:i|just)|just kidding|only kidding|kidding|jk|"
+                            r"joking|i mean|sorry,? no|no,? sorry|scratch that|never ?mind|forget "
+                            r"that|forget it|real question|wrong tab|ach nein|nein,? eigentlich|"
+                            r"spa(?:ß|ss) beiseite|non,? en fait|en fait non|non attends|je "
+                            r"rigole|je plaisante|no,? espera|mejor dicho|es broma|bromeo|na "
+                            r"verdade|brincadeira|não,? espera|actually skip|actually just|eh,? "
+                            r"actually|egal|whatever,|anyway,|bref|en fin|enfim)\b")
 _NUM_RE = re.compile(r"(?<![\w.,])[0-9]")        # numbers: "3", "600k", "2.80" (once)
-_LIST_MARK_RE = re.compile(r"(?:^|\n)[ \t]*\d{1,2}[.)] ")      # "1. ", "2) ": list numbering, not quantities
+# "1. ", "2) ": list numbering, not quantities
+_LIST_MARK_RE = re.compile(r"(?:^|\n)[ \t]*\d{1,2}[.)] ")
 _WORD_RE = re.compile(r"[^\W_]+[+#]*")
-_NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty "
-                          "hundred thousand million half twice double triple third quarter dozen".split())
-_QUESTION = frozenset("how what whats find calculate determine which when possible enough cuál cual quel quelle "
-                      "qual welcher welche wann quand cuándo quando wie cuánto quanto combien".split())
+_NUMBER_WORDS = frozenset("two three four five six seven eight nine ten eleven twelve twenty "
+                          "thirty forty fifty hundred thousand million half twice double "
+                          "triple third quarter dozen".split())
+_QUESTION = frozenset("how what whats find calculate determine which when possible enough cuál "
+                      "cual quel quelle qual welcher welche wann quand cuándo quando wie "
+                      "cuánto quanto combien".split())
 INTENTS = ("code", "creative", "reasoning", "general")
 UNSURE_BELOW = 0.3      # a detected intent with less confidence than this is "unsure"
 GENERAL_PRIOR = 1.0     # another intent must score more than this to win over general
@@ -5518,7 +6014,8 @@ def _literal_prefix(branch):
         else:
             lit, i = c, i + 1
         if i < len(branch) and branch[i] in "*?{":
-            return "".join(out), at        # that character is optional: it cannot be part of the prefix
+            # that character is optional: it cannot be part of the prefix
+            return "".join(out), at
         out.append(lit)
     return "".join(out), i
 
@@ -5605,7 +6102,8 @@ for _n, _i, _w, _cap, _brs in _PATTERNS:
         else:
             _UNPREFIXED.append((_n, "", _rx))
 _PATTERN_CUES = {n: (i, w, cap) for n, i, w, cap, _b in _PATTERNS}
-_PRODUCE = {n: (i, w, frozenset(v.split()), frozenset(a.split())) for n, (i, w, v, a) in PRODUCE.items()}
+_PRODUCE = {n: (i, w, frozenset(v.split()),
+                frozenset(a.split())) for n, (i, w, v, a) in PRODUCE.items()}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -5628,7 +6126,8 @@ def _signals(text):
         for phrase, name in _CUE_PHRASES[pair]:
             if phrase in joined:
                 hits.setdefault(name, set()).add(phrase)
-    nums = len(_NUM_RE.findall(text)) + sum(map(_NUMBER_WORDS.__contains__, tokens)) - len(_LIST_MARK_RE.findall(text))
+    nums = (len(_NUM_RE.findall(text)) + sum(map(_NUMBER_WORDS.__contains__, tokens))
+            - len(_LIST_MARK_RE.findall(text)))
     fired = {}
     for name, found in hits.items():
         intent, w, cap, _ws, _ps = INTENT_CUES[name]
@@ -5712,7 +6211,8 @@ def detect_intent(req):
     for text, weight in texts:
         if len(text) > head + tail:
             text = text[:head] + "\n" + text[-tail:] if tail else text[:head]
-        for name, (intent, s) in (_signals if weight == 1.0 else _earlier_signals)(text.lower()).items():
+        found = (_signals if weight == 1.0 else _earlier_signals)(text.lower())
+        for name, (intent, s) in found.items():
             scores[intent] += s * weight
             if name not in signals:
                 signals.append(name)
@@ -5721,7 +6221,8 @@ def detect_intent(req):
         scores["code"] += 3.0
         signals.append("coding_tools")
     scores["general"] += GENERAL_PRIOR
-    best = max(("general", "code", "creative", "reasoning"), key=scores.__getitem__)   # ties: general
+    # ties: general
+    best = max(("general", "code", "creative", "reasoning"), key=scores.__getitem__)
     top, second = sorted((max(0.0, s) for s in scores.values()), reverse=True)[:2]
     confidence = round((top - second) / top, 2) if signals and top > 0 else 0.0
     return best, confidence, signals
@@ -5734,8 +6235,8 @@ class Breaker:
     (quota_cooldown_seconds) or "retry_after" (a Retry-After or rate-limit reset header: exact).
     retry_at: until when a provider's Retry-After or reset header asked us to wait (0: none)."""
 
-    __slots__ = ("fails", "opens", "until", "retry_at", "trial", "latency", "error", "cause", "probe_at",
-                 "probe_step", "probe_error")
+    __slots__ = ("fails", "opens", "until", "retry_at", "trial", "latency", "error",
+                 "cause", "probe_at", "probe_step", "probe_error")
 
     def __init__(self):
         self.fails = self.opens = 0
@@ -5871,15 +6372,18 @@ class Health:
         pname = cand[0]
         if f.kind == "auth" and idx is not None:
             self.kill_key(pname, idx, f.reason)
-            log.warning("provider %s: key #%d rejected (%s); disabled until a reload or a reset", pname,
-                        idx + 1, f.reason)
-        elif f.kind == "auth":          # a provider without keys (behind an auth proxy) said 401/403
+            log.warning("provider %s: key #%d rejected (%s); disabled until a reload or a reset",
+                        pname, idx + 1, f.reason)
+        # a provider without keys (behind an auth proxy) said 401/403
+        elif f.kind == "auth":
             self.fail(("provider", pname), error=f.reason)
         elif (f.status in (402, 429) or f.quota) and idx is not None:
             self.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
-        if not done or f.kind in ("context", "auth", "input") or (f.quota and keys) or \
-                (f.kind == "missing" and f.status != 404) or (f.status == 429 and f.retry_after is None and keys > 1):
-            return            # (a 400 that names the model is about this request, not the model's health)
+        if (not done or f.kind in ("context", "auth", "input") or (f.quota and keys)
+                or (f.kind == "missing" and f.status != 404)
+                or (f.status == 429 and f.retry_after is None and keys > 1)):
+            # (a 400 that names the model is about this request, not the model's health)
+            return
         if f.kind == "connect":
             self.fail(("provider", pname), f.retry_after, error=f.reason)
         elif known:
@@ -5909,8 +6413,8 @@ class Health:
         if not self.probe_first:
             return []
         with self.lock:
-            return [(k, b.opens) for k, b in self.state.items() if k[0] != "key" and b.opens and now >= b.probe_at
-                    and now >= b.retry_at]
+            return [(k, b.opens) for k, b in self.state.items()
+                    if k[0] != "key" and b.opens and now >= b.probe_at and now >= b.retry_at]
 
     def probed(self, key, opens, good, detail=None):
         """A probe's outcome: a good one closes the breaker at once; a failed one only moves the
@@ -5926,13 +6430,15 @@ class Health:
                 self._close(b)
                 return
             b.probe_error = detail
-            b.probe_step = min(2 * max(b.probe_step, self.probe_first), max(self.probe_first, self._cooldown(b)))
+            b.probe_step = min(2 * max(b.probe_step, self.probe_first),
+                               max(self.probe_first, self._cooldown(b)))
             b.probe_at = time.monotonic() + b.probe_step
 
     # -- by hand, and after a reload ---------------------------------------------------------------
     def reset(self, provider=None, model=None):
         """Close breakers by hand: all of them (and revive rejected keys), one provider's (its own,
-        its keys' and its models'), or one model's. Returns the names of what was open or failing."""
+        its keys' and its models'), or one model's. Returns the names of what was open or
+        failing."""
         names = []
         with self.lock:
             for key, b in self.state.items():
@@ -5941,7 +6447,8 @@ class Health:
                 if hit and (b.opens or b.fails):
                     names.append(breaker_name(key))
                     self._close(b)
-            dead = [k for k in self.dead_keys if model is None and (provider is None or k[0] == provider)]
+            dead = [k for k in self.dead_keys
+                    if model is None and (provider is None or k[0] == provider)]
             for k in dead:
                 del self.dead_keys[k]
                 names.append(breaker_name(("key",) + k))
@@ -5989,8 +6496,8 @@ class Health:
                 key = ("key", key[1], fp)
             out.append({"key": list(key), "fails": b.fails, "opens": b.opens, "cause": b.cause,
                         "until": wall + (b.until - now) if b.until > now else 0,
-                        "retry_at": wall + (b.retry_at - now) if b.retry_at > now else 0, "latency": b.latency,
-                        "error": b.error})
+                        "retry_at": wall + (b.retry_at - now) if b.retry_at > now else 0,
+                        "latency": b.latency, "error": b.error})
         return {"version": 2, "saved": wall, "breakers": out}
 
     def restore(self, data, fingerprints):
@@ -6015,16 +6522,19 @@ class Health:
                     b.fails, b.opens = int(e.get("fails") or 0), int(e.get("opens") or 0)
                     b.latency = float(e["latency"]) if e.get("latency") is not None else None
                     b.error = str(e["error"]) if e.get("error") is not None else None
-                    b.cause = e.get("cause") if e.get("cause") in ("error", "quota", "retry_after") else "error"
+                    b.cause = e.get("cause") if e.get("cause") in ("error",
+                                                                   "quota", "retry_after") else "error"
                     until, retry_at = float(e.get("until") or 0), float(e.get("retry_at") or 0)
                 except (TypeError, ValueError, KeyError, IndexError, AttributeError):
                     continue
-                if retry_at > wall:       # the provider's own time is kept; an error's restarts half-open
+                # the provider's own time is kept; an error's restarts half-open
+                if retry_at > wall:
                     b.retry_at = now + (retry_at - wall)
                     if b.cause == "retry_after" and until > wall:
                         b.until = now + (until - wall)
                 b.probe_step = self.probe_first
-                b.probe_at = now + self.probe_first + 0.5 * n     # staggered: not all on the first tick
+                # staggered: not all on the first tick
+                b.probe_at = now + self.probe_first + 0.5 * n
                 self.state[key] = b
                 n += 1
         return n
@@ -6059,7 +6569,8 @@ class Affinity:
     def __init__(self, size=10000):
         self.lock = threading.Lock()
         self.size = size
-        self.map = {}    # conversation -> {"names": {requested name: candidate}, "marks": {provider: set}}
+        # conversation -> {"names": {requested name: candidate}, "marks": {provider: set}}
+        self.map = {}
 
     @staticmethod
     def key(req, headers=None):
@@ -6068,7 +6579,8 @@ class Affinity:
             return None
         headers = headers or {}
         who = headers.get("x-api-key") or headers.get("authorization") or ""
-        return hash((text_of(req.get("system") or []), text_of(first["content"]), len(first["content"]), who))
+        return hash((text_of(req.get("system") or []), text_of(first["content"]),
+                     len(first["content"]), who))
 
     def get(self, key, name):
         """-> (the candidate that served `name` in this conversation or None, {provider: the marks
@@ -6116,22 +6628,26 @@ class Plan:
     conversation's previous turn; `unknown`: the name was not known and went through aliases or
     auto; `by_intent`: the route was chosen by the detected intent (`auto`)."""
 
-    __slots__ = ("route", "intent", "confidence", "signals", "decided_by", "candidates", "skipped", "asked",
-                 "pinned", "unknown", "by_intent")
+    __slots__ = ("route", "intent", "confidence", "signals", "decided_by",
+                 "candidates", "skipped", "asked", "pinned", "unknown", "by_intent")
 
-    def __init__(self, route, intent, candidates, skipped, asked=(), pinned=None, unknown=False, by_intent=False):
+    def __init__(self, route, intent, candidates, skipped, asked=(), pinned=None,
+                 unknown=False, by_intent=False):
         self.route = route
         self.intent, self.confidence, self.signals, self.decided_by = intent
         self.candidates, self.skipped = candidates, skipped
-        self.asked, self.pinned, self.unknown, self.by_intent = frozenset(asked), pinned, unknown, by_intent
+        self.asked, self.pinned = frozenset(asked), pinned
+        self.unknown, self.by_intent = unknown, by_intent
 
     def explain(self):
         out = [{"provider": p, "model": m, "skip": None} for p, m in self.candidates]
         if self.pinned is not None:
             out[self.candidates.index(self.pinned)]["pinned"] = "previous turn"
         out += [{"provider": p, "model": m, "skip": why} for (p, m), why in self.skipped]
-        return {"intent": self.intent, "confidence": self.confidence, "unsure": self.confidence < UNSURE_BELOW,
-                "signals": self.signals, "decided_by": self.decided_by, "route": self.route, "candidates": out}
+        return {"intent": self.intent, "confidence": self.confidence,
+                "unsure": self.confidence < UNSURE_BELOW,
+                "signals": self.signals, "decided_by": self.decided_by,
+                "route": self.route, "candidates": out}
 
 
 def _route_of(cat, name, intent):
@@ -6144,19 +6660,22 @@ def _route_of(cat, name, intent):
     pname, _, rest = name.partition("/")
     if (pname, rest) in cat.caps:
         return "explicit", [(pname, rest)]
-    if name in cat.bare:     # before PROVIDER/unlisted-model: OpenRouter ids like anthropic/claude-x
+    # before PROVIDER/unlisted-model: OpenRouter ids like anthropic/claude-x
+    if name in cat.bare:
         return "explicit", list(cat.bare[name])
     prov = cat.providers.get(pname) if rest else None
     if prov is not None:
         if not prov.enabled:
-            raise ApiError(404, "not_found", f"model {name!r}: provider {pname!r} is disabled: {prov.disabled_reason}")
+            raise ApiError(404, "not_found", f"model {name!r}: provider {pname!r} is disabled: "
+                                             f"{prov.disabled_reason}")
         return "explicit", [(pname, rest)]
     return None, None
 
 
 def _needs(req):
     """What a request needs of a model: tools, images, tokens (estimated input + output)."""
-    images = any(p["type"] == "image" or (p["type"] == "tool_result" and any(q["type"] == "image" for q in p["content"]))
+    images = any(p["type"] == "image" or p["type"] == "tool_result"
+                 and any(q["type"] == "image" for q in p["content"])
                  for m in req["messages"] for p in m["content"])
     return bool(req.get("tools")), images, estimate_tokens(req)
 
@@ -6184,12 +6703,14 @@ def guess_dialect(body, headers):
         return "openai-responses"
     if "contents" in body and "messages" not in body:
         return "gemini"           # (its model, which Gemini puts in the path, in "model")
-    if "prompt" in body or "options" in body or any(isinstance(m, dict) and "images" in m for m in msgs):
+    if "prompt" in body or "options" in body or any(
+            isinstance(m, dict) and "images" in m for m in msgs):
         return "ollama"
-    if "anthropic-version" in headers or "system" in body or "stop_sequences" in body or "thinking" in body or any(
-            isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result") or
-            isinstance(b, dict) and b.get("type") == "image" and "source" in b
-            for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list) for b in m["content"]):
+    blocks = [b for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list)
+              for b in m["content"] if isinstance(b, dict)]
+    if "anthropic-version" in headers or {"system", "stop_sequences", "thinking"} & set(body) or any(
+            b.get("type") in ("tool_use", "tool_result")
+            or b.get("type") == "image" and "source" in b for b in blocks):
         return "anthropic"
     return "openai"
 
@@ -6213,17 +6734,20 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     body, headers = body or {}, headers or {}
     intent = intent or detect_intent(req) + ("rules",)
     pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
-    model, route, route_cands, cands, unknown, by_intent = _plan_names(cat, req, body, headers, intent)
+    model, route, route_cands, cands, unknown, by_intent = _plan_names(cat, req,
+                                                                       body, headers, intent)
     asked = set(cands) if route == "explicit" else ()
     if route == "explicit" and pref.get("allow_fallbacks", True) is not False:
         cands += cat.routes.get("default", [])
     cands, skipped = _plan_filter(cat, req, list(dict.fromkeys(cands)), asked, pref)
     if not cands:
         enabled = ", ".join(p.name for p in cat.enabled)
-        raise ApiError(404, "not_found", f"model {model!r}: route {route!r} has no model from an enabled provider "
+        raise ApiError(404, "not_found",
+                       f"model {model!r}: route {route!r} has no model from an enabled provider "
                        f"({'enabled: ' + enabled if enabled else NO_PROVIDER_HELP})", param="model")
     cands, pin = _plan_order(cat, health, req, cands, route, route_cands, pin)
-    return Plan(route, intent, cands, skipped, asked.intersection(cands) if asked else (), pin, unknown, by_intent)
+    return Plan(route, intent, cands, skipped, asked.intersection(cands) if asked else (),
+                pin, unknown, by_intent)
 
 
 def _plan_names(cat, req, body, headers, intent):
@@ -6262,8 +6786,10 @@ def _plan_names(cat, req, body, headers, intent):
         cands += c
     if not cands and route is None:
         avail = cat.model_names()
-        hint = ", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "") if avail else NO_PROVIDER_HELP
-        raise ApiError(404, "not_found", f"model {model!r} is not available. Available: {hint}", param="model")
+        hint = (", ".join(avail[:60]) + (" ..." if len(avail) > 60 else "")
+                if avail else NO_PROVIDER_HELP)
+        raise ApiError(404, "not_found",
+                       f"model {model!r} is not available. Available: {hint}", param="model")
     return model, route, route_cands, cands, unknown, by_intent
 
 
@@ -6294,7 +6820,8 @@ def _plan_filter(cat, req, cands, asked, pref):
         (unable if why else able).append((c, why))
     if able:
         return [c for c, _ in able], skipped + unable
-    return [c for c, _ in unable], skipped     # none fits: let the providers say so rather than guess
+    # none fits: let the providers say so rather than guess
+    return [c for c, _ in unable], skipped
 
 
 def _plan_order(cat, health, req, cands, route, route_cands, pin):
@@ -6362,7 +6889,8 @@ def fast_parse_headers(fp, _class=http.client.HTTPMessage):
         if strict and not sep:
             raise BadHeader("a header line without a colon")       # never echoed: it may hold a key
         if strict and not _TOKEN_RE.fullmatch(name):
-            raise BadHeader(f"the header name {safe_text(name, 40)} is not a token (a space before the colon?)")
+            raise BadHeader(f"the header name {safe_text(name, 40)} is not a token (a space before "
+                            "the colon?)")
         if sep and name:
             pairs.append([name, value.strip(" \t")])
     msg = _class()
@@ -6447,7 +6975,8 @@ def _reset_seconds(value):
 
 RESET_HEADERS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens", "x-ratelimit-reset",
                  "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
-                 "anthropic-ratelimit-input-tokens-reset", "anthropic-ratelimit-output-tokens-reset")
+                 "anthropic-ratelimit-input-tokens-reset",
+                 "anthropic-ratelimit-output-tokens-reset")
 
 
 def retry_after_seconds(headers, status=None):
@@ -6455,7 +6984,8 @@ def retry_after_seconds(headers, status=None):
     date), retry-after-ms, or, on a 429, the latest of the providers' rate-limit reset headers."""
     ra = _retry_after(headers)
     if ra is None and status == 429:
-        resets = [r for r in (_reset_seconds(headers[h]) for h in RESET_HEADERS if headers.get(h)) if r is not None]
+        resets = [_reset_seconds(headers[h]) for h in RESET_HEADERS if headers.get(h)]
+        resets = [r for r in resets if r is not None]
         if resets:
             ra = max(0.0, max(resets))
     return ra
@@ -6482,9 +7012,10 @@ def _retry_after(headers):
         return None
 
 
-_QUOTA_RE = re.compile(r"quota|billing|credit balance|insufficient (?:funds|balance|credits)|payment required", re.I)
-_MISSING_RE = re.compile(r"not found|does not exist|doesn't exist|(?:unknown|invalid|no such) model|"
-                         r"is not available|not loaded", re.I)
+_QUOTA_RE = re.compile(r"quota|billing|credit balance|insufficient "
+                       r"(?:funds|balance|credits)|payment required", re.I)
+_MISSING_RE = re.compile(r"not found|does not exist|doesn't exist|(?:unknown|invalid|no such) "
+                         r"model|is not available|not loaded", re.I)
 
 
 def model_missing(message, code, model):
@@ -6494,8 +7025,8 @@ def model_missing(message, code, model):
     low = message.lower()
     return code == "model_not_found" or "not a valid model" in low or (
         bool(model) and model.lower() in low and _MISSING_RE.search(low) is not None)
-_CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
-                         r"input is too long|reduce the length|token limit", re.I)
+_CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is "
+                         r"too long|input is too long|reduce the length|token limit", re.I)
 
 
 class Context:
@@ -6503,29 +7034,34 @@ class Context:
     the front the request; the response store may widen `req` and clear `passthrough`; `generate`
     the plan and the conversation's marks; the dispatcher the answer; `record` reads it all."""
 
-    __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model", "started", "collect",
+    __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model",
+                 "started", "collect",
                  "passthrough", "plan", "estimate", "history_marks", "provider_marks", "attempts",
-                 "provider", "upstream_model", "same", "ttfb", "usage", "usage_estimated", "out_chars",
-                 "made_marks", "broken", "status", "error")
+                 "provider", "upstream_model", "same", "ttfb", "usage",
+                 "usage_estimated", "out_chars", "made_marks", "broken", "status", "error")
 
     def __init__(self, dialect, body, req, headers, writer):
         # the request, as the front decoded it
-        self.dialect, self.body, self.req, self.headers, self.writer = dialect, body, req, headers, writer
+        self.dialect, self.body, self.req = dialect, body, req
+        self.headers, self.writer = headers, writer
         self.stream = req["stream"]
         self.model = req["model"]
         self.started = time.monotonic()
-        self.collect = None        # a list when the answer's events are kept (the store, log_prompts)
+        # a list when the answer's events are kept (the store, log_prompts)
+        self.collect = None
         self.passthrough = True    # False when the router had to change the request's history
         # the plan (generate)
         self.plan, self.estimate = None, 0
         self.history_marks = frozenset()   # marks of the thinking blocks in the request's history
-        self.provider_marks = {}   # provider -> marks of the thinking blocks it made in this conversation
+        # provider -> marks of the thinking blocks it made in this conversation
+        self.provider_marks = {}
         self.attempts = []         # Failover records of the failed attempts, in order
         # the answer (the dispatcher)
         self.provider = self.upstream_model = self.ttfb = self.usage = None
         self.same = False          # answered on the same-dialect passthrough
         self.usage_estimated = False
-        self.out_chars = 0         # streamed output, for a usage estimate when the provider gives none
+        # streamed output, for a usage estimate when the provider gives none
+        self.out_chars = 0
         self.made_marks = []       # marks of the thinking blocks the answer carries
         self.broken = None         # a Failover when the stream broke after the client's first byte
         self.status, self.error = 200, None
@@ -6547,10 +7083,12 @@ class Dispatcher:
                     conn.connect()
             except (TimeoutError, socket.timeout):
                 conn.close()
-                raise Failover("connect", f"no connection within {prov.connect_timeout:g} s", next_key=False)
+                raise Failover("connect",
+                               f"no connection within {prov.connect_timeout:g} s", next_key=False)
             except OSError as e:
                 conn.close()
-                raise Failover("connect", f"cannot connect to {prov.host}:{prov.port} ({e.strerror or e})",
+                raise Failover("connect",
+                               f"cannot connect to {prov.host}:{prov.port} ({e.strerror or e})",
                                next_key=False)
             conn.sock.settimeout(prov.first_byte_timeout)
             try:
@@ -6558,12 +7096,14 @@ class Dispatcher:
                 return conn, conn.getresponse()
             except (TimeoutError, socket.timeout):
                 conn.close()
-                raise Failover("timeout", f"no response within {prov.first_byte_timeout:g} s", next_key=False)
+                raise Failover("timeout",
+                               f"no response within {prov.first_byte_timeout:g} s", next_key=False)
             except (http.client.HTTPException, OSError) as e:
                 conn.close()
                 if reused:
                     continue   # a pooled connection the provider had closed: retry once, fresh
-                raise Failover("connect", f"connection failed ({type(e).__name__}: {e})", next_key=False)
+                raise Failover("connect",
+                               f"connection failed ({type(e).__name__}: {e})", next_key=False)
         raise AssertionError("unreachable")
 
     def release(self, prov, conn, resp):
@@ -6578,19 +7118,23 @@ class Dispatcher:
         message, code = CODECS[prov.api].parse_error(status, body)
         reason = f"HTTP {status}: {message}"[:300]
         ra = retry_after_seconds(headers, status)
-        if status == 402 or (status in (403, 429) and (_QUOTA_RE.search(message) or "quota" in str(code))):
+        quota_said = _QUOTA_RE.search(message) or "quota" in str(code)
+        if status == 402 or (status in (403, 429) and quota_said):
             return Failover("status", reason, status, retry_after=ra, quota=True)
         if status in (401, 403):
             return Failover("auth", reason, status)
         if status in (408, 409, 429, 529) or status >= 500:
             return Failover("status", reason, status, retry_after=ra)
-        if status == 404 or (status in (400, 422) and model_missing(message, code, ctx.upstream_model)):
+        if status == 404 or (status in (400, 422) and model_missing(message, code,
+                                                                    ctx.upstream_model)):
             return Failover("missing", reason, status, next_key=False)
-        if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_RE.search(message)):
+        if status in (400, 413, 422) and (code == "context_length_exceeded"
+                                          or _CONTEXT_RE.search(message)):
             return Failover("context", reason, status, next_key=False)
         if same:
             return None
-        return ApiError(status, STATUS_ERROR_TYPE.get(status, "invalid_request"), f"provider {prov.name}: {message}")
+        return ApiError(status, STATUS_ERROR_TYPE.get(status, "invalid_request"),
+                        f"provider {prov.name}: {message}")
 
     @staticmethod
     def _route_headers(ctx, prov):
@@ -6610,7 +7154,8 @@ class Dispatcher:
         pc = CODECS[prov.api]
         meta = cat.meta(prov.name, mid)
         keep = ctx.provider_marks.get(prov.name, frozenset())
-        moved = not ctx.history_marks <= keep      # the history holds thinking another provider signed
+        # the history holds thinking another provider signed
+        moved = not ctx.history_marks <= keep
         same = ctx.same = same and ctx.passthrough
         if same:
             body = dict(ctx.body)
@@ -6619,9 +7164,11 @@ class Dispatcher:
                 body.pop(k, None)
             extra = {}
             if pc.adjust is not None:
-                body, extra = pc.adjust(body, prov, ctx.req, meta, ctx.headers, keep if moved else None)
+                body, extra = pc.adjust(body, prov, ctx.req, meta, ctx.headers,
+                                        keep if moved else None)
         else:
-            body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid, prov, meta, cat.settings)
+            body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid,
+                                     prov, meta, cat.settings)
         path, data = pc.request_path(prov, mid, ctx.stream), dumps(body).encode()
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None, path, data)
         if same:
@@ -6640,11 +7187,14 @@ class Dispatcher:
             if outcome is not None:
                 raise outcome
             # the client's own error, in its own dialect already: passed on as the provider said it
-            ctx.status, ctx.error = resp.status, CODECS[prov.api].parse_error(resp.status, data)[0][:300]
-            ctx.writer.send(resp.status, {"Content-Type": "application/json", **self._route_headers(ctx, prov)}, data)
+            ctx.status = resp.status
+            ctx.error = CODECS[prov.api].parse_error(resp.status, data)[0][:300]
+            ctx.writer.send(resp.status, {"Content-Type": "application/json",
+                                          **self._route_headers(ctx, prov)}, data)
             return
         try:
-            self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"], on_commit, on_complete)
+            self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"],
+                       on_commit, on_complete)
         except BaseException:
             conn.close()
             raise
@@ -6662,7 +7212,8 @@ class Dispatcher:
                 if not isinstance(obj, (dict, list)):
                     raise ValueError("not a JSON object")
             except (OSError, http.client.HTTPException, ValueError) as e:
-                yield b"", [("error", ApiError(502, "api_error", f"unreadable reply from the provider ({e})"))]
+                yield b"", [("error", ApiError(502, "api_error",
+                                               f"unreadable reply from the provider ({e})"))]
                 return
             yield data, list(response_events(pc.decode_response(obj, prov)))
             return
@@ -6671,11 +7222,14 @@ class Dispatcher:
             try:
                 chunk = resp.read1(65536)
             except (TimeoutError, socket.timeout):
-                yield b"", [("error", ApiError(504, "timeout", f"the provider sent nothing for "
-                                               f"{conn.sock.gettimeout() if conn.sock else 0:g} s"))]
+                waited = conn.sock.gettimeout() if conn.sock else 0
+                yield b"", [("error", ApiError(504, "timeout",
+                                               f"the provider sent nothing for {waited:g} s"))]
                 return
             except (OSError, http.client.HTTPException) as e:
-                yield b"", [("error", ApiError(502, "api_error", f"connection to the provider was lost ({type(e).__name__})"))]
+                yield b"", [("error", ApiError(502, "api_error",
+                                               "connection to the provider was lost "
+                                               f"({type(e).__name__})"))]
                 return
             if not chunk:
                 yield b"", decoder.close()
@@ -6683,7 +7237,8 @@ class Dispatcher:
             try:
                 evs = decoder.feed(chunk)
             except ValueError as e:
-                yield b"", [("error", ApiError(502, "api_error", f"the provider's stream is malformed ({e})"))]
+                yield b"", [("error", ApiError(502, "api_error",
+                                               f"the provider's stream is malformed ({e})"))]
                 return
             yield chunk, evs
 
@@ -6696,16 +7251,20 @@ class Dispatcher:
             held_raw.append(raw)
             held_bytes += len(raw)
             if held_bytes > limit:        # pings or empty deltas without end, before any content
-                raise Failover("stream", f"more than max_body_bytes ({limit} bytes) before any content")
+                raise Failover("stream",
+                               f"more than max_body_bytes ({limit} bytes) before any content")
             for ev in evs:
                 k = ev[0]
-                if k == "error":            # (also after content in this piece: the client has no byte yet)
-                    raise Failover("stream", f"error before the reply reached the client: {ev[1].message}",
+                # (also after content in this piece: the client has no byte yet)
+                if k == "error":
+                    raise Failover("stream",
+                                   f"error before the reply reached the client: {ev[1].message}",
                                    ev[1].status)
                 held.append(ev)
                 if k == "end":
                     if not any(e[0] in CONTENT_EVENTS for e in held):
-                        raise Failover("empty", "empty reply", fallback=(prov, ctx.upstream_model, same,
+                        raise Failover("empty", "empty reply",
+                                       fallback=(prov, ctx.upstream_model, same,
                                                                         b"".join(held_raw), held))
                     committed = True
                 elif k in CONTENT_EVENTS and ctx.stream:
@@ -6741,8 +7300,9 @@ class Dispatcher:
                 on_complete()
             resp = fold_events(events)
             if not _counted(resp["usage"]):
-                ctx.out_chars = sum(len(p.get("text") or "") + len(dumps(p["arguments"])) if p["type"] == "tool_call"
-                                    else len(p.get("text") or "") for p in resp["content"])
+                ctx.out_chars = sum(len(p.get("text") or "") + (len(dumps(p["arguments"]))
+                                                                if p["type"] == "tool_call" else 0)
+                                    for p in resp["content"])
                 resp["usage"] = self.estimated_usage(ctx)
                 if same:                                    # the client is told, in its own shape
                     raw = cc.passthrough.body(raw, resp["usage"])
@@ -6762,7 +7322,8 @@ class Dispatcher:
             """Write one piece of the stream; True once it is over for the client (an error went out)."""
             err = next((i for i, ev in enumerate(evs) if ev[0] == "error"), None)
             if err is not None:
-                err, evs = evs[err][1], evs[:err + 1]      # nothing after an error reaches the client
+                # nothing after an error reaches the client
+                err, evs = evs[err][1], evs[:err + 1]
             ended = False
             for i, ev in enumerate(evs):
                 if ev[0] in ("text", "thinking", "args"):
@@ -6771,7 +7332,8 @@ class Dispatcher:
                     ctx.made_marks.append(hash(ev[1]))
                 elif ev[0] == "end":
                     if not _counted(ev[2]):     # estimated once this piece's output is counted
-                        evs = evs[:i] + [("end", ev[1], self.estimated_usage(ctx), ev[3])] + evs[i + 1:]
+                        evs = evs[:i] + [("end", ev[1],
+                                          self.estimated_usage(ctx), ev[3])] + evs[i + 1:]
                         if pt is not None:
                             pt.usage(evs[i][2])
                     ctx.usage, ended = evs[i][2], True
@@ -6805,13 +7367,15 @@ class Dispatcher:
         """Usage for a reply whose provider reported none (servers that ignore include_usage): the
         request's estimate in, 4 characters a token out. The log row says it is an estimate."""
         ctx.usage_estimated = True
-        return dict(empty_usage(), input=ctx.estimate, output=max(1, ctx.out_chars // 4) if ctx.out_chars else 0)
+        return dict(empty_usage(), input=ctx.estimate,
+                    output=max(1, ctx.out_chars // 4) if ctx.out_chars else 0)
 
     @staticmethod
     def _broke(ctx, prov, err):
         """A stream that failed after the client had its first byte: a failed request (the log, the
         metrics, and the candidate's health through ctx.broken), not a success."""
-        ctx.status, ctx.error = err.status, f"the stream broke after it started: {err.message}"[:2000]
+        ctx.status = err.status
+        ctx.error = f"the stream broke after it started: {err.message}"[:2000]
         ctx.broken = Failover("broken", ctx.error, err.status, cand=(prov.name, ctx.upstream_model))
         ctx.attempts.append(ctx.broken)
 
@@ -6843,23 +7407,30 @@ class ClientGone(Exception):
 #: USD per million tokens (input, output, cached input) by model name, for models whose metadata
 #: gives no `cost`. First match wins; local models cost nothing.
 PRICE_RULES = [
-    (r"claude-opus-4-[5-9]|claude-opus-[5-9]", (5.0, 25.0, 0.5)), (r"claude-opus", (15.0, 75.0, 1.5)),
+    (r"claude-opus-4-[5-9]|claude-opus-[5-9]", (5.0, 25.0, 0.5)),
+    (r"claude-opus", (15.0, 75.0, 1.5)),
     (r"claude-sonnet|claude-3-7-sonnet|claude-3-5-sonnet", (3.0, 15.0, 0.3)),
-    (r"claude-haiku-4|claude-haiku-[5-9]", (1.0, 5.0, 0.1)), (r"claude-3-5-haiku", (0.8, 4.0, 0.08)),
-    (r"gpt-5-nano", (0.05, 0.4, 0.005)), (r"gpt-5-mini", (0.25, 2.0, 0.025)), (r"gpt-5", (1.25, 10.0, 0.125)),
-    (r"gpt-4\.1-nano", (0.1, 0.4, 0.025)), (r"gpt-4\.1-mini", (0.4, 1.6, 0.1)), (r"gpt-4\.1", (2.0, 8.0, 0.5)),
+    (r"claude-haiku-4|claude-haiku-[5-9]", (1.0, 5.0, 0.1)),
+    (r"claude-3-5-haiku", (0.8, 4.0, 0.08)),
+    (r"gpt-5-nano", (0.05, 0.4, 0.005)), (r"gpt-5-mini", (0.25, 2.0, 0.025)),
+    (r"gpt-5", (1.25, 10.0, 0.125)),
+    (r"gpt-4\.1-nano", (0.1, 0.4, 0.025)), (r"gpt-4\.1-mini", (0.4, 1.6, 0.1)),
+    (r"gpt-4\.1", (2.0, 8.0, 0.5)),
     (r"gpt-4o-mini", (0.15, 0.6, 0.075)), (r"gpt-4o", (2.5, 10.0, 1.25)),
     (r"(?:^|/)o4-mini|(?:^|/)o3-mini", (1.1, 4.4, 0.275)), (r"(?:^|/)o3", (2.0, 8.0, 0.5)),
-    (r"gemini-2\.5-pro|gemini-3-pro", (1.25, 10.0, 0.31)), (r"gemini-2\.5-flash-lite", (0.1, 0.4, 0.025)),
+    (r"gemini-2\.5-pro|gemini-3-pro", (1.25, 10.0, 0.31)),
+    (r"gemini-2\.5-flash-lite", (0.1, 0.4, 0.025)),
     (r"gemini-2\.5-flash|gemini-3-flash", (0.3, 2.5, 0.075)),
-    (r"deepseek-chat|deepseek-v3", (0.27, 1.1, 0.07)), (r"deepseek-reasoner|deepseek-r1", (0.55, 2.19, 0.14)),
+    (r"deepseek-chat|deepseek-v3", (0.27, 1.1, 0.07)),
+    (r"deepseek-reasoner|deepseek-r1", (0.55, 2.19, 0.14)),
 ]
 _PRICE_RULES = [(re.compile(p, re.I), c) for p, c in PRICE_RULES]
 
 
 def price_of(provider_api, model_id, caps):
     """(input, output, cached) USD per million tokens: the model's `cost` metadata, else the
-    shipped defaults by name; local models (Ollama's) are free. Kept in the capabilities once found."""
+    shipped defaults by name; local models (Ollama's) are free. Kept in the capabilities once
+    found."""
     if "_price" in caps:
         return caps["_price"]
     caps["_price"] = price = _price_of(provider_api, model_id, caps)
@@ -6869,7 +7440,8 @@ def price_of(provider_api, model_id, caps):
 def _price_of(provider_api, model_id, caps):
     cost = caps.get("cost") if isinstance(caps.get("cost"), dict) else None
     if cost:
-        return cost.get("input", 0.0), cost.get("output", 0.0), cost.get("cached", cost.get("input", 0.0))
+        inp = cost.get("input", 0.0)
+        return inp, cost.get("output", 0.0), cost.get("cached", inp)
     if CODECS[provider_api].free:     # a model on this box
         return 0.0, 0.0, 0.0
     for rx, c in _PRICE_RULES:
@@ -6881,7 +7453,8 @@ def _price_of(provider_api, model_id, caps):
 def request_cost(prices, usage):
     pin, pout, pcached = prices
     cached = usage.get("cache_read", 0)
-    return (max(0, usage.get("input", 0) - cached) * pin + cached * pcached + usage.get("output", 0) * pout) / 1e6
+    fresh = max(0, usage.get("input", 0) - cached)
+    return (fresh * pin + cached * pcached + usage.get("output", 0) * pout) / 1e6
 
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -6897,7 +7470,8 @@ class Metrics:
         self.tokens = {}        # (provider, model, kind) -> n
         self.cost = {}          # (provider, model) -> USD
         self.latency = {}       # name -> [bucket counts..., +Inf count, sum]
-        self.connections = {"open": 0, "evicted": 0, "refused": 0, "reaped": 0}   # set by the HTTP front
+        # set by the HTTP front
+        self.connections = {"open": 0, "evicted": 0, "refused": 0, "reaped": 0}
 
     def _observe(self, name, seconds):
         h = self.latency.setdefault(name, [0] * (len(LATENCY_BUCKETS) + 2))
@@ -6940,16 +7514,20 @@ class Metrics:
             return f"{name}{{{lab}}} {value}" if lab else f"{name} {value}"
         out = []
         with self.lock:
-            out += ["# HELP sage_router_requests_total Requests by provider, model, route and status.",
+            out += ["# HELP sage_router_requests_total Requests by provider, model, route and "
+                    "status.",
                     "# TYPE sage_router_requests_total counter"]
-            out += [line("sage_router_requests_total", dict(provider=p, model=m, route=r, status=s), n)
+            out += [line("sage_router_requests_total",
+                         dict(provider=p, model=m, route=r, status=s), n)
                     for (p, m, r, s), n in sorted(self.requests.items())]
-            out += ["# HELP sage_router_failovers_total Failed attempts by provider and reason (broken: a stream "
-                    "that failed after it started; every other one moved on to the next key or candidate).",
+            out += ["# HELP sage_router_failovers_total Failed attempts by provider and reason "
+                    "(broken: a stream that failed after it started; every other one moved on to "
+                    "the next key or candidate).",
                     "# TYPE sage_router_failovers_total counter"]
             out += [line("sage_router_failovers_total", dict(provider=p, reason=r), n)
                     for (p, r), n in sorted(self.failovers.items())]
-            out += ["# HELP sage_router_tokens_total Tokens by provider, model and kind (input, output, cached).",
+            out += ["# HELP sage_router_tokens_total Tokens by provider, model and kind (input, "
+                    "output, cached).",
                     "# TYPE sage_router_tokens_total counter"]
             out += [line("sage_router_tokens_total", dict(provider=p, model=m, kind=k), n)
                     for (p, m, k), n in sorted(self.tokens.items())]
@@ -6959,29 +7537,38 @@ class Metrics:
                     for (p, m), c in sorted(self.cost.items())]
             for name, h in sorted(self.latency.items()):
                 what = "time to the first byte" if "first_byte" in name else "request duration"
-                out += [f"# HELP {name} {what.capitalize()} in seconds.", f"# TYPE {name} histogram"]
-                out += [line(name + "_bucket", {"le": b}, h[i]) for i, b in enumerate(LATENCY_BUCKETS)]
+                out += [f"# HELP {name} {what.capitalize()} in seconds.",
+                        f"# TYPE {name} histogram"]
+                out += [line(name + "_bucket",
+                             {"le": b}, h[i]) for i, b in enumerate(LATENCY_BUCKETS)]
                 out += [line(name + "_bucket", {"le": "+Inf"}, h[-2]), f"{name}_count {h[-2]}",
                         f"{name}_sum {round(h[-1], 6)}"]
         now = time.monotonic()
         cat = router.catalogue
-        out += ["# HELP sage_router_breaker_open Whether a circuit breaker is open (1), half-open (0.5) or closed (0).",
+        out += ["# HELP sage_router_breaker_open Whether a circuit breaker is open (1), half-open "
+                "(0.5) or closed (0).",
                 "# TYPE sage_router_breaker_open gauge"]
         for key, b in list(router.health.state.items()):
             if key[0] == "key":
                 continue
             state = 0 if not b.opens else (1 if b.until > now else 0.5)
-            labels = {"provider": key[1], "model": ""} if key[0] == "provider" else {"provider": key[0], "model": key[1]}
+            labels = ({"provider": key[1], "model": ""} if key[0] == "provider"
+                      else {"provider": key[0], "model": key[1]})
             out.append(line("sage_router_breaker_open", labels, state))
-        out += ["# HELP sage_router_models Models in the catalogue per provider.", "# TYPE sage_router_models gauge"]
-        out += [line("sage_router_models", {"provider": p.name}, len(p.models)) for p in cat.enabled]
+        out += ["# HELP sage_router_models Models in the catalogue per provider.",
+                "# TYPE sage_router_models gauge"]
+        out += [line("sage_router_models",
+                     {"provider": p.name}, len(p.models)) for p in cat.enabled]
         c = self.connections
-        out += ["# HELP sage_router_connections Client connections open now.", "# TYPE sage_router_connections gauge",
+        out += ["# HELP sage_router_connections Client connections open now.",
+                "# TYPE sage_router_connections gauge",
                 line("sage_router_connections", {}, c["open"]),
-                "# HELP sage_router_connections_closed_total Client connections the router closed: evicted (the "
-                "longest-waiting, to make room at max_connections), refused (503, every connection busy), reaped "
-                "(headers or body past their deadline).", "# TYPE sage_router_connections_closed_total counter"]
-        out += [line("sage_router_connections_closed_total", {"reason": k}, c[k]) for k in ("evicted", "refused", "reaped")]
+                "# HELP sage_router_connections_closed_total Client connections the router closed: "
+                "evicted (the longest-waiting, to make room at max_connections), refused (503, "
+                "every connection busy), reaped (headers or body past their deadline).",
+                "# TYPE sage_router_connections_closed_total counter"]
+        out += [line("sage_router_connections_closed_total",
+                     {"reason": k}, c[k]) for k in ("evicted", "refused", "reaped")]
         return "\n".join(out) + "\n"
 
 
@@ -6997,7 +7584,8 @@ def parse_since(value, now=None):
         return now - 86400
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", value)
     if m:
-        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600,
+                                          "d": 86400, "w": 604800}[m.group(2)]
     try:
         return float(value)
     except ValueError:
@@ -7006,7 +7594,9 @@ def parse_since(value, now=None):
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise bad_request("since", "must be epoch seconds, an ISO date such as 2026-11-01, or a span such as 24h or 7d")
+        raise bad_request("since",
+                          "must be epoch seconds, an ISO date such as 2026-11-01, or a span such "
+                          "as 24h or 7d")
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
@@ -7027,8 +7617,9 @@ class RequestLog:
     than `log_retention_days`, and beyond the newest `log_retention_rows`, are deleted."""
 
     BATCH_SECONDS = 0.05
-    COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model", "attempts", "status",
-               "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cached_tokens", "cost", "stream",
+    COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model",
+               "attempts", "status", "latency_ms", "ttfb_ms", "input_tokens", "output_tokens",
+               "cached_tokens", "cost", "stream",
                "error", "prompt", "reply", "pinned", "usage_estimated")
 
     def __init__(self, path, settings, metrics, line_format="text"):
@@ -7057,13 +7648,15 @@ class RequestLog:
 
     def _connect(self):
         private_dir(os.path.dirname(self.path))
-        for suffix in ("", "-wal", "-shm"):      # SQLite gives its journal files the database's mode
+        # SQLite gives its journal files the database's mode
+        for suffix in ("", "-wal", "-shm"):
             if suffix == "" or os.path.exists(self.path + suffix):
                 os.close(open_private(self.path + suffix, os.O_RDWR | os.O_CREAT))
         db = sqlite3.connect(self.path, timeout=10)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute(f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, {', '.join(self.COLUMNS)})")
+        db.execute("CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, "
+                   f"{', '.join(self.COLUMNS)})")
         have = {r[1] for r in db.execute("PRAGMA table_info(requests)")}
         for col in self.COLUMNS:
             if col not in have:          # a log written by an older version: add the new columns
@@ -7076,13 +7669,15 @@ class RequestLog:
             db = self._connect()
         except (OSError, sqlite3.Error) as e:
             self.ok = False
-            log.warning("request log: cannot open %s (%s); requests are logged to stderr only", self.path, e)
+            log.warning("request log: cannot open %s (%s); requests are logged to stderr only",
+                        self.path, e)
             db = None
         last_prune = 0.0
         while True:
             item = self.queue.get()
             if item is not None:
-                time.sleep(self.BATCH_SECONDS)   # gather a batch: one commit, one wake-up per 50 ms at most
+                # gather a batch: one commit, one wake-up per 50 ms at most
+                time.sleep(self.BATCH_SECONDS)
             batch = [item]
             while len(batch) < 1000:
                 try:
@@ -7092,13 +7687,15 @@ class RequestLog:
             stop = None in batch
             batch = [b for b in batch if b is not None]
             good = []
-            for row, attempts in batch:     # one bad row is logged and skipped; the thread never dies
+            # one bad row is logged and skipped; the thread never dies
+            for row, attempts in batch:
                 try:
                     self.metrics.add(row, attempts)
                     self._log_line(row)
                     good.append(tuple(_storable(row[c]) for c in self.COLUMNS))
                 except Exception as e:
-                    log.error("request log: skipping a row that cannot be recorded (%s: %s)", type(e).__name__, e)
+                    log.error("request log: skipping a row that cannot be recorded (%s: %s)",
+                              type(e).__name__, e)
             if db is not None and good:
                 try:
                     self._insert(db, good)
@@ -7114,7 +7711,8 @@ class RequestLog:
 
     def _insert(self, db, rows):
         """Insert a batch in one commit; if the batch fails, row by row, skipping the bad ones."""
-        sql = f"INSERT INTO requests ({', '.join(self.COLUMNS)}) VALUES ({', '.join('?' * len(self.COLUMNS))})"
+        sql = (f"INSERT INTO requests ({', '.join(self.COLUMNS)}) "
+               f"VALUES ({', '.join('?' * len(self.COLUMNS))})")
         try:
             db.executemany(sql, rows)
             db.commit()
@@ -7134,9 +7732,11 @@ class RequestLog:
         own = db is None
         db = db or sqlite3.connect(self.path, timeout=10)
         try:
-            days, rows = self.settings["log_retention_days"], int(self.settings["log_retention_rows"])
+            days = self.settings["log_retention_days"]
+            rows = int(self.settings["log_retention_rows"])
             db.execute("DELETE FROM requests WHERE ts < ?", (time.time() - days * 86400,))
-            db.execute("DELETE FROM requests WHERE id <= (SELECT id FROM requests ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            db.execute("DELETE FROM requests WHERE id <= (SELECT id FROM requests ORDER BY id DESC "
+                       "LIMIT 1 OFFSET ?)",
                        (rows,))
             db.commit()
         finally:
@@ -7146,9 +7746,12 @@ class RequestLog:
     def _log_line(self, row):
         if not log.isEnabledFor(logging.INFO):
             return
-        fields = {k: row[k] for k in ("dialect", "requested", "intent", "route", "provider", "model", "status",
-                                      "latency_ms", "ttfb_ms", "input_tokens", "output_tokens", "cost", "error")}
-        fields["attempts"] = len(json.loads(row["attempts"])) + (1 if row["provider"] and row["status"] < 400 else 0)
+        fields = {k: row[k] for k in ("dialect", "requested", "intent", "route",
+                                      "provider", "model", "status",
+                                      "latency_ms", "ttfb_ms", "input_tokens",
+                                      "output_tokens", "cost", "error")}
+        answered = 1 if row["provider"] and row["status"] < 400 else 0
+        fields["attempts"] = len(json.loads(row["attempts"])) + answered
         if self.line_format == "json":
             log.info("request", extra={"fields": fields})
             return
@@ -7156,8 +7759,9 @@ class RequestLog:
         ttfb = f" ttfb {row['ttfb_ms']:.0f} ms" if row["ttfb_ms"] is not None else ""
         err = f" error: {clean_text(row['error'], 2000)}" if row["error"] else ""
         log.info("%s %s -> %s %s %.0f ms%s in %s out %s $%.6f attempts %d intent %s route %s%s",
-                 row["dialect"], clean_text(row["requested"]), where, row["status"], row["latency_ms"], ttfb,
-                 row["input_tokens"] or 0, row["output_tokens"] or 0, row["cost"] or 0, fields["attempts"],
+                 row["dialect"], clean_text(row["requested"]), where, row["status"],
+                 row["latency_ms"], ttfb, row["input_tokens"] or 0, row["output_tokens"] or 0,
+                 row["cost"] or 0, fields["attempts"],
                  row["intent"] or "-", row["route"] or "-", err)
 
     # -- reading (on the request's thread, each call with its own connection) ---------------------
@@ -7179,19 +7783,22 @@ class RequestLog:
         expr = USAGE_GROUPS.get(group_by or "model")
         if expr is None:
             raise bad_request("group_by", f"must be one of {', '.join(USAGE_GROUPS)}")
-        sums = ("COUNT(*) AS requests, SUM(status >= 400) AS errors, COALESCE(SUM(input_tokens), 0) AS input_tokens, "
-                "COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, "
+        sums = ("COUNT(*) AS requests, SUM(status >= 400) AS errors, "
+                "COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), "
+                "0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, "
                 "ROUND(COALESCE(SUM(cost), 0), 6) AS cost")
-        groups = self._read(f"SELECT {expr} AS key, {sums} FROM requests WHERE ts >= ? GROUP BY key "
-                            f"ORDER BY {'key' if group_by == 'day' else 'cost DESC, requests DESC'}", (since,))
+        order = "key" if group_by == "day" else "cost DESC, requests DESC"
+        groups = self._read(f"SELECT {expr} AS key, {sums} FROM requests WHERE ts >= ? "
+                            f"GROUP BY key ORDER BY {order}", (since,))
         total = self._read(f"SELECT {sums} FROM requests WHERE ts >= ?", (since,))
-        return {"since": since, "group_by": group_by or "model", "totals": total[0] if total else {}, "groups": groups}
+        return {"since": since, "group_by": group_by or "model",
+                "totals": total[0] if total else {}, "groups": groups}
 
     def recent(self, limit=50):
-        rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, attempts, status, "
-                          "latency_ms, ttfb_ms, input_tokens, output_tokens, cached_tokens, usage_estimated, cost, "
-                          "stream, error, pinned "
-                          "FROM requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
+        rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, "
+                          "attempts, status, latency_ms, ttfb_ms, input_tokens, output_tokens, "
+                          "cached_tokens, usage_estimated, cost, stream, error, pinned FROM "
+                          "requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
         for r in rows:
             r["attempts"] = json.loads(r["attempts"] or "[]")
         return rows
@@ -7201,7 +7808,8 @@ class JsonLogFormatter(logging.Formatter):
     """--log-format json: one JSON object a line (time, level, message, and a request's fields)."""
 
     def format(self, record):
-        obj = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+        obj = {"time": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                     time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
                "level": record.levelname.lower(), "message": record.getMessage()}
         obj.update(getattr(record, "fields", {}))
         if record.exc_info:
@@ -7214,28 +7822,34 @@ def request_row(ctx, catalogue, log_prompts):
     usage = ctx.usage or {}
     prov = catalogue.providers.get(ctx.provider) if ctx.provider else None
     ok = ctx.status < 400
-    answered = ok or ctx.broken is not None     # (a stream that broke after it started used tokens too)
+    # (a stream that broke after it started used tokens too)
+    answered = ok or ctx.broken is not None
     if answered and prov is not None and not _counted(usage):
         usage = Dispatcher.estimated_usage(ctx)      # usage and cost are never silently zero
-    cost = request_cost(price_of(prov.api, ctx.upstream_model, catalogue.meta(ctx.provider, ctx.upstream_model)),
+    cost = request_cost(price_of(prov.api, ctx.upstream_model,
+                                 catalogue.meta(ctx.provider, ctx.upstream_model)),
                         usage) if prov is not None and answered and usage else 0.0
-    attempts = [{"provider": a.cand[0], "model": a.cand[1], "kind": a.kind, "reason": a.reason, "status": a.status}
+    attempts = [{"provider": a.cand[0], "model": a.cand[1], "kind": a.kind,
+                 "reason": a.reason, "status": a.status}
                 for a in ctx.attempts]
     row = {"ts": time.time(), "dialect": ctx.dialect, "requested": ctx.model,
-           "intent": ctx.plan.intent if ctx.plan else None, "route": ctx.plan.route if ctx.plan else None,
-           "provider": ctx.provider if answered else None, "model": ctx.upstream_model if answered else None,
+           "intent": ctx.plan.intent if ctx.plan else None,
+           "route": ctx.plan.route if ctx.plan else None,
+           "provider": ctx.provider if answered else None,
+           "model": ctx.upstream_model if answered else None,
            "attempts": dumps(attempts), "status": ctx.status,
            "latency_ms": round((time.monotonic() - ctx.started) * 1000, 2),
            "ttfb_ms": round(ctx.ttfb * 1000, 2) if ctx.ttfb is not None and answered else None,
            "input_tokens": usage.get("input"), "output_tokens": usage.get("output"),
-           "cached_tokens": usage.get("cache_read"), "cost": round(cost, 8), "stream": int(bool(ctx.stream)),
-           "error": ctx.error, "prompt": None, "reply": None,
+           "cached_tokens": usage.get("cache_read"), "cost": round(cost, 8),
+           "stream": int(bool(ctx.stream)), "error": ctx.error, "prompt": None, "reply": None,
            "pinned": "/".join(ctx.plan.pinned) if ctx.plan and ctx.plan.pinned else None,
            "usage_estimated": int(ctx.usage_estimated),
            "known": (ctx.provider, ctx.upstream_model) in catalogue.caps}
     if log_prompts:
         row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]
-        row["reply"] = text_of(fold_events(list(ctx.collect))["content"])[:100000] if ctx.collect else None
+        row["reply"] = (text_of(fold_events(list(ctx.collect))["content"])[:100000]
+                        if ctx.collect else None)
     return row, attempts
 
 
@@ -7248,27 +7862,33 @@ def health_report(router):
     for p in cat.providers.values():
         entry = p.public()
         if not p.enabled:
-            providers.append(dict(entry, state="disabled", reason=p.disabled_reason, keys=[], models=[]))
+            providers.append(dict(entry, state="disabled", reason=p.disabled_reason,
+                                  keys=[], models=[]))
             continue
         keys = []
         for i in range(len(p.keys)):
             dead = hl.dead_keys.get((p.name, i))
-            keys.append(dict({"key": f"#{i + 1}"}, **({"state": "key_rejected", "reason": dead} if dead else
+            keys.append(dict({"key": f"#{i + 1}"},
+                             **({"state": "key_rejected", "reason": dead} if dead else
                                                       hl.view(("key", p.name, i), now, wall))))
-        models = [dict({"id": mid}, **hl.view((p.name, mid), now, wall)) for mid in sorted(p.models)]
+        models = [dict({"id": mid},
+                       **hl.view((p.name, mid), now, wall)) for mid in sorted(p.models)]
         state = hl.view(("provider", p.name), now, wall)
         if state["state"] == "ok" and keys and all(k["state"] == "key_rejected" for k in keys):
-            state = {"state": "key_rejected", "reason": "every key was rejected (401/403): fix it in .env "
-                     "(picked up at once) or reset the provider"}
+            state = {"state": "key_rejected", "reason": "every key was rejected (401/403): "
+                                                        "fix it in .env (picked up at once) "
+                                                        "or reset the provider"}
         elif state["state"] == "ok" and keys and all(k["state"] != "ok" for k in keys):
             state = {"state": "cooling", "until": min(k["until"] for k in keys if "until" in k),
                      "reason": "every key is cooling down"}
         elif state["state"] == "ok" and models and all(m["state"] == "cooling" for m in models):
-            state = {"state": "cooling", "until": min(m["until"] for m in models), "reason": "every model is cooling down"}
+            state = {"state": "cooling", "until": min(m["until"] for m in models),
+                     "reason": "every model is cooling down"}
         providers.append(dict(entry, **state, keys=keys, models=models))
     out = {"status": "ok", "version": __version__, "providers": providers,
            "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
-           "aliases": dict(cat.aliases), "strict": cat.strict, "discovery": router.discovery.report()}
+           "aliases": dict(cat.aliases), "strict": cat.strict,
+           "discovery": router.discovery.report()}
     if not cat.enabled:
         out["message"] = NO_PROVIDER_HELP
     return out
@@ -7303,10 +7923,13 @@ class ResponseStore:
             with self.lock:
                 entry = self.items.get(pid)
             if entry is None or time.monotonic() - entry[0] > self.ttl:
-                raise ApiError(400, "invalid_request", f"previous_response_id: unknown response {pid!r}. This router "
-                               f"keeps the responses it produced for {self.ttl / 60:g} minutes (the last {self.size}), "
-                               "only when the request did not say \"store\": false; send the whole conversation "
-                               "in `input` instead", param="previous_response_id")
+                raise ApiError(400, "invalid_request", "previous_response_id: unknown response "
+                                                       f"{pid!r}. This router keeps the responses "
+                                                       f"it produced for {self.ttl / 60:g} minutes "
+                                                       f"(the last {self.size}), only when the "
+                                                       "request did not say \"store\": false; send "
+                                                       "the whole conversation in `input` instead",
+                                                       param="previous_response_id")
             _t, system, messages, before = entry
             new = req["messages"]
             ctx.req = req = dict(req, system=req["system"] or system, messages=messages + new)
@@ -7323,14 +7946,16 @@ class ResponseStore:
         rid = resp["id"] if ctx.same else ctx.req["extra"]["response_id"]
         if not rid:
             return
-        turn = {"role": "assistant", "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}
+        turn = {"role": "assistant",
+                "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}
         size = before + len(dumps(new)) + len(dumps(turn["content"]))     # the whole conversation
         with self.lock:
             old = self.items.pop(rid, None)
             self.bytes -= old[3] if old else 0
             if size > self.budget:
                 return
-            self.items[rid] = (time.monotonic(), ctx.req["system"], ctx.req["messages"] + [turn], size)
+            self.items[rid] = (time.monotonic(), ctx.req["system"],
+                               ctx.req["messages"] + [turn], size)
             self.bytes += size
             while self.items and (len(self.items) > self.size or self.bytes > self.budget):
                 _id, (_t, _s, _m, n) = next(iter(self.items.items()))
@@ -7353,7 +7978,8 @@ class Router:
         self.health = Health(self.settings)
         self.pool = Pool()
         self.dispatcher = Dispatcher(self.pool)
-        self.router_key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "", "the router key (SAGE_ROUTER_API_KEY)") or None
+        self.router_key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "",
+                                    "the router key (SAGE_ROUTER_API_KEY)") or None
         self.affinity = Affinity()
         self._warned = set()       # unknown model names already logged
         self._intent_cache = {}    # latest user turn -> the intent model's answer (LRU)
@@ -7362,17 +7988,21 @@ class Router:
         self._forced_at = -1e9
         self.responses = ResponseStore(budget=int(self.settings["response_store_mb"] * (1 << 20)))
         self.metrics = Metrics()
-        self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings, self.metrics, log_format)
+        self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
+                              self.metrics, log_format)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_asked = False
-        self.loader = None          # () -> (cfg, env, source): set by main() so the config can be reloaded
-        self.watch = {}             # file -> mtime, for reloading when providers.json or .env changes
+        # () -> (cfg, env, source): set by main() so the config can be reloaded
+        self.loader = None
+        # file -> mtime, for reloading when providers.json or .env changes
+        self.watch = {}
         self._thread = None
         self._save_warned = False
         self.load_state()
 
-    # -- the catalogue: config, imports, discovery ---------------------------------------------------
+    # -- the catalogue: config, imports, discovery
+    # ---------------------------------------------------
     def _build(self, cfg=None, env=None, source=None):
         """A new catalogue from the config (by default the current one) and what discovery found;
         per-provider protocol state such as Gemini thought signatures carries over."""
@@ -7395,7 +8025,8 @@ class Router:
             changed = False
             now = time.monotonic()
             for prov in self.catalogue.enabled:
-                if prov.discover and (force or self.discovery.due(prov, now, prov.discover_interval)):
+                if prov.discover and (force or self.discovery.due(prov, now,
+                                                                  prov.discover_interval)):
                     changed |= self.discovery.refresh(prov, prov.discover_interval, timeout)
             if changed:
                 self.catalogue = self._build()
@@ -7417,7 +8048,8 @@ class Router:
         if now - self._forced_at < 30:
             return False
         self._forced_at = now
-        return self.discover(force=True, wait=REQUEST_DISCOVERY_TIMEOUT, timeout=REQUEST_DISCOVERY_TIMEOUT)
+        return self.discover(force=True, wait=REQUEST_DISCOVERY_TIMEOUT,
+                             timeout=REQUEST_DISCOVERY_TIMEOUT)
 
     @property
     def catalogue_file(self):
@@ -7430,18 +8062,21 @@ class Router:
             models = data.get("providers") if isinstance(data, dict) else None
             if not isinstance(models, dict):
                 raise ValueError("no \"providers\" object in it")
-            cached = {p: {mid: clean_model_meta(meta) for mid, meta in m.items() if isinstance(mid, str) and mid}
+            cached = {p: {mid: clean_model_meta(meta) for mid, meta in m.items()
+                          if isinstance(mid, str) and mid}
                       for p, m in models.items() if isinstance(p, str) and isinstance(m, dict)}
             with self.discovery.lock:
                 self.discovery.models = cached
-            log.info("discovery: %d model(s) from the cache %s", sum(len(m) for m in cached.values()), self.catalogue_file)
+            log.info("discovery: %d model(s) from the cache %s",
+                     sum(len(m) for m in cached.values()), self.catalogue_file)
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as e:
             log.warning("discovery: ignoring unreadable cache %s (%s)", self.catalogue_file, e)
 
     def save_catalogue_cache(self):
-        self._write(self.catalogue_file, {"version": 1, "saved": time.time(), "providers": self.discovery.snapshot()})
+        self._write(self.catalogue_file,
+                    {"version": 1, "saved": time.time(), "providers": self.discovery.snapshot()})
 
     def _write(self, path, obj):
         tmp = path + ".tmp"
@@ -7453,7 +8088,8 @@ class Router:
         except OSError as e:
             if not self._save_warned:
                 self._save_warned = True
-                log.warning("cannot write %s (%s); state will not survive a restart", path, e.strerror or e)
+                log.warning("cannot write %s (%s); state will not survive a restart",
+                            path, e.strerror or e)
 
     # -- state that survives a restart ------------------------------------------------------------
     def _fingerprints(self):
@@ -7477,7 +8113,8 @@ class Router:
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as e:
-            log.warning("health: ignoring unreadable state file %s (%s); starting with no breakers", self.state_file, e)
+            log.warning("health: ignoring unreadable state file %s (%s); starting with no breakers",
+                        self.state_file, e)
 
     def save_state(self):
         self._write(self.state_file, self.health.snapshot(self._fingerprints()))
@@ -7485,7 +8122,8 @@ class Router:
     def start(self):
         """The one background thread: model discovery, and saving health when it changed."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._maintain, name="sage-router-maintenance", daemon=True)
+            self._thread = threading.Thread(target=self._maintain,
+                                            name="sage-router-maintenance", daemon=True)
             self._thread.start()
         self.log.start()
 
@@ -7532,10 +8170,12 @@ class Router:
                 hl.probed(key, opens, False, "provider disabled")
                 continue
             if pname in probed or (model is not None and hl.left(("provider", pname), now)):
-                continue      # one probe per provider per tick; a model waits for its provider's probe
+                # one probe per provider per tick; a model waits for its provider's probe
+                continue
             if time.monotonic() - start > self.PROBE_BUDGET_SECONDS:
                 return
-            keys = [i for i in hl.usable_keys(prov, now) if i is None or not hl.left(("key", pname, i), now)]
+            keys = [i for i in hl.usable_keys(prov, now)
+                    if i is None or not hl.left(("key", pname, i), now)]
             if not keys:
                 hl.probed(key, opens, False, "no usable key")
                 continue
@@ -7548,8 +8188,10 @@ class Router:
     def reset_health(self, provider=None, model=None):
         """Close breakers by hand (POST /v1/health/reset, `router.py reset`)."""
         if provider is not None and provider not in self.catalogue.providers:
-            raise ApiError(404, "not_found", f"provider {safe_text(provider)} is not configured; providers: "
-                           f"{', '.join(self.catalogue.providers) or '(none)'}", param="provider")
+            raise ApiError(404, "not_found", f"provider {safe_text(provider)} is not configured; "
+                                             "providers: "
+                                             f"{', '.join(self.catalogue.providers) or '(none)'}",
+                                             param="provider")
         names = self.health.reset(provider, model)
         log.info("health: reset by hand: %s", ", ".join(names) or "nothing was open")
         return names
@@ -7583,7 +8225,8 @@ class Router:
             cfg = with_imports(cfg, env)
             cat = self._build(cfg, env, source)
         except ConfigError as e:
-            log.error("config reload refused: %s: %s: expected %s; keeping the old config", e.file, e.key, e.expected)
+            log.error("config reload refused: %s: %s: expected %s; keeping the old config",
+                      e.file, e.key, e.expected)
             return False
         with self._discover_lock:
             before = self.catalogue.providers
@@ -7599,7 +8242,8 @@ class Router:
                 self._intent_cache.clear()
             self.responses.budget = int(cat.settings["response_store_mb"] * (1 << 20))
             self.log.settings = cat.settings
-            self.router_key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "", "the router key (SAGE_ROUTER_API_KEY)") or None
+            self.router_key = clean_key(env.get("SAGE_ROUTER_API_KEY") or "",
+                                        "the router key (SAGE_ROUTER_API_KEY)") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))
         return True
 
@@ -7607,8 +8251,10 @@ class Router:
         """Plan the request and try its candidates in order until one answers."""
         if not self.catalogue.known(ctx.model) and not ctx.headers.get("x-router-route"):
             self.refresh_for(ctx.model)
-        cat, health, affinity = self.catalogue, self.health, self.affinity   # one snapshot per request
-        keep = self.responses.prepare(ctx)      # the hook that keeps the answer, if it is to be kept
+        # one snapshot per request
+        cat, health, affinity = self.catalogue, self.health, self.affinity
+        # the hook that keeps the answer, if it is to be kept
+        keep = self.responses.prepare(ctx)
         name = ctx.headers.get("x-router-route") or ctx.model
         akey = Affinity.key(ctx.req, ctx.headers)
         pin, ctx.provider_marks = affinity.get(akey, name)
@@ -7629,13 +8275,15 @@ class Router:
             known = cand in cat.caps
             window = cat.meta(pname, mid).get("context_window") or 0
             if overflowed and window and window <= overflowed:
-                ctx.attempts.append(Failover("context", f"skipped: context window {window} is not larger than "
-                                             f"the {overflowed} that overflowed", cand=cand))
+                ctx.attempts.append(Failover("context", f"skipped: context window {window} "
+                                                        "is not larger than the "
+                                                        f"{overflowed} that overflowed", cand=cand))
                 continue
             only = ctx.req["extra"].get("same_dialect_only")
             if only and (prov.api != ctx.dialect or not ctx.passthrough):
-                ctx.attempts.append(Failover("input", f"skipped: a {prov.api} provider cannot be sent "
-                                             f"{', '.join(only[:3])}{' ...' if len(only) > 3 else ''}", cand=cand))
+                parts = ", ".join(only[:3]) + (" ..." if len(only) > 3 else "")
+                ctx.attempts.append(Failover("input", f"skipped: a {prov.api} provider cannot be "
+                                                      f"sent {parts}", cand=cand))
                 continue
             now = time.monotonic()
             keys = health.usable_keys(prov, now)
@@ -7663,8 +8311,10 @@ class Router:
                         keep()
                 try:
                     self.dispatcher.attempt(ctx, cat, prov, mid, idx, committed, completed)
-                    if ctx.broken is not None:        # answered, then broke: the candidate is not well
-                        affinity.add_marks(akey, pname, ctx.made_marks)     # (the blocks the client did get)
+                    # answered, then broke: the candidate is not well
+                    if ctx.broken is not None:
+                        # (the blocks the client did get)
+                        affinity.add_marks(akey, pname, ctx.made_marks)
                         if before:
                             health.undo_ok(cand, before[0])
                         health.failed(cand, None, ctx.broken, known, len(prov.keys), True)
@@ -7674,7 +8324,8 @@ class Router:
                     failed = f
                     if f.fallback and fallback is None:
                         fallback = f.fallback
-                    health.failed(cand, idx, f, known, len(prov.keys), not f.next_key or idx == keys[-1])
+                    health.failed(cand, idx, f, known, len(prov.keys),
+                                  not f.next_key or idx == keys[-1])
                     if f.kind == "context":
                         overflowed = max(overflowed, window or 1)
                     if not f.next_key:
@@ -7696,18 +8347,21 @@ class Router:
         """plan_request, and, when the route depends on an intent the rules are unsure of and
         settings.intent_model names a model, that model's answer (planned again with it)."""
         plan = plan_request(cat, self.health, req, body, headers, pin)
-        if plan.by_intent and cat.settings["intent_model"] and plan.confidence < cat.settings["intent_model_below"]:
+        if (plan.by_intent and cat.settings["intent_model"]
+                and plan.confidence < cat.settings["intent_model_below"]):
             asked = self.model_intent(cat, req)
             if asked is not None:
                 plan = plan_request(cat, self.health, req, body, headers, pin,
                                     (asked, plan.confidence, plan.signals, "model"))
         return plan
 
-    INTENT_PROMPT = ("Classify the user's message by what it asks for. Answer with exactly one word: code (writing, "
-                     "fixing or explaining code, commands, SQL, spreadsheet formulas, config files, error logs), "
-                     "creative (stories, poems, lyrics, jokes, names, slogans, ad copy, speeches, role-play), "
-                     "reasoning (maths, puzzles, logic, estimates, date or number arithmetic, planning under "
-                     "constraints) or general (facts, advice, how-to, emails, summaries, translation).")
+    INTENT_PROMPT = ("Classify the user's message by what it asks for. Answer with exactly one "
+                     "word: code (writing, fixing or explaining code, commands, SQL, "
+                     "spreadsheet formulas, config files, error logs), creative (stories, "
+                     "poems, lyrics, jokes, names, slogans, ad copy, speeches, role-play), "
+                     "reasoning (maths, puzzles, logic, estimates, date or number arithmetic, "
+                     "planning under constraints) or general (facts, advice, how-to, emails, "
+                     "summaries, translation).")
 
     def model_intent(self, cat, req):
         """The intent model's answer for this request (LRU-cached by the latest user turn), or None
@@ -7745,20 +8399,23 @@ class Router:
             return
         if len(self._warned) < 1000:
             self._warned.add(name)
-        log.warning("unknown model name %s: no provider lists it; served by the route %s (aliases, else auto)",
+        log.warning("unknown model name %s: no provider lists it; served by the route %s (aliases, "
+                    "else auto)",
                     safe_text(name), route)
 
     @staticmethod
     def _no_such_model(ctx, cat, failed):
         close = cat.closest(ctx.model)
-        return ApiError(404, "not_found", f"model {safe_text(ctx.model)}: the provider says it does not exist "
-                        f"({failed.reason}). Closest known names: {', '.join(close) or '(none)'}", param="model")
+        return ApiError(404, "not_found",
+                        f"model {safe_text(ctx.model)}: the provider says it does not exist "
+                        f"({failed.reason}). Closest known names: {', '.join(close) or '(none)'}",
+                        param="model")
 
     @staticmethod
     def _all_failed(ctx):
         atts = ctx.attempts
         lines = "; ".join(a.line() for a in atts)
-        msg = f"every candidate failed ({len(atts)} attempt{'s' if len(atts) != 1 else ''}): {lines}"
+        msg = f"every candidate failed ({len(atts)} attempt{'' if len(atts) == 1 else 's'}): {lines}"
         if atts and all(a.status == 429 for a in atts):
             waits = [a.retry_after for a in atts if a.retry_after is not None]
             wait = max(1, int(min(waits) + 0.999)) if waits else 30
@@ -7766,14 +8423,16 @@ class Router:
         if atts and all(a.kind in ("connect", "timeout") or a.status in (503, 529) for a in atts):
             return ApiError(503, "overloaded", msg)
         if atts and all(a.kind == "input" for a in atts):
-            return ApiError(400, "invalid_request", f"no candidate speaks {ctx.dialect}, and only it can take "
+            return ApiError(400, "invalid_request",
+                            f"no candidate speaks {ctx.dialect}, and only it can take "
                             f"{', '.join(ctx.req['extra']['same_dialect_only'][:3])}: {lines}")
         if atts and all(a.kind == "context" for a in atts):
             # too long for every candidate: the provider's own 400, so the client does not retry it
             said = next((a for a in atts if a.status), atts[0])          # the provider's own words
             rest = "; ".join(a.line() for a in atts if a.cand != said.cand)
             err = ApiError(400, "invalid_request", re.sub(r"^HTTP \d+: ", "", said.reason) +
-                           f" ({said.cand[0]}/{said.cand[1]}; no candidate with a larger context window"
+                           f" ({said.cand[0]}/{said.cand[1]}; no candidate with a larger context "
+                           "window"
                            + (f": {rest})" if rest else ")"), param="messages")
             err.code = "context_length_exceeded"
             return err
@@ -7797,9 +8456,11 @@ class Router:
             if pc is cc and pc.count_path is not None and keys:
                 fwd, extra = dict(body, model=mid), {}
                 if pc.adjust is not None:
-                    fwd, extra = pc.adjust(fwd, prov, req, self.catalogue.meta(pname, mid), headers, None)
+                    fwd, extra = pc.adjust(fwd, prov, req,
+                                           self.catalogue.meta(pname, mid), headers, None)
                 path, data = pc.count_path(prov, mid), dumps(fwd).encode()
-                hdrs = dict(prov.auth_headers(prov.keys[keys[0]] if keys[0] is not None else None, path, data), **extra)
+                key = prov.keys[keys[0]] if keys[0] is not None else None
+                hdrs = dict(prov.auth_headers(key, path, data), **extra)
                 try:
                     conn, resp = self.dispatcher.send(prov, path, hdrs, data)
                     data = resp.read(1 << 20)          # a count is a few bytes; never buffer more
@@ -7830,14 +8491,16 @@ class Router:
         """POST /v1/route: where a request would go, without calling a provider."""
         dialect = guess_dialect(body, headers)
         req = decode_client_request(dialect, body)
-        pin, _last = self.affinity.get(Affinity.key(req, headers), headers.get("x-router-route") or req["model"])
+        pin, _last = self.affinity.get(Affinity.key(req, headers),
+                                       headers.get("x-router-route") or req["model"])
         return dict(self.plan(self.catalogue, req, body, headers, pin).explain(), dialect=dialect)
 
     def close(self):
         self._stop.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(10)     # a discovery or probe under way finishes (short timeouts) and saves
+            # a discovery or probe under way finishes (short timeouts) and saves
+            self._thread.join(10)
         if self.health.dirty:
             self.save_state()
         self.log.stop()
@@ -7853,15 +8516,17 @@ _REASONS[529] = "Overloaded"
 
 #: POST paths -> (dialect, action). Paths are also accepted without the /v1 prefix.
 #: POST path -> (dialect, action): each codec's own paths, and the router's.
-POST_ROUTES = dict({path: (name, action) for name, c in CODECS.items() for path, action in c.client_paths.items()},
+POST_ROUTES = dict({path: (name, action) for name, c in CODECS.items()
+                    for path, action in c.client_paths.items()},
                    **{"/v1/route": (None, "explain"), "/v1/health/reset": (None, "reset_health")})
 OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
 
-ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, "
-             "POST /v1beta/models/MODEL:generateContent (and :streamGenerateContent?alt=sse, :countTokens), "
-             "GET /v1beta/models, "
-             "GET /v1/models, POST /v1/route, POST /v1/health/reset, GET /v1/usage, GET /v1/requests, POST /api/chat, POST /api/generate, "
-             "GET /api/tags, POST /api/show, GET /api/version, GET /health, GET /metrics, GET / (status page)")
+ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST "
+             "/v1/messages/count_tokens, POST /v1beta/models/MODEL:generateContent (and "
+             ":streamGenerateContent?alt=sse, :countTokens), GET /v1beta/models, GET /v1/models, "
+             "POST /v1/route, POST /v1/health/reset, GET /v1/usage, GET /v1/requests, POST "
+             "/api/chat, POST /api/generate, GET /api/tags, POST /api/show, GET /api/version, GET "
+             "/health, GET /metrics, GET / (status page)")
 
 
 #: The status page (GET /): HTML, CSS and JS in one piece, no external assets. It reads /health,
@@ -8065,8 +8730,8 @@ def parse_json_body(raw):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ApiError(400, "invalid_request", f"body: not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); "
-                                               "JSON must be sent as UTF-8")
+        raise ApiError(400, "invalid_request", f"body: not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                               f"at {e.start}); JSON must be sent as UTF-8")
     try:
         return loads(text[1:] if text[:1] == "\ufeff" else text)
     except RecursionError:
@@ -8076,10 +8741,12 @@ def parse_json_body(raw):
 
 
 #: The status page may not be framed by other sites, and runs only its own inline code.
-PAGE_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                           "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
-                                           "base-uri 'none'; form-action 'none'"}
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'; img-src 'self' data:; "
+                                           "connect-src 'self'; frame-ancestors 'none'; base-uri "
+                                           "'none'; form-action 'none'"}
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -8092,7 +8759,8 @@ def host_allowed(host_header, listen, extra):
         name = name[1:name.find("]")] if "]" in name else name[1:]
     elif name.count(":") == 1:
         name = name.rsplit(":", 1)[0]
-    if name in ("localhost", "127.0.0.1", "::1", listen.lower()) or name in (h.lower() for h in extra):
+    if name in ("localhost", "127.0.0.1", "::1",
+                listen.lower()) or name in (h.lower() for h in extra):
         return True
     if listen not in WILDCARD_HOSTS:
         return False
@@ -8111,8 +8779,8 @@ def own_names():
 
 #: Gemini's paths, after any base-URL prefix: POST .../v1beta/models/{model}:{method} (the model is
 #: everything between "models/" and the last ":"), GET .../v1beta/models[/{model}].
-GEMINI_CALL = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models/(.+):(generateContent|streamGenerateContent|"
-                         r"countTokens|embedContent|batchEmbedContents)")
+GEMINI_CALL = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models/(.+):(generateContent|"
+                         r"streamGenerateContent|countTokens|embedContent|batchEmbedContents)")
 GEMINI_LIST = re.compile(r"(?:/.*)?/(?:v1beta|v1alpha|v1)/models(?:/(.+))?")
 
 
@@ -8121,8 +8789,8 @@ def client_dialect(path, headers):
     if "/models" in path:         # (the regular expressions only where they can match)
         if GEMINI_CALL.fullmatch(path):
             return "gemini"
-        if GEMINI_LIST.fullmatch(path) and (re.search(r"/v1(?:beta|alpha)/models", path) or
-                                            "x-goog-api-key" in headers or "x-goog-api-client" in headers):
+        google = "x-goog-api-key" in headers or "x-goog-api-client" in headers
+        if GEMINI_LIST.fullmatch(path) and (re.search(r"/v1(?:beta|alpha)/models", path) or google):
             return "gemini"       # (GET /v1/models is OpenAI's, unless a Google SDK asks)
     if path.startswith(("/v1/messages", "/messages")):
         return "anthropic"
@@ -8238,7 +8906,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         """A generation request refused before planning (its body unreadable or invalid): still a
         row in the request log, with the model it named if any."""
         model = body.get("model") if isinstance(body, dict) else None
-        ctx = Context(dialect, body, neutral_request(clean_text(model, 256) if isinstance(model, str) else None,
+        ctx = Context(dialect, body,
+                      neutral_request(clean_text(model, 256) if isinstance(model, str) else None,
                                                      [], []), {}, self)
         ctx.status, ctx.error = err.status, err.message[:2000]
         self.router.record(ctx)
@@ -8249,11 +8918,13 @@ class RouterHandler(BaseHTTPRequestHandler):
         connection is closed."""
         self.close_connection = True
         self.sent, self.cors_origin, self.chunked = False, None, False
-        path = self.path if isinstance(getattr(self, "path", None), str) and self.path.startswith("/") else "/"
+        path = getattr(self, "path", None)
+        path = path if isinstance(path, str) and path.startswith("/") else "/"
         if isinstance(sys.exc_info()[1], BadHeader):          # malformed, not too large
             code, message = 400, f"request headers: {sys.exc_info()[1]}"
         text = {414: "the request line is longer than 64 KiB",
-                431: "request headers: more than 100, or a line longer than 64 KiB"}.get(code) or message
+                431: "request headers: more than 100, or a line longer than 64 KiB"}.get(code)
+        text = text or message
         try:
             self._error(client_dialect(urllib.parse.urlsplit(path).path, {}),
                         ApiError(code, "invalid_request" if code < 500 else "api_error",
@@ -8279,7 +8950,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         if auth[:7].lower() == "bearer ":
             given = given or auth[7:].strip()
         if not given and "key=" in self.path:       # Gemini's REST habit: ?key=
-            given = (urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("key") or [""])[-1]
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            given = (query.get("key") or [""])[-1]
         return hmac.compare_digest(given.encode(), key.encode())
 
     def _framing(self):
@@ -8291,9 +8963,11 @@ class RouterHandler(BaseHTTPRequestHandler):
         codings = self.headers.get_all("transfer-encoding") or []
         if codings:
             if len(codings) > 1 or codings[0].strip().lower() != "chunked":
-                raise ApiError(400, "invalid_request", "Transfer-Encoding: only a single 'chunked' is supported")
+                raise ApiError(400, "invalid_request",
+                               "Transfer-Encoding: only a single 'chunked' is supported")
             if lengths:
-                raise ApiError(400, "invalid_request", "Content-Length and Transfer-Encoding: send one of them")
+                raise ApiError(400, "invalid_request",
+                               "Content-Length and Transfer-Encoding: send one of them")
             return "chunked", None
         if not lengths:
             return "none", 0
@@ -8301,7 +8975,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid_request", "Content-Length: given more than once")
         value = lengths[0].strip()
         if not (value.isascii() and value.isdigit()):
-            raise ApiError(400, "invalid_request", f"Content-Length: {safe_text(value, 20)} is not a number of bytes")
+            raise ApiError(400, "invalid_request",
+                           f"Content-Length: {safe_text(value, 20)} is not a number of bytes")
         return ("length", int(value)) if int(value) else ("none", 0)
 
     def handle_expect_100(self):
@@ -8316,7 +8991,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         kind, n = self.framing
         if kind == "length" and n > limit:
             self.close_connection = True
-            raise ApiError(413, "request_too_large", f"body: {n} bytes is larger than the limit of {limit} bytes")
+            raise ApiError(413, "request_too_large",
+                           f"body: {n} bytes is larger than the limit of {limit} bytes")
         if self.expects_100 and kind != "none":
             self.expects_100 = False
             self._raw(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -8355,7 +9031,8 @@ class RouterHandler(BaseHTTPRequestHandler):
 
             def bad(what):
                 self.close_connection = True
-                return ApiError(400, "invalid_request", f"body: malformed chunked encoding ({what})")
+                return ApiError(400, "invalid_request",
+                                f"body: malformed chunked encoding ({what})")
             while True:
                 line = self.rfile.readline(1024)
                 wire += len(line)
@@ -8367,7 +9044,8 @@ class RouterHandler(BaseHTTPRequestHandler):
                 wire += size + 2
                 if wire > limit:
                     self.close_connection = True
-                    raise ApiError(413, "request_too_large", f"body: larger than the limit of {limit} bytes")
+                    raise ApiError(413, "request_too_large",
+                                   f"body: larger than the limit of {limit} bytes")
                 if size == 0:
                     while True:                      # trailer fields, then the empty line
                         line = self.rfile.readline(1024)
@@ -8428,12 +9106,14 @@ class RouterHandler(BaseHTTPRequestHandler):
             return
         except (TimeoutError, socket.timeout):
             self.close_connection = True
-            self._error(dialect, ApiError(408, "timeout", "the request body did not arrive in time"))
+            self._error(dialect,
+                        ApiError(408, "timeout", "the request body did not arrive in time"))
             return
         except Exception:
             log.exception("internal error on %s %s", self.command, path)
             self.close_connection = True
-            self._error(dialect, ApiError(500, "api_error", "internal error in the router (see its log)"))
+            self._error(dialect,
+                        ApiError(500, "api_error", "internal error in the router (see its log)"))
         if self.unread_body():
             self._linger()
 
@@ -8453,46 +9133,57 @@ class RouterHandler(BaseHTTPRequestHandler):
         apps built on web engines (Electron, browser extensions) do send one: list theirs."""
         s = self.router.settings
         host = hdrs.get("host", "")
-        if not self.router.router_key and not host_allowed(host, self.server.server_address[0], s["allowed_hosts"]):
-            raise ApiError(403, "permission", f"Host {safe_text(host, 80)} is not one this router answers to "
-                           "(it listens on a local address; add the name to settings.allowed_hosts, or set "
-                           "SAGE_ROUTER_API_KEY)")
+        if not self.router.router_key and not host_allowed(host, self.server.server_address[0],
+                                                           s["allowed_hosts"]):
+            raise ApiError(403, "permission", f"Host {safe_text(host, 80)} is not one this router "
+                                              "answers to (it listens on a local address; add the "
+                                              "name to settings.allowed_hosts, or set "
+                                              "SAGE_ROUTER_API_KEY)")
         origin = hdrs.get("origin")
         if origin is None:
             return
         # The router's own page: its origin names the Host it was loaded from, or, behind a proxy
         # that rewrites Host, the browser says so itself (Sec-Fetch-Site, which no page can set).
-        same = origin.lower() != "null" and (urllib.parse.urlsplit(origin).netloc.lower() == host.lower() or
-                                             hdrs.get("sec-fetch-site") == "same-origin")
+        same = origin.lower() != "null" and (
+            urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+            or hdrs.get("sec-fetch-site") == "same-origin")
         allowed = {o.lower().rstrip("/") for o in s["allowed_origins"]}
         if same or origin.lower().rstrip("/") in allowed or "*" in allowed:
             self.cors_origin = None if same else origin
             return
-        raise ApiError(403, "permission", f"Origin {safe_text(origin, 80)} may not use this router: web pages may "
-                       "only use it from its own status page (add the origin to settings.allowed_origins)")
+        raise ApiError(403, "permission",
+                       f"Origin {safe_text(origin, 80)} may not use this router: web pages may "
+                       "only use it from its own status page (add the origin to "
+                       "settings.allowed_origins)")
 
     def _route(self, path, hdrs, dialect):
         method = self.command
         self._check_origin(hdrs)
-        if method == "OPTIONS" and self.cors_origin:        # a CORS preflight from an allowed origin
+        # a CORS preflight from an allowed origin
+        if method == "OPTIONS" and self.cors_origin:
             return self.send(204, {"Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-                                   "Access-Control-Allow-Headers": hdrs.get("access-control-request-headers", "*"),
+                                   "Access-Control-Allow-Headers":
+                                       hdrs.get("access-control-request-headers", "*"),
                                    "Access-Control-Max-Age": "600"}, b"")
         if not path.startswith("/v1/") and "/v1" + path in POST_ROUTES:
             path = "/v1" + path
         if path == "/health" and method in ("GET", "HEAD"):
             report = health_report(self.router)
             if not self._authorized():     # open for health checks; the details need the key
-                report = {"status": report["status"], "version": report["version"], "auth": "required",
-                          "providers": [{"name": p["name"], "state": p["state"]} for p in report["providers"]]}
+                report = {"status": report["status"],
+                          "version": report["version"], "auth": "required",
+                          "providers": [{"name": p["name"],
+                                         "state": p["state"]} for p in report["providers"]]}
             return self._json(200, report)
         if path == "/" and method in ("GET", "HEAD"):
-            return self.send(200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache", **PAGE_HEADERS},
+            return self.send(200, {"Content-Type": "text/html; charset=utf-8",
+                                   "Cache-Control": "no-cache", **PAGE_HEADERS},
                              STATUS_PAGE)
         if not self._authorized():
             raise ApiError(401, "authentication", "missing or wrong router key: send it as "
-                           "'Authorization: Bearer KEY' or 'x-api-key: KEY' ('x-goog-api-key: KEY' or ?key=KEY "
-                           "from Gemini clients) (SAGE_ROUTER_API_KEY)")
+                                                  "'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                                                  "('x-goog-api-key: KEY' or ?key=KEY from Gemini "
+                                                  "clients) (SAGE_ROUTER_API_KEY)")
         if method == "GET" and path == "/metrics":
             return self.send(200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
                              self.router.metrics.render(self.router).encode())
@@ -8500,7 +9191,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             one = {k: v[-1] for k, v in q.items()}
             if path == "/v1/usage":
-                return self._json(200, self.router.log.usage(parse_since(one.get("since")), one.get("group_by")))
+                return self._json(200, self.router.log.usage(parse_since(one.get("since")),
+                                                             one.get("group_by")))
             try:
                 limit = int(one.get("limit", 50))
             except ValueError:
@@ -8513,15 +9205,18 @@ class RouterHandler(BaseHTTPRequestHandler):
         if method == "GET" and path == "/api/version":
             return self._json(200, {"version": OLLAMA_VERSION})
         if method == "GET" and path in ("/v1/models", "/models"):
-            return self._json(200, self.router.models("anthropic" if "anthropic-version" in hdrs else "openai"))
+            shape = "anthropic" if "anthropic-version" in hdrs else "openai"
+            return self._json(200, self.router.models(shape))
         if method == "GET" and path.startswith(("/v1/models/", "/models/")):
-            return self._json(200, self.router.model("anthropic" if "anthropic-version" in hdrs else "openai",
-                                                     urllib.parse.unquote(path.split("/models/", 1)[1])))
+            shape = "anthropic" if "anthropic-version" in hdrs else "openai"
+            name = urllib.parse.unquote(path.split("/models/", 1)[1])
+            return self._json(200, self.router.model(shape, name))
         target = POST_ROUTES.get(path)
         if target is None or method != "POST":
             if target is not None:
                 raise ApiError(405, "invalid_request", f"{path} takes POST, not {method}")
-            raise ApiError(404, "not_found", f"no such endpoint: {method} {path}. Endpoints: {ENDPOINTS}")
+            raise ApiError(404, "not_found",
+                           f"no such endpoint: {method} {path}. Endpoints: {ENDPOINTS}")
         dialect, action = target
         try:
             body = parse_json_body(self._read_body(dialect))
@@ -8534,13 +9229,14 @@ class RouterHandler(BaseHTTPRequestHandler):
         if action == "explain":
             return self._json(200, self.router.explain(body, hdrs))
         if action == "reset_health":
-            _need(isinstance(body, dict), "body", "must be a JSON object: {}, {\"provider\": NAME} or "
-                  "{\"provider\": NAME, \"model\": MODEL}")
+            _need(isinstance(body, dict), "body", "must be a JSON object: {}, {\"provider\": NAME} "
+                                                  "or {\"provider\": NAME, \"model\": MODEL}")
             for field in ("provider", "model"):
-                _need(body.get(field) is None or isinstance(body[field], str) and body[field], field,
-                      "must be a non-empty string")
+                _need(body.get(field) is None or isinstance(body[field], str) and body[field],
+                      field, "must be a non-empty string")
             _need(body.get("provider") or not body.get("model"), "model", "needs a provider")
-            return self._json(200, {"reset": self.router.reset_health(body.get("provider"), body.get("model"))})
+            return self._json(200, {"reset": self.router.reset_health(body.get("provider"),
+                                                                      body.get("model"))})
         if action == "show":
             name = body.get("model") or body.get("name") if isinstance(body, dict) else None
             _need(isinstance(name, str) and name, "model", "is required and must be a string")
@@ -8550,22 +9246,26 @@ class RouterHandler(BaseHTTPRequestHandler):
     def _gemini(self, method, path, hdrs):
         """Gemini's endpoints (the google-genai SDK, Gemini CLI): the model and the method are in
         the path, after any base-URL prefix."""
-        query = {k: v[-1] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
+        query = {k: v[-1]
+                 for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
         listing, calling = GEMINI_LIST.fullmatch(path), GEMINI_CALL.fullmatch(path)
         if method == "GET" and listing:       # (a model name may hold ":", as in llama3.2:latest)
             name = listing.group(1)
-            return self._json(200, self.router.model("gemini", urllib.parse.unquote(name)) if name else
-                              self.router.models("gemini", query))
+            return self._json(200, self.router.model("gemini", urllib.parse.unquote(name))
+                              if name else self.router.models("gemini", query))
         if method != "POST" or calling is None:
-            raise ApiError(405, "invalid_request", f"{method} {path}: Gemini's models are listed with GET and "
-                           "called with POST .../models/MODEL:generateContent")
+            raise ApiError(405, "invalid_request", f"{method} {path}: Gemini's models are listed "
+                                                   "with GET and called with POST "
+                                                   ".../models/MODEL:generateContent")
         model, call = calling.groups()
         model = urllib.parse.unquote(model)
         if call in ("embedContent", "batchEmbedContents"):
-            raise ApiError(501, "invalid_request", f"{call}: embeddings are not served by this router yet")
+            raise ApiError(501, "invalid_request",
+                           f"{call}: embeddings are not served by this router yet")
         stream = call == "streamGenerateContent"
         _need(not stream or query.get("alt") == "sse", "alt",
-              "must be \"sse\": streamGenerateContent is served as server-sent events (?alt=sse), as the SDKs ask")
+              "must be \"sse\": streamGenerateContent is served as server-sent events (?alt=sse), "
+              "as the SDKs ask")
         try:
             body = parse_json_body(self._read_body("gemini"))
         except ApiError as e:
@@ -8652,7 +9352,8 @@ class RouterServer(ThreadingHTTPServer):
     def phase(self, sock, phase):
         with self.conn_lock:
             st = self.conns.get(sock)
-            if st is not None and st[0] != phase:      # a new connection waits since it was accepted
+            # a new connection waits since it was accepted
+            if st is not None and st[0] != phase:
                 self.conns[sock] = [phase, time.monotonic()]
 
     def _closed_one(self, why):
@@ -8663,10 +9364,12 @@ class RouterServer(ThreadingHTTPServer):
         now = time.monotonic()
         if why != "reaped" and now - self._cap_warned > 60:
             self._cap_warned = now
-            log.warning("at the connection limit (max_connections %d): %s (so far: %d evicted, %d refused); "
-                        "raise settings.max_connections if this happens under normal load", self.max_connections,
+            log.warning("at the connection limit (max_connections %d): %s (so far: %d "
+                        "evicted, %d refused); raise settings.max_connections if this "
+                        "happens under normal load", self.max_connections,
                         "closed the connection that waited longest" if why == "evicted" else
-                        "answered a new one 503: every connection has a request in flight", c["evicted"], c["refused"])
+                        "answered a new one 503: every connection has a request in flight",
+                        c["evicted"], c["refused"])
 
     def get_request(self):
         try:
@@ -8676,8 +9379,8 @@ class RouterServer(ThreadingHTTPServer):
                 now = time.monotonic()
                 if now - self._fd_warned > 60:
                     self._fd_warned = now
-                    log.warning("out of file descriptors (%s): accepting slows down; raise the limit "
-                                "(LimitNOFILE) or lower settings.max_connections", e.strerror)
+                    log.warning("out of file descriptors (%s): accepting slows down; raise the "
+                                "limit (LimitNOFILE) or lower settings.max_connections", e.strerror)
                 time.sleep(0.1)
             raise
 
@@ -8698,13 +9401,16 @@ class RouterServer(ThreadingHTTPServer):
                 self.conns[request] = ["wait", time.monotonic()]
             self.router.metrics.connections["open"] = len(self.conns)
         if full:
-            body = dumps({"error": {"message": f"the router is at its limit of {self.max_connections} connections, "
-                                               "each with a request in flight; try again in a moment "
+            body = dumps({"error": {"message": "the router is at its limit of "
+                                               f"{self.max_connections} connections, each with a "
+                                               "request in flight; try again in a moment "
                                                "(settings.max_connections)", "type": "server_error",
                                     "code": "too_many_connections"}}).encode()
             try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\n"
+                                b"Content-Type: application/json\r\nRetry-After: 1\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(body), body))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -8759,33 +9465,44 @@ COMMANDS = ("serve", "check", "models", "route", "reset", "systemd-unit")
 def build_parser():
     ap = argparse.ArgumentParser(
         prog="router.py", description="Sage Router: one local endpoint for every model.",
-        epilog="commands: serve (the default) runs the router; check validates the config and probes every "
-               "provider and key; models lists the catalogue; route \"TEXT\" explains where a prompt would go; "
-               "reset [PROVIDER[/MODEL]] closes circuit breakers by hand (all of them without an argument); "
-               "systemd-unit prints a systemd unit for this install.")
-    ap.add_argument("command", nargs="?", default="serve", choices=COMMANDS, help="what to do (default: serve)")
+        epilog="commands: serve (the default) runs the router; check validates the config and "
+               "probes every provider and key; models lists the catalogue; route \"TEXT\" "
+               "explains where a prompt would go; reset [PROVIDER[/MODEL]] closes circuit "
+               "breakers by hand (all of them without an argument); systemd-unit prints a "
+               "systemd unit for this install.")
+    ap.add_argument("command", nargs="?", default="serve", choices=COMMANDS,
+                    help="what to do (default: serve)")
     ap.add_argument("--version", action="version", version=f"Sage Router {__version__}")
-    ap.add_argument("text", nargs="*", help="for route: the prompt; for reset: PROVIDER or PROVIDER/MODEL")
+    ap.add_argument("text", nargs="*",
+                    help="for route: the prompt; for reset: PROVIDER or PROVIDER/MODEL")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     def port(v):
         if not str(v).isdigit() or int(v) > 65535:
-            raise argparse.ArgumentTypeError(f"{v!r} is not a port number 0-65535 (from --port or $SAGE_ROUTER_PORT)")
+            raise argparse.ArgumentTypeError(f"{v!r} is not a port number 0-65535 (from --port or "
+                                             "$SAGE_ROUTER_PORT)")
         return int(v)
     env_port = os.environ.get("SAGE_ROUTER_PORT") or ""
-    if env_port.startswith(("tcp://", "udp://")):     # Kubernetes' link to a Service named sage-router
+    # Kubernetes' link to a Service named sage-router
+    if env_port.startswith(("tcp://", "udp://")):
         env_port = ""
     ap.add_argument("--port", type=port, default=env_port or DEFAULT_PORT,
                     help=f"port (default $SAGE_ROUTER_PORT, else {DEFAULT_PORT})")
-    ap.add_argument("--config", default=None, help="providers.json (default ./providers.json, else beside router.py)")
-    ap.add_argument("--env-file", default=None, help=".env file (default ./.env, else beside router.py)")
-    ap.add_argument("--data-dir", default=None, help="state directory (default $XDG_STATE_HOME/sage-router "
-                    "or ~/.local/state/sage-router)")
+    ap.add_argument("--config", default=None,
+                    help="providers.json (default ./providers.json, else beside router.py)")
+    ap.add_argument("--env-file", default=None,
+                    help=".env file (default ./.env, else beside router.py)")
+    ap.add_argument("--data-dir", default=None, help="state directory (default "
+                                                     "$XDG_STATE_HOME/sage-router or "
+                                                     "~/.local/state/sage-router)")
     ap.add_argument("--allow-no-auth", action="store_true",
                     help="allow a non-loopback --host without SAGE_ROUTER_API_KEY")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    ap.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or JSON")
-    ap.add_argument("--model", default="auto", help="for route: the model name to plan for (default auto)")
-    ap.add_argument("--user", default=None, help="for systemd-unit: the user to run as (default sage-router)")
+    ap.add_argument("--log-format", default="text", choices=["text", "json"],
+                    help="log lines as text or JSON")
+    ap.add_argument("--model", default="auto",
+                    help="for route: the model name to plan for (default auto)")
+    ap.add_argument("--user", default=None,
+                    help="for systemd-unit: the user to run as (default sage-router)")
     return ap
 
 
@@ -8848,7 +9565,8 @@ def cmd_check(router):
         results = [probe(p, i) for i in range(max(1, len(p.keys)))]
         for i, (ok, detail) in enumerate(results):
             rows.append((p.name, p.api, f"#{i + 1}" if p.keys else "(none)", "OK" if ok else "FAIL",
-                         detail if ok else f"{detail} -- check the key or base_url ({p.base_url_shown})"))
+                         detail if ok else f"{detail} -- check the key or base_url "
+                                           f"({p.base_url_shown})"))
         broken += not any(ok for ok, _d in results)
     print(f"config: {cat.source}")
     print(_table(rows, ("provider", "api", "key", "status", "detail")))
@@ -8866,12 +9584,16 @@ def cmd_models(router):
     for (p, m), c in sorted(cat.caps.items()):
         if not c.get("chat", True):
             continue
-        rows.append((f"{p}/{m}", c.get("context_window") or "?", c.get("max_output") or "?", "+".join(c["input"]),
-                     "yes" if c["tools"] else "no", "yes" if c["reasoning"] else "no", ",".join(c["intents"])))
-    print(_table(rows, ("model", "context", "output", "input", "tools", "reasoning", "intents")) if rows else NO_PROVIDER_HELP)
+        rows.append((f"{p}/{m}", c.get("context_window") or "?", c.get("max_output") or "?",
+                     "+".join(c["input"]),
+                     "yes" if c["tools"] else "no", "yes" if c["reasoning"] else "no",
+                     ",".join(c["intents"])))
+    print(_table(rows, ("model", "context", "output", "input", "tools",
+                        "reasoning", "intents")) if rows else NO_PROVIDER_HELP)
     print("\nroutes:")
     for name, cands in cat.routes.items():
-        print(f"  {name}: " + (", ".join(f"{p}/{m}" for p, m in cands) or "(no model from an enabled provider)"))
+        names = ", ".join(f"{p}/{m}" for p, m in cands)
+        print(f"  {name}: " + (names or "(no model from an enabled provider)"))
     return 0
 
 
@@ -8887,10 +9609,12 @@ def cmd_route(router, text, model):
         print(f"intent: {intent} (confidence {conf}); signals: {', '.join(signals) or 'none'}")
         print(f"no route: {err.message}")
         return 1
-    print(f"intent: {e['intent']} (confidence {e['confidence']}); signals: {', '.join(e['signals']) or 'none'}")
+    print(f"intent: {e['intent']} (confidence {e['confidence']}); signals: "
+          f"{', '.join(e['signals']) or 'none'}")
     print(f"route: {e['route']}")
     for i, c in enumerate(e["candidates"], 1):
-        print(f"  {i}. {c['provider']}/{c['model']}" + (f"  -- skipped: {c['skip']}" if c["skip"] else ""))
+        print(f"  {i}. {c['provider']}/{c['model']}"
+              + (f"  -- skipped: {c['skip']}" if c["skip"] else ""))
     return 0
 
 
@@ -8900,7 +9624,8 @@ def cmd_reset(args, env, target):
     health.json in the data directory."""
     provider, _, model = target.partition("/") if target else (None, "", "")
     if target and not provider:
-        print(f"sage-router: reset {target!r}: expected PROVIDER or PROVIDER/MODEL", file=sys.stderr)
+        print(f"sage-router: reset {target!r}: expected PROVIDER or PROVIDER/MODEL",
+              file=sys.stderr)
         return 2
     body = {k: v for k, v in (("provider", provider), ("model", model)) if v}
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
@@ -8918,7 +9643,8 @@ def cmd_reset(args, env, target):
     except ConnectionRefusedError:
         data = None
     except (OSError, http.client.HTTPException, ValueError) as e:
-        print(f"sage-router: no usable answer from http://{host}:{args.port} ({e})", file=sys.stderr)
+        print(f"sage-router: no usable answer from http://{host}:{args.port} ({e})",
+              file=sys.stderr)
         return 1
     finally:
         conn.close()
@@ -8968,14 +9694,15 @@ def service_python(exe):
     for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
         if open_to_all(cand, 0o001):
             try:
-                ok = subprocess.run([cand, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"],
+                ok = subprocess.run([cand, "-c",
+                                     "import sys; sys.exit(sys.version_info < (3, 10))"],
                                     capture_output=True, timeout=20).returncode == 0
             except (OSError, subprocess.SubprocessError):
                 ok = False
             if ok:
                 return cand, f"{exe} cannot be run by other users, so the unit uses {cand}"
-    return "/usr/bin/env python3", (f"{exe} cannot be run by other users, so the unit uses the python3 on "
-                                    "PATH; it must be Python 3.10 or newer")
+    return "/usr/bin/env python3", (f"{exe} cannot be run by other users, so the unit uses the "
+                                    "python3 on PATH; it must be Python 3.10 or newer")
 
 
 def systemd_unit(args, user=None):
@@ -8990,9 +9717,9 @@ def systemd_unit(args, user=None):
     python, note = service_python(sys.executable)
     notes = [note] if note else []
     if not open_to_all(script, 0o004):
-        notes.append(f"{script} cannot be read by other users (a folder on its way is private), so the "
-                     f"service user {user} cannot start it: copy router.py and providers.json to a folder "
-                     "such as /opt/sage-router and run systemd-unit from there")
+        notes.append(f"{script} cannot be read by other users (a folder on its way is private), so "
+                     f"the service user {user} cannot start it: copy router.py and providers.json "
+                     "to a folder such as /opt/sage-router and run systemd-unit from there")
     flags = [f"--host {args.host}", f"--port {args.port}", "--data-dir /var/lib/sage-router"]
     if args.config:
         flags.append(f"--config {os.path.abspath(args.config)}")
@@ -9048,7 +9775,8 @@ def setup_logging(level, fmt):
 
 
 def main(argv=None):
-    args = build_parser().parse_intermixed_args(argv)     # options may come before or after the text
+    # options may come before or after the text
+    args = build_parser().parse_intermixed_args(argv)
     setup_logging(args.log_level if args.command == "serve" else "warning", args.log_format)
     if args.command == "systemd-unit":
         unit, notes = systemd_unit(args, args.user)
@@ -9057,32 +9785,38 @@ def main(argv=None):
         print(unit, end="")
         return 0
     try:
-        if args.command == "reset":     # the running router needs only the key: a broken config must not stop this
-            return cmd_reset(args, load_env(args.env_file or ".env", args.env_file is not None), " ".join(args.text))
+        # the running router needs only the key: a broken config must not stop this
+        if args.command == "reset":
+            return cmd_reset(args, load_env(args.env_file or ".env", args.env_file is not None),
+                             " ".join(args.text))
         router, _env = load_router(args)
     except ConfigError as e:
-        print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}", file=sys.stderr)
+        print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}",
+              file=sys.stderr)
         return 2
     if args.command != "serve":
         try:
             return {"check": lambda: cmd_check(router), "models": lambda: cmd_models(router),
-                    "route": lambda: cmd_route(router, " ".join(args.text), args.model)}[args.command]()
-        except BrokenPipeError:            # `router.py route ... | head -1`: the reader left; so do we
+                    "route": lambda: cmd_route(router,
+                                               " ".join(args.text), args.model)}[args.command]()
+        # `router.py route ... | head -1`: the reader left; so do we
+        except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         finally:
             router.close()
     if args.host not in LOOPBACK and not router.router_key and not args.allow_no_auth:
-        print(f"sage-router: refusing to listen on {args.host} without a router key: set SAGE_ROUTER_API_KEY "
-              "(clients then send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'), "
-              "or pass --allow-no-auth if the network is trusted", file=sys.stderr)
+        print(f"sage-router: refusing to listen on {args.host} without a router key: set "
+              "SAGE_ROUTER_API_KEY (clients then send it as 'Authorization: Bearer KEY' or "
+              "'x-api-key: KEY'), or pass --allow-no-auth if the network is trusted",
+              file=sys.stderr)
         return 2
     cat = router.catalogue
     log.info("config: %s", cat.source)
     for p in cat.providers.values():
         if p.enabled:
-            log.info("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api, p.base_url_shown, len(p.keys),
-                     len(p.models))
+            log.info("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api,
+                     p.base_url_shown, len(p.keys), len(p.models))
         else:
             log.info("provider %s: disabled: %s", p.name, p.disabled_reason)
     if not cat.enabled:
@@ -9090,7 +9824,8 @@ def main(argv=None):
     try:
         server = serve(router, args.host, args.port)
     except OSError as e:
-        print(f"sage-router: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        print(f"sage-router: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
         return 1
 
     def stop(_sig, _frm):
@@ -9101,14 +9836,16 @@ def main(argv=None):
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda _s, _f: router.ask_reload())
     install_fast_header_parser()
-    log.info("Sage Router %s listening on http://%s:%d", __version__, args.host, server.server_address[1])
+    log.info("Sage Router %s listening on http://%s:%d", __version__, args.host,
+             server.server_address[1])
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     server.socket.close()            # refuse new connections while the last requests finish
     if not server.drain(router.settings["shutdown_grace_seconds"]):
-        log.warning("stopping with %d request(s) still in flight after the grace period", server.active)
+        log.warning("stopping with %d request(s) still in flight after the grace period",
+                    server.active)
     router.close()
     return 0
 
@@ -9129,11 +9866,13 @@ def _run_from_bytecode():
             py_compile.compile(__file__, cfile=cached, doraise=True)
     except (OSError, py_compile.PyCompileError, ImportError):
         pass   # read-only folder: the module is compiled in memory instead
-    loader = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('sage_router', sys.argv.pop(1)); "
-              "m = importlib.util.module_from_spec(s); sys.modules['sage_router'] = m; s.loader.exec_module(m); "
-              "sys.exit(m.main())")
+    loader = ("import importlib.util, sys; s = "
+              "importlib.util.spec_from_file_location('sage_router', sys.argv.pop(1)); m = "
+              "importlib.util.module_from_spec(s); sys.modules['sage_router'] = m; "
+              "s.loader.exec_module(m); sys.exit(m.main())")
     try:
-        os.execv(sys.executable, [sys.executable, "-c", loader, os.path.abspath(__file__)] + sys.argv[1:])
+        os.execv(sys.executable,
+                 [sys.executable, "-c", loader, os.path.abspath(__file__)] + sys.argv[1:])
     except OSError:
         pass   # no exec here: run as we are
 

@@ -277,57 +277,73 @@ def validate_config(cfg, file):
     providers = cfg.get("providers", {})
     _check(isinstance(providers, dict), file, "providers", "an object mapping NAME to a provider")
     for name, p in providers.items():
-        at = f"providers.{name}"
-        _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None, file, at,
-               "a provider name of letters, digits, '_', '.' or '-'")
-        _check(isinstance(p, dict), file, at, "an object with api, base_url, api_key, models")
-        for k in p:
-            _check(k in PROVIDER_KEYS, file, f"{at}.{k}",
-                   f"unknown key; expected one of {sorted(PROVIDER_KEYS)}")
-        _check(p.get("api") in PROVIDER_APIS, file, f"{at}.api", f"one of {list(PROVIDER_APIS)}")
-        _check(isinstance(p.get("base_url"), str) and p["base_url"], file, f"{at}.base_url",
-               "a URL string such as \"https://api.openai.com/v1\"")
-        key = p.get("api_key")
-        _check(key is None or isinstance(key, str) or
-               (isinstance(key, list) and all(isinstance(x, str) for x in key)),
-               file, f"{at}.api_key", "a string like \"${OPENAI_API_KEY}\" or a list of strings")
-        models = p.get("models", {})
-        if isinstance(models, list):
-            _check(all(isinstance(m, str) for m in models), file,
-                   f"{at}.models", "model id strings")
-        else:
-            _check(isinstance(models, dict), file, f"{at}.models",
-                   "an object mapping MODEL_ID to its metadata")
-            for mid, meta in models.items():
-                _check(isinstance(meta, dict), file, f"{at}.models.{mid}",
-                       "an object (may be empty: {})")
-                # a typo ("context" for "context_window") would be ignored in silence
-                for k in meta:
-                    near = difflib.get_close_matches(k, list(MODEL_META_FORMS), n=1, cutoff=0.5)
-                    _check(k in MODEL_META_FORMS, file, f"{at}.models.{mid}.{k}",
-                           f"a model metadata key, one of {sorted(MODEL_META_FORMS)}" +
-                           (f" (did you mean \"{near[0]}\"?)" if near else ""))
-                for f, (ok, expected) in MODEL_META_FORMS.items():
-                    _check(f not in meta or ok(meta[f]), file, f"{at}.models.{mid}.{f}", expected)
-        _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers",
-               "an object of header: value")
-        for f in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
-            _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}",
-                   "a positive number of seconds")
-        _check(p.get("enabled", True) in (True, False) or isinstance(p.get("enabled"), str), file,
-               f"{at}.enabled", "true, false or a string like \"${OLLAMA_ENABLED:-false}\"")
-        _check(isinstance(p.get("discover", True), bool), file, f"{at}.discover", "true or false")
-        di = p.get("discover_interval", 1)
-        _check(_num(di) and di > 0, file, f"{at}.discover_interval", "a positive number of seconds")
-        _check(p.get("max_tokens_field", "max_tokens") in ("max_tokens", "max_completion_tokens"),
-               file, f"{at}.max_tokens_field", "\"max_tokens\" or \"max_completion_tokens\"")
-        quirks = p.get("quirks", [])
-        _check(isinstance(quirks, list) and all(q in PROVIDER_QUIRKS for q in quirks),
-               file, f"{at}.quirks",
-               f"a list of quirk names, each one of {sorted(PROVIDER_QUIRKS)}")
-        _check(not quirks or p.get("api") == "openai", file, f"{at}.quirks",
-               "quirks only on an \"api\": \"openai\" provider (they mend OpenAI-compatible "
-               "servers)")
+        _validate_provider(name, p, file)
+    _validate_routes(cfg, providers, file)
+    _check(isinstance(cfg.get("strict", False), bool), file, "strict", "true or false")
+    settings = cfg.get("settings", {})
+    _check(isinstance(settings, dict), file, "settings", "an object of tunables")
+    for k, v in settings.items():
+        _validate_setting(k, v, providers, file)
+    return cfg
+
+
+def _validate_provider(name, p, file):
+    """One entry of "providers"."""
+    at = f"providers.{name}"
+    _check(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None, file, at,
+           "a provider name of letters, digits, '_', '.' or '-'")
+    _check(isinstance(p, dict), file, at, "an object with api, base_url, api_key, models")
+    for k in p:
+        _check(k in PROVIDER_KEYS, file, f"{at}.{k}",
+               f"unknown key; expected one of {sorted(PROVIDER_KEYS)}")
+    _check(p.get("api") in PROVIDER_APIS, file, f"{at}.api", f"one of {list(PROVIDER_APIS)}")
+    _check(isinstance(p.get("base_url"), str) and p["base_url"], file, f"{at}.base_url",
+           "a URL string such as \"https://api.openai.com/v1\"")
+    key = p.get("api_key")
+    _check(key is None or isinstance(key, str) or
+           (isinstance(key, list) and all(isinstance(x, str) for x in key)),
+           file, f"{at}.api_key", "a string like \"${OPENAI_API_KEY}\" or a list of strings")
+    models = p.get("models", {})
+    if isinstance(models, list):
+        _check(all(isinstance(m, str) for m in models), file,
+               f"{at}.models", "model id strings")
+    else:
+        _check(isinstance(models, dict), file, f"{at}.models",
+               "an object mapping MODEL_ID to its metadata")
+        for mid, meta in models.items():
+            _check(isinstance(meta, dict), file, f"{at}.models.{mid}",
+                   "an object (may be empty: {})")
+            # a typo ("context" for "context_window") would be ignored in silence
+            for k in meta:
+                near = difflib.get_close_matches(k, list(MODEL_META_FORMS), n=1, cutoff=0.5)
+                _check(k in MODEL_META_FORMS, file, f"{at}.models.{mid}.{k}",
+                       f"a model metadata key, one of {sorted(MODEL_META_FORMS)}" +
+                       (f" (did you mean \"{near[0]}\"?)" if near else ""))
+            for f, (ok, expected) in MODEL_META_FORMS.items():
+                _check(f not in meta or ok(meta[f]), file, f"{at}.models.{mid}.{f}", expected)
+    _check(isinstance(p.get("headers", {}), dict), file, f"{at}.headers",
+           "an object of header: value")
+    for f in ("connect_timeout", "first_byte_timeout", "idle_timeout"):
+        _check(f not in p or (_num(p[f]) and p[f] > 0), file, f"{at}.{f}",
+               "a positive number of seconds")
+    _check(p.get("enabled", True) in (True, False) or isinstance(p.get("enabled"), str), file,
+           f"{at}.enabled", "true, false or a string like \"${OLLAMA_ENABLED:-false}\"")
+    _check(isinstance(p.get("discover", True), bool), file, f"{at}.discover", "true or false")
+    di = p.get("discover_interval", 1)
+    _check(_num(di) and di > 0, file, f"{at}.discover_interval", "a positive number of seconds")
+    _check(p.get("max_tokens_field", "max_tokens") in ("max_tokens", "max_completion_tokens"),
+           file, f"{at}.max_tokens_field", "\"max_tokens\" or \"max_completion_tokens\"")
+    quirks = p.get("quirks", [])
+    _check(isinstance(quirks, list) and all(q in PROVIDER_QUIRKS for q in quirks),
+           file, f"{at}.quirks",
+           f"a list of quirk names, each one of {sorted(PROVIDER_QUIRKS)}")
+    _check(not quirks or p.get("api") == "openai", file, f"{at}.quirks",
+           "quirks only on an \"api\": \"openai\" provider (they mend OpenAI-compatible "
+           "servers)")
+
+
+def _validate_routes(cfg, providers, file):
+    """"routes" and "aliases": each entry names a configured provider (or a glob of them)."""
     routes = cfg.get("routes", {})
     _check(isinstance(routes, dict), file, "routes",
            "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
@@ -347,33 +363,32 @@ def validate_config(cfg, file):
                                             target.split("/", 1)[0] in providers),
                file, f"aliases.{pat}",
                f"a route name (one of {sorted(set(routes) | set(AUTO_NAMES))}) or PROVIDER/MODEL")
-    _check(isinstance(cfg.get("strict", False), bool), file, "strict", "true or false")
-    settings = cfg.get("settings", {})
-    _check(isinstance(settings, dict), file, "settings", "an object of tunables")
-    for k, v in settings.items():
-        _check(k in DEFAULT_SETTINGS, file, f"settings.{k}",
-               f"unknown setting; expected one of {sorted(DEFAULT_SETTINGS)}")
-        want = DEFAULT_SETTINGS[k]
-        if isinstance(want, bool):
-            _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
-        elif isinstance(want, list):
-            _check(isinstance(v, list) and all(isinstance(x, str) and x for x in v),
-                   file, f"settings.{k}", "a list of strings")
-            if k == "allowed_origins":
-                for x in v:
-                    _check(x == "*" or re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+/?", x),
-                           file, f"settings.{k}", "origins such as \"https://app.example\" or "
-                                            "\"http://localhost:3000\" (scheme://host[:port], no "
-                                            f"path), or \"*\"; got {x!r}")
-        elif k == "intent_model":
-            _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers,
-                   file, f"settings.{k}",
-                   f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
-        elif k in ZERO_OK_SETTINGS:
-            _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more")
-        else:
-            _check(_num(v) and v > 0, file, f"settings.{k}", "a positive number")
-    return cfg
+
+
+def _validate_setting(k, v, providers, file):
+    """One entry of "settings": a known name, and a value of its default's kind."""
+    _check(k in DEFAULT_SETTINGS, file, f"settings.{k}",
+           f"unknown setting; expected one of {sorted(DEFAULT_SETTINGS)}")
+    want = DEFAULT_SETTINGS[k]
+    if isinstance(want, bool):
+        _check(isinstance(v, bool), file, f"settings.{k}", "true or false")
+    elif isinstance(want, list):
+        _check(isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+               file, f"settings.{k}", "a list of strings")
+        if k == "allowed_origins":
+            for x in v:
+                _check(x == "*" or re.fullmatch(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#\s]+/?", x),
+                       file, f"settings.{k}",
+                       "origins such as \"https://app.example\" or \"http://localhost:3000\" "
+                       f"(scheme://host[:port], no path), or \"*\"; got {x!r}")
+    elif k == "intent_model":
+        _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers,
+               file, f"settings.{k}",
+               f"null or \"PROVIDER/MODEL\" with PROVIDER one of {sorted(providers)}")
+    elif k in ZERO_OK_SETTINGS:
+        _check(_num(v) and v >= 0, file, f"settings.{k}", "a number, 0 or more")
+    else:
+        _check(_num(v) and v > 0, file, f"settings.{k}", "a positive number")
 
 
 def shown_url(url):
@@ -1173,6 +1188,50 @@ def _openai_content(content, field):
     return parts
 
 
+def _openai_tool_calls(calls, f, i):
+    """An assistant message's tool_calls -> neutral tool_call parts."""
+    _need(isinstance(calls, list), f + ".tool_calls", "must be an array")
+    parts = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
+              f"{f}.tool_calls[{j}].function.name", "must be a string")
+        args = fn.get("arguments", "")
+        _need(isinstance(args, (str, dict)), f"{f}.tool_calls[{j}].function.arguments",
+              "must be a JSON string")
+        _need(c.get("id") is None or isinstance(c["id"], str),
+              f"{f}.tool_calls[{j}].id", "must be a string")
+        parts.append({"type": "tool_call", "id": c.get("id") or f"call_{i}_{j}",
+                      "name": fn["name"], "arguments": parse_args_json(args)})
+    return parts
+
+
+def _openai_tools(body):
+    """Chat Completions' tools and tool_choice -> (neutral tools, neutral tool_choice)."""
+    tools = []
+    raw_tools = body.get("tools") or []
+    _need(isinstance(raw_tools, list), "tools", "must be an array")
+    for i, t in enumerate(raw_tools):
+        _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
+        if t.get("type", "function") != "function":
+            continue
+        fn = t.get("function")
+        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"],
+              f"tools[{i}].function.name", "is required and must be a string")
+        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"),
+                                  f"tools[{i}].function"))
+    tc = body.get("tool_choice")
+    if tc is None:
+        return tools, None
+    if isinstance(tc, str):
+        _need(tc in OPENAI_TOOL_CHOICE, "tool_choice",
+              "must be none, auto, required or {\"type\":\"function\",...}")
+        return tools, dict(OPENAI_TOOL_CHOICE[tc])
+    name = (tc.get("function") or {}).get("name") if isinstance(tc, dict) else None
+    _need(isinstance(name, str), "tool_choice.function.name", "must be a string")
+    return tools, {"type": "tool", "name": name}
+
+
 def openai_decode_request(body):
     """OpenAI Chat Completions request body -> neutral request (raises ApiError 400 on bad input)."""
     model = _body_model(body)
@@ -1198,20 +1257,7 @@ def openai_decode_request(body):
             if isinstance(reasoning, str) and reasoning:
                 parts.append({"type": "thinking", "text": reasoning})
             parts += _openai_content(m.get("content"), f + ".content")
-            calls = m.get("tool_calls") or []
-            _need(isinstance(calls, list), f + ".tool_calls", "must be an array")
-            for j, c in enumerate(calls):
-                fn = c.get("function") if isinstance(c, dict) else None
-                _need(isinstance(fn, dict) and isinstance(fn.get("name"), str),
-                      f"{f}.tool_calls[{j}].function.name", "must be a string")
-                args = fn.get("arguments", "")
-                _need(isinstance(args, (str, dict)), f"{f}.tool_calls[{j}].function.arguments",
-                      "must be a JSON string")
-                _need(c.get("id") is None or isinstance(c["id"], str),
-                      f"{f}.tool_calls[{j}].id", "must be a string")
-                parts.append({"type": "tool_call",
-                              "id": c.get("id") or f"call_{i}_{j}", "name": fn["name"],
-                              "arguments": parse_args_json(args)})
+            parts += _openai_tool_calls(m.get("tool_calls") or [], f, i)
             messages.append({"role": "assistant", "content": parts})
         elif role in ("tool", "function"):
             tid = m.get("tool_call_id") or m.get("name")
@@ -1223,29 +1269,7 @@ def openai_decode_request(body):
         else:
             raise bad_request(f + ".role",
                               "must be one of system, developer, user, assistant, tool")
-    tools = []
-    raw_tools = body.get("tools") or []
-    _need(isinstance(raw_tools, list), "tools", "must be an array")
-    for i, t in enumerate(raw_tools):
-        _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
-        if t.get("type", "function") != "function":
-            continue
-        fn = t.get("function")
-        _need(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"],
-              f"tools[{i}].function.name", "is required and must be a string")
-        tools.append(neutral_tool(fn["name"], fn.get("description"), fn.get("parameters"),
-                                  f"tools[{i}].function"))
-    tc = body.get("tool_choice")
-    if tc is None:
-        tool_choice = None
-    elif isinstance(tc, str):
-        _need(tc in OPENAI_TOOL_CHOICE, "tool_choice",
-              "must be none, auto, required or {\"type\":\"function\",...}")
-        tool_choice = dict(OPENAI_TOOL_CHOICE[tc])
-    else:
-        name = (tc.get("function") or {}).get("name") if isinstance(tc, dict) else None
-        _need(isinstance(name, str), "tool_choice.function.name", "must be a string")
-        tool_choice = {"type": "tool", "name": name}
+    tools, tool_choice = _openai_tools(body)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -8274,21 +8298,12 @@ class Router:
             prov = cat.providers[pname]
             known = cand in cat.caps
             window = cat.meta(pname, mid).get("context_window") or 0
-            if overflowed and window and window <= overflowed:
-                ctx.attempts.append(Failover("context", f"skipped: context window {window} "
-                                                        "is not larger than the "
-                                                        f"{overflowed} that overflowed", cand=cand))
-                continue
-            only = ctx.req["extra"].get("same_dialect_only")
-            if only and (prov.api != ctx.dialect or not ctx.passthrough):
-                parts = ", ".join(only[:3]) + (" ..." if len(only) > 3 else "")
-                ctx.attempts.append(Failover("input", f"skipped: a {prov.api} provider cannot be "
-                                                      f"sent {parts}", cand=cand))
-                continue
             now = time.monotonic()
             keys = health.usable_keys(prov, now)
-            if not keys:
-                ctx.attempts.append(Failover("auth", "every key was rejected (401/403)", cand=cand))
+            skip = self._skip(ctx, prov, window, overflowed, keys)
+            if skip is not None:
+                skip.cand = cand
+                ctx.attempts.append(skip)
                 continue
             health.begin(cand, now)
             failed = None
@@ -8342,6 +8357,20 @@ class Router:
             self.dispatcher.deliver_fallback(ctx, fallback, keep)
             return
         raise self._all_failed(ctx)
+
+    @staticmethod
+    def _skip(ctx, prov, window, overflowed, keys):
+        """Why a candidate is not tried at all (a Failover to record), or None."""
+        if overflowed and window and window <= overflowed:
+            return Failover("context", f"skipped: context window {window} is not larger than the "
+                                       f"{overflowed} that overflowed")
+        only = ctx.req["extra"].get("same_dialect_only")
+        if only and (prov.api != ctx.dialect or not ctx.passthrough):
+            parts = ", ".join(only[:3]) + (" ..." if len(only) > 3 else "")
+            return Failover("input", f"skipped: a {prov.api} provider cannot be sent {parts}")
+        if not keys:
+            return Failover("auth", "every key was rejected (401/403)")
+        return None
 
     def plan(self, cat, req, body, headers, pin=None):
         """plan_request, and, when the route depends on an intent the rules are unsure of and

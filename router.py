@@ -247,11 +247,12 @@ MODEL_META_FORMS = {
     "tools": (lambda v: isinstance(v, bool), "true or false"),
     "reasoning": (lambda v: isinstance(v, bool), "true or false"),
     "chat": (lambda v: isinstance(v, bool), "true or false"),
+    "structured": (lambda v: v in ("native", "tool", "prompt"),
+                   "\"native\", \"tool\" or \"prompt\" (how it gives JSON that fits a schema)"),
     "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image"},
               "a list of \"text\" and \"image\""),
-    "cost": (lambda v: isinstance(v, dict) and all(k in ("input",
-                                                         "output", "cached") and _num(x) and x >= 0
-                                                   for k, x in v.items()),
+    "cost": (lambda v: isinstance(v, dict) and all(
+        k in ("input", "output", "cached") and _num(x) and x >= 0 for k, x in v.items()),
              "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens"),
     "intents": (lambda v: isinstance(v, list) and set(v) <= {"code", "creative",
                                                              "reasoning", "general"},
@@ -522,8 +523,8 @@ class Failover(Exception):
     """A candidate (or one key of it) failed in a way worth trying the next one; also the record
     of a failed attempt (cand: (provider, model)), as the request log and the errors show it.
     kind: connect, timeout, status, stream, empty, context, auth, missing (no such model), input
-    (parts only the client's own dialect can carry), broken (a stream that failed after it
-    started: recorded, never moved on)."""
+    (parts only the client's own dialect can carry), format (a structured reply that is not JSON),
+    broken (a stream that failed after it started: recorded, never moved on)."""
 
     def __init__(self, kind, reason, status=None, retry_after=None, next_key=True,
                  fallback=None, quota=False, cand=None):
@@ -1016,7 +1017,8 @@ MAX_MODEL_NAME = 256
 #: The neutral request's fields beyond model, system and messages, with their defaults.
 NEUTRAL_FIELDS = {"tools": (), "tool_choice": None, "parallel_tool_calls": None, "max_tokens": None,
                   "temperature": None, "top_p": None, "top_k": None, "stop": None, "stream": False,
-                  "include_usage": True, "reasoning": None, "user": None}
+                  "include_usage": True, "reasoning": None, "user": None, "response_format": None,
+                  "seed": None, "presence_penalty": None, "frequency_penalty": None}
 
 
 def neutral_request(model, system, messages, extra=None, **fields):
@@ -1055,6 +1057,116 @@ def output_limit(req, model_meta, default=None):
     mt = req.get("max_tokens") or default
     cap = model_meta.get("max_output")
     return min(mt, cap) if mt and cap else mt
+
+
+# -- structured outputs -----------------------------------------------------------------------
+# A request's response_format is None (free text) or {"type": "json_object" | "json_schema",
+# "name", "schema", "strict"}. A candidate serves it by one of three paths:
+#   native: its dialect's own field (the codec's `structured` names the types it takes);
+#   tool:   one forced tool whose input schema is the schema; its arguments come back as the text;
+#   prompt: the schema in the system prompt (when the request has tools of its own or thinking,
+#           which a forced tool would break), the answer checked to be JSON.
+# A model's metadata says "native" or "tool" ("structured"; name defaults in MODEL_RULES).
+
+STRUCTURED_TOOL = "json_answer"      # the forced tool's name when the format has none
+
+
+def neutral_format(kind, schema=None, name=None, strict=None, field="response_format"):
+    """A response_format in the neutral form (None for free text), its parts checked."""
+    _need(kind in ("text", "json_object", "json_schema"), field + ".type",
+          "must be \"text\", \"json_object\" or \"json_schema\"")
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        _need(isinstance(schema, dict), field + ".schema", "must be a JSON Schema object")
+    _need(name is None or isinstance(name, str), field + ".name", "must be a string")
+    _need(strict is None or isinstance(strict, bool), field + ".strict", "must be true or false")
+    return {"type": kind, "schema": schema if kind == "json_schema" else None,
+            "name": name or None, "strict": bool(strict)}
+
+
+def structured_path(req, caps, codec):
+    """How a candidate serves the request's response_format: None (none asked), "native", "tool"
+    or "prompt"."""
+    rf = req.get("response_format")
+    if not rf:
+        return None
+    path = caps.get("structured") or "native"
+    if path == "native" and rf["type"] not in codec.structured:
+        path = "tool"
+    thinking = (req.get("reasoning") or {}).get("enabled")
+    if path == "tool" and (req.get("tools") or thinking):
+        path = "prompt"
+    return path
+
+
+def format_name(rf):
+    """The format's name as OpenAI's name rules want it (the forced tool's name too)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", rf.get("name") or "")[:64]
+    return name or STRUCTURED_TOOL
+
+
+def structured_request(req, path):
+    """The request as a candidate on `path` is sent it: unchanged on the native path; with one
+    forced tool on the tool path; with the format told in the system prompt on the prompt path."""
+    rf = req.get("response_format")
+    if path == "tool":
+        tool = {"name": format_name(rf),
+                "description": "Give your whole answer as this tool's input.",
+                "parameters": rf["schema"] or {"type": "object"}}
+        return dict(req, tools=[tool], tool_choice={"type": "tool", "name": tool["name"]},
+                    response_format=None)
+    if path == "prompt":
+        said = ("Answer with one JSON value and nothing else: no prose, no code fences."
+                + (" It must fit this JSON Schema: " + dumps(rf["schema"]) if rf["schema"] else
+                   " It must be a JSON object."))
+        return dict(req, system=list(req["system"]) + [{"type": "text", "text": said}],
+                    response_format=None)
+    return req
+
+
+def structured_source(source, name):
+    """A tool-path reply as the client asked for it: the forced tool's arguments as text, its
+    stop reason end_turn (the client asked for an answer, not a tool call). `source` yields
+    (raw bytes, events) as the dispatcher reads them; a call's pieces may span several."""
+    inside = False
+    for raw, events in source:
+        out = []
+        for ev in events:
+            if ev[0] == "tool":
+                inside = ev[2] == name
+                if inside:
+                    continue
+            elif ev[0] == "args" and inside:
+                ev = ("text", ev[1])
+            elif ev[0] == "end" and ev[1] == "tool_use":
+                ev = ("end", "end_turn") + tuple(ev[2:])
+            out.append(ev)
+        yield raw, out
+
+
+_FENCE_RE = re.compile(r"\A\s*```(?:json)?\s*\n(.*?)\n?```\s*\Z", re.S)
+
+
+def structured_text_ok(resp, path):
+    """Whether a whole structured reply is what was asked (its text parses as JSON). A reply cut by
+    max_tokens or refused passes: the client is told so by its finish reason. On the prompt path a
+    fenced answer is unwrapped in place."""
+    if resp["stop_reason"] not in (None, "end_turn", "stop_sequence"):
+        return True
+    texts = [p for p in resp["content"] if p["type"] == "text"]
+    text = "".join(p["text"] for p in texts)
+    if path == "prompt":
+        m = _FENCE_RE.match(text)
+        if m:
+            text = m.group(1)
+            resp["content"] = [p for p in resp["content"] if p["type"] != "text"]
+            resp["content"].append({"type": "text", "text": text})
+    try:
+        loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 def error_json(status, body):
@@ -1109,12 +1221,13 @@ def neutral_tool(name, description, parameters, field, params_field="parameters"
             "parameters": parameters or {"type": "object", "properties": {}}}
 
 
-def _opt_num(body, field, lo=None, hi=None):
+def _opt_num(body, field, lo=None, hi=None, at=""):
+    """An optional number of the body (its field named `at` + field in an error), within limits."""
     v = body.get(field)
     if v is None:
         return None
-    _need(_num(v), field, "must be a number")
-    _need((lo is None or v >= lo) and (hi is None or v <= hi), field,
+    _need(_num(v), at + field, "must be a number")
+    _need((lo is None or v >= lo) and (hi is None or v <= hi), at + field,
           f"must be between {lo} and {hi}")
     return v
 
@@ -1291,7 +1404,29 @@ def openai_decode_request(body):
         top_p=_opt_num(body, "top_p", 0, 1), stop=stop or None,
         stream=stream, include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
         reasoning={"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
-        user=body.get("user") if isinstance(body.get("user"), str) else None)
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        response_format=_openai_format(body.get("response_format")), **_penalties(body))
+
+
+def _openai_format(rf):
+    """Chat Completions' response_format (the schema nested under json_schema) -> neutral."""
+    if rf is None:
+        return None
+    _need(isinstance(rf, dict), "response_format", "must be an object")
+    js = rf.get("json_schema") if rf.get("type") == "json_schema" else {}
+    _need(isinstance(js, dict), "response_format.json_schema", "must be an object")
+    return neutral_format(rf.get("type"), js.get("schema"), js.get("name"), js.get("strict"),
+                          "response_format")
+
+
+def _penalties(body, spelled=("seed", "presence_penalty", "frequency_penalty"), at=""):
+    """seed and the two penalties, by the names a dialect gives them (-2 to 2, as OpenAI's)."""
+    seed, presence, frequency = spelled
+    v = body.get(seed)
+    _need(v is None or isinstance(v, int) and not isinstance(v, bool), at + seed,
+          "must be an integer")
+    return {"seed": v, "presence_penalty": _opt_num(body, presence, -2, 2, at),
+            "frequency_penalty": _opt_num(body, frequency, -2, 2, at)}
 
 
 def _openai_usage(u):
@@ -1434,6 +1569,11 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     if mt:
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
     body.update(sampling_out(req, OPENAI_SAMPLING))
+    rf = req.get("response_format")
+    if rf:
+        body["response_format"] = {"type": "json_object"} if rf["type"] == "json_object" else {
+            "type": "json_schema", "json_schema": {"name": format_name(rf), "schema": rf["schema"],
+                                                   "strict": rf["strict"]}}
     if req["tools"]:
         body.update(openai_family_tools(req, nested=True,
                                         required="any" if "tool_choice_any" in quirks else "required"))
@@ -1453,7 +1593,9 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
 
 #: neutral field -> Chat Completions field, limit (OpenAI takes at most 4 stop sequences)
 OPENAI_SAMPLING = (("temperature", "temperature", None), ("top_p", "top_p", None),
-                   ("stop", "stop", 4))
+                   ("stop", "stop", 4), ("seed", "seed", None),
+                   ("presence_penalty", "presence_penalty", None),
+                   ("frequency_penalty", "frequency_penalty", None))
 
 
 def openai_family_tools(req, nested, required="required"):
@@ -1907,12 +2049,20 @@ def anthropic_decode_request(body, count_only=False):
     meta = body.get("metadata")
     user = meta.get("user_id") if isinstance(meta, dict) else None
     user = user if isinstance(user, str) else None
+    oc = body.get("output_config")
+    _need(oc is None or isinstance(oc, dict), "output_config", "must be an object")
+    # (output_format: the beta's name, before output_config.format)
+    fmt, at = ((oc or {}).get("format"), "output_config.format") if (oc or {}).get("format") \
+        else (body.get("output_format"), "output_format")
+    _need(fmt is None or isinstance(fmt, dict), at, "must be an object")
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
         max_tokens=None if count_only else _opt_int(body, "max_tokens"),
         temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1),
         top_k=_opt_int(body, "top_k", 0), stop=stop or None, stream=stream,
-        reasoning=reasoning, user=user)
+        reasoning=reasoning, user=user,
+        response_format=neutral_format(fmt.get("type"), fmt.get("schema"), field=at)
+        if fmt else None)
 
 
 def _anthropic_usage(u):
@@ -2116,9 +2266,51 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
             body["tool_choice"] = tc
     if req.get("user"):
         body["metadata"] = {"user_id": req["user"][:256]}
+    rf = req.get("response_format")
+    if rf:
+        body["output_config"] = {"format": {"type": "json_schema",
+                                            "schema": anthropic_schema(rf["schema"])}}
     if req["stream"]:
         body["stream"] = True
     return body
+
+
+#: JSON Schema keywords Anthropic's structured outputs take; the others (limits, patterns) are
+#: said in the description instead, as Anthropic's SDK does.
+ANTHROPIC_SCHEMA_KEYS = {"type", "properties", "required", "items", "enum", "const", "anyOf",
+                         "allOf", "$ref", "$defs", "definitions", "description", "title",
+                         "additionalProperties", "format", "default"}
+ANTHROPIC_STRING_FORMATS = {"date-time", "time", "date", "duration", "email", "hostname", "uri",
+                            "ipv4", "ipv6", "uuid"}
+
+
+def anthropic_schema(schema):
+    """A JSON Schema as Anthropic's output_config.format takes it: every object closed
+    (additionalProperties false), oneOf as anyOf, unsupported keywords moved into the
+    description."""
+    if isinstance(schema, list):
+        return [anthropic_schema(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out, said = {}, []
+    for k, v in schema.items():
+        if k == "oneOf":
+            k = "anyOf"
+        if k in ("properties", "$defs", "definitions") and isinstance(v, dict):
+            out[k] = {n: anthropic_schema(x) for n, x in v.items()}
+        elif k in ("items", "anyOf", "allOf"):
+            out[k] = anthropic_schema(v)
+        elif k == "format" and v not in ANTHROPIC_STRING_FORMATS or k == "minItems" and v > 1:
+            said.append(f"{k}: {dumps(v)}")
+        elif k == "minItems" or k in ANTHROPIC_SCHEMA_KEYS and k != "$schema":
+            out[k] = v
+        elif k != "$schema":
+            said.append(f"{k}: {dumps(v)}")
+    if out.get("type") == "object" or "properties" in out:
+        out["additionalProperties"] = False
+    if said:
+        out["description"] = (out.get("description", "") + " (" + ", ".join(said) + ")").strip()
+    return out
 
 
 def _anthropic_conversation(req):
@@ -2372,6 +2564,19 @@ def _append(messages, role, parts, merge=True):
         messages.append({"role": role, "content": list(parts)})
 
 
+def _responses_format(text):
+    """Responses' text.format (flat: type, name, schema, strict) -> neutral."""
+    if text is None:
+        return None
+    _need(isinstance(text, dict), "text", "must be an object")
+    f = text.get("format")
+    if f is None:
+        return None
+    _need(isinstance(f, dict), "text.format", "must be an object")
+    return neutral_format(f.get("type"), f.get("schema"), f.get("name"), f.get("strict"),
+                          "text.format")
+
+
 def responses_decode_request(body):
     """OpenAI Responses request body -> neutral request. Custom (freeform) tools become functions
     with one string parameter `input`; their calls go back out as custom_tool_call items."""
@@ -2460,6 +2665,7 @@ def responses_decode_request(body):
         top_p=_opt_num(body, "top_p", 0, 1), stream=stream,
         reasoning={"effort": effort, "enabled": effort != "none"} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
+        response_format=_responses_format(body.get("text")),
         extra={"custom_tools": custom, "store": body.get("store", True) is not False,
                "previous_response_id": prev, "response_id": new_id("resp_")})
 
@@ -2706,6 +2912,11 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     if mt:
         body["max_output_tokens"] = mt
     body.update(sampling_out(req, RESPONSES_SAMPLING))
+    rf = req.get("response_format")
+    if rf:
+        body["text"] = {"format": {"type": "json_object"} if rf["type"] == "json_object" else {
+            "type": "json_schema", "name": format_name(rf), "schema": rf["schema"],
+            "strict": rf["strict"]}}
     if req["tools"]:
         body.update(openai_family_tools(req, nested=False))
     r = req.get("reasoning")
@@ -2975,7 +3186,12 @@ def _gemini_schema_normal(schema, root, depth):
 
 #: neutral field -> generationConfig field, limit (at most 5 stop sequences)
 GEMINI_SAMPLING = (("temperature", "temperature", None), ("top_p", "topP", None),
-                   ("top_k", "topK", None), ("stop", "stopSequences", 5))
+                   ("top_k", "topK", None), ("stop", "stopSequences", 5), ("seed", "seed", None),
+                   ("presence_penalty", "presencePenalty", None),
+                   ("frequency_penalty", "frequencyPenalty", None))
+#: Models that take real JSON Schema as responseJsonSchema (Gemini 2.5 and later); older ones get
+#: responseSchema, the schema reduced as tool parameters are.
+GEMINI_JSON_SCHEMA_RE = re.compile(r"gemini-(?:2\.5|[3-9])", re.I)
 
 
 def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
@@ -3040,6 +3256,13 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     if req.get("max_tokens"):
         gen["maxOutputTokens"] = output_limit(req, model_meta)
     gen.update(sampling_out(req, GEMINI_SAMPLING))
+    rf = req.get("response_format")
+    if rf:
+        gen["responseMimeType"] = "application/json"
+        if rf["schema"] is not None and GEMINI_JSON_SCHEMA_RE.search(model_id):
+            gen["responseJsonSchema"] = {k: v for k, v in rf["schema"].items() if k != "$schema"}
+        elif rf["schema"] is not None:
+            gen["responseSchema"] = gemini_schema(rf["schema"])
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         gen["thinkingConfig"] = {"includeThoughts": True,
@@ -3356,12 +3579,24 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         reasoning = {"enabled": True,
                      "budget_tokens": budget if isinstance(budget, int) and budget > 0 else None,
                      "effort": str(level).lower() if level else None}
+    mime = gen.get("responseMimeType") or "text/plain"
+    _need(isinstance(mime, str), "generationConfig.responseMimeType", "must be a string")
+    if mime not in ("text/plain", "application/json"):
+        only_gemini.append(f"generationConfig.responseMimeType {mime}")
+    schema = gen.get("responseJsonSchema")
+    if schema is None and gen.get("responseSchema") is not None:
+        schema = gemini_json_schema(gen["responseSchema"])
+    rf = neutral_format("json_schema" if schema is not None else "json_object", schema,
+                        field="generationConfig.responseJsonSchema") \
+        if mime == "application/json" else None
     extra = {"same_dialect_only": only_gemini} if only_gemini else {}
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice, stream=bool(stream),
         max_tokens=None if count_only else _opt_int(gen, "maxOutputTokens"),
         temperature=_opt_num(gen, "temperature", 0, 2), top_p=_opt_num(gen, "topP", 0, 1),
-        top_k=_opt_int(gen, "topK", 0), stop=stop or None, reasoning=reasoning, extra=extra)
+        top_k=_opt_int(gen, "topK", 0), stop=stop or None, reasoning=reasoning, extra=extra,
+        response_format=rf, **_penalties(gen, ("seed", "presencePenalty", "frequencyPenalty"),
+                                         "generationConfig."))
 
 
 def _gemini_wrap_signature(text, sig):
@@ -3580,7 +3815,8 @@ def _ollama_options(body):
     return {"max_tokens": n if isinstance(n, int) and n > 0 else None,
             "temperature": _opt_num(opts, "temperature", 0, 2),
             "top_p": _opt_num(opts, "top_p", 0, 1),
-            "top_k": _opt_int(opts, "top_k", 0), "stop": stop or None}
+            "top_k": _opt_int(opts, "top_k", 0), "stop": stop or None,
+            **_penalties(opts, at="options.")}
 
 
 def ollama_decode_request(body):
@@ -3653,8 +3889,13 @@ def ollama_decode_request(body):
     stream = body.get("stream", True)
     _need(isinstance(stream, bool), "stream", "must be true or false")
     think = body.get("think")
+    fmt = body.get("format")
+    _need(fmt in (None, "", "json") or isinstance(fmt, dict), "format",
+          "must be \"json\" or a JSON Schema object")
+    rf = neutral_format("json_schema" if isinstance(fmt, dict) else "json_object",
+                        fmt if isinstance(fmt, dict) else None, field="format") if fmt else None
     return neutral_request(
-        model, system, messages, tools=tools, stream=stream,
+        model, system, messages, tools=tools, stream=stream, response_format=rf,
         reasoning={"enabled": True,
                    "effort": think if isinstance(think, str) else None} if think else None,
         extra={"ollama_generate": generate}, **_ollama_options(body))
@@ -3770,7 +4011,9 @@ def ollama_num_ctx(req, model_meta):
 
 #: neutral field -> Ollama option, limit
 OLLAMA_SAMPLING = (("max_tokens", "num_predict", None), ("temperature", "temperature", None),
-                   ("top_p", "top_p", None), ("top_k", "top_k", None), ("stop", "stop", None))
+                   ("top_p", "top_p", None), ("top_k", "top_k", None), ("stop", "stop", None),
+                   ("seed", "seed", None), ("presence_penalty", "presence_penalty", None),
+                   ("frequency_penalty", "frequency_penalty", None))
 
 
 def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
@@ -3820,6 +4063,9 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         body["think"] = True
+    rf = req.get("response_format")
+    if rf:
+        body["format"] = rf["schema"] if rf["schema"] is not None else "json"
     return body
 
 
@@ -4013,7 +4259,8 @@ class Codec:
       model_shape(entry): the model list its clients read (entry: (name, owner, metadata)).
     Provider side: encode_request(req, model, provider, meta, settings) -> body;
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
-      parse_error(status, body) -> (message, code).
+      parse_error(status, body) -> (message, code); structured: the response_format types its
+      request can carry natively (json_object, json_schema).
     Transport: request_path(provider, model, stream); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
@@ -4034,7 +4281,7 @@ class Codec:
                  "stream_decoder", "parse_error", "request_path", "auth", "root",
                  "is_stream", "adjust",
                  "list_models", "probe_path", "count_path", "count_result", "count_shape",
-                 "free", "client_paths")
+                 "free", "client_paths", "structured")
 
     def __init__(self, name, *, decode_request=None, encode_response=None,
                  stream_encoder=None, encode_error=None,
@@ -4044,7 +4291,8 @@ class Codec:
                  stream_decoder=None, parse_error=None, request_path=None, auth=None, root=None,
                  is_stream=_is_stream, adjust=None,
                  list_models=None, probe_path=None, count_path=None,
-                 count_result=None, count_shape=None, free=False, client_paths=None):
+                 count_result=None, count_shape=None, free=False, client_paths=None,
+                 structured=frozenset()):
         self.name = name
         self.decode_request, self.encode_response = decode_request, encode_response
         self.stream_encoder = stream_encoder
@@ -4058,6 +4306,7 @@ class Codec:
         self.list_models, self.probe_path = list_models, probe_path
         self.count_path, self.count_result, self.count_shape = count_path, count_result, count_shape
         self.free, self.client_paths = free, client_paths or {}
+        self.structured = frozenset(structured)
 
 
 def _root_without_v1(path):
@@ -4086,7 +4335,8 @@ CODECS = {
         stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
-        probe_path="/models", client_paths={"/v1/chat/completions": "generate"}),
+        probe_path="/models", client_paths={"/v1/chat/completions": "generate"},
+        structured=("json_object", "json_schema")),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request,
         encode_response=anthropic_encode_response,
@@ -4099,7 +4349,8 @@ CODECS = {
         list_models=anthropic_list_models, probe_path="/v1/models?limit=1",
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
         count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n},
-        client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"}),
+        client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"},
+        structured=("json_schema",)),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request,
         encode_response=responses_encode_response,
@@ -4110,7 +4361,7 @@ CODECS = {
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
-        client_paths={"/v1/responses": "generate"}),
+        client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema")),
     "gemini": Codec(
         "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
         stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,
@@ -4122,7 +4373,8 @@ CODECS = {
         auth=gemini_auth, adjust=gemini_adjust, list_models=gemini_list_models,
         probe_path="/models?pageSize=1",
         count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
-        count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n}),
+        count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n},
+        structured=("json_object", "json_schema")),
     "ollama": Codec(
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
         stream_encoder=OllamaStreamEncoder, encode_error=ollama_encode_error,
@@ -4133,7 +4385,8 @@ CODECS = {
         request_path=lambda prov, mid, stream: prov.base_path + "/api/chat",
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
         probe_path="/api/tags", free=True,
-        client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show"}),
+        client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show"},
+        structured=("json_object", "json_schema")),
 }
 
 
@@ -4266,10 +4519,12 @@ class Provider:
 MODEL_RULES = [
     (r"embed|rerank|whisper|tts|dall-e|gpt-image|moderation", {"tools": False, "chat": False}),
     (r"claude-opus-4-[01]\b|claude-opus-4$|claude-opus-4-2025", {"max_output": 32000}),
+    # Anthropic's output_config.format: the 4.5 models and later; older Claude: the forced tool
+    (r"claude-(?:opus|sonnet|haiku)-(?:4-[5-9]|4\.[5-9]|[5-9])", {"structured": "native"}),
+    (r"claude", {"structured": "tool"}),
     (r"claude-(?:opus|sonnet|haiku)-[4-9]|claude-[4-9]|claude-3-7",
-     {"context_window": 200000, "max_output": 64000,
-                                                                 "input": ["text", "image"],
-                                                                 "reasoning": True}),
+     {"context_window": 200000, "max_output": 64000, "input": ["text", "image"],
+      "reasoning": True}),
     (r"claude", {"context_window": 200000, "max_output": 8192, "input": ["text", "image"]}),
     (r"gpt-5", {"context_window": 400000, "max_output": 128000, "input": ["text", "image"],
                 "reasoning": True}),
@@ -4295,7 +4550,7 @@ MODEL_RULES = [
 ]
 _MODEL_RULES = [(re.compile(p, re.I), caps) for p, caps in MODEL_RULES]
 CAPABILITY_DEFAULTS = {"context_window": None, "max_output": None, "input": ["text"], "tools": True,
-                       "reasoning": False, "chat": True}
+                       "reasoning": False, "chat": True, "structured": "native"}
 
 
 INTENT_NAMES = ("code", "creative", "reasoning", "general")
@@ -6403,7 +6658,7 @@ class Health:
             self.fail(("provider", pname), error=f.reason)
         elif (f.status in (402, 429) or f.quota) and idx is not None:
             self.fail(("key", pname, idx), f.retry_after, f.quota, f.reason)
-        if (not done or f.kind in ("context", "auth", "input") or (f.quota and keys)
+        if (not done or f.kind in ("context", "auth", "input", "format") or (f.quota and keys)
                 or (f.kind == "missing" and f.status != 404)
                 or (f.status == 429 and f.retry_after is None and keys > 1)):
             # (a 400 that names the model is about this request, not the model's health)
@@ -6836,11 +7091,15 @@ def _plan_filter(cat, req, cands, asked, pref):
             skipped += [(c, "allow_fallbacks is false") for c in cands if c[0] not in rank]
             cands = [c for c in cands if c[0] in rank]
     tools, images, tokens = _needs(req)
+    strict = (req.get("response_format") or {}).get("strict")
     able, unable = [], []
     for c in cands:
         # a model the catalogue does not know has only guessed capabilities: the provider decides
         why = None if c in asked and c not in cat.caps else \
             _skip_reason(cat.meta(*c), tools, images, tokens, req.get("max_tokens"))
+        if why is None and strict and structured_path(
+                req, cat.meta(*c), CODECS[cat.providers[c[0]].api]) == "prompt":
+            why = "strict JSON asked: this model gives JSON by instruction only"
         (unable if why else able).append((c, why))
     if able:
         return [c for c, _ in able], skipped + unable
@@ -7061,7 +7320,7 @@ class Context:
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model",
                  "started", "collect",
                  "passthrough", "plan", "estimate", "history_marks", "provider_marks", "attempts",
-                 "provider", "upstream_model", "same", "ttfb", "usage",
+                 "provider", "upstream_model", "same", "structured", "ttfb", "usage",
                  "usage_estimated", "out_chars", "made_marks", "broken", "status", "error")
 
     def __init__(self, dialect, body, req, headers, writer):
@@ -7083,6 +7342,7 @@ class Context:
         # the answer (the dispatcher)
         self.provider = self.upstream_model = self.ttfb = self.usage = None
         self.same = False          # answered on the same-dialect passthrough
+        self.structured = None     # the response_format's path (native, tool, prompt), if one
         self.usage_estimated = False
         # streamed output, for a usage estimate when the provider gives none
         self.out_chars = 0
@@ -7168,6 +7428,8 @@ class Dispatcher:
         if ctx.plan is not None:
             h["X-Router-Route"] = ctx.plan.route
             h["X-Router-Intent"] = ctx.plan.intent
+        if ctx.structured:
+            h["X-Router-Structured"] = ctx.structured
         return h
 
     # -- one attempt ----------------------------------------------------------------------------
@@ -7190,8 +7452,11 @@ class Dispatcher:
             if pc.adjust is not None:
                 body, extra = pc.adjust(body, prov, ctx.req, meta, ctx.headers,
                                         keep if moved else None)
+            ctx.structured = "native" if ctx.req.get("response_format") else None
         else:
-            body = pc.encode_request(drop_thinking(ctx.req, keep) if moved else ctx.req, mid,
+            ctx.structured = structured_path(ctx.req, meta, pc)
+            req = structured_request(ctx.req, ctx.structured)
+            body = pc.encode_request(drop_thinking(req, keep) if moved else req, mid,
                                      prov, meta, cat.settings)
         path, data = pc.request_path(prov, mid, ctx.stream), dumps(body).encode()
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None, path, data)
@@ -7269,6 +7534,12 @@ class Dispatcher:
     def _pipe(self, ctx, prov, conn, resp, same, t0, limit, on_commit=None, on_complete=None):
         pc = CODECS[prov.api]
         source = self._source(prov, conn, resp, pc, limit)
+        rf = ctx.req.get("response_format")
+        if ctx.structured == "tool":
+            source = structured_source(source, format_name(rf))
+        # a structured reply is checked when it is whole: always when not streamed, and streams
+        # are held to their end when the client asked for strict
+        check = rf is not None and (not ctx.stream or rf["strict"])
         held_raw, held, held_bytes = [], [], 0
         committed = False
         for raw, evs in source:
@@ -7289,9 +7560,11 @@ class Dispatcher:
                     if not any(e[0] in CONTENT_EVENTS for e in held):
                         raise Failover("empty", "empty reply",
                                        fallback=(prov, ctx.upstream_model, same,
-                                                                        b"".join(held_raw), held))
+                                                 b"".join(held_raw), held))
+                    if check:
+                        held = self._checked(held, ctx.structured)
                     committed = True
-                elif k in CONTENT_EVENTS and ctx.stream:
+                elif k in CONTENT_EVENTS and ctx.stream and not check:
                     committed = True
             if committed:
                 break
@@ -7304,6 +7577,21 @@ class Dispatcher:
             conn.sock.settimeout(prov.idle_timeout)
         self._deliver(ctx, prov, same, b"".join(held_raw), held, source, on_complete)
         self.release(prov, conn, resp)
+
+    @staticmethod
+    def _checked(events, path):
+        """The events of a whole structured reply, if its text is JSON (a fenced answer on the
+        prompt path unwrapped); else a Failover, so the next candidate answers."""
+        resp = fold_events(events)
+        said = "".join(p["text"] for p in resp["content"] if p["type"] == "text")
+        if not structured_text_ok(resp, path):
+            raise Failover("format", f"the reply is not the JSON asked for ({path} path): "
+                                     f"{said[:80]!r}", next_key=False)
+        text = "".join(p["text"] for p in resp["content"] if p["type"] == "text")
+        if text == said:
+            return events
+        return [e for e in events if e[0] not in ("text", "end")] + [("text", text)] + \
+            [e for e in events if e[0] == "end"]
 
     def _deliver(self, ctx, prov, same, raw, events, source=(), on_complete=None):
         """Write the committed answer: held bytes/events first, then the rest of the source."""
@@ -8522,7 +8810,14 @@ class Router:
         req = decode_client_request(dialect, body)
         pin, _last = self.affinity.get(Affinity.key(req, headers),
                                        headers.get("x-router-route") or req["model"])
-        return dict(self.plan(self.catalogue, req, body, headers, pin).explain(), dialect=dialect)
+        cat = self.catalogue
+        out = dict(self.plan(cat, req, body, headers, pin).explain(), dialect=dialect)
+        if req.get("response_format"):
+            for c in out["candidates"]:
+                api = cat.providers[c["provider"]].api
+                c["structured"] = "native" if api == dialect else structured_path(
+                    req, cat.meta(c["provider"], c["model"]), CODECS[api])
+        return out
 
     def close(self):
         self._stop.set()

@@ -93,6 +93,81 @@ class Reply:
         del self.__dict__["self"]
 
 
+DEFAULT_TEXT = Reply().text
+
+
+def schema_instance(schema):
+    """A value that fits a JSON Schema (Gemini's upper-case types too): what a fake provider that
+    honours the schema answers."""
+    if not isinstance(schema, dict):
+        return "text"
+    if "enum" in schema:
+        return schema["enum"][0]
+    for k in ("anyOf", "oneOf"):
+        if schema.get(k):
+            return schema_instance(next((x for x in schema[k] if x.get("type") != "null"), schema[k][0]))
+    t = schema.get("type")
+    t = str(t[0] if isinstance(t, list) else t).lower()
+    if t == "object" or "properties" in schema:
+        return {k: schema_instance(v) for k, v in (schema.get("properties") or {}).items()}
+    return {"array": lambda: [schema_instance(schema.get("items") or {})], "integer": lambda: 7,
+            "number": lambda: 2.5, "boolean": lambda: True, "null": lambda: None}.get(t, lambda: "text")()
+
+
+def asked_structure(api, body):
+    """What a request asks its answer to be, by the provider dialect's own fields: ("json", schema or
+    None), ("tool", name, schema) for a forced tool, or None (free text)."""
+    if api == "openai":
+        rf = body.get("response_format") or {}
+        if rf.get("type") == "json_schema":
+            return "json", rf["json_schema"]["schema"]
+        forced = ((body.get("tool_choice") or {}) if isinstance(body.get("tool_choice"), dict) else {})
+        forced = (forced.get("function") or {}).get("name")
+        tools = {t["function"]["name"]: t["function"].get("parameters") for t in body.get("tools") or []}
+    elif api == "openai-responses":
+        rf = (body.get("text") or {}).get("format") or {}
+        if rf.get("type") == "json_schema":
+            return "json", rf["schema"]
+        tc = body.get("tool_choice")
+        forced = tc.get("name") if isinstance(tc, dict) else None
+        tools = {t["name"]: t.get("parameters") for t in body.get("tools") or []}
+    elif api == "anthropic":
+        rf = (body.get("output_config") or {}).get("format") or {}
+        if rf:
+            return "json", rf["schema"]
+        tc = body.get("tool_choice") or {}
+        forced = tc.get("name") if tc.get("type") == "tool" else None
+        tools = {t["name"]: t.get("input_schema") for t in body.get("tools") or []}
+    elif api == "gemini":
+        gen, rf = body.get("generationConfig") or {}, {}
+        if gen.get("responseMimeType") == "application/json":
+            return "json", gen.get("responseJsonSchema", gen.get("responseSchema"))
+        fcc = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
+        forced = (fcc.get("allowedFunctionNames") or [None])[0] if fcc.get("mode") == "ANY" else None
+        tools = {d["name"]: d.get("parametersJsonSchema", d.get("parameters"))
+                 for t in body.get("tools") or [] for d in t.get("functionDeclarations") or []}
+    else:
+        fmt = body.get("format")
+        return ("json", fmt if isinstance(fmt, dict) else None) if fmt else None
+    rf = rf.get("type")
+    if rf == "json_object":
+        return "json", None
+    return ("tool", forced, tools[forced]) if forced in tools else None
+
+
+def structured_reply(api, r, body):
+    """The reply a fake gives: as scripted, but a default reply to a request that asks for JSON
+    is JSON that fits the schema it was sent (a request whose schema was lost gets free text)."""
+    want = asked_structure(api, body) if r.text == DEFAULT_TEXT and not r.tools else None
+    if want is None:
+        return r
+    if want[0] == "tool":
+        return Reply(**dict(r.__dict__, text="", tools=[("call_s1" if api != "anthropic" else "toolu_s1",
+                                                        want[1], schema_instance(want[2]))]))
+    value = schema_instance(want[1]) if want[1] is not None else {"ok": True}
+    return Reply(**dict(r.__dict__, text=json.dumps(value)))
+
+
 def _pieces(s, n=4):
     return [s[i:i + n] for i in range(0, len(s), n)] or [""]
 
@@ -391,7 +466,7 @@ class FakeProvider:
                         r = fake.replies.get_nowait()
                     except queue.Empty:
                         r = Reply()
-                fake.serve(self, r, body)
+                fake.serve(self, structured_reply(fake.api, r, body), body)
 
             def _json(self, status, obj, extra=None, record=False):
                 data = json.dumps(obj).encode()
@@ -934,6 +1009,8 @@ class RouterCase(unittest.TestCase):
 
     settings = {"connect_timeout": 2, "first_byte_timeout": 5, "idle_timeout": 5, "cooldown_seconds": 30}
     env = {}
+    more_models = {}       # {provider: {model: metadata}} a subclass adds to the shared config
+    more_routes = {}
 
     @classmethod
     def setUpClass(cls):
@@ -983,6 +1060,9 @@ class RouterCase(unittest.TestCase):
             "aliases": {"claude-*haiku*": "general", "claude-*": "code", "gpt-4*": "oa/gpt-test"},
             "settings": cls.settings,
         }
+        for pname, models in cls.more_models.items():
+            cls.cfg["providers"][pname]["models"].update(models)
+        cls.cfg["routes"].update(cls.more_routes)
         cls.h = Harness(cls.cfg, cls.env)
 
     @classmethod
@@ -1838,6 +1918,173 @@ class DialectMatrixTests(RouterCase):
                                 self.assertEqual(got["usage"]["eval_count"], 7)
                             self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
                             self.check_upstream(api, fake.requests[-1], stream, case)
+
+
+WEATHER_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "temp", "tags"],
+                  "properties": {"city": {"type": "string"}, "temp": {"type": "number"},
+                                 "tags": {"type": "array", "items": {"type": "string"}}}}
+WEATHER_VALUE = {"city": "text", "temp": 2.5, "tags": ["text"]}
+
+
+def with_format(dialect, body, schema=WEATHER_SCHEMA, strict=True):
+    """A client body that asks for JSON fitting `schema` (None: any JSON object) in its own words."""
+    if dialect == "openai":
+        body["response_format"] = {"type": "json_object"} if schema is None else {
+            "type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": strict}}
+    elif dialect == "openai-responses":
+        body["text"] = {"format": {"type": "json_object"} if schema is None else {
+            "type": "json_schema", "name": "weather", "schema": schema, "strict": strict}}
+    elif dialect == "anthropic":
+        body["output_config"] = {"format": {"type": "json_schema", "schema": schema or {"type": "object"}}}
+    elif dialect == "gemini":
+        body["generationConfig"]["responseMimeType"] = "application/json"
+        if schema is not None:
+            body["generationConfig"]["responseJsonSchema"] = schema
+    else:
+        body["format"] = schema if schema is not None else "json"
+    return body
+
+
+class StructuredOutputTests(RouterCase):
+    """response_format and its kin: one neutral field, each provider's best path, strict mode."""
+
+    more_models = {"an": {"claude-sonnet-4-5": {}}, "gm": {"gemini-1.5-flash": {}},
+                   "oa": {"plain-local": {"structured": "prompt"}}}
+    more_routes = {"json-first": ["oa/plain-local", "an/claude-sonnet-4-5"]}
+
+    def fake_for(self, api):
+        return {"openai": self.oa, "anthropic": self.an, "openai-responses": self.rs, "gemini": self.gm,
+                "ollama": self.ol}[api]
+
+    def ask(self, dialect, body, headers=None):
+        r = self.post(dialect, body, headers)
+        self.assertEqual(r.status, 200, r)
+        stream = ":stream" in body.path if dialect == "gemini" else body.get("stream", False)
+        return r, READERS[dialect](r, stream)
+
+    def test_json_schema_from_every_client_dialect_to_every_provider_dialect(self):
+        # claude-test is an older Claude (the forced tool); the rest take the schema natively
+        for client in READERS:
+            for api, target in ALL_TARGETS.items():
+                for stream in (False, True):
+                    with self.subTest(client=client, provider=api, stream=stream):
+                        self.setUp()
+                        body = with_format(client, client_body(client, target, stream))
+                        r, got = self.ask(client, body)
+                        self.assertIsNone(got["error"])
+                        self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
+                        self.assertEqual(got["tools"], [])
+                        self.assertEqual(got["finish"], FINISH[client][0])
+                        path = "tool" if api == "anthropic" and client != "anthropic" else "native"
+                        self.assertEqual(r.headers["x-router-structured"], path)
+                        self.assertEqual(r.headers["x-router-attempts"], "1")
+                        asked = asked_structure(api, self.fake_for(api).requests[-1]["body"])
+                        if path == "tool":
+                            named = client in ("openai", "openai-responses")
+                            self.assertEqual(asked[:2], ("tool", "weather" if named else "json_answer"))
+                        else:
+                            self.assertEqual(asked[0], "json")
+                            self.assertEqual(asked[1]["required"], ["city", "temp", "tags"])
+
+    def test_json_object_from_every_client_dialect(self):
+        for client in READERS:
+            for api in ("openai", "gemini", "ollama", "openai-responses"):
+                with self.subTest(client=client, provider=api):
+                    self.setUp()
+                    schema = {"type": "object"} if client == "anthropic" else None
+                    body = with_format(client, client_body(client, ALL_TARGETS[api], False), schema)
+                    r, got = self.ask(client, body)
+                    self.assertIsInstance(json.loads(got["text"]), dict)
+                    self.assertEqual(r.headers["x-router-structured"], "native")
+
+    def test_each_provider_gets_its_own_field(self):
+        body = with_format("openai", client_body("openai", "an/claude-sonnet-4-5", False))
+        r, got = self.ask("openai", body)
+        self.assertEqual(r.headers["x-router-structured"], "native")
+        sent = self.an.requests[-1]["body"]
+        self.assertEqual(sent["output_config"]["format"]["type"], "json_schema")
+        self.assertNotIn("tools", sent)
+        self.assertIs(sent["output_config"]["format"]["schema"]["additionalProperties"], False)
+        self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
+        # Gemini 2.5 and later take JSON Schema; older ones the reduced OpenAPI schema
+        self.ask("openai", with_format("openai", client_body("openai", "gm/gemini-3-pro", False)))
+        gen = self.gm.requests[-1]["body"]["generationConfig"]
+        self.assertEqual(gen["responseMimeType"], "application/json")
+        self.assertEqual(gen["responseJsonSchema"], WEATHER_SCHEMA)
+        self.assertNotIn("responseSchema", gen)
+        r, got = self.ask("openai", with_format("openai", client_body("openai", "gm/gemini-1.5-flash", False)))
+        gen = self.gm.requests[-1]["body"]["generationConfig"]
+        self.assertNotIn("responseJsonSchema", gen)
+        self.assertEqual(gen["responseSchema"]["properties"]["tags"], {"type": "ARRAY", "items": {"type": "STRING"}})
+        self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
+        # Chat Completions nests the schema; Responses is flat
+        self.ask("anthropic", with_format("anthropic", client_body("anthropic", "oa/gpt-test", False)))
+        rf = self.oa.requests[-1]["body"]["response_format"]
+        self.assertEqual((rf["type"], rf["json_schema"]["schema"]), ("json_schema", WEATHER_SCHEMA))
+        self.ask("gemini", with_format("gemini", client_body("gemini", "rs/gpt-resp", False)))
+        fmt = self.rs.requests[-1]["body"]["text"]["format"]
+        self.assertEqual((fmt["type"], fmt["schema"]), ("json_schema", WEATHER_SCHEMA))
+        self.ask("openai", with_format("openai", client_body("openai", "ol/llama-test", True)))
+        self.assertEqual(self.ol.requests[-1]["body"]["format"], WEATHER_SCHEMA)
+
+    def test_the_tool_path_gives_way_to_the_prompt_path_when_the_request_has_tools(self):
+        body = with_format("openai", client_body("openai", "an/claude-test", False, tools=True), strict=False)
+        self.an.push(Reply(text='```json\n{"city": "Oslo", "temp": 1, "tags": []}\n```'))
+        r, got = self.ask("openai", body)
+        self.assertEqual(r.headers["x-router-structured"], "prompt")
+        self.assertEqual(json.loads(got["text"]), {"city": "Oslo", "temp": 1, "tags": []})
+        sent = self.an.requests[-1]["body"]
+        self.assertEqual([t["name"] for t in sent["tools"]], ["get_weather"])
+        system = sent["system"] if isinstance(sent["system"], str) else " ".join(b["text"] for b in sent["system"])
+        self.assertIn('"required":["city","temp","tags"]', system)
+
+    def test_a_reply_that_is_not_json_fails_over(self):
+        # a whole reply is always checked; a stream only when strict was asked (it is then held)
+        for client, stream in (("anthropic", False), ("openai", True), ("openai-responses", True)):
+            with self.subTest(client=client, stream=stream):
+                self.setUp()
+                self.oa.push(Reply(text="Sure! The weather in Paris is mild."))
+                body = with_format(client, client_body(client, "chat", stream))
+                r, got = self.ask(client, body)
+                self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
+                self.assertEqual(r.headers["x-router-provider"], "an")
+                self.assertEqual(r.headers["x-router-attempts"], "2")
+                rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"])
+                self.assertIn("not the JSON asked for", rows[0]["attempts"][0]["reason"])
+        # not strict and streamed: the text goes out as it comes (nothing is held)
+        self.setUp()
+        self.oa.push(Reply(text="Sure! The weather in Paris is mild."))
+        r, got = self.ask("anthropic", with_format("anthropic", client_body("anthropic", "chat", True)))
+        self.assertEqual(got["text"], "Sure! The weather in Paris is mild.")
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+
+    def test_strict_skips_a_model_that_can_only_be_told(self):
+        # plain-local's metadata says "prompt": only its own dialect's clients reach it natively
+        r = self.h.call("POST", "/v1/route", with_format("openai", client_body("openai", "oa/plain-local", False)))
+        self.assertEqual(r.json()["candidates"][0]["structured"], "native")
+        body = with_format("anthropic", client_body("anthropic", "json-first", False))
+        cands = self.h.call("POST", "/v1/route", body).json()["candidates"]
+        self.assertEqual([(c["model"], c["structured"], c["skip"]) for c in cands],
+                         [("plain-local", "prompt", None), ("claude-sonnet-4-5", "native", None)])
+        # not strict: told in the system prompt, and its answer checked
+        self.oa.push(Reply(text='{"city": "Rome", "temp": 20, "tags": ["sun"]}'))
+        r, got = self.ask("anthropic", body)
+        self.assertEqual((r.headers["x-router-model"], r.headers["x-router-structured"]), ("plain-local", "prompt"))
+        self.assertEqual(json.loads(got["text"])["city"], "Rome")
+        self.assertNotIn("response_format", self.oa.requests[-1]["body"])
+        self.assertIn("JSON Schema", self.oa.requests[-1]["body"]["messages"][0]["content"])
+        # strict: skipped, like a model without tools
+        body = with_format("openai-responses", client_body("openai-responses", "json-first", True))
+        cands = self.h.call("POST", "/v1/route", body).json()["candidates"]
+        self.assertEqual(cands[0]["model"], "claude-sonnet-4-5")
+        self.assertEqual((cands[1]["model"], cands[1]["skip"]),
+                         ("plain-local", "strict JSON asked: this model gives JSON by instruction only"))
+        self.oa.reset()
+        r, got = self.ask("openai-responses", body)
+        self.assertEqual((r.headers["x-router-model"], r.headers["x-router-structured"]),
+                         ("claude-sonnet-4-5", "native"))
+        self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
+        self.assertEqual(self.oa.requests, [])
 
 
 class GeminiTests(RouterCase):

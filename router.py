@@ -1169,6 +1169,35 @@ def structured_text_ok(resp, path):
         return False
 
 
+# -- what a translation drops ------------------------------------------------------------------
+#: Neutral fields a provider dialect may not carry (its codec's `carries` says which it does).
+OPTIONAL_FIELDS = ("top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
+                   "parallel_tool_calls")
+
+
+def unread_fields(body, reads, norm=None):
+    """The fields of a client's body its decoder does not translate, in the client's spelling:
+    `reads` maps a top-level field to None (read whole) or to the set of its own fields read."""
+    norm = norm or (lambda d: d)
+    out = []
+    body = norm(body)
+    for k, v in body.items():
+        if k not in reads:
+            out.append(k)
+        elif reads[k] is not None and isinstance(v, dict):
+            out += [f"{k}.{sub}" for sub in norm(v) if sub not in reads[k]]
+    return out
+
+
+def dropped_fields(client, body, req, target):
+    """What a translation from the client's codec to the target's leaves out, by the client's
+    names: fields its decoder does not read, and neutral fields the target cannot carry."""
+    out = client.unread(body) if client.unread is not None else []
+    out += [client.spelling.get(f, f) for f in OPTIONAL_FIELDS
+            if req.get(f) is not None and f not in target.carries]
+    return out
+
+
 def error_json(status, body):
     """A provider's error body as (JSON, None), or, when it is not JSON, (None, its first 300
     characters as the message)."""
@@ -1397,6 +1426,8 @@ def openai_decode_request(body):
     _need(effort is None or isinstance(effort, str), "reasoning_effort",
           "must be a string such as \"low\" or \"high\"")
     so = body.get("stream_options")
+    n = body.get("n", 1)
+    _need(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "n", "must be an integer >= 1")
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice,
         parallel_tool_calls=body.get("parallel_tool_calls"), max_tokens=max_tokens,
@@ -1405,7 +1436,8 @@ def openai_decode_request(body):
         stream=stream, include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
         reasoning={"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
-        response_format=_openai_format(body.get("response_format")), **_penalties(body))
+        response_format=_openai_format(body.get("response_format")), **_penalties(body),
+        extra={"same_dialect_only": [f"n ({n} choices)"]} if n > 1 else None)
 
 
 def _openai_format(rf):
@@ -3564,8 +3596,11 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         tool_choice = {"type": "auto"}
     gen = _gkeys(body.get("generationConfig") or {})
     _need(isinstance(gen, dict), "generationConfig", "must be an object")
-    _need(gen.get("candidateCount") in (None, 1), "generationConfig.candidateCount",
-          "must be 1: the router returns one candidate")
+    count = gen.get("candidateCount", 1)
+    _need(isinstance(count, int) and not isinstance(count, bool) and count >= 1,
+          "generationConfig.candidateCount", "must be an integer >= 1")
+    if count > 1:
+        only_gemini.append(f"generationConfig.candidateCount ({count} candidates)")
     stop = gen.get("stopSequences")
     _need(stop is None or isinstance(stop, list), "generationConfig.stopSequences",
           "must be an array of strings")
@@ -4260,7 +4295,8 @@ class Codec:
     Provider side: encode_request(req, model, provider, meta, settings) -> body;
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
       parse_error(status, body) -> (message, code); structured: the response_format types its
-      request can carry natively (json_object, json_schema).
+      request can carry natively (json_object, json_schema); carries: the OPTIONAL_FIELDS its
+      request has.
     Transport: request_path(provider, model, stream); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
@@ -4271,6 +4307,8 @@ class Codec:
       provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
       count_result(obj) for token counting upstream, count_shape(n) the count its clients read;
       free: its models cost nothing (local).
+    Translation: unread(body) -> the client's fields its decoder does not translate; spelling:
+      neutral field -> the client's name for it (for X-Router-Dropped).
     Front: client_paths: the POST paths its clients call -> action (generate, count_tokens, show);
       Gemini's, with the model in the path, are matched by the front's GEMINI_CALL."""
 
@@ -4281,7 +4319,7 @@ class Codec:
                  "stream_decoder", "parse_error", "request_path", "auth", "root",
                  "is_stream", "adjust",
                  "list_models", "probe_path", "count_path", "count_result", "count_shape",
-                 "free", "client_paths", "structured")
+                 "free", "client_paths", "structured", "carries", "unread", "spelling")
 
     def __init__(self, name, *, decode_request=None, encode_response=None,
                  stream_encoder=None, encode_error=None,
@@ -4292,7 +4330,7 @@ class Codec:
                  is_stream=_is_stream, adjust=None,
                  list_models=None, probe_path=None, count_path=None,
                  count_result=None, count_shape=None, free=False, client_paths=None,
-                 structured=frozenset()):
+                 structured=frozenset(), carries=frozenset(), unread=None, spelling=None):
         self.name = name
         self.decode_request, self.encode_response = decode_request, encode_response
         self.stream_encoder = stream_encoder
@@ -4306,7 +4344,8 @@ class Codec:
         self.list_models, self.probe_path = list_models, probe_path
         self.count_path, self.count_result, self.count_shape = count_path, count_result, count_shape
         self.free, self.client_paths = free, client_paths or {}
-        self.structured = frozenset(structured)
+        self.structured, self.carries = frozenset(structured), frozenset(carries)
+        self.unread, self.spelling = unread, spelling or {}
 
 
 def _root_without_v1(path):
@@ -4326,6 +4365,38 @@ def decode_client_request(dialect, body, **kw):
                        f"({type(e).__name__}: {clean_text(e, 200)})") from None
 
 
+def _carried(table, *more):
+    """The OPTIONAL_FIELDS a provider dialect's request carries: its sampling table's, and more."""
+    return {f for f, _target, _limit in table if f in OPTIONAL_FIELDS} | set(more)
+
+
+#: The fields each client dialect's decoder translates (the rest is named in X-Router-Dropped
+#: when the request is translated): top level, and the own fields of nested settings objects.
+_ROUTING = {"models": None, "provider": None}
+OPENAI_READS = dict.fromkeys((
+    "model", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
+    "max_completion_tokens", "temperature", "top_p", "stop", "stream", "stream_options",
+    "reasoning_effort", "reasoning", "user", "response_format", "seed", "presence_penalty",
+    "frequency_penalty", "n"), None) | _ROUTING
+ANTHROPIC_READS = dict.fromkeys((
+    "model", "messages", "system", "tools", "tool_choice", "max_tokens", "temperature", "top_p",
+    "top_k", "stop_sequences", "stream", "thinking", "metadata", "output_config",
+    "output_format"), None) | _ROUTING
+RESPONSES_READS = dict.fromkeys((
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
+    "max_output_tokens", "temperature", "top_p", "stream", "reasoning", "user", "text", "store",
+    "previous_response_id"), None) | _ROUTING
+GEMINI_READS = dict(dict.fromkeys(("contents", "systemInstruction", "tools", "toolConfig", "model",
+                                   "generateContentRequest"), None),
+                    generationConfig={"candidateCount", "maxOutputTokens", "responseJsonSchema",
+                                      "responseMimeType", "responseSchema", "stopSequences",
+                                      "temperature", "thinkingConfig", "topK", "topP", "seed",
+                                      "presencePenalty", "frequencyPenalty"})
+OLLAMA_READS = dict(dict.fromkeys(("model", "messages", "prompt", "system", "images", "tools",
+                                   "stream", "think", "format"), None),
+                    options={"num_predict", "stop", "temperature", "top_k", "top_p", "seed",
+                             "presence_penalty", "frequency_penalty", "num_ctx"})
+
 CODECS = {
     "openai": Codec(
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
@@ -4336,7 +4407,8 @@ CODECS = {
         request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
         probe_path="/models", client_paths={"/v1/chat/completions": "generate"},
-        structured=("json_object", "json_schema")),
+        structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls"),
+        unread=lambda body: unread_fields(body, OPENAI_READS)),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request,
         encode_response=anthropic_encode_response,
@@ -4350,7 +4422,9 @@ CODECS = {
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
         count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n},
         client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"},
-        structured=("json_schema",)),
+        structured=("json_schema",), carries=_carried(ANTHROPIC_SAMPLING, "parallel_tool_calls"),
+        unread=lambda body: unread_fields(body, ANTHROPIC_READS),
+        spelling={"stop": "stop_sequences", "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request,
         encode_response=responses_encode_response,
@@ -4361,7 +4435,9 @@ CODECS = {
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
-        client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema")),
+        client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
+        carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls"),
+        unread=lambda body: unread_fields(body, RESPONSES_READS)),
     "gemini": Codec(
         "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
         stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,
@@ -4374,7 +4450,11 @@ CODECS = {
         probe_path="/models?pageSize=1",
         count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
         count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n},
-        structured=("json_object", "json_schema")),
+        structured=("json_object", "json_schema"), carries=_carried(GEMINI_SAMPLING),
+        unread=lambda body: unread_fields(body, GEMINI_READS, _gkeys),
+        spelling={"top_k": "generationConfig.topK", "stop": "generationConfig.stopSequences",
+                  "seed": "generationConfig.seed", "presence_penalty": "generationConfig.presencePenalty",
+                  "frequency_penalty": "generationConfig.frequencyPenalty"}),
     "ollama": Codec(
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
         stream_encoder=OllamaStreamEncoder, encode_error=ollama_encode_error,
@@ -4386,7 +4466,10 @@ CODECS = {
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
         probe_path="/api/tags", free=True,
         client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show"},
-        structured=("json_object", "json_schema")),
+        structured=("json_object", "json_schema"), carries=_carried(OLLAMA_SAMPLING),
+        unread=lambda body: unread_fields(body, OLLAMA_READS),
+        spelling={f: "options." + f for f in ("top_k", "stop", "seed", "presence_penalty",
+                                               "frequency_penalty")}),
 }
 
 
@@ -7320,7 +7403,7 @@ class Context:
     __slots__ = ("dialect", "body", "req", "headers", "writer", "stream", "model",
                  "started", "collect",
                  "passthrough", "plan", "estimate", "history_marks", "provider_marks", "attempts",
-                 "provider", "upstream_model", "same", "structured", "ttfb", "usage",
+                 "provider", "upstream_model", "same", "structured", "dropped", "ttfb", "usage",
                  "usage_estimated", "out_chars", "made_marks", "broken", "status", "error")
 
     def __init__(self, dialect, body, req, headers, writer):
@@ -7343,6 +7426,7 @@ class Context:
         self.provider = self.upstream_model = self.ttfb = self.usage = None
         self.same = False          # answered on the same-dialect passthrough
         self.structured = None     # the response_format's path (native, tool, prompt), if one
+        self.dropped = []          # the client's fields the translation left out
         self.usage_estimated = False
         # streamed output, for a usage estimate when the provider gives none
         self.out_chars = 0
@@ -7430,6 +7514,8 @@ class Dispatcher:
             h["X-Router-Intent"] = ctx.plan.intent
         if ctx.structured:
             h["X-Router-Structured"] = ctx.structured
+        if ctx.dropped:
+            h["X-Router-Dropped"] = ", ".join(header_value(f) for f in ctx.dropped)
         return h
 
     # -- one attempt ----------------------------------------------------------------------------
@@ -7453,7 +7539,9 @@ class Dispatcher:
                 body, extra = pc.adjust(body, prov, ctx.req, meta, ctx.headers,
                                         keep if moved else None)
             ctx.structured = "native" if ctx.req.get("response_format") else None
+            ctx.dropped = []
         else:
+            ctx.dropped = dropped_fields(CODECS[ctx.dialect], ctx.body, ctx.req, pc)
             ctx.structured = structured_path(ctx.req, meta, pc)
             req = structured_request(ctx.req, ctx.structured)
             body = pc.encode_request(drop_thinking(req, keep) if moved else req, mid,
@@ -7932,7 +8020,7 @@ class RequestLog:
     COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model",
                "attempts", "status", "latency_ms", "ttfb_ms", "input_tokens", "output_tokens",
                "cached_tokens", "cost", "stream",
-               "error", "prompt", "reply", "pinned", "usage_estimated")
+               "error", "prompt", "reply", "pinned", "usage_estimated", "structured", "dropped")
 
     def __init__(self, path, settings, metrics, line_format="text"):
         self.path = path
@@ -8109,7 +8197,8 @@ class RequestLog:
     def recent(self, limit=50):
         rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, "
                           "attempts, status, latency_ms, ttfb_ms, input_tokens, output_tokens, "
-                          "cached_tokens, usage_estimated, cost, stream, error, pinned FROM "
+                          "cached_tokens, usage_estimated, cost, stream, error, pinned, "
+                          "structured, dropped FROM "
                           "requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
         for r in rows:
             r["attempts"] = json.loads(r["attempts"] or "[]")
@@ -8157,6 +8246,8 @@ def request_row(ctx, catalogue, log_prompts):
            "stream": int(bool(ctx.stream)), "error": ctx.error, "prompt": None, "reply": None,
            "pinned": "/".join(ctx.plan.pinned) if ctx.plan and ctx.plan.pinned else None,
            "usage_estimated": int(ctx.usage_estimated),
+           "structured": ctx.structured if answered else None,
+           "dropped": ", ".join(ctx.dropped) if answered and ctx.dropped else None,
            "known": (ctx.provider, ctx.upstream_model) in catalogue.caps}
     if log_prompts:
         row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]

@@ -2043,13 +2043,15 @@ class StructuredOutputTests(RouterCase):
         for client, stream in (("anthropic", False), ("openai", True), ("openai-responses", True)):
             with self.subTest(client=client, stream=stream):
                 self.setUp()
+                before = len(wait_rows(self.h, lambda rows: True))
                 self.oa.push(Reply(text="Sure! The weather in Paris is mild."))
                 body = with_format(client, client_body(client, "chat", stream))
                 r, got = self.ask(client, body)
                 self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
                 self.assertEqual(r.headers["x-router-provider"], "an")
                 self.assertEqual(r.headers["x-router-attempts"], "2")
-                rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"])
+                rows = wait_rows(self.h, lambda rows: len(rows) > before)
+                self.assertEqual(rows[0]["structured"], "native" if client == "anthropic" else "tool")
                 self.assertIn("not the JSON asked for", rows[0]["attempts"][0]["reason"])
         # not strict and streamed: the text goes out as it comes (nothing is held)
         self.setUp()
@@ -2057,6 +2059,28 @@ class StructuredOutputTests(RouterCase):
         r, got = self.ask("anthropic", with_format("anthropic", client_body("anthropic", "chat", True)))
         self.assertEqual(got["text"], "Sure! The weather in Paris is mild.")
         self.assertEqual(r.headers["x-router-provider"], "oa")
+
+    @unittest.skipIf(openai is None, "openai SDK not installed")
+    def test_openai_sdk_parse_through_anthropic_and_gemini(self):
+        import pydantic
+
+        class Weather(pydantic.BaseModel):
+            city: str
+            temp: float
+            tags: list[str]
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
+        for model, fake in (("an/claude-test", self.an), ("an/claude-sonnet-4-5", self.an),
+                            ("gm/gemini-test", self.gm), ("gm/gemini-3-pro", self.gm)):
+            with self.subTest(model=model):
+                done = client.chat.completions.parse(model=model, response_format=Weather,
+                                                     messages=[{"role": "user", "content": "Weather in Paris?"}])
+                self.assertEqual(done.choices[0].message.parsed, Weather(city="text", temp=2.5, tags=["text"]))
+                self.assertEqual(done.choices[0].finish_reason, "stop")
+                asked = asked_structure(fake.api, fake.requests[-1]["body"])
+                self.assertEqual(set(asked[-1]["properties"]), {"city", "temp", "tags"})
+                got = client.responses.parse(model=model, text_format=Weather, input="Weather in Paris?")
+                self.assertEqual(got.output_parsed, Weather(city="text", temp=2.5, tags=["text"]))
 
     def test_strict_skips_a_model_that_can_only_be_told(self):
         # plain-local's metadata says "prompt": only its own dialect's clients reach it natively
@@ -2085,6 +2109,67 @@ class StructuredOutputTests(RouterCase):
                          ("claude-sonnet-4-5", "native"))
         self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
         self.assertEqual(self.oa.requests, [])
+
+
+class DroppedFieldTests(RouterCase):
+    """X-Router-Dropped: what a translation cannot carry is named, in the client's own words."""
+
+    def check(self, client, target, extra, dropped, nested=None):
+        self.setUp()
+        before = len(wait_rows(self.h, lambda rows: True))
+        body = client_body(client, target, False)
+        body.update(extra)
+        for k, v in (nested or {}).items():
+            body.setdefault(k, {}).update(v)
+        r = self.post(client, body)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.headers.get("x-router-dropped"), dropped)
+        rows = wait_rows(self.h, lambda rows: len(rows) > before)
+        self.assertEqual(rows[0]["dropped"], dropped)
+        return r
+
+    def test_each_client_dialect_is_told_what_its_target_cannot_carry(self):
+        self.check("openai", "an/claude-test",
+                   {"seed": 7, "presence_penalty": 0.5, "logprobs": True, "logit_bias": {"50256": -100}},
+                   "logprobs, logit_bias, seed, presence_penalty")
+        self.assertNotIn("seed", self.an.requests[-1]["body"])
+        self.check("openai", "gm/gemini-test", {"seed": 7, "frequency_penalty": 0.2, "logprobs": True},
+                   "logprobs")
+        gen = self.gm.requests[-1]["body"]["generationConfig"]
+        self.assertEqual((gen["seed"], gen["frequencyPenalty"]), (7, 0.2))
+        self.check("anthropic", "rs/gpt-resp", {"top_k": 5, "stop_sequences": ["END"]}, "top_k, stop_sequences")
+        self.check("gemini", "an/claude-test", {"safetySettings": [{"category": "HARM_CATEGORY_HATE_SPEECH",
+                                                                     "threshold": "BLOCK_NONE"}]},
+                   "safetySettings, generationConfig.seed, generationConfig.presencePenalty",
+                   nested={"generationConfig": {"seed": 3, "presencePenalty": 0.1}})
+        self.check("ollama", "oa/gpt-test", {"keep_alive": "5m"}, "keep_alive, options.top_k",
+                   nested={"options": {"top_k": 20, "seed": 9}})
+        self.assertEqual(self.oa.requests[-1]["body"]["seed"], 9)
+        self.check("openai-responses", "oa/gpt-test", {"include": ["reasoning.encrypted_content"]}, "include")
+        # nothing is dropped on the same-dialect passthrough, nor when all is carried
+        self.check("openai", "oa/gpt-test", {"seed": 7, "logprobs": True}, None)
+        self.assertEqual(self.oa.requests[-1]["body"]["logprobs"], True)
+        self.check("anthropic", "gm/gemini-test", {"top_k": 5, "stop_sequences": ["END"]}, None)
+
+    def test_n_above_one_only_where_it_can_be_answered(self):
+        body = dict(client_body("openai", "chat", False), n=3)
+        r = self.post("openai", body)
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "oa"))
+        self.assertEqual(self.oa.requests[-1]["body"]["n"], 3)
+        # the named Claude cannot give three choices: the route "default" (OpenAI-compatible) does
+        r = self.post("openai", dict(client_body("openai", "an/claude-test", False), n=3))
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "oa2"))
+        r = self.post("openai", dict(client_body("openai", "an/claude-test", False), n=3,
+                                     provider={"allow_fallbacks": False}))
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("n (3 choices)", r.json()["error"]["message"])
+        self.assertEqual(self.an.requests, [])
+        body = client_body("gemini", "oa/gpt-test", False)
+        body["generationConfig"]["candidateCount"] = 2
+        r = self.post("gemini", body)
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("candidateCount (2 candidates)", r.json()["error"]["message"])
+        self.assertEqual(r.json()["error"]["status"], "INVALID_ARGUMENT")
 
 
 class GeminiTests(RouterCase):

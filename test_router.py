@@ -2053,6 +2053,14 @@ class StructuredOutputTests(RouterCase):
                 rows = wait_rows(self.h, lambda rows: len(rows) > before)
                 self.assertEqual(rows[0]["structured"], "native" if client == "anthropic" else "tool")
                 self.assertIn("not the JSON asked for", rows[0]["attempts"][0]["reason"])
+        # no candidate answers with JSON: a 502 that says so
+        self.setUp()
+        self.oa.push(Reply(text="Sure! The weather in Paris is mild."))
+        body = with_format("openai", dict(client_body("openai", "oa/gpt-test", False),
+                                          provider={"allow_fallbacks": False}))
+        r = self.post("openai", body)
+        self.assertEqual(r.status, 502, r)
+        self.assertIn("the reply is not the JSON asked for (native path): 'Sure!", r.json()["error"]["message"])
         # not strict and streamed: the text goes out as it comes (nothing is held)
         self.setUp()
         self.oa.push(Reply(text="Sure! The weather in Paris is mild."))

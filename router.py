@@ -1059,6 +1059,39 @@ def output_limit(req, model_meta, default=None):
     return min(mt, cap) if mt and cap else mt
 
 
+# -- reasoning: effort <-> thinking budget ----------------------------------------------------
+#: The one table between a reasoning effort and a thinking budget in tokens, for every dialect:
+#: efforts (OpenAI, Responses, Gemini's thinkingLevel, Ollama's think) become budgets (Anthropic,
+#: Gemini's thinkingBudget) and budgets become the nearest effort at or below them.
+REASONING_BUDGETS = (("minimal", 1024), ("low", 2048), ("medium", 8192), ("high", 16384),
+                     ("xhigh", 32000))
+MIN_THINKING_BUDGET = 1024          # Anthropic's smallest budget_tokens
+
+
+def reasoning_budget(r, model_meta, limit=None):
+    """A neutral reasoning request as a thinking budget in tokens: its own budget, else its
+    effort's, within MIN_THINKING_BUDGET and the model's max_output (and `limit`, when the budget
+    must leave room for the answer inside max_tokens)."""
+    budget = r.get("budget_tokens") or dict(REASONING_BUDGETS).get(r.get("effort") or "medium")
+    budget = budget or dict(REASONING_BUDGETS)["high"]     # "max" and other unknown words
+    for cap in (model_meta.get("max_output"), limit):
+        if cap:
+            budget = min(budget, cap)
+    return max(MIN_THINKING_BUDGET, budget)
+
+
+def reasoning_effort(r, allowed=("minimal", "low", "medium", "high")):
+    """A neutral reasoning request as an effort word the target takes: its own effort if allowed,
+    else the largest allowed effort whose budget is at most its budget (or the effort's)."""
+    effort = r.get("effort")
+    if effort in allowed:
+        return effort
+    budgets = dict(REASONING_BUDGETS)
+    budget = r.get("budget_tokens") or budgets.get(effort) or budgets["high"]
+    fits = [e for e, b in REASONING_BUDGETS if e in allowed and b <= budget]
+    return fits[-1] if fits else allowed[0]
+
+
 # -- structured outputs -----------------------------------------------------------------------
 # A request's response_format is None (free text) or {"type": "json_object" | "json_schema",
 # "name", "schema", "strict"}. A candidate serves it by one of three paths:
@@ -1612,9 +1645,7 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         # Only for models marked "reasoning": true; others reject the parameter with a 400.
-        effort = r.get("effort") or ("high" if (r.get("budget_tokens") or 0) >= 16000 else "medium")
-        body["reasoning_effort"] = effort if effort in ("minimal", "low",
-                                                        "medium", "high") else "high"
+        body["reasoning_effort"] = reasoning_effort(r)
     if req.get("user"):
         body["user"] = req["user"][:256]
     if req["stream"]:
@@ -1976,9 +2007,6 @@ ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error",
 
 
 ANTHROPIC_TOOL_CHOICE = ("auto", "any", "tool", "none")
-ANTHROPIC_EFFORT_BUDGET = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384,
-                           "xhigh": 32000, "max": 32000}
-
 
 def _anthropic_blocks(content, field, allow_tools=True):
     if isinstance(content, str):
@@ -2277,9 +2305,7 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
     r = req.get("reasoning")
     thinking = False
     if r and r.get("enabled") and model_meta.get("reasoning", True):
-        budget = (r.get("budget_tokens")
-                  or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192))
-        budget = max(1024, budget)
+        budget = reasoning_budget(r, model_meta)
         if budget < mt:
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             thinking = True
@@ -2953,10 +2979,7 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
         body.update(openai_family_tools(req, nested=False))
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
-        effort = r.get("effort") or "medium"
-        body["reasoning"] = {"effort": effort if effort in ("minimal", "low",
-                                                            "medium", "high") else "high",
-                             "summary": "auto"}
+        body["reasoning"] = {"effort": reasoning_effort(r), "summary": "auto"}
     if req["stream"]:
         body["stream"] = True
     return body
@@ -3298,8 +3321,7 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
         gen["thinkingConfig"] = {"includeThoughts": True,
-                                 "thinkingBudget": r.get("budget_tokens")
-                                 or ANTHROPIC_EFFORT_BUDGET.get(r.get("effort") or "medium", 8192)}
+                                 "thinkingBudget": reasoning_budget(r, model_meta)}
     if gen:
         body["generationConfig"] = gen
     return body
@@ -4097,7 +4119,9 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
                                        "parameters": t["parameters"]}} for t in req["tools"]]
     r = req.get("reasoning")
     if r and r.get("enabled") and model_meta.get("reasoning"):
-        body["think"] = True
+        # (gpt-oss takes an effort word; other thinking models true)
+        body["think"] = reasoning_effort(r, ("low", "medium", "high")) \
+            if r.get("effort") and "gpt-oss" in model_id else True
     rf = req.get("response_format")
     if rf:
         body["format"] = rf["schema"] if rf["schema"] is not None else "json"

@@ -2180,6 +2180,42 @@ class DroppedFieldTests(RouterCase):
         self.assertEqual(r.json()["error"]["status"], "INVALID_ARGUMENT")
 
 
+class ReasoningTableTests(RouterCase):
+    """One table between effort words and thinking budgets, for every dialect."""
+
+    more_models = {"an": {"claude-big": {"reasoning": True, "max_output": 64000}},
+                   "gm": {"gemini-2.5-pro": {"reasoning": True}},
+                   "rs": {"o-resp": {"reasoning": True}}}
+
+    def test_the_table(self):
+        self.assertEqual(R.reasoning_budget({"effort": "high"}, {}), 16384)
+        self.assertEqual(R.reasoning_budget({"effort": "high"}, {"max_output": 4000}), 4000)
+        self.assertEqual(R.reasoning_budget({"budget_tokens": 10}, {}), R.MIN_THINKING_BUDGET)
+        self.assertEqual(R.reasoning_budget({"effort": "max"}, {}), 16384)
+        self.assertEqual(R.reasoning_effort({"budget_tokens": 3000}), "low")
+        self.assertEqual(R.reasoning_effort({"budget_tokens": 100000}), "high")
+        self.assertEqual(R.reasoning_effort({"budget_tokens": 500}), "minimal")
+        self.assertEqual(R.reasoning_effort({"effort": "xhigh"}), "high")
+        self.assertEqual(R.reasoning_effort({"effort": "minimal"}, ("low", "medium", "high")), "low")
+
+    def test_every_dialect_maps_through_it(self):
+        body = dict(client_body("openai", "an/claude-big", False), reasoning_effort="high", max_tokens=30000)
+        self.ask("openai", body)
+        self.assertEqual(self.an.requests[-1]["body"]["thinking"], {"type": "enabled", "budget_tokens": 16384})
+        body = dict(client_body("anthropic", "oa/o-think", False), max_tokens=8000,
+                    thinking={"type": "enabled", "budget_tokens": 3000})
+        self.ask("anthropic", body)
+        self.assertEqual(self.oa.requests[-1]["body"]["reasoning_effort"], "low")
+        body = client_body("gemini", "rs/o-resp", False)
+        body["generationConfig"]["thinkingConfig"] = {"thinkingBudget": 20000}
+        self.ask("gemini", body)
+        self.assertEqual(self.rs.requests[-1]["body"]["reasoning"]["effort"], "high")
+        body = dict(client_body("ollama", "gm/gemini-2.5-pro", False), think="medium")
+        self.ask("ollama", body)
+        self.assertEqual(self.gm.requests[-1]["body"]["generationConfig"]["thinkingConfig"],
+                         {"includeThoughts": True, "thinkingBudget": 8192})
+
+
 class GeminiTests(RouterCase):
     def test_schema_reduction_on_claude_code_tools(self):
         for name, schema in {**CLAUDE_CODE_TOOL_SCHEMAS, **CODEX_TOOL_SCHEMAS}.items():

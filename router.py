@@ -641,6 +641,20 @@ def sniff_mime(b64):
     return "image/png"
 
 
+def file_part_from_url(url, name=None):
+    """A data URL of a PDF -> a neutral file part, else None (other files have no neutral form)."""
+    m = re.match(r"data:(application/pdf)(?:;[^,]*)?;base64,(.*)", url, re.S)
+    if not m:
+        return None
+    return {"type": "file", "media_type": m.group(1), "data": m.group(2),
+            "name": name if isinstance(name, str) and name else None}
+
+
+def data_url_of(p):
+    """A neutral image or file part with data as a data URL."""
+    return f"data:{p['media_type']};base64,{p['data']}"
+
+
 def image_part_from_url(url):
     """An image part from an OpenAI-style URL: data URLs become base64 parts."""
     m = _DATA_URL_RE.match(url)
@@ -651,9 +665,7 @@ def image_part_from_url(url):
 
 
 def image_url_of(part):
-    if "data" in part:
-        return f"data:{part['media_type']};base64,{part['data']}"
-    return part["url"]
+    return data_url_of(part) if "data" in part else part["url"]
 
 
 def parse_args_json(s):
@@ -992,6 +1004,8 @@ def estimate_tokens(req):
                 chars += _weight(p.get("text", ""))
             elif t == "image":
                 images += 1
+            elif t == "file":
+                chars += len(p["data"]) // 4       # about a token for 12 bytes of a PDF
             elif t == "tool_call":
                 chars += len(p["name"]) + _weight(dumps(p["arguments"]))
             elif t == "tool_result":
@@ -1226,6 +1240,7 @@ def dropped_fields(client, body, req, target):
     """What a translation from the client's codec to the target's leaves out, by the client's
     names: fields its decoder does not read, and neutral fields the target cannot carry."""
     out = client.unread(body) if client.unread is not None else []
+    out += req["extra"].get("dropped_parts", [])
     out += [client.spelling.get(f, f) for f in OPTIONAL_FIELDS
             if req.get(f) is not None and f not in target.carries]
     return out
@@ -1334,9 +1349,10 @@ OPENAI_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"},
                       "required": {"type": "any"}}
 
 
-def _openai_content(content, field):
+def _openai_content(content, field, only):
     """OpenAI message content (string, null or parts of Chat Completions or Responses) -> neutral
-    parts."""
+    parts. Parts with no neutral form (audio, a file by id or URL) are named in `only`: they reach
+    a provider of the client's own dialect on the byte passthrough, and no other."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -1358,8 +1374,16 @@ def _openai_content(content, field):
             _need(isinstance(url, str) and url, f"{field}[{i}].image_url",
                   "must be a URL or data URL string")
             parts.append(image_part_from_url(url))
-        # Other part kinds (input_audio, file, input_file) have no neutral form; they survive only
-        # on the same-dialect passthrough path.
+        elif t in ("file", "input_file"):          # Chat Completions / Responses
+            f = p.get("file") if t == "file" else p
+            data = f.get("file_data") if isinstance(f, dict) else None
+            part = file_part_from_url(data, f.get("filename")) if isinstance(data, str) else None
+            if part is None:
+                only.append(f"{field}[{i}].{t} (by id or URL, or not a PDF)")
+            else:
+                parts.append(part)
+        elif t is not None:
+            only.append(f"{field}[{i}].{t}")
     return parts
 
 
@@ -1412,26 +1436,26 @@ def openai_decode_request(body):
     model = _body_model(body)
     msgs = body.get("messages")
     _need(isinstance(msgs, list) and msgs, "messages", "is required and must be a non-empty array")
-    system, messages = [], []
+    system, messages, only = [], [], []
     for i, m in enumerate(msgs):
         f = f"messages[{i}]"
         _need(isinstance(m, dict), f, "must be an object")
         role = m.get("role")
         if role in ("system", "developer"):
-            parts = _openai_content(m.get("content"), f + ".content")
+            parts = _openai_content(m.get("content"), f + ".content", only)
             if not messages:
                 system.extend(parts)
             else:
                 messages.append({"role": "system", "content": parts})
         elif role == "user":
             messages.append({"role": "user",
-                             "content": _openai_content(m.get("content"), f + ".content")})
+                             "content": _openai_content(m.get("content"), f + ".content", only)})
         elif role == "assistant":
             parts = []
             reasoning = m.get("reasoning_content") or m.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 parts.append({"type": "thinking", "text": reasoning})
-            parts += _openai_content(m.get("content"), f + ".content")
+            parts += _openai_content(m.get("content"), f + ".content", only)
             parts += _openai_tool_calls(m.get("tool_calls") or [], f, i)
             messages.append({"role": "assistant", "content": parts})
         elif role in ("tool", "function"):
@@ -1439,8 +1463,8 @@ def openai_decode_request(body):
             _need(isinstance(tid, str) and tid, f + ".tool_call_id",
                   "is required for role \"tool\"")
             add_tool_result(messages, {"type": "tool_result", "id": tid, "is_error": False,
-                                       "content": _openai_content(m.get("content"),
-                                                                  f + ".content")})
+                                       "content": _openai_content(m.get("content"), f + ".content",
+                                                                  only)})
         else:
             raise bad_request(f + ".role",
                               "must be one of system, developer, user, assistant, tool")
@@ -1470,7 +1494,8 @@ def openai_decode_request(body):
         reasoning={"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         response_format=_openai_format(body.get("response_format")), **_penalties(body),
-        extra={"same_dialect_only": [f"n ({n} choices)"]} if n > 1 else None)
+        extra={"same_dialect_only": only + ([f"n ({n} choices)"] if n > 1 else [])}
+        if only or n > 1 else None)
 
 
 def _openai_format(rf):
@@ -1588,6 +1613,16 @@ class OpenAIStreamEncoder:
         return b""
 
 
+def _openai_part(p):
+    """A neutral text, image or file part as a Chat Completions content part."""
+    if p["type"] == "text":
+        return {"type": "text", "text": p["text"]}
+    if p["type"] == "file":
+        return {"type": "file", "file": {"filename": p.get("name") or "document.pdf",
+                                         "file_data": data_url_of(p)}}
+    return {"type": "image_url", "image_url": {"url": image_url_of(p)}}
+
+
 def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     """Neutral request -> OpenAI Chat Completions body for an OpenAI-compatible provider."""
     out = []
@@ -1617,17 +1652,14 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
                     out.append({"role": "tool", "tool_call_id": p["id"],
                                 "content": result_text(p)})
                     moved_images += [q for q in p["content"] if q["type"] == "image"]
-                elif p["type"] in ("text", "image"):
+                elif p["type"] in ("text", "image", "file"):
                     rest.append(p)
             rest = moved_images + rest
             if rest:
                 if all(p["type"] == "text" for p in rest):
                     out.append({"role": "user", "content": text_of(rest)})
                 else:
-                    out.append({"role": "user", "content": [
-                        {"type": "text", "text": p["text"]} if p["type"] == "text"
-                        else {"type": "image_url",
-                              "image_url": {"url": image_url_of(p)}} for p in rest]})
+                    out.append({"role": "user", "content": [_openai_part(p) for p in rest]})
     body = {"model": model_id, "messages": out}
     mt = output_limit(req, model_meta)
     quirks = provider.quirks if provider is not None else frozenset()
@@ -2008,7 +2040,11 @@ ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error",
 
 ANTHROPIC_TOOL_CHOICE = ("auto", "any", "tool", "none")
 
-def _anthropic_blocks(content, field, allow_tools=True):
+def _anthropic_blocks(content, field, allow_tools=True, only=None, dropped=None):
+    """Anthropic content -> neutral parts. Input with no neutral form (a document by URL or as
+    text, search results) is named in `only`: it reaches an Anthropic provider on the byte
+    passthrough, and no other; other blocks without one (server tools' calls and results) are
+    named in `dropped` (X-Router-Dropped) when they are left out."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     _need(isinstance(content, list), field, "must be a string or an array of content blocks")
@@ -2050,7 +2086,18 @@ def _anthropic_blocks(content, field, allow_tools=True):
                           "signature": b.get("signature") or ""})
         elif t == "redacted_thinking":
             parts.append({"type": "redacted_thinking", "data": str(b.get("data", ""))})
-        # document, search_result, server tool blocks: no neutral form; passthrough only.
+        elif t == "document" and isinstance(b.get("source"), dict) \
+                and b["source"].get("type") == "base64" \
+                and b["source"].get("media_type") == "application/pdf":
+            _need(isinstance(b["source"].get("data"), str), f + ".source.data",
+                  "must be a base64 string")
+            parts.append({"type": "file", "media_type": "application/pdf",
+                          "data": b["source"]["data"],
+                          "name": b.get("title") if isinstance(b.get("title"), str) else None})
+        elif t in ("document", "search_result") and only is not None:
+            only.append(f"{f}.{t}")
+        elif t not in ("tool_use", "tool_result") and dropped is not None:
+            dropped.append(f"{f}.{t}")
     return parts
 
 
@@ -2065,15 +2112,15 @@ def anthropic_decode_request(body, count_only=False):
         system = []
     else:
         system = _anthropic_blocks(system, "system", False)
-    messages = []
+    messages, only, dropped = [], [], []
     for i, m in enumerate(msgs):
         f = f"messages[{i}]"
         _need(isinstance(m, dict), f, "must be an object")
         role = m.get("role")
         _need(role in ("user", "assistant", "system"), f + ".role",
               "must be \"user\" or \"assistant\"")
-        messages.append({"role": role,
-                         "content": _anthropic_blocks(m.get("content"), f + ".content")})
+        messages.append({"role": role, "content": _anthropic_blocks(
+            m.get("content"), f + ".content", only=only, dropped=dropped)})
     tools = []
     raw_tools = body.get("tools") or []
     _need(isinstance(raw_tools, list), "tools", "must be an array")
@@ -2122,7 +2169,8 @@ def anthropic_decode_request(body, count_only=False):
         top_k=_opt_int(body, "top_k", 0), stop=stop or None, stream=stream,
         reasoning=reasoning, user=user,
         response_format=neutral_format(fmt.get("type"), fmt.get("schema"), field=at)
-        if fmt else None)
+        if fmt else None, extra=dict({"same_dialect_only": only} if only else {},
+                                     **({"dropped_parts": dropped} if dropped else {})))
 
 
 def _anthropic_usage(u):
@@ -2161,6 +2209,9 @@ def _anthropic_block(p):
             return {"type": "image",
                     "source": {"type": "base64", "media_type": p["media_type"], "data": p["data"]}}
         return {"type": "image", "source": {"type": "url", "url": p["url"]}}
+    if t == "file":
+        return {"type": "document", **({"title": p["name"]} if p.get("name") else {}),
+                "source": {"type": "base64", "media_type": p["media_type"], "data": p["data"]}}
     if t == "tool_result":
         return {"type": "tool_result", "tool_use_id": anthropic_tool_id(p["id"]),
                 "content": [_anthropic_block(q) for q in p["content"]] or "(empty)",
@@ -2644,7 +2695,7 @@ def responses_decode_request(body):
           "is required and must be a string or an array of items")
     if isinstance(inp, str):
         inp = [{"type": "message", "role": "user", "content": inp}]
-    system, messages = [], []
+    system, messages, only = [], [], []
     instructions = body.get("instructions")
     _need(instructions is None or isinstance(instructions, str), "instructions", "must be a string")
     if instructions:
@@ -2657,7 +2708,7 @@ def responses_decode_request(body):
             role = item.get("role")
             _need(role in ("user", "assistant", "system", "developer"), f + ".role",
                   "must be one of user, assistant, system, developer")
-            parts = _openai_content(item.get("content"), f + ".content")
+            parts = _openai_content(item.get("content"), f + ".content", only)
             if role in ("system", "developer"):
                 if messages:
                     messages.append({"role": "system", "content": parts})
@@ -2675,7 +2726,7 @@ def responses_decode_request(body):
         elif t in ("function_call_output", "custom_tool_call_output"):
             _need(isinstance(item.get("call_id"), str), f + ".call_id", "must be a string")
             out = item.get("output", "")
-            content = _openai_content(out, f + ".output") if isinstance(out, list) else \
+            content = _openai_content(out, f + ".output", only) if isinstance(out, list) else \
                 [{"type": "text", "text": out if isinstance(out, str) else dumps(out)}]
             add_tool_result(messages,
                             {"type": "tool_result", "id": item["call_id"], "is_error": False,
@@ -2725,6 +2776,7 @@ def responses_decode_request(body):
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         response_format=_responses_format(body.get("text")),
         extra={"custom_tools": custom, "store": body.get("store", True) is not False,
+               **({"same_dialect_only": only} if only else {}),
                "previous_response_id": prev, "response_id": new_id("resp_")})
 
 
@@ -2960,6 +3012,9 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
                 content.append({"type": "input_text", "text": p["text"]})
             elif p["type"] == "image":
                 content.append({"type": "input_image", "image_url": image_url_of(p)})
+            elif p["type"] == "file":
+                content.append({"type": "input_file", "filename": p.get("name") or "document.pdf",
+                                "file_data": data_url_of(p)})
         if content:
             items.append({"role": "developer" if role == "system" else "user", "content": content})
     body = {"model": model_id, "input": items, "store": False}
@@ -3267,6 +3322,8 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
                 parts.append({"inlineData": {"mimeType": p["media_type"],
                                              "data": p["data"]}} if "data" in p
                              else {"fileData": {"mimeType": "image/*", "fileUri": p["url"]}})
+            elif t == "file":
+                parts.append({"inlineData": {"mimeType": p["media_type"], "data": p["data"]}})
             elif t == "tool_result":
                 key = "error" if p.get("is_error") else "result"
                 parts.append({"functionResponse": {"name": names.get(p["id"], "tool"),
@@ -3502,6 +3559,9 @@ def _gemini_in_part(p, f, calls, results, only_gemini):
         d = _gkeys(p["inlineData"])
         _need(isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("data", "mimeType")),
               f + ".inlineData", "must be {\"mimeType\", \"data\"} with base64 data")
+        if d["mimeType"] == "application/pdf":
+            return [{"type": "file", "media_type": "application/pdf", "data": d["data"],
+                     "name": d.get("displayName")}]
         if not d["mimeType"].startswith("image/"):
             only_gemini.append(f"{f}.inlineData ({d['mimeType']})")
             return []
@@ -4320,7 +4380,7 @@ class Codec:
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
       parse_error(status, body) -> (message, code); structured: the response_format types its
       request can carry natively (json_object, json_schema); carries: the OPTIONAL_FIELDS its
-      request has.
+      request has; files: it takes PDF file parts.
     Transport: request_path(provider, model, stream); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
@@ -4343,7 +4403,8 @@ class Codec:
                  "stream_decoder", "parse_error", "request_path", "auth", "root",
                  "is_stream", "adjust",
                  "list_models", "probe_path", "count_path", "count_result", "count_shape",
-                 "free", "client_paths", "structured", "carries", "unread", "spelling")
+                 "free", "client_paths", "structured", "carries", "unread", "spelling",
+                 "files")
 
     def __init__(self, name, *, decode_request=None, encode_response=None,
                  stream_encoder=None, encode_error=None,
@@ -4354,7 +4415,8 @@ class Codec:
                  is_stream=_is_stream, adjust=None,
                  list_models=None, probe_path=None, count_path=None,
                  count_result=None, count_shape=None, free=False, client_paths=None,
-                 structured=frozenset(), carries=frozenset(), unread=None, spelling=None):
+                 structured=frozenset(), carries=frozenset(), unread=None, spelling=None,
+                 files=False):
         self.name = name
         self.decode_request, self.encode_response = decode_request, encode_response
         self.stream_encoder = stream_encoder
@@ -4369,7 +4431,7 @@ class Codec:
         self.count_path, self.count_result, self.count_shape = count_path, count_result, count_shape
         self.free, self.client_paths = free, client_paths or {}
         self.structured, self.carries = frozenset(structured), frozenset(carries)
-        self.unread, self.spelling = unread, spelling or {}
+        self.unread, self.spelling, self.files = unread, spelling or {}, files
 
 
 def _root_without_v1(path):
@@ -4432,7 +4494,7 @@ CODECS = {
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
         probe_path="/models", client_paths={"/v1/chat/completions": "generate"},
         structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls"),
-        unread=lambda body: unread_fields(body, OPENAI_READS)),
+        unread=lambda body: unread_fields(body, OPENAI_READS), files=True),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request,
         encode_response=anthropic_encode_response,
@@ -4447,7 +4509,7 @@ CODECS = {
         count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n},
         client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"},
         structured=("json_schema",), carries=_carried(ANTHROPIC_SAMPLING, "parallel_tool_calls"),
-        unread=lambda body: unread_fields(body, ANTHROPIC_READS),
+        unread=lambda body: unread_fields(body, ANTHROPIC_READS), files=True,
         spelling={"stop": "stop_sequences", "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}),
     "openai-responses": Codec(
         "openai-responses", decode_request=responses_decode_request,
@@ -4461,7 +4523,7 @@ CODECS = {
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
         client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
         carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls"),
-        unread=lambda body: unread_fields(body, RESPONSES_READS)),
+        unread=lambda body: unread_fields(body, RESPONSES_READS), files=True),
     "gemini": Codec(
         "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
         stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,
@@ -4475,7 +4537,7 @@ CODECS = {
         count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
         count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n},
         structured=("json_object", "json_schema"), carries=_carried(GEMINI_SAMPLING),
-        unread=lambda body: unread_fields(body, GEMINI_READS, _gkeys),
+        unread=lambda body: unread_fields(body, GEMINI_READS, _gkeys), files=True,
         spelling={"top_k": "generationConfig.topK", "stop": "generationConfig.stopSequences",
                   "seed": "generationConfig.seed", "presence_penalty": "generationConfig.presencePenalty",
                   "frequency_penalty": "generationConfig.frequencyPenalty"}),
@@ -8773,6 +8835,9 @@ class Router:
             return Failover("input", f"skipped: a {prov.api} provider cannot be sent {parts}")
         if not keys:
             return Failover("auth", "every key was rejected (401/403)")
+        if not CODECS[prov.api].files and any(p["type"] == "file" for m in ctx.req["messages"]
+                                               for p in m["content"]):
+            return Failover("input", f"skipped: a {prov.api} provider cannot be sent PDF files")
         return None
 
     def plan(self, cat, req, body, headers, pin=None):

@@ -2180,6 +2180,94 @@ class DroppedFieldTests(RouterCase):
         self.assertEqual(r.json()["error"]["status"], "INVALID_ARGUMENT")
 
 
+PDF_B64 = base64.b64encode(b"%PDF-1.4 a tiny document").decode()
+
+
+def with_pdf(dialect, body):
+    """A client body whose user turn also carries a PDF, in the dialect's own part."""
+    if dialect == "openai":
+        body["messages"][-1]["content"] = [{"type": "text", "text": "Summarise"}, {"type": "file", "file": {
+            "filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_B64}}]
+    elif dialect == "openai-responses":
+        body["input"][-1]["content"].append({"type": "input_file", "filename": "a.pdf",
+                                             "file_data": "data:application/pdf;base64," + PDF_B64})
+    elif dialect == "anthropic":
+        body["messages"][-1]["content"] = [{"type": "text", "text": "Summarise"}, {"type": "document", "title": "a.pdf",
+                                           "source": {"type": "base64", "media_type": "application/pdf",
+                                                      "data": PDF_B64}}]
+    else:
+        body["contents"][-1]["parts"].append({"inlineData": {"mimeType": "application/pdf", "data": PDF_B64}})
+    return body
+
+
+def sent_pdf(api, body):
+    """The PDF a provider was sent, as (media type, base64 data), by its dialect's own part."""
+    if api == "openai":
+        parts = [p for m in body["messages"] if isinstance(m["content"], list) for p in m["content"]]
+        f = next(p["file"] for p in parts if p["type"] == "file")
+        return f["file_data"].split(";")[0][5:], f["file_data"].split(",", 1)[1]
+    if api == "openai-responses":
+        f = next(p for i in body["input"] for p in i.get("content") or [] if p.get("type") == "input_file")
+        return f["file_data"].split(";")[0][5:], f["file_data"].split(",", 1)[1]
+    if api == "anthropic":
+        d = next(b for m in body["messages"] for b in m["content"] if b["type"] == "document")
+        return d["source"]["media_type"], d["source"]["data"]
+    d = next(p["inlineData"] for c in body["contents"] for p in c["parts"]
+             if p.get("inlineData", {}).get("mimeType") == "application/pdf")
+    return d["mimeType"], d["data"]
+
+
+class FileTranslationTests(RouterCase):
+    """PDF parts between the dialects that take them; what has no neutral form never goes in silence."""
+
+    more_routes = {"ollama-first": ["ol/llama-test", "an/claude-test"]}
+
+    def fake_for(self, api):
+        return {"openai": self.oa, "anthropic": self.an, "openai-responses": self.rs, "gemini": self.gm}[api]
+
+    def test_pdfs_between_every_pair_that_takes_them(self):
+        for client in ("openai", "anthropic", "openai-responses", "gemini"):
+            for api in ("openai", "anthropic", "openai-responses", "gemini"):
+                with self.subTest(client=client, provider=api):
+                    self.setUp()
+                    r = self.post(client, with_pdf(client, client_body(client, ALL_TARGETS[api], False)))
+                    self.assertEqual(r.status, 200, r)
+                    self.assertEqual(sent_pdf(api, self.fake_for(api).requests[-1]["body"]),
+                                     ("application/pdf", PDF_B64))
+                    self.assertIsNone(r.headers.get("x-router-dropped"))
+
+    def test_a_provider_that_takes_no_files_is_skipped(self):
+        r = self.post("openai", with_pdf("openai", client_body("openai", "ollama-first", False)))
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "an"))
+        self.assertEqual(self.ol.requests, [])
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"])
+        self.assertEqual(rows[0]["attempts"][0]["reason"], "skipped: a ollama provider cannot be sent PDF files")
+
+    def test_what_has_no_neutral_form_stays_in_its_dialect_or_is_named(self):
+        # a file by id only OpenAI can read: never sent elsewhere without it
+        body = client_body("openai", "an/claude-test", False)
+        body["messages"][-1]["content"] = [{"type": "text", "text": "Summarise"},
+                                           {"type": "file", "file": {"file_id": "file-abc"}}]
+        r = self.post("openai", dict(body, provider={"allow_fallbacks": False}))
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("messages[1].content[1].file (by id or URL, or not a PDF)", r.json()["error"]["message"])
+        r = self.post("openai", dict(body, model="oa/gpt-test"))
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(self.oa.requests[-1]["body"]["messages"][-1]["content"][1]["file"], {"file_id": "file-abc"})
+        # a server tool's blocks in the history (Anthropic's web search) are left out, and named
+        body = client_body("anthropic", "oa/gpt-test", False)
+        body["messages"] = [{"role": "user", "content": "news?"},
+                            {"role": "assistant", "content": [
+                                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "news"}},
+                                {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+                                {"type": "text", "text": "Nothing today."}]},
+                            {"role": "user", "content": "thanks"}]
+        r = self.post("anthropic", body)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.headers["x-router-dropped"],
+                         "messages[1].content[0].server_tool_use, messages[1].content[1].web_search_tool_result")
+
+
 class ReasoningTableTests(RouterCase):
     """One table between effort words and thinking budgets, for every dialect."""
 
@@ -2411,10 +2499,10 @@ class GeminiClientTests(RouterCase):
         self.assertEqual((r.json()["error"]["code"], r.json()["error"]["status"]), (400, "INVALID_ARGUMENT"))
         self.assertIn("alt", r.json()["error"]["message"])
         body = client_body("gemini", "x", False)
-        body["contents"][0]["parts"].append({"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}})
+        body["contents"][0]["parts"].append({"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}})
         r = self.gpost("oa/gpt-test", body)
         self.assertEqual((r.status, r.json()["error"]["status"]), (400, "INVALID_ARGUMENT"), "never sent without it")
-        self.assertIn("contents[0].parts[1].inlineData (application/pdf)", r.json()["error"]["message"])
+        self.assertIn("contents[0].parts[1].inlineData (audio/wav)", r.json()["error"]["message"])
         self.assertEqual(len(self.oa.requests), 0)
         self.oa.push(Reply(status=404, body={"error": {"message": "The model `gpt-tset` does not exist",
                                                        "type": "invalid_request_error", "code": "model_not_found"}}))

@@ -491,6 +491,7 @@ def load_config(config_file, explicit):
 #   ("start", {"id", "model", "usage"?})     ("text", str)      ("thinking", str)
 #   ("signature", str)   ("redacted_thinking", data)   ("tool", id, name)   ("args", json_fragment)
 #   ("end", stop_reason, usage, stop_sequence)   ("error", ApiError)
+#   ("logprobs", [{"token", "logprob", "top": [{"token", "logprob"}]}])  (the text's, when asked)
 # Stop reasons are Anthropic's words: end_turn, max_tokens, tool_use, stop_sequence, refusal,
 # pause_turn. Usage: {"input" (prompt incl. cache), "output", "cache_read", "cache_write",
 # "reasoning"}. A neutral response is the folded stream: {"id", "model", "content": [parts],
@@ -905,6 +906,8 @@ def fold_events(events, resp=None):
         elif kind == "args":
             if content and content[-1]["type"] == "tool_call":
                 content[-1]["_args"].append(ev[1])
+        elif kind == "logprobs":
+            resp.setdefault("logprobs", []).extend(ev[1])
         elif kind == "start":
             meta = ev[1]
             resp["id"] = resp["id"] or meta.get("id")
@@ -939,6 +942,8 @@ def response_events(resp):
         elif t == "tool_call":
             yield ("tool", p["id"], p["name"])
             yield ("args", dumps(p["arguments"]))
+    if resp.get("logprobs"):
+        yield ("logprobs", resp["logprobs"])
     yield ("end", resp["stop_reason"], resp["usage"], resp.get("stop_sequence"))
 
 
@@ -1032,7 +1037,8 @@ MAX_MODEL_NAME = 256
 NEUTRAL_FIELDS = {"tools": (), "tool_choice": None, "parallel_tool_calls": None, "max_tokens": None,
                   "temperature": None, "top_p": None, "top_k": None, "stop": None, "stream": False,
                   "include_usage": True, "reasoning": None, "user": None, "response_format": None,
-                  "seed": None, "presence_penalty": None, "frequency_penalty": None}
+                  "seed": None, "presence_penalty": None, "frequency_penalty": None,
+                  "logprobs": None}
 
 
 def neutral_request(model, system, messages, extra=None, **fields):
@@ -1216,10 +1222,53 @@ def structured_text_ok(resp, path):
         return False
 
 
+# -- log probabilities --------------------------------------------------------------------------
+# A request's `logprobs` is None, or the number of alternatives wanted per token (0: the chosen
+# token's only). Two wire shapes carry them: OpenAI's (also Ollama's) and Gemini's.
+
+def logprobs_from_openai(items):
+    """OpenAI's (and Ollama's) logprobs content items -> neutral ones."""
+    return [{"token": str(c.get("token", "")), "logprob": c.get("logprob"),
+             "top": [{"token": str(t.get("token", "")), "logprob": t.get("logprob")}
+                     for t in c.get("top_logprobs") or [] if isinstance(t, dict)]}
+            for c in items or [] if isinstance(c, dict)]
+
+
+def logprobs_to_openai(items):
+    """Neutral logprobs -> OpenAI's content items (with the tokens' UTF-8 bytes)."""
+    return [{"token": c["token"], "logprob": c["logprob"], "bytes": list(c["token"].encode()),
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                               "bytes": list(t["token"].encode())} for t in c["top"]]}
+            for c in items]
+
+
+def logprobs_from_gemini(result):
+    """A Gemini candidate's logprobsResult -> neutral logprobs."""
+    if not isinstance(result, dict):
+        return []
+    chosen = result.get("chosenCandidates") or []
+    tops = result.get("topCandidates") or []
+    out = []
+    for i, c in enumerate(chosen):
+        top = tops[i].get("candidates") if i < len(tops) and isinstance(tops[i], dict) else []
+        out.append({"token": str(c.get("token", "")), "logprob": c.get("logProbability"),
+                    "top": [{"token": str(t.get("token", "")), "logprob": t.get("logProbability")}
+                            for t in top or [] if isinstance(t, dict)]})
+    return out
+
+
+def logprobs_to_gemini(items):
+    """Neutral logprobs -> a Gemini logprobsResult."""
+    return {"chosenCandidates": [{"token": c["token"], "logProbability": c["logprob"]}
+                                 for c in items],
+            "topCandidates": [{"candidates": [{"token": t["token"], "logProbability": t["logprob"]}
+                                              for t in c["top"]]} for c in items]}
+
+
 # -- what a translation drops ------------------------------------------------------------------
 #: Neutral fields a provider dialect may not carry (its codec's `carries` says which it does).
 OPTIONAL_FIELDS = ("top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
-                   "parallel_tool_calls")
+                   "parallel_tool_calls", "logprobs")
 
 
 def unread_fields(body, reads, norm=None):
@@ -1494,8 +1543,17 @@ def openai_decode_request(body):
         reasoning={"effort": effort, "enabled": effort not in ("none", None)} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         response_format=_openai_format(body.get("response_format")), **_penalties(body),
+        logprobs=_logprobs_asked(body, "logprobs", "top_logprobs"),
         extra={"same_dialect_only": only + ([f"n ({n} choices)"] if n > 1 else [])}
         if only or n > 1 else None)
+
+
+def _logprobs_asked(obj, flag, top, at=""):
+    """A request's log-probability ask (the flag, and how many alternatives) -> neutral."""
+    _need(obj.get(flag) in (None, True, False), at + flag, "must be true or false")
+    n = _opt_int(obj, top, 0)
+    _need(n is None or n <= 20, at + top, "must be between 0 and 20")
+    return (n or 0) if obj.get(flag) else None
 
 
 def _openai_format(rf):
@@ -1552,7 +1610,9 @@ def openai_encode_response(resp, model, req=None):
     finish = "tool_calls" if calls else STOP_TO_OPENAI_FINISH.get(resp["stop_reason"], "stop")
     return {"id": resp.get("id") or new_id("chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish,
+                         "logprobs": {"content": logprobs_to_openai(resp["logprobs"]),
+                                      "refusal": None} if resp.get("logprobs") else None}],
             "usage": _to_openai_usage(resp["usage"])}
 
 
@@ -1579,16 +1639,19 @@ class OpenAIStreamEncoder:
                                   "created": self.created, "model": self.model, "choices": [],
                                   "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
 
-    def _chunk(self, delta, finish=None):
+    def _chunk(self, delta, finish=None, logprobs=None):
         return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
-                                  "created": self.created,
-                                  "model": self.model, "choices": [{"index": 0, "delta": delta,
-                                  "logprobs": None, "finish_reason": finish}]}).encode() + b"\n\n"
+                                  "created": self.created, "model": self.model,
+                                  "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                                               "finish_reason": finish}]}).encode() + b"\n\n"
 
     def encode(self, ev):
         kind = ev[0]
         if kind == "text":
             return self._chunk({"content": ev[1]})
+        if kind == "logprobs":
+            return self._chunk({}, logprobs={"content": logprobs_to_openai(ev[1]),
+                                             "refusal": None})
         if kind == "thinking":
             return self._chunk({"reasoning_content": ev[1]})
         if kind == "tool":
@@ -1666,6 +1729,10 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     if mt:
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
     body.update(sampling_out(req, OPENAI_SAMPLING))
+    if req.get("logprobs") is not None:
+        body["logprobs"] = True
+        if req["logprobs"]:
+            body["top_logprobs"] = req["logprobs"]
     rf = req.get("response_format")
     if rf:
         body["response_format"] = {"type": "json_object"} if rf["type"] == "json_object" else {
@@ -1830,8 +1897,12 @@ def openai_decode_response(body, prov=None):
     stop = OPENAI_FINISH_TO_STOP.get(finish, "end_turn")
     if any(p["type"] == "tool_call" for p in parts):
         stop = "tool_use"
-    return {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_reason": stop,
+    resp = {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_reason": stop,
             "stop_sequence": None, "usage": _openai_usage(body.get("usage")) or empty_usage()}
+    lp = logprobs_from_openai((c.get("logprobs") or {}).get("content"))
+    if lp:
+        resp["logprobs"] = lp
+    return resp
 
 
 class OpenAIStreamDecoder(SSEDecoder):
@@ -1902,6 +1973,9 @@ class OpenAIStreamDecoder(SSEDecoder):
             t = d.get("content")
             if t:
                 self._text(t, out)
+            lp = logprobs_from_openai((c.get("logprobs") or {}).get("content"))
+            if lp:
+                out.append(("logprobs", lp))
             for tc in d.get("tool_calls") or ():
                 idx = tc.get("index", self.current if self.current is not None else 0)
                 fn = tc.get("function") or {}
@@ -3368,6 +3442,10 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     if req.get("max_tokens"):
         gen["maxOutputTokens"] = output_limit(req, model_meta)
     gen.update(sampling_out(req, GEMINI_SAMPLING))
+    if req.get("logprobs") is not None:
+        gen["responseLogprobs"] = True
+        if req["logprobs"]:
+            gen["logprobs"] = req["logprobs"]
     rf = req.get("response_format")
     if rf:
         gen["responseMimeType"] = "application/json"
@@ -3428,6 +3506,9 @@ def gemini_decode_response(body, prov=None):
         GEMINI_FINISH.get(c.get("finishReason"), "end_turn")
     resp["stop_reason"] = "tool_use" if has_tool and stop == "end_turn" else stop
     resp["usage"].update(_gemini_usage(body.get("usageMetadata")) or {})
+    lp = logprobs_from_gemini(c.get("logprobsResult"))
+    if lp:
+        resp["logprobs"] = lp
     return resp
 
 
@@ -3476,6 +3557,9 @@ class GeminiStreamDecoder(SSEDecoder):
             evs = _gemini_parts_events((c.get("content") or {}).get("parts"), self.prov)
             self.saw_tool = self.saw_tool or any(e[0] == "tool" for e in evs)
             out.extend(evs)
+            lp = logprobs_from_gemini(c.get("logprobsResult"))
+            if lp:
+                out.append(("logprobs", lp))
             if c.get("finishReason"):
                 self.finish = c["finishReason"]
 
@@ -3713,7 +3797,8 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         temperature=_opt_num(gen, "temperature", 0, 2), top_p=_opt_num(gen, "topP", 0, 1),
         top_k=_opt_int(gen, "topK", 0), stop=stop or None, reasoning=reasoning, extra=extra,
         response_format=rf, **_penalties(gen, ("seed", "presencePenalty", "frequencyPenalty"),
-                                         "generationConfig."))
+                                         "generationConfig."),
+        logprobs=_logprobs_asked(gen, "responseLogprobs", "logprobs", "generationConfig."))
 
 
 def _gemini_wrap_signature(text, sig):
@@ -3761,10 +3846,12 @@ def _gemini_out_part(p):
 
 def gemini_encode_response(resp, model, req):
     parts = [q for q in (_gemini_out_part(p) for p in resp["content"]) if q is not None]
-    return {"candidates": [{"content": {"role": "model", "parts": parts},
-                            "finishReason": TO_GEMINI_FINISH.get(resp["stop_reason"] or "end_turn",
-                                                                 "STOP"),
-                            "index": 0}],
+    cand = {"content": {"role": "model", "parts": parts},
+            "finishReason": TO_GEMINI_FINISH.get(resp["stop_reason"] or "end_turn", "STOP"),
+            "index": 0}
+    if resp.get("logprobs"):
+        cand["logprobsResult"] = logprobs_to_gemini(resp["logprobs"])
+    return {"candidates": [cand],
             "usageMetadata": _to_gemini_usage(resp["usage"]), "modelVersion": model,
             "responseId": resp.get("id") or new_id("")}
 
@@ -3793,10 +3880,12 @@ class GeminiStreamEncoder:
         self.call = None
         self.thought = []         # the thinking text since the last signature
 
-    def _chunk(self, parts, finish=None, usage=None):
+    def _chunk(self, parts, finish=None, usage=None, logprobs=None):
         cand = {"content": {"role": "model", "parts": parts}, "index": 0}
         if finish:
             cand["finishReason"] = finish
+        if logprobs:
+            cand["logprobsResult"] = logprobs_to_gemini(logprobs)
         obj = {"candidates": [cand], "modelVersion": self.model, "responseId": self.id}
         if usage is not None:
             obj["usageMetadata"] = _to_gemini_usage(usage)
@@ -3820,6 +3909,8 @@ class GeminiStreamEncoder:
             return b""
         if kind == "error":
             return b"data: " + gemini_encode_error(ev[1]) + b"\r\n\r\n"
+        if kind == "logprobs":
+            return self._chunk([{"text": ""}], logprobs=ev[1])
         parts = self._flush_call()
         if kind == "tool":
             self.call = [ev[1], ev[2], []]
@@ -4013,6 +4104,7 @@ def ollama_decode_request(body):
                         fmt if isinstance(fmt, dict) else None, field="format") if fmt else None
     return neutral_request(
         model, system, messages, tools=tools, stream=stream, response_format=rf,
+        logprobs=_logprobs_asked(body, "logprobs", "top_logprobs"),
         reasoning={"enabled": True,
                    "effort": think if isinstance(think, str) else None} if think else None,
         extra={"ollama_generate": generate}, **_ollama_options(body))
@@ -4054,6 +4146,8 @@ def ollama_encode_response(resp, model, req):
              for i, p in enumerate(q for q in resp["content"] if q["type"] == "tool_call")]
     if calls:
         msg["tool_calls"] = calls
+    if resp.get("logprobs"):
+        out["logprobs"] = logprobs_to_openai(resp["logprobs"])
     return out
 
 
@@ -4073,6 +4167,8 @@ class OllamaStreamEncoder:
 
     def _line(self, **fields):
         obj = {"model": self.model, "created_at": _ollama_now()}
+        if "logprobs" in fields:            # beside the message, not in it
+            obj["logprobs"] = fields.pop("logprobs")
         if self.generate:
             obj["response"] = fields.pop("content", "")
             obj.update(fields)
@@ -4101,6 +4197,8 @@ class OllamaStreamEncoder:
         out = self._flush()
         if kind == "text":
             return out + self._line(content=ev[1])
+        if kind == "logprobs":
+            return out + self._line(logprobs=logprobs_to_openai(ev[1]))
         if kind == "thinking":
             return out + self._line(thinking=ev[1])
         if kind == "tool":
@@ -4185,6 +4283,10 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
     rf = req.get("response_format")
     if rf:
         body["format"] = rf["schema"] if rf["schema"] is not None else "json"
+    if req.get("logprobs") is not None:
+        body["logprobs"] = True
+        if req["logprobs"]:
+            body["top_logprobs"] = req["logprobs"]
     return body
 
 
@@ -4202,6 +4304,9 @@ def _ollama_events(obj):
     text = msg.get("content") or obj.get("response")
     if text:
         out.append(("text", text))
+    lp = logprobs_from_openai(obj.get("logprobs"))
+    if lp:
+        out.append(("logprobs", lp))
     for c in msg.get("tool_calls") or ():
         fn = c.get("function") or {}
         out.append(("tool", c.get("id") or new_id("call_"), fn.get("name", "")))
@@ -4463,7 +4568,7 @@ OPENAI_READS = dict.fromkeys((
     "model", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens",
     "max_completion_tokens", "temperature", "top_p", "stop", "stream", "stream_options",
     "reasoning_effort", "reasoning", "user", "response_format", "seed", "presence_penalty",
-    "frequency_penalty", "n"), None) | _ROUTING
+    "frequency_penalty", "n", "logprobs", "top_logprobs"), None) | _ROUTING
 ANTHROPIC_READS = dict.fromkeys((
     "model", "messages", "system", "tools", "tool_choice", "max_tokens", "temperature", "top_p",
     "top_k", "stop_sequences", "stream", "thinking", "metadata", "output_config",
@@ -4477,9 +4582,10 @@ GEMINI_READS = dict(dict.fromkeys(("contents", "systemInstruction", "tools", "to
                     generationConfig={"candidateCount", "maxOutputTokens", "responseJsonSchema",
                                       "responseMimeType", "responseSchema", "stopSequences",
                                       "temperature", "thinkingConfig", "topK", "topP", "seed",
-                                      "presencePenalty", "frequencyPenalty"})
+                                      "presencePenalty", "frequencyPenalty", "responseLogprobs",
+                                      "logprobs"})
 OLLAMA_READS = dict(dict.fromkeys(("model", "messages", "prompt", "system", "images", "tools",
-                                   "stream", "think", "format"), None),
+                                   "stream", "think", "format", "logprobs", "top_logprobs"), None),
                     options={"num_predict", "stop", "temperature", "top_k", "top_p", "seed",
                              "presence_penalty", "frequency_penalty", "num_ctx"})
 
@@ -4493,7 +4599,7 @@ CODECS = {
         request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
         probe_path="/models", client_paths={"/v1/chat/completions": "generate"},
-        structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls"),
+        structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls", "logprobs"),
         unread=lambda body: unread_fields(body, OPENAI_READS), files=True),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request,
@@ -4536,11 +4642,12 @@ CODECS = {
         probe_path="/models?pageSize=1",
         count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
         count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n},
-        structured=("json_object", "json_schema"), carries=_carried(GEMINI_SAMPLING),
+        structured=("json_object", "json_schema"), carries=_carried(GEMINI_SAMPLING, "logprobs"),
         unread=lambda body: unread_fields(body, GEMINI_READS, _gkeys), files=True,
         spelling={"top_k": "generationConfig.topK", "stop": "generationConfig.stopSequences",
                   "seed": "generationConfig.seed", "presence_penalty": "generationConfig.presencePenalty",
-                  "frequency_penalty": "generationConfig.frequencyPenalty"}),
+                  "frequency_penalty": "generationConfig.frequencyPenalty",
+                  "logprobs": "generationConfig.responseLogprobs"}),
     "ollama": Codec(
         "ollama", decode_request=ollama_decode_request, encode_response=ollama_encode_response,
         stream_encoder=OllamaStreamEncoder, encode_error=ollama_encode_error,
@@ -4552,7 +4659,7 @@ CODECS = {
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
         probe_path="/api/tags", free=True,
         client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show"},
-        structured=("json_object", "json_schema"), carries=_carried(OLLAMA_SAMPLING),
+        structured=("json_object", "json_schema"), carries=_carried(OLLAMA_SAMPLING, "logprobs"),
         unread=lambda body: unread_fields(body, OLLAMA_READS),
         spelling={f: "options." + f for f in ("top_k", "stop", "seed", "presence_penalty",
                                                "frequency_penalty")}),

@@ -88,7 +88,7 @@ class Reply:
     def __init__(self, text="Hello from the fake.", thinking=None, signature=None, tools=(), usage=(11, 7, 3),
                  status=200, body=None, headers=None, split=None, error_first=False, cut_after=None,
                  stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False,
-                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n"):
+                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n", logprobs=None):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -168,6 +168,30 @@ def structured_reply(api, r, body):
     return Reply(**dict(r.__dict__, text=json.dumps(value)))
 
 
+def fake_logprob(piece, top):
+    """The OpenAI-shaped log probability a fake gives each text piece (`top` alternatives)."""
+    alts = [{"token": piece, "logprob": -0.25, "bytes": list(piece.encode())}] + \
+        [{"token": f"alt{i}", "logprob": -2.0 - i, "bytes": list(f"alt{i}".encode())} for i in range(1, top)]
+    return {"token": piece, "logprob": -0.25, "bytes": list(piece.encode()), "top_logprobs": alts[:top]}
+
+
+def gemini_logprobs(pieces, top):
+    items = [fake_logprob(p, top) for p in pieces]
+    return {"chosenCandidates": [{"token": c["token"], "logProbability": c["logprob"]} for c in items],
+            "topCandidates": [{"candidates": [{"token": t["token"], "logProbability": t["logprob"]}
+                                              for t in c["top_logprobs"]]} for c in items]}
+
+
+def asked_logprobs(api, body):
+    """How many alternatives a request asks log probabilities with, in the dialect's own fields."""
+    if api == "gemini":
+        gen = body.get("generationConfig") or {}
+        return gen.get("logprobs", 0) if gen.get("responseLogprobs") else None
+    if api in ("openai", "ollama"):
+        return body.get("top_logprobs", 0) if body.get("logprobs") else None
+    return None
+
+
 def _pieces(s, n=4):
     return [s[i:i + n] for i in range(0, len(s), n)] or [""]
 
@@ -177,13 +201,14 @@ def openai_events(r, model, include_usage, repeat_ids=False):
     function_call copy beside it (llama-cpp-python's habit)."""
     base = {"id": "chatcmpl-fake1", "object": "chat.completion.chunk", "created": 1700000000, "model": model}
 
-    def ch(delta, finish=None):
-        return dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+    def ch(delta, finish=None, lp=None):
+        return dict(base, choices=[{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}])
     ev = [ch({"role": "assistant", "content": ""})]
     if r.thinking:
         ev += [ch({"reasoning_content": p}) for p in _pieces(r.thinking)]
     if r.text and not r.empty:
-        ev += [ch({"content": p}) for p in _pieces(r.text, r.piece)]
+        ev += [ch({"content": p}, lp=None if r.logprobs is None else {"content": [fake_logprob(p, r.logprobs)]})
+               for p in _pieces(r.text, r.piece)]
     for i, (tid, name, args) in enumerate(r.tools):
         ev.append(ch({"tool_calls": [{"index": i, "id": tid, "type": "function",
                                       "function": {"name": name, "arguments": ""}}]}))
@@ -209,8 +234,10 @@ def openai_json(r, model):
     if r.tools:
         msg["tool_calls"] = [{"id": t, "type": "function", "function": {"name": n, "arguments": json.dumps(a)}}
                              for t, n, a in r.tools]
+    lp = None if r.logprobs is None or not r.text else {
+        "content": [fake_logprob(p, r.logprobs) for p in _pieces(r.text, r.piece)], "refusal": None}
     return {"id": "chatcmpl-fake1", "object": "chat.completion", "created": 1700000000, "model": model,
-            "choices": [{"index": 0, "message": msg, "logprobs": None,
+            "choices": [{"index": 0, "message": msg, "logprobs": lp,
                          "finish_reason": r.stop or ("tool_calls" if r.tools else "stop")}],
             "usage": {"prompt_tokens": r.usage[0], "completion_tokens": r.usage[1],
                       "total_tokens": r.usage[0] + r.usage[1], "prompt_tokens_details": {"cached_tokens": r.usage[2]}}}
@@ -349,7 +376,9 @@ def gemini_chunks(r, model):
         parts += [{"text": p} for p in _pieces(r.text)]
     parts += [{"functionCall": {"name": n, "args": a}, "thoughtSignature": _b64(f"sig-{t}")} for t, n, a in r.tools]
     finish = {"length": "MAX_TOKENS", "content_filter": "SAFETY"}.get(r.stop, "STOP")
-    chunks = [{"candidates": [{"content": {"role": "model", "parts": [p]}, "index": 0}],
+    chunks = [{"candidates": [dict({"content": {"role": "model", "parts": [p]}, "index": 0},
+                                   **({"logprobsResult": gemini_logprobs([p["text"]], r.logprobs)}
+                                      if r.logprobs is not None and "text" in p and not p.get("thought") else {}))],
                "usageMetadata": {"promptTokenCount": r.usage[0], "totalTokenCount": r.usage[0]},
                "modelVersion": model, "responseId": "gem1"} for p in parts]
     chunks.append({"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "finishReason": finish,
@@ -368,8 +397,10 @@ def gemini_json(r, model):
         else:
             merged.append(dict(p))
     last = chunks[-1]
-    return {"candidates": [{"content": {"role": "model", "parts": merged},
-                            "finishReason": last["candidates"][0]["finishReason"], "index": 0}],
+    lp = {"logprobsResult": gemini_logprobs(_pieces(r.text), r.logprobs)} \
+        if r.logprobs is not None and r.text else {}
+    return {"candidates": [dict({"content": {"role": "model", "parts": merged},
+                                 "finishReason": last["candidates"][0]["finishReason"], "index": 0}, **lp)],
             "usageMetadata": last["usageMetadata"], "modelVersion": model, "responseId": "gem1"}
 
 
@@ -379,7 +410,9 @@ def ollama_lines(r, model):
     if r.thinking:
         lines += [dict(base, message={"role": "assistant", "content": "", "thinking": p}, done=False) for p in _pieces(r.thinking)]
     if r.text and not r.empty:
-        lines += [dict(base, message={"role": "assistant", "content": p}, done=False) for p in _pieces(r.text)]
+        lines += [dict(base, message={"role": "assistant", "content": p}, done=False,
+                       **({"logprobs": [fake_logprob(p, r.logprobs)]} if r.logprobs is not None else {}))
+                  for p in _pieces(r.text)]
     for i, (tid, name, args) in enumerate(r.tools):
         lines.append(dict(base, message={"role": "assistant", "content": "", "tool_calls": [
             {"function": {"index": i, "name": name, "arguments": args}}]}, done=False))
@@ -395,9 +428,11 @@ def ollama_json(r, model):
         msg["thinking"] = r.thinking
     if r.tools:
         msg["tool_calls"] = [{"function": {"index": i, "name": n, "arguments": a}} for i, (_t, n, a) in enumerate(r.tools)]
-    return {"model": model, "created_at": "2025-07-07T20:22:19.1Z", "message": msg, "done": True,
-            "done_reason": "length" if r.stop == "length" else "stop", "total_duration": 1000,
-            "prompt_eval_count": r.usage[0], "eval_count": r.usage[1]}
+    lp = {"logprobs": [fake_logprob(p, r.logprobs) for p in _pieces(r.text)]} \
+        if r.logprobs is not None and r.text else {}
+    return dict({"model": model, "created_at": "2025-07-07T20:22:19.1Z", "message": msg, "done": True,
+                 "done_reason": "length" if r.stop == "length" else "stop", "total_duration": 1000,
+                 "prompt_eval_count": r.usage[0], "eval_count": r.usage[1]}, **lp)
 
 
 class FakeProvider:
@@ -466,7 +501,10 @@ class FakeProvider:
                         r = fake.replies.get_nowait()
                     except queue.Empty:
                         r = Reply()
-                fake.serve(self, structured_reply(fake.api, r, body), body)
+                r = structured_reply(fake.api, r, body)
+                if asked_logprobs(fake.api, body) is not None and r.logprobs is None:
+                    r = Reply(**dict(r.__dict__, logprobs=asked_logprobs(fake.api, body)))
+                fake.serve(self, r, body)
 
             def _json(self, status, obj, extra=None, record=False):
                 data = json.dumps(obj).encode()
@@ -2139,10 +2177,10 @@ class DroppedFieldTests(RouterCase):
     def test_each_client_dialect_is_told_what_its_target_cannot_carry(self):
         self.check("openai", "an/claude-test",
                    {"seed": 7, "presence_penalty": 0.5, "logprobs": True, "logit_bias": {"50256": -100}},
-                   "logprobs, logit_bias, seed, presence_penalty")
+                   "logit_bias, seed, presence_penalty, logprobs")
         self.assertNotIn("seed", self.an.requests[-1]["body"])
-        self.check("openai", "gm/gemini-test", {"seed": 7, "frequency_penalty": 0.2, "logprobs": True},
-                   "logprobs")
+        self.check("openai", "gm/gemini-test", {"seed": 7, "frequency_penalty": 0.2, "logit_bias": {}},
+                   "logit_bias")
         gen = self.gm.requests[-1]["body"]["generationConfig"]
         self.assertEqual((gen["seed"], gen["frequencyPenalty"]), (7, 0.2))
         self.check("anthropic", "rs/gpt-resp", {"top_k": 5, "stop_sequences": ["END"]}, "top_k, stop_sequences")
@@ -2266,6 +2304,60 @@ class FileTranslationTests(RouterCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.headers["x-router-dropped"],
                          "messages[1].content[0].server_tool_use, messages[1].content[1].web_search_tool_result")
+
+
+def with_logprobs(dialect, body, top=2):
+    if dialect == "gemini":
+        body["generationConfig"].update(responseLogprobs=True, logprobs=top)
+    else:
+        body.update(logprobs=True, top_logprobs=top)
+    return body
+
+
+def read_logprobs(dialect, resp, stream):
+    """[(token, [alternative tokens])] of a reply, from the client dialect's own fields."""
+    if dialect == "openai":
+        objs = [json.loads(d) for _e, d in sse_events(resp.body) if d != "[DONE]"] if stream else [resp.json()]
+        items = [c for o in objs for ch in o["choices"] for c in ((ch.get("logprobs") or {}).get("content") or [])]
+        return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for c in items]
+    if dialect == "ollama":
+        objs = [json.loads(x) for x in resp.body.splitlines() if x.strip()] if stream else [resp.json()]
+        return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for o in objs for c in o.get("logprobs") or []]
+    objs = [json.loads(d) for _e, d in sse_events(resp.body)] if stream else [resp.json()]
+    out = []
+    for o in objs:
+        res = o["candidates"][0].get("logprobsResult")
+        if res:
+            out += [(c["token"], [t["token"] for t in top["candidates"]])
+                    for c, top in zip(res["chosenCandidates"], res["topCandidates"])]
+    return out
+
+
+class LogprobsTests(RouterCase):
+    """Log probabilities from the providers that give them, in the client's own shape."""
+
+    def test_every_pair_that_has_them_streamed_and_not(self):
+        targets = {"openai": (self.oa, "oa/gpt-test"), "gemini": (self.gm, "gm/gemini-test"),
+                   "ollama": (self.ol, "ol/llama-test")}
+        for client in ("openai", "gemini", "ollama"):
+            for api, (fake, target) in targets.items():
+                for stream in (False, True):
+                    with self.subTest(client=client, provider=api, stream=stream):
+                        self.setUp()
+                        body = with_logprobs(client, client_body(client, target, stream))
+                        r = self.post(client, body)
+                        self.assertEqual(r.status, 200, r)
+                        got = read_logprobs(client, r, stream)
+                        self.assertEqual("".join(t for t, _alts in got), "Hello from the fake.")
+                        self.assertTrue(all(alts[0] == t and len(alts) == 2 for t, alts in got), got)
+                        self.assertEqual(asked_logprobs(api, fake.requests[-1]["body"]), 2)
+                        self.assertIsNone(r.headers.get("x-router-dropped"))
+
+    def test_a_provider_without_them_is_named(self):
+        r = self.post("gemini", with_logprobs("gemini", client_body("gemini", "an/claude-test", False)))
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.headers["x-router-dropped"], "generationConfig.responseLogprobs")
+        self.assertEqual(read_logprobs("gemini", r, False), [])
 
 
 class ReasoningTableTests(RouterCase):

@@ -1053,6 +1053,17 @@ def neutral_request(model, system, messages, extra=None, **fields):
         v = fields.get(k, default)
         req[k] = list(v) if isinstance(v, tuple) else v
     req["extra"] = extra or {}
+    # a PDF travels in a user turn only; in a system prompt or a tool result, no other dialect
+    # has a place for it, so such a request stays in its own dialect
+    misplaced = [f"a PDF in {where}" for where, parts in
+                 [("the system prompt", system)]
+                 + [("a system message" if m["role"] == "system" else "a tool result",
+                     m["content"] if m["role"] == "system" else
+                     [q for p in m["content"] if p["type"] == "tool_result" for q in p["content"]])
+                    for m in messages]
+                 if any(p["type"] == "file" for p in parts)]
+    if misplaced:
+        req["extra"]["same_dialect_only"] = req["extra"].get("same_dialect_only", []) + misplaced
     return req
 
 
@@ -1084,7 +1095,7 @@ def output_limit(req, model_meta, default=None):
 #: efforts (OpenAI, Responses, Gemini's thinkingLevel, Ollama's think) become budgets (Anthropic,
 #: Gemini's thinkingBudget) and budgets become the nearest effort at or below them.
 REASONING_BUDGETS = (("minimal", 1024), ("low", 2048), ("medium", 8192), ("high", 16384),
-                     ("xhigh", 32000))
+                     ("xhigh", 32000), ("max", 32000))
 MIN_THINKING_BUDGET = 1024          # Anthropic's smallest budget_tokens
 
 
@@ -1124,18 +1135,22 @@ def reasoning_effort(r, allowed=("minimal", "low", "medium", "high")):
 STRUCTURED_TOOL = "json_answer"      # the forced tool's name when the format has none
 
 
-def neutral_format(kind, schema=None, name=None, strict=None, field="response_format"):
+def neutral_format(kind, schema=None, name=None, strict=None, field="response_format",
+                   description=None):
     """A response_format in the neutral form (None for free text), its parts checked."""
     _need(kind in ("text", "json_object", "json_schema"), field + ".type",
           "must be \"text\", \"json_object\" or \"json_schema\"")
     if kind == "text":
         return None
+    if kind == "json_schema" and schema is None:
+        kind = "json_object"            # (the schema is optional in Chat Completions)
     if kind == "json_schema":
         _need(isinstance(schema, dict), field + ".schema", "must be a JSON Schema object")
     _need(name is None or isinstance(name, str), field + ".name", "must be a string")
     _need(strict is None or isinstance(strict, bool), field + ".strict", "must be true or false")
     return {"type": kind, "schema": schema if kind == "json_schema" else None,
-            "name": name or None, "strict": bool(strict)}
+            "name": name or None, "strict": bool(strict),
+            "description": description if isinstance(description, str) and description else None}
 
 
 def structured_path(req, caps, codec):
@@ -1147,10 +1162,38 @@ def structured_path(req, caps, codec):
     path = caps.get("structured") or "native"
     if path == "native" and rf["type"] not in codec.structured:
         path = "tool"
-    thinking = (req.get("reasoning") or {}).get("enabled")
+    if path == "native" and req.get("tools") and caps.get("structured_tools") is False:
+        path = "prompt"           # (Gemini before 3: a JSON mime type and tools are refused)
+    thinking = (req.get("reasoning") or {}).get("enabled") and caps.get("reasoning")
     if path == "tool" and (req.get("tools") or thinking):
         path = "prompt"
     return path
+
+
+#: What OpenAI's json_object mode needs to read somewhere in the messages (it refuses the request
+#: otherwise); said in the system prompt when the conversation does not say "JSON" itself.
+JSON_SAID = "Answer in JSON."
+
+
+def json_unsaid(req, rf):
+    """Whether a json_object request's conversation never says "json" (OpenAI's rule)."""
+    if rf["type"] != "json_object":
+        return False
+    texts = [p.get("text", "") for p in req["system"]] + [
+        p.get("text", "") for m in req["messages"] for p in m["content"] if p["type"] == "text"]
+    return not any("json" in t.lower() for t in texts)
+
+
+def openai_format(rf):
+    """A neutral response_format in the flat shape of the OpenAI family (Responses' text.format;
+    Chat Completions nests all but the type under json_schema)."""
+    if rf["type"] == "json_object":
+        return {"type": "json_object"}
+    out = {"type": "json_schema", "name": format_name(rf), "schema": rf["schema"],
+           "strict": rf["strict"]}
+    if rf.get("description"):
+        out["description"] = rf["description"]
+    return out
 
 
 def format_name(rf):
@@ -1168,7 +1211,7 @@ def structured_request(req, path):
                 "description": "Give your whole answer as this tool's input.",
                 "parameters": rf["schema"] or {"type": "object"}}
         return dict(req, tools=[tool], tool_choice={"type": "tool", "name": tool["name"]},
-                    response_format=None)
+                    parallel_tool_calls=False, response_format=None)
     if path == "prompt":
         said = ("Answer with one JSON value and nothing else: no prose, no code fences."
                 + (" It must fit this JSON Schema: " + dumps(rf["schema"]) if rf["schema"] else
@@ -1251,8 +1294,10 @@ def logprobs_from_gemini(result):
     out = []
     for i, c in enumerate(chosen):
         top = tops[i].get("candidates") if i < len(tops) and isinstance(tops[i], dict) else []
-        out.append({"token": str(c.get("token", "")), "logprob": c.get("logProbability"),
-                    "top": [{"token": str(t.get("token", "")), "logprob": t.get("logProbability")}
+        # (proto JSON leaves out a field that is 0: a certain token's logProbability)
+        out.append({"token": str(c.get("token", "")), "logprob": c.get("logProbability", 0.0),
+                    "top": [{"token": str(t.get("token", "")),
+                             "logprob": t.get("logProbability", 0.0)}
                             for t in top or [] if isinstance(t, dict)]})
     return out
 
@@ -1532,7 +1577,7 @@ def openai_decode_request(body):
     _need(effort is None or isinstance(effort, str), "reasoning_effort",
           "must be a string such as \"low\" or \"high\"")
     so = body.get("stream_options")
-    n = body.get("n", 1)
+    n = body.get("n") if body.get("n") is not None else 1
     _need(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "n", "must be an integer >= 1")
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice,
@@ -1564,7 +1609,7 @@ def _openai_format(rf):
     js = rf.get("json_schema") if rf.get("type") == "json_schema" else {}
     _need(isinstance(js, dict), "response_format.json_schema", "must be an object")
     return neutral_format(rf.get("type"), js.get("schema"), js.get("name"), js.get("strict"),
-                          "response_format")
+                          "response_format", js.get("description"))
 
 
 def _penalties(body, spelled=("seed", "presence_penalty", "frequency_penalty"), at=""):
@@ -1735,9 +1780,11 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
             body["top_logprobs"] = req["logprobs"]
     rf = req.get("response_format")
     if rf:
-        body["response_format"] = {"type": "json_object"} if rf["type"] == "json_object" else {
-            "type": "json_schema", "json_schema": {"name": format_name(rf), "schema": rf["schema"],
-                                                   "strict": rf["strict"]}}
+        fmt = openai_format(rf)
+        body["response_format"] = fmt if rf["type"] == "json_object" else {
+            "type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+        if json_unsaid(req, rf):
+            body["messages"].insert(0, {"role": "system", "content": JSON_SAID})
     if req["tools"]:
         body.update(openai_family_tools(req, nested=True,
                                         required="any" if "tool_choice_any" in quirks else "required"))
@@ -1881,6 +1928,8 @@ def _openai_message_parts(msg):
         parts.append({"type": "thinking", "text": reasoning})
     if content:
         parts.append({"type": "text", "text": content})
+    if isinstance(msg.get("refusal"), str) and msg["refusal"]:
+        parts.append({"type": "text", "text": msg["refusal"]})
     for i, c in enumerate(msg.get("tool_calls") or []):
         fn = c.get("function") or {}
         parts.append({"type": "tool_call", "id": c.get("id") or new_id("call_"),
@@ -1897,6 +1946,8 @@ def openai_decode_response(body, prov=None):
     stop = OPENAI_FINISH_TO_STOP.get(finish, "end_turn")
     if any(p["type"] == "tool_call" for p in parts):
         stop = "tool_use"
+    elif (c.get("message") or {}).get("refusal") and stop == "end_turn":
+        stop = "refusal"
     resp = {"id": body.get("id"), "model": body.get("model"), "content": parts, "stop_reason": stop,
             "stop_sequence": None, "usage": _openai_usage(body.get("usage")) or empty_usage()}
     lp = logprobs_from_openai((c.get("logprobs") or {}).get("content"))
@@ -1919,6 +1970,7 @@ class OpenAIStreamDecoder(SSEDecoder):
         self.current = None      # upstream index of the tool call whose args are streaming
         self.saw_tool = False
         self.think = None        # "<think>" tag state for servers that inline reasoning
+        self.refused = False
 
     def _finish(self, out):
         if self.finish is None:
@@ -1929,6 +1981,8 @@ class OpenAIStreamDecoder(SSEDecoder):
     def _end(self):
         self.ended = True
         stop = "tool_use" if self.saw_tool else OPENAI_FINISH_TO_STOP.get(self.finish, "end_turn")
+        if self.refused and stop == "end_turn":
+            stop = "refusal"
         return ("end", stop, self.usage, None)
 
     def _data(self, data, out):
@@ -1973,6 +2027,9 @@ class OpenAIStreamDecoder(SSEDecoder):
             t = d.get("content")
             if t:
                 self._text(t, out)
+            if isinstance(d.get("refusal"), str) and d["refusal"]:
+                self.refused = True                  # (a structured-output refusal)
+                out.append(("text", d["refusal"]))
             lp = logprobs_from_openai((c.get("logprobs") or {}).get("content"))
             if lp:
                 out.append(("logprobs", lp))
@@ -2483,9 +2540,12 @@ def anthropic_schema(schema):
             out[k] = {n: anthropic_schema(x) for n, x in v.items()}
         elif k in ("items", "anyOf", "allOf"):
             out[k] = anthropic_schema(v)
-        elif k == "format" and v not in ANTHROPIC_STRING_FORMATS or k == "minItems" and v > 1:
-            said.append(f"{k}: {dumps(v)}")
-        elif k == "minItems" or k in ANTHROPIC_SCHEMA_KEYS and k != "$schema":
+        elif k == "type" and isinstance(v, list):      # ["integer", "null"]: Anthropic wants anyOf
+            out["anyOf"] = out.get("anyOf", []) + [{"type": t} for t in v]
+        elif k == "minItems" and v in (0, 1) and not isinstance(v, bool):
+            out[k] = v
+        elif k in ANTHROPIC_SCHEMA_KEYS and k not in ("minItems", "format") \
+                or k == "format" and v in ANTHROPIC_STRING_FORMATS:
             out[k] = v
         elif k != "$schema":
             said.append(f"{k}: {dumps(v)}")
@@ -2757,7 +2817,7 @@ def _responses_format(text):
         return None
     _need(isinstance(f, dict), "text.format", "must be an object")
     return neutral_format(f.get("type"), f.get("schema"), f.get("name"), f.get("strict"),
-                          "text.format")
+                          "text.format", f.get("description"))
 
 
 def responses_decode_request(body):
@@ -3101,9 +3161,9 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     body.update(sampling_out(req, RESPONSES_SAMPLING))
     rf = req.get("response_format")
     if rf:
-        body["text"] = {"format": {"type": "json_object"} if rf["type"] == "json_object" else {
-            "type": "json_schema", "name": format_name(rf), "schema": rf["schema"],
-            "strict": rf["strict"]}}
+        body["text"] = {"format": openai_format(rf)}
+        if json_unsaid(req, rf):
+            body["instructions"] = (body.get("instructions", "") + "\n\n" + JSON_SAID).strip()
     if req["tools"]:
         body.update(openai_family_tools(req, nested=False))
     r = req.get("reasoning")
@@ -3762,7 +3822,7 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
         tool_choice = {"type": "auto"}
     gen = _gkeys(body.get("generationConfig") or {})
     _need(isinstance(gen, dict), "generationConfig", "must be an object")
-    count = gen.get("candidateCount", 1)
+    count = gen.get("candidateCount") if gen.get("candidateCount") is not None else 1
     _need(isinstance(count, int) and not isinstance(count, bool) and count >= 1,
           "generationConfig.candidateCount", "must be an integer >= 1")
     if count > 1:
@@ -4571,12 +4631,12 @@ OPENAI_READS = dict.fromkeys((
     "frequency_penalty", "n", "logprobs", "top_logprobs"), None) | _ROUTING
 ANTHROPIC_READS = dict.fromkeys((
     "model", "messages", "system", "tools", "tool_choice", "max_tokens", "temperature", "top_p",
-    "top_k", "stop_sequences", "stream", "thinking", "metadata", "output_config",
-    "output_format"), None) | _ROUTING
+    "top_k", "stop_sequences", "stream", "thinking", "metadata", "output_format"), None) \
+    | _ROUTING | {"output_config": {"format", "effort"}}
 RESPONSES_READS = dict.fromkeys((
     "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
-    "max_output_tokens", "temperature", "top_p", "stream", "reasoning", "user", "text", "store",
-    "previous_response_id"), None) | _ROUTING
+    "max_output_tokens", "temperature", "top_p", "stream", "reasoning", "user", "store",
+    "previous_response_id"), None) | _ROUTING | {"text": {"format"}}
 GEMINI_READS = dict(dict.fromkeys(("contents", "systemInstruction", "tools", "toolConfig", "model",
                                    "generateContentRequest"), None),
                     generationConfig={"candidateCount", "maxOutputTokens", "responseJsonSchema",
@@ -4810,6 +4870,7 @@ MODEL_RULES = [
     (r"(?:^|/)o[1-9](?:-|$)",
      {"context_window": 200000, "max_output": 100000, "input": ["text", "image"],
                               "reasoning": True}),
+    (r"gemini-(?:1|2)", {"structured_tools": False}),
     (r"gemini-(?:2\.5|[3-9])",
      {"context_window": 1048576, "max_output": 65536, "input": ["text", "image"],
                                 "reasoning": True}),
@@ -7721,7 +7782,9 @@ class Dispatcher:
         keep = ctx.provider_marks.get(prov.name, frozenset())
         # the history holds thinking another provider signed
         moved = not ctx.history_marks <= keep
-        same = ctx.same = same and ctx.passthrough
+        # (JSON asked of a model that cannot give it natively: translated, for its own path)
+        same = ctx.same = same and ctx.passthrough and (
+            not ctx.req.get("response_format") or structured_path(ctx.req, meta, pc) == "native")
         if same:
             body = dict(ctx.body)
             body["model"] = mid
@@ -9102,8 +9165,8 @@ class Router:
         if req.get("response_format"):
             for c in out["candidates"]:
                 api = cat.providers[c["provider"]].api
-                c["structured"] = "native" if api == dialect else structured_path(
-                    req, cat.meta(c["provider"], c["model"]), CODECS[api])
+                c["structured"] = structured_path(req, cat.meta(c["provider"], c["model"]),
+                                                  CODECS[api])
         return out
 
     def close(self):

@@ -2013,11 +2013,13 @@ class StructuredOutputTests(RouterCase):
                         self.assertEqual(json.loads(got["text"]), WEATHER_VALUE)
                         self.assertEqual(got["tools"], [])
                         self.assertEqual(got["finish"], FINISH[client][0])
-                        path = "tool" if api == "anthropic" and client != "anthropic" else "native"
+                        # (an Anthropic client too: its older Claude is not sent a field it refuses)
+                        path = "tool" if api == "anthropic" else "native"
                         self.assertEqual(r.headers["x-router-structured"], path)
                         self.assertEqual(r.headers["x-router-attempts"], "1")
                         asked = asked_structure(api, self.fake_for(api).requests[-1]["body"])
                         if path == "tool":
+                            self.assertNotIn("output_config", self.an.requests[-1]["body"])
                             named = client in ("openai", "openai-responses")
                             self.assertEqual(asked[:2], ("tool", "weather" if named else "json_answer"))
                         else:
@@ -2089,7 +2091,7 @@ class StructuredOutputTests(RouterCase):
                 self.assertEqual(r.headers["x-router-provider"], "an")
                 self.assertEqual(r.headers["x-router-attempts"], "2")
                 rows = wait_rows(self.h, lambda rows: len(rows) > before)
-                self.assertEqual(rows[0]["structured"], "native" if client == "anthropic" else "tool")
+                self.assertEqual(rows[0]["structured"], "tool")
                 self.assertIn("not the JSON asked for", rows[0]["attempts"][0]["reason"])
         # no candidate answers with JSON: a 502 that says so
         self.setUp()
@@ -2105,6 +2107,63 @@ class StructuredOutputTests(RouterCase):
         r, got = self.ask("anthropic", with_format("anthropic", client_body("anthropic", "chat", True)))
         self.assertEqual(got["text"], "Sure! The weather in Paris is mild.")
         self.assertEqual(r.headers["x-router-provider"], "oa")
+
+    def test_anthropic_schema_is_what_anthropic_takes(self):
+        got = R.anthropic_schema({"type": "object", "$schema": "x", "properties": {
+            "a": {"type": ["integer", "null"], "minimum": 3},
+            "b": {"type": "array", "minItems": "2", "items": {"type": "string", "format": "email"}},
+            "c": {"type": "array", "minItems": 1, "maxItems": 4, "items": {"oneOf": [{"type": "string"}]}}}})
+        self.assertEqual(got["properties"]["a"], {"anyOf": [{"type": "integer"}, {"type": "null"}],
+                                                  "description": "(minimum: 3)"})
+        self.assertEqual(got["properties"]["b"], {"type": "array", "items": {"type": "string", "format": "email"},
+                                                  "description": '(minItems: "2")'})
+        self.assertEqual(got["properties"]["c"]["minItems"], 1)
+        self.assertEqual(got["properties"]["c"]["items"], {"anyOf": [{"type": "string"}]})
+        self.assertIs(got["additionalProperties"], False)
+        self.assertNotIn("$schema", got)
+        # a Gemini client's schema with an int64 string reaches a native Claude without a 500
+        body = with_format("gemini", client_body("gemini", "an/claude-sonnet-4-5", False), {
+            "type": "object", "properties": {"tags": {"type": "array", "minItems": "2", "items": {"type": "string"}}}})
+        r, got = self.ask("gemini", body)
+        self.assertEqual(json.loads(got["text"]), {"tags": ["text"]})
+
+    def test_paths_follow_the_model_and_the_request(self):
+        def path_of(client, body):
+            return self.h.call("POST", "/v1/route", body).json()["candidates"][0]["structured"]
+        # Gemini before 3 refuses a JSON mime type beside tools: told in the prompt instead
+        body = with_format("openai", client_body("openai", "gm/gemini-1.5-flash", False, tools=True), strict=False)
+        self.assertEqual(path_of("openai", body), "prompt")
+        body = with_format("openai", client_body("openai", "gm/gemini-3-pro", False, tools=True), strict=False)
+        self.assertEqual(path_of("openai", body), "native")
+        # an effort asked of a model that does not think does not block the forced tool
+        body = with_format("openai", dict(client_body("openai", "an/claude-test", False), reasoning_effort="high"))
+        self.assertEqual(path_of("openai", body), "tool")
+        r, got = self.ask("openai", body)
+        sent = self.an.requests[-1]["body"]
+        self.assertEqual(sent["tool_choice"], {"type": "tool", "name": "weather", "disable_parallel_tool_use": True})
+        # json_schema without a schema is any JSON (Chat Completions allows it)
+        body = client_body("openai", "gm/gemini-test", False)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "x"}}
+        r, got = self.ask("openai", body)
+        self.assertEqual(self.gm.requests[-1]["body"]["generationConfig"], {"maxOutputTokens": 100,
+                                                                          "responseMimeType": "application/json"})
+        # OpenAI's json_object mode wants "JSON" said somewhere: the router says it when no one did
+        r, got = self.ask("ollama", dict(client_body("ollama", "oa/gpt-test", False), format="json"))
+        sent = self.oa.requests[-1]["body"]
+        self.assertEqual(sent["response_format"], {"type": "json_object"})
+        self.assertEqual(sent["messages"][0], {"role": "system", "content": R.JSON_SAID})
+
+    def test_a_refusal_is_an_answer_with_its_own_finish(self):
+        resp = R.openai_decode_response({"choices": [{"message": {"role": "assistant", "content": None,
+                                                                  "refusal": "I can't help with that."},
+                                                      "finish_reason": "stop"}]})
+        self.assertEqual((resp["stop_reason"], R.text_of(resp["content"])), ("refusal", "I can't help with that."))
+        dec = R.OpenAIStreamDecoder()
+        evs = dec.feed(b'data: {"choices":[{"index":0,"delta":{"refusal":"No."},"finish_reason":null}]}\n\n'
+                       b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+        self.assertIn(("text", "No."), evs)
+        self.assertEqual(evs[-1][:2], ("end", "refusal"))
+        self.assertTrue(R.structured_text_ok(resp, "native"), "a refusal passes the JSON check")
 
     @unittest.skipIf(openai is None, "openai SDK not installed")
     def test_openai_sdk_parse_through_anthropic_and_gemini(self):
@@ -2129,9 +2188,14 @@ class StructuredOutputTests(RouterCase):
                 self.assertEqual(got.output_parsed, Weather(city="text", temp=2.5, tags=["text"]))
 
     def test_strict_skips_a_model_that_can_only_be_told(self):
-        # plain-local's metadata says "prompt": only its own dialect's clients reach it natively
-        r = self.h.call("POST", "/v1/route", with_format("openai", client_body("openai", "oa/plain-local", False)))
-        self.assertEqual(r.json()["candidates"][0]["structured"], "native")
+        # plain-local's metadata says "prompt": told in the prompt, its own dialect's clients too
+        body = with_format("openai", client_body("openai", "oa/plain-local", False), strict=False)
+        first = self.h.call("POST", "/v1/route", body).json()["candidates"][0]
+        self.assertEqual((first["model"], first["structured"]), ("plain-local", "prompt"))
+        self.oa.push(Reply(text='{"city": "Rome", "temp": 20, "tags": []}'))
+        r, got = self.ask("openai", body)
+        self.assertEqual((r.headers["x-router-model"], r.headers["x-router-structured"]), ("plain-local", "prompt"))
+        self.assertNotIn("response_format", self.oa.requests[-1]["body"])
         body = with_format("anthropic", client_body("anthropic", "json-first", False))
         cands = self.h.call("POST", "/v1/route", body).json()["candidates"]
         self.assertEqual([(c["model"], c["structured"], c["skip"]) for c in cands],
@@ -2192,10 +2256,34 @@ class DroppedFieldTests(RouterCase):
                    nested={"options": {"top_k": 20, "seed": 9}})
         self.assertEqual(self.oa.requests[-1]["body"]["seed"], 9)
         self.check("openai-responses", "oa/gpt-test", {"include": ["reasoning.encrypted_content"]}, "include")
+        body = client_body("openai", "gm/gemini-test", False, tools=True)
+        self.check("openai", "gm/gemini-test", {"tools": body["tools"], "parallel_tool_calls": False},
+                   "parallel_tool_calls")
         # nothing is dropped on the same-dialect passthrough, nor when all is carried
         self.check("openai", "oa/gpt-test", {"seed": 7, "logprobs": True}, None)
         self.assertEqual(self.oa.requests[-1]["body"]["logprobs"], True)
         self.check("anthropic", "gm/gemini-test", {"top_k": 5, "stop_sequences": ["END"]}, None)
+
+    def test_partly_read_settings_and_null_counts(self):
+        body = with_format("openai-responses", client_body("openai-responses", "an/claude-sonnet-4-5", False))
+        body["text"]["verbosity"] = "low"
+        self.check("openai-responses", "an/claude-sonnet-4-5", {"text": body["text"]}, "text.verbosity")
+        self.check("anthropic", "oa/o-think", {"output_config": {"effort": "low"},
+                                               "thinking": {"type": "enabled", "budget_tokens": 2048}}, None)
+        self.assertEqual(self.oa.requests[-1]["body"]["reasoning_effort"], "low")
+        self.check("openai", "an/claude-test", {"n": None}, None)
+        body = client_body("gemini", "oa/gpt-test", False)
+        self.check("gemini", "oa/gpt-test", {}, None, nested={"generationConfig": {"candidateCount": None}})
+
+    def test_a_pdf_where_no_other_dialect_has_a_place_stays_in_its_dialect(self):
+        body = client_body("openai", "an/claude-test", False)
+        body["messages"][0] = {"role": "developer", "content": [{"type": "file", "file": {
+            "filename": "a.pdf", "file_data": "data:application/pdf;base64," + base64.b64encode(b"%PDF").decode()}}]}
+        r = self.post("openai", dict(body, provider={"allow_fallbacks": False}))
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("a PDF in the system prompt", r.json()["error"]["message"])
+        r = self.post("openai", dict(body, model="oa/gpt-test"))
+        self.assertEqual(r.status, 200, r)
 
     def test_n_above_one_only_where_it_can_be_answered(self):
         body = dict(client_body("openai", "chat", False), n=3)
@@ -2353,6 +2441,12 @@ class LogprobsTests(RouterCase):
                         self.assertEqual(asked_logprobs(api, fake.requests[-1]["body"]), 2)
                         self.assertIsNone(r.headers.get("x-router-dropped"))
 
+    def test_a_certain_token_from_gemini_has_logprob_zero(self):
+        # proto JSON leaves out a field whose value is 0
+        self.assertEqual(R.logprobs_from_gemini({"chosenCandidates": [{"token": "a"}],
+                                                 "topCandidates": [{"candidates": [{"token": "a"}]}]}),
+                         [{"token": "a", "logprob": 0.0, "top": [{"token": "a", "logprob": 0.0}]}])
+
     def test_a_provider_without_them_is_named(self):
         r = self.post("gemini", with_logprobs("gemini", client_body("gemini", "an/claude-test", False)))
         self.assertEqual(r.status, 200, r)
@@ -2371,7 +2465,8 @@ class ReasoningTableTests(RouterCase):
         self.assertEqual(R.reasoning_budget({"effort": "high"}, {}), 16384)
         self.assertEqual(R.reasoning_budget({"effort": "high"}, {"max_output": 4000}), 4000)
         self.assertEqual(R.reasoning_budget({"budget_tokens": 10}, {}), R.MIN_THINKING_BUDGET)
-        self.assertEqual(R.reasoning_budget({"effort": "max"}, {}), 16384)
+        self.assertEqual(R.reasoning_budget({"effort": "max"}, {}), 32000)
+        self.assertEqual(R.reasoning_budget({"effort": "unheard-of"}, {}), 16384)
         self.assertEqual(R.reasoning_effort({"budget_tokens": 3000}), "low")
         self.assertEqual(R.reasoning_effort({"budget_tokens": 100000}), "high")
         self.assertEqual(R.reasoning_effort({"budget_tokens": 500}), "minimal")

@@ -2259,7 +2259,9 @@ def anthropic_decode_request(body, count_only=False):
         _need(isinstance(t, dict) and isinstance(t.get("name"), str),
               f"tools[{i}].name", "must be a string")
         if t.get("type") not in (None, "custom"):
-            continue  # server tools (web_search, bash_2025...) only exist at Anthropic
+            # server tools (web_search, bash_2025...) only exist at Anthropic
+            dropped.append(f"tools[{i}].{t.get('type')}")
+            continue
         tools.append(neutral_tool(t["name"], t.get("description"), t.get("input_schema"),
                                   f"tools[{i}]", "input_schema"))
     tc = body.get("tool_choice")
@@ -2871,7 +2873,7 @@ def responses_decode_request(body):
             if text:
                 _append(messages, "assistant", [{"type": "thinking", "text": text}])
         # local_shell_call, web_search_call, item_reference, compaction: OpenAI-only, dropped.
-    tools, custom = [], []
+    tools, custom, dropped = [], [], []
     raw_tools = body.get("tools") or []
     _need(isinstance(raw_tools, list), "tools", "must be an array")
     for i, t in enumerate(raw_tools):
@@ -2885,6 +2887,8 @@ def responses_decode_request(body):
             custom.append(t["name"])
             tools.append(neutral_tool(t["name"], t.get("description"),
                                       CUSTOM_TOOL_PARAMS, f"tools[{i}]"))
+        else:                        # hosted tools (web_search, file_search, local_shell, mcp...)
+            dropped.append(f"tools[{i}].{t.get('type')}")
     tc = body.get("tool_choice")
     if tc is None or isinstance(tc, str):
         _need(tc in (None, "auto", "none", "required"), "tool_choice",
@@ -2911,6 +2915,7 @@ def responses_decode_request(body):
         response_format=_responses_format(body.get("text")),
         extra={"custom_tools": custom, "store": body.get("store", True) is not False,
                **({"same_dialect_only": only} if only else {}),
+               **({"dropped_parts": dropped} if dropped else {}),
                "previous_response_id": prev, "response_id": new_id("resp_")})
 
 
@@ -3799,8 +3804,11 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
     system = [{"type": "text", "text": p["text"]} for p in (sys_in or {}).get("parts") or []
               if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]]
     tools = []
+    dropped = []
     for i, t in enumerate(body.get("tools") or []):
         _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
+        # built-in tools (googleSearch, codeExecution, urlContext...) only exist at Gemini
+        dropped += [f"tools[{i}].{k}" for k in _gkeys(t) if k != "functionDeclarations"]
         for j, d in enumerate(_gkeys(t).get("functionDeclarations") or []):
             f = f"tools[{i}].functionDeclarations[{j}]"
             d = _gkeys(d)
@@ -3850,7 +3858,8 @@ def gemini_decode_request(body, model=None, stream=False, count_only=False):
     rf = neutral_format("json_schema" if schema is not None else "json_object", schema,
                         field="generationConfig.responseJsonSchema") \
         if mime == "application/json" else None
-    extra = {"same_dialect_only": only_gemini} if only_gemini else {}
+    extra = dict({"same_dialect_only": only_gemini} if only_gemini else {},
+                 **({"dropped_parts": dropped} if dropped else {}))
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice, stream=bool(stream),
         max_tokens=None if count_only else _opt_int(gen, "maxOutputTokens"),

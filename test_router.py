@@ -2234,7 +2234,8 @@ class DroppedFieldTests(RouterCase):
         r = self.post(client, body)
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.headers.get("x-router-dropped"), dropped)
-        rows = wait_rows(self.h, lambda rows: len(rows) > before)
+        # (the writer batches: the newest row is this request's once it says so)
+        rows = wait_rows(self.h, lambda rows: len(rows) > before and rows[0]["dropped"] == dropped)
         self.assertEqual(rows[0]["dropped"], dropped)
         return r
 
@@ -2263,6 +2264,17 @@ class DroppedFieldTests(RouterCase):
         self.check("openai", "oa/gpt-test", {"seed": 7, "logprobs": True}, None)
         self.assertEqual(self.oa.requests[-1]["body"]["logprobs"], True)
         self.check("anthropic", "gm/gemini-test", {"top_k": 5, "stop_sequences": ["END"]}, None)
+
+    def test_hosted_and_server_tools_are_named(self):
+        body = client_body("anthropic", "oa/gpt-test", False, tools=True)
+        body["tools"].append({"type": "web_search_20250305", "name": "web_search", "max_uses": 2})
+        self.check("anthropic", "oa/gpt-test", {"tools": body["tools"]}, "tools[1].web_search_20250305")
+        self.assertEqual([t["function"]["name"] for t in self.oa.requests[-1]["body"]["tools"]], ["get_weather"])
+        self.check("openai-responses", "an/claude-test", {"tools": [{"type": "web_search"}]}, "tools[0].web_search")
+        self.check("gemini", "oa/gpt-test", {"tools": [{"googleSearch": {}}]}, "tools[0].googleSearch")
+        # the same dialect keeps them
+        self.check("anthropic", "an/claude-test", {"tools": body["tools"]}, None)
+        self.assertEqual(len(self.an.requests[-1]["body"]["tools"]), 2)
 
     def test_partly_read_settings_and_null_counts(self):
         body = with_format("openai-responses", client_body("openai-responses", "an/claude-sonnet-4-5", False))

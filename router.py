@@ -2809,6 +2809,17 @@ def _append(messages, role, parts, merge=True):
         messages.append({"role": role, "content": list(parts)})
 
 
+#: The `include` value that asks Responses for the output text's log probabilities.
+RESPONSES_LOGPROBS = "message.output_text.logprobs"
+
+
+def _responses_unread(body):
+    """Responses fields the translation does not read, and `include` values other than logprobs."""
+    inc = body.get("include") if isinstance(body.get("include"), list) else []
+    return unread_fields(body, RESPONSES_READS) + [f"include.{v}" for v in inc
+                                                   if v != RESPONSES_LOGPROBS]
+
+
 def _responses_format(text):
     """Responses' text.format (flat: type, name, schema, strict) -> neutral."""
     if text is None:
@@ -2913,6 +2924,8 @@ def responses_decode_request(body):
         reasoning={"effort": effort, "enabled": effort != "none"} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         response_format=_responses_format(body.get("text")),
+        logprobs=(_opt_int(body, "top_logprobs", 0) or 0)
+        if RESPONSES_LOGPROBS in (body.get("include") or ()) else None,
         extra={"custom_tools": custom, "store": body.get("store", True) is not False,
                **({"same_dialect_only": only} if only else {}),
                **({"dropped_parts": dropped} if dropped else {}),
@@ -2968,6 +2981,9 @@ def responses_encode_response(resp, model, req):
     custom = set(req["extra"].get("custom_tools") or ())
     output = [_responses_item(p, custom, i) for i, p in enumerate(resp["content"])
               if p["type"] in ("text", "thinking", "tool_call")]
+    first = next((o for o in output if o["type"] == "message"), None)
+    if resp.get("logprobs") and first is not None:
+        first["content"][0]["logprobs"] = logprobs_to_openai(resp["logprobs"])
     status, details = RESPONSES_STATUS.get(resp["stop_reason"], ("completed", None))
     return _responses_object(req, model, status, output, resp["usage"], details)
 
@@ -2986,6 +3002,7 @@ class ResponsesStreamEncoder:
         self.output = []          # finished items, for response.completed
         self.item = None          # the open item (dict) and its text / arguments so far
         self.buf = []
+        self.logprobs = []        # the open message's log probabilities (when asked)
 
     def _ev(self, obj):
         obj["sequence_number"] = self.seq
@@ -3019,8 +3036,12 @@ class ResponsesStreamEncoder:
         out = b""
         if item["type"] == "message":
             part = {"type": "output_text", "text": text, "annotations": []}
+            if self.logprobs:
+                part["logprobs"] = self.logprobs
             out += self._ev({"type": "response.output_text.done", "item_id": item["id"],
-                             "output_index": idx, "content_index": 0, "text": text, "logprobs": []})
+                             "output_index": idx, "content_index": 0, "text": text,
+                             "logprobs": self.logprobs})
+            self.logprobs = []
             out += self._ev({"type": "response.content_part.done", "item_id": item["id"],
                              "output_index": idx, "content_index": 0, "part": part})
             item = dict(item, status="completed", content=[part])
@@ -3066,6 +3087,14 @@ class ResponsesStreamEncoder:
     def encode(self, ev):
         kind = ev[0]
         idx = len(self.output)
+        if kind == "logprobs":
+            if not (self.item and self.item["type"] == "message"):
+                return b""
+            lp = logprobs_to_openai(ev[1])
+            self.logprobs += lp
+            return self._ev({"type": "response.output_text.delta", "item_id": self.item["id"],
+                             "output_index": idx, "content_index": 0, "delta": "",
+                             "logprobs": lp})
         if kind == "text":
             out = b"" if self.item and self.item["type"] == "message" else self._open(
                 {"type": "message", "id": f"msg_{idx}", "status": "in_progress",
@@ -3164,6 +3193,10 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     if mt:
         body["max_output_tokens"] = mt
     body.update(sampling_out(req, RESPONSES_SAMPLING))
+    if req.get("logprobs") is not None:
+        body["include"] = [RESPONSES_LOGPROBS]
+        if req["logprobs"]:
+            body["top_logprobs"] = req["logprobs"]
     rf = req.get("response_format")
     if rf:
         body["text"] = {"format": openai_format(rf)}
@@ -3196,12 +3229,13 @@ def _responses_stop(obj, saw_tool):
 
 
 def responses_decode_response(body, prov=None):
-    parts = []
+    parts, lp = [], []
     for item in body.get("output") or []:
         t = item.get("type")
         if t == "message":
-            text = "".join(c.get("text", "") for c in item.get("content") or []
-                           if c.get("type") in ("output_text", "text"))
+            texts = [c for c in item.get("content") or [] if c.get("type") in ("output_text", "text")]
+            text = "".join(c.get("text", "") for c in texts)
+            lp += [x for c in texts for x in logprobs_from_openai(c.get("logprobs"))]
             if text:
                 parts.append({"type": "text", "text": text})
         elif t == "reasoning":
@@ -3219,7 +3253,7 @@ def responses_decode_response(body, prov=None):
     return {"id": body.get("id"), "model": body.get("model"), "content": parts,
             "stop_sequence": None,
             "stop_reason": _responses_stop(body, any(p["type"] == "tool_call" for p in parts)),
-            "usage": usage}
+            "usage": usage, **({"logprobs": lp} if lp else {})}
 
 
 class ResponsesStreamDecoder(SSEDecoder):
@@ -3238,6 +3272,9 @@ class ResponsesStreamDecoder(SSEDecoder):
         if t in ("response.output_text.delta", "response.refusal.delta"):
             if obj.get("delta"):
                 out.append(("text", obj["delta"]))
+            lp = logprobs_from_openai(obj.get("logprobs"))
+            if lp:
+                out.append(("logprobs", lp))
         elif t in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
             if obj.get("delta"):
                 out.append(("thinking", obj["delta"]))
@@ -4645,7 +4682,7 @@ ANTHROPIC_READS = dict.fromkeys((
 RESPONSES_READS = dict.fromkeys((
     "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
     "max_output_tokens", "temperature", "top_p", "stream", "reasoning", "user", "store",
-    "previous_response_id"), None) | _ROUTING | {"text": {"format"}}
+    "previous_response_id", "include", "top_logprobs"), None) | _ROUTING | {"text": {"format"}}
 GEMINI_READS = dict(dict.fromkeys(("contents", "systemInstruction", "tools", "toolConfig", "model",
                                    "generateContentRequest"), None),
                     generationConfig={"candidateCount", "maxOutputTokens", "responseJsonSchema",
@@ -4697,8 +4734,8 @@ CODECS = {
         request_path=lambda prov, mid, stream: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
         client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
-        carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls"),
-        unread=lambda body: unread_fields(body, RESPONSES_READS), files=True),
+        carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls", "logprobs"),
+        unread=_responses_unread, files=True),
     "gemini": Codec(
         "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
         stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,

@@ -189,6 +189,8 @@ def asked_logprobs(api, body):
         return gen.get("logprobs", 0) if gen.get("responseLogprobs") else None
     if api in ("openai", "ollama"):
         return body.get("top_logprobs", 0) if body.get("logprobs") else None
+    if api == "openai-responses":
+        return body.get("top_logprobs", 0) if "message.output_text.logprobs" in (body.get("include") or ()) else None
     return None
 
 
@@ -324,9 +326,13 @@ def responses_events(r, model):
             out.append(ev({"type": "response.content_part.added", "item_id": item["id"], "output_index": idx,
                            "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}))
             out += [ev({"type": "response.output_text.delta", "item_id": item["id"], "output_index": idx,
-                        "content_index": 0, "delta": p, "logprobs": []}) for p in _pieces(text)]
+                        "content_index": 0, "delta": p,
+                        "logprobs": [] if r.logprobs is None else [fake_logprob(p, r.logprobs)]})
+                    for p in _pieces(text)]
             out.append(ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": idx,
-                           "content_index": 0, "text": text, "logprobs": []}))
+                           "content_index": 0, "text": text,
+                           "logprobs": [] if r.logprobs is None else [fake_logprob(p, r.logprobs)
+                                                                      for p in _pieces(text)]}))
         else:
             args = item["arguments"]
             out.append(ev({"type": "response.output_item.added", "output_index": idx,
@@ -348,7 +354,9 @@ def responses_json(r, model):
         output.append({"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": r.thinking}]})
     if r.text and not r.empty:
         output.append({"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
-                       "content": [{"type": "output_text", "text": r.text, "annotations": []}]})
+                       "content": [{"type": "output_text", "text": r.text, "annotations": [], **(
+                           {"logprobs": [fake_logprob(p, r.logprobs) for p in _pieces(r.text)]}
+                           if r.logprobs is not None else {})}]})
     for i, (tid, name, args) in enumerate(r.tools):
         output.append({"type": "function_call", "id": f"fc_{i}", "call_id": tid, "name": name,
                        "arguments": json.dumps(args), "status": "completed"})
@@ -2256,7 +2264,8 @@ class DroppedFieldTests(RouterCase):
         self.check("ollama", "oa/gpt-test", {"keep_alive": "5m"}, "keep_alive, options.top_k",
                    nested={"options": {"top_k": 20, "seed": 9}})
         self.assertEqual(self.oa.requests[-1]["body"]["seed"], 9)
-        self.check("openai-responses", "oa/gpt-test", {"include": ["reasoning.encrypted_content"]}, "include")
+        self.check("openai-responses", "oa/gpt-test", {"include": ["reasoning.encrypted_content"]},
+                   "include.reasoning.encrypted_content")
         body = client_body("openai", "gm/gemini-test", False, tools=True)
         self.check("openai", "gm/gemini-test", {"tools": body["tools"], "parallel_tool_calls": False},
                    "parallel_tool_calls")
@@ -2409,6 +2418,8 @@ class FileTranslationTests(RouterCase):
 def with_logprobs(dialect, body, top=2):
     if dialect == "gemini":
         body["generationConfig"].update(responseLogprobs=True, logprobs=top)
+    elif dialect == "openai-responses":
+        body.update(include=["message.output_text.logprobs"], top_logprobs=top)
     else:
         body.update(logprobs=True, top_logprobs=top)
     return body
@@ -2423,6 +2434,17 @@ def read_logprobs(dialect, resp, stream):
     if dialect == "ollama":
         objs = [json.loads(x) for x in resp.body.splitlines() if x.strip()] if stream else [resp.json()]
         return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for o in objs for c in o.get("logprobs") or []]
+    if dialect == "openai-responses":
+        # whole: the output_text part's; streamed: the deltas' (checked against the done event's)
+        if not stream:
+            items = [c for o in resp.json()["output"] if o["type"] == "message" for p in o["content"]
+                     for c in p.get("logprobs") or []]
+        else:
+            evs = [json.loads(d) for _e, d in sse_events(resp.body)]
+            items = [c for e in evs if e["type"] == "response.output_text.delta" for c in e.get("logprobs") or []]
+            done = [c for e in evs if e["type"] == "response.output_text.done" for c in e.get("logprobs") or []]
+            assert done == items, "output_text.done repeats the deltas' log probabilities"
+        return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for c in items]
     objs = [json.loads(d) for _e, d in sse_events(resp.body)] if stream else [resp.json()]
     out = []
     for o in objs:
@@ -2438,8 +2460,8 @@ class LogprobsTests(RouterCase):
 
     def test_every_pair_that_has_them_streamed_and_not(self):
         targets = {"openai": (self.oa, "oa/gpt-test"), "gemini": (self.gm, "gm/gemini-test"),
-                   "ollama": (self.ol, "ol/llama-test")}
-        for client in ("openai", "gemini", "ollama"):
+                   "ollama": (self.ol, "ol/llama-test"), "openai-responses": (self.rs, "rs/gpt-resp")}
+        for client in ("openai", "gemini", "ollama", "openai-responses"):
             for api, (fake, target) in targets.items():
                 for stream in (False, True):
                     with self.subTest(client=client, provider=api, stream=stream):

@@ -1269,6 +1269,15 @@ def structured_text_ok(resp, path):
 # A request's `logprobs` is None, or the number of alternatives wanted per token (0: the chosen
 # token's only). Two wire shapes carry them: OpenAI's (also Ollama's) and Gemini's.
 
+def logprobs_out(req, flag, top, asked=True):
+    """A request's log-probability ask in a dialect's two fields: the flag (`asked` its value) and
+    the number of alternatives (left out when 0)."""
+    n = req.get("logprobs")
+    if n is None:
+        return {}
+    return {flag: asked, **({top: n} if n else {})}
+
+
 def logprobs_from_openai(items):
     """OpenAI's (and Ollama's) logprobs content items -> neutral ones."""
     return [{"token": str(c.get("token", "")), "logprob": c.get("logprob"),
@@ -1774,10 +1783,7 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     if mt:
         body["max_completion_tokens" if "max_completion_tokens" in quirks else "max_tokens"] = mt
     body.update(sampling_out(req, OPENAI_SAMPLING))
-    if req.get("logprobs") is not None:
-        body["logprobs"] = True
-        if req["logprobs"]:
-            body["top_logprobs"] = req["logprobs"]
+    body.update(logprobs_out(req, "logprobs", "top_logprobs"))
     rf = req.get("response_format")
     if rf:
         fmt = openai_format(rf)
@@ -3193,10 +3199,7 @@ def responses_encode_request(req, model_id, provider, model_meta, settings=None)
     if mt:
         body["max_output_tokens"] = mt
     body.update(sampling_out(req, RESPONSES_SAMPLING))
-    if req.get("logprobs") is not None:
-        body["include"] = [RESPONSES_LOGPROBS]
-        if req["logprobs"]:
-            body["top_logprobs"] = req["logprobs"]
+    body.update(logprobs_out(req, "include", "top_logprobs", [RESPONSES_LOGPROBS]))
     rf = req.get("response_format")
     if rf:
         body["text"] = {"format": openai_format(rf)}
@@ -3544,10 +3547,7 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     if req.get("max_tokens"):
         gen["maxOutputTokens"] = output_limit(req, model_meta)
     gen.update(sampling_out(req, GEMINI_SAMPLING))
-    if req.get("logprobs") is not None:
-        gen["responseLogprobs"] = True
-        if req["logprobs"]:
-            gen["logprobs"] = req["logprobs"]
+    gen.update(logprobs_out(req, "responseLogprobs", "logprobs"))
     rf = req.get("response_format")
     if rf:
         gen["responseMimeType"] = "application/json"
@@ -4389,10 +4389,7 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
     rf = req.get("response_format")
     if rf:
         body["format"] = rf["schema"] if rf["schema"] is not None else "json"
-    if req.get("logprobs") is not None:
-        body["logprobs"] = True
-        if req["logprobs"]:
-            body["top_logprobs"] = req["logprobs"]
+    body.update(logprobs_out(req, "logprobs", "top_logprobs"))
     return body
 
 

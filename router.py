@@ -249,8 +249,8 @@ MODEL_META_FORMS = {
     "chat": (lambda v: isinstance(v, bool), "true or false"),
     "structured": (lambda v: v in ("native", "tool", "prompt"),
                    "\"native\", \"tool\" or \"prompt\" (how it gives JSON that fits a schema)"),
-    "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image"},
-              "a list of \"text\" and \"image\""),
+    "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image", "pdf"},
+              "a list of \"text\", \"image\" and \"pdf\""),
     "cost": (lambda v: isinstance(v, dict) and all(
         k in ("input", "output", "cached") and _num(x) and x >= 0 for k, x in v.items()),
              "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens"),
@@ -491,7 +491,8 @@ def load_config(config_file, explicit):
 #   ("start", {"id", "model", "usage"?})     ("text", str)      ("thinking", str)
 #   ("signature", str)   ("redacted_thinking", data)   ("tool", id, name)   ("args", json_fragment)
 #   ("end", stop_reason, usage, stop_sequence)   ("error", ApiError)
-#   ("logprobs", [{"token", "logprob", "top": [{"token", "logprob"}]}])  (the text's, when asked)
+#   ("text", str, logprobs): the same with its log probabilities, when they were asked;
+#   ("logprobs", [{"token", "logprob", "top": [{"token", "logprob"}]}]) when they come apart
 # Stop reasons are Anthropic's words: end_turn, max_tokens, tool_use, stop_sequence, refusal,
 # pause_turn. Usage: {"input" (prompt incl. cache), "output", "cache_read", "cache_write",
 # "reasoning"}. A neutral response is the folded stream: {"id", "model", "content": [parts],
@@ -885,6 +886,8 @@ def fold_events(events, resp=None):
     for ev in events:
         kind = ev[0]
         if kind == "text":
+            if len(ev) > 2:
+                resp.setdefault("logprobs", []).extend(ev[2])
             if content and content[-1]["type"] == "text":
                 pieces.setdefault(id(content[-1]), [content[-1]["text"]]).append(ev[1])
             else:
@@ -1010,7 +1013,8 @@ def estimate_tokens(req):
             elif t == "image":
                 images += 1
             elif t == "file":
-                chars += len(p["data"]) // 4       # about a token for 12 bytes of a PDF
+                # about 1,500 tokens a page, a page about 50 KB (1,500 at least)
+                chars += 4 * max(1500, len(p["data"]) * 3 // 4 // 50_000 * 1500)
             elif t == "tool_call":
                 chars += len(p["name"]) + _weight(dumps(p["arguments"]))
             elif t == "tool_result":
@@ -1268,6 +1272,24 @@ def structured_text_ok(resp, path):
 # -- log probabilities --------------------------------------------------------------------------
 # A request's `logprobs` is None, or the number of alternatives wanted per token (0: the chosen
 # token's only). Two wire shapes carry them: OpenAI's (also Ollama's) and Gemini's.
+
+def with_logprobs(out, lp):
+    """Decoded log probabilities onto the text event they belong to (so a client gets them in the
+    same chunk as the text), or as an event of their own when no text came just before."""
+    if not lp:
+        return
+    if out and out[-1][0] == "text" and len(out[-1]) == 2:
+        out[-1] = out[-1] + (lp,)
+    else:
+        out.append(("logprobs", lp))
+
+
+def text_logprobs(ev):
+    """The log probabilities a text or logprobs event carries ([] for none)."""
+    if ev[0] == "logprobs":
+        return ev[1]
+    return ev[2] if len(ev) > 2 else []
+
 
 def logprobs_out(req, flag, top, asked=True):
     """A request's log-probability ask in a dialect's two fields: the flag (`asked` its value) and
@@ -1701,11 +1723,11 @@ class OpenAIStreamEncoder:
 
     def encode(self, ev):
         kind = ev[0]
-        if kind == "text":
-            return self._chunk({"content": ev[1]})
-        if kind == "logprobs":
-            return self._chunk({}, logprobs={"content": logprobs_to_openai(ev[1]),
-                                             "refusal": None})
+        if kind in ("text", "logprobs"):
+            lp = text_logprobs(ev)
+            return self._chunk({"content": ev[1]} if kind == "text" else {},
+                               logprobs={"content": logprobs_to_openai(lp), "refusal": None}
+                               if lp else None)
         if kind == "thinking":
             return self._chunk({"reasoning_content": ev[1]})
         if kind == "tool":
@@ -2036,9 +2058,7 @@ class OpenAIStreamDecoder(SSEDecoder):
             if isinstance(d.get("refusal"), str) and d["refusal"]:
                 self.refused = True                  # (a structured-output refusal)
                 out.append(("text", d["refusal"]))
-            lp = logprobs_from_openai((c.get("logprobs") or {}).get("content"))
-            if lp:
-                out.append(("logprobs", lp))
+            with_logprobs(out, logprobs_from_openai((c.get("logprobs") or {}).get("content")))
             for tc in d.get("tool_calls") or ():
                 idx = tc.get("index", self.current if self.current is not None else 0)
                 fn = tc.get("function") or {}
@@ -2109,7 +2129,8 @@ def _openai_list_meta(m):
         meta["context_window"] = window
     mods = (m.get("architecture") or {}).get("input_modalities")
     if isinstance(mods, list):
-        meta["input"] = ["text", "image"] if "image" in mods else ["text"]
+        meta["input"] = ["text"] + (["image"] if "image" in mods else []) + (
+            ["pdf"] if "file" in mods else [])
     params = m.get("supported_parameters")
     if isinstance(params, list):
         meta["tools"] = "tools" in params
@@ -2217,7 +2238,7 @@ def _anthropic_blocks(content, field, allow_tools=True, only=None, dropped=None)
             parts.append({"type": "tool_result", "id": b["tool_use_id"],
                           "is_error": bool(b.get("is_error")),
                           "content": _anthropic_blocks(b.get("content") or [],
-                                                       f + ".content", False)})
+                                                       f + ".content", False, only, dropped)})
         elif t == "thinking":
             parts.append({"type": "thinking", "text": str(b.get("thinking", "")),
                           "signature": b.get("signature") or ""})
@@ -2540,6 +2561,13 @@ def anthropic_schema(schema):
         return [anthropic_schema(x) for x in schema]
     if not isinstance(schema, dict):
         return schema
+    if isinstance(schema.get("type"), list):    # ["object", "null"]: one branch a type
+        rest = {k: v for k, v in schema.items() if k not in ("type", "description")}
+        out = {"anyOf": [{"type": "null"} if t == "null" else anthropic_schema(dict(rest, type=t))
+                         for t in schema["type"]]}
+        if isinstance(schema.get("description"), str):
+            out["description"] = schema["description"]
+        return out
     out, said = {}, []
     for k, v in schema.items():
         if k == "oneOf":
@@ -2548,8 +2576,6 @@ def anthropic_schema(schema):
             out[k] = {n: anthropic_schema(x) for n, x in v.items()}
         elif k in ("items", "anyOf", "allOf"):
             out[k] = anthropic_schema(v)
-        elif k == "type" and isinstance(v, list):      # ["integer", "null"]: Anthropic wants anyOf
-            out["anyOf"] = out.get("anyOf", []) + [{"type": t} for t in v]
         elif k == "minItems" and v in (0, 1) and not isinstance(v, bool):
             out[k] = v
         elif k in ANTHROPIC_SCHEMA_KEYS and k not in ("minItems", "format") \
@@ -2823,7 +2849,7 @@ def _responses_unread(body):
     """Responses fields the translation does not read, and `include` values other than logprobs."""
     inc = body.get("include") if isinstance(body.get("include"), list) else []
     return unread_fields(body, RESPONSES_READS) + [f"include.{v}" for v in inc
-                                                   if v != RESPONSES_LOGPROBS]
+                                                   if v != RESPONSES_LOGPROBS and isinstance(v, str)]
 
 
 def _responses_format(text):
@@ -2921,6 +2947,9 @@ def responses_decode_request(body):
     effort = reasoning.get("effort")
     prev = body.get("previous_response_id")
     _need(prev is None or isinstance(prev, str), "previous_response_id", "must be a string")
+    include = body.get("include") or []
+    _need(isinstance(include, list) and all(isinstance(x, str) for x in include), "include",
+          "must be an array of strings")
     return neutral_request(
         model, system, messages, tools=tools, tool_choice=tool_choice,
         parallel_tool_calls=body.get("parallel_tool_calls"),
@@ -2930,8 +2959,9 @@ def responses_decode_request(body):
         reasoning={"effort": effort, "enabled": effort != "none"} if effort else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         response_format=_responses_format(body.get("text")),
-        logprobs=(_opt_int(body, "top_logprobs", 0) or 0)
-        if RESPONSES_LOGPROBS in (body.get("include") or ()) else None,
+        logprobs=_logprobs_asked(
+            {"asked": RESPONSES_LOGPROBS in include, "top_logprobs": body.get("top_logprobs")},
+            "asked", "top_logprobs"),
         extra={"custom_tools": custom, "store": body.get("store", True) is not False,
                **({"same_dialect_only": only} if only else {}),
                **({"dropped_parts": dropped} if dropped else {}),
@@ -3106,9 +3136,11 @@ class ResponsesStreamEncoder:
                 {"type": "message", "id": f"msg_{idx}", "status": "in_progress",
                  "role": "assistant", "content": []})
             self.buf.append(ev[1])
+            lp = logprobs_to_openai(text_logprobs(ev))
+            self.logprobs += lp
             return out + self._ev({"type": "response.output_text.delta", "item_id": self.item["id"],
                                    "output_index": len(self.output), "content_index": 0,
-                                   "delta": ev[1], "logprobs": []})
+                                   "delta": ev[1], "logprobs": lp})
         if kind == "thinking":
             out = b"" if self.item and self.item["type"] == "reasoning" else self._open(
                 {"type": "reasoning", "id": f"rs_{idx}", "summary": []})
@@ -3275,9 +3307,7 @@ class ResponsesStreamDecoder(SSEDecoder):
         if t in ("response.output_text.delta", "response.refusal.delta"):
             if obj.get("delta"):
                 out.append(("text", obj["delta"]))
-            lp = logprobs_from_openai(obj.get("logprobs"))
-            if lp:
-                out.append(("logprobs", lp))
+            with_logprobs(out, logprobs_from_openai(obj.get("logprobs")))
         elif t in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
             if obj.get("delta"):
                 out.append(("thinking", obj["delta"]))
@@ -3659,9 +3689,7 @@ class GeminiStreamDecoder(SSEDecoder):
             evs = _gemini_parts_events((c.get("content") or {}).get("parts"), self.prov)
             self.saw_tool = self.saw_tool or any(e[0] == "tool" for e in evs)
             out.extend(evs)
-            lp = logprobs_from_gemini(c.get("logprobsResult"))
-            if lp:
-                out.append(("logprobs", lp))
+            with_logprobs(out, logprobs_from_gemini(c.get("logprobsResult")))
             if c.get("finishReason"):
                 self.finish = c["finishReason"]
 
@@ -4018,6 +4046,8 @@ class GeminiStreamEncoder:
         if kind == "logprobs":
             return self._chunk([{"text": ""}], logprobs=ev[1])
         parts = self._flush_call()
+        if kind == "text" and len(ev) > 2:
+            return self._chunk(parts + [{"text": ev[1]}], logprobs=ev[2])
         if kind == "tool":
             self.call = [ev[1], ev[2], []]
         elif kind == "text":
@@ -4083,7 +4113,8 @@ def gemini_list_models(fetch, known):
                 continue
             mid = m.get("baseModelId") or m.get("name", "").split("/", 1)[-1]
             out[mid] = _clean({"context_window": m.get("inputTokenLimit"),
-                               "max_output": m.get("outputTokenLimit"), "input": ["text", "image"],
+                               "max_output": m.get("outputTokenLimit"),
+                               "input": ["text", "image", "pdf"],
                                "reasoning": True if m.get("thinking") else None})
         token = page.get("nextPageToken")
         if not token:
@@ -4301,10 +4332,10 @@ class OllamaStreamEncoder:
             self.args.append(ev[1])
             return b""
         out = self._flush()
-        if kind == "text":
-            return out + self._line(content=ev[1])
-        if kind == "logprobs":
-            return out + self._line(logprobs=logprobs_to_openai(ev[1]))
+        if kind in ("text", "logprobs"):
+            lp = text_logprobs(ev)
+            return out + self._line(**({"content": ev[1]} if kind == "text" else {}),
+                                    **({"logprobs": logprobs_to_openai(lp)} if lp else {}))
         if kind == "thinking":
             return out + self._line(thinking=ev[1])
         if kind == "tool":
@@ -4407,9 +4438,7 @@ def _ollama_events(obj):
     text = msg.get("content") or obj.get("response")
     if text:
         out.append(("text", text))
-    lp = logprobs_from_openai(obj.get("logprobs"))
-    if lp:
-        out.append(("logprobs", lp))
+    with_logprobs(out, logprobs_from_openai(obj.get("logprobs")))
     for c in msg.get("tool_calls") or ():
         fn = c.get("function") or {}
         out.append(("tool", c.get("id") or new_id("call_"), fn.get("name", "")))
@@ -4732,7 +4761,8 @@ CODECS = {
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
         client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
         carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls", "logprobs"),
-        unread=_responses_unread, files=True),
+        unread=_responses_unread, files=True,
+        spelling={"logprobs": "include." + RESPONSES_LOGPROBS}),
     "gemini": Codec(
         "gemini", decode_request=gemini_decode_request, encode_response=gemini_encode_response,
         stream_encoder=GeminiStreamEncoder, encode_error=gemini_encode_error,
@@ -4902,22 +4932,22 @@ MODEL_RULES = [
     (r"claude-(?:opus|sonnet|haiku)-(?:4-[5-9]|4\.[5-9]|[5-9])", {"structured": "native"}),
     (r"claude", {"structured": "tool"}),
     (r"claude-(?:opus|sonnet|haiku)-[4-9]|claude-[4-9]|claude-3-7",
-     {"context_window": 200000, "max_output": 64000, "input": ["text", "image"],
+     {"context_window": 200000, "max_output": 64000, "input": ["text", "image", "pdf"],
       "reasoning": True}),
-    (r"claude", {"context_window": 200000, "max_output": 8192, "input": ["text", "image"]}),
-    (r"gpt-5", {"context_window": 400000, "max_output": 128000, "input": ["text", "image"],
+    (r"claude", {"context_window": 200000, "max_output": 8192, "input": ["text", "image", "pdf"]}),
+    (r"gpt-5", {"context_window": 400000, "max_output": 128000, "input": ["text", "image", "pdf"],
                 "reasoning": True}),
-    (r"gpt-4\.1", {"context_window": 1047576, "max_output": 32768, "input": ["text", "image"]}),
+    (r"gpt-4\.1", {"context_window": 1047576, "max_output": 32768, "input": ["text", "image", "pdf"]}),
     (r"gpt-4o|chatgpt-4o",
-     {"context_window": 128000, "max_output": 16384, "input": ["text", "image"]}),
+     {"context_window": 128000, "max_output": 16384, "input": ["text", "image", "pdf"]}),
     (r"(?:^|/)o[1-9](?:-|$)",
-     {"context_window": 200000, "max_output": 100000, "input": ["text", "image"],
+     {"context_window": 200000, "max_output": 100000, "input": ["text", "image", "pdf"],
                               "reasoning": True}),
     (r"gemini-(?:1|2)", {"structured_tools": False}),
     (r"gemini-(?:2\.5|[3-9])",
-     {"context_window": 1048576, "max_output": 65536, "input": ["text", "image"],
+     {"context_window": 1048576, "max_output": 65536, "input": ["text", "image", "pdf"],
                                 "reasoning": True}),
-    (r"gemini", {"context_window": 1048576, "max_output": 8192, "input": ["text", "image"]}),
+    (r"gemini", {"context_window": 1048576, "max_output": 8192, "input": ["text", "image", "pdf"]}),
     (r"deepseek-r1|[-/]r1(?:[-:]|$)|qwq|reason|thinking", {"reasoning": True, "tools": False}),
     (r"deepseek", {"context_window": 131072, "max_output": 8192}),
     (r"vision|[-_]vl\b|vl[-_:]|llava|pixtral|gemma-?3|minicpm-v|moondream|llama-?4|mistral-small-3",
@@ -5304,7 +5334,7 @@ def openclaw_providers(path, env):
                 "context_window": (m.get("contextWindow")
                                    if isinstance(m.get("contextWindow"), int) else None),
                 "max_output": m.get("maxTokens") if isinstance(m.get("maxTokens"), int) else None,
-                "input": [x for x in m.get("input") or [] if x in ("text", "image")] or None,
+                "input": [x for x in m.get("input") or [] if x in ("text", "image", "pdf")] or None,
                 "reasoning": m.get("reasoning") if isinstance(m.get("reasoning"), bool) else None,
                 "cost": _clean({"input": cost.get("input"), "output": cost.get("output"),
                                 "cached": cost.get("cacheRead")}) or None})
@@ -7332,11 +7362,15 @@ def _route_of(cat, name, intent):
 
 
 def _needs(req):
-    """What a request needs of a model: tools, images, tokens (estimated input + output)."""
-    images = any(p["type"] == "image" or p["type"] == "tool_result"
-                 and any(q["type"] == "image" for q in p["content"])
-                 for m in req["messages"] for p in m["content"])
-    return bool(req.get("tools")), images, estimate_tokens(req)
+    """What a request needs of a model: tools, images (or PDFs), tokens (estimated input +
+    output). -> (tools?, {"image", "pdf"} it holds, tokens)"""
+    kinds = set()
+    for m in req["messages"]:
+        for p in m["content"]:
+            for q in p["content"] if p["type"] == "tool_result" else (p,):
+                if q["type"] in ("image", "file"):
+                    kinds.add("image" if q["type"] == "image" else "pdf")
+    return bool(req.get("tools")), kinds, estimate_tokens(req)
 
 
 def _skip_reason(caps, tools, images, tokens, max_tokens):
@@ -7344,8 +7378,10 @@ def _skip_reason(caps, tools, images, tokens, max_tokens):
         return "not a chat model"
     if tools and not caps["tools"]:
         return "no tool calling"
-    if images and "image" not in caps["input"]:
+    if "image" in images and "image" not in caps["input"]:
         return "no image input"
+    if "pdf" in images and "pdf" not in caps["input"]:
+        return "no PDF input"
     window = caps.get("context_window")
     out = max_tokens or min(caps.get("max_output") or 4096, 4096)
     if window and tokens + out > window:
@@ -7825,9 +7861,11 @@ class Dispatcher:
         keep = ctx.provider_marks.get(prov.name, frozenset())
         # the history holds thinking another provider signed
         moved = not ctx.history_marks <= keep
-        # (JSON asked of a model that cannot give it natively: translated, for its own path)
+        # (JSON asked of a model that cannot give it natively: translated, for its own path,
+        # unless the request holds what only its own dialect carries)
         same = ctx.same = same and ctx.passthrough and (
-            not ctx.req.get("response_format") or structured_path(ctx.req, meta, pc) == "native")
+            not ctx.req.get("response_format") or ctx.req["extra"].get("same_dialect_only")
+            or structured_path(ctx.req, meta, pc) == "native")
         if same:
             body = dict(ctx.body)
             body["model"] = mid

@@ -2121,8 +2121,8 @@ class StructuredOutputTests(RouterCase):
             "a": {"type": ["integer", "null"], "minimum": 3},
             "b": {"type": "array", "minItems": "2", "items": {"type": "string", "format": "email"}},
             "c": {"type": "array", "minItems": 1, "maxItems": 4, "items": {"oneOf": [{"type": "string"}]}}}})
-        self.assertEqual(got["properties"]["a"], {"anyOf": [{"type": "integer"}, {"type": "null"}],
-                                                  "description": "(minimum: 3)"})
+        self.assertEqual(got["properties"]["a"], {"anyOf": [{"type": "integer", "description": "(minimum: 3)"},
+                                                            {"type": "null"}]})
         self.assertEqual(got["properties"]["b"], {"type": "array", "items": {"type": "string", "format": "email"},
                                                   "description": '(minItems: "2")'})
         self.assertEqual(got["properties"]["c"]["minItems"], 1)
@@ -2134,6 +2134,21 @@ class StructuredOutputTests(RouterCase):
             "type": "object", "properties": {"tags": {"type": "array", "minItems": "2", "items": {"type": "string"}}}})
         r, got = self.ask("gemini", body)
         self.assertEqual(json.loads(got["text"]), {"tags": ["text"]})
+
+    def test_responses_fields_are_checked_and_named(self):
+        body = client_body("openai-responses", "an/claude-test", False)
+        r = self.post("openai-responses", dict(body, include=5))
+        self.assertEqual(r.status, 400, r)
+        self.assertEqual(r.json()["error"]["message"], "include: must be an array of strings")
+        r = self.post("openai-responses", dict(body, include=["message.output_text.logprobs"], top_logprobs=30))
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("top_logprobs: must be between 0 and 20", r.json()["error"]["message"])
+        r = self.post("openai-responses", dict(body, include=["message.output_text.logprobs"], top_logprobs=2))
+        self.assertEqual(r.headers["x-router-dropped"], "include.message.output_text.logprobs")
+        got = R.anthropic_schema({"type": ["object", "null"], "properties": {"a": {"type": "string"}},
+                                  "description": "maybe"})
+        self.assertEqual(got, {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}},
+                                          "additionalProperties": False}, {"type": "null"}], "description": "maybe"})
 
     def test_paths_follow_the_model_and_the_request(self):
         def path_of(client, body):
@@ -2367,10 +2382,24 @@ def sent_pdf(api, body):
 class FileTranslationTests(RouterCase):
     """PDF parts between the dialects that take them; what has no neutral form never goes in silence."""
 
-    more_routes = {"ollama-first": ["ol/llama-test", "an/claude-test"]}
+    more_routes = {"ollama-first": ["ol/llama-test", "an/claude-test"], "text-first": ["oa/text-only", "an/claude-test"]}
+    more_models = {"oa": {"gpt-test": {"input": ["text", "image", "pdf"], "context_window": 100000},
+                          "text-only": {"input": ["text"]}},
+                   "rs": {"gpt-resp": {"input": ["text", "image", "pdf"]}}}
 
     def fake_for(self, api):
         return {"openai": self.oa, "anthropic": self.an, "openai-responses": self.rs, "gemini": self.gm}[api]
+
+    def test_a_model_that_takes_no_pdf_is_skipped(self):
+        r = self.post("openai", with_pdf("openai", client_body("openai", "text-first", False)))
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "an"))
+        cands = self.h.call("POST", "/v1/route", with_pdf("openai", client_body("openai", "text-first", False)))
+        self.assertIn({"provider": "oa", "model": "text-only", "skip": "no PDF input"}, cands.json()["candidates"])
+        # a 2.5 MB PDF is not counted as 200,000 tokens (it would skip every candidate)
+        body = client_body("openai", "an/claude-test", False)
+        body["messages"][-1]["content"] = [{"type": "file", "file": {
+            "filename": "big.pdf", "file_data": "data:application/pdf;base64," + "A" * 3_400_000}}]
+        self.assertLess(R.estimate_tokens(R.openai_decode_request(body)), 120_000)
 
     def test_pdfs_between_every_pair_that_takes_them(self):
         for client in ("openai", "anthropic", "openai-responses", "gemini"):
@@ -2387,8 +2416,38 @@ class FileTranslationTests(RouterCase):
         r = self.post("openai", with_pdf("openai", client_body("openai", "ollama-first", False)))
         self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "an"))
         self.assertEqual(self.ol.requests, [])
-        rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"])
+        cands = self.h.call("POST", "/v1/route", with_pdf("openai", client_body("openai", "ollama-first", False)))
+        self.assertIn({"provider": "ol", "model": "llama-test", "skip": "no PDF input"}, cands.json()["candidates"])
+        # even a model said to take PDFs is not sent one by the Ollama API, which has no place for it
+        caps = self.h.router.catalogue.caps
+        saved = caps[("ol", "llama-test")]
+        self.addCleanup(caps.__setitem__, ("ol", "llama-test"), saved)
+        caps[("ol", "llama-test")] = dict(saved, input=["text", "image", "pdf"])
+        self.h.router.affinity = R.Affinity()          # (the same conversation is pinned to Claude now)
+        before = len(wait_rows(self.h, lambda rows: True))
+        r = self.post("openai", with_pdf("openai", client_body("openai", "ollama-first", False)))
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "an"))
+        rows = wait_rows(self.h, lambda rows: len(rows) > before and rows[0]["attempts"])
         self.assertEqual(rows[0]["attempts"][0]["reason"], "skipped: a ollama provider cannot be sent PDF files")
+        self.assertEqual(self.ol.requests, [])
+
+    def test_own_dialect_input_keeps_the_passthrough_even_for_structured_output(self):
+        body = with_format("anthropic", client_body("anthropic", "an/claude-test", False))
+        body["messages"][-1]["content"] = [{"type": "text", "text": "Summarise"}, {"type": "document", "source": {
+            "type": "url", "url": "https://example.com/a.pdf"}}]
+        r = self.post("anthropic", body)
+        self.assertEqual((r.status, r.headers["x-router-structured"]), (200, "native"))
+        self.assertEqual(self.an.requests[-1]["body"]["messages"][-1]["content"][1]["source"]["type"], "url")
+        # a search result inside a tool result has no neutral form either
+        body = client_body("anthropic", "oa/gpt-test", False)
+        body["messages"] = [{"role": "user", "content": "find it"},
+                            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "search", "input": {}}]},
+                            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                                {"type": "search_result", "source": "https://x", "title": "X",
+                                 "content": [{"type": "text", "text": "x"}]}]}]}]
+        r = self.post("anthropic", dict(body, provider={"allow_fallbacks": False}))
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("messages[2].content[0].content[0].search_result", r.json()["error"]["message"])
 
     def test_what_has_no_neutral_form_stays_in_its_dialect_or_is_named(self):
         # a file by id only OpenAI can read: never sent elsewhere without it
@@ -2429,10 +2488,13 @@ def read_logprobs(dialect, resp, stream):
     """[(token, [alternative tokens])] of a reply, from the client dialect's own fields."""
     if dialect == "openai":
         objs = [json.loads(d) for _e, d in sse_events(resp.body) if d != "[DONE]"] if stream else [resp.json()]
+        assert not stream or all(ch["delta"].get("content") for o in objs for ch in o["choices"]
+                                 if ch.get("logprobs")), "log probabilities ride on their text"
         items = [c for o in objs for ch in o["choices"] for c in ((ch.get("logprobs") or {}).get("content") or [])]
         return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for c in items]
     if dialect == "ollama":
         objs = [json.loads(x) for x in resp.body.splitlines() if x.strip()] if stream else [resp.json()]
+        assert all(o["message"]["content"] for o in objs if stream and o.get("logprobs")), "on their text"
         return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for o in objs for c in o.get("logprobs") or []]
     if dialect == "openai-responses":
         # whole: the output_text part's; streamed: the deltas' (checked against the done event's)
@@ -2442,6 +2504,7 @@ def read_logprobs(dialect, resp, stream):
         else:
             evs = [json.loads(d) for _e, d in sse_events(resp.body)]
             items = [c for e in evs if e["type"] == "response.output_text.delta" for c in e.get("logprobs") or []]
+            assert all(e["delta"] for e in evs if e["type"] == "response.output_text.delta" and e.get("logprobs"))
             done = [c for e in evs if e["type"] == "response.output_text.done" for c in e.get("logprobs") or []]
             assert done == items, "output_text.done repeats the deltas' log probabilities"
         return [(c["token"], [t["token"] for t in c["top_logprobs"]]) for c in items]
@@ -2449,6 +2512,7 @@ def read_logprobs(dialect, resp, stream):
     out = []
     for o in objs:
         res = o["candidates"][0].get("logprobsResult")
+        assert not (stream and res) or "".join(p.get("text", "") for p in o["candidates"][0]["content"]["parts"])
         if res:
             out += [(c["token"], [t["token"] for t in top["candidates"]])
                     for c, top in zip(res["chosenCandidates"], res["topCandidates"])]

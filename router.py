@@ -1530,14 +1530,16 @@ def _openai_tool_calls(calls, f, i):
     return parts
 
 
-def _openai_tools(body):
-    """Chat Completions' tools and tool_choice -> (neutral tools, neutral tool_choice)."""
+def _openai_tools(body, dropped):
+    """Chat Completions' tools and tool_choice -> (neutral tools, neutral tool_choice); tools of
+    another type than function (custom) are named in `dropped`."""
     tools = []
     raw_tools = body.get("tools") or []
     _need(isinstance(raw_tools, list), "tools", "must be an array")
     for i, t in enumerate(raw_tools):
         _need(isinstance(t, dict), f"tools[{i}]", "must be an object")
         if t.get("type", "function") != "function":
+            dropped.append(f"tools[{i}].{t.get('type')}")
             continue
         fn = t.get("function")
         _need(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"],
@@ -1593,7 +1595,8 @@ def openai_decode_request(body):
         else:
             raise bad_request(f + ".role",
                               "must be one of system, developer, user, assistant, tool")
-    tools, tool_choice = _openai_tools(body)
+    dropped = []
+    tools, tool_choice = _openai_tools(body, dropped)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -1620,8 +1623,8 @@ def openai_decode_request(body):
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         response_format=_openai_format(body.get("response_format")), **_penalties(body),
         logprobs=_logprobs_asked(body, "logprobs", "top_logprobs"),
-        extra={"same_dialect_only": only + ([f"n ({n} choices)"] if n > 1 else [])}
-        if only or n > 1 else None)
+        extra=dict({"same_dialect_only": only + ([f"n ({n} choices)"] if n > 1 else [])}
+                   if only or n > 1 else {}, **({"dropped_parts": dropped} if dropped else {})))
 
 
 def _logprobs_asked(obj, flag, top, at=""):

@@ -2296,6 +2296,8 @@ class DroppedFieldTests(RouterCase):
         self.assertEqual([t["function"]["name"] for t in self.oa.requests[-1]["body"]["tools"]], ["get_weather"])
         self.check("openai-responses", "an/claude-test", {"tools": [{"type": "web_search"}]}, "tools[0].web_search")
         self.check("gemini", "oa/gpt-test", {"tools": [{"googleSearch": {}}]}, "tools[0].googleSearch")
+        self.check("openai", "an/claude-test", {"tools": [{"type": "custom", "custom": {"name": "grep"}}]},
+                   "tools[0].custom")
         # the same dialect keeps them
         self.check("anthropic", "an/claude-test", {"tools": body["tools"]}, None)
         self.assertEqual(len(self.an.requests[-1]["body"]["tools"]), 2)

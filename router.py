@@ -51,6 +51,7 @@ import select
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import ssl
 import sys
@@ -247,6 +248,8 @@ MODEL_META_FORMS = {
     "tools": (lambda v: isinstance(v, bool), "true or false"),
     "reasoning": (lambda v: isinstance(v, bool), "true or false"),
     "chat": (lambda v: isinstance(v, bool), "true or false"),
+    "embedding": (lambda v: isinstance(v, bool), "true or false"),
+    "dimensions": (_positive_int, "a positive integer (an embedding model's vector size)"),
     "structured": (lambda v: v in ("native", "tool", "prompt"),
                    "\"native\", \"tool\" or \"prompt\" (how it gives JSON that fits a schema)"),
     "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image", "pdf"},
@@ -1341,6 +1344,36 @@ def logprobs_to_gemini(items):
                                               for t in c["top"]]} for c in items]}
 
 
+# -- embeddings ---------------------------------------------------------------------------------
+# A neutral embeddings request: {"model", "inputs": [text, or a list of token ids], "dimensions",
+# "task": "query" | "document" | None, "base64": the client wants base64 vectors, "legacy": the
+# client's one-text form (Ollama's /api/embeddings)}. The answer: the vectors in input order and
+# the input tokens (None when the provider does not say).
+
+def embed_request(model, inputs, dimensions=None, task=None, base64_out=False, legacy=False):
+    """The one constructor of neutral embeddings requests."""
+    _need(inputs and all(isinstance(x, str) and x or isinstance(x, list) and x and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in x) for x in inputs),
+        "input", "must be a non-empty string, an array of them, or an array of token-id arrays")
+    return {"model": model, "inputs": inputs, "dimensions": dimensions, "task": task,
+            "base64": base64_out, "legacy": legacy}
+
+
+def floats_base64(vector):
+    """A vector as OpenAI's base64 encoding: little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def base64_floats(text):
+    data = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(data) // 4}f", data))
+
+
+def embed_tokens(ereq):
+    """A local count of an embeddings request's input tokens (4 characters a token)."""
+    return sum(len(x) if isinstance(x, list) else max(1, len(x) // 4) for x in ereq["inputs"])
+
+
 # -- what a translation drops ------------------------------------------------------------------
 #: Neutral fields a provider dialect may not carry (its codec's `carries` says which it does).
 OPTIONAL_FIELDS = ("top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -2150,6 +2183,44 @@ def _openai_list_meta(m):
     except (TypeError, ValueError):
         pass
     return meta
+
+
+def openai_embed_decode(body):
+    """POST /v1/embeddings body -> neutral embeddings request (NVIDIA's input_type read too)."""
+    model = _body_model(body)
+    inp = body.get("input")
+    if isinstance(inp, str) or (isinstance(inp, list) and inp
+                                and all(isinstance(t, int) and not isinstance(t, bool) for t in inp)):
+        inp = [inp]
+    _need(isinstance(inp, list), "input", "must be a string, an array of strings or of token arrays")
+    fmt = body.get("encoding_format") or "float"
+    _need(fmt in ("float", "base64"), "encoding_format", "must be \"float\" or \"base64\"")
+    task = {"query": "query", "passage": "document"}.get(body.get("input_type"))
+    return embed_request(model, inp, _opt_int(body, "dimensions"), task, fmt == "base64")
+
+
+def openai_embed_encode(vectors, model, ereq, tokens):
+    """Vectors -> the /v1/embeddings reply (base64 when the client asked for it)."""
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": floats_base64(v) if ereq["base64"] else v}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def openai_embed_request(ereq, inputs, model_id):
+    body = {"model": model_id, "input": inputs, "encoding_format": "float"}
+    if ereq["dimensions"]:
+        body["dimensions"] = ereq["dimensions"]
+    return body
+
+
+def openai_embed_response(obj):
+    """A /v1/embeddings reply -> (vectors in input order, input tokens or None)."""
+    data = sorted(obj.get("data") or [], key=lambda d: d.get("index", 0))
+    vectors = [base64_floats(d["embedding"]) if isinstance(d.get("embedding"), str)
+               else d.get("embedding") for d in data]
+    return vectors, (obj.get("usage") or {}).get("prompt_tokens")
 
 
 def openai_list_models(fetch, known):
@@ -4105,6 +4176,26 @@ def gemini_list_shape(entries, query=None):
     return out
 
 
+GEMINI_TASK = {"query": "RETRIEVAL_QUERY", "document": "RETRIEVAL_DOCUMENT"}
+
+
+def gemini_embed_request(ereq, inputs, model_id):
+    """Neutral inputs -> a batchEmbedContents body (each entry names the model again)."""
+    def one(text):
+        r = {"model": "models/" + model_id, "content": {"parts": [{"text": text}]}}
+        if ereq["task"]:
+            r["taskType"] = GEMINI_TASK[ereq["task"]]
+        if ereq["dimensions"]:
+            r["outputDimensionality"] = ereq["dimensions"]
+        return r
+    return {"requests": [one(t) for t in inputs]}
+
+
+def gemini_embed_response(obj):
+    """A batchEmbedContents reply -> (vectors, None: Gemini gives no token count)."""
+    return [e.get("values") or [] for e in obj.get("embeddings") or []], None
+
+
 def gemini_list_models(fetch, known):
     """GET /models, every page (pageToken): the models that support generateContent."""
     out, token = {}, None
@@ -4540,6 +4631,32 @@ def _ollama_meta(show):
     return _clean(meta)
 
 
+def ollama_embed_decode(body):
+    """POST /api/embed ({"input": text or [texts]}) or the older /api/embeddings ({"prompt"})."""
+    model = _body_model(body)
+    legacy = "prompt" in body and "input" not in body
+    inp = body.get("prompt") if legacy else body.get("input")
+    return embed_request(model, [inp] if isinstance(inp, str) else inp,
+                         _opt_int(body, "dimensions"), legacy=legacy)
+
+
+def ollama_embed_encode(vectors, model, ereq, tokens):
+    if ereq["legacy"]:
+        return {"embedding": vectors[0]}
+    return {"model": model, "embeddings": vectors, "prompt_eval_count": tokens}
+
+
+def ollama_embed_request(ereq, inputs, model_id):
+    body = {"model": model_id, "input": inputs}
+    if ereq["dimensions"]:
+        body["dimensions"] = ereq["dimensions"]
+    return body
+
+
+def ollama_embed_response(obj):
+    return obj.get("embeddings") or [], obj.get("prompt_eval_count")
+
+
 def ollama_list_models(fetch, known):
     """GET /api/tags, then POST /api/show for each model not seen before (`known`)."""
     out = {}
@@ -4631,6 +4748,10 @@ class Codec:
       provider's JSON; probe_path: its cheapest list; count_path(provider, model) and
       count_result(obj) for token counting upstream, count_shape(n) the count its clients read;
       free: its models cost nothing (local).
+    Embeddings: embed_decode(body) -> neutral embeddings request and embed_encode(vectors, model,
+      request, tokens) for its clients; embed_path(provider, model), embed_request(request,
+      inputs, model), embed_response(obj) -> (vectors, tokens) and embed_batch (inputs a call)
+      for its providers.
     Translation: unread(body) -> the client's fields its decoder does not translate; spelling:
       neutral field -> the client's name for it (for X-Router-Dropped).
     Front: client_paths: the POST paths its clients call -> action (generate, count_tokens, show);
@@ -4644,7 +4765,8 @@ class Codec:
                  "is_stream", "adjust",
                  "list_models", "probe_path", "count_path", "count_result", "count_shape",
                  "free", "client_paths", "structured", "carries", "unread", "spelling",
-                 "files")
+                 "files", "embed_decode", "embed_encode", "embed_path", "embed_request",
+                 "embed_response", "embed_batch")
 
     def __init__(self, name, *, decode_request=None, encode_response=None,
                  stream_encoder=None, encode_error=None,
@@ -4656,7 +4778,8 @@ class Codec:
                  list_models=None, probe_path=None, count_path=None,
                  count_result=None, count_shape=None, free=False, client_paths=None,
                  structured=frozenset(), carries=frozenset(), unread=None, spelling=None,
-                 files=False):
+                 files=False, embed_decode=None, embed_encode=None, embed_path=None,
+                 embed_request=None, embed_response=None, embed_batch=100):
         self.name = name
         self.decode_request, self.encode_response = decode_request, encode_response
         self.stream_encoder = stream_encoder
@@ -4672,6 +4795,9 @@ class Codec:
         self.free, self.client_paths = free, client_paths or {}
         self.structured, self.carries = frozenset(structured), frozenset(carries)
         self.unread, self.spelling, self.files = unread, spelling or {}, files
+        self.embed_decode, self.embed_encode = embed_decode, embed_encode
+        self.embed_path, self.embed_request = embed_path, embed_request
+        self.embed_response, self.embed_batch = embed_response, embed_batch
 
 
 def _root_without_v1(path):
@@ -4733,7 +4859,12 @@ CODECS = {
         stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
         request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
-        probe_path="/models", client_paths={"/v1/chat/completions": "generate"},
+        probe_path="/models",
+        client_paths={"/v1/chat/completions": "generate", "/v1/embeddings": "embed"},
+        embed_decode=openai_embed_decode, embed_encode=openai_embed_encode,
+        embed_path=lambda prov, mid: prov.base_path + "/embeddings",
+        embed_request=openai_embed_request, embed_response=openai_embed_response,
+        embed_batch=2048,
         structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls", "logprobs"),
         unread=lambda body: unread_fields(body, OPENAI_READS), files=True),
     "anthropic": Codec(
@@ -4778,6 +4909,9 @@ CODECS = {
         probe_path="/models?pageSize=1",
         count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
         count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n},
+        embed_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":batchEmbedContents",
+        embed_request=gemini_embed_request, embed_response=gemini_embed_response,
+        embed_batch=100,
         structured=("json_object", "json_schema"), carries=_carried(GEMINI_SAMPLING, "logprobs"),
         unread=lambda body: unread_fields(body, GEMINI_READS, _gkeys), files=True,
         spelling={"top_k": "generationConfig.topK", "stop": "generationConfig.stopSequences",
@@ -4794,7 +4928,12 @@ CODECS = {
         request_path=lambda prov, mid, stream: prov.base_path + "/api/chat",
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
         probe_path="/api/tags", free=True,
-        client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show"},
+        client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show",
+                      "/api/embed": "embed", "/api/embeddings": "embed"},
+        embed_decode=ollama_embed_decode, embed_encode=ollama_embed_encode,
+        embed_path=lambda prov, mid: prov.base_path + "/api/embed",
+        embed_request=ollama_embed_request, embed_response=ollama_embed_response,
+        embed_batch=256,
         structured=("json_object", "json_schema"), carries=_carried(OLLAMA_SAMPLING, "logprobs"),
         unread=lambda body: unread_fields(body, OLLAMA_READS),
         spelling={f: "options." + f for f in ("top_k", "stop", "seed", "presence_penalty",
@@ -4929,6 +5068,8 @@ class Provider:
 #: providers.json always wins). The first rule that sets a field wins; unset fields keep the
 #: defaults below. context_window/max_output None means "unknown": never used to skip a model.
 MODEL_RULES = [
+    (r"embed|(?:^|[-/_])(?:bge|e5|gte)(?:[-_]|$)|minilm|mxbai-embed|nomic-embed",
+     {"embedding": True, "chat": False, "tools": False}),
     (r"embed|rerank|whisper|tts|dall-e|gpt-image|moderation", {"tools": False, "chat": False}),
     (r"claude-opus-4-[01]\b|claude-opus-4$|claude-opus-4-2025", {"max_output": 32000}),
     # Anthropic's output_config.format: the 4.5 models and later; older Claude: the forced tool
@@ -7342,6 +7483,28 @@ class Plan:
                 "route": self.route, "candidates": out}
 
 
+def plan_embeddings(cat, name):
+    """An embeddings request's candidates: a route (`auto`: the route "embed"), PROVIDER/MODEL or
+    a bare id, embedding models only, and only those that serve the first one's model: vectors
+    of different models cannot share an index, so failover keeps the model and changes the
+    provider or key. -> [(provider, model)]"""
+    route, cands = _route_of(cat, "embed" if name in AUTO_NAMES else name, "general")
+    if cands is None:
+        target = cat.alias(name)
+        route, cands = _route_of(cat, target, "general") if target else (None, None)
+    if not cands:
+        known = sorted(f"{p}/{m}" for (p, m), caps in cat.caps.items() if caps.get("embedding"))
+        listed = ", ".join(known) or '(none: mark one in providers.json with "embedding": true)'
+        raise ApiError(404, "not_found", f"model {name!r}: no such embedding model or route. "
+                       f"Embedding models: {listed}", param="model")
+    chat = [c for c in cands if c in cat.caps and not cat.caps[c].get("embedding")]
+    cands = [c for c in cands if c not in chat]
+    if not cands:
+        raise ApiError(400, "invalid_request", f"model {name!r}: {chat[0][0]}/{chat[0][1]} is a "
+                       "chat model, not an embedding model", param="model")
+    return [c for c in cands if c[1] == cands[0][1]]
+
+
 def _route_of(cat, name, intent):
     """A model name -> (route label, candidates) when it names a route, alias or provider/model."""
     if name in AUTO_NAMES:
@@ -7435,6 +7598,9 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     model, route, route_cands, cands, unknown, by_intent = _plan_names(cat, req,
                                                                        body, headers, intent)
     asked = set(cands) if route == "explicit" else ()
+    if asked and all(c in cat.caps and cat.caps[c].get("embedding") for c in asked):
+        raise ApiError(400, "invalid_request", f"model {model!r} is an embedding model: it makes "
+                       "vectors, not replies (POST /v1/embeddings or /api/embed)", param="model")
     if route == "explicit" and pref.get("allow_fallbacks", True) is not False:
         cands += cat.routes.get("default", [])
     cands, skipped = _plan_filter(cat, req, list(dict.fromkeys(cands)), asked, pref)
@@ -9189,6 +9355,100 @@ class Router:
             return err
         return ApiError(502, "api_error", msg)
 
+    def embed(self, dialect, body, headers, writer):
+        """An embeddings request: planned (plan_embeddings), sent in batches of the provider's
+        size, joined back in order, failing over to the next candidate serving the same model.
+        -> (the reply in the client's shape, response headers)."""
+        cc = CODECS[dialect]
+        try:
+            ereq = cc.embed_decode(body)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ApiError(400, "invalid_request", f"body: a field has an unexpected type or value "
+                           f"({type(e).__name__}: {clean_text(e, 200)})") from None
+        ctx = Context(dialect, body, neutral_request(ereq["model"], [], []), headers, writer)
+        try:
+            return self._embed(ctx, ereq)
+        except ApiError as e:
+            ctx.status, ctx.error = e.status, e.message[:2000]
+            raise
+        finally:
+            self.record(ctx)
+
+    def _embed(self, ctx, ereq):
+        cat, health = self.catalogue, self.health
+        cc = CODECS[ctx.dialect]
+        tokens_in = any(isinstance(x, list) for x in ereq["inputs"])
+        for cand in plan_embeddings(cat, ereq["model"]):
+            pname, mid = cand
+            prov = cat.providers[pname]
+            pc = CODECS[prov.api]
+            keys = health.usable_keys(prov, time.monotonic())
+            skip = ("input", f"skipped: {prov.api} has no embeddings API") if pc.embed_path is None \
+                else ("input", "skipped: token-id inputs go to OpenAI-compatible providers only") \
+                if tokens_in and pc.embed_request is not openai_embed_request \
+                else ("auth", "every key was rejected (401/403)") if not keys else None
+            if skip:
+                ctx.attempts.append(Failover(*skip, cand=cand))
+                continue
+            known = cand in cat.caps
+            for idx in keys:
+                try:
+                    vectors, tokens = self._embed_call(ctx, prov, pc, mid, idx, ereq)
+                except Failover as f:
+                    f.cand = cand
+                    ctx.attempts.append(f)
+                    health.failed(cand, idx, f, known, len(prov.keys),
+                                  not f.next_key or idx == keys[-1])
+                    if not f.next_key:
+                        break
+                    continue
+                if known:
+                    health.ok(cand, 0.0)
+                ctx.provider, ctx.upstream_model = pname, mid
+                ctx.usage = dict(empty_usage(), input=tokens)
+                headers = {"X-Router-Provider": pname, "X-Router-Model": header_value(mid),
+                           "X-Router-Attempts": str(len(ctx.attempts) + 1)}
+                return cc.embed_encode(vectors, mid, ereq, tokens), headers
+        if ctx.attempts and all(a.kind == "input" for a in ctx.attempts):
+            raise ApiError(400, "invalid_request", "no candidate can make these vectors: " +
+                           "; ".join(a.line() for a in ctx.attempts), param="input")
+        raise self._all_failed(ctx)
+
+    def _embed_call(self, ctx, prov, pc, mid, idx, ereq):
+        """All of a request's inputs from one candidate with one key, in batches. -> (vectors,
+        tokens: the provider's count, else estimated)."""
+        key = prov.keys[idx] if idx is not None else None
+        vectors, tokens, said = [], 0, True
+        n = pc.embed_batch
+        for start in range(0, len(ereq["inputs"]), n):
+            chunk = ereq["inputs"][start:start + n]
+            path = pc.embed_path(prov, mid)
+            data = dumps(pc.embed_request(ereq, chunk, mid)).encode()
+            conn, resp = self.dispatcher.send(prov, path, prov.auth_headers(key, path, data), data)
+            try:
+                raw = resp.read(self.settings["max_body_bytes"] + 1)
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise Failover("stream", f"the reply broke off ({type(e).__name__})")
+            self.dispatcher.release(prov, conn, resp)
+            ctx.upstream_model = mid
+            if resp.status >= 300:
+                out = self.dispatcher._classify(ctx, prov, resp.status,
+                                                {k.lower(): v for k, v in resp.getheaders()},
+                                                raw, False)
+                raise out
+            try:
+                got, count = pc.embed_response(loads(raw))
+            except (ValueError, TypeError, KeyError, AttributeError, struct.error) as e:
+                raise Failover("stream", f"unreadable embeddings reply ({e})")
+            if len(got) != len(chunk):
+                raise Failover("stream", f"{len(got)} vectors for {len(chunk)} inputs")
+            vectors += got
+            if count is None:
+                said = False
+            tokens += count or 0
+        return vectors, tokens if said else embed_tokens(ereq)
+
     def count_tokens(self, dialect, body, headers, **kw):
         """A token count for a client's request (Anthropic's count_tokens): asked of the provider when
         the target speaks the client's dialect and can count, estimated locally otherwise (or when
@@ -9984,6 +10244,11 @@ class RouterHandler(BaseHTTPRequestHandler):
             raise
         if action == "count_tokens":
             return self._json(200, self.router.count_tokens(dialect, body, hdrs))
+        if action == "embed":
+            _need(isinstance(body, dict), "body", "must be a JSON object")
+            out, extra = self.router.embed(dialect, body, hdrs, self)
+            return self.send(200, {"Content-Type": "application/json", **extra},
+                             dumps(out).encode())
         if action == "explain":
             return self._json(200, self.router.explain(body, hdrs))
         if action == "reset_health":

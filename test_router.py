@@ -182,6 +182,14 @@ def gemini_logprobs(pieces, top):
                                               for t in c["top_logprobs"]]} for c in items]}
 
 
+def fake_vector(text, dims=None):
+    """The vector a fake provider gives a text (token-id inputs: their ids)."""
+    if isinstance(text, list):
+        text = "".join(chr(65 + t % 26) for t in text)
+    v = [float(len(text)), float(sum(map(ord, text)) % 97), 0.5, -0.25]
+    return v[:dims] if dims else v
+
+
 def asked_logprobs(api, body):
     """How many alternatives a request asks log probabilities with, in the dialect's own fields."""
     if api == "gemini":
@@ -509,6 +517,8 @@ class FakeProvider:
                         r = fake.replies.get_nowait()
                     except queue.Empty:
                         r = Reply()
+                if fake.embeddings(self, r, body):
+                    return
                 r = structured_reply(fake.api, r, body)
                 if asked_logprobs(fake.api, body) is not None and r.logprobs is None:
                     r = Reply(**dict(r.__dict__, logprobs=asked_logprobs(fake.api, body)))
@@ -556,6 +566,31 @@ class FakeProvider:
                                               "the completion). Please reduce the length of the messages or completion.",
                                    "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}}
         return None
+
+    def embeddings(self, h, r, body):
+        """Answer an embeddings call in this dialect's shape (vectors from fake_vector); False when
+        the path is not one. A scripted error reply is served as such."""
+        path = h.path.split("?")[0]
+        if not (path.endswith("/embeddings") or path == "/api/embed" or path.endswith(":batchEmbedContents")):
+            return False
+        if r.status != 200:
+            h._json(r.status, r.body if r.body is not None else {"error": {"message": "boom"}}, r.headers)
+            return True
+        if self.api == "gemini":
+            texts = [q["content"]["parts"][0]["text"] for q in body["requests"]]
+            dims = body["requests"][0].get("outputDimensionality")
+            h._json(200, {"embeddings": [{"values": fake_vector(t, dims)} for t in texts]})
+        elif self.api == "ollama":
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            h._json(200, {"model": body["model"], "embeddings": [fake_vector(t, body.get("dimensions")) for t in texts],
+                          "total_duration": 1000, "prompt_eval_count": 3 * len(texts)})
+        else:
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            data = [{"object": "embedding", "index": i, "embedding": fake_vector(t, body.get("dimensions"))}
+                    for i, t in enumerate(texts)]
+            h._json(200, {"object": "list", "model": body["model"], "data": data[::-1],    # any order
+                          "usage": {"prompt_tokens": 3 * len(texts), "total_tokens": 3 * len(texts)}})
+        return True
 
     def push(self, *replies):
         for r in replies:
@@ -2552,6 +2587,111 @@ class LogprobsTests(RouterCase):
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.headers["x-router-dropped"], "generationConfig.responseLogprobs")
         self.assertEqual(read_logprobs("gemini", r, False), [])
+
+
+try:
+    import ollama as ollama_lib
+except ImportError:
+    ollama_lib = None
+
+
+class EmbeddingsTests(RouterCase):
+    """/v1/embeddings, /api/embed and /api/embeddings to every provider that makes vectors."""
+
+    more_models = {"oa": {"text-embedding-3-small": {}}, "oa2": {"text-embedding-3-small": {}},
+                   "gm": {"gemini-embedding-001": {}}, "ol": {"nomic-embed-text": {}}}
+    more_routes = {"embed": ["oa/text-embedding-3-small", "oa2/text-embedding-3-small", "ol/nomic-embed-text"]}
+
+    def embed(self, body, path="/v1/embeddings", status=200):
+        r = self.h.call("POST", path, body)
+        self.assertEqual(r.status, status, r)
+        return r
+
+    def test_openai_clients_get_every_providers_vectors_in_order(self):
+        texts = ["first text", "second", "a third one"]
+        for target, fake in (("oa/text-embedding-3-small", self.oa), ("gm/gemini-embedding-001", self.gm),
+                             ("ol/nomic-embed-text", self.ol)):
+            with self.subTest(target=target):
+                self.setUp()
+                r = self.embed({"model": target, "input": texts, "dimensions": 3})
+                got = r.json()
+                self.assertEqual([d["index"] for d in got["data"]], [0, 1, 2])
+                self.assertEqual([d["embedding"] for d in got["data"]], [fake_vector(t, 3) for t in texts])
+                self.assertEqual(got["model"], target.split("/", 1)[1])
+                self.assertGreater(got["usage"]["prompt_tokens"], 0)
+                self.assertEqual(got["usage"]["total_tokens"], got["usage"]["prompt_tokens"])
+                self.assertEqual(r.headers["x-router-provider"], target.split("/")[0])
+                sent = fake.requests[-1]["body"]
+                if fake is self.gm:
+                    self.assertTrue(fake.requests[-1]["path"].endswith("/models/gemini-embedding-001:batchEmbedContents"))
+                    self.assertEqual(sent["requests"][0]["outputDimensionality"], 3)
+                    self.assertEqual(sent["requests"][0]["model"], "models/gemini-embedding-001")
+                else:
+                    self.assertEqual((sent["input"], sent["dimensions"]), (texts, 3))
+        # base64: little-endian float32, as the openai SDK asks by default
+        r = self.embed({"model": "oa/text-embedding-3-small", "input": "hi", "encoding_format": "base64"})
+        raw = base64.b64decode(r.json()["data"][0]["embedding"])
+        self.assertEqual(list(struct.unpack("<4f", raw)), fake_vector("hi"))
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["input_tokens"] == 3)
+        self.assertEqual((rows[0]["provider"], rows[0]["status"], rows[0]["input_tokens"]), ("oa", 200, 3))
+
+    def test_large_inputs_are_split_into_the_providers_batches(self):
+        texts = [f"text {i}" for i in range(250)]
+        got = self.embed({"model": "gm/gemini-embedding-001", "input": texts}).json()
+        self.assertEqual([d["embedding"] for d in got["data"]], [fake_vector(t) for t in texts])
+        self.assertEqual([len(q["body"]["requests"]) for q in self.gm.requests], [100, 100, 50])
+
+    def test_ollama_clients_both_endpoints(self):
+        got = self.embed({"model": "oa/text-embedding-3-small", "input": ["a", "bb"]}, "/api/embed").json()
+        self.assertEqual(got["embeddings"], [fake_vector("a"), fake_vector("bb")])
+        self.assertEqual(got["prompt_eval_count"], 6)
+        got = self.embed({"model": "gm/gemini-embedding-001", "prompt": "one"}, "/api/embeddings").json()
+        self.assertEqual(got, {"embedding": fake_vector("one")})
+
+    def test_failover_keeps_the_model(self):
+        # the route's first two serve the same model: the second answers for the first
+        self.oa.push(Reply(status=500))
+        r = self.embed({"model": "embed", "input": "x"})
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-attempts"]), ("oa2", "2"))
+        # with both down, no other model's vectors: a 502, and the Ollama model is never asked
+        self.setUp()
+        self.oa.push(Reply(status=500))
+        self.oa2.push(Reply(status=503))
+        r = self.embed({"model": "embed", "input": "x"}, status=502)
+        self.assertIn("every candidate failed", r.json()["error"]["message"])
+        self.assertEqual(self.ol.requests, [])
+        # auto means the route "embed"
+        self.setUp()
+        r = self.embed({"model": "auto", "input": "x"})
+        self.assertEqual(r.headers["x-router-model"], "text-embedding-3-small")
+
+    def test_chat_and_embedding_models_are_kept_apart(self):
+        r = self.post("openai", client_body("openai", "oa/text-embedding-3-small", False))
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("is an embedding model", r.json()["error"]["message"])
+        r = self.embed({"model": "oa/gpt-test", "input": "x"}, status=400)
+        self.assertIn("is a chat model, not an embedding model", r.json()["error"]["message"])
+        r = self.embed({"model": "no-such-embedder", "input": "x"}, status=404)
+        self.assertIn("oa/text-embedding-3-small", r.json()["error"]["message"])
+        r = self.embed({"model": "oa/text-embedding-3-small", "input": [""]}, status=400)
+        self.assertIn("input: must be", r.json()["error"]["message"])
+        # token ids go only where they are understood
+        r = self.embed({"model": "gm/gemini-embedding-001", "input": [[1, 2, 3]]}, status=400)
+        self.assertIn("token-id inputs", r.json()["error"]["message"])
+        self.assertEqual(self.oa.requests + self.an.requests + self.gm.requests, [])
+
+    @unittest.skipIf(openai is None, "openai SDK not installed")
+    def test_openai_sdk_embeddings_create(self):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
+        got = client.embeddings.create(model="gm/gemini-embedding-001", input=["hello", "world"])
+        self.assertEqual([d.embedding for d in got.data], [fake_vector("hello"), fake_vector("world")])
+        self.assertEqual(got.usage.prompt_tokens, got.usage.total_tokens)
+
+    @unittest.skipIf(ollama_lib is None, "ollama client library not installed")
+    def test_ollama_library_embed(self):
+        client = ollama_lib.Client(host=f"http://127.0.0.1:{self.h.port}")
+        got = client.embed(model="oa/text-embedding-3-small", input=["hello", "world"])
+        self.assertEqual([list(v) for v in got.embeddings], [fake_vector("hello"), fake_vector("world")])
 
 
 class ReasoningTableTests(RouterCase):

@@ -819,6 +819,9 @@ def _caps_entry(meta):
     """What a served model list says of a model: a route's members, or its capabilities."""
     if "route" in meta:
         return {"route": meta["route"]}
+    if meta.get("embedding"):
+        return {"capabilities": {k: meta[k] for k in ("embedding", "dimensions", "context_window",
+                                                      "cost") if meta.get(k) is not None}}
     return {"capabilities": {k: meta.get(k) for k in ("context_window",
                                                       "max_output", "input", "tools", "reasoning",
                                                       "intents", "cost") if meta.get(k) is not None}}
@@ -2156,6 +2159,11 @@ NON_CHAT_RE = re.compile(r"embed|rerank|whisper|tts|audio|transcribe|dall-e|gpt-
                          r"gpt-5(?:\.\d)?-pro|codex-mini|deep-research", re.I)
 
 
+#: Ids of embedding models in such lists (kept, as embedding models).
+EMBEDDING_RE = re.compile(r"embed|(?:^|[-/_])(?:bge|e5|gte)(?:[-_]|$)|minilm|nemoretriever-.*embed",
+                          re.I)
+
+
 def _openai_list_meta(m):
     """What an OpenAI-style list entry says of a model (OpenRouter's lists say a lot; vLLM's,
     and NVIDIA NIM's that run on it, give the served window as max_model_len)."""
@@ -2231,6 +2239,8 @@ def openai_list_models(fetch, known):
         mid = m.get("id") if isinstance(m, dict) else None
         if isinstance(mid, str) and not NON_CHAT_RE.search(mid):
             out[mid] = _openai_list_meta(m)
+        elif isinstance(mid, str) and EMBEDDING_RE.search(mid):
+            out[mid] = {"embedding": True, "chat": False, "tools": False}
     return out
 
 
@@ -4197,15 +4207,20 @@ def gemini_embed_response(obj):
 
 
 def gemini_list_models(fetch, known):
-    """GET /models, every page (pageToken): the models that support generateContent."""
+    """GET /models, every page (pageToken): the models that support generateContent, and the
+    embedding models (embedContent)."""
     out, token = {}, None
     for _page in range(100):
         token_q = f"&pageToken={urllib.parse.quote(token)}" if token else ""
         page = fetch("/models?pageSize=1000" + token_q)
         for m in page.get("models") or []:
-            if "generateContent" not in (m.get("supportedGenerationMethods") or []):
-                continue
+            methods = m.get("supportedGenerationMethods") or []
             mid = m.get("baseModelId") or m.get("name", "").split("/", 1)[-1]
+            if "generateContent" not in methods:
+                if "embedContent" in methods:
+                    out[mid] = _clean({"embedding": True, "chat": False, "tools": False,
+                                       "context_window": m.get("inputTokenLimit")})
+                continue
             out[mid] = _clean({"context_window": m.get("inputTokenLimit"),
                                "max_output": m.get("outputTokenLimit"),
                                "input": ["text", "image", "pdf"],
@@ -5068,8 +5083,7 @@ class Provider:
 #: providers.json always wins). The first rule that sets a field wins; unset fields keep the
 #: defaults below. context_window/max_output None means "unknown": never used to skip a model.
 MODEL_RULES = [
-    (r"embed|(?:^|[-/_])(?:bge|e5|gte)(?:[-_]|$)|minilm|mxbai-embed|nomic-embed",
-     {"embedding": True, "chat": False, "tools": False}),
+    (EMBEDDING_RE.pattern, {"embedding": True, "chat": False, "tools": False}),
     (r"embed|rerank|whisper|tts|dall-e|gpt-image|moderation", {"tools": False, "chat": False}),
     (r"claude-opus-4-[01]\b|claude-opus-4$|claude-opus-4-2025", {"max_output": 32000}),
     # Anthropic's output_config.format: the 4.5 models and later; older Claude: the forced tool
@@ -5186,7 +5200,9 @@ class Catalogue:
                 if (pname, mid) in self.caps:
                     out.append((pname, mid))
                 continue
-            hits = [c for c, caps in self.caps.items() if caps.get("chat", True) and
+            # (chat models, and embedding models for an embeddings route's globs)
+            hits = [c for c, caps in self.caps.items()
+                    if (caps.get("chat", True) or caps.get("embedding")) and
                     fnmatch.fnmatchcase(f"{c[0]}/{c[1]}".lower(), entry.lower())]
             hits.sort(key=lambda c: version_key(c[1]), reverse=True)
             if route in INTENT_NAMES:
@@ -8313,6 +8329,8 @@ class ClientGone(Exception):
 #: USD per million tokens (input, output, cached input) by model name, for models whose metadata
 #: gives no `cost`. First match wins; local models cost nothing.
 PRICE_RULES = [
+    (r"text-embedding-3-small", (0.02, 0.0, 0.0)), (r"text-embedding-3-large", (0.13, 0.0, 0.0)),
+    (r"text-embedding-ada-002", (0.10, 0.0, 0.0)), (r"gemini-embedding", (0.15, 0.0, 0.0)),
     (r"claude-opus-4-[5-9]|claude-opus-[5-9]", (5.0, 25.0, 0.5)),
     (r"claude-opus", (15.0, 75.0, 1.5)),
     (r"claude-sonnet|claude-3-7-sonnet|claude-3-5-sonnet", (3.0, 15.0, 0.3)),

@@ -3676,11 +3676,18 @@ class DiscoveryTests(unittest.TestCase):
         cat = r.catalogue
         models = {p: sorted(cat.providers[p].models) for p in ("ollama", "openai", "anthropic", "gemini", "nvidia", "openclaw")}
         self.assertEqual(models["ollama"], ["llama3.2", "qwen2.5-coder:7b"])
-        self.assertEqual(models["openai"], ["gpt-4.1", "gpt-4o-mini", "o4-mini"], "no embedding, audio, image, moderation, realtime")
+        chat = [m for m in models["openai"] if cat.caps[("openai", m)].get("chat", True)]
+        self.assertEqual(chat, ["gpt-4.1", "gpt-4o-mini", "o4-mini"], "no embedding, audio, image, moderation, realtime")
+        # (an embedding model is kept, as an embedding model: issue 14)
+        self.assertEqual([m for m in models["openai"] if m not in chat], ["text-embedding-3-small"])
+        self.assertTrue(cat.caps[("openai", "text-embedding-3-small")]["embedding"])
         self.assertEqual(models["anthropic"], ["claude-haiku-4-5-20251001", "claude-opus-4-1-20250805", "claude-sonnet-4-5-20250929"])
         self.assertEqual(self.an.list_calls, ["/v1/models?limit=1000", "/v1/models?limit=1000&after_id=claude-opus-4-1-20250805"])
-        self.assertEqual(models["gemini"], ["gemini-2.5-flash", "gemini-2.5-pro"])
-        self.assertEqual(models["nvidia"], ["meta/llama-3.3-70b-instruct"])
+        self.assertEqual(models["gemini"], ["gemini-2.5-flash", "gemini-2.5-pro", "text-embedding-004"])
+        self.assertEqual({k: cat.caps[("gemini", "text-embedding-004")].get(k) for k in ("embedding", "chat")},
+                         {"embedding": True, "chat": False})
+        self.assertEqual(models["nvidia"], ["meta/llama-3.3-70b-instruct", "nvidia/nv-embedqa-e5-v5"])
+        self.assertTrue(cat.caps[("nvidia", "nvidia/nv-embedqa-e5-v5")]["embedding"])
         self.assertEqual(models["openclaw"], ["openclaw", "openclaw:coder"])
         self.assertEqual(cat.providers["quiet"].models, {}, "discover: false is left alone")
         # Capabilities from each source's own metadata; explicit config wins.

@@ -127,13 +127,16 @@ PROVIDER_QUIRKS = {
                              "\"max_completion_tokens\")",
     "tool_choice_any": "the server says tool_choice \"any\" where OpenAI says \"required\" "
                        "(Mistral)",
+    "embed_input_type": "its retrieval embedding models need input_type \"query\" or \"passage\" "
+                        "(NVIDIA NIM; the router sends query unless the client said otherwise)",
     "repeats_tool_call_ids": "its streams repeat a tool call's id and name in every chunk "
                              "(llama-cpp-python's server; reported of Fireworks, DeepSeek and "
                              "Qwen's API): OpenAI clients would join them into one long id and "
                              "name; the router sends them once",
 }
 #: Hosts whose quirks are known: they apply without a "quirks" entry.
-HOST_QUIRKS = {"api.mistral.ai": ("tool_choice_any",)}
+HOST_QUIRKS = {"api.mistral.ai": ("tool_choice_any",),
+               "integrate.api.nvidia.com": ("embed_input_type",)}
 PROVIDER_APIS = ("openai", "anthropic", "openai-responses", "gemini", "ollama")
 AUTO_NAMES = ("auto",)          # model names that mean "detect the intent and use its route"
 
@@ -2216,10 +2219,12 @@ def openai_embed_encode(vectors, model, ereq, tokens):
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def openai_embed_request(ereq, inputs, model_id):
+def openai_embed_request(ereq, inputs, model_id, provider=None):
     body = {"model": model_id, "input": inputs, "encoding_format": "float"}
     if ereq["dimensions"]:
         body["dimensions"] = ereq["dimensions"]
+    if "embed_input_type" in getattr(provider, "quirks", ()):
+        body["input_type"] = "passage" if ereq["task"] == "document" else "query"
     return body
 
 
@@ -4189,7 +4194,36 @@ def gemini_list_shape(entries, query=None):
 GEMINI_TASK = {"query": "RETRIEVAL_QUERY", "document": "RETRIEVAL_DOCUMENT"}
 
 
-def gemini_embed_request(ereq, inputs, model_id):
+def gemini_embed_decode(body, model=None, single=False):
+    """:embedContent ({"content"}) or :batchEmbedContents ({"requests": [...]}) -> neutral; the
+    model is the path's, the task type and output size the first request's."""
+    model = _model_name({"model": model})
+    body = _gkeys(body)
+    reqs = [body] if single else body.get("requests")
+    _need(isinstance(reqs, list) and reqs and all(isinstance(r, dict) for r in reqs),
+          "content" if single else "requests", "must be an object" if single else
+          "must be a non-empty array of {\"content\": {\"parts\": [...]}}")
+    reqs = [_gkeys(r) for r in reqs]
+    texts = []
+    for i, r in enumerate(reqs):
+        parts = (_gkeys(r.get("content") or {}).get("parts")) or []
+        _need(isinstance(parts, list) and all(isinstance(p, dict) for p in parts),
+              "content.parts" if single else f"requests[{i}].content.parts", "must be an array")
+        texts.append("".join(p.get("text", "") for p in parts if isinstance(p.get("text"), str)))
+    task = {v: k for k, v in GEMINI_TASK.items()}.get(reqs[0].get("taskType"))
+    if reqs[0].get("taskType") in ("SEMANTIC_SIMILARITY", "CLASSIFICATION", "CLUSTERING"):
+        task = "document"
+    return embed_request(model, texts, _opt_int(reqs[0], "outputDimensionality"), task,
+                         legacy=single)
+
+
+def gemini_embed_encode(vectors, model, ereq, tokens):
+    if ereq["legacy"]:
+        return {"embedding": {"values": vectors[0]}}
+    return {"embeddings": [{"values": v} for v in vectors]}
+
+
+def gemini_embed_request(ereq, inputs, model_id, provider=None):
     """Neutral inputs -> a batchEmbedContents body (each entry names the model again)."""
     def one(text):
         r = {"model": "models/" + model_id, "content": {"parts": [{"text": text}]}}
@@ -4661,7 +4695,7 @@ def ollama_embed_encode(vectors, model, ereq, tokens):
     return {"model": model, "embeddings": vectors, "prompt_eval_count": tokens}
 
 
-def ollama_embed_request(ereq, inputs, model_id):
+def ollama_embed_request(ereq, inputs, model_id, provider=None):
     body = {"model": model_id, "input": inputs}
     if ereq["dimensions"]:
         body["dimensions"] = ereq["dimensions"]
@@ -4765,7 +4799,8 @@ class Codec:
       free: its models cost nothing (local).
     Embeddings: embed_decode(body) -> neutral embeddings request and embed_encode(vectors, model,
       request, tokens) for its clients; embed_path(provider, model), embed_request(request,
-      inputs, model), embed_response(obj) -> (vectors, tokens) and embed_batch (inputs a call)
+      inputs, model, provider), embed_response(obj) -> (vectors, tokens) and embed_batch (inputs a
+      call)
       for its providers.
     Translation: unread(body) -> the client's fields its decoder does not translate; spelling:
       neutral field -> the client's name for it (for X-Router-Dropped).
@@ -4924,6 +4959,7 @@ CODECS = {
         probe_path="/models?pageSize=1",
         count_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":countTokens",
         count_result=lambda obj: obj.get("totalTokens"), count_shape=lambda n: {"totalTokens": n},
+        embed_decode=gemini_embed_decode, embed_encode=gemini_embed_encode,
         embed_path=lambda prov, mid: _gemini_model_path(prov, mid) + ":batchEmbedContents",
         embed_request=gemini_embed_request, embed_response=gemini_embed_response,
         embed_batch=100,
@@ -9373,13 +9409,13 @@ class Router:
             return err
         return ApiError(502, "api_error", msg)
 
-    def embed(self, dialect, body, headers, writer):
+    def embed(self, dialect, body, headers, writer, **kw):
         """An embeddings request: planned (plan_embeddings), sent in batches of the provider's
         size, joined back in order, failing over to the next candidate serving the same model.
         -> (the reply in the client's shape, response headers)."""
         cc = CODECS[dialect]
         try:
-            ereq = cc.embed_decode(body)
+            ereq = cc.embed_decode(body, **kw)
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ApiError(400, "invalid_request", f"body: a field has an unexpected type or value "
                            f"({type(e).__name__}: {clean_text(e, 200)})") from None
@@ -9441,7 +9477,7 @@ class Router:
         for start in range(0, len(ereq["inputs"]), n):
             chunk = ereq["inputs"][start:start + n]
             path = pc.embed_path(prov, mid)
-            data = dumps(pc.embed_request(ereq, chunk, mid)).encode()
+            data = dumps(pc.embed_request(ereq, chunk, mid, prov)).encode()
             conn, resp = self.dispatcher.send(prov, path, prov.auth_headers(key, path, data), data)
             try:
                 raw = resp.read(self.settings["max_body_bytes"] + 1)
@@ -10300,9 +10336,6 @@ class RouterHandler(BaseHTTPRequestHandler):
                                                    ".../models/MODEL:generateContent")
         model, call = calling.groups()
         model = urllib.parse.unquote(model)
-        if call in ("embedContent", "batchEmbedContents"):
-            raise ApiError(501, "invalid_request",
-                           f"{call}: embeddings are not served by this router yet")
         stream = call == "streamGenerateContent"
         _need(not stream or query.get("alt") == "sse", "alt",
               "must be \"sse\": streamGenerateContent is served as server-sent events (?alt=sse), "
@@ -10315,6 +10348,12 @@ class RouterHandler(BaseHTTPRequestHandler):
             raise
         if call == "countTokens":
             return self._json(200, self.router.count_tokens("gemini", body, hdrs, model=model))
+        if call in ("embedContent", "batchEmbedContents"):
+            _need(isinstance(body, dict), "body", "must be a JSON object")
+            out, extra = self.router.embed("gemini", body, hdrs, self, model=model,
+                                           single=call == "embedContent")
+            return self.send(200, {"Content-Type": "application/json", **extra},
+                             dumps(out).encode())
         self._generate("gemini", body, hdrs, model=model, stream=stream)
 
     def _generate(self, dialect, body, hdrs, **kw):

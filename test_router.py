@@ -2680,6 +2680,39 @@ class EmbeddingsTests(RouterCase):
         self.assertIn("token-id inputs", r.json()["error"]["message"])
         self.assertEqual(self.oa.requests + self.an.requests + self.gm.requests, [])
 
+    def test_nvidia_retrieval_models_get_their_input_type(self):
+        class Nim:
+            quirks = frozenset(R.HOST_QUIRKS["integrate.api.nvidia.com"])
+        doc = R.embed_request("nvidia/nv-embedqa-e5-v5", ["x"], task="document")
+        self.assertEqual(R.openai_embed_request(doc, ["x"], "m", Nim())["input_type"], "passage")
+        self.assertEqual(R.openai_embed_request(dict(doc, task=None), ["x"], "m", Nim())["input_type"], "query")
+        self.assertNotIn("input_type", R.openai_embed_request(doc, ["x"], "m", None))
+        # a Gemini client's task type reaches NIM as input_type, an OpenAI client's input_type too
+        self.assertEqual(R.gemini_embed_decode({"content": {"parts": [{"text": "d"}]}, "taskType": "RETRIEVAL_DOCUMENT"},
+                                               model="m", single=True)["task"], "document")
+        self.assertEqual(R.openai_embed_decode({"model": "m", "input": "q", "input_type": "passage"})["task"], "document")
+
+    def test_gemini_clients_embed_content_and_batches(self):
+        r = self.h.call("POST", "/v1beta/models/oa/text-embedding-3-small:embedContent",
+                        {"content": {"parts": [{"text": "hello"}]}, "taskType": "RETRIEVAL_DOCUMENT",
+                         "outputDimensionality": 2})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json(), {"embedding": {"values": fake_vector("hello", 2)}})
+        self.assertEqual(self.oa.requests[-1]["body"]["dimensions"], 2)
+        r = self.h.call("POST", "/v1beta/models/ol/nomic-embed-text:batchEmbedContents", {"requests": [
+            {"model": "models/ol/nomic-embed-text", "content": {"parts": [{"text": t}]}} for t in ("a", "b")]})
+        self.assertEqual(r.json(), {"embeddings": [{"values": fake_vector("a")}, {"values": fake_vector("b")}]})
+        # Gemini to Gemini: the task type arrives
+        self.h.call("POST", "/v1beta/models/gm/gemini-embedding-001:batchEmbedContents", {"requests": [
+            {"content": {"parts": [{"text": "q"}]}, "taskType": "RETRIEVAL_QUERY"}]})
+        self.assertEqual(self.gm.requests[-1]["body"]["requests"][0]["taskType"], "RETRIEVAL_QUERY")
+
+    @unittest.skipIf(genai is None, "google-genai SDK not installed")
+    def test_google_genai_sdk_embed_content(self):
+        client = genai.Client(api_key="unused", http_options={"base_url": f"http://127.0.0.1:{self.h.port}"})
+        got = client.models.embed_content(model="oa/text-embedding-3-small", contents=["hello", "world"])
+        self.assertEqual([e.values for e in got.embeddings], [fake_vector("hello"), fake_vector("world")])
+
     @unittest.skipIf(openai is None, "openai SDK not installed")
     def test_openai_sdk_embeddings_create(self):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
@@ -2940,8 +2973,10 @@ class GeminiClientTests(RouterCase):
         self.assertEqual(got["error"]["status"], "UNAVAILABLE", "a broken stream ends with an error chunk")
 
     def test_paths_the_router_does_not_serve_answer_in_geminis_shape(self):
+        # (embeddings are served since issue 14: a chat model is refused in Gemini's shape)
         r = self.h.call("POST", "/v1beta/models/oa/gpt-test:embedContent", {"content": {"parts": [{"text": "x"}]}})
-        self.assertEqual((r.status, r.json()["error"]["status"]), (501, "UNIMPLEMENTED"))
+        self.assertEqual((r.status, r.json()["error"]["status"]), (400, "INVALID_ARGUMENT"))
+        self.assertIn("is a chat model, not an embedding model", r.json()["error"]["message"])
         r = self.h.call("GET", "/v1beta/models/ol/nope:latest")     # a name with ":" is a name, not a method
         self.assertEqual((r.status, r.json()["error"]["status"]), (404, "NOT_FOUND"))
         self.assertIn("'ol/nope:latest'", r.json()["error"]["message"])

@@ -7547,8 +7547,11 @@ def plan_embeddings(cat, name):
     if not cands:
         known = sorted(f"{p}/{m}" for (p, m), caps in cat.caps.items() if caps.get("embedding"))
         listed = ", ".join(known) or '(none: mark one in providers.json with "embedding": true)'
+        only = {p.api for p in cat.enabled} <= {"anthropic"} and cat.enabled
         raise ApiError(404, "not_found", f"model {name!r}: no such embedding model or route. "
-                       f"Embedding models: {listed}", param="model")
+                       + ("Anthropic has no embeddings API: add a provider that has one "
+                          "(OpenAI, Gemini, Ollama, ...). " if only else "")
+                       + f"Embedding models: {listed}", param="model")
     chat = [c for c in cands if c in cat.caps and not cat.caps[c].get("embedding")]
     cands = [c for c in cands if c not in chat]
     if not cands:

@@ -1577,6 +1577,14 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(cat.providers["anthropic"].base_path, "")
         self.assertEqual(cat.providers["openai"].base_path, "/v1")
         self.assertTrue(R.Catalogue(cfg, {"OLLAMA_ENABLED": "1"}).providers["ollama"].enabled)
+        # the shipped route embed: the first enabled provider's embedding model
+        self.assertEqual(R.plan_embeddings(cat, "auto"), [("openai", "text-embedding-3-small")])
+        gem = R.Catalogue(cfg, {"GEMINI_API_KEY": "g"})
+        self.assertEqual(R.plan_embeddings(gem, "auto"), [("gemini", "gemini-embedding-001")])
+        with self.assertRaises(R.ApiError) as e:
+            R.plan_embeddings(R.Catalogue(cfg, {"ANTHROPIC_API_KEY": "a"}), "auto")
+        self.assertEqual(e.exception.status, 404)
+        self.assertIn("Anthropic has no embeddings API", e.exception.message)
 
 
 # =================================================================================================

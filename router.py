@@ -1356,13 +1356,40 @@ def logprobs_to_gemini(items):
 # client's one-text form (Ollama's /api/embeddings)}. The answer: the vectors in input order and
 # the input tokens (None when the provider does not say).
 
-def embed_request(model, inputs, dimensions=None, task=None, base64_out=False, legacy=False):
-    """The one constructor of neutral embeddings requests."""
-    _need(inputs and all(isinstance(x, str) and x or isinstance(x, list) and x and all(
+def embed_request(model, inputs, dimensions=None, task=None, base64_out=False, legacy=False,
+                  **extra):
+    """The one constructor of neutral embeddings requests (`extra`: what one dialect passes on
+    as it came: Gemini's own task type, NVIDIA's input_type)."""
+    _need(isinstance(inputs, list) and inputs and all(isinstance(x, str) and x or isinstance(x, list) and x and all(
         isinstance(t, int) and not isinstance(t, bool) for t in x) for x in inputs),
         "input", "must be a non-empty string, an array of them, or an array of token-id arrays")
     return {"model": model, "inputs": inputs, "dimensions": dimensions, "task": task,
-            "base64": base64_out, "legacy": legacy}
+            "base64": base64_out, "legacy": legacy, **extra}
+
+
+def embed_batches(ereq, n, tokens=250_000):
+    """The inputs in batches of at most n inputs and about `tokens` tokens (OpenAI takes 300,000
+    a request), in order."""
+    batch, size = [], 0
+    for x in ereq["inputs"]:
+        t = len(x) if isinstance(x, list) else max(1, len(x) // 4)
+        if batch and (len(batch) == n or size + t > tokens):
+            yield batch
+            batch, size = [], 0
+        batch.append(x)
+        size += t
+    if batch:
+        yield batch
+
+
+def checked_vectors(vectors, count, n):
+    """A provider's vectors if they are n non-empty lists of numbers (and its token count, when it
+    is one), else a Failover naming what is wrong."""
+    if len(vectors) != n:
+        raise Failover("stream", f"{len(vectors)} vectors for {n} inputs")
+    if not all(isinstance(v, list) and v and all(_num(x) for x in v) for v in vectors):
+        raise Failover("stream", "a vector that is not a list of numbers")
+    return vectors, count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def floats_base64(vector):
@@ -2206,8 +2233,10 @@ def openai_embed_decode(body):
     _need(isinstance(inp, list), "input", "must be a string, an array of strings or of token arrays")
     fmt = body.get("encoding_format") or "float"
     _need(fmt in ("float", "base64"), "encoding_format", "must be \"float\" or \"base64\"")
-    task = {"query": "query", "passage": "document"}.get(body.get("input_type"))
-    return embed_request(model, inp, _opt_int(body, "dimensions"), task, fmt == "base64")
+    kind = body.get("input_type")
+    task = {"query": "query", "passage": "document"}.get(kind)
+    return embed_request(model, inp, _opt_int(body, "dimensions"), task, fmt == "base64",
+                         **({"input_type": kind} if isinstance(kind, str) else {}))
 
 
 def openai_embed_encode(vectors, model, ereq, tokens):
@@ -2223,7 +2252,9 @@ def openai_embed_request(ereq, inputs, model_id, provider=None):
     body = {"model": model_id, "input": inputs, "encoding_format": "float"}
     if ereq["dimensions"]:
         body["dimensions"] = ereq["dimensions"]
-    if "embed_input_type" in getattr(provider, "quirks", ()):
+    if ereq.get("input_type"):                     # the client's own, for its NIM
+        body["input_type"] = ereq["input_type"]
+    elif "embed_input_type" in getattr(provider, "quirks", ()):
         body["input_type"] = "passage" if ereq["task"] == "document" else "query"
     return body
 
@@ -4210,11 +4241,12 @@ def gemini_embed_decode(body, model=None, single=False):
         _need(isinstance(parts, list) and all(isinstance(p, dict) for p in parts),
               "content.parts" if single else f"requests[{i}].content.parts", "must be an array")
         texts.append("".join(p.get("text", "") for p in parts if isinstance(p.get("text"), str)))
-    task = {v: k for k, v in GEMINI_TASK.items()}.get(reqs[0].get("taskType"))
-    if reqs[0].get("taskType") in ("SEMANTIC_SIMILARITY", "CLASSIFICATION", "CLUSTERING"):
-        task = "document"
+    raw = reqs[0].get("taskType")
+    task = {v: k for k, v in GEMINI_TASK.items()}.get(raw)
+    if raw in ("SEMANTIC_SIMILARITY", "CLASSIFICATION", "CLUSTERING"):
+        task = "document"                     # (for NVIDIA's input_type: not a search query)
     return embed_request(model, texts, _opt_int(reqs[0], "outputDimensionality"), task,
-                         legacy=single)
+                         legacy=single, **({"gemini_task": raw} if isinstance(raw, str) else {}))
 
 
 def gemini_embed_encode(vectors, model, ereq, tokens):
@@ -4227,8 +4259,8 @@ def gemini_embed_request(ereq, inputs, model_id, provider=None):
     """Neutral inputs -> a batchEmbedContents body (each entry names the model again)."""
     def one(text):
         r = {"model": "models/" + model_id, "content": {"parts": [{"text": text}]}}
-        if ereq["task"]:
-            r["taskType"] = GEMINI_TASK[ereq["task"]]
+        if ereq.get("gemini_task") or ereq["task"]:
+            r["taskType"] = ereq.get("gemini_task") or GEMINI_TASK[ereq["task"]]
         if ereq["dimensions"]:
             r["outputDimensionality"] = ereq["dimensions"]
         return r
@@ -4680,10 +4712,10 @@ def _ollama_meta(show):
     return _clean(meta)
 
 
-def ollama_embed_decode(body):
-    """POST /api/embed ({"input": text or [texts]}) or the older /api/embeddings ({"prompt"})."""
+def ollama_embed_decode(body, legacy=False):
+    """POST /api/embed ({"input": text or [texts]}) or, `legacy`, the older /api/embeddings
+    ({"prompt": text})."""
     model = _body_model(body)
-    legacy = "prompt" in body and "input" not in body
     inp = body.get("prompt") if legacy else body.get("input")
     return embed_request(model, [inp] if isinstance(inp, str) else inp,
                          _opt_int(body, "dimensions"), legacy=legacy)
@@ -4914,7 +4946,7 @@ CODECS = {
         embed_decode=openai_embed_decode, embed_encode=openai_embed_encode,
         embed_path=lambda prov, mid: prov.base_path + "/embeddings",
         embed_request=openai_embed_request, embed_response=openai_embed_response,
-        embed_batch=2048,
+        embed_batch=512,
         structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls", "logprobs"),
         unread=lambda body: unread_fields(body, OPENAI_READS), files=True),
     "anthropic": Codec(
@@ -7653,7 +7685,7 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     model, route, route_cands, cands, unknown, by_intent = _plan_names(cat, req,
                                                                        body, headers, intent)
     asked = set(cands) if route == "explicit" else ()
-    if asked and all(c in cat.caps and cat.caps[c].get("embedding") for c in asked):
+    if asked and all(cat.meta(*c).get("embedding") for c in asked):
         raise ApiError(400, "invalid_request", f"model {model!r} is an embedding model: it makes "
                        "vectors, not replies (POST /v1/embeddings or /api/embed)", param="model")
     if route == "explicit" and pref.get("allow_fallbacks", True) is not False:
@@ -7730,6 +7762,9 @@ def _plan_filter(cat, req, cands, asked, pref):
         if pref.get("allow_fallbacks") is False:
             skipped += [(c, "allow_fallbacks is false") for c in cands if c[0] not in rank]
             cands = [c for c in cands if c[0] in rank]
+    # embedding models make vectors, never replies: left out of every chat plan
+    skipped += [(c, "an embedding model") for c in cands if cat.meta(*c).get("embedding")]
+    cands = [c for c in cands if not cat.meta(*c).get("embedding")]
     tools, images, tokens = _needs(req)
     strict = (req.get("response_format") or {}).get("strict")
     able, unable = [], []
@@ -9428,6 +9463,9 @@ class Router:
         except ApiError as e:
             ctx.status, ctx.error = e.status, e.message[:2000]
             raise
+        except Exception:
+            ctx.status, ctx.error = 500, "internal error"
+            raise
         finally:
             self.record(ctx)
 
@@ -9435,7 +9473,11 @@ class Router:
         cat, health = self.catalogue, self.health
         cc = CODECS[ctx.dialect]
         tokens_in = any(isinstance(x, list) for x in ereq["inputs"])
-        for cand in plan_embeddings(cat, ereq["model"]):
+        cands = plan_embeddings(cat, ereq["model"])
+        now = time.monotonic()
+        # the same model everywhere: the healthy candidates first, the soonest to recover next
+        cands.sort(key=lambda c: health.cand_left(c, now, cat.providers[c[0]]))
+        for cand in cands:
             pname, mid = cand
             prov = cat.providers[pname]
             pc = CODECS[prov.api]
@@ -9448,7 +9490,9 @@ class Router:
                 ctx.attempts.append(Failover(*skip, cand=cand))
                 continue
             known = cand in cat.caps
+            health.begin(cand, time.monotonic())
             for idx in keys:
+                t0 = time.monotonic()
                 try:
                     vectors, tokens = self._embed_call(ctx, prov, pc, mid, idx, ereq)
                 except Failover as f:
@@ -9459,12 +9503,17 @@ class Router:
                     if not f.next_key:
                         break
                     continue
+                ctx.ttfb = time.monotonic() - t0
                 if known:
-                    health.ok(cand, 0.0)
+                    health.ok(cand, ctx.ttfb)
+                health.ok(("provider", pname))
+                if idx is not None:
+                    health.ok(("key", pname, idx))
                 ctx.provider, ctx.upstream_model = pname, mid
                 ctx.usage = dict(empty_usage(), input=tokens)
+                tried = {a.cand for a in ctx.attempts if not a.reason.startswith("skipped")}
                 headers = {"X-Router-Provider": pname, "X-Router-Model": header_value(mid),
-                           "X-Router-Attempts": str(len(ctx.attempts) + 1)}
+                           "X-Router-Attempts": str(len(tried | {cand}))}
                 return cc.embed_encode(vectors, mid, ereq, tokens), headers
         if ctx.attempts and all(a.kind == "input" for a in ctx.attempts):
             raise ApiError(400, "invalid_request", "no candidate can make these vectors: " +
@@ -9476,17 +9525,20 @@ class Router:
         tokens: the provider's count, else estimated)."""
         key = prov.keys[idx] if idx is not None else None
         vectors, tokens, said = [], 0, True
-        n = pc.embed_batch
-        for start in range(0, len(ereq["inputs"]), n):
-            chunk = ereq["inputs"][start:start + n]
+        limit = self.settings["max_body_bytes"]
+        for chunk in embed_batches(ereq, pc.embed_batch):
             path = pc.embed_path(prov, mid)
             data = dumps(pc.embed_request(ereq, chunk, mid, prov)).encode()
             conn, resp = self.dispatcher.send(prov, path, prov.auth_headers(key, path, data), data)
             try:
-                raw = resp.read(self.settings["max_body_bytes"] + 1)
+                raw = resp.read(limit + 1)
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise Failover("stream", f"the reply broke off ({type(e).__name__})")
+            if len(raw) > limit:                # (this request's size, not the provider's health)
+                conn.close()
+                raise Failover("input", f"the vectors are larger than max_body_bytes ({limit} "
+                                        "bytes): send fewer inputs a request", next_key=False)
             self.dispatcher.release(prov, conn, resp)
             ctx.upstream_model = mid
             if resp.status >= 300:
@@ -9496,10 +9548,10 @@ class Router:
                 raise out
             try:
                 got, count = pc.embed_response(loads(raw))
-            except (ValueError, TypeError, KeyError, AttributeError, struct.error) as e:
+            except (ValueError, TypeError, KeyError, AttributeError, struct.error,
+                    binascii.Error) as e:
                 raise Failover("stream", f"unreadable embeddings reply ({e})")
-            if len(got) != len(chunk):
-                raise Failover("stream", f"{len(got)} vectors for {len(chunk)} inputs")
+            got, count = checked_vectors(got, count, len(chunk))
             vectors += got
             if count is None:
                 said = False
@@ -10303,7 +10355,8 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, self.router.count_tokens(dialect, body, hdrs))
         if action == "embed":
             _need(isinstance(body, dict), "body", "must be a JSON object")
-            out, extra = self.router.embed(dialect, body, hdrs, self)
+            kw = {"legacy": path.endswith("/api/embeddings")} if dialect == "ollama" else {}
+            out, extra = self.router.embed(dialect, body, hdrs, self, **kw)
             return self.send(200, {"Content-Type": "application/json", **extra},
                              dumps(out).encode())
         if action == "explain":

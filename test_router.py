@@ -573,7 +573,7 @@ class FakeProvider:
         path = h.path.split("?")[0]
         if not (path.endswith("/embeddings") or path == "/api/embed" or path.endswith(":batchEmbedContents")):
             return False
-        if r.status != 200:
+        if r.status != 200 or r.body is not None:
             h._json(r.status, r.body if r.body is not None else {"error": {"message": "boom"}}, r.headers)
             return True
         if self.api == "gemini":
@@ -2608,7 +2608,8 @@ class EmbeddingsTests(RouterCase):
 
     more_models = {"oa": {"text-embedding-3-small": {}}, "oa2": {"text-embedding-3-small": {}},
                    "gm": {"gemini-embedding-001": {}}, "ol": {"nomic-embed-text": {}}}
-    more_routes = {"embed": ["oa/text-embedding-3-small", "oa2/text-embedding-3-small", "ol/nomic-embed-text"]}
+    more_routes = {"embed": ["oa/text-embedding-3-small", "oa2/text-embedding-3-small", "ol/nomic-embed-text"],
+                   "ollama-all": ["ol/*"]}
 
     def embed(self, body, path="/v1/embeddings", status=200):
         r = self.h.call("POST", path, body)
@@ -2714,6 +2715,38 @@ class EmbeddingsTests(RouterCase):
         self.h.call("POST", "/v1beta/models/gm/gemini-embedding-001:batchEmbedContents", {"requests": [
             {"content": {"parts": [{"text": "q"}]}, "taskType": "RETRIEVAL_QUERY"}]})
         self.assertEqual(self.gm.requests[-1]["body"]["requests"][0]["taskType"], "RETRIEVAL_QUERY")
+
+    def test_a_cooling_candidate_goes_last_and_bad_vectors_fail_over(self):
+        self.oa.push(Reply(status=500))
+        r = self.embed({"model": "embed", "input": "x"})
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        r = self.embed({"model": "embed", "input": "x"})       # oa's breaker is open: oa2 first
+        self.assertEqual((r.headers["x-router-provider"], r.headers["x-router-attempts"]), ("oa2", "1"))
+        self.setUp()
+        self.oa.push(Reply(body={"object": "list", "data": [{"index": 0, "embedding": None}],
+                                 "usage": {"prompt_tokens": "many"}}))
+        r = self.embed({"model": "embed", "input": "x"})
+        self.assertEqual(r.headers["x-router-provider"], "oa2")
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"])
+        self.assertIn("not a list of numbers", rows[0]["attempts"][0]["reason"])
+
+    def test_embedding_models_never_answer_chat(self):
+        r = self.post("ollama", client_body("ollama", "ollama-all", False))
+        self.assertEqual((r.status, r.headers.get("x-router-model")), (200, "llama-test"))
+        plan = self.h.call("POST", "/v1/route", client_body("openai", "ollama-all", False)).json()
+        self.assertIn({"provider": "ol", "model": "nomic-embed-text", "skip": "an embedding model"}, plan["candidates"])
+        r = self.post("openai", client_body("openai", "oa/text-embedding-3-large", False))     # unlisted: by its name
+        self.assertEqual(r.status, 400, r)
+        self.assertEqual(self.oa.requests, [])
+        r = self.embed({"model": "ol/nomic-embed-text", "input": {"a": 1}}, "/api/embed", status=400)
+        self.assertIn("input: must be", r.json()["error"])
+        r = self.embed({"model": "ol/nomic-embed-text", "input": "x"}, "/api/embeddings", status=400)
+        self.assertEqual([q["path"] for q in self.ol.requests], ["/api/chat"], "no vectors asked for bad input")
+
+    def test_gemini_task_types_reach_gemini_as_they_are(self):
+        self.h.call("POST", "/v1beta/models/gm/gemini-embedding-001:batchEmbedContents", {"requests": [
+            {"content": {"parts": [{"text": "q"}]}, "taskType": "CLASSIFICATION"}]})
+        self.assertEqual(self.gm.requests[-1]["body"]["requests"][0]["taskType"], "CLASSIFICATION")
 
     @unittest.skipIf(genai is None, "google-genai SDK not installed")
     def test_google_genai_sdk_embed_content(self):

@@ -7763,8 +7763,9 @@ def _plan_filter(cat, req, cands, asked, pref):
             skipped += [(c, "allow_fallbacks is false") for c in cands if c[0] not in rank]
             cands = [c for c in cands if c[0] in rank]
     # embedding models make vectors, never replies: left out of every chat plan
-    skipped += [(c, "an embedding model") for c in cands if cat.meta(*c).get("embedding")]
-    cands = [c for c in cands if not cat.meta(*c).get("embedding")]
+    vectors = [c for c in cands if cat.meta(*c).get("embedding")]
+    skipped += [(c, "an embedding model") for c in vectors]
+    cands = [c for c in cands if c not in vectors]
     tools, images, tokens = _needs(req)
     strict = (req.get("response_format") or {}).get("strict")
     able, unable = [], []

@@ -355,6 +355,11 @@ def _validate_routes(cfg, providers, file):
     _check(isinstance(routes, dict), file, "routes",
            "an object mapping ROUTE_NAME to [\"PROVIDER/MODEL\", ...]")
     for name, lst in routes.items():
+        if isinstance(lst, dict):          # {"models": [...], "mix_models": true}
+            _check(set(lst) <= {"models", "mix_models"} and isinstance(
+                lst.get("mix_models", False), bool), file, f"routes.{name}",
+                "a list of \"PROVIDER/MODEL\" strings, or {\"models\": [...], \"mix_models\": true}")
+            lst = lst.get("models")
         _check(isinstance(lst, list) and all(isinstance(x, str) and x for x in lst), file,
                f"routes.{name}", "a list of \"PROVIDER/MODEL\" strings")
         for entry in lst:
@@ -370,6 +375,11 @@ def _validate_routes(cfg, providers, file):
                                             target.split("/", 1)[0] in providers),
                file, f"aliases.{pat}",
                f"a route name (one of {sorted(set(routes) | set(AUTO_NAMES))}) or PROVIDER/MODEL")
+
+
+def route_entries(value):
+    """A route's entries: the list itself, or the "models" of its object form."""
+    return value.get("models", []) if isinstance(value, dict) else value
 
 
 def _validate_setting(k, v, providers, file):
@@ -5242,7 +5252,7 @@ class Catalogue:
                 for mid, meta in models.items():
                     prov.models[mid] = dict(meta, **prov.models.get(mid, {}))
         for entries in cfg.get("routes", {}).values():   # exact route entries name models too
-            for entry in entries:
+            for entry in route_entries(entries):
                 pname, mid = entry.split("/", 1)
                 if pname in self.providers and not _is_glob(mid):
                     self.providers[pname].models.setdefault(mid, {})
@@ -5252,8 +5262,11 @@ class Catalogue:
             for mid, meta in prov.models.items():
                 self.caps[(prov.name, mid)] = infer_capabilities(mid, meta)
                 self.bare.setdefault(mid, []).append((prov.name, mid))
-        self.routes = {name: self.expand(entries, name)
+        self.routes = {name: self.expand(route_entries(entries), name)
                        for name, entries in cfg.get("routes", {}).items()}
+        # embeddings routes whose candidates may be different models (vectors that do not mix)
+        self.mix_models = {name for name, entries in cfg.get("routes", {}).items()
+                           if isinstance(entries, dict) and entries.get("mix_models")}
         self.aliases = list(cfg.get("aliases", {}).items())
         self.strict = cfg.get("strict", False)
 
@@ -7589,6 +7602,8 @@ def plan_embeddings(cat, name):
     if not cands:
         raise ApiError(400, "invalid_request", f"model {name!r}: {chat[0][0]}/{chat[0][1]} is a "
                        "chat model, not an embedding model", param="model")
+    if route in cat.mix_models:         # the route says its models' vectors may differ
+        return cands
     return [c for c in cands if c[1] == cands[0][1]]
 
 

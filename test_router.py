@@ -1532,6 +1532,8 @@ class ConfigTests(unittest.TestCase):
              "providers.x.quirks"),
             ({"providers": {}, "routes": {"r": ["nope/m"]}}, "routes.r"),
             ({"providers": {}, "routes": {"r": "x"}}, "routes.r"),
+            ({"providers": {}, "routes": {"r": {"models": [], "mix": True}}}, "routes.r"),
+            ({"providers": {}, "routes": {"r": {"models": ["nope/m"], "mix_models": True}}}, "routes.r"),
             ({"settings": {"idle_timeout": -1}}, "settings.idle_timeout"),
             ([], "(top level)"),
         ]
@@ -2609,7 +2611,8 @@ class EmbeddingsTests(RouterCase):
     more_models = {"oa": {"text-embedding-3-small": {}}, "oa2": {"text-embedding-3-small": {}},
                    "gm": {"gemini-embedding-001": {}}, "ol": {"nomic-embed-text": {}}}
     more_routes = {"embed": ["oa/text-embedding-3-small", "oa2/text-embedding-3-small", "ol/nomic-embed-text"],
-                   "ollama-all": ["ol/*"]}
+                   "ollama-all": ["ol/*"],
+                   "embed-any": {"models": ["oa/text-embedding-3-small", "ol/nomic-embed-text"], "mix_models": True}}
 
     def embed(self, body, path="/v1/embeddings", status=200):
         r = self.h.call("POST", path, body)
@@ -2669,6 +2672,11 @@ class EmbeddingsTests(RouterCase):
         r = self.embed({"model": "embed", "input": "x"}, status=502)
         self.assertIn("every candidate failed", r.json()["error"]["message"])
         self.assertEqual(self.ol.requests, [])
+        # unless the route says its models may differ
+        self.setUp()
+        self.oa.push(Reply(status=500))
+        r = self.embed({"model": "embed-any", "input": "x"})
+        self.assertEqual((r.headers["x-router-model"], r.json()["model"]), ("nomic-embed-text", "nomic-embed-text"))
         # auto means the route "embed"
         self.setUp()
         r = self.embed({"model": "auto", "input": "x"})

@@ -4793,6 +4793,8 @@ def ollama_model_shape(entry):
     abilities = (["completion"] + (["tools"] if caps.get("tools") else [])
                  + (["vision"] if "image" in (caps.get("input") or ()) else [])
                  + (["thinking"] if caps.get("reasoning") else []))
+    if caps.get("embedding"):
+        abilities = ["embedding"]            # as Ollama says of its embedding models
     return {"modelfile": "", "parameters": "", "template": "",
             "modified_at": "2025-01-01T00:00:00Z",
             "details": {"parent_model": "", "format": "sage-router", "family": owner,

@@ -2751,6 +2751,14 @@ class EmbeddingsTests(RouterCase):
         r = self.embed({"model": "ol/nomic-embed-text", "input": "x"}, "/api/embeddings", status=400)
         self.assertEqual([q["path"] for q in self.ol.requests], ["/api/chat"], "no vectors asked for bad input")
 
+    def test_model_lists_mark_embedding_models(self):
+        models = {m["id"]: m for m in self.h.call("GET", "/v1/models").json()["data"]}
+        self.assertTrue(models["oa/text-embedding-3-small"]["capabilities"]["embedding"])
+        self.assertNotIn("embedding", models["oa/gpt-test"]["capabilities"])
+        shown = self.h.call("POST", "/api/show", {"model": "ol/nomic-embed-text"}).json()
+        self.assertEqual(shown["capabilities"], ["embedding"])
+        self.assertIn("ol/nomic-embed-text", [m["name"] for m in self.h.call("GET", "/api/tags").json()["models"]])
+
     def test_gemini_task_types_reach_gemini_as_they_are(self):
         self.h.call("POST", "/v1beta/models/gm/gemini-embedding-001:batchEmbedContents", {"requests": [
             {"content": {"parts": [{"text": "q"}]}, "taskType": "CLASSIFICATION"}]})

@@ -8376,6 +8376,44 @@ class Dispatcher:
                     w.write(rest)
         w.finish_stream()
 
+    def embed(self, ctx, prov, mid, idx, ereq, limit):
+        """All of a request's inputs from one candidate with one key, in batches. -> (vectors,
+        tokens: the provider's count, else estimated)."""
+        pc = CODECS[prov.api]
+        key = prov.keys[idx] if idx is not None else None
+        vectors, tokens, said = [], 0, True
+        for chunk in embed_batches(ereq, pc.embed_batch):
+            path = pc.embed_path(prov, mid)
+            data = dumps(pc.embed_request(ereq, chunk, mid, prov)).encode()
+            conn, resp = self.send(prov, path, prov.auth_headers(key, path, data), data)
+            try:
+                raw = resp.read(limit + 1)
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise Failover("stream", f"the reply broke off ({type(e).__name__})")
+            if len(raw) > limit:                # (this request's size, not the provider's health)
+                conn.close()
+                raise Failover("input", f"the vectors are larger than max_body_bytes ({limit} "
+                                        "bytes): send fewer inputs a request", next_key=False)
+            self.release(prov, conn, resp)
+            ctx.upstream_model = mid
+            if resp.status >= 300:
+                out = self._classify(ctx, prov, resp.status,
+                                                {k.lower(): v for k, v in resp.getheaders()},
+                                                raw, False)
+                raise out
+            try:
+                got, count = pc.embed_response(loads(raw))
+            except (ValueError, TypeError, KeyError, AttributeError, struct.error,
+                    binascii.Error) as e:
+                raise Failover("stream", f"unreadable embeddings reply ({e})")
+            got, count = checked_vectors(got, count, len(chunk))
+            vectors += got
+            if count is None:
+                said = False
+            tokens += count or 0
+        return vectors, tokens if said else embed_tokens(ereq)
+
     @staticmethod
     def estimated_usage(ctx):
         """Usage for a reply whose provider reported none (servers that ignore include_usage): the
@@ -9512,7 +9550,8 @@ class Router:
             for idx in keys:
                 t0 = time.monotonic()
                 try:
-                    vectors, tokens = self._embed_call(ctx, prov, pc, mid, idx, ereq)
+                    vectors, tokens = self.dispatcher.embed(ctx, prov, mid, idx, ereq,
+                                                            self.settings["max_body_bytes"])
                 except Failover as f:
                     f.cand = cand
                     ctx.attempts.append(f)
@@ -9537,44 +9576,6 @@ class Router:
             raise ApiError(400, "invalid_request", "no candidate can make these vectors: " +
                            "; ".join(a.line() for a in ctx.attempts), param="input")
         raise self._all_failed(ctx)
-
-    def _embed_call(self, ctx, prov, pc, mid, idx, ereq):
-        """All of a request's inputs from one candidate with one key, in batches. -> (vectors,
-        tokens: the provider's count, else estimated)."""
-        key = prov.keys[idx] if idx is not None else None
-        vectors, tokens, said = [], 0, True
-        limit = self.settings["max_body_bytes"]
-        for chunk in embed_batches(ereq, pc.embed_batch):
-            path = pc.embed_path(prov, mid)
-            data = dumps(pc.embed_request(ereq, chunk, mid, prov)).encode()
-            conn, resp = self.dispatcher.send(prov, path, prov.auth_headers(key, path, data), data)
-            try:
-                raw = resp.read(limit + 1)
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                raise Failover("stream", f"the reply broke off ({type(e).__name__})")
-            if len(raw) > limit:                # (this request's size, not the provider's health)
-                conn.close()
-                raise Failover("input", f"the vectors are larger than max_body_bytes ({limit} "
-                                        "bytes): send fewer inputs a request", next_key=False)
-            self.dispatcher.release(prov, conn, resp)
-            ctx.upstream_model = mid
-            if resp.status >= 300:
-                out = self.dispatcher._classify(ctx, prov, resp.status,
-                                                {k.lower(): v for k, v in resp.getheaders()},
-                                                raw, False)
-                raise out
-            try:
-                got, count = pc.embed_response(loads(raw))
-            except (ValueError, TypeError, KeyError, AttributeError, struct.error,
-                    binascii.Error) as e:
-                raise Failover("stream", f"unreadable embeddings reply ({e})")
-            got, count = checked_vectors(got, count, len(chunk))
-            vectors += got
-            if count is None:
-                said = False
-            tokens += count or 0
-        return vectors, tokens if said else embed_tokens(ereq)
 
     def count_tokens(self, dialect, body, headers, **kw):
         """A token count for a client's request (Anthropic's count_tokens): asked of the provider when

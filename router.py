@@ -264,6 +264,13 @@ MODEL_META_FORMS = {
                                                              "reasoning", "general"},
                 "a list of \"code\", \"creative\", \"reasoning\", \"general\""),
     "description": (lambda v: isinstance(v, str), "a string (a free-text note)"),
+    "completions": (lambda v: v in ("native", "template", "chat"),
+                    "\"native\", \"template\" or \"chat\" (how it fills in the middle for "
+                    "/v1/completions)"),
+    "fim": (lambda v: v in FIM_TEMPLATES or isinstance(v, str) and "{prefix}" in v
+            and "{suffix}" in v,
+            "a template's name (qwen, codellama, starcoder, deepseek, codegemma) or a template "
+            "with {prefix} and {suffix}"),
 }
 
 
@@ -1061,7 +1068,7 @@ NEUTRAL_FIELDS = {"tools": (), "tool_choice": None, "parallel_tool_calls": None,
                   "temperature": None, "top_p": None, "top_k": None, "stop": None, "stream": False,
                   "include_usage": True, "reasoning": None, "user": None, "response_format": None,
                   "seed": None, "presence_penalty": None, "frequency_penalty": None,
-                  "logprobs": None}
+                  "logprobs": None, "completion": None}
 
 
 def neutral_request(model, system, messages, extra=None, **fields):
@@ -1288,6 +1295,181 @@ def structured_text_ok(resp, path):
         return False
 
 
+# -- text completions and fill-in-the-middle ---------------------------------------------------
+# A completion request (POST /v1/completions; Ollama's /api/generate with a suffix or raw) carries
+# `completion`: {"prompt", "suffix": str | None, "raw": bool}; its messages hold the same texts as
+# one user turn (for planning and estimates). A candidate serves it by one of three paths:
+#   native:   its dialect's own completion call (codec `completes`): OpenAI's /completions with
+#             `suffix`, Ollama's /api/generate with `suffix`;
+#   template: the model's fill-in-the-middle tokens around prefix and suffix as a raw prompt
+#             (servers that refuse or ignore `suffix`: vLLM, llama.cpp, Ollama models whose
+#             template takes no suffix), the template's end tokens as stop sequences;
+#   chat:     a chat turn that asks for the middle part only (Anthropic, Gemini, chat-only models).
+# Model metadata "completions" names the path for a request with a suffix ("chat" also for one
+# without), "fim" the template (a FIM_TEMPLATES name by MODEL_RULES, or a string with {prefix} and
+# {suffix}). A native or template call the provider refuses is tried once more on the chat path.
+
+#: Fill-in-the-middle templates of the code model families: (template, its end tokens).
+FIM_TEMPLATES = {
+    "qwen": ("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+             ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+              "<|repo_name|>", "<|file_sep|>", "<|im_start|>", "<|im_end|>"]),
+    "codellama": ("<PRE> {prefix} <SUF>{suffix} <MID>", ["<PRE>", "<SUF>", "<MID>", "<EOT>"]),
+    "starcoder": ("<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
+                  ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>",
+                   "<file_sep>"]),
+    "deepseek": ("<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",
+                 ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", "<|EOT|>",
+                  "<｜end▁of▁sentence｜>"]),
+    "codegemma": ("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+                  ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>",
+                   "<end_of_turn>", "<eos>"]),
+}
+_FIM_TOKEN_RE = re.compile(r"<[^<>\s]{1,40}>|\[[A-Z_]{2,20}\]")
+
+FIM_SAID = ("You fill in a gap in a file. The user's message holds the text before the gap "
+            "between <before> and </before> and the text after it between <after> and </after>, "
+            "exactly, whitespace included. Reply with exactly the text that belongs in the gap, so "
+            "that the text before, your reply and the text after read as one file: no "
+            "explanation, no code fences, no repeating of the text around the gap. If nothing "
+            "belongs there, reply with nothing.")
+CONTINUE_SAID = ("Continue the text in the user's message from exactly where it ends. Reply with "
+                 "the continuation only: no explanation, no code fences, no repeating of the "
+                 "text.")
+#: A reasoning model's thinking counts toward its output limit: the chat path gives it this much
+#: more (a completion's own limit is small, 16 tokens unless the client says).
+COMPLETION_THINKING_ROOM = 1024
+
+
+def fim_template(meta):
+    """A model's fill-in-the-middle template and end tokens, or None."""
+    fim = meta.get("fim")
+    if fim in FIM_TEMPLATES:
+        return FIM_TEMPLATES[fim]
+    if isinstance(fim, str) and "{prefix}" in fim and "{suffix}" in fim:
+        return fim, sorted(set(_FIM_TOKEN_RE.findall(fim)))
+    return None
+
+
+def completion_path(req, meta, codec, refused=False):
+    """How a candidate serves the request's completion: None (a chat request), "native",
+    "template" or "chat" (`refused`: its native or template call was refused before)."""
+    c = req.get("completion")
+    if not c:
+        return None
+    said = meta.get("completions")
+    if not codec.completes or refused or said == "chat":
+        return "chat"
+    if not c["suffix"] or c.get("raw"):
+        return "native"
+    path = said or ("template" if fim_template(meta) else "native")
+    return "chat" if path == "template" and not fim_template(meta) else path
+
+
+def completion_request(req, path, meta):
+    """The request as a candidate on `path` is sent it: unchanged on the native path; the
+    template's raw prompt and end tokens on the template path; a chat turn asking for the middle
+    (thinking off where it can be, room for it where it cannot) on the chat path."""
+    c = req.get("completion")
+    if path == "template":
+        template, ends = fim_template(meta)
+        prompt = template.replace("{prefix}", c["prompt"]).replace("{suffix}", c["suffix"])
+        return dict(req, completion={"prompt": prompt, "suffix": None, "raw": True},
+                    stop=(req["stop"] or []) + [e for e in ends if e not in (req["stop"] or ())])
+    if path != "chat":
+        return req
+    text = (f"<before>{c['prompt']}</before>\n<after>{c['suffix']}</after>" if c["suffix"]
+            else c["prompt"])
+    room = COMPLETION_THINKING_ROOM if meta.get("reasoning") else 0
+    return dict(req, completion=None,
+                system=list(req["system"]) + [{"type": "text",
+                                               "text": FIM_SAID if c["suffix"] else CONTINUE_SAID}],
+                messages=[{"role": "user", "content": [{"type": "text", "text": text}]}],
+                max_tokens=(req["max_tokens"] or 0) + room or None,
+                reasoning={"enabled": False, "effort": "none"})
+
+
+def stop_source(source, stops):
+    """A translated reply held to the client's stop sequences, whatever the provider could take
+    (Anthropic refuses whitespace-only ones, OpenAI takes four, a chat model asked for a middle
+    runs past them): the text up to the first one; later output is read and dropped, and the end
+    says stop_sequence. Text that may be the start of a stop sequence waits for the next piece."""
+    keep = max(map(len, stops)) - 1
+    held, cut = "", None
+    for raw, events in source:
+        out = []
+        for ev in events:
+            kind = ev[0]
+            if cut is not None:
+                if kind == "end":
+                    out.append(("end", "stop_sequence", ev[2], cut))
+                elif kind == "error":
+                    out.append(ev)
+                continue
+            if kind == "text":
+                held += ev[1]
+                hits = [(held.find(s), s) for s in stops if s in held]
+                if hits:
+                    at, cut = min(hits)
+                    if at:
+                        out.append(("text", held[:at]))
+                    held = ""
+                elif len(held) > keep:
+                    out.append(("text", held[:len(held) - keep]))
+                    held = held[len(held) - keep:]
+                continue
+            if held and kind in ("end", "tool", "error"):
+                out.append(("text", held))
+                held = ""
+            out.append(ev)
+        yield raw, out
+
+
+def unfenced_source(source):
+    """A chat-path completion without the code fence a chat model may wrap it in despite being
+    told not to: an opening ```lang line is dropped, and then a closing ``` on the last line.
+    (Leading whitespace is the completion's own: it goes out as it came when there is no fence.)"""
+    head, fenced, tail, emitted = "", None, "", False
+    for raw, events in source:
+        out = []
+        for ev in events:
+            if ev[0] != "text":
+                if ev[0] == "end":
+                    rest = head if fenced is None else "" if tail.strip() == "```" else tail
+                    if rest:
+                        out.append(("text", rest))
+                    head = tail = ""
+                out.append(ev)
+                continue
+            text = ev[1]
+            if fenced is None:
+                head += text
+                lead = head.lstrip()
+                if lead.startswith("```"):
+                    if "\n" not in lead:
+                        continue
+                    fenced, text = True, lead.split("\n", 1)[1]
+                elif "```".startswith(lead):     # (only whitespace or a backtick or two so far)
+                    continue
+                else:
+                    fenced, text = False, head
+                head = ""
+            if fenced:
+                text, tail, cut = tail + text, "", None
+                # the last lines wait while they may be the closing fence
+                at = text.rfind("\n")
+                while at >= 0 and "```".startswith(text[at:].strip()):
+                    cut, at = at, text.rfind("\n", 0, at)
+                if cut is None and not emitted and "```".startswith(text.strip()):
+                    cut = 0
+                if cut is not None:
+                    text, tail = text[:cut], text[cut:]
+            if text:
+                emitted = True
+                out.append(("text", text))
+        yield raw, out
+
+
 # -- log probabilities --------------------------------------------------------------------------
 # A request's `logprobs` is None, or the number of alternatives wanted per token (0: the chosen
 # token's only). Two wire shapes carry them: OpenAI's (also Ollama's) and Gemini's.
@@ -1333,6 +1515,32 @@ def logprobs_to_openai(items):
              "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
                                "bytes": list(t["token"].encode())} for t in c["top"]]}
             for c in items]
+
+
+def logprobs_from_legacy(lp):
+    """OpenAI Completions' logprobs ({tokens, token_logprobs, top_logprobs: [{token: logprob}]})
+    -> neutral ones."""
+    if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list):
+        return []
+    scores, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    return [{"token": str(t), "logprob": scores[i] if i < len(scores) else None,
+             "top": [{"token": str(k), "logprob": v}
+                     for k, v in (tops[i] if i < len(tops) and isinstance(tops[i], dict)
+                                  else {}).items()]}
+            for i, t in enumerate(lp["tokens"])]
+
+
+def logprobs_to_legacy(items, offset=0):
+    """Neutral logprobs -> OpenAI Completions' shape (text_offset counted from `offset`, the
+    completion's characters before them)."""
+    offsets = []
+    for c in items:
+        offsets.append(offset)
+        offset += len(c["token"])
+    return {"tokens": [c["token"] for c in items],
+            "token_logprobs": [c["logprob"] for c in items],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in c["top"]} for c in items],
+            "text_offset": offsets}
 
 
 def logprobs_from_gemini(result):
@@ -1634,8 +1842,11 @@ def _openai_tools(body, dropped):
     return tools, {"type": "tool", "name": name}
 
 
-def openai_decode_request(body):
-    """OpenAI Chat Completions request body -> neutral request (raises ApiError 400 on bad input)."""
+def openai_decode_request(body, completion=False):
+    """OpenAI Chat Completions request body (or, `completion`, a Completions one) -> neutral
+    request (raises ApiError 400 on bad input)."""
+    if completion:
+        return openai_completion_decode(body)
     model = _body_model(body)
     msgs = body.get("messages")
     _need(isinstance(msgs, list) and msgs, "messages", "is required and must be a non-empty array")
@@ -1703,6 +1914,56 @@ def openai_decode_request(body):
                    if only or n > 1 else {}, **({"dropped_parts": dropped} if dropped else {})))
 
 
+def openai_completion_decode(body):
+    """OpenAI's Completions body (POST /v1/completions, what editors' autocomplete sends) ->
+    neutral request: `completion` for the providers that complete text, the same texts as a user
+    turn for the plan. What only OpenAI-compatible servers take (token ids, several prompts, echo,
+    best_of, n) keeps the request on them."""
+    model = _body_model(body)
+    prompt, only = body.get("prompt"), []
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+        only.append(f"prompt ({len(prompt)} prompts)")
+        prompt = "\n".join(prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(x, int) or isinstance(x, list) and all(isinstance(t, int) for t in x)
+            for x in prompt):
+        only.append("prompt as token ids")
+        prompt = ""
+    _need(isinstance(prompt, str), "prompt", "is required: a string (or an array of strings or of "
+                                             "token ids)")
+    suffix = body.get("suffix")
+    _need(suffix is None or isinstance(suffix, str), "suffix", "must be a string")
+    for field in ("echo", "stream"):
+        _need(body.get(field) in (None, True, False), field, "must be true or false")
+    if body.get("echo"):
+        only.append("echo")
+    for field in ("n", "best_of"):
+        v = _opt_int(body, field)
+        if v and v > 1:
+            only.append(f"{field} ({v})")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    _need(stop is None or (isinstance(stop, list) and all(isinstance(x, str) for x in stop)),
+          "stop", "must be a string or an array of strings")
+    lp = _opt_int(body, "logprobs", 0)
+    _need(lp is None or lp <= 5, "logprobs", "must be between 0 and 5")
+    so = body.get("stream_options")
+    mt = body.get("max_tokens")
+    return neutral_request(
+        model, [], [{"role": "user", "content": [{"type": "text", "text": t}
+                                                  for t in (prompt, suffix) if t]}],
+        max_tokens=16 if mt is None else _opt_int(body, "max_tokens"),    # (OpenAI's default)
+        temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1),
+        stop=[x for x in stop or () if x] or None, stream=bool(body.get("stream")),
+        include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
+        user=body.get("user") if isinstance(body.get("user"), str) else None,
+        logprobs=lp, completion={"prompt": prompt, "suffix": suffix or None, "raw": False},
+        extra={"same_dialect_only": only} if only else None, **_penalties(body))
+
+
 def _logprobs_asked(obj, flag, top, at=""):
     """A request's log-probability ask (the flag, and how many alternatives) -> neutral."""
     _need(obj.get(flag) in (None, True, False), at + flag, "must be true or false")
@@ -1750,7 +2011,9 @@ def _to_openai_usage(u):
 
 
 def openai_encode_response(resp, model, req=None):
-    """Neutral response -> chat.completion object."""
+    """Neutral response -> chat.completion object (text_completion for a completion request)."""
+    if req is not None and req.get("completion"):
+        return openai_completion_response(resp, model)
     msg = {"role": "assistant", "content": None}
     text = text_of(resp["content"])
     thinking = "".join(p["text"] for p in resp["content"] if p["type"] == "thinking")
@@ -1771,6 +2034,18 @@ def openai_encode_response(resp, model, req=None):
             "usage": _to_openai_usage(resp["usage"])}
 
 
+def openai_completion_response(resp, model):
+    """Neutral response -> text_completion object."""
+    lp = resp.get("logprobs")
+    return {"id": resp.get("id") or new_id("cmpl-"), "object": "text_completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text_of(resp["content"]),
+                         "logprobs": logprobs_to_legacy(lp) if lp else None,
+                         "finish_reason": STOP_TO_OPENAI_FINISH.get(resp["stop_reason"], "stop")}],
+            "usage": {k: v for k, v in _to_openai_usage(resp["usage"]).items()
+                      if k != "completion_tokens_details"}}
+
+
 def openai_encode_error(err):
     body = {"error": {"message": err.message,
                       "type": OPENAI_ERROR_TYPE.get(err.etype, "server_error"),
@@ -1788,17 +2063,25 @@ class OpenAIStreamEncoder:
         self.tool_index = -1
         self.saw_tool = False
 
+    OBJECT = "chat.completion.chunk"
+
+    def _event(self, choices, **more):
+        return b"data: " + dumps(dict({"id": self.id, "object": self.OBJECT,
+                                       "created": self.created, "model": self.model,
+                                       "choices": choices}, **more)).encode() + b"\n\n"
+
     def usage_chunk(self, usage):
         """The chunk with `usage` that include_usage asks for (choices empty), before [DONE]."""
-        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
-                                  "created": self.created, "model": self.model, "choices": [],
-                                  "usage": _to_openai_usage(usage)}).encode() + b"\n\n"
+        return self._event([], usage=_to_openai_usage(usage))
+
+    def _end(self, last, usage):
+        """The stream's last chunk, the usage chunk if asked, [DONE]."""
+        return last + (self.usage_chunk(usage or empty_usage()) if self.include_usage
+                       else b"") + b"data: [DONE]\n\n"
 
     def _chunk(self, delta, finish=None, logprobs=None):
-        return b"data: " + dumps({"id": self.id, "object": "chat.completion.chunk",
-                                  "created": self.created, "model": self.model,
-                                  "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                               "finish_reason": finish}]}).encode() + b"\n\n"
+        return self._event([{"index": 0, "delta": delta, "logprobs": logprobs,
+                             "finish_reason": finish}])
 
     def encode(self, ev):
         kind = ev[0]
@@ -1822,13 +2105,44 @@ class OpenAIStreamEncoder:
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "end":
             finish = "tool_calls" if self.saw_tool else STOP_TO_OPENAI_FINISH.get(ev[1], "stop")
-            out = self._chunk({}, finish)
-            if self.include_usage:
-                out += self.usage_chunk(ev[2] or empty_usage())
-            return out + b"data: [DONE]\n\n"
+            return self._end(self._chunk({}, finish), ev[2])
         if kind == "error":
             return b"data: " + openai_encode_error(ev[1]) + b"\n\ndata: [DONE]\n\n"
         return b""
+
+
+class CompletionStreamEncoder(OpenAIStreamEncoder):
+    """Neutral events -> OpenAI text_completion SSE chunks: each chunk's `text` a delta, the last
+    one with finish_reason, a `choices: []` chunk with usage when include_usage asked, [DONE]."""
+
+    OBJECT = "text_completion"
+
+    def __init__(self, model, req, input_estimate=0):
+        super().__init__(model, req, input_estimate)
+        self.id = new_id("cmpl-")
+        self.offset = 0
+
+    def _text(self, text, finish=None, lp=None):
+        legacy = logprobs_to_legacy(lp, self.offset) if lp else None
+        self.offset += len(text)
+        return self._event([{"index": 0, "text": text, "logprobs": legacy,
+                             "finish_reason": finish}])
+
+    def encode(self, ev):
+        kind = ev[0]
+        if kind in ("text", "logprobs"):
+            return self._text(ev[1] if kind == "text" else "", lp=text_logprobs(ev))
+        if kind == "end":
+            return self._end(self._text("", STOP_TO_OPENAI_FINISH.get(ev[1], "stop")), ev[2])
+        if kind == "error":
+            return super().encode(ev)
+        return b""
+
+
+def openai_stream_encoder(model, req, input_estimate=0):
+    """The OpenAI codec's stream encoder: chat chunks, or text_completion ones for a completion."""
+    cls = CompletionStreamEncoder if req.get("completion") else OpenAIStreamEncoder
+    return cls(model, req, input_estimate)
 
 
 def _openai_part(p):
@@ -1842,7 +2156,10 @@ def _openai_part(p):
 
 
 def openai_encode_request(req, model_id, provider, model_meta, settings=None):
-    """Neutral request -> OpenAI Chat Completions body for an OpenAI-compatible provider."""
+    """Neutral request -> OpenAI Chat Completions body for an OpenAI-compatible provider (a
+    Completions one for a completion)."""
+    if req.get("completion"):
+        return openai_completion_body(req, model_id, model_meta)
     out = []
     sys_text = system_text(req)
     if sys_text:
@@ -1899,12 +2216,32 @@ def openai_encode_request(req, model_id, provider, model_meta, settings=None):
     if r and r.get("enabled") and model_meta.get("reasoning"):
         # Only for models marked "reasoning": true; others reject the parameter with a 400.
         body["reasoning_effort"] = reasoning_effort(r)
+    return _openai_user_stream(body, req)
+
+
+def _openai_user_stream(body, req):
+    """The fields both OpenAI bodies end with: the user, and a stream that reports its usage."""
     if req.get("user"):
         body["user"] = req["user"][:256]
     if req["stream"]:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def openai_completion_body(req, model_id, model_meta):
+    """A neutral completion -> an OpenAI Completions body (POST /completions)."""
+    c = req["completion"]
+    body = {"model": model_id, "prompt": c["prompt"]}
+    if c["suffix"]:
+        body["suffix"] = c["suffix"]
+    mt = output_limit(req, model_meta)
+    if mt:
+        body["max_tokens"] = mt
+    body.update(sampling_out(req, OPENAI_SAMPLING))
+    if req.get("logprobs") is not None:
+        body["logprobs"] = req["logprobs"]
+    return _openai_user_stream(body, req)
 
 
 #: neutral field -> Chat Completions field, limit (OpenAI takes at most 4 stop sequences)
@@ -1967,7 +2304,8 @@ class OpenAIPassthrough(StreamPassthrough):
 
     def usage(self, usage):
         if self.ctx.req.get("include_usage"):
-            self.before_done = OpenAIStreamEncoder(self.ctx.model, self.ctx.req).usage_chunk(usage)
+            self.before_done = openai_stream_encoder(self.ctx.model,
+                                                     self.ctx.req).usage_chunk(usage)
 
     def events(self, data):
         if self.seen is None and self.before_done is None and not self.drop_end:
@@ -2048,6 +2386,13 @@ def _openai_message_parts(msg):
 def openai_decode_response(body, prov=None):
     choices = body.get("choices") or [{}]
     c = choices[0]
+    if "text" in c and "message" not in c:             # a Completions reply
+        lp = logprobs_from_legacy(c.get("logprobs"))
+        return {"id": body.get("id"), "model": body.get("model"),
+                "content": [{"type": "text", "text": str(c["text"])}] if c["text"] else [],
+                "stop_reason": OPENAI_FINISH_TO_STOP.get(c.get("finish_reason"), "end_turn"),
+                "stop_sequence": None, "usage": _openai_usage(body.get("usage")) or empty_usage(),
+                **({"logprobs": lp} if lp else {})}
     parts = _openai_message_parts(c.get("message") or {})
     finish = c.get("finish_reason")
     stop = OPENAI_FINISH_TO_STOP.get(finish, "end_turn")
@@ -2126,6 +2471,13 @@ class OpenAIStreamDecoder(SSEDecoder):
             self.usage = _openai_usage(obj["usage"])
         for c in obj.get("choices") or ():
             if c.get("index", 0) != 0:
+                continue
+            if "text" in c and "delta" not in c:         # a Completions chunk
+                if c["text"]:
+                    out.append(("text", str(c["text"])))
+                with_logprobs(out, logprobs_from_legacy(c.get("logprobs")))
+                if c.get("finish_reason"):
+                    self.finish = c["finish_reason"]
                 continue
             d = c.get("delta") or {}
             r = d.get("reasoning_content") or d.get("reasoning")
@@ -2651,6 +3003,10 @@ def anthropic_encode_request(req, model_id, provider, model_meta, settings):
             body["thinking"] = {"type": "enabled", "budget_tokens": budget}
             thinking = True
     body.update(sampling_out(req, ANTHROPIC_SAMPLING if not thinking else ANTHROPIC_SAMPLING[-1:]))
+    if "stop_sequences" in body:    # (whitespace-only ones are refused; the router cuts at them)
+        body["stop_sequences"] = [x for x in body["stop_sequences"] if x.strip()]
+        if not body["stop_sequences"]:
+            del body["stop_sequences"]
     if req["tools"]:
         body["tools"] = [{"name": t["name"], "description": t["description"],
                           "input_schema": t["parameters"] if t["parameters"].get("type") == "object"
@@ -3641,6 +3997,9 @@ GEMINI_SAMPLING = (("temperature", "temperature", None), ("top_p", "topP", None)
 #: Models that take real JSON Schema as responseJsonSchema (Gemini 2.5 and later); older ones get
 #: responseSchema, the schema reduced as tool parameters are.
 GEMINI_JSON_SCHEMA_RE = re.compile(r"gemini-(?:2\.5|[3-9])", re.I)
+#: Thinking asked off, for the Gemini models that cannot turn it off (others: a budget of 0).
+GEMINI_THINKING_OFF = ((re.compile(r"gemini-2\.5-pro", re.I), {"thinkingBudget": 128}),
+                       (re.compile(r"gemini-[3-9]", re.I), {"thinkingLevel": "low"}))
 
 
 def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
@@ -3719,6 +4078,9 @@ def gemini_encode_request(req, model_id, provider, model_meta, settings=None):
     if r and r.get("enabled") and model_meta.get("reasoning"):
         gen["thinkingConfig"] = {"includeThoughts": True,
                                  "thinkingBudget": reasoning_budget(r, model_meta)}
+    elif r and model_meta.get("reasoning"):     # asked off: as little as the model allows
+        gen["thinkingConfig"] = next((off for rx, off in GEMINI_THINKING_OFF
+                                      if rx.search(model_id)), {"thinkingBudget": 0})
     if gen:
         body["generationConfig"] = gen
     return body
@@ -4355,12 +4717,19 @@ def ollama_decode_request(body):
     model = _body_model(body)
     system, messages = [], []
     generate = "prompt" in body and "messages" not in body
+    completion = None
     if generate:
         _need(isinstance(body["prompt"], str), "prompt", "must be a string")
+        suffix = body.get("suffix")
+        _need(suffix is None or isinstance(suffix, str), "suffix", "must be a string")
+        _need(body.get("raw") in (None, True, False), "raw", "must be true or false")
+        if suffix or body.get("raw"):       # fill in the middle, or the model's own raw prompt
+            completion = {"prompt": body["prompt"], "suffix": suffix or None,
+                          "raw": bool(body.get("raw"))}
         if isinstance(body.get("system"), str) and body["system"]:
             system.append({"type": "text", "text": body["system"]})
-        content = ([{"type": "text", "text": body["prompt"]}] if body["prompt"] else []) + \
-            _ollama_images(body.get("images"), "images")
+        content = [{"type": "text", "text": t} for t in (body["prompt"], body.get("suffix")) if t] \
+            + _ollama_images(body.get("images"), "images")
         messages.append({"role": "user", "content": content})
     else:
         msgs = body.get("messages")
@@ -4429,7 +4798,7 @@ def ollama_decode_request(body):
         logprobs=_logprobs_asked(body, "logprobs", "top_logprobs"),
         reasoning={"enabled": True,
                    "effort": think if isinstance(think, str) else None} if think else None,
-        extra={"ollama_generate": generate}, **_ollama_options(body))
+        completion=completion, extra={"ollama_generate": generate}, **_ollama_options(body))
 
 
 def _ollama_now():
@@ -4554,7 +4923,20 @@ OLLAMA_SAMPLING = (("max_tokens", "num_predict", None), ("temperature", "tempera
 
 
 def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
-    """Neutral request -> native /api/chat body."""
+    """Neutral request -> native /api/chat body (an /api/generate one for a completion)."""
+    c = req.get("completion")
+    if c:
+        body = {"model": model_id, "prompt": c["prompt"], "stream": bool(req["stream"]),
+                "options": dict({"num_ctx": ollama_num_ctx(req, model_meta)},
+                                **sampling_out(req, OLLAMA_SAMPLING))}
+        if c["suffix"]:
+            body["suffix"] = c["suffix"]
+        if c.get("raw"):
+            body["raw"] = True
+        if model_meta.get("reasoning"):
+            body["think"] = False             # (a completion is not a question to think over)
+        body.update(logprobs_out(req, "logprobs", "top_logprobs"))
+        return body
     names = {p["id"]: p["name"] for m in req["messages"] if m["role"] == "assistant"
              for p in m["content"] if p["type"] == "tool_call"}
     msgs = []
@@ -4602,6 +4984,8 @@ def ollama_encode_request(req, model_id, provider, model_meta, settings=None):
         # (gpt-oss takes an effort word; other thinking models true)
         body["think"] = reasoning_effort(r, ("low", "medium", "high")) \
             if r.get("effort") and "gpt-oss" in model_id else True
+    elif r and model_meta.get("reasoning"):
+        body["think"] = False               # (asked off: thinking models think by default)
     rf = req.get("response_format")
     if rf:
         body["format"] = rf["schema"] if rf["schema"] is not None else "json"
@@ -4718,7 +5102,9 @@ def _ollama_meta(show):
     if isinstance(caps, list) and caps:
         meta.update(tools="tools" in caps, reasoning="thinking" in caps,
                     input=["text", "image"] if "vision" in caps else ["text"],
-                    chat="completion" in caps)
+                    chat="completion" in caps,
+                    # (insert: its template takes a suffix; else the FIM tokens, raw, if known)
+                    completions="native" if "insert" in caps else "template")
     return _clean(meta)
 
 
@@ -4830,8 +5216,10 @@ class Codec:
       decode_response(obj, provider) -> neutral response; stream_decoder(provider);
       parse_error(status, body) -> (message, code); structured: the response_format types its
       request can carry natively (json_object, json_schema); carries: the OPTIONAL_FIELDS its
-      request has; files: it takes PDF file parts.
-    Transport: request_path(provider, model, stream); auth(provider, key, path, data) -> headers
+      request has; files: it takes PDF file parts; completes: it takes a neutral completion
+      (`completion`) as a text completion of its own.
+    Transport: request_path(provider, model, stream, body) (body: what is sent, whose shape
+      may choose the endpoint); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
       provider, req, meta, client_headers, foreign) -> (body, extra headers): the same-dialect
@@ -4860,7 +5248,7 @@ class Codec:
                  "list_models", "probe_path", "count_path", "count_result", "count_shape",
                  "free", "client_paths", "structured", "carries", "unread", "spelling",
                  "files", "embed_decode", "embed_encode", "embed_path", "embed_request",
-                 "embed_response", "embed_batch")
+                 "embed_response", "embed_batch", "completes")
 
     def __init__(self, name, *, decode_request=None, encode_response=None,
                  stream_encoder=None, encode_error=None,
@@ -4873,7 +5261,7 @@ class Codec:
                  count_result=None, count_shape=None, free=False, client_paths=None,
                  structured=frozenset(), carries=frozenset(), unread=None, spelling=None,
                  files=False, embed_decode=None, embed_encode=None, embed_path=None,
-                 embed_request=None, embed_response=None, embed_batch=100):
+                 embed_request=None, embed_response=None, embed_batch=100, completes=False):
         self.name = name
         self.decode_request, self.encode_response = decode_request, encode_response
         self.stream_encoder = stream_encoder
@@ -4892,6 +5280,7 @@ class Codec:
         self.embed_decode, self.embed_encode = embed_decode, embed_encode
         self.embed_path, self.embed_request = embed_path, embed_request
         self.embed_response, self.embed_batch = embed_response, embed_batch
+        self.completes = completes
 
 
 def _root_without_v1(path):
@@ -4924,6 +5313,10 @@ OPENAI_READS = dict.fromkeys((
     "max_completion_tokens", "temperature", "top_p", "stop", "stream", "stream_options",
     "reasoning_effort", "reasoning", "user", "response_format", "seed", "presence_penalty",
     "frequency_penalty", "n", "logprobs", "top_logprobs"), None) | _ROUTING
+COMPLETIONS_READS = dict.fromkeys((
+    "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "stop", "stream",
+    "stream_options", "user", "seed", "presence_penalty", "frequency_penalty", "logprobs", "echo",
+    "n", "best_of"), None) | _ROUTING
 ANTHROPIC_READS = dict.fromkeys((
     "model", "messages", "system", "tools", "tool_choice", "max_tokens", "temperature", "top_p",
     "top_k", "stop_sequences", "stream", "thinking", "metadata", "output_format"), None) \
@@ -4940,27 +5333,33 @@ GEMINI_READS = dict(dict.fromkeys(("contents", "systemInstruction", "tools", "to
                                       "presencePenalty", "frequencyPenalty", "responseLogprobs",
                                       "logprobs"})
 OLLAMA_READS = dict(dict.fromkeys(("model", "messages", "prompt", "system", "images", "tools",
-                                   "stream", "think", "format", "logprobs", "top_logprobs"), None),
+                                   "stream", "think", "format", "logprobs", "top_logprobs",
+                                   "suffix", "raw"), None),
                     options={"num_predict", "stop", "temperature", "top_k", "top_p", "seed",
                              "presence_penalty", "frequency_penalty", "num_ctx"})
 
 CODECS = {
     "openai": Codec(
         "openai", decode_request=openai_decode_request, encode_response=openai_encode_response,
-        stream_encoder=OpenAIStreamEncoder, encode_error=openai_encode_error,
+        stream_encoder=openai_stream_encoder, encode_error=openai_encode_error,
         passthrough=OpenAIPassthrough, list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=openai_encode_request, decode_response=openai_decode_response,
         stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
-        request_path=lambda prov, mid, stream: prov.base_path + "/chat/completions",
+        request_path=lambda prov, mid, stream, body: prov.base_path + (
+            "/completions" if "prompt" in body else "/chat/completions"),
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
         probe_path="/models",
-        client_paths={"/v1/chat/completions": "generate", "/v1/embeddings": "embed"},
+        client_paths={"/v1/chat/completions": "generate", "/v1/completions": "complete",
+                      "/v1/embeddings": "embed"},
+        completes=True,
         embed_decode=openai_embed_decode, embed_encode=openai_embed_encode,
         embed_path=lambda prov, mid: prov.base_path + "/embeddings",
         embed_request=openai_embed_request, embed_response=openai_embed_response,
         embed_batch=512,
         structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls", "logprobs"),
-        unread=lambda body: unread_fields(body, OPENAI_READS), files=True),
+        unread=lambda body: unread_fields(body, COMPLETIONS_READS if "prompt" in body
+                                          and "messages" not in body else OPENAI_READS),
+        files=True),
     "anthropic": Codec(
         "anthropic", decode_request=anthropic_decode_request,
         encode_response=anthropic_encode_response,
@@ -4968,7 +5367,7 @@ CODECS = {
         list_shape=anthropic_list_shape, model_shape=anthropic_model_shape,
         encode_request=anthropic_encode_request, decode_response=anthropic_decode_response,
         stream_decoder=AnthropicStreamDecoder, parse_error=anthropic_parse_error,
-        request_path=lambda prov, mid, stream: prov.base_path + "/v1/messages",
+        request_path=lambda prov, mid, stream, body: prov.base_path + "/v1/messages",
         auth=anthropic_auth, root=_root_without_v1, adjust=anthropic_adjust,
         list_models=anthropic_list_models, probe_path="/v1/models?limit=1",
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
@@ -4985,7 +5384,7 @@ CODECS = {
         list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=responses_encode_request, decode_response=responses_decode_response,
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
-        request_path=lambda prov, mid, stream: prov.base_path + "/responses",
+        request_path=lambda prov, mid, stream, body: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
         client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
         carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls", "logprobs"),
@@ -4997,7 +5396,7 @@ CODECS = {
         list_shape=gemini_list_shape, model_shape=gemini_model_shape,
         encode_request=gemini_encode_request, decode_response=gemini_decode_response,
         stream_decoder=GeminiStreamDecoder, parse_error=gemini_parse_error,
-        request_path=lambda prov, mid, stream: _gemini_model_path(prov, mid) + (
+        request_path=lambda prov, mid, stream, body: _gemini_model_path(prov, mid) + (
             ":streamGenerateContent?alt=sse" if stream else ":generateContent"),
         auth=gemini_auth, adjust=gemini_adjust, list_models=gemini_list_models,
         probe_path="/models?pageSize=1",
@@ -5020,7 +5419,8 @@ CODECS = {
         list_shape=ollama_list_shape, model_shape=ollama_model_shape,
         encode_request=ollama_encode_request, decode_response=ollama_decode_response,
         stream_decoder=OllamaStreamDecoder, parse_error=ollama_parse_error,
-        request_path=lambda prov, mid, stream: prov.base_path + "/api/chat",
+        request_path=lambda prov, mid, stream, body: prov.base_path + (
+            "/api/generate" if "prompt" in body else "/api/chat"), completes=True,
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
         probe_path="/api/tags", free=True,
         client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show",
@@ -5182,6 +5582,13 @@ MODEL_RULES = [
      {"context_window": 200000, "max_output": 100000, "input": ["text", "image", "pdf"],
                               "reasoning": True}),
     (r"gemini-(?:1|2)", {"structured_tools": False}),
+    # fill-in-the-middle: the templates of the code model families; chat-only families
+    (r"qwen[-.\d]*-?coder|qwen2\.5-coder|qwen3-coder", {"fim": "qwen"}),
+    (r"codellama|code-llama", {"fim": "codellama"}),
+    (r"starcoder|santacoder|stable-?code", {"fim": "starcoder"}),
+    (r"deepseek-coder", {"fim": "deepseek"}),
+    (r"codegemma", {"fim": "codegemma"}),
+    (r"gpt-(?:4|5)|chatgpt|(?:^|/)o[1-9](?:-|$)|claude|gemini|grok", {"completions": "chat"}),
     (r"gemini-(?:2\.5|[3-9])",
      {"context_window": 1048576, "max_output": 65536, "input": ["text", "image", "pdf"],
                                 "reasoning": True}),
@@ -5438,7 +5845,7 @@ def complete(prov, model, key_index, system, text, max_tokens, settings, timeout
     req = openai_decode_request(body)
     payload = pc.encode_request(req, model, prov, infer_capabilities(model, prov.models.get(model)),
                                 settings or DEFAULT_SETTINGS)
-    obj = _fetch_json(prov, pc.request_path(prov, model, False), "POST", payload, timeout,
+    obj = _fetch_json(prov, pc.request_path(prov, model, False, payload), "POST", payload, timeout,
                       key_index, base=False)
     try:
         return text_of(pc.decode_response(obj, prov)["content"])
@@ -8014,7 +8421,8 @@ class Context:
                  "started", "collect",
                  "passthrough", "plan", "estimate", "history_marks", "provider_marks", "attempts",
                  "provider", "upstream_model", "same", "structured", "dropped", "ttfb", "usage",
-                 "usage_estimated", "out_chars", "made_marks", "broken", "status", "error")
+                 "usage_estimated", "out_chars", "made_marks", "broken", "status", "error",
+                 "completion", "endpoint")
 
     def __init__(self, dialect, body, req, headers, writer):
         # the request, as the front decoded it
@@ -8036,6 +8444,9 @@ class Context:
         self.provider = self.upstream_model = self.ttfb = self.usage = None
         self.same = False          # answered on the same-dialect passthrough
         self.structured = None     # the response_format's path (native, tool, prompt), if one
+        self.completion = None     # a completion's path (native, template, chat), if one
+        # what was asked: chat, completions (req has a completion) or embeddings
+        self.endpoint = "completions" if req.get("completion") else "chat"
         self.dropped = []          # the client's fields the translation left out
         self.usage_estimated = False
         # streamed output, for a usage estimate when the provider gives none
@@ -8051,6 +8462,8 @@ class Dispatcher:
 
     def __init__(self, pool):
         self.pool = pool
+        # candidate -> when it refused a completion on its native or template path
+        self.refused_completions = {}
 
     # -- sending --------------------------------------------------------------------------------
     def send(self, prov, path, headers, payload):
@@ -8124,6 +8537,8 @@ class Dispatcher:
             h["X-Router-Intent"] = ctx.plan.intent
         if ctx.structured:
             h["X-Router-Structured"] = ctx.structured
+        if ctx.completion:
+            h["X-Router-Completion"] = ctx.completion
         if ctx.dropped:
             h["X-Router-Dropped"] = ", ".join(header_value(f) for f in ctx.dropped)
         return h
@@ -8131,16 +8546,34 @@ class Dispatcher:
     # -- one attempt ----------------------------------------------------------------------------
     def attempt(self, ctx, cat, prov, mid, key_idx, on_commit=None, on_complete=None):
         """Try one candidate with one key. Returns when the client has its answer; raises Failover
-        (nothing was sent to the client yet) or ApiError (the client's own fault, translated)."""
+        (nothing was sent to the client yet) or ApiError (the client's own fault, translated).
+        A completion the provider refused on its native or template path is asked again as a
+        chat turn (and that candidate is sent chat turns from then on)."""
+        cand = (prov.name, mid)
+        refused = time.monotonic() - self.refused_completions.get(cand, -1e9) < 3600
+        try:
+            return self._attempt(ctx, cat, prov, mid, key_idx, refused, on_commit, on_complete)
+        except Failover as f:
+            if f.kind != "refused_completion":
+                raise
+            ctx.attempts.append(Failover("input", f.reason + "; asked again as a chat turn",
+                                         f.status, next_key=False, cand=cand))
+            if len(self.refused_completions) > 1000:
+                self.refused_completions.clear()
+            self.refused_completions[cand] = time.monotonic()
+            return self._attempt(ctx, cat, prov, mid, key_idx, True, on_commit, on_complete)
+
+    def _attempt(self, ctx, cat, prov, mid, key_idx, refused, on_commit, on_complete):
         same = ctx.dialect == prov.api
         pc = CODECS[prov.api]
         meta = cat.meta(prov.name, mid)
+        ctx.completion = completion_path(ctx.req, meta, pc, refused)
         keep = ctx.provider_marks.get(prov.name, frozenset())
         # the history holds thinking another provider signed
         moved = not ctx.history_marks <= keep
         # (JSON asked of a model that cannot give it natively: translated, for its own path,
         # unless the request holds what only its own dialect carries)
-        same = ctx.same = same and ctx.passthrough and (
+        same = ctx.same = same and ctx.passthrough and ctx.completion in (None, "native") and (
             not ctx.req.get("response_format") or ctx.req["extra"].get("same_dialect_only")
             or structured_path(ctx.req, meta, pc) == "native")
         if same:
@@ -8157,10 +8590,11 @@ class Dispatcher:
         else:
             ctx.dropped = dropped_fields(CODECS[ctx.dialect], ctx.body, ctx.req, pc)
             ctx.structured = structured_path(ctx.req, meta, pc)
-            req = structured_request(ctx.req, ctx.structured)
+            req = completion_request(structured_request(ctx.req, ctx.structured), ctx.completion,
+                                     meta)
             body = pc.encode_request(drop_thinking(req, keep) if moved else req, mid,
                                      prov, meta, cat.settings)
-        path, data = pc.request_path(prov, mid, ctx.stream), dumps(body).encode()
+        path, data = pc.request_path(prov, mid, ctx.stream, body), dumps(body).encode()
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None, path, data)
         if same:
             headers.update(extra)
@@ -8174,6 +8608,11 @@ class Dispatcher:
                 data = b""
             conn.close()
             hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            if ctx.completion in ("native", "template") and resp.status in (400, 404, 405, 422,
+                                                                             501):
+                raise Failover("refused_completion",
+                               f"HTTP {resp.status} on the {ctx.completion} completion path: "
+                               f"{pc.parse_error(resp.status, data)[0]}"[:300], resp.status)
             outcome = self._classify(ctx, prov, resp.status, hdrs, data, same)
             if outcome is not None:
                 raise outcome
@@ -8185,7 +8624,7 @@ class Dispatcher:
             return
         try:
             self._pipe(ctx, prov, conn, resp, same, t0, cat.settings["max_body_bytes"],
-                       on_commit, on_complete)
+                       on_commit, on_complete, None if same else req)
         except BaseException:
             conn.close()
             raise
@@ -8233,12 +8672,19 @@ class Dispatcher:
                 return
             yield chunk, evs
 
-    def _pipe(self, ctx, prov, conn, resp, same, t0, limit, on_commit=None, on_complete=None):
+    def _pipe(self, ctx, prov, conn, resp, same, t0, limit, on_commit=None, on_complete=None,
+              sent=None):
+        """`sent`: the neutral request as translated for the provider (None on the passthrough),
+        whose stop sequences the reply is held to."""
         pc = CODECS[prov.api]
         source = self._source(prov, conn, resp, pc, limit)
         rf = ctx.req.get("response_format")
         if ctx.structured == "tool":
             source = structured_source(source, format_name(rf))
+        if ctx.completion == "chat":
+            source = unfenced_source(source)
+        if sent is not None and sent["stop"] and sent.get("logprobs") is None:
+            source = stop_source(source, sent["stop"])
         # a structured reply is checked when it is whole: always when not streamed, and streams
         # are held to their end when the client asked for strict
         check = rf is not None and (not ctx.stream or rf["strict"])
@@ -8519,7 +8965,7 @@ class Metrics:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests = {}      # (provider, model, route, status) -> n
+        self.requests = {}      # (provider, model, route, status, endpoint) -> n
         self.failovers = {}     # (provider, reason) -> n
         self.tokens = {}        # (provider, model, kind) -> n
         self.cost = {}          # (provider, model) -> USD
@@ -8540,7 +8986,8 @@ class Metrics:
         made-up names cannot grow the series."""
         model = (row["model"] if row["known"] else "other") if row["model"] else ""
         with self.lock:
-            key = (row["provider"] or "", model, row["route"] or "", str(row["status"]))
+            key = (row["provider"] or "", model, row["route"] or "", str(row["status"]),
+                   row["endpoint"])
             self.requests[key] = self.requests.get(key, 0) + 1
             for a in attempts:
                 k = (a["provider"], a["kind"])
@@ -8568,12 +9015,12 @@ class Metrics:
             return f"{name}{{{lab}}} {value}" if lab else f"{name} {value}"
         out = []
         with self.lock:
-            out += ["# HELP sage_router_requests_total Requests by provider, model, route and "
-                    "status.",
+            out += ["# HELP sage_router_requests_total Requests by provider, model, route, "
+                    "status and endpoint (chat, completions, embeddings).",
                     "# TYPE sage_router_requests_total counter"]
             out += [line("sage_router_requests_total",
-                         dict(provider=p, model=m, route=r, status=s), n)
-                    for (p, m, r, s), n in sorted(self.requests.items())]
+                         dict(provider=p, model=m, route=r, status=s, endpoint=e), n)
+                    for (p, m, r, s, e), n in sorted(self.requests.items())]
             out += ["# HELP sage_router_failovers_total Failed attempts by provider and reason "
                     "(broken: a stream that failed after it started; every other one moved on to "
                     "the next key or candidate).",
@@ -8627,7 +9074,8 @@ class Metrics:
 
 
 USAGE_GROUPS = {"model": "provider || '/' || model", "provider": "provider", "route": "route",
-                "day": "date(ts, 'unixepoch')", "intent": "intent", "dialect": "dialect"}
+                "day": "date(ts, 'unixepoch')", "intent": "intent", "dialect": "dialect",
+                "endpoint": "coalesce(endpoint, 'chat')"}
 
 
 def parse_since(value, now=None):
@@ -8674,7 +9122,8 @@ class RequestLog:
     COLUMNS = ("ts", "dialect", "requested", "intent", "route", "provider", "model",
                "attempts", "status", "latency_ms", "ttfb_ms", "input_tokens", "output_tokens",
                "cached_tokens", "cost", "stream",
-               "error", "prompt", "reply", "pinned", "usage_estimated", "structured", "dropped")
+               "error", "prompt", "reply", "pinned", "usage_estimated", "structured", "dropped",
+               "endpoint", "completion")
 
     def __init__(self, path, settings, metrics, line_format="text"):
         self.path = path
@@ -8852,7 +9301,8 @@ class RequestLog:
         rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, "
                           "attempts, status, latency_ms, ttfb_ms, input_tokens, output_tokens, "
                           "cached_tokens, usage_estimated, cost, stream, error, pinned, "
-                          "structured, dropped FROM "
+                          "structured, dropped, coalesce(endpoint, 'chat') AS endpoint, "
+                          "completion FROM "
                           "requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
         for r in rows:
             r["attempts"] = json.loads(r["attempts"] or "[]")
@@ -8902,6 +9352,7 @@ def request_row(ctx, catalogue, log_prompts):
            "usage_estimated": int(ctx.usage_estimated),
            "structured": ctx.structured if answered else None,
            "dropped": ", ".join(ctx.dropped) if answered and ctx.dropped else None,
+           "endpoint": ctx.endpoint, "completion": ctx.completion if answered else None,
            "known": (ctx.provider, ctx.upstream_model) in catalogue.caps}
     if log_prompts:
         row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]
@@ -9514,6 +9965,7 @@ class Router:
             raise ApiError(400, "invalid_request", f"body: a field has an unexpected type or value "
                            f"({type(e).__name__}: {clean_text(e, 200)})") from None
         ctx = Context(dialect, body, neutral_request(ereq["model"], [], []), headers, writer)
+        ctx.endpoint = "embeddings"
         try:
             return self._embed(ctx, ereq)
         except ApiError as e:
@@ -9667,11 +10119,11 @@ POST_ROUTES = dict({path: (name, action) for name, c in CODECS.items()
                    **{"/v1/route": (None, "explain"), "/v1/health/reset": (None, "reset_health")})
 OLLAMA_VERSION = "0.12.0"   # what GET /api/version reports; Ollama clients check for a recent one
 
-ENDPOINTS = ("POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, POST "
-             "/v1/messages/count_tokens, POST /v1beta/models/MODEL:generateContent (and "
+ENDPOINTS = ("POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, POST "
+             "/v1/responses, POST /v1/messages, POST /v1/messages/count_tokens, POST /v1beta/models/MODEL:generateContent (and "
              ":streamGenerateContent?alt=sse, :countTokens), GET /v1beta/models, GET /v1/models, "
              "POST /v1/route, POST /v1/health/reset, GET /v1/usage, GET /v1/requests, POST "
-             "/api/chat, POST /api/generate, GET /api/tags, POST /api/show, GET /api/version, GET "
+             "/api/chat, POST /api/generate, POST /api/embed, GET /api/tags, POST /api/show, GET /api/version, GET "
              "/health, GET /metrics, GET / (status page)")
 
 
@@ -10048,14 +10500,14 @@ class RouterHandler(BaseHTTPRequestHandler):
         self.cors_origin = None
         self.chunked = self.request_version != "HTTP/1.0"
 
-    def _refused(self, dialect, body, err):
+    def _refused(self, dialect, body, err, endpoint="chat"):
         """A generation request refused before planning (its body unreadable or invalid): still a
         row in the request log, with the model it named if any."""
         model = body.get("model") if isinstance(body, dict) else None
         ctx = Context(dialect, body,
                       neutral_request(clean_text(model, 256) if isinstance(model, str) else None,
                                                      [], []), {}, self)
-        ctx.status, ctx.error = err.status, err.message[:2000]
+        ctx.status, ctx.error, ctx.endpoint = err.status, err.message[:2000], endpoint
         self.router.record(ctx)
 
     def send_error(self, code, message=None, explain=None):
@@ -10367,8 +10819,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             body = parse_json_body(self._read_body(dialect))
         except ApiError as e:
-            if action == "generate":
-                self._refused(dialect, None, e)
+            if action in ("generate", "complete"):
+                self._refused(dialect, None, e, "completions" if action == "complete" else "chat")
             raise
         if action == "count_tokens":
             return self._json(200, self.router.count_tokens(dialect, body, hdrs))
@@ -10393,7 +10845,7 @@ class RouterHandler(BaseHTTPRequestHandler):
             name = body.get("model") or body.get("name") if isinstance(body, dict) else None
             _need(isinstance(name, str) and name, "model", "is required and must be a string")
             return self._json(200, self.router.model("ollama", name))
-        self._generate(dialect, body, hdrs)
+        self._generate(dialect, body, hdrs, **({"completion": True} if action == "complete" else {}))
 
     def _gemini(self, method, path, hdrs):
         """Gemini's endpoints (the google-genai SDK, Gemini CLI): the model and the method are in
@@ -10436,7 +10888,8 @@ class RouterHandler(BaseHTTPRequestHandler):
         try:
             req = decode_client_request(dialect, body, **kw)
         except ApiError as e:
-            self._refused(dialect, body, e)
+            self._refused(dialect, body, e, "completions" if kw.get("completion") or (
+                isinstance(body, dict) and (body.get("suffix") or body.get("raw"))) else "chat")
             raise
         ctx = Context(dialect, body, req, hdrs, self)
         if self.router.settings["log_prompts"] and ctx.collect is None:

@@ -195,6 +195,8 @@ def asked_logprobs(api, body):
     if api == "gemini":
         gen = body.get("generationConfig") or {}
         return gen.get("logprobs", 0) if gen.get("responseLogprobs") else None
+    if api == "openai" and "prompt" in body:          # Completions: the number of alternatives
+        return body.get("logprobs")
     if api in ("openai", "ollama"):
         return body.get("top_logprobs", 0) if body.get("logprobs") else None
     if api == "openai-responses":
@@ -251,6 +253,49 @@ def openai_json(r, model):
                          "finish_reason": r.stop or ("tool_calls" if r.tools else "stop")}],
             "usage": {"prompt_tokens": r.usage[0], "completion_tokens": r.usage[1],
                       "total_tokens": r.usage[0] + r.usage[1], "prompt_tokens_details": {"cached_tokens": r.usage[2]}}}
+
+
+def legacy_logprobs(pieces, top):
+    """OpenAI Completions' logprobs shape for these text pieces."""
+    items = [fake_logprob(p, max(top, 1)) for p in pieces]
+    return {"tokens": [c["token"] for c in items], "token_logprobs": [c["logprob"] for c in items],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in c["top_logprobs"][:top]} for c in items],
+            "text_offset": [sum(map(len, pieces[:i])) for i in range(len(pieces))]}
+
+
+def completion_events(r, model, include_usage):
+    """An OpenAI Completions stream (text_completion chunks, a text delta each)."""
+    base = {"id": "cmpl-fake1", "object": "text_completion", "created": 1700000000, "model": model}
+
+    def ch(text, finish=None, lp=None):
+        return dict(base, choices=[{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}])
+    ev = [ch(p, lp=None if r.logprobs is None else legacy_logprobs([p], r.logprobs))
+          for p in (_pieces(r.text, r.piece) if r.text and not r.empty else [])]
+    ev.append(ch("", r.stop or "stop"))
+    if include_usage:
+        ev.append(dict(base, choices=[], usage={"prompt_tokens": r.usage[0], "completion_tokens": r.usage[1],
+                                                "total_tokens": r.usage[0] + r.usage[1]}))
+    return [b"data: " + json.dumps(e).encode() + b"\n\n" for e in ev] + [r.done]
+
+
+def completion_json(r, model):
+    text = "" if r.empty else r.text or ""
+    return {"id": "cmpl-fake1", "object": "text_completion", "created": 1700000000, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": r.stop or "stop",
+                         "logprobs": None if r.logprobs is None else legacy_logprobs(_pieces(text, r.piece), r.logprobs)}],
+            "usage": {"prompt_tokens": r.usage[0], "completion_tokens": r.usage[1], "total_tokens": r.usage[0] + r.usage[1]}}
+
+
+def as_generate(obj):
+    """An Ollama /api/chat reply line as /api/generate says it: `response` (and `thinking`) at the top."""
+    obj = dict(obj)
+    msg = obj.pop("message", {})
+    obj["response"] = msg.get("content", "")
+    if msg.get("thinking"):
+        obj["thinking"] = msg["thinking"]
+    if obj.get("done"):
+        obj["context"] = [1, 2, 3]
+    return obj
 
 
 def _sse(obj):
@@ -629,9 +674,12 @@ class FakeProvider:
         if self.api == "gemini":
             model = h.path.split("/models/", 1)[-1].split(":")[0]
             stream = "streamGenerateContent" in h.path
+        completing = self.api == "openai" and h.path.endswith("/completions") and not h.path.endswith("/chat/completions")
+        generating = self.api == "ollama" and h.path == "/api/generate"
         if not stream:
-            obj = {"openai": openai_json, "anthropic": anthropic_json, "openai-responses": responses_json,
-                   "gemini": gemini_json, "ollama": ollama_json}[self.api](r, model)
+            obj = {"openai": completion_json if completing else openai_json, "anthropic": anthropic_json,
+                   "openai-responses": responses_json, "gemini": gemini_json,
+                   "ollama": (lambda r, m: as_generate(ollama_json(r, m))) if generating else ollama_json}[self.api](r, model)
             if r.cut_after is not None:      # half the body, then the connection drops
                 data = json.dumps(obj).encode()
                 h.send_response(200)
@@ -648,7 +696,10 @@ class FakeProvider:
                 h.close_connection = True
             return
         ctype = "text/event-stream"
-        if self.api == "openai":
+        if completing:
+            events = completion_events(r, model, (body.get("stream_options") or {}).get("include_usage"))
+            err = b'data: {"error":{"message":"upstream overloaded","type":"server_error","code":null}}\n\n'
+        elif self.api == "openai":
             events = openai_events(r, model, (body.get("stream_options") or {}).get("include_usage") and not self.local,
                                    repeat_ids=bool(self.local))
             err = b'data: {"error":{"message":"upstream overloaded","type":"server_error","code":null}}\n\n'
@@ -663,7 +714,7 @@ class FakeProvider:
             events = [b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in gemini_chunks(r, model)]
             err = b'data: {"error": {"code": 503, "message": "The model is overloaded", "status": "UNAVAILABLE"}}\r\n\r\n'
         else:
-            events = [json.dumps(x).encode() + b"\n" for x in ollama_lines(r, model)]
+            events = [json.dumps(as_generate(x) if generating else x).encode() + b"\n" for x in ollama_lines(r, model)]
             err = b'{"error": "model runner crashed"}\n'
             ctype = "application/x-ndjson"
         if r.error_first:
@@ -2784,6 +2835,280 @@ class EmbeddingsTests(RouterCase):
         self.assertEqual([list(v) for v in got.embeddings], [fake_vector("hello"), fake_vector("world")])
 
 
+PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\nprint(add(1, 2))"
+
+
+def read_completion(resp, stream):
+    """A /v1/completions reply -> (text, finish_reason, usage, chunks): whole, or from its
+    text_completion chunks (which must all say so, and end with [DONE])."""
+    if not stream:
+        obj = resp.json()
+        assert obj["object"] == "text_completion", obj
+        return obj["choices"][0]["text"], obj["choices"][0]["finish_reason"], obj["usage"], [obj]
+    events = [data for _event, data in sse_events(resp.body)]
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks), chunks
+    text = "".join(ch["text"] for c in chunks for ch in c["choices"])
+    finish = [ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    return text, finish[-1] if finish else None, usage[-1] if usage else None, chunks
+
+
+class CompletionsTests(RouterCase):
+    """POST /v1/completions (and Ollama's /api/generate with a suffix): native, template and chat
+    paths, streamed and whole."""
+
+    more_models = {"ol": {"qwen2.5-coder:7b": {"completions": "template"}, "deepseek-r1:8b": {}},
+                   "gm": {"gemini-2.5-flash": {}}}
+
+    def complete(self, model, stream=False, status=200, path="/v1/completions", **more):
+        body = dict({"model": model, "prompt": PREFIX, "suffix": SUFFIX, "stream": stream}, **more)
+        r = self.h.call("POST", path, body)
+        self.assertEqual(r.status, status, r)
+        return r
+
+    def test_native_to_an_openai_compatible_server_is_a_passthrough(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                self.oa.push(Reply(text="return a + b"))
+                r = self.complete("oa/gpt-test", stream, max_tokens=32, stop=["\n\n"], temperature=0.2)
+                up = self.oa.requests[-1]
+                self.assertEqual(up["path"], "/v1/completions")
+                self.assertEqual({k: up["body"][k] for k in ("model", "prompt", "suffix", "max_tokens", "stop", "temperature")},
+                                 {"model": "gpt-test", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 32,
+                                  "stop": ["\n\n"], "temperature": 0.2})
+                self.assertEqual(r.headers["x-router-completion"], "native")
+                self.assertEqual(r.body, self.oa.sent[-1], "the same dialect on both sides: byte for byte")
+                text, finish, _usage, _ = read_completion(r, stream)
+                self.assertEqual((text, finish), ("return a + b", "stop"))
+        r = self.h.call("POST", "/v1/completions", {"model": "oa/gpt-test", "prompt": "x"})
+        self.assertEqual(self.oa.requests[-1]["body"].get("max_tokens", 16), 16, "OpenAI's default of 16 holds")
+
+    def test_chat_only_providers_get_a_turn_that_asks_for_the_middle(self):
+        for target, fake in (("an/claude-test", self.an), ("gm/gemini-test", self.gm), ("rs/gpt-resp", self.rs)):
+            for stream in (False, True):
+                with self.subTest(target=target, stream=stream):
+                    self.setUp()
+                    fake.push(Reply(text="```python\nreturn a + b\n```"))
+                    r = self.complete(target, stream, stream_options={"include_usage": True})
+                    self.assertEqual(r.headers["x-router-completion"], "chat")
+                    text, finish, usage, _ = read_completion(r, stream)
+                    self.assertEqual((text, finish), ("return a + b", "stop"), "the fence a chat model adds is dropped")
+                    self.assertEqual(usage["prompt_tokens"], 11)
+                    sent = json.dumps(fake.requests[-1]["body"])
+                    self.assertIn(json.dumps(f"<before>{PREFIX}</before>\n<after>{SUFFIX}</after>")[1:-1], sent)
+                    self.assertIn("gap", sent, "the system prompt says what to do")
+                    if fake is self.an:
+                        self.assertEqual(fake.requests[-1]["body"]["max_tokens"], 16, "a completion's own limit")
+                        self.assertEqual(fake.requests[-1]["body"]["messages"][0]["role"], "user")
+
+    def test_stop_sequences_hold_whatever_the_provider_took(self):
+        # Anthropic refuses whitespace-only stop sequences: not sent; the router cuts at them
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                self.an.push(Reply(text="return a + b\n\nprint('more')", piece=3))
+                r = self.complete("an/claude-test", stream, stop=["\n\n"])
+                self.assertNotIn("stop_sequences", self.an.requests[-1]["body"])
+                text, finish, _u, _ = read_completion(r, stream)
+                self.assertEqual((text, finish), ("return a + b", "stop"))
+        self.an.push(Reply(text="one\ntwo END three"))
+        r, out = self.ask("openai", dict(client_body("openai", "an/claude-test", False), stop=["END", "\n"]))
+        self.assertEqual(self.an.requests[-1]["body"]["stop_sequences"], ["END"])
+        self.assertEqual(out["text"], "one", "a chat request's whitespace stop holds too")
+
+    def test_a_gemini_thinking_model_is_asked_not_to_think(self):
+        self.complete("gm/gemini-2.5-flash")
+        gen = self.gm.requests[-1]["body"]["generationConfig"]
+        self.assertEqual(gen["thinkingConfig"], {"thinkingBudget": 0})
+        self.assertEqual(gen["maxOutputTokens"], 16 + R.COMPLETION_THINKING_ROOM)
+        self.complete("ol/deepseek-r1:8b")
+        self.assertEqual(self.ol.requests[-1]["body"]["think"], False)
+
+    def test_ollama_native_generate_with_suffix_and_the_template_path(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                self.ol.push(Reply(text="return a + b"))
+                r = self.complete("ol/llama-test", stream, max_tokens=20, stop=["\n\n"])
+                up = self.ol.requests[-1]
+                self.assertEqual(up["path"], "/api/generate")
+                self.assertEqual((up["body"]["prompt"], up["body"]["suffix"], up["body"]["options"]["num_predict"],
+                                  up["body"]["options"]["stop"], up["body"]["stream"]), (PREFIX, SUFFIX, 20, ["\n\n"], stream))
+                self.assertNotIn("raw", up["body"])
+                self.assertEqual(read_completion(r, stream)[:2], ("return a + b", "stop"))
+        # a model whose template takes no suffix: its FIM tokens, raw, and the router cuts at its end tokens
+        self.ol.push(Reply(text="return a + b<|fim_pad|><|fim_pad|>"))
+        r = self.complete("ol/qwen2.5-coder:7b", stop=["\n\n"])
+        body = self.ol.requests[-1]["body"]
+        self.assertEqual(r.headers["x-router-completion"], "template")
+        self.assertEqual(body["prompt"], f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>")
+        self.assertTrue(body["raw"])
+        self.assertNotIn("suffix", body)
+        self.assertEqual(body["options"]["stop"][:2], ["\n\n", "<|endoftext|>"])
+        self.assertEqual(read_completion(r, False)[0], "return a + b")
+
+    def test_a_known_code_model_on_an_openai_compatible_server_gets_its_template(self):
+        self.oa.push(Reply(text="return a + b<|endoftext|>"))
+        r = self.complete("oa/qwen2.5-coder", True)
+        body = self.oa.requests[-1]["body"]
+        self.assertEqual(self.oa.requests[-1]["path"], "/v1/completions")
+        self.assertEqual(body["prompt"], f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>")
+        self.assertNotIn("suffix", body, "vLLM refuses suffix, llama.cpp ignores it")
+        self.assertEqual(len(body["stop"]), 4, "OpenAI's limit of four")
+        self.assertEqual(read_completion(r, True)[:2], ("return a + b", "stop"))
+        # a prompt without suffix is a plain completion: no template
+        self.h.call("POST", "/v1/completions", {"model": "oa/qwen2.5-coder", "prompt": "Once upon"})
+        self.assertEqual(self.oa.requests[-1]["body"]["prompt"], "Once upon")
+
+    def test_a_refused_native_path_is_asked_again_as_a_chat_turn_and_remembered(self):
+        self.oa.push(Reply(status=400, body={"error": {"message": "suffix is not currently supported",
+                                                      "type": "BadRequestError", "code": 400}}),
+                     Reply(text="return a + b"))
+        r = self.complete("oa/shared-model")
+        self.assertEqual([q["path"] for q in self.oa.requests], ["/v1/completions", "/v1/chat/completions"])
+        self.assertEqual((r.headers["x-router-completion"], r.headers["x-router-provider"]), ("chat", "oa"))
+        self.assertEqual(read_completion(r, False)[0], "return a + b")
+        self.assertEqual(provider_state(self.h.call("GET", "/health").json(), "oa")["state"], "ok",
+                         "a refusal is no sign of ill health")
+        self.complete("oa/shared-model")
+        self.assertEqual(self.oa.requests[-1]["path"], "/v1/chat/completions", "remembered")
+        self.assertEqual(len(self.oa.requests), 3)
+        self.h.router.dispatcher.refused_completions.clear()
+
+    def test_ollama_clients_fill_in_the_middle_through_api_generate(self):
+        # to a chat provider: the middle, in Ollama's generate shape
+        self.an.push(Reply(text="return a + b"))
+        r = self.h.call("POST", "/api/generate", {"model": "an/claude-test", "prompt": PREFIX, "suffix": SUFFIX,
+                                                  "stream": False, "options": {"num_predict": 24}})
+        self.assertEqual((r.json()["response"], r.json()["done"]), ("return a + b", True))
+        self.assertIn("<before>", json.dumps(self.an.requests[-1]["body"]))
+        self.assertEqual(self.an.requests[-1]["body"]["max_tokens"], 24)
+        # to Ollama: passed through to /api/generate as it came
+        body = {"model": "ol/llama-test", "prompt": PREFIX, "suffix": SUFFIX, "options": {"temperature": 0}}
+        r = self.h.call("POST", "/api/generate", body)
+        up = self.ol.requests[-1]
+        self.assertEqual((up["path"], up["body"]["suffix"], up["body"]["model"]), ("/api/generate", SUFFIX, "llama-test"))
+        self.assertEqual(r.body, self.ol.sent[-1])
+        self.assertEqual("".join(json.loads(x)["response"] for x in r.body.decode().splitlines()), DEFAULT_TEXT)
+        # a plain generate to Ollama goes to /api/generate too (it went to /api/chat, which answers
+        # a body without messages with nothing)
+        r = self.h.call("POST", "/api/generate", {"model": "ol/llama-test", "prompt": "Say hi", "stream": False})
+        self.assertEqual(self.ol.requests[-1]["path"], "/api/generate")
+        self.assertEqual(r.json()["response"], DEFAULT_TEXT)
+        # to an OpenAI-compatible server: its /completions, the raw prompt kept raw
+        self.h.call("POST", "/api/generate", {"model": "oa/gpt-test", "prompt": "<s>raw", "raw": True, "stream": False})
+        self.assertEqual((self.oa.requests[-1]["path"], self.oa.requests[-1]["body"]["prompt"]), ("/v1/completions", "<s>raw"))
+
+    def test_bad_input_is_a_400_that_names_the_field_and_openai_only_asks_stay_on_openai(self):
+        for body, field in (({"model": "oa/gpt-test"}, "prompt"), ({"model": "oa/gpt-test", "prompt": 5}, "prompt"),
+                            ({"model": "oa/gpt-test", "prompt": "x", "suffix": 3}, "suffix"),
+                            ({"model": "oa/gpt-test", "prompt": "x", "logprobs": 9}, "logprobs"),
+                            ({"model": "oa/gpt-test", "prompt": "x", "echo": "yes"}, "echo")):
+            with self.subTest(body=body):
+                r = self.h.call("POST", "/v1/completions", body)
+                self.assertEqual(r.status, 400, r)
+                self.assertTrue(r.json()["error"]["message"].startswith(field + ":"), r.json())
+        self.assertEqual(self.oa.requests, [])
+        r = self.h.call("POST", "/v1/completions", {"model": "an/claude-test", "prompt": [[1, 2, 3]],
+                                                    "provider": {"allow_fallbacks": False}})
+        self.assertEqual(r.status, 400, r)
+        self.assertIn("prompt as token ids", r.json()["error"]["message"])
+        self.assertEqual(self.an.requests, [])
+        # what Claude cannot be sent, the route "default" (OpenAI-compatible) answers
+        r = self.h.call("POST", "/v1/completions", {"model": "an/claude-test", "prompt": [[1, 2, 3]]})
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "oa2"))
+        # a translated completion names what it could not carry (and nothing it did)
+        r = self.h.call("POST", "/v1/completions", {"model": "an/claude-test", "prompt": "x", "suffix": "y",
+                                                    "logit_bias": {"1": 2}, "seed": 3})
+        self.assertEqual(r.headers["x-router-dropped"], "logit_bias, seed")
+        for extra in ({"prompt": [[1, 2, 3]]}, {"echo": True}, {"prompt": ["a", "b"]}, {"n": 2}):
+            with self.subTest(extra=extra):
+                r = self.h.call("POST", "/v1/completions", dict({"model": "oa/gpt-test", "prompt": "x"}, **extra))
+                self.assertEqual(r.status, 200, r)
+                self.assertEqual(self.oa.requests[-1]["body"], dict({"model": "gpt-test", "prompt": "x"}, **extra))
+
+    def test_logprobs_in_the_completions_shape_from_another_dialect(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                self.ol.push(Reply(text="return a + b"))
+                r = self.h.call("POST", "/v1/completions", {"model": "ol/llama-test", "prompt": PREFIX, "logprobs": 2,
+                                                            "stream": stream})
+                self.assertEqual((self.ol.requests[-1]["body"]["logprobs"], self.ol.requests[-1]["body"]["top_logprobs"]),
+                                 (True, 2))
+                chunks = read_completion(r, stream)[3]
+                lps = [ch["logprobs"] for c in chunks for ch in c["choices"] if ch.get("logprobs")]
+                tokens = [t for lp in lps for t in lp["tokens"]]
+                self.assertEqual("".join(tokens), "return a + b")
+                self.assertEqual(lps[0]["token_logprobs"][0], -0.25)
+                self.assertEqual(lps[0]["top_logprobs"][0], {"retu": -0.25, "alt1": -3.0})
+                self.assertEqual(lps[-1]["text_offset"][-1], len("return a + b") - len(tokens[-1]))
+        # and from a Completions server to an Ollama client's generate? (native: passed as it came)
+        self.oa.push(Reply(text="abcdefgh"))
+        r = self.h.call("POST", "/v1/completions", {"model": "oa/gpt-test", "prompt": "x", "logprobs": 1})
+        self.assertEqual(r.json()["choices"][0]["logprobs"]["tokens"], ["abcd", "efgh"])
+
+    def test_the_request_log_metrics_and_usage_say_which_endpoint(self):
+        top = (wait_rows(self.h, lambda rows: True) or [{"id": 0}])[0]["id"]
+        self.complete("an/claude-test")
+        self.ask("openai", client_body("openai", "oa/gpt-test", False))
+        rows = wait_rows(self.h, lambda rows: len([x for x in rows if x["id"] > top]) >= 2)
+        self.assertEqual([(x["endpoint"], x["completion"]) for x in rows[:2]], [("chat", None), ("completions", "chat")])
+        self.assertEqual(rows[1]["input_tokens"], 11)
+        self.assertGreater(rows[1]["cost"], 0)
+        self.assertIn('endpoint="completions"', self.h.call("GET", "/metrics").body.decode())
+        groups = self.h.call("GET", "/v1/usage?group_by=endpoint").json()["groups"]
+        self.assertIn("completions", [g["key"] for g in groups])
+        self.h.call("POST", "/v1/completions", {"model": "oa/gpt-test"})
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["status"] == 400)
+        self.assertEqual(rows[0]["endpoint"], "completions", "a refused request is a completions row too")
+
+    @unittest.skipIf(openai is None, "openai SDK not installed")
+    def test_the_openai_sdk_completes_with_a_suffix(self):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key="unused", max_retries=0)
+        for target, fake in (("oa/gpt-test", self.oa), ("an/claude-test", self.an)):
+            with self.subTest(target=target):
+                fake.push(Reply(text="return a + b"), Reply(text="return a + b"))
+                got = client.completions.create(model=target, prompt=PREFIX, suffix=SUFFIX, max_tokens=20)
+                self.assertEqual((got.choices[0].text, got.choices[0].finish_reason), ("return a + b", "stop"))
+                self.assertEqual(got.usage.prompt_tokens, 11)
+                parts = list(client.completions.create(model=target, prompt=PREFIX, suffix=SUFFIX, stream=True,
+                                                       stream_options={"include_usage": True}))
+                self.assertEqual("".join(c.choices[0].text for c in parts if c.choices), "return a + b")
+                self.assertEqual(parts[-1].usage.completion_tokens, 7)
+
+
+class CompletionFilterTests(unittest.TestCase):
+    """The reply filters of the chat and translated paths, on events split anywhere."""
+
+    def run_filter(self, make, text, step):
+        events = [("start", {})] + [("text", text[i:i + step]) for i in range(0, len(text), step)] + \
+            [("end", "end_turn", None, None)]
+        out = [ev for _raw, evs in make(iter([(b"", [e]) for e in events])) for ev in evs]
+        return "".join(e[1] for e in out if e[0] == "text"), out[-1]
+
+    def test_a_fence_is_dropped_wherever_the_pieces_split(self):
+        for text, want in (("```python\nreturn a + b\n```", "return a + b"), ("```\nx = 1\n```\n", "x = 1"),
+                           ("    return a + b", "    return a + b"), ("``not a fence", "``not a fence"),
+                           ("```js\nconst a = `x`;\n", "const a = `x`;\n"), ("", "")):
+            for step in (1, 2, 3, 50):
+                with self.subTest(text=text, step=step):
+                    self.assertEqual(self.run_filter(R.unfenced_source, text, step)[0], want)
+
+    def test_stop_sequences_cut_wherever_the_pieces_split(self):
+        for text, stops, want, reason in (("abc\n\ndef", ["\n\n"], "abc", "stop_sequence"),
+                                          ("abcENDxENDy", ["END", "x"], "abc", "stop_sequence"),
+                                          ("no stop here", ["\n\n"], "no stop here", "end_turn"),
+                                          ("ends with E", ["END"], "ends with E", "end_turn")):
+            for step in (1, 2, 5, 50):
+                with self.subTest(text=text, step=step):
+                    got, end = self.run_filter(lambda src: R.stop_source(src, stops), text, step)
+                    self.assertEqual((got, end[1]), (want, reason))
+
+
 class ReasoningTableTests(RouterCase):
     """One table between effort words and thinking budgets, for every dialect."""
 
@@ -3380,7 +3705,7 @@ class LocalServerTests(unittest.TestCase):
                 self.assertTrue(wait_until(lambda: self.h.router.health.state[("local", "tiny")].opens),
                                 "the breaker is told")
         metrics = self.h.call("GET", "/metrics").body.decode()
-        self.assertIn(f'sage_router_requests_total{{provider="local",model="tiny",route="break-check",status="502"}} '
+        self.assertIn(f'sage_router_requests_total{{provider="local",model="tiny",route="break-check",status="502",endpoint="chat"}} '
                       f'{len(READERS)}', metrics, "and the metrics count it as a failure")
         self.assertIn(f'sage_router_failovers_total{{provider="local",reason="broken"}} {len(READERS) + before}', metrics)
         self.assertNotIn('route="break-check",status="200"', metrics)
@@ -5106,7 +5431,7 @@ class OperationsTests(RouterCase):
         self.assertTrue(wait_until(lambda: "sage_router_failovers_total" in self.h.call("GET", "/metrics").body.decode()
                                    and 'provider="oa",reason="status"' in self.h.call("GET", "/metrics").body.decode()))
         text = self.h.call("GET", "/metrics").body.decode()
-        self.assertIn('sage_router_requests_total{provider="an",model="claude-test",route="chat",status="200"} 1', text)
+        self.assertIn('sage_router_requests_total{provider="an",model="claude-test",route="chat",status="200",endpoint="chat"} 1', text)
         self.assertIn('sage_router_failovers_total{provider="oa",reason="status"} 1', text)
         self.assertIn('sage_router_request_seconds_bucket{le="+Inf"}', text)
         self.assertIn("sage_router_first_byte_seconds_count", text)

@@ -1960,7 +1960,9 @@ def openai_completion_decode(body):
         stop=[x for x in stop or () if x] or None, stream=bool(body.get("stream")),
         include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
         user=body.get("user") if isinstance(body.get("user"), str) else None,
-        logprobs=lp, completion={"prompt": prompt, "suffix": suffix or None, "raw": False},
+        # (a prompt alone is text to continue as it is, the client's own FIM tokens and all: an
+        # Ollama model's chat template must not wrap it)
+        logprobs=lp, completion={"prompt": prompt, "suffix": suffix or None, "raw": not suffix},
         extra={"same_dialect_only": only} if only else None, **_penalties(body))
 
 
@@ -10296,7 +10298,8 @@ async function refresh() {
                                                                                       r.provider ? [`${r.provider}/${r.model}: answered`] : []);
       // a failure's message lists the attempts the trail already shows: say it once
       const said = r.attempts.length && r.attempts.every((a) => (r.error || "").includes(a.reason));
-      return [el("td", new Date(r.ts * 1000).toLocaleTimeString(), "time"), el("td", r.dialect), el("td", r.requested || "—"),
+      const client = r.endpoint && r.endpoint !== "chat" ? `${r.dialect} · ${r.endpoint}` : r.dialect;
+      return [el("td", new Date(r.ts * 1000).toLocaleTimeString(), "time"), el("td", client), el("td", r.requested || "—"),
               el("td", [r.intent, r.route].filter(Boolean).join(" / ") || "—"), el("td", r.provider ? r.provider + "/" + r.model : "—"),
               el("td", r.status, r.status < 400 ? "ok" : "bad"), num(Math.round(r.latency_ms)),
               el("td", `${r.input_tokens || 0} / ${r.output_tokens || 0}`, "num"), num(r.cost, 5),

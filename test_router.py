@@ -83,12 +83,13 @@ class Reply:
     close: close the connection after the reply without saying so (a stale keep-alive); no_finish:
     an OpenAI stream without any finish_reason (what an interrupted llama.cpp server sends);
     coalesce: the whole stream in one HTTP chunk (servers that pack events); piece: characters of
-    text per streamed delta; done: the OpenAI end marker as sent (b"data:[DONE]\n\n" has no space)."""
+    text per streamed delta; done: the OpenAI end marker as sent (b"data:[DONE]\n\n" has no space);
+    resume: after a stall_after, go on sending the rest (a write that fails counts in fake.aborted)."""
 
     def __init__(self, text="Hello from the fake.", thinking=None, signature=None, tools=(), usage=(11, 7, 3),
                  status=200, body=None, headers=None, split=None, error_first=False, cut_after=None,
                  stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False,
-                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n", logprobs=None):
+                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n", logprobs=None, resume=False):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -509,6 +510,7 @@ class FakeProvider:
         self.listing = {}            # model-list endpoints, for discovery tests
         self.local = None            # a context size: behave like llama.cpp's server (see local_refusal)
         self.list_calls = []
+        self.aborted = 0             # streams the reader closed before they were sent whole
         self.release = threading.Event()
         fake = self
 
@@ -741,9 +743,10 @@ class FakeProvider:
                     return
                 if r.stall_after is not None and i == r.stall_after:
                     self.release.wait(10)
-                    h.close_connection = True
-                    self.sent.append(sent)
-                    return
+                    if not r.resume:
+                        h.close_connection = True
+                        self.sent.append(sent)
+                        return
                 step = r.split or len(e)
                 for j in range(0, len(e), step):
                     piece = e[j:j + step]
@@ -752,7 +755,7 @@ class FakeProvider:
                 sent += e
             h.wfile.write(b"0\r\n\r\n")
         except OSError:
-            pass
+            self.aborted += 1
         if r.cut_after is not None or r.stall_after is not None:
             self.sent.append(sent)
         if r.close:
@@ -2949,6 +2952,11 @@ class CompletionsTests(RouterCase):
         self.assertNotIn("suffix", body)
         self.assertEqual(body["options"]["stop"][:2], ["\n\n", "<|endoftext|>"])
         self.assertEqual(read_completion(r, False)[0], "return a + b")
+        # a prompt alone (an editor that writes the FIM tokens itself) is raw: no chat template around it
+        own = f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>"
+        self.h.call("POST", "/v1/completions", {"model": "ol/qwen2.5-coder:7b", "prompt": own})
+        body = self.ol.requests[-1]["body"]
+        self.assertEqual((body["prompt"], body["raw"], self.ol.requests[-1]["path"]), (own, True, "/api/generate"))
 
     def test_a_known_code_model_on_an_openai_compatible_server_gets_its_template(self):
         self.oa.push(Reply(text="return a + b<|endoftext|>"))
@@ -3052,19 +3060,39 @@ class CompletionsTests(RouterCase):
         self.assertEqual(r.json()["choices"][0]["logprobs"]["tokens"], ["abcd", "efgh"])
 
     def test_the_request_log_metrics_and_usage_say_which_endpoint(self):
-        top = (wait_rows(self.h, lambda rows: True) or [{"id": 0}])[0]["id"]
-        self.complete("an/claude-test")
-        self.ask("openai", client_body("openai", "oa/gpt-test", False))
-        rows = wait_rows(self.h, lambda rows: len([x for x in rows if x["id"] > top]) >= 2)
-        self.assertEqual([(x["endpoint"], x["completion"]) for x in rows[:2]], [("chat", None), ("completions", "chat")])
-        self.assertEqual(rows[1]["input_tokens"], 11)
-        self.assertGreater(rows[1]["cost"], 0)
+        self.complete("claude-log-completion")          # (names of their own: rows of other tests may come late)
+        self.ask("openai", client_body("openai", "gpt-4-log-chat", False))
+        rows = wait_rows(self.h, lambda rows: {"claude-log-completion", "gpt-4-log-chat"} <= {x["requested"] for x in rows})
+        mine = {x["requested"]: x for x in rows}
+        done, chat = mine["claude-log-completion"], mine["gpt-4-log-chat"]
+        self.assertEqual([(x["endpoint"], x["completion"]) for x in (chat, done)], [("chat", None), ("completions", "chat")])
+        self.assertEqual((done["provider"], done["input_tokens"]), ("an", 11))
+        self.assertGreater(done["cost"], 0)
         self.assertIn('endpoint="completions"', self.h.call("GET", "/metrics").body.decode())
         groups = self.h.call("GET", "/v1/usage?group_by=endpoint").json()["groups"]
         self.assertIn("completions", [g["key"] for g in groups])
         self.h.call("POST", "/v1/completions", {"model": "oa/gpt-test"})
         rows = wait_rows(self.h, lambda rows: rows and rows[0]["status"] == 400)
         self.assertEqual(rows[0]["endpoint"], "completions", "a refused request is a completions row too")
+
+    def test_an_editor_that_cancels_closes_the_providers_stream(self):
+        # many short requests the editor abandons as the user types: the provider must not go on
+        # generating for nobody
+        self.oa.push(Reply(text="x" * 4_000_000, piece=4000, stall_after=3, resume=True))
+        s = socket.create_connection(("127.0.0.1", self.h.port))
+        body = json.dumps({"model": "oa/gpt-test", "prompt": PREFIX, "suffix": SUFFIX, "stream": True}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"text_completion" not in got:           # the first chunks reach the editor
+            piece = s.recv(65536)
+            self.assertTrue(piece, got)
+            got += piece
+        s.close()                                      # the user typed on
+        self.oa.release.set()                          # the provider goes on generating
+        self.assertTrue(wait_until(lambda: self.oa.aborted == 1), "the router closed the provider's stream")
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["status"] == 499)
+        self.assertEqual(rows[0]["endpoint"], "completions")
 
     @unittest.skipIf(openai is None, "openai SDK not installed")
     def test_the_openai_sdk_completes_with_a_suffix(self):
@@ -3079,6 +3107,19 @@ class CompletionsTests(RouterCase):
                                                        stream_options={"include_usage": True}))
                 self.assertEqual("".join(c.choices[0].text for c in parts if c.choices), "return a + b")
                 self.assertEqual(parts[-1].usage.completion_tokens, 7)
+
+
+    @unittest.skipIf(ollama_lib is None, "ollama client library not installed")
+    def test_the_ollama_library_fills_in_the_middle(self):
+        client = ollama_lib.Client(host=f"http://127.0.0.1:{self.h.port}")
+        for target, fake in (("an/claude-test", self.an), ("ol/llama-test", self.ol)):
+            with self.subTest(target=target):
+                fake.push(Reply(text="return a + b"), Reply(text="return a + b"))
+                got = client.generate(model=target, prompt=PREFIX, suffix=SUFFIX, options={"num_predict": 20})
+                self.assertEqual((got.response, got.done), ("return a + b", True))
+                parts = list(client.generate(model=target, prompt=PREFIX, suffix=SUFFIX, stream=True))
+                self.assertEqual("".join(p.response for p in parts), "return a + b")
+                self.assertTrue(parts[-1].done)
 
 
 class CompletionFilterTests(unittest.TestCase):

@@ -8707,7 +8707,9 @@ class Dispatcher:
                                    ev[1].status)
                 held.append(ev)
                 if k == "end":
-                    if not any(e[0] in CONTENT_EVENTS for e in held):
+                    # (a completion may be empty: nothing belongs in the gap)
+                    if not ctx.req.get("completion") and not any(e[0] in CONTENT_EVENTS
+                                                                  for e in held):
                         raise Failover("empty", "empty reply",
                                        fallback=(prov, ctx.upstream_model, same,
                                                  b"".join(held_raw), held))

@@ -2922,6 +2922,15 @@ class CompletionsTests(RouterCase):
         self.assertEqual(self.an.requests[-1]["body"]["stop_sequences"], ["END"])
         self.assertEqual(out["text"], "one", "a chat request's whitespace stop holds too")
 
+    def test_an_empty_completion_is_an_answer(self):
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                self.setUp()
+                self.an.push(Reply(text="\n\nprint(add(1, 2))"))      # the gap needs nothing: it stops at once
+                r = self.complete("claude-first", stream, stop=["\n\n"])
+                self.assertEqual(read_completion(r, stream)[:2], ("", "stop"))
+                self.assertEqual((len(self.an.requests), self.oa.requests), (1, []), "no other candidate asked")
+
     def test_a_gemini_thinking_model_is_asked_not_to_think(self):
         self.complete("gm/gemini-2.5-flash")
         gen = self.gm.requests[-1]["body"]["generationConfig"]

@@ -549,7 +549,8 @@ class Failover(Exception):
     of a failed attempt (cand: (provider, model)), as the request log and the errors show it.
     kind: connect, timeout, status, stream, empty, context, auth, missing (no such model), input
     (parts only the client's own dialect can carry), format (a structured reply that is not JSON),
-    broken (a stream that failed after it started: recorded, never moved on)."""
+    broken (a stream that failed after it started: recorded, never moved on), completion (a
+    completion call the provider refused: asked again as a chat turn on the same candidate)."""
 
     def __init__(self, kind, reason, status=None, retry_after=None, next_key=True,
                  fallback=None, quota=False, cand=None):
@@ -1373,7 +1374,8 @@ def completion_request(req, path, meta):
     c = req.get("completion")
     if path == "template":
         template, ends = fim_template(meta)
-        prompt = template.replace("{prefix}", c["prompt"]).replace("{suffix}", c["suffix"])
+        parts = {"prefix": c["prompt"], "suffix": c["suffix"]}
+        prompt = re.sub(r"\{(prefix|suffix)\}", lambda m: parts[m.group(1)], template)
         return dict(req, completion={"prompt": prompt, "suffix": None, "raw": True},
                     stop=(req["stop"] or []) + [e for e in ends if e not in (req["stop"] or ())])
     if path != "chat":
@@ -1392,36 +1394,34 @@ def completion_request(req, path, meta):
 def stop_source(source, stops):
     """A translated reply held to the client's stop sequences, whatever the provider could take
     (Anthropic refuses whitespace-only ones, OpenAI takes four, a chat model asked for a middle
-    runs past them): the text up to the first one; later output is read and dropped, and the end
-    says stop_sequence. Text that may be the start of a stop sequence waits for the next piece."""
+    runs past them): the text up to the first one, then at once the end (stop_sequence; usage
+    unknown, so estimated), and the provider's stream is left (the dispatcher closes it). Text
+    that may be the start of a stop sequence waits for the next piece."""
     keep = max(map(len, stops)) - 1
-    held, cut = "", None
+    held = ""
     for raw, events in source:
         out = []
         for ev in events:
             kind = ev[0]
-            if cut is not None:
-                if kind == "end":
-                    out.append(("end", "stop_sequence", ev[2], cut))
-                elif kind == "error":
-                    out.append(ev)
-                continue
-            if kind == "text":
-                held += ev[1]
-                hits = [(held.find(s), s) for s in stops if s in held]
-                if hits:
-                    at, cut = min(hits)
-                    if at:
-                        out.append(("text", held[:at]))
+            if kind != "text":
+                if held and kind in ("end", "tool", "error"):
+                    out.append(("text", held))
                     held = ""
-                elif len(held) > keep:
-                    out.append(("text", held[:len(held) - keep]))
-                    held = held[len(held) - keep:]
+                out.append(ev)
                 continue
-            if held and kind in ("end", "tool", "error"):
-                out.append(("text", held))
-                held = ""
-            out.append(ev)
+            held += ev[1]
+            hits = [(held.find(s), s) for s in stops if s in held]
+            if hits:
+                at, cut = min(hits)
+                out += [("text", held[:at])] if at else []
+                out += [("logprobs", ev[2])] if len(ev) > 2 and ev[2] else []
+                yield raw, out + [("end", "stop_sequence", None, cut)]
+                return
+            if len(held) > keep:
+                out.append(("text", held[:len(held) - keep]))
+                held = held[len(held) - keep:]
+            if len(ev) > 2 and ev[2]:
+                out.append(("logprobs", ev[2]))
         yield raw, out
 
 
@@ -1467,6 +1467,8 @@ def unfenced_source(source):
             if text:
                 emitted = True
                 out.append(("text", text))
+            if len(ev) > 2 and ev[2]:
+                out.append(("logprobs", ev[2]))
         yield raw, out
 
 
@@ -1914,6 +1916,10 @@ def openai_decode_request(body, completion=False):
                    if only or n > 1 else {}, **({"dropped_parts": dropped} if dropped else {})))
 
 
+def _token_ids(xs):
+    return bool(xs) and all(isinstance(t, int) and not isinstance(t, bool) for t in xs)
+
+
 def openai_completion_decode(body):
     """OpenAI's Completions body (POST /v1/completions, what editors' autocomplete sends) ->
     neutral request: `completion` for the providers that complete text, the same texts as a user
@@ -1927,8 +1933,7 @@ def openai_completion_decode(body):
         only.append(f"prompt ({len(prompt)} prompts)")
         prompt = "\n".join(prompt)
     elif isinstance(prompt, list) and prompt and all(
-            isinstance(x, int) or isinstance(x, list) and all(isinstance(t, int) for t in x)
-            for x in prompt):
+            _token_ids([x]) or isinstance(x, list) and _token_ids(x) for x in prompt):
         only.append("prompt as token ids")
         prompt = ""
     _need(isinstance(prompt, str), "prompt", "is required: a string (or an array of strings or of "
@@ -1951,11 +1956,13 @@ def openai_completion_decode(body):
     lp = _opt_int(body, "logprobs", 0)
     _need(lp is None or lp <= 5, "logprobs", "must be between 0 and 5")
     so = body.get("stream_options")
+    _need(so is None or isinstance(so, dict), "stream_options", "must be an object")
     mt = body.get("max_tokens")
     return neutral_request(
         model, [], [{"role": "user", "content": [{"type": "text", "text": t}
                                                   for t in (prompt, suffix) if t]}],
-        max_tokens=16 if mt is None else _opt_int(body, "max_tokens"),    # (OpenAI's default)
+        # (OpenAI's default; 0 with echo scores a prompt)
+        max_tokens=16 if mt is None else _opt_int(body, "max_tokens", 0 if body.get("echo") else 1),
         temperature=_opt_num(body, "temperature", 0, 2), top_p=_opt_num(body, "top_p", 0, 1),
         stop=[x for x in stop or () if x] or None, stream=bool(body.get("stream")),
         include_usage=bool(isinstance(so, dict) and so.get("include_usage")),
@@ -2039,13 +2046,23 @@ def openai_encode_response(resp, model, req=None):
 def openai_completion_response(resp, model):
     """Neutral response -> text_completion object."""
     lp = resp.get("logprobs")
-    return {"id": resp.get("id") or new_id("cmpl-"), "object": "text_completion",
+    rid = resp.get("id") or ""
+    return {"id": rid if rid.startswith("cmpl-") else new_id("cmpl-"), "object": "text_completion",
             "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text_of(resp["content"]),
                          "logprobs": logprobs_to_legacy(lp) if lp else None,
-                         "finish_reason": STOP_TO_OPENAI_FINISH.get(resp["stop_reason"], "stop")}],
-            "usage": {k: v for k, v in _to_openai_usage(resp["usage"]).items()
-                      if k != "completion_tokens_details"}}
+                         "finish_reason": _completion_finish(resp["stop_reason"])}],
+            "usage": _completion_usage(resp["usage"])}
+
+
+def _completion_finish(stop):
+    """A neutral stop reason as Completions says it (stop, length, content_filter only)."""
+    finish = STOP_TO_OPENAI_FINISH.get(stop, "stop")
+    return finish if finish in ("length", "content_filter") else "stop"
+
+
+def _completion_usage(u):
+    return {k: v for k, v in _to_openai_usage(u).items() if k != "completion_tokens_details"}
 
 
 def openai_encode_error(err):
@@ -2066,6 +2083,7 @@ class OpenAIStreamEncoder:
         self.saw_tool = False
 
     OBJECT = "chat.completion.chunk"
+    USAGE = staticmethod(_to_openai_usage)
 
     def _event(self, choices, **more):
         return b"data: " + dumps(dict({"id": self.id, "object": self.OBJECT,
@@ -2074,7 +2092,7 @@ class OpenAIStreamEncoder:
 
     def usage_chunk(self, usage):
         """The chunk with `usage` that include_usage asks for (choices empty), before [DONE]."""
-        return self._event([], usage=_to_openai_usage(usage))
+        return self._event([], usage=self.USAGE(usage))
 
     def _end(self, last, usage):
         """The stream's last chunk, the usage chunk if asked, [DONE]."""
@@ -2118,6 +2136,7 @@ class CompletionStreamEncoder(OpenAIStreamEncoder):
     one with finish_reason, a `choices: []` chunk with usage when include_usage asked, [DONE]."""
 
     OBJECT = "text_completion"
+    USAGE = staticmethod(_completion_usage)
 
     def __init__(self, model, req, input_estimate=0):
         super().__init__(model, req, input_estimate)
@@ -2135,7 +2154,7 @@ class CompletionStreamEncoder(OpenAIStreamEncoder):
         if kind in ("text", "logprobs"):
             return self._text(ev[1] if kind == "text" else "", lp=text_logprobs(ev))
         if kind == "end":
-            return self._end(self._text("", STOP_TO_OPENAI_FINISH.get(ev[1], "stop")), ev[2])
+            return self._end(self._text("", _completion_finish(ev[1])), ev[2])
         if kind == "error":
             return super().encode(ev)
         return b""
@@ -2654,7 +2673,7 @@ def openai_adjust(body, prov, req, meta, headers, foreign):
     body = openai_no_null_content(body)
     if "tool_choice_any" in prov.quirks and body.get("tool_choice") == "required":
         body = dict(body, tool_choice="any")
-    if "max_completion_tokens" in prov.quirks and "max_tokens" in body:
+    if "max_completion_tokens" in prov.quirks and "max_tokens" in body and not req.get("completion"):
         body = dict(body)
         body.setdefault("max_completion_tokens", body.pop("max_tokens"))
     return body, {}
@@ -4704,7 +4723,8 @@ def _ollama_options(body):
     stop = opts.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    _need(stop is None or isinstance(stop, list), "options.stop", "must be an array of strings")
+    _need(stop is None or isinstance(stop, list) and all(isinstance(x, str) for x in stop),
+          "options.stop", "must be an array of strings")
     n = opts.get("num_predict")
     return {"max_tokens": n if isinstance(n, int) and n > 0 else None,
             "temperature": _opt_num(opts, "temperature", 0, 2),
@@ -5220,8 +5240,8 @@ class Codec:
       request can carry natively (json_object, json_schema); carries: the OPTIONAL_FIELDS its
       request has; files: it takes PDF file parts; completes: it takes a neutral completion
       (`completion`) as a text completion of its own.
-    Transport: request_path(provider, model, stream, body) (body: what is sent, whose shape
-      may choose the endpoint); auth(provider, key, path, data) -> headers
+    Transport: request_path(provider, model, stream, req, same) (req: the neutral request as
+      sent; same: the client's own body goes out, so its endpoint is the client's); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
       root(path) -> the base path as the API wants it; is_stream(content_type); adjust(body,
       provider, req, meta, client_headers, foreign) -> (body, extra headers): the same-dialect
@@ -5347,8 +5367,8 @@ CODECS = {
         passthrough=OpenAIPassthrough, list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=openai_encode_request, decode_response=openai_decode_response,
         stream_decoder=OpenAIStreamDecoder, parse_error=openai_parse_error,
-        request_path=lambda prov, mid, stream, body: prov.base_path + (
-            "/completions" if "prompt" in body else "/chat/completions"),
+        request_path=lambda prov, mid, stream, req, same: prov.base_path + (
+            "/completions" if req.get("completion") else "/chat/completions"),
         auth=openai_auth, adjust=openai_adjust, list_models=openai_list_models,
         probe_path="/models",
         client_paths={"/v1/chat/completions": "generate", "/v1/completions": "complete",
@@ -5369,7 +5389,7 @@ CODECS = {
         list_shape=anthropic_list_shape, model_shape=anthropic_model_shape,
         encode_request=anthropic_encode_request, decode_response=anthropic_decode_response,
         stream_decoder=AnthropicStreamDecoder, parse_error=anthropic_parse_error,
-        request_path=lambda prov, mid, stream, body: prov.base_path + "/v1/messages",
+        request_path=lambda prov, mid, stream, req, same: prov.base_path + "/v1/messages",
         auth=anthropic_auth, root=_root_without_v1, adjust=anthropic_adjust,
         list_models=anthropic_list_models, probe_path="/v1/models?limit=1",
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
@@ -5386,7 +5406,7 @@ CODECS = {
         list_shape=openai_list_shape, model_shape=openai_model_shape,
         encode_request=responses_encode_request, decode_response=responses_decode_response,
         stream_decoder=ResponsesStreamDecoder, parse_error=openai_parse_error,
-        request_path=lambda prov, mid, stream, body: prov.base_path + "/responses",
+        request_path=lambda prov, mid, stream, req, same: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
         client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
         carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls", "logprobs"),
@@ -5398,7 +5418,7 @@ CODECS = {
         list_shape=gemini_list_shape, model_shape=gemini_model_shape,
         encode_request=gemini_encode_request, decode_response=gemini_decode_response,
         stream_decoder=GeminiStreamDecoder, parse_error=gemini_parse_error,
-        request_path=lambda prov, mid, stream, body: _gemini_model_path(prov, mid) + (
+        request_path=lambda prov, mid, stream, req, same: _gemini_model_path(prov, mid) + (
             ":streamGenerateContent?alt=sse" if stream else ":generateContent"),
         auth=gemini_auth, adjust=gemini_adjust, list_models=gemini_list_models,
         probe_path="/models?pageSize=1",
@@ -5421,8 +5441,9 @@ CODECS = {
         list_shape=ollama_list_shape, model_shape=ollama_model_shape,
         encode_request=ollama_encode_request, decode_response=ollama_decode_response,
         stream_decoder=OllamaStreamDecoder, parse_error=ollama_parse_error,
-        request_path=lambda prov, mid, stream, body: prov.base_path + (
-            "/api/generate" if "prompt" in body else "/api/chat"), completes=True,
+        request_path=lambda prov, mid, stream, req, same: prov.base_path + (
+            "/api/generate" if req.get("completion") or same and req["extra"].get("ollama_generate")
+            else "/api/chat"), completes=True,
         auth=None, root=_root_without_v1, adjust=ollama_adjust, list_models=ollama_list_models,
         probe_path="/api/tags", free=True,
         client_paths={"/api/chat": "generate", "/api/generate": "generate", "/api/show": "show",
@@ -5847,7 +5868,7 @@ def complete(prov, model, key_index, system, text, max_tokens, settings, timeout
     req = openai_decode_request(body)
     payload = pc.encode_request(req, model, prov, infer_capabilities(model, prov.models.get(model)),
                                 settings or DEFAULT_SETTINGS)
-    obj = _fetch_json(prov, pc.request_path(prov, model, False, payload), "POST", payload, timeout,
+    obj = _fetch_json(prov, pc.request_path(prov, model, False, req, False), "POST", payload, timeout,
                       key_index, base=False)
     try:
         return text_of(pc.decode_response(obj, prov)["content"])
@@ -7605,6 +7626,8 @@ class Health:
         self.lock = threading.Lock()
         self.state = {}
         self.dead_keys = {}     # (provider, key index) -> why it was rejected
+        # candidate -> when it refused a completion on its native or template path
+        self.completions_refused = {}
         self.dirty = False
         self.reconfigure(settings)
 
@@ -7698,6 +7721,19 @@ class Health:
         b.fails = b.opens = 0
         b.until = b.retry_at = b.trial = b.probe_at = b.probe_step = 0.0
         b.cause = b.error = b.probe_error = None
+
+    REFUSED_SECONDS = 3600.0
+
+    def completion_refused(self, cand):
+        """Whether the candidate refused a completion call within the hour (then: chat turns)."""
+        at = self.completions_refused.get(cand)
+        return at is not None and time.monotonic() - at < self.REFUSED_SECONDS
+
+    def refuse_completion(self, cand):
+        with self.lock:
+            if len(self.completions_refused) > 1000:
+                self.completions_refused.clear()
+            self.completions_refused[cand] = time.monotonic()
 
     def kill_key(self, pname, idx, reason):
         with self.lock:
@@ -7793,6 +7829,11 @@ class Health:
             for k in dead:
                 del self.dead_keys[k]
                 names.append(breaker_name(("key",) + k))
+            for cand in [c for c in self.completions_refused
+                         if provider is None or (c == (provider, model) if model
+                                                 else c[0] == provider)]:
+                del self.completions_refused[cand]
+                names.append(f"{cand[0]}/{cand[1]} (completions asked as chat)")
             self.dirty = self.dirty or bool(names)
         return names
 
@@ -8414,6 +8455,15 @@ _CONTEXT_RE = re.compile(r"context[ _-]?(length|window)|maximum context|too many
                          r"too long|input is too long|reduce the length|token limit", re.I)
 
 
+#: A provider's refusal of a completion call itself (not of the request's content): the endpoint,
+#: `suffix` or `insert` unsupported (vLLM, llama.cpp, Ollama models without insert), a chat model
+#: on /completions (OpenAI, OpenRouter).
+_COMPLETION_REFUSED_RE = re.compile(
+    r"suffix|insert|not (?:currently )?supported|unsupported|chat model|completions? endpoint|"
+    r"unrecognized request argument|no such endpoint|not found: /|unknown (?:url|path|endpoint)|"
+    r"^\W*(?:404\W*)?(?:page )?not found\W*$", re.I)
+
+
 class Context:
     """One inbound generation request on its way through decode, plan and dispatch. Who writes what:
     the front the request; the response store may widen `req` and clear `passthrough`; `generate`
@@ -8464,8 +8514,6 @@ class Dispatcher:
 
     def __init__(self, pool):
         self.pool = pool
-        # candidate -> when it refused a completion on its native or template path
-        self.refused_completions = {}
 
     # -- sending --------------------------------------------------------------------------------
     def send(self, prov, path, headers, payload):
@@ -8510,6 +8558,11 @@ class Dispatcher:
         translate, or (the same dialect on both sides) None, for the provider's reply as it is."""
         message, code = CODECS[prov.api].parse_error(status, body)
         reason = f"HTTP {status}: {message}"[:300]
+        if ctx.completion in ("native", "template") and (
+                status in (405, 501) or status in (400, 404, 422)
+                and _COMPLETION_REFUSED_RE.search(message) and not _CONTEXT_RE.search(message)):
+            return Failover("completion", f"{reason} (on the {ctx.completion} completion path); "
+                                          "asked again as a chat turn", status, next_key=False)
         ra = retry_after_seconds(headers, status)
         quota_said = _QUOTA_RE.search(message) or "quota" in str(code)
         if status == 402 or (status in (403, 429) and quota_said):
@@ -8546,23 +8599,23 @@ class Dispatcher:
         return h
 
     # -- one attempt ----------------------------------------------------------------------------
-    def attempt(self, ctx, cat, prov, mid, key_idx, on_commit=None, on_complete=None):
+    def attempt(self, ctx, cat, health, prov, mid, key_idx, on_commit=None, on_complete=None):
         """Try one candidate with one key. Returns when the client has its answer; raises Failover
         (nothing was sent to the client yet) or ApiError (the client's own fault, translated).
         A completion the provider refused on its native or template path is asked again as a
         chat turn (and that candidate is sent chat turns from then on)."""
         cand = (prov.name, mid)
-        refused = time.monotonic() - self.refused_completions.get(cand, -1e9) < 3600
+        refused = health.completion_refused(cand)
         try:
             return self._attempt(ctx, cat, prov, mid, key_idx, refused, on_commit, on_complete)
         except Failover as f:
-            if f.kind != "refused_completion":
+            if f.kind != "completion":
                 raise
-            ctx.attempts.append(Failover("input", f.reason + "; asked again as a chat turn",
-                                         f.status, next_key=False, cand=cand))
-            if len(self.refused_completions) > 1000:
-                self.refused_completions.clear()
-            self.refused_completions[cand] = time.monotonic()
+            f.cand = cand
+            ctx.attempts.append(f)
+            health.refuse_completion(cand)
+            if ctx.writer.gone():
+                raise ClientGone("the client left before the completion was asked again")
             return self._attempt(ctx, cat, prov, mid, key_idx, True, on_commit, on_complete)
 
     def _attempt(self, ctx, cat, prov, mid, key_idx, refused, on_commit, on_complete):
@@ -8596,7 +8649,8 @@ class Dispatcher:
                                      meta)
             body = pc.encode_request(drop_thinking(req, keep) if moved else req, mid,
                                      prov, meta, cat.settings)
-        path, data = pc.request_path(prov, mid, ctx.stream, body), dumps(body).encode()
+        path = pc.request_path(prov, mid, ctx.stream, ctx.req if same else req, same)
+        data = dumps(body).encode()
         headers = prov.auth_headers(prov.keys[key_idx] if key_idx is not None else None, path, data)
         if same:
             headers.update(extra)
@@ -8610,11 +8664,6 @@ class Dispatcher:
                 data = b""
             conn.close()
             hdrs = {k.lower(): v for k, v in resp.getheaders()}
-            if ctx.completion in ("native", "template") and resp.status in (400, 404, 405, 422,
-                                                                             501):
-                raise Failover("refused_completion",
-                               f"HTTP {resp.status} on the {ctx.completion} completion path: "
-                               f"{pc.parse_error(resp.status, data)[0]}"[:300], resp.status)
             outcome = self._classify(ctx, prov, resp.status, hdrs, data, same)
             if outcome is not None:
                 raise outcome
@@ -8685,8 +8734,9 @@ class Dispatcher:
             source = structured_source(source, format_name(rf))
         if ctx.completion == "chat":
             source = unfenced_source(source)
-        if sent is not None and sent["stop"] and sent.get("logprobs") is None:
-            source = stop_source(source, sent["stop"])
+        stops = [x for x in (sent or {}).get("stop") or () if isinstance(x, str) and x]
+        if stops and ctx.structured != "tool":
+            source = stop_source(source, stops)
         # a structured reply is checked when it is whole: always when not streamed, and streams
         # are held to their end when the client asked for strict
         check = rf is not None and (not ctx.stream or rf["strict"])
@@ -9788,7 +9838,9 @@ class Router:
             window = cat.meta(pname, mid).get("context_window") or 0
             now = time.monotonic()
             keys = health.usable_keys(prov, now)
-            skip = self._skip(ctx, prov, window, overflowed, keys)
+            skip = self._skip(ctx, prov, window, overflowed, keys,
+                              completion_path(ctx.req, cat.meta(pname, mid), CODECS[prov.api],
+                                              health.completion_refused(cand)))
             if skip is not None:
                 skip.cand = cand
                 ctx.attempts.append(skip)
@@ -9813,7 +9865,8 @@ class Router:
                     if keep is not None:
                         keep()
                 try:
-                    self.dispatcher.attempt(ctx, cat, prov, mid, idx, committed, completed)
+                    self.dispatcher.attempt(ctx, cat, health, prov, mid, idx, committed,
+                                            completed)
                     # answered, then broke: the candidate is not well
                     if ctx.broken is not None:
                         # (the blocks the client did get)
@@ -9847,14 +9900,19 @@ class Router:
         raise self._all_failed(ctx)
 
     @staticmethod
-    def _skip(ctx, prov, window, overflowed, keys):
-        """Why a candidate is not tried at all (a Failover to record), or None."""
+    def _skip(ctx, prov, window, overflowed, keys, completion=None):
+        """Why a candidate is not tried at all (a Failover to record), or None. `completion`: the
+        path it would serve the request's completion by."""
         if overflowed and window and window <= overflowed:
             return Failover("context", f"skipped: context window {window} is not larger than the "
                                        f"{overflowed} that overflowed")
         only = ctx.req["extra"].get("same_dialect_only")
-        if only and (prov.api != ctx.dialect or not ctx.passthrough):
+        if only and (prov.api != ctx.dialect or not ctx.passthrough
+                     or completion not in (None, "native")):
             parts = ", ".join(only[:3]) + (" ..." if len(only) > 3 else "")
+            if prov.api == ctx.dialect and ctx.passthrough:
+                return Failover("input", f"skipped: its completions go by the {completion} path, "
+                                         f"which cannot carry {parts}")
             return Failover("input", f"skipped: a {prov.api} provider cannot be sent {parts}")
         if not keys:
             return Failover("auth", "every key was rejected (401/403)")

@@ -2931,6 +2931,34 @@ class CompletionsTests(RouterCase):
                 self.assertEqual(read_completion(r, stream)[:2], ("", "stop"))
                 self.assertEqual((len(self.an.requests), self.oa.requests), (1, []), "no other candidate asked")
 
+    def test_stop_sequences_on_chat_requests_change_nothing_they_should_not(self):
+        # JSON by the tool path is never cut (providers never stopped inside tool arguments)
+        body = with_format("openai", dict(client_body("openai", "an/claude-test", False), stop=["2.5"]))
+        r, out = self.ask("openai", body)
+        self.assertEqual((json.loads(out["text"]), r.headers["x-router-provider"]), (WEATHER_VALUE, "an"))
+        # an empty stop stops nothing
+        r, out = self.ask("openai", dict(client_body("openai", "an/claude-test", False), stop=[""]))
+        self.assertEqual(out["text"], DEFAULT_TEXT)
+        # with logprobs asked too, the stop holds
+        self.an.push(Reply(text="hello\nthere"))
+        r, out = self.ask("openai", dict(client_body("openai", "an/claude-test", False), stop=["\n"], logprobs=True))
+        self.assertEqual(out["text"], "hello")
+        r = self.h.call("POST", "/api/chat", {"model": "an/claude-test", "messages": [{"role": "user", "content": "x"}],
+                                              "options": {"stop": [1]}})
+        self.assertEqual((r.status, r.json()), (400, {"error": "options.stop: must be an array of strings"}))
+        # a chat body with a stray "prompt" is still a chat request to the same dialect
+        self.ask("openai", dict(client_body("openai", "oa/gpt-test", False), prompt="stray"))
+        self.assertEqual(self.oa.requests[-1]["path"], "/v1/chat/completions")
+
+    def test_a_reply_cut_at_a_stop_ends_at_once(self):
+        # the provider ran past the stop and then stalls: the client has its answer anyway, whole
+        self.an.push(Reply(text="return a + b\n\nand a lot more text that nobody asked for", piece=2, stall_after=12))
+        r = self.complete("an/claude-test", True, stop=["\n\n"])
+        self.an.release.set()
+        self.assertEqual(read_completion(r, True)[:2], ("return a + b", "stop"))
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["requested"] == "an/claude-test")
+        self.assertEqual((rows[0]["status"], rows[0]["attempts"]), (200, []))
+
     def test_a_gemini_thinking_model_is_asked_not_to_think(self):
         self.complete("gm/gemini-2.5-flash")
         gen = self.gm.requests[-1]["body"]["generationConfig"]
@@ -2993,7 +3021,44 @@ class CompletionsTests(RouterCase):
         self.complete("oa/shared-model")
         self.assertEqual(self.oa.requests[-1]["path"], "/v1/chat/completions", "remembered")
         self.assertEqual(len(self.oa.requests), 3)
-        self.h.router.dispatcher.refused_completions.clear()
+        row = wait_rows(self.h, lambda rows: rows and rows[0]["requested"] == "oa/shared-model"
+                        and len([x for x in rows[:2] if x["requested"] == "oa/shared-model"]) == 2)[1]
+        self.assertEqual([a["kind"] for a in row["attempts"]], ["completion"])
+        self.assertIn("oa/shared-model (completions asked as chat)",
+                      self.h.call("POST", "/v1/health/reset", {"provider": "oa"}).json()["reset"])
+        self.complete("oa/shared-model")
+        self.assertEqual(self.oa.requests[-1]["path"], "/v1/completions", "a reset forgets it")
+
+    def test_only_a_refusal_of_the_call_itself_is_asked_again_as_chat(self):
+        # a request too long for the model is no refusal of the endpoint: failover as ever
+        self.oa.push(Reply(status=400, body={"error": {"message": "This model's maximum context length is 2048 tokens, "
+                                                                  "however you requested 9000 tokens (suffix included)",
+                                                      "type": "invalid_request_error", "code": "context_length_exceeded"}}))
+        r = self.complete("oa/shared-model")
+        self.assertEqual([q["path"] for q in self.oa.requests], ["/v1/completions"])
+        self.assertNotEqual(r.headers["x-router-provider"], "oa", "the next candidate, not a chat turn of the same one")
+        self.assertFalse(self.h.router.health.completion_refused(("oa", "shared-model")))
+        # a server without the endpoint (FastAPI's bare 404) is one
+        self.oa.reset()
+        self.oa.push(Reply(status=404, body={"detail": "Not Found"}))
+        r = self.complete("oa/gpt-test")
+        self.assertEqual([q["path"] for q in self.oa.requests], ["/v1/completions", "/v1/chat/completions"])
+        self.assertEqual((r.status, r.headers["x-router-completion"]), (200, "chat"))
+
+    def test_what_only_native_completions_carry_skips_the_other_paths(self):
+        # the Qwen coder on oa goes by its template, which cannot carry three choices
+        r = self.complete("oa/qwen2.5-coder", n=3)
+        self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "oa2"))
+        self.assertEqual(self.oa2.requests[-1]["body"]["n"], 3)
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["requested"] == "oa/qwen2.5-coder")
+        self.assertEqual(rows[0]["attempts"][0]["reason"],
+                         "skipped: its completions go by the template path, which cannot carry n (3)")
+
+    def test_a_prefix_may_hold_the_templates_placeholders(self):
+        prefix = 'msg = f"{suffix}: {prefix}"\n'
+        self.h.call("POST", "/v1/completions", {"model": "oa/qwen2.5-coder", "prompt": prefix, "suffix": "print(msg)"})
+        self.assertEqual(self.oa.requests[-1]["body"]["prompt"],
+                         f"<|fim_prefix|>{prefix}<|fim_suffix|>print(msg)<|fim_middle|>")
 
     def test_ollama_clients_fill_in_the_middle_through_api_generate(self):
         # to a chat provider: the middle, in Ollama's generate shape

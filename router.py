@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import select
 import signal
 import socket
@@ -229,6 +230,21 @@ def open_private(path, flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC):
     except OSError:
         pass                         # not ours to change (a shared data directory): keep going
     return fd
+
+
+def private_db(path):
+    """An SQLite file (and its -wal and -shm) made 0600 without opening a descriptor to one that
+    exists: closing any descriptor of a file drops every POSIX lock this process holds on it,
+    SQLite's included (another connection of this process would then see a disk I/O error)."""
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if not os.path.exists(name):
+                if name == path:
+                    os.close(os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            elif os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except OSError:
+            pass                     # created meanwhile, or not ours to change: keep going
 
 
 def _check(cond, file, key, expected):
@@ -1754,7 +1770,8 @@ OPENAI_ERROR_TYPE = {"invalid_request": "invalid_request_error",
                      "authentication": "authentication_error",
                      "permission": "permission_error", "not_found": "not_found_error",
                      "request_too_large": "invalid_request_error", "rate_limit": "rate_limit_error",
-                     "billing": "insufficient_quota", "api_error": "server_error",
+                     "billing": "insufficient_quota", "quota": "insufficient_quota",
+                     "api_error": "server_error",
                      "overloaded": "server_error", "timeout": "timeout"}
 OPENAI_TOOL_CHOICE = {"auto": {"type": "auto"}, "none": {"type": "none"},
                       "required": {"type": "any"}}
@@ -2695,7 +2712,8 @@ ANTHROPIC_ERROR_TYPE = {"invalid_request": "invalid_request_error",
                         "authentication": "authentication_error",
                         "permission": "permission_error", "not_found": "not_found_error",
                         "request_too_large": "request_too_large", "rate_limit": "rate_limit_error",
-                        "billing": "billing_error", "api_error": "api_error",
+                        "billing": "billing_error", "quota": "rate_limit_error",
+                        "api_error": "api_error",
                         "overloaded": "overloaded_error", "timeout": "timeout_error"}
 
 
@@ -5213,6 +5231,28 @@ def ollama_model_shape(entry):
 
 # ------------------------------------------------------------------------------- codec table --
 
+def go_duration(seconds):
+    """Seconds as OpenAI's rate-limit headers write them: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    s = int(-(-seconds // 1))
+    h, m, s = s // 3600, s // 60 % 60, s % 60
+    return (f"{h}h{m}m{s}s" if h else f"{m}m{s}s" if m else f"{s}s")
+
+
+def openai_limit_headers(limits, now):
+    return {f"x-ratelimit-{what}-{kind}": v for kind, (limit, left, reset) in limits.items()
+            for what, v in (("limit", str(limit)), ("remaining", str(left)),
+                            ("reset", go_duration(reset)))}
+
+
+def anthropic_limit_headers(limits, now):
+    return {f"anthropic-ratelimit-{kind}-{what}": v for kind, (limit, left, reset) in limits.items()
+            for what, v in (("limit", str(limit)), ("remaining", str(left)),
+                            ("reset", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                    time.gmtime(now + reset + 0.999))))}
+
+
 def _sse_boundary(data):
     """Length of the prefix of `data` made of complete SSE events."""
     a = data.rfind(b"\n\n")
@@ -5239,7 +5279,9 @@ class Codec:
       parse_error(status, body) -> (message, code); structured: the response_format types its
       request can carry natively (json_object, json_schema); carries: the OPTIONAL_FIELDS its
       request has; files: it takes PDF file parts; completes: it takes a neutral completion
-      (`completion`) as a text completion of its own.
+      (`completion`) as a text completion of its own; limit_headers(limits, now): a router key's
+      rate limits as its clients read them (limits: {"requests"|"tokens": (limit, remaining,
+      seconds to reset)}).
     Transport: request_path(provider, model, stream, req, same) (req: the neutral request as
       sent; same: the client's own body goes out, so its endpoint is the client's); auth(provider, key, path, data) -> headers
       (data: the bytes to be sent, for schemes that sign the request);
@@ -5270,7 +5312,7 @@ class Codec:
                  "list_models", "probe_path", "count_path", "count_result", "count_shape",
                  "free", "client_paths", "structured", "carries", "unread", "spelling",
                  "files", "embed_decode", "embed_encode", "embed_path", "embed_request",
-                 "embed_response", "embed_batch", "completes")
+                 "embed_response", "embed_batch", "completes", "limit_headers")
 
     def __init__(self, name, *, decode_request=None, encode_response=None,
                  stream_encoder=None, encode_error=None,
@@ -5283,7 +5325,8 @@ class Codec:
                  count_result=None, count_shape=None, free=False, client_paths=None,
                  structured=frozenset(), carries=frozenset(), unread=None, spelling=None,
                  files=False, embed_decode=None, embed_encode=None, embed_path=None,
-                 embed_request=None, embed_response=None, embed_batch=100, completes=False):
+                 embed_request=None, embed_response=None, embed_batch=100, completes=False,
+                 limit_headers=None):
         self.name = name
         self.decode_request, self.encode_response = decode_request, encode_response
         self.stream_encoder = stream_encoder
@@ -5303,6 +5346,7 @@ class Codec:
         self.embed_path, self.embed_request = embed_path, embed_request
         self.embed_response, self.embed_batch = embed_response, embed_batch
         self.completes = completes
+        self.limit_headers = limit_headers or (lambda limits, now: {})
 
 
 def _root_without_v1(path):
@@ -5379,6 +5423,7 @@ CODECS = {
         embed_request=openai_embed_request, embed_response=openai_embed_response,
         embed_batch=512,
         structured=("json_object", "json_schema"), carries=_carried(OPENAI_SAMPLING, "parallel_tool_calls", "logprobs"),
+        limit_headers=openai_limit_headers,
         unread=lambda body: unread_fields(body, COMPLETIONS_READS if "prompt" in body
                                           and "messages" not in body else OPENAI_READS),
         files=True),
@@ -5395,6 +5440,7 @@ CODECS = {
         count_path=lambda prov, mid: prov.base_path + "/v1/messages/count_tokens",
         count_result=lambda obj: obj.get("input_tokens"), count_shape=lambda n: {"input_tokens": n},
         client_paths={"/v1/messages": "generate", "/v1/messages/count_tokens": "count_tokens"},
+        limit_headers=anthropic_limit_headers,
         structured=("json_schema",), carries=_carried(ANTHROPIC_SAMPLING, "parallel_tool_calls"),
         unread=lambda body: unread_fields(body, ANTHROPIC_READS), files=True,
         spelling={"stop": "stop_sequences", "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"}),
@@ -5409,6 +5455,7 @@ CODECS = {
         request_path=lambda prov, mid, stream, req, same: prov.base_path + "/responses",
         auth=openai_auth, list_models=responses_list_models, probe_path="/models",
         client_paths={"/v1/responses": "generate"}, structured=("json_object", "json_schema"),
+        limit_headers=openai_limit_headers,
         carries=_carried(RESPONSES_SAMPLING, "parallel_tool_calls", "logprobs"),
         unread=_responses_unread, files=True,
         spelling={"logprobs": "include." + RESPONSES_LOGPROBS}),
@@ -8003,6 +8050,42 @@ class Affinity:
 
 # -------------------------------------------------------------------------------------- plan --
 
+def key_allows(globs, cand):
+    """Whether a key whose model globs are `globs` may use the candidate (provider, model): a glob
+    matches PROVIDER/MODEL or the bare model id, case-insensitively."""
+    full, bare = f"{cand[0]}/{cand[1]}".lower(), cand[1].lower()
+    return any(fnmatch.fnmatchcase(full, g.lower()) or fnmatch.fnmatchcase(bare, g.lower())
+               for g in globs)
+
+
+def plan_for_key(plan, key):
+    """The plan left with the candidates a personal key may use (its `models` globs): a name it
+    may not use, or a route with none it may, is a 403 that quotes the globs."""
+    if not (key and key.get("models")):
+        return plan
+    kept = key_candidates(key, plan.candidates, plan.asked, plan.route)
+    plan.skipped = plan.skipped + [(c, "not one of this key's models")
+                                   for c in plan.candidates if c not in kept]
+    if plan.pinned is not None and plan.pinned not in kept:
+        plan.pinned = None
+    plan.candidates = kept
+    return plan
+
+
+def key_candidates(key, cands, asked=(), route=None):
+    """The candidates the key's model globs allow, or the 403 that quotes them."""
+    globs = key["models"]
+    said = f"key {key['name']} may use only {', '.join(globs)}"
+    if asked and not any(key_allows(globs, c) for c in asked):
+        c = sorted(asked)[0]
+        raise ApiError(403, "permission", f"{said}, not {c[0]}/{c[1]}", param="model")
+    kept = [c for c in cands if key_allows(globs, c)]
+    if not kept:
+        raise ApiError(403, "permission", f"{said}: {route or 'the route'} has none of them",
+                       param="model")
+    return kept
+
+
 class Plan:
     """Where a request goes: the route, the intent, the candidates to try in order, and the ones
     left out with the reason. `asked`: the candidates an explicit name stands for (the `default`
@@ -8474,7 +8557,7 @@ class Context:
                  "passthrough", "plan", "estimate", "history_marks", "provider_marks", "attempts",
                  "provider", "upstream_model", "same", "structured", "dropped", "ttfb", "usage",
                  "usage_estimated", "out_chars", "made_marks", "broken", "status", "error",
-                 "completion", "endpoint")
+                 "completion", "endpoint", "key", "ticket", "limits")
 
     def __init__(self, dialect, body, req, headers, writer):
         # the request, as the front decoded it
@@ -8499,6 +8582,9 @@ class Context:
         self.completion = None     # a completion's path (native, template, chat), if one
         # what was asked: chat, completions (req has a completion) or embeddings
         self.endpoint = "completions" if req.get("completion") else "chat"
+        # the personal key the request came with (its `keys` row), its ticket, its rate limits
+        self.key = self.ticket = None
+        self.limits = {}
         self.dropped = []          # the client's fields the translation left out
         self.usage_estimated = False
         # streamed output, for a usage estimate when the provider gives none
@@ -8596,6 +8682,8 @@ class Dispatcher:
             h["X-Router-Completion"] = ctx.completion
         if ctx.dropped:
             h["X-Router-Dropped"] = ", ".join(header_value(f) for f in ctx.dropped)
+        if ctx.limits:
+            h.update(ctx.limits)
         return h
 
     # -- one attempt ----------------------------------------------------------------------------
@@ -8810,8 +8898,6 @@ class Dispatcher:
             if ctx.collect is not None:
                 ctx.collect.extend(events)
             ctx.made_marks = [hash(e[1]) for e in events if e[0] in MARK_EVENTS]
-            if on_complete is not None:
-                on_complete()
             resp = fold_events(events)
             if not _counted(resp["usage"]):
                 ctx.out_chars = sum(len(p.get("text") or "") + (len(dumps(p["arguments"]))
@@ -8821,6 +8907,8 @@ class Dispatcher:
                 if same:                                    # the client is told, in its own shape
                     raw = cc.passthrough.body(raw, resp["usage"])
             ctx.usage = resp["usage"]
+            if on_complete is not None:
+                on_complete()
             if same:
                 w.send(200, {"Content-Type": "application/json", **hdrs}, raw)
             else:
@@ -9023,6 +9111,7 @@ class Metrics:
         self.failovers = {}     # (provider, reason) -> n
         self.tokens = {}        # (provider, model, kind) -> n
         self.cost = {}          # (provider, model) -> USD
+        self.keys = {}          # personal key name -> [requests, USD]
         self.latency = {}       # name -> [bucket counts..., +Inf count, sum]
         # set by the HTTP front
         self.connections = {"open": 0, "evicted": 0, "refused": 0, "reaped": 0}
@@ -9055,6 +9144,10 @@ class Metrics:
                 if row["cost"]:
                     k = (row["provider"], model)
                     self.cost[k] = self.cost.get(k, 0.0) + row["cost"]
+            if row["key"]:
+                k = self.keys.setdefault(row["key"], [0, 0.0])
+                k[0] += 1
+                k[1] += row["cost"] or 0.0
             if row["latency_ms"] is not None:
                 self._observe("sage_router_request_seconds", row["latency_ms"] / 1000)
             if row["ttfb_ms"] is not None:
@@ -9090,6 +9183,14 @@ class Metrics:
                     "# TYPE sage_router_cost_usd_total counter"]
             out += [line("sage_router_cost_usd_total", dict(provider=p, model=m), round(c, 6))
                     for (p, m), c in sorted(self.cost.items())]
+            out += ["# HELP sage_router_key_requests_total Requests by personal key.",
+                    "# TYPE sage_router_key_requests_total counter"]
+            out += [line("sage_router_key_requests_total", {"key": k}, v[0])
+                    for k, v in sorted(self.keys.items())]
+            out += ["# HELP sage_router_key_cost_usd_total Cost in US dollars by personal key.",
+                    "# TYPE sage_router_key_cost_usd_total counter"]
+            out += [line("sage_router_key_cost_usd_total", {"key": k}, round(v[1], 6))
+                    for k, v in sorted(self.keys.items())]
             for name, h in sorted(self.latency.items()):
                 what = "time to the first byte" if "first_byte" in name else "request duration"
                 out += [f"# HELP {name} {what.capitalize()} in seconds.",
@@ -9129,7 +9230,7 @@ class Metrics:
 
 USAGE_GROUPS = {"model": "provider || '/' || model", "provider": "provider", "route": "route",
                 "day": "date(ts, 'unixepoch')", "intent": "intent", "dialect": "dialect",
-                "endpoint": "coalesce(endpoint, 'chat')"}
+                "endpoint": "coalesce(endpoint, 'chat')", "key": "key"}
 
 
 def parse_since(value, now=None):
@@ -9167,6 +9268,394 @@ def _storable(v):
     return v
 
 
+# -- team keys ---------------------------------------------------------------------------------
+# Personal keys (`router.py keys add NAME`, POST /v1/keys) live in the request log's SQLite file:
+# table `keys` (a salted SHA-256 of each key, never the key; its limits) and `key_usage` (one row a
+# key: the requests and tokens of this minute and the last, the spend of this budget period, and
+# the cost held by requests in flight). Every check and change is one short transaction there, so
+# several router processes on one data directory agree (SQLite does the locking) and a kill -9
+# loses nothing committed. A request first takes a ticket (`admit`: rate limits, budget, a hold of
+# its largest likely cost), and settles it as it completes (`settle`: the real cost and tokens).
+
+KEY_PREFIX = "sk-sage-"
+KEY_PERIODS = ("day", "week", "month")
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+#: A hold older than this belongs to a request that can no longer be running (its process died).
+STALE_HOLD_SECONDS = 900.0
+
+
+class KeyLimit(Exception):
+    """A request refused by its key's limits: kind rpm, tpm, budget or busy (budget nearly spent
+    and another request of the key in flight); `retry_after` seconds; `reset`: epoch seconds."""
+
+    def __init__(self, kind, message, retry_after, reset=None):
+        super().__init__(message)
+        self.kind, self.message, self.retry_after, self.reset = kind, message, retry_after, reset
+
+
+def period_bounds(period, now):
+    """The calendar (UTC) day, week (from Monday) or month around `now`: (start, end) epochs."""
+    from datetime import datetime, timedelta, timezone
+    t = datetime.fromtimestamp(now, timezone.utc)
+    day = datetime(t.year, t.month, t.day, tzinfo=timezone.utc)
+    if period == "day":
+        start, end = day, day + timedelta(days=1)
+    elif period == "week":
+        start = day - timedelta(days=t.weekday())
+        end = start + timedelta(days=7)
+    else:
+        start = datetime(t.year, t.month, 1, tzinfo=timezone.utc)
+        end = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return start.timestamp(), end.timestamp()
+
+
+def parse_budget(value, field="budget"):
+    """"10/month" (or {"usd": 10, "period": "month"}) -> (10.0, "month"); None or "none": none."""
+    if value in (None, "", "none", 0):
+        return None, None
+    if isinstance(value, dict):
+        usd, period = value.get("usd"), value.get("period")
+    else:
+        usd, _, period = str(value).partition("/")
+        try:
+            usd = float(usd.strip().lstrip("$"))
+        except ValueError:
+            usd = None
+    _need(_num(usd) and usd > 0 and period in KEY_PERIODS, field,
+          "must be USD/PERIOD with PERIOD day, week or month, such as 10/month")
+    return float(usd), period
+
+
+def parse_expiry(value, field="expires"):
+    if value in (None, "", "never"):
+        return None
+    try:
+        return parse_since(str(value))
+    except ApiError:
+        raise bad_request(field, "must be a date such as 2027-01-31 or a time such as "
+                                 "2027-01-31T18:00:00Z (UTC), or never") from None
+
+
+def key_limits(fields, partial=False):
+    """A key's limits from the command line or an HTTP body -> the `keys` table's columns; with
+    `partial`, only those given (an update)."""
+    out = {}
+    if not partial or "budget" in fields:
+        out["budget"], out["period"] = parse_budget(fields.get("budget"))
+    for f in ("rpm", "tpm"):
+        if not partial or f in fields:
+            v = fields.get(f)
+            v = None if v in (None, "", "none", 0, "0") else v
+            if isinstance(v, str) and v.isdigit():
+                v = int(v)
+            _need(v is None or _positive_int(v), f, "must be a positive integer (or none)")
+            out[f] = v
+    if not partial or "models" in fields:
+        m = fields.get("models")
+        m = [g.strip() for g in m.split(",")] if isinstance(m, str) else m
+        _need(m is None or isinstance(m, list) and all(isinstance(g, str) for g in m), "models",
+              "must be a list of globs such as [\"ollama/*\", \"*/gpt-4o*\"] (or GLOB,GLOB)")
+        out["models"] = dumps([g for g in m if g]) if m and any(m) else None
+    if not partial or "expires" in fields:
+        out["expires"] = parse_expiry(fields.get("expires"))
+    return out
+
+
+def _slide(prev, cur, at):
+    """A sliding minute from two fixed ones: the last minute's count, fading as this one goes."""
+    return prev * (1 - at / 60.0) + cur
+
+
+def _slide_wait(prev, cur, at, room):
+    """Seconds until _slide(...) <= room (this minute, else the next, where cur becomes prev)."""
+    for wait_base, p, c, t in ((0.0, prev, cur, at), (60.0 - at, cur, 0.0, 0.0)):
+        if c <= room:
+            need = 60.0 * (1 - (room - c) / p) if p > room - c else t
+            return wait_base + max(0.0, need - t)
+    return 120.0 - at
+
+
+class KeyStore:
+    """The team's keys and their ledger (see the comment above); one connection, one lock."""
+
+    COLUMNS = ("name", "prefix", "salt", "hash", "budget", "period", "rpm", "tpm", "models",
+               "expires", "created", "revoked", "last_used")
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = None
+        self.warned = False
+
+    def _conn(self):
+        if self.db is None:
+            private_dir(os.path.dirname(self.path))
+            private_db(self.path)
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"CREATE TABLE IF NOT EXISTS keys ({', '.join(self.COLUMNS)}, "
+                       "PRIMARY KEY (name))")
+            db.execute("CREATE INDEX IF NOT EXISTS keys_prefix ON keys (prefix)")
+            db.execute("CREATE TABLE IF NOT EXISTS key_usage (name PRIMARY KEY, minute, requests, "
+                       "tokens, prev_requests, prev_tokens, period_start, spent, holds, held, "
+                       "held_at, last_used)")
+            db.row_factory = sqlite3.Row
+            self.db = db
+        return self.db
+
+    def close(self):
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+
+    def _tx(self, fn):
+        """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait)."""
+        with self.lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return out
+
+    def _read(self, sql, args=()):
+        with self.lock:
+            return [dict(r) for r in self._conn().execute(sql, args)]
+
+    def _safe_read(self, sql, args=()):
+        """_read on the request path: a database that cannot be read means no personal keys
+        (said once in the log), never a failed request."""
+        try:
+            return self._read(sql, args)
+        except (sqlite3.Error, OSError) as e:
+            if not self.warned:
+                self.warned = True
+                log.warning("team keys: cannot read %s (%s); personal keys do not work",
+                            self.path, e)
+            return []
+
+    # -- managing keys ---------------------------------------------------------------------------
+    @staticmethod
+    def _new_secret():
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        salt = secrets.token_hex(16)
+        return key, salt, hashlib.sha256((salt + key).encode()).hexdigest()
+
+    def create(self, name, fields, now=None):
+        """A new key NAME with these limits -> (the key, its entry). The key is never stored."""
+        _need(isinstance(name, str) and KEY_NAME_RE.fullmatch(name) is not None, "name",
+              "must be 1-64 letters, digits or . _ @ - (starting with a letter or digit)")
+        limits = key_limits(fields)
+        key, salt, digest = self._new_secret()
+        now = now or time.time()
+
+        def add(db):
+            old = db.execute("SELECT revoked, expires FROM keys WHERE name=?", (name,)).fetchone()
+            if old is not None and old["revoked"] is None and (old["expires"] is None
+                                                               or old["expires"] > now):
+                raise ApiError(409, "invalid_request", f"a key named {name} exists: update, "
+                                                       "rotate or revoke it", param="name")
+            db.execute("DELETE FROM keys WHERE name=?", (name,))
+            db.execute("DELETE FROM key_usage WHERE name=?", (name,))
+            row = dict(limits, name=name, prefix=key[:16], salt=salt, hash=digest, created=now,
+                       revoked=None, last_used=None)
+            db.execute(f"INSERT INTO keys ({', '.join(row)}) VALUES "
+                       f"({', '.join('?' * len(row))})", tuple(row.values()))
+        self._tx(add)
+        return key, self.entry(name, now)
+
+    def update(self, name, fields, now=None):
+        limits = key_limits(fields, partial=True)
+        self._active(name)
+        if limits:
+            self._tx(lambda db: db.execute(
+                f"UPDATE keys SET {', '.join(k + '=?' for k in limits)} WHERE name=?",
+                (*limits.values(), name)))
+        return self.entry(name, now)
+
+    def revoke(self, name, now=None):
+        self._active(name)
+        self._tx(lambda db: db.execute("UPDATE keys SET revoked=? WHERE name=?",
+                                       (now or time.time(), name)))
+        return self.entry(name, now)
+
+    def rotate(self, name, now=None):
+        """A new key for NAME (the old one stops working at once); limits and spend stay."""
+        self._active(name)
+        key, salt, digest = self._new_secret()
+        self._tx(lambda db: db.execute("UPDATE keys SET prefix=?, salt=?, hash=? WHERE name=?",
+                                       (key[:16], salt, digest, name)))
+        return key, self.entry(name, now)
+
+    def _active(self, name):
+        rows = self._read("SELECT revoked FROM keys WHERE name=?", (name,))
+        if not rows or rows[0]["revoked"] is not None:
+            raise ApiError(404, "not_found", f"no key named {safe_text(name, 80)}"
+                           + (" (it was revoked)" if rows else ""), param="name")
+
+    def entry(self, name, now=None):
+        out = [e for e in self.entries(now, name) if e["name"] == name]
+        if not out:
+            raise ApiError(404, "not_found", f"no key named {safe_text(name, 80)}", param="name")
+        return out[0]
+
+    def entries(self, now=None, name=None):
+        """Every key (or one) as `keys list` and GET /v1/keys show it: never the key or its hash."""
+        now = now or time.time()
+        where, args = ("WHERE k.name=?", (name,)) if name else ("", ())
+        rows = self._read("SELECT k.*, u.period_start, u.spent, u.last_used AS used FROM keys k "
+                          f"LEFT JOIN key_usage u ON u.name = k.name {where} ORDER BY k.name",
+                          args)
+        out = []
+        for r in rows:
+            start, end = period_bounds(r["period"] or "month", now)
+            spent = r["spent"] or 0.0 if (r["period_start"] or 0) >= start else 0.0
+            state = ("revoked" if r["revoked"] is not None else
+                     "expired" if r["expires"] is not None and r["expires"] <= now else "active")
+            out.append({
+                "name": r["name"], "prefix": r["prefix"][:12] + "...", "state": state,
+                "budget_usd": r["budget"], "period": r["period"],
+                "spent_usd": round(spent, 6), "period_start": iso_time(start),
+                "resets": iso_time(end) if r["budget"] else None,
+                "rpm": r["rpm"], "tpm": r["tpm"], "models": loads(r["models"]) if r["models"] else None,
+                "expires": iso_time(r["expires"]) if r["expires"] else None,
+                "created": iso_time(r["created"]),
+                "last_used": iso_time(r["used"]) if r["used"] else None})
+        return out
+
+    # -- the request path ------------------------------------------------------------------------
+    def any_active(self, now=None):
+        """Whether any key may be used (then every request needs a key)."""
+        return bool(self._safe_read("SELECT 1 FROM keys WHERE revoked IS NULL AND (expires IS "
+                                    "NULL OR expires > ?) LIMIT 1", (now or time.time(),)))
+
+    def find(self, key):
+        """The `keys` row of this key (revoked and expired ones too), or None."""
+        if not key.startswith(KEY_PREFIX):
+            return None
+        for r in self._safe_read("SELECT * FROM keys WHERE prefix=?", (key[:16],)):
+            if hmac.compare_digest(r["hash"], hashlib.sha256((r["salt"] + key).encode())
+                                   .hexdigest()):
+                r["models"] = loads(r["models"]) if r["models"] else None
+                return r
+        return None
+
+    def admit(self, rec, tokens, cost, now=None):
+        """A request of the key `rec` about to be planned to a provider, with `tokens` in and a
+        largest likely `cost`: a ticket to settle, or KeyLimit. The rate limits are a sliding
+        minute; a budget refuses once it is spent, and, when a request in flight could spend the
+        rest, until it has settled (so a key goes over by one request's worth at most)."""
+        now = now or time.time()
+        name = rec["name"]
+        limited = rec["rpm"] or rec["tpm"] or rec["budget"]
+        ticket = {"name": name, "hold": 0.0, "held": False, "tokens": tokens,
+                  "minute": int(now // 60), "settled": False, "limits": {}}
+        if not limited:
+            return ticket
+
+        def check(db):
+            u = db.execute("SELECT * FROM key_usage WHERE name=?", (name,)).fetchone()
+            u = dict(u) if u is not None else {}
+            minute, at = int(now // 60), now % 60
+            cur_r = cur_t = prev_r = prev_t = 0
+            if u.get("minute") == minute:
+                cur_r, cur_t = u["requests"], u["tokens"]
+                prev_r, prev_t = u["prev_requests"], u["prev_tokens"]
+            elif u.get("minute") == minute - 1:
+                prev_r, prev_t = u["requests"], u["tokens"]
+            limits = ticket["limits"]
+            if rec["rpm"]:
+                used = _slide(prev_r, cur_r, at)
+                wait = _slide_wait(prev_r, cur_r, at, rec["rpm"] - 1)
+                limits["requests"] = (rec["rpm"], max(0, int(rec["rpm"] - used - 1)), wait)
+                if used + 1 > rec["rpm"]:
+                    raise KeyLimit("rpm", f"key {name}: over its {rec['rpm']} requests a minute",
+                                   wait)
+            if rec["tpm"]:
+                used = _slide(prev_t, cur_t, at)
+                room = rec["tpm"] - min(tokens, rec["tpm"])
+                wait = _slide_wait(prev_t, cur_t, at, room)
+                limits["tokens"] = (rec["tpm"], max(0, int(rec["tpm"] - used - tokens)), wait)
+                if used > room:
+                    raise KeyLimit("tpm", f"key {name}: over its {rec['tpm']} tokens a minute",
+                                   wait)
+            start, end = period_bounds(rec["period"] or "month", now)
+            spent = u.get("spent") or 0.0 if (u.get("period_start") or 0) >= start else 0.0
+            holds, held = (u.get("holds") or 0.0), (u.get("held") or 0)
+            if held and now - (u.get("held_at") or 0) > STALE_HOLD_SECONDS:
+                holds, held = 0.0, 0
+            if rec["budget"]:
+                said = f"${rec['budget']:g} a {rec['period']}"
+                if spent >= rec["budget"]:
+                    raise KeyLimit("budget", f"key {name}: its budget of {said} is spent "
+                                             f"(${spent:.4f}); it resets {iso_time(end)}",
+                                   end - now, end)
+                if held and spent + holds + cost > rec["budget"]:
+                    raise KeyLimit("busy", f"key {name}: its budget of {said} is nearly spent "
+                                           f"(${spent:.4f}) and {held} request(s) of it are still "
+                                           "running: this one waits until they have settled", 1.0)
+            ticket["hold"], ticket["held"] = cost, True
+            db.execute(
+                "INSERT OR REPLACE INTO key_usage (name, minute, requests, tokens, prev_requests, "
+                "prev_tokens, period_start, spent, holds, held, held_at, last_used) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, minute, cur_r + 1, cur_t + tokens, prev_r, prev_t, start, spent,
+                 holds + cost, held + 1, now, u.get("last_used")))
+        try:
+            self._tx(check)
+        except KeyLimit as e:
+            e.limits = ticket["limits"]
+            raise
+        return ticket
+
+    def settle(self, ticket, cost, tokens, now=None):
+        """A request of the key completed (or failed): its real cost joins the period's spend, its
+        hold is released, its tokens replace its estimate in the minute's count."""
+        if ticket is None or ticket["settled"]:
+            return
+        ticket["settled"] = True
+        now = now or time.time()
+        name = ticket["name"]
+
+        def book(db):
+            u = db.execute("SELECT * FROM key_usage WHERE name=?", (name,)).fetchone()
+            rec = db.execute("SELECT period FROM keys WHERE name=?", (name,)).fetchone()
+            if rec is None:
+                return
+            start, _end = period_bounds(rec["period"] or "month", now)
+            u = dict(u) if u is not None else {"minute": None, "requests": 0, "tokens": 0,
+                                              "prev_requests": 0, "prev_tokens": 0, "held": 0,
+                                              "holds": 0.0, "held_at": now}
+            spent = (u.get("spent") or 0.0) if (u.get("period_start") or 0) >= start else 0.0
+            minute, requests, toks = u["minute"], u["requests"], u["tokens"]
+            prev_r, prev_t = u["prev_requests"], u["prev_tokens"]
+            here = int(now // 60)
+            if minute != here:           # (the minute turned: counts move to "the last minute")
+                prev_r, prev_t = (requests, toks) if minute == here - 1 else (0, 0)
+                requests = toks = 0
+            if not ticket["held"]:       # (a key without limits: counted as it completes)
+                requests, toks = requests + 1, toks + tokens
+            elif ticket["minute"] == here:                      # the estimate becomes the count
+                toks += tokens - ticket["tokens"]
+            elif ticket["minute"] == here - 1:
+                prev_t += tokens - ticket["tokens"]
+            held = max(0, (u.get("held") or 0) - (1 if ticket["held"] else 0))
+            holds = max(0.0, (u.get("holds") or 0.0) - ticket["hold"]) if held else 0.0
+            db.execute(
+                "INSERT OR REPLACE INTO key_usage (name, minute, requests, tokens, prev_requests, "
+                "prev_tokens, period_start, spent, holds, held, held_at, last_used) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, here, requests, max(0, toks), prev_r, max(0, prev_t), start, spent + cost, holds,
+                 held, u.get("held_at") or now, now))
+        self._tx(book)
+
+
 class RequestLog:
     """The request log: SQLite in WAL mode in the data directory, written by one thread from a
     queue. Prompt and reply text are stored only when `log_prompts` is on. Retention: rows older
@@ -9177,7 +9666,7 @@ class RequestLog:
                "attempts", "status", "latency_ms", "ttfb_ms", "input_tokens", "output_tokens",
                "cached_tokens", "cost", "stream",
                "error", "prompt", "reply", "pinned", "usage_estimated", "structured", "dropped",
-               "endpoint", "completion")
+               "endpoint", "completion", "key")
 
     def __init__(self, path, settings, metrics, line_format="text"):
         self.path = path
@@ -9205,10 +9694,7 @@ class RequestLog:
 
     def _connect(self):
         private_dir(os.path.dirname(self.path))
-        # SQLite gives its journal files the database's mode
-        for suffix in ("", "-wal", "-shm"):
-            if suffix == "" or os.path.exists(self.path + suffix):
-                os.close(open_private(self.path + suffix, os.O_RDWR | os.O_CREAT))
+        private_db(self.path)       # (SQLite gives its journal files the database's mode)
         db = sqlite3.connect(self.path, timeout=10)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -9336,7 +9822,9 @@ class RequestLog:
         finally:
             db.close()
 
-    def usage(self, since, group_by):
+    def usage(self, since, group_by, key=None):
+        """/v1/usage: totals and groups since `since` (of one personal key's requests only, when
+        `key` names one)."""
         expr = USAGE_GROUPS.get(group_by or "model")
         if expr is None:
             raise bad_request("group_by", f"must be one of {', '.join(USAGE_GROUPS)}")
@@ -9344,20 +9832,29 @@ class RequestLog:
                 "COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), "
                 "0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, "
                 "ROUND(COALESCE(SUM(cost), 0), 6) AS cost")
-        order = "key" if group_by == "day" else "cost DESC, requests DESC"
-        groups = self._read(f"SELECT {expr} AS key, {sums} FROM requests WHERE ts >= ? "
-                            f"GROUP BY key ORDER BY {order}", (since,))
-        total = self._read(f"SELECT {sums} FROM requests WHERE ts >= ?", (since,))
-        return {"since": since, "group_by": group_by or "model",
-                "totals": total[0] if total else {}, "groups": groups}
+        order = "grp" if group_by == "day" else "cost DESC, requests DESC"
+        where, args = ("ts >= ? AND key = ?", (since, key)) if key else ("ts >= ?", (since,))
+        groups = [dict(key=g.pop("grp"), **g) for g in self._read(
+            f"SELECT {expr} AS grp, {sums} FROM requests WHERE {where} GROUP BY grp "
+            f"ORDER BY {order}", args)]
+        total = self._read(f"SELECT {sums} FROM requests WHERE {where}", args)
+        if group_by == "key":
+            for g in groups:
+                g["key"] = g["key"] or "(router key or none)"
+        out = {"since": since, "group_by": group_by or "model",
+               "totals": total[0] if total else {}, "groups": groups}
+        if key:
+            out["key"] = key
+        return out
 
-    def recent(self, limit=50):
+    def recent(self, limit=50, key=None):
         rows = self._read("SELECT id, ts, dialect, requested, intent, route, provider, model, "
                           "attempts, status, latency_ms, ttfb_ms, input_tokens, output_tokens, "
                           "cached_tokens, usage_estimated, cost, stream, error, pinned, "
                           "structured, dropped, coalesce(endpoint, 'chat') AS endpoint, "
-                          "completion FROM "
-                          "requests ORDER BY id DESC LIMIT ?", (max(1, min(500, limit)),))
+                          "completion, key FROM requests " + ("WHERE key = ? " if key else "")
+                          + "ORDER BY id DESC LIMIT ?",
+                          ((key,) if key else ()) + (max(1, min(500, limit)),))
         for r in rows:
             r["attempts"] = json.loads(r["attempts"] or "[]")
         return rows
@@ -9376,18 +9873,23 @@ class JsonLogFormatter(logging.Formatter):
         return dumps(obj)
 
 
-def request_row(ctx, catalogue, log_prompts):
-    """The log row of a finished request (built on its thread: plain data, no I/O)."""
+def answer_cost(ctx, catalogue):
+    """What a finished request used: (answered, usage, cost in USD). A stream that broke after it
+    started used tokens too; usage a provider did not report is estimated, never zero."""
     usage = ctx.usage or {}
     prov = catalogue.providers.get(ctx.provider) if ctx.provider else None
-    ok = ctx.status < 400
-    # (a stream that broke after it started used tokens too)
-    answered = ok or ctx.broken is not None
+    answered = ctx.status < 400 or ctx.broken is not None
     if answered and prov is not None and not _counted(usage):
-        usage = Dispatcher.estimated_usage(ctx)      # usage and cost are never silently zero
+        usage = Dispatcher.estimated_usage(ctx)
     cost = request_cost(price_of(prov.api, ctx.upstream_model,
                                  catalogue.meta(ctx.provider, ctx.upstream_model)),
                         usage) if prov is not None and answered and usage else 0.0
+    return answered, usage, cost
+
+
+def request_row(ctx, catalogue, log_prompts):
+    """The log row of a finished request (built on its thread: plain data, no I/O)."""
+    answered, usage, cost = answer_cost(ctx, catalogue)
     attempts = [{"provider": a.cand[0], "model": a.cand[1], "kind": a.kind,
                  "reason": a.reason, "status": a.status}
                 for a in ctx.attempts]
@@ -9407,6 +9909,7 @@ def request_row(ctx, catalogue, log_prompts):
            "structured": ctx.structured if answered else None,
            "dropped": ", ".join(ctx.dropped) if answered and ctx.dropped else None,
            "endpoint": ctx.endpoint, "completion": ctx.completion if answered else None,
+           "key": ctx.key["name"] if ctx.key else None,
            "known": (ctx.provider, ctx.upstream_model) in catalogue.caps}
     if log_prompts:
         row["prompt"] = "\n".join(user_turns(ctx.req)[-1:])[:100000]
@@ -9552,6 +10055,7 @@ class Router:
         self.metrics = Metrics()
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
                               self.metrics, log_format)
+        self.keys = KeyStore(os.path.join(self.data_dir, "requests.db"))
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_asked = False
@@ -9689,8 +10193,44 @@ class Router:
             self._thread.start()
         self.log.start()
 
+    def admit(self, ctx, cat, cand, tokens):
+        """A personal key's ticket for this request (its rate limits and budget), with a hold of
+        the largest likely cost on the first candidate; a limit it is over is a 429 in the
+        client's dialect, with Retry-After and the rate-limit headers its SDK reads."""
+        meta = cat.meta(*cand)
+        prices = price_of(cat.providers[cand[0]].api, cand[1], meta)
+        most = request_cost(prices, {"input": tokens, "output": output_limit(
+            ctx.req, meta, self.settings["default_max_tokens"]) or 0})
+        now = time.time()
+        codec = CODECS[ctx.dialect]
+        try:
+            ctx.ticket = self.keys.admit(ctx.key, tokens, most, now)
+        except KeyLimit as e:
+            wait = max(1, int(-(-e.retry_after // 1)))
+            headers = {"Retry-After": str(wait), "retry-after-ms": str(int(e.retry_after * 1000))}
+            if e.kind == "budget":
+                headers["x-should-retry"] = "false"       # (not before the period turns)
+            headers.update(codec.limit_headers(getattr(e, "limits", {}), now))
+            err = ApiError(429, "quota" if e.kind == "budget" else "rate_limit", e.message,
+                           headers=headers)
+            err.code = "insufficient_quota" if e.kind == "budget" else "rate_limit_exceeded"
+            raise err from None
+        ctx.limits = codec.limit_headers(ctx.ticket["limits"], now)
+
+    def settle(self, ctx):
+        """A personal key's request is over: its real cost and tokens booked (once)."""
+        if ctx.ticket is not None and not ctx.ticket["settled"]:
+            _answered, usage, cost = answer_cost(ctx, self.catalogue)
+            try:
+                self.keys.settle(ctx.ticket, cost, (usage.get("input") or 0)
+                                 + (usage.get("output") or 0))
+            except (sqlite3.Error, OSError) as e:
+                log.warning("team keys: the spend of key %s was not booked (%s)",
+                            ctx.ticket["name"], e)
+
     def record(self, ctx):
         """Hand the finished request to the log writer (a queue put on this thread)."""
+        self.settle(ctx)
         row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"])
         self.log.record(row, attempts)
 
@@ -9821,11 +10361,13 @@ class Router:
         akey = Affinity.key(ctx.req, ctx.headers)
         pin, ctx.provider_marks = affinity.get(akey, name)
         ctx.history_marks = thinking_marks(ctx.req)
-        plan = self.plan(cat, ctx.req, ctx.body, ctx.headers, pin)
+        plan = plan_for_key(self.plan(cat, ctx.req, ctx.body, ctx.headers, pin), ctx.key)
         if plan.unknown:
             self.warn_unknown(ctx.model, plan.route)
         ctx.plan = plan
         ctx.estimate = estimate_tokens(ctx.req)
+        if ctx.key is not None and plan.candidates:
+            self.admit(ctx, cat, plan.candidates[0], ctx.estimate)
         fallback = None
         overflowed = 0          # the largest context window that was too small for this request
         missing = set()         # asked-for candidates whose provider said the model does not exist
@@ -9861,9 +10403,11 @@ class Router:
 
                 def completed(pname=pname):
                     # before the client can read the end: its next turn must find this turn's marks
+                    # (and a personal key's next request its spend)
                     affinity.add_marks(akey, pname, ctx.made_marks)
                     if keep is not None:
                         keep()
+                    self.settle(ctx)
                 try:
                     self.dispatcher.attempt(ctx, cat, health, prov, mid, idx, committed,
                                             completed)
@@ -10016,7 +10560,7 @@ class Router:
             return err
         return ApiError(502, "api_error", msg)
 
-    def embed(self, dialect, body, headers, writer, **kw):
+    def embed(self, dialect, body, headers, writer, key=None, **kw):
         """An embeddings request: planned (plan_embeddings), sent in batches of the provider's
         size, joined back in order, failing over to the next candidate serving the same model.
         -> (the reply in the client's shape, response headers)."""
@@ -10027,7 +10571,7 @@ class Router:
             raise ApiError(400, "invalid_request", f"body: a field has an unexpected type or value "
                            f"({type(e).__name__}: {clean_text(e, 200)})") from None
         ctx = Context(dialect, body, neutral_request(ereq["model"], [], []), headers, writer)
-        ctx.endpoint = "embeddings"
+        ctx.endpoint, ctx.key = "embeddings", key
         try:
             return self._embed(ctx, ereq)
         except ApiError as e:
@@ -10044,6 +10588,10 @@ class Router:
         cc = CODECS[ctx.dialect]
         tokens_in = any(isinstance(x, list) for x in ereq["inputs"])
         cands = plan_embeddings(cat, ereq["model"])
+        if ctx.key is not None:
+            if ctx.key["models"]:
+                cands = key_candidates(ctx.key, cands, route=ereq["model"])
+            self.admit(ctx, cat, cands[0], embed_tokens(ereq))
         now = time.monotonic()
         # the same model everywhere: the healthy candidates first, the soonest to recover next
         cands.sort(key=lambda c: health.cand_left(c, now, cat.providers[c[0]]))
@@ -10084,7 +10632,7 @@ class Router:
                 ctx.usage = dict(empty_usage(), input=tokens)
                 tried = {a.cand for a in ctx.attempts if not a.reason.startswith("skipped")}
                 headers = {"X-Router-Provider": pname, "X-Router-Model": header_value(mid),
-                           "X-Router-Attempts": str(len(tried | {cand}))}
+                           "X-Router-Attempts": str(len(tried | {cand})), **ctx.limits}
                 return cc.embed_encode(vectors, mid, ereq, tokens), headers
         if ctx.attempts and all(a.kind == "input" for a in ctx.attempts):
             raise ApiError(400, "invalid_request", "no candidate can make these vectors: " +
@@ -10140,14 +10688,16 @@ class Router:
             raise ApiError(404, "not_found", f"model {name!r} not found", param="model")
         return CODECS[dialect].model_shape(entry)
 
-    def explain(self, body, headers):
-        """POST /v1/route: where a request would go, without calling a provider."""
+    def explain(self, body, headers, key=None):
+        """POST /v1/route: where a request would go (for a personal key: among its models),
+        without calling a provider."""
         dialect = guess_dialect(body, headers)
         req = decode_client_request(dialect, body)
         pin, _last = self.affinity.get(Affinity.key(req, headers),
                                        headers.get("x-router-route") or req["model"])
         cat = self.catalogue
-        out = dict(self.plan(cat, req, body, headers, pin).explain(), dialect=dialect)
+        out = dict(plan_for_key(self.plan(cat, req, body, headers, pin), key).explain(),
+                   dialect=dialect)
         if req.get("response_format"):
             for c in out["candidates"]:
                 api = cat.providers[c["provider"]].api
@@ -10164,6 +10714,7 @@ class Router:
         if self.health.dirty:
             self.save_state()
         self.log.stop()
+        self.keys.close()
         self.pool.close_all()
 
 
@@ -10557,7 +11108,42 @@ class RouterHandler(BaseHTTPRequestHandler):
             return True
 
     # -- request handling ----------------------------------------------------------------------
+    def _key(self):
+        """The personal key of this request's caller (its `keys` row), or None."""
+        return self.caller if isinstance(self.caller, dict) else None
+
+    def _keys(self, method, path, caller):
+        """GET/POST /v1/keys, POST/DELETE /v1/keys/NAME (and .../rotate): the team's keys, managed
+        with the router key; a personal key may read its own entry."""
+        keys = self.router.keys
+        name = urllib.parse.unquote(path[len("/v1/keys/"):]) if path != "/v1/keys" else None
+        if isinstance(caller, dict) and method == "GET":
+            if name not in (None, caller["name"]):
+                raise ApiError(403, "permission", "a personal key may read only its own entry")
+            return self._json(200, {"object": "list", "data": [keys.entry(caller["name"])]}
+                              if name is None else keys.entry(name))
+        if caller != "admin":
+            raise ApiError(403, "permission", "managing keys needs the router key: set "
+                           "SAGE_ROUTER_API_KEY and send it (or use router.py keys on the box)")
+        if method == "GET":
+            return self._json(200, {"object": "list", "data": keys.entries()}
+                              if name is None else keys.entry(name))
+        if method == "DELETE" and name:
+            return self._json(200, keys.revoke(name))
+        if method != "POST":
+            raise ApiError(405, "invalid_request", f"{path} takes GET, POST or DELETE")
+        body = parse_json_body(self._read_body("openai"))
+        _need(isinstance(body, dict), "body", "must be a JSON object")
+        if name is None:
+            key, entry = keys.create(body.get("name"), body)
+            return self._json(201, dict(entry, key=key))
+        if name.endswith("/rotate"):
+            key, entry = keys.rotate(name[:-len("/rotate")])
+            return self._json(200, dict(entry, key=key))
+        return self._json(200, keys.update(name, {k: v for k, v in body.items() if k != "name"}))
+
     def _reset(self):
+        self.caller = None
         self.sent = False
         self.framing = ("none", 0)
         self.cors_origin = None
@@ -10571,6 +11157,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                       neutral_request(clean_text(model, 256) if isinstance(model, str) else None,
                                                      [], []), {}, self)
         ctx.status, ctx.error, ctx.endpoint = err.status, err.message[:2000], endpoint
+        ctx.key = self._key()
         self.router.record(ctx)
 
     def send_error(self, code, message=None, explain=None):
@@ -10602,10 +11189,37 @@ class RouterHandler(BaseHTTPRequestHandler):
     def _json(self, status, obj):
         self.send(status, {"Content-Type": "application/json"}, dumps(obj).encode())
 
+    def _identify(self):
+        """Who sends this request: ("admin", None) with the router key, (its `keys` row, None)
+        with a personal key, ("open", None) when no key is needed (no router key and no personal
+        key is set); else (None, the 401 that says what is wrong)."""
+        key, keys = self.router.router_key, self.router.keys
+        given = self._given_key()
+        if key and hmac.compare_digest(given.encode(), key.encode()):
+            return "admin", None
+        rec = keys.find(given) if given.startswith(KEY_PREFIX) else None
+        now = time.time()
+        if rec is not None and rec["revoked"] is not None:
+            return None, ApiError(401, "authentication", f"the key {rec['name']} was revoked "
+                                                         f"{iso_time(rec['revoked'])}")
+        if rec is not None and rec["expires"] is not None and rec["expires"] <= now:
+            return None, ApiError(401, "authentication", f"the key {rec['name']} expired "
+                                                         f"{iso_time(rec['expires'])}")
+        if rec is not None:
+            return rec, None
+        if not key and not keys.any_active(now):
+            return "open", None
+        return None, ApiError(401, "authentication", "missing or wrong key: send the router key "
+                                                     "(SAGE_ROUTER_API_KEY) or a personal key "
+                                                     "(router.py keys add NAME) as "
+                                                     "'Authorization: Bearer KEY' or 'x-api-key: "
+                                                     "KEY' ('x-goog-api-key: KEY' or ?key=KEY "
+                                                     "from Gemini clients)")
+
     def _authorized(self):
-        key = self.router.router_key
-        if not key:
-            return True
+        return self._identify()[1] is None
+
+    def _given_key(self):
         given = self.headers.get("x-api-key") or self.headers.get("x-goog-api-key") or ""
         auth = self.headers.get("authorization") or ""
         if auth[:7].lower() == "bearer ":
@@ -10613,7 +11227,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         if not given and "key=" in self.path:       # Gemini's REST habit: ?key=
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             given = (query.get("key") or [""])[-1]
-        return hmac.compare_digest(given.encode(), key.encode())
+        return given
 
     def _framing(self):
         """How the request's body is framed: ("none" | "length" | "chunked", length). Ambiguous
@@ -10840,25 +11454,31 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self.send(200, {"Content-Type": "text/html; charset=utf-8",
                                    "Cache-Control": "no-cache", **PAGE_HEADERS},
                              STATUS_PAGE)
-        if not self._authorized():
-            raise ApiError(401, "authentication", "missing or wrong router key: send it as "
-                                                  "'Authorization: Bearer KEY' or 'x-api-key: KEY' "
-                                                  "('x-goog-api-key: KEY' or ?key=KEY from Gemini "
-                                                  "clients) (SAGE_ROUTER_API_KEY)")
+        caller, refused = self._identify()
+        if refused is not None:
+            raise refused
+        self.caller = caller
+        mine = caller["name"] if isinstance(caller, dict) else None    # a personal key's name
+        if path == "/v1/keys" or path.startswith("/v1/keys/"):
+            return self._keys(method, path, caller)
+        if mine and (path == "/metrics" or path == "/v1/health/reset"):
+            raise ApiError(403, "permission", f"{path} needs the router key "
+                                              "(SAGE_ROUTER_API_KEY), not a personal key")
         if method == "GET" and path == "/metrics":
             return self.send(200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
                              self.router.metrics.render(self.router).encode())
         if method == "GET" and path in ("/v1/usage", "/v1/requests"):
             q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             one = {k: v[-1] for k, v in q.items()}
-            if path == "/v1/usage":
+            if path == "/v1/usage":               # (a personal key sees its own only)
                 return self._json(200, self.router.log.usage(parse_since(one.get("since")),
-                                                             one.get("group_by")))
+                                                             one.get("group_by"), mine))
             try:
                 limit = int(one.get("limit", 50))
             except ValueError:
                 raise bad_request("limit", "must be an integer")
-            return self._json(200, {"object": "list", "data": self.router.log.recent(limit)})
+            return self._json(200, {"object": "list",
+                                    "data": self.router.log.recent(limit, mine)})
         if dialect == "gemini":
             return self._gemini(method, path, hdrs)
         if method == "GET" and path == "/api/tags":
@@ -10890,11 +11510,11 @@ class RouterHandler(BaseHTTPRequestHandler):
         if action == "embed":
             _need(isinstance(body, dict), "body", "must be a JSON object")
             kw = {"legacy": path.endswith("/api/embeddings")} if dialect == "ollama" else {}
-            out, extra = self.router.embed(dialect, body, hdrs, self, **kw)
+            out, extra = self.router.embed(dialect, body, hdrs, self, key=self._key(), **kw)
             return self.send(200, {"Content-Type": "application/json", **extra},
                              dumps(out).encode())
         if action == "explain":
-            return self._json(200, self.router.explain(body, hdrs))
+            return self._json(200, self.router.explain(body, hdrs, self._key()))
         if action == "reset_health":
             _need(isinstance(body, dict), "body", "must be a JSON object: {}, {\"provider\": NAME} "
                                                   "or {\"provider\": NAME, \"model\": MODEL}")
@@ -10955,6 +11575,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                 isinstance(body, dict) and (body.get("suffix") or body.get("raw"))) else "chat")
             raise
         ctx = Context(dialect, body, req, hdrs, self)
+        ctx.key = self._key()
         if self.router.settings["log_prompts"] and ctx.collect is None:
             ctx.collect = []
         try:
@@ -11130,7 +11751,7 @@ class RouterServer(ThreadingHTTPServer):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-COMMANDS = ("serve", "check", "models", "route", "reset", "systemd-unit")
+COMMANDS = ("serve", "check", "models", "route", "reset", "keys", "systemd-unit")
 
 
 def build_parser():
@@ -11139,7 +11760,8 @@ def build_parser():
         epilog="commands: serve (the default) runs the router; check validates the config and "
                "probes every provider and key; models lists the catalogue; route \"TEXT\" "
                "explains where a prompt would go; reset [PROVIDER[/MODEL]] closes circuit "
-               "breakers by hand (all of them without an argument); systemd-unit prints a "
+               "breakers by hand (all of them without an argument); keys add|list|update|"
+               "revoke|rotate [NAME] manages the team's personal keys; systemd-unit prints a "
                "systemd unit for this install.")
     ap.add_argument("command", nargs="?", default="serve", choices=COMMANDS,
                     help="what to do (default: serve)")
@@ -11174,6 +11796,18 @@ def build_parser():
                     help="for route: the model name to plan for (default auto)")
     ap.add_argument("--user", default=None,
                     help="for systemd-unit: the user to run as (default sage-router)")
+    ap.add_argument("--budget", default=None,
+                    help="for keys add/update: USD/PERIOD, PERIOD day, week or month (UTC "
+                         "calendar), such as 10/month; none removes it")
+    ap.add_argument("--rpm", default=None, help="for keys add/update: requests a minute (none: "
+                                                "no limit)")
+    ap.add_argument("--tpm", default=None, help="for keys add/update: tokens a minute (none: no "
+                                                "limit)")
+    ap.add_argument("--models", default=None,
+                    help="for keys add/update: the models it may use, GLOB,GLOB matching "
+                         "PROVIDER/MODEL or the model id (none: all)")
+    ap.add_argument("--expires", default=None,
+                    help="for keys add/update: a date or time (UTC) it stops working, or never")
     return ap
 
 
@@ -11265,6 +11899,61 @@ def cmd_models(router):
     for name, cands in cat.routes.items():
         names = ", ".join(f"{p}/{m}" for p, m in cands)
         print(f"  {name}: " + (names or "(no model from an enabled provider)"))
+    return 0
+
+
+def cmd_keys(args, words):
+    """router.py keys add|list|update|revoke|rotate [NAME]: on the data directory's database (a
+    router running on it sees the change on its next request). A new key is printed once, alone
+    on the last line."""
+    store = KeyStore(os.path.join(args.data_dir or default_data_dir(), "requests.db"))
+    action, name = (words + [None, None])[:2]
+    fields = {f: getattr(args, f) for f in ("budget", "rpm", "tpm", "models", "expires")
+              if getattr(args, f) is not None}
+    try:
+        if action in (None, "list"):
+            rows = [(e["name"], e["prefix"], e["state"],
+                     f"${e['spent_usd']:.4f} of ${e['budget_usd']:g}/{e['period']}"
+                     if e["budget_usd"] else f"${e['spent_usd']:.4f}",
+                     e["rpm"] or "-", e["tpm"] or "-", ",".join(e["models"] or ["*"]),
+                     e["expires"] or "never", e["last_used"] or "never")
+                    for e in store.entries()]
+            print(_table(rows, ("name", "key", "state", "spent this period", "rpm", "tpm",
+                                "models", "expires", "last used")) if rows else
+                  "no keys yet: router.py keys add NAME [--budget 10/month] [--rpm 60]")
+            return 0
+        if action not in ("add", "update", "revoke", "rotate") or not name:
+            print("sage-router: keys: add NAME, list, update NAME, revoke NAME or rotate NAME",
+                  file=sys.stderr)
+            return 2
+        key = None
+        if action == "add":
+            key, entry = store.create(name, fields)
+        elif action == "rotate":
+            key, entry = store.rotate(name)
+        elif action == "update":
+            entry = store.update(name, fields)
+        else:
+            entry = store.revoke(name)
+    except ApiError as e:
+        print(f"sage-router: keys {action}: {e.message}", file=sys.stderr)
+        return 1
+    except (sqlite3.Error, OSError) as e:
+        print(f"sage-router: keys: cannot use {store.path}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    limits = ", ".join(filter(None, (
+        entry["budget_usd"] and f"budget ${entry['budget_usd']:g} a {entry['period']} (resets "
+                                f"{entry['resets']})",
+        entry["rpm"] and f"{entry['rpm']} requests a minute",
+        entry["tpm"] and f"{entry['tpm']} tokens a minute",
+        entry["models"] and "models " + ",".join(entry["models"]),
+        entry["expires"] and f"expires {entry['expires']}"))) or "no limits"
+    print(f"key {entry['name']} ({entry['state']}): {limits}")
+    if key:
+        print("the key is shown this once; the router keeps only a salted hash of it:")
+        print(key)
     return 0
 
 
@@ -11460,6 +12149,8 @@ def main(argv=None):
         if args.command == "reset":
             return cmd_reset(args, load_env(args.env_file or ".env", args.env_file is not None),
                              " ".join(args.text))
+        if args.command == "keys":        # (the data directory alone: no config needed)
+            return cmd_keys(args, list(args.text))
         router, _env = load_router(args)
     except ConfigError as e:
         print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}",

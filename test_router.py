@@ -5556,6 +5556,226 @@ class OperationsTests(RouterCase):
         self.assertIn("# TYPE sage_router_request_seconds histogram", text)
 
 
+ADMIN = {"Authorization": "Bearer admin-key-1"}
+
+
+def bearer(key):
+    return {"Authorization": "Bearer " + key}
+
+
+class KeysTests(RouterCase):
+    """Personal keys for a team: made, changed and revoked over HTTP and on the command line,
+    enforced on every request in the client's dialect."""
+
+    env = {"SAGE_ROUTER_API_KEY": "admin-key-1"}
+    more_models = {"oa": {"text-embedding-3-small": {}}}
+
+    def setUp(self):
+        super().setUp()
+        for e in self.h.call("GET", "/v1/keys", headers=ADMIN).json()["data"]:
+            if e["state"] == "active":
+                self.h.call("DELETE", "/v1/keys/" + e["name"], headers=ADMIN)
+
+    def new_key(self, name, **limits):
+        r = self.h.call("POST", "/v1/keys", dict({"name": name}, **limits), ADMIN)
+        self.assertEqual(r.status, 201, r)
+        return r.json()["key"]
+
+    def test_made_over_http_used_and_revoked_in_every_dialect(self):
+        key = self.new_key("alice")
+        self.assertRegex(key, r"^sk-sage-[A-Za-z0-9_-]{40,}$")
+        listed = self.h.call("GET", "/v1/keys", headers=ADMIN).json()["data"]
+        self.assertEqual([(e["name"], e["state"]) for e in listed if e["state"] == "active"], [("alice", "active")])
+        self.assertNotIn(key, json.dumps(listed), "the key is never shown again")
+        # (read by another process: closing a descriptor of the file here would drop SQLite's locks)
+        found = subprocess.run(["grep", "-rlF", key, self.h.router.data_dir], capture_output=True, text=True)
+        self.assertEqual(found.stdout, "", "only a salted hash is stored")
+        for dialect in ("openai", "anthropic", "gemini", "ollama"):
+            with self.subTest(dialect=dialect):
+                headers = {"x-goog-api-key": key} if dialect == "gemini" else bearer(key)
+                self.ask(dialect, client_body(dialect, "oa/gpt-test", False), headers)
+        rows = wait_rows(self.h, lambda rows: len([x for x in rows if x["key"] == "alice"]) == 4)
+        self.assertTrue(all(x["status"] == 200 for x in rows[:4]))
+        self.assertEqual(self.h.call("GET", "/v1/keys/alice", headers=bearer(key)).json()["name"], "alice")
+        # no key, a wrong one, a revoked one: 401 in the client's dialect
+        self.assertEqual(self.post("openai", client_body("openai", "oa/gpt-test", False)).status, 401)
+        r = self.post("anthropic", client_body("anthropic", "oa/gpt-test", False), bearer("sk-sage-nope" + "x" * 40))
+        self.assertEqual((r.status, r.json()["error"]["type"]), (401, "authentication_error"))
+        self.assertEqual(self.h.call("DELETE", "/v1/keys/alice", headers=ADMIN).json()["state"], "revoked")
+        r = self.post("openai", client_body("openai", "oa/gpt-test", False), bearer(key))
+        self.assertEqual(r.status, 401)
+        self.assertIn("the key alice was revoked", r.json()["error"]["message"])
+        self.assertEqual(len(self.oa.requests), 4, "no provider called for a refused key")
+
+    def test_only_the_router_key_manages_keys_and_sees_everyone(self):
+        key = self.new_key("bob")
+        for method, path, body in (("POST", "/v1/keys", {"name": "eve"}), ("DELETE", "/v1/keys/bob", None),
+                                   ("GET", "/v1/keys", None), ("GET", "/metrics", None),
+                                   ("POST", "/v1/health/reset", {})):
+            with self.subTest(path=path, method=method):
+                r = self.h.call(method, path, body, bearer(key))
+                self.assertEqual(r.status, 403 if path != "/v1/keys" or method != "GET" else 200, r)
+        self.assertEqual([e["name"] for e in self.h.call("GET", "/v1/keys", headers=bearer(key)).json()["data"]],
+                         ["bob"], "a personal key sees its own entry only")
+        self.ask("openai", client_body("openai", "oa/gpt-test", False), ADMIN)
+        self.ask("openai", client_body("openai", "oa/gpt-test", False), bearer(key))
+        wait_rows(self.h, lambda rows: any(x["key"] == "bob" for x in rows))
+        mine = self.h.call("GET", "/v1/requests", headers=bearer(key)).json()["data"]
+        self.assertEqual({x["key"] for x in mine}, {"bob"})
+        usage = self.h.call("GET", "/v1/usage?group_by=key", headers=bearer(key)).json()
+        self.assertEqual([g["key"] for g in usage["groups"]], ["bob"])
+        everyone = self.h.call("GET", "/v1/usage?group_by=key", headers=ADMIN).json()["groups"]
+        self.assertIn("bob", [g["key"] for g in everyone])
+        self.assertIn("(router key or none)", [g["key"] for g in everyone])
+        self.assertIn('sage_router_key_requests_total{key="bob"}', self.h.call("GET", "/metrics", headers=ADMIN).body.decode())
+
+    def test_the_command_line_changes_a_running_router(self):
+        d = self.h.router.data_dir
+        run = [sys.executable, os.path.join(HERE, "router.py"), "--data-dir", d, "keys"]
+        out = subprocess.run(run + ["add", "carol", "--models", "an/*", "--rpm", "100"], capture_output=True,
+                             text=True, env=router_env(), timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        key = out.stdout.strip().splitlines()[-1]
+        self.assertTrue(key.startswith("sk-sage-"), out.stdout)
+        r, _ = self.ask("openai", client_body("openai", "chat", False), bearer(key))
+        self.assertEqual(r.headers["x-router-provider"], "an", "the route chat, among the key's models only")
+        listed = subprocess.run(run + ["list"], capture_output=True, text=True, env=router_env(), timeout=30).stdout
+        self.assertIn("carol", listed)
+        self.assertNotIn(key, listed)
+        new = subprocess.run(run + ["rotate", "carol"], capture_output=True, text=True, env=router_env(),
+                             timeout=30).stdout.strip().splitlines()[-1]
+        self.assertEqual(self.post("openai", client_body("openai", "chat", False), bearer(key)).status, 401)
+        self.ask("openai", client_body("openai", "chat", False), bearer(new))
+        subprocess.run(run + ["revoke", "carol"], capture_output=True, env=router_env(), timeout=30, check=True)
+        self.assertEqual(self.post("openai", client_body("openai", "chat", False), bearer(new)).status, 401)
+
+    def test_model_globs_are_a_403_that_quotes_them_and_auto_picks_among_them(self):
+        key = self.new_key("dana", models=["an/*", "*/gpt-backup"])
+        r = self.post("openai", client_body("openai", "oa/gpt-test", False), bearer(key))
+        self.assertEqual(r.status, 403, r)
+        self.assertEqual(r.json()["error"]["message"], "key dana may use only an/*, */gpt-backup, not oa/gpt-test")
+        r = self.post("anthropic", client_body("anthropic", "oa/gpt-test", False), bearer(key))
+        self.assertEqual((r.status, r.json()["error"]["type"]), (403, "permission_error"))
+        self.assertEqual(self.oa.requests, [])
+        for model in ("auto", "chat", "general"):
+            with self.subTest(model=model):
+                r, _ = self.ask("openai", client_body("openai", model, False, text="What is the capital of France?"),
+                                bearer(key))
+                self.assertIn(r.headers["x-router-provider"], ("an", "oa2"))
+        self.assertEqual(self.oa.requests, [], "oa/gpt-test heads chat and general, and is not the key's")
+        explained = self.h.call("POST", "/v1/route", client_body("openai", "chat", False), bearer(key)).json()
+        self.assertEqual([c["provider"] for c in explained["candidates"] if not c["skip"]], ["an", "oa2"])
+        r = self.post("openai", client_body("openai", "reasoning", False), dict(bearer(key)))
+        self.assertEqual(r.status, 200, "reasoning: oa/o-think is not allowed, an/claude-test is")
+
+    @unittest.skipIf(openai is None or anthropic is None, "the openai and anthropic SDKs are needed")
+    def test_requests_a_minute_with_retry_after_and_the_headers_each_sdk_reads(self):
+        key = self.new_key("erin", rpm=2)
+        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key=key, max_retries=0)
+        an = anthropic.Anthropic(base_url=f"http://127.0.0.1:{self.h.port}", api_key=key, max_retries=0)
+        got = oa.chat.completions.with_raw_response.create(model="oa/gpt-test", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual((got.headers["x-ratelimit-limit-requests"], got.headers["x-ratelimit-remaining-requests"]), ("2", "1"))
+        an.messages.create(model="oa/gpt-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+        with self.assertRaises(openai.RateLimitError) as e:
+            oa.chat.completions.create(model="oa/gpt-test", messages=[{"role": "user", "content": "hi"}])
+        h = e.exception.response.headers
+        self.assertGreaterEqual(int(h["retry-after"]), 1)
+        self.assertEqual((h["x-ratelimit-limit-requests"], h["x-ratelimit-remaining-requests"]), ("2", "0"))
+        self.assertRegex(h["x-ratelimit-reset-requests"], r"^(\d+m)?\d+s$")
+        self.assertEqual(e.exception.code, "rate_limit_exceeded")
+        self.assertIn("over its 2 requests a minute", e.exception.message)
+        with self.assertRaises(anthropic.RateLimitError) as e:
+            an.messages.create(model="oa/gpt-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+        h = e.exception.response.headers
+        self.assertRegex(h["anthropic-ratelimit-requests-reset"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertEqual(h["anthropic-ratelimit-requests-remaining"], "0")
+        self.assertEqual(e.exception.body["error"]["type"], "rate_limit_error")
+        self.assertEqual(len(self.oa.requests), 2)
+
+    def test_tokens_a_minute(self):
+        key = self.new_key("fay", tpm=60)
+        self.ask("openai", client_body("openai", "oa/gpt-test", False), bearer(key))     # 11 in + 7 out
+        self.ask("openai", client_body("openai", "oa/gpt-test", False, text="x" * 120), bearer(key))
+        r = self.post("openai", client_body("openai", "oa/gpt-test", False, text="x" * 120), bearer(key))
+        self.assertEqual(r.status, 429, r)
+        self.assertIn("over its 60 tokens a minute", r.json()["error"]["message"])
+        self.assertEqual(r.headers["x-ratelimit-limit-tokens"], "60")
+
+    @unittest.skipIf(openai is None or anthropic is None, "the openai and anthropic SDKs are needed")
+    def test_a_budget_that_runs_out_mid_session_in_each_dialect(self):
+        # claude-test costs $3/$15 a million: a reply of 11 in and 7 out is $0.000138
+        key = self.new_key("gus", budget="0.0002/day")
+        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{self.h.port}/v1", api_key=key, max_retries=0)
+        an = anthropic.Anthropic(base_url=f"http://127.0.0.1:{self.h.port}", api_key=key, max_retries=0)
+        oa.chat.completions.create(model="an/claude-test", messages=[{"role": "user", "content": "hi"}])
+        an.messages.create(model="an/claude-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}],
+                           stream=False)
+        entry = self.h.call("GET", "/v1/keys/gus", headers=ADMIN).json()
+        rows = wait_rows(self.h, lambda rows: len([x for x in rows if x["key"] == "gus"]) == 2)
+        self.assertAlmostEqual(entry["spent_usd"], sum(x["cost"] for x in rows if x["key"] == "gus"), places=6)
+        self.assertGreater(entry["spent_usd"], 0.0002)
+        with self.assertRaises(openai.RateLimitError) as e:
+            oa.chat.completions.create(model="an/claude-test", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual((e.exception.code, e.exception.body["type"]), ("insufficient_quota", "insufficient_quota"))
+        tomorrow = time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(time.time() + 86400))
+        self.assertIn(f"its budget of $0.0002 a day is spent ($0.0003); it resets {tomorrow}", e.exception.message)
+        self.assertEqual(e.exception.response.headers["x-should-retry"], "false")
+        with self.assertRaises(anthropic.RateLimitError) as e:
+            an.messages.create(model="an/claude-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(e.exception.body["error"]["type"], "rate_limit_error")
+        self.assertIn(tomorrow, e.exception.message)
+        r = self.h.call("POST", "/v1/embeddings", {"model": "oa/text-embedding-3-small", "input": "x"}, bearer(key))
+        self.assertEqual(r.status, 429, "embeddings count against the budget too")
+        self.assertEqual(len(self.an.requests), 2, "no provider called once it is spent")
+        # a raise takes effect on the next request
+        self.h.call("POST", "/v1/keys/gus", {"budget": "1/day"}, ADMIN)
+        an.messages.create(model="an/claude-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}])
+
+    def test_near_its_budget_a_key_runs_one_request_at_a_time(self):
+        key = self.new_key("hal", budget="0.001/month")
+        self.an.push(Reply(text="slow and long", stall_after=2))
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=self.post(
+            "openai", client_body("openai", "an/claude-test", True), bearer(key))))
+        t.start()
+        self.assertTrue(wait_until(lambda: len(self.an.requests) == 1))
+        r = self.post("openai", client_body("openai", "an/claude-test", False), bearer(key))
+        self.assertEqual(r.status, 429, "its largest likely cost and the one in flight do not fit")
+        self.assertIn("1 request(s) of it are still running", r.json()["error"]["message"])
+        self.assertEqual(r.headers["retry-after"], "1")
+        self.an.release.set()
+        t.join(10)
+        self.ask("openai", client_body("openai", "an/claude-test", False), bearer(key))
+
+    def test_two_routers_on_one_data_directory_share_keys_and_spend(self):
+        other = Harness(self.cfg, self.env, data_dir=self.h.router.data_dir)
+        self.addCleanup(other.close)
+        key = self.new_key("ivy", budget="0.0002/day")
+        self.ask("openai", client_body("openai", "an/claude-test", False), bearer(key))
+        r = other.call("POST", "/v1/chat/completions", client_body("openai", "an/claude-test", False), bearer(key))
+        self.assertEqual(r.status, 200, "the other router knows the key")
+        r = self.post("openai", client_body("openai", "an/claude-test", False), bearer(key))
+        self.assertEqual(r.status, 429, "and both spends count")
+        other.call("DELETE", "/v1/keys/ivy", headers=ADMIN)
+        r = self.post("openai", client_body("openai", "an/claude-test", False), bearer(key))
+        self.assertIn("revoked", r.json()["error"]["message"])
+
+    def test_limits_are_checked(self):
+        for body, field in (({"name": "x y"}, "name"), ({"name": "ok", "budget": "10/year"}, "budget"),
+                            ({"name": "ok", "rpm": -1}, "rpm"), ({"name": "ok", "models": 5}, "models"),
+                            ({"name": "ok", "expires": "soon"}, "expires")):
+            with self.subTest(body=body):
+                r = self.h.call("POST", "/v1/keys", body, ADMIN)
+                self.assertEqual(r.status, 400, r)
+                self.assertTrue(r.json()["error"]["message"].startswith(field + ":"), r.json())
+        key = self.new_key("jo", expires="2020-01-01")
+        r = self.post("openai", client_body("openai", "oa/gpt-test", False), bearer(key))
+        self.assertEqual(r.status, 401)
+        self.assertIn("the key jo expired 2020-01-01T00:00:00Z", r.json()["error"]["message"])
+        self.assertEqual(self.h.call("POST", "/v1/keys", {"name": "jo"}, ADMIN).status, 201, "an expired key's name may be reused")
+        self.assertEqual(self.h.call("POST", "/v1/keys", {"name": "jo"}, ADMIN).status, 409, "an active one's not")
+
+
 class LogLineTests(unittest.TestCase):
     def test_one_line_per_request_text_and_json_never_keys_or_prompts(self):
         fake = FakeProvider("openai")

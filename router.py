@@ -274,8 +274,10 @@ MODEL_META_FORMS = {
     "input": (lambda v: isinstance(v, list) and set(v) <= {"text", "image", "pdf"},
               "a list of \"text\", \"image\" and \"pdf\""),
     "cost": (lambda v: isinstance(v, dict) and all(
-        k in ("input", "output", "cached") and _num(x) and x >= 0 for k, x in v.items()),
-             "{\"input\": USD, \"output\": USD, \"cached\": USD} per million tokens"),
+        k in ("input", "output", "cached", "cache_write", "reasoning") and _num(x) and x >= 0
+        for k, x in v.items()),
+             "{\"input\": USD, \"output\": USD, \"cached\": USD, \"cache_write\": USD, "
+             "\"reasoning\": USD} per million tokens (all optional)"),
     "intents": (lambda v: isinstance(v, list) and set(v) <= {"code", "creative",
                                                              "reasoning", "general"},
                 "a list of \"code\", \"creative\", \"reasoning\", \"general\""),
@@ -2614,7 +2616,8 @@ def _openai_list_meta(m):
         meta["max_output"] = top
     pricing = m.get("pricing") or {}
     try:
-        fields = (("input", "prompt"), ("output", "completion"), ("cached", "input_cache_read"))
+        fields = (("input", "prompt"), ("output", "completion"), ("cached", "input_cache_read"),
+                  ("cache_write", "input_cache_write"))
         cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in fields if p in pricing}
         if cost:
             meta["cost"] = cost
@@ -6057,7 +6060,8 @@ def openclaw_providers(path, env):
                 "input": [x for x in m.get("input") or [] if x in ("text", "image", "pdf")] or None,
                 "reasoning": m.get("reasoning") if isinstance(m.get("reasoning"), bool) else None,
                 "cost": _clean({"input": cost.get("input"), "output": cost.get("output"),
-                                "cached": cost.get("cacheRead")}) or None})
+                                "cached": cost.get("cacheRead"),
+                                "cache_write": cost.get("cacheWrite")}) or None})
         entry = {"api": api, "base_url": p["baseUrl"], "models": models, "api_key": key,
                  "description": f"imported from {path}"}
         if isinstance(p.get("headers"), dict):
@@ -9070,9 +9074,10 @@ _PRICE_RULES = [(re.compile(p, re.I), c) for p, c in PRICE_RULES]
 
 
 def price_of(provider_api, model_id, caps):
-    """(input, output, cached) USD per million tokens: the model's `cost` metadata, else the
-    shipped defaults by name; local models (Ollama's) are free. Kept in the capabilities once
-    found."""
+    """(input, output, cache read, cache write, reasoning) USD per million tokens: the model's
+    `cost` metadata, else the shipped defaults by name; local models (Ollama's) are free. Cache
+    writes cost 1.25 times the input for Claude models (Anthropic's five-minute cache), the input
+    for others; reasoning costs what output does. Kept in the capabilities once found."""
     if "_price" in caps:
         return caps["_price"]
     caps["_price"] = price = _price_of(provider_api, model_id, caps)
@@ -9080,23 +9085,27 @@ def price_of(provider_api, model_id, caps):
 
 
 def _price_of(provider_api, model_id, caps):
-    cost = caps.get("cost") if isinstance(caps.get("cost"), dict) else None
-    if cost:
-        inp = cost.get("input", 0.0)
-        return inp, cost.get("output", 0.0), cost.get("cached", inp)
-    if CODECS[provider_api].free:     # a model on this box
-        return 0.0, 0.0, 0.0
-    for rx, c in _PRICE_RULES:
-        if rx.search(model_id):
-            return c
-    return 0.0, 0.0, 0.0
+    cost = caps.get("cost") if isinstance(caps.get("cost"), dict) else {}
+    if not cost and CODECS[provider_api].free:     # a model on this box
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    if not cost:
+        rule = next((c for rx, c in _PRICE_RULES if rx.search(model_id)), (0.0, 0.0, 0.0))
+        cost = dict(zip(("input", "output", "cached"), rule))
+    inp, out = cost.get("input", 0.0), cost.get("output", 0.0)
+    write = cost.get("cache_write", inp * (1.25 if "claude" in model_id.lower() else 1.0))
+    return inp, out, cost.get("cached", inp), write, cost.get("reasoning", out)
 
 
 def request_cost(prices, usage):
-    pin, pout, pcached = prices
-    cached = usage.get("cache_read", 0)
-    fresh = max(0, usage.get("input", 0) - cached)
-    return (fresh * pin + cached * pcached + usage.get("output", 0) * pout) / 1e6
+    """USD for a neutral usage: fresh input, cache reads, cache writes, output and reasoning
+    (part of the output) each at its own price."""
+    pin, pout, pread, pwrite, preason = prices
+    read, write = usage.get("cache_read") or 0, usage.get("cache_write") or 0
+    fresh = max(0, (usage.get("input") or 0) - read - write)
+    output = usage.get("output") or 0
+    reasoning = min(usage.get("reasoning") or 0, output)
+    return (fresh * pin + read * pread + write * pwrite + (output - reasoning) * pout
+            + reasoning * preason) / 1e6
 
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -9831,7 +9840,8 @@ class RequestLog:
         sums = ("COUNT(*) AS requests, SUM(status >= 400) AS errors, "
                 "COALESCE(SUM(input_tokens), 0) AS input_tokens, COALESCE(SUM(output_tokens), "
                 "0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, "
-                "ROUND(COALESCE(SUM(cost), 0), 6) AS cost")
+                "ROUND(COALESCE(SUM(cost), 0), 6) AS cost, "
+                "COALESCE(SUM(usage_estimated), 0) AS estimated")
         order = "grp" if group_by == "day" else "cost DESC, requests DESC"
         where, args = ("ts >= ? AND key = ?", (since, key)) if key else ("ts >= ?", (since,))
         groups = [dict(key=g.pop("grp"), **g) for g in self._read(

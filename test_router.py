@@ -84,12 +84,14 @@ class Reply:
     an OpenAI stream without any finish_reason (what an interrupted llama.cpp server sends);
     coalesce: the whole stream in one HTTP chunk (servers that pack events); piece: characters of
     text per streamed delta; done: the OpenAI end marker as sent (b"data:[DONE]\n\n" has no space);
-    resume: after a stall_after, go on sending the rest (a write that fails counts in fake.aborted)."""
+    resume: after a stall_after, go on sending the rest (a write that fails counts in fake.aborted);
+    raw: (content type, bytes) sent as they are (a recorded reply), a stream in pieces of 100 bytes."""
 
     def __init__(self, text="Hello from the fake.", thinking=None, signature=None, tools=(), usage=(11, 7, 3),
                  status=200, body=None, headers=None, split=None, error_first=False, cut_after=None,
                  stall=None, stall_after=None, empty=False, close=False, stop=None, count=None, reset=False,
-                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n", logprobs=None, resume=False):
+                 no_finish=False, coalesce=False, piece=4, done=b"data: [DONE]\n\n", logprobs=None, resume=False,
+                 raw=None):
         self.__dict__.update(locals())
         del self.__dict__["self"]
 
@@ -657,6 +659,17 @@ class FakeProvider:
         self.server.server_close()
 
     def serve(self, h, r, body):
+        if r.raw is not None:
+            ctype, data = r.raw
+            h.send_response(200)
+            h.send_header("Content-Type", ctype)
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            for i in range(0, len(data), 100):
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(data[i:i + 100]), data[i:i + 100]))
+            h.wfile.write(b"0\r\n\r\n")
+            self.sent.append(data)
+            return
         if r.reset:
             h.connection.shutdown(socket.SHUT_RDWR)
             h.close_connection = True
@@ -5501,11 +5514,13 @@ class OperationsTests(RouterCase):
 
     def test_cost_from_metadata_and_retention(self):
         R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}})
-        self.assertEqual(R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}}), (2, 4, 2))
-        self.assertEqual(R.price_of("ollama", "llama3.2", {}), (0.0, 0.0, 0.0))
-        self.assertEqual(R.price_of("openai", "gpt-4o-mini-2024-07-18", {}), (0.15, 0.6, 0.075))
-        self.assertAlmostEqual(R.request_cost((2, 4, 1), {"input": 1000, "cache_read": 400, "output": 100}),
-                               (600 * 2 + 400 * 1 + 100 * 4) / 1e6)
+        self.assertEqual(R.price_of("openai", "x", {"cost": {"input": 2, "output": 4}}), (2, 4, 2, 2, 4))
+        self.assertEqual(R.price_of("ollama", "llama3.2", {}), (0.0, 0.0, 0.0, 0.0, 0.0))
+        self.assertEqual(R.price_of("openai", "gpt-4o-mini-2024-07-18", {}), (0.15, 0.6, 0.075, 0.15, 0.6))
+        self.assertEqual(R.price_of("anthropic", "claude-sonnet-4-5", {}), (3.0, 15.0, 0.3, 3.75, 15.0))
+        self.assertAlmostEqual(R.request_cost((2, 4, 1, 2.5, 8), {"input": 1000, "cache_read": 400, "cache_write": 100,
+                                                                  "output": 100, "reasoning": 30}),
+                               (500 * 2 + 400 * 1 + 100 * 2.5 + 70 * 4 + 30 * 8) / 1e6)
         before = len(self.db())
         for i in range(6):
             self.ask("openai", client_body("openai", "oa/gpt-test", False, text=f"r{i}"))
@@ -5774,6 +5789,83 @@ class KeysTests(RouterCase):
         self.assertIn("the key jo expired 2020-01-01T00:00:00Z", r.json()["error"]["message"])
         self.assertEqual(self.h.call("POST", "/v1/keys", {"name": "jo"}, ADMIN).status, 201, "an expired key's name may be reused")
         self.assertEqual(self.h.call("POST", "/v1/keys", {"name": "jo"}, ADMIN).status, 409, "an active one's not")
+
+
+def billed(recording, prices):
+    """What a provider bills for a recorded reply, from its own usage fields and its own rules
+    (written apart from the router's code): (input tokens, output tokens, USD)."""
+    pin, pout, pcached = prices
+    name, data = recording
+    if name.startswith("anthropic"):
+        objs = [json.loads(d) for _e, d in sse_events(data)] if name.endswith(".sse") else [json.loads(data)]
+        u = {}
+        for o in objs:
+            u.update((o.get("message") or {}).get("usage") or o.get("usage") or {})
+        fresh, write, read, out = (u["input_tokens"], u["cache_creation_input_tokens"], u["cache_read_input_tokens"],
+                                   u["output_tokens"])
+        return fresh + write + read, out, (fresh * pin + write * pin * 1.25 + read * pin * 0.1 + out * pout) / 1e6
+    if name.startswith("openai"):
+        objs = [json.loads(d) for _e, d in sse_events(data) if d != "[DONE]"] if name.endswith(".sse") else [json.loads(data)]
+        u = [o["usage"] for o in objs if o.get("usage")][-1]
+        cached = u["prompt_tokens_details"]["cached_tokens"]
+        return (u["prompt_tokens"], u["completion_tokens"],
+                ((u["prompt_tokens"] - cached) * pin + cached * pcached + u["completion_tokens"] * pout) / 1e6)
+    if name.startswith("gemini"):
+        objs = [json.loads(d) for _e, d in sse_events(data)] if name.endswith(".sse") else [json.loads(data)]
+        u = objs[-1]["usageMetadata"]
+        cached, out = u.get("cachedContentTokenCount", 0), u["candidatesTokenCount"] + u.get("thoughtsTokenCount", 0)
+        return u["promptTokenCount"], out, ((u["promptTokenCount"] - cached) * pin + cached * pcached + out * pout) / 1e6
+    if name.startswith("responses"):
+        objs = [json.loads(d) for _e, d in sse_events(data)] if name.endswith(".sse") else [{"response": json.loads(data)}]
+        u = [o["response"]["usage"] for o in objs if (o.get("response") or {}).get("usage")][-1]
+        cached = u["input_tokens_details"]["cached_tokens"]
+        return (u["input_tokens"], u["output_tokens"],
+                ((u["input_tokens"] - cached) * pin + cached * pcached + u["output_tokens"] * pout) / 1e6)
+    last = json.loads(data.splitlines()[-1])                          # Ollama: local, free
+    return last["prompt_eval_count"], last["eval_count"], 0.0
+
+
+class LedgerTests(RouterCase):
+    """The cost ledger against recorded replies of each dialect (testdata/ledger), whole and
+    streamed, cache writes and reads and reasoning included, through the router as clients of the
+    same dialect and of another one."""
+
+    more_models = {"an": {"claude-sonnet-4-5": {}}, "oa": {"gpt-4o-mini": {}, "o4-mini": {}},
+                   "gm": {"gemini-2.5-flash": {}}, "rs": {"gpt-5": {}}, "ol": {"llama3.2": {}}}
+    # file -> (provider's fake, model, its prices a million tokens: input, output, cached input)
+    RECORDINGS = {"anthropic.json": ("an", "claude-sonnet-4-5", (3, 15, 0.3)),
+                  "anthropic.sse": ("an", "claude-sonnet-4-5", (3, 15, 0.3)),
+                  "openai.json": ("oa", "gpt-4o-mini", (0.15, 0.6, 0.075)),
+                  "openai.sse": ("oa", "o4-mini", (1.1, 4.4, 0.275)),
+                  "gemini.json": ("gm", "gemini-2.5-flash", (0.3, 2.5, 0.075)),
+                  "gemini.sse": ("gm", "gemini-2.5-flash", (0.3, 2.5, 0.075)),
+                  "responses.json": ("rs", "gpt-5", (1.25, 10, 0.125)),
+                  "responses.sse": ("rs", "gpt-5", (1.25, 10, 0.125)),
+                  "ollama.json": ("ol", "llama3.2", (0, 0, 0)), "ollama.ndjson": ("ol", "llama3.2", (0, 0, 0))}
+    DIALECT = {"an": "anthropic", "oa": "openai", "gm": "gemini", "rs": "openai-responses", "ol": "ollama"}
+
+    def test_the_ledger_matches_what_each_provider_bills(self):
+        for name, (pname, model, prices) in sorted(self.RECORDINGS.items()):
+            with open(os.path.join(TESTDATA, "ledger", name), "rb") as f:
+                data = f.read()
+            tokens_in, tokens_out, usd = billed((name, data), prices)
+            stream = not name.endswith(".json")
+            ctype = {"ndjson": "application/x-ndjson", "json": "application/json"}.get(name.rsplit(".", 1)[1],
+                                                                                        "text/event-stream")
+            for client in sorted({self.DIALECT[pname], "openai"}):
+                with self.subTest(recording=name, client=client):
+                    self.setUp()
+                    fake = getattr(self, pname)
+                    fake.push(Reply(raw=(ctype, data)))
+                    last = (wait_rows(self.h, lambda rows: True) or [{"id": 0}])[0]["id"]
+                    text = f"ledger {name} {client}"
+                    r = self.post(client, client_body(client, f"{pname}/{model}", stream, text=text))
+                    self.assertEqual(r.status, 200, r)
+                    READERS[client](r, stream)
+                    row = wait_rows(self.h, lambda rows: rows and rows[0]["id"] > last)[0]
+                    self.assertEqual((row["input_tokens"], row["output_tokens"], row["usage_estimated"]),
+                                     (tokens_in, tokens_out, 0))
+                    self.assertAlmostEqual(row["cost"], usd, places=8)
 
 
 class LogLineTests(unittest.TestCase):

@@ -10763,7 +10763,7 @@ header{display:flex;gap:1rem;align-items:center;padding:.8rem 1.2rem;border-bott
 header h1{font-size:1.15rem;margin:0}#version{color:var(--muted)}#auth{color:var(--bad)}header input{margin-left:auto;padding:.3rem .5rem}
 main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr));gap:1rem;padding:1rem 1.2rem}
 section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:.8rem 1rem;min-width:0;overflow-x:auto}
-section.wide{grid-column:1/-1}h2{font-size:1rem;margin:.1rem 0 .6rem}
+section.wide{grid-column:1/-1}h2{font-size:1rem;margin:.1rem 0 .6rem}meter{width:12rem;max-width:100%}
 table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:.25rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{color:var(--muted);font-weight:600}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}td{overflow-wrap:break-word}td.time{white-space:nowrap}
 .ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}.muted{color:var(--muted)}
@@ -10791,6 +10791,7 @@ svg line{stroke:var(--line)}pre:empty{display:none}
 <section class="wide"><h2>Providers</h2><table id="providers"></table></section>
 <section><h2>Usage and cost, last 7 days</h2><div id="chart-cost"></div><div id="chart-requests"></div><div id="usage-total" class="muted"></div></section>
 <section><h2>Cost by model, last 7 days</h2><table id="usage-models"></table></section>
+<section class="wide" id="keys-box" hidden><h2 id="keys-title">Keys</h2><table id="keys"></table></section>
 <section class="wide"><h2>Last requests</h2><table id="requests"></table></section>
 <section><h2>Routes</h2><table id="routes"></table></section>
 <section><h2>Where would this go?</h2><textarea id="prompt" placeholder="Paste a prompt"></textarea>
@@ -10912,6 +10913,25 @@ async function refresh() {
   const byModel = await api("/v1/usage?since=7d&group_by=model");
   table("usage-models", ["model", "requests", "tokens in", "tokens out", "cost (USD)"],
     byModel.groups.map((g) => [el("td", g.key || "(failed)"), num(g.requests), num(g.input_tokens), num(g.output_tokens), num(g.cost, 4)]));
+  // the team's keys (the router key sees them all; a personal key its own); hidden when there are none
+  const kr = await fetch("/v1/keys", {headers: headers()}), keys = kr.ok ? (await kr.json()).data : [];
+  $("keys-box").hidden = !keys.length;
+  $("keys-title").textContent = (localStorage.getItem("sage-router-key") || "").startsWith("sk-sage-") ? "Your key" : "Keys";
+  const byKey = {};
+  if (keys.length) ((await api("/v1/usage?since=30d&group_by=key")).groups || []).forEach((g) => { byKey[g.key] = g; });
+  table("keys", ["name", "key", "state", "spent this period", "requests (30 days)", "limits", "last used"], keys.map((k) => {
+    const spend = el("td", null, "full");
+    if (k.budget_usd) {
+      const m = el("meter"); m.min = 0; m.max = k.budget_usd; m.value = Math.min(k.spent_usd, k.budget_usd);
+      m.low = k.budget_usd * 0.7; m.high = k.budget_usd * 0.9; m.optimum = 0; spend.appendChild(m);
+      spend.appendChild(el("div", `$${k.spent_usd.toFixed(4)} of $${k.budget_usd} a ${k.period}, resets ${new Date(k.resets).toLocaleDateString()}`, "small"));
+    } else spend.appendChild(el("div", `$${k.spent_usd.toFixed(4)} (no budget)`, "small"));
+    const limits = [k.rpm && `${k.rpm} requests/min`, k.tpm && `${k.tpm} tokens/min`, k.models && "models " + k.models.join(", "),
+                    k.expires && "expires " + new Date(k.expires).toLocaleDateString()].filter(Boolean).join("; ") || "none";
+    return [el("td", k.name), el("td", k.prefix, "small"), el("td", k.state, k.state === "active" ? "ok" : "muted"), spend,
+            num((byKey[k.name] || {}).requests || 0), el("td", limits, "small full"),
+            el("td", k.last_used ? new Date(k.last_used).toLocaleString() : "never", "small")];
+  }));
   const recent = await api("/v1/requests?limit=50");
   table("requests", ["time", "client", "asked for", "intent / route", "answered by", "status", "ms", "tokens", "cost", "decision trail"],
     recent.data.map((r) => {

@@ -5944,6 +5944,26 @@ class StatusPageTests(RouterCase):
 
 
     @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
+    def test_the_keys_panel_for_the_admin_and_for_a_person(self):
+        admin = {"Authorization": "Bearer page-key-42"}
+        r = self.h.call("POST", "/v1/keys", {"name": "pat", "budget": "5/month", "rpm": 30}, admin)
+        pat = r.json()["key"]
+        self.h.call("POST", "/v1/keys", {"name": "quinn"}, admin)
+        self.addCleanup(lambda: [self.h.call("DELETE", "/v1/keys/" + n, headers=admin) for n in ("pat", "quinn")])
+        self.h.call("POST", "/v1/chat/completions", client_body("openai", "an/claude-test", False), bearer(pat))
+        self.assertTrue(wait_until(lambda: any(x["key"] == "pat" for x in self.h.call(
+            "GET", "/v1/requests", headers=admin).json()["data"])))
+        dom = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key=page-key-42")
+        for text in ('<h2 id="keys-title">Keys</h2>', 'data-label="name">pat</td>', 'data-label="name">quinn</td>',
+                     "of $5 a month", "30 requests/min", "<meter"):
+            self.assertTrue(text in dom, text)
+        self.assertNotIn(pat, dom)
+        own = self.dump_dom(f"http://127.0.0.1:{self.h.port}/#key={pat}")
+        self.assertIn('<h2 id="keys-title">Your key</h2>', own)
+        self.assertIn('data-label="name">pat</td>', own)
+        self.assertNotIn("quinn", own, "a person sees only their own key")
+
+    @unittest.skipUnless(CHROMIUM, "no Chromium installed (apt-get install chromium)")
     def test_the_page_fits_a_phone_and_a_wide_screen(self):
         """Laid out by Chromium at 420 and 1280 px: nothing wider than the viewport, a phone gets
         cards, the 7-day chart has seven day slots with one day of data, a failed request's attempts

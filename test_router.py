@@ -5762,6 +5762,16 @@ class KeysTests(RouterCase):
         t.join(10)
         self.ask("openai", client_body("openai", "an/claude-test", False), bearer(key))
 
+    def test_a_stream_cut_halfway_counts_what_it_used(self):
+        key = self.new_key("kit", budget="1/day")
+        self.an.push(Reply(text="a long answer that breaks", cut_after=4))
+        r = self.post("openai", client_body("openai", "an/claude-test", True), bearer(key))
+        self.assertIsNotNone(read_openai(r, True)["error"])
+        entry = self.h.call("GET", "/v1/keys/kit", headers=ADMIN).json()
+        self.assertGreater(entry["spent_usd"], 0)
+        row = wait_rows(self.h, lambda rows: rows and rows[0]["key"] == "kit")[0]
+        self.assertAlmostEqual(entry["spent_usd"], row["cost"], places=6)
+
     def test_two_routers_on_one_data_directory_share_keys_and_spend(self):
         other = Harness(self.cfg, self.env, data_dir=self.h.router.data_dir)
         self.addCleanup(other.close)
@@ -6862,6 +6872,55 @@ class ProcessTests(unittest.TestCase):
                 out = p.communicate(timeout=10)[0]
             self.assertIn("No provider is configured yet", out)
 
+    def test_two_router_processes_share_keys_and_a_budget(self):
+        """Two routers on one data directory (two processes, as on one box or under --workers):
+        a key made on the command line works on both, and a budget spent across both, by requests
+        in parallel, stops at its limit with at most one request's worth over."""
+        fake = FakeProvider("anthropic")
+        self.addCleanup(fake.close)
+        with tempfile.TemporaryDirectory() as d:
+            cfg = os.path.join(d, "providers.json")
+            with open(cfg, "w") as f:
+                json.dump({"providers": {"an": {"api": "anthropic", "base_url": fake.base_url, "api_key": "k",
+                                                "models": {"claude-test": {"cost": {"input": 3, "output": 15}}}}},
+                           "routes": {"default": ["an/claude-test"]}}, f)
+            data = os.path.join(d, "data")
+            args = ["--config", cfg, "--env-file", os.devnull, "--data-dir", data]
+            env = router_env()
+            out = subprocess.run([sys.executable, os.path.join(HERE, "router.py")] + args + ["keys", "add", "team",
+                                 "--budget", "0.001/day"], capture_output=True, text=True, env=env, timeout=30)
+            key = out.stdout.strip().splitlines()[-1]
+            procs = [self._start(args, env, d) for _ in range(2)]
+            try:
+                for p, port in procs:
+                    self._wait_health(p, port)
+                one = (11 * 3 + 7 * 15) / 1e6                # a reply of the fake: 11 in, 7 out
+                results = []
+
+                def spend(port):
+                    while True:
+                        r = call(port, "POST", "/v1/messages", client_body("anthropic", "an/claude-test", False),
+                                 {"x-api-key": key})
+                        results.append(r.status)
+                        if r.status == 429 and "is spent" in r.json()["error"]["message"]:
+                            return
+                        self.assertIn(r.status, (200, 429), r)
+                threads = [threading.Thread(target=spend, args=(procs[i % 2][1],)) for i in range(6)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(60)
+                entry = call(procs[0][1], "GET", "/v1/keys", headers={"x-api-key": key}).json()["data"][0]
+                ok = results.count(200)
+                self.assertEqual(len(fake.requests), ok, "no provider call for a refused request")
+                self.assertAlmostEqual(entry["spent_usd"], ok * one, places=6)
+                self.assertGreaterEqual(entry["spent_usd"], 0.001)
+                self.assertLess(entry["spent_usd"], 0.001 + one + 1e-9, "over by one request's worth at most")
+            finally:
+                for p, _port in procs:
+                    p.terminate()
+                    p.communicate(timeout=10)
+
     def test_public_bind_needs_a_router_key(self):
         with tempfile.TemporaryDirectory() as d:
             # 192.0.2.1 (TEST-NET-1) is not an address of this machine: should the check ever let
@@ -7432,14 +7491,14 @@ def _wrk(url, body, conc, seconds):
     return rps, ms("50"), ms("99"), reqs
 
 
-def _py_latencies(port, path, body, n, stream=False):
+def _py_latencies(port, path, body, n, stream=False, headers=None):
     """Sequential requests on one keep-alive connection; per-request wall times (and time to the
     first body byte when streaming)."""
     conn = http.client.HTTPConnection("127.0.0.1", port)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        conn.request("POST", path, body, dict({"Content-Type": "application/json"}, **(headers or {})))
         r = conn.getresponse()
         if stream:
             r.read1(1)
@@ -7535,6 +7594,17 @@ def bench(log_level="info"):
                   f"p99 {rp99 - dp99:.3f} ms | router CPU {cpu:.3f} ms/request")
             if conc == 64:
                 print(f"RSS under load (after c=64): {_rss_kb(proc.pid) / 1024:.1f} MB")
+    # The key check: a personal key with a budget and a rate limit (admitting and settling it are
+    # one SQLite transaction each), against the same requests without any key just before (once a
+    # key exists, every request needs one: so this comes last).
+    base = _py_latencies(rport, "/v1/chat/completions", body, 2000)
+    made = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--data-dir", tmp, "keys", "add", "bench",
+                           "--budget", "1000000/day", "--rpm", "100000000"], capture_output=True, text=True,
+                          env=router_env())
+    key = made.stdout.strip().splitlines()[-1]
+    kt = _py_latencies(rport, "/v1/chat/completions", body, 2000, headers={"Authorization": "Bearer " + key})
+    print(f"personal key with a budget and a rate limit: p50 {p(kt, .5):.3f} ms, without a key {p(base, .5):.3f} ms: "
+          f"the key check adds {p(kt, .5) - p(base, .5):.3f} ms")
     proc.terminate()
     proc.wait(10)
     fake.terminate()

@@ -2618,7 +2618,8 @@ def _openai_list_meta(m):
     try:
         fields = (("input", "prompt"), ("output", "completion"), ("cached", "input_cache_read"),
                   ("cache_write", "input_cache_write"))
-        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in fields if p in pricing}
+        cost = {k: round(float(pricing[p]) * 1e6, 4) for k, p in fields if p in pricing
+                and 0 <= float(pricing[p]) < float("inf")}
         if cost:
             meta["cost"] = cost
     except (TypeError, ValueError):
@@ -9091,6 +9092,8 @@ def _price_of(provider_api, model_id, caps):
     if not cost:
         rule = next((c for rx, c in _PRICE_RULES if rx.search(model_id)), (0.0, 0.0, 0.0))
         cost = dict(zip(("input", "output", "cached"), rule))
+    # (OpenRouter says -1 for a price it cannot tell: no price, never a negative cost)
+    cost = {k: v for k, v in cost.items() if _num(v) and 0 <= v < float("inf")}
     inp, out = cost.get("input", 0.0), cost.get("output", 0.0)
     write = cost.get("cache_write", inp * (1.25 if "claude" in model_id.lower() else 1.0))
     return inp, out, cost.get("cached", inp), write, cost.get("reasoning", out)
@@ -9279,12 +9282,12 @@ def _storable(v):
 
 # -- team keys ---------------------------------------------------------------------------------
 # Personal keys (`router.py keys add NAME`, POST /v1/keys) live in the request log's SQLite file:
-# table `keys` (a salted SHA-256 of each key, never the key; its limits) and `key_usage` (one row a
-# key: the requests and tokens of this minute and the last, the spend of this budget period, and
-# the cost held by requests in flight). Every check and change is one short transaction there, so
+# table `keys` (a salted SHA-256 of each key, never the key; its limits) and `key_ledger` (one row
+# a key: the requests and tokens of this minute and the last, the spend of this budget period, and
+# each request in flight's hold of the largest cost it may still add). Every check and change is one short transaction there, so
 # several router processes on one data directory agree (SQLite does the locking) and a kill -9
 # loses nothing committed. A request first takes a ticket (`admit`: rate limits, budget, a hold of
-# its largest likely cost), and settles it as it completes (`settle`: the real cost and tokens).
+# its largest possible cost), and settles it as it completes (`settle`: the real cost and tokens).
 
 KEY_PREFIX = "sk-sage-"
 KEY_PERIODS = ("day", "week", "month")
@@ -9330,19 +9333,27 @@ def parse_budget(value, field="budget"):
             usd = float(usd.strip().lstrip("$"))
         except ValueError:
             usd = None
-    _need(_num(usd) and usd > 0 and period in KEY_PERIODS, field,
+    _need(_num(usd) and 0 < usd < 1e9 and period in KEY_PERIODS, field,
           "must be USD/PERIOD with PERIOD day, week or month, such as 10/month")
     return float(usd), period
 
 
 def parse_expiry(value, field="expires"):
+    """A date or time (UTC), or a span from now (30d, 12h): epoch seconds; never: None."""
     if value in (None, "", "never"):
         return None
+    text = str(value).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([mhdw])", text)
     try:
-        return parse_since(str(value))
+        at = (time.time() + float(m.group(1)) * {"m": 60, "h": 3600, "d": 86400,
+                                                  "w": 604800}[m.group(2)]) if m \
+            else parse_since(text)
     except ApiError:
-        raise bad_request(field, "must be a date such as 2027-01-31 or a time such as "
-                                 "2027-01-31T18:00:00Z (UTC), or never") from None
+        at = None
+    _need(at is not None and 0 < at < 253402300799, field,
+          "must be a date such as 2027-01-31, a time such as 2027-01-31T18:00:00Z (UTC), a "
+          "span from now such as 30d, or never")
+    return at
 
 
 def key_limits(fields, partial=False):
@@ -9357,7 +9368,8 @@ def key_limits(fields, partial=False):
             v = None if v in (None, "", "none", 0, "0") else v
             if isinstance(v, str) and v.isdigit():
                 v = int(v)
-            _need(v is None or _positive_int(v), f, "must be a positive integer (or none)")
+            _need(v is None or _positive_int(v) and v < 10 ** 12, f,
+                  "must be a positive integer below 10^12 (or none)")
             out[f] = v
     if not partial or "models" in fields:
         m = fields.get("models")
@@ -9407,9 +9419,11 @@ class KeyStore:
             db.execute(f"CREATE TABLE IF NOT EXISTS keys ({', '.join(self.COLUMNS)}, "
                        "PRIMARY KEY (name))")
             db.execute("CREATE INDEX IF NOT EXISTS keys_prefix ON keys (prefix)")
-            db.execute("CREATE TABLE IF NOT EXISTS key_usage (name PRIMARY KEY, minute, requests, "
-                       "tokens, prev_requests, prev_tokens, period_start, spent, holds, held, "
-                       "held_at, last_used)")
+            # one row a key (one page a change: the request path's write): the minute's counts,
+            # the period's spend, and the holds of its requests in flight, [[id, cost, since]]
+            db.execute("CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, "
+                       "requests, tokens, prev_requests, prev_tokens, period_start, spent, holds, "
+                       "last_used) WITHOUT ROWID")
             db.row_factory = sqlite3.Row
             self.db = db
         return self.db
@@ -9437,17 +9451,17 @@ class KeyStore:
         with self.lock:
             return [dict(r) for r in self._conn().execute(sql, args)]
 
-    def _safe_read(self, sql, args=()):
-        """_read on the request path: a database that cannot be read means no personal keys
-        (said once in the log), never a failed request."""
+    def _checked(self, fn, *args):
+        """A call on the request path: a key store that cannot be read or written is a 503 (the
+        router fails closed: it never lets a request through because it could not check it)."""
         try:
-            return self._read(sql, args)
+            return fn(*args)
         except (sqlite3.Error, OSError) as e:
             if not self.warned:
                 self.warned = True
-                log.warning("team keys: cannot read %s (%s); personal keys do not work",
-                            self.path, e)
-            return []
+                log.warning("team keys: cannot use %s (%s)", self.path, e)
+            raise ApiError(503, "overloaded", f"the key store cannot be used right now "
+                           f"({clean_text(e, 100)}): try again", headers={"Retry-After": "1"})
 
     # -- managing keys ---------------------------------------------------------------------------
     @staticmethod
@@ -9471,7 +9485,7 @@ class KeyStore:
                 raise ApiError(409, "invalid_request", f"a key named {name} exists: update, "
                                                        "rotate or revoke it", param="name")
             db.execute("DELETE FROM keys WHERE name=?", (name,))
-            db.execute("DELETE FROM key_usage WHERE name=?", (name,))
+            db.execute("DELETE FROM key_ledger WHERE name=?", (name,))
             row = dict(limits, name=name, prefix=key[:16], salt=salt, hash=digest, created=now,
                        revoked=None, last_used=None)
             db.execute(f"INSERT INTO keys ({', '.join(row)}) VALUES "
@@ -9519,7 +9533,7 @@ class KeyStore:
         now = now or time.time()
         where, args = ("WHERE k.name=?", (name,)) if name else ("", ())
         rows = self._read("SELECT k.*, u.period_start, u.spent, u.last_used AS used FROM keys k "
-                          f"LEFT JOIN key_usage u ON u.name = k.name {where} ORDER BY k.name",
+                          f"LEFT JOIN key_ledger u ON u.name = k.name {where} ORDER BY k.name",
                           args)
         out = []
         for r in rows:
@@ -9539,45 +9553,70 @@ class KeyStore:
         return out
 
     # -- the request path ------------------------------------------------------------------------
-    def any_active(self, now=None):
-        """Whether any key may be used (then every request needs a key)."""
-        return bool(self._safe_read("SELECT 1 FROM keys WHERE revoked IS NULL AND (expires IS "
-                                    "NULL OR expires > ?) LIMIT 1", (now or time.time(),)))
+    def any_keys(self):
+        """Whether a personal key was ever made here (then every request needs a key, also once
+        all are revoked or expired: the router never opens up again by itself)."""
+        if not os.path.exists(self.path):
+            return False
+        return bool(self._checked(self._read, "SELECT 1 FROM keys LIMIT 1"))
 
     def find(self, key):
         """The `keys` row of this key (revoked and expired ones too), or None."""
-        if not key.startswith(KEY_PREFIX):
+        if not key.startswith(KEY_PREFIX) or not os.path.exists(self.path):
             return None
-        for r in self._safe_read("SELECT * FROM keys WHERE prefix=?", (key[:16],)):
+        for r in self._checked(self._read, "SELECT * FROM keys WHERE prefix=?", (key[:16],)):
             if hmac.compare_digest(r["hash"], hashlib.sha256((r["salt"] + key).encode())
                                    .hexdigest()):
                 r["models"] = loads(r["models"]) if r["models"] else None
                 return r
         return None
 
-    def admit(self, rec, tokens, cost, now=None):
-        """A request of the key `rec` about to be planned to a provider, with `tokens` in and a
-        largest likely `cost`: a ticket to settle, or KeyLimit. The rate limits are a sliding
-        minute; a budget refuses once it is spent, and, when a request in flight could spend the
-        rest, until it has settled (so a key goes over by one request's worth at most)."""
-        now = now or time.time()
+    @staticmethod
+    def _usage(db, name, now, period):
+        """The key's usage row as of `now`: this minute's and the last one's counts, the spend of
+        this period (a stored minute or period ahead of `now` is another process's clock a moment
+        on: taken as now)."""
+        u = db.execute("SELECT * FROM key_ledger WHERE name=?", (name,)).fetchone()
+        u = dict(u) if u is not None else {}
+        minute = int(now // 60)
+        cur = (0, 0)
+        prev = (0, 0)
+        if (u.get("minute") or -1) >= minute:
+            cur, prev = (u["requests"], u["tokens"]), (u["prev_requests"], u["prev_tokens"])
+            minute = u["minute"]
+        elif u.get("minute") == minute - 1:
+            prev = (u["requests"], u["tokens"])
+        start, end = period_bounds(period or "month", now)
+        spent = u.get("spent") or 0.0 if (u.get("period_start") or 0) >= start - 1 else 0.0
+        # (a hold past STALE_HOLD_SECONDS belongs to a request whose process died)
+        holds = [h for h in loads(u.get("holds") or "[]") if h[2] > now - STALE_HOLD_SECONDS]
+        return {"minute": minute, "cur": cur, "prev": prev, "start": max(start, u.get(
+            "period_start") or 0), "end": end, "spent": spent, "holds": holds}
+
+    @staticmethod
+    def _put(db, name, u, now):
+        db.execute("INSERT OR REPLACE INTO key_ledger (name, minute, requests, tokens, "
+                   "prev_requests, prev_tokens, period_start, spent, holds, last_used) VALUES "
+                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (name, u["minute"], u["cur"][0], max(0, u["cur"][1]), u["prev"][0],
+                    max(0, u["prev"][1]), u["start"], u["spent"], dumps(u["holds"]), now))
+
+    def admit(self, rec, tokens, cost):
+        """A request of the key `rec` about to go to a provider, with `tokens` in and a largest
+        likely `cost`: a ticket to settle, or KeyLimit. The rate limits are a sliding minute; a
+        budget refuses once it is spent, and, while a request in flight could spend the rest,
+        until it has settled (so a key goes over by one request's worth at most)."""
         name = rec["name"]
-        limited = rec["rpm"] or rec["tpm"] or rec["budget"]
-        ticket = {"name": name, "hold": 0.0, "held": False, "tokens": tokens,
-                  "minute": int(now // 60), "settled": False, "limits": {}}
-        if not limited:
-            return ticket
+        ticket = {"name": name, "hold": None, "tokens": tokens, "minute": None,
+                  "settled": False, "limits": {}, "period": rec["period"]}
+        if not (rec["rpm"] or rec["tpm"] or rec["budget"]):
+            return ticket                # (nothing to check: counted as it settles)
 
         def check(db):
-            u = db.execute("SELECT * FROM key_usage WHERE name=?", (name,)).fetchone()
-            u = dict(u) if u is not None else {}
-            minute, at = int(now // 60), now % 60
-            cur_r = cur_t = prev_r = prev_t = 0
-            if u.get("minute") == minute:
-                cur_r, cur_t = u["requests"], u["tokens"]
-                prev_r, prev_t = u["prev_requests"], u["prev_tokens"]
-            elif u.get("minute") == minute - 1:
-                prev_r, prev_t = u["requests"], u["tokens"]
+            now = time.time()            # (in the transaction: every process's turn in order)
+            u = self._usage(db, name, now, rec["period"])
+            at = now % 60 if u["minute"] == int(now // 60) else 0.0
+            (cur_r, cur_t), (prev_r, prev_t) = u["cur"], u["prev"]
             limits = ticket["limits"]
             if rec["rpm"]:
                 used = _slide(prev_r, cur_r, at)
@@ -9594,75 +9633,51 @@ class KeyStore:
                 if used > room:
                     raise KeyLimit("tpm", f"key {name}: over its {rec['tpm']} tokens a minute",
                                    wait)
-            start, end = period_bounds(rec["period"] or "month", now)
-            spent = u.get("spent") or 0.0 if (u.get("period_start") or 0) >= start else 0.0
-            holds, held = (u.get("holds") or 0.0), (u.get("held") or 0)
-            if held and now - (u.get("held_at") or 0) > STALE_HOLD_SECONDS:
-                holds, held = 0.0, 0
             if rec["budget"]:
                 said = f"${rec['budget']:g} a {rec['period']}"
-                if spent >= rec["budget"]:
+                if u["spent"] >= rec["budget"]:
                     raise KeyLimit("budget", f"key {name}: its budget of {said} is spent "
-                                             f"(${spent:.4f}); it resets {iso_time(end)}",
-                                   end - now, end)
-                if held and spent + holds + cost > rec["budget"]:
+                                             f"(${u['spent']:.4f}); it resets "
+                                             f"{iso_time(u['end'])}", u["end"] - now, u["end"])
+                held, holds = len(u["holds"]), sum(h[1] for h in u["holds"])
+                if held and u["spent"] + holds + cost > rec["budget"]:
                     raise KeyLimit("busy", f"key {name}: its budget of {said} is nearly spent "
-                                           f"(${spent:.4f}) and {held} request(s) of it are still "
-                                           "running: this one waits until they have settled", 1.0)
-            ticket["hold"], ticket["held"] = cost, True
-            db.execute(
-                "INSERT OR REPLACE INTO key_usage (name, minute, requests, tokens, prev_requests, "
-                "prev_tokens, period_start, spent, holds, held, held_at, last_used) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, minute, cur_r + 1, cur_t + tokens, prev_r, prev_t, start, spent,
-                 holds + cost, held + 1, now, u.get("last_used")))
+                                           f"(${u['spent']:.4f}) and {held} request(s) of it are "
+                                           "still running: this one waits until they have "
+                                           "settled", 1.0)
+                ticket["hold"] = secrets.randbits(48)
+                u["holds"].append([ticket["hold"], cost, now])
+            u["cur"] = (cur_r + 1, cur_t + tokens)
+            ticket["minute"] = u["minute"]
+            self._put(db, name, u, now)
         try:
-            self._tx(check)
+            self._checked(self._tx, check)
         except KeyLimit as e:
             e.limits = ticket["limits"]
             raise
         return ticket
 
-    def settle(self, ticket, cost, tokens, now=None):
+    def settle(self, ticket, cost, tokens):
         """A request of the key completed (or failed): its real cost joins the period's spend, its
         hold is released, its tokens replace its estimate in the minute's count."""
         if ticket is None or ticket["settled"]:
             return
-        ticket["settled"] = True
-        now = now or time.time()
         name = ticket["name"]
 
         def book(db):
-            u = db.execute("SELECT * FROM key_usage WHERE name=?", (name,)).fetchone()
-            rec = db.execute("SELECT period FROM keys WHERE name=?", (name,)).fetchone()
-            if rec is None:
-                return
-            start, _end = period_bounds(rec["period"] or "month", now)
-            u = dict(u) if u is not None else {"minute": None, "requests": 0, "tokens": 0,
-                                              "prev_requests": 0, "prev_tokens": 0, "held": 0,
-                                              "holds": 0.0, "held_at": now}
-            spent = (u.get("spent") or 0.0) if (u.get("period_start") or 0) >= start else 0.0
-            minute, requests, toks = u["minute"], u["requests"], u["tokens"]
-            prev_r, prev_t = u["prev_requests"], u["prev_tokens"]
-            here = int(now // 60)
-            if minute != here:           # (the minute turned: counts move to "the last minute")
-                prev_r, prev_t = (requests, toks) if minute == here - 1 else (0, 0)
-                requests = toks = 0
-            if not ticket["held"]:       # (a key without limits: counted as it completes)
-                requests, toks = requests + 1, toks + tokens
-            elif ticket["minute"] == here:                      # the estimate becomes the count
-                toks += tokens - ticket["tokens"]
-            elif ticket["minute"] == here - 1:
-                prev_t += tokens - ticket["tokens"]
-            held = max(0, (u.get("held") or 0) - (1 if ticket["held"] else 0))
-            holds = max(0.0, (u.get("holds") or 0.0) - ticket["hold"]) if held else 0.0
-            db.execute(
-                "INSERT OR REPLACE INTO key_usage (name, minute, requests, tokens, prev_requests, "
-                "prev_tokens, period_start, spent, holds, held, held_at, last_used) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, here, requests, max(0, toks), prev_r, max(0, prev_t), start, spent + cost, holds,
-                 held, u.get("held_at") or now, now))
+            now = time.time()
+            u = self._usage(db, name, now, ticket.get("period"))
+            u["holds"] = [h for h in u["holds"] if h[0] != ticket["hold"]]
+            if ticket["minute"] is None:       # (admitted without a transaction: counted now)
+                u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
+            elif ticket["minute"] == u["minute"]:              # the estimate becomes the count
+                u["cur"] = (u["cur"][0], u["cur"][1] + tokens - ticket["tokens"])
+            elif ticket["minute"] == u["minute"] - 1:
+                u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
+            u["spent"] += max(0.0, cost)
+            self._put(db, name, u, now)
         self._tx(book)
+        ticket["settled"] = True
 
 
 class RequestLog:
@@ -10203,29 +10218,33 @@ class Router:
             self._thread.start()
         self.log.start()
 
-    def admit(self, ctx, cat, cand, tokens):
-        """A personal key's ticket for this request (its rate limits and budget), with a hold of
-        the largest likely cost on the first candidate; a limit it is over is a 429 in the
-        client's dialect, with Retry-After and the rate-limit headers its SDK reads."""
-        meta = cat.meta(*cand)
-        prices = price_of(cat.providers[cand[0]].api, cand[1], meta)
-        most = request_cost(prices, {"input": tokens, "output": output_limit(
-            ctx.req, meta, self.settings["default_max_tokens"]) or 0})
-        now = time.time()
+    def admit(self, ctx, cat, cands, tokens):
+        """A personal key's ticket for this request (its rate limits and budget), holding the
+        largest cost it may have on any of its candidates. A key with a budget has its output
+        capped as the hold assumes (default_max_tokens, when the request sets no max_tokens), so
+        the hold is a bound. A limit it is over is a 429 in the client's dialect, with
+        Retry-After and the rate-limit headers its SDK reads."""
+        if ctx.key["budget"] and not ctx.req.get("max_tokens") and ctx.endpoint != "embeddings":
+            ctx.req["max_tokens"] = self.settings["default_max_tokens"]
+            ctx.passthrough = False      # (the client's own body would go out uncapped)
+        most = max(request_cost(price_of(cat.providers[c[0]].api, c[1], cat.meta(*c)), {
+            "input": tokens, "output": output_limit(ctx.req, cat.meta(*c), self.settings[
+                "default_max_tokens"]) or 0}) for c in cands)
         codec = CODECS[ctx.dialect]
         try:
-            ctx.ticket = self.keys.admit(ctx.key, tokens, most, now)
+            ctx.ticket = self.keys.admit(ctx.key, tokens, most)
         except KeyLimit as e:
             wait = max(1, int(-(-e.retry_after // 1)))
-            headers = {"Retry-After": str(wait), "retry-after-ms": str(int(e.retry_after * 1000))}
+            headers = {"Retry-After": str(wait),
+                       "retry-after-ms": str(max(1, int(e.retry_after * 1000)))}
             if e.kind == "budget":
                 headers["x-should-retry"] = "false"       # (not before the period turns)
-            headers.update(codec.limit_headers(getattr(e, "limits", {}), now))
+            headers.update(codec.limit_headers(getattr(e, "limits", {}), time.time()))
             err = ApiError(429, "quota" if e.kind == "budget" else "rate_limit", e.message,
                            headers=headers)
             err.code = "insufficient_quota" if e.kind == "budget" else "rate_limit_exceeded"
             raise err from None
-        ctx.limits = codec.limit_headers(ctx.ticket["limits"], now)
+        ctx.limits = codec.limit_headers(ctx.ticket["limits"], time.time())
 
     def settle(self, ctx):
         """A personal key's request is over: its real cost and tokens booked (once)."""
@@ -10377,7 +10396,7 @@ class Router:
         ctx.plan = plan
         ctx.estimate = estimate_tokens(ctx.req)
         if ctx.key is not None and plan.candidates:
-            self.admit(ctx, cat, plan.candidates[0], ctx.estimate)
+            self.admit(ctx, cat, plan.candidates, ctx.estimate)
         fallback = None
         overflowed = 0          # the largest context window that was too small for this request
         missing = set()         # asked-for candidates whose provider said the model does not exist
@@ -10601,7 +10620,7 @@ class Router:
         if ctx.key is not None:
             if ctx.key["models"]:
                 cands = key_candidates(ctx.key, cands, route=ereq["model"])
-            self.admit(ctx, cat, cands[0], embed_tokens(ereq))
+            self.admit(ctx, cat, cands, embed_tokens(ereq))
         now = time.monotonic()
         # the same model everywhere: the healthy candidates first, the soonest to recover next
         cands.sort(key=lambda c: health.cand_left(c, now, cat.providers[c[0]]))
@@ -10649,7 +10668,7 @@ class Router:
                            "; ".join(a.line() for a in ctx.attempts), param="input")
         raise self._all_failed(ctx)
 
-    def count_tokens(self, dialect, body, headers, **kw):
+    def count_tokens(self, dialect, body, headers, key=None, **kw):
         """A token count for a client's request (Anthropic's count_tokens): asked of the provider when
         the target speaks the client's dialect and can count, estimated locally otherwise (or when
         the provider cannot answer). -> the reply in the client's shape."""
@@ -10659,7 +10678,7 @@ class Router:
             plan = plan_request(self.catalogue, self.health, req, body, headers)
         except ApiError:
             plan = None
-        if plan and plan.candidates:
+        if plan and plan.candidates and key is None:     # (a personal key's: estimated here)
             pname, mid = plan.candidates[0]
             prov = self.catalogue.providers[pname]
             pc = CODECS[prov.api]
@@ -11162,14 +11181,14 @@ class RouterHandler(BaseHTTPRequestHandler):
             return self._json(200, keys.revoke(name))
         if method != "POST":
             raise ApiError(405, "invalid_request", f"{path} takes GET, POST or DELETE")
+        if name and name.endswith("/rotate"):
+            key, entry = keys.rotate(name[:-len("/rotate")])
+            return self._json(200, dict(entry, key=key))
         body = parse_json_body(self._read_body("openai"))
         _need(isinstance(body, dict), "body", "must be a JSON object")
         if name is None:
             key, entry = keys.create(body.get("name"), body)
             return self._json(201, dict(entry, key=key))
-        if name.endswith("/rotate"):
-            key, entry = keys.rotate(name[:-len("/rotate")])
-            return self._json(200, dict(entry, key=key))
         return self._json(200, keys.update(name, {k: v for k, v in body.items() if k != "name"}))
 
     def _reset(self):
@@ -11237,7 +11256,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                                                          f"{iso_time(rec['expires'])}")
         if rec is not None:
             return rec, None
-        if not key and not keys.any_active(now):
+        if not key and not keys.any_keys():
             return "open", None
         return None, ApiError(401, "authentication", "missing or wrong key: send the router key "
                                                      "(SAGE_ROUTER_API_KEY) or a personal key "
@@ -11247,7 +11266,12 @@ class RouterHandler(BaseHTTPRequestHandler):
                                                      "from Gemini clients)")
 
     def _authorized(self):
-        return self._identify()[1] is None
+        """Whether the caller may see everything (/health's details): the router key, or no key
+        needed."""
+        try:
+            return self._identify()[0] in ("admin", "open")
+        except ApiError:
+            return False
 
     def _given_key(self):
         given = self.headers.get("x-api-key") or self.headers.get("x-goog-api-key") or ""
@@ -11475,8 +11499,12 @@ class RouterHandler(BaseHTTPRequestHandler):
         if path == "/health" and method in ("GET", "HEAD"):
             report = health_report(self.router)
             if not self._authorized():     # open for health checks; the details need the key
+                try:
+                    who = "personal key" if isinstance(self._identify()[0], dict) else "required"
+                except ApiError:
+                    who = "required"
                 report = {"status": report["status"],
-                          "version": report["version"], "auth": "required",
+                          "version": report["version"], "auth": who,
                           "providers": [{"name": p["name"],
                                          "state": p["state"]} for p in report["providers"]]}
             return self._json(200, report)
@@ -11536,7 +11564,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                 self._refused(dialect, None, e, "completions" if action == "complete" else "chat")
             raise
         if action == "count_tokens":
-            return self._json(200, self.router.count_tokens(dialect, body, hdrs))
+            return self._json(200, self.router.count_tokens(dialect, body, hdrs, key=self._key()))
         if action == "embed":
             _need(isinstance(body, dict), "body", "must be a JSON object")
             kw = {"legacy": path.endswith("/api/embeddings")} if dialect == "ollama" else {}
@@ -11587,10 +11615,11 @@ class RouterHandler(BaseHTTPRequestHandler):
                 self._refused("gemini", None, e)
             raise
         if call == "countTokens":
-            return self._json(200, self.router.count_tokens("gemini", body, hdrs, model=model))
+            return self._json(200, self.router.count_tokens("gemini", body, hdrs, model=model,
+                                                            key=self._key()))
         if call in ("embedContent", "batchEmbedContents"):
             _need(isinstance(body, dict), "body", "must be a JSON object")
-            out, extra = self.router.embed("gemini", body, hdrs, self, model=model,
+            out, extra = self.router.embed("gemini", body, hdrs, self, key=self._key(), model=model,
                                            single=call == "embedContent")
             return self.send(200, {"Content-Type": "application/json", **extra},
                              dumps(out).encode())

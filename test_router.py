@@ -5583,7 +5583,8 @@ class KeysTests(RouterCase):
     enforced on every request in the client's dialect."""
 
     env = {"SAGE_ROUTER_API_KEY": "admin-key-1"}
-    more_models = {"oa": {"text-embedding-3-small": {}}}
+    more_models = {"oa": {"text-embedding-3-small": {}}, "gm": {"text-embedding-004": {}}}
+    more_routes = {"freefirst": ["ol/llama-test", "an/claude-test"]}
 
     def setUp(self):
         super().setUp()
@@ -5771,6 +5772,85 @@ class KeysTests(RouterCase):
         self.assertGreater(entry["spent_usd"], 0)
         row = wait_rows(self.h, lambda rows: rows and rows[0]["key"] == "kit")[0]
         self.assertAlmostEqual(entry["spent_usd"], row["cost"], places=6)
+
+    def test_a_budget_hold_bounds_every_candidate(self):
+        # the free Ollama model fails over to Claude: the hold is Claude's, and the output is capped
+        key = self.new_key("lee", budget="0.002/month")    # a request capped at 100 tokens out: $0.0015 at most
+        self.ol.push(Reply(status=500))
+        self.an.push(Reply(text="slow", stall_after=2))
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=self.post(
+            "openai", client_body("openai", "freefirst", True), bearer(key))))
+        t.start()
+        self.assertTrue(wait_until(lambda: len(self.an.requests) == 1))
+        r = self.post("openai", client_body("openai", "freefirst", False), bearer(key))
+        self.assertEqual(r.status, 429, "the first request may still spend the rest")
+        self.an.release.set()
+        t.join(10)
+        body = dict(client_body("openai", "oa/gpt-test", False))
+        body.pop("max_tokens", None)
+        self.ask("openai", body, bearer(key))
+        self.assertEqual(self.oa.requests[-1]["body"]["max_tokens"], self.h.router.settings["default_max_tokens"],
+                         "a budgeted key's request is capped as its hold assumes, also to its own dialect")
+
+    def test_a_stale_hold_of_a_dead_process_does_not_block(self):
+        key = self.new_key("max", budget="0.001/day")
+        db = sqlite3.connect(os.path.join(self.h.router.data_dir, "requests.db"), timeout=10)
+        db.execute("INSERT OR REPLACE INTO key_ledger (name, minute, requests, tokens, prev_requests, prev_tokens, "
+                   "period_start, spent, holds, last_used) VALUES ('max', 0, 0, 0, 0, 0, 0, 0, ?, 0)",
+                   (json.dumps([[1, 5.0, time.time() - 3600]]),))
+        db.commit()
+        db.close()
+        self.ask("openai", client_body("openai", "an/claude-test", False), bearer(key))
+
+    def test_every_path_checks_the_key_and_a_broken_store_fails_closed(self):
+        key = self.new_key("ned", models=["oa/*"])
+        r = self.h.call("POST", "/v1beta/models/gm/text-embedding-004:embedContent",
+                        {"content": {"parts": [{"text": "x"}]}}, {"x-goog-api-key": key})
+        self.assertEqual(r.status, 403, r)
+        r = self.h.call("POST", "/v1/messages/count_tokens", client_body("anthropic", "an/claude-test", False), bearer(key))
+        self.assertEqual((r.status, self.an.requests), (200, []), "a personal key's count is estimated here")
+        store = self.h.router.keys
+
+        def broken(*a):
+            raise sqlite3.OperationalError("database is locked")
+        store._read, store._tx = broken, broken
+        try:
+            r = self.post("openai", client_body("openai", "oa/gpt-test", False), bearer(key))
+            self.assertEqual((r.status, r.headers["retry-after"]), (503, "1"))
+            self.assertEqual(self.post("openai", client_body("openai", "oa/gpt-test", False)).status, 401)
+        finally:
+            del store._read, store._tx
+
+    def test_without_a_router_key_keys_close_the_router_for_good(self):
+        open_box = Harness(self.cfg, {})
+        self.addCleanup(open_box.close)
+        self.assertEqual(open_box.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False)).status, 200)
+        self.assertEqual(open_box.call("POST", "/v1/keys", {"name": "x"}).status, 403, "managing keys needs the router key")
+        store = R.KeyStore(os.path.join(open_box.router.data_dir, "requests.db"))
+        key, _ = store.create("only", {})
+        store.revoke("only")
+        store.close()
+        for headers in (None, bearer(key), bearer("anything")):
+            r = open_box.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False), headers)
+            self.assertEqual(r.status, 401, "all its keys revoked, the router does not open up again")
+        self.assertEqual(open_box.call("GET", "/metrics").status, 401)
+
+    def test_odd_limits_are_a_400_and_rotate_needs_no_body(self):
+        for body, field in (({"name": "o1", "rpm": 10 ** 30}, "rpm"), ({"name": "o1", "expires": "inf"}, "expires"),
+                            ({"name": "o1", "expires": 1e20}, "expires"), ({"name": "o1", "budget": "1e400/day"}, "budget")):
+            with self.subTest(body=body):
+                r = self.h.call("POST", "/v1/keys", body, ADMIN)
+                self.assertEqual(r.status, 400, r)
+                self.assertTrue(r.json()["error"]["message"].startswith(field + ":"), r.json())
+        self.new_key("o2", expires="30d")
+        entry = self.h.call("GET", "/v1/keys/o2", headers=ADMIN).json()
+        self.assertEqual(entry["expires"][:10], time.strftime("%Y-%m-%d", time.gmtime(time.time() + 30 * 86400)))
+        r = self.h.call("POST", "/v1/keys/o2/rotate", headers=ADMIN)
+        self.assertEqual(r.status, 200, r)
+        self.assertTrue(r.json()["key"].startswith("sk-sage-"))
+        self.assertEqual(R.price_of("openai", "openrouter/auto", {"cost": {"input": -1e6, "output": -1e6}}), (0, 0, 0, 0, 0))
+        self.assertNotIn("cost", R._openai_list_meta({"id": "openrouter/auto", "pricing": {"prompt": "-1", "completion": "-1"}}))
 
     def test_two_routers_on_one_data_directory_share_keys_and_spend(self):
         other = Harness(self.cfg, self.env, data_dir=self.h.router.data_dir)

@@ -9307,7 +9307,13 @@ class KeyLimit(Exception):
 
 def period_bounds(period, now):
     """The calendar (UTC) day, week (from Monday) or month around `now`: (start, end) epochs."""
+    return _period_bounds(period, int(now // 86400))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_bounds(period, day):
     from datetime import datetime, timedelta, timezone
+    now = day * 86400
     t = datetime.fromtimestamp(now, timezone.utc)
     day = datetime(t.year, t.month, t.day, tzinfo=timezone.utc)
     if period == "day":
@@ -10232,7 +10238,16 @@ class Router:
                 "default_max_tokens"]) or 0}) for c in cands)
         codec = CODECS[ctx.dialect]
         try:
-            ctx.ticket = self.keys.admit(ctx.key, tokens, most)
+            # (busy: another request of the key may spend the rest; it is likely about to
+            # settle, in this process or another one, so the answer waits a moment for it)
+            for wait in (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, None):
+                try:
+                    ctx.ticket = self.keys.admit(ctx.key, tokens, most)
+                    break
+                except KeyLimit as e:
+                    if e.kind != "busy" or wait is None or ctx.writer.gone():
+                        raise
+                    time.sleep(wait)
         except KeyLimit as e:
             wait = max(1, int(-(-e.retry_after // 1)))
             headers = {"Retry-After": str(wait),
@@ -10247,7 +10262,9 @@ class Router:
         ctx.limits = codec.limit_headers(ctx.ticket["limits"], time.time())
 
     def settle(self, ctx):
-        """A personal key's request is over: its real cost and tokens booked (once)."""
+        """A personal key's request is over: its real cost and tokens booked (once), as it is
+        recorded: after its last byte went out, before its connection reads the next request
+        (a request on another connection meanwhile sees the hold, a bound of the same cost)."""
         if ctx.ticket is not None and not ctx.ticket["settled"]:
             _answered, usage, cost = answer_cost(ctx, self.catalogue)
             try:
@@ -10432,11 +10449,9 @@ class Router:
 
                 def completed(pname=pname):
                     # before the client can read the end: its next turn must find this turn's marks
-                    # (and a personal key's next request its spend)
                     affinity.add_marks(akey, pname, ctx.made_marks)
                     if keep is not None:
                         keep()
-                    self.settle(ctx)
                 try:
                     self.dispatcher.attempt(ctx, cat, health, prov, mid, idx, committed,
                                             completed)
@@ -10703,9 +10718,18 @@ class Router:
                     pass
         return cc.count_shape(estimate_tokens(req))
 
-    def models(self, dialect, query=None):
-        """The model list in the shape a client of `dialect` reads."""
-        out = CODECS[dialect].list_shape(self.catalogue.listing(), query)
+    def models(self, dialect, query=None, key=None):
+        """The model list in the shape a client of `dialect` reads (a personal key's: the names
+        its model globs allow, routes with at least one such model)."""
+        entries = self.catalogue.listing()
+        if key and key.get("models"):
+            def allowed(entry):
+                name, owner, meta = entry
+                cands = [tuple(c.split("/", 1)) for c in meta["route"]] if "route" in meta else \
+                    [tuple(name.split("/", 1)) if name.startswith(owner + "/") else (owner, name)]
+                return any(key_allows(key["models"], c) for c in cands)
+            entries = [e for e in entries if allowed(e)]
+        out = CODECS[dialect].list_shape(entries, query)
         if not self.catalogue.enabled:
             out["message"] = NO_PROVIDER_HELP
         return out
@@ -11540,12 +11564,12 @@ class RouterHandler(BaseHTTPRequestHandler):
         if dialect == "gemini":
             return self._gemini(method, path, hdrs)
         if method == "GET" and path == "/api/tags":
-            return self._json(200, self.router.models("ollama"))
+            return self._json(200, self.router.models("ollama", key=self._key()))
         if method == "GET" and path == "/api/version":
             return self._json(200, {"version": OLLAMA_VERSION})
         if method == "GET" and path in ("/v1/models", "/models"):
             shape = "anthropic" if "anthropic-version" in hdrs else "openai"
-            return self._json(200, self.router.models(shape))
+            return self._json(200, self.router.models(shape, key=self._key()))
         if method == "GET" and path.startswith(("/v1/models/", "/models/")):
             shape = "anthropic" if "anthropic-version" in hdrs else "openai"
             name = urllib.parse.unquote(path.split("/models/", 1)[1])
@@ -11597,7 +11621,7 @@ class RouterHandler(BaseHTTPRequestHandler):
         if method == "GET" and listing:       # (a model name may hold ":", as in llama3.2:latest)
             name = listing.group(1)
             return self._json(200, self.router.model("gemini", urllib.parse.unquote(name))
-                              if name else self.router.models("gemini", query))
+                              if name else self.router.models("gemini", query, self._key()))
         if method != "POST" or calling is None:
             raise ApiError(405, "invalid_request", f"{method} {path}: Gemini's models are listed "
                                                    "with GET and called with POST "

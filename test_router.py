@@ -5679,6 +5679,9 @@ class KeysTests(RouterCase):
                                 bearer(key))
                 self.assertIn(r.headers["x-router-provider"], ("an", "oa2"))
         self.assertEqual(self.oa.requests, [], "oa/gpt-test heads chat and general, and is not the key's")
+        listed = {m["id"] for m in self.h.call("GET", "/v1/models", headers=bearer(key)).json()["data"]}
+        self.assertTrue({"an/claude-test", "oa2/gpt-backup", "chat", "claude-test"} <= listed, listed)
+        self.assertFalse({"oa/gpt-test", "gm/gemini-test", "ollama-all"} & listed, "only what the key may use is listed")
         explained = self.h.call("POST", "/v1/route", client_body("openai", "chat", False), bearer(key)).json()
         self.assertEqual([c["provider"] for c in explained["candidates"] if not c["skip"]], ["an", "oa2"])
         r = self.post("openai", client_body("openai", "reasoning", False), dict(bearer(key)))

@@ -5745,6 +5745,14 @@ class KeysTests(RouterCase):
         self.assertIn(tomorrow, e.exception.message)
         r = self.h.call("POST", "/v1/embeddings", {"model": "oa/text-embedding-3-small", "input": "x"}, bearer(key))
         self.assertEqual(r.status, 429, "embeddings count against the budget too")
+        r = self.post("gemini", client_body("gemini", "an/claude-test", False), {"x-goog-api-key": key})
+        err = r.json()["error"]
+        self.assertEqual((r.status, err["status"]), (429, "RESOURCE_EXHAUSTED"))
+        self.assertIn(tomorrow, err["message"])
+        self.assertEqual(err["details"][0]["@type"], "type.googleapis.com/google.rpc.RetryInfo")
+        r = self.post("ollama", client_body("ollama", "an/claude-test", False), bearer(key))
+        self.assertEqual(r.status, 429)
+        self.assertIn("is spent", r.json()["error"])
         self.assertEqual(len(self.an.requests), 2, "no provider called once it is spent")
         # a raise takes effect on the next request
         self.h.call("POST", "/v1/keys/gus", {"budget": "1/day"}, ADMIN)

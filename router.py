@@ -9663,27 +9663,33 @@ class KeyStore:
             raise
         return ticket
 
-    def settle(self, ticket, cost, tokens):
-        """A request of the key completed (or failed): its real cost joins the period's spend, its
+    def settle(self, items):
+        """Requests of keys completed (or failed), [(ticket, cost, tokens)], in one transaction
+        (the request log's writer books its batch): each real cost joins its period's spend, its
         hold is released, its tokens replace its estimate in the minute's count."""
-        if ticket is None or ticket["settled"]:
-            return
-        name = ticket["name"]
+        items = [it for it in items if it[0] is not None and not it[0]["settled"]]
 
-        def book(db):
-            now = time.time()
-            u = self._usage(db, name, now, ticket.get("period"))
-            u["holds"] = [h for h in u["holds"] if h[0] != ticket["hold"]]
-            if ticket["minute"] is None:       # (admitted without a transaction: counted now)
-                u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
-            elif ticket["minute"] == u["minute"]:              # the estimate becomes the count
-                u["cur"] = (u["cur"][0], u["cur"][1] + tokens - ticket["tokens"])
-            elif ticket["minute"] == u["minute"] - 1:
-                u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
-            u["spent"] += max(0.0, cost)
-            self._put(db, name, u, now)
-        self._tx(book)
-        ticket["settled"] = True
+        def book_all(db):
+            for ticket, cost, tokens in items:
+                self._book(db, ticket, cost, tokens)
+        if items:
+            self._tx(book_all)
+            for it in items:
+                it[0]["settled"] = True
+
+    def _book(self, db, ticket, cost, tokens):
+        now = time.time()
+        name = ticket["name"]
+        u = self._usage(db, name, now, ticket.get("period"))
+        u["holds"] = [h for h in u["holds"] if h[0] != ticket["hold"]]
+        if ticket["minute"] is None:       # (admitted without a transaction: counted now)
+            u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
+        elif ticket["minute"] == u["minute"]:              # the estimate becomes the count
+            u["cur"] = (u["cur"][0], u["cur"][1] + tokens - ticket["tokens"])
+        elif ticket["minute"] == u["minute"] - 1:
+            u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
+        u["spent"] += max(0.0, cost)
+        self._put(db, name, u, now)
 
 
 class RequestLog:
@@ -9706,15 +9712,17 @@ class RequestLog:
         self.queue = queue.SimpleQueue()
         self.thread = None
         self.ok = True
+        self.keys = None            # the KeyStore whose spend the writer books
 
     def start(self):
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="sage-router-log", daemon=True)
             self.thread.start()
 
-    def record(self, row, attempts):
-        """Called on the request's thread: a queue put, nothing more."""
-        self.queue.put((row, attempts))
+    def record(self, row, attempts, settle=None):
+        """Called on the request's thread: a queue put, nothing more (`settle`: a personal key's
+        (ticket, cost, tokens), booked with the batch)."""
+        self.queue.put((row, attempts, settle))
 
     def stop(self, timeout=5.0):
         if self.thread is not None:
@@ -9760,8 +9768,15 @@ class RequestLog:
             stop = None in batch
             batch = [b for b in batch if b is not None]
             good = []
+            settles = [b[2] for b in batch if b[2] is not None]
+            if settles and self.keys is not None:
+                try:
+                    self.keys.settle(settles)
+                except Exception as e:
+                    log.warning("team keys: a batch of spend was not booked (%s: %s); its holds "
+                                "lapse in %g s", type(e).__name__, e, STALE_HOLD_SECONDS)
             # one bad row is logged and skipped; the thread never dies
-            for row, attempts in batch:
+            for row, attempts, _settle in batch:
                 try:
                     self.metrics.add(row, attempts)
                     self._log_line(row)
@@ -10086,7 +10101,7 @@ class Router:
         self.metrics = Metrics()
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
                               self.metrics, log_format)
-        self.keys = KeyStore(os.path.join(self.data_dir, "requests.db"))
+        self.keys = self.log.keys = KeyStore(os.path.join(self.data_dir, "requests.db"))
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_asked = False
@@ -10261,24 +10276,16 @@ class Router:
             raise err from None
         ctx.limits = codec.limit_headers(ctx.ticket["limits"], time.time())
 
-    def settle(self, ctx):
-        """A personal key's request is over: its real cost and tokens booked (once), as it is
-        recorded: after its last byte went out, before its connection reads the next request
-        (a request on another connection meanwhile sees the hold, a bound of the same cost)."""
-        if ctx.ticket is not None and not ctx.ticket["settled"]:
-            _answered, usage, cost = answer_cost(ctx, self.catalogue)
-            try:
-                self.keys.settle(ctx.ticket, cost, (usage.get("input") or 0)
-                                 + (usage.get("output") or 0))
-            except (sqlite3.Error, OSError) as e:
-                log.warning("team keys: the spend of key %s was not booked (%s)",
-                            ctx.ticket["name"], e)
-
     def record(self, ctx):
-        """Hand the finished request to the log writer (a queue put on this thread)."""
-        self.settle(ctx)
+        """Hand the finished request to the log writer (a queue put on this thread), with a
+        personal key's real cost and tokens for it to book: until it has (its next batch, within
+        about 50 ms), the request's hold, a bound of the same cost, stands for it."""
         row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"])
-        self.log.record(row, attempts)
+        settle = None
+        if ctx.ticket is not None:
+            _answered, usage, cost = answer_cost(ctx, self.catalogue)
+            settle = (ctx.ticket, cost, (usage.get("input") or 0) + (usage.get("output") or 0))
+        self.log.record(row, attempts, settle)
 
     def _maintain(self):
         while True:

@@ -9413,6 +9413,7 @@ class KeyStore:
         self.lock = threading.Lock()
         self.db = None
         self.warned = False
+        self.cache, self.version = {}, None    # key -> its `keys` row, as of user_version
 
     def _conn(self):
         if self.db is None:
@@ -9440,13 +9441,18 @@ class KeyStore:
                 self.db.close()
                 self.db = None
 
-    def _tx(self, fn):
-        """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait)."""
+    def _tx(self, fn, keys_changed=False):
+        """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait). A change
+        of the `keys` table bumps the database's user_version, which every process's cache of
+        keys checks (so a revocation takes effect on the very next request, everywhere)."""
         with self.lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
             try:
                 out = fn(db)
+                if keys_changed:
+                    v = db.execute("PRAGMA user_version").fetchone()[0]
+                    db.execute(f"PRAGMA user_version = {(v + 1) % (1 << 31)}")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -9496,7 +9502,7 @@ class KeyStore:
                        revoked=None, last_used=None)
             db.execute(f"INSERT INTO keys ({', '.join(row)}) VALUES "
                        f"({', '.join('?' * len(row))})", tuple(row.values()))
-        self._tx(add)
+        self._tx(add, True)
         return key, self.entry(name, now)
 
     def update(self, name, fields, now=None):
@@ -9505,13 +9511,13 @@ class KeyStore:
         if limits:
             self._tx(lambda db: db.execute(
                 f"UPDATE keys SET {', '.join(k + '=?' for k in limits)} WHERE name=?",
-                (*limits.values(), name)))
+                (*limits.values(), name)), True)
         return self.entry(name, now)
 
     def revoke(self, name, now=None):
         self._active(name)
         self._tx(lambda db: db.execute("UPDATE keys SET revoked=? WHERE name=?",
-                                       (now or time.time(), name)))
+                                       (now or time.time(), name)), True)
         return self.entry(name, now)
 
     def rotate(self, name, now=None):
@@ -9519,7 +9525,7 @@ class KeyStore:
         self._active(name)
         key, salt, digest = self._new_secret()
         self._tx(lambda db: db.execute("UPDATE keys SET prefix=?, salt=?, hash=? WHERE name=?",
-                                       (key[:16], salt, digest, name)))
+                                       (key[:16], salt, digest, name)), True)
         return key, self.entry(name, now)
 
     def _active(self, name):
@@ -9559,23 +9565,42 @@ class KeyStore:
         return out
 
     # -- the request path ------------------------------------------------------------------------
+    def _cached(self, what, load):
+        """`load()`'s answer for `what`, kept until the `keys` table changes (user_version)."""
+        def look():
+            with self.lock:
+                v = self._conn().execute("PRAGMA user_version").fetchone()[0]
+                if v != self.version:
+                    self.cache, self.version = {}, v
+                if what in self.cache:
+                    return self.cache[what]
+            out = load()
+            with self.lock:
+                if self.version == v and len(self.cache) < 10000:
+                    self.cache[what] = out
+            return out
+        return self._checked(look)
+
     def any_keys(self):
         """Whether a personal key was ever made here (then every request needs a key, also once
         all are revoked or expired: the router never opens up again by itself)."""
         if not os.path.exists(self.path):
             return False
-        return bool(self._checked(self._read, "SELECT 1 FROM keys LIMIT 1"))
+        return self._cached(None, lambda: bool(self._read("SELECT 1 FROM keys LIMIT 1")))
 
     def find(self, key):
         """The `keys` row of this key (revoked and expired ones too), or None."""
         if not key.startswith(KEY_PREFIX) or not os.path.exists(self.path):
             return None
-        for r in self._checked(self._read, "SELECT * FROM keys WHERE prefix=?", (key[:16],)):
-            if hmac.compare_digest(r["hash"], hashlib.sha256((r["salt"] + key).encode())
-                                   .hexdigest()):
-                r["models"] = loads(r["models"]) if r["models"] else None
-                return r
-        return None
+
+        def load():
+            for r in self._read("SELECT * FROM keys WHERE prefix=?", (key[:16],)):
+                if hmac.compare_digest(r["hash"], hashlib.sha256((r["salt"] + key).encode())
+                                       .hexdigest()):
+                    r["models"] = loads(r["models"]) if r["models"] else None
+                    return r
+            return None
+        return self._cached(key, load)
 
     @staticmethod
     def _usage(db, name, now, period):

@@ -5826,13 +5826,13 @@ class KeysTests(RouterCase):
 
         def broken(*a):
             raise sqlite3.OperationalError("database is locked")
-        store._read, store._tx = broken, broken
+        store._conn = broken
         try:
             r = self.post("openai", client_body("openai", "oa/gpt-test", False), bearer(key))
             self.assertEqual((r.status, r.headers["retry-after"]), (503, "1"))
             self.assertEqual(self.post("openai", client_body("openai", "oa/gpt-test", False)).status, 401)
         finally:
-            del store._read, store._tx
+            del store._conn
 
     def test_without_a_router_key_keys_close_the_router_for_good(self):
         open_box = Harness(self.cfg, {})

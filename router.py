@@ -9298,11 +9298,11 @@ STALE_HOLD_SECONDS = 900.0
 
 class KeyLimit(Exception):
     """A request refused by its key's limits: kind rpm, tpm, budget or busy (budget nearly spent
-    and another request of the key in flight); `retry_after` seconds; `reset`: epoch seconds."""
+    and another request of the key in flight); `retry_after` seconds."""
 
-    def __init__(self, kind, message, retry_after, reset=None):
+    def __init__(self, kind, message, retry_after):
         super().__init__(message)
-        self.kind, self.message, self.retry_after, self.reset = kind, message, retry_after, reset
+        self.kind, self.message, self.retry_after = kind, message, retry_after
 
 
 def period_bounds(period, now):
@@ -9669,7 +9669,7 @@ class KeyStore:
                 if u["spent"] >= rec["budget"]:
                     raise KeyLimit("budget", f"key {name}: its budget of {said} is spent "
                                              f"(${u['spent']:.4f}); it resets "
-                                             f"{iso_time(u['end'])}", u["end"] - now, u["end"])
+                                             f"{iso_time(u['end'])}", u["end"] - now)
                 held, holds = len(u["holds"]), sum(h[1] for h in u["holds"])
                 if held and u["spent"] + holds + cost > rec["budget"]:
                     raise KeyLimit("busy", f"key {name}: its budget of {said} is nearly spent "

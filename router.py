@@ -247,6 +247,32 @@ def private_db(path):
             pass                     # created meanwhile, or not ours to change: keep going
 
 
+def open_db(path, schema=(), **kw):
+    """An SQLite connection to a state file in WAL mode, with its tables: `schema`'s statements
+    run in one write transaction. Several connections (the request log's writer, the key store,
+    another process) may open one file at once: switching a fresh file to WAL can be refused
+    while another does (SQLITE_BUSY, not waited for), so that is tried again for a while."""
+    private_dir(os.path.dirname(path))
+    private_db(path)             # (SQLite gives its journal files the database's mode)
+    db = sqlite3.connect(path, timeout=10, **kw)
+    for attempt in range(200):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or attempt == 199:
+                db.close()
+                raise
+            time.sleep(0.05)
+    db.execute("PRAGMA synchronous=NORMAL")
+    if schema:
+        db.execute("BEGIN IMMEDIATE")
+        for sql in schema:
+            db.execute(sql)
+        db.execute("COMMIT")
+    return db
+
+
 def _check(cond, file, key, expected):
     if not cond:
         raise ConfigError(file, key, expected)
@@ -9417,20 +9443,15 @@ class KeyStore:
 
     def _conn(self):
         if self.db is None:
-            private_dir(os.path.dirname(self.path))
-            private_db(self.path)
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(f"CREATE TABLE IF NOT EXISTS keys ({', '.join(self.COLUMNS)}, "
-                       "PRIMARY KEY (name))")
-            db.execute("CREATE INDEX IF NOT EXISTS keys_prefix ON keys (prefix)")
-            # one row a key (one page a change: the request path's write): the minute's counts,
-            # the period's spend, and the holds of its requests in flight, [[id, cost, since]]
-            db.execute("CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, "
-                       "requests, tokens, prev_requests, prev_tokens, period_start, spent, holds, "
-                       "last_used) WITHOUT ROWID")
+            db = open_db(self.path, [
+                f"CREATE TABLE IF NOT EXISTS keys ({', '.join(self.COLUMNS)}, PRIMARY KEY (name))",
+                "CREATE INDEX IF NOT EXISTS keys_prefix ON keys (prefix)",
+                # one row a key (one page a change: the request path's write): the minute's
+                # counts, the period's spend, and the holds of its requests in flight,
+                # [[id, cost, since]]
+                "CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, requests, "
+                "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used) "
+                "WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             self.db = db
         return self.db
@@ -9756,13 +9777,9 @@ class RequestLog:
             self.thread = None
 
     def _connect(self):
-        private_dir(os.path.dirname(self.path))
-        private_db(self.path)       # (SQLite gives its journal files the database's mode)
-        db = sqlite3.connect(self.path, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, "
-                   f"{', '.join(self.COLUMNS)})")
+        db = open_db(self.path, [f"CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, "
+                                 f"{', '.join(self.COLUMNS)})"], isolation_level=None)
+        db.isolation_level = ""             # (rows are inserted in batches: one commit each)
         have = {r[1] for r in db.execute("PRAGMA table_info(requests)")}
         for col in self.COLUMNS:
             if col not in have:          # a log written by an older version: add the new columns

@@ -9716,25 +9716,29 @@ class KeyStore:
         items = [it for it in items if it[0] is not None and not it[0]["settled"]]
 
         def book_all(db):
-            for ticket, cost, tokens in items:
-                self._book(db, ticket, cost, tokens)
+            by_key = {}
+            for it in items:
+                by_key.setdefault(it[0]["name"], []).append(it)
+            for name, its in by_key.items():          # (one read and one write a key)
+                self._book(db, name, its)
         if items:
             self._tx(book_all)
             for it in items:
                 it[0]["settled"] = True
 
-    def _book(self, db, ticket, cost, tokens):
+    def _book(self, db, name, items):
         now = time.time()
-        name = ticket["name"]
-        u = self._usage(db, name, now, ticket.get("period"))
-        u["holds"] = [h for h in u["holds"] if h[0] != ticket["hold"]]
-        if ticket["minute"] is None:       # (admitted without a transaction: counted now)
-            u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
-        elif ticket["minute"] == u["minute"]:              # the estimate becomes the count
-            u["cur"] = (u["cur"][0], u["cur"][1] + tokens - ticket["tokens"])
-        elif ticket["minute"] == u["minute"] - 1:
-            u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
-        u["spent"] += max(0.0, cost)
+        u = self._usage(db, name, now, items[0][0].get("period"))
+        done = {ticket["hold"] for ticket, _cost, _tokens in items}
+        u["holds"] = [h for h in u["holds"] if h[0] not in done]
+        for ticket, cost, tokens in items:
+            if ticket["minute"] is None:       # (admitted without a transaction: counted now)
+                u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
+            elif ticket["minute"] == u["minute"]:          # the estimate becomes the count
+                u["cur"] = (u["cur"][0], u["cur"][1] + tokens - ticket["tokens"])
+            elif ticket["minute"] == u["minute"] - 1:
+                u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
+            u["spent"] += max(0.0, cost)
         self._put(db, name, u, now)
 
 

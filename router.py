@@ -10323,14 +10323,20 @@ class Router:
         ctx.limits = codec.limit_headers(ctx.ticket["limits"], time.time())
 
     def record(self, ctx):
-        """Hand the finished request to the log writer (a queue put on this thread), with a
-        personal key's real cost and tokens for it to book: until it has (its next batch, within
-        about 50 ms), the request's hold, a bound of the same cost, stands for it."""
+        """Hand the finished request to the log writer (a queue put on this thread), and book a
+        personal key's real cost and tokens (one short transaction: after the request's last
+        byte, before its connection reads the next request; meanwhile its hold, a bound of the
+        same cost, stands for it; the writer books what this could not)."""
         row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"])
         settle = None
         if ctx.ticket is not None:
             _answered, usage, cost = answer_cost(ctx, self.catalogue)
             settle = (ctx.ticket, cost, (usage.get("input") or 0) + (usage.get("output") or 0))
+            try:
+                self.keys.settle([settle])
+                settle = None
+            except (sqlite3.Error, OSError):
+                pass                     # (the store is busy: the writer tries with its batch)
         self.log.record(row, attempts, settle)
 
     def _maintain(self):

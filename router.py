@@ -9979,9 +9979,10 @@ def answer_cost(ctx, catalogue):
     return answered, usage, cost
 
 
-def request_row(ctx, catalogue, log_prompts):
-    """The log row of a finished request (built on its thread: plain data, no I/O)."""
-    answered, usage, cost = answer_cost(ctx, catalogue)
+def request_row(ctx, catalogue, log_prompts, used=None):
+    """The log row of a finished request (built on its thread: plain data, no I/O); `used`:
+    its answer_cost, if already known."""
+    answered, usage, cost = used or answer_cost(ctx, catalogue)
     attempts = [{"provider": a.cand[0], "model": a.cand[1], "kind": a.kind,
                  "reason": a.reason, "status": a.status}
                 for a in ctx.attempts]
@@ -10327,10 +10328,11 @@ class Router:
         personal key's real cost and tokens (one short transaction: after the request's last
         byte, before its connection reads the next request; meanwhile its hold, a bound of the
         same cost, stands for it; the writer books what this could not)."""
-        row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"])
+        used = answer_cost(ctx, self.catalogue)
+        row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"], used)
         settle = None
         if ctx.ticket is not None:
-            _answered, usage, cost = answer_cost(ctx, self.catalogue)
+            _answered, usage, cost = used
             settle = (ctx.ticket, cost, (usage.get("input") or 0) + (usage.get("output") or 0))
             try:
                 self.keys.settle([settle])

@@ -9320,6 +9320,31 @@ KEY_PERIODS = ("day", "week", "month")
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 #: A hold older than this belongs to a request that can no longer be running (its process died).
 STALE_HOLD_SECONDS = 900.0
+#: A block: a key's room taken by one process in the transaction that admits a request, so that
+#: its next requests are admitted in memory: up to BLOCK_MOST more requests (their tokens and
+#: largest costs alike), never more than BLOCK_SHARE of what the key has left (the ledger counts
+#: the block as used, and holds its USD, until this process gives back what it did not use: at
+#: its next transaction on the key, or the request log writer's next batch; a block is used for
+#: BLOCK_SECONDS at most). Near a limit there is no room for a block, and every request is
+#: checked in the ledger itself, so the limits hold exactly across processes.
+BLOCK_MOST, BLOCK_SHARE, BLOCK_SECONDS = 16, 0.25, 1.0
+HOLD_HOST = socket.gethostname()
+
+
+def _hold_alive(hold, now):
+    """Whether a hold in the ledger, [id, USD, since, pid, host], may still be used: its process
+    (on this host: pids are only comparable there) still runs, and it was renewed within
+    STALE_HOLD_SECONDS (a process elsewhere that died)."""
+    if hold[2] <= now - STALE_HOLD_SECONDS:
+        return False
+    if len(hold) > 4 and hold[4] == HOLD_HOST and hold[3] != os.getpid():
+        try:
+            os.kill(hold[3], 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass                     # (another user's process: alive)
+    return True
 
 
 class KeyLimit(Exception):
@@ -9440,6 +9465,14 @@ class KeyStore:
         self.db = None
         self.warned = False
         self.cache, self.version = {}, None    # key -> its `keys` row, as of user_version
+        # (a file replaced after every change of `keys`: a stat a request, not a query, tells
+        # that nothing changed; the database is asked at least once a second all the same)
+        self.flag = os.path.join(os.path.dirname(path), "keys.changed")
+        self.seen = (None, 0.0)                # (the flag's stat, when the database was asked)
+        self.pending = []           # settled requests not booked yet: (ticket, cost, tokens)
+        self.blocks = {}            # key name -> this process's block of it (see BLOCK_SHARE)
+        self.inflight = {}          # key name -> the bounds of its requests in flight here, USD
+        self.hold_id = secrets.randbits(48)   # this process's hold in the ledger's rows
 
     def _conn(self):
         if self.db is None:
@@ -9454,9 +9487,16 @@ class KeyStore:
                 "WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             self.db = db
+            if not os.path.exists(self.flag):
+                self._signal()
         return self.db
 
     def close(self):
+        try:
+            self.flush()
+        except (sqlite3.Error, OSError) as e:
+            log.warning("team keys: the spend of %d request(s) was not booked (%s); their holds "
+                        "lapse in %g s", len(self.pending), e, STALE_HOLD_SECONDS)
         with self.lock:
             if self.db is not None:
                 self.db.close()
@@ -9478,7 +9518,26 @@ class KeyStore:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-            return out
+        if keys_changed:
+            self._signal()
+        return out
+
+    def _signal(self):
+        """Tell every process's cache of keys (after the commit) that `keys` changed."""
+        tmp = f"{self.flag}.{os.getpid()}.tmp"
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                f.write(f"{time.time_ns()}\n")
+            os.replace(tmp, self.flag)
+        except OSError:
+            pass                      # (then the caches ask the database every time)
+
+    def _flag_state(self):
+        try:
+            st = os.stat(self.flag)
+            return st.st_ino, st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
 
     def _read(self, sql, args=()):
         with self.lock:
@@ -9563,6 +9622,7 @@ class KeyStore:
 
     def entries(self, now=None, name=None):
         """Every key (or one) as `keys list` and GET /v1/keys show it: never the key or its hash."""
+        self.flush()
         now = now or time.time()
         where, args = ("WHERE k.name=?", (name,)) if name else ("", ())
         rows = self._read("SELECT k.*, u.period_start, u.spent, u.last_used AS used FROM keys k "
@@ -9589,8 +9649,14 @@ class KeyStore:
     def _cached(self, what, load):
         """`load()`'s answer for `what`, kept until the `keys` table changes (user_version)."""
         def look():
+            flag, now = self._flag_state(), time.monotonic()
+            if flag is None and not os.path.exists(self.path):
+                return None                  # (no key was ever made here)
             with self.lock:
-                v = self._conn().execute("PRAGMA user_version").fetchone()[0]
+                v = self.version
+                if flag is None or flag != self.seen[0] or now - self.seen[1] > 1.0:
+                    v = self._conn().execute("PRAGMA user_version").fetchone()[0]
+                    self.seen = (flag, now)
                 if v != self.version:
                     self.cache, self.version = {}, v
                 if what in self.cache:
@@ -9605,13 +9671,11 @@ class KeyStore:
     def any_keys(self):
         """Whether a personal key was ever made here (then every request needs a key, also once
         all are revoked or expired: the router never opens up again by itself)."""
-        if not os.path.exists(self.path):
-            return False
-        return self._cached(None, lambda: bool(self._read("SELECT 1 FROM keys LIMIT 1")))
+        return bool(self._cached(None, lambda: bool(self._read("SELECT 1 FROM keys LIMIT 1"))))
 
     def find(self, key):
         """The `keys` row of this key (revoked and expired ones too), or None."""
-        if not key.startswith(KEY_PREFIX) or not os.path.exists(self.path):
+        if not key.startswith(KEY_PREFIX):
             return None
 
         def load():
@@ -9628,109 +9692,218 @@ class KeyStore:
         """The key's usage row as of `now`: this minute's and the last one's counts, the spend of
         this period (a stored minute or period ahead of `now` is another process's clock a moment
         on: taken as now)."""
-        u = db.execute("SELECT * FROM key_ledger WHERE name=?", (name,)).fetchone()
-        u = dict(u) if u is not None else {}
-        minute = int(now // 60)
-        cur = (0, 0)
-        prev = (0, 0)
-        if (u.get("minute") or -1) >= minute:
-            cur, prev = (u["requests"], u["tokens"]), (u["prev_requests"], u["prev_tokens"])
-            minute = u["minute"]
-        elif u.get("minute") == minute - 1:
-            prev = (u["requests"], u["tokens"])
-        start, end = period_bounds(period or "month", now)
-        spent = u.get("spent") or 0.0 if (u.get("period_start") or 0) >= start - 1 else 0.0
-        # (a hold past STALE_HOLD_SECONDS belongs to a request whose process died)
-        holds = [h for h in loads(u.get("holds") or "[]") if h[2] > now - STALE_HOLD_SECONDS]
-        return {"minute": minute, "cur": cur, "prev": prev, "start": max(start, u.get(
-            "period_start") or 0), "end": end, "spent": spent, "holds": holds}
+        row = db.execute("SELECT minute, requests, tokens, prev_requests, prev_tokens, "
+                         "period_start, spent, holds FROM key_ledger WHERE name=?",
+                         (name,)).fetchone()
+        stored, (start, end) = row is not None, period_bounds(period or "month", now)
+        minute, cur, prev = int(now // 60), (0, 0), (0, 0)
+        if not stored:
+            return {"stored": False, "minute": minute, "cur": cur, "prev": prev,
+                    "start": start, "end": end, "spent": 0.0, "holds": []}
+        at, requests, tokens, prev_requests, prev_tokens, period_start, spent, holds = row
+        if (at or -1) >= minute:
+            cur, prev, minute = (requests, tokens), (prev_requests, prev_tokens), at
+        elif at == minute - 1:
+            prev = (requests, tokens)
+        holds = [h for h in loads(holds) if _hold_alive(h, now)] \
+            if holds and holds != "[]" else []
+        return {"stored": True, "minute": minute, "cur": cur, "prev": prev,
+                "start": max(start, period_start or 0), "end": end,
+                "spent": spent or 0.0 if (period_start or 0) >= start - 1 else 0.0,
+                "holds": holds}
 
     @staticmethod
     def _put(db, name, u, now):
-        db.execute("INSERT OR REPLACE INTO key_ledger (name, minute, requests, tokens, "
-                   "prev_requests, prev_tokens, period_start, spent, holds, last_used) VALUES "
-                   "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (name, u["minute"], u["cur"][0], max(0, u["cur"][1]), u["prev"][0],
-                    max(0, u["prev"][1]), u["start"], u["spent"], dumps(u["holds"]), now))
+        values = (u["minute"], u["cur"][0], max(0, u["cur"][1]), u["prev"][0],
+                  max(0, u["prev"][1]), u["start"], u["spent"],
+                  dumps(u["holds"]) if u["holds"] else "[]", now, name)
+        if u["stored"]:
+            db.execute("UPDATE key_ledger SET minute=?, requests=?, tokens=?, prev_requests=?, "
+                       "prev_tokens=?, period_start=?, spent=?, holds=?, last_used=? "
+                       "WHERE name=?", values)
+        else:
+            db.execute("INSERT OR REPLACE INTO key_ledger (minute, requests, tokens, "
+                       "prev_requests, prev_tokens, period_start, spent, holds, last_used, name) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
 
     def admit(self, rec, tokens, cost):
         """A request of the key `rec` about to go to a provider, with `tokens` in and a largest
         likely `cost`: a ticket to settle, or KeyLimit. The rate limits are a sliding minute; a
         budget refuses once it is spent, and, while a request in flight could spend the rest,
-        until it has settled (so a key goes over by one request's worth at most)."""
+        until it has settled (so a key goes over by one request's worth at most). Far from its
+        limits, a request is admitted from this process's block of its key (see BLOCK_SHARE),
+        without a transaction."""
         name = rec["name"]
-        ticket = {"name": name, "hold": None, "tokens": tokens, "minute": None,
+        ticket = {"name": name, "bound": 0.0, "tokens": tokens, "minute": None,
                   "settled": False, "limits": {}, "period": rec["period"]}
         if not (rec["rpm"] or rec["tpm"] or rec["budget"]):
             return ticket                # (nothing to check: counted as it settles)
+        with self.lock:
+            if self._from_block(rec, ticket, tokens, cost):
+                return ticket
 
-        def check(db):
-            now = time.time()            # (in the transaction: every process's turn in order)
-            u = self._usage(db, name, now, rec["period"])
+        def check(u, now, ours):
+            """KeyLimit, or the request counted in `u`: (the block granted beside it or None,
+            what this process's hold grows by)."""
             at = now % 60 if u["minute"] == int(now // 60) else 0.0
             (cur_r, cur_t), (prev_r, prev_t) = u["cur"], u["prev"]
-            limits = ticket["limits"]
+            limits, grant = ticket["limits"], {}
             if rec["rpm"]:
                 used = _slide(prev_r, cur_r, at)
                 wait = _slide_wait(prev_r, cur_r, at, rec["rpm"] - 1)
-                limits["requests"] = (rec["rpm"], max(0, int(rec["rpm"] - used - 1)), wait)
+                left = max(0, int(rec["rpm"] - used - 1))
+                limits["requests"] = (rec["rpm"], left, wait)
                 if used + 1 > rec["rpm"]:
-                    raise KeyLimit("rpm", f"key {name}: over its {rec['rpm']} requests a minute",
-                                   wait)
+                    return KeyLimit("rpm", f"key {name}: over its {rec['rpm']} requests a minute",
+                                    wait)
+                grant["requests"] = min(BLOCK_MOST, int(left * BLOCK_SHARE))
             if rec["tpm"]:
                 used = _slide(prev_t, cur_t, at)
                 room = rec["tpm"] - min(tokens, rec["tpm"])
                 wait = _slide_wait(prev_t, cur_t, at, room)
-                limits["tokens"] = (rec["tpm"], max(0, int(rec["tpm"] - used - tokens)), wait)
+                left = max(0, int(rec["tpm"] - used - tokens))
+                limits["tokens"] = (rec["tpm"], left, wait)
                 if used > room:
-                    raise KeyLimit("tpm", f"key {name}: over its {rec['tpm']} tokens a minute",
-                                   wait)
+                    return KeyLimit("tpm", f"key {name}: over its {rec['tpm']} tokens a minute",
+                                    wait)
+                grant["tokens"] = min(BLOCK_MOST * max(1, tokens), int(left * BLOCK_SHARE))
             if rec["budget"]:
                 said = f"${rec['budget']:g} a {rec['period']}"
                 if u["spent"] >= rec["budget"]:
-                    raise KeyLimit("budget", f"key {name}: its budget of {said} is spent "
-                                             f"(${u['spent']:.4f}); it resets "
-                                             f"{iso_time(u['end'])}", u["end"] - now)
-                held, holds = len(u["holds"]), sum(h[1] for h in u["holds"])
+                    return KeyLimit("budget", f"key {name}: its budget of {said} is spent "
+                                              f"(${u['spent']:.4f}); it resets "
+                                              f"{iso_time(u['end'])}", u["end"] - now)
+                held = len(u["holds"]) + (ours > 0)
+                holds = sum(h[1] for h in u["holds"]) + ours
                 if held and u["spent"] + holds + cost > rec["budget"]:
-                    raise KeyLimit("busy", f"key {name}: its budget of {said} is nearly spent "
-                                           f"(${u['spent']:.4f}) and {held} request(s) of it are "
-                                           "still running: this one waits until they have "
-                                           "settled", 1.0)
-                ticket["hold"] = secrets.randbits(48)
-                u["holds"].append([ticket["hold"], cost, now])
-            u["cur"] = (cur_r + 1, cur_t + tokens)
+                    return KeyLimit("busy", f"key {name}: its budget of {said} is nearly spent "
+                                            f"(${u['spent']:.4f}) and {held} request(s) of it "
+                                            "are still running: this one waits until they have "
+                                            "settled", 1.0)
+                room = rec["budget"] - u["spent"] - holds - cost
+                grant["usd"] = min(BLOCK_MOST * cost, room * BLOCK_SHARE) if room > 0 else -1.0
+                ticket["bound"] = cost
+            block = None
+            if all(v >= (0 if k == "usd" else 1) for k, v in grant.items()):
+                block = dict({"requests": None, "tokens": None, "usd": None}, **grant,
+                             rec=rec, minute=u["minute"], at=time.monotonic(),
+                             limits=dict(limits))
+            u["cur"] = (cur_r + 1 + ((block or {}).get("requests") or 0),
+                        cur_t + tokens + ((block or {}).get("tokens") or 0))
             ticket["minute"] = u["minute"]
-            self._put(db, name, u, now)
-        try:
-            self._checked(self._tx, check)
-        except KeyLimit as e:
-            e.limits = ticket["limits"]
-            raise
+            return block, ticket["bound"]
+        out = self._checked(self._ledger_tx, name, rec["period"], check)
+        if isinstance(out, KeyLimit):
+            out.limits = ticket["limits"]
+            raise out
         return ticket
 
-    def settle(self, items):
-        """Requests of keys completed (or failed), [(ticket, cost, tokens)], in one transaction
-        (the request log's writer books its batch): each real cost joins its period's spend, its
-        hold is released, its tokens replace its estimate in the minute's count."""
-        items = [it for it in items if it[0] is not None and not it[0]["settled"]]
+    def _from_block(self, rec, ticket, tokens, cost):
+        """Admit a request from this process's block of its key (under self.lock): True, or
+        False when there is none, it is used up, stale (BLOCK_SECONDS, a new minute) or the
+        key's limits changed: then the ledger is asked."""
+        block = self.blocks.get(rec["name"])
+        if (block is None or block["rec"] is not rec or block["minute"] != int(time.time() // 60)
+                or time.monotonic() - block["at"] > BLOCK_SECONDS
+                or block["requests"] is not None and block["requests"] < 1
+                or block["tokens"] is not None and block["tokens"] < tokens
+                or block["usd"] is not None and block["usd"] < cost):
+            return False
+        for k, (limit, left, reset) in block["limits"].items():
+            block["limits"][k] = (limit, max(0, left - (1 if k == "requests" else tokens)), reset)
+        ticket["limits"] = dict(block["limits"])
+        if block["requests"] is not None:
+            block["requests"] -= 1
+        if block["tokens"] is not None:
+            block["tokens"] -= tokens
+        if block["usd"] is not None:
+            block["usd"] -= cost
+            ticket["bound"] = cost
+            self.inflight[rec["name"]] = self.inflight.get(rec["name"], 0.0) + cost
+        ticket["minute"] = block["minute"]
+        return True
 
-        def book_all(db):
-            by_key = {}
-            for it in items:
+    def settle(self, ticket, cost, tokens):
+        """A request of a key completed (or failed) with this real cost and these tokens: booked
+        by this store's next transaction on the ledger (the next request's admission, or the
+        request log writer's next batch, within BATCH_SECONDS), so a request pays for one
+        transaction at most. Until then this process's hold on the ledger stands for it."""
+        if ticket is None or ticket["settled"]:
+            return
+        with self.lock:
+            ticket["settled"] = True
+            name = ticket["name"]
+            if ticket["bound"]:
+                self.inflight[name] = max(0.0, self.inflight.get(name, 0.0) - ticket["bound"])
+                block = self.blocks.get(name)
+                if block is not None and block["usd"] is not None:
+                    # (the bound was held for it: what it did not spend may be used again)
+                    block["usd"] += max(0.0, ticket["bound"] - max(0.0, cost))
+            if len(self.pending) >= 100000:          # (the store has failed for long)
+                self.pending.pop(0)
+            self.pending.append((ticket, cost, tokens))
+
+    def flush(self):
+        """Book the settled requests not booked yet and give back what is left of this
+        process's blocks (the writer's batch, and before a read of the spend)."""
+        if self.pending or self.blocks:
+            self._ledger_tx()
+
+    def _ledger_tx(self, name=None, period=None, check=None):
+        """One write transaction on the ledger (one read and one write a key): every settlement
+        of this process booked, its blocks given back (with `check`, only the block of `name`),
+        its hold on each key rewritten (the largest cost its requests in flight may still add,
+        and its blocks' USD); with `check`, a new request of key `name` checked and counted on
+        the same row: check(usage, now, this process's hold) -> (its block or None, its largest
+        cost), or the KeyLimit returned (after the commit)."""
+        with self.lock:
+            pending, self.pending = self.pending, []
+            by_key = {} if check else {key: [] for key in self.blocks}
+            for it in pending:
                 by_key.setdefault(it[0]["name"], []).append(it)
-            for name, its in by_key.items():          # (one read and one write a key)
-                self._book(db, name, its)
-        if items:
-            self._tx(book_all)
-            for it in items:
-                it[0]["settled"] = True
+            if name is not None:
+                by_key.setdefault(name, [])
+            if not by_key:
+                return None
+            out, blocks = None, dict(self.blocks)
+            try:
+                db = self._conn()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    now = time.time()     # (in the transaction: every process's turn in order)
+                    for key, items in by_key.items():
+                        u = self._usage(db, key, now, items[0][0]["period"] if items else period)
+                        self._book(u, items)
+                        if check is None or key == name:
+                            self._give_back(u, blocks.pop(key, None))
+                        u["holds"] = [h for h in u["holds"] if h[0] != self.hold_id]
+                        ours = self.inflight.get(key, 0.0)
+                        if key == name:
+                            out = check(u, now, ours)
+                            if not isinstance(out, KeyLimit):
+                                blocks[key] = out[0]
+                                ours += out[1]
+                        ours += (blocks.get(key) or {}).get("usd") or 0.0
+                        if ours > 0:
+                            u["holds"].append([self.hold_id, ours, now, os.getpid(), HOLD_HOST])
+                        self._put(db, key, u, now)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except BaseException:
+                self.pending[:0] = pending        # (booked by a later transaction)
+                raise
+            if name is not None and not isinstance(out, KeyLimit):
+                self.inflight[name] = self.inflight.get(name, 0.0) + out[1]
+                out = out[0]
+            self.blocks = {k: b for k, b in blocks.items() if b is not None}
+            return out
 
-    def _book(self, db, name, items):
-        now = time.time()
-        u = self._usage(db, name, now, items[0][0].get("period"))
-        done = {ticket["hold"] for ticket, _cost, _tokens in items}
-        u["holds"] = [h for h in u["holds"] if h[0] not in done]
+    @staticmethod
+    def _book(u, items):
+        """Settlements into a key's usage: each real cost joins its period's spend, its tokens
+        replace its estimate in the minute's count."""
         for ticket, cost, tokens in items:
             if ticket["minute"] is None:       # (admitted without a transaction: counted now)
                 u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
@@ -9739,7 +9912,18 @@ class KeyStore:
             elif ticket["minute"] == u["minute"] - 1:
                 u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
             u["spent"] += max(0.0, cost)
-        self._put(db, name, u, now)
+
+    @staticmethod
+    def _give_back(u, block):
+        """A block's unused requests and tokens out of the minute they were counted in (its USD
+        leaves with the hold that is rewritten)."""
+        if block is None:
+            return
+        back = (block["requests"] or 0, block["tokens"] or 0)
+        if block["minute"] == u["minute"]:
+            u["cur"] = (u["cur"][0] - back[0], u["cur"][1] - back[1])
+        elif block["minute"] == u["minute"] - 1:
+            u["prev"] = (u["prev"][0] - back[0], u["prev"][1] - back[1])
 
 
 class RequestLog:
@@ -9762,17 +9946,16 @@ class RequestLog:
         self.queue = queue.SimpleQueue()
         self.thread = None
         self.ok = True
-        self.keys = None            # the KeyStore whose spend the writer books
+        self.keys = None            # the KeyStore whose settled spend the writer books
 
     def start(self):
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="sage-router-log", daemon=True)
             self.thread.start()
 
-    def record(self, row, attempts, settle=None):
-        """Called on the request's thread: a queue put, nothing more (`settle`: a personal key's
-        (ticket, cost, tokens), booked with the batch)."""
-        self.queue.put((row, attempts, settle))
+    def record(self, row, attempts):
+        """Called on the request's thread: a queue put, nothing more."""
+        self.queue.put((row, attempts))
 
     def stop(self, timeout=5.0):
         if self.thread is not None:
@@ -9814,15 +9997,14 @@ class RequestLog:
             stop = None in batch
             batch = [b for b in batch if b is not None]
             good = []
-            settles = [b[2] for b in batch if b[2] is not None]
-            if settles and self.keys is not None:
+            if self.keys is not None:
                 try:
-                    self.keys.settle(settles)
+                    self.keys.flush()    # (what no admission has booked since)
                 except Exception as e:
-                    log.warning("team keys: a batch of spend was not booked (%s: %s); its holds "
-                                "lapse in %g s", type(e).__name__, e, STALE_HOLD_SECONDS)
+                    log.warning("team keys: spend not booked yet (%s: %s); tried again with the "
+                                "next batch", type(e).__name__, e)
             # one bad row is logged and skipped; the thread never dies
-            for row, attempts, _settle in batch:
+            for row, attempts in batch:
                 try:
                     self.metrics.add(row, attempts)
                     self._log_line(row)
@@ -10324,22 +10506,15 @@ class Router:
         ctx.limits = codec.limit_headers(ctx.ticket["limits"], time.time())
 
     def record(self, ctx):
-        """Hand the finished request to the log writer (a queue put on this thread), and book a
-        personal key's real cost and tokens (one short transaction: after the request's last
-        byte, before its connection reads the next request; meanwhile its hold, a bound of the
-        same cost, stands for it; the writer books what this could not)."""
+        """Hand the finished request to the log writer (a queue put on this thread), and settle
+        a personal key's real cost and tokens (booked by the key store's next transaction)."""
         used = answer_cost(ctx, self.catalogue)
         row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"], used)
-        settle = None
         if ctx.ticket is not None:
             _answered, usage, cost = used
-            settle = (ctx.ticket, cost, (usage.get("input") or 0) + (usage.get("output") or 0))
-            try:
-                self.keys.settle([settle])
-                settle = None
-            except (sqlite3.Error, OSError):
-                pass                     # (the store is busy: the writer tries with its batch)
-        self.log.record(row, attempts, settle)
+            self.keys.settle(ctx.ticket, cost, (usage.get("input") or 0) + (usage.get("output")
+                                                                             or 0))
+        self.log.record(row, attempts)
 
     def _maintain(self):
         while True:

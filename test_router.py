@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -5816,7 +5817,7 @@ class KeysTests(RouterCase):
         self.ask("openai", client_body("openai", "an/claude-test", False), bearer(key))
 
     def test_every_path_checks_the_key_and_a_broken_store_fails_closed(self):
-        key = self.new_key("ned", models=["oa/*"])
+        key = self.new_key("ned", models=["oa/*"], rpm=1000)
         r = self.h.call("POST", "/v1beta/models/gm/text-embedding-004:embedContent",
                         {"content": {"parts": [{"text": "x"}]}}, {"x-goog-api-key": key})
         self.assertEqual(r.status, 403, r)
@@ -5925,6 +5926,145 @@ def billed(recording, prices):
                 ((u["input_tokens"] - cached) * pin + cached * pcached + u["output_tokens"] * pout) / 1e6)
     last = json.loads(data.splitlines()[-1])                          # Ollama: local, free
     return last["prompt_eval_count"], last["eval_count"], 0.0
+
+
+class KeyBlockTests(unittest.TestCase):
+    """The key ledger's blocks, on one SQLite file shared by two stores (as two processes share
+    it): requests far from a limit are admitted in memory, and the limits still hold exactly."""
+
+    NOW = 1_800_000_030.0            # (the middle of a minute: the sliding minute stands still)
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        clock = unittest.mock.patch("time.time", lambda: self.NOW)
+        clock.start()
+        self.addCleanup(clock.stop)
+        self.a, self.b = (R.KeyStore(os.path.join(self.dir, "requests.db")) for _ in "ab")
+        self.addCleanup(self.b.close)
+        self.addCleanup(self.a.close)
+
+    def key(self, **limits):
+        key, _entry = self.a.create("k", dict({"budget": None, "rpm": None, "tpm": None}, **limits))
+        return self.a.find(key), self.b.find(key)
+
+    def ledger(self):
+        db = sqlite3.connect(os.path.join(self.dir, "requests.db"))
+        self.addCleanup(db.close)
+        return db.execute("SELECT requests, tokens, spent, holds FROM key_ledger WHERE name='k'").fetchone()
+
+    def transactions(self, store):
+        seen = []
+        store._conn().set_trace_callback(lambda sql: seen.append(sql) if sql.startswith("BEGIN") else None)
+        return seen
+
+    def test_far_from_its_limits_a_key_is_admitted_in_memory_and_booked_exactly(self):
+        rec, _ = self.key(rpm=10000, tpm=10 ** 9, budget="100/day")
+        txs = self.transactions(self.a)
+        left = []
+        for i in range(100):
+            ticket = self.a.admit(rec, 20, 0.01)
+            left.append(ticket["limits"]["requests"][1])
+            self.a.settle(ticket, 0.004, 30)
+        self.assertLessEqual(len(txs), 100 // R.BLOCK_MOST + 2, "most requests need no transaction")
+        self.assertEqual(left, list(range(9999, 9899, -1)), "the rate-limit headers count down as they would")
+        self.a.flush()
+        requests, tokens, spent, holds = self.ledger()
+        self.assertEqual((requests, tokens, json.loads(holds)), (100, 3000, []),
+                         "once flushed, the unused part of the block is given back: the counts are exact")
+        self.assertAlmostEqual(spent, 0.4)
+
+    def test_two_processes_never_admit_more_than_the_rpm_between_them(self):
+        recs = self.key(rpm=40)
+        stores = (self.a, self.b)
+        admitted, refused = 0, 0
+        for i in range(120):
+            try:
+                stores[i % 2].admit(recs[i % 2], 10, 0.0)
+                admitted += 1
+            except R.KeyLimit as e:
+                self.assertEqual(e.kind, "rpm")
+                refused += 1
+        self.assertLessEqual(admitted, 40)
+        for s in stores:
+            s.flush()
+        while True:                  # (what the blocks held back is free again once given back)
+            try:
+                self.b.admit(recs[1], 10, 0.0)
+                admitted += 1
+            except R.KeyLimit:
+                break
+        self.assertEqual(admitted, 40, "the limit is reached, not passed")
+        self.assertEqual(self.ledger()[0], 40)
+
+    def test_a_budget_shared_by_two_processes_is_never_passed(self):
+        recs = self.key(budget="1/day")
+        stores = (self.a, self.b)
+        spent, open_ = 0.0, []
+        for i in range(200):
+            s = i % 2
+            try:
+                open_.append((s, stores[s].admit(recs[s], 10, 0.03)))
+            except R.KeyLimit as e:
+                self.assertIn(e.kind, ("busy", "budget"))
+            if len(open_) > 3:       # (a few requests in flight at a time, in both)
+                s, ticket = open_.pop(0)
+                stores[s].settle(ticket, 0.025, 10)
+                spent += 0.025
+            self.assertLessEqual(spent + 0.03 * len(open_), 1.0 + 1e-9,
+                                 "what is spent and what may still be spent never passes the budget")
+        for s, ticket in open_:
+            stores[s].settle(ticket, 0.025, 10)
+            spent += 0.025
+        for s in stores:
+            s.flush()
+        self.assertAlmostEqual(self.ledger()[2], spent)
+        self.assertGreater(spent, 0.9, "the budget is used, not left idle in blocks")
+        while True:                  # one at a time, to the end: over by one request's worth at most
+            try:
+                self.a.settle(self.a.admit(recs[0], 10, 0.03), 0.025, 10)
+                spent += 0.025
+            except R.KeyLimit as e:
+                self.assertEqual(e.kind, "budget")
+                break
+        self.a.flush()
+        self.assertAlmostEqual(self.ledger()[2], spent)
+        self.assertTrue(1.0 <= spent < 1.0 + 0.03, spent)
+
+    def test_requests_in_flight_in_two_processes_never_hold_more_than_the_budget(self):
+        recs = self.key(budget="1/day")
+        bounds = 0.0
+        for order in ((0, 1), (1, 0), (0, 1, 0, 1, 0, 1)):   # (one, then the other to its end, ...)
+            for s in order:
+                for i in range(1 if s == order[0] and bounds == 0 else 50):
+                    try:
+                        (self.a, self.b)[s].admit(recs[s], 10, 0.03)
+                        bounds += 0.03
+                    except R.KeyLimit as e:
+                        self.assertEqual(e.kind, "busy")
+                        break
+        self.assertLessEqual(bounds, 1.0 + 1e-9, "each process's block is held in the ledger for the other to see")
+        self.assertGreater(bounds, 0.9)
+
+    def test_the_hold_of_a_process_that_died_is_dropped_at_once(self):
+        recs = self.key(budget="1/day")
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        db = sqlite3.connect(os.path.join(self.dir, "requests.db"))
+        self.addCleanup(db.close)
+        db.execute("INSERT INTO key_ledger (name, minute, requests, tokens, prev_requests, prev_tokens, period_start, "
+                   "spent, holds, last_used) VALUES ('k', 0, 0, 0, 0, 0, 0, 0, ?, 0)",
+                   (json.dumps([[7, 0.99, self.NOW, dead.pid, R.HOLD_HOST]]),))
+        db.commit()
+        self.a.admit(recs[0], 10, 0.05)
+        holds = json.loads(self.ledger()[3])
+        self.assertEqual([h[0] for h in holds], [self.a.hold_id], "the dead process's hold is gone")
+        live = [[8, 0.99, self.NOW, os.getppid(), R.HOLD_HOST]]
+        db.execute("UPDATE key_ledger SET holds=?", (json.dumps(live),))
+        db.commit()
+        with self.assertRaises(R.KeyLimit) as e:
+            self.b.admit(recs[1], 10, 0.05)
+        self.assertEqual(e.exception.kind, "busy", "a running process's hold stands")
 
 
 class LedgerTests(RouterCase):

@@ -7848,14 +7848,19 @@ def bench(log_level="info"):
                              + limits, capture_output=True, text=True, env=router_env())
         made[name] = {"Authorization": "Bearer " + out.stdout.strip().splitlines()[-1]}
     rounds = {"none": [], "plain": [], "limited": []}
-    for _ in range(5):
-        rounds["none"].append(p(_py_latencies(rport2, "/v1/chat/completions", body, 1000), .5))
-        for name in ("plain", "limited"):
-            rounds[name].append(p(_py_latencies(rport, "/v1/chat/completions", body, 1000, headers=made[name]), .5))
+    cpu = dict.fromkeys(rounds, 0.0)
+    _py_latencies(rport2, "/v1/chat/completions", body, 300)
+    _py_latencies(rport, "/v1/chat/completions", body, 300, headers=made["plain"])
+    for _ in range(15):
+        for name, port, pid in (("none", rport2, proc2.pid), ("plain", rport, proc.pid), ("limited", rport, proc.pid)):
+            c0 = _cpu_s(pid)
+            rounds[name].append(p(_py_latencies(port, "/v1/chat/completions", body, 400, headers=made.get(name)), .5))
+            cpu[name] += (_cpu_s(pid) - c0) / 400 / 15 * 1000
     med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
-    print(f"key check (5 alternating rounds of 1,000, median p50): no key {med['none']:.3f} ms | a personal key "
-          f"{med['plain']:.3f} ms (+{med['plain'] - med['none']:.3f}) | one with a budget and a rate limit "
-          f"{med['limited']:.3f} ms (+{med['limited'] - med['none']:.3f})")
+    print(f"key check (15 alternating rounds of 400, median p50): no key {med['none']:.3f} ms | a personal key "
+          f"{med['plain']:.3f} ms ({med['plain'] - med['none']:+.3f}) | one with a budget and a rate limit "
+          f"{med['limited']:.3f} ms ({med['limited'] - med['none']:+.3f}); router CPU a request "
+          f"{cpu['none']:.3f} / {cpu['plain']:.3f} / {cpu['limited']:.3f} ms")
     proc2.terminate()
     proc2.wait(10)
     proc.terminate()

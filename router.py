@@ -8117,23 +8117,52 @@ def key_candidates(key, cands, asked=(), route=None):
     return kept
 
 
+class Intent:
+    """A request's intent by the rules, detected when first asked for (get)."""
+
+    __slots__ = ("req", "found")
+
+    def __init__(self, req):
+        self.req, self.found = req, None
+
+    def get(self):
+        if self.found is None:
+            self.found = detect_intent(self.req) + ("rules",)
+            self.req = None
+        return self.found
+
+
 class Plan:
     """Where a request goes: the route, the intent, the candidates to try in order, and the ones
     left out with the reason. `asked`: the candidates an explicit name stands for (the `default`
     route after them is only a fallback); `pinned`: the candidate put first because it served the
     conversation's previous turn; `unknown`: the name was not known and went through aliases or
-    auto; `by_intent`: the route was chosen by the detected intent (`auto`)."""
+    auto; `by_intent`: the route was chosen by the detected intent (`auto`). The intent is
+    `intent`'s (intent, confidence, signals, decided_by), detected on first use when it is an
+    Intent: a plan that named its model leaves it to the request log's writer."""
 
-    __slots__ = ("route", "intent", "confidence", "signals", "decided_by",
-                 "candidates", "skipped", "asked", "pinned", "unknown", "by_intent")
+    __slots__ = ("route", "_intent", "candidates", "skipped", "asked", "pinned", "unknown",
+                 "by_intent")
 
     def __init__(self, route, intent, candidates, skipped, asked=(), pinned=None,
                  unknown=False, by_intent=False):
-        self.route = route
-        self.intent, self.confidence, self.signals, self.decided_by = intent
+        self.route, self._intent = route, intent
         self.candidates, self.skipped = candidates, skipped
         self.asked, self.pinned = frozenset(asked), pinned
         self.unknown, self.by_intent = unknown, by_intent
+
+    def _get(self, i):
+        return (self._intent.get() if isinstance(self._intent, Intent) else self._intent)[i]
+
+    intent = property(lambda self: self._get(0))
+    confidence = property(lambda self: self._get(1))
+    signals = property(lambda self: self._get(2))
+    decided_by = property(lambda self: self._get(3))
+
+    @property
+    def detected(self):
+        """Whether the intent is known yet (the planning needed it, or it was asked for)."""
+        return not isinstance(self._intent, Intent) or self._intent.found is not None
 
     def explain(self):
         out = [{"provider": p, "model": m, "skip": None} for p, m in self.candidates]
@@ -8174,8 +8203,11 @@ def plan_embeddings(cat, name):
 
 
 def _route_of(cat, name, intent):
-    """A model name -> (route label, candidates) when it names a route, alias or provider/model."""
+    """A model name -> (route label, candidates) when it names a route, alias or provider/model
+    (`intent`: an Intent, or (intent, confidence, signals, decided_by), or the intent's name)."""
     if name in AUTO_NAMES:
+        intent = (intent.get() if isinstance(intent, Intent) else intent)
+        intent = intent if isinstance(intent, str) else intent[0]
         route = intent if cat.routes.get(intent) else "default"
         return route, list(cat.routes.get(route, []))
     if name in cat.routes:
@@ -8261,7 +8293,7 @@ def plan_request(cat, health, req, body=None, headers=None, pin=None, intent=Non
     candidates cooling down go last, the soonest to recover first. `intent`: (intent, confidence,
     signals, decided_by) when the caller already knows it (else the rules decide)."""
     body, headers = body or {}, headers or {}
-    intent = intent or detect_intent(req) + ("rules",)
+    intent = intent or Intent(req)
     pref = body.get("provider") if isinstance(body.get("provider"), dict) else {}
     model, route, route_cands, cands, unknown, by_intent = _plan_names(cat, req,
                                                                        body, headers, intent)
@@ -8299,16 +8331,16 @@ def _plan_names(cat, req, body, headers, intent):
         names = [m for m in [model] + extra if m]
     route, route_cands, cands, unknown, by_intent = None, set(), [], False, False
     for name in dict.fromkeys(names):
-        r, c = _route_of(cat, name, intent[0])
+        r, c = _route_of(cat, name, intent)
         auto = name in AUTO_NAMES
         if c is None:
             unknown = unknown or name == model
             target = cat.alias(name)
             if target is not None:
-                r, c = _route_of(cat, target, intent[0])
+                r, c = _route_of(cat, target, intent)
                 r, auto = (r if r != "explicit" else target), target in AUTO_NAMES
             if not c and not cat.strict and cat.enabled:
-                r, c = _route_of(cat, "auto", intent[0])
+                r, c = _route_of(cat, "auto", intent)
                 auto = True
         if c is None:
             continue
@@ -8706,7 +8738,8 @@ class Dispatcher:
              "X-Router-Attempts": str(len(tried))}
         if ctx.plan is not None:
             h["X-Router-Route"] = ctx.plan.route
-            h["X-Router-Intent"] = ctx.plan.intent
+            if ctx.plan.detected:
+                h["X-Router-Intent"] = ctx.plan.intent
         if ctx.structured:
             h["X-Router-Structured"] = ctx.structured
         if ctx.completion:
@@ -10004,14 +10037,20 @@ class RequestLog:
                     log.warning("team keys: spend not booked yet (%s: %s); tried again with the "
                                 "next batch", type(e).__name__, e)
             # one bad row is logged and skipped; the thread never dies
+            lines = [] if log.isEnabledFor(logging.INFO) else None
             for row, attempts in batch:
                 try:
+                    if isinstance(row["intent"], Plan):
+                        row["intent"] = row["intent"].intent
                     self.metrics.add(row, attempts)
-                    self._log_line(row)
+                    if lines is not None:
+                        lines.append(self._log_line(row, len(attempts)))
                     good.append(tuple(_storable(row[c]) for c in self.COLUMNS))
                 except Exception as e:
                     log.error("request log: skipping a row that cannot be recorded (%s: %s)",
                               type(e).__name__, e)
+            if lines:
+                log_lines(lines)
             if db is not None and good:
                 try:
                     self._insert(db, good)
@@ -10059,26 +10098,24 @@ class RequestLog:
             if own:
                 db.close()
 
-    def _log_line(self, row):
-        if not log.isEnabledFor(logging.INFO):
-            return
+    def _log_line(self, row, attempts):
+        """A request's log line: (message, fields for --log-format json)."""
         fields = {k: row[k] for k in ("dialect", "requested", "intent", "route",
                                       "provider", "model", "status",
                                       "latency_ms", "ttfb_ms", "input_tokens",
                                       "output_tokens", "cost", "error")}
         answered = 1 if row["provider"] and row["status"] < 400 else 0
-        fields["attempts"] = len(json.loads(row["attempts"])) + answered
+        fields["attempts"] = attempts + answered
         if self.line_format == "json":
-            log.info("request", extra={"fields": fields})
-            return
+            return "request", fields
         where = f"{row['provider']}/{row['model']}" if row["provider"] else "-"
         ttfb = f" ttfb {row['ttfb_ms']:.0f} ms" if row["ttfb_ms"] is not None else ""
         err = f" error: {clean_text(row['error'], 2000)}" if row["error"] else ""
-        log.info("%s %s -> %s %s %.0f ms%s in %s out %s $%.6f attempts %d intent %s route %s%s",
-                 row["dialect"], clean_text(row["requested"]), where, row["status"],
-                 row["latency_ms"], ttfb, row["input_tokens"] or 0, row["output_tokens"] or 0,
-                 row["cost"] or 0, fields["attempts"],
-                 row["intent"] or "-", row["route"] or "-", err)
+        return ("%s %s -> %s %s %.0f ms%s in %s out %s $%.6f attempts %d intent %s route %s%s" % (
+            row["dialect"], clean_text(row["requested"]), where, row["status"],
+            row["latency_ms"], ttfb, row["input_tokens"] or 0, row["output_tokens"] or 0,
+            row["cost"] or 0, fields["attempts"], row["intent"] or "-", row["route"] or "-",
+            err), fields)
 
     # -- reading (on the request's thread, each call with its own connection) ---------------------
     def _read(self, sql, args=()):
@@ -10134,6 +10171,34 @@ class RequestLog:
         return rows
 
 
+def log_lines(lines):
+    """Request lines [(message, fields)] at INFO, as log.info would write each, but a batch in
+    one write: with the handler setup_logging made (and nothing else in the way), they are
+    formatted here; else each goes through logging."""
+    handlers = logging.getLogger().handlers
+    h = handlers[0] if len(handlers) == 1 and not log.handlers and log.propagate else None
+    if (h is None or getattr(h, "sage_format", None) is None or h.filters
+            or logging.getLogger().filters or log.filters or h.level > logging.INFO):
+        for message, fields in lines:
+            log.info("%s", message, extra={"fields": fields})
+        return
+    now = time.time()
+    ms = int(now % 1 * 1000)
+    if h.sage_format == "json":
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{ms:03d}Z"
+        text = "".join(dumps(dict({"time": stamp, "level": "info", "message": m}, **f)) + "\n"
+                       for m, f in lines)
+    else:
+        prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{ms:03d} INFO "
+        text = "".join(prefix + m + "\n" for m, _f in lines)
+    with h.lock:
+        try:
+            h.stream.write(text)
+            h.flush()
+        except (OSError, ValueError):
+            pass                     # (stderr closed or full: as logging's own handler would)
+
+
 class JsonLogFormatter(logging.Formatter):
     """--log-format json: one JSON object a line (time, level, message, and a request's fields)."""
 
@@ -10169,7 +10234,8 @@ def request_row(ctx, catalogue, log_prompts, used=None):
                  "reason": a.reason, "status": a.status}
                 for a in ctx.attempts]
     row = {"ts": time.time(), "dialect": ctx.dialect, "requested": ctx.model,
-           "intent": ctx.plan.intent if ctx.plan else None,
+           # (a plan that did not need the intent: the writer finds it, off the request's thread)
+           "intent": (ctx.plan.intent if ctx.plan.detected else ctx.plan) if ctx.plan else None,
            "route": ctx.plan.route if ctx.plan else None,
            "provider": ctx.provider if answered else None,
            "model": ctx.upstream_model if answered else None,
@@ -12448,6 +12514,7 @@ def setup_logging(level, fmt):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.sage_format = fmt          # (log_lines writes request lines to it directly)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -4718,6 +4718,16 @@ class ExplicitModelTests(RouterCase):
                     self.assertEqual(r.headers["x-router-provider"], prov)
                     self.assertEqual(r.headers["x-router-route"], "explicit")
 
+    def test_a_named_model_skips_intent_detection_and_its_log_row_still_has_the_intent(self):
+        text = "Fix this Python traceback: TypeError in def parse(line): return line.split()[2]"
+        r, _ = self.ask("openai", client_body("openai", "oa/gpt-test", False, text=text))
+        self.assertNotIn("x-router-intent", r.headers, "the router did not need it to choose")
+        r, _ = self.ask("openai", client_body("openai", "auto", False, text=text))
+        self.assertEqual(r.headers["x-router-intent"], "code")
+        rows = wait_rows(self.h, lambda rows: len(rows) >= 2)
+        self.assertEqual([(x["requested"], x["intent"]) for x in rows[:2]], [("auto", "code"), ("oa/gpt-test", "code")],
+                         "the writer finds a named request's intent for the log")
+
     def turn(self, model, history, text, headers=None):
         body = {"model": model, "max_tokens": 100, "system": "You are helpful.",
                 "messages": history + [{"role": "user", "content": text}]}
@@ -6144,6 +6154,28 @@ class LogLineTests(unittest.TestCase):
                     self.assertEqual((obj["level"], obj["requested"], obj["provider"], obj["status"]), ("info", "oa/m", "oa", 200))
                 else:
                     self.assertIn("-> oa/m 200", lines[0])
+
+
+    def test_a_batch_of_lines_reads_as_logging_writes_each(self):
+        root = logging.getLogger()
+        saved = root.handlers[:], root.level
+        self.addCleanup(lambda: (root.handlers.__setitem__(slice(None), saved[0]), root.setLevel(saved[1])))
+        fields = {"requested": "oa/m", "status": 200, "error": None}
+        for fmt in ("text", "json"):
+            with self.subTest(fmt=fmt):
+                stream = io.StringIO()
+                with unittest.mock.patch("sys.stderr", stream):
+                    R.setup_logging("info", fmt)
+                R.log.info("%s", "openai oa/m -> oa/m 200", extra={"fields": fields})
+                R.log_lines([("openai oa/m -> oa/m 200", fields), ("second", fields)])
+                one, two, three = stream.getvalue().splitlines()
+                stamp = r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d{3}Z?"
+                self.assertEqual(re.sub(stamp, "T", one), re.sub(stamp, "T", two))
+                self.assertRegex(one, stamp)
+                if fmt == "json":
+                    self.assertEqual(json.loads(three)["message"], "second")
+                else:
+                    self.assertTrue(three.endswith(" INFO second"), three)
 
 
 class StatusPageTests(RouterCase):

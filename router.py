@@ -247,6 +247,18 @@ def private_db(path):
             pass                     # created meanwhile, or not ours to change: keep going
 
 
+def _commit(db):
+    """COMMIT, or, when it fails, ROLLBACK (so the connection is never left in a transaction)."""
+    try:
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        raise
+
+
 def open_db(path, schema=(), **kw):
     """An SQLite connection to a state file in WAL mode, with its tables: `schema`'s statements
     run in one write transaction. Several connections (the request log's writer, the key store,
@@ -7522,11 +7534,33 @@ def _expand(branch):
     return [x for alt in alts for x in _expand(branch[:at] + alt + rest)]
 
 
+class _LazyRe:
+    """A regular expression compiled when first used (the intent tables' 400 branches would
+    take a fifth of the start-up; the maintenance thread warms them up once the router serves)."""
+
+    __slots__ = ("pattern", "rx")
+
+    def __init__(self, pattern):
+        self.pattern, self.rx = pattern, None
+
+    def findall(self, text):
+        if self.rx is None:
+            self.rx = re.compile(self.pattern)
+        return self.rx.findall(text)
+
+
 def _branches(pattern):
     """A pattern split into branches that each start with a literal where possible, compiled on
     their own with that literal, so a scan is a substring test first (re tries every branch of an
     alternation at every position, which is many times slower)."""
-    return [(_literal_prefix(b)[0], re.compile(b)) for p in _split_top(pattern) for b in _expand(p)]
+    return [(_literal_prefix(b)[0], _LazyRe(b)) for p in _split_top(pattern) for b in _expand(p)]
+
+
+def warm_intent_tables():
+    """Compile every branch of the intent tables now (not on the first requests that meet them)."""
+    for _n, _i, _w, _cap, brs in _PATTERNS:
+        for _prefix, rx in brs:
+            rx.findall("")
 
 
 _CUE_WORDS, _CUE_PHRASES = _compile_cues()
@@ -9343,41 +9377,29 @@ def _storable(v):
 # Personal keys (`router.py keys add NAME`, POST /v1/keys) live in the request log's SQLite file:
 # table `keys` (a salted SHA-256 of each key, never the key; its limits) and `key_ledger` (one row
 # a key: the requests and tokens of this minute and the last, the spend of this budget period, and
-# each request in flight's hold of the largest cost it may still add). Every check and change is one short transaction there, so
-# several router processes on one data directory agree (SQLite does the locking) and a kill -9
-# loses nothing committed. A request first takes a ticket (`admit`: rate limits, budget, a hold of
-# its largest possible cost), and settles it as it completes (`settle`: the real cost and tokens).
+# each process's hold of the largest cost its requests in flight may still add). Every check and
+# change is one short transaction there, so several router processes on one data directory agree
+# (SQLite does the locking) and a kill -9 loses nothing committed. A request first takes a ticket
+# (`admit`: rate limits, budget, a hold of its largest possible cost; from this process's block of
+# the key, in memory, when it has one), and settles it as it completes (`settle`: the real cost
+# and tokens, booked by the store's next transaction).
 
 KEY_PREFIX = "sk-sage-"
 KEY_PERIODS = ("day", "week", "month")
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-#: A hold older than this belongs to a request that can no longer be running (its process died).
-STALE_HOLD_SECONDS = 900.0
+#: A process renews its hold on a key's ledger row at least every HOLD_RENEW_SECONDS while it has
+#: requests of the key in flight (the request log writer does it); a hold not renewed for
+#: STALE_HOLD_SECONDS belongs to a process that died, and no longer counts.
+HOLD_RENEW_SECONDS, STALE_HOLD_SECONDS = 10.0, 60.0
 #: A block: a key's room taken by one process in the transaction that admits a request, so that
 #: its next requests are admitted in memory: up to BLOCK_MOST more requests (their tokens and
 #: largest costs alike), never more than BLOCK_SHARE of what the key has left (the ledger counts
 #: the block as used, and holds its USD, until this process gives back what it did not use: at
-#: its next transaction on the key, or the request log writer's next batch; a block is used for
-#: BLOCK_SECONDS at most). Near a limit there is no room for a block, and every request is
-#: checked in the ledger itself, so the limits hold exactly across processes.
+#: its next transaction on the key, or the request log writer's next batch, within BLOCK_SECONDS
+#: when idle; a block is used for BLOCK_SECONDS at most, in its minute only). Near a limit there
+#: is no room for a block, and every request is checked in the ledger itself, so the limits hold
+#: exactly across processes.
 BLOCK_MOST, BLOCK_SHARE, BLOCK_SECONDS = 16, 0.25, 1.0
-HOLD_HOST = socket.gethostname()
-
-
-def _hold_alive(hold, now):
-    """Whether a hold in the ledger, [id, USD, since, pid, host], may still be used: its process
-    (on this host: pids are only comparable there) still runs, and it was renewed within
-    STALE_HOLD_SECONDS (a process elsewhere that died)."""
-    if hold[2] <= now - STALE_HOLD_SECONDS:
-        return False
-    if len(hold) > 4 and hold[4] == HOLD_HOST and hold[3] != os.getpid():
-        try:
-            os.kill(hold[3], 0)
-        except ProcessLookupError:
-            return False
-        except OSError:
-            pass                     # (another user's process: alive)
-    return True
 
 
 class KeyLimit(Exception):
@@ -9498,13 +9520,16 @@ class KeyStore:
         self.db = None
         self.warned = False
         self.cache, self.version = {}, None    # key -> its `keys` row, as of user_version
-        # (a file replaced after every change of `keys`: a stat a request, not a query, tells
-        # that nothing changed; the database is asked at least once a second all the same)
+        # (a file that grows by a line with every change of `keys`: a stat a request, not a
+        # query, tells that nothing changed; the database is asked at least once a second all
+        # the same, for a change the flag missed)
         self.flag = os.path.join(os.path.dirname(path), "keys.changed")
         self.seen = (None, 0.0)                # (the flag's stat, when the database was asked)
         self.pending = []           # settled requests not booked yet: (ticket, cost, tokens)
         self.blocks = {}            # key name -> this process's block of it (see BLOCK_SHARE)
-        self.inflight = {}          # key name -> the bounds of its requests in flight here, USD
+        # key name -> {"usd": the bounds of its requests in flight here, "gen", "period",
+        # "held": when this process last wrote its hold on the key's row}
+        self.inflight = {}
         self.hold_id = secrets.randbits(48)   # this process's hold in the ledger's rows
 
     def _conn(self):
@@ -9513,12 +9538,15 @@ class KeyStore:
                 f"CREATE TABLE IF NOT EXISTS keys ({', '.join(self.COLUMNS)}, PRIMARY KEY (name))",
                 "CREATE INDEX IF NOT EXISTS keys_prefix ON keys (prefix)",
                 # one row a key (one page a change: the request path's write): the minute's
-                # counts, the period's spend, and the holds of its requests in flight,
-                # [[id, cost, since]]
+                # counts, the period's spend, and each process's hold of what its requests in
+                # flight may still cost, [[id, USD, since]]; `created`: that of the key the row counts for (a name
+                # made again starts a new row)
                 "CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, requests, "
-                "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used) "
-                "WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
+                "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used, "
+                "created) WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
+            if "created" not in {r[1] for r in db.execute("PRAGMA table_info(key_ledger)")}:
+                db.execute("ALTER TABLE key_ledger ADD COLUMN created")
             self.db = db
             if not os.path.exists(self.flag):
                 self._signal()
@@ -9528,8 +9556,8 @@ class KeyStore:
         try:
             self.flush()
         except (sqlite3.Error, OSError) as e:
-            log.warning("team keys: the spend of %d request(s) was not booked (%s); their holds "
-                        "lapse in %g s", len(self.pending), e, STALE_HOLD_SECONDS)
+            log.warning("team keys: the spend of %d request(s) was not booked (%s)",
+                        len(self.pending), e)
         with self.lock:
             if self.db is not None:
                 self.db.close()
@@ -9550,20 +9578,27 @@ class KeyStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            _commit(db)
         if keys_changed:
             self._signal()
         return out
 
     def _signal(self):
-        """Tell every process's cache of keys (after the commit) that `keys` changed."""
-        tmp = f"{self.flag}.{os.getpid()}.tmp"
+        """Tell every process's cache of keys (after the commit) that `keys` changed: a line more
+        in the flag (its size only grows, so its stat never comes back to one a cache saw; past
+        64 KB it starts again as a new file)."""
         try:
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                f.write(f"{time.time_ns()}\n")
-            os.replace(tmp, self.flag)
+            if os.path.exists(self.flag) and os.path.getsize(self.flag) > 65536:
+                tmp = f"{self.flag}.{os.getpid()}.tmp"
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+                os.replace(tmp, self.flag)
+            fd = os.open(self.flag, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, f"{time.time_ns()} {os.getpid()}\n".encode())
+            finally:
+                os.close(fd)
         except OSError:
-            pass                      # (then the caches ask the database every time)
+            pass                # (then other processes' caches see the change within a second)
 
     def _flag_state(self):
         try:
@@ -9655,7 +9690,10 @@ class KeyStore:
 
     def entries(self, now=None, name=None):
         """Every key (or one) as `keys list` and GET /v1/keys show it: never the key or its hash."""
-        self.flush()
+        try:
+            self.flush()             # (this process's latest spend, first)
+        except (sqlite3.Error, OSError) as e:
+            log.warning("team keys: spend not booked yet (%s); tried again later", e)
         now = now or time.time()
         where, args = ("WHERE k.name=?", (name,)) if name else ("", ())
         rows = self._read("SELECT k.*, u.period_start, u.spent, u.last_used AS used FROM keys k "
@@ -9696,7 +9734,8 @@ class KeyStore:
                     return self.cache[what]
             out = load()
             with self.lock:
-                if self.version == v and len(self.cache) < 10000:
+                # (a key that is not one is not kept: a spray of made-up keys cannot fill it)
+                if self.version == v and len(self.cache) < 10000 and out is not None:
                     self.cache[what] = out
             return out
         return self._checked(look)
@@ -9704,7 +9743,7 @@ class KeyStore:
     def any_keys(self):
         """Whether a personal key was ever made here (then every request needs a key, also once
         all are revoked or expired: the router never opens up again by itself)."""
-        return bool(self._cached(None, lambda: bool(self._read("SELECT 1 FROM keys LIMIT 1"))))
+        return self._cached(None, lambda: bool(self._read("SELECT 1 FROM keys LIMIT 1"))) is True
 
     def find(self, key):
         """The `keys` row of this key (revoked and expired ones too), or None."""
@@ -9721,43 +9760,51 @@ class KeyStore:
         return self._cached(key, load)
 
     @staticmethod
-    def _usage(db, name, now, period):
-        """The key's usage row as of `now`: this minute's and the last one's counts, the spend of
-        this period (a stored minute or period ahead of `now` is another process's clock a moment
-        on: taken as now)."""
+    def _usage(db, name, now, period, gen):
+        """The usage row of key `name` (made at `gen`) as of `now`: this minute's and the last
+        one's counts, the spend of this period (a stored minute or period ahead of `now` is
+        another process's clock a moment on: taken as now). A row of an older key of that name
+        counts for nothing; None when the row is a newer key's (ours is gone)."""
         row = db.execute("SELECT minute, requests, tokens, prev_requests, prev_tokens, "
-                         "period_start, spent, holds FROM key_ledger WHERE name=?",
+                         "period_start, spent, holds, created FROM key_ledger WHERE name=?",
                          (name,)).fetchone()
-        stored, (start, end) = row is not None, period_bounds(period or "month", now)
+        start, end = period_bounds(period or "month", now)
         minute, cur, prev = int(now // 60), (0, 0), (0, 0)
-        if not stored:
-            return {"stored": False, "minute": minute, "cur": cur, "prev": prev,
-                    "start": start, "end": end, "spent": 0.0, "holds": []}
-        at, requests, tokens, prev_requests, prev_tokens, period_start, spent, holds = row
+        if row is not None and row[8] is not None and gen is not None and row[8] > gen:
+            return None
+        if row is None or row[8] is not None and row[8] != gen:
+            return {"stored": row is not None, "minute": minute, "cur": cur, "prev": prev,
+                    "start": start, "end": end, "spent": 0.0, "holds": [], "gen": gen}
+        at, requests, tokens, prev_requests, prev_tokens, period_start, spent, holds, _g = row
         if (at or -1) >= minute:
             cur, prev, minute = (requests, tokens), (prev_requests, prev_tokens), at
         elif at == minute - 1:
             prev = (requests, tokens)
-        holds = [h for h in loads(holds) if _hold_alive(h, now)] \
+        holds = [h for h in loads(holds) if h[2] > now - STALE_HOLD_SECONDS] \
             if holds and holds != "[]" else []
         return {"stored": True, "minute": minute, "cur": cur, "prev": prev,
                 "start": max(start, period_start or 0), "end": end,
                 "spent": spent or 0.0 if (period_start or 0) >= start - 1 else 0.0,
-                "holds": holds}
+                "holds": holds, "gen": gen}
 
     @staticmethod
     def _put(db, name, u, now):
-        values = (u["minute"], u["cur"][0], max(0, u["cur"][1]), u["prev"][0],
+        values = (u["minute"], max(0, u["cur"][0]), max(0, u["cur"][1]), max(0, u["prev"][0]),
                   max(0, u["prev"][1]), u["start"], u["spent"],
-                  dumps(u["holds"]) if u["holds"] else "[]", now, name)
+                  dumps(u["holds"]) if u["holds"] else "[]", now, u["gen"], name)
         if u["stored"]:
             db.execute("UPDATE key_ledger SET minute=?, requests=?, tokens=?, prev_requests=?, "
-                       "prev_tokens=?, period_start=?, spent=?, holds=?, last_used=? "
-                       "WHERE name=?", values)
+                       "prev_tokens=?, period_start=?, spent=?, holds=?, last_used=?, "
+                       "created=? WHERE name=?", values)
         else:
             db.execute("INSERT OR REPLACE INTO key_ledger (minute, requests, tokens, "
-                       "prev_requests, prev_tokens, period_start, spent, holds, last_used, name) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+                       "prev_requests, prev_tokens, period_start, spent, holds, last_used, "
+                       "created, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+
+    @staticmethod
+    def _sig(rec):
+        """What a block of the key depends on: its generation and limits."""
+        return rec["created"], rec["budget"], rec["period"], rec["rpm"], rec["tpm"]
 
     def admit(self, rec, tokens, cost):
         """A request of the key `rec` about to go to a provider, with `tokens` in and a largest
@@ -9767,8 +9814,8 @@ class KeyStore:
         limits, a request is admitted from this process's block of its key (see BLOCK_SHARE),
         without a transaction."""
         name = rec["name"]
-        ticket = {"name": name, "bound": 0.0, "tokens": tokens, "minute": None,
-                  "settled": False, "limits": {}, "period": rec["period"]}
+        ticket = {"name": name, "gen": rec["created"], "period": rec["period"], "bound": 0.0,
+                  "tokens": tokens, "minute": None, "settled": False, "limits": {}}
         if not (rec["rpm"] or rec["tpm"] or rec["budget"]):
             return ticket                # (nothing to check: counted as it settles)
         with self.lock:
@@ -9777,10 +9824,13 @@ class KeyStore:
 
         def check(u, now, ours):
             """KeyLimit, or the request counted in `u`: (the block granted beside it or None,
-            what this process's hold grows by)."""
+            this request's bound)."""
             at = now % 60 if u["minute"] == int(now // 60) else 0.0
             (cur_r, cur_t), (prev_r, prev_t) = u["cur"], u["prev"]
-            limits, grant = ticket["limits"], {}
+            limits = ticket["limits"]
+            # (tokens: counted as estimated and corrected as they settle; a reply's tokens are
+            # more than its input's, hence the room for four times as many)
+            more_r, more_t, more_usd = BLOCK_MOST, 4 * BLOCK_MOST * max(1, tokens), None
             if rec["rpm"]:
                 used = _slide(prev_r, cur_r, at)
                 wait = _slide_wait(prev_r, cur_r, at, rec["rpm"] - 1)
@@ -9789,7 +9839,7 @@ class KeyStore:
                 if used + 1 > rec["rpm"]:
                     return KeyLimit("rpm", f"key {name}: over its {rec['rpm']} requests a minute",
                                     wait)
-                grant["requests"] = min(BLOCK_MOST, int(left * BLOCK_SHARE))
+                more_r = min(more_r, int(left * BLOCK_SHARE))
             if rec["tpm"]:
                 used = _slide(prev_t, cur_t, at)
                 room = rec["tpm"] - min(tokens, rec["tpm"])
@@ -9799,7 +9849,7 @@ class KeyStore:
                 if used > room:
                     return KeyLimit("tpm", f"key {name}: over its {rec['tpm']} tokens a minute",
                                     wait)
-                grant["tokens"] = min(BLOCK_MOST * max(1, tokens), int(left * BLOCK_SHARE))
+                more_t = min(more_t, int(left * BLOCK_SHARE))
             if rec["budget"]:
                 said = f"${rec['budget']:g} a {rec['period']}"
                 if u["spent"] >= rec["budget"]:
@@ -9814,133 +9864,196 @@ class KeyStore:
                                             "are still running: this one waits until they have "
                                             "settled", 1.0)
                 room = rec["budget"] - u["spent"] - holds - cost
-                grant["usd"] = min(BLOCK_MOST * cost, room * BLOCK_SHARE) if room > 0 else -1.0
+                more_usd = min(BLOCK_MOST * cost, room * BLOCK_SHARE) if room > 0 else -1.0
                 ticket["bound"] = cost
             block = None
-            if all(v >= (0 if k == "usd" else 1) for k, v in grant.items()):
-                block = dict({"requests": None, "tokens": None, "usd": None}, **grant,
-                             rec=rec, minute=u["minute"], at=time.monotonic(),
-                             limits=dict(limits))
-            u["cur"] = (cur_r + 1 + ((block or {}).get("requests") or 0),
-                        cur_t + tokens + ((block or {}).get("tokens") or 0))
+            if more_r >= 1 and more_t >= 1 and (more_usd is None or more_usd >= 0):
+                # (a block counts requests and tokens also for a key without rpm or tpm, so
+                # every request is counted as it is admitted, whichever way)
+                block = {"sig": self._sig(rec), "gen": rec["created"], "period": rec["period"],
+                         "minute": u["minute"], "at": time.monotonic(), "requests": more_r,
+                         "tokens": more_t, "over": 0, "usd": more_usd,
+                         "limits": dict(limits)}
+            u["cur"] = (cur_r + 1 + (block["requests"] if block else 0),
+                        cur_t + tokens + (block["tokens"] if block else 0))
             ticket["minute"] = u["minute"]
             return block, ticket["bound"]
-        out = self._checked(self._ledger_tx, name, rec["period"], check)
+        out = self._checked(self._ledger_tx, rec, check)
         if isinstance(out, KeyLimit):
             out.limits = ticket["limits"]
+        if isinstance(out, (KeyLimit, ApiError)):
             raise out
         return ticket
 
     def _from_block(self, rec, ticket, tokens, cost):
         """Admit a request from this process's block of its key (under self.lock): True, or
         False when there is none, it is used up, stale (BLOCK_SECONDS, a new minute) or the
-        key's limits changed: then the ledger is asked."""
+        key changed: then the ledger is asked."""
         block = self.blocks.get(rec["name"])
-        if (block is None or block["rec"] is not rec or block["minute"] != int(time.time() // 60)
-                or time.monotonic() - block["at"] > BLOCK_SECONDS
-                or block["requests"] is not None and block["requests"] < 1
-                or block["tokens"] is not None and block["tokens"] < tokens
+        if (block is None or block["sig"] != self._sig(rec)
+                or block["minute"] != int(time.time() // 60)
+                or time.monotonic() - block["at"] > BLOCK_SECONDS or block["requests"] < 1
+                or rec["tpm"] and block["tokens"] - block["over"] < tokens
                 or block["usd"] is not None and block["usd"] < cost):
             return False
         for k, (limit, left, reset) in block["limits"].items():
             block["limits"][k] = (limit, max(0, left - (1 if k == "requests" else tokens)), reset)
         ticket["limits"] = dict(block["limits"])
-        if block["requests"] is not None:
-            block["requests"] -= 1
-        if block["tokens"] is not None:
-            block["tokens"] -= tokens
+        block["requests"] -= 1
+        block["tokens"] -= tokens
         if block["usd"] is not None:
             block["usd"] -= cost
             ticket["bound"] = cost
-            self.inflight[rec["name"]] = self.inflight.get(rec["name"], 0.0) + cost
+            self._inflight(rec["name"], rec["created"], rec["period"])["usd"] += cost
         ticket["minute"] = block["minute"]
         return True
+
+    def _inflight(self, name, gen, period):
+        """This process's record of key `name`'s requests in flight (of the key made at `gen`;
+        a newer key of that name replaces it)."""
+        f = self.inflight.get(name)
+        if f is None or f["gen"] != gen and (gen or 0) > (f["gen"] or 0):
+            f = self.inflight[name] = {"usd": 0.0, "gen": gen, "period": period, "held": 0.0}
+        return f
 
     def settle(self, ticket, cost, tokens):
         """A request of a key completed (or failed) with this real cost and these tokens: booked
         by this store's next transaction on the ledger (the next request's admission, or the
         request log writer's next batch, within BATCH_SECONDS), so a request pays for one
-        transaction at most. Until then this process's hold on the ledger stands for it."""
+        transaction at most. Until then this process's hold on the ledger stands for it. Its
+        block learns at once what it really used (its tokens past the estimate, its cost)."""
         if ticket is None or ticket["settled"]:
             return
         with self.lock:
             ticket["settled"] = True
             name = ticket["name"]
-            if ticket["bound"]:
-                self.inflight[name] = max(0.0, self.inflight.get(name, 0.0) - ticket["bound"])
-                block = self.blocks.get(name)
-                if block is not None and block["usd"] is not None:
-                    # (the bound was held for it: what it did not spend may be used again)
-                    block["usd"] += max(0.0, ticket["bound"] - max(0.0, cost))
+            f = self.inflight.get(name)
+            if ticket["bound"] and f is not None and f["gen"] == ticket["gen"]:
+                f["usd"] = max(0.0, f["usd"] - ticket["bound"])
+            block = self.blocks.get(name)
+            if block is not None and block["gen"] == ticket["gen"]:
+                if ticket["minute"] == block["minute"]:
+                    block["over"] += tokens - ticket["tokens"]
+                if block["usd"] is not None and ticket["bound"]:
+                    block["usd"] += ticket["bound"] - max(0.0, cost)
             if len(self.pending) >= 100000:          # (the store has failed for long)
-                self.pending.pop(0)
+                if not self.warned:
+                    self.warned = True
+                    log.warning("team keys: %s cannot be written; the spend of the oldest "
+                                "requests is dropped", self.path)
+                del self.pending[:1000]
             self.pending.append((ticket, cost, tokens))
 
+    def idle_wait(self):
+        """How long the request log writer may wait for traffic before calling flush (a block to
+        give back, a hold to renew): BLOCK_SECONDS once keys are in use here, else forever."""
+        return BLOCK_SECONDS if self.db is not None else None
+
     def flush(self):
-        """Book the settled requests not booked yet and give back what is left of this
-        process's blocks (the writer's batch, and before a read of the spend)."""
-        if self.pending or self.blocks:
+        """Book the settled requests not booked yet, give back this process's blocks, renew its
+        holds due for it (the writer's batch and idle wake-ups; before a read of the spend)."""
+        if self.pending or self.blocks or self._due(time.monotonic()):
             self._ledger_tx()
 
-    def _ledger_tx(self, name=None, period=None, check=None):
+    def _due(self, now):
+        return [k for k, f in self.inflight.items()
+                if f["usd"] > 0 and now - f["held"] > HOLD_RENEW_SECONDS]
+
+    def _ledger_tx(self, rec=None, check=None):
         """One write transaction on the ledger (one read and one write a key): every settlement
-        of this process booked, its blocks given back (with `check`, only the block of `name`),
-        its hold on each key rewritten (the largest cost its requests in flight may still add,
-        and its blocks' USD); with `check`, a new request of key `name` checked and counted on
-        the same row: check(usage, now, this process's hold) -> (its block or None, its largest
-        cost), or the KeyLimit returned (after the commit)."""
+        of this process booked; without `check`, its blocks given back and its holds due
+        renewed; with `check`, a new request of key `rec` checked and counted on the same row
+        (its old block given back): check(usage, now, this process's hold) -> (its block or
+        None, its bound), or the KeyLimit returned (after the commit). This process's hold on
+        every row it writes becomes what its requests in flight there may still cost, and its
+        blocks' USD."""
         with self.lock:
             pending, self.pending = self.pending, []
-            by_key = {} if check else {key: [] for key in self.blocks}
+            mono = time.monotonic()
+            keys = {}                         # name -> (generation, period, [items])
+            if check is None:
+                for name, b in self.blocks.items():
+                    keys[name] = [b["gen"], b["period"], []]
+                for name in self._due(mono):
+                    f = self.inflight[name]
+                    keys.setdefault(name, [f["gen"], f["period"], []])
             for it in pending:
-                by_key.setdefault(it[0]["name"], []).append(it)
-            if name is not None:
-                by_key.setdefault(name, [])
-            if not by_key:
+                t = it[0]
+                k = keys.setdefault(t["name"], [t["gen"], t["period"], []])
+                if (t["gen"] or 0) > (k[0] or 0):
+                    k[0], k[1] = t["gen"], t["period"]
+                k[2].append(it)
+            name = rec["name"] if rec is not None else None
+            if rec is not None:
+                k = keys.setdefault(name, [rec["created"], rec["period"], []])
+                k[0], k[1] = rec["created"], rec["period"]
+            if not keys:
                 return None
-            out, blocks = None, dict(self.blocks)
+            out, blocks, renewed = None, dict(self.blocks), []
             try:
                 db = self._conn()
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     now = time.time()     # (in the transaction: every process's turn in order)
-                    for key, items in by_key.items():
-                        u = self._usage(db, key, now, items[0][0]["period"] if items else period)
-                        self._book(u, items)
-                        if check is None or key == name:
-                            self._give_back(u, blocks.pop(key, None))
+                    for key, (gen, period, items) in keys.items():
+                        u = self._usage(db, key, now, period, gen)
+                        block = blocks.get(key)
+                        if u is None:         # (the key was made again: ours is gone)
+                            blocks.pop(key, None)
+                            if key == name:
+                                out = ApiError(401, "authentication",
+                                               f"the key {name} was revoked")
+                            continue
+                        self._book(u, [it for it in items if it[0]["gen"] == gen])
+                        if block is not None and (check is None or key == name
+                                                  or block["gen"] != gen):
+                            if block["gen"] == gen:
+                                self._give_back(u, block)
+                            block = blocks.pop(key)
+                            block = None
                         u["holds"] = [h for h in u["holds"] if h[0] != self.hold_id]
-                        ours = self.inflight.get(key, 0.0)
+                        f = self.inflight.get(key)
+                        ours = f["usd"] if f is not None and f["gen"] == gen else 0.0
                         if key == name:
                             out = check(u, now, ours)
                             if not isinstance(out, KeyLimit):
-                                blocks[key] = out[0]
+                                block = blocks[key] = out[0]
                                 ours += out[1]
-                        ours += (blocks.get(key) or {}).get("usd") or 0.0
+                        ours += (block or {}).get("usd") or 0.0
                         if ours > 0:
-                            u["holds"].append([self.hold_id, ours, now, os.getpid(), HOLD_HOST])
+                            u["holds"].append([self.hold_id, ours, now])
+                        renewed.append(key)
                         self._put(db, key, u, now)
                 except BaseException:
                     db.execute("ROLLBACK")
                     raise
-                db.execute("COMMIT")
+                _commit(db)
             except BaseException:
                 self.pending[:0] = pending        # (booked by a later transaction)
                 raise
-            if name is not None and not isinstance(out, KeyLimit):
-                self.inflight[name] = self.inflight.get(name, 0.0) + out[1]
-                out = out[0]
             self.blocks = {k: b for k, b in blocks.items() if b is not None}
+            for key in renewed:
+                if key in self.inflight:
+                    self.inflight[key]["held"] = mono
+            if rec is not None and not isinstance(out, (KeyLimit, ApiError)):
+                if out[1]:
+                    f = self._inflight(name, rec["created"], rec["period"])
+                    f["usd"] += out[1]
+                    f["held"] = mono
+                out = out[0]
+            for k in [k for k, f in self.inflight.items() if f["usd"] <= 0]:
+                del self.inflight[k]
             return out
 
     @staticmethod
     def _book(u, items):
-        """Settlements into a key's usage: each real cost joins its period's spend, its tokens
-        replace its estimate in the minute's count."""
+        """Settlements into a key's usage: each real cost joins its period's spend; a request
+        counted as it was admitted has its estimated tokens replaced by its real ones in the
+        minute it was counted in, one admitted without a transaction is counted now."""
         for ticket, cost, tokens in items:
-            if ticket["minute"] is None:       # (admitted without a transaction: counted now)
+            if ticket["minute"] is None:
                 u["cur"] = (u["cur"][0] + 1, u["cur"][1] + tokens)
-            elif ticket["minute"] == u["minute"]:          # the estimate becomes the count
+            elif ticket["minute"] == u["minute"]:
                 u["cur"] = (u["cur"][0], u["cur"][1] + tokens - ticket["tokens"])
             elif ticket["minute"] == u["minute"] - 1:
                 u["prev"] = (u["prev"][0], u["prev"][1] + tokens - ticket["tokens"])
@@ -9949,10 +10062,8 @@ class KeyStore:
     @staticmethod
     def _give_back(u, block):
         """A block's unused requests and tokens out of the minute they were counted in (its USD
-        leaves with the hold that is rewritten)."""
-        if block is None:
-            return
-        back = (block["requests"] or 0, block["tokens"] or 0)
+        leaves with the hold, which is rewritten)."""
+        back = (block["requests"], block["tokens"])     # (tokens: less than 0 when overdrawn)
         if block["minute"] == u["minute"]:
             u["cur"] = (u["cur"][0] - back[0], u["cur"][1] - back[1])
         elif block["minute"] == u["minute"] - 1:
@@ -10017,7 +10128,15 @@ class RequestLog:
             db = None
         last_prune = 0.0
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=self.keys.idle_wait() if self.keys else None)
+            except queue.Empty:           # (no traffic: a key's block or hold needs its turn)
+                try:
+                    self.keys.flush()
+                except Exception as e:
+                    log.warning("team keys: spend not booked yet (%s: %s); tried again later",
+                                type(e).__name__, e)
+                continue
             if item is not None:
                 # gather a batch: one commit, one wake-up per 50 ms at most
                 time.sleep(self.BATCH_SECONDS)
@@ -10573,16 +10692,21 @@ class Router:
 
     def record(self, ctx):
         """Hand the finished request to the log writer (a queue put on this thread), and settle
-        a personal key's real cost and tokens (booked by the key store's next transaction)."""
-        used = answer_cost(ctx, self.catalogue)
-        row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"], used)
-        if ctx.ticket is not None:
-            _answered, usage, cost = used
-            self.keys.settle(ctx.ticket, cost, (usage.get("input") or 0) + (usage.get("output")
-                                                                             or 0))
+        a personal key's real cost and tokens (booked by the key store's next transaction; its
+        bound, should the cost not be known)."""
+        used = None
+        try:
+            used = answer_cost(ctx, self.catalogue)
+            row, attempts = request_row(ctx, self.catalogue, self.settings["log_prompts"], used)
+        finally:
+            if ctx.ticket is not None:
+                _answered, usage, cost = used or (False, {}, ctx.ticket["bound"])
+                self.keys.settle(ctx.ticket, cost, (usage.get("input") or 0)
+                                 + (usage.get("output") or 0))
         self.log.record(row, attempts)
 
     def _maintain(self):
+        warm_intent_tables()           # (the first step: the router already answers meanwhile)
         while True:
             try:
                 if self._reload_asked or self._files_changed():

@@ -5816,6 +5816,32 @@ class KeysTests(RouterCase):
         self.assertEqual(self.oa.requests[-1]["body"]["max_tokens"], self.h.router.settings["default_max_tokens"],
                          "a budgeted key's request is capped as its hold assumes, also to its own dialect")
 
+    def test_an_idle_router_gives_back_its_block_of_a_key_and_renews_its_hold(self):
+        key = self.new_key("ida", rpm=1000, budget="100/day")
+        db = sqlite3.connect(os.path.join(self.h.router.data_dir, "requests.db"), timeout=10)
+        self.addCleanup(db.close)
+
+        def row():
+            r = db.execute("SELECT requests, holds FROM key_ledger WHERE name='ida'").fetchone()
+            return (r[0], json.loads(r[1])) if r else (0, [])
+        self.an.push(Reply(stall="headers"))       # (a long request: no log row comes meanwhile)
+        done = []
+        t = threading.Thread(target=lambda: done.append(self.post("openai", client_body("openai", "an/claude-test", False),
+                                                                  bearer(key))))
+        t.start()
+        self.addCleanup(t.join, 10)
+        self.addCleanup(self.an.release.set)
+        self.assertTrue(wait_until(lambda: row()[0] > 1, 5), "the block is counted while this router has it")
+        self.assertTrue(wait_until(lambda: row()[0] == 1, 5), "and given back with no traffic at all")
+        hold = row()[1]
+        self.assertEqual(len(hold), 1, "the request in flight is still held for")
+        store = self.h.router.keys
+        store.inflight["ida"]["held"] -= R.HOLD_RENEW_SECONDS
+        self.assertTrue(wait_until(lambda: row()[1][0][2] > hold[0][2], 10), "the idle writer renews the hold")
+        self.an.release.set()
+        t.join(10)
+        self.assertEqual(done[0].status, 200)
+
     def test_a_stale_hold_of_a_dead_process_does_not_block(self):
         key = self.new_key("max", budget="0.001/day")
         db = sqlite3.connect(os.path.join(self.h.router.data_dir, "requests.db"), timeout=10)
@@ -5956,7 +5982,11 @@ class KeyBlockTests(unittest.TestCase):
 
     def key(self, **limits):
         key, _entry = self.a.create("k", dict({"budget": None, "rpm": None, "tpm": None}, **limits))
+        self.made = {"k": key}
         return self.a.find(key), self.b.find(key)
+
+    def keys_of(self, name):
+        return self.made[name]
 
     def ledger(self):
         db = sqlite3.connect(os.path.join(self.dir, "requests.db"))
@@ -6056,26 +6086,108 @@ class KeyBlockTests(unittest.TestCase):
         self.assertLessEqual(bounds, 1.0 + 1e-9, "each process's block is held in the ledger for the other to see")
         self.assertGreater(bounds, 0.9)
 
-    def test_the_hold_of_a_process_that_died_is_dropped_at_once(self):
+    def test_real_tokens_past_the_estimate_count_against_the_tpm_at_once(self):
+        rec, _ = self.key(tpm=2000)
+        admitted = 0
+        for _ in range(20):
+            try:
+                self.a.settle(self.a.admit(rec, 10, 0.0), 0.0, 510)   # (10 tokens in, 510 in all)
+                admitted += 1
+            except R.KeyLimit as e:
+                self.assertEqual(e.kind, "tpm")
+                break
+        self.a.flush()
+        self.assertLessEqual(self.ledger()[1], 2000 + 510, "over by one request's worth at most")
+        self.assertLessEqual(admitted, 5)
+
+    def test_every_request_of_a_budget_only_key_is_counted(self):
+        rec, _ = self.key(budget="100/day")
+        for _ in range(30):
+            self.a.settle(self.a.admit(rec, 100, 0.001), 0.0005, 150)
+        self.a.flush()
+        requests, tokens, spent, _holds = self.ledger()
+        self.assertEqual((requests, tokens), (30, 4500))
+        self.assertAlmostEqual(spent, 0.015)
+
+    def test_a_weekly_budget_keeps_its_spend_across_the_first_of_a_month(self):
+        self.NOW = 1_796_040_000.0               # Monday 2026-11-30 12:00 UTC
+        rec, _ = self.key(budget="10/week")
+        self.a.settle(self.a.admit(rec, 10, 4.0), 4.0, 10)
+        self.a.flush()
+        self.NOW += 2 * 86400                     # Wednesday 2026-12-02: the same week, a new month
+        self.a.admit(rec, 10, 0.01)               # (a block, and a request in flight)
+        self.a.flush()
+        self.assertAlmostEqual(self.ledger()[2], 4.0)
+        self.assertEqual(self.a.entries()[0]["spent_usd"], 4.0)
+
+    def test_a_name_made_again_starts_afresh_whatever_the_old_key_left(self):
+        rec, _ = self.key(rpm=1000, budget="1/day")
+        old = self.a.admit(rec, 10, 0.1)          # (its block, and a request in flight)
+        self.a.revoke("k")
+        self.NOW += 1
+        key, _entry = self.b.create("k", {"rpm": 20})
+        new = self.b.find(key)
+        self.a.settle(old, 0.1, 10)
+        self.a.flush()                            # (the old key's block and spend: dropped)
+        admitted = 0
+        for _ in range(30):
+            try:
+                self.b.admit(new, 10, 0.0)
+                admitted += 1
+            except R.KeyLimit:
+                break
+        self.b.flush()
+        requests, _tokens, spent, _holds = self.ledger()
+        self.assertEqual((admitted, requests, spent), (20, 20, 0.0))
+        with self.assertRaises(R.ApiError) as e:
+            self.a.admit(rec, 10, 0.1)            # (a stale entry of the old key)
+        self.assertEqual(e.exception.status, 401)
+
+    def test_new_limits_apply_to_the_next_request_even_with_a_block_out(self):
+        rec, _ = self.key(rpm=1000)
+        for _ in range(3):
+            self.a.admit(rec, 10, 0.0)
+        self.b.find(self.keys_of("k"))
+        self.b.update("k", {"rpm": 5})
+        rec = self.a.find(self.keys_of("k"))
+        self.assertEqual(rec["rpm"], 5, "the other process's change is seen at once")
+        admitted = 0
+        for _ in range(10):
+            try:
+                self.a.admit(rec, 10, 0.0)
+                admitted += 1
+            except R.KeyLimit:
+                break
+        self.assertEqual(admitted, 2, "3 were counted already: 2 more make the 5")
+
+    def test_a_revocation_is_seen_by_another_process_on_its_next_request(self):
+        key, _entry = self.a.create("k", {"rpm": None, "budget": None, "tpm": None})
+        self.assertIsNone(self.b.find(key)["revoked"])
+        for _ in range(2):
+            self.a.update("k", {"rpm": 100})
+        self.a.revoke("k")
+        self.assertIsNotNone(self.b.find(key)["revoked"], "the flag's stat never repeats")
+
+    def test_a_hold_lapses_unless_its_process_renews_it(self):
         recs = self.key(budget="1/day")
-        dead = subprocess.Popen(["true"])
-        dead.wait()
         db = sqlite3.connect(os.path.join(self.dir, "requests.db"))
         self.addCleanup(db.close)
         db.execute("INSERT INTO key_ledger (name, minute, requests, tokens, prev_requests, prev_tokens, period_start, "
-                   "spent, holds, last_used) VALUES ('k', 0, 0, 0, 0, 0, 0, 0, ?, 0)",
-                   (json.dumps([[7, 0.99, self.NOW, dead.pid, R.HOLD_HOST]]),))
+                   "spent, holds, last_used, created) VALUES ('k', 0, 0, 0, 0, 0, 0, 0, ?, 0, ?)",
+                   (json.dumps([[7, 0.99, self.NOW - R.STALE_HOLD_SECONDS - 1]]), recs[0]["created"]))
         db.commit()
-        self.a.admit(recs[0], 10, 0.05)
-        holds = json.loads(self.ledger()[3])
-        self.assertEqual([h[0] for h in holds], [self.a.hold_id], "the dead process's hold is gone")
-        live = [[8, 0.99, self.NOW, os.getppid(), R.HOLD_HOST]]
-        db.execute("UPDATE key_ledger SET holds=?", (json.dumps(live),))
-        db.commit()
+        self.a.admit(recs[0], 10, 0.9)           # (a long request, in flight)
+        self.assertEqual([h[0] for h in json.loads(self.ledger()[3])], [self.a.hold_id],
+                         "a hold not renewed for STALE_HOLD_SECONDS is gone")
+        self.assertEqual(self.a.idle_wait(), R.BLOCK_SECONDS, "the writer wakes to give back a block, renew a hold")
+        self.a.flush()
+        self.NOW += 50
+        self.a.inflight["k"]["held"] -= R.HOLD_RENEW_SECONDS + 1
+        self.a.flush()                           # (the writer's idle wake-up)
+        self.NOW += 50                           # (100 s after the admission, 50 after the renewal)
         with self.assertRaises(R.KeyLimit) as e:
-            self.b.admit(recs[1], 10, 0.05)
-        self.assertEqual(e.exception.kind, "busy", "a running process's hold stands")
-
+            self.b.admit(recs[1], 10, 0.2)
+        self.assertEqual(e.exception.kind, "busy", "a running request's renewed hold stands")
 
 class LedgerTests(RouterCase):
     """The cost ledger against recorded replies of each dialect (testdata/ledger), whole and

@@ -7897,7 +7897,8 @@ def _answers(port):
 
 def bench(log_level="info"):
     """The router as a user runs it: default log level (a line a request, to a file as a journal
-    would take it) and the request log on. `bench --log-level warning` measures it quieter."""
+    would take it) and the request log on; then its main rows again with --log-level warning.
+    `bench --log-level warning` measures everything quieter."""
     import multiprocessing
     q = multiprocessing.Queue()
     fake = multiprocessing.Process(target=fast_fake_main, args=(q,), daemon=True)
@@ -8009,7 +8010,40 @@ def bench(log_level="info"):
     proc2.wait(10)
     proc.terminate()
     proc.wait(10)
+    if log_level == "info":
+        _quiet_rows(os.path.join(tmp, "providers.json"), fport, body, direct, p)
     fake.terminate()
+
+
+def _quiet_rows(config, fport, body, direct, p):
+    """The bench's main rows again for a router run with --log-level warning (the README quotes the
+    defaults' rows; these say what the log lines cost)."""
+    tmp = tempfile.mkdtemp()
+    port = closed_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config", config,
+                             "--env-file", "/dev/null", "--data-dir", tmp, "--log-level", "warning"], cwd=tmp,
+                            env=router_env(), stderr=open(os.path.join(tmp, "router.log"), "w"))
+    while not _answers(port):
+        time.sleep(0.002)
+    print(f"[--log-level warning] start-up: {(time.perf_counter() - t0) * 1000:.0f} ms")
+    _py_latencies(port, "/v1/chat/completions", body, 200)
+    d = _py_latencies(fport, "/v1/chat/completions", body, 2000)
+    r = _py_latencies(port, "/v1/chat/completions", body, 2000)
+    print(f"[--log-level warning] concurrency 1: direct p50 {p(d, .5):.3f} ms | via router p50 {p(r, .5):.3f} ms | "
+          f"added p50 {p(r, .5) - p(d, .5):.3f} ms")
+    if shutil.which("wrk"):
+        routed = f"http://127.0.0.1:{port}/v1/chat/completions"
+        for conc in (1, 10, 64):
+            drps, dp50, dp99, _ = _wrk(direct, body, conc, 4)
+            cpu0 = _cpu_s(proc.pid)
+            rrps, rp50, rp99, n = _wrk(routed, body, conc, 4)
+            cpu = (_cpu_s(proc.pid) - cpu0) / max(1, n) * 1000
+            print(f"[--log-level warning] wrk concurrency {conc:>2}: direct {drps:8.0f} req/s | router {rrps:7.0f} req/s "
+                  f"p50 {rp50:.3f} ms p99 {rp99:.3f} ms | added p50 {rp50 - dp50:.3f} ms p99 {rp99 - dp99:.3f} ms | "
+                  f"router CPU {cpu:.3f} ms/request")
+    proc.terminate()
+    proc.wait(10)
 
 
 def spawn_router(cfg):

@@ -10424,18 +10424,22 @@ def health_report(router):
 # =================================================================================================
 
 class ResponseStore:
-    """Responses this router produced, for `previous_response_id`: kept in memory, at most `size`
-    of them, for `ttl` seconds and within `budget` bytes (oldest evicted first). A stored entry is
-    the conversation so far (system prompt and neutral messages, the answer included), and it is
-    charged for the whole of it: entries of one conversation share their history in memory, so
-    this over-counts, but an evicted entry's history that a newer one still holds is never
-    uncounted. A conversation larger than the budget is not kept."""
+    """Responses this router produced, for `previous_response_id`: at most `size` of them, for
+    `ttl` seconds and within `budget` bytes (oldest evicted first). A stored entry is the
+    conversation so far (system prompt and neutral messages, the answer included). Kept in memory
+    for this process, and, with `path`, in the data directory's database (table `responses`), so
+    that another router process on the directory (or this one after a restart) can take the
+    next turn; it is written before the client sees the answer's end. In memory, entries of one
+    conversation share their history, so charging each for the whole over-counts, but an evicted
+    entry's history that a newer one still holds is never uncounted. A conversation larger than
+    the budget is not kept."""
 
-    def __init__(self, size=1000, ttl=3600.0, budget=32 << 20):
+    def __init__(self, size=1000, ttl=3600.0, budget=32 << 20, path=None):
         self.lock = threading.Lock()
         self.size, self.ttl, self.budget = size, ttl, budget
         self.items = {}        # id -> (time, system, messages, bytes)
         self.bytes = 0
+        self.path, self.db, self.writes, self.warned = path, None, 0, False
 
     def prepare(self, ctx):
         """Expand previous_response_id into the request's history. -> the hook that keeps the answer
@@ -10447,7 +10451,9 @@ class ResponseStore:
         if pid:
             with self.lock:
                 entry = self.items.get(pid)
-            if entry is None or time.monotonic() - entry[0] > self.ttl:
+            if entry is None or time.time() - entry[0] > self.ttl:
+                entry = self._stored(pid)
+            if entry is None:
                 raise ApiError(400, "invalid_request", "previous_response_id: unknown response "
                                                        f"{pid!r}. This router keeps the responses "
                                                        f"it produced for {self.ttl / 60:g} minutes "
@@ -10474,18 +10480,89 @@ class ResponseStore:
         turn = {"role": "assistant",
                 "content": [p for p in resp["content"] if p["type"] != "redacted_thinking"]}
         size = before + len(dumps(new)) + len(dumps(turn["content"]))     # the whole conversation
+        now, gone = time.time(), []
         with self.lock:
             old = self.items.pop(rid, None)
             self.bytes -= old[3] if old else 0
             if size > self.budget:
                 return
-            self.items[rid] = (time.monotonic(), ctx.req["system"],
-                               ctx.req["messages"] + [turn], size)
+            self.items[rid] = entry = (now, ctx.req["system"], ctx.req["messages"] + [turn], size)
             self.bytes += size
             while self.items and (len(self.items) > self.size or self.bytes > self.budget):
                 _id, (_t, _s, _m, n) = next(iter(self.items.items()))
                 del self.items[_id]
                 self.bytes -= n
+                gone.append(_id)
+        self._store(rid, entry, gone)
+
+    # -- the database copy (shared by the router processes on one data directory) -------------
+    def _conn(self):
+        if self.db is None:
+            self.db = open_db(self.path, [
+                "CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, at REAL, "
+                "system TEXT, messages TEXT, bytes INTEGER)",
+                "CREATE INDEX IF NOT EXISTS responses_at ON responses (at)"],
+                isolation_level=None, check_same_thread=False)
+        return self.db
+
+    def _failed(self, e):
+        if not self.warned:
+            self.warned = True
+            log.warning("responses: cannot use %s (%s); previous_response_id works only on "
+                        "this router process meanwhile", self.path, e)
+
+    def _store(self, rid, entry, gone=()):
+        """Write an entry (and delete those this process's memory just evicted); every 50th
+        write, the database's oldest go too, past the same age, count and bytes."""
+        if self.path is None:
+            return
+        at, system, messages, size = entry
+        try:
+            with self.lock:
+                db = self._conn()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("INSERT OR REPLACE INTO responses (id, at, system, messages, "
+                               "bytes) VALUES (?, ?, ?, ?, ?)",
+                               (rid, at, dumps(system), dumps(messages), size))
+                    db.executemany("DELETE FROM responses WHERE id=?", [(g,) for g in gone])
+                    self.writes += 1
+                    if self.writes % 50 == 1:
+                        db.execute("DELETE FROM responses WHERE at < ?", (at - self.ttl,))
+                        total, kept = 0, 0
+                        for r_at, n in db.execute("SELECT at, bytes FROM responses "
+                                                  "ORDER BY at DESC").fetchall():
+                            total, kept = total + n, kept + 1
+                            if total > self.budget or kept > self.size:
+                                db.execute("DELETE FROM responses WHERE at <= ?", (r_at,))
+                                break
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                _commit(db)
+        except (sqlite3.Error, OSError) as e:
+            self._failed(e)
+
+    def _stored(self, rid):
+        """An entry another process (or this one before a restart) kept, or None."""
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        try:
+            with self.lock:
+                row = self._conn().execute("SELECT at, system, messages, bytes FROM responses "
+                                           "WHERE id=?", (rid,)).fetchone()
+        except (sqlite3.Error, OSError) as e:
+            self._failed(e)
+            return None
+        if row is None or time.time() - row[0] > self.ttl:
+            return None
+        return row[0], loads(row[1]), loads(row[2]), row[3]
+
+    def close(self):
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
 
 
 class Router:
@@ -10511,7 +10588,8 @@ class Router:
         self._intent_lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._forced_at = -1e9
-        self.responses = ResponseStore(budget=int(self.settings["response_store_mb"] * (1 << 20)))
+        self.responses = ResponseStore(budget=int(self.settings["response_store_mb"] * (1 << 20)),
+                                       path=os.path.join(self.data_dir, "requests.db"))
         self.metrics = Metrics()
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
                               self.metrics, log_format)
@@ -11194,6 +11272,7 @@ class Router:
             self.save_state()
         self.log.stop()
         self.keys.close()
+        self.responses.close()
         self.pool.close_all()
 
 

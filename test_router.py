@@ -3639,6 +3639,27 @@ class ResponsesTests(RouterCase):
         r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "y", "previous_response_id": nostore["id"]})
         self.assertEqual(r.status, 400)
 
+    def test_previous_response_id_works_on_another_router_process_and_after_a_restart(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        a, b = Harness(self.cfg, data_dir=d), Harness(self.cfg, data_dir=d)
+        self.addCleanup(b.close)
+        self.oa.push(Reply(text="My name is Sage."))
+        first = a.call("POST", "/v1/responses", {"model": "oa/gpt-test", "input": "What is your name?"}).json()
+        self.oa.push(Reply(text="You asked my name."))
+        second = b.call("POST", "/v1/responses", {"model": "oa/gpt-test", "input": "What did I ask?", "stream": True,
+                                                  "previous_response_id": first["id"]})
+        self.assertEqual(second.status, 200, second)
+        self.assertEqual([m["role"] for m in self.oa.requests[-1]["body"]["messages"]], ["user", "assistant", "user"])
+        rid = [json.loads(x) for _e, x in sse_events(second.body)][-1]["response"]["id"]
+        a.close()
+        c = Harness(self.cfg, data_dir=d)        # (a restart)
+        self.addCleanup(c.close)
+        r = c.call("POST", "/v1/responses", {"model": "oa/gpt-test", "input": "And now?", "previous_response_id": rid})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(len(self.oa.requests[-1]["body"]["messages"]), 5)
+        self.assertEqual(self.oa.requests[-1]["body"]["messages"][1]["content"], "My name is Sage.")
+
     def test_failure_after_first_byte_is_response_failed(self):
         self.oa.push(Reply(text="a long answer that breaks", cut_after=3))
         r = self.post("openai-responses", {"model": "oa/gpt-test", "input": "x", "stream": True})

@@ -10009,7 +10009,7 @@ class KeyStore:
                                                   or block["gen"] != gen):
                             if block["gen"] == gen:
                                 self._give_back(u, block)
-                            block = blocks.pop(key)
+                            blocks.pop(key)
                             block = None
                         u["holds"] = [h for h in u["holds"] if h[0] != self.hold_id]
                         f = self.inflight.get(key)

@@ -1040,10 +1040,17 @@ THINKING_PARTS = ("thinking", "redacted_thinking")
 MARK_EVENTS = ("signature", "redacted_thinking")      # stream events that carry a block's mark
 
 
+def stable_hash(text):
+    """A 63-bit hash of a text that is the same in every process and on every box (Python's own
+    hash of a str is salted per process); it fits SQLite's integers."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "big") >> 1
+
+
 def thinking_mark(block):
     """What identifies a thinking block (neutral part or raw Anthropic block): its signature or
-    its redacted data, hashed (process-local)."""
-    return hash(block.get("signature") or block.get("data") or "")
+    its redacted data, hashed."""
+    return stable_hash(block.get("signature") or block.get("data") or "")
 
 
 def thinking_marks(req):
@@ -7741,6 +7748,10 @@ class Health:
         # candidate -> when it refused a completion on its native or template path
         self.completions_refused = {}
         self.dirty = False
+        # shared with the router's other workers or boxes (see SharedState): key -> when (wall
+        # time) a breaker here opened or closed; `wake` is set at each such change
+        self.changed, self.wake = {}, None
+        self.at = {}            # key -> when its last change known here happened (wall time)
         self.reconfigure(settings)
 
     def reconfigure(self, settings):
@@ -7789,6 +7800,7 @@ class Health:
             if cooling:       # never lengthened, but for the provider's own word
                 if retry_after is not None and b.retry_at > b.until:
                     b.until, b.cause = b.retry_at, "retry_after"
+                    self._mark(key)
                 return
             if quota:
                 length, b.cause = max(self.quota, retry_after or 0.0), "quota"
@@ -7803,6 +7815,13 @@ class Health:
             b.until = now + (length if length is not None else self._cooldown(b))
             b.probe_step = self.probe_first
             b.probe_at = now + self.probe_first
+            self._mark(key)
+
+    def _mark(self, key):
+        """A breaker opened or closed here (under the lock): the others are told (SharedState)."""
+        if self.wake is not None:
+            self.changed[key] = self.at[key] = time.time()
+            self.wake.set()
 
     def ok(self, key, latency=None):
         """A success closes the breaker; returns its (fails, opens) before, for `undo_ok`."""
@@ -7815,6 +7834,8 @@ class Health:
                 b = self.state[key] = Breaker()
             before = (b.fails, b.opens)
             self._close(b)
+            if before[1]:
+                self._mark(key)
             if latency is not None:
                 b.latency = latency if b.latency is None else 0.8 * b.latency + 0.2 * latency
             self.dirty = self.dirty or any(before)
@@ -7917,6 +7938,7 @@ class Health:
             self.dirty = True
             if good:
                 self._close(b)
+                self._mark(key)
                 return
             b.probe_error = detail
             b.probe_step = min(2 * max(b.probe_step, self.probe_first),
@@ -7936,6 +7958,7 @@ class Health:
                 if hit and (b.opens or b.fails):
                     names.append(breaker_name(key))
                     self._close(b)
+                    self._mark(key)
             dead = [k for k in self.dead_keys
                     if model is None and (provider is None or k[0] == provider)]
             for k in dead:
@@ -7955,6 +7978,7 @@ class Health:
             gone = [k for k in self.state if not keep(k)]
             for k in gone:
                 del self.state[k]
+                self.at.pop(k, None)
             self.dirty = self.dirty or bool(gone)
 
     # -- what a person or a dashboard sees -------------------------------------------------------
@@ -8034,6 +8058,81 @@ class Health:
         return n
 
 
+    # -- shared with the router's other workers or boxes (SharedState) --------------------------
+    @staticmethod
+    def _shared_key(key, fingerprints):
+        """A breaker's name between processes: JSON of its key, a provider key by fingerprint."""
+        if key[0] == "key":
+            fp = fingerprints.get((key[1], key[2]))
+            return None if fp is None else dumps(["key", key[1], fp])
+        return dumps(list(key))
+
+    def changes(self, fingerprints):
+        """({shared key: entry}, what was taken) of the breakers that opened or closed here since
+        the last call."""
+        now, wall = time.monotonic(), time.time()
+        out = {}
+        with self.lock:
+            changed, self.changed = self.changed, {}
+            for key, at in changed.items():
+                name = self._shared_key(key, fingerprints)
+                b = self.state.get(key)
+                if name is None or b is None:
+                    continue
+                out[name] = {"opens": b.opens, "at": at, "cause": b.cause, "error": b.error,
+                             "until": wall + b.until - now if b.opens else 0,
+                             "retry_at": wall + b.retry_at - now if b.retry_at > now else 0}
+        return out, changed
+
+    def unpublished(self, taken):
+        """Changes `changes` took that could not be told: told at the next call."""
+        with self.lock:
+            for key, at in taken.items():
+                self.changed.setdefault(key, at)
+
+    def adopt(self, entries, fingerprints):
+        """Breakers that another worker or box opened or closed ({shared key: entry}); a breaker
+        that changed here after that keeps its own state. An adopted open breaker is not probed
+        here (the one that opened it probes, and its verdict comes back the same way); it is
+        tried again here when its cooldown ends. Returns how many changed."""
+        now, wall = time.monotonic(), time.time()
+        by_fp = {(p, fp): i for (p, i), fp in fingerprints.items()}
+        n = 0
+        with self.lock:
+            for name, e in entries.items():
+                try:
+                    key = tuple(loads(name))
+                    at, opens = float(e["at"]), int(e["opens"])
+                    until, retry_at = float(e["until"] or 0), float(e["retry_at"] or 0)
+                    if key[0] == "key":
+                        key = ("key", key[1], by_fp[(key[1], key[2])])
+                    elif len(key) != 2:
+                        continue
+                except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                    continue
+                if self.at.get(key, 0.0) >= at:
+                    continue
+                self.at[key] = at
+                b = self.state.get(key)
+                if opens:
+                    if b is None:
+                        b = self.state[key] = Breaker()
+                    b.fails, b.opens, b.trial = 0, opens, 0.0
+                    b.cause = e.get("cause") if e.get("cause") in ("quota",
+                                                                  "retry_after") else "error"
+                    b.error = clean_text(e.get("error") or "failed", 2000)
+                    b.until = now + (until - wall)
+                    b.retry_at = now + (retry_at - wall) if retry_at > wall else 0.0
+                    b.probe_at = float("inf")
+                elif b is not None and b.opens:
+                    self._close(b)
+                else:
+                    continue
+                n += 1
+            self.dirty = self.dirty or bool(n)
+        return n
+
+
 def breaker_name(key):
     """A breaker's key as people read it: "provider NAME", "NAME key #2", "NAME/MODEL"."""
     if key[0] == "provider":
@@ -8054,8 +8153,9 @@ class Affinity:
     the same name stay there (provider prompt caches and thinking signatures stay valid), and the
     marks of the thinking blocks each provider made in it (a block signed by one provider must
     not be sent to another). A conversation is named by its system prompt, its first user
-    message and the credential the client sent (a process-local hash: the map lives in memory
-    only). Bounded LRU."""
+    message and the credential the client sent (hashed). Bounded LRU in memory; with `store` (a
+    SharedState: the router's other workers or boxes take turns of the same conversations) every
+    lookup asks the store, and every change is written to it before the client sees the end."""
 
     NAMES = 8     # names remembered per conversation
     MARKS = 256   # thinking marks remembered per provider and conversation
@@ -8065,6 +8165,7 @@ class Affinity:
         self.size = size
         # conversation -> {"names": {requested name: candidate}, "marks": {provider: set}}
         self.map = {}
+        self.store = None
 
     @staticmethod
     def key(req, headers=None):
@@ -8073,12 +8174,22 @@ class Affinity:
             return None
         headers = headers or {}
         who = headers.get("x-api-key") or headers.get("authorization") or ""
-        return hash((text_of(req.get("system") or []), text_of(first["content"]),
-                     len(first["content"]), who))
+        return "%016x" % stable_hash("\x00".join((text_of(req.get("system") or []),
+                                                  text_of(first["content"]),
+                                                  str(len(first["content"])), who)))
 
     def get(self, key, name):
         """-> (the candidate that served `name` in this conversation or None, {provider: the marks
         of the thinking blocks it made})."""
+        if key and self.store is not None:
+            got = self.store.affinity_get(key)
+            if got is not None:          # (None: the store cannot be reached; memory answers)
+                names, marks = got
+                with self.lock:          # (what set and add_marks compare with)
+                    entry = self._entry(key)
+                    entry["names"], entry["marks"] = dict(names), {p: set(m) for p, m in
+                                                                   marks.items()}
+                return names.get(name), {p: frozenset(m) for p, m in marks.items()}
         entry = self.map.get(key) if key else None
         if entry is None:
             return None, {}
@@ -8097,10 +8208,12 @@ class Affinity:
             return
         with self.lock:
             names = self._entry(key)["names"]
-            names.pop(name, None)
+            same = names.pop(name, None) == cand
             names[name] = cand
             if len(names) > self.NAMES:
                 del names[next(iter(names))]
+        if self.store is not None and not same:
+            self.store.affinity_pin(key, name, cand)
 
     def add_marks(self, key, provider, marks):
         """The thinking blocks of an answer `provider` gave in this conversation."""
@@ -8108,9 +8221,12 @@ class Affinity:
             return
         with self.lock:
             have = self._entry(key)["marks"].setdefault(provider, set())
+            new = set(marks) - have
             have.update(marks)
             while len(have) > self.MARKS:
                 have.pop()
+        if self.store is not None and new:
+            self.store.affinity_marks(key, provider, new)
 
 
 # -------------------------------------------------------------------------------------- plan --
@@ -8995,7 +9111,7 @@ class Dispatcher:
                 raise Failover("stream", err.message, err.status)
             if ctx.collect is not None:
                 ctx.collect.extend(events)
-            ctx.made_marks = [hash(e[1]) for e in events if e[0] in MARK_EVENTS]
+            ctx.made_marks = [stable_hash(e[1]) for e in events if e[0] in MARK_EVENTS]
             resp = fold_events(events)
             if not _counted(resp["usage"]):
                 ctx.out_chars = sum(len(p.get("text") or "") + (len(dumps(p["arguments"]))
@@ -9029,7 +9145,7 @@ class Dispatcher:
                 if ev[0] in ("text", "thinking", "args"):
                     ctx.out_chars += len(ev[1])
                 elif ev[0] in MARK_EVENTS:
-                    ctx.made_marks.append(hash(ev[1]))
+                    ctx.made_marks.append(stable_hash(ev[1]))
                 elif ev[0] == "end":
                     if not _counted(ev[2]):     # estimated once this piece's output is counted
                         evs = evs[:i] + [("end", ev[1],
@@ -9258,7 +9374,40 @@ class Metrics:
             if row["ttfb_ms"] is not None:
                 self._observe("sage_router_first_byte_seconds", row["ttfb_ms"] / 1000)
 
-    def render(self, router):
+    COUNTERS = ("requests", "failovers", "tokens", "cost", "keys")
+
+    def state(self):
+        """The counters as JSON (for the router's other workers: SharedState)."""
+        with self.lock:
+            out = {k: [[list(lab) if isinstance(lab, tuple) else lab, v]
+                       for lab, v in getattr(self, k).items()] for k in self.COUNTERS}
+            out["latency"] = {n: list(h) for n, h in self.latency.items()}
+            out["connections"] = dict(self.connections)
+        return out
+
+    @classmethod
+    def merged(cls, states):
+        """One Metrics that adds up several workers' `state()`s (counters, histograms and
+        connections alike)."""
+        m = cls()
+        for st in states:
+            for k in cls.COUNTERS:
+                table = getattr(m, k)
+                for lab, v in st.get(k, ()):
+                    lab = tuple(lab) if isinstance(lab, list) else lab
+                    if isinstance(v, list):
+                        have = table.setdefault(lab, [0] * len(v))
+                        table[lab] = [a + b for a, b in zip(have, v)]
+                    else:
+                        table[lab] = table.get(lab, 0) + v
+            for n, h in st.get("latency", {}).items():
+                have = m.latency.setdefault(n, [0] * len(h))
+                m.latency[n] = [a + b for a, b in zip(have, h)]
+            for k, v in st.get("connections", {}).items():
+                m.connections[k] = m.connections.get(k, 0) + v
+        return m
+
+    def render(self, router, workers=None):
         def esc(v):
             return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -9330,6 +9479,9 @@ class Metrics:
                 "# TYPE sage_router_connections_closed_total counter"]
         out += [line("sage_router_connections_closed_total",
                      {"reason": k}, c[k]) for k in ("evicted", "refused", "reaped")]
+        if workers is not None:
+            out += ["# HELP sage_router_workers Worker processes serving (--workers).",
+                    "# TYPE sage_router_workers gauge", line("sage_router_workers", {}, workers)]
         return "\n".join(out) + "\n"
 
 
@@ -10414,6 +10566,8 @@ def health_report(router):
            "routes": {r: [f"{p}/{m}" for p, m in c] for r, c in cat.routes.items()},
            "aliases": dict(cat.aliases), "strict": cat.strict,
            "discovery": router.discovery.report()}
+    if router.shared is not None:
+        out["workers"] = router.shared.report()
     if not cat.enabled:
         out["message"] = NO_PROVIDER_HELP
     return out
@@ -10422,6 +10576,242 @@ def health_report(router):
 # =================================================================================================
 # 7. The router
 # =================================================================================================
+
+class SqliteShare:
+    """What the workers of one router (--workers) share through the data directory's database:
+    breakers, each worker's metrics, conversation affinity. One connection, one lock; every call
+    is one short statement or transaction, and an error is the caller's to take (SharedState
+    falls back on this process's own state)."""
+
+    SCHEMA = [
+        "CREATE TABLE IF NOT EXISTS shared_breakers (key TEXT PRIMARY KEY, data, at) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS shared_metrics (worker TEXT PRIMARY KEY, run, at, data) "
+        "WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS affinity_names (conv TEXT, name TEXT, cand, at, "
+        "PRIMARY KEY (conv, name)) WITHOUT ROWID",
+        "CREATE TABLE IF NOT EXISTS affinity_marks (conv TEXT, provider TEXT, mark INTEGER, at, "
+        "PRIMARY KEY (conv, provider, mark)) WITHOUT ROWID",
+        "CREATE INDEX IF NOT EXISTS affinity_names_at ON affinity_names (at)",
+        "CREATE INDEX IF NOT EXISTS affinity_marks_at ON affinity_marks (at)"]
+    KEEP_SECONDS = 86400.0       # affinity of a conversation idle this long is forgotten
+
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = None
+
+    def _run(self, fn):
+        with self.lock:
+            if self.db is None:
+                self.db = open_db(self.path, self.SCHEMA, isolation_level=None,
+                                  check_same_thread=False)
+            return fn(self.db)
+
+    def _tx(self, fn):
+        def run(db):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            _commit(db)
+            return out
+        return self._run(run)
+
+    def close(self):
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+
+    # breakers: {shared key: entry with "at"}, the newest entry of each key wins
+    def put_breakers(self, entries):
+        self._tx(lambda db: db.executemany(
+            "INSERT INTO shared_breakers (key, data, at) VALUES (?, ?, ?) ON CONFLICT (key) DO "
+            "UPDATE SET data = excluded.data, at = excluded.at WHERE excluded.at > at",
+            [(k, dumps(e), e["at"]) for k, e in entries.items()]))
+
+    def breakers(self, since=0.0):
+        return {k: loads(d) for k, d in self._run(lambda db: db.execute(
+            "SELECT key, data FROM shared_breakers WHERE at > ?", (since,)).fetchall())}
+
+    # metrics: one row a worker of this run (a replaced worker's row stays: its counts count)
+    def put_metrics(self, worker, run, data):
+        self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO shared_metrics (worker, run, at, data) VALUES (?, ?, ?, ?)",
+            (worker, run, time.time(), dumps(data))))
+
+    def metrics(self, run):
+        return self._run(lambda db: db.execute(
+            "SELECT worker, at, data FROM shared_metrics WHERE run = ?", (run,)).fetchall())
+
+    def forget_runs(self, run):
+        self._run(lambda db: db.execute("DELETE FROM shared_metrics WHERE run != ?", (run,)))
+
+    # affinity: a conversation's pins {name: candidate} and thinking marks {provider: {mark}}
+    def affinity_get(self, conv):
+        def get(db):
+            names = {n: tuple(loads(c)) for n, c in db.execute(
+                "SELECT name, cand FROM affinity_names WHERE conv = ?", (conv,))}
+            marks = {}
+            for p, m in db.execute("SELECT provider, mark FROM affinity_marks WHERE conv = ?",
+                                   (conv,)):
+                marks.setdefault(p, set()).add(m)
+            return names, marks
+        return self._run(get)
+
+    def affinity_pin(self, conv, name, cand):
+        self._run(lambda db: db.execute(
+            "INSERT OR REPLACE INTO affinity_names (conv, name, cand, at) VALUES (?, ?, ?, ?)",
+            (conv, name, dumps(list(cand)), time.time())))
+
+    def affinity_marks(self, conv, provider, marks):
+        now = time.time()
+        self._tx(lambda db: db.executemany(
+            "INSERT OR REPLACE INTO affinity_marks (conv, provider, mark, at) VALUES (?, ?, ?, ?)",
+            [(conv, provider, m, now) for m in marks]))
+
+    def prune(self):
+        old = time.time() - self.KEEP_SECONDS
+
+        def prune(db):
+            db.execute("DELETE FROM affinity_names WHERE at < ?", (old,))
+            db.execute("DELETE FROM affinity_marks WHERE at < ?", (old,))
+            db.execute("DELETE FROM shared_breakers WHERE at < ?", (old,))
+        self._tx(prune)
+
+
+class SharedState:
+    """One router made of several processes: its workers on this box (--workers, through the data
+    directory's database: SqliteShare). A thread here publishes the breakers that open or close
+    in this process at once, takes the others' every half second (so a breaker opened by one
+    worker is respected by all within a second), and writes this worker's metrics every second
+    for GET /metrics to add up. Conversation affinity is asked of the store on each request.
+    When the store fails, this process keeps going on its own state and says so once."""
+
+    TICK = 0.5
+    METRICS_SECONDS = 1.0
+    LIVE_SECONDS = 5.0           # a worker whose metrics are older than this is gone (gauges)
+
+    def __init__(self, router, store, worker):
+        self.router, self.store = router, store
+        self.index, self.count, self.run = worker
+        self.me = f"{self.run}:{self.index}:{os.getpid()}"
+        self.wake = threading.Event()
+        self.thread = None
+        self.failing = None          # why the store cannot be used right now, or None
+        self.seen_at = 0.0           # breakers newer than this were read already (minus a margin)
+        self.metrics_at = self.prune_at = 0.0
+
+    def start(self):
+        if self.thread is None:
+            self.router.health.wake = self.wake
+            self.router.affinity.store = self
+            self.thread = threading.Thread(target=self._loop, name="sage-router-shared",
+                                           daemon=True)
+            self.thread.start()
+
+    def _loop(self):
+        parent = os.getppid()
+        try:
+            self.store.forget_runs(self.run)
+        except Exception as e:
+            self._failed(e)
+        while not self.router._stop.is_set():
+            self.wake.wait(self.TICK)
+            self.wake.clear()
+            self.tick()
+            if os.getppid() != parent:        # the supervisor is gone: stop as on SIGTERM
+                log.warning("worker %d: the supervising process is gone; stopping", self.index)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def _call(self, fn, *args):
+        try:
+            out = fn(*args)
+        except Exception as e:
+            self._failed(e)
+            return None
+        if self.failing is not None:
+            log.info("shared state: %s works again", self.where)
+            self.failing = None
+        return True if out is None else out
+
+    @property
+    def where(self):
+        return "the data directory's database"
+
+    def _failed(self, e):
+        if self.failing is None:
+            log.warning("shared state: cannot use %s (%s: %s); this worker goes on with its own "
+                        "breakers and affinity until it can", self.where, type(e).__name__, e)
+        self.failing = clean_text(e, 200)
+
+    def tick(self):
+        """Publish what changed here, take what changed elsewhere, write the metrics."""
+        r, now = self.router, time.time()
+        fps = r._fingerprints()
+        mine, taken = r.health.changes(fps)
+        for e in mine.values():
+            e["by"] = self.me
+        if mine and self._call(self.store.put_breakers, mine) is None:
+            r.health.unpublished(taken)        # (tried again at the next tick)
+        theirs = self._call(self.store.breakers, self.seen_at - 5.0)
+        if isinstance(theirs, dict):
+            self.seen_at = now
+            r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me}, fps)
+        if now - self.metrics_at >= self.METRICS_SECONDS:
+            self.metrics_at = now
+            self._call(self.store.put_metrics, self.me, self.run, r.metrics.state())
+        if now - self.prune_at >= 60:
+            self.prune_at = now
+            self._call(self.store.prune)
+
+    def metrics_view(self):
+        """The whole router's metrics: this worker's own, live, and every other worker's of this
+        run as last written (a worker that died and was replaced still counts; a gone worker's
+        open connections do not)."""
+        rows = self._call(self.store.metrics, self.run)
+        states = [self.router.metrics.state()]
+        now, live = time.time(), 1
+        for worker, at, data in rows if isinstance(rows, list) else []:
+            if worker == self.me:
+                continue
+            st = loads(data)
+            if now - at > self.LIVE_SECONDS:
+                st["connections"] = dict(st.get("connections") or {}, open=0)
+            else:
+                live += 1
+            states.append(st)
+        return Metrics.merged(states), live
+
+    # -- conversation affinity (Affinity.store) -----------------------------------------------
+    def affinity_get(self, conv):
+        got = self._call(self.store.affinity_get, conv)
+        return got if isinstance(got, tuple) else None
+
+    def affinity_pin(self, conv, name, cand):
+        self._call(self.store.affinity_pin, conv, name, cand)
+
+    def affinity_marks(self, conv, provider, marks):
+        self._call(self.store.affinity_marks, conv, provider, marks)
+
+    def report(self):
+        """For /health: this router's workers, and whether their shared state works."""
+        out = {"count": self.count, "this": self.index, "pid": os.getpid(), "shared_state": "ok"}
+        if self.failing is not None:
+            out.update(shared_state="failing", reason=f"cannot use {self.where} ({self.failing})"
+                                                      ": this worker goes on with its own state")
+        return out
+
+    def close(self):
+        self.wake.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(2)
+        self.tick()                  # (the last changes and counts)
+        self.store.close()
+
 
 class ResponseStore:
     """Responses this router produced, for `previous_response_id`: at most `size` of them, for
@@ -10569,7 +10959,8 @@ class Router:
     """The composition root: config and catalogue, health table, connection pool, dispatcher.
     Everything mutable lives here (never in module globals), so tests can run several routers."""
 
-    def __init__(self, cfg, env, source="providers.json", data_dir=None, log_format="text"):
+    def __init__(self, cfg, env, source="providers.json", data_dir=None, log_format="text",
+                 worker=None):
         self.cfg, self.env, self.source = with_imports(cfg, env), env, source
         self.data_dir = data_dir or default_data_dir()
         self.discovery = Discovery()
@@ -10594,6 +10985,9 @@ class Router:
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
                               self.metrics, log_format)
         self.keys = self.log.keys = KeyStore(os.path.join(self.data_dir, "requests.db"))
+        # (index, count, run) of this worker of `--workers N`: then state is shared with the rest
+        self.shared = None if worker is None else SharedState(
+            self, SqliteShare(os.path.join(self.data_dir, "requests.db")), worker)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_asked = False
@@ -10683,7 +11077,7 @@ class Router:
                     {"version": 1, "saved": time.time(), "providers": self.discovery.snapshot()})
 
     def _write(self, path, obj):
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"          # (workers may write the same file at once)
         try:
             private_dir(self.data_dir)
             with os.fdopen(open_private(tmp), "w", encoding="utf-8") as f:
@@ -10730,6 +11124,8 @@ class Router:
                                             name="sage-router-maintenance", daemon=True)
             self._thread.start()
         self.log.start()
+        if self.shared is not None:
+            self.shared.start()
 
     def admit(self, ctx, cat, cands, tokens):
         """A personal key's ticket for this request (its rate limits and budget), holding the
@@ -10898,6 +11294,13 @@ class Router:
                                         "the router key (SAGE_ROUTER_API_KEY)") or None
         log.info("config reloaded from %s: %d provider(s) enabled", source, len(cat.enabled))
         return True
+
+    def metrics_text(self):
+        """GET /metrics: of the whole router (all its workers)."""
+        if self.shared is None:
+            return self.metrics.render(self)
+        merged, live = self.shared.metrics_view()
+        return merged.render(self, live)
 
     def generate(self, ctx):
         """Plan the request and try its candidates in order until one answers."""
@@ -11268,6 +11671,8 @@ class Router:
         if self._thread is not None and self._thread is not threading.current_thread():
             # a discovery or probe under way finishes (short timeouts) and saves
             self._thread.join(10)
+        if self.shared is not None:
+            self.shared.close()
         if self.health.dirty:
             self.save_state()
         self.log.stop()
@@ -12053,7 +12458,7 @@ class RouterHandler(BaseHTTPRequestHandler):
                                               "(SAGE_ROUTER_API_KEY), not a personal key")
         if method == "GET" and path == "/metrics":
             return self.send(200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-                             self.router.metrics.render(self.router).encode())
+                             self.router.metrics_text().encode())
         if method == "GET" and path in ("/v1/usage", "/v1/requests"):
             q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             one = {k: v[-1] for k, v in q.items()}
@@ -12214,20 +12619,35 @@ class RouterServer(ThreadingHTTPServer):
     allow_reuse_address = True
     block_on_close = False
 
-    def __init__(self, address, handler, router):
+    def __init__(self, address, handler, router, listen=None):
+        """`listen`: None (bind the address), "reuseport" (bind it with SO_REUSEPORT, beside the
+        router's other workers), or a listening socket to accept from (shared by the workers)."""
         self.router = router
+        self.listen = listen
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         self.conns = {}                 # socket -> [phase, since]
         self.conn_lock = threading.Lock()
         self.active = 0                 # requests being handled right now (for a graceful stop)
         self.active_lock = threading.Lock()
         self._closed = threading.Event()
         self._fd_warned = self._cap_warned = -1e9
-        super().__init__(address, handler)
+        shared = isinstance(listen, socket.socket)
+        super().__init__(address, handler, bind_and_activate=not shared)
+        if shared:
+            self.socket.close()
+            self.socket = listen
+            self.server_address = listen.getsockname()[:2]
         threading.Thread(target=self._reap, name="sage-router-reaper", daemon=True).start()
 
     @property
     def max_connections(self):
         return int(self.router.settings["max_connections"]) or default_max_connections()
+
+    def server_bind(self):
+        if self.listen == "reuseport":
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def phase(self, sock, phase):
         with self.conn_lock:
@@ -12368,6 +12788,14 @@ def build_parser():
         env_port = ""
     ap.add_argument("--port", type=port, default=env_port or DEFAULT_PORT,
                     help=f"port (default $SAGE_ROUTER_PORT, else {DEFAULT_PORT})")
+    def workers(v):
+        if not str(v).isdigit() or not 1 <= int(v) <= 64:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a number of workers 1-64 (from "
+                                             "--workers or $SAGE_ROUTER_WORKERS)")
+        return int(v)
+    ap.add_argument("--workers", type=workers, default=os.environ.get("SAGE_ROUTER_WORKERS") or 0,
+                    help="processes serving the port (default $SAGE_ROUTER_WORKERS, else one a "
+                         "core, at most 8; 1: a single process)")
     ap.add_argument("--config", default=None,
                     help="providers.json (default ./providers.json, else beside router.py)")
     ap.add_argument("--env-file", default=None,
@@ -12419,11 +12847,11 @@ def watched_files(args, source):
     return list(dict.fromkeys(os.path.abspath(p) for p in paths))
 
 
-def load_router(args):
+def load_router(args, worker=None):
     """Environment + config -> Router, set up to reload itself. Raises ConfigError."""
     loader = make_loader(args)
     cfg, env, source = loader()
-    router = Router(cfg, env, source, args.data_dir, args.log_format)
+    router = Router(cfg, env, source, args.data_dir, args.log_format, worker)
     router.loader = loader
     for path in watched_files(args, source):
         try:
@@ -12433,9 +12861,9 @@ def load_router(args):
     return router, env
 
 
-def serve(router, host, port):
+def serve(router, host, port, listen=None):
     """Bind and return the server (not yet serving): tests call this, then serve_forever."""
-    server = RouterServer((host, port), make_handler(router), router)
+    server = RouterServer((host, port), make_handler(router), router, listen)
     router.start()
     return server
 
@@ -12740,55 +13168,102 @@ def main(argv=None):
                              " ".join(args.text))
         if args.command == "keys":        # (the data directory alone: no config needed)
             return cmd_keys(args, list(args.text))
+        if args.command == "serve":
+            return serve_command(args)
         router, _env = load_router(args)
     except ConfigError as e:
-        print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}",
-              file=sys.stderr)
+        return config_refused(e)
+    try:
+        return {"check": lambda: cmd_check(router), "models": lambda: cmd_models(router),
+                "route": lambda: cmd_route(router,
+                                           " ".join(args.text), args.model)}[args.command]()
+    # `router.py route ... | head -1`: the reader left; so do we
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        router.close()
+
+
+def config_refused(e):
+    print(f"sage-router: invalid config: {e.file}: {e.key}: expected {e.expected}",
+          file=sys.stderr)
+    return 2
+
+
+def open_refused(args, router_key):
+    """A non-loopback --host without a router key or --allow-no-auth: refused (exit 2)."""
+    if args.host in LOOPBACK or router_key or args.allow_no_auth:
+        return False
+    print(f"sage-router: refusing to listen on {args.host} without a router key: set "
+          "SAGE_ROUTER_API_KEY (clients then send it as 'Authorization: Bearer KEY' or "
+          "'x-api-key: KEY'), or pass --allow-no-auth if the network is trusted",
+          file=sys.stderr)
+    return True
+
+
+def serve_command(args):
+    """`serve`: this process alone (--workers 1, or where there is no fork), else a Supervisor
+    of workers, once the config and the listening address pass the same checks."""
+    workers = args.workers or default_workers()
+    if workers == 1 or not hasattr(os, "fork"):
+        return serve_main(args)
+    _cfg, env, _source = make_loader(args)()
+    if open_refused(args, env.get("SAGE_ROUTER_API_KEY")):
         return 2
-    if args.command != "serve":
-        try:
-            return {"check": lambda: cmd_check(router), "models": lambda: cmd_models(router),
-                    "route": lambda: cmd_route(router,
-                                               " ".join(args.text), args.model)}[args.command]()
-        # `router.py route ... | head -1`: the reader left; so do we
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        finally:
-            router.close()
-    if args.host not in LOOPBACK and not router.router_key and not args.allow_no_auth:
-        print(f"sage-router: refusing to listen on {args.host} without a router key: set "
-              "SAGE_ROUTER_API_KEY (clients then send it as 'Authorization: Bearer KEY' or "
-              "'x-api-key: KEY'), or pass --allow-no-auth if the network is trusted",
-              file=sys.stderr)
+    return Supervisor(args, workers).run()
+
+
+def serve_main(args, worker=None, listen=None, ready=None):
+    """`serve` in this process: the whole router, or one worker of a Supervisor (`worker`:
+    (index, count, run); `listen`: "reuseport" or the shared listening socket; `ready`: the pipe
+    to write the worker's index to once it accepts connections)."""
+    try:
+        router, _env = load_router(args, worker)
+    except ConfigError as e:
+        return config_refused(e)
+    if open_refused(args, router.router_key):
+        router.close()
         return 2
     cat = router.catalogue
-    log.info("config: %s", cat.source)
+    say = log.info if worker is None or worker[0] == 0 else log.debug
+    say("config: %s", cat.source)
     for p in cat.providers.values():
         if p.enabled:
-            log.info("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api,
-                     p.base_url_shown, len(p.keys), len(p.models))
+            say("provider %s: %s %s, %d key(s), %d model(s)", p.name, p.api,
+                p.base_url_shown, len(p.keys), len(p.models))
         else:
-            log.info("provider %s: disabled: %s", p.name, p.disabled_reason)
-    if not cat.enabled:
+            say("provider %s: disabled: %s", p.name, p.disabled_reason)
+    if not cat.enabled and say is log.info:
         log.warning(NO_PROVIDER_HELP)
     try:
-        server = serve(router, args.host, args.port)
+        server = serve(router, args.host, args.port, listen)
     except OSError as e:
         print(f"sage-router: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
+        router.close()
         return 1
 
     def stop(_sig, _frm):
-        log.info("stopping: no new connections; waiting up to %g s for requests in flight",
-                 router.settings["shutdown_grace_seconds"])
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        if not server.stopping:
+            server.stopping = True
+            log.info("stopping%s: no new connections; waiting up to %g s for requests in flight",
+                     f" worker {worker[0]}" if worker else "",
+                     router.settings["shutdown_grace_seconds"])
+            threading.Thread(target=server.shutdown, daemon=True).start()
+    server.stopping = False
     signal.signal(signal.SIGTERM, stop)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda _s, _f: router.ask_reload())
+    if worker is not None:            # (Ctrl-C reaches every process: the supervisor stops us)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     install_fast_header_parser()
-    log.info("Sage Router %s listening on http://%s:%d", __version__, args.host,
-             server.server_address[1])
+    if ready is None:
+        log.info("Sage Router %s listening on http://%s:%d", __version__, args.host,
+                 server.server_address[1])
+    else:
+        os.write(ready, b"%d\n" % worker[0])
+        os.close(ready)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -12799,6 +13274,183 @@ def main(argv=None):
                     server.active)
     router.close()
     return 0
+
+
+def default_workers():
+    """One worker a core this process may run on, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+class Supervisor:
+    """`serve --workers N` (N > 1): N processes serve one port, forked from this one, which
+    serves nothing itself. On Linux each worker listens on its own socket with SO_REUSEPORT (the
+    kernel spreads new connections across them; this process holds the port, bound but not
+    listening, so a worker that restarts gets it back); elsewhere they share one listening socket.
+    A worker that dies is replaced (at once, or after 1, 2, 4 ... 30 s when it keeps dying within
+    10 s of its start); SIGHUP is passed on to every worker (each reloads, as each also does when
+    providers.json or .env changes); SIGTERM or Ctrl-C drains them all. What they share (keys,
+    budgets, the request log, stored responses, breakers, metrics, affinity) lives in the data
+    directory's database (SharedState)."""
+
+    QUICK_DEATH = 10.0
+
+    def __init__(self, args, count):
+        self.args, self.count = args, count
+        self.run_id = f"{os.getpid()}-{time.time_ns()}"
+        self.reuseport = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+        self.pids = {}               # pid -> worker index
+        self.ready = set()           # indexes that have accepted connections at least once
+        self.due = {}                # index -> when (monotonic) to start it again
+        self.quick = {}              # index -> its deaths in a row within QUICK_DEATH
+        self.born = {}
+        self.flags = set()           # signals seen: "stop", "hup"
+
+    def _bind(self):
+        host, port = self.args.host, self.args.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if not self.reuseport:
+            sock.listen(RouterServer.request_queue_size)
+        sock.set_inheritable(True)
+        return sock
+
+    def _spawn(self, index):
+        pid = os.fork()
+        if pid:
+            self.pids[pid] = index
+            self.born[index] = time.monotonic()
+            return
+        code = 1
+        try:                         # the worker: this process's signals and pipes are not its
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            os.close(self.ready_r)
+            if self.reuseport:
+                self.sock.close()
+            code = serve_main(self.args, (index, self.count, self.run_id),
+                              "reuseport" if self.reuseport else self.sock, self.ready_w)
+        except BaseException:
+            log.exception("worker %d failed", index)
+        finally:
+            for f in (sys.stdout, sys.stderr):
+                try:
+                    f.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+
+    def _signal(self, sig):
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+    def run(self):
+        try:
+            self.sock = self._bind()
+        except OSError as e:
+            print(f"sage-router: cannot listen on {self.args.host}:{self.args.port}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 1
+        self.args.port = self.sock.getsockname()[1]
+        self.wake_r, self.wake_w = os.pipe()
+        self.ready_r, self.ready_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGTERM, lambda _s, _f: self.flags.add("stop"))
+        signal.signal(signal.SIGINT, lambda _s, _f: self.flags.add("stop"))
+        signal.signal(signal.SIGHUP, lambda _s, _f: self.flags.add("hup"))
+        signal.signal(signal.SIGCHLD, lambda _s, _f: None)
+        for i in range(self.count):
+            self._spawn(i)
+        buf = b""
+        while "stop" not in self.flags:
+            wait = min((t - time.monotonic() for t in self.due.values()), default=1.0)
+            readable = select.select([self.wake_r, self.ready_r], [], [],
+                                     max(0.0, min(1.0, wait)))[0]
+            if self.wake_r in readable:
+                os.read(self.wake_r, 512)
+            if self.ready_r in readable:
+                buf += os.read(self.ready_r, 512)
+                *lines, buf = buf.split(b"\n")
+                fresh = not self.ready or len(self.ready) < self.count
+                self.ready.update(int(x) for x in lines if x.strip().isdigit())
+                if fresh and len(self.ready) == self.count:
+                    log.info("Sage Router %s listening on http://%s:%d (%d workers)",
+                             __version__, self.args.host, self.args.port, self.count)
+            code = self._reap()
+            if code is not None:
+                self.flags.add("stop")
+                break
+            for index, at in list(self.due.items()):
+                if time.monotonic() >= at:
+                    del self.due[index]
+                    self._spawn(index)
+            if "hup" in self.flags:
+                self.flags.discard("hup")
+                log.info("SIGHUP: every worker reloads its config")
+                self._signal(signal.SIGHUP)
+        return self._stop(code)
+
+    def _reap(self):
+        """Collect dead workers and schedule their replacements; an exit code when the router
+        cannot start at all (a worker died before any worker ever accepted a connection)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == 0:
+                return None
+            index = self.pids.pop(pid, None)
+            if index is None or "stop" in self.flags:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if not self.ready:
+                return code if code > 0 else 1
+            quick = time.monotonic() - self.born.get(index, 0.0) < self.QUICK_DEATH
+            self.quick[index] = self.quick.get(index, 0) + 1 if quick else 0
+            delay = min(30.0, 0.25 * 2 ** self.quick[index]) if self.quick[index] > 1 else 0.0
+            log.warning("worker %d (pid %d) %s; starting another%s", index, pid,
+                        f"was killed by signal {-code}" if code < 0 else f"exited with {code}",
+                        f" in {delay:g} s" if delay else "")
+            self.due[index] = time.monotonic() + delay
+
+    def _stop(self, code=None):
+        grace = 30.0
+        try:
+            cfg = make_loader(self.args)()[0]
+            grace = float((cfg.get("settings") or {}).get("shutdown_grace_seconds", grace))
+        except (ConfigError, TypeError, ValueError, AttributeError):
+            pass
+        self._signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5
+        while self.pids and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.pids.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        if self.pids:
+            log.warning("stopping: %d worker(s) still busy after the grace period; killed",
+                        len(self.pids))
+            self._signal(signal.SIGKILL)
+        self.sock.close()
+        return code or 0
 
 
 def _run_from_bytecode():

@@ -1119,10 +1119,10 @@ def client_body(dialect, model, stream, text="Say hello", image=None, tools=Fals
 class Harness:
     """A router on 127.0.0.1:0 in this process, serving in a thread."""
 
-    def __init__(self, cfg, env=None, data_dir=None):
+    def __init__(self, cfg, env=None, data_dir=None, worker=None):
         self.tmp = tempfile.TemporaryDirectory() if data_dir is None else None
         env = dict({"OPENCLAW_CONFIG_PATH": "/nonexistent/openclaw.json"}, **(env or {}))
-        self.router = R.Router(cfg, env, "test-config", data_dir or self.tmp.name)
+        self.router = R.Router(cfg, env, "test-config", data_dir or self.tmp.name, worker=worker)
         self.server = R.serve(self.router, "127.0.0.1", 0)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -5464,7 +5464,9 @@ class ChaosTests(unittest.TestCase):
         cfg = {"providers": {
             "f1": {"api": "openai", "base_url": flaky_oa.base_url, "api_key": "k", "models": {"m": {}}},
             "f2": {"api": "anthropic", "base_url": flaky_an.base_url, "api_key": "k", "models": {"claude-m": {}}},
-            "ok": {"api": "openai", "base_url": healthy.base_url, "api_key": "k", "models": {"m": {}}}},
+            # (the healthy one is never slow: a busy machine's pause must not count as a failure)
+            "ok": {"api": "openai", "base_url": healthy.base_url, "api_key": "k", "models": {"m": {}},
+                   "first_byte_timeout": 10}},
             "routes": {"chaos": ["f1/m", "f2/claude-m", "ok/m"]},
             "settings": {"first_byte_timeout": 0.3, "idle_timeout": 2, "cooldown_seconds": 0.2,
                          "max_cooldown_seconds": 0.5}}
@@ -7361,7 +7363,7 @@ class ProcessTests(unittest.TestCase):
 
 
 class ProcessLifecycleTests(unittest.TestCase):
-    def start(self, cfg, extra_env=None, nofile=None):
+    def start(self, cfg, extra_env=None, nofile=None, workers=None):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d, True)
         path = os.path.join(d, "providers.json")
@@ -7374,7 +7376,8 @@ class ProcessLifecycleTests(unittest.TestCase):
                 import resource
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config", path,
-                              "--env-file", os.devnull, "--data-dir", d], env=env, preexec_fn=limit,
+                              "--env-file", os.devnull, "--data-dir", d] + (["--workers", str(workers)] if workers else []),
+                             env=env, preexec_fn=limit,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.addCleanup(p.stdout.close)
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
@@ -7393,7 +7396,7 @@ class ProcessLifecycleTests(unittest.TestCase):
         self.addCleanup(fake.close)
         cfg = {"providers": {"p": {"api": "openai", "base_url": fake.base_url, "api_key": "k", "models": {"m": {}}}},
                "routes": {"default": ["p/m"]}, "settings": {"max_connections": 1000}}
-        p, port, _d = self.start(cfg, nofile=64)
+        p, port, _d = self.start(cfg, nofile=64, workers=1)       # (one process's descriptors)
         socks = []
         for _ in range(80):                       # more than the process may hold, kept open
             try:
@@ -7447,6 +7450,237 @@ class ProcessLifecycleTests(unittest.TestCase):
         conn.close()
         self.assertIn(b"data: [DONE]", first + rest)
         self.assertEqual(p.wait(20), 0)            # ... and then the router exits cleanly
+
+
+def metric_total(text, name):
+    """The sum of a Prometheus counter's series in a /metrics text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+class SharedStateTests(unittest.TestCase):
+    """Two workers of one router (as --workers makes them), in this process: two Routers with
+    worker identities on one data directory."""
+
+    def setUp(self):
+        self.an, self.oa = FakeProvider("anthropic"), FakeProvider("openai")
+        self.addCleanup(self.an.close)
+        self.addCleanup(self.oa.close)
+        cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
+                                    "models": {"claude-test": {}}},
+                             "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
+                                    "models": {"gpt-test": {}}}},
+               "routes": {"code": ["an/claude-test", "oa/gpt-test"], "default": ["oa/gpt-test"]},
+               "settings": {"cooldown_seconds": 30, "probe_seconds": 0}}
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        run = f"test-{os.getpid()}-{time.time_ns()}"
+        self.a = Harness(cfg, data_dir=d, worker=(0, 2, run))
+        self.addCleanup(self.a.close)
+        self.b = Harness(json.loads(json.dumps(cfg)), data_dir=d, worker=(1, 2, run))
+        self.addCleanup(self.b.close)
+
+    def test_a_breaker_opened_by_one_worker_is_respected_by_the_other_and_so_is_its_reset(self):
+        self.an.push(Reply(status=500))
+        r = self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False))
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.headers["x-router-provider"], "oa")      # an failed over on a
+        state = lambda h: provider_state(h.call("GET", "/health").json(), "an", "claude-test")["state"]
+        self.assertEqual(state(self.a), "cooling")
+        self.assertTrue(wait_until(lambda: state(self.b) == "cooling", 5), "b adopts a's open breaker")
+        n = len(self.an.requests)
+        r = self.b.call("POST", "/v1/messages", client_body("anthropic", "code", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        self.assertEqual(len(self.an.requests), n, "b does not try what a found broken")
+        self.assertEqual(self.b.call("POST", "/v1/health/reset", {}).status, 200)
+        self.assertTrue(wait_until(lambda: state(self.a) == "ok", 5), "a reset on b closes it on a too")
+        r = self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False, text="Another talk"))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
+    def test_metrics_add_up_across_workers(self):
+        for h in (self.a, self.b, self.b):
+            self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False)).status, 200)
+
+        def totals():
+            return [metric_total(h.call("GET", "/metrics").body.decode(), "sage_router_requests_total")
+                    for h in (self.a, self.b)]
+        self.assertTrue(wait_until(lambda: totals() == [3, 3], 5), totals())
+        text = self.a.call("GET", "/metrics").body.decode()
+        self.assertIn("sage_router_workers 2", text)
+        self.assertEqual(metric_total(text, "sage_router_request_seconds_count"), 3)
+        health = self.b.call("GET", "/health").json()
+        self.assertEqual((health["workers"]["count"], health["workers"]["this"]), (2, 1))
+
+    def test_a_conversation_keeps_its_model_and_its_thinking_on_another_worker(self):
+        first = {"model": "code", "max_tokens": 100, "system": "You are helpful.",
+                 "messages": [{"role": "user", "content": "Refactor my parser please"}]}
+        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigFromAn"))
+        r = self.a.call("POST", "/v1/messages", first)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        turn2 = dict(first, thinking={"type": "enabled", "budget_tokens": 1024}, messages=first["messages"] + [
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "EqSigFromAn"},
+                                              {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "Go on"}])
+        # b would start this conversation on oa: what a pinned it to decides
+        self.b.router.catalogue.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
+        r = self.b.call("POST", "/v1/messages", turn2)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.headers["x-router-provider"], "an")
+        self.assertEqual(self.an.requests[-1]["body"]["messages"][1]["content"][0].get("signature"), "EqSigFromAn")
+        self.assertEqual(self.oa.requests, [])
+
+
+class WorkersTests(unittest.TestCase):
+    """`--workers 2`: a supervisor and two worker processes on one port."""
+
+    def start(self, workers=2, settings=None):
+        self.fake = FakeProvider("anthropic")
+        self.addCleanup(self.fake.close)
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        self.cfg = os.path.join(d, "providers.json")
+        with open(self.cfg, "w") as f:
+            json.dump({"providers": {"an": {"api": "anthropic", "base_url": self.fake.base_url, "api_key": "k",
+                                            "models": {"claude-test": {"cost": {"input": 3, "output": 15}},
+                                                       "claude-other": {}}}},
+                       "routes": {"default": ["an/claude-test"], "code": ["an/claude-other", "an/claude-test"]},
+                       "settings": dict({"probe_seconds": 0}, **(settings or {}))}, f)
+        self.data = os.path.join(d, "data")
+        self.args = ["--config", self.cfg, "--env-file", os.devnull, "--data-dir", self.data]
+        port = closed_port()
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port),
+                              "--workers", str(workers)] + self.args, env=router_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(p.stdout.close)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        self.assertTrue(wait_until(lambda: len(self.pids(port)) == workers, 20), "workers did not start")
+        return p, port
+
+    @staticmethod
+    def health(port):
+        try:
+            return call(port, "GET", "/health", timeout=2).json()
+        except (OSError, ValueError):
+            return None
+
+    def pids(self, port, tries=40):
+        """{worker index: pid} of the workers that answered /health on fresh connections."""
+        seen = {}
+        for _ in range(tries):
+            h = self.health(port)
+            if h and "workers" in h:
+                seen[h["workers"]["this"]] = h["workers"]["pid"]
+        return seen
+
+    def test_two_workers_serve_one_port_as_one_router(self):
+        p, port = self.start()
+        self.fake.push(Reply(status=500))
+        r = call(port, "POST", "/v1/messages", client_body("anthropic", "code", False))
+        self.assertEqual((r.status, r.headers["x-router-model"]), (200, "claude-test"))
+
+        def both_cooling():
+            seen = set()
+            for _ in range(20):
+                h = self.health(port)
+                if h and provider_state(h, "an", "claude-other")["state"] == "cooling":
+                    seen.add(h["workers"]["this"])
+            return seen == {0, 1}
+        self.assertTrue(wait_until(both_cooling, 5), "the breaker one worker opened is open in both")
+        for _ in range(9):
+            self.assertEqual(call(port, "POST", "/v1/messages", client_body("anthropic", "an/claude-test", False)).status, 200)
+        self.assertGreaterEqual(self.fake.connections, 2, "both workers served (each has its own connections)")
+
+        def summed():
+            return {metric_total(call(port, "GET", "/metrics").body.decode(), "sage_router_requests_total")
+                    for _ in range(10)}
+        self.assertTrue(wait_until(lambda: summed() == {10}, 5), summed())
+        self.assertEqual(len(db_rows(os.path.join(self.data, "requests.db"))), 10)
+        p.terminate()
+        out = p.communicate(timeout=20)[0]
+        self.assertEqual(p.returncode, 0, out)
+        self.assertIn("(2 workers)", out)
+        self.assertEqual(out.count("stopping worker"), 2, out)
+
+    def test_a_worker_killed_with_9_is_replaced_and_retrying_clients_see_no_failure(self):
+        p, port = self.start()
+        before = self.pids(port)
+        results, stop = [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                for attempt in range(5):            # as the SDKs do: a broken connection is tried again
+                    try:
+                        r = call(port, "POST", "/v1/messages", client_body("anthropic", "an/claude-test", False), timeout=10)
+                        results.append(r.status)
+                        break
+                    except OSError:
+                        time.sleep(0.05 * (attempt + 1))
+                else:
+                    results.append("failed")
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(results) >= 20)
+        os.kill(before[1], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: (lambda now: len(now) == 2 and now.get(1) not in (None, before[1]))(self.pids(port)), 15),
+                        "worker 1 replaced")
+        n = len(results)
+        wait_until(lambda: len(results) >= n + 20)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(set(results), {200}, results)
+        self.assertEqual(self.pids(port)[0], before[0], "the other worker went on")
+        p.terminate()
+        out = p.communicate(timeout=20)[0]
+        self.assertIn("worker 1 (pid %d) was killed by signal 9; starting another" % before[1], out)
+
+    def test_sigterm_drains_every_worker(self):
+        p, port = self.start()
+        self.fake.push(Reply(text="a slow answer that must finish", stall_after=3, resume=True))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/messages", json.dumps(client_body("anthropic", "an/claude-test", True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = resp.read1(65536)
+        self.assertIn(b"event:", first)
+        p.send_signal(signal.SIGTERM)
+        self.assertTrue(wait_until(lambda: self.health(port) is None, 10), "no new connections after SIGTERM")
+        self.assertIsNone(p.poll(), "still running while a stream is in flight")
+        self.fake.release.set()
+        rest = resp.read()
+        conn.close()
+        self.assertIn(b"message_stop", first + rest)
+        self.assertEqual(p.wait(20), 0)
+
+    def test_a_budget_spent_across_workers_stops_at_its_limit(self):
+        p, port = self.start()
+        out = subprocess.run([sys.executable, os.path.join(HERE, "router.py")] + self.args + [
+            "keys", "add", "team", "--budget", "0.001/day"], capture_output=True, text=True, env=router_env(), timeout=30)
+        key = out.stdout.strip().splitlines()[-1]
+        one = (11 * 3 + 7 * 15) / 1e6                # a reply of the fake: 11 in, 7 out
+        results = []
+
+        def spend():
+            while True:
+                r = call(port, "POST", "/v1/messages", client_body("anthropic", "an/claude-test", False),
+                         {"x-api-key": key})
+                results.append(r.status)
+                if r.status == 429 and "is spent" in r.json()["error"]["message"]:
+                    return
+                self.assertIn(r.status, (200, 429), r)
+        threads = [threading.Thread(target=spend) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        entry = call(port, "GET", "/v1/keys", headers={"x-api-key": key}).json()["data"][0]
+        ok = results.count(200)
+        self.assertGreaterEqual(self.fake.connections, 2, "both workers served")
+        self.assertEqual(len(self.fake.requests), ok, "no provider call for a refused request")
+        self.assertAlmostEqual(entry["spent_usd"], ok * one, places=6)
+        self.assertGreaterEqual(entry["spent_usd"], 0.001)
+        self.assertLess(entry["spent_usd"], 0.001 + one + 1e-9, "over by one request's worth at most")
 
 
 class SighupTests(unittest.TestCase):

@@ -8085,18 +8085,43 @@ def fast_fake_main(port_q):
     asyncio.run(main())
 
 
+def _tree(pid):
+    """The process and its children (a router with --workers: the supervisor and its workers)."""
+    out = [pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
 def _rss_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """The RSS of a process and its children, added up (forked workers share pages: an upper bound)."""
+    total = 0
+    for one in _tree(pid):
+        try:
+            with open(f"/proc/{one}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total
 
 
 def _cpu_s(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process and its children alive now."""
+    total = 0.0
+    for one in _tree(pid):
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
 
 
 def _wrk(url, body, conc, seconds):
@@ -8185,7 +8210,7 @@ def bench(log_level="info"):
     direct = f"http://127.0.0.1:{fport}/v1/chat/completions"
     routed = f"http://127.0.0.1:{rport}/v1/chat/completions"
     print(f"Sage Router benchmark: {os.cpu_count()} cores, Python {sys.version.split()[0]}, log level {log_level}, "
-          f"request log on, fake provider: asyncio "
+          f"request log on, {R.default_workers()} worker(s) (the default), fake provider: asyncio "
           f"process; load: {'wrk' if shutil.which('wrk') else 'python client processes'}")
     print(f"start-up (spawn to first /health answer): {startup * 1000:.0f} ms")
     print(f"RSS idle: {rss_idle / 1024:.1f} MB")
@@ -8267,7 +8292,36 @@ def bench(log_level="info"):
     proc.wait(10)
     if log_level == "info":
         _quiet_rows(os.path.join(tmp, "providers.json"), fport, body, direct, p)
+    if shutil.which("wrk"):
+        _worker_rows(os.path.join(tmp, "providers.json"), body, log_level)
     fake.terminate()
+
+
+def _worker_rows(config, body, log_level):
+    """Requests a second at c=10 and c=64 with --workers 1 and --workers 2, in alternating rounds
+    (medians of 3 rounds of 4 s each)."""
+    routers = {}
+    for n in (1, 2):
+        tmp = tempfile.mkdtemp()
+        port = closed_port()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port), "--config",
+                                 config, "--env-file", "/dev/null", "--data-dir", tmp, "--log-level", log_level,
+                                 "--workers", str(n)], cwd=tmp, env=router_env(),
+                                stderr=open(os.path.join(tmp, "router.log"), "w"))
+        wait_until(lambda: _answers(port), 15)
+        _py_latencies(port, "/v1/chat/completions", body, 300)
+        routers[n] = (proc, f"http://127.0.0.1:{port}/v1/chat/completions")
+    for conc in (10, 64):
+        got = {1: [], 2: []}
+        for _ in range(3):
+            for n, (_proc, url) in routers.items():
+                got[n].append(_wrk(url, body, conc, 4))
+        med = {n: sorted(rounds)[1] for n, rounds in got.items()}
+        print(f"workers, wrk concurrency {conc:>2}: --workers 1 {med[1][0]:7.0f} req/s p99 {med[1][2]:.3f} ms | "
+              f"--workers 2 {med[2][0]:7.0f} req/s p99 {med[2][2]:.3f} ms | {med[2][0] / med[1][0]:.2f}x")
+    for proc, _url in routers.values():
+        proc.terminate()
+        proc.wait(30)
 
 
 def _quiet_rows(config, fport, body, direct, p):

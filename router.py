@@ -107,6 +107,9 @@ DEFAULT_SETTINGS = {
     "log_retention_rows": 1000000,   # ... and beyond this many rows
     "shutdown_grace_seconds": 30.0,  # SIGTERM: how long in-flight requests may take to finish
     "verify_tls": True,
+    # "redis://[:password@]host:6379/0" (Redis or Valkey; ${VAR} from .env): state shared by
+    # several routers (boxes); null: each keeps its own
+    "shared_state": None,
 }
 
 # numeric settings where 0 means off / automatic
@@ -461,6 +464,11 @@ def _validate_setting(k, v, providers, file):
                        file, f"settings.{k}",
                        "origins such as \"https://app.example\" or \"http://localhost:3000\" "
                        f"(scheme://host[:port], no path), or \"*\"; got {x!r}")
+    elif k == "shared_state":
+        _check(v is None or isinstance(v, str) and re.fullmatch(
+            r"rediss?://(?:[^@/\s]*@)?[^@/:\s]+(?::\d{1,5})?(?:/\d{1,2})?/?", v) is not None,
+               file, f"settings.{k}", "null or \"redis://[:PASSWORD@]HOST[:PORT][/DB]\" (rediss:// "
+                                      "for TLS; ${VAR} takes the password from .env)")
     elif k == "intent_model":
         _check(v is None or isinstance(v, str) and "/" in v and v.split("/", 1)[0] in providers,
                file, f"settings.{k}",
@@ -8178,10 +8186,10 @@ class Affinity:
                                                   text_of(first["content"]),
                                                   str(len(first["content"])), who)))
 
-    def get(self, key, name):
+    def get(self, key, name, shared=True):
         """-> (the candidate that served `name` in this conversation or None, {provider: the marks
-        of the thinking blocks it made})."""
-        if key and self.store is not None:
+        of the thinking blocks it made}); `shared`: ask the store (else memory answers)."""
+        if key and shared and self.store is not None:
             got = self.store.affinity_get(key)
             if got is not None:          # (None: the store cannot be reached; memory answers)
                 names, marks = got
@@ -8203,7 +8211,7 @@ class Affinity:
             del self.map[next(iter(self.map))]
         return entry
 
-    def set(self, key, name, cand):
+    def set(self, key, name, cand, shared=True):
         if not key:
             return
         with self.lock:
@@ -8212,7 +8220,7 @@ class Affinity:
             names[name] = cand
             if len(names) > self.NAMES:
                 del names[next(iter(names))]
-        if self.store is not None and not same:
+        if self.store is not None and shared and not same:
             self.store.affinity_pin(key, name, cand)
 
     def add_marks(self, key, provider, marks):
@@ -9247,6 +9255,132 @@ def _counted(usage):
 
 class ClientGone(Exception):
     """The client closed its connection while we were writing to it."""
+
+
+# ------------------------------------------------------------------------------ Redis (RESP) --
+
+class RespError(Exception):
+    """An error reply of Redis or Valkey (`-ERR ...`, `-WRONGPASS ...`)."""
+
+
+class Resp:
+    """A small Redis / Valkey client (RESP2, see PROTOCOLS.md section 15): a pool of connections,
+    each used by one caller at a time; connect and read timeouts; AUTH and SELECT on every new
+    connection. After a failure, calls with `fast` fail at once for a second (the request path
+    never waits on a server that is down); the others try to connect again."""
+
+    TIMEOUT = 0.5
+    DOWN_SECONDS = 1.0
+
+    def __init__(self, url, timeout=TIMEOUT):
+        u = urllib.parse.urlsplit(url)
+        self.tls = u.scheme == "rediss"
+        self.host, self.port = u.hostname, u.port or 6379
+        self.db = int(u.path.strip("/") or 0)
+        self.user = urllib.parse.unquote(u.username) if u.username else None
+        self.password = urllib.parse.unquote(u.password) if u.password else None
+        if self.password is None and self.user:        # redis://PASSWORD@host
+            self.user, self.password = None, self.user
+        self.timeout = timeout
+        self.shown = f"{u.scheme}://{self.host}:{self.port}/{self.db}"    # (never the password)
+        self.lock = threading.Lock()
+        self.idle = []
+        self.down_until = 0.0
+
+    def _connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        conn = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            conn = (sock, sock.makefile("rb"))
+            setup = ([["AUTH"] + ([self.user] if self.user else []) + [self.password]]
+                     if self.password else []) + ([["SELECT", self.db]] if self.db else [])
+            for reply in self._exchange(conn, setup):
+                if isinstance(reply, RespError):
+                    raise reply
+            return conn
+        except BaseException:
+            if conn is not None:
+                conn[1].close()
+            sock.close()
+            raise
+
+    @staticmethod
+    def _encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(out)
+
+    @classmethod
+    def _reply(cls, f):
+        line = f.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("the connection to Redis closed")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            return RespError(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = f.read(n + 2)
+            if len(data) != n + 2:
+                raise ConnectionError("the connection to Redis closed")
+            return data[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [cls._reply(f) for _ in range(n)]
+        raise ConnectionError(f"not a RESP2 reply: {line[:40]!r}")
+
+    def _exchange(self, conn, cmds):
+        if not cmds:
+            return []
+        conn[0].sendall(b"".join(self._encode(c) for c in cmds))
+        return [self._reply(conn[1]) for _ in cmds]
+
+    def pipeline(self, cmds, fast=False):
+        """Send commands in one write, read their replies in order (an error reply comes back as a
+        RespError in the list). Raises OSError when the server cannot be reached."""
+        if fast and time.monotonic() < self.down_until:
+            raise ConnectionError("Redis did not answer a moment ago")
+        with self.lock:
+            conn = self.idle.pop() if self.idle else None
+        try:
+            conn = conn or self._connect()
+            out = self._exchange(conn, cmds)
+        except (OSError, ValueError, RespError) as e:
+            if conn is not None:
+                conn[1].close()
+                conn[0].close()
+            self.down_until = time.monotonic() + self.DOWN_SECONDS
+            if isinstance(e, RespError):
+                raise ConnectionError(f"Redis refused the connection: {e}") from None
+            raise ConnectionError(str(e) or type(e).__name__) from None
+        with self.lock:
+            self.idle.append(conn)
+        self.down_until = 0.0
+        return out
+
+    def call(self, *args, fast=False):
+        out = self.pipeline([args], fast)[0]
+        if isinstance(out, RespError):
+            raise out
+        return out
+
+    def close(self):
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for sock, f in idle:
+            f.close()
+            sock.close()
 
 
 
@@ -10567,7 +10701,7 @@ def health_report(router):
            "aliases": dict(cat.aliases), "strict": cat.strict,
            "discovery": router.discovery.report()}
     if router.shared is not None:
-        out["workers"] = router.shared.report()
+        out.update(router.shared.report())
     if not cat.enabled:
         out["message"] = NO_PROVIDER_HELP
     return out
@@ -10682,22 +10816,102 @@ class SqliteShare:
         self._tx(prune)
 
 
+class RedisShare:
+    """What routers on several boxes share through Redis or Valkey (settings.shared_state): the
+    breakers, conversation affinity and stored Responses, under keys `sage:...` that all expire
+    (a day; a Response after the store's ttl). Each call is one round trip; no lock is held across
+    a provider call. Keys of one conversation share a {hash tag} (Redis Cluster)."""
+
+    # newest wins, per breaker: KEYS = data hash, times hash; ARGV = name, entry, at, name, ...
+    PUT_BREAKERS = ("for i = 1, #ARGV, 3 do local old = redis.call('HGET', KEYS[2], ARGV[i]) "
+                    "if (not old) or tonumber(old) < tonumber(ARGV[i + 2]) then "
+                    "redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) "
+                    "redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2]) end end "
+                    "redis.call('EXPIRE', KEYS[1], 86400) redis.call('EXPIRE', KEYS[2], 86400) "
+                    "return 1")
+    BREAKERS = ("sage:{breakers}:data", "sage:{breakers}:at")
+    KEEP_SECONDS = 86400
+
+    def __init__(self, url):
+        self.r = Resp(url)
+        self.where = self.r.shown
+
+    def ping(self):
+        self.r.call("PING")
+
+    def put_breakers(self, entries):
+        args = [x for k, e in entries.items() for x in (k, dumps(e), repr(float(e["at"])))]
+        self.r.call("EVAL", self.PUT_BREAKERS, 2, *self.BREAKERS, *args)
+
+    def breakers(self, since=0.0):
+        flat = self.r.call("HGETALL", self.BREAKERS[0]) or []
+        out = {}
+        for k, v in zip(flat[::2], flat[1::2]):
+            e = loads(v)
+            if isinstance(e, dict) and isinstance(e.get("at"), (int, float)) and e["at"] > since:
+                out[k.decode()] = e
+        return out
+
+    def prune(self):
+        flat = self.r.call("HGETALL", self.BREAKERS[1]) or []
+        old = [k for k, at in zip(flat[::2], flat[1::2])
+               if float(at) < time.time() - self.KEEP_SECONDS]
+        if old:
+            self.r.pipeline([["HDEL", self.BREAKERS[0], *old], ["HDEL", self.BREAKERS[1], *old]])
+
+    # affinity: a hash of pins and a set of "provider<TAB>mark"
+    def affinity_get(self, conv):
+        names, marks = self.r.pipeline([["HGETALL", f"sage:aff:{{{conv}}}:n"],
+                                        ["SMEMBERS", f"sage:aff:{{{conv}}}:m"]], fast=True)
+        pins, out = {}, {}
+        for k, v in zip((names or [])[::2], (names or [])[1::2]):
+            pins[k.decode()] = tuple(loads(v))
+        for m in marks or []:
+            p, _, mark = m.decode().rpartition("\t")
+            out.setdefault(p, set()).add(int(mark))
+        return pins, out
+
+    def affinity_pin(self, conv, name, cand):
+        key = f"sage:aff:{{{conv}}}:n"
+        self.r.pipeline([["HSET", key, name, dumps(list(cand))],
+                         ["EXPIRE", key, self.KEEP_SECONDS]], fast=True)
+
+    def affinity_marks(self, conv, provider, marks):
+        key = f"sage:aff:{{{conv}}}:m"
+        self.r.pipeline([["SADD", key, *(f"{provider}\t{m}" for m in marks)],
+                         ["EXPIRE", key, self.KEEP_SECONDS]], fast=True)
+
+    # stored Responses, for previous_response_id on any box
+    def put_response(self, rid, entry, ttl):
+        self.r.call("SET", f"sage:resp:{rid}", dumps(entry), "EX", max(1, int(ttl)), fast=True)
+
+    def get_response(self, rid):
+        got = self.r.call("GET", f"sage:resp:{rid}", fast=True)
+        return None if got is None else loads(got)
+
+    def close(self):
+        self.r.close()
+
+
 class SharedState:
     """One router made of several processes: its workers on this box (--workers, through the data
-    directory's database: SqliteShare). A thread here publishes the breakers that open or close
-    in this process at once, takes the others' every half second (so a breaker opened by one
-    worker is respected by all within a second), and writes this worker's metrics every second
-    for GET /metrics to add up. Conversation affinity is asked of the store on each request.
-    When the store fails, this process keeps going on its own state and says so once."""
+    directory's database: SqliteShare), and, with settings.shared_state, the routers of other
+    boxes (RedisShare, which then holds the breakers and affinity; the workers' metrics stay in
+    the database: each box has its own /metrics). A thread here publishes the breakers that open
+    or close in this process at once, takes the others' every half second (so a breaker opened in
+    one place is respected everywhere within a second), and writes this worker's metrics every
+    second for GET /metrics to add up. Conversation affinity is asked of the store on each request.
+    When the store fails, this process keeps going on its own state, says so in its log and in
+    /health, and tells what changed meanwhile once the store is back."""
 
     TICK = 0.5
     METRICS_SECONDS = 1.0
     LIVE_SECONDS = 5.0           # a worker whose metrics are older than this is gone (gauges)
 
-    def __init__(self, router, store, worker):
-        self.router, self.store = router, store
+    def __init__(self, router, store, local, worker):
+        self.router, self.store, self.local = router, store, local
         self.index, self.count, self.run = worker
-        self.me = f"{self.run}:{self.index}:{os.getpid()}"
+        self.me = f"{socket.gethostname()}:{self.run}:{self.index}:{os.getpid()}:{secrets.token_hex(4)}"
         self.wake = threading.Event()
         self.thread = None
         self.failing = None          # why the store cannot be used right now, or None
@@ -10714,15 +10928,13 @@ class SharedState:
 
     def _loop(self):
         parent = os.getppid()
-        try:
-            self.store.forget_runs(self.run)
-        except Exception as e:
-            self._failed(e)
+        if self.local is not None:
+            self._call(self.local.forget_runs, self.run)
         while not self.router._stop.is_set():
             self.wake.wait(self.TICK)
             self.wake.clear()
             self.tick()
-            if os.getppid() != parent:        # the supervisor is gone: stop as on SIGTERM
+            if self.count > 1 and os.getppid() != parent:   # the supervisor is gone: as SIGTERM
                 log.warning("worker %d: the supervising process is gone; stopping", self.index)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
@@ -10740,12 +10952,13 @@ class SharedState:
 
     @property
     def where(self):
-        return "the data directory's database"
+        return getattr(self.store, "where", "the data directory's database")
 
     def _failed(self, e):
         if self.failing is None:
-            log.warning("shared state: cannot use %s (%s: %s); this worker goes on with its own "
-                        "breakers and affinity until it can", self.where, type(e).__name__, e)
+            log.warning("shared state: cannot use %s (%s: %s); this router process goes on with "
+                        "its own breakers and affinity until it can", self.where,
+                        type(e).__name__, e)
         self.failing = clean_text(e, 200)
 
     def tick(self):
@@ -10761,18 +10974,20 @@ class SharedState:
         if isinstance(theirs, dict):
             self.seen_at = now
             r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me}, fps)
-        if now - self.metrics_at >= self.METRICS_SECONDS:
+        if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:
             self.metrics_at = now
-            self._call(self.store.put_metrics, self.me, self.run, r.metrics.state())
+            self._call(self.local.put_metrics, self.me, self.run, r.metrics.state())
         if now - self.prune_at >= 60:
             self.prune_at = now
-            self._call(self.store.prune)
+            for store in {id(self.store): self.store, id(self.local): self.local}.values():
+                if store is not None:
+                    self._call(store.prune)
 
     def metrics_view(self):
         """The whole router's metrics: this worker's own, live, and every other worker's of this
         run as last written (a worker that died and was replaced still counts; a gone worker's
         open connections do not)."""
-        rows = self._call(self.store.metrics, self.run)
+        rows = self._call(self.local.metrics, self.run) if self.local is not None else None
         states = [self.router.metrics.state()]
         now, live = time.time(), 1
         for worker, at, data in rows if isinstance(rows, list) else []:
@@ -10798,11 +11013,15 @@ class SharedState:
         self._call(self.store.affinity_marks, conv, provider, marks)
 
     def report(self):
-        """For /health: this router's workers, and whether their shared state works."""
-        out = {"count": self.count, "this": self.index, "pid": os.getpid(), "shared_state": "ok"}
+        """For /health: {"workers": ..., "shared_state": ...}."""
+        state = {"where": self.where, "state": "ok"}
         if self.failing is not None:
-            out.update(shared_state="failing", reason=f"cannot use {self.where} ({self.failing})"
-                                                      ": this worker goes on with its own state")
+            state.update(state="failing", reason=f"cannot use it ({self.failing}): this router "
+                                                 "process goes on with its own breakers and "
+                                                 "affinity, and catches up when it is back")
+        out = {"shared_state": state}
+        if self.count > 1:
+            out["workers"] = {"count": self.count, "this": self.index, "pid": os.getpid()}
         return out
 
     def close(self):
@@ -10810,7 +11029,9 @@ class SharedState:
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(2)
         self.tick()                  # (the last changes and counts)
-        self.store.close()
+        for store in (self.store, self.local):
+            if store is not None:
+                store.close()
 
 
 class ResponseStore:
@@ -10830,6 +11051,8 @@ class ResponseStore:
         self.items = {}        # id -> (time, system, messages, bytes)
         self.bytes = 0
         self.path, self.db, self.writes, self.warned = path, None, 0, False
+        self.remote = None      # a RedisShare (settings.shared_state): the routers of other boxes
+        self.remote_warned = -1e9
 
     def prepare(self, ctx):
         """Expand previous_response_id into the request's history. -> the hook that keeps the answer
@@ -10903,10 +11126,19 @@ class ResponseStore:
 
     def _store(self, rid, entry, gone=()):
         """Write an entry (and delete those this process's memory just evicted); every 50th
-        write, the database's oldest go too, past the same age, count and bytes."""
+        write, the database's oldest go too, past the same age, count and bytes. With a shared
+        state, the entry goes there too, for the ttl."""
+        at, system, messages, size = entry
+        if self.remote is not None:
+            try:
+                self.remote.put_response(rid, [at, system, messages, size], self.ttl)
+            except OSError as e:
+                if time.monotonic() - self.remote_warned > 60:
+                    self.remote_warned = time.monotonic()
+                    log.warning("responses: cannot keep them in %s (%s); a next turn works on "
+                                "this box only meanwhile", self.remote.where, e)
         if self.path is None:
             return
-        at, system, messages, size = entry
         try:
             with self.lock:
                 db = self._conn()
@@ -10935,6 +11167,15 @@ class ResponseStore:
 
     def _stored(self, rid):
         """An entry another process (or this one before a restart) kept, or None."""
+        if self.remote is not None:
+            try:
+                got = self.remote.get_response(rid)
+                if isinstance(got, list) and len(got) == 4 and time.time() - got[0] <= self.ttl:
+                    return tuple(got)
+            except (OSError, ValueError) as e:
+                if time.monotonic() - self.remote_warned > 60:
+                    self.remote_warned = time.monotonic()
+                    log.warning("responses: cannot ask %s (%s)", self.remote.where, e)
         if self.path is None or not os.path.exists(self.path):
             return None
         try:
@@ -10985,9 +11226,18 @@ class Router:
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
                               self.metrics, log_format)
         self.keys = self.log.keys = KeyStore(os.path.join(self.data_dir, "requests.db"))
-        # (index, count, run) of this worker of `--workers N`: then state is shared with the rest
-        self.shared = None if worker is None else SharedState(
-            self, SqliteShare(os.path.join(self.data_dir, "requests.db")), worker)
+        # (index, count, run) of this worker of `--workers N`: then state is shared with the rest,
+        # and with other boxes through settings.shared_state
+        local = None if worker is None else SqliteShare(os.path.join(self.data_dir, "requests.db"))
+        url = self.settings["shared_state"]
+        try:
+            remote = RedisShare(expand_vars(url, env)) if url else None
+        except MissingVar as e:
+            raise ConfigError(source, "settings.shared_state",
+                              f"${{{e.args[0]}}} set in .env or the environment") from None
+        self.shared = None if local is None and remote is None else SharedState(
+            self, remote or local, local, worker or (0, 1, "single"))
+        self.responses.remote = remote
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_asked = False
@@ -11276,6 +11526,8 @@ class Router:
             log.error("config reload refused: %s: %s: expected %s; keeping the old config",
                       e.file, e.key, e.expected)
             return False
+        if cat.settings["shared_state"] != self.settings["shared_state"]:
+            log.warning("settings.shared_state changed: it takes effect after a restart")
         with self._discover_lock:
             before = self.catalogue.providers
             changed = [name for name, prov in cat.providers.items()
@@ -11312,8 +11564,12 @@ class Router:
         keep = self.responses.prepare(ctx)
         name = ctx.headers.get("x-router-route") or ctx.model
         akey = Affinity.key(ctx.req, ctx.headers)
-        pin, ctx.provider_marks = affinity.get(akey, name)
         ctx.history_marks = thinking_marks(ctx.req)
+        # (other workers' or boxes' word on the conversation matters only when the name leaves
+        # a choice of model or the history holds signed thinking)
+        shared = (bool(ctx.history_marks) or not isinstance(name, str)
+                  or tuple(name.split("/", 1)) not in cat.caps)
+        pin, ctx.provider_marks = affinity.get(akey, name, shared)
         plan = plan_for_key(self.plan(cat, ctx.req, ctx.body, ctx.headers, pin), ctx.key)
         if plan.unknown:
             self.warn_unknown(ctx.model, plan.route)
@@ -11352,7 +11608,7 @@ class Router:
                     health.ok(("provider", cand[0]))
                     if idx is not None:
                         health.ok(("key", cand[0], idx))
-                    affinity.set(akey, name, cand)
+                    affinity.set(akey, name, cand, shared)
 
                 def completed(pname=pname):
                     # before the client can read the end: its next turn must find this turn's marks
@@ -11828,7 +12084,9 @@ function bars(id, days, values, label, fmt) {
 }
 async function refresh() {
   const health = await api("/health");
-  $("version").textContent = "v" + health.version + (health.message ? " — " + health.message : "");
+  const shared = health.shared_state && health.shared_state.state === "failing" ?
+    " — shared state " + health.shared_state.where + ": " + health.shared_state.reason : "";
+  $("version").textContent = "v" + health.version + (health.message ? " — " + health.message : "") + shared;
   table("providers", ["provider", "api", "state", "keys", "models", "discovery"], health.providers.map((p) => {
     const state = stateCell(p);
     if (p.state === "cooling" || p.state === "key_rejected") state.appendChild(resetButton({provider: p.name}, "reset " + p.name));

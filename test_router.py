@@ -7530,6 +7530,155 @@ class SharedStateTests(unittest.TestCase):
         self.assertEqual(self.oa.requests, [])
 
 
+class RedisServer:
+    """A real redis-server (Debian's package) on 127.0.0.1, no persistence, for the shared-state tests."""
+
+    def __init__(self, password=None, port=None):
+        self.port, self.password = port or closed_port(), password
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if password:
+            args += ["--requirepass", password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self._up, 10):
+            self.proc.kill()
+            raise RuntimeError("redis-server did not start")
+
+    def _up(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), 0.5):
+                return True
+        except OSError:
+            return False
+
+    def url(self, password=None):
+        pw = self.password if password is None else password
+        return f"redis://:{pw}@127.0.0.1:{self.port}/3" if pw else f"redis://127.0.0.1:{self.port}/3"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@unittest.skipUnless(shutil.which("redis-server"), "redis-server is not installed (apt-get install redis-server)")
+class RedisSharedStateTests(unittest.TestCase):
+    """Two routers on two "boxes" (two data directories) sharing one Redis (settings.shared_state)."""
+
+    def setUp(self):
+        self.redis = RedisServer(password="s3cret-redis-pw")
+        self.addCleanup(lambda: self.redis.stop())
+        self.an, self.oa = FakeProvider("anthropic"), FakeProvider("openai")
+        self.addCleanup(self.an.close)
+        self.addCleanup(self.oa.close)
+
+    def boxes(self, url=None):
+        cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
+                                    "models": {"claude-test": {}}},
+                             "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
+                                    "models": {"gpt-test": {}}}},
+               "routes": {"code": ["an/claude-test", "oa/gpt-test"], "default": ["oa/gpt-test"]},
+               "settings": {"cooldown_seconds": 30, "probe_seconds": 0,
+                            "shared_state": "redis://:${REDIS_PASSWORD}@127.0.0.1:%d/3" % self.redis.port}}
+        env = {"REDIS_PASSWORD": url or self.redis.password}
+        out = []
+        for _ in range(2):
+            h = Harness(json.loads(json.dumps(cfg)), env=env)
+            self.addCleanup(h.close)
+            out.append(h)
+        return out
+
+    @staticmethod
+    def state(h, provider="an", model="claude-test"):
+        return provider_state(h.call("GET", "/health").json(), provider, model)["state"]
+
+    def test_a_breaker_opened_on_one_box_is_respected_on_the_other_and_so_is_its_reset(self):
+        a, b = self.boxes()
+        self.an.push(Reply(status=500))
+        r = a.call("POST", "/v1/messages", client_body("anthropic", "code", False))
+        self.assertEqual(r.headers["x-router-provider"], "oa")
+        self.assertTrue(wait_until(lambda: self.state(b) == "cooling", 5), "b adopts a's open breaker")
+        n = len(self.an.requests)
+        self.assertEqual(b.call("POST", "/v1/messages", client_body("anthropic", "code", False, text="B")).headers["x-router-provider"], "oa")
+        self.assertEqual(len(self.an.requests), n, "b does not try what a found broken")
+        self.assertEqual(b.call("POST", "/v1/health/reset", {}).status, 200)
+        self.assertTrue(wait_until(lambda: self.state(a) == "ok", 5), "a reset on b closes it on a")
+        self.assertEqual(b.call("GET", "/health").json()["shared_state"],
+                         {"where": f"redis://127.0.0.1:{self.redis.port}/3", "state": "ok"})
+
+    def test_a_conversation_and_previous_response_id_work_on_either_box(self):
+        a, b = self.boxes()
+        first = {"model": "code", "max_tokens": 100, "system": "You are helpful.",
+                 "messages": [{"role": "user", "content": "Refactor my parser please"}]}
+        self.an.push(Reply(text="Sure.", thinking="plan", signature="EqSigFromAn"))
+        self.assertEqual(a.call("POST", "/v1/messages", first).headers["x-router-provider"], "an")
+        turn2 = dict(first, thinking={"type": "enabled", "budget_tokens": 1024}, messages=first["messages"] + [
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "EqSigFromAn"},
+                                              {"type": "text", "text": "Sure."}]},
+            {"role": "user", "content": "Go on"}])
+        b.router.catalogue.routes["code"] = [("oa", "gpt-test"), ("an", "claude-test")]
+        r = b.call("POST", "/v1/messages", turn2)
+        self.assertEqual(r.headers["x-router-provider"], "an", "pinned on a, kept on b")
+        self.assertEqual(self.an.requests[-1]["body"]["messages"][1]["content"][0].get("signature"), "EqSigFromAn")
+        self.oa.push(Reply(text="My name is Sage."))
+        one = a.call("POST", "/v1/responses", {"model": "oa/gpt-test", "input": "What is your name?"}).json()
+        self.oa.push(Reply(text="You asked my name."))
+        r = b.call("POST", "/v1/responses", {"model": "oa/gpt-test", "input": "What did I ask?",
+                                             "previous_response_id": one["id"]})
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual([m["role"] for m in self.oa.requests[-1]["body"]["messages"]], ["user", "assistant", "user"])
+
+    def test_without_redis_each_box_serves_on_its_own_state_says_so_and_catches_up(self):
+        a, b = self.boxes()
+        with self.assertLogs("sage-router", "WARNING") as logs:
+            self.redis.stop()
+            self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "failing", 5))
+            self.an.push(Reply(status=500))
+            r = a.call("POST", "/v1/messages", client_body("anthropic", "code", False))
+            self.assertEqual((r.status, r.headers["x-router-provider"]), (200, "oa"), "serving goes on")
+            self.assertEqual(self.state(a), "cooling")
+        said = "\n".join(logs.output)
+        self.assertIn(f"cannot use redis://127.0.0.1:{self.redis.port}/3", said)
+        health = a.call("GET", "/health").json()["shared_state"]
+        self.assertIn("goes on with its own", health["reason"])
+        self.assertNotIn("s3cret", json.dumps(health) + said, "the password is never shown")
+        self.assertEqual(self.state(b), "ok")
+        self.redis = RedisServer(password="s3cret-redis-pw", port=self.redis.port)     # back, empty
+        self.assertTrue(wait_until(lambda: self.state(b) == "cooling", 8), "what a learnt meanwhile reaches b")
+        self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "ok", 5))
+
+    def test_a_wrong_password_is_a_failing_shared_state_naming_the_server_not_the_password(self):
+        a, _b = self.boxes(url="not-the-password")
+        self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "failing", 5))
+        health = a.call("GET", "/health").json()["shared_state"]
+        self.assertIn("WRONGPASS", health["reason"])
+        self.assertNotIn("not-the-password", json.dumps(health))
+        self.assertEqual(a.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False)).status, 200)
+
+    def test_the_resp_client_reads_every_reply_kind(self):
+        r = R.Resp(self.redis.url())
+        self.addCleanup(r.close)
+        self.assertEqual(r.call("PING"), "PONG")
+        self.assertIsNone(r.call("GET", "sage:test:missing"))
+        self.assertEqual(r.call("SET", "sage:test:k", "héllo"), "OK")
+        self.assertEqual(r.call("GET", "sage:test:k"), "héllo".encode())
+        self.assertEqual(r.call("SET", "sage:test:empty", ""), "OK")
+        self.assertEqual(r.call("GET", "sage:test:empty"), b"")
+        self.assertEqual(r.call("INCRBY", "sage:test:n", -5), -5)
+        out = r.pipeline([["MULTI"], ["INCR", "sage:test:n"], ["LPOP", "sage:test:k"], ["EXEC"]])
+        self.assertEqual(out[:3], ["OK", "QUEUED", "QUEUED"])
+        self.assertEqual(out[3][0], -4)
+        self.assertIsInstance(out[3][1], R.RespError)          # WRONGTYPE inside EXEC's array
+        self.assertIn("WRONGTYPE", str(out[3][1]))
+        with self.assertRaises(R.RespError):
+            r.call("NOSUCHCOMMAND")
+        self.assertEqual(r.call("PING"), "PONG", "the connection stays usable after an error reply")
+        self.assertEqual(r.call("BLPOP", "sage:test:none", "0.01"), None)    # a null array
+        self.assertEqual(r.call("SELECT", 3), "OK")
+        wrong = R.Resp(self.redis.url("wrong"))
+        with self.assertRaises(OSError):
+            wrong.call("PING")
+
+
 class WorkersTests(unittest.TestCase):
     """`--workers 2`: a supervisor and two worker processes on one port."""
 

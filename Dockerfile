@@ -21,4 +21,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
 # Listens on all interfaces, so SAGE_ROUTER_API_KEY must be set (docker run -e / --env-file):
 # without it the router refuses to start. A SIGTERM lets requests in flight finish for up to
 # shutdown_grace_seconds (30): run with --stop-timeout 40 (compose: stop_grace_period: 40s).
-CMD ["python3", "/app/router.py", "--host", "0.0.0.0", "--data-dir", "/data"]
+CMD ["python3", "-m", "router", "--host", "0.0.0.0", "--data-dir", "/data"]

@@ -13369,7 +13369,7 @@ Type=simple
 User={user}
 Group={user}
 WorkingDirectory={here}
-ExecStart={python} {script} {' '.join(flags)}
+ExecStart={python} -m router {' '.join(flags)}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
@@ -13739,5 +13739,6 @@ def _run_from_bytecode():
 
 
 if __name__ == "__main__":
-    _run_from_bytecode()
+    if __spec__ is None:         # (`python3 -m router` runs from the bytecode cache already)
+        _run_from_bytecode()
     sys.exit(main())

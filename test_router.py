@@ -8097,6 +8097,27 @@ class DeploymentTests(unittest.TestCase):
         self.assertTrue(any("SAGE_ROUTER_API_KEY" in l and "quotes" in l for l in logs.output), logs.output)
         self.assertFalse(any("router secret" in l for l in logs.output))
 
+    def test_python_m_router_serves_from_the_bytecode_cache_without_a_hand_over(self):
+        """How the Docker image and the systemd unit start it (in router.py's folder)."""
+        d = self.box()
+        port = closed_port()
+        p = subprocess.Popen([sys.executable, "-m", "router", "--port", str(port), "--workers", "1", "--env-file",
+                              os.devnull, "--data-dir", d], cwd=HERE, env=router_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
+        self.assertTrue(wait_until(lambda: _answers(port), 20))
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            self.assertEqual(f.read().split(b"\0")[1:3], [b"-m", b"router"], "no exec into another interpreter")
+        with open(os.path.join(HERE, "Dockerfile")) as f:
+            self.assertIn('CMD ["python3", "-m", "router"', f.read())
+        self.assertIn(" -m router ", self.run_cmd_unit())
+        p.terminate()
+        self.assertEqual(p.wait(20), 0)
+
+    def run_cmd_unit(self):
+        return subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "systemd-unit"], capture_output=True,
+                              text=True, timeout=30, env=router_env()).stdout
+
     def test_the_port_comes_from_sage_router_port_and_the_docker_healthcheck_follows_it(self):
         d = self.box()
         port = closed_port()
@@ -8362,6 +8383,8 @@ def bench(log_level="info"):
           f"request log on, {R.default_workers()} worker(s) (the default), fake provider: asyncio "
           f"process; load: {'wrk' if shutil.which('wrk') else 'python client processes'}")
     print(f"start-up (spawn to first /health answer): {startup * 1000:.0f} ms")
+    print(f"start-up, median of 5: python3 router.py {_startup(['router.py'], tmp):.0f} ms | python3 -m router "
+          f"(Docker, systemd) {_startup(['-m', 'router'], tmp):.0f} ms")
     print(f"RSS idle: {rss_idle / 1024:.1f} MB")
     # Warm up, and count upstream connections over 1,000 sequential requests.
     _py_latencies(rport, "/v1/chat/completions", body, 200)
@@ -8444,6 +8467,24 @@ def bench(log_level="info"):
     if shutil.which("wrk"):
         _worker_rows(os.path.join(tmp, "providers.json"), body, log_level)
     fake.terminate()
+
+
+def _startup(how, config_dir, rounds=5):
+    """Median ms from spawn to the first /health answer of `python3 HOW` run in router.py's folder."""
+    took = []
+    for _ in range(rounds):
+        port, d = closed_port(), tempfile.mkdtemp()
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable] + how + ["--port", str(port), "--config",
+                             os.path.join(config_dir, "providers.json"), "--env-file", "/dev/null", "--data-dir", d],
+                             cwd=HERE, env=router_env(), stderr=subprocess.DEVNULL)
+        while not _answers(port):
+            time.sleep(0.002)
+        took.append((time.perf_counter() - t0) * 1000)
+        p.terminate()
+        p.wait(30)
+        shutil.rmtree(d, True)
+    return sorted(took)[len(took) // 2]
 
 
 def _worker_rows(config, body, log_level):

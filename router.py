@@ -9266,11 +9266,11 @@ class RespError(Exception):
 class Resp:
     """A small Redis / Valkey client (RESP2, see PROTOCOLS.md section 15): a pool of connections,
     each used by one caller at a time; connect and read timeouts; AUTH and SELECT on every new
-    connection. After a failure, calls with `fast` fail at once for a second (the request path
-    never waits on a server that is down); the others try to connect again."""
+    connection. After a failure, calls with `fast` (the request path's) fail at once until a
+    call without it (the background thread's, every half second) has reached the server again:
+    a request never waits on a server that is down."""
 
     TIMEOUT = 0.5
-    DOWN_SECONDS = 1.0
 
     def __init__(self, url, timeout=TIMEOUT):
         u = urllib.parse.urlsplit(url)
@@ -9285,7 +9285,7 @@ class Resp:
         self.shown = f"{u.scheme}://{self.host}:{self.port}/{self.db}"    # (never the password)
         self.lock = threading.Lock()
         self.idle = []
-        self.down_until = 0.0
+        self.down = False
 
     def _connect(self):
         sock = socket.create_connection((self.host, self.port), self.timeout)
@@ -9349,7 +9349,7 @@ class Resp:
     def pipeline(self, cmds, fast=False):
         """Send commands in one write, read their replies in order (an error reply comes back as a
         RespError in the list). Raises OSError when the server cannot be reached."""
-        if fast and time.monotonic() < self.down_until:
+        if fast and self.down:
             raise ConnectionError("Redis did not answer a moment ago")
         with self.lock:
             conn = self.idle.pop() if self.idle else None
@@ -9360,13 +9360,13 @@ class Resp:
             if conn is not None:
                 conn[1].close()
                 conn[0].close()
-            self.down_until = time.monotonic() + self.DOWN_SECONDS
+            self.down = True
             if isinstance(e, RespError):
                 raise ConnectionError(f"Redis refused the connection: {e}") from None
             raise ConnectionError(str(e) or type(e).__name__) from None
         with self.lock:
             self.idle.append(conn)
-        self.down_until = 0.0
+        self.down = False
         return out
 
     def call(self, *args, fast=False):

@@ -262,6 +262,19 @@ def _commit(db):
         raise
 
 
+def write_tx(db, fn):
+    """fn(db) inside one write transaction (BEGIN IMMEDIATE: other connections wait), committed,
+    or rolled back when it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    _commit(db)
+    return out
+
+
 def open_db(path, schema=(), **kw):
     """An SQLite connection to a state file in WAL mode, with its tables: `schema`'s statements
     run in one write transaction. Several connections (the request log's writer, the key store,
@@ -281,10 +294,7 @@ def open_db(path, schema=(), **kw):
             time.sleep(0.05)
     db.execute("PRAGMA synchronous=NORMAL")
     if schema:
-        db.execute("BEGIN IMMEDIATE")
-        for sql in schema:
-            db.execute(sql)
-        db.execute("COMMIT")
+        write_tx(db, lambda db: [db.execute(sql) for sql in schema])
     return db
 
 
@@ -9853,18 +9863,14 @@ class KeyStore:
         """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait). A change
         of the `keys` table bumps the database's user_version, which every process's cache of
         keys checks (so a revocation takes effect on the very next request, everywhere)."""
+        def run(db):
+            out = fn(db)
+            if keys_changed:
+                v = db.execute("PRAGMA user_version").fetchone()[0]
+                db.execute(f"PRAGMA user_version = {(v + 1) % (1 << 31)}")
+            return out
         with self.lock:
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(db)
-                if keys_changed:
-                    v = db.execute("PRAGMA user_version").fetchone()[0]
-                    db.execute(f"PRAGMA user_version = {(v + 1) % (1 << 31)}")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            _commit(db)
+            out = write_tx(self._conn(), run)
         if keys_changed:
             self._signal()
         return out
@@ -10742,16 +10748,7 @@ class SqliteShare:
             return fn(self.db)
 
     def _tx(self, fn):
-        def run(db):
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            _commit(db)
-            return out
-        return self._run(run)
+        return self._run(lambda db: write_tx(db, fn))
 
     def close(self):
         with self.lock:
@@ -11129,6 +11126,21 @@ class ResponseStore:
         write, the database's oldest go too, past the same age, count and bytes. With a shared
         state, the entry goes there too, for the ttl."""
         at, system, messages, size = entry
+
+        def write(db):
+            db.execute("INSERT OR REPLACE INTO responses (id, at, system, messages, bytes) "
+                       "VALUES (?, ?, ?, ?, ?)", (rid, at, dumps(system), dumps(messages), size))
+            db.executemany("DELETE FROM responses WHERE id=?", [(g,) for g in gone])
+            self.writes += 1
+            if self.writes % 50 == 1:
+                db.execute("DELETE FROM responses WHERE at < ?", (at - self.ttl,))
+                total, kept = 0, 0
+                for r_at, n in db.execute("SELECT at, bytes FROM responses "
+                                          "ORDER BY at DESC").fetchall():
+                    total, kept = total + n, kept + 1
+                    if total > self.budget or kept > self.size:
+                        db.execute("DELETE FROM responses WHERE at <= ?", (r_at,))
+                        break
         if self.remote is not None:
             try:
                 self.remote.put_response(rid, [at, system, messages, size], self.ttl)
@@ -11141,27 +11153,7 @@ class ResponseStore:
             return
         try:
             with self.lock:
-                db = self._conn()
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    db.execute("INSERT OR REPLACE INTO responses (id, at, system, messages, "
-                               "bytes) VALUES (?, ?, ?, ?, ?)",
-                               (rid, at, dumps(system), dumps(messages), size))
-                    db.executemany("DELETE FROM responses WHERE id=?", [(g,) for g in gone])
-                    self.writes += 1
-                    if self.writes % 50 == 1:
-                        db.execute("DELETE FROM responses WHERE at < ?", (at - self.ttl,))
-                        total, kept = 0, 0
-                        for r_at, n in db.execute("SELECT at, bytes FROM responses "
-                                                  "ORDER BY at DESC").fetchall():
-                            total, kept = total + n, kept + 1
-                            if total > self.budget or kept > self.size:
-                                db.execute("DELETE FROM responses WHERE at <= ?", (r_at,))
-                                break
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                _commit(db)
+                write_tx(self._conn(), write)
         except (sqlite3.Error, OSError) as e:
             self._failed(e)
 

@@ -7646,6 +7646,15 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertTrue(wait_until(lambda: self.state(b) == "cooling", 8), "what a learnt meanwhile reaches b")
         self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "ok", 5))
 
+    @unittest.skipUnless(CHROMIUM, "no chromium")
+    def test_the_status_page_says_when_the_shared_state_cannot_be_used(self):
+        a, _b = self.boxes()
+        self.redis.stop()
+        self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "failing", 5))
+        dom = StatusPageTests.dump_dom(self, f"http://127.0.0.1:{a.port}/")
+        self.assertIn(f"shared state redis://127.0.0.1:{self.redis.port}/3: cannot use it", dom)
+        self.assertNotIn("s3cret", dom)
+
     def test_a_wrong_password_is_a_failing_shared_state_naming_the_server_not_the_password(self):
         a, _b = self.boxes(url="not-the-password")
         self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "failing", 5))

@@ -13580,8 +13580,9 @@ class Supervisor:
         code = 1
         try:                         # the worker: this process's signals and pipes are not its
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)    # (a reload before it serves: moot)
             os.close(self.wake_r)
             os.close(self.wake_w)
             os.close(self.ready_r)

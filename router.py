@@ -9269,8 +9269,9 @@ class ClientGone(Exception):
 
 # ------------------------------------------------------------------------------ Redis (RESP) --
 
-class RespError(Exception):
-    """An error reply of Redis or Valkey (`-ERR ...`, `-WRONGPASS ...`)."""
+class RespError(OSError):
+    """An error reply of Redis or Valkey (`-ERR ...`, `-OOM ...`, `-READONLY ...`): an OSError, so
+    every caller that survives an unreachable server survives a refusing one too."""
 
 
 class Resp:
@@ -13561,7 +13562,11 @@ class Supervisor:
 
     def _bind(self):
         host, port = self.args.host, self.args.port
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if self.reuseport and port:      # (another router on the port must not join it silently)
+            with socket.socket(family) as probe:
+                probe.bind((host, port))
+        sock = socket.socket(family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

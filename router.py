@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import binascii
 import difflib
 import errno
@@ -9357,28 +9358,91 @@ class Resp:
         conn[0].sendall(b"".join(self._encode(c) for c in cmds))
         return [self._reply(conn[1]) for _ in cmds]
 
-    def pipeline(self, cmds, fast=False):
-        """Send commands in one write, read their replies in order (an error reply comes back as a
-        RespError in the list). Raises OSError when the server cannot be reached."""
+    def _take(self, fast):
+        """A connection: (conn, whether it came from the pool)."""
         if fast and self.down:
             raise ConnectionError("Redis did not answer a moment ago")
         with self.lock:
             conn = self.idle.pop() if self.idle else None
+        if conn is not None:
+            return conn, True
         try:
-            conn = conn or self._connect()
-            out = self._exchange(conn, cmds)
+            return self._connect(), False
         except (OSError, ValueError, RespError) as e:
-            if conn is not None:
-                conn[1].close()
-                conn[0].close()
-            self.down = True
-            if isinstance(e, RespError):
-                raise ConnectionError(f"Redis refused the connection: {e}") from None
-            raise ConnectionError(str(e) or type(e).__name__) from None
+            self._broken(None, e)
+
+    def _broken(self, conn, e):
+        if conn is not None:
+            conn[1].close()
+            conn[0].close()
+        self.down = True
+        if isinstance(e, RespError):
+            raise ConnectionError(f"Redis refused the connection: {e}") from None
+        raise ConnectionError(str(e) or type(e).__name__) from None
+
+    def _give(self, conn):
         with self.lock:
             self.idle.append(conn)
         self.down = False
+
+    def pipeline(self, cmds, fast=False):
+        """Send commands in one write, read their replies in order (an error reply comes back as a
+        RespError in the list). Raises OSError when the server cannot be reached. A pooled
+        connection that the server (or a restart of it) has closed meanwhile is replaced once by a
+        new one (every command sent this way is idempotent, or a whole MULTI ... EXEC)."""
+        conn, pooled = self._take(fast)
+        while True:
+            try:
+                out = self._exchange(conn, cmds)
+                break
+            except (OSError, ValueError, RespError) as e:
+                if not pooled or isinstance(e, TimeoutError):   # (a hung server: no second wait)
+                    self._broken(conn, e)
+                conn[1].close()
+                conn[0].close()
+                try:
+                    conn, pooled = self._connect(), False
+                except (OSError, ValueError, RespError) as e:
+                    self._broken(None, e)
+        self._give(conn)
         return out
+
+    @contextlib.contextmanager
+    def session(self, fast=False):
+        """One connection held for a WATCH ... MULTI ... EXEC exchange: yields send(cmds) ->
+        replies. A connection left in the middle of one (an exception) is closed, not pooled. A
+        stale pooled connection is replaced on the first send (it starts the exchange)."""
+        held = list(self._take(fast)) + [True]      # [conn, pooled, first send]
+        done = False
+
+        def send(cmds):
+            first, held[2] = held[2], False
+            if first and held[1]:
+                try:
+                    return self._exchange(held[0], cmds)
+                except (ConnectionError, ValueError):
+                    held[0][1].close()
+                    held[0][0].close()
+                    try:
+                        held[0] = self._connect()
+                    except (OSError, ValueError, RespError) as e:
+                        held[0] = None
+                        self._broken(None, e)
+                except (OSError, RespError) as e:
+                    self._broken(held[0], e)
+            try:
+                return self._exchange(held[0], cmds)
+            except (OSError, ValueError, RespError) as e:
+                self._broken(held[0], e)
+        try:
+            yield send
+            done = True
+        finally:
+            if done:
+                self._give(held[0])
+            elif held[0] is not None:
+                held[0][1].close()
+                held[0][0].close()
 
     def call(self, *args, fast=False):
         out = self.pipeline([args], fast)[0]
@@ -9809,7 +9873,11 @@ class KeyStore:
     """The team's keys and their ledger (see the comment above); one connection, one lock."""
 
     COLUMNS = ("name", "prefix", "salt", "hash", "budget", "period", "rpm", "tpm", "models",
-               "expires", "created", "revoked", "last_used")
+               "expires", "created", "revoked", "last_used", "changed", "pushed")
+    # (changed: when the row last changed (set by every write); pushed: the `changed` that the
+    # shared state (settings.shared_state) has, so only newer rows are sent there)
+    LEDGER = ("minute", "requests", "tokens", "prev_requests", "prev_tokens", "period_start",
+              "spent", "holds", "last_used", "created")
 
     def __init__(self, path):
         self.path = path
@@ -9828,6 +9896,12 @@ class KeyStore:
         # "held": when this process last wrote its hold on the key's row}
         self.inflight = {}
         self.hold_id = secrets.randbits(48)   # this process's hold in the ledger's rows
+        # the routers of other boxes (settings.shared_state: a RedisShare), which then hold the
+        # ledger and receive every key made or changed here (see sync)
+        self.shared = None
+        self.shared_failing = False
+        self.mirrored = {}          # key name -> when its shared ledger row was last copied here
+        self.cursor = 0             # the shared keys' change counter read up to
 
     def _conn(self):
         if self.db is None:
@@ -9838,12 +9912,18 @@ class KeyStore:
                 # counts, the period's spend, and each process's hold of what its requests in
                 # flight may still cost, [[id, USD, since]]; `created`: that of the key the row counts for (a name
                 # made again starts a new row)
+                # (owed: spend booked here while the shared ledger could not be reached, to be
+                # added to it once it can)
                 "CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, requests, "
                 "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used, "
-                "created) WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
+                "created, owed) WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
-            if "created" not in {r[1] for r in db.execute("PRAGMA table_info(key_ledger)")}:
-                db.execute("ALTER TABLE key_ledger ADD COLUMN created")
+            for table, cols in (("key_ledger", ("created", "owed")),
+                                ("keys", ("changed", "pushed"))):
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                for c in cols:
+                    if c not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {c}")
             self.db = db
             if not os.path.exists(self.flag):
                 self._signal()
@@ -9940,34 +10020,90 @@ class KeyStore:
             db.execute("DELETE FROM keys WHERE name=?", (name,))
             db.execute("DELETE FROM key_ledger WHERE name=?", (name,))
             row = dict(limits, name=name, prefix=key[:16], salt=salt, hash=digest, created=now,
-                       revoked=None, last_used=None)
+                       revoked=None, last_used=None, changed=now, pushed=None)
             db.execute(f"INSERT INTO keys ({', '.join(row)}) VALUES "
                        f"({', '.join('?' * len(row))})", tuple(row.values()))
         self._tx(add, True)
+        self._push()
         return key, self.entry(name, now)
 
     def update(self, name, fields, now=None):
         limits = key_limits(fields, partial=True)
         self._active(name)
         if limits:
-            self._tx(lambda db: db.execute(
-                f"UPDATE keys SET {', '.join(k + '=?' for k in limits)} WHERE name=?",
-                (*limits.values(), name)), True)
+            self._change(name, limits)
         return self.entry(name, now)
 
     def revoke(self, name, now=None):
         self._active(name)
-        self._tx(lambda db: db.execute("UPDATE keys SET revoked=? WHERE name=?",
-                                       (now or time.time(), name)), True)
+        self._change(name, {"revoked": now or time.time()})
         return self.entry(name, now)
 
     def rotate(self, name, now=None):
         """A new key for NAME (the old one stops working at once); limits and spend stay."""
         self._active(name)
         key, salt, digest = self._new_secret()
-        self._tx(lambda db: db.execute("UPDATE keys SET prefix=?, salt=?, hash=? WHERE name=?",
-                                       (key[:16], salt, digest, name)), True)
+        self._change(name, {"prefix": key[:16], "salt": salt, "hash": digest})
         return key, self.entry(name, now)
+
+    def _change(self, name, values):
+        values = dict(values, changed=time.time(), pushed=None)
+        self._tx(lambda db: db.execute(
+            f"UPDATE keys SET {', '.join(k + '=?' for k in values)} WHERE name=?",
+            (*values.values(), name)), True)
+        self._push()
+
+    # -- the same keys on every box (settings.shared_state) ---------------------------------------
+    def _push(self):
+        """A key made or changed here, to the shared state at once (when that fails, the
+        shared-state thread sends it again within a second of the shared state coming back)."""
+        if self.shared is not None:
+            try:
+                self.sync(pull=False)
+            except (OSError, sqlite3.Error) as e:
+                log.warning("team keys: the change is not in %s yet (%s); it is sent once it can "
+                            "be", self.shared.where, e)
+
+    def sync(self, pull=True):
+        """The keys made or changed on this box to the shared state, and those made or changed on
+        others here (the shared-state thread, every half second): the newest row of a name wins,
+        so a revocation anywhere stops the key everywhere within a second or so."""
+        if self.shared is None:
+            return
+        rows = self._read("SELECT * FROM keys WHERE pushed IS NULL "
+                          "OR pushed < coalesce(changed, created)")
+        if rows:
+            for r in rows:
+                r.pop("pushed")
+                r["changed"] = r["changed"] or r["created"]
+            self.shared.put_keys(rows)
+            self._tx(lambda db: db.executemany(
+                "UPDATE keys SET pushed = ? WHERE name = ? AND coalesce(changed, created) = ?",
+                [(r["changed"], r["name"], r["changed"]) for r in rows]))
+        if not pull:
+            return
+        got, cursor = self.shared.keys_since(self.cursor)
+        if got is None:          # (the shared state lost its data: every key is sent again)
+            self.cursor = 0
+            self._tx(lambda db: db.execute("UPDATE keys SET pushed = NULL"))
+            return
+        newer = []
+        for r in got:
+            if not (isinstance(r, dict) and isinstance(r.get("name"), str)
+                    and _num(r.get("changed"))):
+                continue
+            old = self._read("SELECT coalesce(changed, created) AS at FROM keys WHERE name = ?",
+                             (r["name"],))
+            if not old or (old[0]["at"] or 0) < r["changed"]:
+                newer.append(dict({c: r.get(c) for c in self.COLUMNS}, pushed=r["changed"]))
+        if newer:
+            cols = ", ".join(self.COLUMNS)
+            self._tx(lambda db: db.executemany(
+                f"INSERT OR REPLACE INTO keys ({cols}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
+                [tuple(r[c] for c in self.COLUMNS) for r in newer]), True)
+            log.info("team keys: %d key(s) made or changed on another box taken from %s",
+                     len(newer), self.shared.where)
+        self.cursor = cursor
 
     def _active(self, name):
         rows = self._read("SELECT revoked FROM keys WHERE name=?", (name,))
@@ -9992,6 +10128,17 @@ class KeyStore:
         rows = self._read("SELECT k.*, u.period_start, u.spent, u.last_used AS used FROM keys k "
                           f"LEFT JOIN key_ledger u ON u.name = k.name {where} ORDER BY k.name",
                           args)
+        if self.shared is not None and rows:
+            try:
+                got = self.shared.ledger_get([r["name"] for r in rows])
+            except OSError as e:
+                log.warning("team keys: cannot read the spend in %s (%s); this box's copy is "
+                            "shown", self.shared.where, e)
+            else:
+                for r in rows:
+                    row = got.get(r["name"])
+                    if row is not None and row[9] == r["created"]:
+                        r["period_start"], r["spent"], r["used"] = row[5], row[6], row[8]
         out = []
         for r in rows:
             start, end = period_bounds(r["period"] or "month", now)
@@ -10052,47 +10199,60 @@ class KeyStore:
             return None
         return self._cached(key, load)
 
+    @classmethod
+    def _rows(cls, db, names):
+        """The stored ledger rows of these keys (tuples in LEDGER's order, or None)."""
+        sql = f"SELECT {', '.join(cls.LEDGER)} FROM key_ledger WHERE name=?"
+        out = {}
+        for n in names:
+            row = db.execute(sql, (n,)).fetchone()
+            out[n] = tuple(row) if row is not None else None
+        return out
+
     @staticmethod
-    def _usage(db, name, now, period, gen):
-        """The usage row of key `name` (made at `gen`) as of `now`: this minute's and the last
-        one's counts, the spend of this period (a stored minute or period ahead of `now` is
-        another process's clock a moment on: taken as now). A row of an older key of that name
-        counts for nothing; None when the row is a newer key's (ours is gone)."""
-        row = db.execute("SELECT minute, requests, tokens, prev_requests, prev_tokens, "
-                         "period_start, spent, holds, created FROM key_ledger WHERE name=?",
-                         (name,)).fetchone()
+    def _usage(row, now, period, gen):
+        """The usage of a key (made at `gen`) from its stored row as of `now`: this minute's and
+        the last one's counts, the spend of this period (a stored minute or period ahead of `now`
+        is another process's clock a moment on: taken as now). A row of an older key of that
+        name counts for nothing; None when the row is a newer key's (ours is gone)."""
         start, end = period_bounds(period or "month", now)
         minute, cur, prev = int(now // 60), (0, 0), (0, 0)
-        if row is not None and row[8] is not None and gen is not None and row[8] > gen:
+        if row is not None and row[9] is not None and gen is not None and row[9] > gen:
             return None
-        if row is None or row[8] is not None and row[8] != gen:
-            return {"stored": row is not None, "minute": minute, "cur": cur, "prev": prev,
-                    "start": start, "end": end, "spent": 0.0, "holds": [], "gen": gen}
-        at, requests, tokens, prev_requests, prev_tokens, period_start, spent, holds, _g = row
+        if row is None or row[9] is not None and row[9] != gen:
+            return {"minute": minute, "cur": cur, "prev": prev, "start": start, "end": end,
+                    "spent": 0.0, "holds": [], "gen": gen}
+        at, requests, tokens, prev_requests, prev_tokens, period_start, spent, holds = row[:8]
         if (at or -1) >= minute:
             cur, prev, minute = (requests, tokens), (prev_requests, prev_tokens), at
         elif at == minute - 1:
             prev = (requests, tokens)
         holds = [h for h in loads(holds) if h[2] > now - STALE_HOLD_SECONDS] \
             if holds and holds != "[]" else []
-        return {"stored": True, "minute": minute, "cur": cur, "prev": prev,
+        return {"minute": minute, "cur": cur, "prev": prev,
                 "start": max(start, period_start or 0), "end": end,
                 "spent": spent or 0.0 if (period_start or 0) >= start - 1 else 0.0,
                 "holds": holds, "gen": gen}
 
     @staticmethod
-    def _put(db, name, u, now):
-        values = (u["minute"], max(0, u["cur"][0]), max(0, u["cur"][1]), max(0, u["prev"][0]),
-                  max(0, u["prev"][1]), u["start"], u["spent"],
-                  dumps(u["holds"]) if u["holds"] else "[]", now, u["gen"], name)
-        if u["stored"]:
-            db.execute("UPDATE key_ledger SET minute=?, requests=?, tokens=?, prev_requests=?, "
-                       "prev_tokens=?, period_start=?, spent=?, holds=?, last_used=?, "
-                       "created=? WHERE name=?", values)
-        else:
-            db.execute("INSERT OR REPLACE INTO key_ledger (minute, requests, tokens, "
-                       "prev_requests, prev_tokens, period_start, spent, holds, last_used, "
-                       "created, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+    def _row_of(u, now):
+        """A usage as the row stored (LEDGER's order)."""
+        return (u["minute"], max(0, u["cur"][0]), max(0, u["cur"][1]), max(0, u["prev"][0]),
+                max(0, u["prev"][1]), u["start"], u["spent"],
+                dumps(u["holds"]) if u["holds"] else "[]", now, u["gen"])
+
+    @classmethod
+    def _write(cls, db, rows, owe=False):
+        """{name: (row, USD booked in it)} into key_ledger; with `owe`, the USD is also owed to the
+        shared ledger (booked here while it could not be reached)."""
+        cols = ", ".join(cls.LEDGER)
+        db.executemany(
+            f"INSERT INTO key_ledger (name, {cols}, owed) VALUES "
+            f"(?, {', '.join('?' * len(cls.LEDGER))}, ?) ON CONFLICT (name) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in cls.LEDGER)
+            + ", owed = (CASE WHEN created IS excluded.created THEN coalesce(owed, 0) ELSE 0 END)"
+            " + excluded.owed",
+            [(n, *row, booked if owe else 0.0) for n, (row, booked) in rows.items()])
 
     @staticmethod
     def _sig(rec):
@@ -10282,45 +10442,45 @@ class KeyStore:
                 k[0], k[1] = rec["created"], rec["period"]
             if not keys:
                 return None
-            out, blocks, renewed = None, dict(self.blocks), []
-            try:
-                db = self._conn()
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    now = time.time()     # (in the transaction: every process's turn in order)
-                    for key, (gen, period, items) in keys.items():
-                        u = self._usage(db, key, now, period, gen)
-                        block = blocks.get(key)
-                        if u is None:         # (the key was made again: ours is gone)
-                            blocks.pop(key, None)
-                            if key == name:
-                                out = ApiError(401, "authentication",
-                                               f"the key {name} was revoked")
-                            continue
-                        self._book(u, [it for it in items if it[0]["gen"] == gen])
-                        if block is not None and (check is None or key == name
-                                                  or block["gen"] != gen):
-                            if block["gen"] == gen:
-                                self._give_back(u, block)
-                            blocks.pop(key)
-                            block = None
-                        u["holds"] = [h for h in u["holds"] if h[0] != self.hold_id]
-                        f = self.inflight.get(key)
-                        ours = f["usd"] if f is not None and f["gen"] == gen else 0.0
+
+            def attempt(rows):
+                """The transaction's work on the stored rows: ((out, blocks, renewed), {name:
+                (row to store, USD booked)}). Run again whole when the shared ledger saw another
+                write to a row meanwhile."""
+                now = time.time()     # (in the transaction: every process's turn in order)
+                out, blocks, renewed, writes = None, dict(self.blocks), [], {}
+                for key, (gen, period, items) in keys.items():
+                    u = self._usage(rows.get(key), now, period, gen)
+                    block = blocks.get(key)
+                    if u is None:         # (the key was made again: ours is gone)
+                        blocks.pop(key, None)
                         if key == name:
-                            out = check(u, now, ours)
-                            if not isinstance(out, KeyLimit):
-                                block = blocks[key] = out[0]
-                                ours += out[1]
-                        ours += (block or {}).get("usd") or 0.0
-                        if ours > 0:
-                            u["holds"].append([self.hold_id, ours, now])
-                        renewed.append(key)
-                        self._put(db, key, u, now)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                _commit(db)
+                            out = ApiError(401, "authentication", f"the key {name} was revoked")
+                        continue
+                    mine = [it for it in items if it[0]["gen"] == gen]
+                    self._book(u, mine)
+                    if block is not None and (check is None or key == name
+                                              or block["gen"] != gen):
+                        if block["gen"] == gen:
+                            self._give_back(u, block)
+                        blocks.pop(key)
+                        block = None
+                    u["holds"] = [h for h in u["holds"] if h[0] != self.hold_id]
+                    f = self.inflight.get(key)
+                    ours = f["usd"] if f is not None and f["gen"] == gen else 0.0
+                    if key == name:
+                        out = check(u, now, ours)
+                        if not isinstance(out, KeyLimit):
+                            block = blocks[key] = out[0]
+                            ours += out[1]
+                    ours += (block or {}).get("usd") or 0.0
+                    if ours > 0:
+                        u["holds"].append([self.hold_id, ours, now])
+                    renewed.append(key)
+                    writes[key] = (self._row_of(u, now), sum(max(0.0, it[1]) for it in mine))
+                return (out, blocks, renewed), writes
+            try:
+                out, blocks, renewed = self._run_ledger(list(keys), attempt)
             except BaseException:
                 self.pending[:0] = pending        # (booked by a later transaction)
                 raise
@@ -10337,6 +10497,92 @@ class KeyStore:
             for k in [k for k, f in self.inflight.items() if f["usd"] <= 0]:
                 del self.inflight[k]
             return out
+
+    def _run_ledger(self, names, attempt):
+        """attempt(rows) on the ledger, in one transaction: the shared one (settings.shared_state)
+        when there is one and it answers (its rows copied here at most once a second each, for
+        when it does not), else this box's (requests.db; while a shared one is configured but
+        cannot be reached, what is booked here is also owed to it: see catch_up)."""
+        if self.shared is not None:
+            try:
+                out, writes, seeded = self.shared.ledger_run(names, attempt, self._local_rows)
+            except OSError as e:
+                if not self.shared_failing:
+                    log.warning("team keys: cannot use the shared ledger in %s (%s); this box "
+                                "counts its keys' requests and spend on its own until it can, "
+                                "then adds the spend of meanwhile to it", self.shared.where, e)
+                self.shared_failing = True
+            else:
+                if self.shared_failing:
+                    log.info("team keys: the shared ledger in %s works again", self.shared.where)
+                    self.shared_failing = False
+                self._mirror(writes, seeded)
+                return out
+
+        def local(db):
+            out, writes = attempt(self._rows(db, names))
+            self._write(db, writes, owe=self.shared is not None)
+            return out
+        return write_tx(self._conn(), local)
+
+    def _local_rows(self, names):
+        """This box's copy of these ledger rows (to start a shared row that is missing: a Redis
+        emptied by a restart, or a key whose spend so far was counted here alone)."""
+        return self._rows(self._conn(), names)
+
+    def _mirror(self, writes, seeded=()):
+        """Copy rows just written to the shared ledger into this box's, at most once a second a
+        key (this box starts from them when the shared ledger cannot be reached). What was owed
+        to the shared ledger for a row it was started from is in it now."""
+        now = time.monotonic()
+        due = {n: w for n, w in writes.items() if now - self.mirrored.get(n, -1e9) >= 1.0}
+        if not due and not seeded:
+            return
+        try:
+            def copy(db):
+                self._write(db, {n: (row, 0.0) for n, (row, _b) in due.items()})
+                db.executemany("UPDATE key_ledger SET owed = 0 WHERE name = ?",
+                               [(n,) for n in seeded])
+            write_tx(self._conn(), copy)
+        except sqlite3.Error as e:
+            log.debug("team keys: shared ledger rows not copied here (%s)", e)
+            return
+        for n in due:
+            self.mirrored[n] = now
+        if len(self.mirrored) > 10000:
+            self.mirrored.clear()
+
+    def catch_up(self):
+        """Add what this box booked while the shared ledger could not be reached (key_ledger's
+        owed) to it, once it can (the shared-state thread, every half second). Spend of an older
+        key of that name, or of a period gone by, is dropped; a row the shared ledger lost (a
+        Redis restarted empty) is started again from this box's."""
+        if self.shared is None or self.db is None:
+            return
+        with self.lock:
+            owed = {r[0]: (r[1], r[2], r[3]) for r in self._conn().execute(
+                "SELECT name, created, period_start, owed FROM key_ledger WHERE owed > 0")}
+            if not owed:
+                return
+
+            def attempt(rows):
+                writes, here = {}, None
+                for n, (gen, start, usd) in owed.items():
+                    row = rows.get(n)
+                    if row is None:       # (lost there: this box's row, which holds the debt)
+                        here = here or self._rows(self._conn(), list(owed))
+                        if here.get(n) is not None:
+                            writes[n] = (here[n], usd)
+                    elif row[9] == gen and row[5] == start:
+                        writes[n] = (row[:6] + (row[6] + usd,) + row[7:], usd)
+                return None, writes
+            _out, writes, _seeded = self.shared.ledger_run(list(owed), attempt, lambda ns: {})
+            write_tx(self._conn(), lambda db: db.executemany(
+                "UPDATE key_ledger SET owed = max(0, owed - ?) WHERE name = ?",
+                [(usd, n) for n, (_g, _s, usd) in owed.items()]))
+            if writes:
+                log.info("team keys: the spend booked on this box while %s could not be reached "
+                         "is added to it (%d key(s))", self.shared.where, len(writes))
 
     @staticmethod
     def _book(u, items):
@@ -10887,6 +11133,78 @@ class RedisShare:
         got = self.r.call("GET", f"sage:resp:{rid}", fast=True)
         return None if got is None else loads(got)
 
+    # team keys: the ledger (a row a key: JSON in KeyStore.LEDGER's order, under one {hash tag}
+    # so that one transaction may write several), and the keys' definitions
+    LEDGER_KEY = "sage:{ledger}:"
+    LEDGER_SECONDS = 40 * 86400      # (longer than a budget's longest period)
+    # newest wins, per key name, and each accepted row gets the next number of a counter (what
+    # the other boxes read on from): KEYS = rows, changed, order, counter; ARGV = name, row,
+    # changed, name, ...
+    PUT_KEYS = ("local n = 0 for i = 1, #ARGV, 3 do "
+                "local old = redis.call('HGET', KEYS[2], ARGV[i]) "
+                "if (not old) or tonumber(old) < tonumber(ARGV[i + 2]) then "
+                "redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) "
+                "redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2]) "
+                "redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[i]) n = n + 1 end "
+                "end for j = 1, 4 do redis.call('EXPIRE', KEYS[j], 7776000) end return n")
+    KEYS = ("sage:{keys}:rows", "sage:{keys}:changed", "sage:{keys}:order", "sage:{keys}:count")
+
+    def ledger_run(self, names, attempt, seed):
+        """attempt(rows) -> (out, {name: (row, USD)}) as one optimistic transaction: the rows read
+        under WATCH, the new ones written in MULTI ... EXEC, the whole tried again when another
+        process wrote one of them meanwhile (EXEC answers a null array). A row missing here is
+        started from seed(names) (this box's copy). -> (out, writes, the names started so)."""
+        keys = [self.LEDGER_KEY + n for n in names]
+        for _ in range(100):
+            with self.r.session(fast=True) as send:
+                watched, got = send([["WATCH", *keys], ["MGET", *keys]])
+                for reply in (watched, got):
+                    if isinstance(reply, RespError):
+                        raise reply
+                rows = {n: tuple(loads(v)) if v else None for n, v in zip(names, got)}
+                missing = [n for n, row in rows.items() if row is None]
+                seeded = [n for n, row in (seed(missing) if missing else {}).items()
+                          if row is not None and rows.update({n: row}) is None]
+                out, writes = attempt(rows)
+                done = send([["MULTI"]] + [
+                    ["SET", self.LEDGER_KEY + n, dumps(list(row)), "EX", self.LEDGER_SECONDS]
+                    for n, (row, _usd) in writes.items()] + [["EXEC"]])[-1]
+                if isinstance(done, RespError):
+                    raise done
+                if done is not None:
+                    for reply in done:
+                        if isinstance(reply, RespError):
+                            raise reply
+                    return out, writes, seeded
+        raise ConnectionError("the shared ledger's rows kept changing under this transaction "
+                              "(100 tries)")
+
+    def ledger_get(self, names):
+        got = self.r.call("MGET", *(self.LEDGER_KEY + n for n in names), fast=True)
+        return {n: tuple(loads(v)) if v else None for n, v in zip(names, got or [])}
+
+    def put_keys(self, rows):
+        """Key rows (dicts, with `changed`) made or changed on this box."""
+        args = [x for row in rows for x in (row["name"], dumps(row), repr(float(row["changed"])))]
+        self.r.call("EVAL", self.PUT_KEYS, len(self.KEYS), *self.KEYS, *args)
+
+    def keys_since(self, cursor):
+        """The key rows accepted after number `cursor`: (rows, the number read up to), or (None,
+        0) when the counter is behind the cursor (the server lost its data: push all again)."""
+        count, flat = self.r.pipeline([["GET", self.KEYS[3]],
+                                       ["ZRANGEBYSCORE", self.KEYS[2], f"({cursor}", "+inf",
+                                        "WITHSCORES"]])
+        for reply in (count, flat):
+            if isinstance(reply, RespError):
+                raise reply
+        if int(count or 0) < cursor:
+            return None, 0
+        names = flat[::2]
+        if not names:
+            return [], cursor
+        rows = self.r.call("HMGET", self.KEYS[0], *names)
+        return [loads(v) for v in rows if v], max(int(float(x)) for x in flat[1::2])
+
     def close(self):
         self.r.close()
 
@@ -10972,6 +11290,8 @@ class SharedState:
         if isinstance(theirs, dict):
             self.seen_at = now
             r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me}, fps)
+        if r.keys.shared is not None and self._call(r.keys.sync):
+            self._call(r.keys.catch_up)
         if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:
             self.metrics_at = now
             self._call(self.local.put_metrics, self.me, self.run, r.metrics.state())
@@ -11230,7 +11550,7 @@ class Router:
                               f"${{{e.args[0]}}} set in .env or the environment") from None
         self.shared = None if local is None and remote is None else SharedState(
             self, remote or local, local, worker or (0, 1, "single"))
-        self.responses.remote = remote
+        self.responses.remote = self.keys.shared = remote
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._reload_asked = False
@@ -13169,11 +13489,26 @@ def cmd_models(router):
     return 0
 
 
+def keys_shared_state(args):
+    """The config's settings.shared_state for `keys` (a RedisShare), or None. The command works on
+    the data directory alone: a config that cannot be read is only a warning here."""
+    try:
+        cfg, env, _source = make_loader(args)()
+        url = (cfg.get("settings") or {}).get("shared_state")
+        return RedisShare(expand_vars(url, env)) if url else None
+    except (ConfigError, MissingVar, OSError, ValueError) as e:
+        print(f"sage-router: keys: note: the config's shared_state is not used ({e}); the "
+              "change is made on this box only, and reaches the others once its router runs",
+              file=sys.stderr)
+        return None
+
+
 def cmd_keys(args, words):
     """router.py keys add|list|update|revoke|rotate [NAME]: on the data directory's database (a
     router running on it sees the change on its next request). A new key is printed once, alone
     on the last line."""
     store = KeyStore(os.path.join(args.data_dir or default_data_dir(), "requests.db"))
+    store.shared = keys_shared_state(args)
     action, name = (words + [None, None])[:2]
     fields = {f: getattr(args, f) for f in ("budget", "rpm", "tpm", "models", "expires")
               if getattr(args, f) is not None}

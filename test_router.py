@@ -7573,7 +7573,7 @@ class RedisSharedStateTests(unittest.TestCase):
 
     def boxes(self, url=None):
         cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
-                                    "models": {"claude-test": {}}},
+                                    "models": {"claude-test": {"cost": {"input": 3, "output": 15}}}},
                              "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
                                     "models": {"gpt-test": {}}}},
                "routes": {"code": ["an/claude-test", "oa/gpt-test"], "default": ["oa/gpt-test"]},
@@ -7662,6 +7662,103 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertIn("WRONGPASS", health["reason"])
         self.assertNotIn("not-the-password", json.dumps(health))
         self.assertEqual(a.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False)).status, 200)
+
+    # -- team keys across boxes --------------------------------------------------------------------
+    def ask(self, h, key=None, text="Hello"):
+        return h.call("POST", "/v1/messages", client_body("anthropic", "an/claude-test", False, text=text),
+                      {"x-api-key": key} if key else None)
+
+    def test_a_key_made_on_one_box_works_on_the_other_and_a_revocation_anywhere_stops_it(self):
+        a, b = self.boxes()
+        key, _ = a.router.keys.create("team", {})
+        self.assertTrue(wait_until(lambda: self.ask(b).status == 401, 5), "b learns that keys are in use")
+        self.assertEqual(self.ask(b, key).status, 200, "a's key works on b")
+        self.assertEqual(self.ask(b, key[:-2] + "xx").status, 401)
+        b.router.keys.revoke("team")
+        self.assertTrue(wait_until(lambda: self.ask(a, key).status == 401, 5), "revoked on b: refused on a")
+        self.assertIn("revoked", self.ask(a, key).json()["error"]["message"])
+        again, _ = b.router.keys.create("team", {"rpm": 5})
+        self.assertTrue(wait_until(lambda: self.ask(a, again).status == 200, 5), "made again on b")
+        self.assertEqual(a.router.keys.entry("team")["rpm"], 5)
+        self.assertEqual(self.ask(a, key).status, 401, "the old key of that name stays refused")
+
+    def test_a_budget_spent_across_two_boxes_stops_at_its_limit(self):
+        a, b = self.boxes()
+        key, _ = a.router.keys.create("team", {"budget": "0.001/day"})
+        self.assertTrue(wait_until(lambda: self.ask(b).status == 401, 5))
+        before = len(self.an.requests)               # (b answered without a key until it knew of a's)
+        one = (11 * 3 + 7 * 15) / 1e6                # a reply of the fake: 11 in, 7 out
+        results = []
+
+        def spend(box):
+            for _ in range(200):
+                r = self.ask(box, key)
+                results.append(r.status)
+                if r.status == 429 and "is spent" in r.json()["error"]["message"] or r.status not in (200, 429):
+                    return
+        threads = [threading.Thread(target=spend, args=((a, b)[i % 2],)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        ok = results.count(200)
+        self.assertEqual(set(results), {200, 429}, results)
+        self.assertEqual(len(self.an.requests) - before, ok, "no provider call for a refused request")
+        for box in (a, b):
+            spent = box.router.keys.entry("team")["spent_usd"]
+            self.assertAlmostEqual(spent, ok * one, places=6)
+            self.assertGreaterEqual(spent, 0.001)
+            self.assertLess(spent, 0.001 + one + 1e-9, "over by one request's worth at most")
+        self.assertEqual(self.ask(b, key).status, 429, "spent is spent on either box")
+
+    def test_rate_limits_count_across_boxes(self):
+        a, b = self.boxes()
+        key, _ = a.router.keys.create("team", {"rpm": 4})
+        self.assertTrue(wait_until(lambda: self.ask(b).status == 401, 5))
+        got = [self.ask((a, b)[i % 2], key).status for i in range(6)]
+        self.assertEqual(got, [200] * 4 + [429] * 2)
+
+    def test_while_redis_hangs_keys_work_on_each_box_and_the_spend_meanwhile_is_added_when_it_is_back(self):
+        a, b = self.boxes()
+        key, _ = a.router.keys.create("team", {"budget": "10/day"})
+        one = (11 * 3 + 7 * 15) / 1e6
+        self.assertTrue(wait_until(lambda: self.ask(b).status == 401, 5))
+        self.assertEqual(self.ask(a, key).status, 200)
+        with self.assertLogs("sage-router", "WARNING") as logs:
+            os.kill(self.redis.proc.pid, signal.SIGSTOP)           # a Redis that hangs
+            try:
+                for i in range(3):
+                    self.assertEqual(self.ask((a, b)[i % 2], key, text=f"offline {i}").status, 200, "served on local state")
+            finally:
+                os.kill(self.redis.proc.pid, signal.SIGCONT)
+        self.assertIn("cannot use the shared ledger", "\n".join(logs.output))
+        self.assertTrue(wait_until(lambda: abs(a.router.keys.entry("team")["spent_usd"] - 4 * one) < 1e-9, 8),
+                        "the spend booked on both boxes meanwhile reaches the shared ledger")
+        self.assertAlmostEqual(b.router.keys.entry("team")["spent_usd"], 4 * one, places=9)
+        self.redis.stop()
+        self.redis = RedisServer(password="s3cret-redis-pw", port=self.redis.port)     # back, empty
+        self.assertEqual(self.ask(b, key).status, 200, "b starts the lost row again from its copy")
+        self.assertTrue(wait_until(lambda: abs(a.router.keys.entry("team")["spent_usd"] - 5 * one) < 1e-9, 8),
+                        a.router.keys.entry("team"))
+        self.assertTrue(wait_until(lambda: self.ask(b, key).status == 200, 5), "the key is sent there again")
+
+    def test_the_keys_command_makes_a_key_every_box_takes(self):
+        a, b = self.boxes()
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        cfg = {"providers": {}, "settings": {"shared_state": "redis://:${REDIS_PASSWORD}@127.0.0.1:%d/3" % self.redis.port}}
+        with open(os.path.join(d, "providers.json"), "w") as f:
+            json.dump(cfg, f)
+        with open(os.path.join(d, ".env"), "w") as f:
+            f.write(f"REDIS_PASSWORD={self.redis.password}\n")
+        out = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--config", os.path.join(d, "providers.json"),
+                              "--env-file", os.path.join(d, ".env"), "--data-dir", os.path.join(d, "data"),
+                              "keys", "add", "ci", "--rpm", "9"], capture_output=True, text=True, env=router_env(), timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        key = out.stdout.strip().splitlines()[-1]
+        self.assertNotIn(self.redis.password, out.stdout + out.stderr)
+        for box in (a, b):
+            self.assertTrue(wait_until(lambda: self.ask(box, key).status == 200, 5), "a key made by the command on a third box")
 
     def test_the_resp_client_reads_every_reply_kind(self):
         r = R.Resp(self.redis.url())

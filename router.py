@@ -13209,6 +13209,9 @@ class RouterServer(ThreadingHTTPServer):
             self.socket.close()
             self.socket = listen
             self.server_address = listen.getsockname()[:2]
+            # (every worker's select wakes for each connection, and all but one find none to
+            # accept: a blocking accept would sit there, deaf to a stop, until the next one)
+            listen.setblocking(False)
         threading.Thread(target=self._reap, name="sage-router-reaper", daemon=True).start()
 
     @property
@@ -13244,7 +13247,12 @@ class RouterServer(ThreadingHTTPServer):
 
     def get_request(self):
         try:
-            return super().get_request()
+            conn, addr = super().get_request()
+            if self.socket is self.listen:      # (a BSD's accept passes O_NONBLOCK on)
+                conn.setblocking(True)
+            return conn, addr
+        except BlockingIOError:
+            raise                       # (another worker took it: socketserver moves on)
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
                 now = time.monotonic()
@@ -13883,11 +13891,12 @@ class Supervisor:
     directory's database (SharedState)."""
 
     QUICK_DEATH = 10.0
+    REUSEPORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
     def __init__(self, args, count):
         self.args, self.count = args, count
         self.run_id = f"{os.getpid()}-{time.time_ns()}"
-        self.reuseport = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+        self.reuseport = self.REUSEPORT
         self.pids = {}               # pid -> worker index
         self.ready = set()           # indexes that have accepted connections at least once
         self.due = {}                # index -> when (monotonic) to start it again

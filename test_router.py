@@ -7788,7 +7788,7 @@ class RedisSharedStateTests(unittest.TestCase):
 class WorkersTests(unittest.TestCase):
     """`--workers 2`: a supervisor and two worker processes on one port."""
 
-    def start(self, workers=2, settings=None):
+    def start(self, workers=2, settings=None, shared_socket=False):
         self.fake = FakeProvider("anthropic")
         self.addCleanup(self.fake.close)
         d = tempfile.mkdtemp()
@@ -7803,8 +7803,11 @@ class WorkersTests(unittest.TestCase):
         self.data = os.path.join(d, "data")
         self.args = ["--config", self.cfg, "--env-file", os.devnull, "--data-dir", self.data]
         port = closed_port()
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "router.py"), "--port", str(port),
-                              "--workers", str(workers)] + self.args, env=router_env(),
+        # (shared_socket: the one listening socket of the platforms without SO_REUSEPORT's spread)
+        run = ["-c", "import router, sys; router.Supervisor.REUSEPORT = False; sys.exit(router.main())"] \
+            if shared_socket else [os.path.join(HERE, "router.py")]
+        p = subprocess.Popen([sys.executable] + run + ["--port", str(port),
+                              "--workers", str(workers)] + self.args, env=router_env(), cwd=HERE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.addCleanup(p.stdout.close)
         self.addCleanup(lambda: p.poll() is None and (p.kill(), p.wait()))
@@ -7890,8 +7893,8 @@ class WorkersTests(unittest.TestCase):
         out = p.communicate(timeout=20)[0]
         self.assertIn("worker 1 (pid %d) was killed by signal 9; starting another" % before[1], out)
 
-    def test_sigterm_drains_every_worker(self):
-        p, port = self.start()
+    def test_sigterm_drains_every_worker(self, started=None):
+        p, port = started or self.start()
         self.fake.push(Reply(text="a slow answer that must finish", stall_after=3, resume=True))
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/messages", json.dumps(client_body("anthropic", "an/claude-test", True)),
@@ -7907,6 +7910,18 @@ class WorkersTests(unittest.TestCase):
         conn.close()
         self.assertIn(b"message_stop", first + rest)
         self.assertEqual(p.wait(20), 0)
+
+    def test_sigterm_stops_every_worker_on_a_shared_listening_socket(self):
+        """The path of the platforms without SO_REUSEPORT's spread (macOS, the BSDs): the workers
+        accept from one socket; those that lose the race for a connection must not block in accept
+        (deaf to a stop until the next connection)."""
+        p, port = self.start(workers=3, shared_socket=True)
+        self.assertEqual(len(self.pids(port)), 3)
+        self.test_sigterm_drains_every_worker(started=(p, port))
+        p, port = self.start(workers=3, shared_socket=True)
+        self.pids(port)
+        p.send_signal(signal.SIGTERM)
+        self.assertEqual(p.wait(20), 0, "no worker waits in accept past the stop")
 
     def test_a_budget_spent_across_workers_stops_at_its_limit(self):
         p, port = self.start()

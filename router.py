@@ -8111,9 +8111,10 @@ class Health:
 
     def adopt(self, entries, fingerprints):
         """Breakers that another worker or box opened or closed ({shared key: entry}); a breaker
-        that changed here after that keeps its own state. An adopted open breaker is not probed
-        here (the one that opened it probes, and its verdict comes back the same way); it is
-        tried again here when its cooldown ends. Returns how many changed."""
+        that changed here after that keeps its own state. An adopted open breaker is probed
+        here later than by the one that opened it (whose good verdict comes back the same way),
+        after two to three probe_seconds, then less and less often: so it is probed also when its
+        opener is gone (a replaced worker, a box that went down). Returns how many changed."""
         now, wall = time.monotonic(), time.time()
         by_fp = {(p, fp): i for (p, i), fp in fingerprints.items()}
         n = 0
@@ -8142,7 +8143,8 @@ class Health:
                     b.error = clean_text(e.get("error") or "failed", 2000)
                     b.until = now + (until - wall)
                     b.retry_at = now + (retry_at - wall) if retry_at > wall else 0.0
-                    b.probe_at = float("inf")
+                    b.probe_step = 2 * self.probe_first
+                    b.probe_at = now + self.probe_first * (2 + secrets.randbelow(1000) / 1000)
                 elif b is not None and b.opens:
                     self._close(b)
                 else:

@@ -7497,6 +7497,25 @@ class SharedStateTests(unittest.TestCase):
         r = self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False, text="Another talk"))
         self.assertEqual(r.headers["x-router-provider"], "an")
 
+    def test_an_adopted_breaker_is_probed_once_the_worker_that_opened_it_is_gone(self):
+        self.a.close()
+        self.b.close()
+        cfg = json.loads(json.dumps(self.a.router.cfg))
+        cfg["settings"].update(probe_seconds=0.3, cooldown_seconds=120)
+        d, run = self.a.router.data_dir, f"test-{time.time_ns()}"
+        a = Harness(cfg, data_dir=d, worker=(0, 2, run))
+        self.addCleanup(a.close)
+        b = Harness(json.loads(json.dumps(cfg)), data_dir=d, worker=(1, 2, run))
+        self.addCleanup(b.close)
+        self.an.push(Reply(status=500))
+        self.assertEqual(a.call("POST", "/v1/messages", client_body("anthropic", "code", False)).headers["x-router-provider"], "oa")
+        a.close()                                  # (before its own first probe)
+        state = lambda h: provider_state(h.call("GET", "/health").json(), "an", "claude-test")["state"]
+        self.assertTrue(wait_until(lambda: state(b) == "cooling", 5), "b adopts a's open breaker")
+        n = len(self.an.requests)
+        self.assertTrue(wait_until(lambda: state(b) == "ok", 10), "b probes it, the provider is well again")
+        self.assertGreater(len(self.an.requests), n)
+
     def test_metrics_add_up_across_workers(self):
         for h in (self.a, self.b, self.b):
             self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False)).status, 200)

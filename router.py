@@ -11017,10 +11017,12 @@ class SqliteShare:
             "SELECT key, data FROM shared_breakers WHERE at > ?", (since,)).fetchall())}
 
     # metrics: one row a worker of this run (a replaced worker's row stays: its counts count)
-    def put_metrics(self, worker, run, data):
+    def put_metrics(self, worker, run, data, at):
+        """A worker's counts as of `at` (a row only ever moves forward)."""
         self._run(lambda db: db.execute(
-            "INSERT OR REPLACE INTO shared_metrics (worker, run, at, data) VALUES (?, ?, ?, ?)",
-            (worker, run, time.time(), dumps(data))))
+            "INSERT INTO shared_metrics (worker, run, at, data) VALUES (?, ?, ?, ?) ON CONFLICT "
+            "(worker) DO UPDATE SET run = excluded.run, at = excluded.at, data = excluded.data "
+            "WHERE excluded.at > at", (worker, run, at, dumps(data))))
 
     def metrics(self, run):
         return self._run(lambda db: db.execute(
@@ -11235,6 +11237,7 @@ class SharedState:
         self.failing = None          # why the store cannot be used right now, or None
         self.seen_at = 0.0           # breakers newer than this were read already (minus a margin)
         self.metrics_at = self.prune_at = 0.0
+        self.counts_lock, self.counts_at = threading.Lock(), 0.0
 
     def start(self):
         if self.thread is None:
@@ -11296,23 +11299,34 @@ class SharedState:
             self._call(r.keys.catch_up)
         if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:
             self.metrics_at = now
-            self._call(self.local.put_metrics, self.me, self.run, r.metrics.state())
+            self._call(self.local.put_metrics, self.me, self.run, *self._counts())
         if now - self.prune_at >= 60:
             self.prune_at = now
             for store in {id(self.store): self.store, id(self.local): self.local}.values():
                 if store is not None:
                     self._call(store.prune)
 
+    def _counts(self):
+        """This worker's metrics and a time that orders them (the scrape's and the thread's)."""
+        with self.counts_lock:
+            self.counts_at = max(time.time(), self.counts_at + 1e-6)
+            return self.router.metrics.state(), self.counts_at
+
     def metrics_view(self):
-        """The whole router's metrics: this worker's own, live, and every other worker's of this
-        run as last written (a worker that died and was replaced still counts; a gone worker's
-        open connections do not)."""
-        rows = self._call(self.local.metrics, self.run) if self.local is not None else None
-        states = [self.router.metrics.state()]
-        now, live = time.time(), 1
-        for worker, at, data in rows if isinstance(rows, list) else []:
-            if worker == self.me:
-                continue
+        """The whole router's metrics: every worker's of this run as last written, this one's
+        written first (a worker that died and was replaced still counts; a gone worker's open
+        connections do not). Only stored rows are added up, so no counter ever goes back from one
+        scrape to the next, whichever worker answers each."""
+        mine, at = self._counts()
+        rows = None
+        if self.local is not None and self._call(self.local.put_metrics, self.me, self.run, mine,
+                                                 at):
+            rows = self._call(self.local.metrics, self.run)
+        if not isinstance(rows, list):
+            rows = []
+        states = [] if any(w == self.me for w, _at, _d in rows) else [mine]
+        now, live = time.time(), 0 if not states else 1
+        for worker, at, data in rows:
             st = loads(data)
             if now - at > self.LIVE_SECONDS:
                 st["connections"] = dict(st.get("connections") or {}, open=0)

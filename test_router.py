@@ -7942,6 +7942,27 @@ class WorkersTests(unittest.TestCase):
         p.send_signal(signal.SIGTERM)
         self.assertEqual(p.wait(20), 0, "no worker waits in accept past the stop")
 
+    def test_metrics_never_go_back_from_one_scrape_to_the_next(self):
+        p, port = self.start()
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                call(port, "POST", "/v1/messages", client_body("anthropic", "an/claude-test", False))
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        seen = []
+        try:
+            for _ in range(80):
+                seen.append(metric_total(call(port, "GET", "/metrics").body.decode(), "sage_router_requests_total"))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(20)
+        self.assertGreater(seen[-1], seen[0])
+        self.assertEqual([(x, y) for x, y in zip(seen, seen[1:]) if y < x], [], "a counter went back")
+
     def test_a_budget_spent_across_workers_stops_at_its_limit(self):
         p, port = self.start()
         out = subprocess.run([sys.executable, os.path.join(HERE, "router.py")] + self.args + [

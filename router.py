@@ -9287,19 +9287,45 @@ class Resp:
     TIMEOUT = 0.5
 
     def __init__(self, url, timeout=TIMEOUT):
-        u = urllib.parse.urlsplit(url)
-        self.tls = u.scheme == "rediss"
-        self.host, self.port = u.hostname, u.port or 6379
-        self.db = int(u.path.strip("/") or 0)
-        self.user = urllib.parse.unquote(u.username) if u.username else None
-        self.password = urllib.parse.unquote(u.password) if u.password else None
-        if self.password is None and self.user:        # redis://PASSWORD@host
-            self.user, self.password = None, self.user
+        self.tls, self.host, self.port, self.db, self.user, self.password = self.parse(url)
         self.timeout = timeout
-        self.shown = f"{u.scheme}://{self.host}:{self.port}/{self.db}"    # (never the password)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.shown = f"redis{'s' * self.tls}://{host}:{self.port}/{self.db}"   # (never the password)
         self.lock = threading.Lock()
         self.idle = []
         self.down = False
+
+    @staticmethod
+    def parse(url):
+        """redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB] -> (tls, host, port, db, user, password),
+        by hand: the password (from .env, after ${VAR} expansion) may hold any character, / # ?
+        @ and : included (a %XX in it is decoded). ValueError names the part that is wrong, never
+        the password."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("redis", "rediss"):
+            raise ValueError("it must start with redis:// or rediss://")
+        userinfo, at, hostpart = rest.rpartition("@")
+        user = password = None
+        if at:
+            user, colon, password = userinfo.partition(":")
+            if not colon:                               # redis://PASSWORD@host
+                user, password = None, user
+            user = urllib.parse.unquote(user) if user else None
+            password = urllib.parse.unquote(password) if password else None
+        hostport, _, db = hostpart.partition("/")
+        if hostport.startswith("["):
+            host, _, port = hostport[1:].partition("]")
+            port = port[1:] if port.startswith(":") else port
+        else:
+            host, _, port = hostport.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9._:-]+", host or ""):
+            raise ValueError("its host is missing or not a host name or address")
+        if not re.fullmatch(r"\d{0,5}", port) or port and not 0 < int(port) < 65536:
+            raise ValueError("its port must be a number from 1 to 65535")
+        db = db.strip("/")
+        if not re.fullmatch(r"\d{0,2}", db):
+            raise ValueError("its database (after the last /) must be a number such as 0")
+        return scheme == "rediss", host, int(port or 6379), int(db or 0), user, password
 
     def _connect(self):
         sock = socket.create_connection((self.host, self.port), self.timeout)
@@ -11564,6 +11590,10 @@ class Router:
         except MissingVar as e:
             raise ConfigError(source, "settings.shared_state",
                               f"${{{e.args[0]}}} set in .env or the environment") from None
+        except ValueError as e:       # (the expanded URL is not shown: it holds the password)
+            raise ConfigError(source, "settings.shared_state",
+                              f"redis://[:PASSWORD@]HOST[:PORT][/DB] once ${{VAR}} is expanded "
+                              f"({e})") from None
         self.shared = None if local is None and remote is None else SharedState(
             self, remote or local, local, worker or (0, 1, "single"))
         self.responses.remote = self.keys.shared = remote

@@ -7779,6 +7779,31 @@ class RedisSharedStateTests(unittest.TestCase):
         for box in (a, b):
             self.assertTrue(wait_until(lambda: self.ask(box, key).status == 200, 5), "a key made by the command on a third box")
 
+    def test_a_password_with_url_characters_works_and_a_broken_url_is_a_config_error_that_never_shows_it(self):
+        odd = RedisServer(password="Zx9/sec#ret?pw@x:y")
+        self.addCleanup(odd.stop)
+        self.redis.stop()
+        self.redis = odd
+        a, b = self.boxes()
+        self.assertEqual(a.call("GET", "/health").json()["shared_state"]["state"], "ok")
+        key, _ = a.router.keys.create("team", {})
+        self.assertTrue(wait_until(lambda: self.ask(b, key).status == 200 and self.ask(b).status == 401, 5))
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        with open(os.path.join(d, "providers.json"), "w") as f:
+            json.dump({"providers": {}, "settings": {"shared_state": "redis://:${REDIS_PASSWORD}@${REDIS_HOST}/0"}}, f)
+        with open(os.path.join(d, ".env"), "w") as f:
+            f.write("REDIS_PASSWORD=Zx9secretPart/Qw+rest=\nREDIS_HOST=10.0.0.9:notaport\n")
+        os.chmod(os.path.join(d, ".env"), 0o600)
+        out = subprocess.run([sys.executable, os.path.join(HERE, "router.py"), "--config", os.path.join(d, "providers.json"),
+                              "--env-file", os.path.join(d, ".env"), "--data-dir", os.path.join(d, "data"), "check"],
+                             capture_output=True, text=True, env=router_env(), timeout=30)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn("settings.shared_state", out.stderr)
+        self.assertIn("port must be a number", out.stderr)
+        self.assertNotIn("Traceback", out.stderr)
+        self.assertNotIn("Zx9secret", out.stdout + out.stderr)
+
     def test_the_resp_client_reads_every_reply_kind(self):
         r = R.Resp(self.redis.url())
         self.addCleanup(r.close)

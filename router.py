@@ -11009,11 +11009,18 @@ class SqliteShare:
         "CREATE INDEX IF NOT EXISTS affinity_names_at ON affinity_names (at)",
         "CREATE INDEX IF NOT EXISTS affinity_marks_at ON affinity_marks (at)"]
     KEEP_SECONDS = 86400.0       # affinity of a conversation idle this long is forgotten
+    FAST_BUSY_MS = 50            # how long a request waits for a write lock another holds
 
     def __init__(self, path):
         self.path = path
         self.lock = threading.Lock()
         self.db = None
+        # the request path's own connection (affinity): a short busy timeout, and after a
+        # failure none is tried for a second, so a database someone holds locked (a VACUUM, a
+        # shell) costs a request 50 ms at most, never the 10 s the background waits
+        self.fast_lock = threading.Lock()
+        self.fast_db = None
+        self.fast_down = 0.0
 
     def _run(self, fn):
         with self.lock:
@@ -11022,14 +11029,30 @@ class SqliteShare:
                                   check_same_thread=False)
             return fn(self.db)
 
+    def _fast(self, fn, write=False):
+        if time.monotonic() < self.fast_down:
+            raise sqlite3.OperationalError("the database was locked a moment ago")
+        if self.db is None:
+            self._run(lambda db: None)              # (the tables, first)
+        with self.fast_lock:
+            try:
+                if self.fast_db is None:
+                    self.fast_db = sqlite3.connect(self.path, timeout=self.FAST_BUSY_MS / 1000,
+                                                   isolation_level=None, check_same_thread=False)
+                return write_tx(self.fast_db, fn) if write else fn(self.fast_db)
+            except sqlite3.Error:
+                self.fast_down = time.monotonic() + 1.0
+                raise
+
     def _tx(self, fn):
         return self._run(lambda db: write_tx(db, fn))
 
     def close(self):
-        with self.lock:
-            if self.db is not None:
-                self.db.close()
-                self.db = None
+        for lock, attr in ((self.lock, "db"), (self.fast_lock, "fast_db")):
+            with lock:
+                if getattr(self, attr) is not None:
+                    getattr(self, attr).close()
+                    setattr(self, attr, None)
 
     # breakers: {shared key: entry with "at"}, the newest entry of each key wins
     def put_breakers(self, entries):
@@ -11067,18 +11090,18 @@ class SqliteShare:
                                    (conv,)):
                 marks.setdefault(p, set()).add(m)
             return names, marks
-        return self._run(get)
+        return self._fast(get)
 
     def affinity_pin(self, conv, name, cand):
-        self._run(lambda db: db.execute(
+        self._fast(lambda db: db.execute(
             "INSERT OR REPLACE INTO affinity_names (conv, name, cand, at) VALUES (?, ?, ?, ?)",
             (conv, name, dumps(list(cand)), time.time())))
 
     def affinity_marks(self, conv, provider, marks):
         now = time.time()
-        self._tx(lambda db: db.executemany(
+        self._fast(lambda db: db.executemany(
             "INSERT OR REPLACE INTO affinity_marks (conv, provider, mark, at) VALUES (?, ?, ?, ?)",
-            [(conv, provider, m, now) for m in marks]))
+            [(conv, provider, m, now) for m in marks]), write=True)
 
     def prune(self):
         old = time.time() - self.KEEP_SECONDS

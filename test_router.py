@@ -7516,6 +7516,24 @@ class SharedStateTests(unittest.TestCase):
         self.assertTrue(wait_until(lambda: state(b) == "ok", 10), "b probes it, the provider is well again")
         self.assertGreater(len(self.an.requests), n)
 
+    def test_a_database_someone_holds_locked_does_not_stall_requests_that_ask_for_affinity(self):
+        self.assertEqual(self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False)).status, 200)
+        holder = sqlite3.connect(os.path.join(self.a.router.data_dir, "requests.db"), isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")              # (a VACUUM, an operator's sqlite3 shell)
+        try:
+            out = []
+            threads = [threading.Thread(target=lambda i=i: out.append(self.a.call(
+                "POST", "/v1/messages", client_body("anthropic", "code", False, text=f"Talk {i}"), timeout=5).status))
+                for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            self.assertEqual(out, [200] * 3, "answered while the lock is still held (the old path waited 10 s each)")
+        finally:
+            holder.execute("ROLLBACK")
+
     def test_metrics_add_up_across_workers(self):
         for h in (self.a, self.b, self.b):
             self.assertEqual(h.call("POST", "/v1/chat/completions", client_body("openai", "oa/gpt-test", False)).status, 200)

@@ -7770,7 +7770,6 @@ class Health:
         # shared with the router's other workers or boxes (see SharedState): key -> when (wall
         # time) a breaker here opened or closed; `wake` is set at each such change
         self.changed, self.wake = {}, None
-        self.at = {}            # key -> when its last change known here happened (wall time)
         self.reconfigure(settings)
 
     def reconfigure(self, settings):
@@ -7839,7 +7838,7 @@ class Health:
     def _mark(self, key):
         """A breaker opened or closed here (under the lock): the others are told (SharedState)."""
         if self.wake is not None:
-            self.changed[key] = self.at[key] = time.time()
+            self.changed[key] = time.time()
             self.wake.set()
 
     def ok(self, key, latency=None):
@@ -7997,7 +7996,6 @@ class Health:
             gone = [k for k in self.state if not keep(k)]
             for k in gone:
                 del self.state[k]
-                self.at.pop(k, None)
             self.dirty = self.dirty or bool(gone)
 
     # -- what a person or a dashboard sees -------------------------------------------------------
@@ -8110,8 +8108,9 @@ class Health:
                 self.changed.setdefault(key, at)
 
     def adopt(self, entries, fingerprints):
-        """Breakers that another worker or box opened or closed ({shared key: entry}); a breaker
-        that changed here after that keeps its own state. An adopted open breaker is probed
+        """Breakers that another worker or box opened or closed ({shared key: entry}, the last
+        change of each to reach the store); a breaker changed here and not told yet keeps its own
+        state (it is told next, and so wins). An adopted open breaker is probed
         here later than by the one that opened it (whose good verdict comes back the same way),
         after two to three probe_seconds, then less and less often: so it is probed also when its
         opener is gone (a replaced worker, a box that went down). Returns how many changed."""
@@ -8122,7 +8121,7 @@ class Health:
             for name, e in entries.items():
                 try:
                     key = tuple(loads(name))
-                    at, opens = float(e["at"]), int(e["opens"])
+                    opens = int(e["opens"])
                     until, retry_at = float(e["until"] or 0), float(e["retry_at"] or 0)
                     if key[0] == "key":
                         key = ("key", key[1], by_fp[(key[1], key[2])])
@@ -8130,9 +8129,8 @@ class Health:
                         continue
                 except (ValueError, TypeError, KeyError, IndexError, AttributeError):
                     continue
-                if self.at.get(key, 0.0) >= at:
+                if key in self.changed:       # (changed here since: told next, and wins)
                     continue
-                self.at[key] = at
                 b = self.state.get(key)
                 if opens:
                     if b is None:
@@ -10999,7 +10997,10 @@ class SqliteShare:
     falls back on this process's own state)."""
 
     SCHEMA = [
-        "CREATE TABLE IF NOT EXISTS shared_breakers (key TEXT PRIMARY KEY, data, at) WITHOUT ROWID",
+        # (seq: the order in which changes reached the table, what readers read on from; `at`,
+        # a wall clock's, only says when: clocks of several boxes need not agree)
+        "CREATE TABLE IF NOT EXISTS shared_breakers (key TEXT PRIMARY KEY, data, at, seq) "
+        "WITHOUT ROWID",
         "CREATE TABLE IF NOT EXISTS shared_metrics (worker TEXT PRIMARY KEY, run, at, data) "
         "WITHOUT ROWID",
         "CREATE TABLE IF NOT EXISTS affinity_names (conv TEXT, name TEXT, cand, at, "
@@ -11025,8 +11026,11 @@ class SqliteShare:
     def _run(self, fn):
         with self.lock:
             if self.db is None:
-                self.db = open_db(self.path, self.SCHEMA, isolation_level=None,
-                                  check_same_thread=False)
+                db = open_db(self.path, self.SCHEMA, isolation_level=None,
+                             check_same_thread=False)
+                if "seq" not in {r[1] for r in db.execute("PRAGMA table_info(shared_breakers)")}:
+                    db.execute("ALTER TABLE shared_breakers ADD COLUMN seq")
+                self.db = db
             return fn(self.db)
 
     def _fast(self, fn, write=False):
@@ -11054,16 +11058,25 @@ class SqliteShare:
                     getattr(self, attr).close()
                     setattr(self, attr, None)
 
-    # breakers: {shared key: entry with "at"}, the newest entry of each key wins
+    # breakers: {shared key: entry}; the last change of a key to reach the store wins, and gets
+    # the next number (seq)
     def put_breakers(self, entries):
         self._tx(lambda db: db.executemany(
-            "INSERT INTO shared_breakers (key, data, at) VALUES (?, ?, ?) ON CONFLICT (key) DO "
-            "UPDATE SET data = excluded.data, at = excluded.at WHERE excluded.at > at",
+            "INSERT INTO shared_breakers (key, data, at, seq) VALUES (?, ?, ?, (SELECT "
+            "coalesce(max(seq), 0) + 1 FROM shared_breakers)) ON CONFLICT (key) DO UPDATE SET "
+            "data = excluded.data, at = excluded.at, seq = excluded.seq",
             [(k, dumps(e), e["at"]) for k, e in entries.items()]))
 
-    def breakers(self, since=0.0):
-        return {k: loads(d) for k, d in self._run(lambda db: db.execute(
-            "SELECT key, data FROM shared_breakers WHERE at > ?", (since,)).fetchall())}
+    def breakers(self, since=0):
+        """({shared key: entry} of the changes numbered after `since`, the last number read), or
+        (None, 0) when the numbers went back (the store lost its data: read all again)."""
+        def read(db):
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM shared_breakers").fetchone()[0]
+            if top < since:
+                return None, 0
+            return {k: loads(d) for k, d in db.execute(
+                "SELECT key, data FROM shared_breakers WHERE seq > ?", (since,))}, top
+        return self._run(read)
 
     # metrics: one row a worker of this run (a replaced worker's row stays: its counts count)
     def put_metrics(self, worker, run, data, at):
@@ -11109,7 +11122,8 @@ class SqliteShare:
         def prune(db):
             db.execute("DELETE FROM affinity_names WHERE at < ?", (old,))
             db.execute("DELETE FROM affinity_marks WHERE at < ?", (old,))
-            db.execute("DELETE FROM shared_breakers WHERE at < ?", (old,))
+            db.execute("DELETE FROM shared_breakers WHERE at < ? AND seq < (SELECT max(seq) "
+                       "FROM shared_breakers)", (old,))     # (the top number stays)
         self._tx(prune)
 
 
@@ -11119,14 +11133,13 @@ class RedisShare:
     (a day; a Response after the store's ttl). Each call is one round trip; no lock is held across
     a provider call. Keys of one conversation share a {hash tag} (Redis Cluster)."""
 
-    # newest wins, per breaker: KEYS = data hash, times hash; ARGV = name, entry, at, name, ...
-    PUT_BREAKERS = ("for i = 1, #ARGV, 3 do local old = redis.call('HGET', KEYS[2], ARGV[i]) "
-                    "if (not old) or tonumber(old) < tonumber(ARGV[i + 2]) then "
+    # the last change of a breaker to arrive wins and gets the counter's next number: KEYS =
+    # entries, numbers, counter; ARGV = name, entry, name, entry ...
+    PUT_BREAKERS = ("for i = 1, #ARGV, 2 do local n = redis.call('INCR', KEYS[3]) "
                     "redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) "
-                    "redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2]) end end "
-                    "redis.call('EXPIRE', KEYS[1], 86400) redis.call('EXPIRE', KEYS[2], 86400) "
-                    "return 1")
-    BREAKERS = ("sage:{breakers}:data", "sage:{breakers}:at")
+                    "redis.call('HSET', KEYS[2], ARGV[i], n) end "
+                    "for j = 1, 3 do redis.call('EXPIRE', KEYS[j], 86400) end return 1")
+    BREAKERS = ("sage:{breakers}:data", "sage:{breakers}:seq", "sage:{breakers}:count")
     KEEP_SECONDS = 86400
 
     def __init__(self, url):
@@ -11137,22 +11150,35 @@ class RedisShare:
         self.r.call("PING")
 
     def put_breakers(self, entries):
-        args = [x for k, e in entries.items() for x in (k, dumps(e), repr(float(e["at"])))]
-        self.r.call("EVAL", self.PUT_BREAKERS, 2, *self.BREAKERS, *args)
+        args = [x for k, e in entries.items() for x in (k, dumps(e))]
+        self.r.call("EVAL", self.PUT_BREAKERS, len(self.BREAKERS), *self.BREAKERS, *args)
 
-    def breakers(self, since=0.0):
-        flat = self.r.call("HGETALL", self.BREAKERS[0]) or []
+    def breakers(self, since=0):
+        """As SqliteShare.breakers: the changes numbered after `since`."""
+        count, flat = self.r.pipeline([["GET", self.BREAKERS[2]], ["HGETALL", self.BREAKERS[1]]])
+        for reply in (count, flat):
+            if isinstance(reply, RespError):
+                raise reply
+        top = int(count or 0)
+        if top < since:
+            return None, 0
+        names = [k for k, n in zip(flat[::2], flat[1::2]) if int(n) > since]
         out = {}
-        for k, v in zip(flat[::2], flat[1::2]):
-            e = loads(v)
-            if isinstance(e, dict) and isinstance(e.get("at"), (int, float)) and e["at"] > since:
-                out[k.decode()] = e
-        return out
+        if names:
+            for k, v in zip(names, self.r.call("HMGET", self.BREAKERS[0], *names)):
+                e = loads(v) if v else None
+                if isinstance(e, dict):
+                    out[k.decode()] = e
+        return out, top
 
     def prune(self):
-        flat = self.r.call("HGETALL", self.BREAKERS[1]) or []
-        old = [k for k, at in zip(flat[::2], flat[1::2])
-               if float(at) < time.time() - self.KEEP_SECONDS]
+        flat = self.r.call("HGETALL", self.BREAKERS[0]) or []
+        old = []
+        for k, v in zip(flat[::2], flat[1::2]):
+            e = loads(v)
+            if not isinstance(e, dict) or not _num(e.get("at")) \
+                    or e["at"] < time.time() - self.KEEP_SECONDS:
+                old.append(k)
         if old:
             self.r.pipeline([["HDEL", self.BREAKERS[0], *old], ["HDEL", self.BREAKERS[1], *old]])
 
@@ -11284,7 +11310,7 @@ class SharedState:
         self.wake = threading.Event()
         self.thread = None
         self.failing = None          # why the store cannot be used right now, or None
-        self.seen_at = 0.0           # breakers newer than this were read already (minus a margin)
+        self.cursor = 0              # the store's breaker changes up to this number were read
         self.metrics_at = self.prune_at = 0.0
         self.counts_lock, self.counts_at = threading.Lock(), 0.0
 
@@ -11340,9 +11366,11 @@ class SharedState:
             e["by"] = self.me
         if mine and self._call(self.store.put_breakers, mine) is None:
             r.health.unpublished(taken)        # (tried again at the next tick)
-        theirs = self._call(self.store.breakers, self.seen_at - 5.0)
-        if isinstance(theirs, dict):
-            self.seen_at = now
+        got = self._call(self.store.breakers, self.cursor)
+        if isinstance(got, tuple) and got[0] is None:        # (the store lost its data)
+            got = self._call(self.store.breakers, 0)
+        if isinstance(got, tuple) and got[0] is not None:
+            theirs, self.cursor = got
             r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me}, fps)
         if r.keys.shared is not None and self._call(r.keys.sync):
             self._call(r.keys.catch_up)

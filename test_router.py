@@ -7642,6 +7642,32 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertEqual(b.call("GET", "/health").json()["shared_state"],
                          {"where": f"redis://127.0.0.1:{self.redis.port}/3", "state": "ok"})
 
+    def box_with_another_clock(self, skew):
+        """Box c, whose clock is `skew` seconds off: it opens an/claude-test (cooldown 120 s)."""
+        c = R.RedisShare(self.redis.url())
+        self.addCleanup(c.close)
+        now = time.time() + skew
+        c.put_breakers({R.dumps(["an", "claude-test"]): {"opens": 1, "at": now, "cause": "error", "error": "HTTP 500",
+                                                         "until": now + 120, "retry_at": 0, "by": "box-c"}})
+
+    def test_a_box_whose_clock_is_behind_is_heard_and_a_reset_after_one_whose_clock_is_ahead_holds(self):
+        a, b = self.boxes()
+        a.router.shared.tick()              # (both have read the store at least once)
+        b.router.shared.tick()
+        self.box_with_another_clock(-60)
+        self.assertTrue(wait_until(lambda: self.state(a) == "cooling" and self.state(b) == "cooling", 5),
+                        "a change from a box a minute behind is taken")
+        self.assertEqual(b.call("POST", "/v1/health/reset", {}).status, 200)
+        self.assertTrue(wait_until(lambda: self.state(a) == "ok", 5))
+        self.box_with_another_clock(+60)
+        self.assertTrue(wait_until(lambda: self.state(a) == "cooling", 5))
+        self.assertEqual(b.call("POST", "/v1/health/reset", {}).status, 200)
+        self.assertTrue(wait_until(lambda: self.state(a) == "ok", 5), "b's reset (its clock behind c's) reaches a")
+        for _ in range(3):
+            b.router.shared.tick()
+            a.router.shared.tick()
+        self.assertEqual((self.state(a), self.state(b)), ("ok", "ok"), "and is not undone")
+
     def test_a_conversation_and_previous_response_id_work_on_either_box(self):
         a, b = self.boxes()
         first = {"model": "code", "max_tokens": 100, "system": "You are helpful.",

@@ -9895,6 +9895,21 @@ def _slide_wait(prev, cur, at, room):
     return 120.0 - at
 
 
+def key_row_wins(new, old):
+    """Whether `new` (a `keys` row, as a dict) stands over `old` of the same name between boxes: a
+    key made later beats an older one of that name; of one key, a revocation beats any change
+    without it (revoked anywhere, it stays revoked, whatever was changed elsewhere after); else the
+    later change (RedisShare.PUT_KEYS decides the same way in Redis)."""
+    if old is None:
+        return True
+    nc, oc = new.get("created") or 0, old.get("created") or 0
+    if nc != oc:
+        return nc > oc
+    if (new.get("revoked") is None) != (old.get("revoked") is None):
+        return new.get("revoked") is not None
+    return (new.get("changed") or nc) > (old.get("changed") or oc)
+
+
 class KeyStore:
     """The team's keys and their ledger (see the comment above); one connection, one lock."""
 
@@ -10073,10 +10088,12 @@ class KeyStore:
         return key, self.entry(name, now)
 
     def _change(self, name, values):
-        values = dict(values, changed=time.time(), pushed=None)
+        """A change of key `name`, stamped later than the change it was made on (so it wins over
+        it on every box, also from a box whose clock is behind)."""
         self._tx(lambda db: db.execute(
-            f"UPDATE keys SET {', '.join(k + '=?' for k in values)} WHERE name=?",
-            (*values.values(), name)), True)
+            f"UPDATE keys SET {''.join(k + '=?, ' for k in values)}pushed=NULL, "
+            "changed=max(?, coalesce(changed, created) + 0.001) WHERE name=?",
+            (*values.values(), time.time(), name)), True)
         self._push()
 
     # -- the same keys on every box (settings.shared_state) ---------------------------------------
@@ -10092,8 +10109,9 @@ class KeyStore:
 
     def sync(self, pull=True):
         """The keys made or changed on this box to the shared state, and those made or changed on
-        others here (the shared-state thread, every half second): the newest row of a name wins,
-        so a revocation anywhere stops the key everywhere within a second or so."""
+        others here (the shared-state thread, every half second), each name's row chosen by
+        key_row_wins on both sides: a revocation anywhere stops the key everywhere within a second
+        or so, and no later change elsewhere undoes it."""
         if self.shared is None:
             return
         rows = self._read("SELECT * FROM keys WHERE pushed IS NULL "
@@ -10102,10 +10120,12 @@ class KeyStore:
             for r in rows:
                 r.pop("pushed")
                 r["changed"] = r["changed"] or r["created"]
-            self.shared.put_keys(rows)
+            refused = self.shared.put_keys(rows)
             self._tx(lambda db: db.executemany(
                 "UPDATE keys SET pushed = ? WHERE name = ? AND coalesce(changed, created) = ?",
                 [(r["changed"], r["name"], r["changed"]) for r in rows]))
+            if refused:                   # (the shared state has a row that wins: take it)
+                self._take(self.shared.keys_named(refused))
         if not pull:
             return
         got, cursor = self.shared.keys_since(self.cursor)
@@ -10113,23 +10133,39 @@ class KeyStore:
             self.cursor = 0
             self._tx(lambda db: db.execute("UPDATE keys SET pushed = NULL"))
             return
-        newer = []
-        for r in got:
-            if not (isinstance(r, dict) and isinstance(r.get("name"), str)
-                    and _num(r.get("changed"))):
-                continue
-            old = self._read("SELECT coalesce(changed, created) AS at FROM keys WHERE name = ?",
-                             (r["name"],))
-            if not old or (old[0]["at"] or 0) < r["changed"]:
-                newer.append(dict({c: r.get(c) for c in self.COLUMNS}, pushed=r["changed"]))
-        if newer:
-            cols = ", ".join(self.COLUMNS)
-            self._tx(lambda db: db.executemany(
-                f"INSERT OR REPLACE INTO keys ({cols}) VALUES ({', '.join('?' * len(self.COLUMNS))})",
-                [tuple(r[c] for c in self.COLUMNS) for r in newer]), True)
-            log.info("team keys: %d key(s) made or changed on another box taken from %s",
-                     len(newer), self.shared.where)
+        self._take(got)
         self.cursor = cursor
+
+    def _take(self, got):
+        """Key rows from the shared state, each kept where it wins over this box's."""
+        got = [r for r in got if isinstance(r, dict) and isinstance(r.get("name"), str)
+               and _num(r.get("created")) and _num(r.get("changed") or r["created"])
+               and all(k in self.COLUMNS for k in r)]
+        if not got:
+            return
+        cols = ", ".join(self.COLUMNS)
+
+        def take(db):
+            taken = []
+            for r in got:
+                old = db.execute("SELECT * FROM keys WHERE name = ?", (r["name"],)).fetchone()
+                old = dict(old) if old is not None else None
+                if not key_row_wins(r, old):
+                    continue
+                if old is not None and old["created"] != r["created"] and old["revoked"] is None:
+                    log.warning("team keys: a key named %s was made on another box too; the one "
+                                "made later (%s) is kept, the other stops working", r["name"],
+                                iso_time(max(r["created"], old["created"])))
+                row = dict({c: r.get(c) for c in self.COLUMNS}, pushed=r.get("changed"))
+                db.execute(f"INSERT OR REPLACE INTO keys ({cols}) VALUES "
+                           f"({', '.join('?' * len(self.COLUMNS))})",
+                           tuple(row[c] for c in self.COLUMNS))
+                taken.append(r["name"])
+            return taken
+        taken = self._tx(take, True)
+        if taken:
+            log.info("team keys: %d key(s) made or changed on another box taken from %s",
+                     len(taken), self.shared.where)
 
     def _active(self, name):
         rows = self._read("SELECT revoked FROM keys WHERE name=?", (name,))
@@ -11145,6 +11181,7 @@ class RedisShare:
     def __init__(self, url):
         self.r = Resp(url)
         self.where = self.r.shown
+        self.epoch = None           # the keys' epoch there (a new one: the server lost its data)
 
     def ping(self):
         self.r.call("PING")
@@ -11216,17 +11253,24 @@ class RedisShare:
     # so that one transaction may write several), and the keys' definitions
     LEDGER_KEY = "sage:{ledger}:"
     LEDGER_SECONDS = 40 * 86400      # (longer than a budget's longest period)
-    # newest wins, per key name, and each accepted row gets the next number of a counter (what
-    # the other boxes read on from): KEYS = rows, changed, order, counter; ARGV = name, row,
-    # changed, name, ...
-    PUT_KEYS = ("local n = 0 for i = 1, #ARGV, 3 do "
-                "local old = redis.call('HGET', KEYS[2], ARGV[i]) "
-                "if (not old) or tonumber(old) < tonumber(ARGV[i + 2]) then "
-                "redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) "
-                "redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2]) "
-                "redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[i]) n = n + 1 end "
-                "end for j = 1, 4 do redis.call('EXPIRE', KEYS[j], 7776000) end return n")
-    KEYS = ("sage:{keys}:rows", "sage:{keys}:changed", "sage:{keys}:order", "sage:{keys}:count")
+    # per key name, the row that wins (as key_row_wins: a later key, a revocation, a later
+    # change) is kept and gets the next number of a counter (what the other boxes read on from):
+    # KEYS = rows, order, counter, epoch; ARGV = name, row, name, row ...; returns the names
+    # whose row lost (the row is only read here, never encoded again: its numbers stay exact)
+    PUT_KEYS = ("local refused = {} for i = 1, #ARGV, 2 do "
+                "local new = cjson.decode(ARGV[i + 1]) "
+                "local raw = redis.call('HGET', KEYS[1], ARGV[i]) local win = true "
+                "if raw then local old = cjson.decode(raw) "
+                "local nc, oc = tonumber(new.created) or 0, tonumber(old.created) or 0 "
+                "local nr = new.revoked ~= nil and new.revoked ~= cjson.null "
+                "local orv = old.revoked ~= nil and old.revoked ~= cjson.null "
+                "if nc ~= oc then win = nc > oc elseif nr ~= orv then win = nr "
+                "else win = (tonumber(new.changed) or nc) > (tonumber(old.changed) or oc) end end "
+                "if win then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) "
+                "redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[i]) "
+                "else refused[#refused + 1] = ARGV[i] end end "
+                "for j = 1, 4 do redis.call('EXPIRE', KEYS[j], 7776000) end return refused")
+    KEYS = ("sage:{keys}:rows", "sage:{keys}:order", "sage:{keys}:count", "sage:{keys}:epoch")
 
     def ledger_run(self, names, attempt, seed):
         """attempt(rows) -> (out, {name: (row, USD)}) as one optimistic transaction: the rows read
@@ -11263,26 +11307,34 @@ class RedisShare:
         return {n: tuple(loads(v)) if v else None for n, v in zip(names, got or [])}
 
     def put_keys(self, rows):
-        """Key rows (dicts, with `changed`) made or changed on this box."""
-        args = [x for row in rows for x in (row["name"], dumps(row), repr(float(row["changed"])))]
-        self.r.call("EVAL", self.PUT_KEYS, len(self.KEYS), *self.KEYS, *args)
+        """Key rows (dicts, with `changed`) made or changed on this box -> the names refused (the
+        row there wins)."""
+        args = [x for row in rows for x in (row["name"], dumps(row))]
+        got = self.r.call("EVAL", self.PUT_KEYS, len(self.KEYS), *self.KEYS, *args)
+        return [n.decode() for n in got or []]
+
+    def keys_named(self, names):
+        return [loads(v) for v in self.r.call("HMGET", self.KEYS[0], *names) or [] if v]
 
     def keys_since(self, cursor):
         """The key rows accepted after number `cursor`: (rows, the number read up to), or (None,
-        0) when the counter is behind the cursor (the server lost its data: push all again)."""
-        count, flat = self.r.pipeline([["GET", self.KEYS[3]],
-                                       ["ZRANGEBYSCORE", self.KEYS[2], f"({cursor}", "+inf",
-                                        "WITHSCORES"]])
-        for reply in (count, flat):
+        0) when the server lost its data (a new epoch, or a counter behind the cursor): then
+        every box sends all its keys again."""
+        epoch = secrets.token_hex(8)
+        _set, now, count, flat = self.r.pipeline([
+            ["SET", self.KEYS[3], epoch, "NX", "EX", 7776000], ["GET", self.KEYS[3]],
+            ["GET", self.KEYS[2]], ["ZRANGEBYSCORE", self.KEYS[1], f"({cursor}", "+inf",
+                                    "WITHSCORES"]])
+        for reply in (_set, now, count, flat):
             if isinstance(reply, RespError):
                 raise reply
-        if int(count or 0) < cursor:
+        seen, self.epoch = self.epoch, now
+        if seen is not None and now != seen or int(count or 0) < cursor:
             return None, 0
         names = flat[::2]
         if not names:
             return [], cursor
-        rows = self.r.call("HMGET", self.KEYS[0], *names)
-        return [loads(v) for v in rows if v], max(int(float(x)) for x in flat[1::2])
+        return self.keys_named(names), max(int(float(x)) for x in flat[1::2])
 
     def close(self):
         self.r.close()

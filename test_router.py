@@ -7745,6 +7745,22 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertEqual(a.router.keys.entry("team")["rpm"], 5)
         self.assertEqual(self.ask(a, key).status, 401, "the old key of that name stays refused")
 
+    def test_a_revocation_is_not_undone_by_a_later_change_or_rotation_on_another_box(self):
+        a, b = self.boxes()
+        key, _ = a.router.keys.create("team", {})
+        self.assertTrue(wait_until(lambda: self.ask(b, key).status == 200 and self.ask(b).status == 401, 5))
+        b.router.keys.shared = None                 # (b does not hear of it before it changes the key itself)
+        a.router.keys.revoke("team")
+        b.router.keys.update("team", {"rpm": 100})
+        rotated, _ = b.router.keys.rotate("team")
+        b.router.keys.shared = a.router.keys.shared.__class__(self.redis.url())
+        self.addCleanup(b.router.keys.shared.close)
+        b.router.keys.sync()
+        for box in (a, b):
+            for k in (key, rotated):
+                self.assertTrue(wait_until(lambda: self.ask(box, k).status == 401, 5), "revoked on a: refused everywhere")
+            self.assertEqual(box.router.keys.entry("team")["state"], "revoked")
+
     def test_a_budget_spent_across_two_boxes_stops_at_its_limit(self):
         a, b = self.boxes()
         key, _ = a.router.keys.create("team", {"budget": "0.001/day"})

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import select
@@ -9789,6 +9790,10 @@ HOLD_RENEW_SECONDS, STALE_HOLD_SECONDS = 10.0, 60.0
 BLOCK_MOST, BLOCK_SHARE, BLOCK_SECONDS = 16, 0.25, 1.0
 
 
+class LedgerBusy(Exception):
+    """The shared ledger's rows kept changing under a transaction (many processes on one key)."""
+
+
 class KeyLimit(Exception):
     """A request refused by its key's limits: kind rpm, tpm, budget or busy (budget nearly spent
     and another request of the key in flight); `retry_after` seconds."""
@@ -9926,6 +9931,8 @@ class KeyStore:
         self.db = None
         self.warned = False
         self.cache, self.version = {}, None    # key -> its `keys` row, as of user_version
+        self.clock = threading.Lock()          # (the cache's)
+        self.rlock, self.rdb = threading.Lock(), None     # reads: see _read
         # (a file that grows by a line with every change of `keys`: a stat a request, not a
         # query, tells that nothing changed; the database is asked at least once a second all
         # the same, for a change the flag missed)
@@ -9941,7 +9948,8 @@ class KeyStore:
         # ledger and receive every key made or changed here (see sync)
         self.shared = None
         self.shared_failing = False
-        self.mirrored = {}          # key name -> when its shared ledger row was last copied here
+        self.used = {}              # key name -> when (monotonic) this process last used its row
+        self.copied = 0.0           # when the copies of those rows were last refreshed
         self.cursor = 0             # the shared keys' change counter read up to
 
     def _conn(self):
@@ -9980,6 +9988,10 @@ class KeyStore:
             if self.db is not None:
                 self.db.close()
                 self.db = None
+        with self.rlock:
+            if self.rdb is not None:
+                self.rdb.close()
+                self.rdb = None
 
     def _tx(self, fn, keys_changed=False):
         """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait). A change
@@ -10022,8 +10034,15 @@ class KeyStore:
             return None
 
     def _read(self, sql, args=()):
-        with self.lock:
-            return [dict(r) for r in self._conn().execute(sql, args)]
+        """A read, on a connection of its own (WAL: never behind a write), under a lock of its
+        own: a key's lookup never waits on a transaction of the ledger (a round trip to a shared
+        one included)."""
+        with self.rlock:
+            if self.rdb is None:
+                self._conn()                    # (the tables, first)
+                self.rdb = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+                self.rdb.row_factory = sqlite3.Row
+            return [dict(r) for r in self.rdb.execute(sql, args)]
 
     def _checked(self, fn, *args):
         """A call on the request path: a key store that cannot be read or written is a 503 (the
@@ -10225,17 +10244,17 @@ class KeyStore:
             flag, now = self._flag_state(), time.monotonic()
             if flag is None and not os.path.exists(self.path):
                 return None                  # (no key was ever made here)
-            with self.lock:
+            with self.clock:
                 v = self.version
                 if flag is None or flag != self.seen[0] or now - self.seen[1] > 1.0:
-                    v = self._conn().execute("PRAGMA user_version").fetchone()[0]
+                    v = self._read("PRAGMA user_version")[0]["user_version"]
                     self.seen = (flag, now)
                 if v != self.version:
                     self.cache, self.version = {}, v
                 if what in self.cache:
                     return self.cache[what]
             out = load()
-            with self.lock:
+            with self.clock:
                 # (a key that is not one is not kept: a spray of made-up keys cannot fill it)
                 if self.version == v and len(self.cache) < 10000 and out is not None:
                     self.cache[what] = out
@@ -10262,9 +10281,10 @@ class KeyStore:
         return self._cached(key, load)
 
     @classmethod
-    def _rows(cls, db, names):
-        """The stored ledger rows of these keys (tuples in LEDGER's order, or None)."""
-        sql = f"SELECT {', '.join(cls.LEDGER)} FROM key_ledger WHERE name=?"
+    def _rows(cls, db, names, owed=False):
+        """The stored ledger rows of these keys (tuples in LEDGER's order, and with `owed` what
+        each owes the shared ledger; or None)."""
+        sql = f"SELECT {', '.join(cls.LEDGER)}{', owed' * owed} FROM key_ledger WHERE name=?"
         out = {}
         for n in names:
             row = db.execute(sql, (n,)).fetchone()
@@ -10304,16 +10324,19 @@ class KeyStore:
                 dumps(u["holds"]) if u["holds"] else "[]", now, u["gen"])
 
     @classmethod
-    def _write(cls, db, rows, owe=False):
+    def _write(cls, db, rows, owe=False, copy=False):
         """{name: (row, USD booked in it)} into key_ledger; with `owe`, the USD is also owed to the
-        shared ledger (booked here while it could not be reached)."""
+        shared ledger (booked here while it could not be reached; a debt is of one key's one
+        period: a row made again or of a new period starts without). With `copy` (rows of the
+        shared ledger), a row that owes something is left as it is (catch_up comes first)."""
         cols = ", ".join(cls.LEDGER)
         db.executemany(
             f"INSERT INTO key_ledger (name, {cols}, owed) VALUES "
             f"(?, {', '.join('?' * len(cls.LEDGER))}, ?) ON CONFLICT (name) DO UPDATE SET "
             + ", ".join(f"{c} = excluded.{c}" for c in cls.LEDGER)
-            + ", owed = (CASE WHEN created IS excluded.created THEN coalesce(owed, 0) ELSE 0 END)"
-            " + excluded.owed",
+            + ", owed = (CASE WHEN created IS excluded.created AND period_start IS "
+            "excluded.period_start THEN coalesce(owed, 0) ELSE 0 END) + excluded.owed"
+            + (" WHERE coalesce(owed, 0) = 0" if copy else ""),
             [(n, *row, booked if owe else 0.0) for n, (row, booked) in rows.items()])
 
     @staticmethod
@@ -10562,12 +10585,18 @@ class KeyStore:
 
     def _run_ledger(self, names, attempt):
         """attempt(rows) on the ledger, in one transaction: the shared one (settings.shared_state)
-        when there is one and it answers (its rows copied here at most once a second each, for
-        when it does not), else this box's (requests.db; while a shared one is configured but
-        cannot be reached, what is booked here is also owed to it: see catch_up)."""
+        when there is one and it answers, else this box's (requests.db; while a shared one is
+        configured but cannot be reached, what is booked here is also owed to it: see
+        catch_up)."""
         if self.shared is not None:
+            mono = time.monotonic()
+            for n in names:
+                self.used[n] = mono
             try:
-                out, writes, seeded = self.shared.ledger_run(names, attempt, self._local_rows)
+                out = self.shared.ledger_run(names, attempt, self._seed_rows)
+            except LedgerBusy:
+                raise ApiError(503, "overloaded", "the team keys' shared ledger is too busy right "
+                               "now: try again", headers={"Retry-After": "1"}) from None
             except OSError as e:
                 if not self.shared_failing:
                     log.warning("team keys: cannot use the shared ledger in %s (%s); this box "
@@ -10578,7 +10607,6 @@ class KeyStore:
                 if self.shared_failing:
                     log.info("team keys: the shared ledger in %s works again", self.shared.where)
                     self.shared_failing = False
-                self._mirror(writes, seeded)
                 return out
 
         def local(db):
@@ -10587,64 +10615,62 @@ class KeyStore:
             return out
         return write_tx(self._conn(), local)
 
-    def _local_rows(self, names):
-        """This box's copy of these ledger rows (to start a shared row that is missing: a Redis
-        emptied by a restart, or a key whose spend so far was counted here alone)."""
-        return self._rows(self._conn(), names)
+    def _seed_rows(self, names):
+        """This box's copy of ledger rows the shared ledger lacks (a Redis emptied by a restart, a
+        key counted here alone so far), without what it owes to the shared ledger (catch_up adds
+        that: so it is added once, whichever comes first)."""
+        rows = self._rows(self._conn(), names, owed=True)
+        return {n: r[:6] + (max(0.0, (r[6] or 0.0) - (r[10] or 0.0)),) + r[7:10]
+                for n, r in rows.items() if r is not None}
 
-    def _mirror(self, writes, seeded=()):
-        """Copy rows just written to the shared ledger into this box's, at most once a second a
-        key (this box starts from them when the shared ledger cannot be reached). What was owed
-        to the shared ledger for a row it was started from is in it now."""
-        now = time.monotonic()
-        due = {n: w for n, w in writes.items() if now - self.mirrored.get(n, -1e9) >= 1.0}
-        if not due and not seeded:
-            return
-        try:
-            def copy(db):
-                self._write(db, {n: (row, 0.0) for n, (row, _b) in due.items()})
-                db.executemany("UPDATE key_ledger SET owed = 0 WHERE name = ?",
-                               [(n,) for n in seeded])
-            write_tx(self._conn(), copy)
-        except sqlite3.Error as e:
-            log.debug("team keys: shared ledger rows not copied here (%s)", e)
-            return
-        for n in due:
-            self.mirrored[n] = now
-        if len(self.mirrored) > 10000:
-            self.mirrored.clear()
+    COPY_SECONDS = 1.0           # how often the copies of the shared rows used here are refreshed
+    COPY_KEEP = 900.0            # ... for keys used here in the last this many seconds
 
     def catch_up(self):
-        """Add what this box booked while the shared ledger could not be reached (key_ledger's
-        owed) to it, once it can (the shared-state thread, every half second). Spend of an older
-        key of that name, or of a period gone by, is dropped; a row the shared ledger lost (a
-        Redis restarted empty) is started again from this box's."""
+        """The shared-state thread's work on the ledger, every half second while the shared one
+        answers: what this box booked while it could not be reached (key_ledger's owed) is added
+        to it (to the same key's row of the same period; a row it lost, or of a period gone by, is
+        started again from this box's; spend of an older key of that name is dropped), in one
+        write transaction here held across it, so the workers of a box never add it twice; and,
+        once a second, this box's copies of the rows its keys used lately are refreshed (it starts
+        from them when the shared ledger cannot be reached)."""
         if self.shared is None or self.db is None:
             return
         with self.lock:
-            owed = {r[0]: (r[1], r[2], r[3]) for r in self._conn().execute(
-                "SELECT name, created, period_start, owed FROM key_ledger WHERE owed > 0")}
-            if not owed:
-                return
+            def pay(db):
+                owed = self._rows(db, [r[0] for r in db.execute(
+                    "SELECT name FROM key_ledger WHERE owed > 0")], owed=True)
+                if not owed:
+                    return 0
 
-            def attempt(rows):
-                writes, here = {}, None
-                for n, (gen, start, usd) in owed.items():
-                    row = rows.get(n)
-                    if row is None:       # (lost there: this box's row, which holds the debt)
-                        here = here or self._rows(self._conn(), list(owed))
-                        if here.get(n) is not None:
-                            writes[n] = (here[n], usd)
-                    elif row[9] == gen and row[5] == start:
-                        writes[n] = (row[:6] + (row[6] + usd,) + row[7:], usd)
-                return None, writes
-            _out, writes, _seeded = self.shared.ledger_run(list(owed), attempt, lambda ns: {})
-            write_tx(self._conn(), lambda db: db.executemany(
-                "UPDATE key_ledger SET owed = max(0, owed - ?) WHERE name = ?",
-                [(usd, n) for n, (_g, _s, usd) in owed.items()]))
-            if writes:
+                def attempt(rows):
+                    writes = {}
+                    for n, here in owed.items():
+                        row, usd = rows.get(n), here[10]
+                        if row is None or row[9] != here[9] and (here[9] or 0) > (row[9] or 0) \
+                                or row[9] == here[9] and (row[5] or 0) < (here[5] or 0):
+                            writes[n] = (here[:10], usd)       # (lost there, or gone by)
+                        elif row[9] == here[9] and row[5] == here[5]:
+                            writes[n] = (row[:6] + ((row[6] or 0.0) + usd,) + row[7:10], usd)
+                    return None, writes
+                self.shared.ledger_run(list(owed), attempt, lambda ns: {})
+                db.executemany("UPDATE key_ledger SET owed = 0 WHERE name = ?",
+                               [(n,) for n in owed])
+                return len(owed)
+            paid = write_tx(self._conn(), pay)
+            if paid:
                 log.info("team keys: the spend booked on this box while %s could not be reached "
-                         "is added to it (%d key(s))", self.shared.where, len(writes))
+                         "is added to it (%d key(s))", self.shared.where, paid)
+            mono = time.monotonic()
+            if mono - self.copied < self.COPY_SECONDS:
+                return
+            self.copied = mono
+            self.used = {n: t for n, t in self.used.items() if mono - t < self.COPY_KEEP}
+            if not self.used:
+                return
+            got = self.shared.ledger_get(list(self.used))
+            write_tx(self._conn(), lambda db: self._write(db, {
+                n: (row[:10], 0.0) for n, row in got.items() if row is not None}, copy=True))
 
     @staticmethod
     def _book(u, items):
@@ -11253,6 +11279,7 @@ class RedisShare:
     # so that one transaction may write several), and the keys' definitions
     LEDGER_KEY = "sage:{ledger}:"
     LEDGER_SECONDS = 40 * 86400      # (longer than a budget's longest period)
+    LEDGER_TRIES = 100
     # per key name, the row that wins (as key_row_wins: a later key, a revocation, a later
     # change) is kept and gets the next number of a counter (what the other boxes read on from):
     # KEYS = rows, order, counter, epoch; ARGV = name, row, name, row ...; returns the names
@@ -11276,9 +11303,12 @@ class RedisShare:
         """attempt(rows) -> (out, {name: (row, USD)}) as one optimistic transaction: the rows read
         under WATCH, the new ones written in MULTI ... EXEC, the whole tried again when another
         process wrote one of them meanwhile (EXEC answers a null array). A row missing here is
-        started from seed(names) (this box's copy). -> (out, writes, the names started so)."""
+        started from seed(names) (this box's copy). -> out. LedgerBusy when other processes
+        kept winning; OSError when the server cannot be used."""
         keys = [self.LEDGER_KEY + n for n in names]
-        for _ in range(100):
+        for attempt_no in range(self.LEDGER_TRIES):
+            if attempt_no:                       # (another process won the row: let it go on)
+                time.sleep(random.uniform(0, 0.001 * min(attempt_no, 20)))
             with self.r.session(fast=True) as send:
                 watched, got = send([["WATCH", *keys], ["MGET", *keys]])
                 for reply in (watched, got):
@@ -11286,21 +11316,31 @@ class RedisShare:
                         raise reply
                 rows = {n: tuple(loads(v)) if v else None for n, v in zip(names, got)}
                 missing = [n for n, row in rows.items() if row is None]
-                seeded = [n for n, row in (seed(missing) if missing else {}).items()
-                          if row is not None and rows.update({n: row}) is None]
+                if missing:
+                    rows.update(seed(missing))
                 out, writes = attempt(rows)
-                done = send([["MULTI"]] + [
-                    ["SET", self.LEDGER_KEY + n, dumps(list(row)), "EX", self.LEDGER_SECONDS]
-                    for n, (row, _usd) in writes.items()] + [["EXEC"]])[-1]
+                # (each row written carries this transaction's id: when EXEC's answer is lost,
+                # the rows tell whether it was applied, so nothing is booked twice)
+                tx = secrets.token_hex(8)
+                written = [self.LEDGER_KEY + n for n in writes]
+                try:
+                    done = send([["MULTI"]] + [
+                        ["SET", self.LEDGER_KEY + n, dumps(list(row[:10]) + [tx]), "EX",
+                         self.LEDGER_SECONDS] for n, (row, _usd) in writes.items()]
+                        + [["EXEC"]])[-1]
+                except ConnectionError:
+                    if written and all(v and loads(v)[10:11] == [tx] for v in
+                                       self.r.call("MGET", *written)):
+                        return out
+                    raise
                 if isinstance(done, RespError):
                     raise done
                 if done is not None:
                     for reply in done:
                         if isinstance(reply, RespError):
                             raise reply
-                    return out, writes, seeded
-        raise ConnectionError("the shared ledger's rows kept changing under this transaction "
-                              "(100 tries)")
+                    return out
+        raise LedgerBusy()
 
     def ledger_get(self, names):
         got = self.r.call("MGET", *(self.LEDGER_KEY + n for n in names), fast=True)

@@ -7814,12 +7814,88 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertTrue(wait_until(lambda: abs(a.router.keys.entry("team")["spent_usd"] - 4 * one) < 1e-9, 8),
                         "the spend booked on both boxes meanwhile reaches the shared ledger")
         self.assertAlmostEqual(b.router.keys.entry("team")["spent_usd"], 4 * one, places=9)
+        copy = lambda: sqlite3.connect(os.path.join(b.router.data_dir, "requests.db")).execute(
+            "SELECT spent FROM key_ledger WHERE name = 'team'").fetchone()[0]
+        self.assertTrue(wait_until(lambda: abs(copy() - 4 * one) < 1e-9, 5), "b's copy of the shared row (a second old at most)")
         self.redis.stop()
         self.redis = RedisServer(password="s3cret-redis-pw", port=self.redis.port)     # back, empty
         self.assertEqual(self.ask(b, key).status, 200, "b starts the lost row again from its copy")
         self.assertTrue(wait_until(lambda: abs(a.router.keys.entry("team")["spent_usd"] - 5 * one) < 1e-9, 8),
                         a.router.keys.entry("team"))
         self.assertTrue(wait_until(lambda: self.ask(b, key).status == 200, 5), "the key is sent there again")
+
+    def test_what_a_box_owes_the_shared_ledger_is_added_once_whichever_workers_catch_up(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        path = os.path.join(d, "requests.db")
+        stores = [R.KeyStore(path) for _ in range(4)]           # four workers of one box
+        for st in stores:
+            st.shared = R.RedisShare(self.redis.url())
+            st._conn()
+            self.addCleanup(st.close)
+        _key, entry = stores[0].create("team", {"budget": "10/day"})
+        gen = stores[0].find(_key)["created"]
+        start = R.period_bounds("day", time.time())[0]
+        now = time.time()
+        stores[0].shared.r.call("SET", "sage:{ledger}:team", R.dumps(
+            [int(now // 60), 0, 0, 0, 0, start, 1.0, "[]", now, gen, "x"]))       # $1 spent elsewhere
+        with stores[0]._conn() as db:
+            db.execute("INSERT INTO key_ledger (name, minute, requests, tokens, prev_requests, prev_tokens, "
+                       "period_start, spent, holds, last_used, created, owed) VALUES "
+                       "('team', ?, 0, 0, 0, 0, ?, 1.5, '[]', ?, ?, 0.5)", (int(now // 60), start, now, gen))
+        go = threading.Barrier(len(stores))
+        threads = [threading.Thread(target=lambda st=st: (go.wait(), st.catch_up())) for st in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        self.assertAlmostEqual(stores[1].entry("team")["spent_usd"], 1.5, places=9, msg="$0.5 owed, added once")
+        self.assertEqual(stores[0]._conn().execute("SELECT owed FROM key_ledger").fetchone()[0], 0)
+
+    def test_a_transaction_whose_answer_is_lost_is_not_booked_twice(self):
+        """EXEC applied, its answer lost (a connection cut just then): the rows written tell."""
+        lsock = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(lsock.close)
+        cut = {"done": False}
+
+        def pipe(src, dst, to_redis):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if to_redis and b"EXEC" in data and not cut["done"]:
+                        cut["done"] = cut["drop"] = True    # (Redis applies it; its answer is dropped)
+                    if not to_redis and cut.get("drop"):
+                        cut["drop"] = False
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for x in (src, dst):
+                    x.close()
+
+        def serve():
+            while True:
+                try:
+                    c, _ = lsock.accept()
+                except OSError:
+                    return
+                up = socket.create_connection(("127.0.0.1", self.redis.port))
+                threading.Thread(target=pipe, args=(c, up, True), daemon=True).start()
+                threading.Thread(target=pipe, args=(up, c, False), daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+        share = R.RedisShare(f"redis://:{self.redis.password}@127.0.0.1:{lsock.getsockname()[1]}/3")
+        self.addCleanup(share.close)
+        now = time.time()
+
+        def attempt(rows):
+            row = rows["team"] or (int(now // 60), 0, 0, 0, 0, now - 1, 0.0, "[]", now, 1.0)
+            return "booked", {"team": (row[:6] + (row[6] + 1.0,) + row[7:10], 1.0)}
+        self.assertEqual(share.ledger_run(["team"], attempt, lambda names: {}), "booked")
+        self.assertTrue(cut["done"], "the answer to EXEC was cut off")
+        self.assertEqual(R.loads(R.Resp(self.redis.url()).call("GET", "sage:{ledger}:team"))[6], 1.0)
 
     def test_the_keys_command_makes_a_key_every_box_takes(self):
         a, b = self.boxes()

@@ -7969,26 +7969,36 @@ class Health:
         """Close breakers by hand: all of them (and revive rejected keys), one provider's (its own,
         its keys' and its models'), or one model's. Returns the names of what was open or
         failing."""
-        names = []
         with self.lock:
-            for key, b in self.state.items():
-                owner = key[1] if key[0] in ("provider", "key") else key[0]
-                hit = provider is None or (key == (provider, model) if model else owner == provider)
-                if hit and (b.opens or b.fails):
-                    names.append(breaker_name(key))
-                    self._close(b)
+            names = self._reset(provider, model)
+            if self.wake is not None:        # (the other workers and boxes do it too)
+                self.changed[("reset", provider, model)] = time.time()
+                self.wake.set()
+        return names
+
+    def _reset(self, provider, model, mark=True):
+        """reset's work, under the lock: here, or told by another worker or box (adopt: then the
+        breakers it closes are not told again)."""
+        names = []
+        for key, b in self.state.items():
+            owner = key[1] if key[0] in ("provider", "key") else key[0]
+            hit = provider is None or (key == (provider, model) if model else owner == provider)
+            if hit and (b.opens or b.fails):
+                names.append(breaker_name(key))
+                self._close(b)
+                if mark:
                     self._mark(key)
-            dead = [k for k in self.dead_keys
-                    if model is None and (provider is None or k[0] == provider)]
-            for k in dead:
-                del self.dead_keys[k]
-                names.append(breaker_name(("key",) + k))
-            for cand in [c for c in self.completions_refused
-                         if provider is None or (c == (provider, model) if model
-                                                 else c[0] == provider)]:
-                del self.completions_refused[cand]
-                names.append(f"{cand[0]}/{cand[1]} (completions asked as chat)")
-            self.dirty = self.dirty or bool(names)
+        dead = [k for k in self.dead_keys
+                if model is None and (provider is None or k[0] == provider)]
+        for k in dead:
+            del self.dead_keys[k]
+            names.append(breaker_name(("key",) + k))
+        for cand in [c for c in self.completions_refused
+                     if provider is None or (c == (provider, model) if model
+                                             else c[0] == provider)]:
+            del self.completions_refused[cand]
+            names.append(f"{cand[0]}/{cand[1]} (completions asked as chat)")
+        self.dirty = self.dirty or bool(names)
         return names
 
     def forget(self, keep):
@@ -8093,6 +8103,9 @@ class Health:
         with self.lock:
             changed, self.changed = self.changed, {}
             for key, at in changed.items():
+                if key[0] == "reset":
+                    out[dumps(list(key))] = {"opens": 0, "at": at, "reset": True}
+                    continue
                 name = self._shared_key(key, fingerprints)
                 b = self.state.get(key)
                 if name is None or b is None:
@@ -8122,6 +8135,10 @@ class Health:
             for name, e in entries.items():
                 try:
                     key = tuple(loads(name))
+                    if key[0] == "reset":          # (a reset by hand elsewhere: done here too)
+                        if len(key) == 3:
+                            n += bool(self._reset(*key[1:], mark=False))
+                        continue
                     opens = int(e["opens"])
                     until, retry_at = float(e["until"] or 0), float(e["retry_at"] or 0)
                     if key[0] == "key":
@@ -11403,6 +11420,7 @@ class SharedState:
         self.thread = None
         self.failing = None          # why the store cannot be used right now, or None
         self.cursor = 0              # the store's breaker changes up to this number were read
+        self.read_once = False
         self.metrics_at = self.prune_at = 0.0
         self.counts_lock, self.counts_at = threading.Lock(), 0.0
 
@@ -11458,12 +11476,17 @@ class SharedState:
             e["by"] = self.me
         if mine and self._call(self.store.put_breakers, mine) is None:
             r.health.unpublished(taken)        # (tried again at the next tick)
+        first = not self.read_once
         got = self._call(self.store.breakers, self.cursor)
         if isinstance(got, tuple) and got[0] is None:        # (the store lost its data)
-            got = self._call(self.store.breakers, 0)
+            first, got = True, self._call(self.store.breakers, 0)
         if isinstance(got, tuple) and got[0] is not None:
             theirs, self.cursor = got
-            r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me}, fps)
+            self.read_once = True
+            # (a reset by hand is done where it is heard as it happens: not by a process that
+            # starts later, on breakers it has opened since)
+            r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me and not (
+                first and e.get("reset") and (not _num(e.get("at")) or now - e["at"] > 10))}, fps)
         if r.keys.shared is not None and self._call(r.keys.sync):
             self._call(r.keys.catch_up)
         if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:

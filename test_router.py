@@ -7497,6 +7497,19 @@ class SharedStateTests(unittest.TestCase):
         r = self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False, text="Another talk"))
         self.assertEqual(r.headers["x-router-provider"], "an")
 
+    def test_a_reset_on_one_worker_revives_a_rejected_key_on_every_worker(self):
+        keys = lambda h: [k["state"] for k in provider_state(h.call("GET", "/health").json(), "an")["keys"]]
+        for i, h in enumerate((self.a, self.b)):
+            self.an.push(Reply(status=401))
+            r = h.call("POST", "/v1/messages", client_body("anthropic", "code", False, text=f"Worker {i} here"))
+            self.assertEqual(r.headers["x-router-provider"], "oa")
+            self.assertEqual(keys(h), ["key_rejected"])
+        self.assertEqual(self.b.call("POST", "/v1/health/reset", {"provider": "an"}).status, 200)
+        self.assertEqual(keys(self.b), ["ok"])
+        self.assertTrue(wait_until(lambda: keys(self.a) == ["ok"], 5), "the reset reaches the other worker")
+        r = self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False, text="Again"))
+        self.assertEqual(r.headers["x-router-provider"], "an")
+
     def test_an_adopted_breaker_is_probed_once_the_worker_that_opened_it_is_gone(self):
         self.a.close()
         self.b.close()

@@ -11414,7 +11414,8 @@ class SharedState:
 
     def __init__(self, router, store, local, worker):
         self.router, self.store, self.local = router, store, local
-        self.index, self.count, self.run = worker
+        self.index, self.count, self.run = worker[:3]
+        self.parent = worker[3] if len(worker) > 3 else None    # the supervisor's pid
         self.me = f"{socket.gethostname()}:{self.run}:{self.index}:{os.getpid()}:{secrets.token_hex(4)}"
         self.wake = threading.Event()
         self.thread = None
@@ -11433,7 +11434,7 @@ class SharedState:
             self.thread.start()
 
     def _loop(self):
-        parent = os.getppid()
+        parent = self.parent if self.parent is not None else os.getppid()
         if self.local is not None:
             self._call(self.local.forget_runs, self.run)
         while not self.router._stop.is_set():
@@ -13898,6 +13899,13 @@ def systemd_unit(args, user=None):
     user = user or "sage-router"
     python, note = service_python(sys.executable)
     notes = [note] if note else []
+    try:          # (systemd waits this long for a stop: the drain, plus the supervisor's 5 s)
+        cfg, _env, _source = make_loader(args)()
+        grace = float((cfg.get("settings") or {}).get(
+            "shutdown_grace_seconds", DEFAULT_SETTINGS["shutdown_grace_seconds"]))
+    except (ConfigError, OSError, ValueError, TypeError, AttributeError):
+        grace = DEFAULT_SETTINGS["shutdown_grace_seconds"]
+    stop_timeout = int(grace) + 10
     if not open_to_all(script, 0o004):
         notes.append(f"{script} cannot be read by other users (a folder on its way is private), so "
                      f"the service user {user} cannot start it: copy router.py and providers.json "
@@ -13921,7 +13929,7 @@ ExecStart={python} -m router {' '.join(flags)}
 ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
-TimeoutStopSec=40
+TimeoutStopSec={stop_timeout}
 LimitNOFILE=4096
 StateDirectory=sage-router
 StateDirectoryMode=0700
@@ -14083,12 +14091,33 @@ def serve_main(args, worker=None, listen=None, ready=None):
 
 
 def default_workers():
-    """One worker a core this process may run on, at most 8."""
+    """One worker a core this process may run on, at most 8, and no more than its CPU quota (a
+    container's --cpus: cgroup v2 cpu.max, v1 cpu.cfs_quota_us), rounded up."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    return max(1, min(8, n, cpu_quota() or n))
+
+
+def cpu_quota(root="/sys/fs/cgroup"):
+    """The cgroup's CPU quota in cores (rounded up), or None when it has none."""
+    for path, split in ((f"{root}/cpu.max", lambda t: t.split()),
+                        (f"{root}/cpu/cpu.cfs_quota_us", None)):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if split:
+                quota, period = split(text)[:2]
+            else:
+                with open(f"{root}/cpu/cpu.cfs_period_us") as f:
+                    quota, period = text, f.read().strip()
+            if quota in ("max", "-1") or int(quota) <= 0:
+                return None
+            return max(1, -(-int(quota) // int(period)))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class Supervisor:
@@ -14108,6 +14137,7 @@ class Supervisor:
     def __init__(self, args, count):
         self.args, self.count = args, count
         self.run_id = f"{os.getpid()}-{time.time_ns()}"
+        self.pid = os.getpid()       # (a worker stops once its parent is no longer this)
         self.reuseport = self.REUSEPORT
         self.pids = {}               # pid -> worker index
         self.ready = set()           # indexes that have accepted connections at least once
@@ -14133,7 +14163,13 @@ class Supervisor:
         return sock
 
     def _spawn(self, index):
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:         # (EAGAIN, ENOMEM: tried again like a worker that died)
+            log.error("worker %d: cannot start a process (%s); trying again", index, e)
+            self.quick[index] = self.quick.get(index, 0) + 1
+            self.due[index] = time.monotonic() + min(30.0, 2.0 ** self.quick[index])
+            return
         if pid:
             self.pids[pid] = index
             self.born[index] = time.monotonic()
@@ -14149,7 +14185,7 @@ class Supervisor:
             os.close(self.ready_r)
             if self.reuseport:
                 self.sock.close()
-            code = serve_main(self.args, (index, self.count, self.run_id),
+            code = serve_main(self.args, (index, self.count, self.run_id, self.pid),
                               "reuseport" if self.reuseport else self.sock, self.ready_w)
         except BaseException:
             log.exception("worker %d failed", index)

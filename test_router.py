@@ -8316,6 +8316,30 @@ class CommandTests(unittest.TestCase):
             self.assertIn(line, unit)
 
 
+    def test_the_systemd_unit_waits_for_the_drain_the_config_asks_for(self):
+        self.assertIn("TimeoutStopSec=40\n", self.run_cmd(["systemd-unit"]).stdout)
+        self.assertIn("TimeoutStopSec=100\n", self.run_cmd(["systemd-unit"], cfg={
+            "providers": {}, "settings": {"shutdown_grace_seconds": 90}}).stdout)
+
+    def test_the_default_workers_stay_within_a_containers_cpu_quota(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        self.assertIsNone(R.cpu_quota(d), "no cgroup files: no quota")
+        with open(os.path.join(d, "cpu.max"), "w") as f:
+            f.write("150000 100000\n")                  # docker run --cpus 1.5
+        self.assertEqual(R.cpu_quota(d), 2)
+        with open(os.path.join(d, "cpu.max"), "w") as f:
+            f.write("max 100000\n")
+        self.assertIsNone(R.cpu_quota(d))
+        os.remove(os.path.join(d, "cpu.max"))
+        os.mkdir(os.path.join(d, "cpu"))
+        for name, v in (("cpu.cfs_quota_us", "50000"), ("cpu.cfs_period_us", "100000")):   # cgroup v1
+            with open(os.path.join(d, "cpu", name), "w") as f:
+                f.write(v + "\n")
+        self.assertEqual(R.cpu_quota(d), 1)
+        self.assertLessEqual(R.default_workers(), 8)
+
+
 class DeploymentTests(unittest.TestCase):
     """What a deployment as a service (systemd, Docker) needs of the router."""
 

@@ -8196,6 +8196,7 @@ class Affinity:
 
     NAMES = 8     # names remembered per conversation
     MARKS = 256   # thinking marks remembered per provider and conversation
+    REFRESH = 3600.0   # an unchanged pin is written to the store again this often (it expires)
 
     def __init__(self, size=10000):
         self.lock = threading.Lock()
@@ -8222,6 +8223,7 @@ class Affinity:
             got = self.store.affinity_get(key)
             if got is not None:          # (None: the store cannot be reached; memory answers)
                 names, marks = got
+                marks = {p: set(sorted(m)[-self.MARKS:]) for p, m in marks.items()}
                 with self.lock:          # (what set and add_marks compare with)
                     entry = self._entry(key)
                     entry["names"], entry["marks"] = dict(names), {p: set(m) for p, m in
@@ -8244,12 +8246,17 @@ class Affinity:
         if not key:
             return
         with self.lock:
-            names = self._entry(key)["names"]
+            entry = self._entry(key)
+            names, written = entry["names"], entry.setdefault("written", {})
             same = names.pop(name, None) == cand
             names[name] = cand
             if len(names) > self.NAMES:
                 del names[next(iter(names))]
-        if self.store is not None and shared and not same:
+            now = time.monotonic()
+            due = not same or now - written.get(name, -1e9) > self.REFRESH
+            if due:
+                written[name] = now
+        if self.store is not None and shared and due:
             self.store.affinity_pin(key, name, cand)
 
     def add_marks(self, key, provider, marks):
@@ -11191,9 +11198,14 @@ class SqliteShare:
 
     def affinity_marks(self, conv, provider, marks):
         now = time.time()
-        self._fast(lambda db: db.executemany(
-            "INSERT OR REPLACE INTO affinity_marks (conv, provider, mark, at) VALUES (?, ?, ?, ?)",
-            [(conv, provider, m, now) for m in marks]), write=True)
+
+        def put(db):
+            db.executemany("INSERT OR REPLACE INTO affinity_marks (conv, provider, mark, at) "
+                           "VALUES (?, ?, ?, ?)", [(conv, provider, m, now) for m in marks])
+            db.execute("DELETE FROM affinity_marks WHERE conv = ? AND provider = ? AND mark NOT IN "
+                       "(SELECT mark FROM affinity_marks WHERE conv = ? AND provider = ? ORDER BY "
+                       "at DESC LIMIT ?)", (conv, provider, conv, provider, Affinity.MARKS))
+        self._fast(put, write=True)
 
     def prune(self):
         old = time.time() - self.KEEP_SECONDS
@@ -11281,8 +11293,11 @@ class RedisShare:
 
     def affinity_marks(self, conv, provider, marks):
         key = f"sage:aff:{{{conv}}}:m"
-        self.r.pipeline([["SADD", key, *(f"{provider}\t{m}" for m in marks)],
-                         ["EXPIRE", key, self.KEEP_SECONDS]], fast=True)
+        _added, _ttl, size = self.r.pipeline([["SADD", key, *(f"{provider}\t{m}" for m in marks)],
+                                              ["EXPIRE", key, self.KEEP_SECONDS],
+                                              ["SCARD", key]], fast=True)
+        if isinstance(size, int) and size > 4 * Affinity.MARKS:     # (a long agent session)
+            self.r.call("SPOP", key, size - 4 * Affinity.MARKS, fast=True)
 
     # stored Responses, for previous_response_id on any box
     def put_response(self, rid, entry, ttl):

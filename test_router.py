@@ -7510,6 +7510,23 @@ class SharedStateTests(unittest.TestCase):
         r = self.a.call("POST", "/v1/messages", client_body("anthropic", "code", False, text="Again"))
         self.assertEqual(r.headers["x-router-provider"], "an")
 
+    def test_a_pin_in_daily_use_is_written_again_and_marks_stay_bounded_in_the_database(self):
+        db = lambda: sqlite3.connect(os.path.join(self.a.router.data_dir, "requests.db"))
+        body = client_body("anthropic", "code", False, text="A talk used every day")
+        self.assertEqual(self.a.call("POST", "/v1/messages", body).status, 200)
+        at = lambda: db().execute("SELECT at FROM affinity_names").fetchone()[0]
+        first = at()
+        self.assertEqual(self.a.call("POST", "/v1/messages", body).status, 200)
+        self.assertEqual(at(), first, "an unchanged pin is not written on every turn")
+        self.a.router.affinity.REFRESH = 0.0              # (an hour on)
+        self.assertEqual(self.a.call("POST", "/v1/messages", body).status, 200)
+        self.assertGreater(at(), first, "... but again before it would expire")
+        share = self.a.router.shared.local
+        for i in range(0, 600, 50):
+            share.affinity_marks("conv-x", "an", list(range(i, i + 50)))
+        n = db().execute("SELECT count(*) FROM affinity_marks WHERE conv = 'conv-x'").fetchone()[0]
+        self.assertEqual(n, R.Affinity.MARKS)
+
     def test_an_adopted_breaker_is_probed_once_the_worker_that_opened_it_is_gone(self):
         self.a.close()
         self.b.close()

@@ -11435,8 +11435,8 @@ class SharedState:
         self.wake = threading.Event()
         self.thread = None
         self.failing = None          # why the store cannot be used right now, or None
-        self.cursor = 0              # the store's breaker changes up to this number were read
-        self.read_once = False
+        self.cursors = {}            # id(store) -> [its breaker changes read up to, read once]
+        self.owed = {}               # changes told only to the database while Redis was away
         self.metrics_at = self.prune_at = 0.0
         self.counts_lock, self.counts_at = threading.Lock(), 0.0
 
@@ -11451,7 +11451,7 @@ class SharedState:
     def _loop(self):
         parent = self.parent if self.parent is not None else os.getppid()
         if self.local is not None:
-            self._call(self.local.forget_runs, self.run)
+            self._side(self.local.forget_runs, self.run)
         while not self.router._stop.is_set():
             self.wake.wait(self.TICK)
             self.wake.clear()
@@ -11491,28 +11491,61 @@ class SharedState:
         for e in mine.values():
             e["by"] = self.me
         if mine and self._call(self.store.put_breakers, mine) is None:
-            r.health.unpublished(taken)        # (tried again at the next tick)
-        first = not self.read_once
-        got = self._call(self.store.breakers, self.cursor)
-        if isinstance(got, tuple) and got[0] is None:        # (the store lost its data)
-            first, got = True, self._call(self.store.breakers, 0)
-        if isinstance(got, tuple) and got[0] is not None:
-            theirs, self.cursor = got
-            self.read_once = True
-            # (a reset by hand is done where it is heard as it happens: not by a process that
-            # starts later, on breakers it has opened since)
-            r.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me and not (
-                first and e.get("reset") and (not _num(e.get("at")) or now - e["at"] > 10))}, fps)
+            # (Redis cannot be reached: the workers of this box still share through the data
+            # directory's database, and Redis is told once it is back)
+            if self._fallback() and self._side(self.local.put_breakers, mine):
+                self.owed.update(taken)
+            else:
+                r.health.unpublished(taken)    # (tried again at the next tick)
+        if self.failing is None and self.owed:
+            r.health.unpublished(self.owed)
+            self.owed = {}
+            self.wake.set()
+        self._take(self.store, self._call, fps, now)
+        if self._fallback():
+            self._take(self.local, self._side, fps, now)
         if r.keys.shared is not None and self._call(r.keys.sync):
             self._call(r.keys.catch_up)
         if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:
             self.metrics_at = now
-            self._call(self.local.put_metrics, self.me, self.run, *self._counts())
+            self._side(self.local.put_metrics, self.me, self.run, *self._counts())
         if now - self.prune_at >= 60:
             self.prune_at = now
-            for store in {id(self.store): self.store, id(self.local): self.local}.values():
-                if store is not None:
-                    self._call(store.prune)
+            self._call(self.store.prune)
+            if self.local is not None and self.local is not self.store:
+                self._side(self.local.prune)
+
+    def _take(self, store, call, fps, now):
+        """The breakers the other processes told `store` since this one last read it."""
+        seen = self.cursors.setdefault(id(store), [0, False])     # [cursor, read once]
+        first = not seen[1]
+        got = call(store.breakers, seen[0])
+        if isinstance(got, tuple) and got[0] is None:        # (the store lost its data)
+            first, got = True, call(store.breakers, 0)
+        if isinstance(got, tuple) and got[0] is not None:
+            theirs, seen[0] = got
+            seen[1] = True
+            # (a reset by hand is done where it is heard as it happens: not by a process that
+            # starts later, on breakers it has opened since)
+            self.router.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me
+                                      and not (first and e.get("reset") and (
+                                          not _num(e.get("at")) or now - e["at"] > 10))}, fps)
+
+    def _fallback(self):
+        """Whether Redis cannot be reached and the data directory's database stands in."""
+        return self.failing is not None and self.local is not None and self.local is not self.store
+
+    def _side(self, fn, *args):
+        """A call on the data directory's database beside Redis (its failure is not the shared
+        state's: logged, not shown in /health)."""
+        if self.local is self.store:
+            return self._call(fn, *args)
+        try:
+            out = fn(*args)
+        except Exception as e:
+            log.debug("shared state: %s: %s", self.local.path, e)
+            return None
+        return True if out is None else out
 
     def _counts(self):
         """This worker's metrics and a time that orders them (the scrape's and the thread's)."""
@@ -11527,9 +11560,9 @@ class SharedState:
         scrape to the next, whichever worker answers each."""
         mine, at = self._counts()
         rows = None
-        if self.local is not None and self._call(self.local.put_metrics, self.me, self.run, mine,
+        if self.local is not None and self._side(self.local.put_metrics, self.me, self.run, mine,
                                                  at):
-            rows = self._call(self.local.metrics, self.run)
+            rows = self._side(self.local.metrics, self.run)
         if not isinstance(rows, list):
             rows = []
         states = [] if any(w == self.me for w, _at, _d in rows) else [mine]
@@ -11546,13 +11579,18 @@ class SharedState:
     # -- conversation affinity (Affinity.store) -----------------------------------------------
     def affinity_get(self, conv):
         got = self._call(self.store.affinity_get, conv)
+        if got is None and self._fallback():
+            got = self._side(self.local.affinity_get, conv)
         return got if isinstance(got, tuple) else None
 
     def affinity_pin(self, conv, name, cand):
-        self._call(self.store.affinity_pin, conv, name, cand)
+        if self._call(self.store.affinity_pin, conv, name, cand) is None and self._fallback():
+            self._side(self.local.affinity_pin, conv, name, cand)
 
     def affinity_marks(self, conv, provider, marks):
-        self._call(self.store.affinity_marks, conv, provider, marks)
+        if self._call(self.store.affinity_marks, conv, provider, marks) is None \
+                and self._fallback():
+            self._side(self.local.affinity_marks, conv, provider, marks)
 
     def report(self):
         """For /health: {"workers": ..., "shared_state": ...}."""

@@ -7739,6 +7739,31 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertTrue(wait_until(lambda: self.state(b) == "cooling", 8), "what a learnt meanwhile reaches b")
         self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "ok", 5))
 
+    def test_without_redis_the_workers_of_one_box_still_share_through_its_database(self):
+        cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
+                                    "models": {"claude-test": {}}},
+                             "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
+                                    "models": {"gpt-test": {}}}},
+               "routes": {"code": ["an/claude-test", "oa/gpt-test"]},
+               "settings": {"cooldown_seconds": 30, "probe_seconds": 0, "shared_state": self.redis.url()}}
+        d, run = tempfile.mkdtemp(), f"test-{time.time_ns()}"
+        self.addCleanup(shutil.rmtree, d, True)
+        a = Harness(json.loads(json.dumps(cfg)), data_dir=d, worker=(0, 2, run))
+        self.addCleanup(a.close)
+        b = Harness(json.loads(json.dumps(cfg)), data_dir=d, worker=(1, 2, run))
+        self.addCleanup(b.close)
+        self.redis.stop()
+        failing = lambda h: h.call("GET", "/health").json()["shared_state"]["state"] == "failing"
+        self.assertTrue(wait_until(lambda: failing(a) and failing(b), 5))
+        self.an.push(Reply(status=500))
+        self.assertEqual(a.call("POST", "/v1/messages", client_body("anthropic", "code", False)).headers["x-router-provider"], "oa")
+        self.assertTrue(wait_until(lambda: self.state(b) == "cooling", 5), "b adopts a's breaker through the database")
+        self.assertTrue(failing(a), "and the shared state stays failing (the database is not Redis)")
+        self.redis = RedisServer(password=self.redis.password, port=self.redis.port)     # back, empty
+        c = R.RedisShare(self.redis.url())
+        self.addCleanup(c.close)
+        self.assertTrue(wait_until(lambda: c.breakers(0)[0], 8), "what changed meanwhile reaches Redis")
+
     @unittest.skipUnless(CHROMIUM, "no chromium")
     def test_the_status_page_says_when_the_shared_state_cannot_be_used(self):
         a, _b = self.boxes()

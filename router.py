@@ -13959,6 +13959,12 @@ def systemd_unit(args, user=None):
     except (ConfigError, OSError, ValueError, TypeError, AttributeError):
         grace = DEFAULT_SETTINGS["shutdown_grace_seconds"]
     stop_timeout = int(grace) + 10
+    import importlib.util
+    if not os.path.exists(importlib.util.cache_from_source(script)):
+        notes.append(f"there is no bytecode cache of router.py in {here}/__pycache__ and the "
+                     f"service cannot write one there (ProtectSystem=strict): run `sudo "
+                     f"{python} -m compileall {here}` once after each copy of router.py, or "
+                     "every start compiles it again (about 0.2 s)")
     if not open_to_all(script, 0o004):
         notes.append(f"{script} cannot be read by other users (a folder on its way is private), so "
                      f"the service user {user} cannot start it: copy router.py and providers.json "

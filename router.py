@@ -43,6 +43,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -9312,6 +9313,11 @@ class Resp:
     def __init__(self, url, timeout=TIMEOUT):
         self.tls, self.host, self.port, self.db, self.user, self.password = self.parse(url)
         self.timeout = timeout
+        self.addr = None             # (host's address as last looked up, see _connect)
+        try:                         # (an address needs no lookup)
+            self.addr = (str(ipaddress.ip_address(self.host)), self.port)
+        except ValueError:
+            pass
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.shown = f"redis{'s' * self.tls}://{host}:{self.port}/{self.db}"   # (never the password)
         self.lock = threading.Lock()
@@ -9350,8 +9356,16 @@ class Resp:
             raise ValueError("its database (after the last /) must be a number such as 0")
         return scheme == "rediss", host, int(port or 6379), int(db or 0), user, password
 
-    def _connect(self):
-        sock = socket.create_connection((self.host, self.port), self.timeout)
+    def _connect(self, fast=False):
+        """A new connection. The request path's (`fast`) uses the address the background thread
+        last looked up, so it never waits on a resolver that does not answer."""
+        addr = self.addr
+        if addr is None or not fast:
+            if addr is None and fast:
+                raise ConnectionError(f"{self.host} has not been looked up yet")
+            info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+            addr = self.addr = info[4][:2]
+        sock = socket.create_connection(addr, self.timeout)
         conn = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -9418,7 +9432,7 @@ class Resp:
         if conn is not None:
             return conn, True
         try:
-            return self._connect(), False
+            return self._connect(fast), False
         except (OSError, ValueError, RespError) as e:
             self._broken(None, e)
 
@@ -9452,7 +9466,7 @@ class Resp:
                 conn[1].close()
                 conn[0].close()
                 try:
-                    conn, pooled = self._connect(), False
+                    conn, pooled = self._connect(fast), False
                 except (OSError, ValueError, RespError) as e:
                     self._broken(None, e)
         self._give(conn)
@@ -9475,7 +9489,7 @@ class Resp:
                     held[0][1].close()
                     held[0][0].close()
                     try:
-                        held[0] = self._connect()
+                        held[0] = self._connect(fast)
                     except (OSError, ValueError, RespError) as e:
                         held[0] = None
                         self._broken(None, e)
@@ -11453,13 +11467,13 @@ class SharedState:
         if self.local is not None:
             self._side(self.local.forget_runs, self.run)
         while not self.router._stop.is_set():
-            self.wake.wait(self.TICK)
-            self.wake.clear()
-            self.tick()
+            self.tick()                  # (at once at the start: Redis's address is looked up)
             if self.count > 1 and os.getppid() != parent:   # the supervisor is gone: as SIGTERM
                 log.warning("worker %d: the supervising process is gone; stopping", self.index)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            self.wake.wait(self.TICK)
+            self.wake.clear()
 
     def _call(self, fn, *args):
         try:
@@ -14221,15 +14235,22 @@ class Supervisor:
         sock.set_inheritable(True)
         return sock
 
+    SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
     def _spawn(self, index):
+        # (held back across the fork: a SIGTERM in between reaches the worker as its own, with
+        # its own handling, not this process's flag in the worker's copy of it)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
         try:
             pid = os.fork()
         except OSError as e:         # (EAGAIN, ENOMEM: tried again like a worker that died)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
             log.error("worker %d: cannot start a process (%s); trying again", index, e)
             self.quick[index] = self.quick.get(index, 0) + 1
             self.due[index] = time.monotonic() + min(30.0, 2.0 ** self.quick[index])
             return
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
             self.pids[pid] = index
             self.born[index] = time.monotonic()
             return
@@ -14239,6 +14260,7 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)    # (a reload before it serves: moot)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
             os.close(self.wake_r)
             os.close(self.wake_w)
             os.close(self.ready_r)

@@ -7995,6 +7995,26 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertNotIn("Traceback", out.stderr)
         self.assertNotIn("Zx9secret", out.stdout + out.stderr)
 
+    def test_the_request_path_never_waits_on_a_name_lookup_for_redis(self):
+        r = R.Resp(f"redis://:{self.redis.password}@localhost:{self.redis.port}/3")
+        self.addCleanup(r.close)
+        looked_up, real = [], socket.getaddrinfo
+
+        def lookup(*a, **kw):
+            if not a[0][0].isdigit():                 # (a name, not an address: a resolver's work)
+                looked_up.append(a[0])
+            return real(*a, **kw)
+        with unittest.mock.patch.object(R.socket, "getaddrinfo", lookup):
+            with self.assertRaises(OSError):
+                r.call("PING", fast=True)             # (before the background thread has looked it up)
+            self.assertEqual(looked_up, [], "the request path does not look the name up")
+            r.down = False
+            self.assertEqual(r.call("PING"), "PONG")   # the background thread's call
+            self.assertEqual(looked_up, ["localhost"])
+            r.close()                                 # (no pooled connection: the next one is new)
+            self.assertEqual(r.call("PING", fast=True), "PONG")
+            self.assertEqual(looked_up, ["localhost"], "a new connection of the request path uses that address")
+
     def test_the_resp_client_reads_every_reply_kind(self):
         r = R.Resp(self.redis.url())
         self.addCleanup(r.close)

@@ -7907,6 +7907,26 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertAlmostEqual(stores[1].entry("team")["spent_usd"], 1.5, places=9, msg="$0.5 owed, added once")
         self.assertEqual(stores[0]._conn().execute("SELECT owed FROM key_ledger").fetchone()[0], 0)
 
+    def test_a_debt_from_an_outage_over_midnight_goes_to_the_day_it_was_spent_in(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        st = R.KeyStore(os.path.join(d, "requests.db"))
+        st.shared = R.RedisShare(self.redis.url())
+        self.addCleanup(st.close)
+        db, gen, day1 = st._conn(), 1000.0, 1796169600.0
+        day2 = day1 + 86400
+        row = lambda start, spent: (29000000, 1, 10, 0, 0, start, spent, "[]", start + 10, gen)
+        R.write_tx(db, lambda db: R.KeyStore._write(db, {"team": (row(day1, 0.5), 0.5)}, owe=True))
+        R.write_tx(db, lambda db: R.KeyStore._write(db, {"team": (row(day2, 0.3), 0.3)}, owe=True))
+        self.assertEqual(db.execute("SELECT owed FROM key_ledger").fetchone()[0], 0.3, "a new day: yesterday's debt is of a day gone by")
+        shared = lambda: R.loads(st.shared.r.call("GET", "sage:{ledger}:team"))
+        for redis_row, want in ((row(day1, 1.0), 0.3), (row(day2, 0.1), 0.4)):
+            st.shared.r.call("SET", "sage:{ledger}:team", R.dumps(list(redis_row)))
+            R.write_tx(db, lambda db: db.execute("UPDATE key_ledger SET owed = 0.3"))
+            st.catch_up()
+            self.assertEqual((shared()[5], round(shared()[6], 9)), (day2, want),
+                             "Redis still on day 1: day 2 starts with the debt; already on day 2: it is added")
+
     def test_a_transaction_whose_answer_is_lost_is_not_booked_twice(self):
         """EXEC applied, its answer lost (a connection cut just then): the rows written tell."""
         lsock = socket.create_server(("127.0.0.1", 0))

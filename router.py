@@ -7966,13 +7966,13 @@ class Health:
             b.probe_at = time.monotonic() + b.probe_step
 
     # -- by hand, and after a reload ---------------------------------------------------------------
-    def reset(self, provider=None, model=None):
+    def reset(self, provider=None, model=None, share=True):
         """Close breakers by hand: all of them (and revive rejected keys), one provider's (its own,
         its keys' and its models'), or one model's. Returns the names of what was open or
         failing."""
         with self.lock:
             names = self._reset(provider, model)
-            if self.wake is not None:        # (the other workers and boxes do it too)
+            if self.wake is not None and share:     # (the other workers and boxes do it too)
                 self.changed[("reset", provider, model)] = time.time()
                 self.wake.set()
         return names
@@ -11138,7 +11138,11 @@ class SqliteShare:
             raise sqlite3.OperationalError("the database was locked a moment ago")
         if self.db is None:
             self._run(lambda db: None)              # (the tables, first)
-        with self.fast_lock:
+        if not self.fast_lock.acquire(timeout=self.FAST_BUSY_MS / 1000):
+            raise sqlite3.OperationalError("the database is busy")     # (others wait on it)
+        try:
+            if time.monotonic() < self.fast_down:
+                raise sqlite3.OperationalError("the database was locked a moment ago")
             try:
                 if self.fast_db is None:
                     self.fast_db = sqlite3.connect(self.path, timeout=self.FAST_BUSY_MS / 1000,
@@ -11147,6 +11151,8 @@ class SqliteShare:
             except sqlite3.Error:
                 self.fast_down = time.monotonic() + 1.0
                 raise
+        finally:
+            self.fast_lock.release()
 
     def _tx(self, fn):
         return self._run(lambda db: write_tx(db, fn))
@@ -11168,26 +11174,27 @@ class SqliteShare:
             [(k, dumps(e), e["at"]) for k, e in entries.items()]))
 
     def breakers(self, since=0):
-        """({shared key: entry} of the changes numbered after `since`, the last number read), or
-        (None, 0) when the numbers went back (the store lost its data: read all again)."""
+        """({shared key: entry} of the changes numbered after `since`, in their order, the last
+        number read), or (None, 0) when the numbers went back (the store lost its data: read all
+        again)."""
         def read(db):
             top = db.execute("SELECT coalesce(max(seq), 0) FROM shared_breakers").fetchone()[0]
             if top < since:
                 return None, 0
             return {k: loads(d) for k, d in db.execute(
-                "SELECT key, data FROM shared_breakers WHERE seq > ?", (since,))}, top
+                "SELECT key, data FROM shared_breakers WHERE seq > ? ORDER BY seq", (since,))}, top
         return self._run(read)
 
     # metrics: one row a worker of this run (a replaced worker's row stays: its counts count)
-    def put_metrics(self, worker, run, data, at):
-        """A worker's counts as of `at` (a row only ever moves forward)."""
-        self._run(lambda db: db.execute(
+    def put_metrics(self, worker, run, data, at, fast=False):
+        """A worker's counts as of `at` (a row only ever moves forward); `fast`: a scrape's."""
+        (self._fast if fast else self._run)(lambda db: db.execute(
             "INSERT INTO shared_metrics (worker, run, at, data) VALUES (?, ?, ?, ?) ON CONFLICT "
             "(worker) DO UPDATE SET run = excluded.run, at = excluded.at, data = excluded.data "
             "WHERE excluded.at > at", (worker, run, at, dumps(data))))
 
-    def metrics(self, run):
-        return self._run(lambda db: db.execute(
+    def metrics(self, run, fast=False):
+        return (self._fast if fast else self._run)(lambda db: db.execute(
             "SELECT worker, at, data FROM shared_metrics WHERE run = ?", (run,)).fetchall())
 
     def forget_runs(self, run):
@@ -11268,7 +11275,8 @@ class RedisShare:
         top = int(count or 0)
         if top < since:
             return None, 0
-        names = [k for k, n in zip(flat[::2], flat[1::2]) if int(n) > since]
+        names = [k for n, k in sorted((int(n), k) for k, n in zip(flat[::2], flat[1::2]))
+                 if n > since]
         out = {}
         if names:
             for k, v in zip(names, self.r.call("HMGET", self.BREAKERS[0], *names)):
@@ -11415,7 +11423,9 @@ class RedisShare:
             if isinstance(reply, RespError):
                 raise reply
         seen, self.epoch = self.epoch, now
-        if seen is not None and now != seen or int(count or 0) < cursor:
+        # (the epoch was missing: a new server, or one that lost its data: every box, also one
+        # that starts now, sends all its keys again; a row that loses there is refused)
+        if _set == "OK" or seen is not None and now != seen or int(count or 0) < cursor:
             return None, 0
         names = flat[::2]
         if not names:
@@ -11451,6 +11461,7 @@ class SharedState:
         self.failing = None          # why the store cannot be used right now, or None
         self.cursors = {}            # id(store) -> [its breaker changes read up to, read once]
         self.owed = {}               # changes told only to the database while Redis was away
+        self.last_view = None        # the last whole-router metrics (see metrics_view)
         self.metrics_at = self.prune_at = 0.0
         self.counts_lock, self.counts_at = threading.Lock(), 0.0
 
@@ -11575,9 +11586,11 @@ class SharedState:
         mine, at = self._counts()
         rows = None
         if self.local is not None and self._side(self.local.put_metrics, self.me, self.run, mine,
-                                                 at):
-            rows = self._side(self.local.metrics, self.run)
+                                                 at, True):
+            rows = self._side(self.local.metrics, self.run, True)
         if not isinstance(rows, list):
+            if self.local is not None and self.last_view is not None:
+                return self.last_view         # (the database is busy: the last sum, not less)
             rows = []
         states = [] if any(w == self.me for w, _at, _d in rows) else [mine]
         now, live = time.time(), 0 if not states else 1
@@ -11588,7 +11601,8 @@ class SharedState:
             else:
                 live += 1
             states.append(st)
-        return Metrics.merged(states), live
+        self.last_view = Metrics.merged(states), live
+        return self.last_view
 
     # -- conversation affinity (Affinity.store) -----------------------------------------------
     def affinity_get(self, conv):
@@ -11621,8 +11635,9 @@ class SharedState:
     def close(self):
         self.wake.set()
         if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(2)
-        self.tick()                  # (the last changes and counts)
+            self.thread.join(5)
+        if self.thread is None or not self.thread.is_alive():
+            self.tick()              # (the last changes and counts)
         for store in (self.store, self.local):
             if store is not None:
                 store.close()
@@ -12128,8 +12143,8 @@ class Router:
             self.cfg, self.env, self.source = cfg, env, source
             self.catalogue, self.settings = cat, cat.settings
             self.health.reconfigure(cat.settings)
-            for name in changed:      # a fixed key or URL gets a fresh start
-                self.health.reset(name)
+            for name in changed:      # a fixed key or URL gets a fresh start (here: the config
+                self.health.reset(name, share=False)     # changed on this box, not on others)
             self.health.forget(self._known_breaker)
             with self._intent_lock:
                 self._intent_cache.clear()

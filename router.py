@@ -11462,6 +11462,7 @@ class SharedState:
         self.cursors = {}            # id(store) -> [its breaker changes read up to, read once]
         self.owed = {}               # changes told only to the database while Redis was away
         self.last_view = None        # the last whole-router metrics (see metrics_view)
+        self.fallback_since = None   # when this outage of Redis began (see tick)
         self.metrics_at = self.prune_at = 0.0
         self.counts_lock, self.counts_at = threading.Lock(), 0.0
 
@@ -11522,13 +11523,23 @@ class SharedState:
                 self.owed.update(taken)
             else:
                 r.health.unpublished(taken)    # (tried again at the next tick)
+        seen = self._take(self.store, self._call, fps, now)
         if self.failing is None and self.owed:
-            r.health.unpublished(self.owed)
+            # (back: what changed here meanwhile is told, but not a reset, done long ago, nor a
+            # breaker another process changed meanwhile: the store's is the newer word)
+            again = {k: at for k, at in self.owed.items() if k[0] != "reset"
+                     and r.health._shared_key(k, fps) not in seen}
             self.owed = {}
-            self.wake.set()
-        self._take(self.store, self._call, fps, now)
+            if again:
+                r.health.unpublished(again)
+                self.wake.set()
         if self._fallback():
-            self._take(self.local, self._side, fps, now)
+            if self.fallback_since is None:
+                self.fallback_since = now
+            # (the database's entries from before this outage are old news)
+            self._take(self.local, self._side, fps, now, after=self.fallback_since - 5)
+        else:
+            self.fallback_since = None
         if r.keys.shared is not None and self._call(r.keys.sync):
             self._call(r.keys.catch_up)
         if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:
@@ -11540,21 +11551,27 @@ class SharedState:
             if self.local is not None and self.local is not self.store:
                 self._side(self.local.prune)
 
-    def _take(self, store, call, fps, now):
-        """The breakers the other processes told `store` since this one last read it."""
+    def _take(self, store, call, fps, now, after=None):
+        """The breakers the other processes told `store` since this one last read it (those of
+        `after` or later only) -> the names read."""
         seen = self.cursors.setdefault(id(store), [0, False])     # [cursor, read once]
         first = not seen[1]
         got = call(store.breakers, seen[0])
         if isinstance(got, tuple) and got[0] is None:        # (the store lost its data)
             first, got = True, call(store.breakers, 0)
-        if isinstance(got, tuple) and got[0] is not None:
-            theirs, seen[0] = got
-            seen[1] = True
-            # (a reset by hand is done where it is heard as it happens: not by a process that
-            # starts later, on breakers it has opened since)
-            self.router.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me
-                                      and not (first and e.get("reset") and (
-                                          not _num(e.get("at")) or now - e["at"] > 10))}, fps)
+        if not (isinstance(got, tuple) and got[0] is not None):
+            return set()
+        theirs, seen[0] = got
+        seen[1] = True
+        # (a reset by hand is done where it is heard as it happens: not by a process that starts
+        # later, on breakers it has opened since)
+        self.router.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me
+                                  and not (first and e.get("reset") and (
+                                      not _num(e.get("at")) or now - e["at"] > 10))
+                                  and not (after is not None and (
+                                      not _num(e.get("at")) or e["at"] < after))},
+                                 fps)
+        return set(theirs)
 
     def _fallback(self):
         """Whether Redis cannot be reached and the data directory's database stands in."""

@@ -9494,16 +9494,20 @@ class Resp:
                         held[0] = None
                         self._broken(None, e)
                 except (OSError, RespError) as e:
-                    self._broken(held[0], e)
+                    conn, held[0] = held[0], None
+                    self._broken(conn, e)
+            if held[0] is None:
+                raise ConnectionError("the connection to Redis closed")
             try:
                 return self._exchange(held[0], cmds)
             except (OSError, ValueError, RespError) as e:
-                self._broken(held[0], e)
+                conn, held[0] = held[0], None     # (closed: never back into the pool)
+                self._broken(conn, e)
         try:
             yield send
             done = True
         finally:
-            if done:
+            if done and held[0] is not None:
                 self._give(held[0])
             elif held[0] is not None:
                 held[0][1].close()
@@ -9832,6 +9836,21 @@ class LedgerBusy(Exception):
     """The shared ledger's rows kept changing under a transaction (many processes on one key)."""
 
 
+class LedgerUnsure(ConnectionError):
+    """A transaction on the shared ledger whose EXEC was sent but whose outcome could not be read
+    (the connection broke just then): `tx` wrote rows `names`, or did not."""
+
+    def __init__(self, tx, names):
+        super().__init__("the shared ledger's answer was lost")
+        self.tx, self.names = tx, names
+
+
+def ledger_history(row):
+    """The ids of the transactions that last wrote a shared ledger row (see RedisShare)."""
+    h = row[10] if row is not None and len(row) > 10 else None
+    return h if isinstance(h, list) else [h] if isinstance(h, str) else []
+
+
 class KeyLimit(Exception):
     """A request refused by its key's limits: kind rpm, tpm, budget or busy (budget nearly spent
     and another request of the key in flight); `retry_after` seconds."""
@@ -9987,6 +10006,9 @@ class KeyStore:
         self.shared = None
         self.shared_failing = False
         self.used = {}              # key name -> when (monotonic) this process last used its row
+        self.unsure = []            # [(tx, names, settlements)]: see _resolve
+        self.lost = []              # ids of this process's payments whose answer was lost
+        self.bglock, self.bdb = threading.Lock(), None        # see _bg
         self.copied = 0.0           # when the copies of those rows were last refreshed
         self.cursor = 0             # the shared keys' change counter read up to
 
@@ -10003,9 +10025,11 @@ class KeyStore:
                 # added to it once it can)
                 "CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, requests, "
                 "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used, "
-                "created, owed) WITHOUT ROWID"], isolation_level=None, check_same_thread=False)
+                "created, owed, paying, paying_tx, paying_at) WITHOUT ROWID"],
+                isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
-            for table, cols in (("key_ledger", ("created", "owed")),
+            for table, cols in (("key_ledger", ("created", "owed", "paying", "paying_tx",
+                                                "paying_at")),
                                 ("keys", ("changed", "pushed"))):
                 have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
                 for c in cols:
@@ -10030,6 +10054,10 @@ class KeyStore:
             if self.rdb is not None:
                 self.rdb.close()
                 self.rdb = None
+        with self.bglock:
+            if self.bdb is not None:
+                self.bdb.close()
+                self.bdb = None
 
     def _tx(self, fn, keys_changed=False):
         """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait). A change
@@ -10322,7 +10350,8 @@ class KeyStore:
     def _rows(cls, db, names, owed=False):
         """The stored ledger rows of these keys (tuples in LEDGER's order, and with `owed` what
         each owes the shared ledger; or None)."""
-        sql = f"SELECT {', '.join(cls.LEDGER)}{', owed' * owed} FROM key_ledger WHERE name=?"
+        sql = (f"SELECT {', '.join(cls.LEDGER)}"
+               f"{', coalesce(owed, 0) + coalesce(paying, 0)' * owed} FROM key_ledger WHERE name=?")
         out = {}
         for n in names:
             row = db.execute(sql, (n,)).fetchone()
@@ -10374,7 +10403,7 @@ class KeyStore:
             + ", ".join(f"{c} = excluded.{c}" for c in cls.LEDGER)
             + ", owed = (CASE WHEN created IS excluded.created AND period_start IS "
             "excluded.period_start THEN coalesce(owed, 0) ELSE 0 END) + excluded.owed"
-            + (" WHERE coalesce(owed, 0) = 0" if copy else ""),
+            + (" WHERE coalesce(owed, 0) = 0 AND paying_tx IS NULL" if copy else ""),
             [(n, *row, booked if owe else 0.0) for n, (row, booked) in rows.items()])
 
     @staticmethod
@@ -10528,7 +10557,7 @@ class KeyStore:
     def flush(self):
         """Book the settled requests not booked yet, give back this process's blocks, renew its
         holds due for it (the writer's batch and idle wake-ups; before a read of the spend)."""
-        if self.pending or self.blocks or self._due(time.monotonic()):
+        if self.pending or self.blocks or self.unsure or self._due(time.monotonic()):
             self._ledger_tx()
 
     def _due(self, now):
@@ -10544,6 +10573,8 @@ class KeyStore:
         every row it writes becomes what its requests in flight there may still cost, and its
         blocks' USD."""
         with self.lock:
+            if self.unsure:
+                self._resolve()
             pending, self.pending = self.pending, []
             mono = time.monotonic()
             keys = {}                         # name -> (generation, period, [items])
@@ -10604,6 +10635,9 @@ class KeyStore:
                 return (out, blocks, renewed), writes
             try:
                 out, blocks, renewed = self._run_ledger(list(keys), attempt)
+            except LedgerUnsure as e:             # (applied or not: told by the rows, later)
+                self.unsure.append((e.tx, e.names, pending))
+                raise
             except BaseException:
                 self.pending[:0] = pending        # (booked by a later transaction)
                 raise
@@ -10632,6 +10666,8 @@ class KeyStore:
                 self.used[n] = mono
             try:
                 out = self.shared.ledger_run(names, attempt, self._seed_rows)
+            except LedgerUnsure:
+                raise                  # (neither booked here nor retried: see _resolve)
             except LedgerBusy:
                 raise ApiError(503, "overloaded", "the team keys' shared ledger is too busy right "
                                "now: try again", headers={"Retry-After": "1"}) from None
@@ -10653,6 +10689,21 @@ class KeyStore:
             return out
         return write_tx(self._conn(), local)
 
+    def _resolve(self):
+        """Transactions on the shared ledger whose answer was lost (under self.lock): those it
+        applied are done; the settlements of those it did not are booked again."""
+        if self.shared is None:
+            self.unsure = []
+            return
+        left = []
+        for tx, names, items in self.unsure:
+            applied = self.shared.ledger_applied(tx, names)
+            if applied is None:
+                left.append((tx, names, items))
+            elif not applied:
+                self.pending[:0] = items
+        self.unsure = left
+
     def _seed_rows(self, names):
         """This box's copy of ledger rows the shared ledger lacks (a Redis emptied by a restart, a
         key counted here alone so far), without what it owes to the shared ledger (catch_up adds
@@ -10664,50 +10715,108 @@ class KeyStore:
     COPY_SECONDS = 1.0           # how often the copies of the shared rows used here are refreshed
     COPY_KEEP = 900.0            # ... for keys used here in the last this many seconds
 
+    CLAIM_SECONDS = 120.0        # a claim on a debt older than this was left by a dead process
+
     def catch_up(self):
         """The shared-state thread's work on the ledger, every half second while the shared one
         answers: what this box booked while it could not be reached (key_ledger's owed) is added
         to it (to the same key's row of the same period; a row it lost, or of a period gone by, is
-        started again from this box's; spend of an older key of that name is dropped), in one
-        write transaction here held across it, so the workers of a box never add it twice; and,
-        once a second, this box's copies of the rows its keys used lately are refreshed (it starts
-        from them when the shared ledger cannot be reached)."""
+        started again from this box's; spend of an older key of that name is dropped), and, once
+        a second, this box's copies of the rows its keys used lately are refreshed (it starts from
+        them when the shared ledger cannot be reached). A debt is claimed first (owed -> paying,
+        with the transaction's id, in one short write here), so the workers of a box pay it once,
+        and no lock is held across a round trip to Redis; a payment whose answer was lost is
+        settled by the rows' ids. A busy database here only waits for the next tick."""
         if self.shared is None or self.db is None:
             return
-        with self.lock:
-            def pay(db):
-                owed = self._rows(db, [r[0] for r in db.execute(
-                    "SELECT name FROM key_ledger WHERE owed > 0")], owed=True)
-                if not owed:
-                    return 0
+        try:
+            self._pay()
+            self._copy()
+        except (sqlite3.Error, LedgerBusy) as e:
+            log.debug("team keys: catching up with %s later (%s)", self.shared.where, e)
 
-                def attempt(rows):
-                    writes = {}
-                    for n, here in owed.items():
-                        row, usd = rows.get(n), here[10]
-                        if row is None or row[9] != here[9] and (here[9] or 0) > (row[9] or 0) \
-                                or row[9] == here[9] and (row[5] or 0) < (here[5] or 0):
-                            writes[n] = (here[:10], usd)       # (lost there, or gone by)
-                        elif row[9] == here[9] and row[5] == here[5]:
-                            writes[n] = (row[:6] + ((row[6] or 0.0) + usd,) + row[7:10], usd)
-                    return None, writes
-                self.shared.ledger_run(list(owed), attempt, lambda ns: {})
-                db.executemany("UPDATE key_ledger SET owed = 0 WHERE name = ?",
-                               [(n,) for n in owed])
-                return len(owed)
-            paid = write_tx(self._conn(), pay)
-            if paid:
-                log.info("team keys: the spend booked on this box while %s could not be reached "
-                         "is added to it (%d key(s))", self.shared.where, paid)
-            mono = time.monotonic()
-            if mono - self.copied < self.COPY_SECONDS:
-                return
-            self.copied = mono
+    def _bg(self):
+        """The shared-state thread's own connection (a short busy timeout: it tries again)."""
+        with self.bglock:
+            if self.bdb is None:
+                self._conn()                    # (the tables, first)
+                self.bdb = sqlite3.connect(self.path, timeout=1.0, isolation_level=None,
+                                           check_same_thread=False)
+            return self.bdb
+
+    def _pay(self):
+        if not self._read("SELECT 1 FROM key_ledger WHERE owed > 0 OR paying_tx IS NOT NULL "
+                          "LIMIT 1"):
+            return
+        db, now = self._bg(), time.time()
+        # earlier payments of dead processes (or this one's, lost): done, or owed again
+        stale = [r for r in db.execute("SELECT name, paying_tx, paying_at FROM key_ledger WHERE "
+                                       "paying_tx IS NOT NULL")
+                 if (r[2] or 0) < now - self.CLAIM_SECONDS or r[1] in self.lost]
+        unknown = set()
+        for name, tx, _at in stale:
+            applied = self.shared.ledger_applied(tx, [name])
+            if applied is None:
+                unknown.add(tx)
+            else:
+                self._settle(db, tx, applied, [name])
+        self.lost = [tx for tx in self.lost if tx in unknown]
+        tx = secrets.token_hex(4)
+
+        def claim(db):
+            names = [r[0] for r in db.execute(
+                "SELECT name FROM key_ledger WHERE owed > 0 AND paying_tx IS NULL")]
+            owed = self._rows(db, names, owed=True)
+            db.executemany("UPDATE key_ledger SET paying = owed, owed = 0, paying_tx = ?, "
+                           "paying_at = ? WHERE name = ?", [(tx, now, n) for n in owed])
+            return owed
+        owed = write_tx(db, claim)
+        if not owed:
+            return
+
+        def attempt(rows):
+            writes = {}
+            for n, here in owed.items():
+                row, usd = rows.get(n), here[10]
+                if row is None or row[9] != here[9] and (here[9] or 0) > (row[9] or 0) \
+                        or row[9] == here[9] and (row[5] or 0) < (here[5] or 0):
+                    writes[n] = (here[:10], usd)       # (lost there, or gone by)
+                elif row[9] == here[9] and row[5] == here[5]:
+                    writes[n] = (row[:6] + ((row[6] or 0.0) + usd,) + row[7:10], usd)
+            return None, writes
+        try:
+            self.shared.ledger_run(list(owed), attempt, lambda ns: {}, tx=tx)
+        except LedgerUnsure:
+            self.lost.append(tx)          # (told by the rows at the next tick)
+            raise
+        except BaseException:
+            self._settle(db, tx, False, list(owed))
+            raise
+        self._settle(db, tx, True, list(owed))
+        log.info("team keys: the spend booked on this box while %s could not be reached is "
+                 "added to it (%d key(s))", self.shared.where, len(owed))
+
+    @staticmethod
+    def _settle(db, tx, applied, names):
+        """A claimed debt paid (or not: owed again)."""
+        write_tx(db, lambda db: db.executemany(
+            "UPDATE key_ledger SET paying = NULL, paying_tx = NULL, paying_at = NULL WHERE "
+            "name = ? AND paying_tx = ?" if applied else
+            "UPDATE key_ledger SET owed = coalesce(owed, 0) + paying, paying = NULL, "
+            "paying_tx = NULL, paying_at = NULL WHERE name = ? AND paying_tx = ?",
+            [(n, tx) for n in names]))
+
+    def _copy(self):
+        mono = time.monotonic()
+        if mono - self.copied < self.COPY_SECONDS:
+            return
+        self.copied = mono
+        with self.lock:
             self.used = {n: t for n, t in self.used.items() if mono - t < self.COPY_KEEP}
-            if not self.used:
-                return
-            got = self.shared.ledger_get(list(self.used))
-            write_tx(self._conn(), lambda db: self._write(db, {
+            names = list(self.used)
+        if names:
+            got = self.shared.ledger_get(names)
+            write_tx(self._bg(), lambda db: self._write(db, {
                 n: (row[:10], 0.0) for n, row in got.items() if row is not None}, copy=True))
 
     @staticmethod
@@ -11353,13 +11462,18 @@ class RedisShare:
                 "for j = 1, 4 do redis.call('EXPIRE', KEYS[j], 7776000) end return refused")
     KEYS = ("sage:{keys}:rows", "sage:{keys}:order", "sage:{keys}:count", "sage:{keys}:epoch")
 
-    def ledger_run(self, names, attempt, seed):
+    LEDGER_HISTORY = 64      # transaction ids a row keeps (see ledger_run)
+
+    def ledger_run(self, names, attempt, seed, tx=None):
         """attempt(rows) -> (out, {name: (row, USD)}) as one optimistic transaction: the rows read
         under WATCH, the new ones written in MULTI ... EXEC, the whole tried again when another
         process wrote one of them meanwhile (EXEC answers a null array). A row missing here is
         started from seed(names) (this box's copy). -> out. LedgerBusy when other processes
-        kept winning; OSError when the server cannot be used."""
+        kept winning; LedgerUnsure when EXEC was sent and neither its answer nor the rows could
+        be read (applied or not: tell later by ledger_applied); another OSError when the
+        server cannot be used (nothing was applied)."""
         keys = [self.LEDGER_KEY + n for n in names]
+        tx = tx or secrets.token_hex(4)
         for attempt_no in range(self.LEDGER_TRIES):
             if attempt_no:                       # (another process won the row: let it go on)
                 time.sleep(random.uniform(0, 0.001 * min(attempt_no, 20)))
@@ -11369,22 +11483,25 @@ class RedisShare:
                     if isinstance(reply, RespError):
                         raise reply
                 rows = {n: tuple(loads(v)) if v else None for n, v in zip(names, got)}
+                history = {n: ledger_history(row) for n, row in rows.items()}
                 missing = [n for n, row in rows.items() if row is None]
                 if missing:
                     rows.update(seed(missing))
                 out, writes = attempt(rows)
-                # (each row written carries this transaction's id: when EXEC's answer is lost,
-                # the rows tell whether it was applied, so nothing is booked twice)
-                tx = secrets.token_hex(8)
-                written = [self.LEDGER_KEY + n for n in writes]
+                # (each row keeps the ids of the transactions that wrote it last: when EXEC's
+                # answer is lost, the rows tell whether it was applied, so nothing is booked
+                # twice, also when another process wrote them since)
                 try:
                     done = send([["MULTI"]] + [
-                        ["SET", self.LEDGER_KEY + n, dumps(list(row[:10]) + [tx]), "EX",
+                        ["SET", self.LEDGER_KEY + n, dumps(list(row[:10]) + [
+                            (history.get(n, []) + [tx])[-self.LEDGER_HISTORY:]]), "EX",
                          self.LEDGER_SECONDS] for n, (row, _usd) in writes.items()]
                         + [["EXEC"]])[-1]
                 except ConnectionError:
-                    if written and all(v and loads(v)[10:11] == [tx] for v in
-                                       self.r.call("MGET", *written)):
+                    applied = self.ledger_applied(tx, list(writes))
+                    if applied is None:
+                        raise LedgerUnsure(tx, list(writes)) from None
+                    if applied:
                         return out
                     raise
                 if isinstance(done, RespError):
@@ -11396,9 +11513,20 @@ class RedisShare:
                     return out
         raise LedgerBusy()
 
-    def ledger_get(self, names):
-        got = self.r.call("MGET", *(self.LEDGER_KEY + n for n in names), fast=True)
+    def ledger_get(self, names, fast=True):
+        got = self.r.call("MGET", *(self.LEDGER_KEY + n for n in names), fast=fast)
         return {n: tuple(loads(v)) if v else None for n, v in zip(names, got or [])}
+
+    def ledger_applied(self, tx, names):
+        """Whether transaction `tx` wrote these rows (True/False), or None when they cannot be
+        read now."""
+        if not names:
+            return True
+        try:
+            rows = self.ledger_get(names, fast=False)
+        except OSError:
+            return None
+        return all(tx in ledger_history(rows.get(n)) for n in names)
 
     def put_keys(self, rows):
         """Key rows (dicts, with `changed`) made or changed on this box -> the names refused (the

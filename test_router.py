@@ -7907,6 +7907,35 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertAlmostEqual(stores[1].entry("team")["spent_usd"], 1.5, places=9, msg="$0.5 owed, added once")
         self.assertEqual(stores[0]._conn().execute("SELECT owed FROM key_ledger").fetchone()[0], 0)
 
+    def test_catching_up_never_holds_up_a_request_when_the_database_is_locked(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        st = R.KeyStore(os.path.join(d, "requests.db"))
+        st.shared = R.RedisShare(self.redis.url())
+        self.addCleanup(st.close)
+        key, _ = st.create("team", {"budget": "10/day", "rpm": 1000})
+        rec = st.find(key)
+        st.settle(st.admit(rec, 10, 0.01), 0.01, 10)
+        R.write_tx(st._conn(), lambda db: db.execute("UPDATE key_ledger SET owed = 0.5"))   # (a debt to pay)
+        holder = sqlite3.connect(os.path.join(d, "requests.db"), isolation_level=None)
+        self.addCleanup(holder.close)
+        holder.execute("BEGIN IMMEDIATE")               # (a backup, a shell, a long prune)
+        done = threading.Event()
+        catching = threading.Thread(target=lambda: [st.catch_up() for _ in range(3)])
+        catching.start()
+        try:
+            def admits():
+                for _ in range(5):
+                    st.settle(st.admit(rec, 10, 0.01), 0.01, 10)
+                done.set()
+            threading.Thread(target=admits, daemon=True).start()
+            self.assertTrue(done.wait(3), "admitted while the database is locked (catch_up held the key store's lock 10 s)")
+        finally:
+            holder.execute("ROLLBACK")
+            catching.join(20)
+        st.catch_up()
+        self.assertEqual(st._conn().execute("SELECT owed FROM key_ledger").fetchone()[0], 0, "paid once it could be")
+
     def test_a_debt_from_an_outage_over_midnight_goes_to_the_day_it_was_spent_in(self):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d, True)
@@ -7927,22 +7956,23 @@ class RedisSharedStateTests(unittest.TestCase):
             self.assertEqual((shared()[5], round(shared()[6], 9)), (day2, want),
                              "Redis still on day 1: day 2 starts with the debt; already on day 2: it is added")
 
-    def test_a_transaction_whose_answer_is_lost_is_not_booked_twice(self):
-        """EXEC applied, its answer lost (a connection cut just then): the rows written tell."""
+    def cut_proxy(self):
+        """A TCP proxy to Redis that drops the answer to the first EXEC through it; with
+        proxy["refuse"] set, it cuts every connection (a network still down)."""
         lsock = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(lsock.close)
-        cut = {"done": False}
+        proxy = {"done": False, "refuse": False, "port": lsock.getsockname()[1]}
 
         def pipe(src, dst, to_redis):
             try:
                 while True:
                     data = src.recv(65536)
-                    if not data:
+                    if not data or proxy["refuse"]:
                         break
-                    if to_redis and b"EXEC" in data and not cut["done"]:
-                        cut["done"] = cut["drop"] = True    # (Redis applies it; its answer is dropped)
-                    if not to_redis and cut.get("drop"):
-                        cut["drop"] = False
+                    if to_redis and b"EXEC" in data and not proxy["done"]:
+                        proxy["done"] = proxy["drop"] = True    # (Redis applies it; its answer is dropped)
+                    if not to_redis and proxy.get("drop"):
+                        proxy["drop"] = False
                         break
                     dst.sendall(data)
             except OSError:
@@ -7957,11 +7987,19 @@ class RedisSharedStateTests(unittest.TestCase):
                     c, _ = lsock.accept()
                 except OSError:
                     return
+                if proxy["refuse"]:
+                    c.close()
+                    continue
                 up = socket.create_connection(("127.0.0.1", self.redis.port))
                 threading.Thread(target=pipe, args=(c, up, True), daemon=True).start()
                 threading.Thread(target=pipe, args=(up, c, False), daemon=True).start()
         threading.Thread(target=serve, daemon=True).start()
-        share = R.RedisShare(f"redis://:{self.redis.password}@127.0.0.1:{lsock.getsockname()[1]}/3")
+        return proxy
+
+    def test_a_transaction_whose_answer_is_lost_is_not_booked_twice(self):
+        """EXEC applied, its answer lost (a connection cut just then): the rows written tell."""
+        proxy = self.cut_proxy()
+        share = R.RedisShare(f"redis://:{self.redis.password}@127.0.0.1:{proxy['port']}/3")
         self.addCleanup(share.close)
         now = time.time()
 
@@ -7969,8 +8007,43 @@ class RedisSharedStateTests(unittest.TestCase):
             row = rows["team"] or (int(now // 60), 0, 0, 0, 0, now - 1, 0.0, "[]", now, 1.0)
             return "booked", {"team": (row[:6] + (row[6] + 1.0,) + row[7:10], 1.0)}
         self.assertEqual(share.ledger_run(["team"], attempt, lambda names: {}), "booked")
-        self.assertTrue(cut["done"], "the answer to EXEC was cut off")
+        self.assertTrue(proxy["done"], "the answer to EXEC was cut off")
         self.assertEqual(R.loads(R.Resp(self.redis.url()).call("GET", "sage:{ledger}:team"))[6], 1.0)
+
+    def test_spend_whose_answer_is_lost_while_the_network_stays_down_is_booked_once(self):
+        proxy = self.cut_proxy()
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        st = R.KeyStore(os.path.join(d, "requests.db"))
+        st.shared = R.RedisShare(f"redis://:{self.redis.password}@127.0.0.1:{proxy['port']}/3")
+        self.addCleanup(st.close)
+        key, _ = st.create("team", {"budget": "10/day"})
+        rec = st.find(key)
+        ticket = st.admit(rec, 10, 0.01)
+        st.settle(ticket, 1.0, 10)
+        orig = st.shared.r._exchange
+
+        def exchange(conn, cmds):                      # (the network goes down as EXEC's answer is lost)
+            if cmds and cmds[-1] == ["EXEC"]:
+                proxy["refuse"] = False
+                try:
+                    return orig(conn, cmds)
+                finally:
+                    proxy["refuse"] = True
+            return orig(conn, cmds)
+        st.shared.r._exchange = exchange
+        proxy["done"] = False
+        with self.assertRaises(OSError):
+            st.flush()
+        self.assertTrue(proxy["done"])
+        self.assertEqual(len(st.unsure), 1, "applied or not: not known yet, not booked again here")
+        self.assertEqual(st._conn().execute("SELECT coalesce(sum(owed), 0) FROM key_ledger").fetchone()[0], 0)
+        proxy["refuse"] = False                        # (the network is back)
+        st.shared.r._exchange = orig
+        st.shared.r.down = False
+        st.flush()
+        self.assertEqual(st.unsure, [])
+        self.assertEqual(st.entry("team")["spent_usd"], 1.0, "booked once")
 
     def test_the_keys_command_makes_a_key_every_box_takes(self):
         a, b = self.boxes()
@@ -8190,8 +8263,7 @@ class WorkersTests(unittest.TestCase):
         """The path of the platforms without SO_REUSEPORT's spread (macOS, the BSDs): the workers
         accept from one socket; those that lose the race for a connection must not block in accept
         (deaf to a stop until the next connection)."""
-        p, port = self.start(workers=3, shared_socket=True)
-        self.assertEqual(len(self.pids(port)), 3)
+        p, port = self.start(workers=3, shared_socket=True)          # (all three have answered)
         self.test_sigterm_drains_every_worker(started=(p, port))
         p, port = self.start(workers=3, shared_socket=True)
         self.pids(port)

@@ -10192,13 +10192,22 @@ class KeyStore:
                 log.warning("team keys: the change is not in %s yet (%s); it is sent once it can "
                             "be", self.shared.where, e)
 
-    def sync(self, pull=True):
+    def sync(self, pull=True, quiet=False):
         """The keys made or changed on this box to the shared state, and those made or changed on
         others here (the shared-state thread, every half second), each name's row chosen by
         key_row_wins on both sides: a revocation anywhere stops the key everywhere within a second
-        or so, and no later change elsewhere undoes it."""
+        or so, and no later change elsewhere undoes it. `quiet` (the shared-state thread's): a busy
+        database here only waits for the next tick (it is not the shared state failing)."""
         if self.shared is None:
             return
+        try:
+            self._sync(pull)
+        except sqlite3.Error as e:
+            if not quiet:
+                raise
+            log.debug("team keys: keys not copied yet (%s)", e)
+
+    def _sync(self, pull):
         rows = self._read("SELECT * FROM keys WHERE pushed IS NULL "
                           "OR pushed < coalesce(changed, created)")
         if rows:
@@ -11668,7 +11677,7 @@ class SharedState:
             self._take(self.local, self._side, fps, now, after=self.fallback_since - 5)
         else:
             self.fallback_since = None
-        if r.keys.shared is not None and self._call(r.keys.sync):
+        if r.keys.shared is not None and self._call(r.keys.sync, True, True):
             self._call(r.keys.catch_up)
         if self.local is not None and now - self.metrics_at >= self.METRICS_SECONDS:
             self.metrics_at = now

@@ -9838,17 +9838,31 @@ class LedgerBusy(Exception):
 
 class LedgerUnsure(ConnectionError):
     """A transaction on the shared ledger whose EXEC was sent but whose outcome could not be read
-    (the connection broke just then): `tx` wrote rows `names`, or did not."""
+    (the connection broke just then): `tx` sent `sent` ({name: (USD, created, period_start)}),
+    which arrived or did not."""
 
-    def __init__(self, tx, names):
+    def __init__(self, tx, sent):
         super().__init__("the shared ledger's answer was lost")
-        self.tx, self.names = tx, names
+        self.tx, self.sent = tx, sent
 
 
 def ledger_history(row):
-    """The ids of the transactions that last wrote a shared ledger row (see RedisShare)."""
+    """{writer: [when, [its last transaction ids]]} of a shared ledger row (see RedisShare)."""
     h = row[10] if row is not None and len(row) > 10 else None
-    return h if isinstance(h, list) else [h] if isinstance(h, str) else []
+    return h if isinstance(h, dict) else {}
+
+
+def pid_alive(pid):
+    """Whether a process of this box with this pid is running."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True                  # (another user's: it exists)
+    return True
 
 
 class KeyLimit(Exception):
@@ -10006,8 +10020,8 @@ class KeyStore:
         self.shared = None
         self.shared_failing = False
         self.used = {}              # key name -> when (monotonic) this process last used its row
-        self.unsure = []            # [(tx, names, settlements)]: see _resolve
-        self.lost = []              # ids of this process's payments whose answer was lost
+        self.writer = "%012x" % self.hold_id  # (this process in the shared rows' histories)
+        self.in_use = None          # called when the ledger is first opened (see idle_wait)
         self.bglock, self.bdb = threading.Lock(), None        # see _bg
         self.copied = 0.0           # when the copies of those rows were last refreshed
         self.cursor = 0             # the shared keys' change counter read up to
@@ -10025,17 +10039,23 @@ class KeyStore:
                 # added to it once it can)
                 "CREATE TABLE IF NOT EXISTS key_ledger (name TEXT PRIMARY KEY, minute, requests, "
                 "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used, "
-                "created, owed, paying, paying_tx, paying_at) WITHOUT ROWID"],
+                "created, owed) WITHOUT ROWID",
+                # spend sent to the shared ledger whose arrival is not known yet: a debt being
+                # paid (catch_up), or settlements of a transaction whose answer was lost; `writer`
+                # and `pid`: the process that sent it (see _resolve)
+                "CREATE TABLE IF NOT EXISTS ledger_claims (tx TEXT, name TEXT, usd, created, "
+                "period_start, writer, pid, at, PRIMARY KEY (tx, name)) WITHOUT ROWID"],
                 isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
-            for table, cols in (("key_ledger", ("created", "owed", "paying", "paying_tx",
-                                                "paying_at")),
+            for table, cols in (("key_ledger", ("created", "owed")),
                                 ("keys", ("changed", "pushed"))):
                 have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
                 for c in cols:
                     if c not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {c}")
             self.db = db
+            if self.in_use is not None:
+                self.in_use()
             if not os.path.exists(self.flag):
                 self._signal()
         return self.db
@@ -10225,7 +10245,11 @@ class KeyStore:
         got, cursor = self.shared.keys_since(self.cursor)
         if got is None:          # (the shared state lost its data: every key is sent again)
             self.cursor = 0
-            self._tx(lambda db: db.execute("UPDATE keys SET pushed = NULL"))
+            try:
+                self._tx(lambda db: db.execute("UPDATE keys SET pushed = NULL"))
+            except sqlite3.Error:
+                self.shared.epoch = ""        # (not done: so the next tick sees a new epoch)
+                raise
             return
         self._take(got)
         self.cursor = cursor
@@ -10358,9 +10382,12 @@ class KeyStore:
     @classmethod
     def _rows(cls, db, names, owed=False):
         """The stored ledger rows of these keys (tuples in LEDGER's order, and with `owed` what
-        each owes the shared ledger; or None)."""
-        sql = (f"SELECT {', '.join(cls.LEDGER)}"
-               f"{', coalesce(owed, 0) + coalesce(paying, 0)' * owed} FROM key_ledger WHERE name=?")
+        each owes the shared ledger or may have sent it without knowing: see ledger_claims; or
+        None)."""
+        sql = (f"SELECT {', '.join(cls.LEDGER)}" + (
+            ", coalesce(owed, 0) + (SELECT coalesce(sum(c.usd), 0) FROM ledger_claims c WHERE "
+            "c.name = key_ledger.name AND c.created IS key_ledger.created AND c.period_start IS "
+            "key_ledger.period_start)" if owed else "") + " FROM key_ledger WHERE name=?")
         out = {}
         for n in names:
             row = db.execute(sql, (n,)).fetchone()
@@ -10412,7 +10439,8 @@ class KeyStore:
             + ", ".join(f"{c} = excluded.{c}" for c in cls.LEDGER)
             + ", owed = (CASE WHEN created IS excluded.created AND period_start IS "
             "excluded.period_start THEN coalesce(owed, 0) ELSE 0 END) + excluded.owed"
-            + (" WHERE coalesce(owed, 0) = 0 AND paying_tx IS NULL" if copy else ""),
+            + (" WHERE coalesce(owed, 0) = 0 AND NOT EXISTS (SELECT 1 FROM ledger_claims c "
+               "WHERE c.name = key_ledger.name)" if copy else ""),
             [(n, *row, booked if owe else 0.0) for n, (row, booked) in rows.items()])
 
     @staticmethod
@@ -10560,13 +10588,14 @@ class KeyStore:
 
     def idle_wait(self):
         """How long the request log writer may wait for traffic before calling flush (a block to
-        give back, a hold to renew): BLOCK_SECONDS once keys are in use here, else forever."""
+        give back, a hold to renew): BLOCK_SECONDS once keys are in use here, else forever (and
+        `in_use` tells the writer when they come into use)."""
         return BLOCK_SECONDS if self.db is not None else None
 
     def flush(self):
         """Book the settled requests not booked yet, give back this process's blocks, renew its
         holds due for it (the writer's batch and idle wake-ups; before a read of the spend)."""
-        if self.pending or self.blocks or self.unsure or self._due(time.monotonic()):
+        if self.pending or self.blocks or self._due(time.monotonic()):
             self._ledger_tx()
 
     def _due(self, now):
@@ -10582,8 +10611,6 @@ class KeyStore:
         every row it writes becomes what its requests in flight there may still cost, and its
         blocks' USD."""
         with self.lock:
-            if self.unsure:
-                self._resolve()
             pending, self.pending = self.pending, []
             mono = time.monotonic()
             keys = {}                         # name -> (generation, period, [items])
@@ -10644,8 +10671,14 @@ class KeyStore:
                 return (out, blocks, renewed), writes
             try:
                 out, blocks, renewed = self._run_ledger(list(keys), attempt)
-            except LedgerUnsure as e:             # (applied or not: told by the rows, later)
-                self.unsure.append((e.tx, e.names, pending))
+            except LedgerUnsure as e:     # (applied or not: told by the rows later, see _resolve)
+                tx, sent = e.tx, e.sent
+                for n in sent:
+                    self.blocks.pop(n, None)       # (given back, maybe: not used again)
+                try:
+                    write_tx(self._conn(), lambda db: self._claim(db, tx, sent))
+                except sqlite3.Error:
+                    self.pending[:0] = pending    # (booked again: twice, if it was applied)
                 raise
             except BaseException:
                 self.pending[:0] = pending        # (booked by a later transaction)
@@ -10674,7 +10707,7 @@ class KeyStore:
             for n in names:
                 self.used[n] = mono
             try:
-                out = self.shared.ledger_run(names, attempt, self._seed_rows)
+                out = self.shared.ledger_run(names, attempt, self._seed_rows, writer=self.writer)
             except LedgerUnsure:
                 raise                  # (neither booked here nor retried: see _resolve)
             except LedgerBusy:
@@ -10698,20 +10731,13 @@ class KeyStore:
             return out
         return write_tx(self._conn(), local)
 
-    def _resolve(self):
-        """Transactions on the shared ledger whose answer was lost (under self.lock): those it
-        applied are done; the settlements of those it did not are booked again."""
-        if self.shared is None:
-            self.unsure = []
-            return
-        left = []
-        for tx, names, items in self.unsure:
-            applied = self.shared.ledger_applied(tx, names)
-            if applied is None:
-                left.append((tx, names, items))
-            elif not applied:
-                self.pending[:0] = items
-        self.unsure = left
+    def _claim(self, db, tx, sent):
+        """Spend sent to the shared ledger by transaction `tx`, {name: (USD, created,
+        period_start)}, as claims until it is known whether it arrived (see _resolve)."""
+        db.executemany("INSERT OR REPLACE INTO ledger_claims (tx, name, usd, created, "
+                       "period_start, writer, pid, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(tx, n, usd, gen, start, self.writer, os.getpid(), time.time())
+                        for n, (usd, gen, start) in sent.items()])
 
     def _seed_rows(self, names):
         """This box's copy of ledger rows the shared ledger lacks (a Redis emptied by a restart, a
@@ -10724,18 +10750,17 @@ class KeyStore:
     COPY_SECONDS = 1.0           # how often the copies of the shared rows used here are refreshed
     COPY_KEEP = 900.0            # ... for keys used here in the last this many seconds
 
-    CLAIM_SECONDS = 120.0        # a claim on a debt older than this was left by a dead process
-
     def catch_up(self):
         """The shared-state thread's work on the ledger, every half second while the shared one
         answers: what this box booked while it could not be reached (key_ledger's owed) is added
         to it (to the same key's row of the same period; a row it lost, or of a period gone by, is
         started again from this box's; spend of an older key of that name is dropped), and, once
         a second, this box's copies of the rows its keys used lately are refreshed (it starts from
-        them when the shared ledger cannot be reached). A debt is claimed first (owed -> paying,
-        with the transaction's id, in one short write here), so the workers of a box pay it once,
-        and no lock is held across a round trip to Redis; a payment whose answer was lost is
-        settled by the rows' ids. A busy database here only waits for the next tick."""
+        them when the shared ledger cannot be reached). A debt is claimed first (owed ->
+        ledger_claims, with the transaction's id, in one short write here), so the workers of a
+        box pay it once, and no lock is held across a round trip to Redis; a payment or a
+        transaction of the request path whose answer was lost is settled by the rows' ids
+        (_resolve). A busy database here only waits for the next tick."""
         if self.shared is None or self.db is None:
             return
         try:
@@ -10754,30 +10779,19 @@ class KeyStore:
             return self.bdb
 
     def _pay(self):
-        if not self._read("SELECT 1 FROM key_ledger WHERE owed > 0 OR paying_tx IS NOT NULL "
-                          "LIMIT 1"):
+        if not self._read("SELECT 1 FROM key_ledger WHERE owed > 0 UNION ALL "
+                          "SELECT 1 FROM ledger_claims LIMIT 1"):
             return
-        db, now = self._bg(), time.time()
-        # earlier payments of dead processes (or this one's, lost): done, or owed again
-        stale = [r for r in db.execute("SELECT name, paying_tx, paying_at FROM key_ledger WHERE "
-                                       "paying_tx IS NOT NULL")
-                 if (r[2] or 0) < now - self.CLAIM_SECONDS or r[1] in self.lost]
-        unknown = set()
-        for name, tx, _at in stale:
-            applied = self.shared.ledger_applied(tx, [name])
-            if applied is None:
-                unknown.add(tx)
-            else:
-                self._settle(db, tx, applied, [name])
-        self.lost = [tx for tx in self.lost if tx in unknown]
-        tx = secrets.token_hex(4)
+        db = self._bg()
+        self._resolve(db)
+        tx = secrets.token_hex(6)
 
         def claim(db):
-            names = [r[0] for r in db.execute(
-                "SELECT name FROM key_ledger WHERE owed > 0 AND paying_tx IS NULL")]
-            owed = self._rows(db, names, owed=True)
-            db.executemany("UPDATE key_ledger SET paying = owed, owed = 0, paying_tx = ?, "
-                           "paying_at = ? WHERE name = ?", [(tx, now, n) for n in owed])
+            owed = self._rows(db, [r[0] for r in db.execute(
+                "SELECT name FROM key_ledger WHERE owed > 0")], owed=True)
+            owed = {n: r[:10] + (r[10] - self._claimed(db, n, r),) for n, r in owed.items()}
+            self._claim(db, tx, {n: (r[10], r[9], r[5]) for n, r in owed.items()})
+            db.executemany("UPDATE key_ledger SET owed = 0 WHERE name = ?", [(n,) for n in owed])
             return owed
         owed = write_tx(db, claim)
         if not owed:
@@ -10794,26 +10808,51 @@ class KeyStore:
                     writes[n] = (row[:6] + ((row[6] or 0.0) + usd,) + row[7:10], usd)
             return None, writes
         try:
-            self.shared.ledger_run(list(owed), attempt, lambda ns: {}, tx=tx)
+            self.shared.ledger_run(list(owed), attempt, lambda ns: {}, tx=tx, writer=self.writer)
         except LedgerUnsure:
-            self.lost.append(tx)          # (told by the rows at the next tick)
-            raise
+            raise                         # (the claims stay: _resolve tells, at a later tick)
         except BaseException:
-            self._settle(db, tx, False, list(owed))
+            self._settle(db, tx, False)
             raise
-        self._settle(db, tx, True, list(owed))
+        self._settle(db, tx, True)
         log.info("team keys: the spend booked on this box while %s could not be reached is "
                  "added to it (%d key(s))", self.shared.where, len(owed))
 
     @staticmethod
-    def _settle(db, tx, applied, names):
-        """A claimed debt paid (or not: owed again)."""
-        write_tx(db, lambda db: db.executemany(
-            "UPDATE key_ledger SET paying = NULL, paying_tx = NULL, paying_at = NULL WHERE "
-            "name = ? AND paying_tx = ?" if applied else
-            "UPDATE key_ledger SET owed = coalesce(owed, 0) + paying, paying = NULL, "
-            "paying_tx = NULL, paying_at = NULL WHERE name = ? AND paying_tx = ?",
-            [(n, tx) for n in names]))
+    def _claimed(db, name, row):
+        """The USD of this row's period and key already in claims (its owed is what is not)."""
+        return db.execute("SELECT coalesce(sum(usd), 0) FROM ledger_claims WHERE name = ? AND "
+                          "created IS ? AND period_start IS ?", (name, row[9], row[5])).fetchone()[0]
+
+    def _resolve(self, db):
+        """Claims whose fate is not known (the shared-state thread's): this process's own, and
+        those of processes of this box that are gone. Each transaction's rows tell whether it
+        arrived (done) or not (its USD is owed again, to the same key's same period, else
+        dropped); rows that cannot be read now leave it for a later tick."""
+        txs = {}
+        for tx, name, pid, writer in db.execute("SELECT tx, name, pid, writer FROM ledger_claims"):
+            if pid == os.getpid() or not pid_alive(pid):
+                txs.setdefault((tx, writer), []).append(name)
+        for (tx, writer), names in txs.items():
+            applied = self.shared.ledger_applied(tx, names, writer)
+            if applied is not None:
+                self._settle(db, tx, applied)
+
+    @staticmethod
+    def _settle(db, tx, applied):
+        """The claims of transaction `tx` done (it arrived), or owed again (it did not)."""
+        def settle(db):
+            if not applied:
+                db.execute("UPDATE key_ledger SET owed = coalesce(owed, 0) + (SELECT sum(c.usd) "
+                           "FROM ledger_claims c WHERE c.tx = ? AND c.name = key_ledger.name AND "
+                           "c.created IS key_ledger.created AND c.period_start IS "
+                           "key_ledger.period_start) WHERE name IN (SELECT name FROM "
+                           "ledger_claims WHERE tx = ?) AND EXISTS (SELECT 1 FROM ledger_claims c "
+                           "WHERE c.tx = ? AND c.name = key_ledger.name AND c.created IS "
+                           "key_ledger.created AND c.period_start IS key_ledger.period_start)",
+                           (tx, tx, tx))
+            db.execute("DELETE FROM ledger_claims WHERE tx = ?", (tx,))
+        write_tx(db, settle)
 
     def _copy(self):
         mono = time.monotonic()
@@ -10851,6 +10890,9 @@ class KeyStore:
             u["cur"] = (u["cur"][0] - back[0], u["cur"][1] - back[1])
         elif block["minute"] == u["minute"] - 1:
             u["prev"] = (u["prev"][0] - back[0], u["prev"][1] - back[1])
+
+
+KEYS_IN_USE = object()      # (for the request log writer: keys are in use now, see idle_wait)
 
 
 class RequestLog:
@@ -10913,6 +10955,8 @@ class RequestLog:
         while True:
             try:
                 item = self.queue.get(timeout=self.keys.idle_wait() if self.keys else None)
+                if item is KEYS_IN_USE:
+                    raise queue.Empty        # (the wait before it had no end: now it has one)
             except queue.Empty:           # (no traffic: a key's block or hold needs its turn)
                 try:
                     self.keys.flush()
@@ -10930,7 +10974,7 @@ class RequestLog:
                 except queue.Empty:
                     break
             stop = None in batch
-            batch = [b for b in batch if b is not None]
+            batch = [b for b in batch if b is not None and b is not KEYS_IN_USE]
             good = []
             if self.keys is not None:
                 try:
@@ -11473,7 +11517,7 @@ class RedisShare:
 
     LEDGER_HISTORY = 64      # transaction ids a row keeps (see ledger_run)
 
-    def ledger_run(self, names, attempt, seed, tx=None):
+    def ledger_run(self, names, attempt, seed, tx=None, writer="-"):
         """attempt(rows) -> (out, {name: (row, USD)}) as one optimistic transaction: the rows read
         under WATCH, the new ones written in MULTI ... EXEC, the whole tried again when another
         process wrote one of them meanwhile (EXEC answers a null array). A row missing here is
@@ -11492,24 +11536,25 @@ class RedisShare:
                     if isinstance(reply, RespError):
                         raise reply
                 rows = {n: tuple(loads(v)) if v else None for n, v in zip(names, got)}
-                history = {n: ledger_history(row) for n, row in rows.items()}
+                history = {n: self._history(ledger_history(row), writer, tx)
+                           for n, row in rows.items()}
                 missing = [n for n, row in rows.items() if row is None]
                 if missing:
                     rows.update(seed(missing))
                 out, writes = attempt(rows)
-                # (each row keeps the ids of the transactions that wrote it last: when EXEC's
-                # answer is lost, the rows tell whether it was applied, so nothing is booked
-                # twice, also when another process wrote them since)
+                # (each row keeps, for each process that writes it, the ids of its last
+                # transactions there: when EXEC's answer is lost, the rows tell whether it was
+                # applied, so nothing is booked twice, however many others wrote them since)
                 try:
                     done = send([["MULTI"]] + [
-                        ["SET", self.LEDGER_KEY + n, dumps(list(row[:10]) + [
-                            (history.get(n, []) + [tx])[-self.LEDGER_HISTORY:]]), "EX",
+                        ["SET", self.LEDGER_KEY + n, dumps(list(row[:10]) + [history[n]]), "EX",
                          self.LEDGER_SECONDS] for n, (row, _usd) in writes.items()]
                         + [["EXEC"]])[-1]
                 except ConnectionError:
-                    applied = self.ledger_applied(tx, list(writes))
+                    applied = self.ledger_applied(tx, list(writes), writer)
                     if applied is None:
-                        raise LedgerUnsure(tx, list(writes)) from None
+                        raise LedgerUnsure(tx, {n: (usd, row[9], row[5]) for n, (row, usd)
+                                                in writes.items()}) from None
                     if applied:
                         return out
                     raise
@@ -11526,16 +11571,27 @@ class RedisShare:
         got = self.r.call("MGET", *(self.LEDGER_KEY + n for n in names), fast=fast)
         return {n: tuple(loads(v)) if v else None for n, v in zip(names, got or [])}
 
-    def ledger_applied(self, tx, names):
-        """Whether transaction `tx` wrote these rows (True/False), or None when they cannot be
-        read now."""
+    def ledger_applied(self, tx, names, writer):
+        """Whether transaction `tx` of `writer` wrote these rows (True/False), or None when they
+        cannot be read now."""
         if not names:
             return True
         try:
             rows = self.ledger_get(names, fast=False)
         except OSError:
             return None
-        return all(tx in ledger_history(rows.get(n)) for n in names)
+        return all(tx in ledger_history(rows.get(n)).get(writer, [0, []])[1] for n in names)
+
+    HISTORY_KEEP = 2 * 86400.0      # a writer silent this long leaves the rows' histories
+
+    def _history(self, history, writer, tx):
+        """A row's history with transaction `tx` of `writer` added."""
+        now = time.time()
+        out = {w: h for w, h in history.items() if isinstance(h, list) and len(h) == 2
+               and _num(h[0]) and now - h[0] < self.HISTORY_KEEP}
+        mine = out.get(writer, [0, []])[1]
+        out[writer] = [now, (list(mine) + [tx])[-self.LEDGER_HISTORY:]]
+        return out
 
     def put_keys(self, rows):
         """Key rows (dicts, with `changed`) made or changed on this box -> the names refused (the
@@ -11984,6 +12040,7 @@ class Router:
         self.log = RequestLog(os.path.join(self.data_dir, "requests.db"), self.settings,
                               self.metrics, log_format)
         self.keys = self.log.keys = KeyStore(os.path.join(self.data_dir, "requests.db"))
+        self.keys.in_use = lambda: self.log.queue.put(KEYS_IN_USE)
         # (index, count, run) of this worker of `--workers N`: then state is shared with the rest,
         # and with other boxes through settings.shared_state
         local = None if worker is None else SqliteShare(os.path.join(self.data_dir, "requests.db"))

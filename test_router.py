@@ -2803,7 +2803,9 @@ class EmbeddingsTests(RouterCase):
                                  "usage": {"prompt_tokens": "many"}}))
         r = self.embed({"model": "embed", "input": "x"})
         self.assertEqual(r.headers["x-router-provider"], "oa2")
-        rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"])
+        # (the same data directory as before setUp: the first request's row is there too)
+        rows = wait_rows(self.h, lambda rows: rows and rows[0]["attempts"] and rows[0]["provider"] == "oa2"
+                         and rows[0]["attempts"][0]["reason"] != "HTTP 500: boom")
         self.assertIn("not a list of numbers", rows[0]["attempts"][0]["reason"])
 
     def test_embedding_models_never_answer_chat(self):
@@ -8010,6 +8012,20 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertTrue(proxy["done"], "the answer to EXEC was cut off")
         self.assertEqual(R.loads(R.Resp(self.redis.url()).call("GET", "sage:{ledger}:team"))[6], 1.0)
 
+    def test_a_transaction_is_told_by_its_writer_s_history_however_many_others_wrote_since(self):
+        share = R.RedisShare(self.redis.url())
+        self.addCleanup(share.close)
+        now = time.time()
+
+        def attempt(rows):
+            row = rows["hot"] or (int(now // 60), 0, 0, 0, 0, now - 1, 0.0, "[]", now, 1.0)
+            return None, {"hot": (row[:6] + (row[6] + 1.0,) + row[7:10], 1.0)}
+        share.ledger_run(["hot"], attempt, lambda names: {}, tx="mine", writer="box-a")
+        for i in range(3 * share.LEDGER_HISTORY):
+            share.ledger_run(["hot"], attempt, lambda names: {}, writer=f"box-{i % 3}")
+        self.assertTrue(share.ledger_applied("mine", ["hot"], "box-a"))
+        self.assertFalse(share.ledger_applied("never-sent", ["hot"], "box-a"))
+
     def test_spend_whose_answer_is_lost_while_the_network_stays_down_is_booked_once(self):
         proxy = self.cut_proxy()
         d = tempfile.mkdtemp()
@@ -8036,13 +8052,17 @@ class RedisSharedStateTests(unittest.TestCase):
         with self.assertRaises(OSError):
             st.flush()
         self.assertTrue(proxy["done"])
-        self.assertEqual(len(st.unsure), 1, "applied or not: not known yet, not booked again here")
+        claims = lambda: st._conn().execute("SELECT count(*) FROM ledger_claims").fetchone()[0]
+        self.assertEqual(claims(), 1, "applied or not: not known yet, kept as a claim, not booked again")
         self.assertEqual(st._conn().execute("SELECT coalesce(sum(owed), 0) FROM key_ledger").fetchone()[0], 0)
-        proxy["refuse"] = False                        # (the network is back)
-        st.shared.r._exchange = orig
-        st.shared.r.down = False
-        st.flush()
-        self.assertEqual(st.unsure, [])
+        st.close()                                     # (the process ends meanwhile: the claim stays on disk)
+        st = R.KeyStore(os.path.join(d, "requests.db"))
+        st.shared = R.RedisShare(self.redis.url())     # (the network is back)
+        self.addCleanup(st.close)
+        st._conn().execute("UPDATE ledger_claims SET pid = ?", (os.getpid(),))   # (as if this process made it)
+        st.writer = st._conn().execute("SELECT writer FROM ledger_claims").fetchone()[0]
+        st.catch_up()
+        self.assertEqual(claims(), 0, "told by the rows: it arrived")
         self.assertEqual(st.entry("team")["spent_usd"], 1.0, "booked once")
 
     def test_the_keys_command_makes_a_key_every_box_takes(self):

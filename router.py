@@ -7977,6 +7977,19 @@ class Health:
                 self.wake.set()
         return names
 
+    @staticmethod
+    def resets(reset_name, name):
+        """Whether the shared reset `reset_name` covers the shared breaker `name` (as _reset)."""
+        try:
+            _r, provider, model = loads(reset_name)
+            key = loads(name)
+        except (ValueError, TypeError):
+            return False
+        if not isinstance(key, list) or not key or key[0] == "reset":
+            return False
+        owner = key[1] if key[0] in ("provider", "key") else key[0]
+        return provider is None or (key == [provider, model] if model else owner == provider)
+
     def _reset(self, provider, model, mark=True):
         """reset's work, under the lock: here, or told by another worker or box (adopt: then the
         breakers it closes are not told again)."""
@@ -9852,19 +9865,6 @@ def ledger_history(row):
     return h if isinstance(h, dict) else {}
 
 
-def pid_alive(pid):
-    """Whether a process of this box with this pid is running."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True                  # (another user's: it exists)
-    return True
-
-
 class KeyLimit(Exception):
     """A request refused by its key's limits: kind rpm, tpm, budget or busy (budget nearly spent
     and another request of the key in flight); `retry_after` seconds."""
@@ -10022,6 +10022,8 @@ class KeyStore:
         self.used = {}              # key name -> when (monotonic) this process last used its row
         self.writer = "%012x" % self.hold_id  # (this process in the shared rows' histories)
         self.in_use = None          # called when the ledger is first opened (see idle_wait)
+        self.open_claims = set()    # ids of this process's claims not settled yet
+        self.lockfile = None        # see _alive
         self.bglock, self.bdb = threading.Lock(), None        # see _bg
         self.copied = 0.0           # when the copies of those rows were last refreshed
         self.cursor = 0             # the shared keys' change counter read up to
@@ -10041,13 +10043,15 @@ class KeyStore:
                 "tokens, prev_requests, prev_tokens, period_start, spent, holds, last_used, "
                 "created, owed) WITHOUT ROWID",
                 # spend sent to the shared ledger whose arrival is not known yet: a debt being
-                # paid (catch_up), or settlements of a transaction whose answer was lost; `writer`
-                # and `pid`: the process that sent it (see _resolve)
+                # paid (catch_up), or settlements of a transaction whose answer was lost; `writer`:
+                # the process that sent it (alive while it holds its lock file: see _resolve)
+                # kind "pay": a debt (in this box's spend already); "sent": a request's
+                # settlements (not booked here)
                 "CREATE TABLE IF NOT EXISTS ledger_claims (tx TEXT, name TEXT, usd, created, "
-                "period_start, writer, pid, at, PRIMARY KEY (tx, name)) WITHOUT ROWID"],
+                "period_start, writer, pid, at, kind, PRIMARY KEY (tx, name)) WITHOUT ROWID"],
                 isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
-            for table, cols in (("key_ledger", ("created", "owed")),
+            for table, cols in (("key_ledger", ("created", "owed")), ("ledger_claims", ("kind",)),
                                 ("keys", ("changed", "pushed"))):
                 have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
                 for c in cols:
@@ -10078,6 +10082,9 @@ class KeyStore:
             if self.bdb is not None:
                 self.bdb.close()
                 self.bdb = None
+        if self.lockfile is not None:          # (its claims, if any, are for others to settle)
+            os.close(self.lockfile)
+            self.lockfile = None
 
     def _tx(self, fn, keys_changed=False):
         """fn(db) inside one write transaction (BEGIN IMMEDIATE: other processes wait). A change
@@ -10387,7 +10394,8 @@ class KeyStore:
         sql = (f"SELECT {', '.join(cls.LEDGER)}" + (
             ", coalesce(owed, 0) + (SELECT coalesce(sum(c.usd), 0) FROM ledger_claims c WHERE "
             "c.name = key_ledger.name AND c.created IS key_ledger.created AND c.period_start IS "
-            "key_ledger.period_start)" if owed else "") + " FROM key_ledger WHERE name=?")
+            "key_ledger.period_start AND c.kind = 'pay')" if owed else "") +
+            " FROM key_ledger WHERE name=?")
         out = {}
         for n in names:
             row = db.execute(sql, (n,)).fetchone()
@@ -10676,7 +10684,7 @@ class KeyStore:
                 for n in sent:
                     self.blocks.pop(n, None)       # (given back, maybe: not used again)
                 try:
-                    write_tx(self._conn(), lambda db: self._claim(db, tx, sent))
+                    write_tx(self._conn(), lambda db: self._claim(db, tx, sent, "sent"))
                 except sqlite3.Error:
                     self.pending[:0] = pending    # (booked again: twice, if it was applied)
                 raise
@@ -10707,7 +10715,8 @@ class KeyStore:
             for n in names:
                 self.used[n] = mono
             try:
-                out = self.shared.ledger_run(names, attempt, self._seed_rows, writer=self.writer)
+                out = self.shared.ledger_run(names, attempt, self._seed_rows, writer=self.writer,
+                                             keep=self.open_claims)
             except LedgerUnsure:
                 raise                  # (neither booked here nor retried: see _resolve)
             except LedgerBusy:
@@ -10731,13 +10740,45 @@ class KeyStore:
             return out
         return write_tx(self._conn(), local)
 
-    def _claim(self, db, tx, sent):
+    def _claim(self, db, tx, sent, kind):
         """Spend sent to the shared ledger by transaction `tx`, {name: (USD, created,
         period_start)}, as claims until it is known whether it arrived (see _resolve)."""
+        self._alive()
         db.executemany("INSERT OR REPLACE INTO ledger_claims (tx, name, usd, created, "
-                       "period_start, writer, pid, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(tx, n, usd, gen, start, self.writer, os.getpid(), time.time())
-                        for n, (usd, gen, start) in sent.items()])
+                       "period_start, writer, pid, at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(tx, n, usd, gen, start, self.writer, os.getpid(), time.time(), kind)
+                        for n, (usd, gen, start) in sent.items() if usd > 0])
+        if any(usd > 0 for usd, _g, _s in sent.values()):
+            self.open_claims.add(tx)
+
+    def _lock_path(self, writer):
+        return os.path.join(os.path.dirname(self.path), f"claims-{writer}.lock")
+
+    def _alive(self):
+        """This process's lock file, held for its life: another process that can lock it knows
+        this one is gone (pids say less: containers, reuse)."""
+        if self.lockfile is None:
+            import fcntl
+            fd = os.open(self._lock_path(self.writer), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self.lockfile = fd
+
+    def _gone(self, writer):
+        """Whether the process `writer` is gone (its lock file can be taken)."""
+        import fcntl
+        try:
+            fd = os.open(self._lock_path(writer), os.O_RDWR)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return True
 
     def _seed_rows(self, names):
         """This box's copy of ledger rows the shared ledger lacks (a Redis emptied by a restart, a
@@ -10787,10 +10828,13 @@ class KeyStore:
         tx = secrets.token_hex(6)
 
         def claim(db):
-            owed = self._rows(db, [r[0] for r in db.execute(
-                "SELECT name FROM key_ledger WHERE owed > 0")], owed=True)
-            owed = {n: r[:10] + (r[10] - self._claimed(db, n, r),) for n, r in owed.items()}
-            self._claim(db, tx, {n: (r[10], r[9], r[5]) for n, r in owed.items()})
+            owed = {}
+            for n, usd in db.execute("SELECT name, owed FROM key_ledger WHERE owed > 0").fetchall():
+                r = self._rows(db, [n])[n]
+                # (this row, to start a row Redis lost: without other debts still being paid)
+                others = self._claimed(db, n, r)
+                owed[n] = r[:6] + (max(0.0, (r[6] or 0.0) - others),) + r[7:10] + (usd,)
+            self._claim(db, tx, {n: (r[10], r[9], r[5]) for n, r in owed.items()}, "pay")
             db.executemany("UPDATE key_ledger SET owed = 0 WHERE name = ?", [(n,) for n in owed])
             return owed
         owed = write_tx(db, claim)
@@ -10808,7 +10852,8 @@ class KeyStore:
                     writes[n] = (row[:6] + ((row[6] or 0.0) + usd,) + row[7:10], usd)
             return None, writes
         try:
-            self.shared.ledger_run(list(owed), attempt, lambda ns: {}, tx=tx, writer=self.writer)
+            self.shared.ledger_run(list(owed), attempt, lambda ns: {}, tx=tx, writer=self.writer,
+                                   keep=self.open_claims)
         except LedgerUnsure:
             raise                         # (the claims stay: _resolve tells, at a later tick)
         except BaseException:
@@ -10820,39 +10865,54 @@ class KeyStore:
 
     @staticmethod
     def _claimed(db, name, row):
-        """The USD of this row's period and key already in claims (its owed is what is not)."""
+        """The USD of this row's period and key in debts being paid."""
         return db.execute("SELECT coalesce(sum(usd), 0) FROM ledger_claims WHERE name = ? AND "
-                          "created IS ? AND period_start IS ?", (name, row[9], row[5])).fetchone()[0]
+                          "created IS ? AND period_start IS ? AND kind = 'pay'",
+                          (name, row[9], row[5])).fetchone()[0]
 
     def _resolve(self, db):
         """Claims whose fate is not known (the shared-state thread's): this process's own, and
         those of processes of this box that are gone. Each transaction's rows tell whether it
         arrived (done) or not (its USD is owed again, to the same key's same period, else
         dropped); rows that cannot be read now leave it for a later tick."""
-        txs = {}
-        for tx, name, pid, writer in db.execute("SELECT tx, name, pid, writer FROM ledger_claims"):
-            if pid == os.getpid() or not pid_alive(pid):
+        txs, gone = {}, {}
+        for tx, name, writer in db.execute("SELECT tx, name, writer FROM ledger_claims").fetchall():
+            if writer == self.writer or gone.setdefault(writer, self._gone(writer)):
                 txs.setdefault((tx, writer), []).append(name)
         for (tx, writer), names in txs.items():
             applied = self.shared.ledger_applied(tx, names, writer)
             if applied is not None:
                 self._settle(db, tx, applied)
+        for writer, dead in gone.items():
+            if dead and not db.execute("SELECT 1 FROM ledger_claims WHERE writer = ?",
+                                       (writer,)).fetchone():
+                try:
+                    os.remove(self._lock_path(writer))
+                except OSError:
+                    pass
 
-    @staticmethod
-    def _settle(db, tx, applied):
-        """The claims of transaction `tx` done (it arrived), or owed again (it did not)."""
+    def _settle(self, db, tx, applied):
+        """The claims of transaction `tx` done (it arrived), or owed again (it did not: a debt
+        to its key's same period; a request's settlements booked here as a debt, this box's row
+        made or moved to that key and period if need be; of an older key or period: dropped)."""
         def settle(db):
             if not applied:
-                db.execute("UPDATE key_ledger SET owed = coalesce(owed, 0) + (SELECT sum(c.usd) "
-                           "FROM ledger_claims c WHERE c.tx = ? AND c.name = key_ledger.name AND "
-                           "c.created IS key_ledger.created AND c.period_start IS "
-                           "key_ledger.period_start) WHERE name IN (SELECT name FROM "
-                           "ledger_claims WHERE tx = ?) AND EXISTS (SELECT 1 FROM ledger_claims c "
-                           "WHERE c.tx = ? AND c.name = key_ledger.name AND c.created IS "
-                           "key_ledger.created AND c.period_start IS key_ledger.period_start)",
-                           (tx, tx, tx))
+                for name, usd, gen, start, kind in db.execute(
+                        "SELECT name, usd, created, period_start, kind FROM ledger_claims WHERE "
+                        "tx = ?", (tx,)).fetchall():
+                    row = self._rows(db, [name])[name]
+                    if row is not None and row[9] == gen and row[5] == start:
+                        db.execute("UPDATE key_ledger SET owed = coalesce(owed, 0) + ?, spent = "
+                                   "coalesce(spent, 0) + ? WHERE name = ?",
+                                   (usd, usd if kind == "sent" else 0.0, name))
+                    elif kind == "sent" and (row is None or (gen or 0, start or 0)
+                                             > (row[9] or 0, row[5] or 0)):
+                        now = time.time()
+                        self._write(db, {name: ((int(now // 60), 0, 0, 0, 0, start, usd, "[]",
+                                                 now, gen), usd)}, owe=True)
             db.execute("DELETE FROM ledger_claims WHERE tx = ?", (tx,))
         write_tx(db, settle)
+        self.open_claims.discard(tx)
 
     def _copy(self):
         mono = time.monotonic()
@@ -11517,7 +11577,7 @@ class RedisShare:
 
     LEDGER_HISTORY = 64      # transaction ids a row keeps (see ledger_run)
 
-    def ledger_run(self, names, attempt, seed, tx=None, writer="-"):
+    def ledger_run(self, names, attempt, seed, tx=None, writer="-", keep=()):
         """attempt(rows) -> (out, {name: (row, USD)}) as one optimistic transaction: the rows read
         under WATCH, the new ones written in MULTI ... EXEC, the whole tried again when another
         process wrote one of them meanwhile (EXEC answers a null array). A row missing here is
@@ -11536,7 +11596,7 @@ class RedisShare:
                     if isinstance(reply, RespError):
                         raise reply
                 rows = {n: tuple(loads(v)) if v else None for n, v in zip(names, got)}
-                history = {n: self._history(ledger_history(row), writer, tx)
+                history = {n: self._history(ledger_history(row), writer, tx, keep)
                            for n, row in rows.items()}
                 missing = [n for n, row in rows.items() if row is None]
                 if missing:
@@ -11580,17 +11640,21 @@ class RedisShare:
             rows = self.ledger_get(names, fast=False)
         except OSError:
             return None
-        return all(tx in ledger_history(rows.get(n)).get(writer, [0, []])[1] for n in names)
+        # (EXEC is all or nothing: one row that has it says it was applied, also when the
+        # transaction left some of these rows alone)
+        return any(tx in ledger_history(rows.get(n)).get(writer, [0, []])[1] for n in names)
 
     HISTORY_KEEP = 2 * 86400.0      # a writer silent this long leaves the rows' histories
 
-    def _history(self, history, writer, tx):
-        """A row's history with transaction `tx` of `writer` added."""
+    def _history(self, history, writer, tx, keep=()):
+        """A row's history with transaction `tx` of `writer` added (its ids in `keep`, those not
+        settled yet, stay whatever else it writes)."""
         now = time.time()
         out = {w: h for w, h in history.items() if isinstance(h, list) and len(h) == 2
                and _num(h[0]) and now - h[0] < self.HISTORY_KEEP}
-        mine = out.get(writer, [0, []])[1]
-        out[writer] = [now, (list(mine) + [tx])[-self.LEDGER_HISTORY:]]
+        mine = list(out.get(writer, [0, []])[1]) + [tx]
+        kept = [t for t in mine[:-self.LEDGER_HISTORY] if t in keep]
+        out[writer] = [now, kept + mine[-self.LEDGER_HISTORY:]]
         return out
 
     def put_keys(self, rows):
@@ -11756,14 +11820,20 @@ class SharedState:
             return set()
         theirs, seen[0] = got
         seen[1] = True
-        # (a reset by hand is done where it is heard as it happens: not by a process that starts
-        # later, on breakers it has opened since)
-        self.router.health.adopt({k: e for k, e in theirs.items() if e.get("by") != self.me
-                                  and not (first and e.get("reset") and (
-                                      not _num(e.get("at")) or now - e["at"] > 10))
-                                  and not (after is not None and (
-                                      not _num(e.get("at")) or e["at"] < after))},
-                                 fps)
+        take = {}
+        for k, e in theirs.items():          # (in the store's order)
+            if e.get("by") == self.me:
+                if e.get("reset"):           # (what came before a reset here is undone by it)
+                    take = {n: x for n, x in take.items() if not Health.resets(k, n)}
+                continue
+            # (a reset by hand is done where it is heard as it happens: not by a process that
+            # starts later, on breakers it has opened since)
+            if first and e.get("reset") and (not _num(e.get("at")) or now - e["at"] > 10):
+                continue
+            if after is not None and (not _num(e.get("at")) or e["at"] < after):
+                continue
+            take[k] = e
+        self.router.health.adopt(take, fps)
         return set(theirs)
 
     def _fallback(self):

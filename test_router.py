@@ -7938,6 +7938,26 @@ class RedisSharedStateTests(unittest.TestCase):
         st.catch_up()
         self.assertEqual(st._conn().execute("SELECT owed FROM key_ledger").fetchone()[0], 0, "paid once it could be")
 
+    def test_a_request_s_spend_that_never_arrived_is_booked_here_and_paid_once(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d, True)
+        st = R.KeyStore(os.path.join(d, "requests.db"))
+        st.shared = R.RedisShare(self.redis.url())
+        self.addCleanup(st.close)
+        key, _ = st.create("team", {"budget": "10/day"})
+        gen, now = st.find(key)["created"], time.time()
+        start = R.period_bounds("day", now)[0]
+        st.shared.r.call("SET", "sage:{ledger}:team", R.dumps(
+            [int(now // 60), 0, 0, 0, 0, start, 1.0, "[]", now, gen, {"someone": [now, ["x"]]}]))
+        R.write_tx(st._conn(), lambda db: st._claim(db, "lost-1", {"team": (2.0, gen, start)}, "sent"))
+        self.assertFalse(st._gone(st.writer), "this process holds its lock file: alive")
+        self.assertTrue(st._gone("a-writer-long-gone"))
+        st.catch_up()                                   # (not in the row's history: it never arrived)
+        self.assertEqual(st._conn().execute("SELECT count(*) FROM ledger_claims").fetchone()[0], 0)
+        self.assertEqual(R.loads(st.shared.r.call("GET", "sage:{ledger}:team"))[6], 3.0, "booked here, then paid once")
+        st.catch_up()
+        self.assertEqual(R.loads(st.shared.r.call("GET", "sage:{ledger}:team"))[6], 3.0)
+
     def test_a_debt_from_an_outage_over_midnight_goes_to_the_day_it_was_spent_in(self):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d, True)

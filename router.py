@@ -10083,6 +10083,11 @@ class KeyStore:
                 self.bdb.close()
                 self.bdb = None
         if self.lockfile is not None:          # (its claims, if any, are for others to settle)
+            if not self.open_claims:
+                try:
+                    os.remove(self._lock_path(self.writer))
+                except OSError:
+                    pass
             os.close(self.lockfile)
             self.lockfile = None
 

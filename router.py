@@ -7985,19 +7985,22 @@ class Health:
             key = loads(name)
         except (ValueError, TypeError):
             return False
-        if not isinstance(key, list) or not key or key[0] == "reset":
+        if not isinstance(key, list) or len(key) < 2 or key[0] == "reset":
             return False
+        return Health._hit(tuple(key), provider, model)
+
+    @staticmethod
+    def _hit(key, provider, model):
+        """Whether a reset of `provider` (all: None) and `model` covers breaker `key`."""
         owner = key[1] if key[0] in ("provider", "key") else key[0]
-        return provider is None or (key == [provider, model] if model else owner == provider)
+        return provider is None or (key == (provider, model) if model else owner == provider)
 
     def _reset(self, provider, model, mark=True):
         """reset's work, under the lock: here, or told by another worker or box (adopt: then the
         breakers it closes are not told again)."""
         names = []
         for key, b in self.state.items():
-            owner = key[1] if key[0] in ("provider", "key") else key[0]
-            hit = provider is None or (key == (provider, model) if model else owner == provider)
-            if hit and (b.opens or b.fails):
+            if self._hit(key, provider, model) and (b.opens or b.fails):
                 names.append(breaker_name(key))
                 self._close(b)
                 if mark:

@@ -7460,6 +7460,17 @@ def metric_total(text, name):
                if line.startswith(name + "{") or line.startswith(name + " "))
 
 
+def two_provider_config(an, oa, **settings):
+    """An Anthropic and an OpenAI fake behind one router, and a route `code` over both: what the
+    shared-state tests (workers, boxes) share."""
+    return {"providers": {"an": {"api": "anthropic", "base_url": an.base_url, "api_key": "k",
+                                 "models": {"claude-test": {"cost": {"input": 3, "output": 15}}}},
+                          "oa": {"api": "openai", "base_url": oa.base_url, "api_key": "k",
+                                 "models": {"gpt-test": {}}}},
+            "routes": {"code": ["an/claude-test", "oa/gpt-test"], "default": ["oa/gpt-test"]},
+            "settings": dict({"cooldown_seconds": 30, "probe_seconds": 0}, **settings)}
+
+
 class SharedStateTests(unittest.TestCase):
     """Two workers of one router (as --workers makes them), in this process: two Routers with
     worker identities on one data directory."""
@@ -7468,12 +7479,7 @@ class SharedStateTests(unittest.TestCase):
         self.an, self.oa = FakeProvider("anthropic"), FakeProvider("openai")
         self.addCleanup(self.an.close)
         self.addCleanup(self.oa.close)
-        cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
-                                    "models": {"claude-test": {}}},
-                             "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
-                                    "models": {"gpt-test": {}}}},
-               "routes": {"code": ["an/claude-test", "oa/gpt-test"], "default": ["oa/gpt-test"]},
-               "settings": {"cooldown_seconds": 30, "probe_seconds": 0}}
+        cfg = two_provider_config(self.an, self.oa)
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d, True)
         run = f"test-{os.getpid()}-{time.time_ns()}"
@@ -7641,13 +7647,8 @@ class RedisSharedStateTests(unittest.TestCase):
         self.addCleanup(self.oa.close)
 
     def boxes(self, url=None):
-        cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
-                                    "models": {"claude-test": {"cost": {"input": 3, "output": 15}}}},
-                             "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
-                                    "models": {"gpt-test": {}}}},
-               "routes": {"code": ["an/claude-test", "oa/gpt-test"], "default": ["oa/gpt-test"]},
-               "settings": {"cooldown_seconds": 30, "probe_seconds": 0,
-                            "shared_state": "redis://:${REDIS_PASSWORD}@127.0.0.1:%d/3" % self.redis.port}}
+        cfg = two_provider_config(self.an, self.oa,
+                                  shared_state="redis://:${REDIS_PASSWORD}@127.0.0.1:%d/3" % self.redis.port)
         env = {"REDIS_PASSWORD": url or self.redis.password}
         out = []
         for _ in range(2):
@@ -7742,12 +7743,7 @@ class RedisSharedStateTests(unittest.TestCase):
         self.assertTrue(wait_until(lambda: a.call("GET", "/health").json()["shared_state"]["state"] == "ok", 5))
 
     def test_without_redis_the_workers_of_one_box_still_share_through_its_database(self):
-        cfg = {"providers": {"an": {"api": "anthropic", "base_url": self.an.base_url, "api_key": "k",
-                                    "models": {"claude-test": {}}},
-                             "oa": {"api": "openai", "base_url": self.oa.base_url, "api_key": "k",
-                                    "models": {"gpt-test": {}}}},
-               "routes": {"code": ["an/claude-test", "oa/gpt-test"]},
-               "settings": {"cooldown_seconds": 30, "probe_seconds": 0, "shared_state": self.redis.url()}}
+        cfg = two_provider_config(self.an, self.oa, shared_state=self.redis.url())
         d, run = tempfile.mkdtemp(), f"test-{time.time_ns()}"
         self.addCleanup(shutil.rmtree, d, True)
         a = Harness(json.loads(json.dumps(cfg)), data_dir=d, worker=(0, 2, run))
